@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (no server needed) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv redis-server demo test reliability bench clean
+
+help:
+	@echo "make demo         run the per-key FIFO demo on the embedded default (no server)"
+	@echo "make test         set everything up (virtualenv, redis-server) and run the suite"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev,celery,dramatiq]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+redis-server:
+	@scripts/ensure-redis-server
+
+demo: venv
+	$(PY) examples/demo.py
+
+test: venv redis-server
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

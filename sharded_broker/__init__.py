@@ -1,0 +1,39 @@
+"""Per-key FIFO sharding for Python task queues.
+
+>>> import sharded_broker
+>>> broker = sharded_broker.connect("memory://")
+>>> broker.enqueue("sms", b"hello", key="user-1")  # doctest: +ELLIPSIS
+'...'
+>>> [lease.payload for lease in broker.lease("sms")]
+[b'hello']
+"""
+
+from .backend import Backend
+from .broker import Broker, connect, redact_url
+from .errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    InvalidArgument,
+    InvalidArgumentType,
+    ShardedBrokerError,
+)
+from .models import DeadLetter, Lease, LeaseResult, Message, QueueSettings, QueueStats
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "Broker",
+    "ConfigurationError",
+    "DeadLetter",
+    "InvalidArgument",
+    "InvalidArgumentType",
+    "Lease",
+    "LeaseResult",
+    "Message",
+    "QueueSettings",
+    "QueueStats",
+    "ShardedBrokerError",
+    "connect",
+    "redact_url",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,151 @@
+"""The contract every storage backend keeps.
+
+A backend stores one or more named queues. Inside a queue, messages are grouped by shard
+key. The :class:`~sharded_broker.broker.Broker` validates arguments and resolves settings
+before it calls a backend, so backends receive only checked values and never raise for
+bad input.
+
+The guarantees below are pinned by ``tests/test_conformance.py``, which runs against every
+backend with the memory backend as the reference model.
+
+Ordering
+    Within a (queue, key), ready messages are ordered by ``(priority, seq)``: lower
+    priority first, then enqueue order. ``seq`` comes from a per-queue counter: new messages
+    take the next *tail* seq; ``at_head`` enqueues and head replays take the next *head*
+    seq, which sorts before every tail seq. A message that goes back for retry or after a
+    lease expiry keeps its seq (with ``retry_position="head"``) and so returns to its
+    place ahead of everything enqueued after it; with ``"tail"`` it takes a new tail seq.
+    Unkeyed messages (key ``None``) form one *unkeyed lane* per queue, ordered the same
+    way, with no limit on how many are leased at once.
+
+Holding a key
+    A key holds at most ``key_concurrency`` *slots*. A lease call takes one slot per key it
+    serves, for a batch of up to ``per_key`` consecutive due messages. The slot is released
+    when every message of the batch is settled (acked, dead-lettered, or returned).
+
+Delays
+    A message enqueued with a delay waits outside its key's order and enters it (taking a
+    fresh seq, or a head seq with ``at_head``) once due; it never blocks due messages of
+    its key. Exceptions, which *hold* the key until the message is delivered: a keyed
+    message enqueued ``at_head`` with a delay, and a keyed retry (nack with a delay, or
+    lease expiry) with ``retry_position="head"``.
+
+Fairness
+    Each key with a deliverable head message is *ready* from a time: the latest of when it
+    became eligible, its head's not-before time and its last delivery plus its interval.
+    Lease serves ready keys in order of that time; a served key that is still eligible
+    becomes ready again at the serving time, so it goes behind every key already waiting:
+    round-robin. The unkeyed lane takes part as if each unkeyed message were its own key,
+    ready from when it entered the lane.
+
+Deliveries and dead letters
+    ``attempts`` counts deliveries. When a leased message is nacked for retry or its lease
+    expires and its attempts have reached ``max_deliveries``, it is dead-lettered instead
+    of returned. When one message of a batch is nacked, dead-lettered or expires, every
+    later unsettled message of the batch is returned too, in order, and its attempt does
+    not count.
+
+Time
+    Every time (enqueue time, not-before, deadline, interval) comes from the backend's own
+    clock (:meth:`Backend.now`), never from the caller's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Sequence
+
+from .models import DeadLetter, Lease, LeaseResult, Message, QueueSettings, QueueStats, RetryPosition
+
+
+class Backend(ABC):
+    """Storage and the atomic operations of the engine. Thread-safe."""
+
+    @classmethod
+    @abstractmethod
+    def from_url(cls, url: str, **options: Any) -> "Backend":
+        """A backend for ``url``. Unknown ``options`` raise ConfigurationError naming them."""
+
+    @abstractmethod
+    def now(self) -> float:
+        """The backend's clock, seconds since the epoch."""
+
+    @abstractmethod
+    def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
+        """Store ``messages`` atomically, in order; return their ids.
+
+        A message whose ``dedup_id`` was seen within ``settings.dedup_window`` (or, with
+        ``settings.unique_while_pending``, whose earlier twin is still ready or delayed)
+        is dropped and the earlier message's id is returned in its place. Ids are
+        fresh unique strings chosen by the backend.
+        """
+
+    @abstractmethod
+    def lease(
+        self, queue: str, limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings
+    ) -> LeaseResult:
+        """Deliver up to ``limit`` messages without waiting.
+
+        First, due delayed messages enter their keys' order and expired leases are
+        returned (or dead-lettered); then ready keys are served in fairness order, each
+        giving one batch of up to ``per_key`` consecutive due messages.
+        """
+
+    @abstractmethod
+    def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
+        """Settle leases for good. A lease whose token is not current is refused (False)."""
+
+    @abstractmethod
+    def nack(
+        self, lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings
+    ) -> bool:
+        """Return a leased message for retry after ``delay``, or dead-letter it.
+
+        Refused (False, nothing changed) when the token is not current.
+        """
+
+    @abstractmethod
+    def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
+        """Move a lease's deadline to now + ``visibility_timeout``; the new deadline, or
+        ``None`` when the token is not current."""
+
+    @abstractmethod
+    def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
+        """Persist a key's minimum interval between deliveries (``None``: queue default)."""
+
+    @abstractmethod
+    def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
+        """Pause or resume a key (or with ``key=None``, the whole queue). Leases held go on."""
+
+    @abstractmethod
+    def stats(self, queue: str) -> QueueStats:
+        """Counts for one queue, without scanning messages."""
+
+    @abstractmethod
+    def queues(self) -> list[str]:
+        """Names of the queues that have ever held a message, sorted."""
+
+    @abstractmethod
+    def dead_letters(self, queue: str, limit: int, offset: int) -> list[DeadLetter]:
+        """Dead letters, oldest death first."""
+
+    @abstractmethod
+    def replay(self, queue: str, ids: Sequence[str] | None, position: RetryPosition) -> int:
+        """Move dead letters (all when ``ids`` is None) back into service with attempts
+        reset; the number moved. At ``"head"`` they keep their relative order."""
+
+    @abstractmethod
+    def purge(self, queue: str, dead: bool) -> int:
+        """Delete every ready and delayed message (``dead=True``: every dead letter); the
+        number deleted. Leased messages are left to their holders."""
+
+    @abstractmethod
+    def wait(self, queue: str, timeout: float) -> None:
+        """Block up to ``timeout`` seconds, returning early when work may have arrived.
+
+        Must not busy-poll: a consumer waiting on an idle queue costs at most about ten
+        backend calls a second.
+        """
+
+    def close(self) -> None:
+        """Release connections. The default does nothing."""

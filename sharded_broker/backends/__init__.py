@@ -1,0 +1,1 @@
+"""Storage backends: memory (the reference model), SQLite and Redis."""

@@ -1,0 +1,631 @@
+"""In-process backend and the executable reference model of the engine's semantics.
+
+Plain dicts and heaps under one lock, written for clarity first; every other backend is
+tested against it (see ``sharded_broker/backend.py`` for the rules it implements). Heaps
+use lazy deletion: an entry whose record changed since it was pushed is skipped.
+
+``memory://NAME`` names a store shared by every broker of the process that uses the same
+name (``memory://`` is the default store), so a producer and a consumer created
+separately in one process see the same queues.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit
+
+from ..backend import Backend
+from ..errors import ConfigurationError
+from ..models import DeadLetter, Lease, LeaseResult, Message, QueueSettings, QueueStats, RetryPosition
+
+# Tail seqs count up from here and head seqs count down, so every head seq sorts first.
+SEQ_ORIGIN = 2**52
+
+
+@dataclass(eq=False)
+class _Record:
+    id: str
+    key: str | None
+    payload: bytes
+    priority: int
+    seq: int | None  # None while delayed without a reserved place
+    enqueued_at: float
+    headers: dict[str, Any]
+    dedup_id: str | None
+    at_head: bool
+    state: str = "ready"  # ready | delayed | leased | dead
+    not_before: float = 0.0
+    attempts: int = 0
+    token: str = ""
+    deadline: float = 0.0
+    batch_id: str = ""
+    entered_at: float = 0.0  # when it joined the unkeyed lane (its fairness time)
+    entered_order: int = 0
+    reason: str = ""
+    died_at: float = 0.0
+
+
+@dataclass(eq=False)
+class _Key:
+    heap: list[tuple[int, int, str]] = field(default_factory=list)  # (priority, seq, id)
+    slots: int = 0
+    ready_at: float | None = None  # time of its valid entry in the ready heap
+    version: int = 0
+
+
+@dataclass(eq=False)
+class _Queue:
+    messages: dict[str, _Record] = field(default_factory=dict)
+    keys: dict[str, _Key] = field(default_factory=dict)
+    key_counts: dict[str, int] = field(default_factory=dict)  # live (not dead) messages per key
+    intervals: dict[str, float] = field(default_factory=dict)
+    # Kept apart from _Key (which goes when a key empties) so an interval spans idle gaps.
+    last_delivery: dict[str, float] = field(default_factory=dict)
+    paused_keys: set[str] = field(default_factory=set)
+    paused: bool = False
+    ready: list[tuple[float, int, str, int]] = field(default_factory=list)  # (at, order, key, version)
+    lane: list[tuple[int, int, str]] = field(default_factory=list)  # (priority, seq, id)
+    delayed: list[tuple[float, int, str]] = field(default_factory=list)  # (due, order, id)
+    leases: list[tuple[float, int, str, str]] = field(default_factory=list)  # (deadline, order, id, token)
+    dedup: dict[str, tuple[str, float]] = field(default_factory=dict)  # dedup id -> (id, expires)
+    dedup_expiry: list[tuple[float, str]] = field(default_factory=list)
+    dead: dict[str, None] = field(default_factory=dict)  # ids, oldest death first
+    batches: dict[str, list[str]] = field(default_factory=dict)  # batch id -> unsettled ids in order
+    tail_seq: int = SEQ_ORIGIN
+    head_seq: int = SEQ_ORIGIN
+    counts: dict[str, int] = field(default_factory=lambda: {"ready": 0, "delayed": 0, "leased": 0})
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.queues: dict[str, _Queue] = {}
+        self.order = itertools.count()  # tie-breaker shared by every heap of the store
+
+
+_STORES: dict[str, _Store] = {}
+_STORES_LOCK = threading.Lock()
+
+
+class MemoryBackend(Backend):
+    """All queues in this process's memory. Nothing survives the process."""
+
+    def __init__(self, name: str = "", clock: Callable[[], float] | None = None) -> None:
+        with _STORES_LOCK:
+            self._store = _STORES.setdefault(name, _Store())
+        self.name = name
+        self._clock = clock or time.time
+        self._order = self._store.order
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> "MemoryBackend":
+        unknown = sorted(set(options) - {"clock"})
+        if unknown:
+            raise ConfigurationError(f"unknown option(s) for memory://: {', '.join(unknown)}; known: clock")
+        parts = urlsplit(url)
+        if parts.path not in ("", "/") or parts.query:
+            raise ConfigurationError(f"memory URL takes only a store name (memory://NAME), not {url!r}")
+        return cls(parts.netloc, options.get("clock"))
+
+    def __repr__(self) -> str:
+        return f"<MemoryBackend memory://{self.name}>"
+
+    def now(self) -> float:
+        return self._clock()
+
+    # -- helpers (called with the lock held) ------------------------------------------
+
+    def _queue(self, name: str) -> _Queue:
+        queue = self._store.queues.get(name)
+        if queue is None:
+            queue = self._store.queues[name] = _Queue()
+        return queue
+
+    def _set_state(self, q: _Queue, rec: _Record, state: str) -> None:
+        if rec.state in q.counts:
+            q.counts[rec.state] -= 1
+        if state in q.counts:
+            q.counts[state] += 1
+        rec.state = state
+
+    def _forget(self, q: _Queue, rec: _Record) -> None:
+        """Drop a settled record (acked or purged) from every index it counts in."""
+        if rec.state in q.counts:
+            q.counts[rec.state] -= 1
+        del q.messages[rec.id]
+        if rec.state != "dead" and rec.key is not None:
+            self._uncount_key(q, rec.key)
+
+    def _uncount_key(self, q: _Queue, key: str) -> None:
+        q.key_counts[key] -= 1
+        if not q.key_counts[key]:
+            del q.key_counts[key]
+            ks = q.keys.get(key)
+            if ks is not None and not ks.slots:
+                del q.keys[key]
+
+    def _head(self, q: _Queue, ks: _Key) -> _Record | None:
+        while ks.heap:
+            priority, seq, mid = ks.heap[0]
+            rec = q.messages.get(mid)
+            if rec is not None and rec.state == "ready" and rec.seq == seq and rec.priority == priority:
+                return rec
+            heapq.heappop(ks.heap)
+        return None
+
+    def _schedule(self, q: _Queue, key: str, now: float, *, keep_place: bool) -> None:
+        """Give ``key`` a valid entry in the ready heap if its head message exists.
+
+        ``keep_place``: a key already waiting keeps its earlier ready time (new arrivals
+        must not push a waiting key to the back of the round).
+        """
+        ks = q.keys.get(key)
+        if ks is None:
+            return
+        head = self._head(q, ks)
+        if head is None:
+            ks.version += 1
+            ks.ready_at = None
+            return
+        at = max(now, head.not_before)
+        if keep_place and ks.ready_at is not None:
+            at = max(ks.ready_at, head.not_before)
+        if at == ks.ready_at:
+            return
+        ks.version += 1
+        ks.ready_at = at
+        heapq.heappush(q.ready, (at, next(self._order), key, ks.version))
+
+    def _place(self, q: _Queue, rec: _Record, now: float) -> None:
+        """Put a record (whose seq is set) into its key's order or the unkeyed lane."""
+        self._set_state(q, rec, "ready")
+        if rec.key is None:
+            rec.entered_at, rec.entered_order = now, next(self._order)
+            heapq.heappush(q.lane, (rec.priority, rec.seq, rec.id))
+            return
+        ks = q.keys.get(rec.key)
+        if ks is None:
+            ks = q.keys[rec.key] = _Key()
+        heapq.heappush(ks.heap, (rec.priority, rec.seq, rec.id))
+
+    def _delay(self, q: _Queue, rec: _Record, due: float) -> None:
+        self._set_state(q, rec, "delayed")
+        rec.not_before = due
+        heapq.heappush(q.delayed, (due, next(self._order), rec.id))
+
+    def _next_seq(self, q: _Queue, at_head: bool) -> int:
+        if at_head:
+            q.head_seq -= 1
+            return q.head_seq
+        q.tail_seq += 1
+        return q.tail_seq
+
+    def _promote_due(self, q: _Queue, now: float) -> None:
+        while q.delayed and q.delayed[0][0] <= now:
+            due, _, mid = heapq.heappop(q.delayed)
+            rec = q.messages.get(mid)
+            if rec is None or rec.state != "delayed" or rec.not_before != due:
+                continue
+            if rec.seq is None:
+                rec.seq = self._next_seq(q, rec.at_head)
+            self._place(q, rec, now)
+            if rec.key is not None:
+                self._schedule(q, rec.key, now, keep_place=True)
+
+    def _expire_leases(self, q: _Queue, now: float, settings: QueueSettings) -> None:
+        while q.leases and q.leases[0][0] <= now:
+            deadline, _, mid, token = heapq.heappop(q.leases)
+            rec = q.messages.get(mid)
+            if rec is None or rec.state != "leased" or rec.token != token or rec.deadline != deadline:
+                continue
+            self._fail(q, rec, now, settings, delay=0.0, dead_reason=None, why="lease expired")
+
+    def _requeue(self, q: _Queue, rec: _Record, now: float, delay: float, position: RetryPosition) -> None:
+        rec.token = ""
+        if position == "tail":
+            rec.seq = None
+            rec.at_head = False
+        if rec.key is not None and position == "head":
+            # Back to its place, holding the key until it is delivered again.
+            rec.not_before = now + delay
+            self._place(q, rec, now)
+        elif delay > 0:
+            self._delay(q, rec, now + delay)
+        else:
+            if rec.seq is None:
+                rec.seq = self._next_seq(q, False)
+            rec.not_before = now
+            self._place(q, rec, now)
+
+    def _dead_letter(self, q: _Queue, rec: _Record, now: float, reason: str) -> None:
+        self._set_state(q, rec, "dead")
+        rec.token = ""
+        rec.reason = reason
+        rec.died_at = now
+        q.dead[rec.id] = None
+        if rec.key is not None:
+            self._uncount_key(q, rec.key)
+
+    def _fail(
+        self,
+        q: _Queue,
+        rec: _Record,
+        now: float,
+        settings: QueueSettings,
+        *,
+        delay: float,
+        dead_reason: str | None,
+        why: str,
+    ) -> None:
+        """A leased message failed: retry or dead-letter it, and return the rest of its batch."""
+        batch = q.batches.get(rec.batch_id, [rec.id])
+        index = batch.index(rec.id)
+        followers = [q.messages[mid] for mid in batch[index + 1 :]]
+        del batch[index:]
+        if dead_reason is not None:
+            self._dead_letter(q, rec, now, dead_reason)
+        elif settings.max_deliveries is not None and rec.attempts >= settings.max_deliveries:
+            self._dead_letter(q, rec, now, f"{why} after {rec.attempts} deliveries (max_deliveries={settings.max_deliveries})")
+        else:
+            self._requeue(q, rec, now, delay, settings.retry_position)
+        for follower in followers:
+            follower.attempts -= 1  # it was never processed
+            self._requeue(q, follower, now, 0.0, "head")
+        self._settled(q, rec, now, batch)
+
+    def _settled(self, q: _Queue, rec: _Record, now: float, batch: list[str]) -> None:
+        """Release the key's slot once the last message of a batch is settled."""
+        if batch:
+            return
+        q.batches.pop(rec.batch_id, None)
+        if rec.key is None:
+            return
+        ks = q.keys.get(rec.key)
+        if ks is None:
+            return
+        ks.slots -= 1
+        if not ks.slots and rec.key not in q.key_counts:
+            del q.keys[rec.key]
+            return
+        self._schedule(q, rec.key, now, keep_place=False)
+
+    def _current(self, q: _Queue | None, lease: Lease) -> _Record | None:
+        if q is None:
+            return None
+        rec = q.messages.get(lease.id)
+        if rec is None or rec.state != "leased" or rec.token != lease.token:
+            return None
+        return rec
+
+    def _lease_record(self, q: _Queue, rec: _Record, now: float, vt: float, batch_id: str) -> Lease:
+        self._set_state(q, rec, "leased")
+        rec.attempts += 1
+        rec.token = uuid.uuid4().hex
+        rec.deadline = now + vt
+        rec.batch_id = batch_id
+        heapq.heappush(q.leases, (rec.deadline, next(self._order), rec.id, rec.token))
+        return Lease(
+            queue="",
+            id=rec.id,
+            key=rec.key,
+            payload=rec.payload,
+            priority=rec.priority,
+            attempts=rec.attempts,
+            headers=dict(rec.headers),
+            token=rec.token,
+            deadline=rec.deadline,
+            enqueued_at=rec.enqueued_at,
+            batch_id=batch_id,
+            dedup_id=rec.dedup_id,
+        )
+
+    def _lane_head(self, q: _Queue) -> _Record | None:
+        while q.lane:
+            priority, seq, mid = q.lane[0]
+            rec = q.messages.get(mid)
+            if rec is not None and rec.state == "ready" and rec.seq == seq and rec.priority == priority:
+                return rec
+            heapq.heappop(q.lane)
+        return None
+
+    def _ready_key(self, q: _Queue) -> tuple[float, int, str] | None:
+        """The valid ready-heap entry with the earliest time, or None."""
+        while q.ready:
+            at, order, key, version = q.ready[0]
+            ks = q.keys.get(key)
+            if ks is not None and ks.version == version:
+                return at, order, key
+            heapq.heappop(q.ready)
+        return None
+
+    def _dedup_hit(self, q: _Queue, dedup_id: str, now: float, settings: QueueSettings) -> str | None:
+        while q.dedup_expiry and q.dedup_expiry[0][0] <= now:
+            expires, old = heapq.heappop(q.dedup_expiry)
+            entry = q.dedup.get(old)
+            if entry is not None and entry[1] == expires:
+                del q.dedup[old]
+        entry = q.dedup.get(dedup_id)
+        if entry is None:
+            return None
+        first_id, expires = entry
+        if settings.unique_while_pending:
+            rec = q.messages.get(first_id)
+            return first_id if rec is not None and rec.state in ("ready", "delayed") else None
+        return first_id if expires > now else None
+
+    # -- the contract -----------------------------------------------------------------
+
+    def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
+        ids = []
+        with self._store.lock:
+            q = self._queue(queue)
+            now = self.now()
+            for m in messages:
+                if m.dedup_id is not None:
+                    first = self._dedup_hit(q, m.dedup_id, now, settings)
+                    if first is not None:
+                        ids.append(first)
+                        continue
+                rec = _Record(
+                    id=uuid.uuid4().hex,
+                    key=m.key,
+                    payload=m.payload,
+                    priority=m.priority,
+                    seq=None,
+                    enqueued_at=now,
+                    headers=dict(m.headers or {}),
+                    dedup_id=m.dedup_id,
+                    at_head=m.at_head,
+                    state="new",
+                )
+                q.messages[rec.id] = rec
+                if m.key is not None:
+                    q.key_counts[m.key] = q.key_counts.get(m.key, 0) + 1
+                if m.dedup_id is not None:
+                    expires = now + settings.dedup_window
+                    q.dedup[m.dedup_id] = (rec.id, expires)
+                    heapq.heappush(q.dedup_expiry, (expires, m.dedup_id))
+                holds_key = m.at_head and m.key is not None
+                if m.delay > 0 and not holds_key:
+                    self._delay(q, rec, now + m.delay)
+                else:
+                    rec.seq = self._next_seq(q, m.at_head)
+                    rec.not_before = now + m.delay
+                    self._place(q, rec, now)
+                    if m.key is not None:
+                        self._schedule(q, m.key, now, keep_place=True)
+                ids.append(rec.id)
+            self._store.changed.notify_all()
+        return ids
+
+    def lease(
+        self, queue: str, limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings
+    ) -> LeaseResult:
+        with self._store.lock:
+            q = self._queue(queue)
+            now = self.now()
+            self._promote_due(q, now)
+            self._expire_leases(q, now, settings)
+            leases: list[Lease] = []
+            while len(leases) < limit and not q.paused:
+                entry = self._ready_key(q)
+                lane_head = self._lane_head(q)
+                key_due = entry is not None and entry[0] <= now
+                if lane_head is not None and (
+                    not key_due or (lane_head.entered_at, lane_head.entered_order) < (entry[0], entry[1])
+                ):
+                    heapq.heappop(q.lane)
+                    leases.append(self._lease_record(q, lane_head, now, visibility_timeout, lane_head.id))
+                    q.batches[lane_head.id] = [lane_head.id]
+                    continue
+                if not key_due:
+                    break
+                heapq.heappop(q.ready)
+                leases.extend(self._serve_key(q, entry[2], now, min(per_key, limit - len(leases)), visibility_timeout, settings))
+            for lease in leases:
+                lease.queue = queue
+            return LeaseResult(leases, None if leases else self._retry_in(q, now))
+
+    def _serve_key(
+        self, q: _Queue, key: str, now: float, count: int, vt: float, settings: QueueSettings
+    ) -> list[Lease]:
+        ks = q.keys[key]
+        ks.ready_at = None
+        if key in q.paused_keys or ks.slots >= settings.key_concurrency:
+            return []  # rescheduled on resume or when a slot frees
+        interval = q.intervals.get(key, settings.interval)
+        last_delivery = q.last_delivery.get(key)
+        if last_delivery is not None and last_delivery + interval > now:
+            self._schedule(q, key, last_delivery + interval, keep_place=False)
+            return []
+        head = self._head(q, ks)
+        if head is None or head.not_before > now:
+            self._schedule(q, key, now, keep_place=False)
+            return []
+        batch: list[_Record] = []
+        while len(batch) < count and head is not None and head.not_before <= now:
+            heapq.heappop(ks.heap)
+            batch.append(head)
+            head = self._head(q, ks)
+        batch_id = batch[0].id
+        q.batches[batch_id] = [rec.id for rec in batch]
+        ks.slots += 1
+        if interval:
+            q.last_delivery[key] = now
+        else:
+            q.last_delivery.pop(key, None)
+        if ks.slots < settings.key_concurrency:
+            self._schedule(q, key, now if not interval else now + interval, keep_place=False)
+        return [self._lease_record(q, rec, now, vt, batch_id) for rec in batch]
+
+    def _retry_in(self, q: _Queue, now: float) -> float | None:
+        if q.paused:
+            return None
+        times = []
+        entry = self._ready_key(q)
+        if entry is not None:
+            times.append(entry[0])
+        if q.delayed:
+            times.append(q.delayed[0][0])
+        if q.leases:
+            times.append(q.leases[0][0])
+        return max(0.0, min(times) - now) if times else None
+
+    def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
+        results = []
+        with self._store.lock:
+            now = self.now()
+            for lease in leases:
+                q = self._store.queues.get(lease.queue)
+                rec = self._current(q, lease)
+                if rec is None:
+                    results.append(False)
+                    continue
+                batch = q.batches.get(rec.batch_id, [])
+                if rec.id in batch:
+                    batch.remove(rec.id)
+                self._forget(q, rec)
+                self._settled(q, rec, now, batch)
+                results.append(True)
+            self._store.changed.notify_all()
+        return results
+
+    def nack(
+        self, lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings
+    ) -> bool:
+        with self._store.lock:
+            q = self._store.queues.get(lease.queue)
+            rec = self._current(q, lease)
+            if rec is None:
+                return False
+            dead_reason = (reason or "rejected") if dead else None
+            self._fail(q, rec, self.now(), settings, delay=delay, dead_reason=dead_reason, why=reason or "nacked")
+            self._store.changed.notify_all()
+            return True
+
+    def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
+        with self._store.lock:
+            q = self._store.queues.get(lease.queue)
+            rec = self._current(q, lease)
+            if rec is None:
+                return None
+            rec.deadline = self.now() + visibility_timeout
+            heapq.heappush(q.leases, (rec.deadline, next(self._order), rec.id, rec.token))
+            return rec.deadline
+
+    def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
+        with self._store.lock:
+            q = self._queue(queue)
+            if seconds is None:
+                q.intervals.pop(key, None)
+            else:
+                q.intervals[key] = seconds
+            self._schedule(q, key, self.now(), keep_place=False)
+            self._store.changed.notify_all()
+
+    def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
+        with self._store.lock:
+            q = self._queue(queue)
+            now = self.now()
+            if key is None:
+                q.paused = paused
+            elif paused:
+                q.paused_keys.add(key)
+            else:
+                q.paused_keys.discard(key)
+                self._schedule(q, key, now, keep_place=False)
+            self._store.changed.notify_all()
+
+    def stats(self, queue: str) -> QueueStats:
+        with self._store.lock:
+            q = self._store.queues.get(queue) or _Queue()
+            now = self.now()
+            ready = [rec.enqueued_at for rec in q.messages.values() if rec.state == "ready"]
+            return QueueStats(
+                queue=queue,
+                ready=q.counts["ready"],
+                leased=q.counts["leased"],
+                delayed=q.counts["delayed"],
+                dead=len(q.dead),
+                keys=len(q.key_counts),
+                oldest_age=max(0.0, now - min(ready)) if ready else 0.0,
+                paused=q.paused,
+            )
+
+    def queues(self) -> list[str]:
+        with self._store.lock:
+            return sorted(self._store.queues)
+
+    def dead_letters(self, queue: str, limit: int, offset: int) -> list[DeadLetter]:
+        with self._store.lock:
+            q = self._store.queues.get(queue)
+            if q is None:
+                return []
+            ids = list(itertools.islice(q.dead, offset, offset + limit))
+            return [self._dead_letter_view(queue, q.messages[mid]) for mid in ids]
+
+    @staticmethod
+    def _dead_letter_view(queue: str, rec: _Record) -> DeadLetter:
+        return DeadLetter(
+            queue=queue,
+            id=rec.id,
+            key=rec.key,
+            payload=rec.payload,
+            priority=rec.priority,
+            attempts=rec.attempts,
+            headers=dict(rec.headers),
+            reason=rec.reason,
+            enqueued_at=rec.enqueued_at,
+            died_at=rec.died_at,
+            dedup_id=rec.dedup_id,
+        )
+
+    def replay(self, queue: str, ids: Sequence[str] | None, position: RetryPosition) -> int:
+        with self._store.lock:
+            q = self._store.queues.get(queue)
+            if q is None:
+                return 0
+            chosen = [mid for mid in (q.dead if ids is None else dict.fromkeys(ids)) if mid in q.dead]
+            records = sorted((q.messages[mid] for mid in chosen), key=lambda r: (r.priority, r.seq or 0))
+            if position == "head":
+                records.reverse()  # each takes a seq ahead of the previous one
+            now = self.now()
+            for rec in records:
+                del q.dead[rec.id]
+                rec.attempts = 0
+                rec.reason = ""
+                rec.seq = self._next_seq(q, position == "head")
+                rec.not_before = now
+                if rec.key is not None:
+                    q.key_counts[rec.key] = q.key_counts.get(rec.key, 0) + 1
+                self._place(q, rec, now)
+                if rec.key is not None:
+                    self._schedule(q, rec.key, now, keep_place=True)
+            self._store.changed.notify_all()
+            return len(records)
+
+    def purge(self, queue: str, dead: bool) -> int:
+        with self._store.lock:
+            q = self._store.queues.get(queue)
+            if q is None:
+                return 0
+            states = ("dead",) if dead else ("ready", "delayed")
+            doomed = [rec for rec in q.messages.values() if rec.state in states]
+            for rec in doomed:
+                q.dead.pop(rec.id, None)
+                self._forget(q, rec)
+            if not dead:
+                for key, ks in list(q.keys.items()):
+                    self._schedule(q, key, self.now(), keep_place=True)
+            return len(doomed)
+
+    def wait(self, queue: str, timeout: float) -> None:
+        with self._store.lock:
+            self._store.changed.wait(timeout)

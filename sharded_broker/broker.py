@@ -1,0 +1,273 @@
+"""The engine's public face: argument checks, settings, and waiting for work."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any, Iterable, Mapping, Sequence
+from urllib.parse import urlsplit
+
+from . import validation as check
+from .backend import Backend
+from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType
+from .models import DeadLetter, Lease, Message, QueueSettings, QueueStats, RetryPosition
+
+# scheme -> "module:Class", imported on first use so that a memory:// user needs no redis-py.
+BACKENDS: dict[str, str] = {
+    "memory": "sharded_broker.backends.memory:MemoryBackend",
+    "sqlite": "sharded_broker.backends.sqlite:SQLiteBackend",
+    "redis": "sharded_broker.backends.redis:RedisBackend",
+    "rediss": "sharded_broker.backends.redis:RedisBackend",
+}
+
+MAX_LEASE_LIMIT = 10_000
+
+
+def backend_class(url: str) -> type[Backend]:
+    """The backend class serving ``url``'s scheme."""
+    if not isinstance(url, str):
+        raise ConfigurationError(f"broker URL must be a str, not {type(url).__name__}")
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError as exc:
+        raise ConfigurationError(f"malformed broker URL: {exc}") from None
+    if "://" not in url or not scheme:
+        raise ConfigurationError(
+            f"malformed broker URL {redact_url(url)!r}: expected scheme://..., e.g. redis://localhost:6379/0"
+        )
+    if scheme not in BACKENDS:
+        raise ConfigurationError(
+            f"unknown URL scheme {scheme!r} in broker URL; supported: {', '.join(sorted(BACKENDS))}"
+        )
+    module_name, _, class_name = BACKENDS[scheme].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``, safe to log."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rpartition("@")
+        user = parts.username or ""
+        return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
+    except ValueError:
+        return "<malformed URL>"
+
+
+def connect(url: str = "memory://", **options: Any) -> "Broker":
+    """Open a broker on ``url`` (``memory://``, ``sqlite:///path.db``, ``redis://...``).
+
+    ``options`` are queue settings that apply to every queue (``max_deliveries``,
+    ``key_concurrency``, ``interval``, ``retry_position``, ``dedup_window``,
+    ``unique_while_pending``, ``visibility_timeout``), ``queues`` (a mapping of queue
+    name to settings for that queue), ``max_payload_size``, and the backend's own options.
+    """
+    settings_options = {k: options.pop(k) for k in list(options) if k in check.QUEUE_SETTING_NAMES}
+    per_queue = options.pop("queues", None) or {}
+    max_payload_size = options.pop("max_payload_size", check.DEFAULT_MAX_PAYLOAD_SIZE)
+    defaults = check.queue_settings(settings_options)
+    backend = backend_class(url).from_url(url, **options)
+    broker = Broker(backend, defaults=defaults, max_payload_size=max_payload_size)
+    if not isinstance(per_queue, Mapping):
+        raise ConfigurationError("queues must map queue names to settings")
+    for name, queue_options in per_queue.items():
+        broker.configure_queue(name, **queue_options)
+    return broker
+
+
+class Broker:
+    """Per-key FIFO queues over one backend. Thread-safe; share one per process."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        defaults: QueueSettings | None = None,
+        max_payload_size: int = check.DEFAULT_MAX_PAYLOAD_SIZE,
+    ) -> None:
+        self.backend = backend
+        self.defaults = defaults or QueueSettings()
+        self.max_payload_size = check.positive_int(max_payload_size, "max_payload_size", maximum=512 * 1024 * 1024)
+        self._queue_settings: dict[str, QueueSettings] = {}
+
+    def __repr__(self) -> str:
+        return f"<Broker {self.backend!r}>"
+
+    # -- settings -------------------------------------------------------------------
+
+    def configure_queue(self, queue: str, **settings: Any) -> QueueSettings:
+        """Override settings for one queue in this process (on top of the defaults)."""
+        queue = check.queue_name(queue)
+        self._queue_settings[queue] = check.queue_settings(settings, self.settings(queue))
+        return self._queue_settings[queue]
+
+    def settings(self, queue: str) -> QueueSettings:
+        return self._queue_settings.get(queue, self.defaults)
+
+    def now(self) -> float:
+        """The backend's clock."""
+        return self.backend.now()
+
+    # -- producing ------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        queue: str,
+        payload: bytes,
+        *,
+        key: str | None = None,
+        priority: int = 0,
+        delay: float = 0.0,
+        dedup_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        at_head: bool = False,
+    ) -> str:
+        """Enqueue one message; its id (or, for a duplicate, the first message's id)."""
+        message = Message(payload, key, priority, delay, dedup_id, headers, at_head)
+        return self.enqueue_many(queue, [message])[0]
+
+    def enqueue_many(self, queue: str, messages: Iterable[Message]) -> list[str]:
+        """Enqueue messages atomically in one round trip; their ids, in order.
+
+        Every message is checked first: one bad message refuses the whole batch.
+        """
+        queue = check.queue_name(queue)
+        checked = [check.message(m, self.max_payload_size) for m in messages]
+        if not checked:
+            return []
+        return self.backend.enqueue_many(queue, checked, self.settings(queue))
+
+    # -- consuming ------------------------------------------------------------------
+
+    def lease(
+        self,
+        queue: str,
+        limit: int = 1,
+        *,
+        per_key: int = 1,
+        visibility_timeout: float | None = None,
+        wait: float = 0.0,
+    ) -> list[Lease]:
+        """Deliver up to ``limit`` messages, waiting up to ``wait`` seconds for the first.
+
+        Each served key gives one ordered batch of up to ``per_key`` consecutive messages.
+        A lease must be acked, nacked or extended before ``visibility_timeout`` seconds
+        (default: the queue's setting) or its message is delivered again.
+        """
+        queue = check.queue_name(queue)
+        limit = check.positive_int(limit, "limit", maximum=MAX_LEASE_LIMIT)
+        per_key = check.positive_int(per_key, "per_key", maximum=MAX_LEASE_LIMIT)
+        settings = self.settings(queue)
+        if visibility_timeout is None:
+            visibility_timeout = settings.visibility_timeout
+        visibility_timeout = check.seconds(visibility_timeout, "visibility_timeout", allow_zero=False)
+        wait = check.seconds(wait, "wait")
+        give_up_at = time.monotonic() + wait
+        while True:
+            result = self.backend.lease(queue, limit, per_key, visibility_timeout, settings)
+            remaining = give_up_at - time.monotonic()
+            if result.leases or remaining <= 0:
+                return result.leases
+            pause = remaining if result.retry_in is None else min(remaining, max(result.retry_in, 0.0))
+            self.backend.wait(queue, pause)
+
+    def ack(self, lease: Lease) -> bool:
+        """Settle a lease for good. False when its token is stale (nothing changed)."""
+        return self.ack_many([lease])[0]
+
+    def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
+        """Ack several leases in one round trip; one bool per lease."""
+        leases = [_lease(lease) for lease in leases]
+        return self.backend.ack_many(leases) if leases else []
+
+    def nack(
+        self, lease: Lease, *, delay: float = 0.0, dead: bool = False, reason: str | None = None
+    ) -> bool:
+        """Return a message for retry after ``delay`` (back to the head of its key, holding
+        it, unless the queue's ``retry_position`` is ``"tail"``), or with ``dead=True``
+        move it to the dead-letter list. False when the token is stale."""
+        lease = _lease(lease)
+        delay = check.seconds(delay, "delay")
+        if reason is not None and not isinstance(reason, str):
+            raise InvalidArgumentType(f"reason must be a str, not {type(reason).__name__}")
+        return self.backend.nack(
+            lease, delay=delay, dead=bool(dead), reason=reason, settings=self.settings(lease.queue)
+        )
+
+    def extend(self, lease: Lease, visibility_timeout: float | None = None) -> bool:
+        """Push a lease's deadline to now + ``visibility_timeout``. False when stale."""
+        lease = _lease(lease)
+        if visibility_timeout is None:
+            visibility_timeout = self.settings(lease.queue).visibility_timeout
+        visibility_timeout = check.seconds(visibility_timeout, "visibility_timeout", allow_zero=False)
+        deadline = self.backend.extend(lease, visibility_timeout)
+        if deadline is None:
+            return False
+        lease.deadline = deadline
+        return True
+
+    # -- operating ------------------------------------------------------------------
+
+    def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
+        """At least ``seconds`` between the starts of two deliveries of ``key``; persisted.
+        ``None`` returns the key to the queue's default interval."""
+        queue = check.queue_name(queue)
+        key = check.shard_key(key)
+        if key is None:
+            raise InvalidArgument("set_interval needs a shard key")
+        if seconds is not None:
+            seconds = check.seconds(seconds, "interval")
+        self.backend.set_interval(queue, key, seconds)
+
+    def pause(self, queue: str, key: str | None = None) -> None:
+        """Stop delivering a key (or the whole queue). Running leases are not affected."""
+        self.backend.set_paused(check.queue_name(queue), check.shard_key(key), True)
+
+    def resume(self, queue: str, key: str | None = None) -> None:
+        self.backend.set_paused(check.queue_name(queue), check.shard_key(key), False)
+
+    def stats(self, queue: str) -> QueueStats:
+        return self.backend.stats(check.queue_name(queue))
+
+    def queues(self) -> list[str]:
+        return self.backend.queues()
+
+    def dead_letters(self, queue: str, limit: int = 100, offset: int = 0) -> list[DeadLetter]:
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise InvalidArgument(f"offset must be an int >= 0, not {offset!r}")
+        return self.backend.dead_letters(
+            check.queue_name(queue), check.positive_int(limit, "limit"), offset
+        )
+
+    def replay(
+        self, queue: str, ids: Sequence[str] | None = None, *, position: RetryPosition = "tail"
+    ) -> int:
+        """Put dead letters (all, or those in ``ids``) back in service; how many moved."""
+        if position not in ("head", "tail"):
+            raise InvalidArgument(f"position must be 'head' or 'tail', not {position!r}")
+        if ids is not None:
+            if isinstance(ids, str) or not all(isinstance(i, str) for i in ids):
+                raise InvalidArgumentType("ids must be a sequence of message id strings")
+            ids = list(ids)
+        return self.backend.replay(check.queue_name(queue), ids, position)
+
+    def purge(self, queue: str, *, dead: bool = False) -> int:
+        """Delete every waiting message (``dead=True``: every dead letter); how many."""
+        return self.backend.purge(check.queue_name(queue), bool(dead))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Broker":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _lease(lease: Any) -> Lease:
+    if not isinstance(lease, Lease):
+        raise InvalidArgumentType(f"expected a Lease, not {type(lease).__name__}")
+    return lease

@@ -1,0 +1,32 @@
+"""Exceptions raised by the engine.
+
+Every error a caller can cause is raised *before* anything is written, so a refused call
+never changes what is already queued.
+"""
+
+from __future__ import annotations
+
+
+class ShardedBrokerError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigurationError(ShardedBrokerError, ValueError):
+    """A malformed or unsupported URL, or an unknown or invalid option."""
+
+
+class InvalidArgument(ShardedBrokerError, ValueError):
+    """An argument has the right type but a value the engine refuses (range, size, characters)."""
+
+
+class InvalidArgumentType(ShardedBrokerError, TypeError):
+    """An argument has the wrong type (a key that is not a string, a payload that is not bytes)."""
+
+
+class BackendUnavailable(ShardedBrokerError, ConnectionError):
+    """The backend could not be reached or answered with a transport error.
+
+    The operation may or may not have taken effect; it is safe to retry an enqueue that
+    carries a ``dedup_id`` and any ack, nack or extend (a repeated ack is refused, not
+    doubled).
+    """

@@ -1,0 +1,165 @@
+"""Argument checks shared by every backend, run before anything is written."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Mapping
+
+from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType
+from .models import QUEUE_SETTING_NAMES, Message, QueueSettings
+
+MAX_QUEUE_NAME_LENGTH = 200
+MAX_KEY_LENGTH = 512
+MAX_DEDUP_ID_LENGTH = 512
+MAX_HEADERS_SIZE = 64 * 1024
+PRIORITY_MIN = -(2**31)
+PRIORITY_MAX = 2**31 - 1
+MAX_DELAY = 10 * 365 * 24 * 3600.0
+DEFAULT_MAX_PAYLOAD_SIZE = 8 * 1024 * 1024
+
+# Queue names become part of backend key names (Redis keys with a {queue} hash tag,
+# SQLite rows): no braces, whitespace or control characters.
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:@+\-]+")
+# Keys live inside values, never in key names; NUL is the engine's separator.
+_FORBIDDEN_IN_KEY = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def queue_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise InvalidArgumentType(f"queue name must be a str, not {type(name).__name__}")
+    if not name:
+        raise InvalidArgument("queue name must not be empty")
+    if len(name) > MAX_QUEUE_NAME_LENGTH:
+        raise InvalidArgument(
+            f"queue name is {len(name)} characters long; the maximum is {MAX_QUEUE_NAME_LENGTH}"
+        )
+    if not _QUEUE_NAME.fullmatch(name):
+        raise InvalidArgument(
+            f"queue name {name!r} may only contain letters, digits and _ . : @ + -"
+        )
+    return name
+
+
+def shard_key(key: Any) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str):
+        raise InvalidArgumentType(
+            f"shard key must be a str or None, not {type(key).__name__} ({key!r:.80})"
+        )
+    if not key:
+        raise InvalidArgument("shard key must not be empty (use None for unkeyed messages)")
+    if len(key) > MAX_KEY_LENGTH:
+        raise InvalidArgument(f"shard key is {len(key)} characters long; the maximum is {MAX_KEY_LENGTH}")
+    if _FORBIDDEN_IN_KEY.search(key):
+        raise InvalidArgument(f"shard key {key!r:.80} contains a control character")
+    return key
+
+
+def payload(data: Any, max_size: int) -> bytes:
+    if isinstance(data, (bytearray, memoryview)):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise InvalidArgumentType(f"payload must be bytes, not {type(data).__name__}")
+    if len(data) > max_size:
+        raise InvalidArgument(f"payload is {len(data)} bytes; the maximum is {max_size} (max_payload_size)")
+    return data
+
+
+def priority(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentType(f"priority must be an int, not {type(value).__name__}")
+    if not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise InvalidArgument(f"priority {value} is out of range [{PRIORITY_MIN}, {PRIORITY_MAX}]")
+    return value
+
+
+def seconds(value: Any, name: str, *, allow_zero: bool = True, maximum: float = MAX_DELAY) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentType(f"{name} must be a number of seconds, not {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
+        raise InvalidArgument(f"{name} must be {'>= 0' if allow_zero else '> 0'}, not {value}")
+    if value > maximum:
+        raise InvalidArgument(f"{name} of {value} seconds exceeds the maximum of {maximum}")
+    return value
+
+
+def positive_int(value: Any, name: str, *, maximum: int = 1_000_000) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentType(f"{name} must be an int, not {type(value).__name__}")
+    if not 1 <= value <= maximum:
+        raise InvalidArgument(f"{name} must be between 1 and {maximum}, not {value}")
+    return value
+
+
+def dedup_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgumentType(f"dedup_id must be a str or None, not {type(value).__name__}")
+    if not value or len(value) > MAX_DEDUP_ID_LENGTH:
+        raise InvalidArgument(f"dedup_id must be 1 to {MAX_DEDUP_ID_LENGTH} characters long")
+    return value
+
+
+def headers(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidArgumentType(f"headers must be a mapping, not {type(value).__name__}")
+    for name in value:
+        if not isinstance(name, str):
+            raise InvalidArgumentType(f"header names must be str, not {type(name).__name__}")
+    try:
+        encoded = json.dumps(dict(value), separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentType(f"headers must be JSON-serializable: {exc}") from None
+    if len(encoded) > MAX_HEADERS_SIZE:
+        raise InvalidArgument(f"headers are {len(encoded)} bytes as JSON; the maximum is {MAX_HEADERS_SIZE}")
+    return json.loads(encoded)
+
+
+def message(msg: Any, max_payload_size: int) -> Message:
+    """A checked copy of ``msg`` with normalised fields."""
+    if not isinstance(msg, Message):
+        raise InvalidArgumentType(f"expected a sharded_broker.Message, not {type(msg).__name__}")
+    return Message(
+        payload=payload(msg.payload, max_payload_size),
+        key=shard_key(msg.key),
+        priority=priority(msg.priority),
+        delay=seconds(msg.delay, "delay"),
+        dedup_id=dedup_id(msg.dedup_id),
+        headers=headers(msg.headers),
+        at_head=bool(msg.at_head),
+    )
+
+
+def queue_settings(options: Mapping[str, Any], base: QueueSettings | None = None) -> QueueSettings:
+    """Settings from ``options``, every name and value checked."""
+    unknown = sorted(set(options) - QUEUE_SETTING_NAMES)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown queue setting(s) {', '.join(unknown)}; known: {', '.join(sorted(QUEUE_SETTING_NAMES))}"
+        )
+    checked: dict[str, Any] = {}
+    for name, value in options.items():
+        if name == "max_deliveries":
+            checked[name] = None if value is None else positive_int(value, name)
+        elif name == "key_concurrency":
+            checked[name] = positive_int(value, name, maximum=10_000)
+        elif name in ("interval", "dedup_window"):
+            checked[name] = seconds(value, name)
+        elif name == "visibility_timeout":
+            checked[name] = seconds(value, name, allow_zero=False)
+        elif name == "retry_position":
+            if value not in ("head", "tail"):
+                raise ConfigurationError(f"retry_position must be 'head' or 'tail', not {value!r}")
+            checked[name] = value
+        elif name == "unique_while_pending":
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"unique_while_pending must be a bool, not {value!r}")
+            checked[name] = value
+    return (base or QueueSettings()).replace(**checked)
