@@ -140,6 +140,19 @@ class Backend(ABC):
         number deleted. Leased messages are left to their holders."""
 
     @abstractmethod
+    def bind(self, exchange: str, queue: str) -> None:
+        """Record that messages published to ``exchange`` go to ``queue`` (fanout routing
+        shared by every process, e.g. Celery's broadcast and remote-control exchanges)."""
+
+    @abstractmethod
+    def unbind(self, exchange: str, queue: str) -> None:
+        """Forget one binding; unknown bindings are ignored."""
+
+    @abstractmethod
+    def bound_queues(self, exchange: str) -> list[str]:
+        """The queues bound to ``exchange``, sorted."""
+
+    @abstractmethod
     def wait(self, queue: str, timeout: float) -> None:
         """Block up to ``timeout`` seconds, returning early when work may have arrived.
 

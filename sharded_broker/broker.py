@@ -257,6 +257,16 @@ class Broker:
         """Delete every waiting message (``dead=True``: every dead letter); how many."""
         return self.backend.purge(check.queue_name(queue), bool(dead))
 
+    def bind(self, exchange: str, queue: str) -> None:
+        """Route messages published to fanout ``exchange`` to ``queue`` too."""
+        self.backend.bind(check.queue_name(exchange), check.queue_name(queue))
+
+    def unbind(self, exchange: str, queue: str) -> None:
+        self.backend.unbind(check.queue_name(exchange), check.queue_name(queue))
+
+    def bound_queues(self, exchange: str) -> list[str]:
+        return self.backend.bound_queues(check.queue_name(exchange))
+
     def close(self) -> None:
         self.backend.close()
 

@@ -87,6 +87,7 @@ class _Store:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.queues: dict[str, _Queue] = {}
+        self.bindings: dict[str, set[str]] = {}
         self.order = itertools.count()  # tie-breaker shared by every heap of the store
 
 
@@ -625,6 +626,18 @@ class MemoryBackend(Backend):
                 for key, ks in list(q.keys.items()):
                     self._schedule(q, key, self.now(), keep_place=True)
             return len(doomed)
+
+    def bind(self, exchange: str, queue: str) -> None:
+        with self._store.lock:
+            self._store.bindings.setdefault(exchange, set()).add(queue)
+
+    def unbind(self, exchange: str, queue: str) -> None:
+        with self._store.lock:
+            self._store.bindings.get(exchange, set()).discard(queue)
+
+    def bound_queues(self, exchange: str) -> list[str]:
+        with self._store.lock:
+            return sorted(self._store.bindings.get(exchange, ()))
 
     def wait(self, queue: str, timeout: float) -> None:
         with self._store.lock:
