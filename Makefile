@@ -4,11 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv redis-server demo test reliability bench clean
+.PHONY: help venv redis-server demo test reliability bench bench-full clean
 
 help:
 	@echo "make demo         run the per-key FIFO demo on the embedded default (no server)"
 	@echo "make test         set everything up (virtualenv, redis-server) and run the suite"
+	@echo "make bench        benchmarks side by side, quick mode (bench-full: the full sizes)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,12 @@ demo: venv
 
 test: venv redis-server
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: venv redis-server
+	$(PY) -m benchmarks.run --quick
+
+bench-full: venv redis-server
+	$(PY) -m benchmarks.run --full
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
