@@ -1,0 +1,613 @@
+"""Dramatiq broker over the sharded-broker engine: per-key FIFO for Dramatiq actors.
+
+Switch the broker and name a shard key on the actors that need order::
+
+    import dramatiq
+    from sharded_broker.integrations.dramatiq import ShardedBroker
+
+    dramatiq.set_broker(ShardedBroker(url="redis://localhost:6379/0"))
+
+    @dramatiq.actor(shard_key="user_id")
+    def notify(user_id, text): ...
+
+    notify.send(42, "hi")                                              # key "42"
+    notify.send_with_options(args=(42, "hi"), shard_key="user-42")     # key "user-42"
+
+Messages of one shard key run one at a time and in order, across every worker process
+and thread; messages of different keys (and unkeyed messages) run in parallel.
+
+What this broker guarantees on top of Dramatiq's Broker contract:
+
+* **Keys are checked when sending.** A ``shard_key`` that names an argument the actor
+  does not have, a missing argument value, or a key of the wrong type raises
+  :class:`ShardKeyError` from ``send``; no message is stored. (A :class:`ShardKeyError`
+  is a ``MiddlewareError``, so Dramatiq propagates it from any hook.)
+* **Retries keep order.** When a middleware re-enqueues the message a worker is still
+  holding (the ``Retries`` backoff does), the retry goes back to the *head* of its key
+  and holds the key until it runs (with the queue setting ``retry_position="tail"`` it
+  goes to the tail instead, leaving the key free).
+* **Failures are dead letters.** A message the worker rejects (retries exhausted,
+  ``throws``, ``AgeLimit``, unknown actor, undecodable payload) moves to the engine's
+  dead-letter list with its reason; see :attr:`ShardedBroker.dead_letters`.
+* **Delays live in the broker.** ``delay`` is stored in the engine, not in a worker's
+  memory; delivered messages never carry an ``eta`` option (which would make the
+  Worker hold them in memory and re-enqueue them at the tail).
+* **Leases are kept alive.** While a worker process holds a message (prefetched or
+  running) a heartbeat extends its lease every ``visibility_timeout / 3`` seconds, so
+  a long task is never delivered twice, and the messages of a killed process are
+  delivered again, at the head of their keys, about ``visibility_timeout`` seconds
+  after it died.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Union
+
+import dramatiq
+from dramatiq.common import current_millis, q_name
+from dramatiq.errors import ConnectionClosed, DramatiqError, QueueJoinTimeout, QueueNotFound
+from dramatiq.logging import get_logger
+from dramatiq.middleware import Middleware, MiddlewareError
+
+import sharded_broker
+from sharded_broker import validation
+from sharded_broker.broker import MAX_LEASE_LIMIT
+from sharded_broker.errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
+
+__all__ = [
+    "DeadMessage",
+    "MessageDeadLettered",
+    "ShardKeyError",
+    "ShardKeyTypeError",
+    "ShardKeys",
+    "ShardedBroker",
+]
+
+#: What an actor's ``shard_key`` option may be: an argument name, or a callable that
+#: takes the message's ``args`` tuple and ``kwargs`` dict and returns the key (or
+#: ``None`` for an unkeyed message).
+ShardKeySource = Union[str, Callable[[tuple, dict], Union[str, int, None]]]
+
+# Exceptions kept for join(fail_fast=True) to re-raise; bounded because each one holds
+# a traceback and a production worker never joins.
+MAX_REMEMBERED_FAILURES = 100
+MAX_REASON_LENGTH = 2000
+JOIN_POLL_INTERVAL = 0.05
+
+
+class ShardKeyError(MiddlewareError, InvalidArgument):
+    """A message's shard key cannot be determined or is not a valid key. Nothing was
+    enqueued."""
+
+
+class ShardKeyTypeError(ShardKeyError, InvalidArgumentType):
+    """A shard key of the wrong type (only ``str`` and ``int`` are keys)."""
+
+
+class MessageDeadLettered(DramatiqError):
+    """Raised by ``join(fail_fast=True)`` for a dead letter whose exception this process
+    did not see (it died in another worker process)."""
+
+
+@dataclass(frozen=True)
+class DeadMessage:
+    """A dead-lettered Dramatiq message and why it died.
+
+    ``message`` is ``None`` when the stored payload could not be decoded. ``attempts``
+    counts the engine's deliveries of this copy of the message (a Dramatiq retry is a new
+    copy). ``id`` is the engine's message id, for ``broker.engine.replay(queue, [id])``.
+    """
+
+    id: str
+    queue_name: str
+    shard_key: Optional[str]
+    message: Optional[dramatiq.Message]
+    reason: str
+    attempts: int
+    died_at: float
+
+
+class ShardKeys(Middleware):
+    """Declares the ``shard_key`` actor option and checks it when an actor is declared.
+
+    :class:`ShardedBroker` adds this middleware itself; Dramatiq's own validation keeps
+    rejecting every other unknown actor option.
+    """
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"shard_key"}
+
+    def before_declare_actor(self, broker: dramatiq.Broker, actor: dramatiq.Actor) -> None:
+        source = actor.options.get("shard_key")
+        if source is None or callable(source):
+            return
+        if not isinstance(source, str) or not source.isidentifier():
+            raise ShardKeyError(
+                f"shard_key of actor {actor.actor_name!r} must be an argument name or a "
+                f"callable(args, kwargs), not {source!r}"
+            )
+        parameters = _parameters(actor)
+        if parameters is None or source in parameters:
+            return
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return  # the key may arrive through **kwargs; checked when sending
+        raise ShardKeyError(
+            f"actor {actor.actor_name!r} has no argument {source!r} to take its shard key from; "
+            f"its arguments are: {', '.join(parameters) or '(none)'}"
+        )
+
+
+class ShardedBroker(dramatiq.Broker):
+    """A Dramatiq broker with per-key FIFO sharding, over any engine URL.
+
+    Parameters:
+      url: ``redis://...``, ``rediss://...``, ``sqlite:///path.db`` or ``memory://``
+        (in-process only: workers in other processes cannot see it).
+      visibility_timeout: seconds a delivered message stays leased without a heartbeat.
+        Workers extend the leases of the messages they hold every third of it, so it
+        bounds how long the messages of a dead worker wait, not how long a task may run.
+      middleware: as for :class:`dramatiq.Broker`; :class:`ShardKeys` is always added.
+      **engine_options: queue settings and backend options passed to
+        :func:`sharded_broker.connect` (``max_deliveries``, ``key_concurrency``,
+        ``interval``, ``retry_position``, ``queues={name: {...}}``, ...).
+
+    Dramatiq's ``priority`` keeps its meaning (lower numbers run first): within a key,
+    messages of a lower-priority-number actor are delivered first. There are no delay
+    queues (``get_declared_delay_queues()`` is empty): delayed messages wait inside the
+    engine, in their own queue. ``engine`` is the underlying
+    :class:`sharded_broker.Broker`, for stats, pause/resume, intervals and replay.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        visibility_timeout: float = 30.0,
+        middleware: Optional[list[Middleware]] = None,
+        **engine_options: Any,
+    ) -> None:
+        self.engine = sharded_broker.connect(url, visibility_timeout=visibility_timeout, **engine_options)
+        super().__init__(middleware=middleware)
+        self.url = url
+        self.queues: set[str] = set()
+        self._leases = _LeaseKeeper(self)
+        self._failures: collections.OrderedDict[str, BaseException] = collections.OrderedDict()
+        self._failures_lock = threading.Lock()
+        if not any(isinstance(m, ShardKeys) for m in self.middleware):
+            self.add_middleware(ShardKeys())
+
+    def __repr__(self) -> str:
+        return f"<ShardedBroker {sharded_broker.redact_url(self.url)}>"
+
+    # -- declaring ------------------------------------------------------------------
+
+    def declare_queue(self, queue_name: str) -> None:
+        """Declare a queue (idempotent). Its name must also be a valid engine queue name."""
+        if queue_name in self.queues:
+            return
+        validation.queue_name(queue_name)
+        self.emit_before("declare_queue", queue_name)
+        self.queues.add(queue_name)
+        self.emit_after("declare_queue", queue_name)
+
+    def get_declared_queues(self) -> set[str]:
+        return self.queues.copy()
+
+    # -- producing ------------------------------------------------------------------
+
+    def enqueue(self, message: dramatiq.Message, *, delay: Optional[int] = None) -> dramatiq.Message:
+        """Store a message in its actor's queue and shard key; return the stored copy.
+
+        ``delay`` is in milliseconds, kept by the engine. The copy carries the resolved
+        key in ``options["shard_key"]`` (so a retry keeps it) and never an ``eta``.
+
+        Raises:
+          ShardKeyError: the message's shard key is missing or invalid (nothing stored).
+          sharded_broker.InvalidArgument: another bad value (delay, priority, size).
+        """
+        queue_name = q_name(message.queue_name)
+        stored = message.copy(queue_name=queue_name)
+        eta = stored.options.pop("eta", None)
+        if delay is None and isinstance(eta, (int, float)) and not isinstance(eta, bool):
+            delay = max(0, int(eta) - current_millis())
+        delay_seconds = 0.0 if delay is None else (
+            validation.seconds(delay, "delay (milliseconds)", maximum=validation.MAX_DELAY * 1000) / 1000
+        )
+        actor = self.actors.get(message.actor_name)
+        key = resolve_shard_key(actor, stored)
+        if key is None:
+            stored.options.pop("shard_key", None)
+        else:
+            stored.options["shard_key"] = key
+        # A message re-enqueued while this process still holds its delivery is a retry
+        # of it (Retries passes the delivered message itself): it keeps its key's order.
+        at_head = (
+            isinstance(message, _LeasedMessage)
+            and self._leases.holds(message.lease)
+            and self.engine.settings(queue_name).retry_position == "head"
+        )
+        self.emit_before("enqueue", stored, delay)
+        try:
+            self.engine.enqueue(
+                queue_name,
+                stored.encode(),
+                key=key,
+                priority=actor.priority if actor is not None else 0,
+                delay=delay_seconds,
+                headers={"actor_name": stored.actor_name, "message_id": stored.message_id},
+                at_head=at_head,
+            )
+        except BackendUnavailable as exc:
+            raise ConnectionClosed(exc) from exc
+        self.emit_after("enqueue", stored, delay)
+        return stored
+
+    # -- consuming ------------------------------------------------------------------
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> dramatiq.Consumer:
+        """A consumer leasing up to ``prefetch`` messages at a time (one per shard key),
+        blocking up to ``timeout`` milliseconds when the queue is idle.
+
+        Raises:
+          QueueNotFound: the queue was never declared.
+        """
+        if queue_name not in self.queues:
+            raise QueueNotFound(queue_name)
+        return _ShardedConsumer(self, queue_name, prefetch, timeout)
+
+    # -- inspecting and testing -----------------------------------------------------
+
+    def flush(self, queue_name: str) -> None:
+        """Drop every waiting (ready or delayed) message of a queue; leased ones run on."""
+        self.engine.purge(q_name(queue_name))
+
+    def flush_all(self) -> None:
+        """Drop every waiting message and every dead letter of every declared queue."""
+        for queue_name in self.queues:
+            self.engine.purge(queue_name)
+            self.engine.purge(queue_name, dead=True)
+        with self._failures_lock:
+            self._failures.clear()
+
+    def join(self, queue_name: str, *, timeout: Optional[int] = None, fail_fast: bool = False) -> None:
+        """Wait until a queue has no ready, delayed or leased message (for tests).
+
+        Parameters:
+          timeout: milliseconds to wait at most.
+          fail_fast: then raise for the oldest dead letter of the queue, if any: the
+            actor's own exception when it failed in this process, else
+            :class:`MessageDeadLettered` with the dead letter's reason.
+
+        Raises:
+          QueueJoinTimeout: the timeout elapsed.
+          QueueNotFound: the queue was never declared.
+        """
+        queue_name = q_name(queue_name)
+        if queue_name not in self.queues:
+            raise QueueNotFound(queue_name)
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
+        while True:
+            stats = self.engine.stats(queue_name)
+            if stats.ready + stats.delayed + stats.leased == 0:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise QueueJoinTimeout(queue_name)
+            time.sleep(JOIN_POLL_INTERVAL)
+        if fail_fast:
+            for dead in self.engine.dead_letters(queue_name, limit=1):
+                with self._failures_lock:
+                    exception = self._failures.get(dead.id)
+                if exception is not None:
+                    raise exception
+                raise MessageDeadLettered(f"message {dead.headers.get('message_id')} died: {dead.reason}")
+
+    @property
+    def dead_letters(self) -> list[DeadMessage]:
+        """Every dead letter of every declared queue, oldest death first per queue."""
+        return [dead for queue_name in sorted(self.queues) for dead in self.get_dead_letters(queue_name, limit=None)]
+
+    def get_dead_letters(
+        self, queue_name: str, *, limit: Optional[int] = 100, offset: int = 0
+    ) -> list[DeadMessage]:
+        """Dead letters of one queue, oldest death first (``limit=None``: all)."""
+        page = 1000 if limit is None else limit
+        found: list[DeadMessage] = []
+        while True:
+            batch = self.engine.dead_letters(q_name(queue_name), limit=page, offset=offset + len(found))
+            found.extend(_dead_message(dead) for dead in batch)
+            if limit is not None or len(batch) < page:
+                return found
+
+    def close(self) -> None:
+        """Stop the lease heartbeat and release the engine's connections."""
+        self._leases.close()
+        self.engine.close()
+
+    # -- for the consumer -----------------------------------------------------------
+
+    def _remember_failure(self, engine_id: str, exception: BaseException) -> None:
+        with self._failures_lock:
+            self._failures[engine_id] = exception
+            while len(self._failures) > MAX_REMEMBERED_FAILURES:
+                self._failures.popitem(last=False)
+
+
+def resolve_shard_key(actor: Optional[dramatiq.Actor], message: dramatiq.Message) -> Optional[str]:
+    """The shard key of ``message``: its ``shard_key`` option, else its actor's source.
+
+    An actor not declared in this process contributes nothing (only the message's own
+    option counts). A callable source may return ``None`` for an unkeyed message; an
+    argument source must give a value.
+
+    Raises:
+      ShardKeyError: no value, an invalid value, or a failing callable.
+    """
+    actor_name = message.actor_name
+    if message.options.get("shard_key") is not None:
+        return _checked_key(message.options["shard_key"], f"shard_key option of a message to actor {actor_name!r}")
+    source = actor.options.get("shard_key") if actor is not None else None
+    if source is None:
+        return None
+    if callable(source):
+        try:
+            value = source(message.args, message.kwargs)
+        except Exception as exc:
+            raise ShardKeyError(f"shard_key callable of actor {actor_name!r} raised {exc!r}") from exc
+        return None if value is None else _checked_key(value, f"shard_key callable of actor {actor_name!r}")
+    value = _argument_value(actor, source, message.args, message.kwargs)
+    if value is None:
+        raise ShardKeyError(
+            f"argument {source!r} of actor {actor_name!r} (its shard key) is None; pass a key, "
+            "or give the actor a callable shard_key that returns None for unkeyed messages"
+        )
+    return _checked_key(value, f"argument {source!r} of actor {actor_name!r} (its shard key)")
+
+
+_MISSING = object()
+
+
+def _argument_value(actor: dramatiq.Actor, name: str, args: tuple, kwargs: dict) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    parameters = _parameters(actor) or {}
+    positional = [
+        p.name
+        for p in parameters.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    value: Any = _MISSING
+    if name in positional and positional.index(name) < len(args):
+        value = args[positional.index(name)]
+    elif name in parameters and parameters[name].default is not inspect.Parameter.empty:
+        value = parameters[name].default
+    if value is _MISSING:
+        raise ShardKeyError(
+            f"actor {actor.actor_name!r} takes its shard key from argument {name!r}, but the "
+            f"message does not give it (args={args!r:.200}, kwargs={kwargs!r:.200})"
+        )
+    return value
+
+
+def _parameters(actor: dramatiq.Actor) -> Optional[dict[str, inspect.Parameter]]:
+    """The actor function's parameters, or None when Python cannot tell them."""
+    try:
+        return dict(inspect.signature(actor.fn).parameters)
+    except (TypeError, ValueError):
+        return None
+
+
+def _checked_key(value: Any, where: str) -> str:
+    # Ints are accepted because ids usually are ints (user_id=42 gives the key "42").
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ShardKeyTypeError(f"{where} must be a str or an int, not {type(value).__name__} ({value!r:.80})")
+    try:
+        return validation.shard_key(value)
+    except InvalidArgument as exc:
+        raise ShardKeyError(f"{where}: {exc}") from None
+
+
+def _dead_message(dead: sharded_broker.DeadLetter) -> DeadMessage:
+    try:
+        message: Optional[dramatiq.Message] = dramatiq.Message.decode(dead.payload)
+    except dramatiq.errors.DecodeError:
+        message = None
+    return DeadMessage(
+        id=dead.id,
+        queue_name=dead.queue,
+        shard_key=dead.key,
+        message=message,
+        reason=dead.reason,
+        attempts=dead.attempts,
+        died_at=dead.died_at,
+    )
+
+
+def _failure_reason(message: dramatiq.MessageProxy) -> str:
+    exception = message._exception
+    reason = "rejected" if exception is None else f"{type(exception).__name__}: {exception}"
+    retries = message.options.get("retries")
+    if retries:
+        reason += f" (after {retries} retries)"
+    return reason[:MAX_REASON_LENGTH]
+
+
+class _LeasedMessage(dramatiq.MessageProxy):
+    """A delivered message with the engine lease that proves this process holds it."""
+
+    def __init__(
+        self, message: dramatiq.Message, lease: sharded_broker.Lease, consumer: "_ShardedConsumer"
+    ) -> None:
+        super().__init__(message)
+        self.lease = lease
+        self.consumer = consumer
+
+
+class _ShardedConsumer(dramatiq.Consumer):
+    """Leases messages for one Worker consumer thread. Thread-safe: the Worker calls
+    ``ack``/``nack`` from its worker threads while ``__next__`` runs on the consumer
+    thread, and may settle a message through a newer consumer of the same queue (after
+    a consumer restart), so settling always goes through the message's own lease and
+    the consumer that delivered it."""
+
+    def __init__(self, broker: ShardedBroker, queue_name: str, prefetch: int, timeout: int) -> None:
+        self.logger = get_logger(__name__, type(self))
+        self.broker = broker
+        self.engine = broker.engine
+        self.queue_name = queue_name
+        self.prefetch = prefetch
+        self.timeout = timeout
+        self._changed = threading.Condition()
+        self._undelivered: collections.deque[_LeasedMessage] = collections.deque()
+        self._outstanding = 0  # leased by this consumer and not yet settled
+
+    def __next__(self) -> Optional[dramatiq.MessageProxy]:
+        with self._changed:
+            if self._undelivered:
+                return self._undelivered.popleft()
+            room = min(self.prefetch - self._outstanding, MAX_LEASE_LIMIT)
+            if room <= 0:
+                self._changed.wait(self.timeout / 1000)
+                return None
+        try:
+            leases = self.engine.lease(self.queue_name, room, per_key=1, wait=self.timeout / 1000)
+        except BackendUnavailable as exc:
+            raise ConnectionClosed(exc) from exc
+        self.broker._leases.hold(leases)
+        messages = []
+        for lease in leases:
+            try:
+                message = dramatiq.Message.decode(lease.payload)
+            except dramatiq.errors.DecodeError as exc:
+                self.logger.error("Dead-lettering undecodable message %s: %s", lease.id, exc.error)
+                self.engine.nack(lease, dead=True, reason=f"undecodable message: {exc.error!r}"[:MAX_REASON_LENGTH])
+                self.broker._leases.release(lease)
+                continue
+            # A stored eta would make the Worker hold the message in memory and enqueue
+            # it again at the tail of its key; the engine already applied the delay.
+            message.options.pop("eta", None)
+            messages.append(_LeasedMessage(message, lease, self))
+        with self._changed:
+            self._outstanding += len(messages)
+            self._undelivered.extend(messages)
+            return self._undelivered.popleft() if self._undelivered else None
+
+    def ack(self, message: dramatiq.MessageProxy) -> None:
+        lease = message.lease
+        try:
+            accepted = self.engine.ack(lease)
+        except BackendUnavailable as exc:
+            raise ConnectionClosed(exc) from exc  # the Worker retries the ack
+        message.consumer._settled(lease)
+        if not accepted:
+            self.logger.warning(
+                "Lease of message %s was lost before its ack (it expired and the message was "
+                "delivered again), so it may run twice.", message.message_id,
+            )
+
+    def nack(self, message: dramatiq.MessageProxy) -> None:
+        lease = message.lease
+        if message._exception is not None:
+            # Remembered first, so a join() that sees the message dead can re-raise it.
+            self.broker._remember_failure(lease.id, message._exception)
+        try:
+            self.engine.nack(lease, dead=True, reason=_failure_reason(message))
+        except BackendUnavailable as exc:
+            raise ConnectionClosed(exc) from exc
+        message.consumer._settled(lease)
+
+    def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
+        """Give unprocessed messages back, each to the head of its key."""
+        for message in messages:
+            try:
+                self.engine.nack(message.lease)
+            except BackendUnavailable as exc:
+                raise ConnectionClosed(exc) from exc
+            message.consumer._settled(message.lease)
+
+    def close(self) -> None:
+        """Give back the messages leased but not yet handed to the Worker."""
+        with self._changed:
+            undelivered = list(self._undelivered)
+            self._undelivered.clear()
+        self.requeue(undelivered)
+
+    def _settled(self, lease: sharded_broker.Lease) -> None:
+        self.broker._leases.release(lease)
+        with self._changed:
+            self._outstanding -= 1
+            self._changed.notify_all()
+
+
+class _LeaseKeeper:
+    """The heartbeat of one process: extends the lease of every message it holds.
+
+    One daemon thread per process, started with the first lease held (and again in a
+    forked child), ticking every third of the shortest visibility timeout in use.
+    """
+
+    def __init__(self, broker: ShardedBroker) -> None:
+        self.logger = get_logger(__name__, type(self))
+        self.broker = broker
+        self._lock = threading.Lock()
+        self._held: dict[tuple[str, str], sharded_broker.Lease] = {}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._pid = 0
+
+    def hold(self, leases: Iterable[sharded_broker.Lease]) -> None:
+        with self._lock:
+            for lease in leases:
+                self._held[lease.queue, lease.id] = lease
+            if self._held and (self._thread is None or self._pid != os.getpid()) and not self._stop.is_set():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="sharded-broker-heartbeat", daemon=True)
+                self._thread.start()
+
+    def release(self, lease: sharded_broker.Lease) -> None:
+        with self._lock:
+            if self._held.get((lease.queue, lease.id)) is lease:
+                del self._held[lease.queue, lease.id]
+
+    def holds(self, lease: sharded_broker.Lease) -> bool:
+        with self._lock:
+            return self._held.get((lease.queue, lease.id)) is lease
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def _interval(self) -> float:
+        engine = self.broker.engine
+        timeouts = [engine.settings(name).visibility_timeout for name in list(self.broker.queues)]
+        return min([engine.defaults.visibility_timeout, *timeouts]) / 3
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval()):
+            with self._lock:
+                leases = list(self._held.values())
+            for lease in leases:
+                try:
+                    extended = self.broker.engine.extend(lease)
+                except BackendUnavailable as exc:
+                    self.logger.warning("Could not extend leases (will retry): %s", exc)
+                    break
+                except Exception:
+                    self.logger.exception("Unexpected failure extending the lease of %s.", lease.id)
+                    continue
+                if not extended and self.holds(lease):
+                    self.release(lease)
+                    self.logger.warning(
+                        "Lease of message %s in queue %r expired before its heartbeat; it may be "
+                        "delivered again. Raise visibility_timeout if this repeats.",
+                        lease.headers.get("message_id", lease.id), lease.queue,
+                    )
