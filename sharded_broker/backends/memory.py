@@ -56,7 +56,7 @@ class _Key:
     heap: list[tuple[int, int, str]] = field(default_factory=list)  # (priority, seq, id)
     slots: int = 0
     ready_at: float | None = None  # time of its valid entry in the ready heap
-    version: int = 0
+    version: int = -1  # entries carry versions from the store-wide counter (>= 0)
 
 
 @dataclass(eq=False)
@@ -172,7 +172,7 @@ class MemoryBackend(Backend):
             return
         head = self._head(q, ks)
         if head is None:
-            ks.version += 1
+            ks.version = next(self._order)
             ks.ready_at = None
             return
         at = max(now, head.not_before)
@@ -180,7 +180,9 @@ class MemoryBackend(Backend):
             at = max(ks.ready_at, head.not_before)
         if at == ks.ready_at:
             return
-        ks.version += 1
+        # Versions come from the store-wide counter, not from the _Key: a key that is
+        # dropped and created again must not revive entries its earlier self left behind.
+        ks.version = next(self._order)
         ks.ready_at = at
         heapq.heappush(q.ready, (at, next(self._order), key, ks.version))
 
