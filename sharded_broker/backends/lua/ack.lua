@@ -1,0 +1,24 @@
+-- ack_many: settle leases for good. ARGV: clock, then per lease: id, token.
+-- Answers one 1 (settled) or 0 (token not current) per lease.
+local now = clock(ARGV[1])
+local results = {}
+for i = 2, #ARGV, 2 do
+  local rec = current(ARGV[i], ARGV[i + 1])
+  if rec then
+    local batch = get_batch(rec.b) or {}
+    for j, id in ipairs(batch) do
+      if id == rec.id then
+        table.remove(batch, j)
+        break
+      end
+    end
+    forget(rec)
+    settled(rec, now, batch)
+    results[#results + 1] = 1
+  else
+    results[#results + 1] = 0
+  end
+end
+flush()
+signal(1)
+return results

@@ -1,0 +1,22 @@
+-- purge: delete every ready and delayed message, or (dead = '1') every dead letter.
+-- Leased messages are left to their holders. ARGV: dead ('1'/'0'). Answers how many.
+-- Not a hot path: it visits every message it deletes.
+local members = {}
+if ARGV[1] == '1' then
+  members = redis.call('ZRANGE', K.dead, 0, -1)
+else
+  for _, index in ipairs({ K.ready, K.lane, K.delayed }) do
+    for _, member in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+      members[#members + 1] = member
+    end
+  end
+end
+for _, member in ipairs(members) do
+  forget(load(string.sub(member, -ID_LENGTH)))
+end
+if ARGV[1] ~= '1' then
+  -- No message is ready any more, so no key has a ready time.
+  redis.call('DEL', K.keyq, K.keyentry)
+end
+flush()
+return #members

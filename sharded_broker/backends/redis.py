@@ -1,0 +1,381 @@
+"""Redis backend: ``redis://`` and ``rediss://`` (TLS).
+
+Every operation is one atomic Lua script from ``lua/<operation>.lua`` (with the shared
+helpers of ``lua/_common.lua`` prepended), loaded once per client and called with EVALSHA.
+Each script gets every key it touches in ``KEYS``; all keys of one queue share the hash
+tag ``{<queue>}`` (``<prefix>:{<queue>}:<structure>``), so a queue's scripts can run on a
+Redis Cluster node. Per-shard-key data lives inside fixed per-queue structures (described
+at the top of ``_common.lua``), never in key names built at run time.
+
+Guarantees, beyond the contract of :class:`~sharded_broker.backend.Backend`:
+
+* Time comes from the server (``TIME`` inside each script), so client clock skew cannot
+  reorder or double-deliver; only a ``clock=`` test hook replaces it.
+* ``enqueue_many``, ``lease(limit=N)`` and ``ack_many`` on one queue are one round trip
+  (``ack_many`` over several queues: one pipelined round trip).
+* Every hot operation is O(log n) with bounded work per call: at most ``SWEEP_LIMIT``
+  (500) due delayed messages promoted and expired leases returned per lease call; beyond
+  that, the next call is due at once. No ``KEYS``/``SCAN``.
+* ``wait`` blocks on a per-queue signal list with BLPOP on a connection of its own; enqueue,
+  ack, nack, replay, interval and pause changes push wake-up tokens. An idle consumer
+  makes about two calls a second.
+* Connection failures raise :class:`~sharded_broker.BackendUnavailable` naming the URL
+  with its password redacted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import threading
+import uuid
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any, Callable, Iterator, Sequence
+
+import redis
+import redis.exceptions
+
+from ..backend import Backend
+from ..broker import redact_url
+from ..errors import BackendUnavailable, ConfigurationError
+from ..models import DeadLetter, Lease, LeaseResult, Message, QueueSettings, QueueStats, RetryPosition
+from ..validation import _QUEUE_NAME
+
+# The KEYS of every queue script, in this order (named K.<name> in _common.lua).
+QUEUE_KEYS = (
+    "msgs", "payloads", "ready", "lane", "keyq", "keyentry", "slots", "keycounts", "intervals",
+    "lastdeliv", "paused", "delayed", "leases", "dedup", "dedupexp", "dead", "batches", "meta",
+    "readyage", "signal",
+)
+QUEUE_SCRIPTS = (
+    "enqueue", "lease", "ack", "nack", "extend", "set_interval", "set_paused", "stats",
+    "dead_letters", "replay", "purge",
+)
+EXCHANGE_SCRIPTS = ("bind", "unbind")
+
+# wait() blocks at most this long per BLPOP: a wake-up token normally ends it at once, and
+# a missed token (taken by another waiter) costs at most this delay.
+MAX_BLOCK = 1.0
+
+_OWN_OPTIONS = frozenset({"prefix", "clock"})
+# Options that would break the backend (it needs bytes and its own connection pool).
+_REFUSED_OPTIONS = frozenset({"decode_responses", "connection_pool", "single_connection_client", "encoding"})
+_TRANSPORT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def _redis_options() -> frozenset[str]:
+    names = set(inspect.signature(redis.Redis.__init__).parameters) - {"self", "kwargs"}
+    return frozenset((names | {"max_connections"}) - _REFUSED_OPTIONS)
+
+
+def _lua_source(name: str) -> str:
+    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+def _text(value: str) -> bytes:
+    # Keys are any str without control characters; keep even lone surrogates round-trip.
+    return value.encode("utf-8", "surrogatepass")
+
+
+def _str(value: bytes) -> str:
+    return value.decode("utf-8", "surrogatepass")
+
+
+class _Script:
+    """One Lua script: EVALSHA, loading it (once per server) when the server lacks it."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+    def __call__(self, client: redis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            client.script_load(self.source)
+            return client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+class RedisBackend(Backend):
+    """Queues in a Redis server (6.2 or later), shared by every process that uses it.
+
+    ``prefix`` (default ``"sb"``) starts every key name; two prefixes on one server are
+    fully isolated. ``clock`` replaces the server's clock (tests only). Any other option is
+    a redis-py connection option (``socket_timeout``, ``ssl_ca_certs``, ...).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "sb",
+        clock: Callable[[], float] | None = None,
+        **redis_options: Any,
+    ) -> None:
+        self.url = url
+        self._safe_url = redact_url(url)
+        if not isinstance(prefix, str) or not _QUEUE_NAME.fullmatch(prefix):
+            raise ConfigurationError(
+                f"prefix must be a non-empty str of letters, digits and _ . : @ + -, not {prefix!r}"
+            )
+        if clock is not None and not callable(clock):
+            raise ConfigurationError(f"clock must be a callable returning seconds, not {clock!r}")
+        self.prefix = prefix
+        self._clock = clock
+        try:
+            self._client = redis.Redis.from_url(url, **redis_options)
+            # Blocking waits get connections of their own whose read timeout outlasts a block.
+            socket_timeout = redis_options.get("socket_timeout")
+            blocking_options = dict(redis_options)
+            if socket_timeout is not None:
+                blocking_options["socket_timeout"] = max(float(socket_timeout), MAX_BLOCK + 5.0)
+            self._blocking_client = redis.Redis.from_url(url, **blocking_options)
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(f"bad redis URL or option for {self._safe_url}: {exc}") from None
+        self._scripts = {name: _Script(_lua_source("_common") + "\n" + _lua_source(name)) for name in QUEUE_SCRIPTS}
+        self._scripts.update({name: _Script(_lua_source(name)) for name in EXCHANGE_SCRIPTS})
+        self._registered: set[str] = set()
+        self._registered_lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> "RedisBackend":
+        known = _redis_options()
+        unknown = sorted(set(options) - known - _OWN_OPTIONS)
+        if unknown:
+            refused = [name for name in unknown if name in _REFUSED_OPTIONS]
+            if refused:
+                raise ConfigurationError(f"option(s) {', '.join(refused)} cannot be used with the redis backend")
+            raise ConfigurationError(
+                f"unknown option(s) for {redact_url(url)}: {', '.join(unknown)}; "
+                "known: prefix, clock and redis-py connection options (socket_timeout, ssl_ca_certs, ...)"
+            )
+        try:
+            from_query = redis.connection.parse_url(url)
+        except ValueError as exc:
+            raise ConfigurationError(f"malformed redis URL {redact_url(url)!r}: {exc}") from None
+        unknown_query = sorted(set(from_query) - known - {"connection_class"})
+        if unknown_query:
+            raise ConfigurationError(
+                f"unknown query parameter(s) in {redact_url(url)}: {', '.join(unknown_query)}"
+            )
+        if not url.startswith("rediss://"):
+            ssl_options = sorted(name for name in options if name.startswith("ssl"))
+            if ssl_options:
+                raise ConfigurationError(f"option(s) {', '.join(ssl_options)} need a rediss:// URL")
+        return cls(url, **options)
+
+    def __repr__(self) -> str:
+        return f"<RedisBackend {self._safe_url} prefix={self.prefix!r}>"
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except _TRANSPORT_ERRORS as exc:
+            raise BackendUnavailable(f"redis at {self._safe_url} is unavailable: {exc}") from None
+
+    def _keys(self, queue: str) -> list[str]:
+        return [f"{self.prefix}:{{{queue}}}:{name}" for name in QUEUE_KEYS]
+
+    def _registry_key(self) -> str:
+        return f"{self.prefix}:queues"
+
+    def _bindings_key(self, exchange: str) -> str:
+        return f"{self.prefix}:bindings:{{{exchange}}}"
+
+    def _clock_arg(self) -> str:
+        return "" if self._clock is None else repr(float(self._clock()))
+
+    @staticmethod
+    def _settings_args(settings: QueueSettings) -> list[Any]:
+        return [
+            "" if settings.max_deliveries is None else settings.max_deliveries,
+            settings.key_concurrency,
+            repr(float(settings.interval)),
+            settings.retry_position,
+            repr(float(settings.dedup_window)),
+            "1" if settings.unique_while_pending else "0",
+        ]
+
+    def _run(self, script: str, queue: str, args: Sequence[Any]) -> Any:
+        with self._errors():
+            return self._scripts[script](self._client, self._keys(queue), args)
+
+    # -- the contract -------------------------------------------------------------------
+
+    def now(self) -> float:
+        if self._clock is not None:
+            return self._clock()
+        with self._errors():
+            seconds, micros = self._client.time()
+        return seconds + micros / 1_000_000
+
+    def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
+        args: list[Any] = [self._clock_arg(), *self._settings_args(settings)]
+        for m in messages:
+            args += [
+                uuid.uuid4().hex,
+                b"" if m.key is None else _text(m.key),
+                m.priority,
+                repr(float(m.delay)),
+                b"" if m.dedup_id is None else _text(m.dedup_id),
+                json.dumps(dict(m.headers or {}), separators=(",", ":")),
+                "1" if m.at_head else "0",
+                m.payload,
+            ]
+        if queue not in self._registered:
+            # The registry lives outside the queue's hash tag, so it is written apart; once
+            # per process per queue, pipelined with the enqueue (still one round trip).
+            with self._errors():
+                pipe = self._client.pipeline(transaction=False)
+                pipe.sadd(self._registry_key(), queue)
+                pipe.execute()
+            with self._registered_lock:
+                self._registered.add(queue)
+        ids = self._run("enqueue", queue, args)
+        return [_str(i) for i in ids]
+
+    def lease(
+        self, queue: str, limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings
+    ) -> LeaseResult:
+        args = [self._clock_arg(), *self._settings_args(settings), limit, per_key, repr(float(visibility_timeout))]
+        answer = self._run("lease", queue, args)
+        retry_in = float(answer[0]) if answer[0] else None
+        return LeaseResult([self._lease_view(queue, row) for row in answer[1:]], retry_in)
+
+    @staticmethod
+    def _lease_view(queue: str, row: list[Any]) -> Lease:
+        mid, key, payload, priority, attempts, headers, token, deadline, enqueued_at, batch_id, dedup_id = row[:11]
+        return Lease(
+            queue=queue,
+            id=_str(mid),
+            key=_str(key) if key else None,
+            payload=payload,
+            priority=int(priority),
+            attempts=int(attempts),
+            headers=json.loads(headers),
+            token=_str(token),
+            deadline=float(deadline),
+            enqueued_at=float(enqueued_at),
+            batch_id=_str(batch_id),
+            dedup_id=_str(dedup_id) if dedup_id else None,
+        )
+
+    def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
+        by_queue: dict[str, list[int]] = {}
+        for index, lease in enumerate(leases):
+            by_queue.setdefault(lease.queue, []).append(index)
+        results = [False] * len(leases)
+        script = self._scripts["ack"]
+        calls = []
+        for queue, indexes in by_queue.items():
+            args: list[Any] = [self._clock_arg()]
+            for index in indexes:
+                args += [leases[index].id, leases[index].token]
+            calls.append((queue, indexes, args))
+        with self._errors():
+            if len(calls) == 1:
+                answers = [script(self._client, self._keys(calls[0][0]), calls[0][2])]
+            else:
+                answers = self._pipelined(script, [(self._keys(q), args) for q, _, args in calls])
+        for (_, indexes, _), answer in zip(calls, answers):
+            for index, settled in zip(indexes, answer):
+                results[index] = bool(settled)
+        return results
+
+    def _pipelined(self, script: _Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Several calls of one script in one round trip (loading the script if missing)."""
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            answers = pipe.execute(raise_on_error=False)
+            if not any(isinstance(a, redis.exceptions.NoScriptError) for a in answers) or attempt:
+                break
+            # A script failing with NOSCRIPT changed nothing: load it and run them all again.
+            self._client.script_load(script.source)
+        for answer in answers:
+            if isinstance(answer, Exception):
+                raise answer
+        return answers
+
+    def nack(
+        self, lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings
+    ) -> bool:
+        args = [
+            self._clock_arg(), *self._settings_args(settings), lease.id, lease.token, repr(float(delay)),
+            "1" if dead else "0", "" if reason is None else _text(reason),
+        ]
+        return bool(self._run("nack", lease.queue, args))
+
+    def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
+        answer = self._run("extend", lease.queue, [self._clock_arg(), lease.id, lease.token, repr(float(visibility_timeout))])
+        return None if answer is None else float(answer)
+
+    def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
+        self._run("set_interval", queue, [self._clock_arg(), _text(key), "" if seconds is None else repr(float(seconds))])
+
+    def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
+        self._run("set_paused", queue, [self._clock_arg(), b"" if key is None else _text(key), "1" if paused else "0"])
+
+    def stats(self, queue: str) -> QueueStats:
+        ready, leased, delayed, dead, keys, oldest_age, paused = self._run("stats", queue, [self._clock_arg()])
+        return QueueStats(
+            queue=queue, ready=int(ready), leased=int(leased), delayed=int(delayed), dead=int(dead),
+            keys=int(keys), oldest_age=float(oldest_age), paused=bool(paused),
+        )
+
+    def queues(self) -> list[str]:
+        with self._errors():
+            return sorted(_str(name) for name in self._client.smembers(self._registry_key()))
+
+    def dead_letters(self, queue: str, limit: int, offset: int) -> list[DeadLetter]:
+        rows = self._run("dead_letters", queue, [offset, limit])
+        letters = []
+        for row in rows:
+            lease = self._lease_view(queue, row)
+            letters.append(
+                DeadLetter(
+                    queue=queue, id=lease.id, key=lease.key, payload=lease.payload, priority=lease.priority,
+                    attempts=lease.attempts, headers=lease.headers, reason=_str(row[11]),
+                    enqueued_at=lease.enqueued_at, died_at=float(row[12]), dedup_id=lease.dedup_id,
+                )
+            )
+        return letters
+
+    def replay(self, queue: str, ids: Sequence[str] | None, position: RetryPosition) -> int:
+        args: list[Any] = [self._clock_arg(), position, "1" if ids is None else "0", *(ids or ())]
+        return int(self._run("replay", queue, args))
+
+    def purge(self, queue: str, dead: bool) -> int:
+        return int(self._run("purge", queue, ["1" if dead else "0"]))
+
+    def bind(self, exchange: str, queue: str) -> None:
+        with self._errors():
+            self._scripts["bind"](self._client, [self._bindings_key(exchange)], [queue])
+
+    def unbind(self, exchange: str, queue: str) -> None:
+        with self._errors():
+            self._scripts["unbind"](self._client, [self._bindings_key(exchange)], [queue])
+
+    def bound_queues(self, exchange: str) -> list[str]:
+        with self._errors():
+            return sorted(_str(name) for name in self._client.smembers(self._bindings_key(exchange)))
+
+    def wait(self, queue: str, timeout: float) -> None:
+        if timeout <= 0:
+            return
+        signal_key = self._keys(queue)[QUEUE_KEYS.index("signal")]
+        with self._errors():
+            # BLPOP treats 0 as "forever": never ask for less than a millisecond.
+            self._blocking_client.blpop([signal_key], timeout=max(min(timeout, MAX_BLOCK), 0.001))
+
+    def close(self) -> None:
+        self._client.close()
+        self._blocking_client.close()
+        self._client.connection_pool.disconnect()
+        self._blocking_client.connection_pool.disconnect()
