@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
+import sharded_broker
+from support.backends import BACKENDS, FakeClock, skip_unless_written
 from support.redis_server import RedisServer
 
 
@@ -32,3 +35,54 @@ _memory_names = itertools.count()
 def memory_url() -> str:
     """A memory:// store of this test's own."""
     return f"memory://test-{next(_memory_names)}"
+
+
+# -- backends by URL, each with a fake clock (tests/support/backends.py) --------------------
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """Each backend in turn; skipped while its module is not written yet."""
+    skip_unless_written(request.param)
+    return request.param
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def backend_url(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, private store for backend ``name``."""
+    if name == "memory":
+        return request.getfixturevalue("memory_url")
+    if name == "sqlite":
+        return f"sqlite:///{tmp_path}/q.db"
+    if name == "redis":
+        return request.getfixturevalue("redis_url")
+    raise ValueError(f"no such backend {name!r}")
+
+
+@pytest.fixture
+def broker_url(backend_name: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return backend_url(backend_name, request, tmp_path)
+
+
+@pytest.fixture
+def connect(broker_url: str, clock: FakeClock) -> Iterator[Callable[..., sharded_broker.Broker]]:
+    """``connect(**options)``: another broker on this test's store and fake clock."""
+    opened: list[sharded_broker.Broker] = []
+
+    def open_broker(**options) -> sharded_broker.Broker:
+        broker = sharded_broker.connect(broker_url, clock=clock, **options)
+        opened.append(broker)
+        return broker
+
+    yield open_broker
+    for broker in opened:
+        broker.close()
+
+
+@pytest.fixture
+def broker(connect: Callable[..., sharded_broker.Broker]) -> sharded_broker.Broker:
+    """A broker with default settings on each backend in turn."""
+    return connect()

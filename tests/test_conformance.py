@@ -1,0 +1,715 @@
+"""The guarantees of DESIGN.md, one test (or more) each, on every backend.
+
+Written against the public Broker API only. Time is a FakeClock shared by the test and the
+backend (``connect(url, clock=...)``), so lease expiry, intervals, delays and the dedup
+window are exercised by moving the clock, never by sleeping. The memory backend is the
+reference model: every expectation below is what it does.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+
+from sharded_broker import Broker, Lease, Message
+from support.backends import CLOCK_START, FakeClock
+
+Q = "q"
+
+
+def payloads(leases: list[Lease]) -> list[bytes]:
+    return [lease.payload for lease in leases]
+
+
+def drain(broker: Broker, queue: str = Q, *, limit: int = 1, per_key: int = 1) -> list[bytes]:
+    """Lease and ack until nothing is deliverable now; the payloads in delivery order."""
+    delivered: list[bytes] = []
+    while leases := broker.lease(queue, limit, per_key=per_key):
+        delivered.extend(payloads(leases))
+        assert all(broker.ack_many(leases))
+    return delivered
+
+
+def enqueue_each(broker: Broker, clock: FakeClock, items: list[tuple[str | None, bytes]]) -> list[str]:
+    """Enqueue (key, payload) pairs one by one, a millisecond apart, so no two share a time."""
+    ids = []
+    for key, payload in items:
+        ids.append(broker.enqueue(Q, payload, key=key))
+        clock.advance(0.001)
+    return ids
+
+
+def stats_counts(broker: Broker, queue: str = Q) -> dict[str, int]:
+    stats = broker.stats(queue)
+    return {"ready": stats.ready, "leased": stats.leased, "delayed": stats.delayed, "dead": stats.dead, "keys": stats.keys}
+
+
+# -- 1. per-key FIFO, key_concurrency -------------------------------------------------------
+
+
+def test_lease_carries_the_message_and_its_lease(broker: Broker, clock: FakeClock) -> None:
+    mid = broker.enqueue(Q, b"hello", key="user-1", priority=3, headers={"task": "sms"}, dedup_id="d-1")
+    clock.advance(2)
+    [lease] = broker.lease(Q, visibility_timeout=7)
+    assert (lease.queue, lease.id, lease.key, lease.payload) == (Q, mid, "user-1", b"hello")
+    assert (lease.priority, lease.attempts, lease.headers, lease.dedup_id) == (3, 1, {"task": "sms"}, "d-1")
+    assert lease.enqueued_at == pytest.approx(CLOCK_START)
+    assert lease.deadline == pytest.approx(CLOCK_START + 2 + 7)
+    assert lease.token and lease.batch_id
+
+
+def test_enqueue_many_keeps_order_and_gives_distinct_ids(broker: Broker) -> None:
+    ids = broker.enqueue_many(Q, [Message(f"m{i}".encode(), key="a") for i in range(5)])
+    assert len(set(ids)) == 5
+    assert broker.enqueue_many(Q, []) == []
+    delivered = []
+    while leases := broker.lease(Q):
+        delivered.extend((lease.id, lease.payload) for lease in leases)
+        broker.ack_many(leases)
+    assert delivered == [(ids[i], f"m{i}".encode()) for i in range(5)]
+
+
+def test_per_key_fifo_with_interleaved_keys(broker: Broker, clock: FakeClock) -> None:
+    items = [(key, f"{key}{i}".encode()) for i in range(5) for key in ("a", "b", "c")]
+    enqueue_each(broker, clock, items)
+    delivered = drain(broker, limit=2)
+    assert sorted(delivered) == sorted(payload for _, payload in items)
+    for key in ("a", "b", "c"):
+        assert [p for p in delivered if p.startswith(key.encode())] == [f"{key}{i}".encode() for i in range(5)]
+
+
+def test_per_key_fifo_under_concurrent_consumers(connect, backend_name: str) -> None:
+    keys = [f"k{k}" for k in range(5)]
+    per_key = 20
+    producer = connect()
+    producer.enqueue_many(
+        Q, [Message(f"{key}:{i}".encode(), key=key) for i in range(per_key) for key in keys]
+    )
+    lock = threading.Lock()
+    in_flight: dict[str, int] = defaultdict(int)
+    most_in_flight: dict[str, int] = defaultdict(int)
+    seen: dict[str, list[int]] = defaultdict(list)
+    total = len(keys) * per_key
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        consumer = connect()
+        try:
+            give_up = time.monotonic() + 60
+            while time.monotonic() < give_up:
+                with lock:
+                    if sum(len(v) for v in seen.values()) >= total:
+                        return
+                leases = consumer.lease(Q, 2, wait=0.05)
+                for lease in leases:
+                    key, index = lease.payload.decode().split(":")
+                    with lock:
+                        in_flight[key] += 1
+                        most_in_flight[key] = max(most_in_flight[key], in_flight[key])
+                        seen[key].append(int(index))
+                with lock:
+                    for lease in leases:
+                        in_flight[lease.key] -= 1
+                assert all(consumer.ack_many(leases))
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(90)
+    assert not errors, errors
+    assert {key: seen[key] for key in keys} == {key: list(range(per_key)) for key in keys}
+    assert max(most_in_flight.values()) == 1
+    assert stats_counts(producer) == {"ready": 0, "leased": 0, "delayed": 0, "dead": 0, "keys": 0}
+
+
+def test_one_message_of_a_key_in_flight(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("a", b"a3"), ("b", b"b1")])
+    first = broker.lease(Q, 10)
+    assert payloads(first) == [b"a1", b"b1"]
+    assert broker.lease(Q, 10) == []
+    assert broker.ack(first[0])
+    assert payloads(broker.lease(Q, 10)) == [b"a2"]
+
+
+def test_key_concurrency_two(connect, clock: FakeClock) -> None:
+    broker = connect(key_concurrency=2)
+    enqueue_each(broker, clock, [("a", f"a{i}".encode()) for i in range(1, 5)])
+    first = broker.lease(Q, 10)
+    assert payloads(first) == [b"a1", b"a2"]
+    assert broker.lease(Q, 10) == []
+    assert broker.ack(first[1])
+    assert payloads(broker.lease(Q, 10)) == [b"a3"]
+    assert broker.lease(Q, 10) == []
+
+
+def test_priorities_inside_a_key(broker: Broker, clock: FakeClock) -> None:
+    for payload, priority in [(b"x", 5), (b"y", 0), (b"z", 5), (b"w", -1), (b"v", 0)]:
+        broker.enqueue(Q, payload, key="a", priority=priority)
+        clock.advance(0.001)
+    assert drain(broker) == [b"w", b"y", b"v", b"x", b"z"]
+
+
+def test_priorities_in_the_unkeyed_lane(broker: Broker, clock: FakeClock) -> None:
+    for payload, priority in [(b"x", 2), (b"y", 1), (b"z", 2)]:
+        broker.enqueue(Q, payload, priority=priority)
+        clock.advance(0.001)
+    assert payloads(broker.lease(Q, 10)) == [b"y", b"x", b"z"]
+
+
+def test_unkeyed_messages_run_in_parallel(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [(None, f"u{i}".encode()) for i in range(5)])
+    leases = broker.lease(Q, 10)
+    assert payloads(leases) == [f"u{i}".encode() for i in range(5)]
+    assert all(lease.key is None for lease in leases)
+    assert len({lease.batch_id for lease in leases}) == 5
+    assert stats_counts(broker) == {"ready": 0, "leased": 5, "delayed": 0, "dead": 0, "keys": 0}
+
+
+# -- 2. order survives failure ----------------------------------------------------------------
+
+
+def test_expired_lease_returns_to_the_head_and_blocks_its_key(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("a", b"a3")])
+    [first] = broker.lease(Q, visibility_timeout=10)
+    clock.advance(5)
+    assert broker.lease(Q, 10) == []  # still leased: the key is held
+    clock.advance(6)
+    [again] = broker.lease(Q, 10, visibility_timeout=10)
+    assert (again.payload, again.id, again.attempts) == (b"a1", first.id, 2)
+    assert broker.lease(Q, 10) == []
+    assert broker.ack(again)
+    assert drain(broker) == [b"a2", b"a3"]
+
+
+def test_nack_returns_to_the_head(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2")])
+    [first] = broker.lease(Q)
+    assert broker.nack(first)
+    [again] = broker.lease(Q, 10)
+    assert (again.payload, again.attempts) == (b"a1", 2)
+    assert broker.ack(again)
+    assert drain(broker) == [b"a2"]
+
+
+def test_nack_with_delay_holds_its_key(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("b", b"b1")])
+    [first] = broker.lease(Q)
+    assert first.payload == b"a1"
+    assert broker.nack(first, delay=10)
+    [other] = broker.lease(Q, 10)
+    assert other.payload == b"b1"
+    # The retry waits in its key's order (ready), holding a2 back.
+    assert stats_counts(broker) == {"ready": 2, "leased": 1, "delayed": 0, "dead": 0, "keys": 2}
+    clock.advance(9)
+    assert broker.lease(Q, 10) == []
+    clock.advance(1.5)
+    [again] = broker.lease(Q, 10)
+    assert (again.payload, again.attempts) == (b"a1", 2)
+    assert broker.ack(again)
+    assert drain(broker) == [b"a2"]
+
+
+def test_retry_position_tail(connect, clock: FakeClock) -> None:
+    broker = connect(retry_position="tail", visibility_timeout=10)
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("a", b"a3")])
+    [first] = broker.lease(Q)
+    assert broker.nack(first)
+    [second] = broker.lease(Q)
+    assert second.payload == b"a2"
+    clock.advance(11)  # a2's lease expires: it goes behind a1 too
+    delivered = []
+    while leases := broker.lease(Q):
+        delivered.extend((lease.payload, lease.attempts) for lease in leases)
+        broker.ack_many(leases)
+    assert delivered == [(b"a3", 1), (b"a1", 2), (b"a2", 2)]
+
+
+def test_retry_position_can_be_set_per_queue(connect, clock: FakeClock) -> None:
+    broker = connect(queues={"tail-q": {"retry_position": "tail"}})
+    for queue in (Q, "tail-q"):
+        broker.enqueue(queue, b"1", key="a")
+        broker.enqueue(queue, b"2", key="a")
+        assert broker.nack(broker.lease(queue)[0])
+    assert payloads(broker.lease(Q)) == [b"1"]
+    assert payloads(broker.lease("tail-q")) == [b"2"]
+
+
+# -- 4. fencing ----------------------------------------------------------------------------
+
+
+def test_stale_lease_is_refused_and_changes_nothing(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2")])
+    [stale] = broker.lease(Q, visibility_timeout=10)
+    clock.advance(11)
+    [current] = broker.lease(Q, visibility_timeout=10)
+    assert (current.id, current.attempts) == (stale.id, 2)
+    assert current.token != stale.token
+    deadline = current.deadline
+    assert broker.ack(stale) is False
+    assert broker.extend(stale, 100) is False
+    assert broker.nack(stale) is False
+    assert broker.nack(stale, dead=True, reason="stale") is False
+    assert broker.ack_many([stale]) == [False]
+    assert stats_counts(broker) == {"ready": 1, "leased": 1, "delayed": 0, "dead": 0, "keys": 1}
+    assert broker.dead_letters(Q) == []
+    assert broker.lease(Q, 10) == []  # still held by the current lease
+    assert current.deadline == deadline
+    assert broker.ack(current) is True
+    assert broker.ack(current) is False  # a repeated ack is refused, not doubled
+    assert drain(broker) == [b"a2"]
+
+
+def test_extend_pushes_the_deadline(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue(Q, b"a1", key="a")
+    [lease] = broker.lease(Q, visibility_timeout=10)
+    clock.advance(8)
+    assert broker.extend(lease, 10) is True
+    assert lease.deadline == pytest.approx(CLOCK_START + 18)
+    clock.advance(8)
+    assert broker.lease(Q) == []
+    clock.advance(3)
+    [again] = broker.lease(Q)
+    assert (again.payload, again.attempts) == (b"a1", 2)
+    assert broker.extend(lease, 10) is False
+
+
+# -- 5. fairness ----------------------------------------------------------------------------
+
+
+def test_hot_key_cannot_starve_a_cold_key(broker: Broker, clock: FakeClock) -> None:
+    # Key names sort the hot key first, so a backend breaking ties by name would fail too.
+    broker.enqueue_many(Q, [Message(f"hot{i}".encode(), key="a-hot") for i in range(10_000)])
+    clock.advance(0.001)
+    broker.enqueue(Q, b"cold", key="b-cold")
+    clock.advance(0.001)
+    [first] = broker.lease(Q)
+    assert first.payload == b"hot0"
+    clock.advance(0.001)
+    assert broker.ack(first)
+    clock.advance(0.001)
+    assert payloads(broker.lease(Q)) == [b"cold"]
+    assert broker.stats(Q).ready == 9_999
+
+
+def test_ready_keys_are_served_round_robin(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [(key, f"{key}{i}".encode()) for key in ("a", "b", "c") for i in range(3)])
+    delivered = []
+    while leases := broker.lease(Q):
+        delivered.extend(payloads(leases))
+        clock.advance(0.001)
+        broker.ack_many(leases)
+        clock.advance(0.001)
+    assert delivered == [b"a0", b"b0", b"c0", b"a1", b"b1", b"c1", b"a2", b"b2", b"c2"]
+
+
+def test_one_lease_call_serves_each_ready_key_once(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("c", b"c0"), ("a", b"a0"), ("a", b"a1"), ("b", b"b0"), (None, b"u0")])
+    assert payloads(broker.lease(Q, 10)) == [b"c0", b"a0", b"b0", b"u0"]
+
+
+# -- 6. rate interval --------------------------------------------------------------------------
+
+
+def test_queue_default_interval(connect, clock: FakeClock) -> None:
+    broker = connect(interval=5)
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("b", b"b1")])
+    first = broker.lease(Q, 10)
+    assert payloads(first) == [b"a1", b"b1"]
+    assert broker.ack_many(first) == [True, True]
+    assert broker.lease(Q, 10) == []
+    clock.advance(4.5)
+    assert broker.lease(Q, 10) == []
+    clock.advance(1)
+    assert payloads(broker.lease(Q, 10)) == [b"a2"]
+
+
+def test_interval_set_per_key_is_persisted(connect, clock: FakeClock) -> None:
+    admin = connect()
+    admin.set_interval(Q, "a", 10)
+    broker = connect()  # a second connection sees the interval
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("a", b"a3"), ("b", b"b1"), ("b", b"b2")])
+    assert drain(broker) == [b"a1", b"b1", b"b2"]
+    clock.advance(9.5)
+    assert broker.lease(Q) == []
+    clock.advance(1)
+    assert drain(broker) == [b"a2"]
+    admin.set_interval(Q, "a", None)  # back to the queue default (0)
+    assert drain(broker) == [b"a3"]
+
+
+def test_interval_spans_an_idle_key(broker: Broker, clock: FakeClock) -> None:
+    broker.set_interval(Q, "a", 10)
+    broker.enqueue(Q, b"a1", key="a")
+    assert drain(broker) == [b"a1"]
+    clock.advance(3)
+    broker.enqueue(Q, b"a2", key="a")
+    assert broker.lease(Q) == []
+    clock.advance(7.5)
+    assert drain(broker) == [b"a2"]
+
+
+# -- 7. delay ---------------------------------------------------------------------------------
+
+
+def test_delay_does_not_block_due_messages(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue(Q, b"later", key="a", delay=10)
+    clock.advance(0.001)
+    broker.enqueue(Q, b"now", key="a")
+    assert stats_counts(broker) == {"ready": 1, "leased": 0, "delayed": 1, "dead": 0, "keys": 1}
+    assert drain(broker) == [b"now"]
+    clock.advance(9)
+    assert broker.lease(Q) == []
+    clock.advance(1.5)
+    assert drain(broker) == [b"later"]
+
+
+def test_delayed_message_enters_its_key_order_when_due(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue(Q, b"d", key="a", delay=5)
+    clock.advance(6)
+    broker.enqueue(Q, b"x", key="a")
+    assert drain(broker) == [b"d", b"x"]
+
+
+def test_delayed_unkeyed_message(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue(Q, b"u", delay=5)
+    assert broker.lease(Q) == []
+    clock.advance(5.5)
+    assert payloads(broker.lease(Q)) == [b"u"]
+
+
+def test_enqueue_at_head(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2")])
+    broker.enqueue(Q, b"first", key="a", at_head=True)
+    clock.advance(0.001)
+    broker.enqueue(Q, b"very-first", key="a", at_head=True)
+    assert drain(broker) == [b"very-first", b"first", b"a1", b"a2"]
+
+
+def test_enqueue_at_head_with_delay_holds_its_key(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("b", b"b1")])
+    broker.enqueue(Q, b"retry", key="a", at_head=True, delay=5)
+    assert drain(broker, limit=10) == [b"b1"]
+    clock.advance(5.5)
+    assert drain(broker) == [b"retry", b"a1", b"a2"]
+
+
+# -- 8. dedup ------------------------------------------------------------------------------
+
+
+def test_dedup_window(connect, clock: FakeClock) -> None:
+    broker = connect(dedup_window=60)
+    first = broker.enqueue(Q, b"x", key="a", dedup_id="order-1")
+    assert broker.enqueue(Q, b"y", key="a", dedup_id="order-1") == first
+    assert broker.enqueue(Q, b"z", key="a", dedup_id="order-2") != first
+    assert drain(broker) == [b"x", b"z"]
+    clock.advance(30)
+    assert broker.enqueue(Q, b"again", key="a", dedup_id="order-1") == first  # consumed, still in the window
+    assert broker.stats(Q).ready == 0
+    clock.advance(31)
+    fresh = broker.enqueue(Q, b"later", key="a", dedup_id="order-1")
+    assert fresh != first
+    assert drain(broker) == [b"later"]
+
+
+def test_dedup_inside_one_batch(broker: Broker) -> None:
+    ids = broker.enqueue_many(Q, [Message(b"1", dedup_id="d"), Message(b"2", dedup_id="d"), Message(b"3")])
+    assert ids[0] == ids[1] != ids[2]
+    assert payloads(broker.lease(Q, 10)) == [b"1", b"3"]
+
+
+def test_unique_while_pending(connect, clock: FakeClock) -> None:
+    broker = connect(unique_while_pending=True, dedup_window=10)
+    first = broker.enqueue(Q, b"x", key="a", dedup_id="refresh")
+    clock.advance(20)  # beyond the window: pending is what counts
+    assert broker.enqueue(Q, b"y", key="a", dedup_id="refresh") == first
+    delayed = broker.enqueue(Q, b"d", key="b", dedup_id="later", delay=50)
+    assert broker.enqueue(Q, b"d2", key="b", dedup_id="later") == delayed
+    [lease] = broker.lease(Q)
+    assert lease.payload == b"x"
+    second = broker.enqueue(Q, b"z", key="a", dedup_id="refresh")  # the first is no longer queued
+    assert second != first
+    assert broker.ack(lease)
+    assert drain(broker) == [b"z"]
+
+
+# -- 9. dead letters ------------------------------------------------------------------------
+
+
+def test_max_deliveries_dead_letters_with_reason_attempts_and_times(connect, clock: FakeClock) -> None:
+    broker = connect(max_deliveries=2)
+    mid = broker.enqueue(Q, b"poison", key="a", headers={"h": 1}, priority=2)
+    clock.advance(0.001)
+    broker.enqueue(Q, b"next", key="a", priority=5)
+    clock.advance(1)
+    assert broker.nack(broker.lease(Q)[0])
+    clock.advance(1)
+    [second] = broker.lease(Q)
+    assert (second.payload, second.attempts) == (b"poison", 2)
+    clock.advance(1)
+    assert broker.nack(second, reason="boom")
+    [dead] = broker.dead_letters(Q)
+    assert (dead.queue, dead.id, dead.key, dead.payload) == (Q, mid, "a", b"poison")
+    assert (dead.priority, dead.attempts, dead.headers) == (2, 2, {"h": 1})
+    assert dead.reason
+    assert dead.enqueued_at == pytest.approx(CLOCK_START)
+    assert dead.died_at == pytest.approx(CLOCK_START + 3.001)
+    assert stats_counts(broker) == {"ready": 1, "leased": 0, "delayed": 0, "dead": 1, "keys": 1}
+    assert drain(broker) == [b"next"]
+
+
+def test_expired_leases_count_towards_max_deliveries(connect, clock: FakeClock) -> None:
+    broker = connect(max_deliveries=3, visibility_timeout=10)
+    broker.enqueue(Q, b"slow", key="a")
+    for attempt in (1, 2, 3):
+        [lease] = broker.lease(Q)
+        assert lease.attempts == attempt
+        clock.advance(11)
+    assert broker.lease(Q) == []
+    [dead] = broker.dead_letters(Q)
+    assert (dead.payload, dead.attempts) == (b"slow", 3)
+    assert dead.reason
+
+
+def test_unlimited_deliveries(connect, clock: FakeClock) -> None:
+    broker = connect(max_deliveries=None)
+    broker.enqueue(Q, b"m", key="a")
+    for _ in range(8):
+        assert broker.nack(broker.lease(Q)[0])
+    [lease] = broker.lease(Q)
+    assert lease.attempts == 9
+    assert broker.dead_letters(Q) == []
+
+
+def test_reject_dead_letters_at_once(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"bad"), ("a", b"good")])
+    [lease] = broker.lease(Q)
+    assert broker.nack(lease, dead=True, reason="invalid payload")
+    [dead] = broker.dead_letters(Q)
+    assert (dead.payload, dead.attempts, dead.reason) == (b"bad", 1, "invalid payload")
+    assert drain(broker) == [b"good"]
+
+
+def test_dead_letters_listing_is_oldest_death_first_with_paging(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [(f"k{i}", f"m{i}".encode()) for i in range(5)])
+    for lease in broker.lease(Q, 10):
+        broker.nack(lease, dead=True, reason=f"r-{lease.payload.decode()}")
+        clock.advance(1)
+    assert [d.payload for d in broker.dead_letters(Q)] == [f"m{i}".encode() for i in range(5)]
+    assert [d.reason for d in broker.dead_letters(Q, limit=2, offset=1)] == ["r-m1", "r-m2"]
+    assert broker.dead_letters(Q, offset=5) == []
+    assert broker.dead_letters("elsewhere") == []
+
+
+def kill_two(broker: Broker, clock: FakeClock) -> None:
+    """Dead-letter the first two messages of key a (a queue with a1, a2, then a3)."""
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("a", b"a3")])
+    for _ in range(2):
+        [lease] = broker.lease(Q)
+        assert broker.nack(lease, dead=True)
+        clock.advance(1)
+
+
+def test_replay_to_the_head_keeps_order_and_resets_attempts(broker: Broker, clock: FakeClock) -> None:
+    kill_two(broker, clock)
+    assert broker.replay(Q, position="head") == 2
+    assert broker.dead_letters(Q) == []
+    delivered = []
+    while leases := broker.lease(Q):
+        delivered.extend((lease.payload, lease.attempts) for lease in leases)
+        broker.ack_many(leases)
+    assert delivered == [(b"a1", 1), (b"a2", 1), (b"a3", 1)]
+
+
+def test_replay_to_the_tail(broker: Broker, clock: FakeClock) -> None:
+    kill_two(broker, clock)
+    assert broker.replay(Q) == 2
+    assert drain(broker) == [b"a3", b"a1", b"a2"]
+
+
+def test_replay_chosen_ids(broker: Broker, clock: FakeClock) -> None:
+    kill_two(broker, clock)
+    first, second = broker.dead_letters(Q)
+    assert broker.replay(Q, [second.id, "no-such-id"], position="head") == 1
+    assert [d.id for d in broker.dead_letters(Q)] == [first.id]
+    assert drain(broker) == [b"a2", b"a3"]
+    assert broker.replay("elsewhere") == 0
+
+
+def test_purge_dead_letters(broker: Broker, clock: FakeClock) -> None:
+    kill_two(broker, clock)
+    assert broker.purge(Q, dead=True) == 2
+    assert broker.dead_letters(Q) == []
+    assert stats_counts(broker) == {"ready": 1, "leased": 0, "delayed": 0, "dead": 0, "keys": 1}
+    assert drain(broker) == [b"a3"]
+
+
+def test_purge_waiting_messages_leaves_leases(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("b", b"b1"), (None, b"u1")])
+    broker.enqueue(Q, b"d1", key="c", delay=10)
+    [held] = broker.lease(Q)
+    assert held.payload == b"a1"
+    assert broker.purge(Q) == 4
+    assert stats_counts(broker) == {"ready": 0, "leased": 1, "delayed": 0, "dead": 0, "keys": 1}
+    clock.advance(11)
+    assert broker.lease(Q, 10) == []
+    assert broker.ack(held)
+    broker.enqueue(Q, b"a3", key="a")
+    assert drain(broker) == [b"a3"]
+    assert broker.purge("elsewhere") == 0
+
+
+# -- pause / resume --------------------------------------------------------------------------
+
+
+def test_pause_and_resume_a_key(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("b", b"b1")])
+    [held] = broker.lease(Q)
+    broker.pause(Q, key="a")
+    assert broker.ack(held)  # leases held go on
+    assert drain(broker, limit=10) == [b"b1"]
+    broker.resume(Q, key="a")
+    assert drain(broker) == [b"a2"]
+
+
+def test_pause_and_resume_a_queue(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), (None, b"u1")])
+    [held] = broker.lease(Q)
+    broker.pause(Q)
+    assert broker.stats(Q).paused is True
+    assert broker.lease(Q, 10) == []
+    assert broker.ack(held)
+    broker.enqueue(Q, b"b1", key="b")
+    assert broker.lease(Q, 10) == []
+    broker.resume(Q)
+    assert broker.stats(Q).paused is False
+    assert sorted(drain(broker, limit=10)) == [b"a2", b"b1", b"u1"]
+
+
+def test_pause_is_shared_by_connections(connect, clock: FakeClock) -> None:
+    admin, worker = connect(), connect()
+    worker.enqueue(Q, b"a1", key="a")
+    admin.pause(Q, key="a")
+    assert worker.lease(Q) == []
+    admin.resume(Q, key="a")
+    assert payloads(worker.lease(Q)) == [b"a1"]
+
+
+# -- 11. ordered batches per key ----------------------------------------------------------------
+
+
+def test_batch_holds_the_key_until_every_message_settles(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", f"a{i}".encode()) for i in range(1, 6)] + [("b", b"b1")])
+    leases = broker.lease(Q, 10, per_key=3)
+    assert payloads(leases) == [b"a1", b"a2", b"a3", b"b1"]
+    assert len({lease.batch_id for lease in leases[:3]}) == 1
+    assert leases[3].batch_id != leases[0].batch_id
+    assert broker.ack_many(leases[:2]) == [True, True]
+    assert broker.lease(Q, 10, per_key=3) == []
+    assert broker.ack(leases[2])
+    assert payloads(broker.lease(Q, 10, per_key=3)) == [b"a4", b"a5"]
+
+
+def test_nack_in_a_batch_returns_it_and_the_later_ones_in_order(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", f"a{i}".encode()) for i in range(1, 6)])
+    a1, a2, a3, a4 = broker.lease(Q, 10, per_key=4)
+    assert broker.ack(a1)
+    assert broker.nack(a2)
+    assert broker.ack(a3) is False  # returned with a2: its lease is no longer current
+    assert broker.ack(a4) is False
+    assert stats_counts(broker) == {"ready": 4, "leased": 0, "delayed": 0, "dead": 0, "keys": 1}
+    again = broker.lease(Q, 10, per_key=4)
+    assert [(lease.payload, lease.attempts) for lease in again] == [(b"a2", 2), (b"a3", 1), (b"a4", 1), (b"a5", 1)]
+
+
+def test_nack_late_in_a_batch_keeps_the_key_held(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", f"a{i}".encode()) for i in range(1, 4)])
+    a1, a2, a3 = broker.lease(Q, 10, per_key=3)
+    assert broker.nack(a2)
+    assert broker.lease(Q, 10, per_key=3) == []  # a1 still holds the key
+    assert broker.ack(a1)
+    again = broker.lease(Q, 10, per_key=3)
+    assert [(lease.payload, lease.attempts) for lease in again] == [(b"a2", 2), (b"a3", 1)]
+
+
+def test_expired_batch_returns_in_order(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", f"a{i}".encode()) for i in range(1, 5)])
+    a1, a2, a3 = broker.lease(Q, per_key=3, limit=3, visibility_timeout=10)
+    assert broker.ack(a1)
+    clock.advance(11)
+    again = broker.lease(Q, 10, per_key=3, visibility_timeout=10)
+    assert [(lease.payload, lease.attempts) for lease in again] == [(b"a2", 2), (b"a3", 1), (b"a4", 1)]
+
+
+def test_batch_is_cut_by_limit_and_by_delay(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("a", b"a3")])
+    assert payloads(broker.lease(Q, 2, per_key=5)) == [b"a1", b"a2"]
+    assert broker.lease(Q, 2, per_key=5) == []
+
+
+# -- stats, queues, bindings -------------------------------------------------------------------
+
+
+def test_stats_fields(broker: Broker, clock: FakeClock) -> None:
+    empty = broker.stats("nothing-here")
+    assert (empty.queue, empty.ready, empty.leased, empty.delayed, empty.dead, empty.keys) == ("nothing-here", 0, 0, 0, 0, 0)
+    assert empty.oldest_age == 0 and empty.paused is False
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("b", b"b1"), (None, b"u1"), ("c", b"c1")])
+    broker.enqueue(Q, b"d1", key="d", delay=100)
+    broker.enqueue(Q, b"u2", delay=100)
+    clock.advance(10)
+    leases = broker.lease(Q, 2)
+    assert payloads(leases) == [b"a1", b"b1"]
+    assert broker.nack(leases[1], dead=True)
+    stats = broker.stats(Q)
+    assert stats.queue == Q
+    assert (stats.ready, stats.leased, stats.delayed, stats.dead, stats.keys) == (3, 1, 2, 1, 3)
+    assert stats.oldest_age == pytest.approx(10.004)  # a2, enqueued at +0.001, now +10.005
+    assert stats.as_dict()["ready"] == 3
+
+
+def test_queues_lists_queues_that_held_messages(broker: Broker) -> None:
+    assert broker.queues() == []
+    broker.enqueue("b-queue", b"1")
+    broker.enqueue("a-queue", b"2", key="k")
+    broker.lease("c-queue")
+    broker.stats("d-queue")
+    assert broker.queues() == ["a-queue", "b-queue"]
+
+
+def test_bindings(connect) -> None:
+    broker, other = connect(), connect()
+    assert broker.bound_queues("events") == []
+    broker.bind("events", "q2")
+    broker.bind("events", "q1")
+    broker.bind("events", "q1")
+    broker.bind("other", "q3")
+    assert other.bound_queues("events") == ["q1", "q2"]
+    other.unbind("events", "q2")
+    other.unbind("events", "never-bound")
+    other.unbind("nobody", "q1")
+    assert broker.bound_queues("events") == ["q1"]
+    assert broker.bound_queues("other") == ["q3"]
+
+
+# -- waiting ----------------------------------------------------------------------------------
+
+
+def test_lease_wait_returns_when_a_message_arrives(connect) -> None:
+    consumer, producer = connect(), connect()
+    assert consumer.lease(Q, wait=0.1) == []
+    timer = threading.Timer(0.3, lambda: producer.enqueue(Q, b"late", key="a"))
+    started = time.monotonic()
+    timer.start()
+    try:
+        leases = consumer.lease(Q, wait=20)
+    finally:
+        timer.cancel()
+    # Woken by the enqueue, long before the wait would have run out.
+    assert payloads(leases) == [b"late"]
+    assert time.monotonic() - started < 10
