@@ -1,0 +1,653 @@
+"""The ``sharded-broker`` command line: look inside the queues and act on them.
+
+Every command takes the broker URL the app uses (``--url`` or ``SHARDED_BROKER_URL``;
+``redis://``, ``rediss://``, ``sqlite:///``, and Celery's ``sharded+redis://`` form).
+
+Guarantees, for scripts:
+
+- ``--json`` on every read command prints machine-readable output with stable field
+  names (those of :class:`~sharded_broker.QueueStats` and
+  :class:`~sharded_broker.DeadLetter`; times are seconds since the epoch).
+- Exit codes: 0 ok; 1 the operation failed (unreachable server, unknown queue, nothing
+  replayed, confirmation declined); 2 usage error (bad option or argument, malformed URL,
+  a value the engine refuses). Errors go to stderr as one line.
+- A password in the URL never appears in any output.
+- A command that is refused changes nothing; ``purge`` asks first (and refuses when it
+  cannot ask) unless given ``--yes``.
+
+Each command is a plain click command on :data:`main`; per-key views (``keys``, ``show``)
+and event tailing slot in beside them once the backends offer those operations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable, Iterator, Sequence
+from urllib.parse import unquote, urlsplit
+
+import click
+import redis
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from .broker import Broker, connect, redact_url
+from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, ShardedBrokerError
+from .models import DeadLetter, QueueStats
+
+URL_ENVVAR = "SHARDED_BROKER_URL"
+# Celery names the transport sharded+redis://; the engine wants the plain redis:// URL.
+CELERY_URL_PREFIX = "sharded+"
+# The errors a backend lets through when it is unreachable or refuses an operation; a
+# command reports them in one line instead of a traceback.
+BACKEND_ERRORS: tuple[type[BaseException], ...] = (ShardedBrokerError, redis.RedisError, sqlite3.Error, OSError)
+# Errors that mean the command line itself was wrong (exit 2, like click's usage errors).
+USAGE_ERRORS: tuple[type[BaseException], ...] = (ConfigurationError, InvalidArgument, InvalidArgumentType)
+# Dead letters listed per backend call while collecting ids to replay.
+REPLAY_PAGE = 1000
+# Ids replayed per backend call: the progress bar advances once per chunk.
+REPLAY_CHUNK = 500
+# How many known queues an "unknown queue" error names before it cuts the list short.
+KNOWN_QUEUES_SHOWN = 10
+
+
+class CommandFailed(click.ClickException):
+    """The operation failed: exit code 1, one line on stderr."""
+
+    exit_code = 1
+
+
+class BadUsage(click.ClickException):
+    """The command line asked for something the broker refuses: exit code 2, one line
+    (click's own UsageError would print the usage text too)."""
+
+    exit_code = 2
+
+
+def normalize_url(url: str) -> str:
+    """The engine URL for ``url``: Celery's ``sharded+redis://...`` becomes ``redis://...``."""
+    return url[len(CELERY_URL_PREFIX):] if url.startswith(CELERY_URL_PREFIX) else url
+
+
+@dataclass
+class Session:
+    """What every command shares: the URL, and the broker once a command needs it."""
+
+    url: str
+    stdout: Console
+    stderr: Console
+    _broker: Broker | None = field(default=None, repr=False)
+
+    @property
+    def safe_url(self) -> str:
+        return redact_url(self.url)
+
+    def broker(self) -> Broker:
+        """The broker for the URL, opened on first use.
+
+        Refuses a ``sqlite:///`` URL whose file does not exist: a read command must not
+        create an empty database where the operator mistyped a path.
+        """
+        if self._broker is None:
+            path = _sqlite_path(self.url)
+            if path and not os.path.exists(path):
+                raise CommandFailed(f"no SQLite database at {os.path.abspath(path)} (from {self.safe_url})")
+            self._broker = connect(self.url)
+        return self._broker
+
+    def close(self) -> None:
+        if self._broker is not None:
+            self._broker.close()
+            self._broker = None
+
+    def scrub(self, text: str) -> str:
+        """``text`` on one line, with the URL's password (if any) masked."""
+        try:
+            password = urlsplit(self.url).password
+        except ValueError:
+            password = None
+        if password:
+            text = text.replace(password, "***")
+        return " ".join(text.split())
+
+
+def _sqlite_path(url: str) -> str | None:
+    """The file a well-formed ``sqlite:///relative.db`` / ``sqlite:////absolute.db`` URL
+    names (the SQLite backend's rule); None for other URLs, and for malformed ones, which
+    the backend itself rejects with a precise message."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.scheme != "sqlite" or parts.netloc or parts.query or not parts.path.startswith("/"):
+        return None
+    return unquote(parts.path[1:]) or None
+
+
+class _Group(click.Group):
+    """Turns backend and validation errors raised by any command into one stderr line."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            session = ctx.obj if isinstance(ctx.obj, Session) else None
+            if session is not None:
+                exc.message = session.scrub(exc.message)
+            raise
+        except USAGE_ERRORS as exc:
+            raise BadUsage(_describe(ctx, exc)) from None
+        except BACKEND_ERRORS as exc:
+            raise CommandFailed(_describe(ctx, exc)) from None
+
+
+def _describe(ctx: click.Context, exc: BaseException) -> str:
+    session = ctx.obj if isinstance(ctx.obj, Session) else None
+    message = str(exc) or type(exc).__name__
+    if isinstance(exc, (redis.RedisError, OSError)) and not isinstance(exc, ShardedBrokerError):
+        where = f" at {session.safe_url}" if session else ""
+        message = f"broker{where} failed: {type(exc).__name__}: {message}"
+    return session.scrub(message) if session else " ".join(message.split())
+
+
+def _stdout_console() -> Console:
+    console = Console(highlight=False)
+    if not console.is_terminal:
+        # Piped output is for reading in full: never cut a table to 80 columns.
+        console.width = 10_000
+    return console
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--url",
+    envvar=URL_ENVVAR,
+    required=True,
+    metavar="URL",
+    help=f"Broker URL, as the app uses it (redis://..., sqlite:///path.db, sharded+redis://...). Default: ${URL_ENVVAR}.",
+)
+@click.version_option(package_name="sharded-broker")
+@click.pass_context
+def main(ctx: click.Context, url: str) -> None:
+    """Look inside sharded-broker queues and act on them."""
+    session = Session(normalize_url(url), _stdout_console(), Console(stderr=True, highlight=False))
+    ctx.obj = session
+    ctx.call_on_close(session.close)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts instead of a table.")
+pass_session = click.pass_obj
+
+
+def _print_json(value: Any) -> None:
+    # default=str: headers are arbitrary JSON-ish values; never fail on one that is not.
+    click.echo(json.dumps(value, default=str, sort_keys=False))
+
+
+def _require_queue(broker: Broker, queue: str) -> None:
+    """Fail (exit 1) unless ``queue`` has ever held a message."""
+    known = broker.queues()
+    if queue in known:
+        return
+    if not known:
+        raise CommandFailed(f"unknown queue {queue!r}: the broker has no queues yet")
+    shown = ", ".join(known[:KNOWN_QUEUES_SHOWN]) + (", ..." if len(known) > KNOWN_QUEUES_SHOWN else "")
+    raise CommandFailed(f"unknown queue {queue!r}; known queues: {shown}")
+
+
+def _note_if_new(session: Session, queue: str, was_known: bool) -> None:
+    """Settings may be made before a queue's first message; say so, in case of a typo."""
+    if not was_known:
+        session.stderr.print(
+            f"note: queue {queue!r} has never held a message; the setting applies once it does", markup=False
+        )
+
+
+# -- formatting -----------------------------------------------------------------------
+
+
+def format_duration(seconds: float) -> str:
+    """A short human duration: ``0s``, ``4.2s``, ``5m 07s``, ``3h 02m``, ``2d 05h``."""
+    if seconds < 0.05:
+        return "0s"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d {whole % 86400 // 3600:02d}h"
+
+
+def format_time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _format_rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:+.1f}"
+
+
+def _key_text(key: str | None) -> Text:
+    return Text("(unkeyed)", style="dim") if key is None else Text(key)
+
+
+def stats_table(rows: Sequence[QueueStats], rates: dict[str, "QueueRates"] | None = None) -> Table:
+    """The stats table; with ``rates``, two more columns of net change per second."""
+    table = Table(title=None, header_style="bold")
+    table.add_column("queue", no_wrap=True)
+    for name in ("ready", "leased", "delayed", "dead", "keys"):
+        table.add_column(name, justify="right")
+    table.add_column("lag", justify="right")
+    table.add_column("paused")
+    if rates is not None:
+        table.add_column("backlog Δ/s", justify="right")
+        table.add_column("dead Δ/s", justify="right")
+    for row in rows:
+        cells = [
+            Text(row.queue),
+            *(f"{value:,}" for value in (row.ready, row.leased, row.delayed, row.dead, row.keys)),
+            format_duration(row.oldest_age),
+            Text("PAUSED", style="bold red") if row.paused else "",
+        ]
+        if rates is not None:
+            rate = rates.get(row.queue)
+            cells += [_format_rate(rate.backlog if rate else None), _format_rate(rate.dead if rate else None)]
+        table.add_row(*cells)
+    return table
+
+
+def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "id": letter.id,
+        "queue": letter.queue,
+        "key": letter.key,
+        "attempts": letter.attempts,
+        "reason": letter.reason,
+        "priority": letter.priority,
+        "enqueued_at": letter.enqueued_at,
+        "died_at": letter.died_at,
+        "dedup_id": letter.dedup_id,
+        "headers": letter.headers,
+        "payload_size": len(letter.payload),
+    }
+
+
+# -- read commands --------------------------------------------------------------------
+
+
+def _all_stats(broker: Broker, queue: str | None) -> list[QueueStats]:
+    if queue is not None:
+        _require_queue(broker, queue)
+        return [broker.stats(queue)]
+    return [broker.stats(name) for name in broker.queues()]
+
+
+@main.command()
+@click.argument("queue", required=False)
+@json_option
+@pass_session
+def stats(session: Session, queue: str | None, as_json: bool) -> None:
+    """Ready / leased / delayed / dead messages, keys and lag of every queue (or QUEUE).
+
+    With --json: one object for QUEUE, a list of objects for every queue.
+    """
+    rows = _all_stats(session.broker(), queue)
+    if as_json:
+        dicts = [row.as_dict() for row in rows]
+        _print_json(dicts[0] if queue is not None else dicts)
+    elif not rows:
+        session.stdout.print(f"no queues yet at {session.safe_url}", markup=False)
+    else:
+        session.stdout.print(stats_table(rows))
+
+
+@dataclass(frozen=True)
+class QueueRates:
+    """Net change per second between two stats snapshots (not throughput: a queue that
+    takes in and finishes 100 messages a second shows 0)."""
+
+    backlog: float
+    dead: float
+
+
+def _backlog(row: QueueStats) -> int:
+    return row.ready + row.leased + row.delayed
+
+
+def rates_between(
+    before: dict[str, QueueStats], after: dict[str, QueueStats], elapsed: float
+) -> dict[str, QueueRates]:
+    """Per-queue rates from two snapshots ``elapsed`` seconds apart (queues in both only)."""
+    if elapsed <= 0:
+        return {}
+    return {
+        name: QueueRates(
+            backlog=(_backlog(now) - _backlog(before[name])) / elapsed,
+            dead=(now.dead - before[name].dead) / elapsed,
+        )
+        for name, now in after.items()
+        if name in before
+    }
+
+
+@main.command()
+@click.option("--interval", "refresh", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one frame and exit.")
+@click.option("--iterations", type=click.IntRange(min=1), default=None,
+              help="Exit after this many frames (default: run until Ctrl-C).")
+@json_option
+@pass_session
+def top(session: Session, refresh: float, once: bool, iterations: int | None, as_json: bool) -> None:
+    """Live stats of every queue, with the net change per second of backlog and dead letters.
+
+    Rates compare successive snapshots, so the first frame has none. With --json: one
+    JSON object per frame and line ({"time", "queues": [...]}, each queue with
+    backlog_change_per_second and dead_change_per_second, null on the first frame).
+    """
+    broker = session.broker()
+    frames = 1 if once else iterations
+    previous: tuple[float, dict[str, QueueStats]] | None = None
+
+    def snapshot() -> tuple[dict[str, QueueStats], dict[str, QueueRates] | None]:
+        nonlocal previous
+        taken = time.monotonic()
+        current = {row.queue: row for row in _all_stats(broker, None)}
+        rates = None if previous is None else rates_between(previous[1], current, taken - previous[0])
+        previous = (taken, current)
+        return current, rates
+
+    def frame_json(current: dict[str, QueueStats], rates: dict[str, QueueRates] | None) -> str:
+        queues = []
+        for name, row in current.items():
+            rate = (rates or {}).get(name)
+            queues.append({
+                **row.as_dict(),
+                "backlog_change_per_second": rate.backlog if rate else None,
+                "dead_change_per_second": rate.dead if rate else None,
+            })
+        return json.dumps({"time": time.time(), "queues": queues})
+
+    def frame_table(current: dict[str, QueueStats], rates: dict[str, QueueRates] | None) -> Table:
+        table = stats_table(list(current.values()), rates or {})
+        table.title = Text(f"sharded-broker top · {session.safe_url} · {format_time(time.time())}")
+        return table
+
+    live_display = not as_json and session.stdout.is_terminal and frames != 1
+    try:
+        if live_display:
+            from rich.live import Live
+
+            with Live(console=session.stdout, auto_refresh=False) as live:
+                for _ in _frame_counter(frames, refresh):
+                    live.update(frame_table(*snapshot()), refresh=True)
+        else:
+            for _ in _frame_counter(frames, refresh):
+                current, rates = snapshot()
+                if as_json:
+                    click.echo(frame_json(current, rates))
+                else:
+                    session.stdout.print(frame_table(current, rates))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how top is meant to end.
+
+
+def _frame_counter(frames: int | None, refresh: float) -> Iterator[int]:
+    """Yield frame numbers, sleeping ``refresh`` seconds between frames."""
+    count = 0
+    while frames is None or count < frames:
+        if count:
+            time.sleep(refresh)
+        yield count
+        count += 1
+
+
+@main.command()
+@click.argument("queue")
+@click.option("--limit", type=click.IntRange(min=1, max=100_000), default=100, show_default=True,
+              help="List at most this many, oldest death first.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Skip this many first.")
+@json_option
+@pass_session
+def dead(session: Session, queue: str, limit: int, offset: int, as_json: bool) -> None:
+    """List the dead letters of QUEUE: id, key, attempts, reason, when it died.
+
+    With --json: a list of objects (id, queue, key, attempts, reason, priority,
+    enqueued_at, died_at, dedup_id, headers, payload_size).
+    """
+    broker = session.broker()
+    _require_queue(broker, queue)
+    letters = broker.dead_letters(queue, limit=limit, offset=offset)
+    if as_json:
+        _print_json([dead_letter_json(letter) for letter in letters])
+        return
+    if not letters:
+        session.stdout.print(f"no dead letters in {queue!r}", markup=False)
+        return
+    table = Table(header_style="bold")
+    table.add_column("id", no_wrap=True)
+    table.add_column("key")
+    table.add_column("attempts", justify="right")
+    table.add_column("reason")
+    table.add_column("died at", no_wrap=True)
+    for letter in letters:
+        table.add_row(
+            Text(letter.id), _key_text(letter.key), str(letter.attempts), Text(letter.reason), format_time(letter.died_at)
+        )
+    session.stdout.print(table)
+    total = broker.stats(queue).dead
+    if offset + len(letters) < total:
+        session.stderr.print(
+            f"showing {offset + 1}-{offset + len(letters)} of {total:,}; see more with --offset/--limit", markup=False
+        )
+
+
+# -- write commands -------------------------------------------------------------------
+
+
+def _dead_letter_keys(broker: Broker, queue: str) -> list[tuple[str, str | None]]:
+    """(id, key) of every dead letter of ``queue`` now, oldest death first."""
+    found: list[tuple[str, str | None]] = []
+    while True:
+        page = broker.dead_letters(queue, limit=REPLAY_PAGE, offset=len(found))
+        found += [(letter.id, letter.key) for letter in page]
+        if len(page) < REPLAY_PAGE:
+            return found
+
+
+def replay_chunks(letters: Iterable[tuple[str, str | None]], size: int) -> list[list[str]]:
+    """Group dead-letter ids into chunks of about ``size`` for one replay call each,
+    never splitting the ids of one key (or of the unkeyed lane) across chunks: a replay
+    call restores the relative order of the messages it moves, so a key replayed in
+    one call ends up in the same order as if everything were replayed at once."""
+    by_key: dict[str | None, list[str]] = {}
+    for message_id, key in letters:
+        by_key.setdefault(key, []).append(message_id)
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    for ids in by_key.values():
+        if current and len(current) + len(ids) > size:
+            chunks.append(current)
+            current = []
+        current = current + ids
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+@main.command()
+@click.argument("queue")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter of QUEUE.")
+@click.option("--position", type=click.Choice(["head", "tail"]), default="tail", show_default=True,
+              help="Where replayed messages go in their key's order.")
+@json_option
+@pass_session
+def replay(session: Session, queue: str, ids: tuple[str, ...], replay_all: bool, position: str, as_json: bool) -> None:
+    """Put dead letters of QUEUE back in service (IDS, or --all), attempts reset.
+
+    --all replays the dead letters present when it starts, a key's messages together so
+    they keep their order. Exit code 1 when some IDS were not dead letters of QUEUE.
+    With --json: {"queue", "requested", "replayed", "position"}.
+    """
+    if bool(ids) == replay_all:
+        raise click.UsageError("name the dead letters to replay (IDS) or pass --all, not both")
+    broker = session.broker()
+    _require_queue(broker, queue)
+    if replay_all:
+        chunks = replay_chunks(_dead_letter_keys(broker, queue), REPLAY_CHUNK)
+    else:
+        # One call keeps the given messages' relative order within each key.
+        chunks = [list(dict.fromkeys(ids))]
+    requested = sum(len(chunk) for chunk in chunks)
+    replayed = 0
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=session.stderr, disable=as_json or not requested,
+    )
+    with progress:
+        task = progress.add_task("replay", total=requested)
+        for chunk in chunks:
+            replayed += broker.replay(queue, chunk, position=position)  # type: ignore[arg-type]
+            progress.advance(task, len(chunk))
+    if as_json:
+        _print_json({"queue": queue, "requested": requested, "replayed": replayed, "position": position})
+    else:
+        session.stdout.print(
+            f"replayed {replayed:,} dead letter{'s' * (replayed != 1)} of {queue!r} to the {position} of their keys",
+            markup=False,
+        )
+    if ids and replayed < requested:
+        raise CommandFailed(
+            f"{requested - replayed} of {requested} ids were not dead letters of {queue!r} (already replayed or purged?)"
+        )
+
+
+@main.command()
+@click.argument("queue")
+@click.option("--dead", "dead_letters", is_flag=True, help="Purge the dead letters instead of the waiting messages.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@json_option
+@pass_session
+def purge(session: Session, queue: str, dead_letters: bool, yes: bool, as_json: bool) -> None:
+    """Delete every ready and delayed message of QUEUE (--dead: every dead letter).
+
+    Leased messages are left to the workers holding them. Asks first unless --yes;
+    without a terminal to ask on, refuses unless --yes. With --json: {"queue", "what",
+    "purged"}.
+    """
+    broker = session.broker()
+    _require_queue(broker, queue)
+    what = "dead letters" if dead_letters else "ready and delayed messages"
+    if not yes:
+        if not sys.stdin.isatty():
+            raise BadUsage(f"refusing to purge {queue!r} without confirmation: no terminal to ask on; pass --yes")
+        row = broker.stats(queue)
+        counts = f"{row.dead:,} dead letters" if dead_letters else f"{row.ready:,} ready and {row.delayed:,} delayed messages"
+        if not click.confirm(f"Delete {counts} of queue {queue!r}?", default=False, err=True):
+            raise CommandFailed("purge cancelled; nothing deleted")
+    purged = broker.purge(queue, dead=dead_letters)
+    if as_json:
+        _print_json({"queue": queue, "what": "dead" if dead_letters else "waiting", "purged": purged})
+    else:
+        session.stdout.print(f"purged {purged:,} {what} of {queue!r}", markup=False)
+
+
+@main.command()
+@click.argument("queue")
+@click.argument("key")
+@click.argument("seconds", type=float, required=False)
+@click.option("--clear", is_flag=True, help="Return KEY to the queue's default interval.")
+@pass_session
+def interval(session: Session, queue: str, key: str, seconds: float | None, clear: bool) -> None:
+    """Set the minimum SECONDS between two deliveries of KEY in QUEUE (persisted)."""
+    if (seconds is None) != clear:
+        raise click.UsageError("give SECONDS or --clear, not both")
+    broker = session.broker()
+    was_known = queue in broker.queues()
+    broker.set_interval(queue, key, None if clear else seconds)
+    _note_if_new(session, queue, was_known)
+    if clear:
+        message = f"key {key!r} of {queue!r} now uses the queue's default interval"
+    else:
+        message = f"key {key!r} of {queue!r}: at least {seconds:g}s between deliveries"
+    session.stdout.print(message, markup=False)
+
+
+def _pause_command(paused: bool) -> Callable[..., None]:
+    verb = "paused" if paused else "resumed"
+
+    @click.argument("queue")
+    @click.argument("key", required=False)
+    @pass_session
+    def command(session: Session, queue: str, key: str | None) -> None:
+        broker = session.broker()
+        was_known = queue in broker.queues()
+        (broker.pause if paused else broker.resume)(queue, key)
+        _note_if_new(session, queue, was_known)
+        target = f"queue {queue!r}" if key is None else f"key {key!r} of {queue!r}"
+        session.stdout.print(f"{verb} {target}", markup=False)
+
+    return command
+
+
+main.command(
+    "pause",
+    help="Stop delivering QUEUE (or only KEY in it). Leases already held go on.",
+)(_pause_command(True))
+main.command("resume", help="Deliver QUEUE (or KEY in it) again after a pause.")(_pause_command(False))
+
+
+# -- exporter -------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--port", type=click.IntRange(min=1, max=65535), required=True, help="Port to serve /metrics on.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--queue", "queues", multiple=True,
+              help="Export only this queue (repeatable; default: every queue, looked up at each scrape).")
+@pass_session
+def exporter(session: Session, port: int, host: str, queues: tuple[str, ...]) -> None:
+    """Serve the queues' figures to Prometheus on http://HOST:PORT/metrics until stopped."""
+    try:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from .prometheus import ShardedBrokerCollector
+    except ImportError as exc:
+        raise CommandFailed(str(exc)) from None
+    registry = CollectorRegistry()
+    registry.register(ShardedBrokerCollector(session.broker(), queues=list(queues) or None))
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise CommandFailed(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+    session.stderr.print(f"serving metrics of {session.safe_url} on http://{host}:{port}/metrics", markup=False)
+    _serve_until_stopped()
+
+
+def _serve_until_stopped() -> None:
+    """Block until SIGINT or SIGTERM, then return (exit code 0)."""
+    stop = threading.Event()
+
+    def handle(signum: int, frame: object) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    stop.wait()
+
+
+if __name__ == "__main__":
+    main()
