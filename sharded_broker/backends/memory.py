@@ -79,6 +79,7 @@ class _Queue:
     batches: dict[str, list[str]] = field(default_factory=dict)  # batch id -> unsettled ids in order
     tail_seq: int = SEQ_ORIGIN
     head_seq: int = SEQ_ORIGIN
+    held_messages: bool = False  # listed by queues() once a message was enqueued
     counts: dict[str, int] = field(default_factory=lambda: {"ready": 0, "delayed": 0, "leased": 0})
 
 
@@ -349,11 +350,21 @@ class MemoryBackend(Backend):
         return None
 
     def _dedup_hit(self, q: _Queue, dedup_id: str, now: float, settings: QueueSettings) -> str | None:
+        still_pending = []
         while q.dedup_expiry and q.dedup_expiry[0][0] <= now:
             expires, old = heapq.heappop(q.dedup_expiry)
             entry = q.dedup.get(old)
-            if entry is not None and entry[1] == expires:
+            if entry is None or entry[1] != expires:
+                continue
+            rec = q.messages.get(entry[0])
+            if settings.unique_while_pending and rec is not None and rec.state in ("ready", "delayed"):
+                still_pending.append(old)  # the window does not end a pending twin's claim
+            else:
                 del q.dedup[old]
+        for old in still_pending:
+            expires = now + settings.dedup_window
+            q.dedup[old] = (q.dedup[old][0], expires)
+            heapq.heappush(q.dedup_expiry, (expires, old))
         entry = q.dedup.get(dedup_id)
         if entry is None:
             return None
@@ -369,7 +380,11 @@ class MemoryBackend(Backend):
         ids = []
         with self._store.lock:
             q = self._queue(queue)
+            q.held_messages = True
             now = self.now()
+            # Due delayed messages entered their keys' order when they fell due: before
+            # anything enqueued now.
+            self._promote_due(q, now)
             for m in messages:
                 if m.dedup_id is not None:
                     first = self._dedup_hit(q, m.dedup_id, now, settings)
@@ -509,7 +524,9 @@ class MemoryBackend(Backend):
             if rec is None:
                 return False
             dead_reason = (reason or "rejected") if dead else None
-            self._fail(q, rec, self.now(), settings, delay=delay, dead_reason=dead_reason, why=reason or "nacked")
+            now = self.now()
+            self._promote_due(q, now)  # before a tail retry takes its seq
+            self._fail(q, rec, now, settings, delay=delay, dead_reason=dead_reason, why=reason or "nacked")
             self._store.changed.notify_all()
             return True
 
@@ -564,7 +581,7 @@ class MemoryBackend(Backend):
 
     def queues(self) -> list[str]:
         with self._store.lock:
-            return sorted(self._store.queues)
+            return sorted(name for name, q in self._store.queues.items() if q.held_messages)
 
     def dead_letters(self, queue: str, limit: int, offset: int) -> list[DeadLetter]:
         with self._store.lock:
@@ -600,6 +617,7 @@ class MemoryBackend(Backend):
             if position == "head":
                 records.reverse()  # each takes a seq ahead of the previous one
             now = self.now()
+            self._promote_due(q, now)  # before replayed messages take their seqs
             for rec in records:
                 del q.dead[rec.id]
                 rec.attempts = 0
