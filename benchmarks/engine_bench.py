@@ -1,0 +1,208 @@
+"""The engine per backend, against the physical limit of raw Redis, and how it scales.
+
+The limit: pipelined ``LPUSH`` then pipelined ``RPOP`` of the same payloads on the run's
+Redis server. No queue with atomic leases can beat it, so the engine's figures are quoted
+as a fraction of it.
+
+Engine rates: ``enqueue_many`` in batches, then ``lease(limit=batch)`` + ``ack_many`` until
+the queue is empty. A *round trip* rate counts each message once for both halves
+(messages / (enqueue time + drain time)), comparable with the raw LPUSH+RPOP pair rate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+from typing import Any, Callable, Iterator
+
+import sharded_broker
+from sharded_broker import Message
+
+from .common import PAYLOAD, Sizes, flush, rate, redis_client, stopwatch, used_memory
+
+QUEUE = "bench"
+_store_names = itertools.count()
+
+
+def raw_redis_limit(redis_url: str, sizes: Sizes) -> dict[str, Any]:
+    """Pipelined LPUSH of ``raw_pairs`` payloads, then pipelined RPOP of all of them."""
+    flush(redis_url)
+    client = redis_client(redis_url)
+    count, batch = sizes.raw_pairs, sizes.batch
+    payloads = [PAYLOAD] * batch
+    try:
+        with stopwatch() as push_time:
+            for _ in range(count // batch):
+                pipe = client.pipeline(transaction=False)
+                for payload in payloads:
+                    pipe.lpush("raw", payload)
+                pipe.execute()
+        with stopwatch() as pop_time:
+            popped = 0
+            for _ in range(count // batch):
+                pipe = client.pipeline(transaction=False)
+                for _ in range(batch):
+                    pipe.rpop("raw")
+                popped += sum(1 for item in pipe.execute() if item is not None)
+    finally:
+        client.close()
+    moved = (count // batch) * batch
+    if popped != moved:
+        raise RuntimeError(f"raw Redis limit: pushed {moved} payloads but popped {popped}")
+    return {
+        "messages": moved,
+        "enqueue_per_s": rate(moved, push_time[0]),
+        "drain_per_s": rate(moved, pop_time[0]),
+        "round_trip_per_s": rate(moved, push_time[0] + pop_time[0]),
+    }
+
+
+def backend_urls(redis_url: str | None, workdir: str) -> Iterator[tuple[str, Callable[[], str]]]:
+    """(backend name, factory of a fresh empty URL) for every backend this run can reach."""
+    yield "memory", lambda: f"memory://bench-{os.getpid()}-{next(_store_names)}"
+    yield "sqlite", lambda: f"sqlite:///{os.path.join(workdir, f'bench-{next(_store_names)}.db')}"
+    if redis_url is not None:
+
+        def fresh_redis() -> str:
+            flush(redis_url)
+            return redis_url
+
+        yield "redis", fresh_redis
+
+
+def available_backends(redis_url: str | None, workdir: str, skipped: dict[str, str]) -> list[tuple[str, Callable[[], str]]]:
+    """The backends whose module imports; the others are recorded in ``skipped``."""
+    usable = []
+    for name, fresh_url in backend_urls(redis_url, workdir):
+        try:
+            sharded_broker.broker.backend_class(f"{name}://")
+        except ImportError as exc:
+            skipped[f"engine/{name}"] = f"backend not importable: {exc}"
+            continue
+        usable.append((name, fresh_url))
+    return usable
+
+
+def keyed_messages(count: int, keys: int | None, start: int = 0) -> list[Message]:
+    """``count`` messages spread round-robin over ``keys`` shard keys (None: unkeyed)."""
+    if keys is None:
+        return [Message(PAYLOAD) for _ in range(count)]
+    return [Message(PAYLOAD, key=f"key-{(start + i) % keys}") for i in range(count)]
+
+
+def enqueue_all(broker: sharded_broker.Broker, messages: list[Message], batch: int) -> float:
+    """Enqueue in batches of ``batch``; seconds taken."""
+    with stopwatch() as elapsed:
+        for offset in range(0, len(messages), batch):
+            broker.enqueue_many(QUEUE, messages[offset : offset + batch])
+    return elapsed[0]
+
+
+def drain(broker: sharded_broker.Broker, count: int, batch: int, per_key: int) -> float:
+    """Lease and ack ``count`` messages, ``batch`` per lease call; seconds taken."""
+    done = 0
+    with stopwatch() as elapsed:
+        while done < count:
+            leases = broker.lease(QUEUE, limit=min(batch, count - done), per_key=per_key, wait=1.0)
+            if not leases:
+                raise RuntimeError(f"drain stalled after {done} of {count} messages")
+            broker.ack_many(leases)
+            done += len(leases)
+    return elapsed[0]
+
+
+def per_key_for(keys: int | None, batch: int) -> int:
+    """Messages per key per lease call so that every call can fill ``batch``.
+
+    With few keys and one message per key, a lease call could deliver at most ``keys``
+    messages and the figure would measure round trips, not the engine's cost.
+    """
+    return 1 if keys is None else max(1, batch // keys)
+
+
+def engine_rates(url: str, count: int, keys: int | None, batch: int) -> dict[str, Any]:
+    """Enqueue ``count`` messages over ``keys`` keys, then drain them."""
+    messages = keyed_messages(count, keys)
+    with sharded_broker.connect(url) as broker:
+        enqueue_seconds = enqueue_all(broker, messages, batch)
+        drain_seconds = drain(broker, count, batch, per_key_for(keys, batch))
+        left = broker.stats(QUEUE)
+    if left.ready or left.leased:
+        raise RuntimeError(f"{url}: {left.ready} ready and {left.leased} leased after the drain")
+    return {
+        "messages": count,
+        "keys": keys,
+        "per_key": per_key_for(keys, batch),
+        "enqueue_per_s": rate(count, enqueue_seconds),
+        "drain_per_s": rate(count, drain_seconds),
+        "round_trip_per_s": rate(count, enqueue_seconds + drain_seconds),
+    }
+
+
+def engine_vs_limit(
+    backends: list[tuple[str, Callable[[], str]]], limit: dict[str, Any], sizes: Sizes, adapter_keys: int
+) -> dict[str, Any]:
+    """Each backend unkeyed and keyed, with the fraction of the raw Redis limit reached."""
+    figures: dict[str, Any] = {}
+    for name, fresh_url in backends:
+        for label, keys in (("unkeyed", None), ("keyed", adapter_keys)):
+            result = engine_rates(fresh_url(), sizes.engine_messages, keys, sizes.batch)
+            for what in ("enqueue_per_s", "drain_per_s", "round_trip_per_s"):
+                result[f"{what[:-6]}_fraction_of_limit"] = round(result[what] / limit[what], 4)
+            figures[f"{name}/{label}"] = result
+    return figures
+
+
+def scaling(backends: list[tuple[str, Callable[[], str]]], sizes: Sizes) -> dict[str, Any]:
+    """Engine rates on top of a backlog, for each number of keys.
+
+    For each (backlog, keys): enqueue the backlog (its rate is reported too), then time
+    ``scaling_sample`` more enqueues and ``scaling_sample`` lease+acks on top of it. Flat
+    rates across the number of keys and the backlog size are the goal (O(log n) cost).
+    """
+    figures: dict[str, Any] = {}
+    for name, fresh_url in backends:
+        for backlog in sizes.scaling_backlogs:
+            for keys in sizes.scaling_keys:
+                with sharded_broker.connect(fresh_url()) as broker:
+                    preload_seconds = enqueue_all(broker, keyed_messages(backlog, keys), sizes.batch)
+                    sample = keyed_messages(sizes.scaling_sample, keys, start=backlog)
+                    enqueue_seconds = enqueue_all(broker, sample, sizes.batch)
+                    drain_seconds = drain(broker, sizes.scaling_sample, sizes.batch, per_key_for(keys, sizes.batch))
+                    stats = broker.stats(QUEUE)
+                    broker.purge(QUEUE)
+                expected = backlog
+                if stats.ready != expected:
+                    raise RuntimeError(f"{name}: {stats.ready} ready after the sample, expected {expected}")
+                figures[f"{name}/backlog={backlog}/keys={keys}"] = {
+                    "backend": name,
+                    "backlog": backlog,
+                    "keys": keys,
+                    "per_key": per_key_for(keys, sizes.batch),
+                    "preload_per_s": rate(backlog, preload_seconds),
+                    "enqueue_per_s": rate(sizes.scaling_sample, enqueue_seconds),
+                    "drain_per_s": rate(sizes.scaling_sample, drain_seconds),
+                }
+    return figures
+
+
+def engine_memory_per_message(redis_url: str, sizes: Sizes, keys: int) -> dict[str, Any]:
+    """Redis bytes per queued engine message (100-byte payload), unkeyed and keyed."""
+    figures = {}
+    for label, key_count in (("unkeyed", None), ("keyed", keys)):
+        flush(redis_url)
+        messages = keyed_messages(sizes.memory_messages, key_count)
+        with sharded_broker.connect(redis_url) as broker:
+            broker.enqueue_many(QUEUE, messages[:1])  # the queue's fixed structures are not per message
+            before = used_memory(redis_url)
+            for offset in range(1, len(messages), sizes.batch):
+                broker.enqueue_many(QUEUE, messages[offset : offset + sizes.batch])
+            after = used_memory(redis_url)
+        figures[f"sharded-broker engine/{label}"] = round((after - before) / (len(messages) - 1), 1)
+    return figures
+
+
+def workdir() -> tempfile.TemporaryDirectory[str]:
+    """Where the SQLite databases of one run live."""
+    return tempfile.TemporaryDirectory(prefix="sharded-broker-bench-")
