@@ -72,7 +72,8 @@ CREATE TABLE IF NOT EXISTS queues (
     delayed INTEGER NOT NULL,
     leased INTEGER NOT NULL,
     dead INTEGER NOT NULL,
-    keys INTEGER NOT NULL
+    keys INTEGER NOT NULL,
+    held_messages INTEGER NOT NULL         -- listed by queues() once a message was enqueued
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS keys (
     queue TEXT NOT NULL,
@@ -161,6 +162,10 @@ HOT_QUERIES = {
     "WHERE queue = ? AND key = ?",
     "dedup": "SELECT message_id, expires FROM dedup WHERE queue = ? AND dedup_id = ?",
     "dedup_expired": "DELETE FROM dedup WHERE queue = ? AND expires <= ?",
+    # unique_while_pending: the window does not end a pending twin's claim.
+    "dedup_expired_done": "DELETE FROM dedup WHERE queue = ? AND expires <= ? AND NOT EXISTS "
+    "(SELECT 1 FROM messages WHERE messages.id = dedup.message_id AND messages.state IN ('ready', 'delayed'))",
+    "dedup_renew_pending": "UPDATE dedup SET expires = ? WHERE queue = ? AND expires <= ?",
     "oldest_ready": "SELECT MIN(enqueued_at) FROM messages WHERE queue = ? AND state = 'ready'",
     "dead_letters": f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE queue = ? AND state = 'dead' "
     "ORDER BY dead_order LIMIT ? OFFSET ?",
@@ -182,8 +187,12 @@ class _QueueRow:
     leased: int = 0
     dead: int = 0
     keys: int = 0
+    held_messages: int = 0
 
-    FIELDS = ("tail_seq", "head_seq", "next_order", "next_dead", "paused", "ready", "delayed", "leased", "dead", "keys")
+    FIELDS = (
+        "tail_seq", "head_seq", "next_order", "next_dead", "paused", "ready", "delayed", "leased", "dead", "keys",
+        "held_messages",
+    )
 
     def order(self) -> int:
         self.next_order += 1
@@ -504,7 +513,9 @@ class SQLiteBackend(Backend):
         return self._read(lambda tx: tx.stats(queue))
 
     def queues(self) -> list[str]:
-        return self._read(lambda tx: [name for (name,) in tx.db.execute("SELECT name FROM queues ORDER BY name")])
+        return self._read(
+            lambda tx: [name for (name,) in tx.db.execute("SELECT name FROM queues WHERE held_messages ORDER BY name")]
+        )
 
     def dead_letters(self, queue: str, limit: int, offset: int) -> list[DeadLetter]:
         return self._read(lambda tx: tx.dead_letters(queue, limit, offset))
@@ -766,24 +777,35 @@ class _Tx:
             dedup_id=row[7],
         )
 
+    def _expire_dedup(self, q: _QueueRow, settings: QueueSettings) -> None:
+        if settings.unique_while_pending:
+            self.db.execute(HOT_QUERIES["dedup_expired_done"], (q.name, self.now))
+            self.db.execute(HOT_QUERIES["dedup_renew_pending"], (self.now + settings.dedup_window, q.name, self.now))
+        else:
+            self.db.execute(HOT_QUERIES["dedup_expired"], (q.name, self.now))
+
     def _dedup_hit(self, q: _QueueRow, dedup_id: str, settings: QueueSettings) -> str | None:
         row = self._one("dedup", q.name, dedup_id)
-        if row is None or row[1] <= self.now:
+        if row is None:
             return None
         first_id = row[0]
         if settings.unique_while_pending:
             state = self.db.execute("SELECT state FROM messages WHERE id = ?", (first_id,)).fetchone()
             return first_id if state is not None and state[0] in ("ready", "delayed") else None
-        return first_id
+        return first_id if row[1] > self.now else None
 
     # -- operations -----------------------------------------------------------------
 
     def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
         q = self.queue(queue, create=True)
+        q.held_messages = 1
         now = self.now
+        # Due delayed messages entered their keys' order when they fell due: before
+        # anything enqueued now.
+        self._promote_due(q)
         ids: list[str] = []
         if any(m.dedup_id is not None for m in messages):
-            self.db.execute(HOT_QUERIES["dedup_expired"], (queue, now))
+            self._expire_dedup(q, settings)
         for m in messages:
             if m.dedup_id is not None:
                 first = self._dedup_hit(q, m.dedup_id, settings)
@@ -900,6 +922,7 @@ class _Tx:
         if row is None:
             return False
         q = self.queue(lease.queue, create=False)
+        self._promote_due(q)  # before a tail retry takes its seq
         dead_reason = (reason or "rejected") if dead else None
         self._fail(q, row, settings, delay=delay, dead_reason=dead_reason, why=reason or "nacked")
         return True
@@ -993,6 +1016,7 @@ class _Tx:
         q = self.queue(queue, create=False)
         if q is None:
             return 0
+        self._promote_due(q)  # before replayed messages take their seqs
         rows = sorted(self._dead_rows(queue, ids), key=lambda r: (r[2], r[3] or 0))
         if position == "head":
             rows.reverse()  # each takes a seq ahead of the previous one
