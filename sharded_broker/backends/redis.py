@@ -126,14 +126,19 @@ class RedisBackend(Backend):
         self._clock = clock
         try:
             self._client = redis.Redis.from_url(url, **redis_options)
-            # Blocking waits get connections of their own whose read timeout outlasts a block.
-            socket_timeout = redis_options.get("socket_timeout")
-            blocking_options = dict(redis_options)
-            if socket_timeout is not None:
-                blocking_options["socket_timeout"] = max(float(socket_timeout), MAX_BLOCK + 5.0)
-            self._blocking_client = redis.Redis.from_url(url, **blocking_options)
         except (ValueError, TypeError) as exc:
             raise ConfigurationError(f"bad redis URL or option for {self._safe_url}: {exc}") from None
+        # Blocking waits get connections of their own, whose read timeout outlasts a block
+        # (socket_timeout may come from the options or from the URL's query).
+        pool = self._client.connection_pool
+        blocking_kwargs = dict(pool.connection_kwargs)
+        if blocking_kwargs.get("socket_timeout") is not None:
+            blocking_kwargs["socket_timeout"] = max(float(blocking_kwargs["socket_timeout"]), MAX_BLOCK + 5.0)
+        self._blocking_client = redis.Redis(
+            connection_pool=redis.ConnectionPool(
+                connection_class=pool.connection_class, max_connections=pool.max_connections, **blocking_kwargs
+            )
+        )
         self._scripts = {name: _Script(_lua_source("_common") + "\n" + _lua_source(name)) for name in QUEUE_SCRIPTS}
         self._scripts.update({name: _Script(_lua_source(name)) for name in EXCHANGE_SCRIPTS})
         self._registered: set[str] = set()

@@ -401,25 +401,40 @@ local function current(id, token)
   return rec
 end
 
-local function forget_expired_dedup(now)
-  local expired = redis.call('ZRANGEBYSCORE', K.dedupexp, '-inf', num(now), 'LIMIT', 0, SWEEP_LIMIT)
-  for _, dedup_id in ipairs(expired) do
-    redis.call('HDEL', K.dedup, dedup_id)
-    redis.call('ZREM', K.dedupexp, dedup_id)
+-- An expired dedup entry is forgotten, except that with unique_while_pending a twin still
+-- ready or delayed keeps its claim for another window.
+local function expire_dedup(dedup_id, entry, now, settings)
+  if settings.unique_while_pending then
+    local rec = load(entry[1])
+    if rec and (rec.st == 'ready' or rec.st == 'delayed') then
+      entry[2] = now + settings.dedup_window
+      redis.call('HSET', K.dedup, dedup_id, cmsgpack.pack(entry))
+      redis.call('ZADD', K.dedupexp, num(entry[2]), dedup_id)
+      return entry
+    end
   end
+  redis.call('HDEL', K.dedup, dedup_id)
+  redis.call('ZREM', K.dedupexp, dedup_id)
+  return nil
 end
 
 -- The id of the message an enqueue with dedup_id duplicates, or nil.
 local function dedup_hit(dedup_id, now, settings)
-  forget_expired_dedup(now)
+  local expired = redis.call('ZRANGEBYSCORE', K.dedupexp, '-inf', num(now), 'LIMIT', 0, SWEEP_LIMIT)
+  for _, old in ipairs(expired) do
+    expire_dedup(old, cmsgpack.unpack(redis.call('HGET', K.dedup, old)), now, settings)
+  end
   local raw = redis.call('HGET', K.dedup, dedup_id)
   if not raw then
     return nil
   end
   local entry = cmsgpack.unpack(raw)
-  -- An entry past its expiry counts as forgotten even if the bounded sweep left it.
+  -- The bounded sweep above may have left this entry past its expiry.
   if entry[2] <= now then
-    return nil
+    entry = expire_dedup(dedup_id, entry, now, settings)
+    if not entry then
+      return nil
+    end
   end
   if settings.unique_while_pending then
     local rec = load(entry[1])

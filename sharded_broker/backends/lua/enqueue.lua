@@ -3,6 +3,9 @@
 -- dedup id ('' = none), headers JSON, at_head ('1'/'0'), payload.
 local now = clock(ARGV[1])
 local settings = read_settings(ARGV, 2)
+-- Due delayed messages entered their keys' order when they fell due: before anything
+-- enqueued now.
+promote_due(now)
 local ids = {}
 local placed = 0
 for i = 8, #ARGV, 8 do

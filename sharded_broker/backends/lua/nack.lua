@@ -12,6 +12,7 @@ local dead_reason = nil
 if ARGV[11] == '1' then
   dead_reason = reason or 'rejected'
 end
+promote_due(now) -- before a tail retry takes its seq
 fail(rec, now, settings, tonumber(ARGV[10]), dead_reason, reason or 'nacked')
 flush()
 signal(1)

@@ -5,8 +5,9 @@ local members = {}
 if ARGV[1] == '1' then
   members = redis.call('ZRANGE', K.dead, 0, -1)
 else
-  for _, index in ipairs({ K.ready, K.lane, K.delayed }) do
-    for _, member in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+  for _, part in ipairs({ redis.call('ZRANGE', K.ready, 0, -1), redis.call('ZRANGE', K.lane, 0, -1),
+    redis.call('ZRANGE', K.delayed, 0, -1) }) do
+    for _, member in ipairs(part) do
       members[#members + 1] = member
     end
   end

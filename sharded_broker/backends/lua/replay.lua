@@ -29,6 +29,7 @@ table.sort(records, function(a, b)
   end
   return (a.s or 0) < (b.s or 0)
 end)
+promote_due(now) -- before replayed messages take their seqs
 local first, last, step = 1, #records, 1
 if at_head then
   first, last, step = #records, 1, -1 -- each takes a seq ahead of the previous one

@@ -1,0 +1,362 @@
+"""What is specific to the Redis backend: script hygiene, round trips, waiting, the
+server's clock, authentication and TLS, prefixes, and shard keys that look like syntax.
+
+The semantics every backend shares are in test_conformance.py and test_model.py.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import redis
+
+import sharded_broker
+from sharded_broker import BackendUnavailable, ConfigurationError, Message
+from sharded_broker.backends.redis import QUEUE_KEYS, RedisBackend
+from support.redis_server import RedisServer, free_port
+
+LUA_DIR = Path(sharded_broker.__file__).parent / "backends" / "lua"
+Q = "jobs"
+
+# Commands whose first argument is not a key.
+_KEYLESS_COMMANDS = {"TIME"}
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[sharded_broker.Broker]:
+    with sharded_broker.connect(redis_url) as broker:
+        yield broker
+
+
+@pytest.fixture
+def admin(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def command_calls(client: redis.Redis) -> dict[str, int]:
+    """Calls per top-level command name, from INFO commandstats (the INFO call included)."""
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
+
+
+def calls_between(before: dict[str, int], after: dict[str, int], *names: str) -> int:
+    return sum(after.get(name, 0) - before.get(name, 0) for name in names)
+
+
+class SendCounter:
+    """Counts requests written to Redis by this process (one per round trip)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        original = redis.connection.AbstractConnection.send_packed_command
+
+        def counting(connection, command, check_health=True):  # type: ignore[no-untyped-def]
+            self.count += 1
+            return original(connection, command, check_health)
+
+        monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counting)
+
+
+# -- the scripts ----------------------------------------------------------------------
+
+
+def lua_files() -> list[Path]:
+    return sorted(LUA_DIR.glob("*.lua"))
+
+
+def test_there_is_one_script_per_operation() -> None:
+    names = {path.stem for path in lua_files()}
+    assert names >= {
+        "enqueue", "lease", "ack", "nack", "extend", "set_interval", "set_paused", "stats",
+        "dead_letters", "replay", "purge", "bind", "unbind",
+    }
+
+
+@pytest.mark.parametrize("path", lua_files(), ids=lambda p: p.name)
+def test_every_redis_call_names_a_key_passed_in_KEYS(path: Path) -> None:
+    """No key name is built inside a script: each command's key is K.<name> or KEYS[n]."""
+    source = path.read_text()
+    calls = re.findall(r"redis\.p?call\(\s*'([A-Z]+)'\s*(?:,\s*([^,)]+))?", source)
+    assert calls or path.name == "_common.lua" or "K." not in source
+    for command, first_argument in calls:
+        if command in _KEYLESS_COMMANDS:
+            continue
+        assert re.fullmatch(r"K\.\w+|KEYS\[\d+\]", first_argument.strip()), (
+            f"{path.name}: {command} on {first_argument!r}, not a key from KEYS"
+        )
+    # The K table maps names to KEYS in the order RedisBackend passes them.
+    if path.name == "_common.lua":
+        mapping = dict(re.findall(r"(\w+) = KEYS\[(\d+)\]", source))
+        assert {name: int(index) for name, index in mapping.items()} == {
+            name: i + 1 for i, name in enumerate(QUEUE_KEYS)
+        }
+    assert "SCAN" not in source and "'KEYS'" not in source
+
+
+def test_every_key_written_belongs_to_its_queue_hash_tag(broker: sharded_broker.Broker, admin: redis.Redis) -> None:
+    broker.configure_queue(Q, interval=0.5)
+    broker.enqueue_many(Q, [Message(b"1", key="a", dedup_id="x"), Message(b"2", delay=60), Message(b"3")])
+    broker.set_interval(Q, "a", 2.0)
+    broker.pause(Q, key="b")
+    leases = broker.lease(Q, limit=2)
+    broker.nack(leases[0], dead=True)
+    broker.bind("fanout", Q)
+    allowed_queue_keys = {f"sb:{{{Q}}}:{name}" for name in QUEUE_KEYS}
+    keys = {key.decode() for key in admin.scan_iter()}
+    assert keys - allowed_queue_keys == {"sb:queues", "sb:bindings:{fanout}"}
+    assert len(keys & allowed_queue_keys) >= 10
+
+
+def test_scripts_are_loaded_once_and_reloaded_after_a_script_flush(
+    broker: sharded_broker.Broker, admin: redis.Redis
+) -> None:
+    broker.enqueue(Q, b"1", key="a")
+    before = command_calls(admin)
+    for i in range(5):
+        broker.enqueue(Q, b"x", key=f"k{i}")
+    assert calls_between(before, command_calls(admin), "script|load", "eval") == 0
+    admin.script_flush()
+    broker.enqueue(Q, b"2", key="a")
+    other = broker.enqueue("other", b"3")
+    leases = broker.lease(Q, 10) + broker.lease("other")
+    admin.script_flush()
+    assert broker.ack_many(leases) == [True] * len(leases)  # several queues: the pipelined path
+    assert other in [lease.id for lease in leases]
+
+
+# -- round trips and waiting ----------------------------------------------------------
+
+
+def test_batch_operations_cost_one_round_trip(
+    broker: sharded_broker.Broker, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker.enqueue(Q, b"warm-up")  # loads the script and registers the queue
+    broker.ack_many(broker.lease(Q))
+    messages = [Message(f"{i}".encode(), key=f"k{i % 7}") for i in range(100)]
+
+    sends = SendCounter(monkeypatch)
+    before = command_calls(admin)
+    sends.count = 0
+    ids = broker.enqueue_many(Q, messages)
+    round_trips = sends.count
+    after = command_calls(admin)
+    assert len(set(ids)) == 100
+    assert (round_trips, calls_between(before, after, "evalsha")) == (1, 1)
+
+    sends.count = 0
+    leases = broker.lease(Q, limit=50, per_key=10)
+    round_trips = sends.count
+    after_lease = command_calls(admin)
+    assert len(leases) == 50
+    assert (round_trips, calls_between(after, after_lease, "evalsha")) == (1, 1)
+
+    sends.count = 0
+    assert broker.ack_many(leases) == [True] * 50
+    round_trips = sends.count
+    assert (round_trips, calls_between(after_lease, command_calls(admin), "evalsha")) == (1, 1)
+
+
+def test_idle_waiting_does_not_poll(broker: sharded_broker.Broker, admin: redis.Redis) -> None:
+    broker.enqueue(Q, b"warm-up")
+    broker.ack_many(broker.lease(Q))
+    admin.delete(f"sb:{{{Q}}}:signal")  # no wake-up tokens left from the warm-up
+    before = command_calls(admin)
+    assert broker.lease(Q, wait=1.0) == []
+    calls = calls_between(before, command_calls(admin), "evalsha", "blpop", "time", "info")
+    assert calls <= 6  # lease, block, lease (+ a second block/lease), INFO
+
+
+def test_a_waiting_consumer_is_woken_by_an_enqueue(broker: sharded_broker.Broker, admin: redis.Redis) -> None:
+    broker.enqueue(Q, b"warm-up")
+    broker.ack_many(broker.lease(Q))
+    admin.delete(f"sb:{{{Q}}}:signal")
+    producer = threading.Timer(0.3, broker.enqueue, (Q, b"late"), {"key": "a"})
+    before = command_calls(admin)
+    producer.start()
+    leases = broker.lease(Q, wait=10.0)
+    producer.join()
+    assert [lease.payload for lease in leases] == [b"late"]
+    # Woken by the token, not by polling: a handful of calls, not one per few milliseconds.
+    assert calls_between(before, command_calls(admin), "evalsha", "blpop") <= 6
+
+
+def test_a_blocked_waiter_does_not_hold_up_other_threads(broker: sharded_broker.Broker) -> None:
+    waiter = threading.Thread(target=broker.backend.wait, args=("idle", 1.0))
+    waiter.start()
+    try:
+        broker.enqueue(Q, b"1", key="a")
+        assert [lease.payload for lease in broker.lease(Q)] == [b"1"]
+        assert waiter.is_alive()  # the enqueue and lease above did not wait for it
+    finally:
+        waiter.join()
+
+
+# -- the server's clock ---------------------------------------------------------------
+
+
+def test_times_come_from_the_server_not_the_client(
+    broker: sharded_broker.Broker, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    skew = 86_400.0
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + skew)
+    broker.enqueue(Q, b"late", key="a", delay=30.0)
+    broker.enqueue(Q, b"now", key="b")
+    seconds, micros = admin.time()
+    server_now = seconds + micros / 1e6
+    [lease] = broker.lease(Q, visibility_timeout=60.0)
+    assert lease.payload == b"now"  # the delay counts from the server's time, not the skewed one
+    assert abs(lease.enqueued_at - server_now) < skew / 2
+    assert abs(lease.deadline - (server_now + 60.0)) < skew / 2
+    assert abs(broker.now() - server_now) < skew / 2
+
+
+def test_a_clock_hook_replaces_the_server_clock(redis_url: str) -> None:
+    now = [1_700_000_000.25]
+    with sharded_broker.connect(redis_url, clock=lambda: now[0]) as broker:
+        broker.enqueue(Q, b"1", key="a", delay=10.0)
+        assert broker.lease(Q) == []
+        now[0] += 10.0
+        [lease] = broker.lease(Q, visibility_timeout=5.0)
+        assert (lease.enqueued_at, lease.deadline) == (1_700_000_000.25, 1_700_000_015.25)
+
+
+# -- keys that look like syntax, prefixes ----------------------------------------------
+
+ODD_KEYS = ["a", "a{", "{a}", "}{", "a'b", 'a"b', "[a", "(a", "a\\", "%s%d", "a..b", "é", "a b", "a]"]
+
+
+def test_shard_keys_with_braces_quotes_and_lua_syntax_keep_their_own_order(broker: sharded_broker.Broker) -> None:
+    messages = [Message(f"{key}|{i}".encode(), key=key) for i in range(3) for key in ODD_KEYS]
+    broker.enqueue_many(Q, messages)
+    delivered: dict[str, list[int]] = {}
+    while leases := broker.lease(Q, limit=len(ODD_KEYS)):
+        keys = [lease.key for lease in leases]
+        assert len(keys) == len(set(keys))  # one in flight per key
+        for lease in leases:
+            key, _, index = lease.payload.decode().rpartition("|")
+            assert key == lease.key
+            delivered.setdefault(key, []).append(int(index))
+        assert all(broker.ack_many(leases))
+    assert delivered == {key: [0, 1, 2] for key in ODD_KEYS}
+    broker.set_interval(Q, "{a}", 5.0)
+    broker.pause(Q, key="a{")
+    broker.enqueue_many(Q, [Message(b"1", key="a{"), Message(b"2", key="{a}"), Message(b"3", key="{a}")])
+    assert [lease.payload for lease in broker.lease(Q, limit=5)] == [b"2"]
+    assert broker.stats(Q).keys == 2
+
+
+def test_prefixes_are_isolated(redis_url: str) -> None:
+    with sharded_broker.connect(redis_url, prefix="one") as one, sharded_broker.connect(redis_url, prefix="two") as two:
+        one.enqueue(Q, b"1", key="a")
+        one.bind("ex", Q)
+        assert two.lease(Q) == []
+        assert two.stats(Q).ready == 0 and one.stats(Q).ready == 1
+        assert (one.queues(), two.queues()) == ([Q], [])
+        assert (one.bound_queues("ex"), two.bound_queues("ex")) == ([Q], [])
+        two.purge(Q)
+        assert [lease.payload for lease in one.lease(Q)] == [b"1"]
+
+
+# -- URLs, options, authentication, TLS, failures ---------------------------------------
+
+
+def test_unknown_options_are_refused_by_name(redis_url: str) -> None:
+    with pytest.raises(ConfigurationError, match="socket_timout"):
+        sharded_broker.connect(redis_url, socket_timout=1.0)
+    with pytest.raises(ConfigurationError, match="decode_responses"):
+        sharded_broker.connect(redis_url, decode_responses=True)
+    with pytest.raises(ConfigurationError, match="ssl_ca_certs.*rediss://"):
+        sharded_broker.connect(redis_url, ssl_ca_certs="/nowhere")
+    with pytest.raises(ConfigurationError, match="bogus"):
+        sharded_broker.connect(redis_url + "?bogus=1")
+    with pytest.raises(ConfigurationError, match="prefix"):
+        sharded_broker.connect(redis_url, prefix="a{b}")
+
+
+def test_connection_options_pass_through(redis_url: str) -> None:
+    url = redis_url + "?socket_timeout=0.5&health_check_interval=10"
+    with sharded_broker.connect(url, socket_connect_timeout=2.0, retry_on_timeout=True, client_name="sb-test") as broker:
+        broker.enqueue(Q, b"1")
+        # A wait longer than socket_timeout: blocking calls use a longer read timeout.
+        broker.backend.wait("idle", 0.8)
+        client = broker.backend._client
+        kwargs = client.connection_pool.connection_kwargs
+        assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"], kwargs["client_name"]) == (0.5, 2.0, "sb-test")
+
+
+def test_password_in_the_url(tmp_path: Path) -> None:
+    with RedisServer(["--requirepass", "s3cret-pw"]) as server:
+        url = f"redis://:s3cret-pw@127.0.0.1:{server.port}/0"
+        with sharded_broker.connect(url) as broker:
+            broker.enqueue(Q, b"1")
+            assert len(broker.lease(Q)) == 1
+            assert "s3cret-pw" not in repr(broker)
+        wrong = sharded_broker.connect(f"redis://:wrong-pw@127.0.0.1:{server.port}/0")
+        with pytest.raises(BackendUnavailable) as refused:
+            wrong.enqueue(Q, b"1")
+        assert "wrong-pw" not in str(refused.value) and "***" in str(refused.value)
+        wrong.close()
+
+
+def test_acl_user_in_the_url() -> None:
+    acl = ["--user", "default", "off", "--user", "worker", "on", ">w0rker-pw", "~*", "&*", "+@all"]
+    with RedisServer(acl) as server:
+        with sharded_broker.connect(f"redis://worker:w0rker-pw@127.0.0.1:{server.port}/0") as broker:
+            broker.enqueue(Q, b"1", key="a")
+            assert [lease.payload for lease in broker.lease(Q)] == [b"1"]
+            assert broker.queues() == [Q]
+        with pytest.raises(BackendUnavailable):
+            sharded_broker.connect(f"redis://worker:nope@127.0.0.1:{server.port}/0").stats(Q)
+
+
+def test_an_unreachable_server_is_backend_unavailable_with_the_password_redacted() -> None:
+    url = f"redis://user:hunter2@127.0.0.1:{free_port()}/0"
+    broker = sharded_broker.connect(url, socket_connect_timeout=1.0)
+    with pytest.raises(BackendUnavailable) as unavailable:
+        broker.enqueue(Q, b"1")
+    assert "hunter2" not in str(unavailable.value)
+    assert "127.0.0.1" in str(unavailable.value)
+    assert "hunter2" not in repr(broker)
+
+
+def _self_signed_certificate(directory: Path) -> tuple[Path, Path]:
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+def test_rediss_url_speaks_tls(tmp_path: Path) -> None:
+    cert, key = _self_signed_certificate(tmp_path)
+    tls_port = free_port()
+    server = RedisServer([
+        "--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no", "--requirepass", "tls-pw",
+    ])
+    with server:
+        url = f"rediss://:tls-pw@127.0.0.1:{tls_port}/0"
+        with sharded_broker.connect(url, ssl_ca_certs=str(cert)) as broker:
+            broker.enqueue(Q, b"secret", key="a")
+            assert [lease.payload for lease in broker.lease(Q)] == [b"secret"]
+        with sharded_broker.connect(url + "?ssl_cert_reqs=none") as broker:
+            assert broker.stats(Q).leased == 1
+        # Plain text to the TLS port fails cleanly.
+        with pytest.raises(BackendUnavailable):
+            sharded_broker.connect(f"redis://:tls-pw@127.0.0.1:{tls_port}/0", socket_timeout=2.0).stats(Q)
+
+
+def test_backend_class_serves_both_schemes() -> None:
+    assert sharded_broker.broker.backend_class("redis://h") is RedisBackend
+    assert sharded_broker.broker.backend_class("rediss://h") is RedisBackend
