@@ -515,7 +515,8 @@ def replay(session: Session, queue: str, ids: tuple[str, ...], replay_all: bool,
 
     progress = Progress(
         TextColumn("replaying"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=session.stderr, disable=as_json or not requested,
+        # A bar is for someone watching: not in logs, pipes or --json runs.
+        console=session.stderr, disable=as_json or not requested or not session.stderr.is_terminal,
     )
     with progress:
         task = progress.add_task("replay", total=requested)

@@ -1,0 +1,474 @@
+"""The ``sharded-broker`` command line.
+
+Most tests run the installed console script as a subprocess against a real SQLite file and
+a real throwaway redis-server, seeded through the Python API, and check what an operator
+or a script sees: table cells, JSON values, exit codes, the one stderr line of an error.
+A few fast in-process tests (click's CliRunner on memory://) cover argument handling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from prometheus_client.parser import text_string_to_metric_families
+
+import sharded_broker
+from sharded_broker.cli import format_duration, main, normalize_url, replay_chunks
+from support.redis_server import RedisServer, free_port
+
+SCRIPT = Path(sys.executable).with_name("sharded-broker")
+SECRET = "hunter2-secret"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A real backend: a fresh SQLite file, or the session's flushed redis-server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'queues.db'}"
+    return request.getfixturevalue("redis_url")
+
+
+def cli(url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the console script without a terminal (stdin from /dev/null)."""
+    assert SCRIPT.exists(), f"console script not installed at {SCRIPT}; reinstall the project"
+    command = [str(SCRIPT), *(["--url", url] if url else []), *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
+
+
+def seed(url: str) -> dict[str, str]:
+    """sms: user-0 has m0 (dead), m2, m4; user-1 has m1 (dead), m3. email: one delayed message."""
+    with sharded_broker.connect(url) as broker:
+        ids = {f"m{i}": broker.enqueue("sms", f"m{i}".encode(), key=f"user-{i % 2}") for i in range(5)}
+        leases = broker.lease("sms", limit=2)
+        assert sorted(lease.payload for lease in leases) == [b"m0", b"m1"]
+        for lease in leases:
+            assert broker.nack(lease, dead=True, reason="boom [Errno 5]")
+        broker.enqueue("email", b"later", key="user-9", delay=3600)
+    return ids
+
+
+def table_rows(output: str) -> dict[str, list[str]]:
+    """Body rows of a rich table, by their first cell."""
+    rows = {}
+    for line in output.splitlines():
+        if line.startswith("│"):
+            cells = [cell.strip() for cell in line.strip("│").split("│")]
+            rows[cells[0]] = cells
+    return rows
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def drain_payloads(broker: sharded_broker.Broker, queue: str) -> list[bytes]:
+    delivered = []
+    while leases := broker.lease(queue, limit=1):
+        delivered += [lease.payload for lease in leases]
+        broker.ack_many(leases)
+    return delivered
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def test_stats_table_shows_every_queue(url: str) -> None:
+    seed(url)
+    result = cli(url, "stats")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    # queue, ready, leased, delayed, dead, keys, lag, paused
+    assert rows["sms"][:6] == ["sms", "3", "0", "0", "2", "2"]
+    assert rows["email"][:6] == ["email", "0", "0", "1", "0", "1"]
+    assert rows["sms"][7] == "" and rows["email"][6] == "0s"
+
+
+def test_stats_json(url: str) -> None:
+    seed(url)
+    every = cli(url, "stats", "--json")
+    assert every.returncode == 0, every.stderr
+    by_queue = {row["queue"]: row for row in json.loads(every.stdout)}
+    assert set(by_queue) == {"sms", "email"}
+    sms = by_queue["sms"]
+    assert {k: sms[k] for k in ("ready", "leased", "delayed", "dead", "keys", "paused")} == {
+        "ready": 3, "leased": 0, "delayed": 0, "dead": 2, "keys": 2, "paused": False,
+    }
+    assert sms["oldest_age"] >= 0
+    one = cli(url, "stats", "email", "--json")
+    assert one.returncode == 0, one.stderr
+    email = json.loads(one.stdout)
+    assert (email["queue"], email["delayed"], email["ready"], email["keys"]) == ("email", 1, 0, 1)
+
+
+def test_stats_of_an_empty_broker(url: str) -> None:
+    with sharded_broker.connect(url) as broker:
+        broker.queues()  # creates the SQLite file, as an app would
+    assert json.loads(cli(url, "stats", "--json").stdout) == []
+    result = cli(url, "stats")
+    assert result.returncode == 0 and "no queues yet" in result.stdout
+
+
+def test_dead_lists_dead_letters(url: str) -> None:
+    ids = seed(url)
+    result = cli(url, "dead", "sms")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert set(rows) == {ids["m0"], ids["m1"]}
+    id_, key, attempts, reason, died_at = rows[ids["m0"]]
+    assert (key, attempts, reason) == ("user-0", "1", "boom [Errno 5]")  # brackets are not markup
+    assert died_at.endswith("UTC")
+
+    as_json = json.loads(cli(url, "dead", "sms", "--json").stdout)
+    assert [(d["id"], d["key"], d["attempts"], d["reason"], d["payload_size"]) for d in as_json] == [
+        (ids["m0"], "user-0", 1, "boom [Errno 5]", 2),
+        (ids["m1"], "user-1", 1, "boom [Errno 5]", 2),
+    ]
+    assert all(d["died_at"] >= d["enqueued_at"] > 0 for d in as_json)
+    limited = json.loads(cli(url, "dead", "sms", "--json", "--limit", "1", "--offset", "1").stdout)
+    assert [d["id"] for d in limited] == [ids["m1"]]
+
+
+def test_top_once_and_json_frames(url: str) -> None:
+    seed(url)
+    once = cli(url, "top", "--once")
+    assert once.returncode == 0, once.stderr
+    rows = table_rows(once.stdout)
+    assert rows["sms"][:6] == ["sms", "3", "0", "0", "2", "2"]
+    assert rows["sms"][-2:] == ["-", "-"]  # no rates before a second snapshot
+
+    frames = cli(url, "top", "--json", "--iterations", "2", "--interval", "0.1")
+    assert frames.returncode == 0, frames.stderr
+    first, second = (json.loads(line) for line in frames.stdout.splitlines())
+    sms_first = {q["queue"]: q for q in first["queues"]}["sms"]
+    sms_second = {q["queue"]: q for q in second["queues"]}["sms"]
+    assert sms_first["backlog_change_per_second"] is None
+    assert sms_second["backlog_change_per_second"] == 0.0 and sms_second["dead_change_per_second"] == 0.0
+    assert sms_second["ready"] == 3
+
+
+# -- acting -------------------------------------------------------------------------------
+
+
+def test_replay_all_to_the_head_restores_order(url: str) -> None:
+    seed(url)
+    result = cli(url, "replay", "sms", "--all", "--position", "head")
+    assert result.returncode == 0, result.stderr
+    assert "replayed 2 dead letters" in result.stdout
+    with sharded_broker.connect(url) as broker:
+        assert broker.stats("sms").dead == 0
+        by_key: dict[str | None, list[bytes]] = {}
+        while leases := broker.lease("sms", limit=10):
+            for lease in leases:
+                by_key.setdefault(lease.key, []).append(lease.payload)
+            broker.ack_many(leases)
+    assert by_key == {"user-0": [b"m0", b"m2", b"m4"], "user-1": [b"m1", b"m3"]}
+
+
+def test_replay_ids_json_and_unknown_ids(url: str) -> None:
+    ids = seed(url)
+    result = cli(url, "replay", "sms", ids["m1"], "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"queue": "sms", "requested": 1, "replayed": 1, "position": "tail"}
+    with sharded_broker.connect(url) as broker:
+        assert [d.id for d in broker.dead_letters("sms")] == [ids["m0"]]
+
+    missing = cli(url, "replay", "sms", ids["m0"], "no-such-id")
+    assert missing.returncode == 1
+    assert "1 of 2 ids were not dead letters of 'sms'" in one_error_line(missing)
+    with sharded_broker.connect(url) as broker:
+        assert broker.stats("sms").dead == 0
+
+
+def test_purge_refuses_without_a_terminal_then_purges_with_yes(url: str) -> None:
+    seed(url)
+    refused = cli(url, "purge", "sms")
+    assert refused.returncode == 2
+    assert "pass --yes" in one_error_line(refused)
+    with sharded_broker.connect(url) as broker:
+        assert (broker.stats("sms").ready, broker.stats("sms").dead) == (3, 2)
+
+    purged = cli(url, "purge", "sms", "--yes", "--json")
+    assert purged.returncode == 0, purged.stderr
+    assert json.loads(purged.stdout) == {"queue": "sms", "what": "waiting", "purged": 3}
+    dead = cli(url, "purge", "sms", "--dead", "--yes")
+    assert dead.returncode == 0 and "purged 2 dead letters" in dead.stdout
+    with sharded_broker.connect(url) as broker:
+        stats = broker.stats("sms")
+        assert (stats.ready, stats.dead, broker.stats("email").delayed) == (0, 0, 1)
+
+
+def test_purge_asks_on_a_terminal(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'queues.db'}"
+    seed(url)
+
+    def purge_answering(answer: bytes) -> tuple[int, str]:
+        controller, terminal = pty.openpty()
+        process = subprocess.Popen(
+            [str(SCRIPT), "--url", url, "purge", "sms"],
+            stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        os.close(terminal)
+        os.write(controller, answer)
+        out, err = process.communicate(timeout=60)
+        os.close(controller)
+        return process.returncode, out + err
+
+    code, output = purge_answering(b"n\n")
+    assert code == 1 and "Delete 3 ready and 0 delayed messages of queue 'sms'?" in output
+    assert "nothing deleted" in output
+    with sharded_broker.connect(url) as broker:
+        assert broker.stats("sms").ready == 3
+    code, output = purge_answering(b"y\n")
+    assert code == 0 and "purged 3 ready and delayed messages" in output
+    with sharded_broker.connect(url) as broker:
+        assert broker.stats("sms").ready == 0
+
+
+def test_pause_and_resume_a_queue_and_a_key(url: str) -> None:
+    seed(url)
+    paused = cli(url, "pause", "sms")
+    assert paused.returncode == 0 and "paused queue 'sms'" in paused.stdout
+    assert table_rows(cli(url, "stats").stdout)["sms"][7] == "PAUSED"
+    with sharded_broker.connect(url) as broker:
+        assert broker.stats("sms").paused and broker.lease("sms", limit=10) == []
+    assert cli(url, "resume", "sms").returncode == 0
+
+    assert cli(url, "pause", "sms", "user-0").returncode == 0
+    with sharded_broker.connect(url) as broker:
+        assert not broker.stats("sms").paused
+        assert drain_payloads(broker, "sms") == [b"m3"]  # only user-1 is served
+    resumed = cli(url, "resume", "sms", "user-0")
+    assert resumed.returncode == 0 and "resumed key 'user-0' of 'sms'" in resumed.stdout
+    with sharded_broker.connect(url) as broker:
+        assert drain_payloads(broker, "sms") == [b"m2", b"m4"]
+
+
+def test_interval_spaces_deliveries_and_clears(url: str) -> None:
+    seed(url)
+    result = cli(url, "interval", "sms", "user-0", "3600")
+    assert result.returncode == 0, result.stderr
+    assert "at least 3600s between deliveries" in result.stdout
+    with sharded_broker.connect(url) as broker:
+        # Deliveries before the interval was set do not count: m2 goes, then m4 waits an hour.
+        assert sorted(drain_payloads(broker, "sms")) == [b"m2", b"m3"]
+    cleared = cli(url, "interval", "sms", "user-0", "--clear")
+    assert cleared.returncode == 0 and "default interval" in cleared.stdout
+    with sharded_broker.connect(url) as broker:
+        assert drain_payloads(broker, "sms") == [b"m4"]
+
+
+def test_settings_on_a_queue_without_messages_say_so(url: str) -> None:
+    seed(url)
+    result = cli(url, "pause", "smss")
+    assert result.returncode == 0
+    assert "queue 'smss' has never held a message" in one_error_line(result)
+
+
+def test_refused_values_change_nothing(url: str) -> None:
+    seed(url)
+    result = cli(url, "interval", "sms", "user-0", "--", "-5")
+    assert result.returncode == 2
+    assert "interval must be >= 0" in one_error_line(result)
+    with sharded_broker.connect(url) as broker:
+        assert drain_payloads(broker, "sms") == [b"m2", b"m3", b"m4"]
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+def test_unknown_queue_is_one_line_and_exit_1(url: str) -> None:
+    seed(url)
+    for command in (["stats", "smss"], ["dead", "smss"], ["replay", "smss", "--all"], ["purge", "smss", "--yes"]):
+        result = cli(url, *command)
+        assert result.returncode == 1, command
+        assert one_error_line(result) == "Error: unknown queue 'smss'; known queues: email, sms"
+
+
+def test_unreachable_server_never_shows_the_password() -> None:
+    url = f"redis://:{SECRET}@127.0.0.1:{free_port()}/0"
+    result = cli(url, "stats")
+    assert result.returncode == 1
+    line = one_error_line(result)
+    assert "127.0.0.1" in line and "***" in line
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_wrong_password_never_shows_the_password() -> None:
+    with RedisServer(["--requirepass", "the-right-one"]) as server:
+        result = cli(f"redis://:{SECRET}@127.0.0.1:{server.port}/0", "stats", "--json")
+    assert result.returncode == 1
+    one_error_line(result)
+    assert SECRET not in result.stdout + result.stderr
+
+
+def test_celery_url_form_is_accepted(redis_url: str) -> None:
+    seed(redis_url)
+    result = cli("sharded+" + redis_url, "stats", "sms", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ready"] == 3
+
+
+def test_url_from_the_environment(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'queues.db'}"
+    seed(url)
+    result = cli("", "stats", "sms", "--json", env={"SHARDED_BROKER_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["dead"] == 2
+
+
+def test_bad_urls(tmp_path: Path) -> None:
+    missing = cli(f"sqlite:///{tmp_path / 'nope.db'}", "stats")
+    assert missing.returncode == 1
+    assert "no SQLite database at" in one_error_line(missing)
+    assert not (tmp_path / "nope.db").exists()  # a read command creates nothing
+
+    malformed = cli("localhost:6379", "stats")
+    assert malformed.returncode == 2 and "malformed broker URL" in one_error_line(malformed)
+    scheme = cli("amqp://guest:guest@localhost//", "stats")
+    assert scheme.returncode == 2 and "unknown URL scheme 'amqp'" in one_error_line(scheme)
+    assert "guest:guest" not in scheme.stderr
+
+
+def test_no_url_is_a_usage_error() -> None:
+    result = cli("", "stats", env={"SHARDED_BROKER_URL": ""})
+    assert result.returncode == 2 and "--url" in result.stderr
+
+
+# -- exporter -----------------------------------------------------------------------------
+
+
+def scrape(port: int, process: subprocess.Popen[str]) -> str:
+    """GET /metrics, retrying while the exporter starts up."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                return response.read().decode()
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def test_exporter_serves_the_collector(url: str) -> None:
+    seed(url)
+    port = free_port()
+    process = subprocess.Popen(
+        [str(SCRIPT), "--url", url, "exporter", "--port", str(port), "--queue", "sms"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        body = scrape(port, process)
+    finally:
+        process.terminate()
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert f"on http://127.0.0.1:{port}/metrics" in err
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+    assert samples[("sharded_broker_up", ())] == 1
+    assert samples[("sharded_broker_messages", (("queue", "sms"), ("state", "ready")))] == 3
+    assert samples[("sharded_broker_messages", (("queue", "sms"), ("state", "dead")))] == 2
+    assert samples[("sharded_broker_keys", (("queue", "sms"),))] == 2
+    assert not any(dict(labels).get("queue") == "email" for _, labels in samples)  # --queue sms only
+
+
+def test_exporter_port_in_use(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'queues.db'}"
+    seed(url)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli(url, "exporter", "--port", str(port))
+    assert result.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in one_error_line(result)
+
+
+# -- in process (memory://) ---------------------------------------------------------------
+
+
+def invoke(memory_url: str, *args: str) -> Result:
+    return CliRunner().invoke(main, ["--url", memory_url, *args])
+
+
+def test_replay_needs_ids_or_all(memory_url: str) -> None:
+    seed(memory_url)
+    for args in (["replay", "sms"], ["replay", "sms", "some-id", "--all"]):
+        result = invoke(memory_url, *args)
+        assert result.exit_code == 2 and "IDS" in result.stderr
+    assert sharded_broker.connect(memory_url).stats("sms").dead == 2
+
+
+def test_interval_needs_seconds_or_clear(memory_url: str) -> None:
+    seed(memory_url)
+    assert invoke(memory_url, "interval", "sms", "user-0").exit_code == 2
+    assert invoke(memory_url, "interval", "sms", "user-0", "5", "--clear").exit_code == 2
+    nan = invoke(memory_url, "interval", "sms", "user-0", "nan")
+    assert nan.exit_code == 2 and "interval must be >= 0" in nan.stderr
+
+
+def test_bad_key_is_a_usage_error(memory_url: str) -> None:
+    seed(memory_url)
+    result = invoke(memory_url, "pause", "sms", "bad\nkey")
+    assert result.exit_code == 2 and "control character" in result.stderr
+    assert not sharded_broker.connect(memory_url).stats("sms").paused
+
+
+def test_replay_chunks_keep_a_key_together() -> None:
+    letters = [("a1", "a"), ("b1", "b"), ("a2", "a"), ("n1", None), ("c1", "c"), ("b2", "b"), ("n2", None)]
+    assert replay_chunks(letters, 3) == [["a1", "a2"], ["b1", "b2"], ["n1", "n2", "c1"]]
+    # A key with more dead letters than a chunk holds still goes in one call.
+    assert replay_chunks([(f"x{i}", "x") for i in range(5)] + [("y", "y")], 2) == [
+        ["x0", "x1", "x2", "x3", "x4"], ["y"],
+    ]
+
+
+def test_replay_all_in_many_chunks(memory_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sharded_broker.cli.REPLAY_CHUNK", 2)
+    monkeypatch.setattr("sharded_broker.cli.REPLAY_PAGE", 3)
+    broker = sharded_broker.connect(memory_url)
+    for i in range(12):
+        broker.enqueue("q", f"{i}".encode(), key=f"k{i % 4}")
+    while leases := broker.lease("q", limit=12):
+        for lease in leases:
+            broker.nack(lease, dead=True, reason="test")
+    assert broker.stats("q").dead == 12
+    result = invoke(memory_url, "replay", "q", "--all", "--position", "head")
+    assert result.exit_code == 0, result.output
+    assert "replayed 12 dead letters" in result.stdout
+    by_key: dict[str | None, list[bytes]] = {}
+    while leases := broker.lease("q", limit=12):
+        for lease in leases:
+            by_key.setdefault(lease.key, []).append(lease.payload)
+        broker.ack_many(leases)
+    assert by_key == {f"k{k}": [f"{i}".encode() for i in range(k, 12, 4)] for k in range(4)}
+
+
+def test_format_duration() -> None:
+    assert [format_duration(s) for s in (0, 0.04, 4.25, 59.9, 307, 3600 * 3 + 125, 86400 * 2 + 3600 * 5)] == [
+        "0s", "0s", "4.2s", "59.9s", "5m 07s", "3h 02m", "2d 05h",
+    ]
+
+
+def test_normalize_url() -> None:
+    assert normalize_url("sharded+redis://:pw@host:6379/0") == "redis://:pw@host:6379/0"
+    assert normalize_url("sqlite:///q.db") == "sqlite:///q.db"
