@@ -1,0 +1,241 @@
+"""Model-based test: every backend behaves exactly like the memory reference model.
+
+A Hypothesis state machine drives the memory backend and one other backend with the same
+random sequence of operations (enqueue, lease with limit/per_key, ack, nack with or without
+delay or dead, extend, pause/resume, intervals, replay, time passing on both fake clocks)
+under random queue settings, and after every step checks that both delivered the same
+payloads in the same order with the same attempts, refused the same stale leases, and
+report equal stats and dead letters. Message ids differ between backends, so they are
+mapped through payloads, which are unique.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    multiple,
+    rule,
+    run_state_machine_as_test,
+)
+
+import sharded_broker
+from sharded_broker import Broker, Lease, Message
+from support.backends import FakeClock, skip_unless_written
+
+Q = "q"
+KEYS = st.sampled_from(["a", "b", "c", None])
+PRIORITIES = st.sampled_from([0, 0, 0, 1, 2])
+DELAYS = st.sampled_from([0.0, 0.0, 0.0, 2.0, 7.0])
+DEDUP_IDS = st.sampled_from([None, None, None, None, "d1", "d2"])
+TIMEOUTS = st.sampled_from([5.0, 20.0])
+
+_stores = itertools.count()
+
+
+def lease_view(lease: Lease) -> tuple:
+    """What two backends must agree on for one lease (ids, tokens and batch ids differ)."""
+    return (lease.payload, lease.key, lease.priority, lease.attempts, round(lease.deadline, 3), round(lease.enqueued_at, 3))
+
+
+def batches_view(leases: list[Lease]) -> list[list[bytes]]:
+    """Which payloads share a batch, in order."""
+    groups: dict[str, list[bytes]] = {}
+    for lease in leases:
+        groups.setdefault(lease.batch_id, []).append(lease.payload)
+    return list(groups.values())
+
+
+class SameAsModel(RuleBasedStateMachine):
+    """Compares ``self.other`` (opened by ``open_other``) with a memory model."""
+
+    open_other: Callable[[FakeClock, dict], Broker]
+
+    leases = Bundle("leases")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model_clock = FakeClock()
+        self.other_clock = FakeClock()
+        self.payloads = itertools.count()
+        self.model: Broker | None = None
+        self.other: Broker | None = None
+        # Payload of each id, per backend: how a duplicate's answer is compared.
+        self.model_ids: dict[str, bytes] = {}
+        self.other_ids: dict[str, bytes] = {}
+
+    @initialize(
+        retry_position=st.sampled_from(["head", "head", "tail"]),
+        key_concurrency=st.sampled_from([1, 1, 2]),
+        interval=st.sampled_from([0.0, 0.0, 3.0]),
+        max_deliveries=st.sampled_from([2, 3, None]),
+        unique_while_pending=st.booleans(),
+    )
+    def open_brokers(self, **options) -> None:
+        options["dedup_window"] = 10.0
+        self.model = sharded_broker.connect(f"memory://model-{next(_stores)}", clock=self.model_clock, **options)
+        self.other = self.open_other(self.other_clock, options)
+
+    def teardown(self) -> None:
+        for broker in (self.model, self.other):
+            if broker is not None:
+                broker.close()
+
+    # -- operations ---------------------------------------------------------------------
+
+    def _new_payload(self) -> bytes:
+        return f"m{next(self.payloads)}".encode()
+
+    def _compare_ids(self, model_ids: list[str], other_ids: list[str], payloads: list[bytes]) -> None:
+        for model_id, other_id, payload in zip(model_ids, other_ids, payloads, strict=True):
+            self.model_ids.setdefault(model_id, payload)
+            self.other_ids.setdefault(other_id, payload)
+            # Both stored the message, or both answered with the same earlier message.
+            assert self.model_ids[model_id] == self.other_ids[other_id]
+
+    @rule(key=KEYS, priority=PRIORITIES, delay=DELAYS, at_head=st.booleans(), dedup_id=DEDUP_IDS)
+    def enqueue(self, key, priority, delay, at_head, dedup_id) -> None:
+        payload = self._new_payload()
+        options = dict(key=key, priority=priority, delay=delay, at_head=at_head, dedup_id=dedup_id)
+        self._compare_ids(
+            [self.model.enqueue(Q, payload, **options)], [self.other.enqueue(Q, payload, **options)], [payload]
+        )
+
+    @rule(specs=st.lists(st.tuples(KEYS, PRIORITIES, DELAYS, DEDUP_IDS), min_size=1, max_size=4))
+    def enqueue_many(self, specs) -> None:
+        messages = [
+            Message(self._new_payload(), key=key, priority=priority, delay=delay, dedup_id=dedup_id)
+            for key, priority, delay, dedup_id in specs
+        ]
+        self._compare_ids(
+            self.model.enqueue_many(Q, messages),
+            self.other.enqueue_many(Q, messages),
+            [m.payload for m in messages],
+        )
+
+    @rule(target=leases, limit=st.integers(1, 4), per_key=st.sampled_from([1, 1, 2, 3]), timeout=TIMEOUTS)
+    def lease(self, limit, per_key, timeout):
+        model = self.model.lease(Q, limit, per_key=per_key, visibility_timeout=timeout)
+        other = self.other.lease(Q, limit, per_key=per_key, visibility_timeout=timeout)
+        assert [lease_view(x) for x in other] == [lease_view(x) for x in model]
+        assert batches_view(other) == batches_view(model)
+        return multiple(*zip(model, other))
+
+    @rule(pair=leases)
+    def ack(self, pair) -> None:
+        model, other = pair
+        assert self.other.ack(other) == self.model.ack(model)
+
+    @rule(pairs=st.lists(leases, min_size=1, max_size=3))
+    def ack_many(self, pairs) -> None:
+        model = self.model.ack_many([m for m, _ in pairs])
+        assert self.other.ack_many([o for _, o in pairs]) == model
+
+    @rule(pair=leases, delay=st.sampled_from([0.0, 0.0, 3.0]), dead=st.booleans(),
+          reason=st.sampled_from([None, "boom"]))
+    def nack(self, pair, delay, dead, reason) -> None:
+        model, other = pair
+        assert self.other.nack(other, delay=delay, dead=dead, reason=reason) == self.model.nack(
+            model, delay=delay, dead=dead, reason=reason
+        )
+
+    @rule(pair=leases, timeout=TIMEOUTS)
+    def extend(self, pair, timeout) -> None:
+        model, other = pair
+        assert self.other.extend(other, timeout) == self.model.extend(model, timeout)
+        assert round(other.deadline, 3) == round(model.deadline, 3)
+
+    @rule(seconds=st.sampled_from([0.001, 0.5, 1.0, 2.5, 6.0, 21.0]))
+    def time_passes(self, seconds) -> None:
+        self.model_clock.advance(seconds)
+        self.other_clock.advance(seconds)
+
+    @rule(key=st.sampled_from(["a", "b", None]), paused=st.booleans())
+    def pause_or_resume(self, key, paused) -> None:
+        for broker in (self.model, self.other):
+            (broker.pause if paused else broker.resume)(Q, key=key)
+
+    @rule(key=st.sampled_from(["a", "b"]), seconds=st.sampled_from([None, 0.0, 4.0]))
+    def set_interval(self, key, seconds) -> None:
+        for broker in (self.model, self.other):
+            broker.set_interval(Q, key, seconds)
+
+    @rule(position=st.sampled_from(["head", "tail"]), first_only=st.booleans())
+    def replay(self, position, first_only) -> None:
+        if first_only:
+            model_dead = self.model.dead_letters(Q, limit=1)
+            other_dead = self.other.dead_letters(Q, limit=1)
+            assert [d.payload for d in other_dead] == [d.payload for d in model_dead]
+            model = self.model.replay(Q, [d.id for d in model_dead], position=position)
+            other = self.other.replay(Q, [d.id for d in other_dead], position=position)
+        else:
+            model = self.model.replay(Q, position=position)
+            other = self.other.replay(Q, position=position)
+        assert other == model
+
+    @rule(dead=st.booleans())
+    def purge(self, dead) -> None:
+        assert self.other.purge(Q, dead=dead) == self.model.purge(Q, dead=dead)
+
+    # -- what must agree after every step ------------------------------------------------
+
+    @invariant()
+    def same_stats(self) -> None:
+        if self.model is None:
+            return
+        model, other = self.model.stats(Q).as_dict(), self.other.stats(Q).as_dict()
+        assert other.pop("oldest_age") == pytest.approx(model.pop("oldest_age"), abs=2e-3)
+        assert other == model
+
+    @invariant()
+    def same_dead_letters(self) -> None:
+        if self.model is None:
+            return
+
+        def view(broker: Broker) -> list[tuple]:
+            return [
+                (d.payload, d.key, d.attempts, round(d.died_at, 3), d.reason if d.reason in ("boom", "rejected") else "")
+                for d in broker.dead_letters(Q, limit=1000)
+            ]
+
+        assert view(self.other) == view(self.model)
+
+
+MODEL_SETTINGS = settings(
+    max_examples=150,
+    stateful_step_count=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+@pytest.mark.parametrize("backend_name", ["sqlite", "redis"])
+def test_backend_behaves_like_the_memory_model(backend_name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    skip_unless_written(backend_name)
+    stores = itertools.count()
+
+    if backend_name == "redis":
+        import redis
+
+        url = request.getfixturevalue("redis_server").url
+        client = redis.Redis.from_url(url)
+        request.addfinalizer(client.close)
+
+        def open_other(clock: FakeClock, options: dict) -> Broker:
+            client.flushall()
+            return sharded_broker.connect(url, clock=clock, **options)
+    else:
+
+        def open_other(clock: FakeClock, options: dict) -> Broker:
+            return sharded_broker.connect(f"sqlite:///{tmp_path}/model-{next(stores)}.db", clock=clock, **options)
+
+    machine = type(f"SameAsModel_{backend_name}", (SameAsModel,), {"open_other": staticmethod(open_other)})
+    run_state_machine_as_test(machine, settings=MODEL_SETTINGS)
