@@ -623,11 +623,12 @@ main.command("resume", help="Deliver QUEUE (or KEY in it) again after a pause.")
 def exporter(session: Session, port: int, host: str, queues: tuple[str, ...]) -> None:
     """Serve the queues' figures to Prometheus on http://HOST:PORT/metrics until stopped."""
     try:
-        from prometheus_client import CollectorRegistry, start_http_server
-
+        # First: its ImportError tells how to install the missing extra.
         from .prometheus import ShardedBrokerCollector
     except ImportError as exc:
         raise CommandFailed(str(exc)) from None
+    from prometheus_client import CollectorRegistry, start_http_server
+
     registry = CollectorRegistry()
     registry.register(ShardedBrokerCollector(session.broker(), queues=list(queues) or None))
     try:
