@@ -232,16 +232,17 @@ class RedisBackend(Backend):
                 "1" if m.at_head else "0",
                 m.payload,
             ]
-        if queue not in self._registered:
-            # The registry lives outside the queue's hash tag, so it is written apart; once
-            # per process per queue, pipelined with the enqueue (still one round trip).
-            with self._errors():
-                pipe = self._client.pipeline(transaction=False)
-                pipe.sadd(self._registry_key(), queue)
-                pipe.execute()
-            with self._registered_lock:
-                self._registered.add(queue)
-        ids = self._run("enqueue", queue, args)
+        keys = self._keys(queue)
+        script = self._scripts["enqueue"]
+        with self._errors():
+            if queue in self._registered:
+                ids = script(self._client, keys, args)
+            else:
+                # The registry lives outside the queue's hash tag, so a script may not
+                # touch it; it is written once per process per queue, in the same round trip.
+                [_, ids] = self._pipelined(script, [(keys, args)], prelude=("SADD", self._registry_key(), queue))
+                with self._registered_lock:
+                    self._registered.add(queue)
         return [_str(i) for i in ids]
 
     def lease(
@@ -292,16 +293,22 @@ class RedisBackend(Backend):
                 results[index] = bool(settled)
         return results
 
-    def _pipelined(self, script: _Script, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        """Several calls of one script in one round trip (loading the script if missing)."""
+    def _pipelined(
+        self, script: _Script, calls: list[tuple[list[str], list[Any]]], prelude: tuple[Any, ...] | None = None
+    ) -> list[Any]:
+        """Several calls of one script (after an optional plain command) in one round trip,
+        loading the script first if the server lacks it."""
         for attempt in range(2):
             pipe = self._client.pipeline(transaction=False)
+            if prelude is not None:
+                pipe.execute_command(*prelude)
             for keys, args in calls:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             answers = pipe.execute(raise_on_error=False)
-            if not any(isinstance(a, redis.exceptions.NoScriptError) for a in answers) or attempt:
+            if attempt or not any(isinstance(a, redis.exceptions.NoScriptError) for a in answers):
                 break
-            # A script failing with NOSCRIPT changed nothing: load it and run them all again.
+            # A call refused with NOSCRIPT changed nothing (and the prelude is idempotent):
+            # load the script and send them all again.
             self._client.script_load(script.source)
         for answer in answers:
             if isinstance(answer, Exception):

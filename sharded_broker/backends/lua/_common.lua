@@ -93,8 +93,10 @@ local function lane_member(rec)
     .. '\0' .. rec.id
 end
 
--- Records loaded in this call, written back once by flush(); false once forgotten.
+-- Records loaded in this call (false once forgotten), written back once by flush() when
+-- they changed; RAW keeps what was read, so unchanged records cost no write.
 local CACHE = {}
+local RAW = {}
 
 local function load(id)
   local rec = CACHE[id]
@@ -107,6 +109,7 @@ local function load(id)
   end
   rec = cmsgpack.unpack(raw)
   CACHE[id] = rec
+  RAW[id] = raw
   return rec
 end
 
@@ -117,7 +120,10 @@ end
 local function flush()
   for id, rec in pairs(CACHE) do
     if rec then
-      redis.call('HSET', K.msgs, id, cmsgpack.pack(rec))
+      local raw = cmsgpack.pack(rec)
+      if raw ~= RAW[id] then
+        redis.call('HSET', K.msgs, id, raw)
+      end
     end
   end
 end
