@@ -114,8 +114,9 @@ class Session:
             password = urlsplit(self.url).password
         except ValueError:
             password = None
-        if password:
-            text = text.replace(password, "***")
+        # Both spellings: as written in the URL (percent-encoded) and as a client uses it.
+        for spelling in {password, unquote(password)} if password else ():
+            text = text.replace(spelling, "***")
         return " ".join(text.split())
 
 
@@ -242,7 +243,7 @@ def _key_text(key: str | None) -> Text:
 
 def stats_table(rows: Sequence[QueueStats], rates: dict[str, "QueueRates"] | None = None) -> Table:
     """The stats table; with ``rates``, two more columns of net change per second."""
-    table = Table(title=None, header_style="bold")
+    table = Table(header_style="bold")
     table.add_column("queue", no_wrap=True)
     for name in ("ready", "leased", "delayed", "dead", "keys"):
         table.add_column(name, justify="right")
@@ -296,9 +297,10 @@ def _all_stats(broker: Broker, queue: str | None) -> list[QueueStats]:
 @json_option
 @pass_session
 def stats(session: Session, queue: str | None, as_json: bool) -> None:
-    """Ready / leased / delayed / dead messages, keys and lag of every queue (or QUEUE).
+    """Counts and lag of every queue (or QUEUE).
 
-    With --json: one object for QUEUE, a list of objects for every queue.
+    Ready, leased, delayed and dead messages, shard keys with live messages, the age of
+    the oldest ready message (lag) and whether the queue is paused. With --json: one object for QUEUE, a list of objects for every queue.
     """
     rows = _all_stats(session.broker(), queue)
     if as_json:
@@ -348,9 +350,10 @@ def rates_between(
 @json_option
 @pass_session
 def top(session: Session, refresh: float, once: bool, iterations: int | None, as_json: bool) -> None:
-    """Live stats of every queue, with the net change per second of backlog and dead letters.
+    """Live stats of every queue, refreshed until Ctrl-C.
 
-    Rates compare successive snapshots, so the first frame has none. With --json: one
+    Adds the net change per second of each queue's backlog (ready + leased + delayed)
+    and of its dead letters. Rates compare successive snapshots, so the first frame has none. With --json: one
     JSON object per frame and line ({"time", "queues": [...]}, each queue with
     backlog_change_per_second and dead_change_per_second, null on the first frame).
     """
@@ -420,9 +423,9 @@ def _frame_counter(frames: int | None, refresh: float) -> Iterator[int]:
 @json_option
 @pass_session
 def dead(session: Session, queue: str, limit: int, offset: int, as_json: bool) -> None:
-    """List the dead letters of QUEUE: id, key, attempts, reason, when it died.
+    """List the dead letters of QUEUE, oldest death first.
 
-    With --json: a list of objects (id, queue, key, attempts, reason, priority,
+    Shows id, shard key, attempts, reason and when each died. With --json: a list of objects (id, queue, key, attempts, reason, priority,
     enqueued_at, died_at, dedup_id, headers, payload_size).
     """
     broker = session.broker()
@@ -494,9 +497,9 @@ def replay_chunks(letters: Iterable[tuple[str, str | None]], size: int) -> list[
 @json_option
 @pass_session
 def replay(session: Session, queue: str, ids: tuple[str, ...], replay_all: bool, position: str, as_json: bool) -> None:
-    """Put dead letters of QUEUE back in service (IDS, or --all), attempts reset.
+    """Put dead letters of QUEUE back in service.
 
-    --all replays the dead letters present when it starts, a key's messages together so
+    Replays IDS, or --all; their attempts start again from 0. --all replays the dead letters present when it starts, a key's messages together so
     they keep their order. Exit code 1 when some IDS were not dead letters of QUEUE.
     With --json: {"queue", "requested", "replayed", "position"}.
     """
@@ -543,9 +546,9 @@ def replay(session: Session, queue: str, ids: tuple[str, ...], replay_all: bool,
 @json_option
 @pass_session
 def purge(session: Session, queue: str, dead_letters: bool, yes: bool, as_json: bool) -> None:
-    """Delete every ready and delayed message of QUEUE (--dead: every dead letter).
+    """Delete the waiting messages (or --dead: dead letters) of QUEUE.
 
-    Leased messages are left to the workers holding them. Asks first unless --yes;
+    Waiting means ready and delayed; leased messages are left to the workers holding them. Asks first unless --yes;
     without a terminal to ask on, refuses unless --yes. With --json: {"queue", "what",
     "purged"}.
     """
@@ -573,7 +576,11 @@ def purge(session: Session, queue: str, dead_letters: bool, yes: bool, as_json: 
 @click.option("--clear", is_flag=True, help="Return KEY to the queue's default interval.")
 @pass_session
 def interval(session: Session, queue: str, key: str, seconds: float | None, clear: bool) -> None:
-    """Set the minimum SECONDS between two deliveries of KEY in QUEUE (persisted)."""
+    """Space the deliveries of KEY in QUEUE at least SECONDS apart.
+
+    Stored in the backend, so every worker keeps it. --clear returns KEY to the queue's
+    default interval.
+    """
     if (seconds is None) != clear:
         raise click.UsageError("give SECONDS or --clear, not both")
     broker = session.broker()
@@ -621,7 +628,11 @@ main.command("resume", help="Deliver QUEUE (or KEY in it) again after a pause.")
               help="Export only this queue (repeatable; default: every queue, looked up at each scrape).")
 @pass_session
 def exporter(session: Session, port: int, host: str, queues: tuple[str, ...]) -> None:
-    """Serve the queues' figures to Prometheus on http://HOST:PORT/metrics until stopped."""
+    """Serve Prometheus metrics on http://HOST:PORT/metrics.
+
+    Runs until SIGINT or SIGTERM (then exits 0). A scrape that cannot reach the backend
+    reports sharded_broker_up 0.
+    """
     try:
         # First: its ImportError tells how to install the missing extra.
         from .prometheus import ShardedBrokerCollector

@@ -472,3 +472,10 @@ def test_format_duration() -> None:
 def test_normalize_url() -> None:
     assert normalize_url("sharded+redis://:pw@host:6379/0") == "redis://:pw@host:6379/0"
     assert normalize_url("sqlite:///q.db") == "sqlite:///q.db"
+
+
+def test_percent_encoded_password_is_masked_in_errors() -> None:
+    url = f"redis://:p%40{SECRET}@127.0.0.1:{free_port()}/0"
+    result = cli(url, "stats")
+    assert result.returncode == 1
+    assert SECRET not in result.stdout + result.stderr
