@@ -55,8 +55,8 @@ import threading
 import time
 from datetime import datetime, timezone
 from queue import Empty
-from typing import Any, Callable, Iterable, Mapping
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from typing import Any, Callable, Mapping
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from kombu.serialization import loads as deserialize
 from kombu.transport import TRANSPORT_ALIASES, virtual
@@ -82,7 +82,7 @@ SHARD_KEY_HEADER = "shard_key"
 MAX_LEASE_BATCH = 10
 
 # Transport options of this transport (beyond the engine's queue settings).
-OWN_OPTIONS = frozenset({"shard_keys", "prefix", "polling_interval", "heartbeat_interval"})
+OWN_OPTIONS = frozenset({"shard_keys", "polling_interval", "heartbeat_interval"})
 # Read by kombu itself (connection retries, virtual channel), accepted and left to it.
 KOMBU_OPTIONS = frozenset(
     {
@@ -95,7 +95,7 @@ KOMBU_OPTIONS = frozenset(
 IGNORED_REDIS_OPTIONS = frozenset({"fanout_prefix", "fanout_patterns"})
 # Options of kombu's redis:// transport with an equivalent here.
 REDIS_OPTION_HINTS = {
-    "global_keyprefix": "use 'prefix'",
+    "global_keyprefix": "use 'prefix' (a redis backend option)",
     "queue_order_strategy": "keys are always served round-robin",
     "priority_steps": "priorities 0-9 are always exact",
     "sep": "not needed",
@@ -339,9 +339,6 @@ class Channel(virtual.Channel):
     def broker(self) -> sharded_broker.Broker:
         return self.connection.broker
 
-    def _engine_queue(self, queue: str) -> str:
-        return self.connection.prefix + queue
-
     # publishing
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
@@ -349,7 +346,7 @@ class Channel(virtual.Channel):
         key = self.connection.shard_keys.resolve(message, lambda: self._decode_task_body(message))
         retry = bool(headers.get("retries")) and "task" in headers
         self.broker.enqueue(
-            self._engine_queue(queue),
+            queue,
             json_dumps(message).encode(),
             key=key,
             priority=self._get_message_priority(message, reverse=False),
@@ -367,18 +364,18 @@ class Channel(virtual.Channel):
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any) -> None:
         payload = json_dumps(message).encode()
         for _, queue in self._bindings(exchange):
-            self.broker.enqueue(self._engine_queue(queue), payload)
+            self.broker.enqueue(queue, payload)
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: Any, queue: str) -> None:
-        self.broker.bind(self._engine_queue(exchange), binding_entry(routing_key, queue))
+        self.broker.bind(exchange, binding_entry(routing_key, queue))
 
     def queue_unbind(self, queue, exchange=None, routing_key="", arguments=None, **kwargs):
         super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
         if exchange:
-            self.broker.unbind(self._engine_queue(exchange), binding_entry(routing_key, queue))
+            self.broker.unbind(exchange, binding_entry(routing_key, queue))
 
     def _bindings(self, exchange: str) -> list[tuple[str, str]]:
-        return [parse_binding_entry(e) for e in self.broker.bound_queues(self._engine_queue(exchange))]
+        return [parse_binding_entry(e) for e in self.broker.bound_queues(exchange)]
 
     def get_table(self, exchange: str) -> list[tuple[str, Any, str]]:
         """Bindings of ``exchange`` from the engine, shared by every process."""
@@ -388,22 +385,22 @@ class Channel(virtual.Channel):
     # queues
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        check.queue_name(self._engine_queue(queue))  # refuse a bad name at declaration
+        check.queue_name(queue)  # refuse a bad name at declaration
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return True  # engine queues exist as soon as they are named
 
     def _size(self, queue: str) -> int:
-        stats = self.broker.stats(self._engine_queue(queue))
+        stats = self.broker.stats(queue)
         return stats.ready + stats.delayed
 
     def _purge(self, queue: str) -> int:
-        return self.broker.purge(self._engine_queue(queue))
+        return self.broker.purge(queue)
 
     def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
         if len(args) >= 2 and args[0]:
             exchange, routing_key = args[0], args[1]
-            self.broker.unbind(self._engine_queue(exchange), binding_entry(routing_key, queue))
+            self.broker.unbind(exchange, binding_entry(routing_key, queue))
         self._purge(queue)
 
     # consuming
@@ -424,7 +421,7 @@ class Channel(virtual.Channel):
 
     def _lease(self, queue: str, limit: int, no_ack: bool) -> list[dict[str, Any]]:
         leases = self.broker.lease(
-            self._engine_queue(queue), limit, visibility_timeout=self.connection.visibility_timeout
+            queue, limit, visibility_timeout=self.connection.visibility_timeout
         )
         if no_ack:
             self.broker.ack_many(leases)
@@ -574,7 +571,8 @@ class Transport(virtual.Transport):
         options = dict(client.transport_options or {})
         self.engine_url = engine_url(client)
         sharded_broker.broker.backend_class(self.engine_url)  # unknown scheme: fail now
-        self.prefix, self.shard_keys, self.heartbeat_interval, self.engine_options = _split_options(options)
+        self.shard_keys, self.heartbeat_interval, self.engine_options = _split_options(options)
+        self.engine_options.update(_ssl_options(client, self.engine_url))
         settings = check.queue_settings({k: v for k, v in self.engine_options.items() if k in QUEUE_SETTING_NAMES})
         self.visibility_timeout = settings.visibility_timeout
         if self.heartbeat_interval is None:
@@ -631,7 +629,7 @@ class Transport(virtual.Transport):
         """Block up to ``seconds``; the backend returns early when a message may have come."""
         for channel in self.channels:
             if channel._active_queues:
-                self.broker.backend.wait(channel._engine_queue(channel._active_queues[0]), seconds)
+                self.broker.backend.wait(channel._active_queues[0], seconds)
                 return
         time.sleep(seconds)
 
@@ -657,8 +655,7 @@ def engine_url(client) -> str:
 
     kombu passes everything after ``sharded+`` as ``hostname``; credentials, port and
     virtual host given separately (Celery's ``broker_user``, ``broker_password``,
-    ``broker_port``, ``broker_vhost``) fill what the URL leaves out, and ``broker_use_ssl``
-    becomes the ``ssl_*`` query parameters of a ``rediss://`` URL.
+    ``broker_port``, ``broker_vhost``) fill what the URL leaves out.
     """
     url = client.hostname or ""
     if "://" not in url:
@@ -681,32 +678,24 @@ def engine_url(client) -> str:
     vhost = str(client.virtual_host or "").strip("/")
     if path in ("", "/") and vhost:
         path = "/" + vhost
-    query = dict(parse_qsl(parts.query))
-    if parts.scheme == "rediss" and isinstance(client.ssl, Mapping):
-        for name, value in client.ssl.items():
-            query.setdefault(name, _ssl_query_value(value))
-    parts = parts._replace(netloc=netloc, path=path, query=urlencode(query))
-    return urlunsplit(parts)
+    return urlunsplit(parts._replace(netloc=netloc, path=path))
 
 
-def _ssl_query_value(value: Any) -> str:
-    import ssl
+def _ssl_options(client, url: str) -> dict[str, Any]:
+    """Celery's ``broker_use_ssl`` (redis-py ``ssl_*`` arguments) for a ``rediss://`` URL."""
+    if not url.startswith("rediss://") or not isinstance(client.ssl, Mapping):
+        return {}
+    return dict(client.ssl)
 
-    names = {ssl.CERT_NONE: "none", ssl.CERT_OPTIONAL: "optional", ssl.CERT_REQUIRED: "required"}
-    return names.get(value, str(value))
 
-
-def _split_options(options: dict[str, Any]) -> tuple[str, ShardKeyResolver, float | None, dict[str, Any]]:
-    """(prefix, key resolver, heartbeat interval, engine options) from transport options."""
+def _split_options(options: dict[str, Any]) -> tuple[ShardKeyResolver, float | None, dict[str, Any]]:
+    """(key resolver, heartbeat interval, engine options) from transport options."""
     for name in sorted(options):
         if name in REDIS_OPTION_HINTS:
             raise ConfigurationError(
                 f"transport option {name!r} is a redis:// transport option; with sharded+ "
                 f"{REDIS_OPTION_HINTS[name]}"
             )
-    prefix = options.pop("prefix", "") or ""
-    if prefix:
-        check.queue_name(prefix)
     resolver = ShardKeyResolver(options.pop("shard_keys", None) or {})
     heartbeat = options.pop("heartbeat_interval", None)
     if heartbeat is not None:
@@ -719,7 +708,7 @@ def _split_options(options: dict[str, Any]) -> tuple[str, ShardKeyResolver, floa
     # The rest goes to sharded_broker.connect: queue settings, "queues", "max_payload_size"
     # and the backend's own options. The backend refuses, naming it, any option it does
     # not know: that is how an unknown transport option is reported.
-    return prefix, resolver, heartbeat, options
+    return resolver, heartbeat, options
 
 
 # -- Celery: order under the default task_acks_late=False ----------------------------------
