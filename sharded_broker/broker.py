@@ -48,6 +48,10 @@ def redact_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         if parts.password is None:
+            if "@" in url and not parts.netloc:
+                # Not parsed as scheme://user:password@host (e.g. a missing "://"): hide
+                # everything before the host rather than guess where a password ends.
+                return "***@" + url.rpartition("@")[2]
             return url
         netloc = parts.netloc.rpartition("@")
         user = parts.username or ""
@@ -68,12 +72,16 @@ def connect(url: str = "memory://", **options: Any) -> "Broker":
     per_queue = options.pop("queues", None) or {}
     max_payload_size = options.pop("max_payload_size", check.DEFAULT_MAX_PAYLOAD_SIZE)
     defaults = check.queue_settings(settings_options)
-    backend = backend_class(url).from_url(url, **options)
-    broker = Broker(backend, defaults=defaults, max_payload_size=max_payload_size)
     if not isinstance(per_queue, Mapping):
         raise ConfigurationError("queues must map queue names to settings")
-    for name, queue_options in per_queue.items():
-        broker.configure_queue(name, **queue_options)
+    backend = backend_class(url).from_url(url, **options)
+    try:
+        broker = Broker(backend, defaults=defaults, max_payload_size=max_payload_size)
+        for name, queue_options in per_queue.items():
+            broker.configure_queue(name, **queue_options)
+    except BaseException:
+        backend.close()  # a refused setting must not leak the backend's connections
+        raise
     return broker
 
 
