@@ -99,7 +99,7 @@ class _Script:
 
 
 class RedisBackend(Backend):
-    """Queues in a Redis server (6.2 or later), shared by every process that uses it.
+    """Queues in a Redis server (6.0 or later), shared by every process that uses it.
 
     ``prefix`` (default ``"sb"``) starts every key name; two prefixes on one server are
     fully isolated. ``clock`` replaces the server's clock (tests only). Any other option is
@@ -114,8 +114,7 @@ class RedisBackend(Backend):
         clock: Callable[[], float] | None = None,
         **redis_options: Any,
     ) -> None:
-        self.url = url
-        self._safe_url = redact_url(url)
+        self.url = self._safe_url = redact_url(url)  # the password stays with redis-py only
         if not isinstance(prefix, str) or not _QUEUE_NAME.fullmatch(prefix):
             raise ConfigurationError(
                 f"prefix must be a non-empty str of letters, digits and _ . : @ + -, not {prefix!r}"
