@@ -270,13 +270,13 @@ def test_age_limit_dead_letters_stale_messages(run_worker, broker: ShardedBroker
 
 
 def test_heartbeat_keeps_a_long_task_from_running_twice(run_worker, make_broker) -> None:
-    broker = make_broker(visibility_timeout=0.6)
+    broker = make_broker(visibility_timeout=0.5)
     runs = []
 
     @dramatiq.actor(broker=broker, shard_key="key")
     def slow(key: str) -> None:
         runs.append(key)
-        time.sleep(2.0)
+        time.sleep(1.5)  # three visibility timeouts
 
     slow.send("k")
     with run_worker(broker, threads=2):
