@@ -364,3 +364,23 @@ def test_rediss_url_speaks_tls(tmp_path: Path) -> None:
 def test_backend_class_serves_both_schemes() -> None:
     assert sharded_broker.broker.backend_class("redis://h") is RedisBackend
     assert sharded_broker.broker.backend_class("rediss://h") is RedisBackend
+
+
+def test_queues_survive_a_server_crash_with_append_only_persistence() -> None:
+    """kill -9 of redis-server with AOF on: nothing is lost, scripts are loaded again, an
+    unacked lease comes back after its deadline and the stale ack is refused."""
+    now = [1_700_000_000.0]
+    server = RedisServer(["--appendonly", "yes", "--appendfsync", "always"])
+    with server, sharded_broker.connect(server.url, clock=lambda: now[0]) as broker:
+        broker.enqueue_many(Q, [Message(b"1", key="a"), Message(b"2", key="a"), Message(b"3", delay=60)])
+        [lease] = broker.lease(Q, visibility_timeout=30.0)
+        server.kill()
+        server.start()
+        assert broker.stats(Q).as_dict() | {"oldest_age": 0} == {
+            "queue": Q, "ready": 1, "leased": 1, "delayed": 1, "dead": 0, "keys": 1, "oldest_age": 0, "paused": False,
+        }
+        now[0] += 31.0
+        [again] = broker.lease(Q)
+        assert (again.payload, again.attempts) == (b"1", 2)
+        assert broker.ack(lease) is False
+        assert broker.ack(again) is True
