@@ -713,3 +713,15 @@ def test_lease_wait_returns_when_a_message_arrives(connect) -> None:
     # Woken by the enqueue, long before the wait would have run out.
     assert payloads(leases) == [b"late"]
     assert time.monotonic() - started < 10
+
+
+def test_wait_does_not_miss_work_that_arrived_after_the_last_lease(connect) -> None:
+    # The race inside lease(wait=...): a message enqueued after the consumer's empty lease
+    # and before it starts waiting must still end the wait early.
+    consumer, producer = connect(), connect()
+    assert consumer.backend.lease(Q, 1, 1, 30.0, consumer.settings(Q)).leases == []
+    producer.enqueue(Q, b"x", key="a")
+    started = time.monotonic()
+    consumer.backend.wait(Q, 5.0)
+    assert time.monotonic() - started < 2.5
+    assert payloads(consumer.lease(Q)) == [b"x"]

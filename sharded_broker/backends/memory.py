@@ -87,9 +87,15 @@ class _Store:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
+        self.version = 0  # counts changes that may make work deliverable
         self.queues: dict[str, _Queue] = {}
         self.bindings: dict[str, set[str]] = {}
         self.order = itertools.count()  # tie-breaker shared by every heap of the store
+
+    def notify_change(self) -> None:
+        """Wake every waiting consumer (called with the lock held)."""
+        self.version += 1
+        self.changed.notify_all()
 
 
 _STORES: dict[str, _Store] = {}
@@ -105,6 +111,9 @@ class MemoryBackend(Backend):
         self.name = name
         self._clock = clock or time.time
         self._order = self._store.order
+        # The store version each thread's last lease saw, so that wait() returns at once
+        # for a change made between that lease and the wait.
+        self._seen = threading.local()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "MemoryBackend":
@@ -420,7 +429,7 @@ class MemoryBackend(Backend):
                     if m.key is not None:
                         self._schedule(q, m.key, now, keep_place=True)
                 ids.append(rec.id)
-            self._store.changed.notify_all()
+            self._store.notify_change()
         return ids
 
     def lease(
@@ -428,6 +437,7 @@ class MemoryBackend(Backend):
     ) -> LeaseResult:
         with self._store.lock:
             q = self._queue(queue)
+            self._seen.version = self._store.version
             now = self.now()
             self._promote_due(q, now)
             self._expire_leases(q, now, settings)
@@ -512,7 +522,7 @@ class MemoryBackend(Backend):
                 self._forget(q, rec)
                 self._settled(q, rec, now, batch)
                 results.append(True)
-            self._store.changed.notify_all()
+            self._store.notify_change()
         return results
 
     def nack(
@@ -527,7 +537,7 @@ class MemoryBackend(Backend):
             now = self.now()
             self._promote_due(q, now)  # before a tail retry takes its seq
             self._fail(q, rec, now, settings, delay=delay, dead_reason=dead_reason, why=reason or "nacked")
-            self._store.changed.notify_all()
+            self._store.notify_change()
             return True
 
     def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
@@ -548,7 +558,7 @@ class MemoryBackend(Backend):
             else:
                 q.intervals[key] = seconds
             self._schedule(q, key, self.now(), keep_place=False)
-            self._store.changed.notify_all()
+            self._store.notify_change()
 
     def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
         with self._store.lock:
@@ -561,7 +571,7 @@ class MemoryBackend(Backend):
             else:
                 q.paused_keys.discard(key)
                 self._schedule(q, key, now, keep_place=False)
-            self._store.changed.notify_all()
+            self._store.notify_change()
 
     def stats(self, queue: str) -> QueueStats:
         with self._store.lock:
@@ -629,7 +639,7 @@ class MemoryBackend(Backend):
                 self._place(q, rec, now)
                 if rec.key is not None:
                     self._schedule(q, rec.key, now, keep_place=True)
-            self._store.changed.notify_all()
+            self._store.notify_change()
             return len(records)
 
     def purge(self, queue: str, dead: bool) -> int:
@@ -661,4 +671,5 @@ class MemoryBackend(Backend):
 
     def wait(self, queue: str, timeout: float) -> None:
         with self._store.lock:
-            self._store.changed.wait(timeout)
+            if self._store.version == getattr(self._seen, "version", self._store.version):
+                self._store.changed.wait(timeout)
