@@ -41,7 +41,7 @@ from ..backend import Backend
 from ..broker import redact_url
 from ..errors import BackendUnavailable, ConfigurationError
 from ..models import DeadLetter, Lease, LeaseResult, Message, QueueSettings, QueueStats, RetryPosition
-from ..validation import _QUEUE_NAME
+from ..validation import queue_name
 
 # The KEYS of every queue script, in this order (named K.<name> in _common.lua).
 QUEUE_KEYS = (
@@ -115,10 +115,10 @@ class RedisBackend(Backend):
         **redis_options: Any,
     ) -> None:
         self.url = self._safe_url = redact_url(url)  # the password stays with redis-py only
-        if not isinstance(prefix, str) or not _QUEUE_NAME.fullmatch(prefix):
-            raise ConfigurationError(
-                f"prefix must be a non-empty str of letters, digits and _ . : @ + -, not {prefix!r}"
-            )
+        try:
+            queue_name(prefix)  # a prefix obeys the rules of a queue name: no braces, no spaces
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"bad prefix: {exc}".replace("queue name", "prefix")) from None
         if clock is not None and not callable(clock):
             raise ConfigurationError(f"clock must be a callable returning seconds, not {clock!r}")
         self.prefix = prefix
