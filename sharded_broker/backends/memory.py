@@ -546,8 +546,11 @@ class MemoryBackend(Backend):
             rec = self._current(q, lease)
             if rec is None:
                 return None
-            rec.deadline = self.now() + visibility_timeout
-            heapq.heappush(q.leases, (rec.deadline, next(self._order), rec.id, rec.token))
+            deadline = self.now() + visibility_timeout
+            if deadline != rec.deadline:
+                # An unchanged deadline keeps its place among leases expiring at the same time.
+                rec.deadline = deadline
+                heapq.heappush(q.leases, (rec.deadline, next(self._order), rec.id, rec.token))
             return rec.deadline
 
     def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
