@@ -725,3 +725,60 @@ def test_wait_does_not_miss_work_that_arrived_after_the_last_lease(connect) -> N
     consumer.backend.wait(Q, 5.0)
     assert time.monotonic() - started < 2.5
     assert payloads(consumer.lease(Q)) == [b"x"]
+
+
+# -- more combinations -----------------------------------------------------------------------
+
+
+def test_messages_outlive_the_connection(connect, clock: FakeClock) -> None:
+    first = connect(max_deliveries=2)
+    enqueue_each(first, clock, [("a", b"a1"), ("a", b"a2"), (None, b"u1")])
+    [held] = first.lease(Q)
+    first.close()
+    second = connect(max_deliveries=2)
+    assert stats_counts(second) == {"ready": 2, "leased": 1, "delayed": 0, "dead": 0, "keys": 1}
+    assert second.ack(held) is True  # a lease survives its connection
+    assert drain(second, limit=10) == [b"u1", b"a2"]  # a is ready again only from the ack
+
+
+def test_unkeyed_retries(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [(None, b"u1"), (None, b"u2")])
+    u1, u2 = broker.lease(Q, 10, visibility_timeout=10)
+    assert broker.nack(u1, delay=5)
+    assert stats_counts(broker) == {"ready": 0, "leased": 1, "delayed": 1, "dead": 0, "keys": 0}
+    clock.advance(5.5)
+    assert [(x.payload, x.attempts) for x in broker.lease(Q, 10)] == [(b"u1", 2)]
+    clock.advance(5)
+    assert [(x.payload, x.attempts) for x in broker.lease(Q, 10)] == [(b"u2", 2)]
+
+
+def test_key_concurrency_two_with_batches(connect, clock: FakeClock) -> None:
+    broker = connect(key_concurrency=2)
+    enqueue_each(broker, clock, [("a", f"a{i}".encode()) for i in range(1, 7)])
+    leases = broker.lease(Q, 10, per_key=2)
+    assert payloads(leases) == [b"a1", b"a2", b"a3", b"a4"]
+    assert len({lease.batch_id for lease in leases}) == 2
+    assert broker.ack_many(leases[2:]) == [True, True]  # the second batch settles first
+    assert payloads(broker.lease(Q, 10, per_key=2)) == [b"a5", b"a6"]
+
+
+def test_tail_retry_with_delay(connect, clock: FakeClock) -> None:
+    broker = connect(retry_position="tail")
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2")])
+    [a1] = broker.lease(Q)
+    assert broker.nack(a1, delay=5)
+    assert stats_counts(broker) == {"ready": 1, "leased": 0, "delayed": 1, "dead": 0, "keys": 1}
+    assert drain(broker) == [b"a2"]
+    clock.advance(5.5)
+    broker.enqueue(Q, b"a3", key="a")
+    assert drain(broker) == [b"a1", b"a3"]
+
+
+def test_dead_letter_from_an_expired_batch(connect, clock: FakeClock) -> None:
+    broker = connect(max_deliveries=1, visibility_timeout=10)
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("a", b"a3")])
+    assert payloads(broker.lease(Q, per_key=3, limit=3)) == [b"a1", b"a2", b"a3"]
+    clock.advance(11)
+    # a1 dies (one delivery allowed); a2 and a3 come back, their attempt not counted.
+    assert [(x.payload, x.attempts) for x in broker.lease(Q, per_key=3, limit=3)] == [(b"a2", 1), (b"a3", 1)]
+    assert [(d.payload, d.attempts) for d in broker.dead_letters(Q)] == [(b"a1", 1)]
