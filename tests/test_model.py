@@ -55,9 +55,14 @@ def batches_view(leases: list[Lease]) -> list[list[bytes]]:
 
 
 class SameAsModel(RuleBasedStateMachine):
-    """Compares ``self.other`` (opened by ``open_other``) with a memory model."""
+    """Compares the backend opened by ``open_other`` with a memory model.
 
-    open_other: Callable[[FakeClock, dict], Broker]
+    Each side has two connections to its store, and a rule switches which one the next
+    operations use: a lease taken on one connection is settled on the other, as when
+    workers and producers live in different processes.
+    """
+
+    open_other: Callable[[FakeClock, dict, bool], Broker]
 
     leases = Bundle("leases")
 
@@ -68,6 +73,7 @@ class SameAsModel(RuleBasedStateMachine):
         self.payloads = itertools.count()
         self.model: Broker | None = None
         self.other: Broker | None = None
+        self.connections: list[tuple[Broker, Broker]] = []
         # Payload of each id, per backend: how a duplicate's answer is compared.
         self.model_ids: dict[str, bytes] = {}
         self.other_ids: dict[str, bytes] = {}
@@ -81,13 +87,22 @@ class SameAsModel(RuleBasedStateMachine):
     )
     def open_brokers(self, **options) -> None:
         options["dedup_window"] = 10.0
-        self.model = sharded_broker.connect(f"memory://model-{next(_stores)}", clock=self.model_clock, **options)
-        self.other = self.open_other(self.other_clock, options)
+        model_url = f"memory://model-{next(_stores)}"
+        for fresh in (True, False):
+            self.connections.append((
+                sharded_broker.connect(model_url, clock=self.model_clock, **options),
+                self.open_other(self.other_clock, options, fresh),
+            ))
+        self.model, self.other = self.connections[0]
 
     def teardown(self) -> None:
-        for broker in (self.model, self.other):
-            if broker is not None:
+        for pair in self.connections:
+            for broker in pair:
                 broker.close()
+
+    @rule(index=st.sampled_from([0, 1]))
+    def switch_connection(self, index) -> None:
+        self.model, self.other = self.connections[index]
 
     # -- operations ---------------------------------------------------------------------
 
@@ -210,7 +225,7 @@ class SameAsModel(RuleBasedStateMachine):
 
 
 MODEL_SETTINGS = settings(
-    max_examples=150,
+    max_examples=200,
     stateful_step_count=60,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
@@ -229,13 +244,18 @@ def test_backend_behaves_like_the_memory_model(backend_name: str, request: pytes
         client = redis.Redis.from_url(url)
         request.addfinalizer(client.close)
 
-        def open_other(clock: FakeClock, options: dict) -> Broker:
-            client.flushall()
+        def open_other(clock: FakeClock, options: dict, fresh: bool) -> Broker:
+            if fresh:
+                client.flushall()
             return sharded_broker.connect(url, clock=clock, **options)
     else:
+        path = tmp_path / "model.db"
 
-        def open_other(clock: FakeClock, options: dict) -> Broker:
-            return sharded_broker.connect(f"sqlite:///{tmp_path}/model-{next(stores)}.db", clock=clock, **options)
+        def open_other(clock: FakeClock, options: dict, fresh: bool) -> Broker:
+            nonlocal path
+            if fresh:
+                path = tmp_path / f"model-{next(stores)}.db"
+            return sharded_broker.connect(f"sqlite:///{path}", clock=clock, **options)
 
     machine = type(f"SameAsModel_{backend_name}", (SameAsModel,), {"open_other": staticmethod(open_other)})
     run_state_machine_as_test(machine, settings=MODEL_SETTINGS)
