@@ -28,6 +28,7 @@ class Sizes:
     raw_pairs: int  # raw Redis LPUSH/RPOP pairs
     engine_messages: int  # per backend, enqueue_many then lease+ack
     batch: int  # messages per enqueue_many / lease call
+    single_messages: int  # per backend, one message per call (what a task-queue worker does)
     scaling_keys: tuple[int, ...]
     scaling_backlogs: tuple[int, ...]
     scaling_sample: int  # messages timed on top of each backlog
@@ -48,7 +49,8 @@ TINY = Sizes(
     raw_pairs=200,
     engine_messages=200,
     batch=50,
-    scaling_keys=(2, 20),
+    single_messages=50,
+    scaling_keys=(2, 60),
     scaling_backlogs=(100,),
     scaling_sample=50,
     memory_messages=100,
@@ -68,7 +70,8 @@ QUICK = Sizes(
     raw_pairs=50_000,
     engine_messages=20_000,
     batch=500,
-    scaling_keys=(10, 1_000, 100_000),
+    single_messages=3_000,
+    scaling_keys=(10, 1_000, 10_000, 100_000),
     scaling_backlogs=(100_000,),
     scaling_sample=5_000,
     memory_messages=10_000,
@@ -88,7 +91,8 @@ FULL = Sizes(
     raw_pairs=200_000,
     engine_messages=100_000,
     batch=500,
-    scaling_keys=(10, 1_000, 100_000),
+    single_messages=10_000,
+    scaling_keys=(10, 1_000, 10_000, 100_000),
     scaling_backlogs=(100_000, 1_000_000),
     scaling_sample=20_000,
     memory_messages=100_000,

@@ -11,15 +11,18 @@ the queue is empty. A *round trip* rate counts each message once for both halves
 
 from __future__ import annotations
 
+import cProfile
 import itertools
 import os
 import tempfile
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import sharded_broker
 from sharded_broker import Message
 
 from .common import PAYLOAD, Sizes, flush, rate, redis_client, stopwatch, used_memory
+from .profiling import summary
 
 QUEUE = "bench"
 _store_names = itertools.count()
@@ -55,6 +58,29 @@ def raw_redis_limit(redis_url: str, sizes: Sizes) -> dict[str, Any]:
         "enqueue_per_s": rate(moved, push_time[0]),
         "drain_per_s": rate(moved, pop_time[0]),
         "round_trip_per_s": rate(moved, push_time[0] + pop_time[0]),
+        "one_per_call": raw_redis_one_per_call(redis_url, sizes.single_messages),
+    }
+
+
+def raw_redis_one_per_call(redis_url: str, count: int) -> dict[str, Any]:
+    """LPUSH one payload per round trip, then RPOP one per round trip."""
+    flush(redis_url)
+    client = redis_client(redis_url)
+    try:
+        with stopwatch() as push_time:
+            for _ in range(count):
+                client.lpush("raw", PAYLOAD)
+        with stopwatch() as pop_time:
+            popped = sum(1 for _ in range(count) if client.rpop("raw") is not None)
+    finally:
+        client.close()
+    if popped != count:
+        raise RuntimeError(f"raw Redis one per call: pushed {count} payloads but popped {popped}")
+    return {
+        "messages": count,
+        "enqueue_per_s": rate(count, push_time[0]),
+        "drain_per_s": rate(count, pop_time[0]),
+        "round_trip_per_s": rate(count, push_time[0] + pop_time[0]),
     }
 
 
@@ -91,24 +117,27 @@ def keyed_messages(count: int, keys: int | None, start: int = 0) -> list[Message
     return [Message(PAYLOAD, key=f"key-{(start + i) % keys}") for i in range(count)]
 
 
-def enqueue_all(broker: sharded_broker.Broker, messages: list[Message], batch: int) -> float:
-    """Enqueue in batches of ``batch``; seconds taken."""
-    with stopwatch() as elapsed:
-        for offset in range(0, len(messages), batch):
-            broker.enqueue_many(QUEUE, messages[offset : offset + batch])
-    return elapsed[0]
+def enqueue_all(broker: sharded_broker.Broker, messages: list[Message], batch: int) -> None:
+    """Enqueue in batches of ``batch``."""
+    for offset in range(0, len(messages), batch):
+        broker.enqueue_many(QUEUE, messages[offset : offset + batch])
 
 
-def drain(broker: sharded_broker.Broker, count: int, batch: int, per_key: int) -> float:
-    """Lease and ack ``count`` messages, ``batch`` per lease call; seconds taken."""
+def drain(broker: sharded_broker.Broker, count: int, batch: int, per_key: int) -> None:
+    """Lease and ack ``count`` messages, ``batch`` per lease call."""
     done = 0
+    while done < count:
+        leases = broker.lease(QUEUE, limit=min(batch, count - done), per_key=per_key, wait=1.0)
+        if not leases:
+            raise RuntimeError(f"drain stalled after {done} of {count} messages")
+        broker.ack_many(leases)
+        done += len(leases)
+
+
+def timed(work: Callable[[], None]) -> float:
+    """Seconds ``work`` took."""
     with stopwatch() as elapsed:
-        while done < count:
-            leases = broker.lease(QUEUE, limit=min(batch, count - done), per_key=per_key, wait=1.0)
-            if not leases:
-                raise RuntimeError(f"drain stalled after {done} of {count} messages")
-            broker.ack_many(leases)
-            done += len(leases)
+        work()
     return elapsed[0]
 
 
@@ -125,8 +154,8 @@ def engine_rates(url: str, count: int, keys: int | None, batch: int) -> dict[str
     """Enqueue ``count`` messages over ``keys`` keys, then drain them."""
     messages = keyed_messages(count, keys)
     with sharded_broker.connect(url) as broker:
-        enqueue_seconds = enqueue_all(broker, messages, batch)
-        drain_seconds = drain(broker, count, batch, per_key_for(keys, batch))
+        enqueue_seconds = timed(lambda: enqueue_all(broker, messages, batch))
+        drain_seconds = timed(lambda: drain(broker, count, batch, per_key_for(keys, batch)))
         left = broker.stats(QUEUE)
     if left.ready or left.leased:
         raise RuntimeError(f"{url}: {left.ready} ready and {left.leased} leased after the drain")
@@ -137,6 +166,27 @@ def engine_rates(url: str, count: int, keys: int | None, batch: int) -> dict[str
         "enqueue_per_s": rate(count, enqueue_seconds),
         "drain_per_s": rate(count, drain_seconds),
         "round_trip_per_s": rate(count, enqueue_seconds + drain_seconds),
+    }
+
+
+def engine_one_per_call(url: str, count: int, keys: int) -> dict[str, Any]:
+    """``enqueue`` one message per call, then ``lease()`` + ``ack`` one per call."""
+    with sharded_broker.connect(url) as broker:
+        with stopwatch() as enqueue_seconds:
+            for i in range(count):
+                broker.enqueue(QUEUE, PAYLOAD, key=f"key-{i % keys}")
+        with stopwatch() as drain_seconds:
+            for done in range(count):
+                leases = broker.lease(QUEUE)
+                if not leases:
+                    raise RuntimeError(f"{url}: queue ran dry after {done} of {count} messages")
+                broker.ack(leases[0])
+    return {
+        "messages": count,
+        "keys": keys,
+        "enqueue_per_s": rate(count, enqueue_seconds[0]),
+        "drain_per_s": rate(count, drain_seconds[0]),
+        "round_trip_per_s": rate(count, enqueue_seconds[0] + drain_seconds[0]),
     }
 
 
@@ -151,40 +201,102 @@ def engine_vs_limit(
             for what in ("enqueue_per_s", "drain_per_s", "round_trip_per_s"):
                 result[f"{what[:-6]}_fraction_of_limit"] = round(result[what] / limit[what], 4)
             figures[f"{name}/{label}"] = result
+        result = engine_one_per_call(fresh_url(), sizes.single_messages, adapter_keys)
+        result["round_trip_fraction_of_limit"] = round(
+            result["round_trip_per_s"] / limit["one_per_call"]["round_trip_per_s"], 4
+        )
+        figures[f"{name}/keyed, one per call"] = result
     return figures
 
 
-def scaling(backends: list[tuple[str, Callable[[], str]]], sizes: Sizes) -> dict[str, Any]:
+def scaling(
+    backends: list[tuple[str, Callable[[], str]]],
+    sizes: Sizes,
+    redis_url: str | None = None,
+    profiles: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Engine rates on top of a backlog, for each number of keys.
 
     For each (backlog, keys): enqueue the backlog (its rate is reported too), then time
     ``scaling_sample`` more enqueues and ``scaling_sample`` lease+acks on top of it. Flat
     rates across the number of keys and the backlog size are the goal (O(log n) cost).
+
+    For Redis, the server's own time per message in each phase (``INFO commandstats``)
+    is reported next to the rates. With ``profiles``, a further small sample of each
+    phase runs under cProfile (after the timed ones, so they are not slowed) and its
+    summary is stored there under the row's name.
     """
     figures: dict[str, Any] = {}
     for name, fresh_url in backends:
+        server = redis_url if name == "redis" else None
         for backlog in sizes.scaling_backlogs:
             for keys in sizes.scaling_keys:
+                row_name = f"{name}/backlog={backlog}/keys={keys}"
+                per_key = per_key_for(keys, sizes.batch)
                 with sharded_broker.connect(fresh_url()) as broker:
-                    preload_seconds = enqueue_all(broker, keyed_messages(backlog, keys), sizes.batch)
+                    backlog_messages = keyed_messages(backlog, keys)
+                    preload_seconds = timed(lambda: enqueue_all(broker, backlog_messages, sizes.batch))
+                    del backlog_messages
                     sample = keyed_messages(sizes.scaling_sample, keys, start=backlog)
-                    enqueue_seconds = enqueue_all(broker, sample, sizes.batch)
-                    drain_seconds = drain(broker, sizes.scaling_sample, sizes.batch, per_key_for(keys, sizes.batch))
+                    with server_time(server) as enqueue_server:
+                        enqueue_seconds = timed(lambda: enqueue_all(broker, sample, sizes.batch))
+                    with server_time(server) as drain_server:
+                        drain_seconds = timed(lambda: drain(broker, sizes.scaling_sample, sizes.batch, per_key))
                     stats = broker.stats(QUEUE)
+                    if stats.ready != backlog:
+                        raise RuntimeError(f"{name}: {stats.ready} ready after the sample, expected {backlog}")
+                    if profiles is not None:
+                        profiles[row_name] = profile_sample(broker, keys, backlog, sizes, per_key)
                     broker.purge(QUEUE)
-                expected = backlog
-                if stats.ready != expected:
-                    raise RuntimeError(f"{name}: {stats.ready} ready after the sample, expected {expected}")
-                figures[f"{name}/backlog={backlog}/keys={keys}"] = {
+                row = {
                     "backend": name,
                     "backlog": backlog,
                     "keys": keys,
-                    "per_key": per_key_for(keys, sizes.batch),
+                    "per_key": per_key,
                     "preload_per_s": rate(backlog, preload_seconds),
                     "enqueue_per_s": rate(sizes.scaling_sample, enqueue_seconds),
                     "drain_per_s": rate(sizes.scaling_sample, drain_seconds),
                 }
+                if server is not None:
+                    row["server_us_per_enqueue"] = round(enqueue_server[0] / sizes.scaling_sample, 2)
+                    row["server_us_per_lease_ack"] = round(drain_server[0] / sizes.scaling_sample, 2)
+                figures[row_name] = row
     return figures
+
+
+@contextmanager
+def server_time(redis_url: str | None) -> Iterator[list[float]]:
+    """Microseconds the Redis server spent executing commands inside the block (from
+    ``INFO commandstats``); stays 0 without a server."""
+    spent = [0.0]
+    if redis_url is None:
+        yield spent
+        return
+    client = redis_client(redis_url)
+    try:
+        client.config_resetstat()
+        yield spent
+        stats = client.info("commandstats")
+        spent[0] = float(sum(entry["usec"] for entry in stats.values()))
+    finally:
+        client.close()
+
+
+def profile_sample(broker: sharded_broker.Broker, keys: int, backlog: int, sizes: Sizes, per_key: int) -> dict[str, str]:
+    """cProfile summaries of a small enqueue sample and a small lease+ack sample."""
+    count = max(1, sizes.scaling_sample // 5)
+    messages = keyed_messages(count, keys, start=backlog + sizes.scaling_sample)
+    summaries = {}
+    for phase, work in (
+        ("enqueue", lambda: enqueue_all(broker, messages, sizes.batch)),
+        ("lease+ack", lambda: drain(broker, count, sizes.batch, per_key)),
+    ):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        work()
+        profiler.disable()
+        summaries[phase] = summary([profiler], top=10)
+    return summaries
 
 
 def engine_memory_per_message(redis_url: str, sizes: Sizes, keys: int) -> dict[str, Any]:

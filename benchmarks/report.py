@@ -1,0 +1,226 @@
+"""Turning a run's raw figures into the table, the JSON file and the keys chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .common import Results
+
+PLAIN_OF = {"dramatiq/ShardedBroker": "dramatiq/RedisBroker", "celery/sharded+redis": "celery/redis"}
+FLAT_ENOUGH = 0.8  # slowest / fastest rate across key counts that we still call flat
+WHAT = {"enqueue_per_s": "enqueue", "drain_per_s": "lease+ack"}
+
+
+def flatness_by_backend(results: Results) -> list[tuple[str, str, list[dict[str, Any]], float]]:
+    """(backend, rate name, rows compared, slowest/fastest) for the scaling goal.
+
+    Enqueue rows are all comparable. Lease+ack rows are compared only where every lease
+    call had the same shape (``per_key`` 1, enough keys to fill a call): with fewer keys
+    than the batch, a call takes several messages per key and costs less per message for
+    a reason that has nothing to do with the number of keys.
+    """
+    scaling = results.sections.get("scaling", {})
+    verdicts = []
+    for backend in sorted({row["backend"] for row in scaling.values()}):
+        for what in WHAT:
+            rows = [r for r in scaling.values() if r["backend"] == backend and (what == "enqueue_per_s" or r["per_key"] == 1)]
+            if len(rows) >= 2:
+                rates = [r[what] for r in rows]
+                verdicts.append((backend, what, rows, min(rates) / max(rates)))
+    return verdicts
+
+
+def profiles_of_misses(results: Results) -> list[tuple[str, str]]:
+    """(title, text) of the profiles that explain each missed goal.
+
+    For a keyed drain slower than the plain broker: the worker threads' profile. For a
+    rate that is not flat: the small profiled samples of the fastest and the slowest
+    configurations, side by side.
+    """
+    shown = []
+    for name, text in results.sections.get("profiles", {}).items():
+        shown.append((f"{name} (cProfile of the worker threads, by own time)", text))
+    profiles = results.sections.get("scaling_profiles", {})
+    for backend, what, rows, flatness in flatness_by_backend(results):
+        if flatness >= FLAT_ENOUGH:
+            continue
+        phase = "enqueue" if what == "enqueue_per_s" else "lease+ack"
+        for label, row in (("fastest", max(rows, key=lambda r: r[what])), ("slowest", min(rows, key=lambda r: r[what]))):
+            row_name = f"{backend}/backlog={row['backlog']}/keys={row['keys']}"
+            if row_name in profiles:
+                title = (f"{backend} {phase}, {label}: {row['keys']:,} keys, backlog {row['backlog']:,}, "
+                         f"{row[what]:,.0f}/s (cProfile of a small sample, by own time)")
+                shown.append((title, profiles[row_name][phase]))
+    return shown
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown table, padded so it reads in a terminal too."""
+    cells = [[str(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return lines
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def goals(results: Results) -> list[str]:
+    """One sentence per goal of issue 6: met or missed, with the figures."""
+    verdicts = []
+    adapters = results.sections.get("adapters", {})
+    for sharded, plain in PLAIN_OF.items():
+        keyed = adapters.get(f"{sharded}/keyed")
+        base = adapters.get(f"{plain}/keyed")
+        if keyed and base:
+            ratio = keyed["drain_per_s"] / base["drain_per_s"]
+            verdict = "met" if ratio >= 1.0 else "MISSED"
+            verdicts.append(
+                f"keyed drain >= 1.0x plain broker, {sharded} vs {plain}: {ratio:.2f}x ({verdict})"
+            )
+    for backend, what, rows, flatness in flatness_by_backend(results):
+        verdict = "flat" if flatness >= FLAT_ENOUGH else "NOT FLAT"
+        configs = ", ".join(f"{r['keys']:,} keys/{r['backlog']:,} backlog" for r in rows)
+        verdicts.append(
+            f"flat scaling, {backend} {WHAT[what]}: slowest/fastest = {flatness:.2f} over {configs} "
+            f"({verdict}, threshold {FLAT_ENOUGH})"
+        )
+    return verdicts
+
+
+def table(results: Results) -> str:
+    """Every section of the run as Markdown tables, with the goals' verdicts."""
+    s = results.sections
+    out: list[str] = []
+    adapters = s.get("adapters")
+    if adapters:
+        out += ["", "### Adapters vs plain brokers (tasks/s; ratio = sharded / plain, same run)", ""]
+        rows = []
+        for name, row in adapters.items():
+            target, _, label = name.rpartition("/")
+            base = adapters.get(f"{PLAIN_OF.get(target, target)}/{label}")
+            rows.append([
+                target, label, row["enqueue_per_s"], row["drain_per_s"],
+                round(row["enqueue_per_s"] / base["enqueue_per_s"], 2) if base else None,
+                round(row["drain_per_s"] / base["drain_per_s"], 2) if base else None,
+            ])
+        out += _table(["broker", "tasks", "enqueue/s", "drain/s", "enqueue ratio", "drain ratio"], rows)
+    limit = s.get("raw_redis_limit")
+    engine = s.get("engine")
+    if limit and engine:
+        out += ["", "### Engine vs the raw Redis limit (messages/s; fraction = engine round trip / raw "
+                "LPUSH+RPOP round trip, pipelined for batches, unpipelined for one per call)", ""]
+        single = limit["one_per_call"]
+        rows = [
+            ["raw Redis LPUSH/RPOP", "pipelined", limit["enqueue_per_s"], limit["drain_per_s"], limit["round_trip_per_s"], 1.0],
+            ["raw Redis LPUSH/RPOP", "one per call", single["enqueue_per_s"], single["drain_per_s"], single["round_trip_per_s"], 1.0],
+        ]
+        for name, row in engine.items():
+            backend, _, label = name.partition("/")
+            rows.append([backend, label, row["enqueue_per_s"], row["drain_per_s"], row["round_trip_per_s"],
+                         row["round_trip_fraction_of_limit"]])
+        out += _table(["backend", "messages", "enqueue/s", "lease+ack/s", "round trip/s", "fraction of limit"], rows)
+    scaling = s.get("scaling")
+    if scaling:
+        out += ["", "### Scaling with keys and backlog (messages/s on top of the backlog; Redis µs = server time per message, INFO commandstats)", ""]
+        rows = [[r["backend"], r["backlog"], r["keys"], r["per_key"], r["preload_per_s"], r["enqueue_per_s"], r["drain_per_s"],
+                 r.get("server_us_per_enqueue"), r.get("server_us_per_lease_ack")]
+                for r in scaling.values()]
+        out += _table(["backend", "backlog", "keys", "per_key", "backlog enqueue/s", "enqueue/s", "lease+ack/s",
+                       "Redis µs/enqueue", "Redis µs/lease+ack"], rows)
+    memory = s.get("redis_memory")
+    if memory:
+        out += ["", "### Redis memory per queued message (bytes, INFO used_memory delta / count)", ""]
+        out += _table(["what", "bytes/message"], [[name, value] for name, value in memory.items()])
+    latency = s.get("latency")
+    if latency:
+        out += ["", "### Latency, enqueue to start, at a steady load", ""]
+        rows = [[name, row["rate_per_s"], row["keys"], row["p50_ms"], row["p99_ms"]] for name, row in latency.items()]
+        out += _table(["broker", "tasks/s", "keys", "p50 ms", "p99 ms"], rows)
+    seeds = s.get("seeds")
+    if seeds:
+        out += ["", "### The seed libraries (ratio = sharded-broker / seed, same run)", ""]
+        rows = []
+        sq = seeds.get("sharded-queue")
+        if sq:
+            seed, twin = sq["sharded-queue 0.2.10 (RuntimeStorage)"], sq["sharded-broker memory://"]
+            rows.append(["sharded-queue register", seed["register_per_s"], twin["register_per_s"], sq["register_ratio"]])
+            rows.append(["sharded-queue handle (batches)", seed["handle_per_s"], twin["handle_per_s"], sq["handle_ratio"]])
+        sharq = seeds.get("sharq")
+        if sharq:
+            seed, twin = sharq["SharQ 1.3.0"], sharq["sharded-broker redis://"]
+            rows.append(["SharQ enqueue", seed["enqueue_per_s"], twin["enqueue_per_s"], sharq["enqueue_ratio"]])
+            rows.append(["SharQ dequeue+finish", seed["dequeue_finish_per_s"], twin["dequeue_finish_per_s"], sharq["dequeue_finish_ratio"]])
+        out += _table(["workload", "seed/s", "sharded-broker/s", "ratio"], rows)
+    verdicts = goals(results)
+    if verdicts:
+        out += ["", "### Goals", ""] + [f"- {v}" for v in verdicts]
+    if results.skipped:
+        out += ["", "### Not measured in this run", ""] + [f"- {k}: {v}" for k, v in results.skipped.items()]
+    return "\n".join(out).lstrip("\n")
+
+
+def write_json(results: Results, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results.as_dict(), indent=2, sort_keys=False) + "\n")
+
+
+def load_json(path: Path) -> Results:
+    raw = json.loads(path.read_text())
+    return Results(raw["mode"], raw["machine"], raw["sections"], raw.get("skipped", {}))
+
+
+def chart(results: Results, path: Path) -> bool:
+    """PNG of engine throughput vs number of keys, one line per backend, rate and
+    backlog; the raw Redis limit as a reference. False when there is nothing to plot."""
+    scaling = results.sections.get("scaling")
+    if not scaling:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    colors = {"memory": "tab:green", "sqlite": "tab:blue", "redis": "tab:red"}
+    limit = results.sections.get("raw_redis_limit")
+    for axis, what, title in ((axes[0], "enqueue_per_s", "enqueue_many"), (axes[1], "drain_per_s", "lease + ack_many")):
+        series: dict[tuple[str, int], list[tuple[int, float]]] = {}
+        for row in scaling.values():
+            series.setdefault((row["backend"], row["backlog"]), []).append((row["keys"], row[what]))
+        for (backend, backlog), points in sorted(series.items()):
+            points.sort()
+            style = "-o" if backlog == min(r["backlog"] for r in scaling.values()) else "--s"
+            axis.plot([k for k, _ in points], [v for _, v in points], style, color=colors.get(backend),
+                      label=f"{backend}, backlog {backlog:,}")
+        if limit:
+            axis.axhline(limit[what], color="black", linestyle=":", label="raw Redis LPUSH/RPOP")
+        axis.set_xscale("log")
+        axis.set_yscale("log")
+        axis.set_xlabel("shard keys")
+        axis.set_title(title)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("messages / s")
+    axes[1].legend(fontsize=8)
+    machine = results.machine
+    figure.suptitle(
+        f"sharded-broker engine throughput vs keys ({results.mode} mode, {machine.get('nproc')} cores, "
+        f"{machine.get('date', '')[:10]})"
+    )
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True

@@ -1,0 +1,119 @@
+"""The benchmark suite's code paths at tiny sizes, so it cannot rot.
+
+No timing is asserted: benchmarks measure, tests check that the measuring works. The
+seed libraries (their own virtualenvs, a network install) are left out here; their twin
+workloads on this project's backends are exercised directly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+# benchmarks/ is a top-level folder of the checkout, not an installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import report, run, seeds  # noqa: E402
+from benchmarks.common import TINY, Results  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Results, object, object]:
+    out_dir = tmp_path_factory.mktemp("bench")
+    return run.run(TINY, out_dir=out_dir, with_seeds=False, strict=True, log=lambda line: None)
+
+
+def test_every_section_is_measured_with_positive_rates(tiny_run) -> None:
+    results, _, _ = tiny_run
+    sections = results.sections
+    limit = sections["raw_redis_limit"]
+    assert limit["messages"] == TINY.raw_pairs
+    for backend in ("memory", "sqlite", "redis"):
+        for label in ("unkeyed", "keyed"):
+            row = sections["engine"][f"{backend}/{label}"]
+            assert row["messages"] == TINY.engine_messages
+            assert row["enqueue_per_s"] > 0 and row["drain_per_s"] > 0
+            assert row["round_trip_fraction_of_limit"] == pytest.approx(
+                row["round_trip_per_s"] / limit["round_trip_per_s"], rel=1e-3
+            )
+    expected_scaling = {
+        f"{b}/backlog={n}/keys={k}"
+        for b in ("memory", "sqlite", "redis")
+        for n in TINY.scaling_backlogs
+        for k in TINY.scaling_keys
+    }
+    assert set(sections["scaling"]) == expected_scaling
+    for target in ("dramatiq/RedisBroker", "dramatiq/ShardedBroker", "celery/redis", "celery/sharded+redis"):
+        for label in ("unkeyed", "keyed"):
+            row = sections["adapters"][f"{target}/{label}"]
+            assert row["tasks"] == TINY.adapter_tasks and row["drain_per_s"] > 0
+        latency = sections["latency"][target]
+        assert 0 <= latency["p50_ms"] <= latency["p99_ms"]
+    memory = sections["redis_memory"]
+    assert memory["sharded-broker engine/keyed"] > len(b"x" * 100)  # at least the payload
+    assert memory["dramatiq/RedisBroker"] > 0 and memory["celery/redis"] > 0
+    assert results.skipped == {"seeds": "left out (--skip-seeds)"}
+
+
+def test_json_holds_the_raw_figures_and_round_trips(tiny_run) -> None:
+    results, json_path, _ = tiny_run
+    raw = json.loads(json_path.read_text())
+    assert raw["mode"] == "tiny"
+    assert raw["machine"]["nproc"] >= 1 and raw["machine"]["redis_server"]
+    assert raw["sections"] == json.loads(json.dumps(results.sections))
+    assert report.load_json(json_path).sections == raw["sections"]
+
+
+def test_chart_is_a_png(tiny_run) -> None:
+    _, _, png_path = tiny_run
+    assert png_path is not None
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_names_every_section_and_goal(tiny_run) -> None:
+    results, _, _ = tiny_run
+    text = report.table(results)
+    for heading in ("Adapters vs plain brokers", "Engine vs the raw Redis limit", "Scaling", "Redis memory",
+                    "Latency", "Goals"):
+        assert heading in text
+    assert "dramatiq/ShardedBroker vs dramatiq/RedisBroker" in text
+    assert "celery/sharded+redis vs celery/redis" in text
+    assert "seeds: left out" in text
+
+
+def test_goal_verdicts_follow_the_figures() -> None:
+    results = Results("tiny", {}, {"adapters": {
+        "dramatiq/RedisBroker/keyed": {"drain_per_s": 100.0},
+        "dramatiq/ShardedBroker/keyed": {"drain_per_s": 50.0},
+        "celery/redis/keyed": {"drain_per_s": 100.0},
+        "celery/sharded+redis/keyed": {"drain_per_s": 150.0},
+    }})
+    verdicts = report.goals(results)
+    assert any("dramatiq" in v and "0.50x (MISSED)" in v for v in verdicts)
+    assert any("celery" in v and "1.50x (met)" in v for v in verdicts)
+
+
+def test_seed_twin_workloads(redis_url: str) -> None:
+    """The halves of the seed comparisons that run on this project's backends."""
+    memory = seeds.memory_twin_of_sharded_queue(requests=300, threads=3)
+    assert memory["requests"] == 300 and memory["handle_per_s"] > 0
+    sharq_twin = seeds.redis_twin_of_sharq(redis_url, jobs=50, keys=5)
+    assert sharq_twin["jobs"] == 50 and sharq_twin["dequeue_finish_per_s"] > 0
+
+
+def test_profiling_a_missed_drain_covers_the_worker_threads(redis_url: str) -> None:
+    bench = run.Run(TINY, redis_url, strict=True, log=lambda line: None)
+    measured = {
+        "dramatiq/RedisBroker/keyed": {"drain_per_s": 2.0},
+        "dramatiq/ShardedBroker/keyed": {"drain_per_s": 1.0},
+    }
+    profiles = bench.profile_missed_drains(measured)
+    assert list(profiles) == ["dramatiq/ShardedBroker/keyed drain"]
+    text = profiles["dramatiq/ShardedBroker/keyed drain"]
+    threads = re.search(r"over (\d+) thread", text)
+    assert threads and int(threads.group(1)) > TINY.worker_threads  # workers and consumer threads
+    assert "worker.py" in text and "process_message" in text  # Dramatiq's worker threads ran under it
