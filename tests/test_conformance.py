@@ -81,7 +81,7 @@ def test_per_key_fifo_with_interleaved_keys(broker: Broker, clock: FakeClock) ->
         assert [p for p in delivered if p.startswith(key.encode())] == [f"{key}{i}".encode() for i in range(5)]
 
 
-def test_per_key_fifo_under_concurrent_consumers(connect, backend_name: str) -> None:
+def test_per_key_fifo_under_concurrent_consumers(connect) -> None:
     keys = [f"k{k}" for k in range(5)]
     per_key = 20
     producer = connect()
