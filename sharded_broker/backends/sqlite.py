@@ -352,6 +352,7 @@ class SQLiteBackend(Backend):
             conn = sqlite3.connect(
                 self.path, timeout=min(self._busy_timeout, 5.0), isolation_level=None, check_same_thread=False
             )
+            conn.row_factory = sqlite3.Row
         except sqlite3.Error as exc:
             raise self._error(exc) from None
         try:
@@ -614,18 +615,18 @@ class _Tx:
         )
 
     def _count_key(self, q: _QueueRow, key: str) -> None:
-        row = self.db.execute(
+        [(count,)] = self.db.execute(
             "INSERT INTO keys (queue, key, count) VALUES (?, ?, 1) "
             "ON CONFLICT (queue, key) DO UPDATE SET count = count + 1 RETURNING count",
             (q.name, key),
         ).fetchall()
-        if row[0][0] == 1:
+        if count == 1:
             q.keys += 1
 
     def _uncount_key(self, q: _QueueRow, key: str, by: int = 1) -> None:
-        count, slots = self.db.execute(
+        [(count, slots)] = self.db.execute(
             "UPDATE keys SET count = count - ? WHERE queue = ? AND key = ? RETURNING count, slots", (by, q.name, key)
-        ).fetchall()[0]
+        ).fetchall()
         if not count:
             q.keys -= 1
             if not slots:
@@ -648,7 +649,7 @@ class _Tx:
         row = self._key(q, key)
         if row is None:
             return
-        count, slots, ready_at = row[0], row[1], row[2]
+        count, slots, ready_at = row["count"], row["slots"], row["ready_at"]
         if not count and not slots:
             return
         head = self._one("key_head", q.name, key, 1)
@@ -656,7 +657,7 @@ class _Tx:
             if ready_at is not None:
                 self._update_key(q, key, ready_at=None, ready_order=None)
             return
-        not_before = head[10]
+        not_before = head["not_before"]
         at = max(now, not_before)
         if keep_place and ready_at is not None:
             at = max(ready_at, not_before)
@@ -716,7 +717,8 @@ class _Tx:
         self, q: _QueueRow, row: tuple, settings: QueueSettings, *, delay: float, dead_reason: str | None, why: str
     ) -> None:
         """A leased message failed: retry or dead-letter it, and return the rest of its batch."""
-        mid, key, seq, attempts, batch_id, batch_index = row[0], row[1], row[4], row[11], row[14], row[15]
+        mid, key, seq, attempts = row["id"], row["key"], row["seq"], row["attempts"]
+        batch_id, batch_index = row["batch_id"], row["batch_index"]
         followers = self.db.execute(HOT_QUERIES["batch_followers"], (batch_id, batch_index)).fetchall()
         if dead_reason is not None:
             self._dead_letter(q, mid, key, dead_reason)
@@ -737,9 +739,9 @@ class _Tx:
         if key is None or self._one("batch_left", batch_id) is not None:
             return
         row = self._key(q, key)
-        if row is None or not row[1]:
+        if row is None or not row["slots"]:
             return
-        count, slots = row[0], row[1] - 1
+        count, slots = row["count"], row["slots"] - 1
         self._update_key(q, key, slots=slots)
         if not slots and not count:
             self._drop_key(q, key)
@@ -748,14 +750,14 @@ class _Tx:
 
     def _current(self, lease: Lease) -> tuple | None:
         row = self._one("message", lease.id)
-        if row is None or row[18] != lease.queue or row[9] != "leased" or row[12] != lease.token:
+        if row is None or row["queue"] != lease.queue or row["state"] != "leased" or row["token"] != lease.token:
             return None
         return row
 
     def _lease_record(
         self, q: _QueueRow, row: tuple, vt: float, batch_id: str, batch_index: int
     ) -> Lease:
-        mid, attempts = row[0], row[11] + 1
+        mid, attempts = row["id"], row["attempts"] + 1
         token = uuid.uuid4().hex
         deadline = self.now + vt
         self._set_state(
@@ -765,16 +767,16 @@ class _Tx:
         return Lease(
             queue=q.name,
             id=mid,
-            key=row[1],
-            payload=bytes(row[2]),
-            priority=row[3],
+            key=row["key"],
+            payload=bytes(row["payload"]),
+            priority=row["priority"],
             attempts=attempts,
-            headers=json.loads(row[6]),
+            headers=json.loads(row["headers"]),
             token=token,
             deadline=deadline,
-            enqueued_at=row[5],
+            enqueued_at=row["enqueued_at"],
             batch_id=batch_id,
-            dedup_id=row[7],
+            dedup_id=row["dedup_id"],
         )
 
     def _expire_dedup(self, q: _QueueRow, settings: QueueSettings) -> None:
@@ -788,11 +790,11 @@ class _Tx:
         row = self._one("dedup", q.name, dedup_id)
         if row is None:
             return None
-        first_id = row[0]
+        first_id = row["message_id"]
         if settings.unique_while_pending:
             state = self.db.execute("SELECT state FROM messages WHERE id = ?", (first_id,)).fetchone()
-            return first_id if state is not None and state[0] in ("ready", "delayed") else None
-        return first_id if row[1] > self.now else None
+            return first_id if state is not None and state["state"] in ("ready", "delayed") else None
+        return first_id if row["expires"] > self.now else None
 
     # -- operations -----------------------------------------------------------------
 
@@ -856,18 +858,22 @@ class _Tx:
         while len(leases) < limit and not q.paused:
             entry = self._one("ready_key", queue)
             lane_head = self._one("lane_head", queue)
-            key_due = entry is not None and entry[1] <= now
-            if lane_head is not None and (not key_due or (lane_head[18], lane_head[19]) < (entry[1], entry[2])):
-                leases.append(self._lease_record(q, lane_head, visibility_timeout, lane_head[0], 0))
+            key_due = entry is not None and entry["ready_at"] <= now
+            if lane_head is not None and (
+                not key_due
+                or (lane_head["entered_at"], lane_head["entered_order"]) < (entry["ready_at"], entry["ready_order"])
+            ):
+                leases.append(self._lease_record(q, lane_head, visibility_timeout, lane_head["id"], 0))
                 continue
             if not key_due:
                 break
-            leases.extend(self._serve_key(q, entry[0], min(per_key, limit - len(leases)), visibility_timeout, settings))
+            leases.extend(self._serve_key(q, entry["key"], min(per_key, limit - len(leases)), visibility_timeout, settings))
         return LeaseResult(leases, None if leases else self._retry_in(q))
 
     def _serve_key(self, q: _QueueRow, key: str, count: int, vt: float, settings: QueueSettings) -> list[Lease]:
         now = self.now
-        _, slots, _, _, interval, last_delivery, paused = self._key(q, key)
+        row = self._key(q, key)
+        slots, interval, last_delivery, paused = row["slots"], row["interval"], row["last_delivery"], row["paused"]
         self._update_key(q, key, ready_at=None, ready_order=None)
         if paused or slots >= settings.key_concurrency:
             return []  # rescheduled on resume or when a slot frees
@@ -877,15 +883,15 @@ class _Tx:
             self._schedule(q, key, last_delivery + interval, keep_place=False)
             return []
         rows = self.db.execute(HOT_QUERIES["key_head"], (q.name, key, count)).fetchall()
-        if not rows or rows[0][10] > now:
+        if not rows or rows[0]["not_before"] > now:
             self._schedule(q, key, now, keep_place=False)
             return []
         batch = []
         for row in rows:
-            if row[10] > now:
+            if row["not_before"] > now:
                 break
             batch.append(row)
-        batch_id = batch[0][0]
+        batch_id = batch[0]["id"]
         leases = [self._lease_record(q, row, vt, batch_id, index) for index, row in enumerate(batch)]
         slots += 1
         self._update_key(q, key, slots=slots, last_delivery=now if interval else None)
@@ -897,9 +903,12 @@ class _Tx:
         if q.paused:
             return None
         ready_key = self._one("ready_key", q.name)
-        times = [t for t in (ready_key[1] if ready_key else None,
-                             self._one("next_delayed", q.name)[0],
-                             self._one("next_deadline", q.name)[0]) if t is not None]
+        candidates = (
+            ready_key["ready_at"] if ready_key else None,
+            self._one("next_delayed", q.name)[0],
+            self._one("next_deadline", q.name)[0],
+        )
+        times = [t for t in candidates if t is not None]
         return max(0.0, min(times) - self.now) if times else None
 
     def ack(self, lease: Lease) -> bool:
@@ -907,7 +916,7 @@ class _Tx:
         if row is None:
             return False
         q = self.queue(lease.queue, create=False)
-        mid, key, batch_id = row[0], row[1], row[14]
+        mid, key, batch_id = row["id"], row["key"], row["batch_id"]
         q.count("leased", -1)
         self.db.execute("DELETE FROM messages WHERE id = ?", (mid,))
         if key is not None:
@@ -928,11 +937,13 @@ class _Tx:
         return True
 
     def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
-        if self._current(lease) is None:
+        row = self._current(lease)
+        if row is None:
             return None
-        q = self.queue(lease.queue, create=False)
         deadline = self.now + visibility_timeout
-        self._update(lease.id, deadline=deadline, timer_order=q.order())
+        if deadline != row["deadline"]:  # an unchanged deadline keeps its place in the expiry order
+            q = self.queue(lease.queue, create=False)
+            self._update(lease.id, deadline=deadline, timer_order=q.order())
         return deadline
 
     def _key_settings_row(self, q: _QueueRow, key: str) -> None:
@@ -983,16 +994,16 @@ class _Tx:
         return [
             DeadLetter(
                 queue=queue,
-                id=row[0],
-                key=row[1],
-                payload=bytes(row[2]),
-                priority=row[3],
-                attempts=row[11],
-                headers=json.loads(row[6]),
-                reason=row[16],
-                enqueued_at=row[5],
-                died_at=row[17],
-                dedup_id=row[7],
+                id=row["id"],
+                key=row["key"],
+                payload=bytes(row["payload"]),
+                priority=row["priority"],
+                attempts=row["attempts"],
+                headers=json.loads(row["headers"]),
+                reason=row["reason"],
+                enqueued_at=row["enqueued_at"],
+                died_at=row["died_at"],
+                dedup_id=row["dedup_id"],
             )
             for row in rows
         ]
@@ -1017,7 +1028,7 @@ class _Tx:
         if q is None:
             return 0
         self._promote_due(q)  # before replayed messages take their seqs
-        rows = sorted(self._dead_rows(queue, ids), key=lambda r: (r[2], r[3] or 0))
+        rows = sorted(self._dead_rows(queue, ids), key=lambda r: (r["priority"], r["seq"] or 0))
         if position == "head":
             rows.reverse()  # each takes a seq ahead of the previous one
         for mid, key, _, _ in rows:
