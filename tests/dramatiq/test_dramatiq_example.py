@@ -1,0 +1,38 @@
+"""examples/dramatiq_app runs as its README says: send, two worker processes, check."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "dramatiq_app"
+
+
+def test_the_example_app_applies_every_payment_once_in_order(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "BROKER_URL": f"sqlite:///{tmp_path}/queue.db",
+        "LEDGER_PATH": str(tmp_path / "ledger.db"),
+        "dramatiq_worker_timeout": "250",
+    }
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *args], cwd=EXAMPLE, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    sent = run("send.py", "--accounts", "10", "--payments", "6")
+    assert sent.returncode == 0, sent.stderr
+    workers = subprocess.Popen(
+        [sys.executable, "-m", "dramatiq", "app", "--processes", "2", "--threads", "3"],
+        cwd=EXAMPLE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        checked = run("check.py", "--timeout", "60")
+    finally:
+        workers.terminate()
+        workers.wait(30)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "10 accounts, 60 payments applied, 0 dead letters" in checked.stdout
