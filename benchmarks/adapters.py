@@ -15,14 +15,16 @@ steady rate while a worker runs; each records its start time minus its send time
 
 from __future__ import annotations
 
+import cProfile
 import itertools
 import logging
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 from .common import Sizes, flush, percentile, rate, stopwatch, used_memory
+from .profiling import profile_new_threads
 
 TARGETS = ("dramatiq/RedisBroker", "dramatiq/ShardedBroker", "celery/redis", "celery/sharded+redis")
 QUEUE = "bench"
@@ -170,7 +172,18 @@ def key_for(index: int, keys: int | None) -> str | None:
     return None if keys is None else f"user-{index % keys}"
 
 
-def enqueue_and_drain(name: str, redis_url: str, sizes: Sizes, keys: int | None) -> dict[str, Any]:
+def enqueue_and_drain(
+    name: str,
+    redis_url: str,
+    sizes: Sizes,
+    keys: int | None,
+    *,
+    enqueue_profiler: cProfile.Profile | None = None,
+    worker_profilers: list[cProfile.Profile] | None = None,
+) -> dict[str, Any]:
+    """Send ``adapter_tasks`` tasks, then drain them with a worker. With
+    ``enqueue_profiler``, the sending runs under it; with ``worker_profilers``, every
+    thread the worker starts gets a profiler, appended to that list."""
     global recorder
     flush(redis_url)
     count = sizes.adapter_tasks
@@ -178,10 +191,16 @@ def enqueue_and_drain(name: str, redis_url: str, sizes: Sizes, keys: int | None)
     try:
         recorder = Recorder(count)
         with stopwatch() as enqueue_seconds:
+            if enqueue_profiler is not None:
+                enqueue_profiler.enable()
             for index in range(count):
                 target.send(index, key_for(index, keys))
-        with target.worker():
+            if enqueue_profiler is not None:
+                enqueue_profiler.disable()
+        with profile_new_threads() if worker_profilers is not None else nullcontext([]) as profilers, target.worker():
             recorder.wait(timeout=60 + count / 50)
+        if worker_profilers is not None:
+            worker_profilers.extend(profilers)
     finally:
         target.close()
     return {

@@ -28,6 +28,7 @@ class Sizes:
     raw_pairs: int  # raw Redis LPUSH/RPOP pairs
     engine_messages: int  # per backend, enqueue_many then lease+ack
     batch: int  # messages per enqueue_many / lease call
+    repeats: int  # engine figures are the best of this many rounds
     single_messages: int  # per backend, one message per call (what a task-queue worker does)
     scaling_keys: tuple[int, ...]
     scaling_backlogs: tuple[int, ...]
@@ -49,6 +50,7 @@ TINY = Sizes(
     raw_pairs=200,
     engine_messages=200,
     batch=50,
+    repeats=1,
     single_messages=50,
     scaling_keys=(2, 60),
     scaling_backlogs=(100,),
@@ -70,6 +72,7 @@ QUICK = Sizes(
     raw_pairs=50_000,
     engine_messages=20_000,
     batch=500,
+    repeats=3,
     single_messages=3_000,
     scaling_keys=(10, 1_000, 10_000, 100_000),
     scaling_backlogs=(100_000,),
@@ -91,6 +94,7 @@ FULL = Sizes(
     raw_pairs=200_000,
     engine_messages=100_000,
     batch=500,
+    repeats=3,
     single_messages=10_000,
     scaling_keys=(10, 1_000, 10_000, 100_000),
     scaling_backlogs=(100_000, 1_000_000),

@@ -16,16 +16,16 @@ WHAT = {"enqueue_per_s": "enqueue", "drain_per_s": "lease+ack"}
 def flatness_by_backend(results: Results) -> list[tuple[str, str, list[dict[str, Any]], float]]:
     """(backend, rate name, rows compared, slowest/fastest) for the scaling goal.
 
-    Enqueue rows are all comparable. Lease+ack rows are compared only where every lease
-    call had the same shape (``per_key`` 1, enough keys to fill a call): with fewer keys
-    than the batch, a call takes several messages per key and costs less per message for
-    a reason that has nothing to do with the number of keys.
+    Only rows where every call had the same shape are compared: at least as many keys
+    as messages per call (``per_key`` 1). With fewer keys, one ``enqueue_many`` or
+    ``lease`` call handles several messages of each key and so costs less per message,
+    for a reason that has nothing to do with how many keys there are.
     """
     scaling = results.sections.get("scaling", {})
     verdicts = []
     for backend in sorted({row["backend"] for row in scaling.values()}):
         for what in WHAT:
-            rows = [r for r in scaling.values() if r["backend"] == backend and (what == "enqueue_per_s" or r["per_key"] == 1)]
+            rows = [r for r in scaling.values() if r["backend"] == backend and r["per_key"] == 1]
             if len(rows) >= 2:
                 rates = [r[what] for r in rows]
                 verdicts.append((backend, what, rows, min(rates) / max(rates)))
@@ -35,13 +35,14 @@ def flatness_by_backend(results: Results) -> list[tuple[str, str, list[dict[str,
 def profiles_of_misses(results: Results) -> list[tuple[str, str]]:
     """(title, text) of the profiles that explain each missed goal.
 
-    For a keyed drain slower than the plain broker: the worker threads' profile. For a
-    rate that is not flat: the small profiled samples of the fastest and the slowest
+    For a keyed drain (enqueue) slower than the plain broker's: the worker threads' (the
+    sending thread's) profile. For a rate that is not flat: the small profiled samples of the fastest and the slowest
     configurations, side by side.
     """
     shown = []
     for name, text in results.sections.get("profiles", {}).items():
-        shown.append((f"{name} (cProfile of the worker threads, by own time)", text))
+        whose = "the worker threads" if name.endswith("drain") else "the sending thread"
+        shown.append((f"{name}, slower than the plain broker (cProfile of {whose})", text))
     profiles = results.sections.get("scaling_profiles", {})
     for backend, what, rows, flatness in flatness_by_backend(results):
         if flatness >= FLAT_ENOUGH:
@@ -170,6 +171,39 @@ def table(results: Results) -> str:
     if results.skipped:
         out += ["", "### Not measured in this run", ""] + [f"- {k}: {v}" for k, v in results.skipped.items()]
     return "\n".join(out).lstrip("\n")
+
+
+RESULTS_START = "<!-- benchmark results: written by `python -m benchmarks.run --publish` -->"
+RESULTS_END = "<!-- end of benchmark results -->"
+
+
+def markdown(results: Results, command: str) -> str:
+    """The generated part of docs/benchmarks.md: command, machine, tables, chart, profiles."""
+    m = results.machine
+    packages = ", ".join(f"{name} {version}" for name, version in m.get("packages", {}).items() if version)
+    lines = [
+        f"Command: `{command}` ({results.mode} mode, {m.get('seconds')} s), {m.get('date')}, commit {m.get('commit')}.",
+        "",
+        f"Machine: {m.get('nproc')} cores ({m.get('cpu')}), {m.get('platform')}, Python {m.get('python')}, "
+        f"Redis {m.get('redis_server')}; {packages}. Load average (1, 5, 15 min) "
+        f"{m.get('load_average_at_start')} at the start and {m.get('load_average_at_end')} at the end: "
+        "other engineers were using the same 2 cores, so absolute rates are noisy; the ratios "
+        "below come from this one run.",
+        "",
+        table(results),
+        "",
+        "![engine throughput vs number of shard keys](benchmarks-keys.png)",
+    ]
+    for title, text in profiles_of_misses(results):
+        lines += ["", f"#### Profile: {title}", "", "```", text, "```"]
+    return "\n".join(lines)
+
+
+def publish_markdown(results: Results, path: Path, command: str) -> None:
+    """Replace the generated block of ``path`` (between the markers) with this run's."""
+    text = path.read_text()
+    start, end = text.index(RESULTS_START) + len(RESULTS_START), text.index(RESULTS_END)
+    path.write_text(text[:start] + "\n\n" + markdown(results, command) + "\n\n" + text[end:])
 
 
 def write_json(results: Results, path: Path) -> None:

@@ -10,6 +10,7 @@ throughput vs number of keys to ``benchmarks/results/`` (``--publish`` also copi
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
 import importlib.metadata
 import os
@@ -24,7 +25,7 @@ from typing import Any, Callable
 
 from . import adapters, engine_bench, report, seeds
 from .common import MODES, ROOT, RedisServer, Results, Sizes, redis_client
-from .profiling import profile_new_threads, summary
+from .profiling import summary
 
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 DOCS_DIR = ROOT / "docs"
@@ -139,20 +140,31 @@ class Run:
 
         self.section("redis_memory", memory)
         if self.profile:
-            self.section("profiles", lambda: self.profile_missed_drains(measured) or None)
+            self.section("profiles", lambda: self.profile_misses(measured) or None)
 
-    def profile_missed_drains(self, measured: dict[str, Any]) -> dict[str, str]:
-        """cProfile of the worker threads of each sharded adapter whose keyed drain was
-        slower than its plain broker's: where the drain's time goes."""
+    def profile_misses(self, measured: dict[str, Any]) -> dict[str, str]:
+        """cProfile of each sharded adapter phase that was slower than the plain broker's
+        with keys: the worker threads for the drain, the sending thread for the enqueue."""
         profiles = {}
         for sharded, plain in report.PLAIN_OF.items():
             keyed, base = measured.get(f"{sharded}/keyed"), measured.get(f"{plain}/keyed")
-            if not keyed or not base or keyed["drain_per_s"] >= base["drain_per_s"]:
+            if not keyed or not base:
                 continue
-            self.log(f"   profiling {sharded} keyed drain")
-            with profile_new_threads() as profilers:
-                adapters.enqueue_and_drain(sharded, self.redis_url, self.sizes, self.sizes.adapter_keys)
-            profiles[f"{sharded}/keyed drain"] = summary(profilers)
+            slow_drain = keyed["drain_per_s"] < base["drain_per_s"]
+            slow_enqueue = keyed["enqueue_per_s"] < base["enqueue_per_s"]
+            if not slow_drain and not slow_enqueue:
+                continue
+            self.log(f"   profiling {sharded} keyed")
+            sender = cProfile.Profile() if slow_enqueue else None
+            workers: list[cProfile.Profile] | None = [] if slow_drain else None
+            adapters.enqueue_and_drain(
+                sharded, self.redis_url, self.sizes, self.sizes.adapter_keys,
+                enqueue_profiler=sender, worker_profilers=workers,
+            )
+            if sender is not None:
+                profiles[f"{sharded}/keyed enqueue"] = summary([sender])
+            if workers is not None:
+                profiles[f"{sharded}/keyed drain"] = summary(workers)
         return profiles
 
     def seed_sections(self) -> None:
@@ -199,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-profile", action="store_true", help="do not profile missed goals")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
     parser.add_argument("--publish", action="store_true",
-                        help="also copy the JSON and chart to docs/benchmarks-latest.json and docs/benchmarks-keys.png")
+                        help="also copy the JSON and chart to docs/ (benchmarks-latest.json, benchmarks-keys.png) "
+                        "and write the results into docs/benchmarks.md")
     args = parser.parse_args(argv)
     sizes = MODES[args.mode or "quick"]
     results, json_path, png_path = run(
@@ -219,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copyfile(json_path, DOCS_DIR / "benchmarks-latest.json")
         if png_path:
             shutil.copyfile(png_path, DOCS_DIR / "benchmarks-keys.png")
-        print(f"published to {DOCS_DIR}/benchmarks-latest.json and benchmarks-keys.png")
+        command = "make bench" if sizes.name == "quick" else "make bench-full" if sizes.name == "full" else f"python -m benchmarks.run --{sizes.name}"
+        report.publish_markdown(results, DOCS_DIR / "benchmarks.md", command)
+        print(f"published to {DOCS_DIR}: benchmarks-latest.json, benchmarks-keys.png, the results in benchmarks.md")
     return 0
 
 

@@ -86,7 +86,15 @@ def test_table_names_every_section_and_goal(tiny_run) -> None:
 
 
 def test_goal_verdicts_follow_the_figures() -> None:
-    results = Results("tiny", {}, {"adapters": {
+    def row(keys: int, per_key: int, drain: float) -> dict:
+        return {"backend": "redis", "backlog": 100, "keys": keys, "per_key": per_key,
+                "enqueue_per_s": 100.0, "drain_per_s": drain}
+
+    results = Results("tiny", {}, {"scaling": {
+        "redis/backlog=100/keys=10": row(10, 50, 1000.0),  # batched per key: not comparable
+        "redis/backlog=100/keys=1000": row(1000, 1, 100.0),
+        "redis/backlog=100/keys=100000": row(100000, 1, 50.0),
+    }, "adapters": {
         "dramatiq/RedisBroker/keyed": {"drain_per_s": 100.0},
         "dramatiq/ShardedBroker/keyed": {"drain_per_s": 50.0},
         "celery/redis/keyed": {"drain_per_s": 100.0},
@@ -95,6 +103,8 @@ def test_goal_verdicts_follow_the_figures() -> None:
     verdicts = report.goals(results)
     assert any("dramatiq" in v and "0.50x (MISSED)" in v for v in verdicts)
     assert any("celery" in v and "1.50x (met)" in v for v in verdicts)
+    assert any("redis enqueue: slowest/fastest = 1.00" in v and "(flat" in v for v in verdicts)
+    assert any("redis lease+ack: slowest/fastest = 0.50" in v and "NOT FLAT" in v for v in verdicts)
 
 
 def test_seed_twin_workloads(redis_url: str) -> None:
@@ -105,15 +115,16 @@ def test_seed_twin_workloads(redis_url: str) -> None:
     assert sharq_twin["jobs"] == 50 and sharq_twin["dequeue_finish_per_s"] > 0
 
 
-def test_profiling_a_missed_drain_covers_the_worker_threads(redis_url: str) -> None:
+def test_profiling_missed_goals_covers_the_worker_and_sending_threads(redis_url: str) -> None:
     bench = run.Run(TINY, redis_url, strict=True, log=lambda line: None)
     measured = {
-        "dramatiq/RedisBroker/keyed": {"drain_per_s": 2.0},
-        "dramatiq/ShardedBroker/keyed": {"drain_per_s": 1.0},
+        "dramatiq/RedisBroker/keyed": {"drain_per_s": 2.0, "enqueue_per_s": 2.0},
+        "dramatiq/ShardedBroker/keyed": {"drain_per_s": 1.0, "enqueue_per_s": 1.0},
     }
-    profiles = bench.profile_missed_drains(measured)
-    assert list(profiles) == ["dramatiq/ShardedBroker/keyed drain"]
-    text = profiles["dramatiq/ShardedBroker/keyed drain"]
-    threads = re.search(r"over (\d+) thread", text)
-    assert threads and int(threads.group(1)) > TINY.worker_threads  # workers and consumer threads
-    assert "worker.py" in text and "process_message" in text  # Dramatiq's worker threads ran under it
+    profiles = bench.profile_misses(measured)
+    assert sorted(profiles) == ["dramatiq/ShardedBroker/keyed drain", "dramatiq/ShardedBroker/keyed enqueue"]
+    drain = profiles["dramatiq/ShardedBroker/keyed drain"]
+    work = re.match(r"([\d.]+)s of work over (\d+) thread", drain)
+    assert work and float(work.group(1)) > 0
+    assert int(work.group(2)) > TINY.worker_threads  # Dramatiq's worker threads and its consumer
+    assert "send_with_options" in profiles["dramatiq/ShardedBroker/keyed enqueue"]
