@@ -397,8 +397,10 @@ def _argument_value(actor: dramatiq.Actor, name: str, args: tuple, kwargs: dict)
 
 def _parameters(actor: dramatiq.Actor) -> Optional[dict[str, inspect.Parameter]]:
     """The actor function's parameters, or None when Python cannot tell them."""
+    # A class-based actor's fn is its instance, whose __call__ forwards to perform().
+    function = actor.fn.perform if isinstance(actor.fn, dramatiq.GenericActor) else actor.fn
     try:
-        return dict(inspect.signature(actor.fn).parameters)
+        return dict(inspect.signature(function).parameters)
     except (TypeError, ValueError):
         return None
 

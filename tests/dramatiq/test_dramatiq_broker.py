@@ -191,3 +191,26 @@ def test_repr_hides_the_password() -> None:
     broker = ShardedBroker.__new__(ShardedBroker)
     broker.url = "redis://user:secret@db:6379/0"
     assert "secret" not in repr(broker)
+
+
+def test_class_based_and_async_actors_take_keys_from_their_arguments(memory_broker) -> None:
+    class Invoice(dramatiq.GenericActor):
+        class Meta:
+            broker = memory_broker
+            shard_key = "customer"
+
+        def perform(self, customer, total): ...
+
+    @dramatiq.actor(broker=memory_broker, shard_key="customer")
+    async def remind(text, customer): ...
+
+    assert Invoice.send("c-1", 10).options["shard_key"] == "c-1"
+    assert remind.send("due", "c-2").options["shard_key"] == "c-2"
+    with pytest.raises(ShardKeyError, match="no argument 'client'"):
+
+        class Refund(dramatiq.GenericActor):
+            class Meta:
+                broker = memory_broker
+                shard_key = "client"
+
+            def perform(self, customer): ...

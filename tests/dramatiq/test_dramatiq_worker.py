@@ -307,3 +307,27 @@ def test_consumer_is_thread_safe_and_honours_prefetch(broker: ShardedBroker) -> 
     consumer.close()
     stats = broker.engine.stats("default")
     assert (stats.ready, stats.leased) == (2, 0)
+
+
+def test_time_limit_with_an_explicit_middleware_list(run_worker, memory_url: str, recorder) -> None:
+    from dramatiq.middleware import Retries, TimeLimit
+
+    broker = ShardedBroker(url=memory_url, middleware=[TimeLimit(interval=20), Retries(max_retries=0)])
+    broker.emit_after("process_boot")  # what the dramatiq command does; starts TimeLimit's timer
+    try:
+        @dramatiq.actor(broker=broker, shard_key="key", time_limit=100)  # shard_key still declared
+        def bounded(key: str, n: int, seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:  # interruptible, unlike one long sleep
+                time.sleep(0.01)
+            recorder.add(key, n)
+
+        bounded.send("k", 0, 5.0)
+        bounded.send("k", 1, 0.0)
+        with run_worker(broker):
+            broker.join("default", timeout=10_000)
+        assert recorder.by_key() == {"k": [1]}
+        [dead] = broker.dead_letters
+        assert dead.message.args == ("k", 0, 5.0) and dead.reason.startswith("TimeLimitExceeded")
+    finally:
+        broker.close()
