@@ -340,15 +340,23 @@ def test_wait_polls_with_backoff_and_wakes_on_local_work(db_url: str) -> None:
     assert broker.lease("idle", wait=1.0) == []
     assert len(calls) <= 20, f"{len(calls)} polls in one second of waiting: it spins"
 
-    got = []
-    consumer = threading.Thread(target=lambda: got.extend(broker.lease("jobs", wait=30.0)))
-    started = time.monotonic()
-    consumer.start()
-    time.sleep(0.5)  # the consumer's backoff has reached its longest step
+    # A waiter whose backoff step is a minute returns early only if it is woken.
+    woken_after: list[float] = []
+
+    def waiter() -> None:
+        backend._local.step = 60.0
+        assert original("jobs", 1, 1, 30.0, broker.settings("jobs")).leases == []
+        started = time.monotonic()
+        backend.wait("jobs", 60.0)
+        woken_after.append(time.monotonic() - started)
+
+    thread = threading.Thread(target=waiter, daemon=True)
+    thread.start()
+    time.sleep(0.2)
     broker.enqueue("jobs", b"now", key="a")
-    consumer.join(30)
-    assert [lease.payload for lease in got] == [b"now"]
-    assert time.monotonic() - started < 20, "the waiting consumer was not woken"
+    thread.join(10)
+    assert woken_after and woken_after[0] < 10, "a local enqueue did not wake the waiting consumer"
+    assert [lease.payload for lease in broker.lease("jobs")] == [b"now"]
 
 
 # -- bad input ----------------------------------------------------------------------------------
