@@ -7,8 +7,9 @@ a SIGKILL loses no line already written):
 
 * ``{"e": "start", "id", "k", "n", "a", "pid"}`` when it starts a message (payload
   ``{"k": key, "n": number in the key, "do": what}``), then, after the work:
-* ``{"e": "ack", "id", "ok"}`` with the ack's answer (``ok`` false: the lease was stale,
-  so this run does not count as the holder's), or ``{"e": "nack", ...}`` for ``"fail"``.
+* ``{"e": "ack", "id", "ok", "pid"}`` with the ack's answer (``ok`` false: the lease was
+  stale, or an earlier try of this ack took effect but its reply was lost), or
+  ``{"e": "nack", ...}`` for ``"fail"``.
 
 ``do`` is ``"ok"`` (sleep ``work`` seconds, ack), ``"fail"`` (nack for retry: a task that
 always fails) or ``"kill"`` (SIGKILL itself mid-task: a task that always kills its
@@ -83,12 +84,12 @@ def main(config: dict) -> None:
                 os.kill(pid, signal.SIGKILL)
             if body["do"] == "fail":
                 ok = retrying(lambda: broker.nack(lease))
-                log(e="nack", id=lease.id, ok=ok)
+                log(e="nack", id=lease.id, ok=ok, pid=pid)
                 continue
             if work:
                 time.sleep(work)
             ok = retrying(lambda: broker.ack(lease))
-            log(e="ack", id=lease.id, ok=ok)
+            log(e="ack", id=lease.id, ok=ok, pid=pid)
             done += 1
             if rss_every and done % rss_every == 0:
                 log(e="rss", pid=pid, kib=rss_kib(), done=done)

@@ -88,19 +88,26 @@ def drained(broker: sharded_broker.Broker, queue: str) -> bool:
 
 def runs_by_key(events: list[dict[str, Any]]) -> dict[str, list[int]]:
     """The message numbers each key ran, in the order they started, leaving out runs on a
-    lease that turned out stale (its ack was refused: the run was not the holder's, and
-    its start line may have been written after the message was delivered again)."""
-    started: list[tuple[str, int, str]] = []
+    lease that turned out stale: the ack was refused *and* the message was delivered
+    again (that run was not the holder's, and its start line may have been written after
+    the redelivery). A refused ack of a message never delivered again is a retried ack
+    whose first try took effect: that run counts."""
+    starts_per_id: dict[str, int] = defaultdict(int)
     for event in events:
         if event["e"] == "start":
-            started.append((event["k"], event["n"], event["id"]))
-        elif event["e"] == "ack" and not event["ok"]:
+            starts_per_id[event["id"]] += 1
+    started: list[tuple[str, int, str, int]] = []
+    for event in events:
+        if event["e"] == "start":
+            started.append((event["k"], event["n"], event["id"], event["pid"]))
+        elif event["e"] == "ack" and not event["ok"] and starts_per_id[event["id"]] > 1:
             for index in range(len(started) - 1, -1, -1):
-                if started[index][2] == event["id"]:
+                if started[index][2:] == (event["id"], event["pid"]):
                     del started[index]
+                    starts_per_id[event["id"]] -= 1
                     break
     runs: dict[str, list[int]] = defaultdict(list)
-    for key, number, _ in started:
+    for key, number, _, _ in started:
         runs[key].append(number)
     return runs
 
