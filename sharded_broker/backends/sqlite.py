@@ -459,14 +459,16 @@ class SQLiteBackend(Backend):
 
     def _tx_now(self, conn: sqlite3.Connection, *, write: bool) -> float:
         """The database's clock: this host's time, never behind what is already written."""
-        row = conn.execute("SELECT value FROM meta WHERE name = 'last_now'").fetchone()
-        stored = row[0] if row else None
         now = self._clock()
-        if stored is not None and stored > now:
-            return stored
         if write:
-            conn.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('last_now', ?)", (now,))
-        return now
+            [(latest,)] = conn.execute(
+                "INSERT INTO meta (name, value) VALUES ('last_now', ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value) RETURNING value",
+                (now,),
+            ).fetchall()
+            return latest
+        row = conn.execute("SELECT value FROM meta WHERE name = 'last_now'").fetchone()
+        return now if row is None else max(now, row[0])
 
     def close(self) -> None:
         with self._lock:
