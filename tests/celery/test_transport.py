@@ -1,0 +1,330 @@
+"""The Celery adapter with in-process workers on ``sharded+memory://``.
+
+Real Celery workers (``celery.contrib.testing.worker.start_worker``) and the real engine;
+the engine is also read directly to check what a publish stored.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from celery.contrib.testing.worker import start_worker
+from kombu import Connection
+
+import sharded_broker
+from sharded_broker.errors import ConfigurationError, InvalidArgument, InvalidArgumentType
+from sharded_broker.integrations.celery import binding_entry, engine_url, parse_binding_entry
+
+
+def run_worker(app, pool="threads", concurrency=4, **kwargs):
+    return start_worker(app, pool=pool, concurrency=concurrency, perform_ping_check=False,
+                        shutdown_timeout=20, **kwargs)
+
+
+class Journal:
+    """What tasks did, from any thread: (event, key, seq, time)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.events: list[tuple[str, str, int, float]] = []
+
+    def add(self, event: str, key: str, seq: int) -> None:
+        with self.lock:
+            self.events.append((event, key, seq, time.monotonic()))
+
+    def done(self, key: str | None = None) -> list[int]:
+        with self.lock:
+            return [s for e, k, s, _ in self.events if e == "end" and (key is None or k == key)]
+
+    def count(self, event: str = "end") -> int:
+        with self.lock:
+            return sum(1 for e, *_ in self.events if e == event)
+
+
+# -- order -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pool", ["threads", "solo"])
+def test_per_key_order_without_overlap_under_default_acks(make_app, pool, wait_until):
+    app = make_app()
+    assert not app.conf.task_acks_late  # Celery's default: ack when the task starts
+    journal = Journal()
+
+    @app.task(shared=False, shard_key="user")
+    def step(user, seq):
+        journal.add("start", user, seq)
+        time.sleep(0.003)
+        journal.add("end", user, seq)
+
+    keys, per_key = [f"u{i}" for i in range(6)], 8
+    for seq in range(per_key):
+        for key in keys:
+            step.delay(key, seq)
+    with run_worker(app, pool=pool):
+        wait_until(lambda: journal.count() == len(keys) * per_key, 20, "all tasks")
+    for key in keys:
+        assert journal.done(key) == list(range(per_key))
+        # The next task of a key starts only after the previous one ended.
+        events = [(e, s) for e, k, s, _ in journal.events if k == key]
+        assert events == [(e, s) for s in range(per_key) for e in ("start", "end")]
+    assert step.acks_late  # made late by the transport, so a key is held until its task ends
+
+
+def test_unkeyed_tasks_still_run_in_parallel(make_app):
+    app = make_app()
+    running, peak, lock = [0], [0], threading.Lock()
+    both_started = threading.Barrier(2, timeout=10)
+
+    @app.task(shared=False)
+    def free(n):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        both_started.wait()  # only returns if two run at the same time
+        with lock:
+            running[0] -= 1
+
+    results = [free.delay(n) for n in range(2)]
+    with run_worker(app, concurrency=2):
+        for result in results:
+            result.get(timeout=10)  # results backends are unaffected
+    assert peak[0] == 2
+
+
+# -- where the key comes from --------------------------------------------------------------
+
+
+def _stored(engine, queue="celery"):
+    leases = engine.lease(queue, limit=100)
+    engine.ack_many(leases)
+    return leases
+
+
+def test_key_sources_and_their_precedence(make_app, engine):
+    app = make_app(shard_keys={"cfg.task": "account", "cfg.both": "account"})
+
+    @app.task(shared=False, name="opt.positional", shard_key="user")
+    def positional(user, text): ...
+
+    @app.task(shared=False, name="opt.callable", shard_key=lambda args, kwargs: f"{kwargs['region']}-{args[0]}")
+    def by_callable(n, region): ...
+
+    @app.task(shared=False, name="cfg.task")
+    def configured(account, amount): ...
+
+    @app.task(shared=False, name="cfg.both", shard_key="user")
+    def option_wins(user, account): ...
+
+    @app.task(shared=False, name="plain")
+    def plain(x): ...
+
+    positional.delay("u-1", "hi")
+    positional.apply_async(kwargs={"user": 42, "text": "hi"})  # an int key, by keyword
+    positional.apply_async(("u-1", "hi"), shard_key="override")  # per call beats the option
+    by_callable.delay(7, region="eu")
+    configured.delay("acct-9", 10)
+    option_wins.delay("u-2", "acct-2")  # the task option beats the transport option
+    plain.delay(1)
+    plain.apply_async((1,), shard_key="k")
+
+    got = [(lease.headers["task"], lease.key) for lease in _stored(engine)]
+    assert sorted(got, key=str) == sorted([
+        ("opt.positional", "u-1"), ("opt.positional", "42"), ("opt.positional", "override"),
+        ("opt.callable", "eu-7"), ("cfg.task", "acct-9"), ("cfg.both", "u-2"),
+        ("plain", None), ("plain", "k"),
+    ], key=str)
+
+
+def test_per_call_key_travels_in_the_headers(make_app, engine):
+    app = make_app()
+
+    @app.task(shared=False, name="hdr")
+    def hdr(x): ...
+
+    hdr.apply_async((1,), shard_key="user-7")
+    (lease,) = _stored(engine)
+    message = sharded_broker.integrations.celery.json_loads(lease.payload)
+    assert message["headers"]["shard_key"] == "user-7"
+    assert "shard_key" not in message["properties"]
+
+
+@pytest.mark.parametrize("bad", [["a"], 1.5, True, {"k": 1}, ""])
+def test_bad_keys_are_refused_at_publish_and_nothing_is_queued(make_app, engine, bad):
+    app = make_app()
+
+    @app.task(shared=False, name="bad.option", shard_key="user")
+    def from_option(user): ...
+
+    @app.task(shared=False, name="bad.call")
+    def per_call(x): ...
+
+    with pytest.raises((InvalidArgumentType, InvalidArgument), match="shard key for task 'bad.call'"):
+        per_call.apply_async((1,), shard_key=bad)
+    with pytest.raises((InvalidArgumentType, InvalidArgument), match="shard key for task 'bad.option'"):
+        from_option.delay(bad)
+    assert engine.stats("celery").ready == 0
+
+
+def test_missing_key_argument_is_refused(make_app, engine):
+    app = make_app(shard_keys={"typo.task": "acount"})
+
+    @app.task(shared=False, name="typo.task")
+    def typo(account): ...
+
+    with pytest.raises(InvalidArgument, match="argument 'acount'"):
+        typo.delay("a-1")
+    assert engine.stats("celery").ready == 0
+
+
+# -- retries, delays, priorities ---------------------------------------------------------
+
+
+def test_retry_with_countdown_keeps_its_place_at_the_head_of_the_key(make_app, engine, wait_until):
+    app = make_app()
+    journal = Journal()
+
+    @app.task(shared=False, bind=True, shard_key="user", max_retries=3)
+    def flaky(self, user, seq):
+        if seq == 0 and self.request.retries == 0:
+            journal.add("retry", user, seq)
+            raise self.retry(countdown=0.3)
+        journal.add("end", user, seq)
+
+    flaky.delay("u", 0)
+    flaky.delay("u", 1)
+    flaky.delay("other", 5)
+    with run_worker(app):
+        wait_until(lambda: journal.count() == 3, 10, "three tasks")
+    # seq 1 waited for the retry of seq 0, although it was due first; other keys did not wait.
+    assert journal.done("u") == [0, 1]
+    assert journal.done()[0] == 5
+
+
+def test_countdown_waits_in_the_broker_without_blocking_its_key(make_app, engine, wait_until):
+    app = make_app()
+    journal = Journal()
+
+    @app.task(shared=False, shard_key="user")
+    def step(user, seq):
+        journal.add("end", user, seq)
+
+    step.apply_async(("u", 0), countdown=0.6)
+    step.apply_async(("u", 1))
+    stats = engine.stats("celery")
+    assert (stats.delayed, stats.ready) == (1, 1)  # stored in the broker, not in a worker
+    with run_worker(app):
+        wait_until(lambda: journal.count() == 2, 10, "both tasks")
+    assert journal.done("u") == [1, 0]
+
+
+def test_priority_follows_celerys_redis_convention_within_a_key(make_app, wait_until):
+    app = make_app()
+    journal = Journal()
+
+    @app.task(shared=False, shard_key="user")
+    def step(user, seq):
+        journal.add("end", user, seq)
+
+    for priority in (5, 9, 0, 3):
+        step.apply_async(("u", priority), priority=priority)
+    step.apply_async(("u", -1))  # no priority: Celery's default, 0, runs first among equals
+    with run_worker(app, pool="solo", concurrency=1):
+        wait_until(lambda: journal.count() == 5, 10, "five tasks")
+    assert journal.done("u") == [0, -1, 3, 5, 9]
+
+
+# -- leases ---------------------------------------------------------------------------------
+
+
+def test_a_task_ten_times_longer_than_the_visibility_timeout_runs_once(make_app, engine, wait_until):
+    app = make_app(visibility_timeout=0.3)
+    journal = Journal()
+
+    @app.task(shared=False, shard_key="user")
+    def slow(user, seq):
+        journal.add("start", user, seq)
+        time.sleep(3.0)
+        journal.add("end", user, seq)
+
+    slow.delay("u", 0)
+    with run_worker(app, concurrency=2):
+        wait_until(lambda: journal.count() == 1, 15, "the slow task")
+        time.sleep(0.5)  # a redelivery would start within a timeout or two
+    assert journal.count("start") == 1
+    assert engine.stats("celery").dead == 0
+
+
+# -- queues, fanout, purge ------------------------------------------------------------------
+
+
+def test_routes_queues_inspect_ping_and_purge(make_app, engine, wait_until):
+    app = make_app()
+    app.conf.task_routes = {"routed.task": {"queue": "reports"}}
+    journal = Journal()
+
+    @app.task(shared=False, name="routed.task", shard_key="user")
+    def routed(user, seq):
+        journal.add("end", user, seq)
+
+    @app.task(shared=False, name="default.task", shard_key="user")
+    def default(user, seq):
+        journal.add("end", user, seq)
+
+    routed.delay("r", 1)
+    default.delay("d", 2)
+    assert engine.stats("reports").ready == 1
+    with run_worker(app, queues=["celery", "reports"]) as worker:
+        wait_until(lambda: journal.count() == 2, 10, "both queues")
+        replies = app.control.inspect(timeout=3).ping()  # fanout out, direct reply back
+        assert replies == {worker.hostname: {"ok": "pong"}}
+    default.delay("d", 3)
+    default.delay("e", 4)
+    assert app.control.purge() == 2
+    assert engine.stats("celery").ready == 0
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+def test_unknown_transport_option_is_refused_by_name(make_app):
+    app = make_app(visiblity_timeout=10)
+    with pytest.raises(ConfigurationError, match="visiblity_timeout"):
+        with app.connection_for_write() as conn:
+            conn.connect()
+
+
+def test_redis_transport_options_get_a_hint_or_are_ignored(make_app):
+    with pytest.raises(ConfigurationError, match="global_keyprefix.*'prefix'"):
+        with make_app(global_keyprefix="x").connection_for_write() as conn:
+            conn.connect()
+    app = make_app(fanout_prefix=True, fanout_patterns=True, polling_interval=0.1, max_retries=3)
+    with app.connection_for_write() as conn:
+        conn.connect()
+
+
+def test_unknown_engine_scheme_is_refused_by_name(make_app):
+    app = make_app(broker_url="sharded+foo://localhost/0")
+    with pytest.raises(ConfigurationError, match="unknown URL scheme 'foo'"):
+        with app.connection_for_write() as conn:
+            conn.connect()
+
+
+def test_engine_url_is_rebuilt_from_the_connection():
+    def url(*args, **kwargs):
+        return engine_url(Connection(*args, **kwargs))
+
+    assert url("sharded+redis://:pw@h:6380/2?socket_timeout=3") == "redis://:pw@h:6380/2?socket_timeout=3"
+    assert url("sharded+rediss://h:6380/0") == "rediss://h:6380/0"
+    assert url("sharded+redis://h", userid="u", password="p/w", port=6390, virtual_host="3") == "redis://u:p%2Fw@h:6390/3"
+    assert url("sharded+sqlite:///tmp/q.db") == "sqlite:///tmp/q.db"
+    assert url("sharded+memory://") == "memory://"
+    assert Connection("sharded+redis://:secret@h:1/0").as_uri() == "sharded+redis://:**@h:1/0"
+
+
+def test_binding_entries_round_trip():
+    for routing_key, queue in [("", "q"), ("worker.#", "celeryev.1"), ("a+b@c.*", "x+y"), ("k", "celery@h.celery.pidbox")]:
+        entry = binding_entry(routing_key, queue)
+        sharded_broker.validation.queue_name(entry)
+        assert parse_binding_entry(entry) == (routing_key, queue)
