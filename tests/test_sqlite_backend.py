@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import queue
 import random
 import signal
 import sqlite3
@@ -80,12 +81,12 @@ def _consume(broker: sharded_broker.Broker, producers_done, events, errors, thre
         worker.join()
 
 
-def _drain(queue) -> list:
+def _drain(events) -> list:
     items = []
     while True:
         try:
-            items.append(queue.get(timeout=0.05))
-        except Exception:
+            items.append(events.get(timeout=0.05))
+        except queue.Empty:
             return items
 
 
