@@ -69,7 +69,7 @@ def main(config: dict) -> None:
     rss_every = int(config.get("rss_every", 0))
     done = 0
     idle_since = time.monotonic()
-    log(e="up", pid=pid)
+    log(e="up", pid=pid, time=time.time())
     while True:
         leases = retrying(lambda: broker.lease(queue, limit, visibility_timeout=vt, wait=0.2))
         if not leases:
