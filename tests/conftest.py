@@ -7,7 +7,7 @@ from typing import Callable, Iterator
 import pytest
 
 import sharded_broker
-from support.backends import BACKENDS, FakeClock, skip_unless_written
+from support.backends import BACKENDS, FakeClock
 from support.redis_server import RedisServer
 
 
@@ -41,8 +41,7 @@ def memory_url() -> str:
 
 @pytest.fixture(params=BACKENDS)
 def backend_name(request: pytest.FixtureRequest) -> str:
-    """Each backend in turn; skipped while its module is not written yet."""
-    skip_unless_written(request.param)
+    """Each backend in turn."""
     return request.param
 
 

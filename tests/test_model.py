@@ -29,7 +29,7 @@ from hypothesis.stateful import (
 
 import sharded_broker
 from sharded_broker import Broker, Lease, Message
-from support.backends import FakeClock, skip_unless_written
+from support.backends import FakeClock
 
 Q = "q"
 KEYS = st.sampled_from(["a", "b", "c", None])
@@ -234,7 +234,6 @@ MODEL_SETTINGS = settings(
 
 @pytest.mark.parametrize("backend_name", ["sqlite", "redis"])
 def test_backend_behaves_like_the_memory_model(backend_name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    skip_unless_written(backend_name)
     stores = itertools.count()
 
     if backend_name == "redis":

@@ -6,10 +6,7 @@ Every backend is opened by URL through ``sharded_broker.connect(url, clock=...)`
 
 from __future__ import annotations
 
-import importlib.util
 import threading
-
-import pytest
 
 BACKENDS = ("memory", "sqlite", "redis")
 
@@ -37,8 +34,3 @@ class FakeClock:
             self._now += seconds
             return self._now
 
-
-def skip_unless_written(backend: str) -> None:
-    """Skip the current test when ``backend``'s module does not exist yet."""
-    if importlib.util.find_spec(f"sharded_broker.backends.{backend}") is None:
-        pytest.skip("backend not written yet")
