@@ -475,11 +475,14 @@ class Channel(virtual.Channel):
         with self._leases_lock:
             return list(self._leases.values())
 
-    def forget_lease(self, lease: Lease) -> None:
+    def forget_lease(self, lease: Lease) -> bool:
+        """Stop tracking ``lease``; False when it was settled meanwhile."""
         with self._leases_lock:
             for tag, held in list(self._leases.items()):
                 if held is lease:
                     del self._leases[tag]
+                    return True
+        return False
 
     def basic_ack(self, delivery_tag, multiple=False):
         lease = self._take_lease(delivery_tag)
@@ -540,8 +543,9 @@ class _Heartbeat(threading.Thread):
                     except Exception:
                         logger.exception("lease heartbeat failed")
                         continue
-                    if not alive:
-                        channel.forget_lease(lease)
+                    # Refused either because the message was settled since the snapshot
+                    # (nothing to say) or because the lease really expired.
+                    if not alive and channel.forget_lease(lease):
                         logger.warning(
                             "lease of message %s (key %r) expired before its heartbeat: it will run again",
                             lease.id, lease.key,
