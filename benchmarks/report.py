@@ -239,6 +239,10 @@ def chart(results: Results, path: Path) -> bool:
             style = "-o" if backlog == min(r["backlog"] for r in scaling.values()) else "--s"
             axis.plot([k for k, _ in points], [v for _, v in points], style, color=colors.get(backend),
                       label=f"{backend}, backlog {backlog:,}")
+        for row in scaling.values():
+            if row["per_key"] > 1:  # a different call shape: say so on the point
+                axis.annotate(f"{row['per_key']}/key/call", (row["keys"], row[what]), fontsize=7,
+                              textcoords="offset points", xytext=(4, 4))
         if limit:
             axis.axhline(limit[what], color="black", linestyle=":", label="raw Redis LPUSH/RPOP")
         axis.set_xscale("log")
