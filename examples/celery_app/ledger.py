@@ -1,0 +1,47 @@
+"""A per-account ledger on Celery: entries of one account must apply in order.
+
+Nothing here knows about sharded-broker except the broker URL and where the shard key
+comes from. Entries of one account run one at a time, in the order they were posted;
+different accounts run in parallel.
+"""
+
+import os
+import sqlite3
+import time
+
+from celery import Celery
+
+app = Celery("ledger", broker=os.environ.get("BROKER_URL", "sharded+redis://localhost:6379/0"))
+app.conf.broker_transport_options = {
+    # A worker that dies hands its accounts back after about this many seconds.
+    "visibility_timeout": 30,
+    # Config only, for tasks whose code you cannot touch: key notify by its argument.
+    "shard_keys": {"ledger.notify": "customer_id"},
+}
+
+DATABASE = os.environ.get("LEDGER_DB", "ledger.db")
+
+
+def _db() -> sqlite3.Connection:
+    db = sqlite3.connect(DATABASE, timeout=30, isolation_level=None)
+    db.execute("CREATE TABLE IF NOT EXISTS entries (account TEXT, seq INTEGER, amount INTEGER, balance INTEGER)")
+    return db
+
+
+@app.task(name="ledger.post_entry", shard_key="account")  # the key is the `account` argument
+def post_entry(account: str, seq: int, amount: int) -> int:
+    """Apply one entry. A withdrawal posted after a deposit must see that deposit."""
+    time.sleep(0.01)  # some real work
+    db = _db()
+    try:
+        row = db.execute("SELECT balance FROM entries WHERE account = ? ORDER BY rowid DESC LIMIT 1", (account,)).fetchone()
+        balance = (row[0] if row else 0) + amount
+        db.execute("INSERT INTO entries VALUES (?, ?, ?, ?)", (account, seq, amount, balance))
+        return balance
+    finally:
+        db.close()
+
+
+@app.task(name="ledger.notify")
+def notify(customer_id: str, text: str) -> None:
+    print(f"to {customer_id}: {text}")
