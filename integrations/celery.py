@@ -22,8 +22,7 @@ Guarantees
     * **Order with Celery's defaults.** A key is released only when its message is acked.
       In a process that uses this transport, every task of the app acknowledges late
       (``acks_late=True``), whatever the ``task_acks_late`` setting says, so the next
-      message of a key starts only after the previous task finished (prefork, threads,
-      solo, gevent and eventlet pools alike).
+      message of a key starts only after the previous task finished, whatever the pool.
     * **Leases.** A delivered message is leased for ``visibility_timeout`` seconds
       (default 30). A heartbeat thread in the consuming process extends the leases of
       every delivered, unsettled message every ``visibility_timeout / 3`` seconds, so a

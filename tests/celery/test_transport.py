@@ -328,3 +328,50 @@ def test_binding_entries_round_trip():
         entry = binding_entry(routing_key, queue)
         sharded_broker.validation.queue_name(entry)
         assert parse_binding_entry(entry) == (routing_key, queue)
+
+
+# -- kombu level ------------------------------------------------------------------------------
+
+
+def test_closing_a_channel_returns_unacked_messages_to_the_head_of_their_keys(memory_broker_url, engine):
+    from kombu import Queue
+
+    queue = Queue("plain")
+    with Connection(memory_broker_url) as conn:
+        producer = conn.Producer()
+        for n in range(3):
+            producer.publish({"n": n}, routing_key="plain", declare=[queue], headers={"shard_key": "k"})
+        channel = conn.channel()
+        first = queue(channel).get()  # delivered, never acked
+        assert first.payload == {"n": 0} and first.headers["shard_key"] == "k"
+        assert queue(conn.channel()).get() is None  # the key is held
+        channel.close()
+        again = queue(conn.channel()).get()
+        assert again.payload == {"n": 0} and again.delivery_info["redelivered"]
+        again.ack()
+        assert queue(conn.channel()).get().payload == {"n": 1}
+    assert engine.stats("plain").dead == 0
+
+
+def test_topic_exchange_bindings_are_shared_between_connections(memory_broker_url):
+    from kombu import Exchange, Queue
+
+    events = Exchange("events", type="topic")
+    tasks_only = Queue("tasks-only", events, routing_key="task.#")
+    everything = Queue("everything", events, routing_key="#")
+    with Connection(memory_broker_url) as consumer_side:
+        tasks_only(consumer_side.channel()).declare()
+        everything(consumer_side.channel()).declare()
+    with Connection(memory_broker_url) as producer_side:  # knows no binding of its own
+        producer = producer_side.Producer(exchange=events)  # declares the exchange, as Celery does
+        producer.publish({"e": 1}, exchange=events, routing_key="task.succeeded")
+        producer.publish({"e": 2}, exchange=events, routing_key="worker.heartbeat")
+    with Connection(memory_broker_url) as reader:
+        def drain(queue):
+            got = []
+            while (message := queue(reader.channel()).get(no_ack=True)) is not None:
+                got.append(message.payload["e"])
+            return got
+
+        assert drain(tasks_only) == [1]
+        assert drain(everything) == [1, 2]
