@@ -164,23 +164,26 @@ def test_sigkill_of_a_worker_process_loses_nothing_and_keeps_order(start_cli, pr
         for key in keys:
             record.send(key, n, seconds=0.25)
 
-    # Kill a worker process of `doomed` while it is running a task.
+    # Kill a worker process of `doomed` while it is running a task. Tasks run in waves of
+    # equal length, so pick a run that started after the first wave ended: it has most of
+    # its 0.25 s still to go.
     deadline = time.monotonic() + 30
     victim = None
     while victim is None:
         assert time.monotonic() < deadline, "the doomed workers never ran a task"
-        open_runs: dict[tuple[str, int], int] = {}
-        for kind, key, n, pid in read_events(cli_env):
+        events = read_events(cli_env)
+        first_end = next((i for i, (kind, *_) in enumerate(events) if kind == "end"), len(events))
+        open_runs: dict[tuple[str, int], tuple[int, int]] = {}
+        for index, (kind, key, n, pid) in enumerate(events):
             if kind == "start":
-                open_runs[key, n] = pid
+                open_runs[key, n] = (index, pid)
             else:
                 open_runs.pop((key, n), None)
-        running_in_doomed = [pid for pid in open_runs.values() if pid in doomed_pids]
-        ended = sum(kind == "end" for kind, *_ in read_events(cli_env))
-        if running_in_doomed and ended >= 2:
-            victim = running_in_doomed[0]
+        fresh = [pid for index, pid in open_runs.values() if index > first_end and pid in doomed_pids]
+        if fresh:
+            victim = fresh[0]
         else:
-            time.sleep(0.02)
+            time.sleep(0.01)
     os.kill(victim, signal.SIGKILL)
 
     broker.join("default", timeout=60_000)
