@@ -385,6 +385,8 @@ class Channel(virtual.Channel):
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         check.queue_name(queue)  # refuse a bad name at declaration
+        if kwargs.get("auto_delete"):
+            self.connection.auto_delete_queues.add(queue)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return True  # engine queues exist as soon as they are named
@@ -413,7 +415,12 @@ class Channel(virtual.Channel):
         queue = self._tag_to_queue.get(consumer_tag)
         if queue is not None:
             self._noack_queues.discard(queue)
-        return super().basic_cancel(consumer_tag)
+        super().basic_cancel(consumer_tag)
+        # AMQP auto-delete: the queue (remote control, events, replies) goes with its last
+        # consumer, so broadcasts stop piling up in it.
+        if queue in self.connection.auto_delete_queues and queue not in self._active_queues:
+            self.connection.auto_delete_queues.discard(queue)
+            self.queue_delete(queue)
 
     def _reset_cycle(self) -> None:
         self._cycle = virtual.base.FairCycle(self._get_bulk, self._active_queues, Empty)
@@ -515,8 +522,9 @@ class Channel(virtual.Channel):
         super().close()  # returns the messages its QoS knows to the engine
         with self._leases_lock:
             leftovers, self._leases = list(self._leases.values()), {}
-        for lease in leftovers:  # delivered but never handed to a consumer
-            transport.broker.nack(lease)
+        if transport is not None:
+            for lease in leftovers:  # delivered but never handed to a consumer
+                transport.broker.nack(lease)
 
 
 # -- the transport -----------------------------------------------------------------------
@@ -591,6 +599,7 @@ class Transport(virtual.Transport):
             ) from None
         self._heartbeat: _Heartbeat | None = None
         self._heartbeat_lock = threading.Lock()
+        self.auto_delete_queues: set[str] = set()
 
     def start_heartbeat(self) -> None:
         """Start extending delivered leases (once per transport, in the consuming process)."""

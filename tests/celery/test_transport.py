@@ -375,3 +375,18 @@ def test_topic_exchange_bindings_are_shared_between_connections(memory_broker_ur
 
         assert drain(tasks_only) == [1]
         assert drain(everything) == [1, 2]
+
+
+def test_an_auto_delete_queue_goes_with_its_last_consumer(memory_broker_url, engine):
+    from kombu import Exchange, Queue
+
+    broadcast = Exchange("broadcast", type="fanout")
+    listener = Queue("listener", broadcast, auto_delete=True)
+    with Connection(memory_broker_url) as conn:
+        consumer = conn.Consumer(listener, callbacks=[lambda body, message: None], no_ack=True)
+        consumer.consume()
+        assert engine.bound_queues("broadcast") == [binding_entry("", "listener")]
+        conn.Producer(exchange=broadcast).publish({"x": 1})
+        consumer.cancel()
+        assert engine.bound_queues("broadcast") == []
+        assert engine.stats("listener").ready == 0
