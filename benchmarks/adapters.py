@@ -253,7 +253,15 @@ def memory_per_message(name: str, redis_url: str, sizes: Sizes, keys: int | None
     return round((after - before) / (sizes.memory_messages - 1), 1)
 
 
-def quiet_frameworks() -> None:
-    """Worker start/stop chatter would bury the report."""
-    for name in ("dramatiq", "celery", "kombu", "sharded_broker"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+@contextmanager
+def quiet_frameworks() -> Iterator[None]:
+    """Worker start/stop chatter would bury the report; the levels are put back after."""
+    loggers = [logging.getLogger(name) for name in ("dramatiq", "celery", "kombu", "sharded_broker")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

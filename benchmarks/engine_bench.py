@@ -30,7 +30,7 @@ _store_names = itertools.count()
 
 def raw_redis_limit(redis_url: str, sizes: Sizes) -> dict[str, Any]:
     """Pipelined LPUSH of ``raw_pairs`` payloads, then pipelined RPOP of all of them
-    (best of ``repeats``)."""
+    (best of ``repeats``), and once more to read the server's time per command."""
     flush(redis_url)
     client = redis_client(redis_url)
     rounds, batch = sizes.raw_pairs // sizes.batch, sizes.batch
@@ -52,16 +52,22 @@ def raw_redis_limit(redis_url: str, sizes: Sizes) -> dict[str, Any]:
 
     try:
         push_time, pop_time = best_of(sizes.repeats, push, pop)
+        with server_time(redis_url) as push_server:
+            push()
+        with server_time(redis_url) as pop_server:
+            pop()
     finally:
         client.close()
     moved = rounds * batch
-    if popped[0] != moved * sizes.repeats:
-        raise RuntimeError(f"raw Redis limit: pushed {moved * sizes.repeats} payloads but popped {popped[0]}")
+    if popped[0] != moved * (sizes.repeats + 1):
+        raise RuntimeError(f"raw Redis limit: pushed {moved * (sizes.repeats + 1)} payloads but popped {popped[0]}")
     return {
         "messages": moved,
         "enqueue_per_s": rate(moved, push_time),
         "drain_per_s": rate(moved, pop_time),
         "round_trip_per_s": rate(moved, push_time + pop_time),
+        "server_us_per_enqueue": round(push_server[0] / moved, 2),
+        "server_us_per_lease_ack": round(pop_server[0] / moved, 2),
         "one_per_call": raw_redis_one_per_call(redis_url, sizes.single_messages, sizes.repeats),
     }
 
@@ -221,17 +227,18 @@ def engine_one_per_call(url: str, count: int, keys: int, repeats: int) -> dict[s
 
 
 def engine_vs_limit(
-    backends: list[tuple[str, Callable[[], str]]], limit: dict[str, Any], sizes: Sizes, adapter_keys: int
+    backends: list[tuple[str, Callable[[], str]]], limit: dict[str, Any], sizes: Sizes, keys: int
 ) -> dict[str, Any]:
-    """Each backend unkeyed and keyed, with the fraction of the raw Redis limit reached."""
+    """Each backend unkeyed and over ``keys`` keys, with the fraction of the raw Redis
+    limit reached."""
     figures: dict[str, Any] = {}
     for name, fresh_url in backends:
-        for label, keys in (("unkeyed", None), ("keyed", adapter_keys)):
-            result = engine_rates(fresh_url(), sizes.engine_messages, keys, sizes.batch, sizes.repeats)
+        for label, key_count in (("unkeyed", None), ("keyed", keys)):
+            result = engine_rates(fresh_url(), sizes.engine_messages, key_count, sizes.batch, sizes.repeats)
             for what in ("enqueue_per_s", "drain_per_s", "round_trip_per_s"):
                 result[f"{what[:-6]}_fraction_of_limit"] = round(result[what] / limit[what], 4)
             figures[f"{name}/{label}"] = result
-        result = engine_one_per_call(fresh_url(), sizes.single_messages, adapter_keys, sizes.repeats)
+        result = engine_one_per_call(fresh_url(), sizes.single_messages, keys, sizes.repeats)
         result["round_trip_fraction_of_limit"] = round(
             result["round_trip_per_s"] / limit["one_per_call"]["round_trip_per_s"], 4
         )

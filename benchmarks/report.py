@@ -133,6 +133,9 @@ def table(results: Results) -> str:
             rows.append([backend, label, row["enqueue_per_s"], row["drain_per_s"], row["round_trip_per_s"],
                          row["round_trip_fraction_of_limit"]])
         out += _table(["backend", "messages", "enqueue/s", "lease+ack/s", "round trip/s", "fraction of limit"], rows)
+        if "server_us_per_enqueue" in limit:
+            out += ["", f"Redis server time per message, raw: {limit['server_us_per_enqueue']} µs per LPUSH, "
+                        f"{limit['server_us_per_lease_ack']} µs per RPOP (the engine's: see the scaling table)."]
     scaling = s.get("scaling")
     if scaling:
         out += ["", "### Scaling with keys and backlog (messages/s on top of the backlog; Redis µs = server time per message, INFO commandstats)", ""]

@@ -114,7 +114,10 @@ class Run:
         return usable
 
     def adapter_sections(self) -> None:
-        adapters.quiet_frameworks()
+        with adapters.quiet_frameworks():
+            self.measure_adapters()
+
+    def measure_adapters(self) -> None:
         targets = self.adapter_targets()
         keys = self.sizes.adapter_keys
 
