@@ -200,6 +200,8 @@ class Broker:
         delay = check.seconds(delay, "delay")
         if reason is not None and not isinstance(reason, str):
             raise InvalidArgumentType(f"reason must be a str, not {type(reason).__name__}")
+        if reason is not None:
+            check.utf8_text(reason, "reason")
         return self.backend.nack(
             lease, delay=delay, dead=bool(dead), reason=reason, settings=self.settings(lease.queue)
         )
@@ -258,7 +260,7 @@ class Broker:
         if ids is not None:
             if isinstance(ids, str) or not all(isinstance(i, str) for i in ids):
                 raise InvalidArgumentType("ids must be a sequence of message id strings")
-            ids = list(ids)
+            ids = [check.utf8_text(i, "message id") for i in ids]
         return self.backend.replay(check.queue_name(queue), ids, position)
 
     def purge(self, queue: str, *, dead: bool = False) -> int:

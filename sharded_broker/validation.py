@@ -42,6 +42,16 @@ def queue_name(name: Any) -> str:
     return name
 
 
+def utf8_text(value: str, name: str) -> str:
+    """``value``, refused when UTF-8 cannot encode it (a lone surrogate): every backend
+    stores text as UTF-8, and SQLite cannot store such a string at all."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{name} {value!r:.80} is not valid Unicode: it contains a lone surrogate") from None
+    return value
+
+
 def shard_key(key: Any) -> str | None:
     if key is None:
         return None
@@ -55,7 +65,7 @@ def shard_key(key: Any) -> str | None:
         raise InvalidArgument(f"shard key is {len(key)} characters long; the maximum is {MAX_KEY_LENGTH}")
     if _FORBIDDEN_IN_KEY.search(key):
         raise InvalidArgument(f"shard key {key!r:.80} contains a control character")
-    return key
+    return utf8_text(key, "shard key")
 
 
 def payload(data: Any, max_size: int) -> bytes:
@@ -102,7 +112,7 @@ def dedup_id(value: Any) -> str | None:
         raise InvalidArgumentType(f"dedup_id must be a str or None, not {type(value).__name__}")
     if not value or len(value) > MAX_DEDUP_ID_LENGTH:
         raise InvalidArgument(f"dedup_id must be 1 to {MAX_DEDUP_ID_LENGTH} characters long")
-    return value
+    return utf8_text(value, "dedup_id")
 
 
 def headers(value: Any) -> dict[str, Any]:
