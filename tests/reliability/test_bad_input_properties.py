@@ -193,3 +193,22 @@ def test_malformed_and_hostile_urls_are_refused_clearly(url: Any) -> None:
     if password:
         assert password not in repr(broker)
     broker.close()
+
+
+def test_lone_surrogates_are_refused_on_every_backend(engine: Any) -> None:
+    """Python strings may hold lone surrogates, UTF-8 cannot: refused by name, up front
+    (SQLite could not store them; it used to fail with UnicodeEncodeError)."""
+    broker, _, held = engine
+    before = snapshot(broker)
+    refusals = {
+        "shard key": lambda: broker.enqueue(CANARY, b"x", key="user-\ud800"),
+        "dedup_id": lambda: broker.enqueue(CANARY, b"x", dedup_id="\udfff"),
+        "reason": lambda: broker.nack(held, dead=True, reason="bad \ud83d"),
+        "message id": lambda: broker.replay(CANARY, ["\ud800"]),
+    }
+    for words, call in refusals.items():
+        with pytest.raises(InvalidArgument, match=f"{words} .*lone surrogate"):
+            call()
+        assert snapshot(broker) == before
+    with pytest.raises(InvalidArgument, match="shard key .*lone surrogate"):
+        broker.set_interval(CANARY, "\ud800", 1.0)
