@@ -201,7 +201,9 @@ class Broker:
         if reason is not None and not isinstance(reason, str):
             raise InvalidArgumentType(f"reason must be a str, not {type(reason).__name__}")
         if reason is not None:
-            check.utf8_text(reason, "reason")
+            # Free text, often an exception's message: a lone surrogate is escaped rather
+            # than refused, so a worker can always dead-letter what failed.
+            reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
         return self.backend.nack(
             lease, delay=delay, dead=bool(dead), reason=reason, settings=self.settings(lease.queue)
         )
