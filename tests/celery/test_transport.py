@@ -239,7 +239,7 @@ def test_priority_follows_celerys_redis_convention_within_a_key(make_app, wait_u
 
 
 def test_a_task_ten_times_longer_than_the_visibility_timeout_runs_once(make_app, engine, wait_until):
-    app = make_app(visibility_timeout=0.3)
+    app = make_app(visibility_timeout=0.3, heartbeat_interval=0.05)  # six beats per timeout: load-proof
     journal = Journal()
 
     @app.task(shared=False, shard_key="user")
