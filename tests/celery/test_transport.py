@@ -390,3 +390,16 @@ def test_an_auto_delete_queue_goes_with_its_last_consumer(memory_broker_url, eng
         consumer.cancel()
         assert engine.bound_queues("broadcast") == []
         assert engine.stats("listener").ready == 0
+
+
+def test_registering_the_alias_by_hand(monkeypatch):
+    from kombu.transport import TRANSPORT_ALIASES, get_transport_cls
+
+    from sharded_broker.integrations.celery import Transport, register
+
+    monkeypatch.delitem(TRANSPORT_ALIASES, "sharded")
+    monkeypatch.setattr("kombu.transport._transport_cache", {})
+    with pytest.raises(KeyError, match="sharded"):
+        get_transport_cls("sharded")
+    register()
+    assert get_transport_cls("sharded") is Transport
