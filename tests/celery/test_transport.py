@@ -403,3 +403,15 @@ def test_registering_the_alias_by_hand(monkeypatch):
         get_transport_cls("sharded")
     register()
     assert get_transport_cls("sharded") is Transport
+
+
+def test_broker_use_ssl_reaches_the_redis_backend(make_app):
+    import ssl
+
+    app = make_app(broker_url="sharded+rediss://:pw@127.0.0.1:1/0")  # never dialled
+    app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": "/tmp/ca.pem"}
+    with app.connection_for_write() as conn:
+        transport = conn.transport
+        assert transport.engine_url == "rediss://:pw@127.0.0.1:1/0"
+        assert transport.engine_options == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": "/tmp/ca.pem"}
+        assert conn.as_uri() == "sharded+rediss://:**@127.0.0.1:1/0"
