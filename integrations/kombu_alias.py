@@ -5,8 +5,8 @@ group for third-party transports. ``pip install sharded-broker`` therefore ships
 file (``sharded_broker_kombu_alias.pth``) that runs this module's source at interpreter
 start. It imports nothing but ``sys``: it puts a finder at the front of ``sys.meta_path``
 that waits for ``kombu.transport`` to be imported, lets the real loader run, then adds
-the ``"sharded"`` alias and removes itself. kombu is never imported early and interpreter
-start costs a few microseconds.
+the ``"sharded"`` alias and removes itself. kombu is never imported early; the cost at
+interpreter start is about 0.3 ms (compiling this source).
 
 The same code is importable as ``sharded_broker.integrations.kombu_alias``; calling
 :func:`install` again is harmless.
