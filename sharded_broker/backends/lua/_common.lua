@@ -12,7 +12,8 @@
 --   keyq        zset   ready keys, score = ready time, member order..key (order breaks ties)
 --   keyentry    hash   key -> its member in keyq
 --   slots       hash   key -> batches in flight
---   keycounts   hash   key -> live (not dead) messages
+--   backlog     zset   key -> minus its live (not dead) messages, so ZRANGE lists the largest
+--                      backlog first and equal backlogs by key
 --   intervals   hash   key -> seconds between deliveries
 --   lastdeliv   hash   key -> time of the last delivery (kept while an interval applies)
 --   paused      set    paused keys
@@ -25,6 +26,8 @@
 --   meta        hash   head, tail (seq counters), order, paused, ready, delayed, leased
 --   readyage    zset   score = enqueued_at, member id, for ready messages (oldest age)
 --   signal      list   wake-up tokens for waiting consumers
+--   metrics     hash   "<minute>|<counter>" and "<minute>|<counter>|<key>" -> count
+--   metricsidx  zset   score = minute, member = a field of metrics (for expiry)
 --
 -- record fields: id, k (key, absent when unkeyed), p (priority), s (seq, absent while
 -- delayed without a place), t (enqueued_at), h (headers JSON), d (dedup id), ah (at_head),
@@ -34,10 +37,10 @@
 
 local K = {
   msgs = KEYS[1], payloads = KEYS[2], ready = KEYS[3], lane = KEYS[4], keyq = KEYS[5],
-  keyentry = KEYS[6], slots = KEYS[7], keycounts = KEYS[8], intervals = KEYS[9],
+  keyentry = KEYS[6], slots = KEYS[7], backlog = KEYS[8], intervals = KEYS[9],
   lastdeliv = KEYS[10], paused = KEYS[11], delayed = KEYS[12], leases = KEYS[13],
   dedup = KEYS[14], dedupexp = KEYS[15], dead = KEYS[16], batches = KEYS[17], meta = KEYS[18],
-  readyage = KEYS[19], signal = KEYS[20],
+  readyage = KEYS[19], signal = KEYS[20], metrics = KEYS[21], metricsidx = KEYS[22],
 }
 
 -- Tail seqs count up from here and head seqs count down, so every head seq sorts first.
@@ -107,7 +110,13 @@ local function load(id)
   if not raw then
     return nil
   end
-  rec = cmsgpack.unpack(raw)
+  local decoded
+  decoded, rec = pcall(cmsgpack.unpack, raw)
+  -- A record damaged behind the engine's back reads as missing (see entry_record).
+  if not decoded or type(rec) ~= 'table' or rec.id ~= id or type(rec.st) ~= 'string'
+      or type(rec.p) ~= 'number' or type(rec.t) ~= 'number' or type(rec.h) ~= 'string' then
+    return nil
+  end
   CACHE[id] = rec
   RAW[id] = raw
   return rec
@@ -185,8 +194,8 @@ local function drop_key(key)
 end
 
 local function uncount_key(key)
-  if redis.call('HINCRBY', K.keycounts, key, -1) <= 0 then
-    redis.call('HDEL', K.keycounts, key)
+  if tonumber(redis.call('ZINCRBY', K.backlog, 1, key)) >= 0 then
+    redis.call('ZREM', K.backlog, key)
     if slots_of(key) == 0 then
       drop_key(key)
     end
@@ -194,7 +203,60 @@ local function uncount_key(key)
 end
 
 local function count_key(key)
-  redis.call('HINCRBY', K.keycounts, key, 1)
+  redis.call('ZINCRBY', K.backlog, -1, key)
+end
+
+-- Metrics and events of this call, written once by flush_observed(): per-minute counts
+-- summed per field, and events as lines of type\0id\0(+key or nothing)\0time.
+local OBSERVE = { kept = 60, channel = '', counts = {}, minutes = {}, events = {} }
+
+-- ARGV[i]: minutes of metrics kept; ARGV[i + 1]: the events channel ('' = events off).
+local function read_observe(argv, i)
+  OBSERVE.kept = tonumber(argv[i])
+  OBSERVE.channel = argv[i + 1]
+end
+
+local function minute_of(t)
+  return math.floor(t / 60) * 60
+end
+
+local function bump(field, minute)
+  OBSERVE.counts[field] = (OBSERVE.counts[field] or 0) + 1
+  OBSERVE.minutes[field] = minute
+end
+
+-- Count one lifecycle step of rec (per queue, and per key when it has one) and publish it.
+local function record(counter, rec, now)
+  local minute = minute_of(now)
+  local prefix = string.format('%d', minute) .. '|' .. counter
+  bump(prefix, minute)
+  if rec.k then
+    bump(prefix .. '|' .. rec.k, minute)
+  end
+  if OBSERVE.channel ~= '' then
+    OBSERVE.events[#OBSERVE.events + 1] = counter .. '\0' .. rec.id .. '\0' .. (rec.k and ('+' .. rec.k) or '')
+      .. '\0' .. num(now)
+  end
+end
+
+local METRICS_SWEEP_LIMIT = 20
+
+local function flush_observed(now)
+  for field, n in pairs(OBSERVE.counts) do
+    if redis.call('HINCRBY', K.metrics, field, n) == n then
+      redis.call('ZADD', K.metricsidx, OBSERVE.minutes[field], field)
+    end
+  end
+  -- Bounded cleanup of minutes that left the window.
+  local limit = minute_of(now) - (OBSERVE.kept - 1) * 60
+  local old = redis.call('ZRANGEBYSCORE', K.metricsidx, '-inf', '(' .. limit, 'LIMIT', 0, METRICS_SWEEP_LIMIT)
+  if #old > 0 then
+    redis.call('HDEL', K.metrics, unpack(old))
+    redis.call('ZREM', K.metricsidx, unpack(old))
+  end
+  if #OBSERVE.events > 0 then
+    redis.call('PUBLISH', OBSERVE.channel, table.concat(OBSERVE.events, '\n'))
+  end
 end
 
 -- Drop a settled record (acked or purged) from every index it counts in.
@@ -209,13 +271,68 @@ local function forget(rec)
   end
 end
 
-local function key_heads(key, count)
-  local members = redis.call('ZRANGEBYLEX', K.ready, '[' .. key .. '\0', '(' .. key .. '\1', 'LIMIT', 0, count)
-  local heads = {}
-  for i, member in ipairs(members) do
-    heads[i] = load(string.sub(member, -ID_LENGTH))
+-- The record an index entry names. One that cannot be read (corrupted or deleted behind
+-- the engine's back) is rebuilt from what the entry says and dead-lettered with a reason,
+-- so that it neither fails every later call nor blocks its key. index: ready, lane,
+-- delayed, leases or dead (the KEYS it came from); now: nil reads the clock from ARGV[1]
+-- (every script that schedules keys takes the clock there), and only when needed.
+local function entry_record(index, member, now)
+  local id = string.sub(member, -ID_LENGTH)
+  local rec = load(id)
+  if rec then
+    return rec
   end
-  return heads
+  now = now or clock(ARGV[1])
+  rec = { id = id, p = 0, a = 0, h = '{}', t = now, nb = 0 }
+  if index == 'ready' or index == 'lane' then
+    -- [key \0] prio (8 hex) \0 seq (14 hex) \0 id, read from the end
+    rec.p = tonumber(string.sub(member, -ID_LENGTH - 24, -ID_LENGTH - 17), 16) - PRIORITY_OFFSET
+    rec.s = tonumber(string.sub(member, -ID_LENGTH - 15, -ID_LENGTH - 2), 16)
+    rec.st = 'ready'
+    if index == 'ready' then
+      rec.k = string.sub(member, 1, -ID_LENGTH - 26)
+    end
+  elseif index == 'delayed' or index == 'leases' then
+    -- The key of a delayed or leased message is only in its record: what that key holds
+    -- (its live count, a leased slot) stays as it was.
+    rec.o = tonumber(string.sub(member, 1, 16), 16)
+    rec.st = index == 'delayed' and 'delayed' or 'leased'
+  else
+    rec.st = 'dead'
+  end
+  if redis.call('HEXISTS', K.payloads, id) == 0 then
+    redis.call('HSET', K.payloads, id, '')
+  end
+  if rec.st ~= 'dead' then
+    set_state(rec, 'dead')
+    rec.da = now
+    redis.call('ZADD', K.dead, next_order(), id)
+    if rec.k then
+      uncount_key(rec.k)
+    end
+  end
+  rec.r = 'corrupted record: it could not be read from Redis, so it was dead-lettered'
+  CACHE[id] = rec
+  RAW[id] = nil
+  return rec
+end
+
+-- The first `count` ready messages of key, in order (unreadable ones dead-lettered).
+local function key_heads(key, count)
+  while true do
+    local members = redis.call('ZRANGEBYLEX', K.ready, '[' .. key .. '\0', '(' .. key .. '\1', 'LIMIT', 0, count)
+    local heads = {}
+    for i, member in ipairs(members) do
+      heads[i] = entry_record('ready', member, nil)
+      if heads[i].st == 'dead' then
+        heads = nil
+        break
+      end
+    end
+    if heads then
+      return heads
+    end
+  end
 end
 
 local function head(key)
@@ -283,13 +400,15 @@ end
 local function promote_due(now)
   local due = redis.call('ZRANGEBYSCORE', K.delayed, '-inf', num(now), 'LIMIT', 0, SWEEP_LIMIT)
   for _, member in ipairs(due) do
-    local rec = load(string.sub(member, -ID_LENGTH))
-    if not rec.s then
-      rec.s = next_seq(rec.ah)
-    end
-    place(rec, now)
-    if rec.k then
-      schedule(rec.k, now, true)
+    local rec = entry_record('delayed', member, now)
+    if rec.st == 'delayed' then
+      if not rec.s then
+        rec.s = next_seq(rec.ah)
+      end
+      place(rec, now)
+      if rec.k then
+        schedule(rec.k, now, true)
+      end
     end
   end
 end
@@ -347,7 +466,7 @@ local function settled(rec, now, batch)
   local left = redis.call('HINCRBY', K.slots, rec.k, -1)
   if left <= 0 then
     redis.call('HDEL', K.slots, rec.k)
-    if redis.call('HEXISTS', K.keycounts, rec.k) == 0 then
+    if not redis.call('ZSCORE', K.backlog, rec.k) then
       drop_key(rec.k)
       return
     end
@@ -374,11 +493,14 @@ local function fail(rec, now, settings, after, dead_reason, why)
   end
   if dead_reason then
     dead_letter(rec, now, dead_reason)
+    record('dead', rec, now)
   elseif settings.max_deliveries and rec.a >= settings.max_deliveries then
     dead_letter(rec, now, string.format('%s after %d deliveries (max_deliveries=%d)', why, rec.a,
       settings.max_deliveries))
+    record('dead', rec, now)
   else
     requeue(rec, now, after, settings.retry_position)
+    record('retried', rec, now)
   end
   for _, follower in ipairs(followers) do
     follower.a = follower.a - 1 -- it was never processed
@@ -390,7 +512,7 @@ end
 local function expire_leases(now, settings)
   local expired = redis.call('ZRANGEBYSCORE', K.leases, '-inf', num(now), 'LIMIT', 0, SWEEP_LIMIT)
   for _, member in ipairs(expired) do
-    local rec = load(string.sub(member, -ID_LENGTH))
+    local rec = entry_record('leases', member, now)
     -- An earlier expiry in this loop may have returned it with the rest of its batch.
     if rec and rec.st == 'leased' and order_member(rec.o, rec.id) == member then
       fail(rec, now, settings, 0, nil, 'lease expired')

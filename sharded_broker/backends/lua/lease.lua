@@ -21,8 +21,16 @@ local function lease_record(rec, batch_id)
 end
 
 local function lane_head()
-  local member = redis.call('ZRANGE', K.lane, 0, 0)[1]
-  return member and load(string.sub(member, -ID_LENGTH))
+  while true do
+    local member = redis.call('ZRANGE', K.lane, 0, 0)[1]
+    if not member then
+      return nil
+    end
+    local rec = entry_record('lane', member, now)
+    if rec.st ~= 'dead' then
+      return rec
+    end
+  end
 end
 
 -- The earliest ready key: {at, order, key, member}, or nil.

@@ -3,17 +3,19 @@
 -- Not a hot path: it visits every message it deletes.
 local members = {}
 if ARGV[1] == '1' then
-  members = redis.call('ZRANGE', K.dead, 0, -1)
+  for _, member in ipairs(redis.call('ZRANGE', K.dead, 0, -1)) do
+    members[#members + 1] = { 'dead', member }
+  end
 else
-  for _, part in ipairs({ redis.call('ZRANGE', K.ready, 0, -1), redis.call('ZRANGE', K.lane, 0, -1),
-    redis.call('ZRANGE', K.delayed, 0, -1) }) do
-    for _, member in ipairs(part) do
-      members[#members + 1] = member
+  for _, part in ipairs({ { 'ready', redis.call('ZRANGE', K.ready, 0, -1) },
+    { 'lane', redis.call('ZRANGE', K.lane, 0, -1) }, { 'delayed', redis.call('ZRANGE', K.delayed, 0, -1) } }) do
+    for _, member in ipairs(part[2]) do
+      members[#members + 1] = { part[1], member }
     end
   end
 end
-for _, member in ipairs(members) do
-  forget(load(string.sub(member, -ID_LENGTH)))
+for _, entry in ipairs(members) do
+  forget(entry_record(entry[1], entry[2], 0))
 end
 if ARGV[1] ~= '1' then
   -- No message is ready any more, so no key has a ready time.
