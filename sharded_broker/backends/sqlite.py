@@ -781,6 +781,24 @@ class _Tx:
             dedup_id=row["dedup_id"],
         )
 
+    def _readable(self, q: _QueueRow, row: tuple) -> bool:
+        """Whether a ready row's headers can be read. A row damaged behind the engine's
+        back is dead-lettered with a reason (its headers reset) instead of failing every
+        lease and blocking the queue."""
+        try:
+            if isinstance(json.loads(row["headers"]), dict):
+                return True
+        except (TypeError, ValueError):
+            pass
+        q.next_dead += 1
+        self._set_state(
+            q, "ready", "dead", row["id"], headers="{}", token="", died_at=self.now, dead_order=q.next_dead,
+            reason="corrupted record: its headers could not be read, so it was dead-lettered",
+        )
+        if row["key"] is not None:
+            self._uncount_key(q, row["key"])
+        return False
+
     def _expire_dedup(self, q: _QueueRow, settings: QueueSettings) -> None:
         if settings.unique_while_pending:
             self.db.execute(HOT_QUERIES["dedup_expired_done"], (q.name, self.now))
@@ -865,7 +883,8 @@ class _Tx:
                 not key_due
                 or (lane_head["entered_at"], lane_head["entered_order"]) < (entry["ready_at"], entry["ready_order"])
             ):
-                leases.append(self._lease_record(q, lane_head, visibility_timeout, lane_head["id"], 0))
+                if self._readable(q, lane_head):
+                    leases.append(self._lease_record(q, lane_head, visibility_timeout, lane_head["id"], 0))
                 continue
             if not key_due:
                 break
@@ -892,6 +911,10 @@ class _Tx:
         for row in rows:
             if row["not_before"] > now:
                 break
+            if not self._readable(q, row):
+                # Dead-lettered: serve the key again from its new head.
+                self._schedule(q, key, now, keep_place=False)
+                return []
             batch.append(row)
         batch_id = batch[0]["id"]
         leases = [self._lease_record(q, row, vt, batch_id, index) for index, row in enumerate(batch)]
