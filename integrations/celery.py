@@ -417,9 +417,11 @@ class Channel(virtual.Channel):
             self._noack_queues.discard(queue)
         super().basic_cancel(consumer_tag)
         # AMQP auto-delete: the queue (remote control, events, replies) goes with its last
-        # consumer, so broadcasts stop piling up in it.
-        if queue in self.connection.auto_delete_queues and queue not in self._active_queues:
-            self.connection.auto_delete_queues.discard(queue)
+        # consumer, so broadcasts stop piling up in it. A closed channel (lost connection,
+        # about to reconnect) leaves it alone.
+        transport = self.connection
+        if transport is not None and queue in transport.auto_delete_queues and queue not in self._active_queues:
+            transport.auto_delete_queues.discard(queue)
             self.queue_delete(queue)
 
     def _reset_cycle(self) -> None:
