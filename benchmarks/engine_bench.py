@@ -112,6 +112,18 @@ def backend_urls(redis_url: str | None, workdir: str) -> Iterator[tuple[str, Cal
         yield "redis", fresh_redis
 
 
+def discard(backend: str, broker: sharded_broker.Broker) -> None:
+    """Free what a measurement left behind before the next one starts.
+
+    The memory backend's stores live as long as the process: purge it. The SQLite file
+    goes with the run's temporary directory, and the Redis server is flushed by the next
+    ``fresh_url()``: ``purge`` would be one script over the whole backlog there, which
+    blocks the server for seconds at a million messages.
+    """
+    if backend == "memory":
+        broker.purge(QUEUE)
+
+
 def available_backends(redis_url: str | None, workdir: str, skipped: dict[str, str]) -> list[tuple[str, Callable[[], str]]]:
     """The backends whose module imports; the others are recorded in ``skipped``."""
     usable = []
@@ -251,6 +263,7 @@ def scaling(
     sizes: Sizes,
     redis_url: str | None = None,
     profiles: dict[str, Any] | None = None,
+    figures: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Engine rates on top of a backlog, for each number of keys.
 
@@ -262,9 +275,10 @@ def scaling(
     For Redis, the server's own time per message in each phase (``INFO commandstats``)
     is reported next to the rates. With ``profiles``, a further small sample of each
     phase runs under cProfile (after the timed ones, so they are not slowed) and its
-    summary is stored there under the row's name.
+    summary is stored there under the row's name. Rows go into ``figures`` (returned) as
+    they are measured, so a failure keeps the rows measured before it.
     """
-    figures: dict[str, Any] = {}
+    figures = {} if figures is None else figures
     for name, fresh_url in backends:
         server = redis_url if name == "redis" else None
         for backlog in sizes.scaling_backlogs:
@@ -289,7 +303,7 @@ def scaling(
                         raise RuntimeError(f"{name}: {stats.ready} ready after the sample, expected {backlog}")
                     if profiles is not None:
                         profiles[row_name] = profile_sample(broker, keys, backlog, sizes, per_key)
-                    broker.purge(QUEUE)
+                    discard(name, broker)
                 row = {
                     "backend": name,
                     "backlog": backlog,

@@ -99,9 +99,14 @@ class Run:
             if limit:
                 self.section("engine", lambda: engine_bench.engine_vs_limit(backends, limit, self.sizes, self.sizes.adapter_keys))
             profiles: dict[str, Any] | None = {} if self.profile else None
-            self.section("scaling", lambda: engine_bench.scaling(backends, self.sizes, self.redis_url, profiles))
-            if profiles:
-                self.results.sections["scaling_profiles"] = profiles
+            rows: dict[str, Any] = {}
+            try:
+                self.section("scaling", lambda: engine_bench.scaling(backends, self.sizes, self.redis_url, profiles, rows))
+            finally:
+                if rows:  # the rows measured before a failure are worth keeping
+                    self.results.sections["scaling"] = rows
+                if profiles:
+                    self.results.sections["scaling_profiles"] = profiles
 
     def adapter_targets(self) -> list[str]:
         usable = []
