@@ -514,7 +514,7 @@ class Channel(virtual.Channel):
         """Return an unacked message to the engine (channel close, basic_recover)."""
         lease = self._take_lease(message.delivery_tag)
         if lease is not None:
-            self.broker.nack(lease)
+            _return_lease(self.broker, lease)
 
     def _restore_at_beginning(self, message) -> None:
         self._restore(message)
@@ -526,7 +526,19 @@ class Channel(virtual.Channel):
             leftovers, self._leases = list(self._leases.values()), {}
         if transport is not None:
             for lease in leftovers:  # delivered but never handed to a consumer
-                transport.broker.nack(lease)
+                _return_lease(transport.broker, lease)
+
+
+def _return_lease(broker: sharded_broker.Broker, lease: Lease) -> None:
+    """Nack ``lease`` back to the head of its key; if the backend is unreachable, its
+    lease expiring has the same effect, so there is nothing to dump or retry."""
+    try:
+        broker.nack(lease)
+    except BackendUnavailable as exc:
+        logger.warning(
+            "could not return message %s (key %r) now (%s); it comes back when its lease expires",
+            lease.id, lease.key, exc,
+        )
 
 
 # -- the transport -----------------------------------------------------------------------
