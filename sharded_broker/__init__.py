@@ -17,7 +17,9 @@ from .errors import (
     InvalidArgumentType,
     ShardedBrokerError,
 )
-from .models import DeadLetter, Lease, LeaseResult, Message, QueueSettings, QueueStats
+from .models import (
+    DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
+)
 
 __all__ = [
     "Backend",
@@ -25,11 +27,15 @@ __all__ = [
     "Broker",
     "ConfigurationError",
     "DeadLetter",
+    "Event",
+    "HeadMessage",
     "InvalidArgument",
     "InvalidArgumentType",
+    "KeyInfo",
     "Lease",
     "LeaseResult",
     "Message",
+    "MinuteMetrics",
     "QueueSettings",
     "QueueStats",
     "ShardedBrokerError",

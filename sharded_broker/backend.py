@@ -45,6 +45,19 @@ Deliveries and dead letters
     later unsettled message of the batch is returned too, in order, and its attempt does
     not count.
 
+Metrics
+    Each operation counts, in the same atomic step, per minute of the backend's clock and
+    per queue and per key: messages enqueued (duplicates dropped by dedup are not),
+    delivered, acked, retried (nacked for retry, or returned when a lease expired) and
+    dead-lettered. Minutes older than the ``metrics_window`` connect option (default one
+    hour) are never reported and are forgotten a few at a time by later operations.
+
+Events
+    With events on, the same five steps are published to subscribers of the queue
+    (:meth:`Backend.subscribe`), in the order they happened, at most once each: a
+    subscriber sees the steps that happen while it is subscribed (a slow or absent
+    subscriber never slows or blocks an operation).
+
 Time
     Every time (enqueue time, not-before, deadline, interval) comes from the backend's own
     clock (:meth:`Backend.now`), never from the caller's.
@@ -52,10 +65,57 @@ Time
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
-from .models import DeadLetter, Lease, LeaseResult, Message, QueueSettings, QueueStats, RetryPosition
+from .errors import ConfigurationError
+from .models import (
+    DeadLetter, Event, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
+    RetryPosition,
+)
+
+KeySort = Literal["backlog", "lag"]
+
+DEFAULT_METRICS_WINDOW = 3600.0
+# Bounded cleanup: an operation forgets at most this many expired metric entries.
+METRICS_SWEEP_LIMIT = 20
+
+
+def metrics_window_option(value: Any) -> float:
+    """A checked ``metrics_window`` connect option (seconds of per-minute metrics kept)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 60 <= value <= 7 * 24 * 3600:
+        raise ConfigurationError(f"metrics_window must be a number of seconds from 60 to 604800, not {value!r}")
+    return float(value)
+
+
+def events_option(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"events must be True or False, not {value!r}")
+    return value
+
+
+def minute_of(t: float) -> float:
+    """The start of the minute holding ``t``."""
+    return math.floor(t / 60) * 60.0
+
+
+def kept_minutes(window: float) -> int:
+    """How many minutes, the current one included, a window of ``window`` seconds keeps."""
+    return max(1, math.ceil(window / 60))
+
+
+def expired_before(now: float, window: float) -> float:
+    """Metric minutes starting before this time have left the window."""
+    return minute_of(now) - (kept_minutes(window) - 1) * 60
+
+
+def metric_minutes(now: float, minutes: int, window: float) -> list[float]:
+    """The minute starts a metrics query answers for, oldest first: the last ``minutes``
+    minutes up to the current one, never older than the window."""
+    current = minute_of(now)
+    count = min(minutes, kept_minutes(window))
+    return [current - 60 * i for i in reversed(range(count))]
 
 
 class Backend(ABC):
@@ -160,5 +220,35 @@ class Backend(ABC):
         backend calls a second.
         """
 
+    def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
+        """Counts per minute for the queue (or one key), oldest first, one entry per minute
+        (zeros included) for the last ``minutes`` minutes within the metrics window."""
+
+    def keys(self, queue: str, limit: int, sort: KeySort) -> list[KeyInfo]:
+        """Up to ``limit`` keys with a backlog, largest backlog (or lag) first, ties by key.
+
+        ``"backlog"`` reads an index ordered by backlog (no scan); ``"lag"`` looks up the
+        head of every key with a backlog (one index read per key, never every message).
+        """
+
+    def key_info(self, queue: str, key: str) -> KeyInfo:
+        """One key with its head message (zeros and ``head=None`` for an unknown key)."""
+
+    def subscribe(self, queue: str) -> "EventSubscription":
+        """Start receiving ``queue``'s events. ConfigurationError when events are off."""
+
     def close(self) -> None:
         """Release connections. The default does nothing."""
+
+
+class EventSubscription(ABC):
+    """Events of one queue from the moment of subscribing, in order."""
+
+    @abstractmethod
+    def get(self, timeout: float) -> list[Event]:
+        """The events received since the last call, waiting up to ``timeout`` seconds for
+        the first (an empty list when none came)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop receiving."""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 from . import validation as check
-from .backend import Backend
+from .backend import Backend, EventSubscription, KeySort
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType
-from .models import DeadLetter, Lease, Message, QueueSettings, QueueStats, RetryPosition
+from .models import (
+    DeadLetter, Event, KeyInfo, Lease, Message, MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
+)
 
 # scheme -> "module:Class", imported on first use so that a memory:// user needs no redis-py.
 BACKENDS: dict[str, str] = {
@@ -21,6 +23,8 @@ BACKENDS: dict[str, str] = {
 }
 
 MAX_LEASE_LIMIT = 10_000
+MAX_METRICS_MINUTES = 7 * 24 * 60
+MAX_KEYS_LIMIT = 10_000
 
 
 def backend_class(url: str) -> type[Backend]:
@@ -66,7 +70,10 @@ def connect(url: str = "memory://", **options: Any) -> "Broker":
     ``options`` are queue settings that apply to every queue (``max_deliveries``,
     ``key_concurrency``, ``interval``, ``retry_position``, ``dedup_window``,
     ``unique_while_pending``, ``visibility_timeout``), ``queues`` (a mapping of queue
-    name to settings for that queue), ``max_payload_size``, and the backend's own options.
+    name to settings for that queue), ``max_payload_size``, and the backend's own options;
+    every backend takes ``metrics_window`` (seconds of per-minute metrics kept, default
+    3600) and ``events`` (publish lifecycle events; default on for memory:// and redis://,
+    off for sqlite://, where each event is a row written).
     """
     settings_options = {k: options.pop(k) for k in list(options) if k in check.QUEUE_SETTING_NAMES}
     per_queue = options.pop("queues", None) or {}
@@ -269,6 +276,46 @@ class Broker:
         """Delete every waiting message (``dead=True``: every dead letter); how many."""
         return self.backend.purge(check.queue_name(queue), bool(dead))
 
+    def metrics(self, queue: str, minutes: int = 60, *, key: str | None = None) -> list[MinuteMetrics]:
+        """Per-minute counts of enqueued, delivered, acked, retried and dead-lettered
+        messages of ``queue`` (or of one shard ``key`` in it), oldest minute first: one
+        entry per minute, zeros included, for the last ``minutes`` minutes (the current
+        one included) that the backend's ``metrics_window`` still keeps."""
+        return self.backend.metrics(
+            check.queue_name(queue),
+            check.positive_int(minutes, "minutes", maximum=MAX_METRICS_MINUTES),
+            check.shard_key(key),
+        )
+
+    def keys(self, queue: str, limit: int = 50, *, sort: KeySort = "backlog") -> list[KeyInfo]:
+        """The shard keys of ``queue`` that hold messages (ready, delayed or leased), the
+        largest ``backlog`` (or with ``sort="lag"``, the oldest head message) first."""
+        if sort not in ("backlog", "lag"):
+            raise InvalidArgument(f"sort must be 'backlog' or 'lag', not {sort!r}")
+        return self.backend.keys(
+            check.queue_name(queue), check.positive_int(limit, "limit", maximum=MAX_KEYS_LIMIT), sort
+        )
+
+    def key_info(self, queue: str, key: str) -> KeyInfo:
+        """One shard key: its backlog, leased batches, lag, pause and interval, and the
+        message it will deliver next (``head``). An unknown key answers zeros."""
+        queue = check.queue_name(queue)
+        key = check.shard_key(key)
+        if key is None:
+            raise InvalidArgument("key_info needs a shard key")
+        return self.backend.key_info(queue, key)
+
+    def events(self, queue: str, *, timeout: float | None = None) -> "EventStream":
+        """Subscribe to ``queue``'s lifecycle events (enqueued, delivered, acked, retried,
+        dead) from now on. Iterate the answer for :class:`Event` values; iteration ends
+        after ``timeout`` seconds without an event (``None``: never). Close it (or use it
+        as a context manager) to unsubscribe. ConfigurationError when the broker was
+        connected with ``events=False``."""
+        queue = check.queue_name(queue)
+        if timeout is not None:
+            timeout = check.seconds(timeout, "timeout")
+        return EventStream(self.backend.subscribe(queue), timeout)
+
     def bind(self, exchange: str, queue: str) -> None:
         """Route messages published to fanout ``exchange`` to ``queue`` too."""
         self.backend.bind(check.queue_name(exchange), check.queue_name(queue))
@@ -283,6 +330,43 @@ class Broker:
         self.backend.close()
 
     def __enter__(self) -> "Broker":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class EventStream:
+    """An iterator over one queue's events; see :meth:`Broker.events`."""
+
+    # How long one wait for events lasts, so that a closed stream is noticed.
+    POLL = 0.5
+
+    def __init__(self, subscription: EventSubscription, timeout: float | None) -> None:
+        self._subscription = subscription
+        self._timeout = timeout
+        self._pending: list[Event] = []
+        self._closed = False
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        give_up_at = None if self._timeout is None else time.monotonic() + self._timeout
+        while not self._pending:
+            if self._closed:
+                raise StopIteration
+            remaining = self.POLL if give_up_at is None else min(self.POLL, give_up_at - time.monotonic())
+            if remaining <= 0:
+                raise StopIteration
+            self._pending = self._subscription.get(remaining)
+        return self._pending.pop(0)
+
+    def close(self) -> None:
+        self._closed = True
+        self._subscription.close()
+
+    def __enter__(self) -> "EventStream":
         return self
 
     def __exit__(self, *exc_info: object) -> None:

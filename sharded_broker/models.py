@@ -124,3 +124,82 @@ class LeaseResult:
 
     leases: list[Lease] = field(default_factory=list)
     retry_in: float | None = None
+
+
+# The lifecycle steps a backend counts per minute and publishes as events, in this order.
+COUNTERS = ("enqueued", "delivered", "acked", "retried", "dead")
+EventType = Literal["enqueued", "delivered", "acked", "retried", "dead"]
+
+
+@dataclass(frozen=True)
+class MinuteMetrics:
+    """What happened to a queue (or one of its keys) in one minute.
+
+    ``minute`` is the minute's start (seconds since the epoch, a multiple of 60, in the
+    backend's clock). ``retried`` counts messages returned for another delivery (a nack
+    for retry, or a lease that expired); ``dead`` those dead-lettered. Messages of a batch
+    returned only because an earlier message of the batch failed are not counted.
+    """
+
+    minute: float
+    enqueued: int = 0
+    delivered: int = 0
+    acked: int = 0
+    retried: int = 0
+    dead: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class HeadMessage:
+    """The next message a key will deliver (its first ready message in key order)."""
+
+    id: str
+    priority: int
+    attempts: int
+    enqueued_at: float
+    not_before: float
+    size: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One shard key of a queue.
+
+    ``backlog`` counts its messages ready, delayed or leased. ``leased`` counts its batches
+    leased and not yet settled (the key's slots in use; with ``per_key=1``, messages).
+    ``lag`` is the age in seconds of its head message (0 when nothing is ready).
+    ``interval`` is the key's own rate interval (``None``: the queue's default).
+    """
+
+    queue: str
+    key: str
+    backlog: int
+    leased: int
+    lag: float
+    paused: bool
+    interval: float | None
+    head: HeadMessage | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One lifecycle step of one message: ``type`` is one of :data:`COUNTERS`; ``at`` is
+    the backend's time of the step."""
+
+    type: EventType
+    queue: str
+    id: str
+    key: str | None
+    at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

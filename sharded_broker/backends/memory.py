@@ -11,6 +11,7 @@ separately in one process see the same queues.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import threading
@@ -20,9 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
-from ..backend import Backend
+from ..backend import (
+    DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, Backend, EventSubscription, KeySort, events_option,
+    expired_before, metric_minutes, metrics_window_option, minute_of,
+)
 from ..errors import ConfigurationError
-from ..models import DeadLetter, Lease, LeaseResult, Message, QueueSettings, QueueStats, RetryPosition
+from ..models import (
+    COUNTERS, DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics,
+    QueueSettings, QueueStats, RetryPosition,
+)
 
 # Tail seqs count up from here and head seqs count down, so every head seq sorts first.
 SEQ_ORIGIN = 2**52
@@ -81,6 +88,11 @@ class _Queue:
     head_seq: int = SEQ_ORIGIN
     held_messages: bool = False  # listed by queues() once a message was enqueued
     counts: dict[str, int] = field(default_factory=lambda: {"ready": 0, "delayed": 0, "leased": 0})
+    name: str = ""
+    # (minute, key or None) -> counts in the order of COUNTERS; metrics_expiry orders them by minute.
+    metrics: dict[tuple[float, str | None], list[int]] = field(default_factory=dict)
+    metrics_expiry: list[tuple[float, int, str | None]] = field(default_factory=list)
+    subscribers: list["_Subscription"] = field(default_factory=list)
 
 
 class _Store:
@@ -98,6 +110,33 @@ class _Store:
         self.changed.notify_all()
 
 
+class _Subscription(EventSubscription):
+    """Events appended by the operations themselves (with the store's lock held)."""
+
+    def __init__(self, store: _Store, queue: "_Queue") -> None:
+        self._store = store
+        self._queue = queue
+        self._events: collections.deque[Event] = collections.deque()
+        self._arrived = threading.Condition(store.lock)
+
+    def push(self, event: Event) -> None:
+        self._events.append(event)
+        self._arrived.notify_all()
+
+    def get(self, timeout: float) -> list[Event]:
+        with self._store.lock:
+            if not self._events:
+                self._arrived.wait(timeout)
+            events = list(self._events)
+            self._events.clear()
+            return events
+
+    def close(self) -> None:
+        with self._store.lock:
+            if self in self._queue.subscribers:
+                self._queue.subscribers.remove(self)
+
+
 _STORES: dict[str, _Store] = {}
 _STORES_LOCK = threading.Lock()
 
@@ -105,11 +144,20 @@ _STORES_LOCK = threading.Lock()
 class MemoryBackend(Backend):
     """All queues in this process's memory. Nothing survives the process."""
 
-    def __init__(self, name: str = "", clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        name: str = "",
+        clock: Callable[[], float] | None = None,
+        *,
+        metrics_window: float = DEFAULT_METRICS_WINDOW,
+        events: bool = True,
+    ) -> None:
         with _STORES_LOCK:
             self._store = _STORES.setdefault(name, _Store())
         self.name = name
         self._clock = clock or time.time
+        self._metrics_window = metrics_window_option(metrics_window)
+        self._events = events_option(events)
         self._order = self._store.order
         # The store version each thread's last lease saw, so that wait() returns at once
         # for a change made between that lease and the wait.
@@ -117,13 +165,16 @@ class MemoryBackend(Backend):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "MemoryBackend":
-        unknown = sorted(set(options) - {"clock"})
+        unknown = sorted(set(options) - {"clock", "metrics_window", "events"})
         if unknown:
-            raise ConfigurationError(f"unknown option(s) for memory://: {', '.join(unknown)}; known: clock")
+            raise ConfigurationError(
+                f"unknown option(s) for memory://: {', '.join(unknown)}; known: clock, events, metrics_window"
+            )
         parts = urlsplit(url)
         if parts.path not in ("", "/") or parts.query:
             raise ConfigurationError(f"memory URL takes only a store name (memory://NAME), not {url!r}")
-        return cls(parts.netloc, options.get("clock"))
+        clock = options.pop("clock", None)
+        return cls(parts.netloc, clock, **options)
 
     def __repr__(self) -> str:
         return f"<MemoryBackend memory://{self.name}>"
@@ -136,8 +187,31 @@ class MemoryBackend(Backend):
     def _queue(self, name: str) -> _Queue:
         queue = self._store.queues.get(name)
         if queue is None:
-            queue = self._store.queues[name] = _Queue()
+            queue = self._store.queues[name] = _Queue(name=name)
         return queue
+
+    def _record(self, q: _Queue, counter: str, rec: _Record, now: float) -> None:
+        """Count one lifecycle step of ``rec`` in this minute's metrics and publish it."""
+        minute = minute_of(now)
+        index = COUNTERS.index(counter)
+        for key in (None, rec.key) if rec.key is not None else (None,):
+            counts = q.metrics.get((minute, key))
+            if counts is None:
+                counts = q.metrics[(minute, key)] = [0] * len(COUNTERS)
+                heapq.heappush(q.metrics_expiry, (minute, next(self._order), key))
+            counts[index] += 1
+        if self._events:
+            for subscriber in q.subscribers:
+                subscriber.push(Event(counter, q.name, rec.id, rec.key, now))
+
+    def _expire_metrics(self, q: _Queue, now: float) -> None:
+        """Forget a bounded number of metric entries older than the window."""
+        limit = expired_before(now, self._metrics_window)
+        for _ in range(METRICS_SWEEP_LIMIT):
+            if not q.metrics_expiry or q.metrics_expiry[0][0] >= limit:
+                return
+            minute, _, key = heapq.heappop(q.metrics_expiry)
+            q.metrics.pop((minute, key), None)
 
     def _set_state(self, q: _Queue, rec: _Record, state: str) -> None:
         if rec.state in q.counts:
@@ -284,10 +358,13 @@ class MemoryBackend(Backend):
         del batch[index:]
         if dead_reason is not None:
             self._dead_letter(q, rec, now, dead_reason)
+            self._record(q, "dead", rec, now)
         elif settings.max_deliveries is not None and rec.attempts >= settings.max_deliveries:
             self._dead_letter(q, rec, now, f"{why} after {rec.attempts} deliveries (max_deliveries={settings.max_deliveries})")
+            self._record(q, "dead", rec, now)
         else:
             self._requeue(q, rec, now, delay, settings.retry_position)
+            self._record(q, "retried", rec, now)
         for follower in followers:
             follower.attempts -= 1  # it was never processed
             self._requeue(q, follower, now, 0.0, "head")
@@ -324,6 +401,7 @@ class MemoryBackend(Backend):
         rec.deadline = now + vt
         rec.batch_id = batch_id
         heapq.heappush(q.leases, (rec.deadline, next(self._order), rec.id, rec.token))
+        self._record(q, "delivered", rec, now)
         return Lease(
             queue="",
             id=rec.id,
@@ -391,6 +469,7 @@ class MemoryBackend(Backend):
             q = self._queue(queue)
             q.held_messages = True
             now = self.now()
+            self._expire_metrics(q, now)
             # Due delayed messages entered their keys' order when they fell due: before
             # anything enqueued now.
             self._promote_due(q, now)
@@ -428,6 +507,7 @@ class MemoryBackend(Backend):
                     self._place(q, rec, now)
                     if m.key is not None:
                         self._schedule(q, m.key, now, keep_place=True)
+                self._record(q, "enqueued", rec, now)
                 ids.append(rec.id)
             self._store.notify_change()
         return ids
@@ -439,6 +519,7 @@ class MemoryBackend(Backend):
             q = self._queue(queue)
             self._seen.version = self._store.version
             now = self.now()
+            self._expire_metrics(q, now)
             self._promote_due(q, now)
             self._expire_leases(q, now, settings)
             leases: list[Lease] = []
@@ -521,6 +602,7 @@ class MemoryBackend(Backend):
                     batch.remove(rec.id)
                 self._forget(q, rec)
                 self._settled(q, rec, now, batch)
+                self._record(q, "acked", rec, now)
                 results.append(True)
             self._store.notify_change()
         return results
@@ -676,3 +758,56 @@ class MemoryBackend(Backend):
         with self._store.lock:
             if self._store.version == getattr(self._seen, "version", self._store.version):
                 self._store.changed.wait(timeout)
+
+    # -- metrics, keys and events ---------------------------------------------------------
+
+    def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
+        with self._store.lock:
+            q = self._store.queues.get(queue) or _Queue(name=queue)
+            answer = []
+            for minute in metric_minutes(self.now(), minutes, self._metrics_window):
+                counts = q.metrics.get((minute, key), [0] * len(COUNTERS))
+                answer.append(MinuteMetrics(minute, *counts))
+            return answer
+
+    def keys(self, queue: str, limit: int, sort: KeySort) -> list[KeyInfo]:
+        with self._store.lock:
+            q = self._store.queues.get(queue)
+            if q is None:
+                return []
+            now = self.now()
+            infos = [self._key_info(q, key, now) for key in q.key_counts]
+            if sort == "lag":
+                infos.sort(key=lambda info: (-info.lag, info.key))
+            else:
+                infos.sort(key=lambda info: (-info.backlog, info.key))
+            return infos[:limit]
+
+    def key_info(self, queue: str, key: str) -> KeyInfo:
+        with self._store.lock:
+            return self._key_info(self._store.queues.get(queue) or _Queue(name=queue), key, self.now())
+
+    def _key_info(self, q: _Queue, key: str, now: float) -> KeyInfo:
+        ks = q.keys.get(key)
+        head = self._head(q, ks) if ks is not None else None
+        return KeyInfo(
+            queue=q.name,
+            key=key,
+            backlog=q.key_counts.get(key, 0),
+            leased=ks.slots if ks is not None else 0,
+            lag=max(0.0, now - head.enqueued_at) if head is not None else 0.0,
+            paused=key in q.paused_keys,
+            interval=q.intervals.get(key),
+            head=None if head is None else HeadMessage(
+                head.id, head.priority, head.attempts, head.enqueued_at, head.not_before, len(head.payload)
+            ),
+        )
+
+    def subscribe(self, queue: str) -> EventSubscription:
+        if not self._events:
+            raise ConfigurationError("events are off for this broker; connect with events=True to subscribe")
+        with self._store.lock:
+            q = self._queue(queue)
+            subscription = _Subscription(self._store, q)
+            q.subscribers.append(subscription)
+            return subscription

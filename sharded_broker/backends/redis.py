@@ -21,6 +21,13 @@ Guarantees, beyond the contract of :class:`~sharded_broker.backend.Backend`:
   makes about two calls a second.
 * Connection failures raise :class:`~sharded_broker.BackendUnavailable` naming the URL
   with its password redacted.
+* Metrics are counted inside the enqueue, lease, ack and nack scripts (one hash of
+  per-minute fields and a zset indexing them by minute, cleaned a few fields per call);
+  per-key backlogs live in a zset, so the largest backlogs are read without a scan.
+* Events (on by default: ``events=False`` turns them off) are one ``PUBLISH`` per script
+  call on the channel ``<prefix>:{<queue>}:events``, carrying every event of the call;
+  Redis pub/sub is fire-and-forget, so a subscriber sees only what happens while it is
+  connected, and publishing to a channel nobody listens to costs next to nothing.
 """
 
 from __future__ import annotations
@@ -37,21 +44,26 @@ from typing import Any, Callable, Iterator, Sequence
 import redis
 import redis.exceptions
 
-from ..backend import Backend
+from ..backend import (
+    DEFAULT_METRICS_WINDOW, Backend, EventSubscription, KeySort, events_option, kept_minutes, metrics_window_option,
+)
 from ..broker import redact_url
 from ..errors import BackendUnavailable, ConfigurationError
-from ..models import DeadLetter, Lease, LeaseResult, Message, QueueSettings, QueueStats, RetryPosition
+from ..models import (
+    COUNTERS, DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings,
+    QueueStats, RetryPosition,
+)
 from ..validation import queue_name
 
 # The KEYS of every queue script, in this order (named K.<name> in _common.lua).
 QUEUE_KEYS = (
-    "msgs", "payloads", "ready", "lane", "keyq", "keyentry", "slots", "keycounts", "intervals",
+    "msgs", "payloads", "ready", "lane", "keyq", "keyentry", "slots", "backlog", "intervals",
     "lastdeliv", "paused", "delayed", "leases", "dedup", "dedupexp", "dead", "batches", "meta",
-    "readyage", "signal",
+    "readyage", "signal", "metrics", "metricsidx", "events",
 )
 QUEUE_SCRIPTS = (
     "enqueue", "lease", "ack", "nack", "extend", "set_interval", "set_paused", "stats",
-    "dead_letters", "replay", "purge",
+    "dead_letters", "replay", "purge", "metrics", "keys",
 )
 EXCHANGE_SCRIPTS = ("bind", "unbind")
 
@@ -59,7 +71,7 @@ EXCHANGE_SCRIPTS = ("bind", "unbind")
 # a missed token (taken by another waiter) costs at most this delay.
 MAX_BLOCK = 1.0
 
-_OWN_OPTIONS = frozenset({"prefix", "clock"})
+_OWN_OPTIONS = frozenset({"prefix", "clock", "metrics_window", "events"})
 # Options that would break the backend (it needs bytes and its own connection pool).
 _REFUSED_OPTIONS = frozenset({"decode_responses", "connection_pool", "single_connection_client", "encoding"})
 _TRANSPORT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -102,8 +114,10 @@ class RedisBackend(Backend):
     """Queues in a Redis server (6.0 or later), shared by every process that uses it.
 
     ``prefix`` (default ``"sb"``) starts every key name; two prefixes on one server are
-    fully isolated. ``clock`` replaces the server's clock (tests only). Any other option is
-    a redis-py connection option (``socket_timeout``, ``ssl_ca_certs``, ...).
+    fully isolated. ``clock`` replaces the server's clock (tests only). ``metrics_window``
+    (seconds, default 3600) bounds the per-minute metrics kept; ``events`` (default True)
+    publishes lifecycle events. Any other option is a redis-py connection option
+    (``socket_timeout``, ``ssl_ca_certs``, ...).
     """
 
     def __init__(
@@ -112,6 +126,8 @@ class RedisBackend(Backend):
         *,
         prefix: str = "sb",
         clock: Callable[[], float] | None = None,
+        metrics_window: float = DEFAULT_METRICS_WINDOW,
+        events: bool = True,
         **redis_options: Any,
     ) -> None:
         self.url = self._safe_url = redact_url(url)  # the password stays with redis-py only
@@ -123,6 +139,8 @@ class RedisBackend(Backend):
             raise ConfigurationError(f"clock must be a callable returning seconds, not {clock!r}")
         self.prefix = prefix
         self._clock = clock
+        self._kept_minutes = kept_minutes(metrics_window_option(metrics_window))
+        self._events = events_option(events)
         try:
             self._client = redis.Redis.from_url(url, **redis_options)
         except (ValueError, TypeError) as exc:
@@ -153,7 +171,7 @@ class RedisBackend(Backend):
                 raise ConfigurationError(f"option(s) {', '.join(refused)} cannot be used with the redis backend")
             raise ConfigurationError(
                 f"unknown option(s) for {redact_url(url)}: {', '.join(unknown)}; "
-                "known: prefix, clock and redis-py connection options (socket_timeout, ssl_ca_certs, ...)"
+                "known: prefix, clock, metrics_window, events and redis-py connection options (socket_timeout, ssl_ca_certs, ...)"
             )
         try:
             from_query = redis.connection.parse_url(url)
@@ -194,6 +212,10 @@ class RedisBackend(Backend):
     def _clock_arg(self) -> str:
         return "" if self._clock is None else repr(float(self._clock()))
 
+    def _observe_args(self, queue: str) -> list[Any]:
+        """The clock, then what the counting scripts read with read_observe()."""
+        return [self._clock_arg(), self._kept_minutes, "1" if self._events else "0"]
+
     @staticmethod
     def _settings_args(settings: QueueSettings) -> list[Any]:
         return [
@@ -219,7 +241,7 @@ class RedisBackend(Backend):
         return seconds + micros / 1_000_000
 
     def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
-        args: list[Any] = [self._clock_arg(), *self._settings_args(settings)]
+        args: list[Any] = [*self._observe_args(queue), *self._settings_args(settings)]
         for m in messages:
             args += [
                 uuid.uuid4().hex,
@@ -247,7 +269,7 @@ class RedisBackend(Backend):
     def lease(
         self, queue: str, limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings
     ) -> LeaseResult:
-        args = [self._clock_arg(), *self._settings_args(settings), limit, per_key, repr(float(visibility_timeout))]
+        args = [*self._observe_args(queue), *self._settings_args(settings), limit, per_key, repr(float(visibility_timeout))]
         answer = self._run("lease", queue, args)
         retry_in = float(answer[0]) if answer[0] else None
         return LeaseResult([self._lease_view(queue, row) for row in answer[1:]], retry_in)
@@ -278,7 +300,7 @@ class RedisBackend(Backend):
         script = self._scripts["ack"]
         calls = []
         for queue, indexes in by_queue.items():
-            args: list[Any] = [self._clock_arg()]
+            args: list[Any] = self._observe_args(queue)
             for index in indexes:
                 args += [leases[index].id, leases[index].token]
             calls.append((queue, indexes, args))
@@ -318,7 +340,7 @@ class RedisBackend(Backend):
         self, lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings
     ) -> bool:
         args = [
-            self._clock_arg(), *self._settings_args(settings), lease.id, lease.token, repr(float(delay)),
+            *self._observe_args(lease.queue), *self._settings_args(settings), lease.id, lease.token, repr(float(delay)),
             "1" if dead else "0", "" if reason is None else _text(reason),
         ]
         return bool(self._run("nack", lease.queue, args))
@@ -377,6 +399,65 @@ class RedisBackend(Backend):
         with self._errors():
             return sorted(_str(name) for name in self._client.smembers(self._bindings_key(exchange)))
 
+    def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
+        key_arg = b"" if key is None else b"+" + _text(key)
+        answer = self._run("metrics", queue, [self._clock_arg(), self._kept_minutes, minutes, key_arg])
+        first, values = float(answer[0]), [int(v) for v in answer[1:]]
+        width = len(COUNTERS)
+        return [
+            MinuteMetrics(first + 60 * i, *values[i * width : (i + 1) * width]) for i in range(len(values) // width)
+        ]
+
+    def keys(self, queue: str, limit: int, sort: KeySort) -> list[KeyInfo]:
+        if sort == "backlog":
+            rows = self._run("keys", queue, [self._clock_arg(), "backlog", limit])
+            now = self.now()
+        else:
+            heads = self._run("keys", queue, [self._clock_arg(), "lag"])
+            now = self.now()
+            lags = sorted(
+                ((-(max(0.0, now - float(t)) if t else 0.0), _str(key)) for key, t in heads)
+            )[:limit]
+            if not lags:
+                return []
+            rows = self._run("keys", queue, [self._clock_arg(), "info", *(_text(key) for _, key in lags)])
+        return [self._key_view(queue, row, now) for row in rows]
+
+    def key_info(self, queue: str, key: str) -> KeyInfo:
+        [row] = self._run("keys", queue, [self._clock_arg(), "info", _text(key)])
+        return self._key_view(queue, row, self.now())
+
+    @staticmethod
+    def _key_view(queue: str, row: list[Any], now: float) -> KeyInfo:
+        key, backlog, slots, paused, interval, head_row = row
+        head = None
+        if head_row:
+            mid, priority, attempts, enqueued_at, not_before, size = head_row
+            head = HeadMessage(_str(mid), int(priority), int(attempts), float(enqueued_at), float(not_before), int(size))
+        return KeyInfo(
+            queue=queue,
+            key=_str(key),
+            backlog=int(backlog),
+            leased=int(slots),
+            lag=max(0.0, now - head.enqueued_at) if head is not None else 0.0,
+            paused=bool(paused),
+            interval=float(interval) if interval else None,
+            head=head,
+        )
+
+    def subscribe(self, queue: str) -> EventSubscription:
+        if not self._events:
+            raise ConfigurationError("events are off for this broker; connect with events=True to subscribe")
+        with self._errors():
+            pubsub = self._blocking_client.pubsub()
+            pubsub.subscribe(self._keys(queue)[QUEUE_KEYS.index("events")])
+            # Wait for the server's confirmation: events published from now on are received.
+            confirmation = pubsub.get_message(timeout=MAX_BLOCK + 5.0)
+            if confirmation is None or confirmation["type"] != "subscribe":
+                pubsub.close()
+                raise BackendUnavailable(f"redis at {self._safe_url} did not confirm the events subscription")
+        return _RedisSubscription(self, queue, pubsub)
+
     def wait(self, queue: str, timeout: float) -> None:
         if timeout <= 0:
             return
@@ -390,3 +471,32 @@ class RedisBackend(Backend):
         self._blocking_client.close()
         self._client.connection_pool.disconnect()
         self._blocking_client.connection_pool.disconnect()
+
+
+class _RedisSubscription(EventSubscription):
+    """A pub/sub connection on a queue's events channel."""
+
+    def __init__(self, backend: RedisBackend, queue: str, pubsub: Any) -> None:
+        self._backend = backend
+        self._queue = queue
+        self._pubsub = pubsub
+
+    def get(self, timeout: float) -> list[Event]:
+        events: list[Event] = []
+        with self._backend._errors():
+            message = self._pubsub.get_message(timeout=timeout)
+            while message is not None:
+                if message["type"] == "message":
+                    events.extend(self._parse(message["data"]))
+                message = self._pubsub.get_message(timeout=0)
+        return events
+
+    def _parse(self, data: bytes) -> list[Event]:
+        events = []
+        for line in data.split(b"\n"):
+            kind, mid, key, at = line.split(b"\0")
+            events.append(Event(_str(kind), self._queue, _str(mid), _str(key[1:]) if key else None, float(at)))  # type: ignore[arg-type]
+        return events
+
+    def close(self) -> None:
+        self._pubsub.close()

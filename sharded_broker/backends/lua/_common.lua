@@ -28,6 +28,8 @@
 --   signal      list   wake-up tokens for waiting consumers
 --   metrics     hash   "<minute>|<counter>" and "<minute>|<counter>|<key>" -> count
 --   metricsidx  zset   score = minute, member = a field of metrics (for expiry)
+--   events      pub/sub channel (not a key; passed in KEYS for its hash tag, which lets
+--               Redis Cluster route it with the queue)
 --
 -- record fields: id, k (key, absent when unkeyed), p (priority), s (seq, absent while
 -- delayed without a place), t (enqueued_at), h (headers JSON), d (dedup id), ah (at_head),
@@ -41,6 +43,7 @@ local K = {
   lastdeliv = KEYS[10], paused = KEYS[11], delayed = KEYS[12], leases = KEYS[13],
   dedup = KEYS[14], dedupexp = KEYS[15], dead = KEYS[16], batches = KEYS[17], meta = KEYS[18],
   readyage = KEYS[19], signal = KEYS[20], metrics = KEYS[21], metricsidx = KEYS[22],
+  events = KEYS[23],
 }
 
 -- Tail seqs count up from here and head seqs count down, so every head seq sorts first.
@@ -208,12 +211,12 @@ end
 
 -- Metrics and events of this call, written once by flush_observed(): per-minute counts
 -- summed per field, and events as lines of type\0id\0(+key or nothing)\0time.
-local OBSERVE = { kept = 60, channel = '', counts = {}, minutes = {}, events = {} }
+local OBSERVE = { kept = 60, publish = false, counts = {}, minutes = {}, events = {} }
 
--- ARGV[i]: minutes of metrics kept; ARGV[i + 1]: the events channel ('' = events off).
+-- ARGV[i]: minutes of metrics kept; ARGV[i + 1]: publish events ('1'/'0').
 local function read_observe(argv, i)
   OBSERVE.kept = tonumber(argv[i])
-  OBSERVE.channel = argv[i + 1]
+  OBSERVE.publish = argv[i + 1] == '1'
 end
 
 local function minute_of(t)
@@ -233,7 +236,7 @@ local function record(counter, rec, now)
   if rec.k then
     bump(prefix .. '|' .. rec.k, minute)
   end
-  if OBSERVE.channel ~= '' then
+  if OBSERVE.publish then
     OBSERVE.events[#OBSERVE.events + 1] = counter .. '\0' .. rec.id .. '\0' .. (rec.k and ('+' .. rec.k) or '')
       .. '\0' .. num(now)
   end
@@ -255,7 +258,7 @@ local function flush_observed(now)
     redis.call('ZREM', K.metricsidx, unpack(old))
   end
   if #OBSERVE.events > 0 then
-    redis.call('PUBLISH', OBSERVE.channel, table.concat(OBSERVE.events, '\n'))
+    redis.call('PUBLISH', K.events, table.concat(OBSERVE.events, '\n'))
   end
 end
 

@@ -1,14 +1,15 @@
 -- enqueue_many: store messages atomically, in order; answer their ids.
--- ARGV: clock, 6 settings, then per message: id, key ('' = unkeyed), priority, delay,
+-- ARGV: clock, metrics minutes kept, publish events (1/0), 6 settings, then per message: id, key ('' = unkeyed), priority, delay,
 -- dedup id ('' = none), headers JSON, at_head ('1'/'0'), payload.
 local now = clock(ARGV[1])
-local settings = read_settings(ARGV, 2)
+read_observe(ARGV, 2)
+local settings = read_settings(ARGV, 4)
 -- Due delayed messages entered their keys' order when they fell due: before anything
 -- enqueued now.
 promote_due(now)
 local ids = {}
 local placed = 0
-for i = 8, #ARGV, 8 do
+for i = 10, #ARGV, 8 do
   local key = ARGV[i + 1] ~= '' and ARGV[i + 1] or nil
   local dedup_id = ARGV[i + 4] ~= '' and ARGV[i + 4] or nil
   local first = dedup_id and dedup_hit(dedup_id, now, settings)
@@ -42,9 +43,11 @@ for i = 8, #ARGV, 8 do
       end
       placed = placed + 1
     end
+    record('enqueued', rec, now)
     ids[#ids + 1] = rec.id
   end
 end
 flush()
+flush_observed(now)
 signal(math.max(placed, 1))
 return ids

@@ -1,11 +1,13 @@
 -- lease: deliver up to `limit` messages, serving ready keys in fairness order.
--- ARGV: clock, 6 settings, limit, per_key, visibility timeout.
+-- ARGV: clock, metrics minutes kept, publish events (1/0), 6 settings, limit, per_key,
+-- visibility timeout.
 -- Answers {retry_in ('' = nothing scheduled), lease views...}.
 local now = clock(ARGV[1])
-local settings = read_settings(ARGV, 2)
-local limit = tonumber(ARGV[8])
-local per_key = tonumber(ARGV[9])
-local vt = tonumber(ARGV[10])
+read_observe(ARGV, 2)
+local settings = read_settings(ARGV, 4)
+local limit = tonumber(ARGV[10])
+local per_key = tonumber(ARGV[11])
+local vt = tonumber(ARGV[12])
 
 local leased = {}
 
@@ -18,6 +20,7 @@ local function lease_record(rec, batch_id)
   rec.b = batch_id
   redis.call('ZADD', K.leases, num(rec.dl), order_member(rec.o, rec.id))
   leased[#leased + 1] = rec
+  record('delivered', rec, now)
 end
 
 local function lane_head()
@@ -127,4 +130,5 @@ for _, rec in ipairs(leased) do
   answer[#answer + 1] = view(rec)
 end
 flush()
+flush_observed(now)
 return answer

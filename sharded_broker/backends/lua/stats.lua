@@ -9,5 +9,5 @@ if oldest then
 end
 return {
   tonumber(counts[1]) or 0, tonumber(counts[2]) or 0, tonumber(counts[3]) or 0,
-  redis.call('ZCARD', K.dead), redis.call('HLEN', K.keycounts), num(age), counts[4] == '1' and 1 or 0,
+  redis.call('ZCARD', K.dead), redis.call('ZCARD', K.backlog), num(age), counts[4] == '1' and 1 or 0,
 }
