@@ -40,8 +40,10 @@ def test_repeated_sigkill_of_consumers_loses_nothing_and_keeps_each_keys_order(s
             events = workers.read()
         stats = broker.stats(Q)
         assert (stats.ready, stats.leased, stats.delayed, stats.dead) == (0, 0, 0, 0)
-    acked = {e["id"] for e in events if e["e"] == "ack" and e["ok"]}
-    assert acked == set(ids), f"{len(set(ids) - acked)} messages never acked"
+    # Drained with no dead letter: every message was acked (a worker may die between its
+    # ack and logging it, so the log alone cannot tell), and each one ran.
+    started = {e["id"] for e in events if e["e"] == "start"}
+    assert started == set(ids), f"{len(set(ids) - started)} messages never ran"
     repeats = assert_in_order_and_complete(events, {key: per_key for key in keys})
     assert sum(repeats.values()) <= kills, repeats
 
