@@ -435,7 +435,16 @@ class Channel(virtual.Channel):
             self.broker.ack_many(leases)
         messages = []
         for lease in leases:
-            message = json_loads(lease.payload)
+            try:
+                message = json_loads(lease.payload)
+                if not isinstance(message, dict):
+                    raise ValueError(f"a JSON {type(message).__name__}, not a message object")
+            except (TypeError, ValueError) as exc:
+                # A corrupted body must not fail every fetch and block its key: dead-letter it.
+                logger.error("Dead-lettering undecodable message %s from queue %r: %s", lease.id, queue, exc)
+                if not no_ack:
+                    self.broker.nack(lease, dead=True, reason=f"undecodable message: {exc}"[:500])
+                continue
             properties = message.setdefault("properties", {})
             tag = properties["delivery_tag"] = uuid()
             properties.setdefault("delivery_info", {})["redelivered"] = lease.attempts > 1
