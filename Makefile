@@ -11,7 +11,7 @@ help:
 	@echo "make test         set everything up (virtualenv, redis-server) and run the suite"
 	@echo "make bench        benchmarks side by side, quick mode (bench-full: the full sizes)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py integrations/kombu_alias.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev,celery,dramatiq]"
