@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 help:
 	@echo "make demo         run the per-key FIFO demo on the embedded default (no server)"
 	@echo "make test         set everything up (virtualenv, redis-server) and run the suite"
+	@echo "make reliability  fault, bad-input and security tests, with the long soak runs"
 	@echo "make bench        benchmarks side by side, quick mode (bench-full: the full sizes)"
 
 $(STAMP): pyproject.toml setup.py integrations/kombu_alias.py
@@ -27,6 +28,9 @@ demo: venv
 
 test: venv redis-server
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+reliability: venv redis-server
+	$(VENV)/bin/pytest tests/reliability -m "" $(PYTEST_ARGS)
 
 bench: venv redis-server
 	$(PY) -m benchmarks.run --quick
