@@ -220,10 +220,12 @@ class Backend(ABC):
         backend calls a second.
         """
 
+    @abstractmethod
     def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
         """Counts per minute for the queue (or one key), oldest first, one entry per minute
         (zeros included) for the last ``minutes`` minutes within the metrics window."""
 
+    @abstractmethod
     def keys(self, queue: str, limit: int, sort: KeySort) -> list[KeyInfo]:
         """Up to ``limit`` keys with a backlog, largest backlog (or lag) first, ties by key.
 
@@ -231,9 +233,11 @@ class Backend(ABC):
         head of every key with a backlog (one index read per key, never every message).
         """
 
+    @abstractmethod
     def key_info(self, queue: str, key: str) -> KeyInfo:
         """One key with its head message (zeros and ``head=None`` for an unknown key)."""
 
+    @abstractmethod
     def subscribe(self, queue: str) -> "EventSubscription":
         """Start receiving ``queue``'s events. ConfigurationError when events are off."""
 

@@ -25,6 +25,14 @@ backend as the reference model):
   never reuses its parent's connection; it opens its own on first use).
 - ``wait`` never spins: it sleeps 5 ms, doubling to 100 ms, between polls, and wakes at
   once when this process enqueues, acks or returns a message.
+- Metrics are rows per (queue, key, minute), summed in memory during a transaction and
+  upserted at its end; each enqueue and lease forgets at most a few expired rows
+  (``metrics_window``, default 3600 seconds). Per-key backlogs are an index on the keys
+  table, so the largest backlogs are read without a scan.
+- Events (``events=True``; off by default, as each one is a row written) go to an
+  ``events`` table capped at ``EVENTS_KEPT`` rows (each transaction deletes as many old
+  rows as it adds); subscribers tail it by polling every 50 ms, in any process. A
+  subscriber further than ``EVENTS_KEPT`` events behind misses the oldest.
 """
 
 from __future__ import annotations
@@ -41,14 +49,24 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from ..backend import Backend
+from ..backend import (
+    DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, Backend, EventSubscription, KeySort, events_option, expired_before,
+    metric_minutes, metrics_window_option, minute_of,
+)
 from ..errors import BackendUnavailable, ConfigurationError
-from ..models import DeadLetter, Lease, LeaseResult, Message, QueueSettings, QueueStats, RetryPosition
+from ..models import (
+    COUNTERS, DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings,
+    QueueStats, RetryPosition,
+)
 
 # Tail seqs count up from here and head seqs count down, so every head seq sorts first.
 SEQ_ORIGIN = 2**52
-SCHEMA_VERSION = 1
-OPTIONS = ("busy_timeout", "clock", "synchronous")
+# Version 2 added the metrics and events tables and the keys_backlog index; a version 1
+# file gains them when opened.
+SCHEMA_VERSION = 2
+OPTIONS = ("busy_timeout", "clock", "events", "metrics_window", "synchronous")
+EVENTS_KEPT = 10_000
+EVENTS_POLL = 0.05
 WAIT_FIRST_STEP = 0.005
 WAIT_MAX_STEP = 0.1
 
@@ -88,6 +106,7 @@ CREATE TABLE IF NOT EXISTS keys (
     PRIMARY KEY (queue, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS keys_ready ON keys (queue, ready_at, ready_order) WHERE ready_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS keys_backlog ON keys (queue, count DESC, key) WHERE count > 0;
 CREATE TABLE IF NOT EXISTS messages (
     id TEXT PRIMARY KEY,
     queue TEXT NOT NULL,
@@ -127,6 +146,26 @@ CREATE TABLE IF NOT EXISTS dedup (
     PRIMARY KEY (queue, dedup_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedup_expiry ON dedup (queue, expires);
+CREATE TABLE IF NOT EXISTS metrics (
+    queue TEXT NOT NULL,
+    key TEXT NOT NULL,                     -- '' for the whole queue, '+' || key for one key
+    minute REAL NOT NULL,
+    enqueued INTEGER NOT NULL DEFAULT 0,
+    delivered INTEGER NOT NULL DEFAULT 0,
+    acked INTEGER NOT NULL DEFAULT 0,
+    retried INTEGER NOT NULL DEFAULT 0,
+    dead INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (queue, key, minute)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS metrics_expiry ON metrics (queue, minute);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused, so tailers can resume after an id
+    queue TEXT NOT NULL,
+    type TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    key TEXT,
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS bindings (
     exchange TEXT NOT NULL,
     queue TEXT NOT NULL,
@@ -169,6 +208,14 @@ HOT_QUERIES = {
     "oldest_ready": "SELECT MIN(enqueued_at) FROM messages WHERE queue = ? AND state = 'ready'",
     "dead_letters": f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE queue = ? AND state = 'dead' "
     "ORDER BY dead_order LIMIT ? OFFSET ?",
+    "metrics_expired": "DELETE FROM metrics WHERE (queue, key, minute) IN (SELECT queue, key, minute FROM metrics "
+    f"WHERE queue = ? AND minute < ? LIMIT {METRICS_SWEEP_LIMIT})",
+    "events_trim": "DELETE FROM events WHERE id <= ?",
+    "keys_by_backlog": "SELECT key FROM keys WHERE queue = ? AND count > 0 ORDER BY count DESC, key LIMIT ?",
+    "keys_with_backlog": "SELECT key FROM keys WHERE queue = ? AND count > 0",
+    "metrics_range": "SELECT minute, enqueued, delivered, acked, retried, dead FROM metrics "
+    "WHERE queue = ? AND key = ? AND minute >= ? AND minute <= ?",
+    "events_after": "SELECT id, type, message_id, key, at FROM events WHERE id > ? AND queue = ? ORDER BY id LIMIT 1000",
 }
 
 
@@ -279,6 +326,8 @@ class SQLiteBackend(Backend):
         clock: Callable[[], float] | None = None,
         busy_timeout: float = 30.0,
         synchronous: str = "normal",
+        metrics_window: float = DEFAULT_METRICS_WINDOW,
+        events: bool = False,
     ) -> None:
         if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, (int, float)) or not busy_timeout > 0:
             raise ConfigurationError(f"busy_timeout must be a number of seconds > 0, not {busy_timeout!r}")
@@ -290,6 +339,8 @@ class SQLiteBackend(Backend):
         self._clock = clock or time.time
         self._busy_timeout = float(busy_timeout)
         self._synchronous = synchronous
+        self._metrics_window = metrics_window_option(metrics_window)
+        self._events = events_option(events)
         with _WAKEUPS_LOCK:
             self._wakeup = _WAKEUPS.setdefault(self.path, _Wakeup())
         self._local = threading.local()  # wait backoff and last seen generation, per thread
@@ -369,12 +420,12 @@ class SQLiteBackend(Backend):
                 raise ConfigurationError(f"sqlite database {self.path} could not switch to WAL mode (mode is {mode})")
             conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version not in (0, 1, SCHEMA_VERSION):
                 raise ConfigurationError(
                     f"sqlite database {self.path} has schema version {version}; this version of sharded-broker "
                     f"reads version {SCHEMA_VERSION}"
                 )
-            if version == 0:
+            if version != SCHEMA_VERSION:
                 conn.execute("BEGIN IMMEDIATE")
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
@@ -426,7 +477,7 @@ class SQLiteBackend(Backend):
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                tx = _Tx(conn, self._tx_now(conn, write=True))
+                tx = _Tx(conn, self._tx_now(conn, write=True), self._metrics_window, self._events)
                 result = body(tx)
                 tx.flush()
                 conn.execute("COMMIT")
@@ -449,7 +500,7 @@ class SQLiteBackend(Backend):
             conn = self._connection()
             conn.execute("BEGIN")
             try:
-                return body(_Tx(conn, self._tx_now(conn, write=False)))
+                return body(_Tx(conn, self._tx_now(conn, write=False), self._metrics_window, self._events))
             finally:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -542,6 +593,21 @@ class SQLiteBackend(Backend):
             ]
         )
 
+    def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
+        return self._read(lambda tx: tx.metrics(queue, minutes, key))
+
+    def keys(self, queue: str, limit: int, sort: KeySort) -> list[KeyInfo]:
+        return self._read(lambda tx: tx.keys(queue, limit, sort))
+
+    def key_info(self, queue: str, key: str) -> KeyInfo:
+        return self._read(lambda tx: tx.key_info(queue, key))
+
+    def subscribe(self, queue: str) -> EventSubscription:
+        if not self._events:
+            raise ConfigurationError("events are off for this broker; connect with events=True to subscribe")
+        last = self._read(lambda tx: tx.db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0])
+        return _SQLiteSubscription(self, queue, last)
+
     def wait(self, queue: str, timeout: float) -> None:
         """Sleep one backoff step (5 ms doubling to 100 ms, at most ``timeout``), or until
         this process changes the database. Other processes' changes are seen at the next
@@ -555,15 +621,59 @@ class SQLiteBackend(Backend):
         self._local.step = min(step * 2, WAIT_MAX_STEP)
 
 
+class _SQLiteSubscription(EventSubscription):
+    """Tails the events table from the id that was last when it subscribed."""
+
+    def __init__(self, backend: SQLiteBackend, queue: str, last: int) -> None:
+        self._backend = backend
+        self._queue = queue
+        self._last = last
+
+    def get(self, timeout: float) -> list[Event]:
+        give_up_at = time.monotonic() + timeout
+        while True:
+            rows = self._backend._read(lambda tx: tx.db.execute(HOT_QUERIES["events_after"], (self._last, self._queue)).fetchall())
+            if rows:
+                self._last = rows[-1]["id"]
+                return [Event(row["type"], self._queue, row["message_id"], row["key"], row["at"]) for row in rows]
+            remaining = give_up_at - time.monotonic()
+            if remaining <= 0:
+                return []
+            time.sleep(min(EVENTS_POLL, remaining))
+
+    def close(self) -> None:
+        """Nothing to release: the subscription is only a position in the table."""
+
+
 class _Tx:
     """The engine's operations inside one open transaction, mirroring the memory model
     function by function (see sharded_broker/backends/memory.py)."""
 
-    def __init__(self, db: sqlite3.Connection, now: float) -> None:
+    def __init__(self, db: sqlite3.Connection, now: float, metrics_window: float, events: bool) -> None:
         self.db = db
         self.now = now
         self._queues: dict[str, _QueueRow] = {}
         self._new_queues: set[str] = set()
+        self._metrics_window = metrics_window
+        self._events_on = events
+        # (queue, '' or '+key', minute) -> counts in the order of COUNTERS, written by flush().
+        self._counts: dict[tuple[str, str, float], list[int]] = {}
+        self._events: list[tuple[str, str, str, str | None, float]] = []
+
+    def _record(self, q: _QueueRow, counter: str, mid: str, key: str | None) -> None:
+        """Count one lifecycle step of a message and, with events on, publish it."""
+        minute = minute_of(self.now)
+        index = COUNTERS.index(counter)
+        for metric_key in ("", "+" + key) if key is not None else ("",):
+            counts = self._counts.get((q.name, metric_key, minute))
+            if counts is None:
+                counts = self._counts[(q.name, metric_key, minute)] = [0] * len(COUNTERS)
+            counts[index] += 1
+        if self._events_on:
+            self._events.append((q.name, counter, mid, key, self.now))
+
+    def _expire_metrics(self, q: _QueueRow) -> None:
+        self.db.execute(HOT_QUERIES["metrics_expired"], (q.name, expired_before(self.now, self._metrics_window)))
 
     def _one(self, name: str, *args: Any) -> tuple | None:
         return self.db.execute(HOT_QUERIES[name], args).fetchone()
@@ -599,6 +709,19 @@ class _Tx:
                     (*values, q.name),
                 )
         self._new_queues.clear()
+        for (queue, metric_key, minute), counts in self._counts.items():
+            self.db.execute(
+                f"INSERT INTO metrics (queue, key, minute, {', '.join(COUNTERS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (queue, key, minute) DO UPDATE SET "
+                + ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS),
+                (queue, metric_key, minute, *counts),
+            )
+        self._counts.clear()
+        if self._events:
+            self.db.executemany("INSERT INTO events (queue, type, message_id, key, at) VALUES (?, ?, ?, ?, ?)", self._events)
+            [(last,)] = self.db.execute("SELECT last_insert_rowid()").fetchall()
+            self.db.execute(HOT_QUERIES["events_trim"], (last - EVENTS_KEPT,))
+            self._events.clear()
 
     # -- messages and keys ----------------------------------------------------------
 
@@ -724,12 +847,15 @@ class _Tx:
         followers = self.db.execute(HOT_QUERIES["batch_followers"], (batch_id, batch_index)).fetchall()
         if dead_reason is not None:
             self._dead_letter(q, mid, key, dead_reason)
+            self._record(q, "dead", mid, key)
         elif settings.max_deliveries is not None and attempts >= settings.max_deliveries:
             self._dead_letter(
                 q, mid, key, f"{why} after {attempts} deliveries (max_deliveries={settings.max_deliveries})"
             )
+            self._record(q, "dead", mid, key)
         else:
             self._requeue(q, mid, key, seq, delay, settings.retry_position)
+            self._record(q, "retried", mid, key)
         for follower_id, follower_seq in followers:
             # It was never processed: its delivery does not count.
             self.db.execute("UPDATE messages SET attempts = attempts - 1 WHERE id = ?", (follower_id,))
@@ -766,6 +892,7 @@ class _Tx:
             q, "ready", "leased", mid, attempts=attempts, token=token, deadline=deadline, batch_id=batch_id,
             batch_index=batch_index, timer_order=q.order(),
         )
+        self._record(q, "delivered", mid, row["key"])
         return Lease(
             queue=q.name,
             id=mid,
@@ -822,6 +949,7 @@ class _Tx:
         q = self.queue(queue, create=True)
         q.held_messages = 1
         now = self.now
+        self._expire_metrics(q)
         # Due delayed messages entered their keys' order when they fell due: before
         # anything enqueued now.
         self._promote_due(q)
@@ -864,6 +992,7 @@ class _Tx:
             )
             if state == "ready" and m.key is not None:
                 self._schedule(q, m.key, now, keep_place=True)
+            self._record(q, "enqueued", mid, m.key)
             ids.append(mid)
         return ids
 
@@ -872,6 +1001,7 @@ class _Tx:
     ) -> LeaseResult:
         q = self.queue(queue, create=True)
         now = self.now
+        self._expire_metrics(q)
         self._promote_due(q)
         self._expire_leases(q, settings)
         leases: list[Lease] = []
@@ -947,6 +1077,7 @@ class _Tx:
         if key is not None:
             self._uncount_key(q, key)
         self._settled(q, key, batch_id)
+        self._record(q, "acked", mid, key)
         return True
 
     def nack(
@@ -1088,3 +1219,40 @@ class _Tx:
         self.db.execute("UPDATE keys SET ready_at = NULL, ready_order = NULL WHERE queue = ? AND ready_at IS NOT NULL", (queue,))
         q.ready = q.delayed = 0
         return deleted
+
+    def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
+        wanted = metric_minutes(self.now, minutes, self._metrics_window)
+        rows = self.db.execute(
+            HOT_QUERIES["metrics_range"], (queue, "" if key is None else "+" + key, wanted[0], wanted[-1])
+        ).fetchall()
+        found = {row["minute"]: tuple(row)[1:] for row in rows}
+        return [MinuteMetrics(minute, *found.get(minute, (0,) * len(COUNTERS))) for minute in wanted]
+
+    def keys(self, queue: str, limit: int, sort: KeySort) -> list[KeyInfo]:
+        if sort == "backlog":
+            return [self.key_info(queue, key) for (key,) in self.db.execute(HOT_QUERIES["keys_by_backlog"], (queue, limit))]
+        infos = [self.key_info(queue, key) for (key,) in self.db.execute(HOT_QUERIES["keys_with_backlog"], (queue,))]
+        infos.sort(key=lambda info: (-info.lag, info.key))
+        return infos[:limit]
+
+    def key_info(self, queue: str, key: str) -> KeyInfo:
+        row = self.db.execute(
+            "SELECT count, slots, interval, paused FROM keys WHERE queue = ? AND key = ?", (queue, key)
+        ).fetchone()
+        first = self._one("key_head", queue, key, 1)
+        head = None
+        if first is not None:
+            head = HeadMessage(
+                first["id"], first["priority"], first["attempts"], first["enqueued_at"], first["not_before"],
+                len(first["payload"]),
+            )
+        return KeyInfo(
+            queue=queue,
+            key=key,
+            backlog=row["count"] if row else 0,
+            leased=row["slots"] if row else 0,
+            lag=max(0.0, self.now - head.enqueued_at) if head is not None else 0.0,
+            paused=bool(row["paused"]) if row else False,
+            interval=row["interval"] if row else None,
+            head=head,
+        )
