@@ -34,8 +34,12 @@ def soak(redis_url: str, events: Path, *, per_key: int, rounds: int, workers: in
             wait_until(lambda: drained(broker, Q), timeout=600, what="the round to drain", step=0.2)
             stats = broker.stats(Q)
             assert (stats.ready, stats.leased, stats.delayed, stats.dead, stats.keys) == (0, 0, 0, 0, 0)
-            redis_memory.append(admin.info("memory")["used_memory"])
-            leftovers.append({key: admin.memory_usage(key) for key in admin.keys("*")})
+            sizes = {key: admin.memory_usage(key, samples=0) for key in admin.keys("*")}
+            # Per-minute metrics are kept for their window (an hour by default) on purpose:
+            # bounded by time, not by the work done; everything else must be back to nothing.
+            metrics = {key: sizes.pop(key) for key in list(sizes) if key.endswith((b":metrics", b":metricsidx"))}
+            redis_memory.append(admin.info("memory")["used_memory"] - sum(metrics.values()))
+            leftovers.append(sizes)
             latest: dict[int, int] = {}
             for event in pool.read():
                 if event["e"] == "rss":
