@@ -51,8 +51,10 @@ def profiles_of_misses(results: Results) -> list[tuple[str, str]]:
         for label, row in (("fastest", max(rows, key=lambda r: r[what])), ("slowest", min(rows, key=lambda r: r[what]))):
             row_name = f"{backend}/backlog={row['backlog']}/keys={row['keys']}"
             if row_name in profiles:
+                server = row.get("server_us_per_enqueue" if phase == "enqueue" else "server_us_per_lease_ack")
+                on_server = f", Redis server {server} µs per message" if server is not None else ""
                 title = (f"{backend} {phase}, {label}: {row['keys']:,} keys, backlog {row['backlog']:,}, "
-                         f"{row[what]:,.0f}/s (cProfile of a small sample, by own time)")
+                         f"{row[what]:,.0f}/s{on_server} (cProfile of a small sample of the client)")
                 shown.append((title, profiles[row_name][phase]))
     return shown
 
