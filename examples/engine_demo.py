@@ -1,9 +1,11 @@
-"""Per-key FIFO in one screen, across processes: a producer process interleaves messages
-for a few customers while consumer processes work through them in parallel, and each
-customer's messages still run one at a time, in order.
+"""Per-key FIFO in one screen, on the engine alone (no Celery, no Dramatiq): a producer
+process interleaves messages for a few customers while consumer processes work through
+them in parallel, and each customer's messages still run one at a time, in order.
 
-    make demo                         # SQLite file in a temporary directory, no server
-    python examples/demo.py [URL]     # any broker URL, e.g. sqlite:///demo.db, redis://...
+    python examples/engine_demo.py        # SQLite file in a temporary directory, no server
+    python examples/engine_demo.py URL    # any broker URL: sqlite:///demo.db, redis://...
+
+(`make demo` runs examples/demo.py: the same story with a real Celery worker.)
 
 The producer and each consumer connect to the URL on their own, as separate programs
 would. ``memory://`` lives inside one process, so with it the consumers are threads.
