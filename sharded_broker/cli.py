@@ -6,8 +6,9 @@ Every command takes the broker URL the app uses (``--url`` or ``SHARDED_BROKER_U
 Guarantees, for scripts:
 
 - ``--json`` on every read command prints machine-readable output with stable field
-  names (those of :class:`~sharded_broker.QueueStats` and
-  :class:`~sharded_broker.DeadLetter`; times are seconds since the epoch).
+  names (those of :class:`~sharded_broker.QueueStats`, :class:`~sharded_broker.DeadLetter`,
+  :class:`~sharded_broker.KeyInfo`, :class:`~sharded_broker.MinuteMetrics` and
+  :class:`~sharded_broker.Event`; times are seconds since the epoch).
 - Exit codes: 0 ok; 1 the operation failed (unreachable server, unknown queue, nothing
   replayed, confirmation declined); 2 usage error (bad option or argument, malformed URL,
   a value the engine refuses). Errors go to stderr as one line.
@@ -15,8 +16,7 @@ Guarantees, for scripts:
 - A command that is refused changes nothing; ``purge`` asks first (and refuses when it
   cannot ask) unless given ``--yes``.
 
-Each command is a plain click command on :data:`main`; per-key views (``keys``, ``show``)
-and event tailing slot in beside them once the backends offer those operations.
+Each command is a plain click command on :data:`main`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from rich.text import Text
 
 from .broker import Broker, connect, redact_url
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, ShardedBrokerError
-from .models import DeadLetter, QueueStats
+from .models import COUNTERS, DeadLetter, Event, KeyInfo, MinuteMetrics, QueueStats
 
 URL_ENVVAR = "SHARDED_BROKER_URL"
 # Celery names the transport sharded+redis://; the engine wants the plain redis:// URL.
@@ -57,6 +57,10 @@ REPLAY_PAGE = 1000
 REPLAY_CHUNK = 500
 # How many known queues an "unknown queue" error names before it cuts the list short.
 KNOWN_QUEUES_SHOWN = 10
+# top: the hottest keys shown (by backlog, over every queue), read per queue.
+TOP_KEYS = 5
+# show: minutes of the key's metrics listed.
+SHOW_MINUTES = 5
 
 
 class CommandFailed(click.ClickException):
@@ -90,8 +94,8 @@ class Session:
     def safe_url(self) -> str:
         return redact_url(self.url)
 
-    def broker(self) -> Broker:
-        """The broker for the URL, opened on first use.
+    def broker(self, **options: Any) -> Broker:
+        """The broker for the URL, opened on first use with ``options``.
 
         Refuses a ``sqlite:///`` URL whose file does not exist: a read command must not
         create an empty database where the operator mistyped a path.
@@ -100,7 +104,7 @@ class Session:
             path = _sqlite_path(self.url)
             if path and not os.path.exists(path):
                 raise CommandFailed(f"no SQLite database at {os.path.abspath(path)} (from {self.safe_url})")
-            self._broker = connect(self.url)
+            self._broker = connect(self.url, **options)
         return self._broker
 
     def close(self) -> None:
@@ -241,14 +245,22 @@ def _key_text(key: str | None) -> Text:
     return Text("(unkeyed)", style="dim") if key is None else Text(key)
 
 
-def stats_table(rows: Sequence[QueueStats], rates: dict[str, "QueueRates"] | None = None) -> Table:
-    """The stats table; with ``rates``, two more columns of net change per second."""
+def stats_table(
+    rows: Sequence[QueueStats],
+    rates: dict[str, "QueueRates"] | None = None,
+    per_minute: dict[str, MinuteMetrics] | None = None,
+) -> Table:
+    """The stats table; with ``per_minute``, the counts of each queue's last full minute;
+    with ``rates``, two more columns of net change per second."""
     table = Table(header_style="bold")
     table.add_column("queue", no_wrap=True)
     for name in ("ready", "leased", "delayed", "dead", "keys"):
         table.add_column(name, justify="right")
     table.add_column("lag", justify="right")
     table.add_column("paused")
+    if per_minute is not None:
+        for name in ("enq/min", "dlv/min", "ack/min", "retry/min", "dead/min"):
+            table.add_column(name, justify="right")
     if rates is not None:
         table.add_column("backlog Δ/s", justify="right")
         table.add_column("dead Δ/s", justify="right")
@@ -259,10 +271,37 @@ def stats_table(rows: Sequence[QueueStats], rates: dict[str, "QueueRates"] | Non
             format_duration(row.oldest_age),
             Text("PAUSED", style="bold red") if row.paused else "",
         ]
+        if per_minute is not None:
+            minute = per_minute.get(row.queue)
+            cells += [f"{getattr(minute, name):,}" if minute else "-" for name in COUNTERS]
         if rates is not None:
             rate = rates.get(row.queue)
             cells += [_format_rate(rate.backlog if rate else None), _format_rate(rate.dead if rate else None)]
         table.add_row(*cells)
+    return table
+
+
+def keys_table(infos: Sequence[KeyInfo], *, with_queue: bool = False) -> Table:
+    """Keys with their backlog, leased batches, lag, pause and interval."""
+    table = Table(header_style="bold")
+    table.add_column("key", no_wrap=True)
+    if with_queue:
+        table.add_column("queue", no_wrap=True)
+    for name in ("backlog", "leased"):
+        table.add_column(name, justify="right")
+    table.add_column("lag", justify="right")
+    table.add_column("interval", justify="right")
+    table.add_column("paused")
+    for info in infos:
+        table.add_row(
+            Text(info.key),
+            *([Text(info.queue)] if with_queue else []),
+            f"{info.backlog:,}",
+            f"{info.leased:,}",
+            format_duration(info.lag),
+            "default" if info.interval is None else f"{info.interval:g}s",
+            Text("PAUSED", style="bold red") if info.paused else "",
+        )
     return table
 
 
@@ -352,38 +391,62 @@ def rates_between(
 def top(session: Session, refresh: float, once: bool, iterations: int | None, as_json: bool) -> None:
     """Live stats of every queue, refreshed until Ctrl-C.
 
-    Adds the net change per second of each queue's backlog (ready + leased + delayed)
-    and of its dead letters. Rates compare successive snapshots, so the first frame has none. With --json: one
-    JSON object per frame and line ({"time", "queues": [...]}, each queue with
-    backlog_change_per_second and dead_change_per_second, null on the first frame).
+    Adds each queue's counts of the last full minute (enqueued, delivered, acked,
+    retried, dead), the net change per second of its backlog (ready + leased + delayed)
+    and of its dead letters, and the hottest keys (largest backlogs over every queue).
+    Net changes compare successive snapshots, so the first frame has none. With --json:
+    one JSON object per frame and line ({"time", "queues": [...], "hottest_keys": [...]},
+    each queue with last_minute, backlog_change_per_second and dead_change_per_second,
+    null on the first frame).
     """
     broker = session.broker()
     frames = 1 if once else iterations
     previous: tuple[float, dict[str, QueueStats]] | None = None
 
-    def snapshot() -> tuple[dict[str, QueueStats], dict[str, QueueRates] | None]:
+    @dataclass
+    class Frame:
+        current: dict[str, QueueStats]
+        rates: dict[str, QueueRates] | None
+        last_minute: dict[str, MinuteMetrics]
+        hottest: list[KeyInfo]
+
+    def snapshot() -> Frame:
         nonlocal previous
         taken = time.monotonic()
         current = {row.queue: row for row in _all_stats(broker, None)}
         rates = None if previous is None else rates_between(previous[1], current, taken - previous[0])
         previous = (taken, current)
-        return current, rates
+        # The last full minute: the current one is still counting.
+        last_minute = {name: broker.metrics(name, 2)[0] for name in current}
+        hottest = sorted(
+            (info for name in current for info in broker.keys(name, TOP_KEYS)),
+            key=lambda info: (-info.backlog, info.queue, info.key),
+        )[:TOP_KEYS]
+        return Frame(current, rates, last_minute, hottest)
 
-    def frame_json(current: dict[str, QueueStats], rates: dict[str, QueueRates] | None) -> str:
+    def frame_json(frame: Frame) -> str:
         queues = []
-        for name, row in current.items():
-            rate = (rates or {}).get(name)
+        for name, row in frame.current.items():
+            rate = (frame.rates or {}).get(name)
             queues.append({
                 **row.as_dict(),
                 "backlog_change_per_second": rate.backlog if rate else None,
                 "dead_change_per_second": rate.dead if rate else None,
+                "last_minute": frame.last_minute[name].as_dict(),
             })
-        return json.dumps({"time": time.time(), "queues": queues})
+        hottest = [_key_json(info) for info in frame.hottest]
+        return json.dumps({"time": time.time(), "queues": queues, "hottest_keys": hottest})
 
-    def frame_table(current: dict[str, QueueStats], rates: dict[str, QueueRates] | None) -> Table:
-        table = stats_table(list(current.values()), rates or {})
+    def frame_table(frame: Frame) -> Any:
+        from rich.console import Group
+
+        table = stats_table(list(frame.current.values()), frame.rates or {}, frame.last_minute)
         table.title = Text(f"sharded-broker top · {session.safe_url} · {format_time(time.time())}")
-        return table
+        if not frame.hottest:
+            return table
+        keys = keys_table(frame.hottest, with_queue=True)
+        keys.title = Text(f"hottest keys (largest backlog, top {TOP_KEYS})")
+        return Group(table, keys)
 
     live_display = not as_json and session.stdout.is_terminal and frames != 1
     try:
@@ -392,14 +455,14 @@ def top(session: Session, refresh: float, once: bool, iterations: int | None, as
 
             with Live(console=session.stdout, auto_refresh=False) as live:
                 for _ in _frame_counter(frames, refresh):
-                    live.update(frame_table(*snapshot()), refresh=True)
+                    live.update(frame_table(snapshot()), refresh=True)
         else:
             for _ in _frame_counter(frames, refresh):
-                current, rates = snapshot()
+                frame = snapshot()
                 if as_json:
-                    click.echo(frame_json(current, rates))
+                    click.echo(frame_json(frame))
                 else:
-                    session.stdout.print(frame_table(current, rates))
+                    session.stdout.print(frame_table(frame))
     except KeyboardInterrupt:
         pass  # Ctrl-C is how top is meant to end.
 
@@ -453,6 +516,112 @@ def dead(session: Session, queue: str, limit: int, offset: int, as_json: bool) -
         session.stderr.print(
             f"showing {offset + 1}-{offset + len(letters)} of {total:,}; see more with --offset/--limit", markup=False
         )
+
+
+def _key_json(info: KeyInfo) -> dict[str, Any]:
+    return info.as_dict()
+
+
+@main.command("keys")
+@click.argument("queue")
+@click.option("--sort", type=click.Choice(["backlog", "lag"]), default="backlog", show_default=True,
+              help="Largest backlog first, or oldest head message first.")
+@click.option("--limit", type=click.IntRange(min=1, max=10_000), default=50, show_default=True,
+              help="List at most this many keys.")
+@json_option
+@pass_session
+def keys_command(session: Session, queue: str, sort: str, limit: int, as_json: bool) -> None:
+    """The shard keys of QUEUE that hold messages.
+
+    Backlog counts a key's ready, delayed and leased messages; leased its batches in
+    flight; lag the age of its next message. With --json: a list of objects (queue, key,
+    backlog, leased, lag, paused, interval, head).
+    """
+    broker = session.broker()
+    _require_queue(broker, queue)
+    infos = broker.keys(queue, limit, sort=sort)  # type: ignore[arg-type]
+    if as_json:
+        _print_json([_key_json(info) for info in infos])
+    elif not infos:
+        session.stdout.print(f"no keys with messages in {queue!r}", markup=False)
+    else:
+        session.stdout.print(keys_table(infos))
+
+
+@main.command()
+@click.argument("queue")
+@click.argument("key")
+@json_option
+@pass_session
+def show(session: Session, queue: str, key: str, as_json: bool) -> None:
+    """One shard KEY of QUEUE: its backlog, settings, next message and recent minutes.
+
+    With --json: the key's object (as in `keys --json`, with head: id, priority,
+    attempts, enqueued_at, not_before, size) plus "minutes", its metrics of the last
+    few minutes, oldest first.
+    """
+    broker = session.broker()
+    _require_queue(broker, queue)
+    info = broker.key_info(queue, key)
+    minutes = broker.metrics(queue, SHOW_MINUTES, key=key)
+    if as_json:
+        _print_json({**_key_json(info), "minutes": [m.as_dict() for m in minutes]})
+        return
+    out = session.stdout
+    out.print(keys_table([info]))
+    head = info.head
+    if head is None:
+        out.print("head: nothing ready", markup=False)
+    else:
+        out.print(
+            f"head: {head.id} priority {head.priority}, attempts {head.attempts}, {head.size:,} bytes, "
+            f"enqueued {format_time(head.enqueued_at)}"
+            + (f", not before {format_time(head.not_before)}" if head.not_before > head.enqueued_at else ""),
+            markup=False,
+        )
+    table = Table(header_style="bold", title=Text("per minute"))
+    table.add_column("minute", no_wrap=True)
+    for name in COUNTERS:
+        table.add_column(name, justify="right")
+    for minute in minutes:
+        table.add_row(format_time(minute.minute), *(f"{getattr(minute, name):,}" for name in COUNTERS))
+    out.print(table)
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    return event.as_dict()
+
+
+@main.command()
+@click.argument("queue")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="Exit after this many events.")
+@click.option("--timeout", type=click.FloatRange(min=0), default=None,
+              help="Exit after this many seconds without an event (default: wait until Ctrl-C).")
+@json_option
+@pass_session
+def events(session: Session, queue: str, count: int | None, timeout: float | None, as_json: bool) -> None:
+    """Tail the lifecycle events of QUEUE (enqueued, delivered, acked, retried, dead).
+
+    Shows events from the moment it starts. On SQLite, events are written only by
+    processes connected with events=True. With --json: one object per line (type,
+    queue, id, key, at).
+    """
+    broker = session.broker(events=True)
+    seen = 0
+    try:
+        with broker.events(queue, timeout=timeout) as stream:
+            session.stderr.print(f"tailing events of {queue!r} (Ctrl-C to stop)", markup=False)
+            for event in stream:
+                if as_json:
+                    click.echo(json.dumps(event_json(event)))
+                else:
+                    key = "(unkeyed)" if event.key is None else event.key
+                    click.echo(f"{format_time(event.at)}  {event.type:<9}  {event.id}  {key}")
+                seen += 1
+                if count is not None and seen >= count:
+                    return
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how tailing is meant to end.
 
 
 # -- write commands -------------------------------------------------------------------

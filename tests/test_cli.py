@@ -161,6 +161,97 @@ def test_top_once_and_json_frames(url: str) -> None:
     assert sms_second["ready"] == 3
 
 
+def test_top_shows_last_minute_counts_and_hottest_keys(url: str) -> None:
+    seed(url)
+    frames = cli(url, "top", "--json", "--once")
+    assert frames.returncode == 0, frames.stderr
+    frame = json.loads(frames.stdout)
+    sms = {q["queue"]: q for q in frame["queues"]}["sms"]
+    # Seeded within the current minute: the last full minute is (almost surely) empty,
+    # but its fields are there.
+    assert set(sms["last_minute"]) == {"minute", "enqueued", "delivered", "acked", "retried", "dead"}
+    assert [(k["queue"], k["key"], k["backlog"]) for k in frame["hottest_keys"]] == [
+        ("sms", "user-0", 2), ("email", "user-9", 1), ("sms", "user-1", 1),
+    ]
+    once = cli(url, "top", "--once")
+    assert once.returncode == 0, once.stderr
+    rows = table_rows(once.stdout)
+    assert rows["user-0"][:3] == ["user-0", "sms", "2"]
+    assert "hottest keys" in once.stdout
+
+
+def test_keys_sorted_by_backlog_and_by_lag(url: str) -> None:
+    seed(url)
+    with sharded_broker.connect(url) as broker:
+        broker.enqueue("sms", b"m5", key="user-2")
+        broker.set_interval("sms", "user-1", 1.5)
+        broker.pause("sms", key="user-1")
+    result = cli(url, "keys", "sms")
+    assert result.returncode == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert list(rows) == ["user-0", "user-1", "user-2"]
+    assert rows["user-0"][:3] == ["user-0", "2", "0"]
+    assert rows["user-1"][4:] == ["1.5s", "PAUSED"]
+    by_backlog = json.loads(cli(url, "keys", "sms", "--json", "--limit", "2").stdout)
+    assert [(k["key"], k["backlog"], k["interval"], k["paused"]) for k in by_backlog] == [
+        ("user-0", 2, None, False), ("user-1", 1, 1.5, True),
+    ]
+    by_lag = json.loads(cli(url, "keys", "sms", "--json", "--sort", "lag").stdout)
+    # user-0's head (m2) was enqueued before user-1's (m3), and both before user-2's.
+    assert [k["key"] for k in by_lag] == ["user-0", "user-1", "user-2"]
+    assert by_lag[0]["lag"] >= by_lag[1]["lag"] >= by_lag[2]["lag"] >= 0
+
+
+def test_show_a_key(url: str) -> None:
+    ids = seed(url)
+    result = cli(url, "show", "sms", "user-0")
+    assert result.returncode == 0, result.stderr
+    assert table_rows(result.stdout)["user-0"][:3] == ["user-0", "2", "0"]
+    assert f"head: {ids['m2']} priority 0, attempts 0, 2 bytes" in result.stdout
+    shown = json.loads(cli(url, "show", "sms", "user-0", "--json").stdout)
+    assert (shown["key"], shown["backlog"], shown["head"]["id"], shown["head"]["size"]) == ("user-0", 2, ids["m2"], 2)
+    assert len(shown["minutes"]) == 5
+    now = shown["minutes"][-1]
+    # user-0: m0, m2, m4 enqueued; m0 delivered and dead-lettered (all in this minute,
+    # unless the seeding straddled a minute boundary).
+    assert sum(m["enqueued"] for m in shown["minutes"]) == 3
+    assert sum(m["dead"] for m in shown["minutes"]) == 1
+    assert now["minute"] % 60 == 0
+    empty = json.loads(cli(url, "show", "sms", "nobody", "--json").stdout)
+    assert (empty["backlog"], empty["head"]) == (0, None)
+
+
+def test_events_tails_a_queue(url: str) -> None:
+    seed(url)
+    process = subprocess.Popen(
+        [str(SCRIPT), "--url", url, "events", "live", "--json", "--count", "3", "--timeout", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert "tailing events" in process.stderr.readline()
+        with sharded_broker.connect(url, events=True) as broker:
+            mid = broker.enqueue("live", b"new", key="user-7")
+            broker.enqueue("sms", b"elsewhere")
+            [lease] = broker.lease("live", 10)
+            broker.ack(lease)
+        out, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [(e["type"], e["id"], e["key"], e["queue"]) for e in events] == [
+        ("enqueued", mid, "user-7", "live"), ("delivered", mid, "user-7", "live"), ("acked", mid, "user-7", "live"),
+    ]
+
+
+def test_keys_and_show_of_an_unknown_queue(url: str) -> None:
+    seed(url)
+    for args in (("keys", "nope"), ("show", "nope", "k")):
+        result = cli(url, *args)
+        assert result.returncode == 1
+        assert "unknown queue 'nope'" in one_error_line(result)
+
+
 # -- acting -------------------------------------------------------------------------------
 
 
