@@ -1,5 +1,5 @@
-"""Bad input through both adapters, property-based: whatever shard key, arguments, delay
-and priority an app sends, the message is either stored under the key it names, or the
+"""Bad input through both adapters, property-based: whatever shard key, arguments, delay,
+priority and headers an app sends, the message is either stored under the key it names, or the
 send raises a clear error and nothing is stored."""
 
 from __future__ import annotations
@@ -51,9 +51,11 @@ def draw_arguments(data: st.DataObject, valid: dict[str, Any], hostile_argument:
     }
 
 
-def expected_key(args: dict[str, Any]) -> str:
-    """The key a send names: the per-call option, else the task's ``user`` argument."""
-    return str(args["user"] if args["option"] in (ABSENT, None) else args["option"])
+def expected_key(args: dict[str, Any]) -> str | None:
+    """The key a send names: the per-call option, else the task's ``user`` argument (the
+    Celery adapter sends a message whose key argument is None unkeyed; Dramatiq refuses it)."""
+    source = args["user"] if args["option"] in (ABSENT, None) else args["option"]
+    return None if source is None else str(source)
 
 
 PROPERTY = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -128,6 +130,7 @@ def celery_app() -> Iterator[tuple[Celery, Any, sharded_broker.Broker]]:
 CELERY_VALID = {
     "user": valid_keys, "text": json_values, "option": st.sampled_from([ABSENT, None]) | valid_keys,
     "priority": st.none() | st.integers(0, 9), "countdown": st.none() | st.floats(0, 1000),
+    "headers": st.none() | st.dictionaries(st.text("abcxyz_-", min_size=1, max_size=6), json_values, max_size=3),
 }
 
 
@@ -139,7 +142,8 @@ def test_celery_sends_exactly_or_refuses_clearly(celery_app: Any, data: st.DataO
     options = {} if args["option"] == ABSENT else {"shard_key": args["option"]}
     try:
         notify.apply_async(
-            args=(args["user"], args["text"]), priority=args["priority"], countdown=args["countdown"], **options
+            args=(args["user"], args["text"]), priority=args["priority"], countdown=args["countdown"],
+            headers=args["headers"], **options
         )
     except (sharded_broker.InvalidArgument, sharded_broker.InvalidArgumentType, EncodeError, TypeError, ValueError, OverflowError) as refused:
         event(f"refused {hostile_argument}")
