@@ -795,8 +795,10 @@ main.command("resume", help="Deliver QUEUE (or KEY in it) again after a pause.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--queue", "queues", multiple=True,
               help="Export only this queue (repeatable; default: every queue, looked up at each scrape).")
+@click.option("--top-keys", type=click.IntRange(min=0, max=1000), default=10, show_default=True,
+              help="Per-key series (backlog, lag) for this many keys per queue, those with the largest backlogs.")
 @pass_session
-def exporter(session: Session, port: int, host: str, queues: tuple[str, ...]) -> None:
+def exporter(session: Session, port: int, host: str, queues: tuple[str, ...], top_keys: int) -> None:
     """Serve Prometheus metrics on http://HOST:PORT/metrics.
 
     Runs until SIGINT or SIGTERM (then exits 0). A scrape that cannot reach the backend
@@ -810,17 +812,19 @@ def exporter(session: Session, port: int, host: str, queues: tuple[str, ...]) ->
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()
-    registry.register(ShardedBrokerCollector(session.broker(), queues=list(queues) or None))
+    registry.register(ShardedBrokerCollector(session.broker(), queues=list(queues) or None, top_keys=top_keys))
+    # Handlers first: a SIGTERM that comes as soon as the port answers still exits 0.
+    stop = _stop_on_signals()
     try:
         start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise CommandFailed(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
     session.stderr.print(f"serving metrics of {session.safe_url} on http://{host}:{port}/metrics", markup=False)
-    _serve_until_stopped()
+    stop.wait()
 
 
-def _serve_until_stopped() -> None:
-    """Block until SIGINT or SIGTERM, then return (exit code 0)."""
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM (the command then returns: exit code 0)."""
     stop = threading.Event()
 
     def handle(signum: int, frame: object) -> None:
@@ -828,7 +832,7 @@ def _serve_until_stopped() -> None:
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
-    stop.wait()
+    return stop
 
 
 if __name__ == "__main__":

@@ -479,6 +479,8 @@ def test_exporter_serves_the_collector(url: str) -> None:
     assert samples[("sharded_broker_messages", (("queue", "sms"), ("state", "ready")))] == 3
     assert samples[("sharded_broker_messages", (("queue", "sms"), ("state", "dead")))] == 2
     assert samples[("sharded_broker_keys", (("queue", "sms"),))] == 2
+    assert samples[("sharded_broker_key_backlog", (("key", "user-0"), ("queue", "sms")))] == 2
+    assert samples[("sharded_broker_messages_enqueued_total", (("queue", "sms"),))] == 0  # counts from its start
     assert not any(dict(labels).get("queue") == "email" for _, labels in samples)  # --queue sms only
 
 

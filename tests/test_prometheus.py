@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,8 +65,8 @@ def test_gauges_per_queue(url: str) -> None:
     assert samples[("sharded_broker_queue_paused", queue_label("email"))] == 1
     assert samples[("sharded_broker_messages", queue_label("email", state="ready"))] == 1
     assert samples[("sharded_broker_oldest_message_age_seconds", queue_label("sms"))] >= 0
-    # Bounded cardinality: the only labels are queue and state.
-    assert {name for _, labels in samples for name, _ in labels} == {"queue", "state"}
+    # Bounded cardinality: the only labels are queue and state, and key for the top keys.
+    assert {name for _, labels in samples for name, _ in labels} == {"queue", "state", "key"}
     broker.ack(lease)
     broker.close()
 
@@ -141,3 +142,64 @@ def test_prometheus_client_stays_optional() -> None:
     assert result.stderr.strip().splitlines() == [
         "Error: sharded_broker.prometheus needs prometheus_client: pip install 'sharded-broker[prometheus]'"
     ]
+
+
+def counter(samples: Samples, step: str, queue: str) -> float:
+    return samples[(f"sharded_broker_messages_{step}_total", queue_label(queue))]
+
+
+def test_counters_count_from_the_collector_start(url: str) -> None:
+    broker = sharded_broker.connect(url)
+    broker.enqueue("sms", b"before", key="a")  # before the first scrape: the baseline
+    collector = ShardedBrokerCollector(broker)
+    text, samples = scrape(collector)
+    assert re.search(r"# TYPE sharded_broker_messages_enqueued(_total)? counter", text)
+    assert [counter(samples, step, "sms") for step in ("enqueued", "delivered", "acked", "retried", "dead")] == [0] * 5
+    for i in range(3):
+        broker.enqueue("sms", b"x", key=f"k{i}")
+    leases = broker.lease("sms", 10)
+    broker.ack(leases[0])
+    broker.nack(leases[1])
+    broker.nack(leases[2], dead=True)
+    _, samples = scrape(collector)
+    assert [counter(samples, step, "sms") for step in ("enqueued", "delivered", "acked", "retried", "dead")] == [
+        3, 4, 1, 1, 1,
+    ]
+    _, again = scrape(collector)  # nothing new: counters hold
+    assert counter(again, "enqueued", "sms") == 3
+    broker.close()
+
+
+def test_counters_carry_across_minutes(memory_url: str) -> None:
+    from support.backends import FakeClock
+
+    clock = FakeClock()
+    broker = sharded_broker.connect(memory_url, clock=clock)
+    broker.enqueue("sms", b"0")
+    collector = ShardedBrokerCollector(broker)
+    scrape(collector)
+    broker.enqueue("sms", b"1")
+    clock.advance(60)
+    broker.enqueue("sms", b"2")
+    clock.advance(120)
+    broker.enqueue("sms", b"3")
+    _, samples = scrape(collector)
+    assert counter(samples, "enqueued", "sms") == 3
+
+
+def test_per_key_series_only_for_the_top_keys(url: str) -> None:
+    broker = sharded_broker.connect(url)
+    for i in range(6):
+        for _ in range(i + 1):
+            broker.enqueue("sms", b"x", key=f"user-{i}")
+    _, samples = scrape(ShardedBrokerCollector(broker, top_keys=3))
+    backlogs = {
+        dict(labels)["key"]: value for (name, labels), value in samples.items() if name == "sharded_broker_key_backlog"
+    }
+    assert backlogs == {"user-5": 6, "user-4": 5, "user-3": 4}
+    assert samples[("sharded_broker_key_lag_seconds", queue_label("sms", key="user-5"))] >= 0
+    _, none = scrape(ShardedBrokerCollector(broker, top_keys=0))
+    assert not any(name.startswith("sharded_broker_key_") for name, _ in none)
+    with pytest.raises(ValueError, match="top_keys"):
+        ShardedBrokerCollector(broker, top_keys=-1)
+    broker.close()
