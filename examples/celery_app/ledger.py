@@ -3,6 +3,10 @@
 Nothing here knows about sharded-broker except the broker URL and where the shard key
 comes from. Entries of one account run one at a time, in the order they were posted;
 different accounts run in parallel.
+
+Each entry is stored with the balance it produced, when it started and finished
+(``time.monotonic()``: one clock for every process on the host) and the worker process
+that ran it, so ``check.py`` and the demo (``make demo``) can show what happened.
 """
 
 import os
@@ -20,23 +24,31 @@ app.conf.broker_transport_options = {
 }
 
 DATABASE = os.environ.get("LEDGER_DB", "ledger.db")
+WORK_SECONDS = float(os.environ.get("LEDGER_WORK_SECONDS", "0.01"))
 
 
 def _db() -> sqlite3.Connection:
     db = sqlite3.connect(DATABASE, timeout=30, isolation_level=None)
-    db.execute("CREATE TABLE IF NOT EXISTS entries (account TEXT, seq INTEGER, amount INTEGER, balance INTEGER)")
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS entries (account TEXT, seq INTEGER, amount INTEGER, balance INTEGER,"
+        " started REAL, finished REAL, pid INTEGER)"
+    )
     return db
 
 
 @app.task(name="ledger.post_entry", shard_key="account")  # the key is the `account` argument
 def post_entry(account: str, seq: int, amount: int) -> int:
     """Apply one entry. A withdrawal posted after a deposit must see that deposit."""
-    time.sleep(0.01)  # some real work
+    started = time.monotonic()
+    time.sleep(WORK_SECONDS)  # some real work
     db = _db()
     try:
         row = db.execute("SELECT balance FROM entries WHERE account = ? ORDER BY rowid DESC LIMIT 1", (account,)).fetchone()
         balance = (row[0] if row else 0) + amount
-        db.execute("INSERT INTO entries VALUES (?, ?, ?, ?)", (account, seq, amount, balance))
+        db.execute(
+            "INSERT INTO entries (account, seq, amount, balance, started, finished, pid) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (account, seq, amount, balance, started, time.monotonic(), os.getpid()),
+        )
         return balance
     finally:
         db.close()
