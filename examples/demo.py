@@ -261,7 +261,7 @@ def timeline(entries: list[Entry], accounts: list[str], width: int = TIMELINE_WI
             busy[column] += bool(running)
             cells.append("." if not running else "!" if len(running) > 1 else str(running[0].seq % 10))
         rows.append(f"  {account:<7} {''.join(cells)}")
-    rows.append(f"  {'busy':<7} {''.join(str(count) if count else ' ' for count in busy)}")
+    rows.append(f"  {'busy':<7} {''.join(map(str, busy))}")
     header = f"  {'':<7} 0 s{f'{span:.2f} s':>{width - 3}}"
     return [header, *rows]
 
