@@ -165,8 +165,8 @@ def run(directory: Path) -> int:
 
     worker = Worker(env, directory / "worker.log")
     try:
-        print(f"  worker    celery -A ledger worker --pool=prefork --concurrency={CONCURRENCY}  (pid {worker.process.pid})",
-              flush=True)
+        print(f"  worker    celery -A ledger worker --pool=prefork --concurrency={CONCURRENCY}"
+              f"  (pid {worker.process.pid})", flush=True)
         began = time.monotonic()
         worker.wait_ready()
         print(f"            ready after {time.monotonic() - began:.1f} s", flush=True)
@@ -235,7 +235,7 @@ def problems(entries: list[Entry], accounts: list[str], per_account: int) -> dic
 
 def most_at_once(entries: list[Entry]) -> int:
     """The most tasks (hence accounts, when each account runs one at a time) running at one moment."""
-    changes = sorted((time_, change) for entry in entries for time_, change in ((entry.started, 1), (entry.finished, -1)))
+    changes = sorted([(entry.started, 1) for entry in entries] + [(entry.finished, -1) for entry in entries])
     running = most = 0
     for _, change in changes:
         running += change
@@ -289,7 +289,8 @@ def report(entries: list[Entry]) -> int:
               "not from pinning an account to a process.")
     print()
     if any(found.values()):
-        print("ORDER VIOLATED: " + "; ".join(f"{account}: {', '.join(wrong)}" for account, wrong in found.items() if wrong))
+        violations = (f"{account}: {', '.join(wrong)}" for account, wrong in found.items() if wrong)
+        print("ORDER VIOLATED: " + "; ".join(violations))
         return 1
     print(f"OK: every account's entries ran in the order posted, one at a time, "
           f"while up to {most_at_once(entries)} accounts ran at once.")

@@ -17,7 +17,7 @@ parser.add_argument("--withdrawals", type=int, default=10, help="withdrawals of 
 parser.add_argument("--no-notify", action="store_true", help="post ledger entries only, no notifications")
 options = parser.parse_args()
 if not 0 <= options.withdrawals <= 10:
-    parser.error(f"--withdrawals must be 0 to 10 (ten withdrawals of 10 empty the deposit of 100), not {options.withdrawals}")
+    parser.error(f"--withdrawals must be 0 to 10 (ten of 10 empty the deposit of 100), not {options.withdrawals}")
 
 for account in options.accounts:
     post_entry.delay(account, 0, 100)
