@@ -5,7 +5,6 @@ the argument, and nothing already queued changes."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
