@@ -47,8 +47,9 @@ def test_no_module_imports_a_pickle_like_serializer(path: Path) -> None:
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            imported.add(node.value.split(".")[0])  # importlib.import_module("pickle") and the like
     assert not imported & UNSAFE_MODULES
-    assert "pickle" not in path.read_text(encoding="utf-8").lower()
 
 
 @pytest.fixture
