@@ -41,15 +41,15 @@ def _source_files() -> list[Path]:
 @pytest.mark.parametrize("path", _source_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_module_imports_a_pickle_like_serializer(path: Path) -> None:
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    imported = set()
+    modules = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
+            modules |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
+            modules.add(node.module.split(".")[0])
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            imported.add(node.value.split(".")[0])  # importlib.import_module("pickle") and the like
-    assert not imported & UNSAFE_MODULES
+            modules.add(node.value.split(".")[0])  # importlib.import_module("pickle") and the like
+    assert not modules & UNSAFE_MODULES
 
 
 @pytest.fixture
