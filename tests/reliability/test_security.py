@@ -243,3 +243,35 @@ def test_apps_with_different_prefixes_cannot_see_lease_purge_or_replay_each_othe
         assert billing.ack(held) is True
         assert [d.id for d in billing.dead_letters(Q)] == [dying.id]
         assert [lease.payload for lease in billing.lease(Q, 10)] == [p for p in (b"b2", b"b3") if p != held.payload]
+
+
+def test_adapters_with_different_prefixes_are_isolated_too(redis_url: str) -> None:
+    billing, mailer = ShardedBroker(url=redis_url, prefix="billing"), ShardedBroker(url=redis_url, prefix="mailer")
+    try:
+        for broker in (billing, mailer):
+            @dramatiq.actor(broker=broker, shard_key="user", queue_name=Q, actor_name="notify")
+            def notify(user: str) -> None:
+                pass
+
+        billing.get_actor("notify").send("u1")
+        assert mailer.engine.stats(Q).ready == 0 and mailer.engine.lease(Q) == []
+        mailer.flush(Q)
+        assert billing.engine.stats(Q).ready == 1
+    finally:
+        billing.close()
+        mailer.close()
+    apps = {}
+    for name in ("billing", "mailer"):
+        apps[name] = Celery(name, broker=f"sharded+{redis_url}")
+        apps[name].conf.broker_transport_options = {"prefix": name}
+    try:
+        apps["billing"].send_task("tasks.notify", args=("u1",))
+        with apps["mailer"].connection_for_write() as connection:
+            assert connection.default_channel.queue_purge("celery") == 0
+        with sharded_broker.connect(redis_url, prefix="mailer") as engine:
+            assert engine.stats("celery").ready == 0
+        with sharded_broker.connect(redis_url, prefix="billing") as engine:
+            assert engine.stats("celery").ready == 1
+    finally:
+        for app in apps.values():
+            app.close()
