@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from sharded_broker import Broker, InvalidArgument, InvalidArgumentType, MinuteMetrics
+from sharded_broker import Broker, InvalidArgument, InvalidArgumentType, Message, MinuteMetrics
 from support.backends import CLOCK_START, FakeClock
 
 Q = "q"
@@ -200,3 +200,54 @@ def test_bad_connect_options_are_refused(connect) -> None:
     for options in ({"metrics_window": 10}, {"metrics_window": "1h"}, {"events": "yes"}):
         with pytest.raises(ConfigurationError, match=next(iter(options))):
             connect(**options)
+
+
+def stored_metric_entries(broker: Broker) -> int:
+    """How many per-minute entries the backend holds for queue Q (backend internals)."""
+    backend = broker.backend
+    kind = type(backend).__name__
+    if kind == "MemoryBackend":
+        return len(backend._store.queues[Q].metrics)
+    if kind == "SQLiteBackend":
+        return backend._read(lambda tx: tx.db.execute("SELECT COUNT(*) FROM metrics WHERE queue = ?", (Q,)).fetchone()[0])
+    from sharded_broker.backends.redis import QUEUE_KEYS
+
+    return backend._client.hlen(backend._keys(Q)[QUEUE_KEYS.index("metrics")])
+
+
+def test_expired_minutes_are_deleted_a_few_at_a_time(connect, clock: FakeClock) -> None:
+    broker = connect(metrics_window=60)
+    broker.enqueue_many(Q, [Message(b"x", key=f"k{i}") for i in range(50)])
+    assert stored_metric_entries(broker) == 51  # the queue's counts and each key's
+    clock.advance(60)
+    broker.enqueue(Q, b"y", key="new")  # creates entries, and so cleans a bounded few
+    after_one = stored_metric_entries(broker)
+    assert 51 - 20 + 2 <= after_one < 51 + 2
+    for _ in range(10):
+        clock.advance(60)
+        broker.enqueue(Q, b"z", key="new")
+    # Only the current minute's two entries (the queue's and the key's) are left.
+    assert stored_metric_entries(broker) == 2
+
+
+def test_a_version_1_sqlite_file_gains_the_metrics_tables(tmp_path) -> None:
+    import sqlite3
+
+    import sharded_broker
+
+    url = f"sqlite:///{tmp_path}/old.db"
+    with sharded_broker.connect(url) as broker:
+        broker.enqueue(Q, b"kept", key="k")
+    # Make it a file as version 1 wrote it: without the tables and index version 2 added.
+    conn = sqlite3.connect(tmp_path / "old.db")
+    conn.executescript(
+        "DROP TABLE metrics; DROP TABLE events; DROP INDEX keys_backlog; PRAGMA user_version = 1;"
+    )
+    conn.close()
+    with sharded_broker.connect(url, events=True) as broker:
+        assert [k.key for k in broker.keys(Q)] == ["k"]
+        with broker.events(Q, timeout=5) as stream:
+            broker.enqueue(Q, b"new", key="k")
+            assert next(stream).type == "enqueued"
+        assert broker.metrics(Q, 1)[0].enqueued == 1
+        assert [lease.payload for lease in broker.lease(Q, 2, per_key=2)] == [b"kept", b"new"]

@@ -26,7 +26,7 @@ backend as the reference model):
 - ``wait`` never spins: it sleeps 5 ms, doubling to 100 ms, between polls, and wakes at
   once when this process enqueues, acks or returns a message.
 - Metrics are rows per (queue, key, minute), summed in memory during a transaction and
-  upserted at its end; each enqueue and lease forgets at most a few expired rows
+  upserted at its end; a transaction that creates rows forgets at most a few expired ones
   (``metrics_window``, default 3600 seconds). Per-key backlogs are an index on the keys
   table, so the largest backlogs are read without a scan.
 - Events (``events=True``; off by default, as each one is a row written) go to an
@@ -71,6 +71,15 @@ WAIT_FIRST_STEP = 0.005
 WAIT_MAX_STEP = 0.1
 
 T = TypeVar("T")
+
+# Adds a transaction's counts to a metrics row; answers the row's new sum of counts (equal
+# to the counts added when the row was created now).
+METRICS_UPSERT = (
+    f"INSERT INTO metrics (queue, key, minute, {', '.join(COUNTERS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (queue, key, minute) DO UPDATE SET "
+    + ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS)
+    + " RETURNING " + " + ".join(COUNTERS)
+)
 
 # The heaps of the memory model become partial indexes: each hot query names the index's
 # WHERE clause literally (state = '...') so SQLite can use it.
@@ -672,8 +681,6 @@ class _Tx:
         if self._events_on:
             self._events.append((q.name, counter, mid, key, self.now))
 
-    def _expire_metrics(self, q: _QueueRow) -> None:
-        self.db.execute(HOT_QUERIES["metrics_expired"], (q.name, expired_before(self.now, self._metrics_window)))
 
     def _one(self, name: str, *args: Any) -> tuple | None:
         return self.db.execute(HOT_QUERIES[name], args).fetchone()
@@ -709,13 +716,15 @@ class _Tx:
                     (*values, q.name),
                 )
         self._new_queues.clear()
+        created: set[str] = set()
         for (queue, metric_key, minute), counts in self._counts.items():
-            self.db.execute(
-                f"INSERT INTO metrics (queue, key, minute, {', '.join(COUNTERS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (queue, key, minute) DO UPDATE SET "
-                + ", ".join(f"{c} = {c} + excluded.{c}" for c in COUNTERS),
-                (queue, metric_key, minute, *counts),
-            )
+            [(total,)] = self.db.execute(METRICS_UPSERT, (queue, metric_key, minute, *counts)).fetchall()
+            if total == sum(counts):
+                created.add(queue)
+        # Expired rows are cleaned only when rows were created: the table then never grows
+        # faster than it is cleaned, and most transactions skip the lookup.
+        for queue in created:
+            self.db.execute(HOT_QUERIES["metrics_expired"], (queue, expired_before(self.now, self._metrics_window)))
         self._counts.clear()
         if self._events:
             self.db.executemany("INSERT INTO events (queue, type, message_id, key, at) VALUES (?, ?, ?, ?, ?)", self._events)
@@ -949,7 +958,6 @@ class _Tx:
         q = self.queue(queue, create=True)
         q.held_messages = 1
         now = self.now
-        self._expire_metrics(q)
         # Due delayed messages entered their keys' order when they fell due: before
         # anything enqueued now.
         self._promote_due(q)
@@ -1001,7 +1009,6 @@ class _Tx:
     ) -> LeaseResult:
         q = self.queue(queue, create=True)
         now = self.now
-        self._expire_metrics(q)
         self._promote_due(q)
         self._expire_leases(q, settings)
         leases: list[Lease] = []

@@ -245,17 +245,22 @@ end
 local METRICS_SWEEP_LIMIT = 20
 
 local function flush_observed(now)
+  local created = false
   for field, n in pairs(OBSERVE.counts) do
     if redis.call('HINCRBY', K.metrics, field, n) == n then
       redis.call('ZADD', K.metricsidx, OBSERVE.minutes[field], field)
+      created = true
     end
   end
-  -- Bounded cleanup of minutes that left the window.
-  local limit = minute_of(now) - (OBSERVE.kept - 1) * 60
-  local old = redis.call('ZRANGEBYSCORE', K.metricsidx, '-inf', '(' .. limit, 'LIMIT', 0, METRICS_SWEEP_LIMIT)
-  if #old > 0 then
-    redis.call('HDEL', K.metrics, unpack(old))
-    redis.call('ZREM', K.metricsidx, unpack(old))
+  -- Bounded cleanup of minutes that left the window, only when fields were created: the
+  -- index then never grows faster than it is cleaned, and most calls skip the lookup.
+  if created then
+    local limit = minute_of(now) - (OBSERVE.kept - 1) * 60
+    local old = redis.call('ZRANGEBYSCORE', K.metricsidx, '-inf', '(' .. limit, 'LIMIT', 0, METRICS_SWEEP_LIMIT)
+    if #old > 0 then
+      redis.call('HDEL', K.metrics, unpack(old))
+      redis.call('ZREM', K.metricsidx, unpack(old))
+    end
   end
   if #OBSERVE.events > 0 then
     redis.call('PUBLISH', K.events, table.concat(OBSERVE.events, '\n'))
