@@ -63,6 +63,9 @@ class _Totals:
         self.lock = threading.Lock()
         self.totals: dict[str, list[int]] = {}
         self.seen: dict[str, dict[float, tuple[int, ...]]] = {}
+        # Until the first scrape is done, what a queue already counted is the baseline;
+        # a queue that appears later counts from zero (everything it did is new).
+        self.started = False
 
     def minutes_to_read(self, queue: str, now_minute: float) -> int:
         seen = self.seen.get(queue)
@@ -71,7 +74,7 @@ class _Totals:
         return int(min(MAX_MINUTES_PER_SCRAPE, (now_minute - max(seen)) // 60 + 1))
 
     def add(self, queue: str, rows: Sequence[MinuteMetrics]) -> list[int]:
-        first_look = queue not in self.seen
+        first_look = queue not in self.seen and not self.started
         seen = self.seen.get(queue, {})
         totals = self.totals.setdefault(queue, [0] * len(COUNTERS))
         now_seen = {}
@@ -122,6 +125,7 @@ class ShardedBrokerCollector(Collector):
                     )
                     for name in names
                 }
+                self._totals.started = True
             keys = [info for name in names for info in (self.broker.keys(name, self.top_keys) if self.top_keys else [])]
         except BACKEND_ERRORS as exc:
             # One line per failed scrape: a traceback every scrape interval would drown the log.

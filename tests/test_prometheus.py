@@ -167,6 +167,10 @@ def test_counters_count_from_the_collector_start(url: str) -> None:
     ]
     _, again = scrape(collector)  # nothing new: counters hold
     assert counter(again, "enqueued", "sms") == 3
+    broker.enqueue("email", b"1")  # a queue that appears later counts from zero
+    broker.enqueue("email", b"2")
+    _, later = scrape(collector)
+    assert counter(later, "enqueued", "email") == 2
     broker.close()
 
 
