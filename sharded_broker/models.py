@@ -138,7 +138,8 @@ class MinuteMetrics:
     ``minute`` is the minute's start (seconds since the epoch, a multiple of 60, in the
     backend's clock). ``retried`` counts messages returned for another delivery (a nack
     for retry, or a lease that expired); ``dead`` those dead-lettered. Messages of a batch
-    returned only because an earlier message of the batch failed are not counted.
+    returned only because an earlier message of the batch failed are not counted, nor are
+    replays and purges (operator actions, not message lifecycle steps).
     """
 
     minute: float
