@@ -1,8 +1,8 @@
-"""Worker death, repeated, through the Dramatiq adapter: the whole `dramatiq` command (main
-and worker processes) is SIGKILLed mid-task three times and started again. Every message
-completes, in its key's order; only a message that was running when the processes died
-runs again. (One SIGKILL of a worker process, for each adapter, is in tests/dramatiq and
-tests/celery.)"""
+"""Worker death, repeated, through both adapters: the whole `dramatiq` command, or a
+prefork `celery worker` (main and worker processes), is SIGKILLed mid-task three times and
+started again. Every message completes, in its key's order; only a message that was
+running when the processes died runs again. (One SIGKILL of a worker process, for each
+adapter, is in tests/dramatiq and tests/celery.)"""
 
 from __future__ import annotations
 
@@ -87,3 +87,65 @@ def test_repeated_sigkill_of_dramatiq_workers_loses_nothing_and_keeps_order(redi
         repeats += len(ran) - per_key
     # Four threads hold at most four messages (of four keys) when the processes die.
     assert repeats <= 4 * kills
+
+
+CELERY_APP_DIR = Path(__file__).resolve().parents[1] / "celery"  # worker_app.py
+CELERY = str(Path(sys.executable).with_name("celery"))
+
+
+def test_repeated_sigkill_of_celery_workers_loses_nothing_and_keeps_order(redis_url: str, tmp_path: Path) -> None:
+    """A prefork Celery worker (main process and children) SIGKILLed mid-task three times
+    and started again: every task completes, in its key's order."""
+    log = tmp_path / "tasks.log"
+    env = dict(os.environ, SB_BROKER_URL=f"sharded+{redis_url}", SB_VT="1.5", SB_TASK_SECONDS="0.05", SB_LOG=str(log))
+    env.pop("PYTHONPATH", None)  # the app finds the transport through the installed package
+    keys, per_key = [f"acct-{i}" for i in range(6)], 8
+    subprocess.run(
+        [sys.executable, "-c", "\n".join([
+            "import worker_app",
+            f"for seq in range({per_key}):",
+            f"    for key in {keys!r}:",
+            "        worker_app.record.delay(key, seq)",
+        ])],
+        cwd=CELERY_APP_DIR, env=env, check=True, timeout=60, capture_output=True,
+    )
+
+    def lines() -> list[list[str]]:
+        return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+
+    process = None
+    try:
+        for round_ in range(4):
+            output = tmp_path / f"celery-{round_}.out"
+            with open(output, "wb") as sink:
+                process = subprocess.Popen(
+                    [
+                        CELERY, "-A", "worker_app", "worker", "-n", f"w{round_}@%h", "-l", "info",
+                        "-P", "prefork", "-c", "3", "--without-heartbeat", "--without-gossip", "--without-mingle",
+                    ],
+                    cwd=CELERY_APP_DIR, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            wait_until(lambda: b" ready." in output.read_bytes() or process.poll() is not None, 60, "celery to start")
+            assert process.poll() is None, output.read_text()
+            if round_ == 3:
+                break
+            done = len(lines())
+            wait_until(lambda: len(lines()) >= done + 5, 60, "tasks to run")
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+        wanted = {(key, str(seq)) for key in keys for seq in range(per_key)}
+        wait_until(lambda: {(key, seq) for _, key, seq, _ in lines()} >= wanted, 90, "every task")
+        with sharded_broker.connect(redis_url) as engine:
+            wait_until(lambda: (lambda s: s.ready + s.leased + s.delayed == 0)(engine.stats("celery")), 30, "the queue to drain")
+            assert engine.stats("celery").dead == 0
+    finally:
+        if process is not None and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+    completed: dict[str, list[int]] = defaultdict(list)
+    for _, key, seq, _ in lines():
+        completed[key].append(int(seq))
+    for key in keys:
+        # A task killed after its work and before its ack completes again, right away.
+        once = [seq for i, seq in enumerate(completed[key]) if i == 0 or completed[key][i - 1] != seq]
+        assert once == list(range(per_key)), f"{key}: {completed[key]}"
