@@ -45,6 +45,16 @@ Deliveries and dead letters
     later unsettled message of the batch is returned too, in order, and its attempt does
     not count.
 
+Release
+    A release gives a leased message back without counting its delivery: it returns to its
+    place (its seq, with no delay, whatever ``retry_position`` says), its ``attempts`` go
+    back down by one and it is never dead-lettered by this. Like a nack, releasing one
+    message of a batch returns every later unsettled message of the batch too, in order
+    (their attempts also go down by one), and the key's slot is freed once the batch is
+    settled. A release is neither counted in the metrics nor published as an event: the
+    delivery that handed the message out stays counted as ``delivered`` in its minute, and
+    its next delivery is counted again.
+
 Metrics
     Each operation counts, in the same atomic step, per minute of the backend's clock and
     per queue and per key: messages enqueued (duplicates dropped by dedup are not),
@@ -165,9 +175,24 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    def release_many(self, leases: Sequence[Lease]) -> list[bool]:
+        """Give leased messages back without counting their deliveries (see "Release"
+        above) in one round trip, atomically per queue.
+
+        One bool per lease: True when its token was current at the start of the call (a
+        lease returned together with an earlier one of its batch in the same call counts
+        as given back); False, nothing changed for it, when its token was not current.
+        """
+
+    @abstractmethod
     def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
         """Move a lease's deadline to now + ``visibility_timeout``; the new deadline, or
         ``None`` when the token is not current."""
+
+    @abstractmethod
+    def extend_many(self, leases: Sequence[Lease], visibility_timeouts: Sequence[float]) -> list[float | None]:
+        """``extend`` for several leases (lease i by ``visibility_timeouts[i]``) in one
+        round trip: one new deadline per lease, ``None`` for a stale token."""
 
     @abstractmethod
     def set_interval(self, queue: str, key: str, seconds: float | None) -> None:

@@ -215,6 +215,45 @@ class Broker:
             lease, delay=delay, dead=bool(dead), reason=reason, settings=self.settings(lease.queue)
         )
 
+    def release(self, lease: Lease) -> bool:
+        """Give a leased message back unprocessed, without counting the delivery.
+
+        It returns to its place at the head of its key (its original order, no delay,
+        whatever ``retry_position`` says), its ``attempts`` go back down by one, and it is
+        never dead-lettered by this, so a worker that stops gracefully can give back what
+        it prefetched as often as it likes. Like a nack, releasing one message of an
+        ordered batch returns it and every later unsettled message of the batch, in
+        order; the key is free again once the batch is settled. Not counted in the
+        metrics (the delivery stays counted as delivered). False when the token is stale
+        (nothing changed)."""
+        return self.release_many([lease])[0]
+
+    def release_many(self, leases: Sequence[Lease]) -> list[bool]:
+        """Release several leases in one round trip; one bool per lease (True also for a
+        lease that an earlier lease of its batch in the same call returned)."""
+        leases = [_lease(lease) for lease in leases]
+        return self.backend.release_many(leases) if leases else []
+
+    def extend_many(self, leases: Sequence[Lease], visibility_timeout: float | None = None) -> list[bool]:
+        """Extend several leases in one round trip (a heartbeat for everything a worker
+        holds): each deadline moves to now + ``visibility_timeout`` (default: each lease's
+        queue setting) and its ``Lease.deadline`` is updated. One bool per lease, False
+        for a stale token (that lease is left as it was)."""
+        leases = [_lease(lease) for lease in leases]
+        if visibility_timeout is not None:
+            visibility_timeout = check.seconds(visibility_timeout, "visibility_timeout", allow_zero=False)
+        timeouts = [
+            self.settings(lease.queue).visibility_timeout if visibility_timeout is None else visibility_timeout
+            for lease in leases
+        ]
+        if not leases:
+            return []
+        deadlines = self.backend.extend_many(leases, timeouts)
+        for lease, deadline in zip(leases, deadlines):
+            if deadline is not None:
+                lease.deadline = deadline
+        return [deadline is not None for deadline in deadlines]
+
     def extend(self, lease: Lease, visibility_timeout: float | None = None) -> bool:
         """Push a lease's deadline to now + ``visibility_timeout``. False when stale."""
         lease = _lease(lease)

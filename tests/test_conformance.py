@@ -652,6 +652,130 @@ def test_batch_is_cut_by_limit_and_by_delay(broker: Broker, clock: FakeClock) ->
     assert broker.lease(Q, 2, per_key=5) == []
 
 
+# -- release and extend_many ---------------------------------------------------------------------
+
+
+def test_release_keeps_position_and_attempts(connect, clock: FakeClock) -> None:
+    # retry_position="tail" and max_deliveries=2: a release ignores both.
+    broker = connect(max_deliveries=2, retry_position="tail")
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), (None, b"u1"), (None, b"u2")])
+    for _ in range(4):  # more releases than max_deliveries allows deliveries
+        leases = broker.lease(Q, 2)
+        assert [(lease.payload, lease.attempts) for lease in leases] == [(b"a1", 1), (b"u1", 1)]
+        assert broker.release_many(leases) == [True, True]
+        assert stats_counts(broker) == {"ready": 4, "leased": 0, "delayed": 0, "dead": 0, "keys": 1}
+        clock.advance(0.001)
+    broker.enqueue(Q, b"a3", key="a")
+    assert broker.dead_letters(Q) == []
+    delivered = []
+    while leases := broker.lease(Q, 10):
+        delivered.extend((lease.payload, lease.attempts) for lease in leases)
+        assert all(broker.ack_many(leases))
+    assert sorted(delivered) == [(b"a1", 1), (b"a2", 1), (b"a3", 1), (b"u1", 1), (b"u2", 1)]
+    assert [p for p, _ in delivered if p.startswith(b"a")] == [b"a1", b"a2", b"a3"]
+    assert [p for p, _ in delivered if p.startswith(b"u")] == [b"u1", b"u2"]
+    # Releases count nothing; every delivery, the released ones included, was counted.
+    totals = broker.metrics(Q, 5)
+    assert sum(m.delivered for m in totals) == 8 + 5
+    assert (sum(m.retried for m in totals), sum(m.dead for m in totals)) == (0, 0)
+
+
+def test_release_after_a_nack_gives_back_the_retry_uncounted(connect, clock: FakeClock) -> None:
+    broker = connect(max_deliveries=2)
+    broker.enqueue(Q, b"a1", key="a")
+    [first] = broker.lease(Q)
+    assert broker.nack(first)  # a real failure: counts
+    for _ in range(3):
+        [again] = broker.lease(Q)
+        assert again.attempts == 2
+        assert broker.release(again)
+    [last] = broker.lease(Q)
+    assert broker.nack(last)  # the second counted delivery failed: dead
+    assert [(d.payload, d.attempts) for d in broker.dead_letters(Q)] == [(b"a1", 2)]
+
+
+def test_release_in_a_batch_returns_it_and_the_later_ones_in_order(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", f"a{i}".encode()) for i in range(1, 6)])
+    a1, a2, a3, a4 = broker.lease(Q, 10, per_key=4)
+    assert broker.ack(a1)
+    assert broker.release(a2)
+    assert broker.ack(a3) is False  # returned with a2: its lease is no longer current
+    assert broker.release(a4) is False
+    assert stats_counts(broker) == {"ready": 4, "leased": 0, "delayed": 0, "dead": 0, "keys": 1}
+    again = broker.lease(Q, 10, per_key=4)
+    assert [(lease.payload, lease.attempts) for lease in again] == [(b"a2", 1), (b"a3", 1), (b"a4", 1), (b"a5", 1)]
+
+
+def test_release_late_in_a_batch_keeps_the_key_held(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", f"a{i}".encode()) for i in range(1, 4)] + [("b", b"b1")])
+    a1, a2, a3 = broker.lease(Q, 10, per_key=3)[:3]
+    assert broker.release(a2)
+    assert broker.lease(Q, 10, per_key=3) == []  # a1 still holds the key (b1 went with a)
+    assert broker.ack(a1)
+    again = broker.lease(Q, 10, per_key=3)
+    assert [(lease.payload, lease.attempts) for lease in again] == [(b"a2", 1), (b"a3", 1)]
+
+
+def test_release_many_of_a_whole_batch_answers_each_lease(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", f"a{i}".encode()) for i in range(1, 4)])
+    batch = broker.lease(Q, 10, per_key=3)
+    # The first returns the whole batch; the later ones were current when the call began.
+    assert broker.release_many(batch) == [True, True, True]
+    assert broker.release_many(batch) == [False, False, False]
+    assert broker.release_many([]) == []
+    assert [(x.payload, x.attempts) for x in broker.lease(Q, 10, per_key=3)] == [(b"a1", 1), (b"a2", 1), (b"a3", 1)]
+
+
+def test_stale_release_is_refused_and_changes_nothing(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2")])
+    [stale] = broker.lease(Q, visibility_timeout=10)
+    clock.advance(11)
+    [current] = broker.lease(Q, visibility_timeout=10)
+    assert (current.payload, current.attempts) == (b"a1", 2)
+    assert broker.release(stale) is False
+    assert broker.release_many([stale, current]) == [False, True]
+    assert stats_counts(broker) == {"ready": 2, "leased": 0, "delayed": 0, "dead": 0, "keys": 1}
+    [after] = broker.lease(Q)
+    assert (after.payload, after.attempts) == (b"a1", 2)  # the expiry counted, the release did not
+    assert broker.ack(after)
+    assert broker.release(after) is False  # settled: nothing to give back
+    assert drain(broker) == [b"a2"]
+
+
+def test_extend_many_with_a_stale_lease_among_fresh_ones(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("b", b"b1"), ("c", b"c1")])
+    broker.enqueue("other", b"o1", key="a")
+    [stale] = broker.lease(Q, visibility_timeout=5)
+    b1, c1 = broker.lease(Q, 2, visibility_timeout=10)
+    [o1] = broker.lease("other", visibility_timeout=10)
+    clock.advance(6)
+    [a1] = broker.lease(Q, visibility_timeout=30)  # stale's message again
+    assert a1.attempts == 2
+    stale_deadline = stale.deadline
+    assert broker.extend_many([b1, stale, c1, o1], 20) == [True, False, True, True]
+    assert stale.deadline == stale_deadline
+    now = clock()
+    assert [lease.deadline for lease in (b1, c1, o1)] == [pytest.approx(now + 20)] * 3
+    clock.advance(19)
+    assert broker.lease(Q, 10) == []  # every key still held
+    assert broker.lease("other") == []
+    clock.advance(2)
+    assert sorted((x.payload, x.attempts) for x in broker.lease(Q, 10)) == [(b"b1", 2), (b"c1", 2)]
+    assert [(x.payload, x.attempts) for x in broker.lease("other")] == [(b"o1", 2)]
+    assert broker.extend_many([]) == []
+
+
+def test_extend_many_defaults_to_each_queues_visibility_timeout(connect, clock: FakeClock) -> None:
+    broker = connect(visibility_timeout=30, queues={"short": {"visibility_timeout": 5}})
+    broker.enqueue(Q, b"long")
+    broker.enqueue("short", b"short")
+    leases = broker.lease(Q) + broker.lease("short")
+    clock.advance(1)
+    assert broker.extend_many(leases) == [True, True]
+    now = clock()
+    assert [lease.deadline for lease in leases] == [pytest.approx(now + 30), pytest.approx(now + 5)]
+
+
 # -- stats, queues, bindings -------------------------------------------------------------------
 
 

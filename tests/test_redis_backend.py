@@ -75,7 +75,7 @@ def lua_files() -> list[Path]:
 def test_there_is_one_script_per_operation() -> None:
     names = {path.stem for path in lua_files()}
     assert names >= {
-        "enqueue", "lease", "ack", "nack", "extend", "set_interval", "set_paused", "stats",
+        "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_paused", "stats",
         "dead_letters", "replay", "purge", "bind", "unbind",
     }
 
@@ -144,6 +144,9 @@ def test_batch_operations_cost_one_round_trip(
     sends.count = 0
     broker.enqueue("fresh", b"1")
     assert sends.count == 1  # a queue's first enqueue registers it in the same round trip
+    warm_up = broker.lease(Q)
+    broker.extend_many(warm_up)  # loads each script once
+    broker.release_many(warm_up)
     broker.ack_many(broker.lease(Q))
     messages = [Message(f"{i}".encode(), key=f"k{i % 7}") for i in range(100)]
 
@@ -163,9 +166,45 @@ def test_batch_operations_cost_one_round_trip(
     assert (round_trips, calls_between(after, after_lease, "evalsha")) == (1, 1)
 
     sends.count = 0
-    assert broker.ack_many(leases) == [True] * 50
+    assert broker.extend_many(leases, 60) == [True] * 50
     round_trips = sends.count
-    assert (round_trips, calls_between(after_lease, command_calls(admin), "evalsha")) == (1, 1)
+    after_extend = command_calls(admin)
+    assert (round_trips, calls_between(after_lease, after_extend, "evalsha")) == (1, 1)
+
+    sends.count = 0
+    assert broker.release_many(leases[10:]) == [True] * 40
+    round_trips = sends.count
+    after_release = command_calls(admin)
+    assert (round_trips, calls_between(after_extend, after_release, "evalsha")) == (1, 1)
+
+    sends.count = 0
+    assert broker.ack_many(leases[:10]) == [True] * 10
+    round_trips = sends.count
+    assert (round_trips, calls_between(after_release, command_calls(admin), "evalsha")) == (1, 1)
+
+
+def test_extend_and_release_over_several_queues_cost_one_round_trip(
+    broker: sharded_broker.Broker, admin: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for queue in ("q1", "q2", "q3"):
+        broker.enqueue_many(queue, [Message(b"1", key="a"), Message(b"2", key="b")])
+    warm_up = broker.lease("q1")
+    broker.extend_many(warm_up)  # loads the scripts
+    broker.release_many(warm_up)
+    leases = [lease for queue in ("q1", "q2", "q3") for lease in broker.lease(queue, 10)]
+    assert len(leases) == 6
+    sends = SendCounter(monkeypatch)
+    before = command_calls(admin)
+    sends.count = 0
+    assert broker.extend_many(leases, 60) == [True] * 6
+    assert sends.count == 1  # one pipelined round trip, one script call per queue
+    after_extend = command_calls(admin)
+    assert calls_between(before, after_extend, "evalsha") == 3
+    sends.count = 0  # not counting the INFO above
+    assert broker.release_many(leases) == [True] * 6
+    assert sends.count == 1
+    assert calls_between(after_extend, command_calls(admin), "evalsha") == 3
+    assert [broker.stats(queue).ready for queue in ("q1", "q2", "q3")] == [2, 2, 2]
 
 
 def test_idle_waiting_does_not_poll(broker: sharded_broker.Broker, admin: redis.Redis) -> None:

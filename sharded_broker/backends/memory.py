@@ -352,10 +352,7 @@ class MemoryBackend(Backend):
         why: str,
     ) -> None:
         """A leased message failed: retry or dead-letter it, and return the rest of its batch."""
-        batch = q.batches.get(rec.batch_id, [rec.id])
-        index = batch.index(rec.id)
-        followers = [q.messages[mid] for mid in batch[index + 1 :]]
-        del batch[index:]
+        batch, followers = self._cut_batch(q, rec)
         if dead_reason is not None:
             self._dead_letter(q, rec, now, dead_reason)
             self._record(q, "dead", rec, now)
@@ -365,10 +362,29 @@ class MemoryBackend(Backend):
         else:
             self._requeue(q, rec, now, delay, settings.retry_position)
             self._record(q, "retried", rec, now)
-        for follower in followers:
-            follower.attempts -= 1  # it was never processed
-            self._requeue(q, follower, now, 0.0, "head")
+        self._return_unprocessed(q, followers, now)
         self._settled(q, rec, now, batch)
+
+    def _release(self, q: _Queue, rec: _Record, now: float) -> None:
+        """Give a leased message back uncounted, with the rest of its batch."""
+        batch, followers = self._cut_batch(q, rec)
+        self._return_unprocessed(q, [rec, *followers], now)
+        self._settled(q, rec, now, batch)
+
+    def _cut_batch(self, q: _Queue, rec: _Record) -> tuple[list[str], list[_Record]]:
+        """Remove ``rec`` and every later message from its batch: (what stays, the later ones)."""
+        batch = q.batches.get(rec.batch_id, [rec.id])
+        index = batch.index(rec.id)
+        followers = [q.messages[mid] for mid in batch[index + 1 :]]
+        del batch[index:]
+        return batch, followers
+
+    def _return_unprocessed(self, q: _Queue, records: list[_Record], now: float) -> None:
+        """Back to their places, in order; they were never processed, so their deliveries
+        do not count."""
+        for rec in records:
+            rec.attempts -= 1
+            self._requeue(q, rec, now, 0.0, "head")
 
     def _settled(self, q: _Queue, rec: _Record, now: float, batch: list[str]) -> None:
         """Release the key's slot once the last message of a batch is settled."""
@@ -622,18 +638,37 @@ class MemoryBackend(Backend):
             self._store.notify_change()
             return True
 
-    def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
+    def release_many(self, leases: Sequence[Lease]) -> list[bool]:
         with self._store.lock:
-            q = self._store.queues.get(lease.queue)
-            rec = self._current(q, lease)
-            if rec is None:
-                return None
-            deadline = self.now() + visibility_timeout
-            if deadline != rec.deadline:
-                # An unchanged deadline keeps its place among leases expiring at the same time.
-                rec.deadline = deadline
-                heapq.heappush(q.leases, (rec.deadline, next(self._order), rec.id, rec.token))
-            return rec.deadline
+            now = self.now()
+            current = [self._current(self._store.queues.get(lease.queue), lease) for lease in leases]
+            for lease, rec in zip(leases, current):
+                # An earlier release of this call may have returned it with its batch.
+                if rec is not None and rec.state == "leased" and rec.token == lease.token:
+                    self._release(self._store.queues[lease.queue], rec, now)
+            self._store.notify_change()
+            return [rec is not None for rec in current]
+
+    def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
+        return self.extend_many([lease], [visibility_timeout])[0]
+
+    def extend_many(self, leases: Sequence[Lease], visibility_timeouts: Sequence[float]) -> list[float | None]:
+        deadlines: list[float | None] = []
+        with self._store.lock:
+            now = self.now()
+            for lease, visibility_timeout in zip(leases, visibility_timeouts):
+                q = self._store.queues.get(lease.queue)
+                rec = self._current(q, lease)
+                if rec is None:
+                    deadlines.append(None)
+                    continue
+                deadline = now + visibility_timeout
+                if deadline != rec.deadline:
+                    # An unchanged deadline keeps its place among leases expiring at the same time.
+                    rec.deadline = deadline
+                    heapq.heappush(q.leases, (rec.deadline, next(self._order), rec.id, rec.token))
+                deadlines.append(rec.deadline)
+        return deadlines
 
     def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
         with self._store.lock:

@@ -11,8 +11,9 @@ Guarantees, beyond the contract of :class:`~sharded_broker.backend.Backend`:
 
 * Time comes from the server (``TIME`` inside each script), so client clock skew cannot
   reorder or double-deliver; only a ``clock=`` test hook replaces it.
-* ``enqueue_many``, ``lease(limit=N)`` and ``ack_many`` on one queue are one round trip
-  (``ack_many`` over several queues: one pipelined round trip).
+* ``enqueue_many``, ``lease(limit=N)``, ``ack_many``, ``release_many`` and
+  ``extend_many`` on one queue are one round trip (the last three over several queues:
+  one pipelined round trip, one script call per queue).
 * Every hot operation is O(log n) with bounded work per call: at most ``SWEEP_LIMIT``
   (500) due delayed messages promoted and expired leases returned per lease call; beyond
   that, the next call is due at once. No ``KEYS``/``SCAN``.
@@ -62,7 +63,7 @@ QUEUE_KEYS = (
     "readyage", "signal", "metrics", "metricsidx", "events",
 )
 QUEUE_SCRIPTS = (
-    "enqueue", "lease", "ack", "nack", "extend", "set_interval", "set_paused", "stats",
+    "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_paused", "stats",
     "dead_letters", "replay", "purge", "metrics", "keys",
 )
 EXCHANGE_SCRIPTS = ("bind", "unbind")
@@ -293,25 +294,46 @@ class RedisBackend(Backend):
         )
 
     def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
+        answers = self._per_queue(
+            "ack", leases, self._observe_args, lambda i: [leases[i].id, leases[i].token]
+        )
+        return [bool(answer) for answer in answers]
+
+    def release_many(self, leases: Sequence[Lease]) -> list[bool]:
+        answers = self._per_queue(
+            "release", leases, lambda queue: [self._clock_arg()], lambda i: [leases[i].id, leases[i].token]
+        )
+        return [bool(answer) for answer in answers]
+
+    def _per_queue(
+        self,
+        script_name: str,
+        leases: Sequence[Lease],
+        head_args: Callable[[str], list[Any]],
+        lease_args: Callable[[int], list[Any]],
+    ) -> list[Any]:
+        """One call of a per-lease script for each queue the leases belong to, all in one
+        round trip; the scripts' answers, one per lease, in the order of ``leases``.
+        ``lease_args(i)``: the script's arguments for ``leases[i]``."""
         by_queue: dict[str, list[int]] = {}
         for index, lease in enumerate(leases):
             by_queue.setdefault(lease.queue, []).append(index)
-        results = [False] * len(leases)
-        script = self._scripts["ack"]
+        script = self._scripts[script_name]
         calls = []
         for queue, indexes in by_queue.items():
-            args: list[Any] = self._observe_args(queue)
+            args = head_args(queue)
             for index in indexes:
-                args += [leases[index].id, leases[index].token]
+                args += lease_args(index)
             calls.append((queue, indexes, args))
         with self._errors():
             if len(calls) == 1:
                 answers = [script(self._client, self._keys(calls[0][0]), calls[0][2])]
             else:
                 answers = self._pipelined(script, [(self._keys(q), args) for q, _, args in calls])
+        results: list[Any] = [None] * len(leases)
         for (_, indexes, _), answer in zip(calls, answers):
-            for index, settled in zip(indexes, answer):
-                results[index] = bool(settled)
+            for index, value in zip(indexes, answer):
+                results[index] = value
         return results
 
     def _pipelined(
@@ -346,8 +368,14 @@ class RedisBackend(Backend):
         return bool(self._run("nack", lease.queue, args))
 
     def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
-        answer = self._run("extend", lease.queue, [self._clock_arg(), lease.id, lease.token, repr(float(visibility_timeout))])
-        return None if answer is None else float(answer)
+        return self.extend_many([lease], [visibility_timeout])[0]
+
+    def extend_many(self, leases: Sequence[Lease], visibility_timeouts: Sequence[float]) -> list[float | None]:
+        answers = self._per_queue(
+            "extend", leases, lambda queue: [self._clock_arg()],
+            lambda i: [leases[i].id, leases[i].token, repr(float(visibility_timeouts[i]))],
+        )
+        return [float(answer) if answer else None for answer in answers]
 
     def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
         self._run("set_interval", queue, [self._clock_arg(), _text(key), "" if seconds is None else repr(float(seconds))])

@@ -15,8 +15,8 @@ backend as the reference model):
   process killed at any moment (SIGKILL) loses nothing that was committed; its leases
   come back when their visibility timeout ends. ``database is locked`` never reaches the
   caller: busy transactions are retried until ``busy_timeout``.
-- Batch calls (``enqueue_many``, ``lease`` with a limit, ``ack_many``) are one
-  transaction each. Every hot statement reads through an index (O(log n)); the heaps of
+- Batch calls (``enqueue_many``, ``lease`` with a limit, ``ack_many``, ``release_many``,
+  ``extend_many``) are one transaction each. Every hot statement reads through an index (O(log n)); the heaps of
   the memory model are partial indexes here.
 - One clock per database: the caller host's ``time.time()``, never allowed to run behind
   the latest time already written to the file (kept in the ``meta`` table), so deadlines
@@ -563,8 +563,16 @@ class SQLiteBackend(Backend):
             lambda tx: tx.nack(lease, delay=delay, dead=dead, reason=reason, settings=settings), notify=True
         )
 
+    def release_many(self, leases: Sequence[Lease]) -> list[bool]:
+        return self._write(lambda tx: tx.release_many(leases), notify=True)
+
     def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
         return self._write(lambda tx: tx.extend(lease, visibility_timeout))
+
+    def extend_many(self, leases: Sequence[Lease], visibility_timeouts: Sequence[float]) -> list[float | None]:
+        return self._write(
+            lambda tx: [tx.extend(lease, timeout) for lease, timeout in zip(leases, visibility_timeouts)]
+        )
 
     def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
         self._write(lambda tx: tx.set_interval(queue, key, seconds), notify=True)
@@ -865,11 +873,22 @@ class _Tx:
         else:
             self._requeue(q, mid, key, seq, delay, settings.retry_position)
             self._record(q, "retried", mid, key)
-        for follower_id, follower_seq in followers:
-            # It was never processed: its delivery does not count.
-            self.db.execute("UPDATE messages SET attempts = attempts - 1 WHERE id = ?", (follower_id,))
-            self._requeue(q, follower_id, key, follower_seq, 0.0, "head")
+        self._return_unprocessed(q, key, followers)
         self._settled(q, key, batch_id)
+
+    def _release(self, q: _QueueRow, row: tuple) -> None:
+        """Give a leased message back uncounted, with the rest of its batch (memory: ``_release``)."""
+        batch_id, batch_index = row["batch_id"], row["batch_index"]
+        followers = self.db.execute(HOT_QUERIES["batch_followers"], (batch_id, batch_index)).fetchall()
+        self._return_unprocessed(q, row["key"], [(row["id"], row["seq"]), *followers])
+        self._settled(q, row["key"], batch_id)
+
+    def _return_unprocessed(self, q: _QueueRow, key: str | None, messages: Sequence[tuple[str, int]]) -> None:
+        """Back to their places, in order; they were never processed, so their deliveries
+        do not count."""
+        for mid, seq in messages:
+            self.db.execute("UPDATE messages SET attempts = attempts - 1 WHERE id = ?", (mid,))
+            self._requeue(q, mid, key, seq, 0.0, "head")
 
     def _settled(self, q: _QueueRow, key: str | None, batch_id: str) -> None:
         """Release the key's slot once the last message of a batch is settled."""
@@ -1098,6 +1117,15 @@ class _Tx:
         dead_reason = (reason or "rejected") if dead else None
         self._fail(q, row, settings, delay=delay, dead_reason=dead_reason, why=reason or "nacked")
         return True
+
+    def release_many(self, leases: Sequence[Lease]) -> list[bool]:
+        was_current = [self._current(lease) is not None for lease in leases]
+        for lease, given in zip(leases, was_current):
+            # Still current unless an earlier release of this call returned it with its batch.
+            row = self._current(lease) if given else None
+            if row is not None:
+                self._release(self.queue(lease.queue, create=False), row)
+        return was_current
 
     def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
         row = self._current(lease)

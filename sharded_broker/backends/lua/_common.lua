@@ -482,8 +482,8 @@ local function settled(rec, now, batch)
   schedule(rec.k, now, false)
 end
 
--- A leased message failed: retry or dead-letter it, and return the rest of its batch.
-local function fail(rec, now, settings, after, dead_reason, why)
+-- Remove rec and every later message from its batch: what stays, and the later ones.
+local function cut_batch(rec)
   local batch = get_batch(rec.b) or { rec.id }
   local index = #batch + 1
   for i, id in ipairs(batch) do
@@ -499,6 +499,21 @@ local function fail(rec, now, settings, after, dead_reason, why)
   for i = #batch, index, -1 do
     batch[i] = nil
   end
+  return batch, followers
+end
+
+-- Back to their places, in order; they were never processed, so their deliveries do not
+-- count.
+local function return_unprocessed(records, now)
+  for _, other in ipairs(records) do
+    other.a = other.a - 1
+    requeue(other, now, 0, 'head')
+  end
+end
+
+-- A leased message failed: retry or dead-letter it, and return the rest of its batch.
+local function fail(rec, now, settings, after, dead_reason, why)
+  local batch, followers = cut_batch(rec)
   if dead_reason then
     dead_letter(rec, now, dead_reason)
     record('dead', rec, now)
@@ -510,10 +525,15 @@ local function fail(rec, now, settings, after, dead_reason, why)
     requeue(rec, now, after, settings.retry_position)
     record('retried', rec, now)
   end
-  for _, follower in ipairs(followers) do
-    follower.a = follower.a - 1 -- it was never processed
-    requeue(follower, now, 0, 'head')
-  end
+  return_unprocessed(followers, now)
+  settled(rec, now, batch)
+end
+
+-- Give a leased message back uncounted, with the rest of its batch.
+local function release(rec, now)
+  local batch, followers = cut_batch(rec)
+  table.insert(followers, 1, rec)
+  return_unprocessed(followers, now)
   settled(rec, now, batch)
 end
 

@@ -1,17 +1,23 @@
--- extend: move a lease's deadline to now + visibility timeout.
--- ARGV: clock, id, token, visibility timeout. Answers the new deadline, or false when the
--- token is not current.
+-- extend_many: move leases' deadlines to now + their visibility timeouts.
+-- ARGV: clock, then per lease: id, token, visibility timeout. Answers per lease the new
+-- deadline, or '' when the token is not current.
 local now = clock(ARGV[1])
-local rec = current(ARGV[2], ARGV[3])
-if not rec then
-  return false
+local deadlines = {}
+for i = 2, #ARGV, 3 do
+  local rec = current(ARGV[i], ARGV[i + 1])
+  if not rec then
+    deadlines[#deadlines + 1] = ''
+  else
+    local deadline = now + tonumber(ARGV[i + 2])
+    if deadline ~= rec.dl then
+      -- An unchanged deadline keeps its place among leases expiring at the same time.
+      redis.call('ZREM', K.leases, order_member(rec.o, rec.id))
+      rec.dl = deadline
+      rec.o = next_order()
+      redis.call('ZADD', K.leases, num(deadline), order_member(rec.o, rec.id))
+    end
+    deadlines[#deadlines + 1] = num(deadline)
+  end
 end
-local deadline = now + tonumber(ARGV[4])
-if deadline ~= rec.dl then
-  redis.call('ZREM', K.leases, order_member(rec.o, rec.id))
-  rec.dl = deadline
-  rec.o = next_order()
-  redis.call('ZADD', K.leases, num(deadline), order_member(rec.o, rec.id))
-  flush()
-end
-return num(deadline)
+flush()
+return deadlines
