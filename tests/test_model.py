@@ -2,7 +2,7 @@
 
 A Hypothesis state machine drives the memory backend and one other backend with the same
 random sequence of operations (enqueue, lease with limit/per_key, ack, nack with or without
-delay or dead, extend, pause/resume, intervals, replay, time passing on both fake clocks)
+delay or dead, extend and extend_many, release_many, pause/resume, intervals, replay, time passing on both fake clocks)
 under random queue settings, and after every step checks that both delivered the same
 payloads in the same order with the same attempts, refused the same stale leases, and
 report equal stats and dead letters. Message ids differ between backends, so they are
@@ -167,6 +167,17 @@ class SameAsModel(RuleBasedStateMachine):
         model, other = pair
         assert self.other.extend(other, timeout) == self.model.extend(model, timeout)
         assert round(other.deadline, 3) == round(model.deadline, 3)
+
+    @rule(pairs=st.lists(leases, min_size=1, max_size=3), timeout=TIMEOUTS)
+    def extend_many(self, pairs, timeout) -> None:
+        model = self.model.extend_many([m for m, _ in pairs], timeout)
+        assert self.other.extend_many([o for _, o in pairs], timeout) == model
+        assert [round(o.deadline, 3) for _, o in pairs] == [round(m.deadline, 3) for m, _ in pairs]
+
+    @rule(pairs=st.lists(leases, min_size=1, max_size=3))
+    def release_many(self, pairs) -> None:
+        model = self.model.release_many([m for m, _ in pairs])
+        assert self.other.release_many([o for _, o in pairs]) == model
 
     @rule(seconds=st.sampled_from([0.001, 0.5, 1.0, 2.5, 6.0, 21.0]))
     def time_passes(self, seconds) -> None:
