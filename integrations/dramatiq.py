@@ -33,10 +33,14 @@ What this broker guarantees on top of Dramatiq's Broker contract:
   memory; delivered messages never carry an ``eta`` option (which would make the
   Worker hold them in memory and re-enqueue them at the tail).
 * **Leases are kept alive.** While a worker process holds a message (prefetched or
-  running) a heartbeat extends its lease every ``visibility_timeout / 3`` seconds, so
-  a long task is never delivered twice, and the messages of a killed process are
-  delivered again, at the head of their keys, about ``visibility_timeout`` seconds
-  after it died.
+  running) a heartbeat extends its lease every ``visibility_timeout / 3`` seconds (one
+  backend round trip for all of them), so a long task is never delivered twice, and the
+  messages of a killed process are delivered again, at the head of their keys, about
+  ``visibility_timeout`` seconds after it died.
+* **Giving back is free.** Messages a worker prefetched but never ran (a graceful stop,
+  a consumer restart after a connection error) are *released*: back to their places at
+  the head of their keys, their delivery not counted toward ``max_deliveries``, so
+  restarting workers never dead-letters a message that never ran.
 """
 
 from __future__ import annotations
@@ -527,12 +531,20 @@ class _ShardedConsumer(dramatiq.Consumer):
         message.consumer._settled(lease)
 
     def requeue(self, messages: Iterable[dramatiq.MessageProxy]) -> None:
-        """Give unprocessed messages back, each to the head of its key."""
+        """Give unprocessed messages back (the Worker calls this on shutdown and after a
+        connection error), each to its place at the head of its key, in one round trip.
+
+        Released, not nacked: a message that never ran does not count toward
+        ``max_deliveries``, so stopping workers never dead-letters what they prefetched.
+        """
+        messages = list(messages)
+        if not messages:
+            return
+        try:
+            self.engine.release_many([message.lease for message in messages])
+        except BackendUnavailable as exc:
+            raise ConnectionClosed(exc) from exc
         for message in messages:
-            try:
-                self.engine.nack(message.lease)
-            except BackendUnavailable as exc:
-                raise ConnectionClosed(exc) from exc
             message.consumer._settled(message.lease)
 
     def close(self) -> None:
@@ -597,16 +609,19 @@ class _LeaseKeeper:
         while not self._stop.wait(self._interval()):
             with self._lock:
                 leases = list(self._held.values())
-            for lease in leases:
-                try:
-                    extended = self.broker.engine.extend(lease)
-                except BackendUnavailable as exc:
-                    self.logger.warning("Could not extend leases (will retry): %s", exc)
-                    break
-                except Exception:
-                    self.logger.exception("Unexpected failure extending the lease of %s.", lease.id)
-                    continue
-                if not extended and self.holds(lease):
+            if not leases:
+                continue
+            try:
+                # One round trip for every lease held (each by its queue's timeout).
+                extended = self.broker.engine.extend_many(leases)
+            except BackendUnavailable as exc:
+                self.logger.warning("Could not extend leases (will retry): %s", exc)
+                continue
+            except Exception:
+                self.logger.exception("Unexpected failure extending %d leases.", len(leases))
+                continue
+            for lease, alive in zip(leases, extended):
+                if not alive and self.holds(lease):
                     self.release(lease)
                     self.logger.warning(
                         "Lease of message %s in queue %r expired before its heartbeat; it may be "

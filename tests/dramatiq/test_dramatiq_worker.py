@@ -331,3 +331,46 @@ def test_time_limit_with_an_explicit_middleware_list(run_worker, memory_url: str
         assert dead.message.args == ("k", 0, 5.0) and dead.reason.startswith("TimeLimitExceeded")
     finally:
         broker.close()
+
+
+def test_graceful_stops_never_dead_letter_prefetched_messages(run_worker, make_broker, recorder) -> None:
+    # A worker stopped while a task runs gives back what it prefetched and never ran.
+    # Stopped more often than max_deliveries allows deliveries, it must not dead-letter it.
+    broker = make_broker(max_deliveries=2)
+    started, finish = threading.Event(), threading.Event()
+
+    @dramatiq.actor(broker=broker, shard_key="key", max_retries=0)
+    def blocker(key: str, n: int) -> None:
+        started.set()
+        assert finish.wait(10)
+        recorder.add(key, n)
+
+    @dramatiq.actor(broker=broker, shard_key="key", max_retries=0, priority=10)  # runs after blocker
+    def prefetched(key: str, n: int) -> None:
+        recorder.add(key, n)
+
+    prefetched.send("victim", 0)
+    stops = 4
+    for round_ in range(stops):
+        started.clear()
+        finish.clear()
+        blocker.send(f"blocker-{round_}", round_)
+        worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)  # prefetch 2
+        worker.start()
+        assert started.wait(10)
+        stopper = threading.Thread(target=worker.stop, kwargs={"timeout": 10_000})
+        stopper.start()
+        while any(thread.running for thread in worker.workers):  # it takes nothing new
+            time.sleep(0.01)
+        finish.set()
+        stopper.join(15)
+        assert not stopper.is_alive()
+        stats = broker.engine.stats("default")
+        assert (stats.ready, stats.leased, stats.dead) == (1, 0, 0)
+        head = broker.engine.key_info("default", "victim").head
+        assert head is not None and head.attempts == 0  # its deliveries were not counted
+    assert "victim" not in recorder.by_key()
+    with run_worker(broker):
+        broker.join("default", timeout=10_000, fail_fast=True)
+    assert recorder.by_key()["victim"] == [0]
+    assert broker.dead_letters == []
