@@ -324,8 +324,8 @@ class Channel(virtual.Channel):
     """
 
     supports_fanout = True
-    # Unacked messages are returned to the engine (nack, back to the head of their keys)
-    # when the channel closes, never copied.
+    # Unacked messages are released back to the engine (to their places at the head of
+    # their keys, their delivery not counted) when the channel closes, never copied.
     do_restore = True
 
     def __init__(self, connection: "Transport", **kwargs: Any) -> None:
@@ -522,10 +522,10 @@ class Channel(virtual.Channel):
         self.qos.reject(delivery_tag, requeue=False)
 
     def _restore(self, message) -> None:
-        """Return an unacked message to the engine (channel close, basic_recover)."""
+        """Give an unacked message back to the engine (channel close, basic_recover)."""
         lease = self._take_lease(message.delivery_tag)
         if lease is not None:
-            _return_lease(self.broker, lease)
+            _release_leases(self.broker, [lease])
 
     def _restore_at_beginning(self, message) -> None:
         self._restore(message)
@@ -535,20 +535,22 @@ class Channel(virtual.Channel):
         super().close()  # returns the messages its QoS knows to the engine
         with self._leases_lock:
             leftovers, self._leases = list(self._leases.values()), {}
-        if transport is not None:
-            for lease in leftovers:  # delivered but never handed to a consumer
-                _return_lease(transport.broker, lease)
+        if transport is not None and leftovers:  # delivered but never handed to a consumer
+            _release_leases(transport.broker, leftovers)
 
 
-def _return_lease(broker: sharded_broker.Broker, lease: Lease) -> None:
-    """Nack ``lease`` back to the head of its key; if the backend is unreachable, its
-    lease expiring has the same effect, so there is nothing to dump or retry."""
+def _release_leases(broker: sharded_broker.Broker, leases: list[Lease]) -> None:
+    """Give leases back (one round trip): each message returns to its place at the head
+    of its key and its delivery does not count toward ``max_deliveries``, so closing
+    connections (warm shutdowns, restarts) never dead-letters a message that did not
+    run. If the backend is unreachable, the leases expiring bring the messages back
+    anyway (that return counts as a delivery), so there is nothing to dump or retry."""
     try:
-        broker.nack(lease)
+        broker.release_many(leases)
     except BackendUnavailable as exc:
         logger.warning(
-            "could not return message %s (key %r) now (%s); it comes back when its lease expires",
-            lease.id, lease.key, exc,
+            "could not give back %d message(s) now (%s); they come back when their leases expire",
+            len(leases), exc,
         )
 
 
@@ -565,23 +567,28 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(self.transport.heartbeat_interval):
-            for channel in list(self.transport.channels):
-                for lease in channel.unsettled_leases():
-                    try:
-                        alive = self.transport.broker.extend(lease, self.transport.visibility_timeout)
-                    except BackendUnavailable as exc:
-                        logger.warning("lease heartbeat failed, will retry: %s", exc)
-                        break
-                    except Exception:
-                        logger.exception("lease heartbeat failed")
-                        continue
-                    # Refused either because the message was settled since the snapshot
-                    # (nothing to say) or because the lease really expired.
-                    if not alive and channel.forget_lease(lease):
-                        logger.warning(
-                            "lease of message %s (key %r) expired before its heartbeat: it will run again",
-                            lease.id, lease.key,
-                        )
+            held = [(channel, lease) for channel in list(self.transport.channels) for lease in channel.unsettled_leases()]
+            if not held:
+                continue
+            try:
+                # One round trip for every lease of the transport.
+                extended = self.transport.broker.extend_many(
+                    [lease for _, lease in held], self.transport.visibility_timeout
+                )
+            except BackendUnavailable as exc:
+                logger.warning("lease heartbeat failed, will retry: %s", exc)
+                continue
+            except Exception:
+                logger.exception("lease heartbeat failed")
+                continue
+            for (channel, lease), alive in zip(held, extended):
+                # Refused either because the message was settled since the snapshot
+                # (nothing to say) or because the lease really expired.
+                if not alive and channel.forget_lease(lease):
+                    logger.warning(
+                        "lease of message %s (key %r) expired before its heartbeat: it will run again",
+                        lease.id, lease.key,
+                    )
 
 
 class Transport(virtual.Transport):

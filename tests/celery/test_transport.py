@@ -347,10 +347,29 @@ def test_closing_a_channel_returns_unacked_messages_to_the_head_of_their_keys(me
         assert queue(conn.channel()).get() is None  # the key is held
         channel.close()
         again = queue(conn.channel()).get()
-        assert again.payload == {"n": 0} and again.delivery_info["redelivered"]
+        # Given back uncounted: to Celery this is its first counted delivery still.
+        assert again.payload == {"n": 0} and not again.delivery_info["redelivered"]
         again.ack()
         assert queue(conn.channel()).get().payload == {"n": 1}
     assert engine.stats("plain").dead == 0
+
+
+def test_closing_channels_never_dead_letters_a_message_that_did_not_run(memory_broker_url, engine):
+    from kombu import Queue
+
+    queue = Queue("plain")
+    with Connection(memory_broker_url, transport_options={"max_deliveries": 2}) as conn:
+        conn.Producer().publish({"n": 0}, routing_key="plain", declare=[queue], headers={"shard_key": "k"})
+        for _ in range(4):  # more closes than max_deliveries allows deliveries
+            channel = conn.channel()
+            assert queue(channel).get().payload == {"n": 0}  # delivered, never acked
+            channel.close()
+            assert engine.key_info("plain", "k").head.attempts == 0  # the delivery did not count
+        last = queue(conn.channel()).get()
+        assert last.payload == {"n": 0}
+        last.ack()
+    stats = engine.stats("plain")
+    assert (stats.ready, stats.leased, stats.dead) == (0, 0, 0)
 
 
 def test_topic_exchange_bindings_are_shared_between_connections(memory_broker_url):
