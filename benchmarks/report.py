@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -178,12 +179,23 @@ def table(results: Results) -> str:
     return "\n".join(out).lstrip("\n")
 
 
-RESULTS_START = "<!-- benchmark results: written by `python -m benchmarks.run --publish` -->"
-RESULTS_END = "<!-- end of benchmark results -->"
+# What --publish writes into docs/, per mode: the JSON copy, the chart, and the block of
+# docs/benchmarks.md between two markers.
+PUBLISHED = {
+    "quick": ("benchmarks-latest.json", "benchmarks-keys.png", "make bench"),
+    "full": ("benchmarks-full-latest.json", "benchmarks-full-keys.png", "make bench-full"),
+}
 
 
-def markdown(results: Results, command: str) -> str:
-    """The generated part of docs/benchmarks.md: command, machine, tables, chart, profiles."""
+def markers(mode: str) -> tuple[str, str]:
+    return (
+        f"<!-- {mode} benchmark results: written by `python -m benchmarks.run --{mode} --publish` -->",
+        f"<!-- end of {mode} benchmark results -->",
+    )
+
+
+def markdown(results: Results, command: str, chart_name: str) -> str:
+    """A generated block of docs/benchmarks.md: command, machine, tables, chart, profiles."""
     m = results.machine
     packages = ", ".join(f"{name} {version}" for name, version in m.get("packages", {}).items() if version)
     lines = [
@@ -197,18 +209,29 @@ def markdown(results: Results, command: str) -> str:
         "",
         table(results),
         "",
-        "![engine throughput vs number of shard keys](benchmarks-keys.png)",
+        f"![engine throughput vs number of shard keys]({chart_name})",
     ]
     for title, text in profiles_of_misses(results):
         lines += ["", f"#### Profile: {title}", "", "```", text, "```"]
     return "\n".join(lines)
 
 
-def publish_markdown(results: Results, path: Path, command: str) -> None:
-    """Replace the generated block of ``path`` (between the markers) with this run's."""
-    text = path.read_text()
-    start, end = text.index(RESULTS_START) + len(RESULTS_START), text.index(RESULTS_END)
-    path.write_text(text[:start] + "\n\n" + markdown(results, command) + "\n\n" + text[end:])
+def publish(results: Results, json_path: Path, png_path: Path | None, docs: Path) -> list[Path]:
+    """Copy the run's JSON and chart into ``docs`` and replace its mode's block of
+    ``docs/benchmarks.md``; the files written."""
+    json_name, chart_name, command = PUBLISHED[results.mode]
+    docs.mkdir(exist_ok=True)
+    written = [docs / json_name, docs / "benchmarks.md"]
+    shutil.copyfile(json_path, docs / json_name)
+    if png_path is not None:
+        shutil.copyfile(png_path, docs / chart_name)
+        written.append(docs / chart_name)
+    page = docs / "benchmarks.md"
+    start_marker, end_marker = markers(results.mode)
+    text = page.read_text()
+    start, end = text.index(start_marker) + len(start_marker), text.index(end_marker)
+    page.write_text(text[:start] + "\n\n" + markdown(results, command, chart_name) + "\n\n" + text[end:])
+    return written
 
 
 def write_json(results: Results, path: Path) -> None:

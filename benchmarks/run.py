@@ -15,7 +15,6 @@ import datetime
 import importlib.metadata
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -218,16 +217,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-seeds", action="store_true", help="leave out the seed libraries (no virtualenvs)")
     parser.add_argument("--no-profile", action="store_true", help="do not profile missed goals")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
+    parser.add_argument("--from-json", type=Path, metavar="PATH",
+                        help="measure nothing: report (and chart, and publish) the figures of an earlier run")
     parser.add_argument("--publish", action="store_true",
-                        help="also copy the JSON and chart to docs/ (benchmarks-latest.json, benchmarks-keys.png) "
-                        "and write the results into docs/benchmarks.md")
+                        help="also copy the JSON and chart to docs/ and write the results into docs/benchmarks.md "
+                        "(quick and full mode only)")
     args = parser.parse_args(argv)
-    sizes = MODES[args.mode or "quick"]
-    results, json_path, png_path = run(
-        sizes, out_dir=args.out, with_seeds=not args.skip_seeds, profile_misses=not args.no_profile
-    )
+    if args.from_json:
+        results = report.load_json(args.from_json)
+        json_path = args.from_json
+        png_path: Path | None = args.out / f"{results.mode}-keys.png"
+        if not report.chart(results, png_path):
+            png_path = None
+    else:
+        results, json_path, png_path = run(
+            MODES[args.mode or "quick"], out_dir=args.out, with_seeds=not args.skip_seeds,
+            profile_misses=not args.no_profile,
+        )
     m = results.machine
-    print(f"## sharded-broker benchmarks, {sizes.name} mode ({m['seconds']}s)\n")
+    print(f"## sharded-broker benchmarks, {results.mode} mode ({m['seconds']}s)\n")
     print(f"Machine: {m['nproc']} x {m['cpu']}, Python {m['python']}, Redis {m['redis_server']}, "
           f"commit {m['commit']}, load average {m['load_average_at_start']} -> {m['load_average_at_end']}. "
           "Shared machine: quote ratios from one run, not absolute rates.\n")
@@ -236,13 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n### Profile: {title}\n\n```\n{text}\n```")
     print(f"\nraw figures: {json_path}" + (f"\nchart: {png_path}" if png_path else ""))
     if args.publish:
-        DOCS_DIR.mkdir(exist_ok=True)
-        shutil.copyfile(json_path, DOCS_DIR / "benchmarks-latest.json")
-        if png_path:
-            shutil.copyfile(png_path, DOCS_DIR / "benchmarks-keys.png")
-        command = "make bench" if sizes.name == "quick" else "make bench-full" if sizes.name == "full" else f"python -m benchmarks.run --{sizes.name}"
-        report.publish_markdown(results, DOCS_DIR / "benchmarks.md", command)
-        print(f"published to {DOCS_DIR}: benchmarks-latest.json, benchmarks-keys.png, the results in benchmarks.md")
+        if results.mode not in report.PUBLISHED:
+            parser.error(f"--publish is for quick and full runs, not {results.mode}")
+        written = report.publish(results, json_path, png_path, DOCS_DIR)
+        print("published: " + ", ".join(str(path) for path in written))
     return 0
 
 

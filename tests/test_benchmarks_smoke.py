@@ -85,6 +85,23 @@ def test_table_names_every_section_and_goal(tiny_run) -> None:
     assert "seeds: left out" in text
 
 
+def test_publish_copies_the_files_and_replaces_only_its_block(tiny_run, tmp_path: Path) -> None:
+    results, json_path, png_path = tiny_run
+    results = report.load_json(json_path)
+    results.mode = "quick"  # publishing is for quick and full runs
+    start, end = report.markers("quick")
+    full_start, full_end = report.markers("full")
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"# prose\n{start}\nold figures\n{end}\nmore prose\n{full_start}\nkept\n{full_end}\n")
+    written = report.publish(results, json_path, png_path, tmp_path)
+    assert sorted(p.name for p in written) == ["benchmarks-keys.png", "benchmarks-latest.json", "benchmarks.md"]
+    text = page.read_text()
+    assert "old figures" not in text and "Engine vs the raw Redis limit" in text
+    assert text.startswith("# prose\n") and "more prose" in text and "kept" in text
+    assert "![engine throughput vs number of shard keys](benchmarks-keys.png)" in text
+    assert json.loads((tmp_path / "benchmarks-latest.json").read_text())["mode"] == "tiny"
+
+
 def test_goal_verdicts_follow_the_figures() -> None:
     def row(keys: int, per_key: int, drain: float) -> dict:
         return {"backend": "redis", "backlog": 100, "keys": keys, "per_key": per_key,
