@@ -656,8 +656,18 @@ class Transport(virtual.Transport):
             self.broker.close()
 
     def drain_events(self, connection, timeout: float | None = None) -> None:
+        """Deliver one batch of messages, waiting up to ``timeout`` seconds for it.
+
+        Once the Celery worker of this process is shutting down it consumes nothing more
+        and returns at once: Celery's blocking loop (``celery.worker.loops.synloop``, used
+        for transports without an event loop) drains once more after the shutdown signal,
+        which would otherwise block for its full 2-second timeout, twice, before the
+        worker even starts closing its pool.
+        """
         started = time.monotonic()
         while True:
+            if _celery_worker_stopping():
+                raise socket.timeout()
             try:
                 self.cycle.get(self._deliver, timeout=timeout)
                 return
@@ -692,6 +702,15 @@ class Transport(virtual.Transport):
         if include_password:
             return f"{ALIAS}+{uri}"
         return f"{ALIAS}+{sharded_broker.redact_url(uri).replace('***', mask)}"
+
+
+def _celery_worker_stopping() -> bool:
+    """True once a Celery worker in this process was told to stop, warm or cold (the
+    flags ``celery.worker.state.maybe_shutdown`` acts on)."""
+    state = sys.modules.get("celery.worker.state")
+    if state is None:
+        return False
+    return any(flag is not None and flag is not False for flag in (state.should_stop, state.should_terminate))
 
 
 def engine_url(client) -> str:

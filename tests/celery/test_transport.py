@@ -372,6 +372,28 @@ def test_closing_channels_never_dead_letters_a_message_that_did_not_run(memory_b
     assert (stats.ready, stats.leased, stats.dead) == (0, 0, 0)
 
 
+def test_a_stopping_celery_worker_consumes_nothing_more(memory_broker_url, engine, monkeypatch):
+    # Celery's blocking loop drains once more after a shutdown signal; that drain must
+    # neither deliver (and hold) a message nor wait for work.
+    import socket
+
+    from celery.worker import state
+    from kombu import Queue
+
+    queue = Queue("plain")
+    received = []
+    with Connection(memory_broker_url) as conn:
+        conn.Producer().publish({"n": 0}, routing_key="plain", declare=[queue])
+        with conn.Consumer(queue, callbacks=[lambda body, message: (received.append(body), message.ack())]):
+            monkeypatch.setattr(state, "should_stop", 0)  # what a warm shutdown (SIGTERM) sets
+            with pytest.raises(socket.timeout):
+                conn.drain_events(timeout=30)
+            assert received == [] and engine.stats("plain").ready == 1
+            monkeypatch.setattr(state, "should_stop", None)
+            conn.drain_events(timeout=5)
+    assert received == [{"n": 0}]
+
+
 def test_topic_exchange_bindings_are_shared_between_connections(memory_broker_url):
     from kombu import Exchange, Queue
 
