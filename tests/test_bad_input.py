@@ -350,6 +350,10 @@ def test_bad_settle_arguments(queued: Broker, clock: FakeClock) -> None:
         (lambda: queued.extend(lease, 0), InvalidArgument, ("visibility_timeout", "> 0")),
         (lambda: queued.extend(lease, -1), InvalidArgument, ("visibility_timeout",)),
         (lambda: queued.extend(lease.id, 10), InvalidArgumentType, ("Lease", "str")),
+        (lambda: queued.extend_many([lease], 0), InvalidArgument, ("visibility_timeout", "> 0")),
+        (lambda: queued.extend_many([lease, "x"]), InvalidArgumentType, ("Lease", "str")),
+        (lambda: queued.release("not a lease"), InvalidArgumentType, ("Lease", "str")),
+        (lambda: queued.release_many([lease, None]), InvalidArgumentType, ("Lease", "NoneType")),
     ]
     before = snapshot(queued)
     for call, error, words in checks:
