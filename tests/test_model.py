@@ -239,7 +239,9 @@ MODEL_SETTINGS = settings(
     max_examples=200,
     stateful_step_count=60,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    # Six rules draw leases from a bundle that starts empty, so early steps are often
+    # filtered out: that is the state machine's shape, not a slow strategy.
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much],
 )
 
 
