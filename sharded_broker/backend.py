@@ -60,7 +60,8 @@ Metrics
     per queue and per key: messages enqueued (duplicates dropped by dedup are not),
     delivered, acked, retried (nacked for retry, or returned when a lease expired) and
     dead-lettered. Minutes older than the ``metrics_window`` connect option (default one
-    hour) are never reported and are forgotten a few at a time by later operations.
+    hour; per-key minutes: ``key_metrics_window``, default the same) are never reported
+    and are forgotten a few at a time by later operations.
 
 Events
     With events on, the same five steps are published to subscribers of the queue
@@ -96,6 +97,19 @@ def metrics_window_option(value: Any) -> float:
     """A checked ``metrics_window`` connect option (seconds of per-minute metrics kept)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 60 <= value <= 7 * 24 * 3600:
         raise ConfigurationError(f"metrics_window must be a number of seconds from 60 to 604800, not {value!r}")
+    return float(value)
+
+
+def key_metrics_window_option(value: Any, metrics_window: float) -> float:
+    """A checked ``key_metrics_window`` connect option: seconds of per-key per-minute
+    metrics kept (None: as long as ``metrics_window``). Never longer than
+    ``metrics_window``, so a key's minutes never outlive its queue's."""
+    if value is None:
+        return metrics_window
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 60 <= value <= metrics_window:
+        raise ConfigurationError(
+            f"key_metrics_window must be a number of seconds from 60 to metrics_window ({metrics_window:g}), not {value!r}"
+        )
     return float(value)
 
 
@@ -248,7 +262,8 @@ class Backend(ABC):
     @abstractmethod
     def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
         """Counts per minute for the queue (or one key), oldest first, one entry per minute
-        (zeros included) for the last ``minutes`` minutes within the metrics window."""
+        (zeros included) for the last ``minutes`` minutes within the metrics window (for
+        one key: the key metrics window)."""
 
     @abstractmethod
     def keys(self, queue: str, limit: int, sort: KeySort) -> list[KeyInfo]:

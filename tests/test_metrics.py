@@ -86,6 +86,21 @@ def test_minutes_older_than_the_window_expire(connect, clock: FakeClock) -> None
     assert [r.enqueued for r in broker.metrics(Q, 60, key="k")] == [0, 0]
 
 
+def test_per_key_minutes_keep_their_own_shorter_window(connect, clock: FakeClock) -> None:
+    broker = connect(metrics_window=300, key_metrics_window=60)
+    broker.enqueue(Q, b"old", key="k")
+    clock.advance(60)
+    broker.enqueue(Q, b"new", key="k")
+    assert [r.enqueued for r in broker.metrics(Q, 60)] == [0, 0, 0, 1, 1]
+    assert [r.enqueued for r in broker.metrics(Q, 60, key="k")] == [1]
+    assert [r.minute for r in broker.metrics(Q, 60, key="k")] == [MINUTE + 60]
+    clock.advance(60)
+    broker.enqueue(Q, b"newest", key="j")  # creates entries, and so forgets expired ones
+    # The queue's three minutes stay; of the keys' minutes only the current one ("j").
+    assert stored_metric_entries(broker) == 4
+    assert [r.enqueued for r in broker.metrics(Q, 60)] == [0, 0, 1, 1, 1]
+
+
 def test_keys_sorted_by_backlog_then_key(broker: Broker, clock: FakeClock) -> None:
     for key, n in (("small", 1), ("big", 3), ("mid-b", 2), ("mid-a", 2)):
         for i in range(n):
@@ -197,7 +212,10 @@ def test_bad_arguments_are_refused(broker: Broker, call, error) -> None:
 def test_bad_connect_options_are_refused(connect) -> None:
     from sharded_broker import ConfigurationError
 
-    for options in ({"metrics_window": 10}, {"metrics_window": "1h"}, {"events": "yes"}):
+    for options in (
+        {"metrics_window": 10}, {"metrics_window": "1h"}, {"events": "yes"}, {"key_metrics_window": 30},
+        {"key_metrics_window": "1h"}, {"key_metrics_window": 7200},  # longer than metrics_window
+    ):
         with pytest.raises(ConfigurationError, match=next(iter(options))):
             connect(**options)
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from ..backend import (
     DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, Backend, EventSubscription, KeySort, events_option,
-    expired_before, metric_minutes, metrics_window_option, minute_of,
+    kept_minutes, key_metrics_window_option, metric_minutes, metrics_window_option, minute_of,
 )
 from ..errors import ConfigurationError
 from ..models import (
@@ -89,9 +89,10 @@ class _Queue:
     held_messages: bool = False  # listed by queues() once a message was enqueued
     counts: dict[str, int] = field(default_factory=lambda: {"ready": 0, "delayed": 0, "leased": 0})
     name: str = ""
-    # (minute, key or None) -> counts in the order of COUNTERS; metrics_expiry orders them by minute.
+    # (minute, key or None) -> counts in the order of COUNTERS; metrics_expiry orders them by
+    # the last minute their window keeps them: (last kept minute, order, minute, key).
     metrics: dict[tuple[float, str | None], list[int]] = field(default_factory=dict)
-    metrics_expiry: list[tuple[float, int, str | None]] = field(default_factory=list)
+    metrics_expiry: list[tuple[float, int, float, str | None]] = field(default_factory=list)
     subscribers: list["_Subscription"] = field(default_factory=list)
 
 
@@ -150,6 +151,7 @@ class MemoryBackend(Backend):
         clock: Callable[[], float] | None = None,
         *,
         metrics_window: float = DEFAULT_METRICS_WINDOW,
+        key_metrics_window: float | None = None,
         events: bool = True,
     ) -> None:
         with _STORES_LOCK:
@@ -157,6 +159,7 @@ class MemoryBackend(Backend):
         self.name = name
         self._clock = clock or time.time
         self._metrics_window = metrics_window_option(metrics_window)
+        self._key_metrics_window = key_metrics_window_option(key_metrics_window, self._metrics_window)
         self._events = events_option(events)
         self._order = self._store.order
         # The store version each thread's last lease saw, so that wait() returns at once
@@ -165,10 +168,11 @@ class MemoryBackend(Backend):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "MemoryBackend":
-        unknown = sorted(set(options) - {"clock", "metrics_window", "events"})
+        unknown = sorted(set(options) - {"clock", "metrics_window", "key_metrics_window", "events"})
         if unknown:
             raise ConfigurationError(
-                f"unknown option(s) for memory://: {', '.join(unknown)}; known: clock, events, metrics_window"
+                f"unknown option(s) for memory://: {', '.join(unknown)}; "
+                "known: clock, events, key_metrics_window, metrics_window"
             )
         parts = urlsplit(url)
         if parts.path not in ("", "/") or parts.query:
@@ -198,7 +202,11 @@ class MemoryBackend(Backend):
             counts = q.metrics.get((minute, key))
             if counts is None:
                 counts = q.metrics[(minute, key)] = [0] * len(COUNTERS)
-                heapq.heappush(q.metrics_expiry, (minute, next(self._order), key))
+                # Ordered by the last minute that keeps the entry: per-key and queue-level
+                # entries may have windows of different lengths.
+                window = self._metrics_window if key is None else self._key_metrics_window
+                last_kept = minute + (kept_minutes(window) - 1) * 60
+                heapq.heappush(q.metrics_expiry, (last_kept, next(self._order), minute, key))
             counts[index] += 1
         if self._events:
             for subscriber in q.subscribers:
@@ -206,11 +214,11 @@ class MemoryBackend(Backend):
 
     def _expire_metrics(self, q: _Queue, now: float) -> None:
         """Forget a bounded number of metric entries older than the window."""
-        limit = expired_before(now, self._metrics_window)
+        current = minute_of(now)
         for _ in range(METRICS_SWEEP_LIMIT):
-            if not q.metrics_expiry or q.metrics_expiry[0][0] >= limit:
+            if not q.metrics_expiry or q.metrics_expiry[0][0] >= current:
                 return
-            minute, _, key = heapq.heappop(q.metrics_expiry)
+            _, _, minute, key = heapq.heappop(q.metrics_expiry)
             q.metrics.pop((minute, key), None)
 
     def _set_state(self, q: _Queue, rec: _Record, state: str) -> None:
@@ -800,7 +808,8 @@ class MemoryBackend(Backend):
         with self._store.lock:
             q = self._store.queues.get(queue) or _Queue(name=queue)
             answer = []
-            for minute in metric_minutes(self.now(), minutes, self._metrics_window):
+            window = self._metrics_window if key is None else self._key_metrics_window
+            for minute in metric_minutes(self.now(), minutes, window):
                 counts = q.metrics.get((minute, key), [0] * len(COUNTERS))
                 answer.append(MinuteMetrics(minute, *counts))
             return answer

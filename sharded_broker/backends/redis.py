@@ -46,7 +46,8 @@ import redis
 import redis.exceptions
 
 from ..backend import (
-    DEFAULT_METRICS_WINDOW, Backend, EventSubscription, KeySort, events_option, kept_minutes, metrics_window_option,
+    DEFAULT_METRICS_WINDOW, Backend, EventSubscription, KeySort, events_option, kept_minutes, key_metrics_window_option,
+    metrics_window_option,
 )
 from ..broker import redact_url
 from ..errors import BackendUnavailable, ConfigurationError
@@ -72,7 +73,7 @@ EXCHANGE_SCRIPTS = ("bind", "unbind")
 # a missed token (taken by another waiter) costs at most this delay.
 MAX_BLOCK = 1.0
 
-_OWN_OPTIONS = frozenset({"prefix", "clock", "metrics_window", "events"})
+_OWN_OPTIONS = frozenset({"prefix", "clock", "metrics_window", "key_metrics_window", "events"})
 # Options that would break the backend (it needs bytes and its own connection pool).
 _REFUSED_OPTIONS = frozenset({"decode_responses", "connection_pool", "single_connection_client", "encoding"})
 _TRANSPORT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
@@ -116,7 +117,8 @@ class RedisBackend(Backend):
 
     ``prefix`` (default ``"sb"``) starts every key name; two prefixes on one server are
     fully isolated. ``clock`` replaces the server's clock (tests only). ``metrics_window``
-    (seconds, default 3600) bounds the per-minute metrics kept; ``events`` (default True)
+    (seconds, default 3600) bounds the per-minute metrics kept, and ``key_metrics_window``
+    (seconds, default ``metrics_window``, never longer) those of each key; ``events`` (default True)
     publishes lifecycle events. Any other option is a redis-py connection option
     (``socket_timeout``, ``ssl_ca_certs``, ...).
     """
@@ -128,6 +130,7 @@ class RedisBackend(Backend):
         prefix: str = "sb",
         clock: Callable[[], float] | None = None,
         metrics_window: float = DEFAULT_METRICS_WINDOW,
+        key_metrics_window: float | None = None,
         events: bool = True,
         **redis_options: Any,
     ) -> None:
@@ -140,7 +143,9 @@ class RedisBackend(Backend):
             raise ConfigurationError(f"clock must be a callable returning seconds, not {clock!r}")
         self.prefix = prefix
         self._clock = clock
-        self._kept_minutes = kept_minutes(metrics_window_option(metrics_window))
+        window = metrics_window_option(metrics_window)
+        self._kept_minutes = kept_minutes(window)
+        self._key_kept_minutes = kept_minutes(key_metrics_window_option(key_metrics_window, window))
         self._events = events_option(events)
         try:
             self._client = redis.Redis.from_url(url, **redis_options)
@@ -172,7 +177,7 @@ class RedisBackend(Backend):
                 raise ConfigurationError(f"option(s) {', '.join(refused)} cannot be used with the redis backend")
             raise ConfigurationError(
                 f"unknown option(s) for {redact_url(url)}: {', '.join(unknown)}; "
-                "known: prefix, clock, metrics_window, events and redis-py connection options (socket_timeout, ssl_ca_certs, ...)"
+                "known: prefix, clock, metrics_window, key_metrics_window, events and redis-py connection options (socket_timeout, ssl_ca_certs, ...)"
             )
         try:
             from_query = redis.connection.parse_url(url)
@@ -215,7 +220,7 @@ class RedisBackend(Backend):
 
     def _observe_args(self, queue: str) -> list[Any]:
         """The clock, then what the counting scripts read with read_observe()."""
-        return [self._clock_arg(), self._kept_minutes, "1" if self._events else "0"]
+        return [self._clock_arg(), f"{self._kept_minutes},{self._key_kept_minutes}", "1" if self._events else "0"]
 
     @staticmethod
     def _settings_args(settings: QueueSettings) -> list[Any]:
@@ -429,7 +434,8 @@ class RedisBackend(Backend):
 
     def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
         key_arg = b"" if key is None else b"+" + _text(key)
-        answer = self._run("metrics", queue, [self._clock_arg(), self._kept_minutes, minutes, key_arg])
+        kept = self._kept_minutes if key is None else self._key_kept_minutes
+        answer = self._run("metrics", queue, [self._clock_arg(), kept, minutes, key_arg])
         first, values = float(answer[0]), [int(v) for v in answer[1:]]
         width = len(COUNTERS)
         return [

@@ -51,7 +51,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..backend import (
     DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, Backend, EventSubscription, KeySort, events_option, expired_before,
-    metric_minutes, metrics_window_option, minute_of,
+    key_metrics_window_option, metric_minutes, metrics_window_option, minute_of,
 )
 from ..errors import BackendUnavailable, ConfigurationError
 from ..models import (
@@ -64,7 +64,7 @@ SEQ_ORIGIN = 2**52
 # Version 2 added the metrics and events tables and the keys_backlog index; a version 1
 # file gains them when opened.
 SCHEMA_VERSION = 2
-OPTIONS = ("busy_timeout", "clock", "events", "metrics_window", "synchronous")
+OPTIONS = ("busy_timeout", "clock", "events", "key_metrics_window", "metrics_window", "synchronous")
 EVENTS_KEPT = 10_000
 EVENTS_POLL = 0.05
 WAIT_FIRST_STEP = 0.005
@@ -219,6 +219,9 @@ HOT_QUERIES = {
     "ORDER BY dead_order LIMIT ? OFFSET ?",
     "metrics_expired": "DELETE FROM metrics WHERE (queue, key, minute) IN (SELECT queue, key, minute FROM metrics "
     f"WHERE queue = ? AND minute < ? LIMIT {METRICS_SWEEP_LIMIT})",
+    # Per-key rows when key_metrics_window is shorter than metrics_window.
+    "metrics_expired_keys": "DELETE FROM metrics WHERE (queue, key, minute) IN (SELECT queue, key, minute FROM metrics "
+    f"WHERE queue = ? AND minute < ? AND key <> '' LIMIT {METRICS_SWEEP_LIMIT})",
     "events_trim": "DELETE FROM events WHERE id <= ?",
     "keys_by_backlog": "SELECT key FROM keys WHERE queue = ? AND count > 0 ORDER BY count DESC, key LIMIT ?",
     "keys_with_backlog": "SELECT key FROM keys WHERE queue = ? AND count > 0",
@@ -336,6 +339,7 @@ class SQLiteBackend(Backend):
         busy_timeout: float = 30.0,
         synchronous: str = "normal",
         metrics_window: float = DEFAULT_METRICS_WINDOW,
+        key_metrics_window: float | None = None,
         events: bool = False,
     ) -> None:
         if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, (int, float)) or not busy_timeout > 0:
@@ -349,6 +353,7 @@ class SQLiteBackend(Backend):
         self._busy_timeout = float(busy_timeout)
         self._synchronous = synchronous
         self._metrics_window = metrics_window_option(metrics_window)
+        self._key_metrics_window = key_metrics_window_option(key_metrics_window, self._metrics_window)
         self._events = events_option(events)
         with _WAKEUPS_LOCK:
             self._wakeup = _WAKEUPS.setdefault(self.path, _Wakeup())
@@ -486,7 +491,7 @@ class SQLiteBackend(Backend):
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                tx = _Tx(conn, self._tx_now(conn, write=True), self._metrics_window, self._events)
+                tx = _Tx(conn, self._tx_now(conn, write=True), self._windows(), self._events)
                 result = body(tx)
                 tx.flush()
                 conn.execute("COMMIT")
@@ -509,13 +514,16 @@ class SQLiteBackend(Backend):
             conn = self._connection()
             conn.execute("BEGIN")
             try:
-                return body(_Tx(conn, self._tx_now(conn, write=False), self._metrics_window, self._events))
+                return body(_Tx(conn, self._tx_now(conn, write=False), self._windows(), self._events))
             finally:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
 
         with self._lock:
             return self._retry_busy(attempt)
+
+    def _windows(self) -> tuple[float, float]:
+        return (self._metrics_window, self._key_metrics_window)
 
     def _tx_now(self, conn: sqlite3.Connection, *, write: bool) -> float:
         """The database's clock: this host's time, never behind what is already written."""
@@ -666,12 +674,13 @@ class _Tx:
     """The engine's operations inside one open transaction, mirroring the memory model
     function by function (see sharded_broker/backends/memory.py)."""
 
-    def __init__(self, db: sqlite3.Connection, now: float, metrics_window: float, events: bool) -> None:
+    def __init__(self, db: sqlite3.Connection, now: float, windows: tuple[float, float], events: bool) -> None:
+        """windows: (metrics_window, key_metrics_window)."""
         self.db = db
         self.now = now
         self._queues: dict[str, _QueueRow] = {}
         self._new_queues: set[str] = set()
-        self._metrics_window = metrics_window
+        self._metrics_window, self._key_metrics_window = windows
         self._events_on = events
         # (queue, '' or '+key', minute) -> counts in the order of COUNTERS, written by flush().
         self._counts: dict[tuple[str, str, float], list[int]] = {}
@@ -733,6 +742,10 @@ class _Tx:
         # faster than it is cleaned, and most transactions skip the lookup.
         for queue in created:
             self.db.execute(HOT_QUERIES["metrics_expired"], (queue, expired_before(self.now, self._metrics_window)))
+            if self._key_metrics_window < self._metrics_window:
+                self.db.execute(
+                    HOT_QUERIES["metrics_expired_keys"], (queue, expired_before(self.now, self._key_metrics_window))
+                )
         self._counts.clear()
         if self._events:
             self.db.executemany("INSERT INTO events (queue, type, message_id, key, at) VALUES (?, ?, ?, ?, ?)", self._events)
@@ -1256,7 +1269,7 @@ class _Tx:
         return deleted
 
     def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
-        wanted = metric_minutes(self.now, minutes, self._metrics_window)
+        wanted = metric_minutes(self.now, minutes, self._metrics_window if key is None else self._key_metrics_window)
         rows = self.db.execute(
             HOT_QUERIES["metrics_range"], (queue, "" if key is None else "+" + key, wanted[0], wanted[-1])
         ).fetchall()

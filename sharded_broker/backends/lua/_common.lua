@@ -26,8 +26,11 @@
 --   meta        hash   head, tail (seq counters), order, paused, ready, delayed, leased
 --   readyage    zset   score = enqueued_at, member id, for ready messages (oldest age)
 --   signal      list   wake-up tokens for waiting consumers
---   metrics     hash   "<minute>|<counter>" and "<minute>|<counter>|<key>" -> count
---   metricsidx  zset   score = minute, member = a field of metrics (for expiry)
+--   metrics     hash   "<minute>" (the queue) and "<minute>:<key>" (one key) -> the five
+--                      counts of COUNTERS, comma-separated ("3,3,2,1,0"): one field per
+--                      (key, minute), not one per counter
+--   metricsidx  zset   score = the last minute that keeps the field, member = a field of
+--                      metrics (for expiry; queue and per-key fields have windows of their own)
 --   events      pub/sub channel (not a key; passed in KEYS for its hash tag, which lets
 --               Redis Cluster route it with the queue)
 --
@@ -210,12 +213,17 @@ local function count_key(key)
 end
 
 -- Metrics and events of this call, written once by flush_observed(): per-minute counts
--- summed per field, and events as lines of type\0id\0(+key or nothing)\0time.
-local OBSERVE = { kept = 60, publish = false, counts = {}, minutes = {}, events = {} }
+-- summed per field (a list in the order of COUNTERS), the last minute that keeps each
+-- field, and events as lines of type\0id\0(+key or nothing)\0time.
+local OBSERVE = { kept = 60, key_kept = 60, publish = false, counts = {}, last_kept = {}, events = {} }
+local COUNTER_INDEX = { enqueued = 1, delivered = 2, acked = 3, retried = 4, dead = 5 }
 
--- ARGV[i]: minutes of metrics kept; ARGV[i + 1]: publish events ('1'/'0').
+-- ARGV[i]: minutes of metrics kept, for the queue and per key ("<queue>,<key>");
+-- ARGV[i + 1]: publish events ('1'/'0').
 local function read_observe(argv, i)
-  OBSERVE.kept = tonumber(argv[i])
+  local kept, key_kept = string.match(argv[i], '^(%d+),(%d+)$')
+  OBSERVE.kept = tonumber(kept)
+  OBSERVE.key_kept = tonumber(key_kept)
   OBSERVE.publish = argv[i + 1] == '1'
 end
 
@@ -223,18 +231,40 @@ local function minute_of(t)
   return math.floor(t / 60) * 60
 end
 
-local function bump(field, minute)
-  OBSERVE.counts[field] = (OBSERVE.counts[field] or 0) + 1
-  OBSERVE.minutes[field] = minute
+local function bump(field, index, last_kept)
+  local counts = OBSERVE.counts[field]
+  if not counts then
+    counts = { 0, 0, 0, 0, 0 }
+    OBSERVE.counts[field] = counts
+    OBSERVE.last_kept[field] = last_kept
+  end
+  counts[index] = counts[index] + 1
+end
+
+-- The five counts of a metrics field ("e,d,a,r,x"); zeros when absent or unreadable.
+local function unpack_counts(raw)
+  local counts = { 0, 0, 0, 0, 0 }
+  if raw then
+    local i = 1
+    for n in string.gmatch(raw, '%d+') do
+      if i > 5 then
+        break
+      end
+      counts[i] = tonumber(n)
+      i = i + 1
+    end
+  end
+  return counts
 end
 
 -- Count one lifecycle step of rec (per queue, and per key when it has one) and publish it.
 local function record(counter, rec, now)
   local minute = minute_of(now)
-  local prefix = string.format('%d', minute) .. '|' .. counter
-  bump(prefix, minute)
+  local field = string.format('%d', minute)
+  local index = COUNTER_INDEX[counter]
+  bump(field, index, minute + (OBSERVE.kept - 1) * 60)
   if rec.k then
-    bump(prefix .. '|' .. rec.k, minute)
+    bump(field .. ':' .. rec.k, index, minute + (OBSERVE.key_kept - 1) * 60)
   end
   if OBSERVE.publish then
     OBSERVE.events[#OBSERVE.events + 1] = counter .. '\0' .. rec.id .. '\0' .. (rec.k and ('+' .. rec.k) or '')
@@ -245,18 +275,25 @@ end
 local METRICS_SWEEP_LIMIT = 20
 
 local function flush_observed(now)
-  local created = false
-  for field, n in pairs(OBSERVE.counts) do
-    if redis.call('HINCRBY', K.metrics, field, n) == n then
-      redis.call('ZADD', K.metricsidx, OBSERVE.minutes[field], field)
-      created = true
+  local created = 0
+  for field, added in pairs(OBSERVE.counts) do
+    local raw = redis.call('HGET', K.metrics, field)
+    local counts = unpack_counts(raw)
+    for i = 1, 5 do
+      counts[i] = counts[i] + added[i]
+    end
+    redis.call('HSET', K.metrics, field, table.concat(counts, ','))
+    if not raw then
+      redis.call('ZADD', K.metricsidx, OBSERVE.last_kept[field], field)
+      created = created + 1
     end
   end
-  -- Bounded cleanup of minutes that left the window, only when fields were created: the
-  -- index then never grows faster than it is cleaned, and most calls skip the lookup.
-  if created then
-    local limit = minute_of(now) - (OBSERVE.kept - 1) * 60
-    local old = redis.call('ZRANGEBYSCORE', K.metricsidx, '-inf', '(' .. limit, 'LIMIT', 0, METRICS_SWEEP_LIMIT)
+  -- Bounded cleanup of fields that left their window, only when fields were created (at
+  -- least as many as were created): the index then never grows faster than it is
+  -- cleaned, and most calls skip the lookup.
+  if created > 0 then
+    local old = redis.call('ZRANGEBYSCORE', K.metricsidx, '-inf', '(' .. string.format('%d', minute_of(now)),
+      'LIMIT', 0, math.max(METRICS_SWEEP_LIMIT, created))
     if #old > 0 then
       redis.call('HDEL', K.metrics, unpack(old))
       redis.call('ZREM', K.metricsidx, unpack(old))

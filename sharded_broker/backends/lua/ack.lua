@@ -1,4 +1,4 @@
--- ack_many: settle leases for good. ARGV: clock, metrics minutes kept, publish events (1/0),
+-- ack_many: settle leases for good. ARGV: clock, metrics minutes kept ("<queue>,<key>"), publish events (1/0),
 -- then per lease: id, token.
 -- Answers one 1 (settled) or 0 (token not current) per lease.
 local now = clock(ARGV[1])

@@ -1,5 +1,5 @@
 -- enqueue_many: store messages atomically, in order; answer their ids.
--- ARGV: clock, metrics minutes kept, publish events (1/0), 6 settings, then per message: id, key ('' = unkeyed), priority, delay,
+-- ARGV: clock, metrics minutes kept ("<queue>,<key>"), publish events (1/0), 6 settings, then per message: id, key ('' = unkeyed), priority, delay,
 -- dedup id ('' = none), headers JSON, at_head ('1'/'0'), payload.
 local now = clock(ARGV[1])
 read_observe(ARGV, 2)

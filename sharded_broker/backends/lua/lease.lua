@@ -1,5 +1,5 @@
 -- lease: deliver up to `limit` messages, serving ready keys in fairness order.
--- ARGV: clock, metrics minutes kept, publish events (1/0), 6 settings, limit, per_key,
+-- ARGV: clock, metrics minutes kept ("<queue>,<key>"), publish events (1/0), 6 settings, limit, per_key,
 -- visibility timeout.
 -- Answers {retry_in ('' = nothing scheduled), lease views...}.
 local now = clock(ARGV[1])

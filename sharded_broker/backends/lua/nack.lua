@@ -1,5 +1,5 @@
 -- nack: return a leased message for retry after a delay, or dead-letter it.
--- ARGV: clock, metrics minutes kept, publish events (1/0), 6 settings, id, token, delay,
+-- ARGV: clock, metrics minutes kept ("<queue>,<key>"), publish events (1/0), 6 settings, id, token, delay,
 -- dead ('1'/'0'), reason ('' = none).
 -- Answers 1, or 0 when the token is not current (nothing changed).
 local now = clock(ARGV[1])
