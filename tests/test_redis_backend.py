@@ -76,7 +76,7 @@ def test_there_is_one_script_per_operation() -> None:
     names = {path.stem for path in lua_files()}
     assert names >= {
         "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_paused", "stats",
-        "dead_letters", "replay", "purge", "bind", "unbind",
+        "dead_letters", "dead_order", "replay", "purge", "bind", "unbind",
     }
 
 
@@ -131,6 +131,78 @@ def test_scripts_are_loaded_once_and_reloaded_after_a_script_flush(
     admin.script_flush()
     assert broker.ack_many(leases) == [True] * len(leases)  # several queues: the pipelined path
     assert other in [lease.id for lease in leases]
+
+
+# -- compact metrics, chunked purge and replay ------------------------------------------
+
+
+def queue_key(name: str) -> str:
+    return f"sb:{{{Q}}}:{name}"
+
+
+def test_each_key_minute_is_one_metrics_field_and_one_index_entry(
+    broker: sharded_broker.Broker, admin: redis.Redis
+) -> None:
+    broker.configure_queue(Q, max_deliveries=2)
+    broker.enqueue_many(Q, [Message(b"x", key=f"k{i}") for i in range(10)] + [Message(b"u")])
+    leases = broker.lease(Q, 100)
+    broker.ack_many(leases[:5])
+    for lease in leases[5:]:
+        broker.nack(lease)
+    # Every counter was used this minute, yet: one field for the queue, one per key.
+    assert admin.hlen(queue_key("metrics")) == 11
+    assert admin.zcard(queue_key("metricsidx")) == 11
+    assert [(r.enqueued, r.delivered, r.acked, r.retried) for r in broker.metrics(Q, 1)] == [(11, 11, 5, 6)]
+
+
+def test_purge_of_many_messages_is_chunked_and_consistent_between_chunks(
+    broker: sharded_broker.Broker, admin: redis.Redis, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ready keys sort by name, so the first chunk (1,000) takes all of k0 and k1.
+    broker.enqueue_many(Q, [Message(f"{i}".encode(), key=f"k{i % 5}") for i in range(2_500)])
+    backend = broker.backend
+    run = backend._run
+    between_chunks = []
+
+    def observed_run(script, queue, args):  # type: ignore[no-untyped-def]
+        answer = run(script, queue, args)
+        if script == "purge":
+            # Another client, served while the purge is under way, sees a consistent queue.
+            with sharded_broker.connect(redis_url) as other:
+                backlogs = {key: other.key_info(Q, key).backlog for key in ("k0", "k1", "k2")}
+            ready_keys = sorted(m[16:].decode() for m in admin.zrange(queue_key("keyq"), 0, -1))
+            between_chunks.append((backlogs, ready_keys))
+        return answer
+
+    broker.purge("elsewhere")  # loads the scripts used below, so every call counted runs
+    broker.key_info(Q, "k0")
+    monkeypatch.setattr(backend, "_run", observed_run)
+    before = command_calls(admin)
+    assert broker.purge(Q) == 2_500
+    assert calls_between(before, command_calls(admin), "evalsha") == 3 + 3 * 3  # 3 chunks, 3 key_info each
+    assert between_chunks[0] == ({"k0": 0, "k1": 0, "k2": 500}, ["k2", "k3", "k4"])
+    assert between_chunks[-1] == ({"k0": 0, "k1": 0, "k2": 0}, [])
+    assert broker.stats(Q).ready == 0 and broker.keys(Q) == []
+
+
+def test_replay_of_many_dead_letters_is_chunked(redis_url: str, admin: redis.Redis) -> None:
+    from support.backends import FakeClock
+
+    clock = FakeClock()
+    with sharded_broker.connect(redis_url, clock=clock) as broker:
+        broker.configure_queue(Q, max_deliveries=1)
+        broker.enqueue_many(Q, [Message(f"{i}".encode()) for i in range(2_500)])
+        broker.lease(Q, 2_500, visibility_timeout=1)
+        clock.advance(2)
+        while broker.stats(Q).dead < 2_500:
+            broker.lease(Q)
+        broker.replay("elsewhere", [f"x{i}" for i in range(1_001)])  # loads the scripts counted below
+        broker.replay("elsewhere")
+        before = command_calls(admin)
+        assert broker.replay(Q) == 2_500
+        # Three chunks: where each goes (dead_order), then the replay itself.
+        assert calls_between(before, command_calls(admin), "evalsha") == 6
+        assert [lease.payload for lease in broker.lease(Q, 10_000)] == [f"{i}".encode() for i in range(2_500)]
 
 
 # -- round trips and waiting ----------------------------------------------------------

@@ -65,9 +65,13 @@ QUEUE_KEYS = (
 )
 QUEUE_SCRIPTS = (
     "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_paused", "stats",
-    "dead_letters", "replay", "purge", "metrics", "keys",
+    "dead_letters", "dead_order", "replay", "purge", "metrics", "keys",
 )
 EXCHANGE_SCRIPTS = ("bind", "unbind")
+
+# Purge and replay of many messages work in script calls of at most this many messages,
+# so that no call blocks Redis for long (about a millisecond per hundred messages).
+CHUNK = 1000
 
 # wait() blocks at most this long per BLPOP: a wake-up token normally ends it at once, and
 # a missed token (taken by another waiter) costs at most this delay.
@@ -414,11 +418,62 @@ class RedisBackend(Backend):
         return letters
 
     def replay(self, queue: str, ids: Sequence[str] | None, position: RetryPosition) -> int:
-        args: list[Any] = [self._clock_arg(), position, "1" if ids is None else "0", *(ids or ())]
-        return int(self._run("replay", queue, args))
+        """Up to ``CHUNK`` dead letters are replayed in one atomic script call. More are
+        replayed in chunks of ``CHUNK``, so Redis serves other clients between them: the
+        client first reads where each goes (priority, then seq: the order of a replay done
+        at once) and replays them chunk by chunk in that order. Replaying all replays the
+        dead letters there when it started, not those that die meanwhile."""
+        dead_key = self._keys(queue)[QUEUE_KEYS.index("dead")]
+        if ids is None:
+            with self._errors():
+                small = self._client.zcard(dead_key) <= CHUNK
+            if small:
+                return int(self._run("replay", queue, [self._clock_arg(), position, "1"]))
+            ids = self._all_dead(dead_key)
+        ids = list(dict.fromkeys(ids))
+        if len(ids) <= CHUNK:
+            return int(self._run("replay", queue, [self._clock_arg(), position, "0", *ids]))
+        places: list[tuple[int, int, bytes]] = []
+        for start in range(0, len(ids), CHUNK):
+            rows = self._run("dead_order", queue, [_text(i) for i in ids[start : start + CHUNK]])
+            places.extend((int(priority), int(seq), mid) for mid, priority, seq in rows)
+        places.sort(key=lambda place: place[:2])
+        chunks = [places[start : start + CHUNK] for start in range(0, len(places), CHUNK)]
+        if position == "head":
+            chunks.reverse()  # each chunk takes seqs ahead of the chunk after it
+        moved = 0
+        for chunk in chunks:
+            moved += int(self._run("replay", queue, [self._clock_arg(), position, "0", *(mid for _, _, mid in chunk)]))
+        return moved
+
+    def _all_dead(self, dead_key: str) -> list[str]:
+        """The ids of the dead letters there now, in order of death, read page by page."""
+        with self._errors():
+            newest = self._client.zrevrange(dead_key, 0, 0, withscores=True)
+            if not newest:
+                return []
+            last = newest[0][1]
+            ids: list[str] = []
+            after = "-inf"
+            while True:
+                page = self._client.zrangebyscore(dead_key, after, last, start=0, num=CHUNK, withscores=True)
+                ids.extend(_str(mid) for mid, _ in page)
+                if len(page) < CHUNK:
+                    return ids
+                after = f"({page[-1][1]!r}"
 
     def purge(self, queue: str, dead: bool) -> int:
-        return int(self._run("purge", queue, ["1" if dead else "0"]))
+        """Deletes in chunks of at most ``CHUNK`` messages, one script call each, so Redis
+        serves other clients between chunks; each chunk is atomic and leaves the queue
+        consistent. It deletes at most as many messages as were there when it started:
+        messages enqueued meanwhile may be among them (in place of as many older ones)."""
+        deleted, budget = 0, ""
+        while True:
+            chunk_deleted, left = self._run("purge", queue, [self._clock_arg(), "1" if dead else "0", budget, CHUNK])
+            deleted += int(chunk_deleted)
+            budget = int(left)
+            if budget <= 0 or not chunk_deleted:
+                return deleted
 
     def bind(self, exchange: str, queue: str) -> None:
         with self._errors():

@@ -1,25 +1,52 @@
--- purge: delete every ready and delayed message, or (dead = '1') every dead letter.
--- Leased messages are left to their holders. ARGV: dead ('1'/'0'). Answers how many.
--- Not a hot path: it visits every message it deletes.
-local members = {}
-if ARGV[1] == '1' then
-  for _, member in ipairs(redis.call('ZRANGE', K.dead, 0, -1)) do
-    members[#members + 1] = { 'dead', member }
+-- purge: delete ready and delayed messages, or (dead = '1') dead letters, one bounded chunk
+-- per call (the client calls again until done), so Redis serves other clients between
+-- chunks. Leased messages are left to their holders.
+-- ARGV: clock, dead ('1'/'0'), budget ('' on the first call: as many as are there now),
+-- chunk (most messages deleted by this call).
+-- Answers {how many this call deleted, budget left}. After every call the queue is
+-- consistent: a key whose waiting messages are all gone leaves the ready order, a key with
+-- messages left keeps its place in it.
+local now = clock(ARGV[1])
+local dead = ARGV[2] == '1'
+local budget = tonumber(ARGV[3])
+if not budget then
+  if dead then
+    budget = redis.call('ZCARD', K.dead)
+  else
+    budget = redis.call('ZCARD', K.ready) + redis.call('ZCARD', K.lane) + redis.call('ZCARD', K.delayed)
   end
-else
-  for _, part in ipairs({ { 'ready', redis.call('ZRANGE', K.ready, 0, -1) },
-    { 'lane', redis.call('ZRANGE', K.lane, 0, -1) }, { 'delayed', redis.call('ZRANGE', K.delayed, 0, -1) } }) do
-    for _, member in ipairs(part[2]) do
-      members[#members + 1] = { part[1], member }
+end
+local room = math.min(budget, tonumber(ARGV[4]))
+local parts = dead and { 'dead' } or { 'ready', 'lane', 'delayed' }
+
+local function first_members(index, count)
+  if index == 'ready' then
+    return redis.call('ZRANGE', K.ready, 0, count - 1)
+  elseif index == 'lane' then
+    return redis.call('ZRANGE', K.lane, 0, count - 1)
+  elseif index == 'delayed' then
+    return redis.call('ZRANGE', K.delayed, 0, count - 1)
+  end
+  return redis.call('ZRANGE', K.dead, 0, count - 1)
+end
+
+local touched = {}
+local deleted = 0
+for _, index in ipairs(parts) do
+  if room - deleted <= 0 then
+    break
+  end
+  for _, member in ipairs(first_members(index, room - deleted)) do
+    local rec = entry_record(index, member, now)
+    if rec.k and not dead then
+      touched[rec.k] = true
     end
+    forget(rec)
+    deleted = deleted + 1
   end
 end
-for _, entry in ipairs(members) do
-  forget(entry_record(entry[1], entry[2], 0))
-end
-if ARGV[1] ~= '1' then
-  -- No message is ready any more, so no key has a ready time.
-  redis.call('DEL', K.keyq, K.keyentry)
+for key in pairs(touched) do
+  schedule(key, now, true)
 end
 flush()
-return #members
+return { deleted, budget - deleted }
