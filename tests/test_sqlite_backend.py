@@ -303,12 +303,42 @@ def test_hot_statements_read_through_indexes(db_url: str) -> None:
         broker.resume("jobs", key="k4")
         broker.stats("jobs")
         broker.dead_letters("jobs")
+        broker.purge("jobs")
+        broker.purge("jobs", dead=True)
     finally:
         conn.set_trace_callback(None)
     checked = [s for s in statements if s.split()[0].upper() in ("SELECT", "UPDATE", "DELETE", "INSERT")]
     assert len(checked) > 20
     offenders = {s: scans for s in checked if (scans := _full_scans(conn, s))}
     assert offenders == {}
+
+
+def test_a_large_purge_commits_chunk_by_chunk_so_others_write_between(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = sharded_broker.connect(db_url)
+    other = sharded_broker.connect(db_url, busy_timeout=0.5)  # a connection of its own
+    broker.enqueue_many("jobs", [Message(f"{i}".encode(), key=f"k{i % 5}") for i in range(2_500)])
+    backend = broker.backend
+    write = backend._write
+    between_chunks = []
+
+    def observed_write(body, **options):  # type: ignore[no-untyped-def]
+        answer = write(body, **options)
+        # The write lock is free between chunks: another connection writes and reads a
+        # consistent queue (keys k0 and k1, ordered first, are gone after the first chunk).
+        other.enqueue("elsewhere", b"between chunks")
+        between_chunks.append([other.key_info("jobs", f"k{i}").backlog for i in range(5)])
+        return answer
+
+    monkeypatch.setattr(backend, "_write", observed_write)
+    assert broker.purge("jobs") == 2_500
+    assert between_chunks == [[0, 0, 500, 500, 500], [0, 0, 0, 0, 500], [0, 0, 0, 0, 0]]
+    assert other.stats("elsewhere").ready == 3
+    monkeypatch.undo()
+    assert broker.stats("jobs").ready == 0 and broker.keys("jobs") == []
+    broker.close()
+    other.close()
 
 
 # -- one clock per database --------------------------------------------------------------------

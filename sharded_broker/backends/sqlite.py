@@ -67,6 +67,9 @@ SCHEMA_VERSION = 2
 OPTIONS = ("busy_timeout", "clock", "events", "key_metrics_window", "metrics_window", "synchronous")
 EVENTS_KEPT = 10_000
 EVENTS_POLL = 0.05
+# A purge deletes at most this many messages per transaction, so that it never holds the
+# write lock for long.
+PURGE_CHUNK = 1000
 WAIT_FIRST_STEP = 0.005
 WAIT_MAX_STEP = 0.1
 
@@ -603,7 +606,18 @@ class SQLiteBackend(Backend):
         return self._write(lambda tx: tx.replay(queue, ids, position), notify=True)
 
     def purge(self, queue: str, dead: bool) -> int:
-        return self._write(lambda tx: tx.purge(queue, dead))
+        """Deletes in transactions of at most ``PURGE_CHUNK`` messages, so other
+        connections write between them; each leaves the queue consistent. It deletes at
+        most as many messages as were there when it started: messages enqueued meanwhile
+        may be among them (in place of as many older ones)."""
+        deleted, budget = 0, None
+        while True:
+            chunk_deleted, budget = self._write(
+                lambda tx, budget=budget: tx.purge_chunk(queue, dead, budget, PURGE_CHUNK)
+            )
+            deleted += chunk_deleted
+            if budget <= 0 or not chunk_deleted:
+                return deleted
 
     def bind(self, exchange: str, queue: str) -> None:
         self._write(lambda tx: tx.db.execute("INSERT OR IGNORE INTO bindings VALUES (?, ?)", (exchange, queue)))
@@ -1244,29 +1258,43 @@ class _Tx:
                 self._schedule(q, key, self.now, keep_place=True)
         return len(rows)
 
-    def purge(self, queue: str, dead: bool) -> int:
+    def purge_chunk(self, queue: str, dead: bool, budget: int | None, chunk: int) -> tuple[int, int]:
+        """Delete at most ``chunk`` (and at most ``budget``; None: as many as there are
+        now) ready and delayed messages, or dead letters: (how many, budget left). Keys
+        whose waiting messages are all gone leave the ready order; the others keep their
+        place."""
         q = self.queue(queue, create=False)
         if q is None:
-            return 0
+            return 0, 0
+        if budget is None:
+            budget = q.dead if dead else q.ready + q.delayed
+        room = min(budget, chunk)
         if dead:
-            deleted = self.db.execute("DELETE FROM messages WHERE queue = ? AND state = 'dead'", (queue,)).rowcount
-            q.dead = 0
-            return deleted
+            deleted = self.db.execute(
+                "DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE queue = ? AND state = 'dead' "
+                "ORDER BY dead_order LIMIT ?)",
+                (queue, room),
+            ).rowcount
+            q.dead -= deleted
+            return deleted, budget - deleted
         deleted = 0
-        # One state at a time, so each statement reads through that state's partial index.
-        for state in ("ready", "delayed"):
-            per_key = self.db.execute(
-                f"SELECT key, COUNT(*) FROM messages WHERE queue = ? AND state = '{state}' AND key IS NOT NULL "
-                "GROUP BY key",
-                (queue,),
+        touched: dict[str, int] = {}
+        # One state at a time, in the order of that state's partial index.
+        for state, order in (("ready", "key, priority, seq"), ("delayed", "not_before, timer_order")):
+            rows = self.db.execute(
+                f"SELECT id, key FROM messages WHERE queue = ? AND state = '{state}' ORDER BY {order} LIMIT ?",
+                (queue, room - deleted),
             ).fetchall()
-            deleted += self.db.execute(f"DELETE FROM messages WHERE queue = ? AND state = '{state}'", (queue,)).rowcount
-            for key, n in per_key:
-                self._uncount_key(q, key, n)
-        # No key has a ready message left, so none stays in the ready order.
-        self.db.execute("UPDATE keys SET ready_at = NULL, ready_order = NULL WHERE queue = ? AND ready_at IS NOT NULL", (queue,))
-        q.ready = q.delayed = 0
-        return deleted
+            self.db.executemany("DELETE FROM messages WHERE id = ?", [(mid,) for mid, _ in rows])
+            q.count(state, -len(rows))
+            deleted += len(rows)
+            for _, key in rows:
+                if key is not None:
+                    touched[key] = touched.get(key, 0) + 1
+        for key, n in touched.items():
+            self._uncount_key(q, key, n)
+            self._schedule(q, key, self.now, keep_place=True)
+        return deleted, budget - deleted
 
     def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
         wanted = metric_minutes(self.now, minutes, self._metrics_window if key is None else self._key_metrics_window)
