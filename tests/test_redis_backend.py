@@ -149,9 +149,13 @@ def test_each_key_minute_is_one_metrics_field_and_one_index_entry(
     broker.ack_many(leases[:5])
     for lease in leases[5:]:
         broker.nack(lease)
-    # Every counter was used this minute, yet: one field for the queue, one per key.
+    # Every counter was used this minute, yet: one field for the queue, one per key, and
+    # one expiry entry each (the keys' in a list, a few bytes each).
     assert admin.hlen(queue_key("metrics")) == 11
-    assert admin.zcard(queue_key("metricsidx")) == 11
+    assert admin.zcard(queue_key("metricsidx")) == 1
+    assert sorted(admin.lrange(queue_key("metricskeys"), 0, -1)) == sorted(
+        f"{int(broker.metrics(Q, 1)[0].minute)}:k{i}".encode() for i in range(10)
+    )
     assert [(r.enqueued, r.delivered, r.acked, r.retried) for r in broker.metrics(Q, 1)] == [(11, 11, 5, 6)]
 
 

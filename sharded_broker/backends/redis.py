@@ -61,7 +61,7 @@ from ..validation import queue_name
 QUEUE_KEYS = (
     "msgs", "payloads", "ready", "lane", "keyq", "keyentry", "slots", "backlog", "intervals",
     "lastdeliv", "paused", "delayed", "leases", "dedup", "dedupexp", "dead", "batches", "meta",
-    "readyage", "signal", "metrics", "metricsidx", "events",
+    "readyage", "signal", "metrics", "metricsidx", "events", "metricskeys",
 )
 QUEUE_SCRIPTS = (
     "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_paused", "stats",

@@ -37,7 +37,7 @@ def soak(redis_url: str, events: Path, *, per_key: int, rounds: int, workers: in
             sizes = {key: admin.memory_usage(key, samples=0) for key in admin.keys("*")}
             # Per-minute metrics are kept for their window (an hour by default) on purpose:
             # bounded by time, not by the work done; everything else must be back to nothing.
-            metrics = {key: sizes.pop(key) for key in list(sizes) if key.endswith((b":metrics", b":metricsidx"))}
+            metrics = {key: sizes.pop(key) for key in list(sizes) if key.endswith((b":metrics", b":metricsidx", b":metricskeys"))}
             redis_memory.append(admin.info("memory")["used_memory"] - sum(metrics.values()))
             leftovers.append(sizes)
             latest: dict[int, int] = {}

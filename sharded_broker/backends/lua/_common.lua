@@ -29,8 +29,11 @@
 --   metrics     hash   "<minute>" (the queue) and "<minute>:<key>" (one key) -> the five
 --                      counts of COUNTERS, comma-separated ("3,3,2,1,0"): one field per
 --                      (key, minute), not one per counter
---   metricsidx  zset   score = the last minute that keeps the field, member = a field of
---                      metrics (for expiry; queue and per-key fields have windows of their own)
+--   metricsidx  zset   score = the last minute that keeps the field, member = a queue
+--                      field of metrics (for expiry)
+--   metricskeys list   the per-key fields of metrics in the order they were created, so
+--                      oldest minute first (for expiry: a list entry costs a few bytes more
+--                      than its text, a zset entry about a hundred)
 --   events      pub/sub channel (not a key; passed in KEYS for its hash tag, which lets
 --               Redis Cluster route it with the queue)
 --
@@ -46,7 +49,7 @@ local K = {
   lastdeliv = KEYS[10], paused = KEYS[11], delayed = KEYS[12], leases = KEYS[13],
   dedup = KEYS[14], dedupexp = KEYS[15], dead = KEYS[16], batches = KEYS[17], meta = KEYS[18],
   readyage = KEYS[19], signal = KEYS[20], metrics = KEYS[21], metricsidx = KEYS[22],
-  events = KEYS[23],
+  events = KEYS[23], metricskeys = KEYS[24],
 }
 
 -- Tail seqs count up from here and head seqs count down, so every head seq sorts first.
@@ -214,7 +217,8 @@ end
 
 -- Metrics and events of this call, written once by flush_observed(): per-minute counts
 -- summed per field (a list in the order of COUNTERS), the last minute that keeps each
--- field, and events as lines of type\0id\0(+key or nothing)\0time.
+-- queue field (false for a per-key field), and events as lines of
+-- type\0id\0(+key or nothing)\0time.
 local OBSERVE = { kept = 60, key_kept = 60, publish = false, counts = {}, last_kept = {}, events = {} }
 local COUNTER_INDEX = { enqueued = 1, delivered = 2, acked = 3, retried = 4, dead = 5 }
 
@@ -264,7 +268,7 @@ local function record(counter, rec, now)
   local index = COUNTER_INDEX[counter]
   bump(field, index, minute + (OBSERVE.kept - 1) * 60)
   if rec.k then
-    bump(field .. ':' .. rec.k, index, minute + (OBSERVE.key_kept - 1) * 60)
+    bump(field .. ':' .. rec.k, index, false)
   end
   if OBSERVE.publish then
     OBSERVE.events[#OBSERVE.events + 1] = counter .. '\0' .. rec.id .. '\0' .. (rec.k and ('+' .. rec.k) or '')
@@ -273,6 +277,25 @@ local function record(counter, rec, now)
 end
 
 local METRICS_SWEEP_LIMIT = 20
+-- At most this many fields forgotten per call, however many it created.
+local METRICS_SWEEP_MAX = 1000
+
+-- Forget up to `limit` per-key fields that left the key window, oldest first.
+local function sweep_key_fields(current, limit)
+  local oldest = redis.call('LRANGE', K.metricskeys, 0, limit - 1)
+  local expired = 0
+  for _, field in ipairs(oldest) do
+    local minute = tonumber(string.match(field, '^%d+')) or 0
+    if minute + (OBSERVE.key_kept - 1) * 60 >= current then
+      break -- created in time order: the rest are younger
+    end
+    expired = expired + 1
+  end
+  if expired > 0 then
+    redis.call('HDEL', K.metrics, unpack(oldest, 1, expired))
+    redis.call('LTRIM', K.metricskeys, expired, -1)
+  end
+end
 
 local function flush_observed(now)
   local created = 0
@@ -284,19 +307,28 @@ local function flush_observed(now)
     end
     redis.call('HSET', K.metrics, field, table.concat(counts, ','))
     if not raw then
-      redis.call('ZADD', K.metricsidx, OBSERVE.last_kept[field], field)
+      if OBSERVE.last_kept[field] then
+        redis.call('ZADD', K.metricsidx, OBSERVE.last_kept[field], field)
+      else
+        redis.call('RPUSH', K.metricskeys, field)
+      end
       created = created + 1
     end
   end
   -- Bounded cleanup of fields that left their window, only when fields were created (at
-  -- least as many as were created): the index then never grows faster than it is
-  -- cleaned, and most calls skip the lookup.
+  -- least as many as were created, up to METRICS_SWEEP_MAX): the index then does not
+  -- grow faster than it is cleaned, and most calls skip the lookup.
   if created > 0 then
-    local old = redis.call('ZRANGEBYSCORE', K.metricsidx, '-inf', '(' .. string.format('%d', minute_of(now)),
-      'LIMIT', 0, math.max(METRICS_SWEEP_LIMIT, created))
+    local limit = math.min(METRICS_SWEEP_MAX, math.max(METRICS_SWEEP_LIMIT, created))
+    local current = minute_of(now)
+    local old = redis.call('ZRANGEBYSCORE', K.metricsidx, '-inf', '(' .. string.format('%d', current),
+      'LIMIT', 0, limit)
     if #old > 0 then
       redis.call('HDEL', K.metrics, unpack(old))
       redis.call('ZREM', K.metricsidx, unpack(old))
+    end
+    if limit > #old then
+      sweep_key_fields(current, limit - #old)
     end
   end
   if #OBSERVE.events > 0 then
