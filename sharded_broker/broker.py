@@ -72,7 +72,8 @@ def connect(url: str = "memory://", **options: Any) -> "Broker":
     ``unique_while_pending``, ``visibility_timeout``), ``queues`` (a mapping of queue
     name to settings for that queue), ``max_payload_size``, and the backend's own options;
     every backend takes ``metrics_window`` (seconds of per-minute metrics kept, default
-    3600) and ``events`` (publish lifecycle events; default on for memory:// and redis://,
+    3600), ``key_metrics_window`` (the same for each shard key's minutes, at most
+    ``metrics_window``, which is its default) and ``events`` (publish lifecycle events; default on for memory:// and redis://,
     off for sqlite://, where each event is a row written).
     """
     settings_options = {k: options.pop(k) for k in list(options) if k in check.QUEUE_SETTING_NAMES}
@@ -312,14 +313,19 @@ class Broker:
         return self.backend.replay(check.queue_name(queue), ids, position)
 
     def purge(self, queue: str, *, dead: bool = False) -> int:
-        """Delete every waiting message (``dead=True``: every dead letter); how many."""
+        """Delete every waiting message (``dead=True``: every dead letter); how many.
+
+        Redis and SQLite delete in atomic chunks of at most 1,000 messages, the queue
+        consistent after each; at most as many messages as were there when it started are
+        deleted (messages enqueued meanwhile may be among them)."""
         return self.backend.purge(check.queue_name(queue), bool(dead))
 
     def metrics(self, queue: str, minutes: int = 60, *, key: str | None = None) -> list[MinuteMetrics]:
         """Per-minute counts of enqueued, delivered, acked, retried and dead-lettered
         messages of ``queue`` (or of one shard ``key`` in it), oldest minute first: one
         entry per minute, zeros included, for the last ``minutes`` minutes (the current
-        one included) that the backend's ``metrics_window`` still keeps."""
+        one included) that the backend's ``metrics_window`` (for a key:
+        ``key_metrics_window``) still keeps."""
         return self.backend.metrics(
             check.queue_name(queue),
             check.positive_int(minutes, "minutes", maximum=MAX_METRICS_MINUTES),

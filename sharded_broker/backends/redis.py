@@ -22,9 +22,14 @@ Guarantees, beyond the contract of :class:`~sharded_broker.backend.Backend`:
   makes about two calls a second.
 * Connection failures raise :class:`~sharded_broker.BackendUnavailable` naming the URL
   with its password redacted.
-* Metrics are counted inside the enqueue, lease, ack and nack scripts (one hash of
-  per-minute fields and a zset indexing them by minute, cleaned a few fields per call);
-  per-key backlogs live in a zset, so the largest backlogs are read without a scan.
+* Metrics are counted inside the enqueue, lease, ack and nack scripts: one hash field per
+  (key, minute) and per queue minute holding the five counts, expired through a zset (the
+  queue's minutes) and a list in creation order (the keys' minutes), a bounded number of
+  fields per call; per-key backlogs live in a zset, so the largest backlogs are read
+  without a scan.
+* ``purge`` and ``replay`` of more than ``CHUNK`` (1,000) messages run as several script
+  calls of at most ``CHUNK`` messages each, every one atomic and leaving the queue
+  consistent, so Redis serves other clients between them.
 * Events (on by default: ``events=False`` turns them off) are one ``PUBLISH`` per script
   call on the channel ``<prefix>:{<queue>}:events``, carrying every event of the call;
   Redis pub/sub is fire-and-forget, so a subscriber sees only what happens while it is

@@ -25,10 +25,13 @@ backend as the reference model):
   never reuses its parent's connection; it opens its own on first use).
 - ``wait`` never spins: it sleeps 5 ms, doubling to 100 ms, between polls, and wakes at
   once when this process enqueues, acks or returns a message.
-- Metrics are rows per (queue, key, minute), summed in memory during a transaction and
-  upserted at its end; a transaction that creates rows forgets at most a few expired ones
-  (``metrics_window``, default 3600 seconds). Per-key backlogs are an index on the keys
+- Metrics are rows per (queue, key, minute) with the five counts, summed in memory during
+  a transaction and upserted at its end; a transaction that creates rows forgets at most a
+  few expired ones (``metrics_window``, default 3600 seconds; per-key rows
+  ``key_metrics_window``, default the same). Per-key backlogs are an index on the keys
   table, so the largest backlogs are read without a scan.
+- ``purge`` deletes in transactions of at most ``PURGE_CHUNK`` (1,000) messages, so the
+  write lock is never held for long; the queue is consistent after each.
 - Events (``events=True``; off by default, as each one is a row written) go to an
   ``events`` table capped at ``EVENTS_KEPT`` rows (each transaction deletes as many old
   rows as it adds); subscribers tail it by polling every 50 ms, in any process. A

@@ -39,6 +39,10 @@ def soak(redis_url: str, events: Path, *, per_key: int, rounds: int, workers: in
             # bounded by time, not by the work done; everything else must be back to nothing.
             metrics = {key: sizes.pop(key) for key in list(sizes) if key.endswith((b":metrics", b":metricsidx", b":metricskeys"))}
             redis_memory.append(admin.info("memory")["used_memory"] - sum(metrics.values()))
+            # The metrics themselves: one field per active (key, minute), with its expiry
+            # entry, about 110 bytes (docs/operations.md); 697 before they were packed.
+            key_minutes = admin.hlen(f"sb:{{{Q}}}:metrics")
+            assert sum(metrics.values()) <= 200 * key_minutes, (sum(metrics.values()), key_minutes)
             leftovers.append(sizes)
             latest: dict[int, int] = {}
             for event in pool.read():
