@@ -174,6 +174,8 @@ def test_purge_of_many_messages_is_chunked_and_consistent_between_chunks(
             # Another client, served while the purge is under way, sees a consistent queue.
             with sharded_broker.connect(redis_url) as other:
                 backlogs = {key: other.key_info(Q, key).backlog for key in ("k0", "k1", "k2")}
+                if not between_chunks:  # enqueued while the purge runs: beyond its count
+                    other.enqueue_many(Q, [Message(b"late", key="late")] * 10)
             ready_keys = sorted(m[16:].decode() for m in admin.zrange(queue_key("keyq"), 0, -1))
             between_chunks.append((backlogs, ready_keys))
         return answer
@@ -183,10 +185,12 @@ def test_purge_of_many_messages_is_chunked_and_consistent_between_chunks(
     monkeypatch.setattr(backend, "_run", observed_run)
     before = command_calls(admin)
     assert broker.purge(Q) == 2_500
-    assert calls_between(before, command_calls(admin), "evalsha") == 3 + 3 * 3  # 3 chunks, 3 key_info each
-    assert between_chunks[0] == ({"k0": 0, "k1": 0, "k2": 500}, ["k2", "k3", "k4"])
-    assert between_chunks[-1] == ({"k0": 0, "k1": 0, "k2": 0}, [])
-    assert broker.stats(Q).ready == 0 and broker.keys(Q) == []
+    # 3 chunks; between them 3 key_info calls each and one enqueue_many.
+    assert calls_between(before, command_calls(admin), "evalsha") == 3 + 3 * 3 + 1
+    assert between_chunks[0] == ({"k0": 0, "k1": 0, "k2": 500}, ["k2", "k3", "k4", "late"])
+    assert between_chunks[-1] == ({"k0": 0, "k1": 0, "k2": 0}, ["late"])
+    # It deleted as many as the queue held when it started: here, exactly those.
+    assert broker.stats(Q).ready == 10 and [info.key for info in broker.keys(Q)] == ["late"]
 
 
 def test_replay_of_many_dead_letters_is_chunked(redis_url: str, admin: redis.Redis) -> None:
