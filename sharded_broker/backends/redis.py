@@ -75,7 +75,7 @@ QUEUE_SCRIPTS = (
 EXCHANGE_SCRIPTS = ("bind", "unbind")
 
 # Purge and replay of many messages work in script calls of at most this many messages,
-# so that no call blocks Redis for long (about a millisecond per hundred messages).
+# so that no call blocks Redis for long (measured 8-30 ms per call).
 CHUNK = 1000
 
 # wait() blocks at most this long per BLPOP: a wake-up token normally ends it at once, and
