@@ -307,7 +307,10 @@ class Broker:
         if position not in ("head", "tail"):
             raise InvalidArgument(f"position must be 'head' or 'tail', not {position!r}")
         if ids is not None:
-            if isinstance(ids, str) or not all(isinstance(i, str) for i in ids):
+            if isinstance(ids, str) or not isinstance(ids, Iterable):
+                raise InvalidArgumentType(f"ids must be a sequence of message id strings, not {type(ids).__name__}")
+            ids = list(ids)  # read once: an iterator checked here would be empty below
+            if not all(isinstance(i, str) for i in ids):
                 raise InvalidArgumentType("ids must be a sequence of message id strings")
             ids = [check.utf8_text(i, "message id") for i in ids]
         return self.backend.replay(check.queue_name(queue), ids, position)

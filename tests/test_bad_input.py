@@ -329,6 +329,7 @@ def test_one_bad_message_refuses_the_whole_batch(queued: Broker) -> None:
         (lambda b: b.replay(Q, position="middle"), InvalidArgument, ["position", "'middle'"]),
         (lambda b: b.replay(Q, "some-id"), InvalidArgumentType, ["ids"]),
         (lambda b: b.replay(Q, [1, 2]), InvalidArgumentType, ["ids"]),
+        (lambda b: b.replay(Q, 42), InvalidArgumentType, ["ids", "int"]),
         (lambda b: b.set_interval(Q, "a", -1), InvalidArgument, ["interval", ">= 0"]),
         (lambda b: b.set_interval(Q, "a", "1"), InvalidArgumentType, ["interval", "str"]),
     ],

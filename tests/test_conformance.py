@@ -541,6 +541,14 @@ def test_replay_chosen_ids(broker: Broker, clock: FakeClock) -> None:
     assert broker.replay("elsewhere") == 0
 
 
+def test_replay_ids_from_a_generator(broker: Broker, clock: FakeClock) -> None:
+    # Read once: checking the ids must not use up an iterator and replay nothing.
+    kill_two(broker, clock)
+    first, second = broker.dead_letters(Q)
+    assert broker.replay(Q, (d.id for d in [second])) == 1
+    assert [d.id for d in broker.dead_letters(Q)] == [first.id]
+
+
 def test_purge_dead_letters(broker: Broker, clock: FakeClock) -> None:
     kill_two(broker, clock)
     assert broker.purge(Q, dead=True) == 2
