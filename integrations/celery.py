@@ -343,14 +343,19 @@ class Channel(virtual.Channel):
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         headers = message.setdefault("headers", {})
         key = self.connection.shard_keys.resolve(message, lambda: self._decode_task_body(message))
-        retry = bool(headers.get("retries")) and "task" in headers
+        # A retry returns to the head of its key and, with a countdown, holds the key
+        # (unless the queue's retry_position is "tail", as for any other returned message).
+        retry = (
+            bool(headers.get("retries"))
+            and "task" in headers
+            and self.broker.settings(queue).retry_position == "head"
+        )
         self.broker.enqueue(
             queue,
             json_dumps(message).encode(),
             key=key,
             priority=self._get_message_priority(message, reverse=False),
             delay=_eta_delay(headers),
-            # A retry returns to the head of its key and, with a countdown, holds the key.
             at_head=retry,
             headers={"task": headers.get("task"), "id": headers.get("id")} if "task" in headers else None,
         )

@@ -202,6 +202,25 @@ def test_retry_with_countdown_keeps_its_place_at_the_head_of_the_key(make_app, e
     assert journal.done()[0] == 5
 
 
+def test_retry_goes_to_the_tail_of_its_key_with_retry_position_tail(make_app, engine, wait_until):
+    app = make_app(retry_position="tail")
+    journal = Journal()
+
+    @app.task(shared=False, bind=True, shard_key="user", max_retries=3)
+    def flaky(self, user, seq):
+        if seq == 0 and self.request.retries == 0:
+            journal.add("retry", user, seq)
+            raise self.retry(countdown=0.3)
+        journal.add("end", user, seq)
+
+    flaky.delay("u", 0)
+    flaky.delay("u", 1)
+    with run_worker(app):
+        wait_until(lambda: journal.count() == 2, 10, "two tasks")
+    # The retry neither held the key nor went back to its head: seq 1 ran first.
+    assert journal.done("u") == [1, 0]
+
+
 def test_countdown_waits_in_the_broker_without_blocking_its_key(make_app, engine, wait_until):
     app = make_app()
     journal = Journal()
