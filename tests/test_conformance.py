@@ -918,6 +918,9 @@ def test_lease_wait_returns_when_a_message_arrives(connect) -> None:
         leases = consumer.lease(Q, wait=20)
     finally:
         timer.cancel()
+        # The lease may see the message before the enqueue has read its reply: let it
+        # finish before the fixture closes the producer under it.
+        timer.join()
     # Woken by the enqueue, long before the wait would have run out.
     assert payloads(leases) == [b"late"]
     assert time.monotonic() - started < 10
