@@ -671,7 +671,7 @@ local function dedup_hit(dedup_id, now, settings)
   return entry[1]
 end
 
--- A record as the client reads it (RedisBackend._record_view).
+-- A record as the client reads it (RedisBackend._lease_view; RedisBackend.dead_letters reads the last two fields too).
 local function view(rec)
   return {
     rec.id, rec.k or '', redis.call('HGET', K.payloads, rec.id), rec.p, rec.a or 0, rec.h,
