@@ -16,7 +16,8 @@ class Message:
     ``key`` is the shard key (``None``: unkeyed, no ordering constraint). Lower
     ``priority`` numbers are delivered first within a key (and within the unkeyed lane).
     ``delay`` is seconds before the message enters its key's order. ``at_head`` places it
-    ahead of everything already queued for its key; with a delay it *holds* the key until
+    ahead of everything of its priority already queued for its key (a lower priority
+    number still comes first); with a delay it *holds* the key until
     it is delivered (what framework-level retries use to keep a key's order).
     """
 
