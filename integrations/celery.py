@@ -435,9 +435,7 @@ class Channel(virtual.Channel):
         self._cycle = virtual.base.FairCycle(self._get_bulk, self._active_queues, Empty)
 
     def _lease(self, queue: str, limit: int, no_ack: bool) -> list[dict[str, Any]]:
-        leases = self.broker.lease(
-            queue, limit, visibility_timeout=self.connection.visibility_timeout
-        )
+        leases = self.broker.lease(queue, limit)  # for the queue's visibility_timeout
         if no_ack:
             self.broker.ack_many(leases)
         messages = []
@@ -576,10 +574,8 @@ class _Heartbeat(threading.Thread):
             if not held:
                 continue
             try:
-                # One round trip for every lease of the transport.
-                extended = self.transport.broker.extend_many(
-                    [lease for _, lease in held], self.transport.visibility_timeout
-                )
+                # One round trip for every lease of the transport, each by its queue's timeout.
+                extended = self.transport.broker.extend_many([lease for _, lease in held])
             except BackendUnavailable as exc:
                 logger.warning("lease heartbeat failed, will retry: %s", exc)
                 continue
@@ -621,10 +617,6 @@ class Transport(virtual.Transport):
         sharded_broker.broker.backend_class(self.engine_url)  # unknown scheme: fail now
         self.shard_keys, self.heartbeat_interval, self.engine_options = _split_options(options)
         self.engine_options.update(_ssl_options(client, self.engine_url))
-        settings = check.queue_settings({k: v for k, v in self.engine_options.items() if k in QUEUE_SETTING_NAMES})
-        self.visibility_timeout = settings.visibility_timeout
-        if self.heartbeat_interval is None:
-            self.heartbeat_interval = self.visibility_timeout / 3
         super().__init__(client, **kwargs)
         try:
             self.broker = sharded_broker.connect(self.engine_url, **self.engine_options)
@@ -634,6 +626,14 @@ class Transport(virtual.Transport):
                 f"{', '.join(sorted(OWN_OPTIONS | QUEUE_SETTING_NAMES | {'queues', 'max_payload_size'}))}, "
                 f"the backend's own options, and kombu's {', '.join(sorted(KOMBU_OPTIONS))})"
             ) from None
+        # Leases last their queue's visibility_timeout; one heartbeat serves every queue,
+        # so it beats for the shortest.
+        self.visibility_timeout = min(
+            [self.broker.defaults.visibility_timeout]
+            + [self.broker.settings(name).visibility_timeout for name in self.engine_options.get("queues") or {}]
+        )
+        if self.heartbeat_interval is None:
+            self.heartbeat_interval = self.visibility_timeout / 3
         self._heartbeat: _Heartbeat | None = None
         self._heartbeat_lock = threading.Lock()
         self.auto_delete_queues: set[str] = set()

@@ -323,6 +323,21 @@ def test_redis_transport_options_get_a_hint_or_are_ignored(make_app):
         conn.connect()
 
 
+def test_per_queue_visibility_timeout_is_used_for_leases_and_heartbeat(make_app, engine):
+    app = make_app(visibility_timeout=30, queues={"fast": {"visibility_timeout": 3}})
+    with app.connection_for_write() as conn:
+        conn.connect()
+        channel = conn.default_channel
+        channel._put("fast", {"body": "", "headers": {}, "properties": {}})
+        channel._put("celery", {"body": "", "headers": {}, "properties": {}})
+        channel._lease("fast", 1, False)
+        channel._lease("celery", 1, False)
+        deadlines = {lease.queue: lease.deadline - engine.now() for lease in channel.unsettled_leases()}
+        # Each queue's own lease length; the heartbeat beats often enough for the shortest.
+        assert deadlines["fast"] <= 3 < 20 < deadlines["celery"] <= 30
+        assert conn.transport.heartbeat_interval == 1
+
+
 def test_unknown_engine_scheme_is_refused_by_name(make_app):
     app = make_app(broker_url="sharded+foo://localhost/0")
     with pytest.raises(ConfigurationError, match="unknown URL scheme 'foo'"):
