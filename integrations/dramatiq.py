@@ -494,8 +494,13 @@ class _ShardedConsumer(dramatiq.Consumer):
                 message = dramatiq.Message.decode(lease.payload)
             except dramatiq.errors.DecodeError as exc:
                 self.logger.error("Dead-lettering undecodable message %s: %s", lease.id, exc.error)
-                self.engine.nack(lease, dead=True, reason=f"undecodable message: {exc.error!r}"[:MAX_REASON_LENGTH])
                 self.broker._leases.release(lease)
+                try:
+                    self.engine.nack(lease, dead=True, reason=f"undecodable message: {exc.error!r}"[:MAX_REASON_LENGTH])
+                except BackendUnavailable as error:
+                    # Raising would strand the rest of this batch, held and extended but
+                    # never delivered; unheld, this message comes back when its lease expires.
+                    self.logger.warning("Could not dead-letter message %s now (%s).", lease.id, error)
                 continue
             # A stored eta would make the Worker hold the message in memory and enqueue
             # it again at the tail of its key; the engine already applied the delay.

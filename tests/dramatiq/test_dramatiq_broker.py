@@ -187,6 +187,25 @@ def test_undecodable_payloads_become_dead_letters(memory_broker) -> None:
     assert dead.reason.startswith("undecodable message")
 
 
+def test_an_undecodable_payload_that_cannot_be_dead_lettered_is_let_go(memory_broker, monkeypatch) -> None:
+    memory_broker.declare_queue("default")
+    memory_broker.engine.enqueue("default", b"\xff not json", key="bad")
+    good = dramatiq.Message(queue_name="default", actor_name="a", args=(), kwargs={}, options={})
+    memory_broker.enqueue(good)
+
+    def unavailable(*args, **kwargs):
+        raise sharded_broker.BackendUnavailable("backend down")
+
+    monkeypatch.setattr(memory_broker.engine, "nack", unavailable)
+    consumer = memory_broker.consume("default", prefetch=2, timeout=100)
+    # The decodable message of the same batch is still delivered (and its lease kept alive);
+    # the undecodable one is no longer held, so its lease expires and it comes back.
+    delivered = next(consumer)
+    assert delivered is not None and delivered.message_id == good.message_id
+    held = [lease.key for lease in memory_broker._leases._held.values()]
+    assert held == [None]
+
+
 def test_repr_hides_the_password() -> None:
     broker = ShardedBroker.__new__(ShardedBroker)
     broker.url = "redis://user:secret@db:6379/0"
