@@ -105,6 +105,12 @@ def test_unknown_connect_option(broker_url: str) -> None:
     assert "visibilty_timeout" in str(info.value)
 
 
+def test_a_clock_that_cannot_be_called_is_refused(broker_url: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        sharded_broker.connect(broker_url, clock="12:00")
+    assert "clock" in str(info.value)
+
+
 @pytest.mark.parametrize(
     "options, error, words",
     [

@@ -154,6 +154,8 @@ class MemoryBackend(Backend):
         key_metrics_window: float | None = None,
         events: bool = True,
     ) -> None:
+        if clock is not None and not callable(clock):
+            raise ConfigurationError(f"clock must be a callable returning seconds, not {clock!r}")
         with _STORES_LOCK:
             self._store = _STORES.setdefault(name, _Store())
         self.name = name
