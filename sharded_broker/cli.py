@@ -750,7 +750,9 @@ def interval(session: Session, queue: str, key: str, seconds: float | None, clea
     Stored in the backend, so every worker keeps it. --clear returns KEY to the queue's
     default interval.
     """
-    if (seconds is None) != clear:
+    if seconds is None and not clear:
+        raise click.UsageError("give SECONDS or --clear")
+    if seconds is not None and clear:
         raise click.UsageError("give SECONDS or --clear, not both")
     broker = session.broker()
     was_known = queue in broker.queues()

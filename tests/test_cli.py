@@ -513,8 +513,10 @@ def test_replay_needs_ids_or_all(memory_url: str) -> None:
 
 def test_interval_needs_seconds_or_clear(memory_url: str) -> None:
     seed(memory_url)
-    assert invoke(memory_url, "interval", "sms", "user-0").exit_code == 2
-    assert invoke(memory_url, "interval", "sms", "user-0", "5", "--clear").exit_code == 2
+    neither = invoke(memory_url, "interval", "sms", "user-0")
+    assert neither.exit_code == 2 and "SECONDS or --clear" in neither.stderr and "both" not in neither.stderr
+    both = invoke(memory_url, "interval", "sms", "user-0", "5", "--clear")
+    assert both.exit_code == 2 and "not both" in both.stderr
     nan = invoke(memory_url, "interval", "sms", "user-0", "nan")
     assert nan.exit_code == 2 and "interval must be >= 0" in nan.stderr
 
