@@ -212,6 +212,9 @@ class Broker:
             # Free text, often an exception's message: a lone surrogate is escaped rather
             # than refused, so a worker can always dead-letter what failed.
             reason = reason.encode("utf-8", "backslashreplace").decode("utf-8")
+            # A whole traceback may arrive here: keep its head, bounded like headers are.
+            if len(reason) > check.MAX_REASON_LENGTH:
+                reason = reason[: check.MAX_REASON_LENGTH - 15] + " ...(truncated)"
         return self.backend.nack(
             lease, delay=delay, dead=bool(dead), reason=reason, settings=self.settings(lease.queue)
         )

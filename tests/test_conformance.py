@@ -463,6 +463,16 @@ def test_max_deliveries_dead_letters_with_reason_attempts_and_times(connect, clo
     assert drain(broker) == [b"next"]
 
 
+def test_a_huge_dead_letter_reason_is_kept_bounded(broker) -> None:
+    broker.enqueue(Q, b"poison", key="a")
+    traceback = "Traceback (most recent call last):\n" + "  frame\n" * 100_000
+    assert broker.nack(broker.lease(Q)[0], dead=True, reason=traceback)
+    [dead] = broker.dead_letters(Q)
+    assert dead.reason.startswith("Traceback (most recent call last):\n  frame\n")
+    assert dead.reason.endswith(" ...(truncated)")
+    assert len(dead.reason) == 8 * 1024
+
+
 def test_expired_leases_count_towards_max_deliveries(connect, clock: FakeClock) -> None:
     broker = connect(max_deliveries=3, visibility_timeout=10)
     broker.enqueue(Q, b"slow", key="a")
