@@ -534,12 +534,14 @@ class Channel(virtual.Channel):
         self._restore(message)
 
     def close(self) -> None:
+        # Every unsettled lease (delivered to a consumer or not yet) goes back in one call;
+        # kombu's QoS would then restore its messages one call each, finding none left.
         transport = self.connection
-        super().close()  # returns the messages its QoS knows to the engine
         with self._leases_lock:
-            leftovers, self._leases = list(self._leases.values()), {}
-        if transport is not None and leftovers:  # delivered but never handed to a consumer
-            _release_leases(transport.broker, leftovers)
+            unsettled, self._leases = list(self._leases.values()), {}
+        if transport is not None and unsettled:
+            _release_leases(transport.broker, unsettled)
+        super().close()
 
 
 def _release_leases(broker: sharded_broker.Broker, leases: list[Lease]) -> None:

@@ -338,6 +338,28 @@ def test_per_queue_visibility_timeout_is_used_for_leases_and_heartbeat(make_app,
         assert conn.transport.heartbeat_interval == 1
 
 
+def test_closing_gives_every_unacked_message_back_in_one_call(make_app, engine, monkeypatch):
+    app = make_app()
+    with app.connection_for_write() as conn:
+        conn.connect()
+        channel = conn.default_channel
+        for seq in range(3):
+            channel._put("celery", {"body": "", "headers": {}, "properties": {}})
+        assert all(channel.basic_get("celery") is not None for _ in range(3))
+        calls = []
+        real_release_many = conn.transport.broker.release_many
+
+        def counting_release_many(leases):
+            calls.append(len(leases))
+            return real_release_many(leases)
+
+        monkeypatch.setattr(conn.transport.broker, "release_many", counting_release_many)
+        channel.close()
+        assert calls == [3]
+    stats = engine.stats("celery")
+    assert (stats.ready, stats.leased) == (3, 0)
+
+
 def test_unknown_engine_scheme_is_refused_by_name(make_app):
     app = make_app(broker_url="sharded+foo://localhost/0")
     with pytest.raises(ConfigurationError, match="unknown URL scheme 'foo'"):
