@@ -503,3 +503,23 @@ def test_queues_survive_a_server_crash_with_append_only_persistence() -> None:
         assert (again.payload, again.attempts) == (b"1", 2)
         assert broker.ack(lease) is False
         assert broker.ack(again) is True
+
+
+def test_a_server_out_of_memory_refuses_cleanly_and_keeps_what_is_queued() -> None:
+    with RedisServer(["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"]) as server:
+        broker = sharded_broker.connect(server.url)
+        try:
+            broker.enqueue("q", b"first", key="a")
+            filler = redis.Redis.from_url(server.url)
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                for i in range(10_000):
+                    filler.set(f"filler:{i}", b"x" * 4096)
+            # Filled to within one filler value of the limit: a 64 KiB message is over it.
+            with pytest.raises(BackendUnavailable, match="maxmemory"):
+                broker.enqueue("q", b"x" * 65536, key="a")
+            filler.close()
+            assert broker.stats("q").ready == 1
+            [lease] = broker.lease("q")
+            assert lease.payload == b"first"
+        finally:
+            broker.close()

@@ -85,7 +85,15 @@ MAX_BLOCK = 1.0
 _OWN_OPTIONS = frozenset({"prefix", "clock", "metrics_window", "key_metrics_window", "events"})
 # Options that would break the backend (it needs bytes and its own connection pool).
 _REFUSED_OPTIONS = frozenset({"decode_responses", "connection_pool", "single_connection_client", "encoding"})
-_TRANSPORT_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# Errors that say "not now" rather than "wrong call": the server is unreachable, slow,
+# out of memory under maxmemory/noeviction, or a read-only replica after a failover. The
+# operation had no effect (a script refused for OOM writes nothing) and may be retried.
+_TRANSPORT_ERRORS = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+)
 
 
 def _redis_options() -> frozenset[str]:
