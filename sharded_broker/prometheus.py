@@ -40,6 +40,7 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
         "sharded_broker.prometheus needs prometheus_client: pip install 'sharded-broker[prometheus]'"
     ) from exc
 
+from . import validation
 from .broker import Broker
 from .cli import BACKEND_ERRORS
 from .backend import minute_of
@@ -105,7 +106,7 @@ class ShardedBrokerCollector(Collector):
         if isinstance(top_keys, bool) or not isinstance(top_keys, int) or not 0 <= top_keys <= 1000:
             raise ValueError(f"top_keys must be an int from 0 to 1000, not {top_keys!r}")
         self.broker = broker
-        self.queues = list(queues) if queues is not None else None
+        self.queues = [validation.queue_name(q) for q in queues] if queues is not None else None
         self.top_keys = top_keys
         self._totals = _Totals()
 

@@ -113,6 +113,9 @@ def test_queues_must_be_names(memory_url: str) -> None:
     broker = sharded_broker.connect(memory_url)
     with pytest.raises(TypeError, match="sequence of queue names"):
         ShardedBrokerCollector(broker, queues="sms")
+    # A malformed name is refused now, not reported as an unreachable backend at every scrape.
+    with pytest.raises(sharded_broker.InvalidArgument, match="sms digest"):
+        ShardedBrokerCollector(broker, queues=["sms", "sms digest"])
 
 
 def test_prometheus_client_stays_optional() -> None:
