@@ -80,6 +80,9 @@ SHARD_KEY_HEADER = "shard_key"
 #: Most messages leased in one call when the consumer sets no prefetch limit.
 MAX_LEASE_BATCH = 10
 
+#: Longest wait, on closing, for a lease heartbeat in flight (one backend call).
+HEARTBEAT_JOIN_TIMEOUT = 5.0
+
 # Transport options of this transport (beyond the engine's queue settings).
 OWN_OPTIONS = frozenset({"shard_keys", "polling_interval", "heartbeat_interval"})
 # Read by kombu itself (connection retries, virtual channel), accepted and left to it.
@@ -657,9 +660,11 @@ class Transport(virtual.Transport):
             super().close_connection(connection)  # closes channels: unacked messages go back
         finally:
             with self._heartbeat_lock:
-                if self._heartbeat is not None:
-                    self._heartbeat.stopped.set()
-                    self._heartbeat = None
+                heartbeat, self._heartbeat = self._heartbeat, None
+            if heartbeat is not None:
+                heartbeat.stopped.set()
+                # A beat in flight finishes before the engine closes under it.
+                heartbeat.join(HEARTBEAT_JOIN_TIMEOUT)
             self.broker.close()
 
     def drain_events(self, connection, timeout: float | None = None) -> None:

@@ -360,6 +360,19 @@ def test_closing_gives_every_unacked_message_back_in_one_call(make_app, engine, 
     assert (stats.ready, stats.leased) == (3, 0)
 
 
+def test_closing_the_connection_stops_the_heartbeat_thread_before_the_engine_closes(make_app):
+    app = make_app(heartbeat_interval=0.01)
+    with app.connection_for_write() as conn:
+        conn.connect()
+        channel = conn.default_channel
+        channel._put("celery", {"body": "", "headers": {}, "properties": {}})
+        channel._lease("celery", 1, False)
+        heartbeat = conn.transport._heartbeat
+        assert heartbeat.is_alive()
+    # No beat can reach the closed engine (or reopen a connection to it) afterwards.
+    assert not heartbeat.is_alive()
+
+
 def test_unknown_engine_scheme_is_refused_by_name(make_app):
     app = make_app(broker_url="sharded+foo://localhost/0")
     with pytest.raises(ConfigurationError, match="unknown URL scheme 'foo'"):
