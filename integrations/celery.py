@@ -639,6 +639,13 @@ class Transport(virtual.Transport):
         )
         if self.heartbeat_interval is None:
             self.heartbeat_interval = self.visibility_timeout / 3
+        elif self.heartbeat_interval >= self.visibility_timeout:
+            self.broker.close()
+            raise ConfigurationError(
+                f"transport option heartbeat_interval {self.heartbeat_interval:g} must be shorter than "
+                f"the shortest visibility_timeout {self.visibility_timeout:g} (leases would expire "
+                f"between beats and long tasks run twice); the default is a third of it"
+            )
         self._heartbeat: _Heartbeat | None = None
         self._heartbeat_lock = threading.Lock()
         self.auto_delete_queues: set[str] = set()

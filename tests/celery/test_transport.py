@@ -373,6 +373,14 @@ def test_closing_the_connection_stops_the_heartbeat_thread_before_the_engine_clo
     assert not heartbeat.is_alive()
 
 
+def test_a_heartbeat_slower_than_the_lease_is_refused(make_app):
+    # Every lease would expire between two beats: every long task would run twice.
+    app = make_app(visibility_timeout=30, heartbeat_interval=12, queues={"fast": {"visibility_timeout": 10}})
+    with pytest.raises(ConfigurationError, match="heartbeat_interval 12.*visibility_timeout 10"):
+        with app.connection_for_write() as conn:
+            conn.connect()
+
+
 def test_unknown_engine_scheme_is_refused_by_name(make_app):
     app = make_app(broker_url="sharded+foo://localhost/0")
     with pytest.raises(ConfigurationError, match="unknown URL scheme 'foo'"):
