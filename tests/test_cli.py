@@ -428,7 +428,7 @@ def test_bad_urls(tmp_path: Path) -> None:
     assert "no SQLite database at" in one_error_line(missing)
     assert not (tmp_path / "nope.db").exists()  # a read command creates nothing
 
-    malformed = cli("localhost:6379", "stats")
+    malformed = cli("localhost/0", "stats")  # no scheme; never connected
     assert malformed.returncode == 2 and "malformed broker URL" in one_error_line(malformed)
     scheme = cli("amqp://guest:guest@localhost//", "stats")
     assert scheme.returncode == 2 and "unknown URL scheme 'amqp'" in one_error_line(scheme)
