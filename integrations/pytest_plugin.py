@@ -77,9 +77,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     if _celery_enabled(config):
-        # Registered now, after every entry-point plugin (pytest-celery's included), so
-        # this celery_config is the one celery_app and celery_worker get; a conftest's own
+        # Registered now, after every entry-point plugin, so that these fixtures win:
+        # celery.contrib.pytest's in-process celery_worker (pytest-celery 1.x replaces it
+        # with a Docker container worker) and this celery_config. A conftest's own
         # celery_config still comes first.
+        if not config.pluginmanager.has_plugin("celery.contrib.pytest"):
+            config.pluginmanager.import_plugin("celery.contrib.pytest")
         config.pluginmanager.register(_CeleryConfigOverride(), "sharded_broker_celery_config")
 
 

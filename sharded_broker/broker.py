@@ -187,7 +187,13 @@ class Broker:
             if result.leases or remaining <= 0:
                 return result.leases
             pause = remaining if result.retry_in is None else min(remaining, max(result.retry_in, 0.0))
-            self.backend.wait(queue, pause)
+            coarse = self.backend.wait_resolution
+            if result.retry_in is None or pause > coarse:
+                # Woken early by new work; a wait for a message due soon ends a little
+                # before it is due, and the rest is slept below.
+                self.backend.wait(queue, pause if result.retry_in is None else pause - coarse)
+            else:
+                time.sleep(pause)  # shorter than the backend's wait can end precisely
 
     def ack(self, lease: Lease) -> bool:
         """Settle a lease for good. False when its token is stale (nothing changed)."""

@@ -6,8 +6,6 @@ import pytest
 
 from plugin import celery_project, dramatiq_project
 
-pytest_plugins = ["pytester"]
-
 
 def dramatiq_project_in(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(app=dramatiq_project.APP, test_app=dramatiq_project.TESTS)
