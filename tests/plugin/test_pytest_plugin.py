@@ -40,3 +40,29 @@ def test_the_plugin_is_inert_until_used(pytester: pytest.Pytester) -> None:
             assert "dramatiq" not in sys.modules
     """)
     pytester.runpytest_subprocess("-p", "no:celery", "-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def celery_project_in(pytester: pytest.Pytester) -> None:
+    pytester.makeini(celery_project.INI)
+    pytester.makeconftest(celery_project.CONFTEST)
+    pytester.makepyfile(test_tasks=celery_project.TESTS, test_session=celery_project.SESSION_TESTS)
+
+
+def test_celery_fixtures_and_helpers(pytester: pytest.Pytester) -> None:
+    celery_project_in(pytester)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "test_tasks.py")
+    result.assert_outcomes(passed=2)
+
+
+def test_celery_session_fixtures_on_sqlite(pytester: pytest.Pytester) -> None:
+    celery_project_in(pytester)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--sharded-broker-url=sqlite://", "test_session.py")
+    result.assert_outcomes(passed=1)
+
+
+def test_the_celery_override_is_off_unless_asked_for(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_default="""
+        def test_celery_config_is_celerys_own(celery_config):
+            assert celery_config == {}
+    """)
+    pytester.runpytest_subprocess("-p", "celery.contrib.pytest", "-p", "no:cacheprovider").assert_outcomes(passed=1)
