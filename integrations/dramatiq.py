@@ -663,12 +663,6 @@ class _DelayQueueConsumer(dramatiq.Consumer):
         self._closed.wait(self.timeout / 1000)
         return None
 
-    def ack(self, message: dramatiq.MessageProxy) -> None:
-        raise RuntimeError("a .DQ consumer of ShardedBroker never delivers a message to ack")
-
-    def nack(self, message: dramatiq.MessageProxy) -> None:
-        raise RuntimeError("a .DQ consumer of ShardedBroker never delivers a message to nack")
-
     def close(self) -> None:
         self._closed.set()
 
