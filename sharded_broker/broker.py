@@ -186,14 +186,16 @@ class Broker:
             remaining = give_up_at - time.monotonic()
             if result.leases or remaining <= 0:
                 return result.leases
-            pause = remaining if result.retry_in is None else min(remaining, max(result.retry_in, 0.0))
+            due_in = None if result.retry_in is None else max(result.retry_in, 0.0)
             coarse = self.backend.wait_resolution
-            if result.retry_in is None or pause > coarse:
-                # Woken early by new work; a wait for a message due soon ends a little
-                # before it is due, and the rest is slept below.
-                self.backend.wait(queue, pause if result.retry_in is None else pause - coarse)
+            if due_in is None or due_in > remaining:
+                self.backend.wait(queue, remaining)  # returns early when new work may have come
+            elif due_in > coarse:
+                # Something comes due within the wait: stop a resolution step before it
+                # (or earlier, woken by new work) and sleep the rest on the next round.
+                self.backend.wait(queue, due_in - coarse)
             else:
-                time.sleep(pause)  # shorter than the backend's wait can end precisely
+                time.sleep(due_in)  # the backend's wait could not end this precisely
 
     def ack(self, lease: Lease) -> bool:
         """Settle a lease for good. False when its token is stale (nothing changed)."""

@@ -146,8 +146,8 @@ def test_exhausted_retries_become_dead_letters_and_the_key_goes_on(run_worker,
         charge.send("alice", n)
     with run_worker(broker):
         broker.join("default", timeout=10_000, fail_fast=False)
-        with pytest.raises(ValueError, match="card declined for alice"):  # fail_fast_default
-            broker.join("default", timeout=10_000)
+        with pytest.raises(ValueError, match="card declined for alice"):
+            broker.join("default", timeout=10_000, fail_fast=True)
 
     assert recorder.by_key() == {"alice": [0, 2, 3]}
     [dead] = broker.dead_messages
