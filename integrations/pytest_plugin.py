@@ -19,7 +19,8 @@ Fixtures (function scope unless said otherwise):
 ``sharded_dramatiq_broker``, ``sharded_dramatiq_worker``
     A :class:`~sharded_broker.integrations.dramatiq.ShardedBroker`, set as Dramatiq's
     global broker and booted (``process_boot``, as the ``dramatiq`` command does), and a
-    running in-process ``dramatiq.Worker`` for it.
+    running in-process ``dramatiq.Worker`` for it. Actors the app declared at import on
+    its own global broker send through this one during the test.
 ``sharded_drain``
     ``sharded_drain(queue="default", timeout=30.0)``: wait until the queue is empty while
     the worker runs it, moving the test clock past delays, retry backoffs and rate
