@@ -15,16 +15,18 @@ from celery.result import AsyncResult
 import sharded_broker
 
 
-@pytest.fixture(scope="module", params=["memory", "sqlite"])
+@pytest.fixture(scope="module", params=["memory", "sqlite", "sqlite+redis-results"])
 def celery_config(request, tmp_path_factory) -> dict:
-    """What a user's conftest writes: only the broker URL changes."""
+    """What a user's conftest writes: only the broker URL changes (and, for chords in
+    production, a real result backend: Redis here)."""
     if request.param == "memory":
         url = f"sharded+memory://fixtures-{uuid.uuid4().hex[:8]}"
     else:
         url = f"sharded+sqlite:///{tmp_path_factory.mktemp('celery')}/broker.db"
+    results = request.getfixturevalue("redis_server").url if "redis" in request.param else "cache+memory://"
     return {
         "broker_url": url,
-        "result_backend": "cache+memory://",
+        "result_backend": results,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
         "broker_transport_options": {"shard_keys": {"record": "account"}},
@@ -148,3 +150,13 @@ def test_inspect_ping_active_and_events(celery_app, celery_worker) -> None:
     result.get(timeout=10)
     receiver_thread.join(15)
     assert succeeded == [result.id]
+
+
+def test_a_busy_prefork_pool_never_blocks_the_consumer(celery_app) -> None:
+    # The transport has no event loop; with putlocks the consumer's only thread would wait
+    # for a free pool process before taking its next message, remote control included.
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(celery_app, pool="prefork", concurrency=1, perform_ping_check=False) as worker:
+        assert worker.pool_putlocks is False
+        assert worker.pool.putlocks is False
