@@ -83,6 +83,11 @@ MAX_LEASE_BATCH = 10
 #: Longest wait, on closing, for a lease heartbeat in flight (one backend call).
 HEARTBEAT_JOIN_TIMEOUT = 5.0
 
+#: Least time between two looks at the remote-control queues when a drain starts (an
+#: idle loop spends at most about 100 lease calls a second on them); every batch of
+#: tasks leased is also preceded by one look, so a revoke published first wins.
+CONTROL_CHECK_INTERVAL = 0.01
+
 # Transport options of this transport (beyond the engine's queue settings).
 OWN_OPTIONS = frozenset({"shard_keys", "polling_interval", "heartbeat_interval"})
 # Read by kombu itself (connection retries, virtual channel), accepted and left to it.
@@ -469,9 +474,14 @@ class Channel(virtual.Channel):
         limit = MAX_LEASE_BATCH if room is None else min(room, MAX_LEASE_BATCH)
         if not limit:
             raise Empty()
-        messages = self._lease(queue, limit, queue in self._noack_queues)
+        control = queue in self._noack_queues
+        messages = self._lease(queue, limit, control)
         if not messages:
             raise Empty()
+        if not control:
+            # A revoke published before these tasks is stored before them: handled
+            # first, it finds them still to come, so it wins the race.
+            self.connection._deliver_control_messages(every_time=True)
         for message in messages:
             callback(message, queue)
 
@@ -647,6 +657,7 @@ class Transport(virtual.Transport):
                 f"between beats and long tasks run twice); the default is a third of it"
             )
         _connect_worker_init()  # Celery may have been imported after this module
+        self._control_checked_at = 0.0
         self._heartbeat: _Heartbeat | None = None
         self._heartbeat_lock = threading.Lock()
         self.auto_delete_queues: set[str] = set()
@@ -701,13 +712,18 @@ class Transport(virtual.Transport):
             pause = self.polling_interval if remaining is None else min(self.polling_interval, remaining)
             self._wait_for_work(pause)
 
-    def _deliver_control_messages(self) -> bool:
+    def _deliver_control_messages(self, every_time: bool = False) -> bool:
         """Deliver waiting remote-control messages (the queues consumed with ``no_ack``:
         Celery's pidbox and reply queues) ahead of tasks; True when some were delivered.
 
         So ``ping``, ``inspect`` and ``revoke`` are answered before the tasks queued with
         them run, and a ``revoke`` sent just before the task it names wins the race.
+        Without ``every_time``, at most once per ``CONTROL_CHECK_INTERVAL``.
         """
+        now = time.monotonic()
+        if not every_time and now - self._control_checked_at < CONTROL_CHECK_INTERVAL:
+            return False
+        self._control_checked_at = now
         delivered = False
         for channel in list(self.channels):
             for queue in [q for q in channel._active_queues if q in channel._noack_queues]:
