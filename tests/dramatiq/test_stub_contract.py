@@ -79,9 +79,10 @@ def test_one_exception_is_held_per_queue_whatever_the_number_of_failures(run_wor
     for n in range(20):
         boom.send(n)
     with run_worker(broker, threads=1):
-        with pytest.raises(CardDeclined, match="failure 0"):  # the oldest dead letter's
+        with pytest.raises(CardDeclined) as raised:
             broker.join("default", timeout=20_000, fail_fast=True)
     assert len(broker.dead_letters) == 20
+    assert str(raised.value) == f"failure {broker.dead_letters[0].args[0]}"  # the oldest dead letter's
     assert list(broker._join_failures) == ["default"]
     assert [proxy._exception is not None for proxy in broker.dead_letters] == [True] + [False] * 19
     # Its dead letter purged: no join can want the exception any more, so it goes.
@@ -104,13 +105,17 @@ def test_fail_fast_default_false_and_failures_without_an_exception(run_worker, m
             broker.join("default", timeout=10_000, fail_fast=True)
         broker.flush_all()
         broker.enqueue(dramatiq.Message(queue_name="default", actor_name="gone", args=(), kwargs={}, options={}))
-        with pytest.raises(ActorNotFound, match="gone"):  # what the worker rejected it with
+        # What the worker rejected it with; Dramatiq 1.x keeps no exception for it (and its
+        # StubBroker then raises None), so the dead letter's reason is named.
+        expected = (ActorNotFound, "gone") if DRAMATIQ_2 else (MessageDeadLettered, "died: rejected")
+        with pytest.raises(expected[0], match=expected[1]):
             broker.join("default", timeout=10_000, fail_fast=True)
     # Another process sees only what the engine stored: the reason, named.
     other_process = ShardedBroker(url=broker.url)
     try:
         other_process.declare_queue("default")
-        with pytest.raises(MessageDeadLettered, match="died: ActorNotFound: gone"):
+        reason = "ActorNotFound: gone" if DRAMATIQ_2 else "rejected"
+        with pytest.raises(MessageDeadLettered, match=f"died: {reason}"):
             other_process.join("default", fail_fast=True)
     finally:
         other_process.close()
