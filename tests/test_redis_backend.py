@@ -82,22 +82,23 @@ def test_there_is_one_script_per_operation() -> None:
 
 @pytest.mark.parametrize("path", lua_files(), ids=lambda p: p.name)
 def test_every_redis_call_names_a_key_passed_in_KEYS(path: Path) -> None:
-    """No key name is built inside a script: each command's key is K.<name> or KEYS[n]."""
+    """No key name is built inside a function: each command's key is K[<NAME>], one of the
+    keys the function was called with."""
     source = path.read_text()
     calls = re.findall(r"redis\.p?call\(\s*'([A-Z]+)'\s*(?:,\s*([^,)]+))?", source)
-    assert calls or path.name == "_common.lua" or "K." not in source
+    assert calls or path.name == "_common.lua" or "K[" not in source
     for command, first_argument in calls:
         if command in _KEYLESS_COMMANDS:
             continue
-        assert re.fullmatch(r"K\.\w+|KEYS\[\d+\]", first_argument.strip()), (
-            f"{path.name}: {command} on {first_argument!r}, not a key from KEYS"
+        assert re.fullmatch(r"K\[(?:[A-Z]+|1|index)\]", first_argument.strip()), (
+            f"{path.name}: {command} on {first_argument!r}, not a key the function was given"
         )
-    # The K table maps names to KEYS in the order RedisBackend passes them.
+    # The constants naming the keys follow the order RedisBackend passes them in.
     if path.name == "_common.lua":
-        mapping = dict(re.findall(r"(\w+) = KEYS\[(\d+)\]", source))
-        assert {name: int(index) for name, index in mapping.items()} == {
-            name: i + 1 for i, name in enumerate(QUEUE_KEYS)
-        }
+        names, numbers = re.search(r"^local (MSGS, [A-Z, \n]+) = ([\d, \n]+)$", source, re.M).groups()
+        names = [name.strip() for name in names.split(",")]
+        assert names == [name.upper() for name in QUEUE_KEYS]
+        assert [int(n) for n in numbers.split(",")] == list(range(1, len(QUEUE_KEYS) + 1))
     assert "SCAN" not in source and "'KEYS'" not in source
 
 

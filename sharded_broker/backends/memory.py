@@ -52,7 +52,7 @@ class _Record:
     token: str = ""
     deadline: float = 0.0
     batch_id: str = ""
-    entered_at: float = 0.0  # when it joined the unkeyed lane (its fairness time)
+    entered_at: float = 0.0  # when it was last placed in its key's order or the unkeyed lane
     entered_order: int = 0
     reason: str = ""
     died_at: float = 0.0
@@ -255,23 +255,34 @@ class MemoryBackend(Backend):
             heapq.heappop(ks.heap)
         return None
 
-    def _schedule(self, q: _Queue, key: str, now: float, *, keep_place: bool) -> None:
+    def _schedule(
+        self, q: _Queue, key: str, now: float, *, keep_place: bool, settings: QueueSettings | None = None
+    ) -> None:
         """Give ``key`` a valid entry in the ready heap if its head message exists.
 
         ``keep_place``: a key already waiting keeps its earlier ready time (new arrivals
-        must not push a waiting key to the back of the round).
+        must not push a waiting key to the back of the round). Only a head that *holds*
+        the key (placed with a not-before time after it was placed: a retry or an
+        ``at_head`` delay) pushes a key's time later. ``settings``: when given, a key that
+        is not waiting and whose slots are all in use, or that is paused, is left out (it is
+        scheduled again when a slot frees or on resume).
         """
         ks = q.keys.get(key)
         if ks is None:
+            return
+        if settings is not None and ks.ready_at is None and (
+            ks.slots >= settings.key_concurrency or key in q.paused_keys
+        ):
             return
         head = self._head(q, ks)
         if head is None:
             ks.version = next(self._order)
             ks.ready_at = None
             return
-        at = max(now, head.not_before)
+        holds_until = head.not_before if head.not_before > head.entered_at else 0.0
+        at = max(now, holds_until)
         if keep_place and ks.ready_at is not None:
-            at = max(ks.ready_at, head.not_before)
+            at = max(ks.ready_at, holds_until)
         if at == ks.ready_at:
             return
         # Versions come from the store-wide counter, not from the _Key: a key that is
@@ -283,8 +294,9 @@ class MemoryBackend(Backend):
     def _place(self, q: _Queue, rec: _Record, now: float) -> None:
         """Put a record (whose seq is set) into its key's order or the unkeyed lane."""
         self._set_state(q, rec, "ready")
+        rec.entered_at = now
         if rec.key is None:
-            rec.entered_at, rec.entered_order = now, next(self._order)
+            rec.entered_order = next(self._order)
             heapq.heappush(q.lane, (rec.priority, rec.seq, rec.id))
             return
         ks = q.keys.get(rec.key)
@@ -304,7 +316,7 @@ class MemoryBackend(Backend):
         q.tail_seq += 1
         return q.tail_seq
 
-    def _promote_due(self, q: _Queue, now: float) -> None:
+    def _promote_due(self, q: _Queue, now: float, settings: QueueSettings | None) -> None:
         while q.delayed and q.delayed[0][0] <= now:
             due, _, mid = heapq.heappop(q.delayed)
             rec = q.messages.get(mid)
@@ -314,7 +326,7 @@ class MemoryBackend(Backend):
                 rec.seq = self._next_seq(q, rec.at_head)
             self._place(q, rec, now)
             if rec.key is not None:
-                self._schedule(q, rec.key, now, keep_place=True)
+                self._schedule(q, rec.key, now, keep_place=True, settings=settings)
 
     def _expire_leases(self, q: _Queue, now: float, settings: QueueSettings) -> None:
         while q.leases and q.leases[0][0] <= now:
@@ -498,7 +510,7 @@ class MemoryBackend(Backend):
             self._expire_metrics(q, now)
             # Due delayed messages entered their keys' order when they fell due: before
             # anything enqueued now.
-            self._promote_due(q, now)
+            self._promote_due(q, now, settings)
             for m in messages:
                 if m.dedup_id is not None:
                     first = self._dedup_hit(q, m.dedup_id, now, settings)
@@ -532,7 +544,7 @@ class MemoryBackend(Backend):
                     rec.not_before = now + m.delay
                     self._place(q, rec, now)
                     if m.key is not None:
-                        self._schedule(q, m.key, now, keep_place=True)
+                        self._schedule(q, m.key, now, keep_place=True, settings=settings)
                 self._record(q, "enqueued", rec, now)
                 ids.append(rec.id)
             self._store.notify_change()
@@ -546,7 +558,7 @@ class MemoryBackend(Backend):
             self._seen.version = self._store.version
             now = self.now()
             self._expire_metrics(q, now)
-            self._promote_due(q, now)
+            self._promote_due(q, now, settings)
             self._expire_leases(q, now, settings)
             leases: list[Lease] = []
             while len(leases) < limit and not q.paused:
@@ -643,7 +655,7 @@ class MemoryBackend(Backend):
                 return False
             dead_reason = (reason or "rejected") if dead else None
             now = self.now()
-            self._promote_due(q, now)  # before a tail retry takes its seq
+            self._promote_due(q, now, settings)  # before a tail retry takes its seq
             self._fail(q, rec, now, settings, delay=delay, dead_reason=dead_reason, why=reason or "nacked")
             self._store.notify_change()
             return True
@@ -757,7 +769,7 @@ class MemoryBackend(Backend):
             if position == "head":
                 records.reverse()  # each takes a seq ahead of the previous one
             now = self.now()
-            self._promote_due(q, now)  # before replayed messages take their seqs
+            self._promote_due(q, now, None)  # before replayed messages take their seqs
             for rec in records:
                 del q.dead[rec.id]
                 rec.attempts = 0

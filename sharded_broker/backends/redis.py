@@ -41,8 +41,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import itertools
+import secrets
 import threading
-import uuid
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any, Callable, Iterator, Sequence
@@ -62,20 +63,22 @@ from ..models import (
 )
 from ..validation import queue_name
 
-# The KEYS of every queue script, in this order (named K.<name> in _common.lua).
+# The keys of every queue function, in this order (named by the constants at the top of
+# _common.lua).
 QUEUE_KEYS = (
-    "msgs", "payloads", "ready", "lane", "keyq", "keyentry", "slots", "backlog", "intervals",
-    "lastdeliv", "paused", "delayed", "leases", "dedup", "dedupexp", "dead", "batches", "meta",
-    "readyage", "signal", "metrics", "metricsidx", "events", "metricskeys",
+    "msgs", "ready", "keyq", "state", "backlog", "delayed", "leases", "dedupexp", "dead", "readyage",
+    "metrics", "metricskeys", "signal", "events",
 )
-QUEUE_SCRIPTS = (
+QUEUE_FUNCTIONS = (
     "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_paused", "stats",
     "dead_letters", "dead_order", "replay", "purge", "metrics", "keys",
 )
-EXCHANGE_SCRIPTS = ("bind", "unbind")
+EXCHANGE_FUNCTIONS = ("bind", "unbind")
+# Redis Functions (FUNCTION LOAD, FCALL) came with Redis 7.0.
+MINIMUM_SERVER = (7, 0)
 
-# Purge and replay of many messages work in script calls of at most this many messages,
-# so that no call blocks Redis for long (measured 8-30 ms per call).
+# Purge and replay of many messages work in calls of at most this many messages, so that
+# no call blocks Redis for long (measured 8-30 ms per call).
 CHUNK = 1000
 
 # wait() blocks at most this long per BLPOP: a wake-up token normally ends it at once, and
@@ -114,19 +117,51 @@ def _str(value: bytes) -> str:
     return value.decode("utf-8", "surrogatepass")
 
 
-class _Script:
-    """One Lua script: EVALSHA, loading it (once per server) when the server lacks it."""
+class _Library:
+    """Every operation as one Redis Functions library, loaded once per server.
 
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+    The library's name carries a digest of its source, so processes running different
+    versions of this package each find their own functions on a shared server.
+    """
 
-    def __call__(self, client: redis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def __init__(self) -> None:
+        body = "\n".join(_lua_source(name) for name in ("_common", *QUEUE_FUNCTIONS, *EXCHANGE_FUNCTIONS))
+        self.name = "sharded_broker_" + hashlib.sha1(body.encode("utf-8")).hexdigest()[:16]
+        self.source = f"#!lua name={self.name}\nlocal LIB = '{self.name}'\n{body}"
+        self.functions = {name: f"{self.name}_{name}" for name in (*QUEUE_FUNCTIONS, *EXCHANGE_FUNCTIONS)}
+
+    def call(self, client: redis.Redis, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            client.script_load(self.source)
-            return client.evalsha(self.sha, len(keys), *keys, *args)
+            return client.fcall(self.functions[name], len(keys), *keys, *args)
+        except redis.exceptions.ResponseError as exc:
+            if not _missing_function(exc):
+                raise
+            self.load(client)
+            return client.fcall(self.functions[name], len(keys), *keys, *args)
+
+    def load(self, client: redis.Redis) -> None:
+        """Load the library, unless another client just did."""
+        try:
+            client.function_load(self.source)
+        except redis.exceptions.ResponseError as exc:
+            if "already exists" in str(exc):
+                return
+            if "unknown command" in str(exc).lower():
+                version = client.info("server").get("redis_version", "unknown")
+                raise ConfigurationError(
+                    f"this Redis server is version {version}; sharded-broker needs Redis "
+                    f"{'.'.join(map(str, MINIMUM_SERVER))} or newer (it runs as Redis Functions)"
+                ) from None
+            raise
+
+
+def _missing_function(exc: Exception) -> bool:
+    return isinstance(exc, redis.exceptions.ResponseError) and "function not found" in str(exc).lower()
+
+
+_LIBRARY = _Library()
+# ack and release count metrics but take no queue settings: the defaults fill the slots.
+_OBSERVE_ONLY = QueueSettings()
 
 
 class RedisBackend(Backend):
@@ -179,8 +214,13 @@ class RedisBackend(Backend):
                 connection_class=pool.connection_class, max_connections=pool.max_connections, **blocking_kwargs
             )
         )
-        self._scripts = {name: _Script(_lua_source("_common") + "\n" + _lua_source(name)) for name in QUEUE_SCRIPTS}
-        self._scripts.update({name: _Script(_lua_source(name)) for name in EXCHANGE_SCRIPTS})
+        self._library = _LIBRARY
+        self._queue_keys: dict[str, list[str]] = {}
+        self._options: dict[QueueSettings, str] = {}
+        # Message ids: a random prefix of this backend (64 bits) and a counter, shorter than
+        # a UUID (ids are stored in several indexes) and as unique in practice.
+        self._id_prefix = secrets.token_hex(8)
+        self._id_counter = itertools.count(1)
         self._registered: set[str] = set()
         self._registered_lock = threading.Lock()
 
@@ -224,7 +264,10 @@ class RedisBackend(Backend):
             raise BackendUnavailable(f"redis at {self._safe_url} is unavailable: {exc}") from None
 
     def _keys(self, queue: str) -> list[str]:
-        return [f"{self.prefix}:{{{queue}}}:{name}" for name in QUEUE_KEYS]
+        keys = self._queue_keys.get(queue)
+        if keys is None:
+            keys = self._queue_keys[queue] = [f"{self.prefix}:{{{queue}}}:{name}" for name in QUEUE_KEYS]
+        return keys
 
     def _registry_key(self) -> str:
         return f"{self.prefix}:queues"
@@ -235,24 +278,28 @@ class RedisBackend(Backend):
     def _clock_arg(self) -> str:
         return "" if self._clock is None else repr(float(self._clock()))
 
-    def _observe_args(self, queue: str) -> list[Any]:
-        """The clock, then what the counting scripts read with read_observe()."""
-        return [self._clock_arg(), f"{self._kept_minutes},{self._key_kept_minutes}", "1" if self._events else "0"]
+    def _options_arg(self, settings: QueueSettings) -> str:
+        """The queue settings and the metrics and events options as one argument (read by
+        options() in _common.lua; parsed there once per distinct text)."""
+        text = self._options.get(settings)
+        if text is None:
+            text = ",".join((
+                "" if settings.max_deliveries is None else str(settings.max_deliveries),
+                str(settings.key_concurrency),
+                repr(float(settings.interval)),
+                settings.retry_position,
+                repr(float(settings.dedup_window)),
+                "1" if settings.unique_while_pending else "0",
+                str(self._kept_minutes),
+                str(self._key_kept_minutes),
+                "1" if self._events else "0",
+            ))
+            self._options[settings] = text
+        return text
 
-    @staticmethod
-    def _settings_args(settings: QueueSettings) -> list[Any]:
-        return [
-            "" if settings.max_deliveries is None else settings.max_deliveries,
-            settings.key_concurrency,
-            repr(float(settings.interval)),
-            settings.retry_position,
-            repr(float(settings.dedup_window)),
-            "1" if settings.unique_while_pending else "0",
-        ]
-
-    def _run(self, script: str, queue: str, args: Sequence[Any]) -> Any:
+    def _run(self, function: str, queue: str, args: Sequence[Any]) -> Any:
         with self._errors():
-            return self._scripts[script](self._client, self._keys(queue), args)
+            return self._library.call(self._client, function, self._keys(queue), args)
 
     # -- the contract -------------------------------------------------------------------
 
@@ -264,27 +311,27 @@ class RedisBackend(Backend):
         return seconds + micros / 1_000_000
 
     def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
-        args: list[Any] = [*self._observe_args(queue), *self._settings_args(settings)]
+        args: list[Any] = [self._clock_arg(), self._options_arg(settings)]
+        prefix, counter = self._id_prefix, self._id_counter
         for m in messages:
-            args += [
-                uuid.uuid4().hex,
+            args += (
+                f"{prefix}{next(counter):x}",
                 b"" if m.key is None else _text(m.key),
                 m.priority,
-                repr(float(m.delay)),
+                repr(float(m.delay)) if m.delay else "0",
                 b"" if m.dedup_id is None else _text(m.dedup_id),
-                json.dumps(dict(m.headers or {}), separators=(",", ":")),
+                json.dumps(dict(m.headers), separators=(",", ":")) if m.headers else "{}",
                 "1" if m.at_head else "0",
                 m.payload,
-            ]
+            )
         keys = self._keys(queue)
-        script = self._scripts["enqueue"]
         with self._errors():
             if queue in self._registered:
-                ids = script(self._client, keys, args)
+                ids = self._library.call(self._client, "enqueue", keys, args)
             else:
-                # The registry lives outside the queue's hash tag, so a script may not
+                # The registry lives outside the queue's hash tag, so a function may not
                 # touch it; it is written once per process per queue, in the same round trip.
-                [_, ids] = self._pipelined(script, [(keys, args)], prelude=("SADD", self._registry_key(), queue))
+                [_, ids] = self._pipelined("enqueue", [(keys, args)], prelude=("SADD", self._registry_key(), queue))
                 with self._registered_lock:
                     self._registered.add(queue)
         return [_str(i) for i in ids]
@@ -292,7 +339,7 @@ class RedisBackend(Backend):
     def lease(
         self, queue: str, limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings
     ) -> LeaseResult:
-        args = [*self._observe_args(queue), *self._settings_args(settings), limit, per_key, repr(float(visibility_timeout))]
+        args = [self._clock_arg(), self._options_arg(settings), limit, per_key, repr(float(visibility_timeout))]
         answer = self._run("lease", queue, args)
         retry_in = float(answer[0]) if answer[0] else None
         return LeaseResult([self._lease_view(queue, row) for row in answer[1:]], retry_in)
@@ -316,31 +363,32 @@ class RedisBackend(Backend):
         )
 
     def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
+        observe = self._options_arg(_OBSERVE_ONLY)
         answers = self._per_queue(
-            "ack", leases, self._observe_args, lambda i: [leases[i].id, leases[i].token]
+            "ack", leases, lambda queue: [self._clock_arg(), observe], lambda i: (leases[i].id, leases[i].token)
         )
         return [bool(answer) for answer in answers]
 
     def release_many(self, leases: Sequence[Lease]) -> list[bool]:
+        observe = self._options_arg(_OBSERVE_ONLY)
         answers = self._per_queue(
-            "release", leases, lambda queue: [self._clock_arg()], lambda i: [leases[i].id, leases[i].token]
+            "release", leases, lambda queue: [self._clock_arg(), observe], lambda i: (leases[i].id, leases[i].token)
         )
         return [bool(answer) for answer in answers]
 
     def _per_queue(
         self,
-        script_name: str,
+        function: str,
         leases: Sequence[Lease],
         head_args: Callable[[str], list[Any]],
-        lease_args: Callable[[int], list[Any]],
+        lease_args: Callable[[int], Sequence[Any]],
     ) -> list[Any]:
-        """One call of a per-lease script for each queue the leases belong to, all in one
-        round trip; the scripts' answers, one per lease, in the order of ``leases``.
-        ``lease_args(i)``: the script's arguments for ``leases[i]``."""
+        """One call of a per-lease function for each queue the leases belong to, all in one
+        round trip; the answers, one per lease, in the order of ``leases``.
+        ``lease_args(i)``: the function's arguments for ``leases[i]``."""
         by_queue: dict[str, list[int]] = {}
         for index, lease in enumerate(leases):
             by_queue.setdefault(lease.queue, []).append(index)
-        script = self._scripts[script_name]
         calls = []
         for queue, indexes in by_queue.items():
             args = head_args(queue)
@@ -349,9 +397,9 @@ class RedisBackend(Backend):
             calls.append((queue, indexes, args))
         with self._errors():
             if len(calls) == 1:
-                answers = [script(self._client, self._keys(calls[0][0]), calls[0][2])]
+                answers = [self._library.call(self._client, function, self._keys(calls[0][0]), calls[0][2])]
             else:
-                answers = self._pipelined(script, [(self._keys(q), args) for q, _, args in calls])
+                answers = self._pipelined(function, [(self._keys(q), args) for q, _, args in calls])
         results: list[Any] = [None] * len(leases)
         for (_, indexes, _), answer in zip(calls, answers):
             for index, value in zip(indexes, answer):
@@ -359,22 +407,23 @@ class RedisBackend(Backend):
         return results
 
     def _pipelined(
-        self, script: _Script, calls: list[tuple[list[str], list[Any]]], prelude: tuple[Any, ...] | None = None
+        self, function: str, calls: list[tuple[list[str], list[Any]]], prelude: tuple[Any, ...] | None = None
     ) -> list[Any]:
-        """Several calls of one script (after an optional plain command) in one round trip,
-        loading the script first if the server lacks it."""
+        """Several calls of one function (after an optional plain command) in one round
+        trip, loading the library first if the server lacks it."""
+        name = self._library.functions[function]
         for attempt in range(2):
             pipe = self._client.pipeline(transaction=False)
             if prelude is not None:
                 pipe.execute_command(*prelude)
             for keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.fcall(name, len(keys), *keys, *args)
             answers = pipe.execute(raise_on_error=False)
-            if attempt or not any(isinstance(a, redis.exceptions.NoScriptError) for a in answers):
+            if attempt or not any(_missing_function(a) for a in answers):
                 break
-            # A call refused with NOSCRIPT changed nothing (and the prelude is idempotent):
-            # load the script and send them all again.
-            self._client.script_load(script.source)
+            # A call refused for a missing function changed nothing (and the prelude is
+            # idempotent): load the library and send them all again.
+            self._library.load(self._client)
         for answer in answers:
             if isinstance(answer, Exception):
                 raise answer
@@ -384,7 +433,7 @@ class RedisBackend(Backend):
         self, lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings
     ) -> bool:
         args = [
-            *self._observe_args(lease.queue), *self._settings_args(settings), lease.id, lease.token, repr(float(delay)),
+            self._clock_arg(), self._options_arg(settings), lease.id, lease.token, repr(float(delay)),
             "1" if dead else "0", "" if reason is None else _text(reason),
         ]
         return bool(self._run("nack", lease.queue, args))
@@ -395,7 +444,7 @@ class RedisBackend(Backend):
     def extend_many(self, leases: Sequence[Lease], visibility_timeouts: Sequence[float]) -> list[float | None]:
         answers = self._per_queue(
             "extend", leases, lambda queue: [self._clock_arg()],
-            lambda i: [leases[i].id, leases[i].token, repr(float(visibility_timeouts[i]))],
+            lambda i: (leases[i].id, leases[i].token, repr(float(visibility_timeouts[i]))),
         )
         return [float(answer) if answer else None for answer in answers]
 
@@ -417,7 +466,7 @@ class RedisBackend(Backend):
             return sorted(_str(name) for name in self._client.smembers(self._registry_key()))
 
     def dead_letters(self, queue: str, limit: int, offset: int) -> list[DeadLetter]:
-        rows = self._run("dead_letters", queue, [offset, limit])
+        rows = self._run("dead_letters", queue, [self._clock_arg(), offset, limit])
         letters = []
         for row in rows:
             lease = self._lease_view(queue, row)
@@ -448,7 +497,7 @@ class RedisBackend(Backend):
             return int(self._run("replay", queue, [self._clock_arg(), position, "0", *ids]))
         places: list[tuple[int, int, bytes]] = []
         for start in range(0, len(ids), CHUNK):
-            rows = self._run("dead_order", queue, [_text(i) for i in ids[start : start + CHUNK]])
+            rows = self._run("dead_order", queue, [self._clock_arg(), *(_text(i) for i in ids[start : start + CHUNK])])
             places.extend((int(priority), int(seq), mid) for mid, priority, seq in rows)
         places.sort(key=lambda place: place[:2])
         chunks = [places[start : start + CHUNK] for start in range(0, len(places), CHUNK)]
@@ -490,11 +539,11 @@ class RedisBackend(Backend):
 
     def bind(self, exchange: str, queue: str) -> None:
         with self._errors():
-            self._scripts["bind"](self._client, [self._bindings_key(exchange)], [queue])
+            self._library.call(self._client, "bind", [self._bindings_key(exchange)], [queue])
 
     def unbind(self, exchange: str, queue: str) -> None:
         with self._errors():
-            self._scripts["unbind"](self._client, [self._bindings_key(exchange)], [queue])
+            self._library.call(self._client, "unbind", [self._bindings_key(exchange)], [queue])
 
     def bound_queues(self, exchange: str) -> list[str]:
         with self._errors():
