@@ -117,6 +117,11 @@ def _str(value: bytes) -> str:
     return value.decode("utf-8", "surrogatepass")
 
 
+def _us(seconds: float) -> str:
+    """A time or duration as the functions take it: whole microseconds."""
+    return str(round(seconds * 1_000_000))
+
+
 class _Library:
     """Every operation as one Redis Functions library, loaded once per server.
 
@@ -276,7 +281,7 @@ class RedisBackend(Backend):
         return f"{self.prefix}:bindings:{{{exchange}}}"
 
     def _clock_arg(self) -> str:
-        return "" if self._clock is None else repr(float(self._clock()))
+        return "" if self._clock is None else _us(self._clock())
 
     def _options_arg(self, settings: QueueSettings) -> str:
         """The queue settings and the metrics and events options as one argument (read by
@@ -286,9 +291,9 @@ class RedisBackend(Backend):
             text = ",".join((
                 "" if settings.max_deliveries is None else str(settings.max_deliveries),
                 str(settings.key_concurrency),
-                repr(float(settings.interval)),
+                _us(settings.interval),
                 settings.retry_position,
-                repr(float(settings.dedup_window)),
+                _us(settings.dedup_window),
                 "1" if settings.unique_while_pending else "0",
                 str(self._kept_minutes),
                 str(self._key_kept_minutes),
@@ -318,7 +323,7 @@ class RedisBackend(Backend):
                 f"{prefix}{next(counter):x}",
                 b"" if m.key is None else _text(m.key),
                 m.priority,
-                repr(float(m.delay)) if m.delay else "0",
+                _us(m.delay) if m.delay else "0",
                 b"" if m.dedup_id is None else _text(m.dedup_id),
                 json.dumps(dict(m.headers), separators=(",", ":")) if m.headers else "{}",
                 "1" if m.at_head else "0",
@@ -339,9 +344,9 @@ class RedisBackend(Backend):
     def lease(
         self, queue: str, limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings
     ) -> LeaseResult:
-        args = [self._clock_arg(), self._options_arg(settings), limit, per_key, repr(float(visibility_timeout))]
+        args = [self._clock_arg(), self._options_arg(settings), limit, per_key, _us(visibility_timeout)]
         answer = self._run("lease", queue, args)
-        retry_in = float(answer[0]) if answer[0] else None
+        retry_in = answer[0] / 1e6 if answer[0] != b"" else None
         return LeaseResult([self._lease_view(queue, row) for row in answer[1:]], retry_in)
 
     @staticmethod
@@ -356,8 +361,8 @@ class RedisBackend(Backend):
             attempts=int(attempts),
             headers=json.loads(headers),
             token=_str(token),
-            deadline=float(deadline),
-            enqueued_at=float(enqueued_at),
+            deadline=deadline / 1e6,
+            enqueued_at=enqueued_at / 1e6,
             batch_id=_str(batch_id),
             dedup_id=_str(dedup_id) if dedup_id else None,
         )
@@ -433,7 +438,7 @@ class RedisBackend(Backend):
         self, lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings
     ) -> bool:
         args = [
-            self._clock_arg(), self._options_arg(settings), lease.id, lease.token, repr(float(delay)),
+            self._clock_arg(), self._options_arg(settings), lease.id, lease.token, _us(delay),
             "1" if dead else "0", "" if reason is None else _text(reason),
         ]
         return bool(self._run("nack", lease.queue, args))
@@ -444,12 +449,12 @@ class RedisBackend(Backend):
     def extend_many(self, leases: Sequence[Lease], visibility_timeouts: Sequence[float]) -> list[float | None]:
         answers = self._per_queue(
             "extend", leases, lambda queue: [self._clock_arg()],
-            lambda i: (leases[i].id, leases[i].token, repr(float(visibility_timeouts[i]))),
+            lambda i: (leases[i].id, leases[i].token, _us(visibility_timeouts[i])),
         )
-        return [float(answer) if answer else None for answer in answers]
+        return [answer / 1e6 if answer != b"" else None for answer in answers]
 
     def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
-        self._run("set_interval", queue, [self._clock_arg(), _text(key), "" if seconds is None else repr(float(seconds))])
+        self._run("set_interval", queue, [self._clock_arg(), _text(key), "" if seconds is None else _us(seconds)])
 
     def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
         self._run("set_paused", queue, [self._clock_arg(), b"" if key is None else _text(key), "1" if paused else "0"])
@@ -458,7 +463,7 @@ class RedisBackend(Backend):
         ready, leased, delayed, dead, keys, oldest_age, paused = self._run("stats", queue, [self._clock_arg()])
         return QueueStats(
             queue=queue, ready=int(ready), leased=int(leased), delayed=int(delayed), dead=int(dead),
-            keys=int(keys), oldest_age=float(oldest_age), paused=bool(paused),
+            keys=int(keys), oldest_age=oldest_age / 1e6, paused=bool(paused),
         )
 
     def queues(self) -> list[str]:
@@ -474,7 +479,7 @@ class RedisBackend(Backend):
                 DeadLetter(
                     queue=queue, id=lease.id, key=lease.key, payload=lease.payload, priority=lease.priority,
                     attempts=lease.attempts, headers=lease.headers, reason=_str(row[11]),
-                    enqueued_at=lease.enqueued_at, died_at=float(row[12]), dedup_id=lease.dedup_id,
+                    enqueued_at=lease.enqueued_at, died_at=row[12] / 1e6, dedup_id=lease.dedup_id,
                 )
             )
         return letters
@@ -567,7 +572,7 @@ class RedisBackend(Backend):
             heads = self._run("keys", queue, [self._clock_arg(), "lag"])
             now = self.now()
             lags = sorted(
-                ((-(max(0.0, now - float(t)) if t else 0.0), _str(key)) for key, t in heads)
+                ((-(max(0.0, now - t / 1e6) if t != b"" else 0.0), _str(key)) for key, t in heads)
             )[:limit]
             if not lags:
                 return []
@@ -584,7 +589,7 @@ class RedisBackend(Backend):
         head = None
         if head_row:
             mid, priority, attempts, enqueued_at, not_before, size = head_row
-            head = HeadMessage(_str(mid), int(priority), int(attempts), float(enqueued_at), float(not_before), int(size))
+            head = HeadMessage(_str(mid), int(priority), int(attempts), enqueued_at / 1e6, not_before / 1e6, int(size))
         return KeyInfo(
             queue=queue,
             key=_str(key),
@@ -592,7 +597,7 @@ class RedisBackend(Backend):
             leased=int(slots),
             lag=max(0.0, now - head.enqueued_at) if head is not None else 0.0,
             paused=bool(paused),
-            interval=float(interval) if interval else None,
+            interval=int(interval) / 1e6 if interval else None,
             head=head,
         )
 
@@ -646,7 +651,7 @@ class _RedisSubscription(EventSubscription):
         events = []
         for line in data.split(b"\n"):
             kind, mid, key, at = line.split(b"\0")
-            events.append(Event(_str(kind), self._queue, _str(mid), _str(key[1:]) if key else None, float(at)))  # type: ignore[arg-type]
+            events.append(Event(_str(kind), self._queue, _str(mid), _str(key[1:]) if key else None, int(at) / 1e6))  # type: ignore[arg-type]
         return events
 
     def close(self) -> None:

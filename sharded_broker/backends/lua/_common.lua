@@ -63,23 +63,42 @@ local SEQ_ORIGIN = 4503599627370496 -- 2^52
 local PRIORITY_OFFSET = 2147483648 -- 2^31: priorities become unsigned, fixed-width hex
 -- Bounded work per call: at most this many due delayed messages promoted, expired leases
 -- returned and dedup entries forgotten; the rest is due at once (retry_in 0).
-local SWEEP_LIMIT = 500
+local SWEEP_LIMIT = 500 -- SWEEP_LIMIT_TEXT below says the same
 local SIGNAL_TOKENS = 16
 -- Counters are reserved from the state hash in blocks: one HINCRBY per call in the
 -- common case. Unused numbers of a block are skipped; only their order matters.
 local BLOCK = 64
+local BLOCK_TEXT = '64'
 local COUNTER_LETTERS = { enqueued = 'e', delivered = 'd', acked = 'a', retried = 'r', dead = 'x' }
 local LETTERS = { 'e', 'd', 'a', 'r', 'x' }
 local METRICS_SWEEP_LIMIT = 20
 -- At most this many fields forgotten per call, however many it created.
 local METRICS_SWEEP_MAX = 1000
 
+-- Numbers given to redis.call are turned into text by Redis with a float format (slow):
+-- small counts go as text from this table, made once when the library loads.
+-- (Filled on first use: the string library is not there while the library loads.)
+local TEXT = {}
+local function text(n)
+  local t = TEXT[n]
+  if not t then
+    t = string.format('%d', n)
+    if n >= -1 and n <= 1000 then
+      TEXT[n] = t
+    end
+  end
+  return t
+end
+local SWEEP_LIMIT_TEXT = '500'
+
 -- Per-call state, reset by begin() (the library's locals outlive a call).
 local K, NOW_ARG, CACHE, RAW, OBSERVE, BLOCKS, KEYSTATE
 
--- Times cross into Redis as text with every digit kept (Lua's default keeps 14).
-local function num(x)
-  return string.format('%.17g', x)
+-- Every time and duration is a whole number of microseconds (exact in a Lua number), so
+-- that scores are integers (stored as such in small sorted sets, never parsed back) and
+-- answers are integer replies; the client converts to and from seconds.
+local function num(us)
+  return string.format('%d', us)
 end
 
 -- The backend's clock: the server's TIME unless the client passed a test clock reading.
@@ -88,12 +107,17 @@ local function clock(arg)
     return tonumber(arg)
   end
   local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- The start of the minute holding `now`, in seconds (metrics fields are named by it).
+local function minute_of(now)
+  return math.floor(now / 60000000) * 60
 end
 
 -- The call's options, packed by RedisBackend._options_arg as
--- "max_deliveries,key_concurrency,interval,retry_position,dedup_window,unique,kept,key_kept,events",
--- parsed once per distinct text.
+-- "max_deliveries,key_concurrency,interval,retry_position,dedup_window,unique,kept,key_kept,events"
+-- (interval and dedup_window in microseconds), parsed once per distinct text.
 local PARSED = {}
 local PARSED_COUNT = 0
 
@@ -127,7 +151,7 @@ end
 local function next_count(name)
   local block = BLOCKS[name]
   if not block or block[1] > block[2] then
-    local last = redis.call('HINCRBY', K[STATE], name, BLOCK)
+    local last = redis.call('HINCRBY', K[STATE], name, BLOCK_TEXT)
     block = { last - BLOCK + 1, last }
     BLOCKS[name] = block
   end
@@ -166,7 +190,8 @@ end
 local LANE_FROM, LANE_TO = '[\1', '(\2'
 
 -- Records loaded in this call (false once forgotten), written back once by flush() when
--- they changed; RAW keeps what was read, so unchanged records cost no write.
+-- they changed; RAW keeps what was read, so unchanged records cost no write. A stored
+-- record is its fields as consecutive msgpack values, in the order flush() writes them.
 local function load(id)
   local rec = CACHE[id]
   if rec ~= nil then
@@ -176,14 +201,19 @@ local function load(id)
   if not raw then
     return nil
   end
-  local decoded
-  decoded, rec = pcall(cmsgpack.unpack, raw)
+  -- The fields in the order flush() packs them, as separate msgpack values (decoding
+  -- values costs a quarter of decoding a map).
+  local decoded, st, k, p, s, t, h, d, ah, nb, a, tok, dl, b, bn, o, ea, eo, r, da, pl =
+    pcall(cmsgpack.unpack, raw)
   -- A record damaged behind the engine's back reads as missing (see entry_record).
-  if not decoded or type(rec) ~= 'table' or type(rec.st) ~= 'string' or type(rec.p) ~= 'number'
-      or type(rec.t) ~= 'number' or type(rec.h) ~= 'string' or type(rec.pl) ~= 'string' then
+  if not decoded or type(st) ~= 'string' or type(p) ~= 'number' or type(t) ~= 'number' or type(h) ~= 'string'
+      or type(pl) ~= 'string' then
     return nil
   end
-  rec.id = id
+  rec = {
+    id = id, st = st, k = k, p = p, s = s, t = t, h = h, d = d, ah = ah, nb = nb, a = a, tok = tok, dl = dl, b = b,
+    bn = bn, o = o, ea = ea, eo = eo, r = r, da = da, pl = pl,
+  }
   CACHE[id] = rec
   RAW[id] = raw
   return rec
@@ -196,9 +226,8 @@ end
 local function flush()
   for id, rec in pairs(CACHE) do
     if rec then
-      rec.id = nil -- the field name is the id
-      local raw = cmsgpack.pack(rec)
-      rec.id = id
+      local raw = cmsgpack.pack(rec.st, rec.k, rec.p, rec.s, rec.t, rec.h, rec.d, rec.ah, rec.nb, rec.a, rec.tok,
+        rec.dl, rec.b, rec.bn, rec.o, rec.ea, rec.eo, rec.r, rec.da, rec.pl)
       if raw ~= RAW[id] then
         redis.call('HSET', K[MSGS], id, raw)
       end
@@ -245,7 +274,8 @@ end
 local function save_key_state(key, ks)
   local raw = false
   if ks.slots > 0 or ks.at then
-    raw = ks.slots .. ',' .. (ks.at and num(ks.at) or '') .. ',' .. (ks.order or '') .. ',' .. (ks.head or '')
+    raw = text(ks.slots) .. ',' .. (ks.at and num(ks.at) or '') .. ',' .. (ks.order and num(ks.order) or '') .. ','
+      .. (ks.head or '')
   end
   if raw == ks.raw then
     return
@@ -292,13 +322,13 @@ local function set_state(rec, state)
 end
 
 local function count_key(key)
-  redis.call('ZINCRBY', K[BACKLOG], -1, key)
+  redis.call('ZINCRBY', K[BACKLOG], '-1', key)
 end
 
 -- One live message of key fewer; a key with no live message and no slot in use is
 -- forgotten.
 local function uncount_key(key)
-  if tonumber(redis.call('ZINCRBY', K[BACKLOG], 1, key)) >= 0 then
+  if tonumber(redis.call('ZINCRBY', K[BACKLOG], '1', key)) >= 0 then
     redis.call('ZREM', K[BACKLOG], key)
     local ks = key_state(key)
     if ks.slots == 0 then
@@ -311,7 +341,7 @@ end
 -- Count one lifecycle step of rec (per queue, and per key when it has one) and publish it.
 local function record(counter, rec, now)
   local letter = COUNTER_LETTERS[counter]
-  local minute = string.format('%d', math.floor(now / 60) * 60)
+  local minute = string.format('%d', minute_of(now))
   local field = minute .. ':' .. letter
   OBSERVE.counts[field] = (OBSERVE.counts[field] or 0) + 1
   if rec.k then
@@ -352,7 +382,7 @@ end
 
 -- Forget up to `limit` per-key fields that left the key window, oldest first.
 local function sweep_key_fields(current, limit)
-  local oldest = redis.call('LRANGE', K[METRICSKEYS], 0, limit - 1)
+  local oldest = redis.call('LRANGE', K[METRICSKEYS], '0', text(limit - 1))
   local expired = 0
   local key_kept = OBSERVE.opts.key_kept
   for _, field in ipairs(oldest) do
@@ -364,7 +394,7 @@ local function sweep_key_fields(current, limit)
   end
   if expired > 0 then
     redis.call('HDEL', K[METRICS], unpack(oldest, 1, expired))
-    redis.call('LTRIM', K[METRICSKEYS], expired, -1)
+    redis.call('LTRIM', K[METRICSKEYS], text(expired), '-1')
   end
 end
 
@@ -372,7 +402,7 @@ local function flush_observed(now)
   local created = 0
   local new_queue_minute = false
   for field, added in pairs(OBSERVE.counts) do
-    if tonumber(redis.call('HINCRBY', K[METRICS], field, added)) == added then
+    if redis.call('HINCRBY', K[METRICS], field, text(added)) == added then
       -- A field made by this call: index it for expiry.
       if string.find(field, ':', string.find(field, ':', 1, true) + 1, true) then
         redis.call('RPUSH', K[METRICSKEYS], field)
@@ -382,7 +412,7 @@ local function flush_observed(now)
       end
     end
   end
-  local current = math.floor(now / 60) * 60
+  local current = minute_of(now)
   if new_queue_minute then
     sweep_queue_minutes(current)
   end
@@ -413,7 +443,7 @@ local function dead_letter(rec, now, reason)
   rec.tok = nil
   rec.r = reason
   rec.da = now
-  redis.call('ZADD', K[DEAD], next_order(), rec.id)
+  redis.call('ZADD', K[DEAD], num(next_order()), rec.id)
   if rec.k then
     uncount_key(rec.k)
   end
@@ -468,7 +498,7 @@ local function entry_record(index, member, now)
   if rec.st ~= 'dead' then
     set_state(rec, 'dead')
     rec.da = now
-    redis.call('ZADD', K[DEAD], next_order(), id)
+    redis.call('ZADD', K[DEAD], num(next_order()), id)
     if rec.k then
       uncount_key(rec.k)
     end
@@ -482,7 +512,7 @@ end
 -- The first `count` ready members of key, in order.
 local function key_members(key, count)
   local from, to = key_range(key)
-  return redis.call('ZRANGEBYLEX', K[READY], from, to, 'LIMIT', 0, count)
+  return redis.call('ZRANGEBYLEX', K[READY], from, to, 'LIMIT', '0', text(count))
 end
 
 -- The first `count` ready messages of key, in order (unreadable ones dead-lettered).
@@ -594,7 +624,7 @@ local function place(rec, now)
     rec.eo = next_order()
   end
   redis.call('ZADD', K[READYAGE], num(rec.t), rec.id)
-  redis.call('ZADD', K[READY], 0, ready_member(rec))
+  redis.call('ZADD', K[READY], '0', ready_member(rec))
 end
 
 local function delay(rec, due)
@@ -605,7 +635,7 @@ local function delay(rec, due)
 end
 
 local function promote_due(now, settings)
-  local due = redis.call('ZRANGEBYSCORE', K[DELAYED], '-inf', num(now), 'LIMIT', 0, SWEEP_LIMIT)
+  local due = redis.call('ZRANGEBYSCORE', K[DELAYED], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT_TEXT)
   for _, member in ipairs(due) do
     local rec = entry_record('delayed', member, now)
     if rec.st == 'delayed' then
@@ -734,7 +764,7 @@ local function release(rec, now)
 end
 
 local function expire_leases(now, settings)
-  local expired = redis.call('ZRANGEBYSCORE', K[LEASES], '-inf', num(now), 'LIMIT', 0, SWEEP_LIMIT)
+  local expired = redis.call('ZRANGEBYSCORE', K[LEASES], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT_TEXT)
   for _, member in ipairs(expired) do
     local rec = entry_record('leases', member, now)
     -- An earlier expiry in this loop may have returned it with the rest of its batch.
@@ -777,7 +807,7 @@ end
 
 -- The id of the message an enqueue with dedup_id duplicates, or nil.
 local function dedup_hit(dedup_id, now, settings)
-  local expired = redis.call('ZRANGEBYSCORE', K[DEDUPEXP], '-inf', num(now), 'LIMIT', 0, SWEEP_LIMIT)
+  local expired = redis.call('ZRANGEBYSCORE', K[DEDUPEXP], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT_TEXT)
   for _, old in ipairs(expired) do
     expire_dedup(old, dedup_entry(old), now, settings)
   end
@@ -806,8 +836,8 @@ end
 -- reads the last two fields too).
 local function view(rec)
   return {
-    rec.id, rec.k or '', rec.pl, rec.p, rec.a or 0, rec.h, rec.tok or '', num(rec.dl or 0), num(rec.t),
-    rec.b or '', rec.d or '', rec.r or '', num(rec.da or 0),
+    rec.id, rec.k or '', rec.pl, rec.p, rec.a or 0, rec.h, rec.tok or '', rec.dl or 0, rec.t,
+    rec.b or '', rec.d or '', rec.r or '', rec.da or 0,
   }
 end
 

@@ -17,7 +17,7 @@ register('extend', function(args)
         rec.o = next_order()
         redis.call('ZADD', K[LEASES], num(deadline), order_member(rec.o, rec.id))
       end
-      deadlines[#deadlines + 1] = num(deadline)
+      deadlines[#deadlines + 1] = deadline
     end
   end
   flush()

@@ -17,7 +17,7 @@ register('keys', function(args)
     local first = head(key)
     local head_view = {}
     if first then
-      head_view = { first.id, first.p, first.a or 0, num(first.t), num(first.nb or 0), #first.pl }
+      head_view = { first.id, first.p, first.a or 0, first.t, first.nb or 0, #first.pl }
     end
     return { key, backlog, key_state(key).slots, redis.call('HGET', K[STATE], 'p:' .. key) == '1' and 1 or 0,
       redis.call('HGET', K[STATE], 'i:' .. key) or '', head_view }
@@ -31,7 +31,7 @@ register('keys', function(args)
   elseif what == 'lag' then
     for _, key in ipairs(redis.call('ZRANGE', K[BACKLOG], 0, -1)) do
       local first = head(key)
-      answer[#answer + 1] = { key, first and num(first.t) or '' }
+      answer[#answer + 1] = { key, first and first.t or '' }
     end
   else
     for i = 3, #args do

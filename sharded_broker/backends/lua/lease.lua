@@ -30,7 +30,7 @@ register('lease', function(args)
 
   local function lane_head()
     while true do
-      local member = redis.call('ZRANGEBYLEX', K[READY], LANE_FROM, LANE_TO, 'LIMIT', 0, 1)[1]
+      local member = redis.call('ZRANGEBYLEX', K[READY], LANE_FROM, LANE_TO, 'LIMIT', '0', '1')[1]
       if not member then
         return nil
       end
@@ -41,29 +41,41 @@ register('lease', function(args)
     end
   end
 
-  -- Keys due now, earliest first, read a few at a time: {at, order, key} each.
+  -- Keys due now, earliest first, read a few at a time: {order, key, member} each. Their
+  -- ready times are in their key states.
   local due = {}
   local next_due = 1
   local function ready_key()
-    if next_due > #due then
-      due, next_due = {}, 1
-      local rows = redis.call('ZRANGEBYSCORE', K[KEYQ], '-inf', num(now), 'WITHSCORES', 'LIMIT', 0,
-        math.max(1, math.min(limit - #leased, 100)))
-      for i = 1, #rows, 2 do
-        local member = rows[i]
-        due[#due + 1] = { tonumber(rows[i + 1]), tonumber(string.sub(member, 1, 16), 16), string.sub(member, 17) }
+    while true do
+      if next_due > #due then
+        due, next_due = {}, 1
+        local members = redis.call('ZRANGEBYSCORE', K[KEYQ], '-inf', num(now), 'LIMIT', '0',
+          text(math.max(1, math.min(limit - #leased, 100))))
+        for i, member in ipairs(members) do
+          due[i] = { tonumber(string.sub(member, 1, 16), 16), string.sub(member, 17), member }
+        end
       end
+      local entry = due[next_due]
+      if not entry then
+        return nil
+      end
+      local ks = key_state(entry[2])
+      if ks.at and ks.order == entry[1] then
+        return entry, ks
+      end
+      -- An entry its key's state does not know (left by an interrupted change): drop it.
+      redis.call('ZREM', K[KEYQ], entry[3])
+      next_due = next_due + 1
     end
-    return due[next_due]
   end
 
   local function set_last_delivery(key, interval)
     if interval ~= 0 then
       if redis.call('HSET', K[STATE], 'l:' .. key, num(now)) == 1 then
-        redis.call('HINCRBY', K[STATE], '#nl', 1)
+        redis.call('HINCRBY', K[STATE], '#nl', '1')
       end
     elseif last_deliveries > 0 and redis.call('HDEL', K[STATE], 'l:' .. key) == 1 then
-      redis.call('HINCRBY', K[STATE], '#nl', -1)
+      redis.call('HINCRBY', K[STATE], '#nl', '-1')
     end
   end
 
@@ -113,9 +125,9 @@ register('lease', function(args)
   end
 
   local function retry_in()
-    local first = redis.call('ZRANGE', K[KEYQ], 0, 0, 'WITHSCORES')[2]
-    local delayed = redis.call('ZRANGE', K[DELAYED], 0, 0, 'WITHSCORES')[2]
-    local lease = redis.call('ZRANGE', K[LEASES], 0, 0, 'WITHSCORES')[2]
+    local first = redis.call('ZRANGE', K[KEYQ], '0', '0', 'WITHSCORES')[2]
+    local delayed = redis.call('ZRANGE', K[DELAYED], '0', '0', 'WITHSCORES')[2]
+    local lease = redis.call('ZRANGE', K[LEASES], '0', '0', 'WITHSCORES')[2]
     local earliest = nil
     for _, at in ipairs({ first or false, delayed or false, lease or false }) do
       if at then
@@ -128,30 +140,26 @@ register('lease', function(args)
     if not earliest then
       return ''
     end
-    return num(math.max(0, earliest - now))
+    return math.max(0, earliest - now)
   end
 
   promote_due(now, settings)
   expire_leases(now, settings)
   local lane = false -- not looked up yet
   while #leased < limit and not paused do
-    local entry = ready_key()
+    local entry, ks = ready_key()
     if lane == false then
       lane = lane_head()
     end
-    if lane and (not entry or lane.ea < entry[1] or (lane.ea == entry[1] and lane.eo < entry[2])) then
+    if lane and (not entry or lane.ea < ks.at or (lane.ea == ks.at and lane.eo < entry[1])) then
       lease_record(lane, lane.id, 1)
       lane = false
     elseif not entry then
       break
     else
       next_due = next_due + 1
-      local key = entry[3]
-      local ks = key_state(key)
-      if ks.at and ks.order == entry[2] then
-        unschedule(key, ks)
-        serve_key(key, math.min(per_key, limit - #leased))
-      end
+      unschedule(entry[2], ks)
+      serve_key(entry[2], math.min(per_key, limit - #leased))
     end
   end
   local answer = { '' }

@@ -6,7 +6,7 @@ register('metrics', function(args)
   local now = clock(args[1])
   local count = math.min(tonumber(args[2]), tonumber(args[3]))
   local suffix = args[4] ~= '' and (':' .. string.sub(args[4], 2)) or ''
-  local first = math.floor(now / 60) * 60 - (count - 1) * 60
+  local first = minute_of(now) - (count - 1) * 60
   local fields = {}
   for i = 0, count - 1 do
     local minute = string.format('%d', first + i * 60)

@@ -5,10 +5,10 @@ register('set_interval', function(args)
   local key = args[2]
   if args[3] == '' then
     if redis.call('HDEL', K[STATE], 'i:' .. key) == 1 then
-      redis.call('HINCRBY', K[STATE], '#ni', -1)
+      redis.call('HINCRBY', K[STATE], '#ni', '-1')
     end
   elseif redis.call('HSET', K[STATE], 'i:' .. key, args[3]) == 1 then
-    redis.call('HINCRBY', K[STATE], '#ni', 1)
+    redis.call('HINCRBY', K[STATE], '#ni', '1')
   end
   schedule(key, now, false, nil)
   flush()

@@ -8,11 +8,11 @@ register('set_paused', function(args)
     redis.call('HSET', K[STATE], '#paused', paused and '1' or '0')
   elseif paused then
     if redis.call('HSET', K[STATE], 'p:' .. key, '1') == 1 then
-      redis.call('HINCRBY', K[STATE], '#np', 1)
+      redis.call('HINCRBY', K[STATE], '#np', '1')
     end
   else
     if redis.call('HDEL', K[STATE], 'p:' .. key) == 1 then
-      redis.call('HINCRBY', K[STATE], '#np', -1)
+      redis.call('HINCRBY', K[STATE], '#np', '-1')
     end
     schedule(key, now, false, nil)
   end
