@@ -532,12 +532,12 @@ local function key_heads(key, count)
   end
 end
 
--- The not-before time of the message a ready member names, reading its record only when
--- it was placed holding its key; the member's record is dead-lettered (and nil answered)
--- when it cannot be read.
+-- Until when the message a ready member names holds its key: its not-before time when it
+-- was placed holding the key (its record is read then; an unreadable one is dead-lettered
+-- and nil answered), else 0.
 local function member_not_before(member)
   local at = string.find(member, '\0', 1, true)
-  if string.sub(member, at + 23, at + 23) == '0' and not CACHE[string.sub(member, at + 24)] then
+  if string.sub(member, at + 23, at + 23) == '0' then
     return 0
   end
   local rec = entry_record('ready', member, nil)
@@ -841,7 +841,10 @@ local function view(rec)
   }
 end
 
--- Register one operation: fn(args, now_arg) runs with this call's keys bound.
+-- Register one operation: fn(args) runs with this call's keys bound. Operations that
+-- drain or settle (lease, ack, nack, release, extend, purge) are flagged allow-oom: a
+-- server at maxmemory refuses new messages (enqueue is refused before it runs) but keeps
+-- letting consumers take and settle what is queued, which frees memory.
 local function register(name, fn, flags)
   redis.register_function({
     function_name = LIB .. '_' .. name,

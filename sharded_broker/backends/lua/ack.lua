@@ -26,4 +26,4 @@ register('ack', function(args)
   flush_observed(now)
   signal(1)
   return results
-end)
+end, { 'allow-oom' })

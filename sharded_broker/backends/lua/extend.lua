@@ -22,4 +22,4 @@ register('extend', function(args)
   end
   flush()
   return deadlines
-end)
+end, { 'allow-oom' })

@@ -172,4 +172,4 @@ register('lease', function(args)
   flush()
   flush_observed(now)
   return answer
-end)
+end, { 'allow-oom' })

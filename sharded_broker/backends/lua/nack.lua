@@ -20,4 +20,4 @@ register('nack', function(args)
   flush_observed(now)
   signal(1)
   return 1
-end)
+end, { 'allow-oom' })

@@ -41,4 +41,4 @@ register('purge', function(args)
   end
   flush()
   return { deleted, budget - deleted }
-end)
+end, { 'allow-oom' })

@@ -25,4 +25,4 @@ register('release', function(args)
     signal(released)
   end
   return results
-end)
+end, { 'allow-oom' })
