@@ -65,8 +65,13 @@ from ..models import (
 # Tail seqs count up from here and head seqs count down, so every head seq sorts first.
 SEQ_ORIGIN = 2**52
 # Version 2 added the metrics and events tables and the keys_backlog index; a version 1
-# file gains them when opened.
-SCHEMA_VERSION = 2
+# file gains them when opened. Version 3 replaced two indexes (OLD_INDEXES) by
+# messages_key_order and messages_open_batches, built when an older file is opened.
+SCHEMA_VERSION = 3
+OLD_INDEXES = ("messages_ready", "messages_batch")
+# Pages SQLite keeps in memory per connection (negative: KiB): at a million messages the
+# indexes of the hot statements stay cached instead of being read again from the file.
+CACHE_KIB = 64 * 1024
 OPTIONS = ("busy_timeout", "clock", "events", "key_metrics_window", "metrics_window", "synchronous")
 EVENTS_KEPT = 10_000
 EVENTS_POLL = 0.05
@@ -147,11 +152,13 @@ CREATE TABLE IF NOT EXISTS messages (
     died_at REAL NOT NULL DEFAULT 0,
     dead_order INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, key, priority, seq) WHERE state = 'ready';
+-- not_before is in the index so that a key's next ready time is read without the table.
+CREATE INDEX IF NOT EXISTS messages_key_order ON messages (queue, key, priority, seq, not_before) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS messages_oldest ON messages (queue, enqueued_at) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS messages_delayed ON messages (queue, not_before, timer_order) WHERE state = 'delayed';
 CREATE INDEX IF NOT EXISTS messages_leased ON messages (queue, deadline, timer_order) WHERE state = 'leased';
-CREATE INDEX IF NOT EXISTS messages_batch ON messages (batch_id, batch_index) WHERE state = 'leased';
+-- Only batches of several messages: a lease of one message stores batch_id '' and needs no entry.
+CREATE INDEX IF NOT EXISTS messages_open_batches ON messages (batch_id, batch_index) WHERE state = 'leased' AND batch_id <> '';
 CREATE INDEX IF NOT EXISTS messages_dead ON messages (queue, dead_order) WHERE state = 'dead';
 CREATE TABLE IF NOT EXISTS dedup (
     queue TEXT NOT NULL,
@@ -208,10 +215,14 @@ HOT_QUERIES = {
     "AND deadline <= ? ORDER BY deadline, timer_order LIMIT 1",
     "next_delayed": "SELECT MIN(not_before) FROM messages WHERE queue = ? AND state = 'delayed'",
     "next_deadline": "SELECT MIN(deadline) FROM messages WHERE queue = ? AND state = 'leased'",
-    "batch_followers": "SELECT id, seq FROM messages WHERE batch_id = ? AND state = 'leased' "
+    "batch_followers": "SELECT id, seq FROM messages WHERE batch_id = ? AND state = 'leased' AND batch_id <> '' "
     "AND batch_index > ? ORDER BY batch_index",
-    "batch_left": "SELECT 1 FROM messages WHERE batch_id = ? AND state = 'leased' LIMIT 1",
-    "message": f"SELECT {MESSAGE_COLUMNS}, queue FROM messages WHERE id = ?",
+    "batch_left": "SELECT 1 FROM messages WHERE batch_id = ? AND state = 'leased' AND batch_id <> '' LIMIT 1",
+    # What settling a lease needs (not its payload and headers).
+    "message": "SELECT id, key, seq, attempts, batch_id, batch_index, deadline, state, token, queue FROM messages "
+    "WHERE id = ?",
+    "key_next_time": "SELECT not_before FROM messages WHERE queue = ? AND key = ? AND state = 'ready' "
+    "ORDER BY priority, seq LIMIT 1",
     "key": "SELECT count, slots, ready_at, ready_order, interval, last_delivery, paused FROM keys "
     "WHERE queue = ? AND key = ?",
     "dedup": "SELECT message_id, expires FROM dedup WHERE queue = ? AND dedup_id = ?",
@@ -273,6 +284,32 @@ class _QueueRow:
     def count(self, state: str, change: int) -> None:
         if state in ("ready", "delayed", "leased", "dead"):
             setattr(self, state, getattr(self, state) + change)
+
+
+@dataclass
+class _KeyRow:
+    """A key's row, read at most once per transaction and written back (or deleted, once
+    it holds nothing and no setting of its own) before the ready order is read and at
+    the transaction's end: one read and one write per key touched, however many steps
+    change it."""
+
+    count: int = 0  # messages ready, delayed or leased
+    slots: int = 0  # batches leased and not yet settled
+    ready_at: float | None = None  # None: not in the ready order
+    ready_order: int | None = None
+    interval: float | None = None  # None: the queue's default
+    last_delivery: float | None = None
+    paused: int = 0
+    stored: bool = False  # whether the table holds the row
+    changed: bool = False
+
+    FIELDS = ("count", "slots", "ready_at", "ready_order", "interval", "last_delivery", "paused")
+
+    def holds_nothing(self) -> bool:
+        return (
+            not self.count and not self.slots and self.interval is None and self.last_delivery is None
+            and not self.paused
+        )
 
 
 class _Wakeup:
@@ -439,14 +476,17 @@ class SQLiteBackend(Backend):
             if mode != "wal":
                 raise ConfigurationError(f"sqlite database {self.path} could not switch to WAL mode (mode is {mode})")
             conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
+            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, SCHEMA_VERSION):
+            if version not in (0, 1, 2, SCHEMA_VERSION):
                 raise ConfigurationError(
                     f"sqlite database {self.path} has schema version {version}; this version of sharded-broker "
                     f"reads version {SCHEMA_VERSION}"
                 )
             if version != SCHEMA_VERSION:
                 conn.execute("BEGIN IMMEDIATE")
+                for index in OLD_INDEXES:
+                    conn.execute(f"DROP INDEX IF EXISTS {index}")
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
@@ -697,6 +737,8 @@ class _Tx:
         self.now = now
         self._queues: dict[str, _QueueRow] = {}
         self._new_queues: set[str] = set()
+        self._keys: dict[tuple[str, str], _KeyRow] = {}
+        self._changed_keys: dict[tuple[str, str], _KeyRow] = {}
         self._metrics_window, self._key_metrics_window = windows
         self._events_on = events
         # (queue, '' or '+key', minute) -> counts in the order of COUNTERS, written by flush().
@@ -736,7 +778,38 @@ class _Tx:
         self._queues[name] = q
         return q
 
+    def flush_keys(self) -> None:
+        """Write the key rows changed since the last call."""
+        for (queue, key), row in self._changed_keys.items():
+            row.changed = False
+            if row.holds_nothing():
+                if row.stored:
+                    self.db.execute("DELETE FROM keys WHERE queue = ? AND key = ?", (queue, key))
+                    row.stored = False
+            elif row.stored:
+                self.db.execute(
+                    "UPDATE keys SET count = ?, slots = ?, ready_at = ?, ready_order = ?, interval = ?, "
+                    "last_delivery = ?, paused = ? WHERE queue = ? AND key = ?",
+                    (row.count, row.slots, row.ready_at, row.ready_order, row.interval, row.last_delivery, row.paused,
+                     queue, key),
+                )
+            else:
+                self.db.execute(
+                    "INSERT INTO keys (queue, key, count, slots, ready_at, ready_order, interval, last_delivery, paused) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (queue, key, row.count, row.slots, row.ready_at, row.ready_order, row.interval, row.last_delivery,
+                     row.paused),
+                )
+                row.stored = True
+        self._changed_keys.clear()
+
+    def _ready_key(self, queue: str) -> tuple | None:
+        """The key first in the ready order (key, ready_at, ready_order), or None."""
+        self.flush_keys()
+        return self._one("ready_key", queue)
+
     def flush(self) -> None:
+        self.flush_keys()
         for q in self._queues.values():
             values = [getattr(q, f) for f in _QueueRow.FIELDS]
             if q.name in self._new_queues:
@@ -777,38 +850,42 @@ class _Tx:
             f"UPDATE messages SET {', '.join(c + ' = ?' for c in columns)} WHERE id = ?", (*columns.values(), mid)
         )
 
-    def _key(self, q: _QueueRow, key: str) -> tuple | None:
-        return self._one("key", q.name, key)
+    def _key(self, q: _QueueRow, key: str) -> _KeyRow:
+        """The key's row (an empty one, not stored, for a key without a row)."""
+        row = self._keys.get((q.name, key))
+        if row is None:
+            found = self._one("key", q.name, key)
+            row = _KeyRow(*found, stored=True) if found is not None else _KeyRow()
+            self._keys[(q.name, key)] = row
+        return row
 
-    def _update_key(self, q: _QueueRow, key: str, **columns: Any) -> None:
-        self.db.execute(
-            f"UPDATE keys SET {', '.join(c + ' = ?' for c in columns)} WHERE queue = ? AND key = ?",
-            (*columns.values(), q.name, key),
-        )
+    def _update_key(self, q: _QueueRow, key: str, **columns: Any) -> _KeyRow:
+        row = self._key(q, key)
+        for name, value in columns.items():
+            setattr(row, name, value)
+        if not row.changed:
+            row.changed = True
+            self._changed_keys[(q.name, key)] = row
+        return row
 
     def _count_key(self, q: _QueueRow, key: str) -> None:
-        [(count,)] = self.db.execute(
-            "INSERT INTO keys (queue, key, count) VALUES (?, ?, 1) "
-            "ON CONFLICT (queue, key) DO UPDATE SET count = count + 1 RETURNING count",
-            (q.name, key),
-        ).fetchall()
-        if count == 1:
+        row = self._key(q, key)
+        self._update_key(q, key, count=row.count + 1)
+        if row.count == 1:
             q.keys += 1
 
     def _uncount_key(self, q: _QueueRow, key: str, by: int = 1) -> None:
-        [(count, slots)] = self.db.execute(
-            "UPDATE keys SET count = count - ? WHERE queue = ? AND key = ? RETURNING count, slots", (by, q.name, key)
-        ).fetchall()
-        if not count:
+        row = self._key(q, key)
+        self._update_key(q, key, count=row.count - by)
+        if not row.count:
             q.keys -= 1
-            if not slots:
+            if not row.slots:
                 self._drop_key(q, key)
 
     def _drop_key(self, q: _QueueRow, key: str) -> None:
         """The key has no messages and no slots: keep only what outlives it (interval,
-        last delivery, pause)."""
+        last delivery, pause); its row goes when it holds nothing (flush_keys)."""
         self._update_key(q, key, ready_at=None, ready_order=None)
-        self._tidy_key(q, key)
 
     def _set_state(self, q: _QueueRow, old: str, new: str, mid: str, **columns: Any) -> None:
         q.count(old, -1)
@@ -819,17 +896,15 @@ class _Tx:
         """Give ``key`` its place in the ready order if it has a head message (memory:
         ``_schedule``); ``keep_place`` keeps a waiting key's earlier time."""
         row = self._key(q, key)
-        if row is None:
+        ready_at = row.ready_at
+        if not row.count and not row.slots:
             return
-        count, slots, ready_at = row["count"], row["slots"], row["ready_at"]
-        if not count and not slots:
-            return
-        head = self._one("key_head", q.name, key, 1)
+        head = self._one("key_next_time", q.name, key)
         if head is None:
             if ready_at is not None:
                 self._update_key(q, key, ready_at=None, ready_order=None)
             return
-        not_before = head["not_before"]
+        not_before = head[0]
         at = max(now, not_before)
         if keep_place and ready_at is not None:
             at = max(ready_at, not_before)
@@ -847,6 +922,8 @@ class _Tx:
         self._set_state(q, old_state, "delayed", mid, not_before=due, timer_order=q.order(), **columns)
 
     def _promote_due(self, q: _QueueRow) -> None:
+        if not q.delayed:
+            return
         due = self.db.execute(HOT_QUERIES["due_delayed"], (q.name, self.now)).fetchall()
         for mid, key, seq, at_head in due:
             columns = {} if seq is not None else {"seq": q.next_seq(bool(at_head))}
@@ -855,7 +932,7 @@ class _Tx:
                 self._schedule(q, key, self.now, keep_place=True)
 
     def _expire_leases(self, q: _QueueRow, settings: QueueSettings) -> None:
-        while True:
+        while q.leased:
             row = self._one("expired_lease", q.name, self.now)
             if row is None:
                 return
@@ -891,7 +968,7 @@ class _Tx:
         """A leased message failed: retry or dead-letter it, and return the rest of its batch."""
         mid, key, seq, attempts = row["id"], row["key"], row["seq"], row["attempts"]
         batch_id, batch_index = row["batch_id"], row["batch_index"]
-        followers = self.db.execute(HOT_QUERIES["batch_followers"], (batch_id, batch_index)).fetchall()
+        followers = self._followers(batch_id, batch_index)
         if dead_reason is not None:
             self._dead_letter(q, mid, key, dead_reason)
             self._record(q, "dead", mid, key)
@@ -909,9 +986,15 @@ class _Tx:
     def _release(self, q: _QueueRow, row: tuple) -> None:
         """Give a leased message back uncounted, with the rest of its batch (memory: ``_release``)."""
         batch_id, batch_index = row["batch_id"], row["batch_index"]
-        followers = self.db.execute(HOT_QUERIES["batch_followers"], (batch_id, batch_index)).fetchall()
+        followers = self._followers(batch_id, batch_index)
         self._return_unprocessed(q, row["key"], [(row["id"], row["seq"]), *followers])
         self._settled(q, row["key"], batch_id)
+
+    def _followers(self, batch_id: str, batch_index: int) -> list[tuple[str, int]]:
+        """(id, seq) of the later unsettled messages of a batch ('': a batch of one)."""
+        if not batch_id:
+            return []
+        return self.db.execute(HOT_QUERIES["batch_followers"], (batch_id, batch_index)).fetchall()
 
     def _return_unprocessed(self, q: _QueueRow, key: str | None, messages: Sequence[tuple[str, int]]) -> None:
         """Back to their places, in order; they were never processed, so their deliveries
@@ -922,14 +1005,13 @@ class _Tx:
 
     def _settled(self, q: _QueueRow, key: str | None, batch_id: str) -> None:
         """Release the key's slot once the last message of a batch is settled."""
-        if key is None or self._one("batch_left", batch_id) is not None:
+        if key is None or (batch_id and self._one("batch_left", batch_id) is not None):
             return
         row = self._key(q, key)
-        if row is None or not row["slots"]:
+        if not row.slots:
             return
-        count, slots = row["count"], row["slots"] - 1
-        self._update_key(q, key, slots=slots)
-        if not slots and not count:
+        self._update_key(q, key, slots=row.slots - 1)
+        if not row.slots and not row.count:
             self._drop_key(q, key)
             return
         self._schedule(q, key, self.now, keep_place=False)
@@ -941,13 +1023,15 @@ class _Tx:
         return row
 
     def _lease_record(
-        self, q: _QueueRow, row: tuple, vt: float, batch_id: str, batch_index: int
+        self, q: _QueueRow, row: tuple, vt: float, batch_id: str, batch_index: int, alone: bool = True
     ) -> Lease:
+        """Lease one ready message; ``alone``: as a batch of one, stored without a batch id."""
         mid, attempts = row["id"], row["attempts"] + 1
         token = uuid.uuid4().hex
         deadline = self.now + vt
         self._set_state(
-            q, "ready", "leased", mid, attempts=attempts, token=token, deadline=deadline, batch_id=batch_id,
+            q, "ready", "leased", mid, attempts=attempts, token=token, deadline=deadline,
+            batch_id="" if alone else batch_id,
             batch_index=batch_index, timer_order=q.order(),
         )
         self._record(q, "delivered", mid, row["key"])
@@ -1062,7 +1146,7 @@ class _Tx:
         self._expire_leases(q, settings)
         leases: list[Lease] = []
         while len(leases) < limit and not q.paused:
-            entry = self._one("ready_key", queue)
+            entry = self._ready_key(queue)
             lane_head = self._one("lane_head", queue)
             key_due = entry is not None and entry["ready_at"] <= now
             if lane_head is not None and (
@@ -1080,7 +1164,7 @@ class _Tx:
     def _serve_key(self, q: _QueueRow, key: str, count: int, vt: float, settings: QueueSettings) -> list[Lease]:
         now = self.now
         row = self._key(q, key)
-        slots, interval, last_delivery, paused = row["slots"], row["interval"], row["last_delivery"], row["paused"]
+        slots, interval, last_delivery, paused = row.slots, row.interval, row.last_delivery, row.paused
         self._update_key(q, key, ready_at=None, ready_order=None)
         if paused or slots >= settings.key_concurrency:
             return []  # rescheduled on resume or when a slot frees
@@ -1103,7 +1187,8 @@ class _Tx:
                 return []
             batch.append(row)
         batch_id = batch[0]["id"]
-        leases = [self._lease_record(q, row, vt, batch_id, index) for index, row in enumerate(batch)]
+        alone = len(batch) == 1
+        leases = [self._lease_record(q, row, vt, batch_id, index, alone) for index, row in enumerate(batch)]
         slots += 1
         self._update_key(q, key, slots=slots, last_delivery=now if interval else None)
         if slots < settings.key_concurrency:
@@ -1113,7 +1198,7 @@ class _Tx:
     def _retry_in(self, q: _QueueRow) -> float | None:
         if q.paused:
             return None
-        ready_key = self._one("ready_key", q.name)
+        ready_key = self._ready_key(q.name)
         candidates = (
             ready_key["ready_at"] if ready_key else None,
             self._one("next_delayed", q.name)[0],
@@ -1167,34 +1252,19 @@ class _Tx:
             self._update(lease.id, deadline=deadline, timer_order=q.order())
         return deadline
 
-    def _key_settings_row(self, q: _QueueRow, key: str) -> None:
-        self.db.execute("INSERT OR IGNORE INTO keys (queue, key) VALUES (?, ?)", (q.name, key))
-
-    def _tidy_key(self, q: _QueueRow, key: str) -> None:
-        """Forget a key's row once it holds nothing and no setting of its own."""
-        self.db.execute(
-            "DELETE FROM keys WHERE queue = ? AND key = ? AND count = 0 AND slots = 0 AND interval IS NULL "
-            "AND last_delivery IS NULL AND paused = 0",
-            (q.name, key),
-        )
-
     def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
         q = self.queue(queue, create=True)
-        self._key_settings_row(q, key)
         self._update_key(q, key, interval=seconds)
         self._schedule(q, key, self.now, keep_place=False)
-        self._tidy_key(q, key)
 
     def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
         q = self.queue(queue, create=True)
         if key is None:
             q.paused = int(paused)
             return
-        self._key_settings_row(q, key)
         self._update_key(q, key, paused=int(paused))
         if not paused:
             self._schedule(q, key, self.now, keep_place=False)
-            self._tidy_key(q, key)
 
     def stats(self, queue: str) -> QueueStats:
         q = self.queue(queue, create=False) or _QueueRow(queue)
