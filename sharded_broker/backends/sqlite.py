@@ -19,8 +19,9 @@ backend as the reference model):
   ``extend_many``) are one transaction each. Every hot statement reads through an index (O(log n)); the heaps of
   the memory model are partial indexes here.
 - One clock per database: the caller host's ``time.time()``, never allowed to run behind
-  the latest time already written to the file (kept in the ``meta`` table), so deadlines
-  and ready times never go backwards when processes' clocks differ slightly.
+  the latest time already written for the queue (kept in its row of the ``queues`` table,
+  so that a transaction writes no extra row for it), so deadlines and ready times never
+  go backwards when processes' clocks differ slightly.
 - Thread-safe (one connection per process, behind a lock) and fork-safe (a child process
   never reuses its parent's connection; it opens its own on first use).
 - ``wait`` never spins: it sleeps 5 ms, doubling to 100 ms, between polls, and wakes at
@@ -66,7 +67,9 @@ from ..models import (
 SEQ_ORIGIN = 2**52
 # Version 2 added the metrics and events tables and the keys_backlog index; a version 1
 # file gains them when opened. Version 3 replaced two indexes (OLD_INDEXES) by
-# messages_key_order and messages_open_batches, built when an older file is opened.
+# messages_key_order and messages_open_batches, and keeps each queue's clock floor in its
+# row (queues.last_now) instead of one 'last_now' in meta: an older file gains them when
+# opened, each queue starting from the old floor.
 SCHEMA_VERSION = 3
 OLD_INDEXES = ("messages_ready", "messages_batch")
 # Pages SQLite keeps in memory per connection (negative: KiB): at a million messages the
@@ -111,7 +114,8 @@ CREATE TABLE IF NOT EXISTS queues (
     leased INTEGER NOT NULL,
     dead INTEGER NOT NULL,
     keys INTEGER NOT NULL,
-    held_messages INTEGER NOT NULL         -- listed by queues() once a message was enqueued
+    held_messages INTEGER NOT NULL,        -- listed by queues() once a message was enqueued
+    last_now REAL NOT NULL DEFAULT 0       -- the latest time written for the queue (its clock's floor)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS keys (
     queue TEXT NOT NULL,
@@ -264,10 +268,11 @@ class _QueueRow:
     dead: int = 0
     keys: int = 0
     held_messages: int = 0
+    last_now: float = 0.0
 
     FIELDS = (
         "tail_seq", "head_seq", "next_order", "next_dead", "paused", "ready", "delayed", "leased", "dead", "keys",
-        "held_messages",
+        "held_messages", "last_now",
     )
 
     def order(self) -> int:
@@ -302,8 +307,14 @@ class _KeyRow:
     paused: int = 0
     stored: bool = False  # whether the table holds the row
     changed: bool = False
+    # The values the table holds: an UPDATE names only the columns that differ, as SQLite
+    # rewrites the entries of every index over a column that an UPDATE names.
+    stored_values: tuple = ()
 
     FIELDS = ("count", "slots", "ready_at", "ready_order", "interval", "last_delivery", "paused")
+
+    def values(self) -> tuple:
+        return (self.count, self.slots, self.ready_at, self.ready_order, self.interval, self.last_delivery, self.paused)
 
     def holds_nothing(self) -> bool:
         return (
@@ -490,6 +501,11 @@ class SQLiteBackend(Backend):
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                if "last_now" not in [column[1] for column in conn.execute("PRAGMA table_info(queues)")]:
+                    conn.execute("ALTER TABLE queues ADD COLUMN last_now REAL NOT NULL DEFAULT 0")
+                    conn.execute(
+                        "UPDATE queues SET last_now = COALESCE((SELECT value FROM meta WHERE name = 'last_now'), 0)"
+                    )
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 conn.execute("COMMIT")
         except BaseException:
@@ -537,7 +553,7 @@ class SQLiteBackend(Backend):
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                tx = _Tx(conn, self._tx_now(conn, write=True), self._windows(), self._events)
+                tx = _Tx(conn, self._clock(), self._windows(), self._events)
                 result = body(tx)
                 tx.flush()
                 conn.execute("COMMIT")
@@ -560,7 +576,7 @@ class SQLiteBackend(Backend):
             conn = self._connection()
             conn.execute("BEGIN")
             try:
-                return body(_Tx(conn, self._tx_now(conn, write=False), self._windows(), self._events))
+                return body(_Tx(conn, self._clock(), self._windows(), self._events))
             finally:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -571,19 +587,6 @@ class SQLiteBackend(Backend):
     def _windows(self) -> tuple[float, float]:
         return (self._metrics_window, self._key_metrics_window)
 
-    def _tx_now(self, conn: sqlite3.Connection, *, write: bool) -> float:
-        """The database's clock: this host's time, never behind what is already written."""
-        now = self._clock()
-        if write:
-            [(latest,)] = conn.execute(
-                "INSERT INTO meta (name, value) VALUES ('last_now', ?) "
-                "ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value) RETURNING value",
-                (now,),
-            ).fetchall()
-            return latest
-        row = conn.execute("SELECT value FROM meta WHERE name = 'last_now'").fetchone()
-        return now if row is None else max(now, row[0])
-
     def close(self) -> None:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
@@ -593,7 +596,7 @@ class SQLiteBackend(Backend):
     # -- the contract -----------------------------------------------------------------
 
     def now(self) -> float:
-        return self._read(lambda tx: tx.now)
+        return self._read(lambda tx: tx.database_now())
 
     def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
         return self._write(lambda tx: tx.enqueue_many(queue, messages, settings), notify=True)
@@ -761,6 +764,11 @@ class _Tx:
     def _one(self, name: str, *args: Any) -> tuple | None:
         return self.db.execute(HOT_QUERIES[name], args).fetchone()
 
+    def database_now(self) -> float:
+        """The clock of the whole file: never behind any queue's (a few rows: one per queue)."""
+        [(latest,)] = self.db.execute("SELECT MAX(last_now) FROM queues").fetchall()
+        return max(self.now, latest or 0.0)
+
     # -- queue rows -----------------------------------------------------------------
 
     def queue(self, name: str, *, create: bool) -> _QueueRow | None:
@@ -770,6 +778,9 @@ class _Tx:
         row = self.db.execute(f"SELECT {', '.join(_QueueRow.FIELDS)} FROM queues WHERE name = ?", (name,)).fetchone()
         if row is not None:
             q = _QueueRow(name, *row)
+            # One clock per queue: never behind a time already written for it (by any
+            # process, whatever its own clock says).
+            self.now = max(self.now, q.last_now)
         elif create:
             q = _QueueRow(name)
             self._new_queues.add(name)
@@ -787,20 +798,22 @@ class _Tx:
                     self.db.execute("DELETE FROM keys WHERE queue = ? AND key = ?", (queue, key))
                     row.stored = False
             elif row.stored:
-                self.db.execute(
-                    "UPDATE keys SET count = ?, slots = ?, ready_at = ?, ready_order = ?, interval = ?, "
-                    "last_delivery = ?, paused = ? WHERE queue = ? AND key = ?",
-                    (row.count, row.slots, row.ready_at, row.ready_order, row.interval, row.last_delivery, row.paused,
-                     queue, key),
-                )
+                values = row.values()
+                changed = [(name, value) for name, value, old in zip(_KeyRow.FIELDS, values, row.stored_values)
+                           if value != old or type(value) is not type(old)]
+                if changed:
+                    self.db.execute(
+                        f"UPDATE keys SET {', '.join(name + ' = ?' for name, _ in changed)} WHERE queue = ? AND key = ?",
+                        (*(value for _, value in changed), queue, key),
+                    )
+                row.stored_values = values
             else:
                 self.db.execute(
                     "INSERT INTO keys (queue, key, count, slots, ready_at, ready_order, interval, last_delivery, paused) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (queue, key, row.count, row.slots, row.ready_at, row.ready_order, row.interval, row.last_delivery,
-                     row.paused),
+                    (queue, key, *row.values()),
                 )
-                row.stored = True
+                row.stored, row.stored_values = True, row.values()
         self._changed_keys.clear()
 
     def _ready_key(self, queue: str) -> tuple | None:
@@ -811,6 +824,7 @@ class _Tx:
     def flush(self) -> None:
         self.flush_keys()
         for q in self._queues.values():
+            q.last_now = max(q.last_now, self.now)
             values = [getattr(q, f) for f in _QueueRow.FIELDS]
             if q.name in self._new_queues:
                 self.db.execute(
@@ -855,7 +869,7 @@ class _Tx:
         row = self._keys.get((q.name, key))
         if row is None:
             found = self._one("key", q.name, key)
-            row = _KeyRow(*found, stored=True) if found is not None else _KeyRow()
+            row = _KeyRow(*found, stored=True, stored_values=tuple(found)) if found is not None else _KeyRow()
             self._keys[(q.name, key)] = row
         return row
 
@@ -1246,9 +1260,9 @@ class _Tx:
         row = self._current(lease)
         if row is None:
             return None
+        q = self.queue(lease.queue, create=False)  # before reading the clock: the queue's floor
         deadline = self.now + visibility_timeout
         if deadline != row["deadline"]:  # an unchanged deadline keeps its place in the expiry order
-            q = self.queue(lease.queue, create=False)
             self._update(lease.id, deadline=deadline, timer_order=q.order())
         return deadline
 
@@ -1370,6 +1384,7 @@ class _Tx:
         return deleted, budget - deleted
 
     def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
+        self.queue(queue, create=False)  # the queue's clock
         wanted = metric_minutes(self.now, minutes, self._metrics_window if key is None else self._key_metrics_window)
         rows = self.db.execute(
             HOT_QUERIES["metrics_range"], (queue, "" if key is None else "+" + key, wanted[0], wanted[-1])
@@ -1385,6 +1400,7 @@ class _Tx:
         return infos[:limit]
 
     def key_info(self, queue: str, key: str) -> KeyInfo:
+        self.queue(queue, create=False)  # the queue's clock
         row = self.db.execute(
             "SELECT count, slots, interval, paused FROM keys WHERE queue = ? AND key = ?", (queue, key)
         ).fetchone()
