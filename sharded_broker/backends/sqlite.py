@@ -75,6 +75,13 @@ OLD_INDEXES = ("messages_ready", "messages_batch")
 # Pages SQLite keeps in memory per connection (negative: KiB): at a million messages the
 # indexes of the hot statements stay cached instead of being read again from the file.
 CACHE_KIB = 64 * 1024
+# WAL pages written before a commit checkpoints them into the database (SQLite's default:
+# 1,000). Each checkpoint syncs the WAL and the database file to disk, the largest cost of
+# a small transaction; a larger WAL syncs ten times less often and writes each hot page
+# back once per checkpoint instead of once per 1,000 frames. After a checkpoint the file
+# is cut back to WAL_KEPT_BYTES.
+WAL_CHECKPOINT_PAGES = 10_000
+WAL_KEPT_BYTES = 64 * 1024 * 1024
 OPTIONS = ("busy_timeout", "clock", "events", "key_metrics_window", "metrics_window", "synchronous")
 EVENTS_KEPT = 10_000
 EVENTS_POLL = 0.05
@@ -488,6 +495,8 @@ class SQLiteBackend(Backend):
                 raise ConfigurationError(f"sqlite database {self.path} could not switch to WAL mode (mode is {mode})")
             conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
             conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_KEPT_BYTES}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, 1, 2, SCHEMA_VERSION):
                 raise ConfigurationError(
