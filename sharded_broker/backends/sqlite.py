@@ -422,6 +422,7 @@ class SQLiteBackend(Backend):
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        self._rows = _RowCache()
         _BACKENDS.add(self)
         self._check_path()
         with self._lock:
@@ -562,12 +563,14 @@ class SQLiteBackend(Backend):
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                tx = _Tx(conn, self._clock(), self._windows(), self._events)
+                self._rows.check(conn)
+                tx = _Tx(conn, self._clock(), self._windows(), self._events, self._rows)
                 result = body(tx)
                 tx.flush()
                 conn.execute("COMMIT")
                 return result
             except BaseException:
+                self._rows.forget()  # they may hold this transaction's uncommitted changes
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
@@ -739,17 +742,51 @@ class _SQLiteSubscription(EventSubscription):
         """Nothing to release: the subscription is only a position in the table."""
 
 
+class _RowCache:
+    """Queue and key rows as this connection last committed them. The next write
+    transaction reuses them instead of reading them again, unless another connection
+    (of any process) committed in between, which ``PRAGMA data_version`` tells."""
+
+    # More key rows than this and the cache starts again empty (it holds recent keys only).
+    KEYS_KEPT = 10_000
+
+    def __init__(self) -> None:
+        self.queues: dict[str, _QueueRow] = {}
+        self.keys: dict[tuple[str, str], _KeyRow] = {}
+        self._conn: sqlite3.Connection | None = None
+        self._version: int | None = None
+
+    def check(self, conn: sqlite3.Connection) -> None:
+        """Called first in a write transaction (the write lock held, so nobody else commits
+        until it ends): drop every row if they may be out of date."""
+        [(version,)] = conn.execute("PRAGMA data_version").fetchall()
+        if conn is not self._conn or version != self._version or len(self.keys) > self.KEYS_KEPT:
+            self.forget()
+            self._conn, self._version = conn, version
+
+    def forget(self) -> None:
+        self.queues.clear()
+        self.keys.clear()
+        self._conn = self._version = None
+
+
 class _Tx:
     """The engine's operations inside one open transaction, mirroring the memory model
     function by function (see sharded_broker/backends/memory.py)."""
 
-    def __init__(self, db: sqlite3.Connection, now: float, windows: tuple[float, float], events: bool) -> None:
-        """windows: (metrics_window, key_metrics_window)."""
+    def __init__(
+        self, db: sqlite3.Connection, now: float, windows: tuple[float, float], events: bool,
+        rows: _RowCache | None = None,
+    ) -> None:
+        """windows: (metrics_window, key_metrics_window); rows: the rows committed by the
+        last write transaction, still current (none for a read transaction)."""
         self.db = db
         self.now = now
-        self._queues: dict[str, _QueueRow] = {}
+        rows = rows or _RowCache()
+        self._queues = rows.queues  # every queue row known, read now or earlier
+        self._used_queues: dict[str, _QueueRow] = {}  # the ones this transaction uses (and writes)
         self._new_queues: set[str] = set()
-        self._keys: dict[tuple[str, str], _KeyRow] = {}
+        self._keys = rows.keys
         self._changed_keys: dict[tuple[str, str], _KeyRow] = {}
         self._metrics_window, self._key_metrics_window = windows
         self._events_on = events
@@ -781,21 +818,24 @@ class _Tx:
     # -- queue rows -----------------------------------------------------------------
 
     def queue(self, name: str, *, create: bool) -> _QueueRow | None:
-        q = self._queues.get(name)
+        q = self._used_queues.get(name)
         if q is not None:
             return q
-        row = self.db.execute(f"SELECT {', '.join(_QueueRow.FIELDS)} FROM queues WHERE name = ?", (name,)).fetchone()
-        if row is not None:
-            q = _QueueRow(name, *row)
-            # One clock per queue: never behind a time already written for it (by any
-            # process, whatever its own clock says).
-            self.now = max(self.now, q.last_now)
-        elif create:
-            q = _QueueRow(name)
-            self._new_queues.add(name)
-        else:
-            return None
-        self._queues[name] = q
+        q = self._queues.get(name)
+        if q is None:
+            row = self.db.execute(f"SELECT {', '.join(_QueueRow.FIELDS)} FROM queues WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                q = _QueueRow(name, *row)
+            elif create:
+                q = _QueueRow(name)
+                self._new_queues.add(name)
+            else:
+                return None
+            self._queues[name] = q
+        # One clock per queue: never behind a time already written for it (by any
+        # process, whatever its own clock says).
+        self.now = max(self.now, q.last_now)
+        self._used_queues[name] = q
         return q
 
     def flush_keys(self) -> None:
@@ -832,7 +872,7 @@ class _Tx:
 
     def flush(self) -> None:
         self.flush_keys()
-        for q in self._queues.values():
+        for q in self._used_queues.values():
             q.last_now = max(q.last_now, self.now)
             values = [getattr(q, f) for f in _QueueRow.FIELDS]
             if q.name in self._new_queues:
