@@ -68,10 +68,16 @@ SEQ_ORIGIN = 2**52
 # Version 2 added the metrics and events tables and the keys_backlog index; a version 1
 # file gains them when opened. Version 3 replaced two indexes (OLD_INDEXES) by
 # messages_key_order and messages_open_batches, and keeps each queue's clock floor in its
-# row (queues.last_now) instead of one 'last_now' in meta: an older file gains them when
-# opened, each queue starting from the old floor.
+# row (queues.last_now) instead of one 'last_now' in meta, and the queue-wide metrics
+# counts of the current minute in it too (ADDED_QUEUE_COLUMNS): an older file gains them
+# when opened, each queue starting from the old floor.
 SCHEMA_VERSION = 3
 OLD_INDEXES = ("messages_ready", "messages_batch")
+ADDED_QUEUE_COLUMNS = {
+    "last_now": "REAL NOT NULL DEFAULT 0",
+    "open_minute": "REAL",
+    **{f"open_{counter}": "INTEGER NOT NULL DEFAULT 0" for counter in COUNTERS},
+}
 # Pages SQLite keeps in memory per connection (negative: KiB): at a million messages the
 # indexes of the hot statements stay cached instead of being read again from the file.
 CACHE_KIB = 64 * 1024
@@ -122,7 +128,16 @@ CREATE TABLE IF NOT EXISTS queues (
     dead INTEGER NOT NULL,
     keys INTEGER NOT NULL,
     held_messages INTEGER NOT NULL,        -- listed by queues() once a message was enqueued
-    last_now REAL NOT NULL DEFAULT 0       -- the latest time written for the queue (its clock's floor)
+    last_now REAL NOT NULL DEFAULT 0,      -- the latest time written for the queue (its clock's floor)
+    -- The queue-wide counts of the minute open_minute, kept here until a later minute's
+    -- first count moves them to the metrics table: most transactions write no metrics row
+    -- for the whole queue (its row is written anyway).
+    open_minute REAL,
+    open_enqueued INTEGER NOT NULL DEFAULT 0,
+    open_delivered INTEGER NOT NULL DEFAULT 0,
+    open_acked INTEGER NOT NULL DEFAULT 0,
+    open_retried INTEGER NOT NULL DEFAULT 0,
+    open_dead INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS keys (
     queue TEXT NOT NULL,
@@ -276,11 +291,25 @@ class _QueueRow:
     keys: int = 0
     held_messages: int = 0
     last_now: float = 0.0
+    open_minute: float | None = None
+    open_enqueued: int = 0
+    open_delivered: int = 0
+    open_acked: int = 0
+    open_retried: int = 0
+    open_dead: int = 0
+    # Not stored: True once a lease found no unkeyed ready message, until one enters the
+    # lane (the row is forgotten if another connection commits), so that leases skip
+    # looking for one.
+    lane_empty: bool = False
 
     FIELDS = (
         "tail_seq", "head_seq", "next_order", "next_dead", "paused", "ready", "delayed", "leased", "dead", "keys",
-        "held_messages", "last_now",
+        "held_messages", "last_now", "open_minute", *(f"open_{counter}" for counter in COUNTERS),
     )
+    OPEN_COUNTS = tuple(f"open_{counter}" for counter in COUNTERS)
+
+    def open_counts(self) -> list[int]:
+        return [getattr(self, name) for name in self.OPEN_COUNTS]
 
     def order(self) -> int:
         self.next_order += 1
@@ -296,6 +325,11 @@ class _QueueRow:
     def count(self, state: str, change: int) -> None:
         if state in ("ready", "delayed", "leased", "dead"):
             setattr(self, state, getattr(self, state) + change)
+
+
+QUEUE_SELECT = f"SELECT {', '.join(_QueueRow.FIELDS)} FROM queues WHERE name = ?"
+QUEUE_INSERT = f"INSERT INTO queues (name, {', '.join(_QueueRow.FIELDS)}) VALUES (?{', ?' * len(_QueueRow.FIELDS)})"
+QUEUE_UPDATE = f"UPDATE queues SET {', '.join(f + ' = ?' for f in _QueueRow.FIELDS)} WHERE name = ?"
 
 
 @dataclass
@@ -511,8 +545,11 @@ class SQLiteBackend(Backend):
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                if "last_now" not in [column[1] for column in conn.execute("PRAGMA table_info(queues)")]:
-                    conn.execute("ALTER TABLE queues ADD COLUMN last_now REAL NOT NULL DEFAULT 0")
+                present = {column[1] for column in conn.execute("PRAGMA table_info(queues)")}
+                for column, declaration in ADDED_QUEUE_COLUMNS.items():
+                    if column not in present:
+                        conn.execute(f"ALTER TABLE queues ADD COLUMN {column} {declaration}")
+                if "last_now" not in present:
                     conn.execute(
                         "UPDATE queues SET last_now = COALESCE((SELECT value FROM meta WHERE name = 'last_now'), 0)"
                     )
@@ -797,15 +834,30 @@ class _Tx:
     def _record(self, q: _QueueRow, counter: str, mid: str, key: str | None) -> None:
         """Count one lifecycle step of a message and, with events on, publish it."""
         minute = minute_of(self.now)
-        index = COUNTERS.index(counter)
-        for metric_key in ("", "+" + key) if key is not None else ("",):
-            counts = self._counts.get((q.name, metric_key, minute))
+        if q.open_minute != minute:
+            self._close_minute(q)
+            q.open_minute = minute
+        name = "open_" + counter
+        setattr(q, name, getattr(q, name) + 1)
+        if key is not None:
+            counts = self._counts.get((q.name, "+" + key, minute))
             if counts is None:
-                counts = self._counts[(q.name, metric_key, minute)] = [0] * len(COUNTERS)
-            counts[index] += 1
+                counts = self._counts[(q.name, "+" + key, minute)] = [0] * len(COUNTERS)
+            counts[COUNTERS.index(counter)] += 1
         if self._events_on:
             self._events.append((q.name, counter, mid, key, self.now))
 
+
+    def _close_minute(self, q: _QueueRow) -> None:
+        """Move the queue-wide counts of its open minute to the metrics rows written at the
+        end of the transaction."""
+        if q.open_minute is not None:
+            counts = self._counts.setdefault((q.name, "", q.open_minute), [0] * len(COUNTERS))
+            for index, count in enumerate(q.open_counts()):
+                counts[index] += count
+        for name in _QueueRow.OPEN_COUNTS:
+            setattr(q, name, 0)
+        q.open_minute = None
 
     def _one(self, name: str, *args: Any) -> tuple | None:
         return self.db.execute(HOT_QUERIES[name], args).fetchone()
@@ -823,7 +875,7 @@ class _Tx:
             return q
         q = self._queues.get(name)
         if q is None:
-            row = self.db.execute(f"SELECT {', '.join(_QueueRow.FIELDS)} FROM queues WHERE name = ?", (name,)).fetchone()
+            row = self.db.execute(QUEUE_SELECT, (name,)).fetchone()
             if row is not None:
                 q = _QueueRow(name, *row)
             elif create:
@@ -876,15 +928,9 @@ class _Tx:
             q.last_now = max(q.last_now, self.now)
             values = [getattr(q, f) for f in _QueueRow.FIELDS]
             if q.name in self._new_queues:
-                self.db.execute(
-                    f"INSERT INTO queues (name, {', '.join(_QueueRow.FIELDS)}) VALUES (?{', ?' * len(values)})",
-                    (q.name, *values),
-                )
+                self.db.execute(QUEUE_INSERT, (q.name, *values))
             else:
-                self.db.execute(
-                    f"UPDATE queues SET {', '.join(f + ' = ?' for f in _QueueRow.FIELDS)} WHERE name = ?",
-                    (*values, q.name),
-                )
+                self.db.execute(QUEUE_UPDATE, (*values, q.name))
         self._new_queues.clear()
         created: set[str] = set()
         for (queue, metric_key, minute), counts in self._counts.items():
@@ -979,6 +1025,7 @@ class _Tx:
         """Put a message (whose seq is set or given) into its key's order or the lane."""
         if key is None:
             columns.update(entered_at=self.now, entered_order=q.order())
+            q.lane_empty = False
         self._set_state(q, old_state, "ready", mid, **columns)
 
     def _delay(self, q: _QueueRow, old_state: str, mid: str, due: float, **columns: Any) -> None:
@@ -1183,6 +1230,7 @@ class _Tx:
                 state, seq, not_before = "ready", q.next_seq(m.at_head), now + m.delay
                 if m.key is None:
                     columns.update(entered_at=now, entered_order=q.order())
+                    q.lane_empty = False
             q.count(state, +1)
             self.db.execute(
                 "INSERT INTO messages (id, queue, key, payload, priority, seq, enqueued_at, headers, dedup_id, "
@@ -1210,7 +1258,8 @@ class _Tx:
         leases: list[Lease] = []
         while len(leases) < limit and not q.paused:
             entry = self._ready_key(queue)
-            lane_head = self._one("lane_head", queue)
+            lane_head = None if q.lane_empty else self._one("lane_head", queue)
+            q.lane_empty = lane_head is None
             key_due = entry is not None and entry["ready_at"] <= now
             if lane_head is not None and (
                 not key_due
@@ -1433,12 +1482,16 @@ class _Tx:
         return deleted, budget - deleted
 
     def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
-        self.queue(queue, create=False)  # the queue's clock
+        self.queue(queue, create=False)  # the queue's clock, and its open minute
         wanted = metric_minutes(self.now, minutes, self._metrics_window if key is None else self._key_metrics_window)
         rows = self.db.execute(
             HOT_QUERIES["metrics_range"], (queue, "" if key is None else "+" + key, wanted[0], wanted[-1])
         ).fetchall()
         found = {row["minute"]: tuple(row)[1:] for row in rows}
+        q = self.queue(queue, create=False)
+        if key is None and q is not None and q.open_minute in wanted:
+            stored = found.get(q.open_minute, (0,) * len(COUNTERS))
+            found[q.open_minute] = tuple(a + b for a, b in zip(stored, q.open_counts()))
         return [MinuteMetrics(minute, *found.get(minute, (0,) * len(COUNTERS))) for minute in wanted]
 
     def keys(self, queue: str, limit: int, sort: KeySort) -> list[KeyInfo]:
