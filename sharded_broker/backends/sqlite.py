@@ -42,6 +42,7 @@ backend as the reference model):
 from __future__ import annotations
 
 import json
+import operator
 import os
 import sqlite3
 import stat
@@ -247,6 +248,7 @@ HOT_QUERIES = {
     # What settling a lease needs (not its payload and headers).
     "message": "SELECT id, key, seq, attempts, batch_id, batch_index, deadline, state, token, queue FROM messages "
     "WHERE id = ?",
+    "ack": "DELETE FROM messages WHERE id = ? AND queue = ? AND state = 'leased' AND token = ? RETURNING key, batch_id",
     "key_next_time": "SELECT not_before FROM messages WHERE queue = ? AND key = ? AND state = 'ready' "
     "ORDER BY priority, seq LIMIT 1",
     "key": "SELECT count, slots, ready_at, ready_order, interval, last_delivery, paused FROM keys "
@@ -327,6 +329,8 @@ class _QueueRow:
             setattr(self, state, getattr(self, state) + change)
 
 
+_KEY_VALUES = operator.attrgetter("count", "slots", "ready_at", "ready_order", "interval", "last_delivery", "paused")
+QUEUE_VALUES = operator.attrgetter(*_QueueRow.FIELDS)
 QUEUE_SELECT = f"SELECT {', '.join(_QueueRow.FIELDS)} FROM queues WHERE name = ?"
 QUEUE_INSERT = f"INSERT INTO queues (name, {', '.join(_QueueRow.FIELDS)}) VALUES (?{', ?' * len(_QueueRow.FIELDS)})"
 QUEUE_UPDATE = f"UPDATE queues SET {', '.join(f + ' = ?' for f in _QueueRow.FIELDS)} WHERE name = ?"
@@ -355,7 +359,7 @@ class _KeyRow:
     FIELDS = ("count", "slots", "ready_at", "ready_order", "interval", "last_delivery", "paused")
 
     def values(self) -> tuple:
-        return (self.count, self.slots, self.ready_at, self.ready_order, self.interval, self.last_delivery, self.paused)
+        return _KEY_VALUES(self)
 
     def holds_nothing(self) -> bool:
         return (
@@ -926,7 +930,7 @@ class _Tx:
         self.flush_keys()
         for q in self._used_queues.values():
             q.last_now = max(q.last_now, self.now)
-            values = [getattr(q, f) for f in _QueueRow.FIELDS]
+            values = QUEUE_VALUES(q)
             if q.name in self._new_queues:
                 self.db.execute(QUEUE_INSERT, (q.name, *values))
             else:
@@ -1320,13 +1324,13 @@ class _Tx:
         return max(0.0, min(times) - self.now) if times else None
 
     def ack(self, lease: Lease) -> bool:
-        row = self._current(lease)
+        # The token check and the delete in one statement.
+        row = self.db.execute(HOT_QUERIES["ack"], (lease.id, lease.queue, lease.token)).fetchone()
         if row is None:
             return False
         q = self.queue(lease.queue, create=False)
-        mid, key, batch_id = row["id"], row["key"], row["batch_id"]
+        mid, (key, batch_id) = lease.id, row
         q.count("leased", -1)
-        self.db.execute("DELETE FROM messages WHERE id = ?", (mid,))
         if key is not None:
             self._uncount_key(q, key)
         self._settled(q, key, batch_id)
