@@ -783,6 +783,13 @@ class _SQLiteSubscription(EventSubscription):
         """Nothing to release: the subscription is only a position in the table."""
 
 
+def _message_id() -> str:
+    """A fresh message id: 32 hex digits like a uuid4's, the time in milliseconds first and
+    then 80 random bits, so that new ids go to the end of the id index (whose last pages
+    stay cached however many messages the table holds) instead of anywhere in it."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
 class _RowCache:
     """Queue and key rows as this connection last committed them. The next write
     transaction reuses them instead of reading them again, unless another connection
@@ -1217,7 +1224,7 @@ class _Tx:
                 if first is not None:
                     ids.append(first)
                     continue
-            mid = uuid.uuid4().hex
+            mid = _message_id()
             if m.key is not None:
                 self._count_key(q, m.key)
             if m.dedup_id is not None:
