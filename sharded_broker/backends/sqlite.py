@@ -41,6 +41,7 @@ backend as the reference model):
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import os
@@ -783,6 +784,26 @@ class _SQLiteSubscription(EventSubscription):
         """Nothing to release: the subscription is only a position in the table."""
 
 
+# Statements whose columns vary, built once per set of columns (a handful of sets).
+@functools.cache
+def _message_update(columns: tuple[str, ...]) -> str:
+    return f"UPDATE messages SET {', '.join(c + ' = ?' for c in columns)} WHERE id = ?"
+
+
+@functools.cache
+def _key_update(columns: tuple[str, ...]) -> str:
+    return f"UPDATE keys SET {', '.join(c + ' = ?' for c in columns)} WHERE queue = ? AND key = ?"
+
+
+@functools.cache
+def _message_insert(extra_columns: tuple[str, ...]) -> str:
+    return (
+        "INSERT INTO messages (id, queue, key, payload, priority, seq, enqueued_at, headers, dedup_id, "
+        f"at_head, state, not_before{''.join(', ' + c for c in extra_columns)}) "
+        f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(extra_columns)})"
+    )
+
+
 def _message_id() -> str:
     """A fresh message id: 32 hex digits like a uuid4's, the time in milliseconds first and
     then 80 random bits, so that new ids go to the end of the id index (whose last pages
@@ -915,8 +936,7 @@ class _Tx:
                            if value != old or type(value) is not type(old)]
                 if changed:
                     self.db.execute(
-                        f"UPDATE keys SET {', '.join(name + ' = ?' for name, _ in changed)} WHERE queue = ? AND key = ?",
-                        (*(value for _, value in changed), queue, key),
+                        _key_update(tuple(name for name, _ in changed)), (*(value for _, value in changed), queue, key)
                     )
                 row.stored_values = values
             else:
@@ -966,9 +986,7 @@ class _Tx:
     # -- messages and keys ----------------------------------------------------------
 
     def _update(self, mid: str, **columns: Any) -> None:
-        self.db.execute(
-            f"UPDATE messages SET {', '.join(c + ' = ?' for c in columns)} WHERE id = ?", (*columns.values(), mid)
-        )
+        self.db.execute(_message_update(tuple(columns)), (*columns.values(), mid))
 
     def _key(self, q: _QueueRow, key: str) -> _KeyRow:
         """The key's row (an empty one, not stored, for a key without a row)."""
@@ -1244,13 +1262,11 @@ class _Tx:
                     q.lane_empty = False
             q.count(state, +1)
             self.db.execute(
-                "INSERT INTO messages (id, queue, key, payload, priority, seq, enqueued_at, headers, dedup_id, "
-                f"at_head, state, not_before{''.join(', ' + c for c in columns)}) "
-                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(columns)})",
+                _message_insert(tuple(columns)),
                 (
                     mid, queue, m.key, m.payload, m.priority, seq, now,
-                    json.dumps(dict(m.headers or {}), separators=(",", ":")), m.dedup_id, int(m.at_head), state,
-                    not_before, *columns.values(),
+                    json.dumps(dict(m.headers), separators=(",", ":")) if m.headers else "{}", m.dedup_id,
+                    int(m.at_head), state, not_before, *columns.values(),
                 ),
             )
             if state == "ready" and m.key is not None:
