@@ -70,15 +70,15 @@ SEQ_ORIGIN = 2**52
 # Version 2 added the metrics and events tables and the keys_backlog index; a version 1
 # file gains them when opened. Version 3 replaced two indexes (OLD_INDEXES) by
 # messages_key_order and messages_open_batches, and keeps each queue's clock floor in its
-# row (queues.last_now) instead of one 'last_now' in meta, and the queue-wide metrics
-# counts of the current minute in it too (ADDED_QUEUE_COLUMNS): an older file gains them
-# when opened, each queue starting from the old floor.
+# row (queues.last_now) instead of one 'last_now' in meta, and the metrics counts of the
+# current minute in the queue's and the key's rows (ADDED_COLUMNS): an older file gains
+# them when opened, each queue starting from the old floor.
 SCHEMA_VERSION = 3
 OLD_INDEXES = ("messages_ready", "messages_batch")
-ADDED_QUEUE_COLUMNS = {
-    "last_now": "REAL NOT NULL DEFAULT 0",
-    "open_minute": "REAL",
-    **{f"open_{counter}": "INTEGER NOT NULL DEFAULT 0" for counter in COUNTERS},
+_OPEN_MINUTE_COLUMNS = {"open_minute": "REAL", **{f"open_{c}": "INTEGER NOT NULL DEFAULT 0" for c in COUNTERS}}
+ADDED_COLUMNS = {
+    "queues": {"last_now": "REAL NOT NULL DEFAULT 0", **_OPEN_MINUTE_COLUMNS},
+    "keys": _OPEN_MINUTE_COLUMNS,
 }
 # Pages SQLite keeps in memory per connection (negative: KiB): at a million messages the
 # indexes of the hot statements stay cached instead of being read again from the file.
@@ -151,8 +151,16 @@ CREATE TABLE IF NOT EXISTS keys (
     interval REAL,                         -- NULL: the queue's default
     last_delivery REAL,
     paused INTEGER NOT NULL DEFAULT 0,
+    -- The key's metrics counts of the minute open_minute, as in the queues table.
+    open_minute REAL,
+    open_enqueued INTEGER NOT NULL DEFAULT 0,
+    open_delivered INTEGER NOT NULL DEFAULT 0,
+    open_acked INTEGER NOT NULL DEFAULT 0,
+    open_retried INTEGER NOT NULL DEFAULT 0,
+    open_dead INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (queue, key)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS keys_open_minute ON keys (queue, open_minute) WHERE open_minute IS NOT NULL;
 CREATE INDEX IF NOT EXISTS keys_ready ON keys (queue, ready_at, ready_order) WHERE ready_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS keys_backlog ON keys (queue, count DESC, key) WHERE count > 0;
 CREATE TABLE IF NOT EXISTS messages (
@@ -252,8 +260,6 @@ HOT_QUERIES = {
     "ack": "DELETE FROM messages WHERE id = ? AND queue = ? AND state = 'leased' AND token = ? RETURNING key, batch_id",
     "key_next_time": "SELECT not_before FROM messages WHERE queue = ? AND key = ? AND state = 'ready' "
     "ORDER BY priority, seq LIMIT 1",
-    "key": "SELECT count, slots, ready_at, ready_order, interval, last_delivery, paused FROM keys "
-    "WHERE queue = ? AND key = ?",
     "dedup": "SELECT message_id, expires FROM dedup WHERE queue = ? AND dedup_id = ?",
     "dedup_expired": "DELETE FROM dedup WHERE queue = ? AND expires <= ?",
     # unique_while_pending: the window does not end a pending twin's claim.
@@ -269,6 +275,9 @@ HOT_QUERIES = {
     "metrics_expired_keys": "DELETE FROM metrics WHERE (queue, key, minute) IN (SELECT queue, key, minute FROM metrics "
     f"WHERE queue = ? AND minute < ? AND key <> '' LIMIT {METRICS_SWEEP_LIMIT})",
     "events_trim": "DELETE FROM events WHERE id <= ?",
+    "key_minutes_expired": "UPDATE keys SET open_minute = NULL, "
+    + ", ".join(f"open_{c} = 0" for c in COUNTERS)
+    + " WHERE (queue, key) IN (SELECT queue, key FROM keys WHERE queue = ? AND open_minute < ? LIMIT ?) RETURNING key",
     "keys_by_backlog": "SELECT key FROM keys WHERE queue = ? AND count > 0 ORDER BY count DESC, key LIMIT ?",
     "keys_with_backlog": "SELECT key FROM keys WHERE queue = ? AND count > 0",
     "metrics_range": "SELECT minute, enqueued, delivered, acked, retried, dead FROM metrics "
@@ -314,6 +323,11 @@ class _QueueRow:
     def open_counts(self) -> list[int]:
         return [getattr(self, name) for name in self.OPEN_COUNTS]
 
+    def close_minute(self) -> None:
+        self.open_minute = None
+        for name in self.OPEN_COUNTS:
+            setattr(self, name, 0)
+
     def order(self) -> int:
         self.next_order += 1
         return self.next_order
@@ -330,7 +344,7 @@ class _QueueRow:
             setattr(self, state, getattr(self, state) + change)
 
 
-_KEY_VALUES = operator.attrgetter("count", "slots", "ready_at", "ready_order", "interval", "last_delivery", "paused")
+_OPEN_COUNTS = tuple(f"open_{counter}" for counter in COUNTERS)
 QUEUE_VALUES = operator.attrgetter(*_QueueRow.FIELDS)
 QUEUE_SELECT = f"SELECT {', '.join(_QueueRow.FIELDS)} FROM queues WHERE name = ?"
 QUEUE_INSERT = f"INSERT INTO queues (name, {', '.join(_QueueRow.FIELDS)}) VALUES (?{', ?' * len(_QueueRow.FIELDS)})"
@@ -351,22 +365,44 @@ class _KeyRow:
     interval: float | None = None  # None: the queue's default
     last_delivery: float | None = None
     paused: int = 0
+    open_minute: float | None = None  # the minute whose counts are in the row
+    open_enqueued: int = 0
+    open_delivered: int = 0
+    open_acked: int = 0
+    open_retried: int = 0
+    open_dead: int = 0
     stored: bool = False  # whether the table holds the row
     changed: bool = False
     # The values the table holds: an UPDATE names only the columns that differ, as SQLite
     # rewrites the entries of every index over a column that an UPDATE names.
     stored_values: tuple = ()
 
-    FIELDS = ("count", "slots", "ready_at", "ready_order", "interval", "last_delivery", "paused")
+    FIELDS = (
+        "count", "slots", "ready_at", "ready_order", "interval", "last_delivery", "paused", "open_minute",
+        *_OPEN_COUNTS,
+    )
 
     def values(self) -> tuple:
         return _KEY_VALUES(self)
+
+    def open_counts(self) -> list[int]:
+        return [getattr(self, name) for name in _OPEN_COUNTS]
+
+    def close_minute(self) -> None:
+        self.open_minute = None
+        for name in _OPEN_COUNTS:
+            setattr(self, name, 0)
 
     def holds_nothing(self) -> bool:
         return (
             not self.count and not self.slots and self.interval is None and self.last_delivery is None
             and not self.paused
         )
+
+
+_KEY_VALUES = operator.attrgetter(*_KeyRow.FIELDS)
+KEY_SELECT = f"SELECT {', '.join(_KeyRow.FIELDS)} FROM keys WHERE queue = ? AND key = ?"
+KEY_INSERT = f"INSERT INTO keys (queue, key, {', '.join(_KeyRow.FIELDS)}) VALUES (?, ?{', ?' * len(_KeyRow.FIELDS)})"
 
 
 class _Wakeup:
@@ -547,17 +583,21 @@ class SQLiteBackend(Backend):
                 conn.execute("BEGIN IMMEDIATE")
                 for index in OLD_INDEXES:
                     conn.execute(f"DROP INDEX IF EXISTS {index}")
+                # Columns first: the schema's new indexes may cover them.
+                for table, columns in ADDED_COLUMNS.items():
+                    present = {column[1] for column in conn.execute(f"PRAGMA table_info({table})")}
+                    if not present:
+                        continue  # a new file: the schema creates the table whole
+                    for column, declaration in columns.items():
+                        if column not in present:
+                            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                    if table == "queues" and "last_now" not in present:
+                        conn.execute(
+                            "UPDATE queues SET last_now = COALESCE((SELECT value FROM meta WHERE name = 'last_now'), 0)"
+                        )
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                present = {column[1] for column in conn.execute("PRAGMA table_info(queues)")}
-                for column, declaration in ADDED_QUEUE_COLUMNS.items():
-                    if column not in present:
-                        conn.execute(f"ALTER TABLE queues ADD COLUMN {column} {declaration}")
-                if "last_now" not in present:
-                    conn.execute(
-                        "UPDATE queues SET last_now = COALESCE((SELECT value FROM meta WHERE name = 'last_now'), 0)"
-                    )
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 conn.execute("COMMIT")
         except BaseException:
@@ -872,13 +912,35 @@ class _Tx:
         name = "open_" + counter
         setattr(q, name, getattr(q, name) + 1)
         if key is not None:
-            counts = self._counts.get((q.name, "+" + key, minute))
-            if counts is None:
-                counts = self._counts[(q.name, "+" + key, minute)] = [0] * len(COUNTERS)
-            counts[COUNTERS.index(counter)] += 1
+            row = self._key(q, key)
+            if row.open_minute != minute:
+                self._close_key_minute(q.name, key, row)
+                self._update_key(q, key, open_minute=minute)
+            self._update_key(q, key, **{name: getattr(row, name) + 1})
         if self._events_on:
             self._events.append((q.name, counter, mid, key, self.now))
 
+
+    def _forget_key_minutes(self, queue: str, limit: int) -> None:
+        """Forget the counts of up to ``limit`` keys whose open minute left the key
+        metrics window (keys not touched since)."""
+        stale = self.db.execute(
+            HOT_QUERIES["key_minutes_expired"], (queue, expired_before(self.now, self._key_metrics_window), limit)
+        ).fetchall()
+        for (key,) in stale:
+            row = self._keys.get((queue, key))
+            if row is not None:  # the cached row must match the table again
+                row.close_minute()
+                row.stored_values = row.values()
+
+    def _close_key_minute(self, queue: str, key: str, row: _KeyRow) -> None:
+        """Move a key's counts of its open minute to the metrics rows written at the end of
+        the transaction (the caller writes the key row)."""
+        if row.open_minute is not None:
+            counts = self._counts.setdefault((queue, "+" + key, row.open_minute), [0] * len(COUNTERS))
+            for index, count in enumerate(row.open_counts()):
+                counts[index] += count
+        row.close_minute()
 
     def _close_minute(self, q: _QueueRow) -> None:
         """Move the queue-wide counts of its open minute to the metrics rows written at the
@@ -927,6 +989,7 @@ class _Tx:
         for (queue, key), row in self._changed_keys.items():
             row.changed = False
             if row.holds_nothing():
+                self._close_key_minute(queue, key, row)  # the row goes: its counts go to the metrics table
                 if row.stored:
                     self.db.execute("DELETE FROM keys WHERE queue = ? AND key = ?", (queue, key))
                     row.stored = False
@@ -940,11 +1003,7 @@ class _Tx:
                     )
                 row.stored_values = values
             else:
-                self.db.execute(
-                    "INSERT INTO keys (queue, key, count, slots, ready_at, ready_order, interval, last_delivery, paused) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (queue, key, *row.values()),
-                )
+                self.db.execute(KEY_INSERT, (queue, key, *row.values()))
                 row.stored, row.stored_values = True, row.values()
         self._changed_keys.clear()
 
@@ -971,11 +1030,15 @@ class _Tx:
         # Expired rows are cleaned only when rows were created: the table then never grows
         # faster than it is cleaned, and most transactions skip the lookup.
         for queue in created:
-            self.db.execute(HOT_QUERIES["metrics_expired"], (queue, expired_before(self.now, self._metrics_window)))
+            forgotten = self.db.execute(
+                HOT_QUERIES["metrics_expired"], (queue, expired_before(self.now, self._metrics_window))
+            ).rowcount
             if self._key_metrics_window < self._metrics_window:
                 self.db.execute(
                     HOT_QUERIES["metrics_expired_keys"], (queue, expired_before(self.now, self._key_metrics_window))
                 )
+            if forgotten < METRICS_SWEEP_LIMIT:
+                self._forget_key_minutes(queue, METRICS_SWEEP_LIMIT - forgotten)
         self._counts.clear()
         if self._events:
             self.db.executemany("INSERT INTO events (queue, type, message_id, key, at) VALUES (?, ?, ?, ?, ?)", self._events)
@@ -992,7 +1055,7 @@ class _Tx:
         """The key's row (an empty one, not stored, for a key without a row)."""
         row = self._keys.get((q.name, key))
         if row is None:
-            found = self._one("key", q.name, key)
+            found = self.db.execute(KEY_SELECT, (q.name, key)).fetchone()
             row = _KeyRow(*found, stored=True, stored_values=tuple(found)) if found is not None else _KeyRow()
             self._keys[(q.name, key)] = row
         return row
@@ -1516,9 +1579,10 @@ class _Tx:
         ).fetchall()
         found = {row["minute"]: tuple(row)[1:] for row in rows}
         q = self.queue(queue, create=False)
-        if key is None and q is not None and q.open_minute in wanted:
-            stored = found.get(q.open_minute, (0,) * len(COUNTERS))
-            found[q.open_minute] = tuple(a + b for a, b in zip(stored, q.open_counts()))
+        open_row = q if key is None else self._key(q, key) if q is not None else None
+        if open_row is not None and open_row.open_minute in wanted:
+            stored = found.get(open_row.open_minute, (0,) * len(COUNTERS))
+            found[open_row.open_minute] = tuple(a + b for a, b in zip(stored, open_row.open_counts()))
         return [MinuteMetrics(minute, *found.get(minute, (0,) * len(COUNTERS))) for minute in wanted]
 
     def keys(self, queue: str, limit: int, sort: KeySort) -> list[KeyInfo]:
