@@ -996,7 +996,7 @@ class _Tx:
             elif row.stored:
                 values = row.values()
                 changed = [(name, value) for name, value, old in zip(_KeyRow.FIELDS, values, row.stored_values)
-                           if value != old or type(value) is not type(old)]
+                           if value != old]
                 if changed:
                     self.db.execute(
                         _key_update(tuple(name for name, _ in changed)), (*(value for _, value in changed), queue, key)
