@@ -182,7 +182,7 @@ CREATE TABLE IF NOT EXISTS messages (
     batch_id TEXT NOT NULL DEFAULT '',
     batch_index INTEGER NOT NULL DEFAULT 0,
     timer_order INTEGER NOT NULL DEFAULT 0, -- tie-breaker of the delayed and lease orders
-    entered_at REAL NOT NULL DEFAULT 0,    -- when it joined the unkeyed lane
+    entered_at REAL NOT NULL DEFAULT 0,    -- when it was last placed (key order or lane)
     entered_order INTEGER NOT NULL DEFAULT 0,
     reason TEXT NOT NULL DEFAULT '',
     died_at REAL NOT NULL DEFAULT 0,
@@ -258,7 +258,7 @@ HOT_QUERIES = {
     "message": "SELECT id, key, seq, attempts, batch_id, batch_index, deadline, state, token, queue FROM messages "
     "WHERE id = ?",
     "ack": "DELETE FROM messages WHERE id = ? AND queue = ? AND state = 'leased' AND token = ? RETURNING key, batch_id",
-    "key_next_time": "SELECT not_before FROM messages WHERE queue = ? AND key = ? AND state = 'ready' "
+    "key_next_time": "SELECT not_before, entered_at FROM messages WHERE queue = ? AND key = ? AND state = 'ready' "
     "ORDER BY priority, seq LIMIT 1",
     "dedup": "SELECT message_id, expires FROM dedup WHERE queue = ? AND dedup_id = ?",
     "dedup_expired": "DELETE FROM dedup WHERE queue = ? AND expires <= ?",
@@ -1093,37 +1093,45 @@ class _Tx:
         q.count(new, +1)
         self._update(mid, state=new, **columns)
 
-    def _schedule(self, q: _QueueRow, key: str, now: float, *, keep_place: bool) -> None:
+    def _schedule(
+        self, q: _QueueRow, key: str, now: float, *, keep_place: bool, settings: QueueSettings | None = None
+    ) -> None:
         """Give ``key`` its place in the ready order if it has a head message (memory:
-        ``_schedule``); ``keep_place`` keeps a waiting key's earlier time."""
+        ``_schedule``); ``keep_place`` keeps a waiting key's earlier time unless its head
+        holds it; with ``settings``, a key not waiting whose slots are all in use, or that
+        is paused, gets no place."""
         row = self._key(q, key)
         ready_at = row.ready_at
         if not row.count and not row.slots:
+            return
+        if settings is not None and ready_at is None and (row.slots >= settings.key_concurrency or row.paused):
             return
         head = self._one("key_next_time", q.name, key)
         if head is None:
             if ready_at is not None:
                 self._update_key(q, key, ready_at=None, ready_order=None)
             return
-        not_before = head[0]
-        at = max(now, not_before)
+        not_before, entered_at = head
+        holds_until = not_before if not_before > entered_at else 0.0
+        at = max(now, holds_until)
         if keep_place and ready_at is not None:
-            at = max(ready_at, not_before)
+            at = max(ready_at, holds_until)
         if at == ready_at:
             return
         self._update_key(q, key, ready_at=at, ready_order=q.order())
 
     def _place(self, q: _QueueRow, old_state: str, mid: str, key: str | None, **columns: Any) -> None:
         """Put a message (whose seq is set or given) into its key's order or the lane."""
+        columns["entered_at"] = self.now
         if key is None:
-            columns.update(entered_at=self.now, entered_order=q.order())
+            columns["entered_order"] = q.order()
             q.lane_empty = False
         self._set_state(q, old_state, "ready", mid, **columns)
 
     def _delay(self, q: _QueueRow, old_state: str, mid: str, due: float, **columns: Any) -> None:
         self._set_state(q, old_state, "delayed", mid, not_before=due, timer_order=q.order(), **columns)
 
-    def _promote_due(self, q: _QueueRow) -> None:
+    def _promote_due(self, q: _QueueRow, settings: QueueSettings | None) -> None:
         if not q.delayed:
             return
         due = self.db.execute(HOT_QUERIES["due_delayed"], (q.name, self.now)).fetchall()
@@ -1131,7 +1139,7 @@ class _Tx:
             columns = {} if seq is not None else {"seq": q.next_seq(bool(at_head))}
             self._place(q, "delayed", mid, key, **columns)
             if key is not None:
-                self._schedule(q, key, self.now, keep_place=True)
+                self._schedule(q, key, self.now, keep_place=True, settings=settings)
 
     def _expire_leases(self, q: _QueueRow, settings: QueueSettings) -> None:
         while q.leased:
@@ -1295,7 +1303,7 @@ class _Tx:
         now = self.now
         # Due delayed messages entered their keys' order when they fell due: before
         # anything enqueued now.
-        self._promote_due(q)
+        self._promote_due(q, settings)
         ids: list[str] = []
         if any(m.dedup_id is not None for m in messages):
             self._expire_dedup(q, settings)
@@ -1320,8 +1328,9 @@ class _Tx:
                 columns["timer_order"] = q.order()
             else:
                 state, seq, not_before = "ready", q.next_seq(m.at_head), now + m.delay
+                columns["entered_at"] = now
                 if m.key is None:
-                    columns.update(entered_at=now, entered_order=q.order())
+                    columns["entered_order"] = q.order()
                     q.lane_empty = False
             q.count(state, +1)
             self.db.execute(
@@ -1333,7 +1342,7 @@ class _Tx:
                 ),
             )
             if state == "ready" and m.key is not None:
-                self._schedule(q, m.key, now, keep_place=True)
+                self._schedule(q, m.key, now, keep_place=True, settings=settings)
             self._record(q, "enqueued", mid, m.key)
             ids.append(mid)
         return ids
@@ -1343,7 +1352,7 @@ class _Tx:
     ) -> LeaseResult:
         q = self.queue(queue, create=True)
         now = self.now
-        self._promote_due(q)
+        self._promote_due(q, settings)
         self._expire_leases(q, settings)
         leases: list[Lease] = []
         while len(leases) < limit and not q.paused:
@@ -1430,7 +1439,7 @@ class _Tx:
         if row is None:
             return False
         q = self.queue(lease.queue, create=False)
-        self._promote_due(q)  # before a tail retry takes its seq
+        self._promote_due(q, settings)  # before a tail retry takes its seq
         dead_reason = (reason or "rejected") if dead else None
         self._fail(q, row, settings, delay=delay, dead_reason=dead_reason, why=reason or "nacked")
         return True
@@ -1520,7 +1529,7 @@ class _Tx:
         q = self.queue(queue, create=False)
         if q is None:
             return 0
-        self._promote_due(q)  # before replayed messages take their seqs
+        self._promote_due(q, None)  # before replayed messages take their seqs
         rows = sorted(self._dead_rows(queue, ids), key=lambda r: (r["priority"], r["seq"] or 0))
         if position == "head":
             rows.reverse()  # each takes a seq ahead of the previous one
