@@ -1,19 +1,21 @@
-"""Redis backend: ``redis://`` and ``rediss://`` (TLS).
+"""Redis backend: ``redis://`` and ``rediss://`` (TLS). Needs Redis 7.0 or newer.
 
-Every operation is one atomic Lua script from ``lua/<operation>.lua`` (with the shared
-helpers of ``lua/_common.lua`` prepended), loaded once per client and called with EVALSHA.
-Each script gets every key it touches in ``KEYS``; all keys of one queue share the hash
-tag ``{<queue>}`` (``<prefix>:{<queue>}:<structure>``), so a queue's scripts can run on a
+Every operation is one atomic Redis function, registered by ``lua/<operation>.lua``; all of
+them, with the shared helpers of ``lua/_common.lua``, form one Functions library that is
+loaded once per server (``FUNCTION LOAD``) and called with ``FCALL``. Each function gets
+every key it touches as a key argument; all keys of one queue share the hash tag
+``{<queue>}`` (``<prefix>:{<queue>}:<structure>``), so a queue's functions can run on a
 Redis Cluster node. Per-shard-key data lives inside fixed per-queue structures (described
-at the top of ``_common.lua``), never in key names built at run time.
+at the top of ``_common.lua`` and in docs/redis.md), never in key names built at run time.
+Times cross as whole microseconds.
 
 Guarantees, beyond the contract of :class:`~sharded_broker.backend.Backend`:
 
-* Time comes from the server (``TIME`` inside each script), so client clock skew cannot
+* Time comes from the server (``TIME`` inside each function), so client clock skew cannot
   reorder or double-deliver; only a ``clock=`` test hook replaces it.
 * ``enqueue_many``, ``lease(limit=N)``, ``ack_many``, ``release_many`` and
   ``extend_many`` on one queue are one round trip (the last three over several queues:
-  one pipelined round trip, one script call per queue).
+  one pipelined round trip, one function call per queue).
 * Every hot operation is O(log n) with bounded work per call: at most ``SWEEP_LIMIT``
   (500) due delayed messages promoted and expired leases returned per lease call; beyond
   that, the next call is due at once. No ``KEYS``/``SCAN``.
@@ -22,15 +24,17 @@ Guarantees, beyond the contract of :class:`~sharded_broker.backend.Backend`:
   makes about two calls a second.
 * Connection failures raise :class:`~sharded_broker.BackendUnavailable` naming the URL
   with its password redacted.
-* Metrics are counted inside the enqueue, lease, ack and nack scripts: one hash field per
-  (key, minute) and per queue minute holding the five counts, expired through a zset (the
-  queue's minutes) and a list in creation order (the keys' minutes), a bounded number of
-  fields per call; per-key backlogs live in a zset, so the largest backlogs are read
-  without a scan.
-* ``purge`` and ``replay`` of more than ``CHUNK`` (1,000) messages run as several script
+* Metrics are counted inside the enqueue, lease, ack and nack functions with ``HINCRBY``:
+  one hash field per counter used per (key, minute) and per queue minute; the keys' fields
+  expire through a list in creation order, a bounded number per call, the queue's old
+  minutes when a new minute starts; per-key backlogs live in a zset, so the largest
+  backlogs are read without a scan.
+* At ``maxmemory`` an enqueue is refused (``BackendUnavailable``, nothing written) while
+  lease, ack, nack, release, extend and purge go on, so consumers can drain the queue.
+* ``purge`` and ``replay`` of more than ``CHUNK`` (1,000) messages run as several function
   calls of at most ``CHUNK`` messages each, every one atomic and leaving the queue
   consistent, so Redis serves other clients between them.
-* Events (on by default: ``events=False`` turns them off) are one ``PUBLISH`` per script
+* Events (on by default: ``events=False`` turns them off) are one ``PUBLISH`` per function
   call on the channel ``<prefix>:{<queue>}:events``, carrying every event of the call;
   Redis pub/sub is fire-and-forget, so a subscriber sees only what happens while it is
   connected, and publishing to a channel nobody listens to costs next to nothing.
@@ -170,7 +174,7 @@ _OBSERVE_ONLY = QueueSettings()
 
 
 class RedisBackend(Backend):
-    """Queues in a Redis server (6.0 or later), shared by every process that uses it.
+    """Queues in a Redis server (7.0 or later), shared by every process that uses it.
 
     ``prefix`` (default ``"sb"``) starts every key name; two prefixes on one server are
     fully isolated. ``clock`` replaces the server's clock (tests only). ``metrics_window``
