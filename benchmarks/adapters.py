@@ -11,6 +11,10 @@ batch send). Drain rate: N / (last task's end - first task's start), so worker s
 is not counted for anyone. Keyed runs spread the tasks over ``adapter_keys`` shard keys;
 the plain brokers, which have no keys, run the very same tasks. Latency: tasks sent at a
 steady rate while a worker runs; each records its start time minus its send time.
+
+Redis server cost per task, for each phase (see :mod:`benchmarks.server_cost`): the
+sending, and the worker's run from its start to its stop (fetch, ack, heartbeats and
+idle polls included, so every command the drain caused is counted).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any, Iterator
 
 from .common import Sizes, flush, percentile, rate, stopwatch, used_memory
 from .profiling import profile_new_threads
+from .server_cost import ServerMeter
 
 TARGETS = ("dramatiq/RedisBroker", "dramatiq/ShardedBroker", "celery/redis", "celery/sharded+redis")
 QUEUE = "bench"
@@ -181,33 +186,42 @@ def enqueue_and_drain(
     enqueue_profiler: cProfile.Profile | None = None,
     worker_profilers: list[cProfile.Profile] | None = None,
 ) -> dict[str, Any]:
-    """Send ``adapter_tasks`` tasks, then drain them with a worker. With
-    ``enqueue_profiler``, the sending runs under it; with ``worker_profilers``, every
-    thread the worker starts gets a profiler, appended to that list."""
+    """Send ``adapter_tasks`` tasks, then drain them with a worker; the rates, and the
+    Redis server's cost per task of each phase. With ``enqueue_profiler``, the sending
+    runs under it; with ``worker_profilers``, every thread the worker starts gets a
+    profiler, appended to that list."""
     global recorder
     flush(redis_url)
     count = sizes.adapter_tasks
     target = make_target(name, redis_url, sizes.worker_threads)
     try:
         recorder = Recorder(count)
-        with stopwatch() as enqueue_seconds:
+        with ServerMeter(redis_url) as send_cost, stopwatch() as enqueue_seconds:
             if enqueue_profiler is not None:
                 enqueue_profiler.enable()
             for index in range(count):
                 target.send(index, key_for(index, keys))
             if enqueue_profiler is not None:
                 enqueue_profiler.disable()
-        with profile_new_threads() if worker_profilers is not None else nullcontext([]) as profilers, target.worker():
+        profiling = profile_new_threads() if worker_profilers is not None else nullcontext([])
+        with ServerMeter(redis_url) as drain_cost, profiling as profilers, target.worker():
             recorder.wait(timeout=60 + count / 50)
         if worker_profilers is not None:
             worker_profilers.extend(profilers)
     finally:
         target.close()
+    send, drain = send_cost.figures(count), drain_cost.figures(count)
     return {
         "tasks": count,
         "keys": keys,
         "enqueue_per_s": rate(count, enqueue_seconds[0]),
         "drain_per_s": rate(count, recorder.last_end - recorder.first_start),
+        "server": {
+            "send": send,
+            "fetch_ack": drain,
+            "total": {what: round(send[what] + drain[what], 2)
+                      for what in ("server_us", "cpu_us", "naive_sum_us", "commands_sent")},
+        },
     }
 
 

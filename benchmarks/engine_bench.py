@@ -23,6 +23,7 @@ from sharded_broker import Message
 
 from .common import PAYLOAD, Sizes, flush, rate, redis_client, stopwatch, used_memory
 from .profiling import summary
+from .server_cost import ServerMeter
 
 QUEUE = "bench"
 _store_names = itertools.count()
@@ -322,20 +323,16 @@ def scaling(
 
 @contextmanager
 def server_time(redis_url: str | None) -> Iterator[list[float]]:
-    """Microseconds the Redis server spent executing commands inside the block (from
-    ``INFO commandstats``); stays 0 without a server."""
+    """Microseconds the Redis server spent executing the commands the block caused, each
+    counted once (top-level commands, see :mod:`benchmarks.server_cost`); stays 0
+    without a server."""
     spent = [0.0]
     if redis_url is None:
         yield spent
         return
-    client = redis_client(redis_url)
-    try:
-        client.config_resetstat()
+    with ServerMeter(redis_url) as meter:
         yield spent
-        stats = client.info("commandstats")
-        spent[0] = float(sum(entry["usec"] for entry in stats.values()))
-    finally:
-        client.close()
+    spent[0] = meter.usec
 
 
 def profile_sample(broker: sharded_broker.Broker, keys: int, backlog: int, sizes: Sizes, per_key: int) -> dict[str, str]:
