@@ -4,8 +4,8 @@ The limit: pipelined ``LPUSH`` then pipelined ``RPOP`` of the same payloads on t
 Redis server. No queue with atomic leases can beat it, so the engine's figures are quoted
 as a fraction of it.
 
-Engine rates: ``enqueue_many`` in batches, then ``lease(limit=batch)`` + ``ack_many`` until
-the queue is empty. A *round trip* rate counts each message once for both halves
+Engine rates: ``enqueue_many`` in batches of ``batch``, then ``lease(limit=lease_batch)`` +
+``ack_many`` until the queue is empty (issue 11's full cycle: 500, 100). A *round trip* rate counts each message once for both halves
 (messages / (enqueue time + drain time)), comparable with the raw LPUSH+RPOP pair rate.
 """
 
@@ -191,14 +191,17 @@ def per_key_for(keys: int | None, batch: int) -> int:
     return 1 if keys is None else max(1, batch // keys)
 
 
-def engine_rates(url: str, count: int, keys: int | None, batch: int, repeats: int) -> dict[str, Any]:
-    """Enqueue ``count`` messages over ``keys`` keys, then drain them (best of ``repeats``)."""
+def engine_rates(url: str, count: int, keys: int | None, batch: int, lease_batch: int, repeats: int) -> dict[str, Any]:
+    """Enqueue ``count`` messages over ``keys`` keys, ``batch`` per call, then drain them,
+    ``lease_batch`` per lease call, each call's leases acked in one ``ack_many`` (best of
+    ``repeats``)."""
     messages = keyed_messages(count, keys)
+    per_key = per_key_for(keys, lease_batch)
     with sharded_broker.connect(url) as broker:
         enqueue_seconds, drain_seconds = best_of(
             repeats,
             lambda: enqueue_all(broker, messages, batch),
-            lambda: drain(broker, count, batch, per_key_for(keys, batch)),
+            lambda: drain(broker, count, lease_batch, per_key),
         )
         left = broker.stats(QUEUE)
     if left.ready or left.leased:
@@ -206,7 +209,9 @@ def engine_rates(url: str, count: int, keys: int | None, batch: int, repeats: in
     return {
         "messages": count,
         "keys": keys,
-        "per_key": per_key_for(keys, batch),
+        "batch": batch,
+        "lease_batch": lease_batch,
+        "per_key": per_key,
         "enqueue_per_s": rate(count, enqueue_seconds),
         "drain_per_s": rate(count, drain_seconds),
         "round_trip_per_s": rate(count, enqueue_seconds + drain_seconds),
@@ -247,7 +252,9 @@ def engine_vs_limit(
     figures: dict[str, Any] = {}
     for name, fresh_url in backends:
         for label, key_count in (("unkeyed", None), ("keyed", keys)):
-            result = engine_rates(fresh_url(), sizes.engine_messages, key_count, sizes.batch, sizes.repeats)
+            result = engine_rates(
+                fresh_url(), sizes.engine_messages, key_count, sizes.batch, sizes.lease_batch, sizes.repeats
+            )
             for what in ("enqueue_per_s", "drain_per_s", "round_trip_per_s"):
                 result[f"{what[:-6]}_fraction_of_limit"] = round(result[what] / limit[what], 4)
             figures[f"{name}/{label}"] = result
