@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
-from .common import Sizes, flush, percentile, rate, stopwatch, used_memory
+from .common import PAYLOAD, Sizes, flush, percentile, rate, stopwatch, used_memory
 from .profiling import profile_new_threads
 from .server_cost import ServerMeter
 
@@ -65,7 +65,7 @@ class Recorder:
 recorder = Recorder(0)  # replaced by each measurement; the task reports to the current one
 
 
-def noop(index: int, key: str, sent_at: float) -> None:
+def noop(index: int, key: str, sent_at: float, data: str = "") -> None:
     recorder.task_ran(sent_at)
 
 
@@ -87,8 +87,8 @@ class DramatiqTarget:
             noop, broker=self.broker, actor_name=f"noop{next(_names)}", queue_name=QUEUE, max_retries=0
         )
 
-    def send(self, index: int, key: str | None) -> None:
-        args = (index, key or "", time.time())
+    def send(self, index: int, key: str | None, data: str = "") -> None:
+        args = (index, key or "", time.time(), data) if data else (index, key or "", time.time())
         if key is not None and self.sharded:
             self.actor.send_with_options(args=args, shard_key=key)
         else:
@@ -125,8 +125,8 @@ class CeleryTarget:
         self.sharded = sharded
         self.worker_threads = worker_threads
 
-    def send(self, index: int, key: str | None) -> None:
-        args = (index, key or "", time.time())
+    def send(self, index: int, key: str | None, data: str = "") -> None:
+        args = (index, key or "", time.time(), data) if data else (index, key or "", time.time())
         if key is not None and self.sharded:
             self.task.apply_async(args=args, shard_key=key)
         else:
@@ -253,14 +253,16 @@ def latency(name: str, redis_url: str, sizes: Sizes, keys: int | None) -> dict[s
 
 
 def memory_per_message(name: str, redis_url: str, sizes: Sizes, keys: int | None) -> float:
-    """Redis bytes per queued task (no worker running), after the first one."""
+    """Redis bytes per queued task (no worker running), after the first one; each task
+    carries a 100-byte argument, like the engine's 100-byte payloads."""
     flush(redis_url)
     target = make_target(name, redis_url, sizes.worker_threads)
+    data = PAYLOAD.decode()
     try:
-        target.send(0, key_for(0, keys))
+        target.send(0, key_for(0, keys), data)
         before = used_memory(redis_url)
         for index in range(1, sizes.memory_messages):
-            target.send(index, key_for(index, keys))
+            target.send(index, key_for(index, keys), data)
         after = used_memory(redis_url)
     finally:
         target.close()
