@@ -130,24 +130,25 @@ def _cpu_seconds(client: redis.Redis) -> float:
     return float(cpu["used_cpu_user_main_thread"]) + float(cpu["used_cpu_sys_main_thread"])
 
 
-def top_level_usec(stats: dict[str, dict[str, Any]], sent: Counter[str]) -> tuple[float, list[str]]:
-    """Microseconds of the top-level commands in ``stats`` (INFO commandstats, keyed by
-    command name), from what clients ``sent`` outside transactions; and the commands that
-    ran both at top level and nested, whose time was shared by mean time per call."""
-    total = 0.0
+def top_level_commands(
+    stats: dict[str, dict[str, Any]], sent: Counter[str]
+) -> tuple[dict[str, tuple[float, float]], list[str]]:
+    """Per command in ``stats`` (INFO commandstats, keyed by command name): its top-level
+    (calls, microseconds), from what clients ``sent`` outside transactions, for the
+    commands with any; and the commands that ran both at top level and nested, whose
+    time was shared by mean time per call."""
+    counted: dict[str, tuple[float, float]] = {}
     shared = []
     for name, entry in stats.items():
         if name in _MEASURING:
             continue
         usec, calls = float(entry["usec"]), int(entry["calls"])
-        if name in CONTAINERS or calls == 0:
-            total += usec
-            continue
-        top = min(sent.get(name, 0), calls)
+        top = calls if name in CONTAINERS else min(sent.get(name, 0), calls)
         if 0 < top < calls:
             shared.append(name)
-        total += usec * top / calls
-    return total, sorted(shared)
+        if top:
+            counted[name] = (top, usec * top / calls)
+    return counted, sorted(shared)
 
 
 class ServerMeter:
@@ -164,6 +165,7 @@ class ServerMeter:
         self.usec = self.naive_usec = self.cpu_seconds = 0.0
         self.commands = 0
         self.shared: list[str] = []
+        self.by_command: dict[str, tuple[float, float]] = {}
         self.stats: dict[str, dict[str, Any]] = {}
 
     def __enter__(self) -> "ServerMeter":
@@ -186,7 +188,8 @@ class ServerMeter:
         finally:
             self._client.close()
         sent = self.tally.snapshot()
-        self.usec, self.shared = top_level_usec(self.stats, sent)
+        self.by_command, self.shared = top_level_commands(self.stats, sent)
+        self.usec = sum(usec for _, usec in self.by_command.values())
         self.naive_usec = float(sum(e["usec"] for n, e in self.stats.items() if n not in _MEASURING))
         self.commands = sum(sent.values())
 
@@ -198,6 +201,11 @@ class ServerMeter:
             "naive_sum_us": round(self.naive_usec / count, 2),
             "commands_sent": round(self.commands / count, 2),
             "shared_commands": self.shared,
+            # Where the server time went: top-level calls and µs per message, by command.
+            "by_command": {
+                name: {"calls": round(calls / count, 3), "us": round(usec / count, 2)}
+                for name, (calls, usec) in sorted(self.by_command.items(), key=lambda item: -item[1][1])
+            },
         }
 
 

@@ -229,8 +229,8 @@ def test_top_level_share_of_a_command_that_ran_both_ways() -> None:
         "zadd": {"calls": 6, "usec": 60},  # inside the scripts only
         "config|resetstat": {"calls": 1, "usec": 500},
     }
-    usec, shared = server_cost.top_level_usec(stats, Counter({"evalsha": 2, "hset": 1}))
-    assert usec == pytest.approx(100 + 10) and shared == ["hset"]
+    counted, shared = server_cost.top_level_commands(stats, Counter({"evalsha": 2, "hset": 1}))
+    assert counted == {"evalsha": (2, 100.0), "hset": (1, 10.0)} and shared == ["hset"]
 
 
 def test_seed_twin_workloads(redis_url: str) -> None:
