@@ -66,6 +66,7 @@ from kombu.utils.uuid import uuid
 import sharded_broker
 from sharded_broker import validation as check
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
+from sharded_broker.group_commit import AckGroup
 from sharded_broker.models import QUEUE_SETTING_NAMES, Lease
 
 from .kombu_alias import ALIAS, TRANSPORT
@@ -511,7 +512,7 @@ class Channel(virtual.Channel):
 
     def basic_ack(self, delivery_tag, multiple=False):
         lease = self._take_lease(delivery_tag)
-        if lease is not None and not self.broker.ack(lease):
+        if lease is not None and not self.connection.acks.ack(lease):
             logger.warning(
                 "ack of message %s (key %r) came after its lease was lost: it may have run twice",
                 lease.id, lease.key,
@@ -646,6 +647,8 @@ class Transport(virtual.Transport):
                 f"the shortest visibility_timeout {self.visibility_timeout:g} (leases would expire "
                 f"between beats and long tasks run twice); the default is a third of it"
             )
+        # Pool threads ack concurrently: acks arriving while one is in flight go together.
+        self.acks = AckGroup(self.broker)
         self._heartbeat: _Heartbeat | None = None
         self._heartbeat_lock = threading.Lock()
         self.auto_delete_queues: set[str] = set()
@@ -656,6 +659,11 @@ class Transport(virtual.Transport):
             if self._heartbeat is None:
                 self._heartbeat = _Heartbeat(self)
                 self._heartbeat.start()
+
+    # verify_connection is kombu's default (True, no backend call), as for kombu's redis://
+    # transport: kombu asks it on every publish, where a round trip doubled the calls per
+    # message. A backend that went away shows as BackendUnavailable, a connection error,
+    # on the next operation, and kombu's retries handle that.
 
     def establish_connection(self):
         self.broker.now()  # reach the backend now, so kombu's connection retry applies
@@ -705,13 +713,6 @@ class Transport(virtual.Transport):
                 self.broker.backend.wait(channel._active_queues[0], seconds)
                 return
         time.sleep(seconds)
-
-    def verify_connection(self, connection) -> bool:
-        try:
-            self.broker.now()
-        except BackendUnavailable:
-            return False
-        return True
 
     def driver_version(self) -> str:
         return sharded_broker.__version__

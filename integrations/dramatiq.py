@@ -63,6 +63,7 @@ import sharded_broker
 from sharded_broker import validation
 from sharded_broker.broker import MAX_LEASE_LIMIT
 from sharded_broker.errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
+from sharded_broker.group_commit import AckGroup
 
 __all__ = [
     "DeadMessage",
@@ -182,6 +183,8 @@ class ShardedBroker(dramatiq.Broker):
         self.url = url
         self.queues: set[str] = set()
         self._leases = _LeaseKeeper(self)
+        # Worker threads ack concurrently: acks arriving while one is in flight go together.
+        self._acks = AckGroup(self.engine)
         self._failures: collections.OrderedDict[str, BaseException] = collections.OrderedDict()
         self._failures_lock = threading.Lock()
         if not any(isinstance(m, ShardKeys) for m in self.middleware):
@@ -514,7 +517,7 @@ class _ShardedConsumer(dramatiq.Consumer):
     def ack(self, message: dramatiq.MessageProxy) -> None:
         lease = message.lease
         try:
-            accepted = self.engine.ack(lease)
+            accepted = self.broker._acks.ack(lease)
         except BackendUnavailable as exc:
             raise ConnectionClosed(exc) from exc  # the Worker retries the ack
         message.consumer._settled(lease)
