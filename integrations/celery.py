@@ -570,6 +570,7 @@ class Channel(virtual.Channel):
 
     def basic_reject(self, delivery_tag, requeue=False):
         lease = self._take_lease(delivery_tag)
+        logger.debug("reject of %s (requeue=%s): lease %s", delivery_tag, requeue, lease and lease.id)
         if lease is not None:
             if requeue and _celery_worker_terminating():
                 # A cold shutdown killed the task: given back uncounted, as on closing.
@@ -1020,10 +1021,11 @@ def _hold_keys_in_celery_apps() -> None:
                 _warn_once(app.main, setting, f"{setting}=False is ignored with a sharded+ broker: {consequence}")
             app.conf[setting] = True  # tasks bound from now on
             for name, task in list(getattr(app, "_tasks", {}).items()):
-                if getattr(task, attribute, None) is False:
-                    if configured:  # the task's own option, against the app's setting
-                        _warn_once(name, attribute, f"task {name!r}: {attribute}=False is ignored with a "
-                                                    f"sharded+ broker: {consequence}")
+                value = getattr(task, attribute, None)
+                if not value:  # False, or None: Celery's default for reject_on_worker_lost
+                    if configured and value is False:  # the task's own option, against the app's
+                        _warn_once(name, attribute, f"task {name!r}: {attribute}=False is ignored with "
+                                                    f"a sharded+ broker: {consequence}")
                     setattr(task, attribute, True)
 
 
