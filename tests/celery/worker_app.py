@@ -8,6 +8,7 @@ It never imports sharded_broker: the ``sharded+`` alias must come from the insta
                     ``list`` (a kombu failover list) or ``none`` (not at all: the URL comes
                     from ``celery -b`` or ``CELERY_BROKER_URL``)
 ``SB_MAX_DELIVERIES`` the transport's ``max_deliveries`` (default: the engine's)
+``SB_PREFETCH``     ``worker_prefetch_multiplier`` (default: Celery's, 4)
 ``SB_LOG``          a file each finished task appends one line to: ``<task> <key> <seq> <pid>``
 ``SB_VT``           visibility timeout in seconds (default 30)
 ``SB_TASK_SECONDS`` how long ``record`` sleeps (default 0)
@@ -16,6 +17,7 @@ It never imports sharded_broker: the ``sharded+`` alias must come from the insta
 ``span(key, seq, seconds, action)`` logs ``start`` and ``end`` lines with times, for the
 overlap checks: ``<start|end> <key> <seq> <pid> <time.time()>``. ``action`` is ``ok``,
 ``crash_once`` (its first run SIGKILLs its own pool process) or ``crash`` (every run does).
+``free(seq, seconds)`` is its unkeyed twin, logged with the key ``-``.
 """
 
 import os
@@ -38,6 +40,8 @@ app.conf.broker_transport_options = {
 }
 if os.environ.get("SB_MAX_DELIVERIES"):
     app.conf.broker_transport_options["max_deliveries"] = int(os.environ["SB_MAX_DELIVERIES"])
+if os.environ.get("SB_PREFETCH"):
+    app.conf.worker_prefetch_multiplier = int(os.environ["SB_PREFETCH"])
 app.conf.beat_schedule = {"tick": {"task": "worker_app.record", "schedule": 0.5, "args": ("beat", 0)}}
 app.conf.worker_hijack_root_logger = False
 
@@ -73,3 +77,10 @@ def span(key, seq, seconds=0.0, action="ok"):
             os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does to a pool process
     time.sleep(seconds)
     _log("end", key, seq, os.getpid(), time.time())
+
+
+@app.task
+def free(seq, seconds=0.0):
+    _log("start", "-", seq, os.getpid(), time.time())
+    time.sleep(seconds)
+    _log("end", "-", seq, os.getpid(), time.time())

@@ -94,12 +94,15 @@ def check(
     published: dict[str, int],
     dead: Iterable[tuple[str, int]] = (),
     frozen: Iterable[tuple[int, float, float]] = (),
+    unordered: Iterable[str] = (),
 ) -> Report:
     """Check runs against ``published`` (key -> how many messages, numbered 0..n-1),
     ``dead`` (the (key, seq) dead-lettered) and ``frozen`` ((pid, from, to) times a
-    process was stopped)."""
+    process was stopped). The ``unordered`` keys (the unkeyed lane) are checked only for
+    lost and duplicate runs."""
     dead_set = set(dead)
     frozen = list(frozen)
+    unordered = set(unordered)
     report = Report(dead=sorted(f"{k}#{s}" for k, s in dead_set))
     by_key: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
@@ -122,6 +125,8 @@ def check(
                 report.lost.append(f"{key}#{seq}")
             if len(ends.get(seq, [])) > 1:
                 report.duplicates.append(f"{key}#{seq} x{len(ends[seq])}")
+        if key in unordered:
+            continue
         complete = [run for run in key_runs if run.end is not None]
         for i, first in enumerate(complete):
             for second in complete[i + 1:]:
