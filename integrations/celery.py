@@ -20,14 +20,25 @@ Guarantees
       a ``str`` or an ``int``: anything else is refused at publish time and nothing is
       queued.
     * **Order with Celery's defaults.** A key is released only when its message is acked.
-      In a process that uses this transport, every task of the app acknowledges late
-      (``acks_late=True``), whatever the ``task_acks_late`` setting says, so the next
-      message of a key starts only after the previous task finished, whatever the pool.
+      In a process that uses this transport (decided from the transport the app's
+      connections resolve to, however the URL reached Celery), every task of the app
+      acknowledges late (``acks_late=True``) and is delivered again when its pool
+      process dies (``reject_on_worker_lost=True``), whatever the settings say (an
+      explicit ``False`` gets a warning naming the consequence), so the next message of a
+      key starts only after the previous task finished, whatever the pool, and a task
+      killed with its process comes back (counted toward ``max_deliveries``).
     * **Leases.** A delivered message is leased for ``visibility_timeout`` seconds
       (default 30). A heartbeat thread in the consuming process extends the leases of
       every delivered, unsettled message every ``visibility_timeout / 3`` seconds, so a
       task that runs for hours is never delivered twice, while the messages of a worker
       killed with SIGKILL come back, at the head of their keys, about one timeout later.
+      A failed extension is retried at once with backoff until the leases' deadline, so
+      an outage shorter than ``visibility_timeout - heartbeat_interval - 0.5 s`` expires
+      nothing (:mod:`sharded_broker.heartbeat`).
+    * **Consumer restarts.** When Celery restarts its consumer after a lost connection,
+      the tasks already handed to its pool keep their leases (and heartbeat) and settle
+      when they end; only messages Celery dropped unrun are given back. A late ack
+      refused because the lease had moved on (a frozen worker) is logged.
     * **Delays stay in the broker.** ``countdown``/``eta`` become engine delays: the
       message is invisible until due and does not hold its key meanwhile. A retry
       (``task.retry(countdown=...)``) goes back to the *head* of its key and holds the key
