@@ -515,13 +515,15 @@ class Channel(virtual.Channel):
 
     # settling
 
-    def _take_lease(self, delivery_tag: str) -> Lease | None:
+    def _take_lease(self, delivery_tag: str) -> tuple[Lease | None, bool]:
+        """The lease of a message being settled, and whether it was kept past this
+        channel's close (then call :meth:`_kept_settled` once it is settled)."""
         with self._leases_lock:
-            lease = self._leases.pop(delivery_tag, None)
-            kept = self._kept.pop(delivery_tag, None) is not None
+            return self._leases.pop(delivery_tag, None), self._kept.pop(delivery_tag, None) is not None
+
+    def _kept_settled(self, kept: bool) -> None:
         if kept:
             self._transport.kept_lease_settled()
-        return lease
 
     def unsettled_leases(self) -> list[Lease]:
         with self._leases_lock:
@@ -569,27 +571,32 @@ class Channel(virtual.Channel):
         )
 
     def basic_ack(self, delivery_tag, multiple=False):
-        lease = self._take_lease(delivery_tag)
-        if lease is not None and not self.broker.ack(lease):
-            self._warn_fenced(lease)
-        elif lease is None:
-            with self._leases_lock:
-                lost = self._lost.pop(delivery_tag, None)
-            if lost is not None:
-                self._warn_fenced(lost)
+        lease, kept = self._take_lease(delivery_tag)
+        try:
+            if lease is not None and not self.broker.ack(lease):
+                self._warn_fenced(lease)
+            elif lease is None:
+                with self._leases_lock:
+                    lost = self._lost.pop(delivery_tag, None)
+                if lost is not None:
+                    self._warn_fenced(lost)
+        finally:
+            self._kept_settled(kept)
         super().basic_ack(delivery_tag)
 
     def basic_reject(self, delivery_tag, requeue=False):
-        lease = self._take_lease(delivery_tag)
-        logger.debug("reject of %s (requeue=%s): lease %s", delivery_tag, requeue, lease and lease.id)
-        if lease is not None:
-            if requeue and _celery_worker_terminating():
-                # A cold shutdown killed the task: given back uncounted, as on closing.
-                _release_leases(self.broker, [lease])
-            elif requeue:
-                self.broker.nack(lease)  # back to the head of its key, the delivery counted
-            else:
-                self.broker.nack(lease, dead=True, reason="rejected by the consumer (requeue=False)")
+        lease, kept = self._take_lease(delivery_tag)
+        try:
+            if lease is not None:
+                if requeue and _celery_worker_terminating():
+                    # A cold shutdown killed the task: given back uncounted, as on closing.
+                    _release_leases(self.broker, [lease])
+                elif requeue:
+                    self.broker.nack(lease)  # back to the head of its key, the delivery counted
+                else:
+                    self.broker.nack(lease, dead=True, reason="rejected by the consumer (requeue=False)")
+        finally:
+            self._kept_settled(kept)
         with self._leases_lock:
             self._lost.pop(delivery_tag, None)
         self.qos.reject(delivery_tag, requeue=False)
@@ -599,7 +606,7 @@ class Channel(virtual.Channel):
         with self._leases_lock:
             if message.delivery_tag in self._kept:
                 return  # its task still runs: it settles when it ends
-        lease = self._take_lease(message.delivery_tag)
+        lease, _ = self._take_lease(message.delivery_tag)  # never a kept one: see above
         if lease is not None:
             _release_leases(self.broker, [lease])
 
@@ -874,7 +881,7 @@ def _celery_requests_by_tag(leases: Mapping[str, Lease]) -> dict[str, Callable[[
     if state is None or not leases:
         return {}
     found: dict[str, Callable[[], Any]] = {}
-    for request in [*state.reserved_requests, *state.active_requests]:
+    for request in _snapshot(state.reserved_requests) + _snapshot(state.active_requests):
         message = getattr(request, "_message", None)
         tag = getattr(message, "delivery_tag", None)
         if tag in leases:
@@ -883,6 +890,15 @@ def _celery_requests_by_tag(leases: Mapping[str, Lease]) -> dict[str, Callable[[
             except TypeError:  # a request type without weak references: kept as is
                 found[tag] = lambda request=request: request
     return found
+
+
+def _snapshot(requests: Any) -> list[Any]:
+    """A copy of one of Celery's request sets, which the pool's result thread changes."""
+    while True:
+        try:
+            return list(requests)
+        except RuntimeError:  # changed size during iteration: read it again
+            continue
 
 
 def _celery_worker_terminating() -> bool:
