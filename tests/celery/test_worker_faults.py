@@ -152,3 +152,49 @@ def test_a_pool_process_killed_by_signal_is_not_acked_as_failed(redis_url, tmp_p
     report = check(runs, {"k": 3})
     assert report.clean and not report.duplicates, report.summary()
     assert [(r.seq, r.end is not None) for r in runs] == [(0, False), (0, True), (1, True), (2, True)]
+
+
+def test_a_consumer_restart_gives_back_only_what_celery_will_not_run(redis_url, caplog) -> None:
+    """A message Celery holds back without handing it to its pool (a rate-limit bucket)
+    is given back at the restart and runs once after it; the running task's lease is
+    kept; nothing runs twice."""
+    import logging
+    import threading
+
+    from celery import Celery
+    from celery.contrib.testing.worker import start_worker
+
+    app = Celery("restart", broker=f"sharded+{redis_url}", set_as_current=False)
+    app.conf.broker_transport_options = {"visibility_timeout": 3}
+    app.conf.worker_hijack_root_logger = False
+    runs: list[tuple[str, int]] = []
+    lock = threading.Lock()
+
+    @app.task(shared=False, name="restart.long", shard_key="key")
+    def long_task(key: str, seq: int) -> None:
+        with lock:
+            runs.append((key, seq))
+        time.sleep(3)
+
+    @app.task(shared=False, name="restart.limited", shard_key="key", rate_limit="6/m")
+    def limited(key: str, seq: int) -> None:
+        with lock:
+            runs.append((key, seq))
+
+    long_task.delay("a", 0)
+    limited.delay("b", 0)
+    limited.delay("c", 0)  # waits in Celery's rate-limit bucket for 10 s
+    admin = redis.Redis.from_url(redis_url)
+    caplog.set_level(logging.INFO, logger="sharded_broker.integrations.celery")
+    with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30):
+        wait_until(lambda: len(runs) >= 2, 30, "the long task and the first limited one")
+        admin.client_kill_filter(_type="normal")
+        wait_until(lambda: len(runs) >= 3, 60, "the bucketed task, after the restart")
+        with sharded_broker.connect(redis_url) as engine:
+            wait_until(lambda: engine.stats("celery").leased == 0, 30, "every ack")
+        time.sleep(4)  # more than a visibility timeout: nothing more may run
+    app.close()
+    admin.close()
+    assert sorted(runs) == [("a", 0), ("b", 0), ("c", 0)], runs
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "their leases are kept" in text and "1 prefetched message(s) given back" in text, text

@@ -62,12 +62,15 @@ def campaign_seed() -> int:
 
 
 def process_group(pid: int) -> list[int]:
-    """``pid`` and its children."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        children = []
-    return [pid, *map(int, children)]
+    """``pid`` and its children, whichever of its threads forked them (billiard forks
+    replacement pool processes from a supervisor thread)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += map(int, (task / "children").read_text().split())
+        except OSError:
+            pass
+    return [pid, *children]
 
 
 class Slot:
@@ -188,7 +191,10 @@ def run_campaign(target: Target, tmp_path: Path, *, vt: float = 3.0, seconds: fl
                 time.sleep(rng.uniform(1.0, 4.0))
                 fault = rng.choice(target.faults)
                 outcome.faults[fault] = outcome.faults.get(fault, 0) + 1
-                _inject(fault, rng, slots, server, proxy, admin, vt, frozen, target)
+                began = time.time()
+                detail = _inject(fault, rng, slots, server, proxy, admin, vt, frozen, target)
+                with open(tmp_path / "faults.jsonl", "a") as faults_log:
+                    faults_log.write(json.dumps({"fault": fault, "from": began, "to": time.time(), **detail}) + "\n")
                 for slot in slots:
                     slot.ensure()
             producer.stopped.set()
@@ -229,17 +235,19 @@ def _all_dead(engine: sharded_broker.Broker, queue: str) -> Iterator[sharded_bro
 
 
 def _inject(fault: str, rng: random.Random, slots: list[Slot], server: RedisServer, proxy: TcpProxy,
-            admin: redis.Redis, vt: float, frozen: list[tuple[int, float, float]], target: Target) -> None:
+            admin: redis.Redis, vt: float, frozen: list[tuple[int, float, float]], target: Target) -> dict[str, Any]:
+    """Inject one fault; answers what it hit, for the campaign's fault log."""
     slot = rng.choice(slots)
+    pids = process_group(slot.process.pid)
     if fault == "kill_worker":
         slot.kill()
         slot.ensure()
     elif fault == "kill_child":
-        children = process_group(slot.process.pid)[1:]
-        if children:
-            os.kill(rng.choice(children), signal.SIGKILL)
+        if pids[1:]:
+            victim = rng.choice(pids[1:])
+            os.kill(victim, signal.SIGKILL)
+            return {"pids": [victim]}
     elif fault == "freeze":
-        pids = process_group(slot.process.pid)
         since = time.time()
         slot.signal(signal.SIGSTOP)
         time.sleep(vt + rng.uniform(1.0, 2.0))
@@ -263,6 +271,7 @@ def _inject(fault: str, rng: random.Random, slots: list[Slot], server: RedisServ
         server.start()
     else:
         raise ValueError(f"unknown fault {fault!r}")
+    return {"pids": pids}
 
 
 #: Seconds after a SIGCONT during which the thawed worker's runs count as frozen ones.

@@ -64,13 +64,6 @@ class CeleryWorker:
     def pid(self) -> int:
         return self.process.pid
 
-    def children(self) -> list[int]:
-        """The pool processes (children of the main process)."""
-        try:
-            return [int(p) for p in Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()]
-        except OSError:
-            return []
-
     def alive(self) -> bool:
         return self.process.poll() is None
 
