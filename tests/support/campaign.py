@@ -148,6 +148,7 @@ class Producer(threading.Thread):
         self.publish, self.keys, self.rng = publish, keys, rng
         self.rate, self.max_task_seconds = rate, max_task_seconds
         self.published: dict[str, int] = {}
+        self.planned: dict[tuple[str, int], float] = {}  # (key, seq) -> seconds of work
         self.stopped = threading.Event()
         self.retries = 0
 
@@ -157,6 +158,7 @@ class Producer(threading.Thread):
             name = key or UNKEYED
             seq = self.published.get(name, 0)
             seconds = round(self.rng.uniform(0.02, self.max_task_seconds), 3)
+            self.planned[name, seq] = seconds
             while True:
                 try:
                     self.publish(key, seq, seconds)
@@ -192,7 +194,8 @@ def run_campaign(target: Target, tmp_path: Path, *, vt: float = 3.0, seconds: fl
                 fault = rng.choice(target.faults)
                 outcome.faults[fault] = outcome.faults.get(fault, 0) + 1
                 began = time.time()
-                detail = _inject(fault, rng, slots, server, proxy, admin, vt, frozen, target)
+                detail = _inject(fault, rng, slots, server, proxy, admin, vt, frozen,
+                                 lambda pids: _busy(target.runs(log), producer.planned, pids))
                 with open(tmp_path / "faults.jsonl", "a") as faults_log:
                     faults_log.write(json.dumps({"fault": fault, "from": began, "to": time.time(), **detail}) + "\n")
                 for slot in slots:
@@ -235,7 +238,8 @@ def _all_dead(engine: sharded_broker.Broker, queue: str) -> Iterator[sharded_bro
 
 
 def _inject(fault: str, rng: random.Random, slots: list[Slot], server: RedisServer, proxy: TcpProxy,
-            admin: redis.Redis, vt: float, frozen: list[tuple[int, float, float]], target: Target) -> dict[str, Any]:
+            admin: redis.Redis, vt: float, frozen: list[tuple[int, float, float]],
+            busy: Callable[[list[int]], list[int]]) -> dict[str, Any]:
     """Inject one fault; answers what it hit, for the campaign's fault log."""
     slot = rng.choice(slots)
     pids = process_group(slot.process.pid)
@@ -243,10 +247,18 @@ def _inject(fault: str, rng: random.Random, slots: list[Slot], server: RedisServ
         slot.kill()
         slot.ensure()
     elif fault == "kill_child":
-        if pids[1:]:
-            victim = rng.choice(pids[1:])
-            os.kill(victim, signal.SIGKILL)
-            return {"pids": [victim]}
+        # A pool process killed in the middle of a task, as the OOM killer does. Not an
+        # idle one: killed while it waits for a job, a prefork child can die holding the
+        # pool's queue lock and wedge the whole pool (billiard#104, celery#2011).
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            running = busy(process_group(slot.process.pid)[1:])
+            if running:
+                victim = rng.choice(running)
+                os.kill(victim, signal.SIGKILL)
+                return {"pids": [victim]}
+            time.sleep(0.01)
+        return {"pids": [], "skipped": "no pool process in the middle of a task"}
     elif fault == "freeze":
         since = time.time()
         slot.signal(signal.SIGSTOP)
@@ -272,6 +284,15 @@ def _inject(fault: str, rng: random.Random, slots: list[Slot], server: RedisServ
     else:
         raise ValueError(f"unknown fault {fault!r}")
     return {"pids": pids}
+
+
+def _busy(runs: list[Run], planned: dict[tuple[str, int], float], pids: list[int]) -> list[int]:
+    """Those of ``pids`` running a task with at least 0.1 s of work left."""
+    now = time.time()
+    return sorted({
+        run.pid for run in runs
+        if run.end is None and run.pid in pids and run.start + planned.get((run.key, run.seq), 0.0) > now + 0.1
+    })
 
 
 #: Seconds after a SIGCONT during which the thawed worker's runs count as frozen ones.
