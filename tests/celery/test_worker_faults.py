@@ -185,8 +185,10 @@ def test_a_consumer_restart_gives_back_only_what_celery_will_not_run(redis_url, 
     limited.delay("b", 0)
     limited.delay("c", 0)  # waits in Celery's rate-limit bucket for 10 s
     admin = redis.Redis.from_url(redis_url)
-    caplog.set_level(logging.INFO, logger="sharded_broker.integrations.celery")
     with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30):
+        transport_log = logging.getLogger("sharded_broker.integrations.celery")
+        transport_log.disabled = False  # the worker's logging set-up disables loggers made before it
+        caplog.set_level(logging.INFO, logger=transport_log.name)
         wait_until(lambda: len(runs) >= 2, 30, "the long task and the first limited one")
         admin.client_kill_filter(_type="normal")
         wait_until(lambda: len(runs) >= 3, 60, "the bucketed task, after the restart")

@@ -123,7 +123,7 @@ def test_a_dramatiq_lease_survives_an_outage_shorter_than_the_timeout(proxy: Tcp
     assert len(started) == 1
 
 
-def test_a_celery_lease_survives_an_outage_shorter_than_the_timeout(proxy: TcpProxy, redis_url: str, caplog) -> None:
+def test_a_celery_lease_survives_an_outage_shorter_than_the_timeout(proxy: TcpProxy, redis_url: str) -> None:
     app = Celery("outage", broker=f"sharded+redis://127.0.0.1:{proxy.port}/0", set_as_current=False)
     app.conf.broker_transport_options = {"visibility_timeout": VT}
     app.conf.worker_hijack_root_logger = False
