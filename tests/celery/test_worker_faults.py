@@ -113,7 +113,7 @@ def test_sigkill_of_one_pool_process_redelivers_its_task_and_a_task_that_always_
     log = tmp_path / "tasks.log"
     marks = tmp_path / "marks"
     marks.mkdir()
-    env = app_env(log, f"sharded+{redis_url}", vt="5", max_deliveries="3", marks=str(marks))
+    env = app_env(log, f"sharded+{redis_url}", vt="5", max_deliveries="3", marks=str(marks), worker_lost_wait="1")
     publish(env, [
         "worker_app.span.delay('once', 0, 0.1, 'crash_once')",
         "worker_app.span.delay('always', 0, 0.1, 'crash')",
@@ -140,7 +140,7 @@ def test_sigkill_of_one_pool_process_redelivers_its_task_and_a_task_that_always_
 def test_a_pool_process_killed_by_signal_is_not_acked_as_failed(redis_url, tmp_path, workers) -> None:
     """The same with the pool process killed from outside (SIGKILL by pid, mid-task)."""
     log = tmp_path / "tasks.log"
-    env = app_env(log, f"sharded+{redis_url}", vt="5")
+    env = app_env(log, f"sharded+{redis_url}", vt="5", worker_lost_wait="1")
     publish(env, spans(["k"], 3, 1.5))
     worker = CeleryWorker(env, tmp_path / "worker.out", "-P", "prefork", "-c", "2").wait_ready()
     workers.append(worker)

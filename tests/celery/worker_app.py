@@ -9,6 +9,8 @@ It never imports sharded_broker: the ``sharded+`` alias must come from the insta
                     from ``celery -b`` or ``CELERY_BROKER_URL``)
 ``SB_MAX_DELIVERIES`` the transport's ``max_deliveries`` (default: the engine's)
 ``SB_PREFETCH``     ``worker_prefetch_multiplier`` (default: Celery's, 4)
+``SB_WORKER_LOST_WAIT`` Celery's ``worker_lost_wait``: how long it waits before failing
+                    the job of a dead pool process (default 10 s)
 ``SB_LOG``          a file each finished task appends one line to: ``<task> <key> <seq> <pid>``
 ``SB_VT``           visibility timeout in seconds (default 30)
 ``SB_TASK_SECONDS`` how long ``record`` sleeps (default 0)
@@ -40,6 +42,8 @@ app.conf.broker_transport_options = {
 }
 if os.environ.get("SB_MAX_DELIVERIES"):
     app.conf.broker_transport_options["max_deliveries"] = int(os.environ["SB_MAX_DELIVERIES"])
+if os.environ.get("SB_WORKER_LOST_WAIT"):
+    app.conf.worker_lost_wait = float(os.environ["SB_WORKER_LOST_WAIT"])
 if os.environ.get("SB_PREFETCH"):
     app.conf.worker_prefetch_multiplier = int(os.environ["SB_PREFETCH"])
 app.conf.beat_schedule = {"tick": {"task": "worker_app.record", "schedule": 0.5, "args": ("beat", 0)}}
