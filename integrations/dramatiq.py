@@ -36,7 +36,9 @@ What this broker guarantees on top of Dramatiq's Broker contract:
   running) a heartbeat extends its lease every ``visibility_timeout / 3`` seconds (one
   backend round trip for all of them), so a long task is never delivered twice, and the
   messages of a killed process are delivered again, at the head of their keys, about
-  ``visibility_timeout`` seconds after it died.
+  ``visibility_timeout`` seconds after it died. A failed extension is retried at once,
+  with backoff, so a broker outage shorter than ``2/3 * visibility_timeout - 0.5 s``
+  expires no lease (see :mod:`sharded_broker.heartbeat`).
 * **Giving back is free.** Messages a worker prefetched but never ran (a graceful stop,
   a consumer restart after a connection error) are *released*: back to their places at
   the head of their keys, their delivery not counted toward ``max_deliveries``, so
@@ -64,6 +66,7 @@ from sharded_broker import validation
 from sharded_broker.broker import MAX_LEASE_LIMIT
 from sharded_broker.errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from sharded_broker.group_commit import AckGroup
+from sharded_broker.heartbeat import extend_before_deadline
 
 __all__ = [
     "DeadMessage",
@@ -608,26 +611,40 @@ class _LeaseKeeper:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
 
-    def _interval(self) -> float:
+    def _visibility_timeout(self) -> float:
+        """The shortest visibility timeout in use: the one every held lease outlives."""
         engine = self.broker.engine
         timeouts = [engine.settings(name).visibility_timeout for name in list(self.broker.queues)]
-        return min([engine.defaults.visibility_timeout, *timeouts]) / 3
+        return min([engine.defaults.visibility_timeout, *timeouts])
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval()):
+        # Every held lease lasts at least visibility_timeout from extended_at on: it was
+        # either extended by the try that began then, or leased after it.
+        extended_at = time.monotonic()
+        while not self._stop.wait(self._visibility_timeout() / 3):
             with self._lock:
                 leases = list(self._held.values())
             if not leases:
+                extended_at = time.monotonic()
                 continue
             try:
-                # One round trip for every lease held (each by its queue's timeout).
-                extended = self.broker.engine.extend_many(leases)
-            except BackendUnavailable as exc:
-                self.logger.warning("Could not extend leases (will retry): %s", exc)
-                continue
+                # One round trip for every lease held (each by its queue's timeout); a
+                # failed try is retried at once, with backoff, until the leases expire.
+                extended, started = extend_before_deadline(
+                    self.broker.engine, leases, extended_at + self._visibility_timeout(), self._stop,
+                    self._unavailable,
+                )
             except Exception:
                 self.logger.exception("Unexpected failure extending %d leases.", len(leases))
                 continue
+            if extended is None:
+                if not self._stop.is_set():
+                    self.logger.warning(
+                        "Could not extend %d leases before their deadline; they may be delivered "
+                        "again. Will keep trying.", len(leases),
+                    )
+                continue
+            extended_at = started
             for lease, alive in zip(leases, extended):
                 if not alive and self.holds(lease):
                     self.release(lease)
@@ -636,3 +653,9 @@ class _LeaseKeeper:
                         "delivered again. Raise visibility_timeout if this repeats.",
                         lease.headers.get("message_id", lease.id), lease.queue,
                     )
+
+    def _unavailable(self, error: BackendUnavailable, failures: int) -> None:
+        if failures == 1:
+            self.logger.warning("Could not extend leases (retrying until they expire): %s", error)
+        else:
+            self.logger.debug("Lease extension try %d failed: %s", failures, error)
