@@ -46,7 +46,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from .broker import Broker, connect, redact_url
+from .broker import Broker, connect, display_url, relative_path_hint, sqlite_path
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, ShardedBrokerError
 from .models import COUNTERS, DeadLetter, Event, KeyInfo, MinuteMetrics, QueueStats
 
@@ -106,10 +106,7 @@ class Session:
     @property
     def safe_url(self) -> str:
         """The URL as output shows it: no password, a SQLite file by its absolute path."""
-        if self.url is None:
-            return "(no URL)"
-        path = _sqlite_path(self.url)
-        return f"sqlite:///{os.path.abspath(path)}" if path else redact_url(self.url)
+        return "(no URL)" if self.url is None else display_url(self.url)
 
     def broker(self, **options: Any) -> Broker:
         """The broker for the URL, opened on first use with ``options``.
@@ -124,9 +121,9 @@ class Session:
             if not self.url:
                 raise BadUsage(f"no broker URL: pass --url URL or set {URL_ENVVAR}")
             scheme = urlsplit(self.url).scheme if "://" in self.url else ""
-            path = _sqlite_path(self.url)
+            path = sqlite_path(self.url)
             if path:
-                _require_queue_database(path)
+                _require_queue_database(path, relative_path_hint(self.url))
             elif scheme == "rediss":
                 _refuse_plain_text_port(self.url, self.safe_url)
             elif scheme == "memory":
@@ -155,30 +152,15 @@ class Session:
         return " ".join(text.split())
 
 
-def _sqlite_path(url: str) -> str | None:
-    """The file a well-formed ``sqlite:///relative.db`` / ``sqlite:////absolute.db`` URL
-    names (the SQLite backend's rule); None for other URLs, and for malformed ones, which
-    the backend itself rejects with a precise message."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    if parts.scheme != "sqlite" or parts.netloc or parts.query or not parts.path.startswith("/"):
-        return None
-    return unquote(parts.path[1:]) or None
-
-
-def _require_queue_database(path: str) -> None:
-    """Fail (exit 1) unless ``path`` is an existing sharded-broker SQLite database.
+def _require_queue_database(path: str, hint: str | None) -> None:
+    """Fail (exit 1) unless ``path`` is an existing sharded-broker SQLite database; errors
+    end with ``hint`` (how a relative path was read).
 
     Read without writing anything (a read-only connection), so a mistyped path to some
     other SQLite file is left exactly as it was.
     """
     absolute = os.path.abspath(path)
-    relative = "" if os.path.isabs(path) else (
-        f" (sqlite:///{path} is relative to the current directory {os.getcwd()}; "
-        f"an absolute path takes four slashes: sqlite:////path/to/queue.db)"
-    )
+    relative = f" ({hint})" if hint else ""
     if not os.path.isfile(absolute):
         raise CommandFailed(f"no SQLite database at {absolute}{relative}")
     try:

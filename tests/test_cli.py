@@ -537,7 +537,7 @@ def test_sqlite_paths_are_shown_absolute_and_relative_ones_explained(tmp_path: P
     assert one_error_line(elsewhere) == (
         f"Error: no SQLite database at {tmp_path / 'app' / 'app' / 'queues.db'} (sqlite:///app/queues.db is "
         f"relative to the current directory {tmp_path / 'app'}; an absolute path takes four slashes: "
-        "sqlite:////path/to/queue.db)"
+        "sqlite:////app/queues.db names /app/queues.db)"
     )
     assert not (tmp_path / "app" / "app").exists()
 
