@@ -71,7 +71,7 @@ from sharded_broker.models import QUEUE_SETTING_NAMES, Lease
 
 from .kombu_alias import ALIAS, install
 
-__all__ = ["Channel", "Transport", "register", "check_task_shard_key", "SHARD_KEY_HEADER"]
+__all__ = ["Channel", "Transport", "register", "SHARD_KEY_HEADER"]
 
 logger = logging.getLogger(__name__)
 
@@ -179,38 +179,6 @@ class _ArgumentKey:
 
 
 _MISSING = object()
-
-
-def check_task_shard_key(fun: Callable[..., Any], options: Mapping[str, Any]) -> None:
-    """Refuse, when a task is declared, a ``shard_key`` task option that can never work:
-    not an argument name or a callable, or naming no argument of ``fun`` (unless ``fun``
-    takes ``**kwargs``, where the key may arrive by keyword). With ``bind=True`` the
-    first argument is the task itself, not one a caller passes.
-
-    Raises:
-      ConfigurationError: naming the task, the option and the task's arguments.
-    """
-    source = options.get("shard_key")
-    if source is None or callable(source):
-        return
-    task_name = options.get("name") or f"{getattr(fun, '__module__', '?')}.{getattr(fun, '__qualname__', fun)}"
-    if not isinstance(source, str) or not source.isidentifier():
-        raise ConfigurationError(
-            f"shard_key of task {task_name!r} must be an argument name or a callable(args, kwargs), not {source!r}"
-        )
-    try:
-        parameters = list(inspect.signature(fun).parameters.values())
-    except (TypeError, ValueError):
-        return  # no signature to check against: checked when a message is published
-    if options.get("bind"):
-        parameters = parameters[1:]
-    names = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    if source in names or any(p.kind is p.VAR_KEYWORD for p in parameters):
-        return
-    raise ConfigurationError(
-        f"task {task_name!r} has no argument {source!r} to take its shard key from "
-        f"(shard_key={source!r}); its arguments are: {', '.join(names) or '(none)'}"
-    )
 
 
 def _find_task(name: str) -> Any:

@@ -36,26 +36,58 @@ def register_alias(transport_module) -> None:
     transport_module.TRANSPORT_ALIASES.setdefault(ALIAS, TRANSPORT)
 
 
+def check_task_shard_key(fun, options) -> None:
+    """Refuse, when a task is declared, a ``shard_key`` task option that can never work:
+    not an argument name or a callable, or naming no argument of ``fun`` (unless ``fun``
+    takes ``**kwargs``, where the key may arrive by keyword). With ``bind=True`` the
+    first argument is the task itself, not one a caller passes.
+
+    Raises ``sharded_broker.ConfigurationError`` naming the task, the option and the
+    task's arguments (sharded_broker is imported only then: a valid app imports nothing
+    of ours before it connects).
+    """
+    source = options.get("shard_key")
+    if source is None or callable(source):
+        return
+    task_name = options.get("name") or f"{getattr(fun, '__module__', '?')}.{getattr(fun, '__qualname__', fun)}"
+    if not isinstance(source, str) or not source.isidentifier():
+        problem = f"shard_key of task {task_name!r} must be an argument name or a callable(args, kwargs), not {source!r}"
+    else:
+        import inspect
+
+        try:
+            parameters = list(inspect.signature(fun).parameters.values())
+        except (TypeError, ValueError):
+            return  # no signature to check against: checked when a message is published
+        if options.get("bind"):
+            parameters = parameters[1:]
+        names = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if source in names or any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return
+        problem = (
+            f"task {task_name!r} has no argument {source!r} to take its shard key from "
+            f"(shard_key={source!r}); its arguments are: {', '.join(names) or '(none)'}"
+        )
+    from sharded_broker.errors import ConfigurationError
+
+    raise ConfigurationError(problem)
+
+
 def _checking_shard_key(decorator_factory, takes_self):
     """``decorator_factory`` (``Celery.task`` or ``shared_task``), checking a ``shard_key``
     option against the decorated function before Celery sees it."""
-
-    def check(fun, options):
-        from sharded_broker.integrations.celery import check_task_shard_key
-
-        check_task_shard_key(fun, options)
 
     def factory(*args, **options):
         if "shard_key" not in options:
             return decorator_factory(*args, **options)
         given = args[1:] if takes_self else args
         if len(given) == 1 and callable(given[0]):  # @app.task(shard_key=...) applied directly: app.task(fun, ...)
-            check(given[0], options)
+            check_task_shard_key(given[0], options)
             return decorator_factory(*args, **options)
         decorate = decorator_factory(*args, **options)
 
         def checked(fun):
-            check(fun, options)
+            check_task_shard_key(fun, options)
             return decorate(fun)
 
         return checked

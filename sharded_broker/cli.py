@@ -268,7 +268,9 @@ def main(ctx: click.Context, url: str | None) -> None:
     Give the broker URL with --url or SHARDED_BROKER_URL. sqlite:///queue.db is relative
     to the current directory; sqlite:////var/lib/app/queue.db is absolute.
     """
-    session = Session(normalize_url(url) if url else None, _stdout_console(), Console(stderr=True, highlight=False, soft_wrap=True))
+    # soft_wrap: a message to stderr stays one line, whatever the terminal's width.
+    stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+    session = Session(normalize_url(url) if url else None, _stdout_console(), stderr)
     ctx.obj = session
     ctx.call_on_close(session.close)
 
@@ -330,7 +332,7 @@ def _key_text(key: str | None) -> Text:
     return Text("(unkeyed)", style="dim") if key is None else Text(key)
 
 
-# Headers of the stats table: (full, abbreviated for narrow terminals).
+# Headers of top's optional columns: (full, abbreviated for narrow terminals).
 MINUTE_HEADERS = {
     "enqueued": ("enq/min", "enq/m"), "delivered": ("dlv/min", "dlv/m"), "acked": ("ack/min", "ack/m"),
     "retried": ("retry/min", "rty/m"), "dead": ("dead/min", "dead/m"),
