@@ -70,6 +70,10 @@ TOP_KEYS = 5
 SHOW_MINUTES = 5
 # rediss:// checks: redis-py 8's default socket_connect_timeout, used when the URL sets none.
 DEFAULT_CONNECT_TIMEOUT = 5.0
+# Longest waits of the check for a TLS handshake, then for a plain-text reply (a handshake
+# takes two round trips; a plain Redis answers a PING in one).
+TLS_HANDSHAKE_WAIT = 2.0
+PLAIN_REPLY_WAIT = 1.0
 
 
 class CommandFailed(click.ClickException):
@@ -180,10 +184,10 @@ def _refuse_plain_text_port(url: str, safe_url: str) -> None:
 
     A TLS client talking to a plain port hears nothing back until its connect timeout
     ends, then reports only a timeout. This tries a TLS handshake (nothing is sent over
-    it) for half the connect timeout; if that fails, it asks the port in plain text,
-    for a quarter more, whether Redis answers. Any other outcome (a TLS server, nothing
-    listening, a certificate the real connection may refuse) is left to that connection
-    to report, so the hint comes within the connect timeout or not at all.
+    it) for at most half the connect timeout; if that fails, it asks the port in plain
+    text, for at most a quarter more, whether Redis answers. Any other outcome (a TLS
+    server, nothing listening, a certificate the real connection may refuse) is left to
+    that connection to report, so the hint comes within the connect timeout or not at all.
     """
     try:
         parsed = redis.connection.parse_url(url)
@@ -192,7 +196,7 @@ def _refuse_plain_text_port(url: str, safe_url: str) -> None:
     host, port = parsed.get("host") or "localhost", int(parsed.get("port") or 6379)
     timeout = float(parsed.get("socket_connect_timeout") or DEFAULT_CONNECT_TIMEOUT)
     try:
-        with socket.create_connection((host, port), timeout=timeout / 2) as raw:
+        with socket.create_connection((host, port), timeout=min(timeout / 2, TLS_HANDSHAKE_WAIT)) as raw:
             context = ssl.create_default_context()
             # Only asks whether the port speaks TLS at all; the real connection verifies.
             context.check_hostname = False
@@ -204,7 +208,7 @@ def _refuse_plain_text_port(url: str, safe_url: str) -> None:
     except OSError:
         return  # unreachable: the real connection reports it
     try:
-        with socket.create_connection((host, port), timeout=timeout / 4) as plain:
+        with socket.create_connection((host, port), timeout=min(timeout / 4, PLAIN_REPLY_WAIT)) as plain:
             plain.sendall(b"PING\r\n")
             reply = plain.recv(64)
     except OSError:
