@@ -124,6 +124,10 @@ def connect(url: str = "memory://", **options: Any) -> "Broker":
     3600), ``key_metrics_window`` (the same for each shard key's minutes, at most
     ``metrics_window``, which is its default) and ``events`` (publish lifecycle events; default on for memory:// and redis://,
     off for sqlite://, where each event is a row written).
+
+    A malformed URL, or one naming a store that cannot serve (a SQLite file in a missing
+    directory, a file that is not a database), raises :class:`InvalidURL`, saying how a
+    relative ``sqlite:///`` path was read; a bad option raises ``ConfigurationError``.
     """
     settings_options = {k: options.pop(k) for k in list(options) if k in check.QUEUE_SETTING_NAMES}
     per_queue = options.pop("queues", None) or {}
@@ -131,11 +135,11 @@ def connect(url: str = "memory://", **options: Any) -> "Broker":
     defaults = check.queue_settings(settings_options)
     if not isinstance(per_queue, Mapping):
         raise ConfigurationError("queues must map queue names to settings")
-    cls = backend_class(url)
+    backend_type = backend_class(url)
     if url.startswith(("redis://", "rediss://")):
         _check_redis_url(url)
     try:
-        backend = cls.from_url(url, **options)
+        backend = backend_type.from_url(url, **options)
     except InvalidURL as exc:
         hint = relative_path_hint(url)
         if hint is None:
