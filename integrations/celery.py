@@ -70,19 +70,20 @@ from typing import Any, Callable, Mapping
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from kombu.serialization import loads as deserialize
-from kombu.transport import TRANSPORT_ALIASES, virtual
+from kombu.transport import virtual
 from kombu.utils.json import dumps as json_dumps
 from kombu.utils.json import loads as json_loads
 from kombu.utils.uuid import uuid
 
 import sharded_broker
 from sharded_broker import validation as check
-from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
+from sharded_broker.broker import relative_path_warning
+from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
 from sharded_broker.group_commit import AckGroup
 from sharded_broker.heartbeat import extend_before_deadline
 from sharded_broker.models import QUEUE_SETTING_NAMES, Lease
 
-from .kombu_alias import ALIAS, TRANSPORT
+from .kombu_alias import ALIAS, install
 
 __all__ = ["Channel", "Transport", "register", "SHARD_KEY_HEADER"]
 
@@ -96,6 +97,10 @@ MAX_LEASE_BATCH = 10
 
 #: Longest wait, on closing, for a lease heartbeat in flight (one backend call).
 HEARTBEAT_JOIN_TIMEOUT = 5.0
+
+# Engine URLs whose relative SQLite path this process has warned about (once each).
+_warned_relative_urls: set[str] = set()
+_warned_relative_lock = threading.Lock()
 
 # Transport options of this transport (beyond the engine's queue settings).
 OWN_OPTIONS = frozenset({"shard_keys", "polling_interval", "heartbeat_interval"})
@@ -119,13 +124,14 @@ REDIS_OPTION_HINTS = {
 
 
 def register() -> None:
-    """Register the ``sharded`` alias with kombu by hand.
+    """Register the ``sharded`` alias with kombu, and the check of ``shard_key`` task
+    options at declaration with Celery, by hand.
 
     Needed only where the ``.pth`` hook installed with the package does not run (for
     example when the source tree is on ``PYTHONPATH`` without ``pip install``). Importing
-    this module registers too.
+    this module registers too; tasks declared before that are checked at their first call.
     """
-    TRANSPORT_ALIASES.setdefault(ALIAS, TRANSPORT)
+    install()
 
 
 register()
@@ -441,6 +447,7 @@ class Channel(virtual.Channel):
     # consuming
 
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        _warn_once_if_relative(self.connection.engine_url)
         if no_ack:
             self._noack_queues.add(queue)
         return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
@@ -639,6 +646,19 @@ class Channel(virtual.Channel):
         super().close()
 
 
+def _warn_once_if_relative(url: str) -> None:
+    """Log, once per process and URL, that a consumer's SQLite path is relative: its
+    producers may be using another file without anyone noticing."""
+    warning = relative_path_warning(url)
+    if warning is None:
+        return
+    with _warned_relative_lock:
+        if url in _warned_relative_urls:
+            return
+        _warned_relative_urls.add(url)
+    logger.warning("%s", warning)
+
+
 def _release_leases(broker: sharded_broker.Broker, leases: list[Lease]) -> None:
     """Give leases back (one round trip): each message returns to its place at the head
     of its key and its delivery does not count toward ``max_deliveries``, so closing
@@ -737,12 +757,18 @@ class Transport(virtual.Transport):
     def __init__(self, client, **kwargs: Any) -> None:
         options = dict(client.transport_options or {})
         self.engine_url = engine_url(client)
-        sharded_broker.broker.backend_class(self.engine_url)  # unknown scheme: fail now
+        try:
+            sharded_broker.broker.backend_class(self.engine_url)  # unknown scheme: fail now
+        except InvalidURL as exc:
+            raise InvalidURL(f"broker URL {ALIAS}+{sharded_broker.redact_url(self.engine_url)}: {exc}") from None
         self.shard_keys, self.heartbeat_interval, self.engine_options = _split_options(options)
         self.engine_options.update(_ssl_options(client, self.engine_url))
         super().__init__(client, **kwargs)
         try:
             self.broker = sharded_broker.connect(self.engine_url, **self.engine_options)
+        except InvalidURL as exc:
+            # The URL (or the file it names) is the problem, not the transport options.
+            raise InvalidURL(f"broker URL {ALIAS}+{sharded_broker.redact_url(self.engine_url)}: {exc}") from None
         except ConfigurationError as exc:
             raise ConfigurationError(
                 f"broker_transport_options: {exc} (sharded+ transport options: "
@@ -866,9 +892,11 @@ class Transport(virtual.Transport):
 
     @classmethod
     def as_uri(cls, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        """The broker URL; for display (the worker banner, logs) without the password and
+        with a SQLite file by its absolute path, so a relative path shows where it led."""
         if include_password:
             return f"{ALIAS}+{uri}"
-        return f"{ALIAS}+{sharded_broker.redact_url(uri).replace('***', mask)}"
+        return f"{ALIAS}+{sharded_broker.display_url(uri).replace('***', mask)}"
 
 
 def _celery_requests_by_tag(leases: Mapping[str, Lease]) -> dict[str, Callable[[], Any]]:
@@ -928,7 +956,7 @@ def engine_url(client) -> str:
     """
     url = client.hostname or ""
     if "://" not in url:
-        raise ConfigurationError(
+        raise InvalidURL(
             f"broker URL must be sharded+<engine URL>, e.g. sharded+redis://localhost:6379/0, "
             f"sharded+sqlite:///q.db or sharded+memory://; got engine URL {url!r}"
         )

@@ -63,7 +63,7 @@ from dramatiq.middleware import Middleware, MiddlewareError
 
 import sharded_broker
 from sharded_broker import validation
-from sharded_broker.broker import MAX_LEASE_LIMIT
+from sharded_broker.broker import MAX_LEASE_LIMIT, relative_path_warning
 from sharded_broker.errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from sharded_broker.group_commit import AckGroup
 from sharded_broker.heartbeat import extend_before_deadline
@@ -119,6 +119,11 @@ class DeadMessage:
     reason: str
     attempts: int
     died_at: float
+
+
+# Broker URLs this process has announced it consumes from (ShardedBroker.consume).
+_ANNOUNCED_URLS: set[str] = set()
+_ANNOUNCED_LOCK = threading.Lock()
 
 
 class ShardKeys(Middleware):
@@ -270,7 +275,21 @@ class ShardedBroker(dramatiq.Broker):
         """
         if queue_name not in self.queues:
             raise QueueNotFound(queue_name)
+        self._announce_consuming()
         return _ShardedConsumer(self, queue_name, prefetch, timeout)
+
+    def _announce_consuming(self) -> None:
+        """Once per process and URL: which store this process consumes from (a SQLite file
+        by its absolute path), and a warning when the URL's path is relative (producers
+        started in another directory would use another file, so another queue)."""
+        with _ANNOUNCED_LOCK:
+            if self.url in _ANNOUNCED_URLS:
+                return
+            _ANNOUNCED_URLS.add(self.url)
+        self.logger.info("Consuming from %s.", sharded_broker.display_url(self.url))
+        warning = relative_path_warning(self.url)
+        if warning is not None:
+            self.logger.warning("%s.", warning)
 
     # -- inspecting and testing -----------------------------------------------------
 

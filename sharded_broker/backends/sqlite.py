@@ -59,7 +59,7 @@ from ..backend import (
     DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, Backend, EventSubscription, KeySort, events_option, expired_before,
     key_metrics_window_option, metric_minutes, metrics_window_option, minute_of,
 )
-from ..errors import BackendUnavailable, ConfigurationError
+from ..errors import BackendUnavailable, ConfigurationError, InvalidURL
 from ..models import (
     COUNTERS, DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings,
     QueueStats, RetryPosition,
@@ -444,21 +444,21 @@ if hasattr(os, "register_at_fork"):
 def _path_from_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.query or parts.fragment:
-        raise ConfigurationError(
+        raise InvalidURL(
             f"sqlite URL takes no query string ({url!r}); pass options as keyword arguments: {', '.join(OPTIONS)}"
         )
     if parts.netloc:
-        raise ConfigurationError(
+        raise InvalidURL(
             f"sqlite URL {url!r} names a host; write sqlite:///relative.db or sqlite:////absolute/path.db"
         )
     path = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
     if not path:
-        raise ConfigurationError(
+        raise InvalidURL(
             f"sqlite URL {url!r} has no file path; write sqlite:///relative.db or sqlite:////absolute/path.db "
             "(for an in-process store without a file, use memory://)"
         )
     if path == ":memory:" or path.startswith("file:"):
-        raise ConfigurationError(
+        raise InvalidURL(
             f"sqlite URL {url!r} must name a file; for an in-process store use memory://"
         )
     return path
@@ -521,19 +521,19 @@ class SQLiteBackend(Backend):
         """Refuse, before SQLite does with a vaguer message, paths that cannot work."""
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
-            raise ConfigurationError(f"sqlite database {self.path}: directory {directory} does not exist")
+            raise InvalidURL(f"sqlite database {self.path}: directory {directory} does not exist")
         if os.path.isdir(self.path):
-            raise ConfigurationError(f"sqlite database {self.path} is a directory, not a file")
+            raise InvalidURL(f"sqlite database {self.path} is a directory, not a file")
         if os.path.exists(self.path):
             mode = os.stat(self.path).st_mode
             # root may write anywhere; a file without write bits is still meant read-only.
             if not os.access(self.path, os.R_OK | os.W_OK) or not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
-                raise ConfigurationError(
+                raise InvalidURL(
                     f"sqlite database {self.path} is read-only; the broker needs to write to it"
                 )
         # WAL mode keeps its -wal and -shm files next to the database.
         if not os.access(directory, os.W_OK | os.X_OK):
-            raise ConfigurationError(
+            raise InvalidURL(
                 f"sqlite database {self.path}: directory {directory} is not writable (WAL needs its -wal and -shm files there)"
             )
 
@@ -568,14 +568,14 @@ class SQLiteBackend(Backend):
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
-                raise ConfigurationError(f"sqlite database {self.path} could not switch to WAL mode (mode is {mode})")
+                raise InvalidURL(f"sqlite database {self.path} could not switch to WAL mode (mode is {mode})")
             conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
             conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             conn.execute(f"PRAGMA journal_size_limit={WAL_KEPT_BYTES}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, 1, 2, SCHEMA_VERSION):
-                raise ConfigurationError(
+                raise InvalidURL(
                     f"sqlite database {self.path} has schema version {version}; this version of sharded-broker "
                     f"reads version {SCHEMA_VERSION}"
                 )
@@ -609,11 +609,11 @@ class SQLiteBackend(Backend):
         """A clear error for ``exc``, naming the database file."""
         text = str(exc)
         if "not a database" in text or "malformed" in text:
-            return ConfigurationError(f"{self.path} is not a SQLite database (or it is corrupt): {text}")
+            return InvalidURL(f"{self.path} is not a SQLite database (or it is corrupt): {text}")
         if "readonly" in text or "read-only" in text:
-            return ConfigurationError(f"sqlite database {self.path} is read-only; the broker needs to write to it: {text}")
+            return InvalidURL(f"sqlite database {self.path} is read-only; the broker needs to write to it: {text}")
         if "unable to open" in text:
-            return ConfigurationError(f"cannot open sqlite database {self.path}: {text}")
+            return InvalidURL(f"cannot open sqlite database {self.path}: {text}")
         return BackendUnavailable(f"sqlite database {self.path}: {text}")
 
     @staticmethod
