@@ -102,6 +102,11 @@ HEARTBEAT_JOIN_TIMEOUT = 5.0
 _warned_relative_urls: set[str] = set()
 _warned_relative_lock = threading.Lock()
 
+#: Least time between two looks at the remote-control queues when a drain starts (an
+#: idle loop spends at most about 100 lease calls a second on them); every batch of
+#: tasks leased is also preceded by one look, so a revoke published first wins.
+CONTROL_CHECK_INTERVAL = 0.01
+
 # Transport options of this transport (beyond the engine's queue settings).
 OWN_OPTIONS = frozenset({"shard_keys", "polling_interval", "heartbeat_interval"})
 # Read by kombu itself (connection retries, virtual channel), accepted and left to it.
@@ -500,9 +505,14 @@ class Channel(virtual.Channel):
         limit = MAX_LEASE_BATCH if room is None else min(room, MAX_LEASE_BATCH)
         if not limit:
             raise Empty()
-        messages = self._lease(queue, limit, queue in self._noack_queues)
+        control = queue in self._noack_queues
+        messages = self._lease(queue, limit, control)
         if not messages:
             raise Empty()
+        if not control:
+            # A revoke published before these tasks is stored before them: handled
+            # first, it finds them still to come, so it wins the race.
+            self.connection._deliver_control_messages(every_time=True)
         for message in messages:
             callback(message, queue)
 
@@ -792,6 +802,8 @@ class Transport(virtual.Transport):
             )
         # Pool threads ack concurrently: acks arriving while one is in flight go together.
         self.acks = AckGroup(self.broker)
+        _connect_worker_init()  # Celery may have been imported after this module
+        self._control_checked_at = 0.0
         self._heartbeat: _Heartbeat | None = None
         self._heartbeat_lock = threading.Lock()
         # Channels that leased messages: open ones, and closed ones keeping the leases of
@@ -868,6 +880,8 @@ class Transport(virtual.Transport):
         while True:
             if _celery_worker_stopping():
                 raise socket.timeout()
+            if self._deliver_control_messages():
+                return
             try:
                 self.cycle.get(self._deliver, timeout=timeout)
                 return
@@ -879,13 +893,36 @@ class Transport(virtual.Transport):
             pause = self.polling_interval if remaining is None else min(self.polling_interval, remaining)
             self._wait_for_work(pause)
 
+    def _deliver_control_messages(self, every_time: bool = False) -> bool:
+        """Deliver waiting remote-control messages (the queues consumed with ``no_ack``:
+        Celery's pidbox and reply queues) ahead of tasks; True when some were delivered.
+
+        So ``ping``, ``inspect`` and ``revoke`` are answered before the tasks queued with
+        them run, and a ``revoke`` sent just before the task it names wins the race.
+        Without ``every_time``, at most once per ``CONTROL_CHECK_INTERVAL``.
+        """
+        now = time.monotonic()
+        if not every_time and now - self._control_checked_at < CONTROL_CHECK_INTERVAL:
+            return False
+        self._control_checked_at = now
+        delivered = False
+        for channel in list(self.channels):
+            for queue in [q for q in channel._active_queues if q in channel._noack_queues]:
+                try:
+                    channel._get_bulk(queue, self._deliver)
+                    delivered = True
+                except Empty:
+                    pass
+        return delivered
+
     def _wait_for_work(self, seconds: float) -> None:
-        """Block up to ``seconds``; the backend returns early when a message may have come."""
-        for channel in self.channels:
-            if channel._active_queues:
-                self.broker.backend.wait(channel._active_queues[0], seconds)
-                return
-        time.sleep(seconds)
+        """Block up to ``seconds`` in one backend call over every queue consumed (the
+        remote-control queue included); it returns early when a message may have come."""
+        queues = sorted({queue for channel in self.channels for queue in channel._active_queues})
+        if queues:
+            self.broker.backend.wait_any(queues, seconds)
+        else:
+            time.sleep(seconds)
 
     def driver_version(self) -> str:
         return sharded_broker.__version__
@@ -1006,6 +1043,38 @@ def _split_options(options: dict[str, Any]) -> tuple[ShardKeyResolver, float | N
     # and the backend's own options. The backend refuses, naming it, any option it does
     # not know: that is how an unknown transport option is reported.
     return resolver, heartbeat, options
+
+
+# -- Celery: control replies while the pool is busy -----------------------------------------
+
+
+def _free_the_consumer_from_a_busy_pool(sender: Any = None, **_: Any) -> None:
+    """``worker_init``: a worker on this transport does not wait for a free pool slot
+    before taking its next message.
+
+    The transport has no event loop, so Celery runs its blocking loop, where a pool
+    with "putlocks" (the default) blocks the consumer's only thread until a process is
+    free: remote-control messages (``ping``, ``inspect``, ``revoke``) then wait behind
+    busy tasks. Without them, delivered tasks wait in the pool's own queue instead (as
+    many as the prefetch limit allows) and control replies go out at once. Celery reads
+    the setting before this transport loads, so the worker's own attribute is changed,
+    before its Pool step is built.
+    """
+    app = getattr(sender, "app", None)
+    urls = [app.conf.get("broker_url"), app.conf.get("broker_read_url")] if app is not None else []
+    if any(isinstance(url, str) and url.lower().startswith(f"{ALIAS}+") for url in urls):
+        sender.pool_putlocks = False
+
+
+def _connect_worker_init() -> None:
+    if "celery" not in sys.modules:
+        return  # kombu used without Celery
+    from celery.signals import worker_init
+
+    worker_init.connect(_free_the_consumer_from_a_busy_pool, weak=False, dispatch_uid="sharded-broker-putlocks")
+
+
+_connect_worker_init()
 
 
 # -- Celery: order under the default task_acks_late=False ----------------------------------

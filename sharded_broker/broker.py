@@ -258,8 +258,16 @@ class Broker:
             remaining = give_up_at - time.monotonic()
             if result.leases or remaining <= 0:
                 return result.leases
-            pause = remaining if result.retry_in is None else min(remaining, max(result.retry_in, 0.0))
-            self.backend.wait(queue, pause)
+            due_in = None if result.retry_in is None else max(result.retry_in, 0.0)
+            coarse = self.backend.wait_resolution
+            if due_in is None or due_in > remaining:
+                self.backend.wait(queue, remaining)  # returns early when new work may have come
+            elif due_in > coarse:
+                # Something comes due within the wait: stop a resolution step before it
+                # (or earlier, woken by new work) and sleep the rest on the next round.
+                self.backend.wait(queue, due_in - coarse)
+            else:
+                time.sleep(due_in)  # the backend's wait could not end this precisely
 
     def ack(self, lease: Lease) -> bool:
         """Settle a lease for good. False when its token is stale (nothing changed)."""

@@ -618,13 +618,20 @@ class RedisBackend(Backend):
                 raise BackendUnavailable(f"redis at {self._safe_url} did not confirm the events subscription")
         return _RedisSubscription(self, queue, pubsub)
 
+    # A BLPOP timeout ends at the server's next cron tick (hz 10 by default).
+    wait_resolution = 0.1
+
     def wait(self, queue: str, timeout: float) -> None:
-        if timeout <= 0:
+        self.wait_any([queue], timeout)
+
+    def wait_any(self, queues: Sequence[str], timeout: float) -> None:
+        if timeout <= 0 or not queues:
             return
-        signal_key = self._keys(queue)[QUEUE_KEYS.index("signal")]
+        signal_keys = [self._keys(queue)[QUEUE_KEYS.index("signal")] for queue in queues]
         with self._errors():
-            # BLPOP treats 0 as "forever": never ask for less than a millisecond.
-            self._blocking_client.blpop([signal_key], timeout=max(min(timeout, MAX_BLOCK), 0.001))
+            # One BLPOP over every queue's signal list; 0 means "forever" to BLPOP, so
+            # never ask for less than a millisecond.
+            self._blocking_client.blpop(signal_keys, timeout=max(min(timeout, MAX_BLOCK), 0.001))
 
     def close(self) -> None:
         self._client.close()

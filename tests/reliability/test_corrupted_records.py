@@ -154,7 +154,7 @@ def test_dramatiq_dead_letters_a_corrupted_body_and_runs_the_rest_of_its_key(
             worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
             worker.start()
             try:
-                broker.join(Q, timeout=10_000)
+                broker.join(Q, timeout=10_000, fail_fast=False)  # the corrupted body is a dead letter
             finally:
                 worker.stop()
             [dead] = engine.dead_letters(Q)
