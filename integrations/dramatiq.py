@@ -41,7 +41,9 @@ What this broker guarantees on top of Dramatiq's Broker contract:
   running) a heartbeat extends its lease every ``visibility_timeout / 3`` seconds (one
   backend round trip for all of them), so a long task is never delivered twice, and the
   messages of a killed process are delivered again, at the head of their keys, about
-  ``visibility_timeout`` seconds after it died.
+  ``visibility_timeout`` seconds after it died. A failed extension is retried at once,
+  with backoff, so a broker outage shorter than ``2/3 * visibility_timeout - 0.5 s``
+  expires no lease (see :mod:`sharded_broker.heartbeat`).
 * **Giving back is free.** Messages a worker prefetched but never ran (a graceful stop,
   a consumer restart after a connection error) are *released*: back to their places at
   the head of their keys, their delivery not counted toward ``max_deliveries``, so
@@ -66,8 +68,10 @@ from dramatiq.middleware import Middleware, MiddlewareError
 
 import sharded_broker
 from sharded_broker import validation
-from sharded_broker.broker import MAX_LEASE_LIMIT
+from sharded_broker.broker import MAX_LEASE_LIMIT, relative_path_warning
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
+from sharded_broker.group_commit import AckGroup
+from sharded_broker.heartbeat import extend_before_deadline
 
 __all__ = [
     "DeadLetterMessage",
@@ -119,6 +123,11 @@ class DeadMessage:
     reason: str
     attempts: int
     died_at: float
+
+
+# Broker URLs this process has announced it consumes from (ShardedBroker.consume).
+_ANNOUNCED_URLS: set[str] = set()
+_ANNOUNCED_LOCK = threading.Lock()
 
 
 class DeadLetterMessage(dramatiq.MessageProxy):
@@ -210,6 +219,8 @@ class ShardedBroker(dramatiq.Broker):
         self.url = url
         self.queues: set[str] = set()
         self._leases = _LeaseKeeper(self)
+        # Worker threads ack concurrently: acks arriving while one is in flight go together.
+        self._acks = AckGroup(self.engine)
         if fail_fast_default is None:
             fail_fast_default = _DRAMATIQ_MAJOR >= 2
         elif not isinstance(fail_fast_default, bool):
@@ -310,7 +321,21 @@ class ShardedBroker(dramatiq.Broker):
             return _DelayQueueConsumer(timeout)
         if queue_name not in self.queues:
             raise QueueNotFound(queue_name)
+        self._announce_consuming()
         return _ShardedConsumer(self, queue_name, prefetch, timeout)
+
+    def _announce_consuming(self) -> None:
+        """Once per process and URL: which store this process consumes from (a SQLite file
+        by its absolute path), and a warning when the URL's path is relative (producers
+        started in another directory would use another file, so another queue)."""
+        with _ANNOUNCED_LOCK:
+            if self.url in _ANNOUNCED_URLS:
+                return
+            _ANNOUNCED_URLS.add(self.url)
+        self.logger.info("Consuming from %s.", sharded_broker.display_url(self.url))
+        warning = relative_path_warning(self.url)
+        if warning is not None:
+            self.logger.warning("%s.", warning)
 
     # -- inspecting and testing -----------------------------------------------------
 
@@ -601,7 +626,7 @@ class _ShardedConsumer(dramatiq.Consumer):
     def ack(self, message: dramatiq.MessageProxy) -> None:
         lease = message.lease
         try:
-            accepted = self.engine.ack(lease)
+            accepted = self.broker._acks.ack(lease)
         except BackendUnavailable as exc:
             raise ConnectionClosed(exc) from exc  # the Worker retries the ack
         message.consumer._settled(lease)
@@ -706,26 +731,40 @@ class _LeaseKeeper:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
 
-    def _interval(self) -> float:
+    def _visibility_timeout(self) -> float:
+        """The shortest visibility timeout in use: the one every held lease outlives."""
         engine = self.broker.engine
         timeouts = [engine.settings(name).visibility_timeout for name in list(self.broker.queues)]
-        return min([engine.defaults.visibility_timeout, *timeouts]) / 3
+        return min([engine.defaults.visibility_timeout, *timeouts])
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval()):
+        # Every held lease lasts at least visibility_timeout from extended_at on: it was
+        # either extended by the try that began then, or leased after it.
+        extended_at = time.monotonic()
+        while not self._stop.wait(self._visibility_timeout() / 3):
             with self._lock:
                 leases = list(self._held.values())
             if not leases:
+                extended_at = time.monotonic()
                 continue
             try:
-                # One round trip for every lease held (each by its queue's timeout).
-                extended = self.broker.engine.extend_many(leases)
-            except BackendUnavailable as exc:
-                self.logger.warning("Could not extend leases (will retry): %s", exc)
-                continue
+                # One round trip for every lease held (each by its queue's timeout); a
+                # failed try is retried at once, with backoff, until the leases expire.
+                extended, started = extend_before_deadline(
+                    self.broker.engine, leases, extended_at + self._visibility_timeout(), self._stop,
+                    self._unavailable,
+                )
             except Exception:
                 self.logger.exception("Unexpected failure extending %d leases.", len(leases))
                 continue
+            if extended is None:
+                if not self._stop.is_set():
+                    self.logger.warning(
+                        "Could not extend %d leases before their deadline; they may be delivered "
+                        "again. Will keep trying.", len(leases),
+                    )
+                continue
+            extended_at = started
             for lease, alive in zip(leases, extended):
                 if not alive and self.holds(lease):
                     self.release(lease)
@@ -734,3 +773,9 @@ class _LeaseKeeper:
                         "delivered again. Raise visibility_timeout if this repeats.",
                         lease.headers.get("message_id", lease.id), lease.queue,
                     )
+
+    def _unavailable(self, error: BackendUnavailable, failures: int) -> None:
+        if failures == 1:
+            self.logger.warning("Could not extend leases (retrying until they expire): %s", error)
+        else:
+            self.logger.debug("Lease extension try %d failed: %s", failures, error)

@@ -242,3 +242,26 @@ def test_class_based_and_async_actors_take_keys_from_their_arguments(memory_brok
                 shard_key = "client"
 
             def perform(self, customer): ...
+
+
+def test_a_consumer_says_where_it_consumes_and_warns_once_about_a_relative_sqlite_path(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    broker = ShardedBroker(url="sqlite:///queue.db")
+    try:
+        broker.declare_queue("default")
+        broker.declare_queue("other")
+        with caplog.at_level("INFO", logger="dramatiq"):
+            for queue in ("default", "other", "default"):  # a worker opens a consumer per queue
+                broker.consume(queue, timeout=10).close()
+    finally:
+        broker.close()
+    messages = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert messages == [
+        ("INFO", f"Consuming from sqlite:///{tmp_path}/queue.db."),
+        ("WARNING", f"broker URL sqlite:///queue.db is relative to the current directory: this process uses "
+                    f"{tmp_path}/queue.db. A producer or worker started in another directory uses another file, "
+                    f"so another queue; write sqlite:///{tmp_path}/queue.db (four slashes: an absolute path) "
+                    f"to be sure."),
+    ]
