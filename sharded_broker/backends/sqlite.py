@@ -441,7 +441,7 @@ class SQLiteBackend(Backend):
             conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, 1, SCHEMA_VERSION):
-                raise ConfigurationError(
+                raise InvalidURL(
                     f"sqlite database {self.path} has schema version {version}; this version of sharded-broker "
                     f"reads version {SCHEMA_VERSION}"
                 )
