@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import unquote, urlsplit
@@ -26,6 +27,9 @@ BACKENDS: dict[str, str] = {
 MAX_LEASE_LIMIT = 10_000
 MAX_METRICS_MINUTES = 7 * 24 * 60
 MAX_KEYS_LIMIT = 10_000
+# Shorter pieces of a URL's user:password part are not masked in error reasons (they
+# would mask ordinary words); the whole part always is.
+MIN_MASKED_PIECE = 3
 
 
 def backend_class(url: str) -> type[Backend]:
@@ -53,9 +57,10 @@ def redact_url(url: str) -> str:
     try:
         parts = urlsplit(url)
         if parts.password is None:
-            if "@" in url and not parts.netloc:
-                # Not parsed as scheme://user:password@host (e.g. a missing "://"): hide
-                # everything before the host rather than guess where a password ends.
+            if "@" in url and "@" not in parts.netloc:
+                # Not parsed as scheme://user:password@host (a missing "://", or a "#" or
+                # "?" in the password ending the netloc early): hide everything before
+                # the host rather than guess where a password ends.
                 return "***@" + url.rpartition("@")[2]
             return url
         netloc = parts.netloc.rpartition("@")
@@ -156,13 +161,25 @@ def connect(url: str = "memory://", **options: Any) -> "Broker":
 
 
 def _check_redis_url(url: str) -> None:
-    """Refuse a malformed redis URL as a URL problem, before any option is looked at."""
+    """Refuse a malformed redis URL as a URL problem, before any option is looked at.
+
+    redis-py's reason may quote part of the password (a password with a "#" or "?" is
+    split there and its start taken for a port): every piece of the URL's
+    ``user:password`` part is masked in it."""
     import redis.connection
 
     try:
         redis.connection.parse_url(url)
     except ValueError as exc:
-        raise InvalidURL(f"malformed redis URL {redact_url(url)!r}: {exc}") from None
+        reason = str(exc)
+        after_scheme = url.partition("://")[2]
+        userinfo = after_scheme.rpartition("@")[0]
+        pieces = {userinfo, *(piece for piece in re.split(r"[:#?/]", userinfo) if len(piece) >= MIN_MASKED_PIECE)}
+        for piece in sorted(pieces - {""}, key=len, reverse=True):
+            reason = reason.replace(piece, "***").replace(unquote(piece), "***")
+        if userinfo and "@" not in urlsplit(url).netloc:
+            reason += "; a '#', '?' or '/' in a user name or password must be percent-encoded (%23, %3F, %2F)"
+        raise InvalidURL(f"malformed redis URL {redact_url(url)!r}: {reason}") from None
 
 
 class Broker:

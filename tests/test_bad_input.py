@@ -98,6 +98,11 @@ def test_password_is_not_leaked_in_errors() -> None:
     with pytest.raises(ConfigurationError) as info:
         sharded_broker.connect("redis//user:hunter2@localhost")
     assert "hunter2" not in str(info.value)
+    # A "#" or "?" in the password ends the host part for a URL parser: still hidden.
+    for url in ("redis://:hunter2#x@127.0.0.1:", "redis://:hunter2?x@127.0.0.1:1/0"):
+        with pytest.raises(ConfigurationError) as info:
+            sharded_broker.connect(url)
+        assert "hunter2" not in str(info.value), str(info.value)
 
 
 def test_unknown_connect_option(broker_url: str) -> None:
