@@ -12,7 +12,7 @@ from support.redis_server import RedisServer
 
 def test_worker_reconnects_after_a_redis_restart(caplog, wait_until) -> None:
     done: list[int] = []
-    with RedisServer(["--appendonly", "yes"]) as server:
+    with RedisServer(["--appendonly", "yes", "--appendfsync", "always"]) as server:
         app = Celery("reconnect", broker=f"sharded+{server.url}", set_as_current=False)
         app.conf.worker_hijack_root_logger = False
 
