@@ -35,8 +35,8 @@ from ..models import (
 SEQ_ORIGIN = 2**52
 
 
-# slots: a million queued records take a third of the memory (no __dict__ each), so a
-# large backlog stays within the CPU caches' reach longer.
+# slots: no per-instance __dict__ (about 50 bytes less per record, measured with
+# tracemalloc), and attribute reads without a dict lookup.
 @dataclass(eq=False, slots=True)
 class _Record:
     id: str

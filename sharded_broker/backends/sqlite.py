@@ -286,6 +286,10 @@ HOT_QUERIES = {
 }
 
 
+# The columns of a queue's and a key's row that hold the counts of its open minute.
+_OPEN_COUNTS = tuple(f"open_{counter}" for counter in COUNTERS)
+
+
 @dataclass
 class _QueueRow:
     """A queue's counters, read once per transaction and written back at its end."""
@@ -316,16 +320,15 @@ class _QueueRow:
 
     FIELDS = (
         "tail_seq", "head_seq", "next_order", "next_dead", "paused", "ready", "delayed", "leased", "dead", "keys",
-        "held_messages", "last_now", "open_minute", *(f"open_{counter}" for counter in COUNTERS),
+        "held_messages", "last_now", "open_minute", *_OPEN_COUNTS,
     )
-    OPEN_COUNTS = tuple(f"open_{counter}" for counter in COUNTERS)
 
     def open_counts(self) -> list[int]:
-        return [getattr(self, name) for name in self.OPEN_COUNTS]
+        return [getattr(self, name) for name in _OPEN_COUNTS]
 
     def close_minute(self) -> None:
         self.open_minute = None
-        for name in self.OPEN_COUNTS:
+        for name in _OPEN_COUNTS:
             setattr(self, name, 0)
 
     def order(self) -> int:
@@ -344,7 +347,6 @@ class _QueueRow:
             setattr(self, state, getattr(self, state) + change)
 
 
-_OPEN_COUNTS = tuple(f"open_{counter}" for counter in COUNTERS)
 QUEUE_VALUES = operator.attrgetter(*_QueueRow.FIELDS)
 QUEUE_SELECT = f"SELECT {', '.join(_QueueRow.FIELDS)} FROM queues WHERE name = ?"
 QUEUE_INSERT = f"INSERT INTO queues (name, {', '.join(_QueueRow.FIELDS)}) VALUES (?{', ?' * len(_QueueRow.FIELDS)})"
@@ -949,9 +951,7 @@ class _Tx:
             counts = self._counts.setdefault((q.name, "", q.open_minute), [0] * len(COUNTERS))
             for index, count in enumerate(q.open_counts()):
                 counts[index] += count
-        for name in _QueueRow.OPEN_COUNTS:
-            setattr(q, name, 0)
-        q.open_minute = None
+        q.close_minute()
 
     def _one(self, name: str, *args: Any) -> tuple | None:
         return self.db.execute(HOT_QUERIES[name], args).fetchone()
