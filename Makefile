@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 help:
 	@echo "make demo         run the per-key FIFO demo on the embedded default (no server)"
 	@echo "make test         set everything up (virtualenv, redis-server) and run the suite"
-	@echo "make reliability  fault, bad-input and security tests, with the long soak runs"
+	@echo "make reliability  fault, bad-input and security tests, with the long soak runs and the"
+	@echo "                  fault campaign (SB_CAMPAIGN_SECONDS per target, default 180; SB_CAMPAIGN_SEED)"
 	@echo "make bench        benchmarks side by side, quick mode (bench-full: the full sizes)"
 
 $(STAMP): pyproject.toml setup.py integrations/kombu_alias.py

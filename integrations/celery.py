@@ -20,14 +20,25 @@ Guarantees
       a ``str`` or an ``int``: anything else is refused at publish time and nothing is
       queued.
     * **Order with Celery's defaults.** A key is released only when its message is acked.
-      In a process that uses this transport, every task of the app acknowledges late
-      (``acks_late=True``), whatever the ``task_acks_late`` setting says, so the next
-      message of a key starts only after the previous task finished, whatever the pool.
+      In a process that uses this transport (decided from the transport the app's
+      connections resolve to, however the URL reached Celery), every task of the app
+      acknowledges late (``acks_late=True``) and is delivered again when its pool
+      process dies (``reject_on_worker_lost=True``), whatever the settings say (an
+      explicit ``False`` gets a warning naming the consequence), so the next message of a
+      key starts only after the previous task finished, whatever the pool, and a task
+      killed with its process comes back (counted toward ``max_deliveries``).
     * **Leases.** A delivered message is leased for ``visibility_timeout`` seconds
       (default 30). A heartbeat thread in the consuming process extends the leases of
       every delivered, unsettled message every ``visibility_timeout / 3`` seconds, so a
       task that runs for hours is never delivered twice, while the messages of a worker
       killed with SIGKILL come back, at the head of their keys, about one timeout later.
+      A failed extension is retried at once with backoff until the leases' deadline, so
+      an outage shorter than ``visibility_timeout - heartbeat_interval - 0.5 s`` expires
+      nothing (:mod:`sharded_broker.heartbeat`).
+    * **Consumer restarts.** When Celery restarts its consumer after a lost connection,
+      the tasks already handed to its pool keep their leases (and heartbeat) and settle
+      when they end; only messages Celery dropped unrun are given back. A late ack
+      refused because the lease had moved on (a frozen worker) is logged.
     * **Delays stay in the broker.** ``countdown``/``eta`` become engine delays: the
       message is invisible until due and does not hold its key meanwhile. A retry
       (``task.retry(countdown=...)``) goes back to the *head* of its key and holds the key
@@ -52,24 +63,27 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from datetime import datetime, timezone
 from queue import Empty
 from typing import Any, Callable, Mapping
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from kombu.serialization import loads as deserialize
-from kombu.transport import TRANSPORT_ALIASES, virtual
+from kombu.transport import virtual
 from kombu.utils.json import dumps as json_dumps
 from kombu.utils.json import loads as json_loads
 from kombu.utils.uuid import uuid
 
 import sharded_broker
 from sharded_broker import validation as check
-from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
+from sharded_broker.broker import relative_path_warning
+from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
 from sharded_broker.group_commit import AckGroup
+from sharded_broker.heartbeat import extend_before_deadline
 from sharded_broker.models import QUEUE_SETTING_NAMES, Lease
 
-from .kombu_alias import ALIAS, TRANSPORT
+from .kombu_alias import ALIAS, install
 
 __all__ = ["Channel", "Transport", "register", "SHARD_KEY_HEADER"]
 
@@ -83,6 +97,15 @@ MAX_LEASE_BATCH = 10
 
 #: Longest wait, on closing, for a lease heartbeat in flight (one backend call).
 HEARTBEAT_JOIN_TIMEOUT = 5.0
+
+# Engine URLs whose relative SQLite path this process has warned about (once each).
+_warned_relative_urls: set[str] = set()
+_warned_relative_lock = threading.Lock()
+
+#: Least time between two looks at the remote-control queues when a drain starts (an
+#: idle loop spends at most about 100 lease calls a second on them); every batch of
+#: tasks leased is also preceded by one look, so a revoke published first wins.
+CONTROL_CHECK_INTERVAL = 0.01
 
 # Transport options of this transport (beyond the engine's queue settings).
 OWN_OPTIONS = frozenset({"shard_keys", "polling_interval", "heartbeat_interval"})
@@ -106,13 +129,14 @@ REDIS_OPTION_HINTS = {
 
 
 def register() -> None:
-    """Register the ``sharded`` alias with kombu by hand.
+    """Register the ``sharded`` alias with kombu, and the check of ``shard_key`` task
+    options at declaration with Celery, by hand.
 
     Needed only where the ``.pth`` hook installed with the package does not run (for
     example when the source tree is on ``PYTHONPATH`` without ``pip install``). Importing
-    this module registers too.
+    this module registers too; tasks declared before that are checked at their first call.
     """
-    TRANSPORT_ALIASES.setdefault(ALIAS, TRANSPORT)
+    install()
 
 
 register()
@@ -335,12 +359,22 @@ class Channel(virtual.Channel):
     def __init__(self, connection: "Transport", **kwargs: Any) -> None:
         self._leases: dict[str, Lease] = {}
         self._leases_lock = threading.Lock()
+        # Delivery tags of leases kept past this channel's close because a Celery worker
+        # of this process still runs (or will run) their tasks: each with a weak
+        # reference to Celery's request, so a request Celery drops gives its lease back.
+        self._kept: dict[str, Callable[[], Any]] = {}
+        # Leases the heartbeat found expired (moved on to another delivery), by tag, so
+        # the late ack of their task can say so.
+        self._lost: dict[str, Lease] = {}
         self._noack_queues: set[str] = set()
+        # kombu clears ``connection`` when the channel closes; kept leases still settle
+        # through the transport's engine, which stays open for them.
+        self._transport = connection
         super().__init__(connection, **kwargs)
 
     @property
     def broker(self) -> sharded_broker.Broker:
-        return self.connection.broker
+        return self._transport.broker
 
     # publishing
 
@@ -418,6 +452,7 @@ class Channel(virtual.Channel):
     # consuming
 
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        _warn_once_if_relative(self.connection.engine_url)
         if no_ack:
             self._noack_queues.add(queue)
         return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
@@ -462,7 +497,7 @@ class Channel(virtual.Channel):
                     self._leases[tag] = lease
             messages.append(message)
         if leases and not no_ack:
-            self.connection.start_heartbeat()
+            self._transport.start_heartbeat(self)
         return messages
 
     def _get_bulk(self, queue: str, callback: Callable[..., Any], timeout: float | None = None) -> None:
@@ -470,9 +505,14 @@ class Channel(virtual.Channel):
         limit = MAX_LEASE_BATCH if room is None else min(room, MAX_LEASE_BATCH)
         if not limit:
             raise Empty()
-        messages = self._lease(queue, limit, queue in self._noack_queues)
+        control = queue in self._noack_queues
+        messages = self._lease(queue, limit, control)
         if not messages:
             raise Empty()
+        if not control:
+            # A revoke published before these tasks is stored before them: handled
+            # first, it finds them still to come, so it wins the race.
+            self.connection._deliver_control_messages(every_time=True)
         for message in messages:
             callback(message, queue)
 
@@ -493,44 +533,100 @@ class Channel(virtual.Channel):
 
     # settling
 
-    def _take_lease(self, delivery_tag: str) -> Lease | None:
+    def _take_lease(self, delivery_tag: str) -> tuple[Lease | None, bool]:
+        """The lease of a message being settled, and whether it was kept past this
+        channel's close (then call :meth:`_kept_settled` once it is settled)."""
         with self._leases_lock:
-            return self._leases.pop(delivery_tag, None)
+            return self._leases.pop(delivery_tag, None), self._kept.pop(delivery_tag, None) is not None
+
+    def _kept_settled(self, kept: bool) -> None:
+        if kept:
+            self._transport.kept_lease_settled()
 
     def unsettled_leases(self) -> list[Lease]:
         with self._leases_lock:
             return list(self._leases.values())
 
+    def has_kept_leases(self) -> bool:
+        with self._leases_lock:
+            return bool(self._kept)
+
     def forget_lease(self, lease: Lease) -> bool:
-        """Stop tracking ``lease``; False when it was settled meanwhile."""
+        """Stop tracking ``lease`` (it expired); False when it was settled meanwhile."""
         with self._leases_lock:
             for tag, held in list(self._leases.items()):
                 if held is lease:
                     del self._leases[tag]
-                    return True
-        return False
+                    self._lost[tag] = lease
+                    break
+            else:
+                return False
+            kept = self._kept.pop(tag, None) is not None
+        if kept:
+            self._transport.kept_lease_settled()
+        return True
+
+    def release_dropped_requests(self) -> None:
+        """Give back the kept leases whose Celery request no longer exists: Celery dropped
+        the task without running it to the end, so no ack will ever come."""
+        with self._leases_lock:
+            dropped = [tag for tag, request in self._kept.items() if request() is None]
+            leases = [self._leases.pop(tag) for tag in dropped if tag in self._leases]
+            for tag in dropped:
+                del self._kept[tag]
+        if leases:
+            logger.info("giving back %d message(s) Celery dropped after the connection was lost", len(leases))
+            _release_leases(self.broker, leases)
+        for _ in dropped:
+            self._transport.kept_lease_settled()
+
+    def _warn_fenced(self, lease: Lease) -> None:
+        logger.warning(
+            "late ack of message %s (key %r) refused: its lease had expired and the message "
+            "was delivered again (a frozen or cut-off worker?), so this run's side effects may "
+            "have happened alongside or after the next run of the message",
+            lease.id, lease.key,
+        )
 
     def basic_ack(self, delivery_tag, multiple=False):
-        lease = self._take_lease(delivery_tag)
-        if lease is not None and not self.connection.acks.ack(lease):
-            logger.warning(
-                "ack of message %s (key %r) came after its lease was lost: it may have run twice",
-                lease.id, lease.key,
-            )
+        lease, kept = self._take_lease(delivery_tag)
+        try:
+            # Pool threads ack concurrently: the transport's AckGroup sends acks that arrive
+            # while one is in flight together, in one ack_many.
+            if lease is not None and not self.connection.acks.ack(lease):
+                self._warn_fenced(lease)
+            elif lease is None:
+                with self._leases_lock:
+                    lost = self._lost.pop(delivery_tag, None)
+                if lost is not None:
+                    self._warn_fenced(lost)
+        finally:
+            self._kept_settled(kept)
         super().basic_ack(delivery_tag)
 
     def basic_reject(self, delivery_tag, requeue=False):
-        lease = self._take_lease(delivery_tag)
-        if lease is not None:
-            if requeue:
-                self.broker.nack(lease)  # back to the head of its key
-            else:
-                self.broker.nack(lease, dead=True, reason="rejected by the consumer (requeue=False)")
+        lease, kept = self._take_lease(delivery_tag)
+        try:
+            if lease is not None:
+                if requeue and _celery_worker_terminating():
+                    # A cold shutdown killed the task: given back uncounted, as on closing.
+                    _release_leases(self.broker, [lease])
+                elif requeue:
+                    self.broker.nack(lease)  # back to the head of its key, the delivery counted
+                else:
+                    self.broker.nack(lease, dead=True, reason="rejected by the consumer (requeue=False)")
+        finally:
+            self._kept_settled(kept)
+        with self._leases_lock:
+            self._lost.pop(delivery_tag, None)
         self.qos.reject(delivery_tag, requeue=False)
 
     def _restore(self, message) -> None:
         """Give an unacked message back to the engine (channel close, basic_recover)."""
-        lease = self._take_lease(message.delivery_tag)
+        with self._leases_lock:
+            if message.delivery_tag in self._kept:
+                return  # its task still runs: it settles when it ends
+        lease, _ = self._take_lease(message.delivery_tag)  # never a kept one: see above
         if lease is not None:
             _release_leases(self.broker, [lease])
 
@@ -538,14 +634,39 @@ class Channel(virtual.Channel):
         self._restore(message)
 
     def close(self) -> None:
-        # Every unsettled lease (delivered to a consumer or not yet) goes back in one call;
-        # kombu's QoS would then restore its messages one call each, finding none left.
-        transport = self.connection
+        # Unsettled leases go back in one call, except those of tasks a Celery worker of
+        # this process still runs or will run (a consumer restart after a lost connection
+        # closes the channel under them): those stay leased and extended, and settle
+        # through this channel when their tasks end. kombu's QoS would then restore the
+        # messages one call each, finding none left.
+        transport = self._transport
         with self._leases_lock:
-            unsettled, self._leases = list(self._leases.values()), {}
-        if transport is not None and unsettled:
-            _release_leases(transport.broker, unsettled)
+            if not self.closed:
+                self._kept = _celery_requests_by_tag(self._leases)
+            given_back = [lease for tag, lease in self._leases.items() if tag not in self._kept]
+            self._leases = {tag: lease for tag, lease in self._leases.items() if tag in self._kept}
+        if self._kept and not self.closed:
+            logger.warning(
+                "channel closed under %d running or queued task(s): their leases are kept and "
+                "extended until they end; %d prefetched message(s) given back",
+                len(self._kept), len(given_back),
+            )
+        if transport is not None and given_back:
+            _release_leases(transport.broker, given_back)
         super().close()
+
+
+def _warn_once_if_relative(url: str) -> None:
+    """Log, once per process and URL, that a consumer's SQLite path is relative: its
+    producers may be using another file without anyone noticing."""
+    warning = relative_path_warning(url)
+    if warning is None:
+        return
+    with _warned_relative_lock:
+        if url in _warned_relative_urls:
+            return
+        _warned_relative_urls.add(url)
+    logger.warning("%s", warning)
 
 
 def _release_leases(broker: sharded_broker.Broker, leases: list[Lease]) -> None:
@@ -567,7 +688,8 @@ def _release_leases(broker: sharded_broker.Broker, leases: list[Lease]) -> None:
 
 
 class _Heartbeat(threading.Thread):
-    """Extends the leases of delivered, unsettled messages until the transport closes."""
+    """Extends the leases of delivered, unsettled messages until the transport closes
+    (and, after it closed, until the tasks whose leases it kept have ended)."""
 
     def __init__(self, transport: "Transport") -> None:
         super().__init__(name="sharded-broker-lease-heartbeat", daemon=True)
@@ -575,19 +697,37 @@ class _Heartbeat(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        # Every held lease lasts at least visibility_timeout from extended_at on: it was
+        # either extended by the try that began then, or leased after it.
+        extended_at = time.monotonic()
         while not self.stopped.wait(self.transport.heartbeat_interval):
-            held = [(channel, lease) for channel in list(self.transport.channels) for lease in channel.unsettled_leases()]
+            channels = self.transport.lease_channels()
+            for channel in channels:
+                channel.release_dropped_requests()
+            if self.stopped.is_set():  # the last kept lease was given back: the engine closed
+                break
+            held = [(channel, lease) for channel in channels for lease in channel.unsettled_leases()]
             if not held:
+                extended_at = time.monotonic()
                 continue
             try:
-                # One round trip for every lease of the transport, each by its queue's timeout.
-                extended = self.transport.broker.extend_many([lease for _, lease in held])
-            except BackendUnavailable as exc:
-                logger.warning("lease heartbeat failed, will retry: %s", exc)
-                continue
+                # One round trip for every lease of the transport, each by its queue's
+                # timeout; a failed try is retried at once, with backoff, until they expire.
+                extended, started = extend_before_deadline(
+                    self.transport.broker, [lease for _, lease in held],
+                    extended_at + self.transport.visibility_timeout, self.stopped, _heartbeat_unavailable,
+                )
             except Exception:
                 logger.exception("lease heartbeat failed")
                 continue
+            if extended is None:
+                if not self.stopped.is_set():
+                    logger.warning(
+                        "could not extend %d lease(s) before their deadline: their messages may be "
+                        "delivered again; will keep trying", len(held),
+                    )
+                continue
+            extended_at = started
             for (channel, lease), alive in zip(held, extended):
                 # Refused either because the message was settled since the snapshot
                 # (nothing to say) or because the lease really expired.
@@ -596,6 +736,13 @@ class _Heartbeat(threading.Thread):
                         "lease of message %s (key %r) expired before its heartbeat: it will run again",
                         lease.id, lease.key,
                     )
+
+
+def _heartbeat_unavailable(error: BackendUnavailable, failures: int) -> None:
+    if failures == 1:
+        logger.warning("lease heartbeat failed, retrying until the leases expire: %s", error)
+    else:
+        logger.debug("lease heartbeat try %d failed: %s", failures, error)
 
 
 class Transport(virtual.Transport):
@@ -620,12 +767,18 @@ class Transport(virtual.Transport):
     def __init__(self, client, **kwargs: Any) -> None:
         options = dict(client.transport_options or {})
         self.engine_url = engine_url(client)
-        sharded_broker.broker.backend_class(self.engine_url)  # unknown scheme: fail now
+        try:
+            sharded_broker.broker.backend_class(self.engine_url)  # unknown scheme: fail now
+        except InvalidURL as exc:
+            raise InvalidURL(f"broker URL {ALIAS}+{sharded_broker.redact_url(self.engine_url)}: {exc}") from None
         self.shard_keys, self.heartbeat_interval, self.engine_options = _split_options(options)
         self.engine_options.update(_ssl_options(client, self.engine_url))
         super().__init__(client, **kwargs)
         try:
             self.broker = sharded_broker.connect(self.engine_url, **self.engine_options)
+        except InvalidURL as exc:
+            # The URL (or the file it names) is the problem, not the transport options.
+            raise InvalidURL(f"broker URL {ALIAS}+{sharded_broker.redact_url(self.engine_url)}: {exc}") from None
         except ConfigurationError as exc:
             raise ConfigurationError(
                 f"broker_transport_options: {exc} (sharded+ transport options: "
@@ -649,13 +802,23 @@ class Transport(virtual.Transport):
             )
         # Pool threads ack concurrently: acks arriving while one is in flight go together.
         self.acks = AckGroup(self.broker)
+        _connect_worker_init()  # Celery may have been imported after this module
+        self._control_checked_at = 0.0
         self._heartbeat: _Heartbeat | None = None
         self._heartbeat_lock = threading.Lock()
+        # Channels that leased messages: open ones, and closed ones keeping the leases of
+        # tasks still running. The engine stays open until the last kept lease settles.
+        self._lease_channels: list[Channel] = []
+        self._connection_closed = False
+        self._engine_closed = False
         self.auto_delete_queues: set[str] = set()
 
-    def start_heartbeat(self) -> None:
-        """Start extending delivered leases (once per transport, in the consuming process)."""
+    def start_heartbeat(self, channel: Channel) -> None:
+        """Start extending the leases of ``channel`` (one heartbeat per transport, in the
+        consuming process)."""
         with self._heartbeat_lock:
+            if channel not in self._lease_channels:
+                self._lease_channels.append(channel)
             if self._heartbeat is None:
                 self._heartbeat = _Heartbeat(self)
                 self._heartbeat.start()
@@ -665,22 +828,44 @@ class Transport(virtual.Transport):
     # message. A backend that went away shows as BackendUnavailable, a connection error,
     # on the next operation, and kombu's retries handle that.
 
+    def lease_channels(self) -> list[Channel]:
+        """The channels whose leases the heartbeat extends; closed channels without kept
+        leases are dropped."""
+        with self._heartbeat_lock:
+            self._lease_channels = [c for c in self._lease_channels if not c.closed or c.has_kept_leases()]
+            return list(self._lease_channels)
+
+    def kept_lease_settled(self) -> None:
+        """A lease kept past its channel's close settled: once the connection is closed
+        and none is left, stop the heartbeat and close the engine."""
+        if self._connection_closed and not any(c.has_kept_leases() for c in self.lease_channels()):
+            self._close_engine()
+
+    def _close_engine(self) -> None:
+        with self._heartbeat_lock:
+            if self._engine_closed:
+                return
+            self._engine_closed = True
+            heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.stopped.set()
+            if heartbeat is not threading.current_thread():
+                # A beat in flight finishes before the engine closes under it.
+                heartbeat.join(HEARTBEAT_JOIN_TIMEOUT)
+        self.broker.close()
+
     def establish_connection(self):
         self.broker.now()  # reach the backend now, so kombu's connection retry applies
-        _require_late_acks()
+        _hold_keys_in_celery_apps()
         return super().establish_connection()
 
     def close_connection(self, connection) -> None:
         try:
             super().close_connection(connection)  # closes channels: unacked messages go back
         finally:
-            with self._heartbeat_lock:
-                heartbeat, self._heartbeat = self._heartbeat, None
-            if heartbeat is not None:
-                heartbeat.stopped.set()
-                # A beat in flight finishes before the engine closes under it.
-                heartbeat.join(HEARTBEAT_JOIN_TIMEOUT)
-            self.broker.close()
+            self._connection_closed = True
+            if not any(c.has_kept_leases() for c in self.lease_channels()):
+                self._close_engine()
 
     def drain_events(self, connection, timeout: float | None = None) -> None:
         """Deliver one batch of messages, waiting up to ``timeout`` seconds for it.
@@ -695,6 +880,8 @@ class Transport(virtual.Transport):
         while True:
             if _celery_worker_stopping():
                 raise socket.timeout()
+            if self._deliver_control_messages():
+                return
             try:
                 self.cycle.get(self._deliver, timeout=timeout)
                 return
@@ -706,22 +893,86 @@ class Transport(virtual.Transport):
             pause = self.polling_interval if remaining is None else min(self.polling_interval, remaining)
             self._wait_for_work(pause)
 
+    def _deliver_control_messages(self, every_time: bool = False) -> bool:
+        """Deliver waiting remote-control messages (the queues consumed with ``no_ack``:
+        Celery's pidbox and reply queues) ahead of tasks; True when some were delivered.
+
+        So ``ping``, ``inspect`` and ``revoke`` are answered before the tasks queued with
+        them run, and a ``revoke`` sent just before the task it names wins the race.
+        Without ``every_time``, at most once per ``CONTROL_CHECK_INTERVAL``.
+        """
+        now = time.monotonic()
+        if not every_time and now - self._control_checked_at < CONTROL_CHECK_INTERVAL:
+            return False
+        self._control_checked_at = now
+        delivered = False
+        for channel in list(self.channels):
+            for queue in [q for q in channel._active_queues if q in channel._noack_queues]:
+                try:
+                    channel._get_bulk(queue, self._deliver)
+                    delivered = True
+                except Empty:
+                    pass
+        return delivered
+
     def _wait_for_work(self, seconds: float) -> None:
-        """Block up to ``seconds``; the backend returns early when a message may have come."""
-        for channel in self.channels:
-            if channel._active_queues:
-                self.broker.backend.wait(channel._active_queues[0], seconds)
-                return
-        time.sleep(seconds)
+        """Block up to ``seconds`` in one backend call over every queue consumed (the
+        remote-control queue included); it returns early when a message may have come."""
+        queues = sorted({queue for channel in self.channels for queue in channel._active_queues})
+        if queues:
+            self.broker.backend.wait_any(queues, seconds)
+        else:
+            time.sleep(seconds)
 
     def driver_version(self) -> str:
         return sharded_broker.__version__
 
     @classmethod
     def as_uri(cls, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        """The broker URL; for display (the worker banner, logs) without the password and
+        with a SQLite file by its absolute path, so a relative path shows where it led."""
         if include_password:
             return f"{ALIAS}+{uri}"
-        return f"{ALIAS}+{sharded_broker.redact_url(uri).replace('***', mask)}"
+        return f"{ALIAS}+{sharded_broker.display_url(uri).replace('***', mask)}"
+
+
+def _celery_requests_by_tag(leases: Mapping[str, Lease]) -> dict[str, Callable[[], Any]]:
+    """The delivery tags among ``leases`` whose tasks a Celery worker of this process
+    has taken and not finished (reserved: handed to its pool, or running), each with a
+    weak reference to Celery's request.
+
+    Celery's prefork and threads pools run what was handed to them even after the
+    connection it came from closed; a request Celery dropped (a cancelled ETA timer, a
+    rate-limit bucket) is garbage, and its weak reference dies.
+    """
+    state = sys.modules.get("celery.worker.state")
+    if state is None or not leases:
+        return {}
+    found: dict[str, Callable[[], Any]] = {}
+    for request in _snapshot(state.reserved_requests) + _snapshot(state.active_requests):
+        message = getattr(request, "_message", None)
+        tag = getattr(message, "delivery_tag", None)
+        if tag in leases:
+            try:
+                found[tag] = weakref.ref(request)
+            except TypeError:  # a request type without weak references: kept as is
+                found[tag] = lambda request=request: request
+    return found
+
+
+def _snapshot(requests: Any) -> list[Any]:
+    """A copy of one of Celery's request sets, which the pool's result thread changes."""
+    while True:
+        try:
+            return list(requests)
+        except RuntimeError:  # changed size during iteration: read it again
+            continue
+
+
+def _celery_worker_terminating() -> bool:
+    """True once a Celery worker in this process is in a cold shutdown."""
+    state = sys.modules.get("celery.worker.state")
+    return state is not None and state.should_terminate not in (None, False)
 
 
 def _celery_worker_stopping() -> bool:
@@ -742,7 +993,7 @@ def engine_url(client) -> str:
     """
     url = client.hostname or ""
     if "://" not in url:
-        raise ConfigurationError(
+        raise InvalidURL(
             f"broker URL must be sharded+<engine URL>, e.g. sharded+redis://localhost:6379/0, "
             f"sharded+sqlite:///q.db or sharded+memory://; got engine URL {url!r}"
         )
@@ -794,27 +1045,118 @@ def _split_options(options: dict[str, Any]) -> tuple[ShardKeyResolver, float | N
     return resolver, heartbeat, options
 
 
+# -- Celery: control replies while the pool is busy -----------------------------------------
+
+
+def _free_the_consumer_from_a_busy_pool(sender: Any = None, **_: Any) -> None:
+    """``worker_init``: a worker on this transport does not wait for a free pool slot
+    before taking its next message.
+
+    The transport has no event loop, so Celery runs its blocking loop, where a pool
+    with "putlocks" (the default) blocks the consumer's only thread until a process is
+    free: remote-control messages (``ping``, ``inspect``, ``revoke``) then wait behind
+    busy tasks. Without them, delivered tasks wait in the pool's own queue instead (as
+    many as the prefetch limit allows) and control replies go out at once. Celery reads
+    the setting before this transport loads, so the worker's own attribute is changed,
+    before its Pool step is built.
+    """
+    app = getattr(sender, "app", None)
+    urls = [app.conf.get("broker_url"), app.conf.get("broker_read_url")] if app is not None else []
+    if any(isinstance(url, str) and url.lower().startswith(f"{ALIAS}+") for url in urls):
+        sender.pool_putlocks = False
+
+
+def _connect_worker_init() -> None:
+    if "celery" not in sys.modules:
+        return  # kombu used without Celery
+    from celery.signals import worker_init
+
+    worker_init.connect(_free_the_consumer_from_a_busy_pool, weak=False, dispatch_uid="sharded-broker-putlocks")
+
+
+_connect_worker_init()
+
+
 # -- Celery: order under the default task_acks_late=False ----------------------------------
 
+# Task attributes this transport sets on every task of an app that consumes through it,
+# with the setting that gives their default and why.
+_FORCED_TASK_OPTIONS = (
+    ("acks_late", "task_acks_late",
+     "an early ack releases a task's shard key when it starts, so the next task of the key "
+     "would run at the same time"),
+    ("reject_on_worker_lost", "task_reject_on_worker_lost",
+     "a task whose pool process dies (SIGKILL, the OOM killer) would be acked as failed, "
+     "lost, and its key would move on"),
+)
 
-def _require_late_acks() -> None:
-    """Make every task of the Celery apps using this transport acknowledge late.
+_warned: set[tuple[str, str]] = set()
+
+
+def _uses_this_transport(app: Any) -> bool:
+    """True when the connections ``app`` opens use this transport, whichever way the URL
+    reached Celery: ``app.conf.broker_url`` (a string or a failover list), ``-b``,
+    ``CELERY_BROKER_URL``, ``broker_read_url``. Decided by the transport class kombu
+    resolves for the app's own connections, not by the configuration's text."""
+    from kombu.transport import resolve_transport
+
+    for open_connection in (app.connection_for_read, app.connection_for_write):
+        try:
+            connection = open_connection()
+        except Exception:  # not our transport's business: the app reports its own URL errors
+            continue
+        try:
+            transport = resolve_transport(connection.transport_cls)
+        except Exception:
+            continue
+        finally:
+            connection.release()
+        if isinstance(transport, type) and issubclass(transport, Transport):
+            return True
+    return False
+
+
+def _explicitly_set(app: Any, setting: str) -> bool:
+    """True when the app's configuration (not Celery's defaults) sets ``setting``."""
+    maps = getattr(app.conf, "maps", None)
+    return bool(maps) and any(setting in layer for layer in maps[:-1])
+
+
+def _hold_keys_in_celery_apps() -> None:
+    """Make every task of the Celery apps using this transport acknowledge late and be
+    delivered again when its pool process dies.
 
     With ``acks_late=False`` Celery acks a message when the task *starts*, which would
-    release its key and let the key's next message run concurrently. Runs when the
-    transport connects, which in a worker is the consumer's Connection step, before the
-    Tasks step builds the task strategies that read ``acks_late``.
+    release its key and let the key's next message run concurrently; with
+    ``reject_on_worker_lost=False`` it acks the ``WorkerLostError`` of a killed pool
+    process, losing the message. The transport sets both (a task killed with its process
+    comes back at the head of its key, counted toward ``max_deliveries``, so one that
+    always kills its process is dead-lettered) and warns, naming the consequence, when the
+    configuration explicitly asks otherwise. Runs when the transport connects, which in a
+    worker is the consumer's Connection step, before the Tasks step builds the task
+    strategies.
     """
     state = sys.modules.get("celery._state")
     if state is None:
         return
     for app in list(state._get_active_apps()):
-        if not getattr(app, "configured", False):
+        if not getattr(app, "configured", False) or not _uses_this_transport(app):
             continue
-        urls = [app.conf.get("broker_url"), app.conf.get("broker_read_url")]
-        if not any(isinstance(url, str) and url.lower().startswith(f"{ALIAS}+") for url in urls):
-            continue
-        app.conf.task_acks_late = True  # tasks bound from now on
-        for task in list(getattr(app, "_tasks", {}).values()):
-            if not task.acks_late:
-                task.acks_late = True
+        for attribute, setting, consequence in _FORCED_TASK_OPTIONS:
+            configured = bool(app.conf.get(setting))
+            if not configured and _explicitly_set(app, setting):
+                _warn_once(app.main, setting, f"{setting}=False is ignored with a sharded+ broker: {consequence}")
+            app.conf[setting] = True  # tasks bound from now on
+            for name, task in list(getattr(app, "_tasks", {}).items()):
+                value = getattr(task, attribute, None)
+                if not value:  # False, or None: Celery's default for reject_on_worker_lost
+                    if configured and value is False:  # the task's own option, against the app's
+                        _warn_once(name, attribute, f"task {name!r}: {attribute}=False is ignored with "
+                                                    f"a sharded+ broker: {consequence}")
+                    setattr(task, attribute, True)
+
+
+def _warn_once(owner: str, what: str, text: str) -> None:
+    if (owner, what) not in _warned:
+        _warned.add((owner, what))
+        logger.warning(text)

@@ -5,10 +5,12 @@ and, for each message, appends one JSON line per event to the shared events file
 single unbuffered ``write`` (O_APPEND, so lines of concurrent workers never interleave and
 a SIGKILL loses no line already written):
 
-* ``{"e": "start", "id", "k", "n", "a", "pid"}`` when it starts a message (payload
-  ``{"k": key, "n": number in the key, "do": what}``), then, after the work:
-* ``{"e": "ack", "id", "ok", "pid"}`` with the ack's answer (``ok`` false: the lease was
-  stale, or an earlier try of this ack took effect but its reply was lost), or
+* ``{"e": "start", "id", "k", "n", "a", "pid", "t"}`` when it starts a message (payload
+  ``{"k": key, "n": number in the key, "do": what}``, optionally ``"s"``: seconds of
+  work, instead of ``work``), then, after the work:
+* ``{"e": "ack", "id", "ok", "pid", "done"}`` with the ack's answer (``ok`` false: the
+  lease was stale, or an earlier try of this ack took effect but its reply was lost) and
+  the time the work ended (``t`` and ``done`` are ``time.time()``), or
   ``{"e": "nack", ...}`` for ``"fail"``.
 
 ``do`` is ``"ok"`` (sleep ``work`` seconds, ack), ``"fail"`` (nack for retry: a task that
@@ -79,17 +81,19 @@ def main(config: dict) -> None:
         idle_since = time.monotonic()
         for lease in leases:
             body = json.loads(lease.payload)
-            log(e="start", id=lease.id, k=body["k"], n=body["n"], a=lease.attempts, pid=pid)
+            log(e="start", id=lease.id, k=body["k"], n=body["n"], a=lease.attempts, pid=pid, t=time.time())
             if body["do"] == "kill":
                 os.kill(pid, signal.SIGKILL)
             if body["do"] == "fail":
                 ok = retrying(lambda: broker.nack(lease))
                 log(e="nack", id=lease.id, ok=ok, pid=pid)
                 continue
-            if work:
-                time.sleep(work)
+            seconds = float(body.get("s", work))
+            if seconds:
+                time.sleep(seconds)
+            done_at = time.time()
             ok = retrying(lambda: broker.ack(lease))
-            log(e="ack", id=lease.id, ok=ok, pid=pid)
+            log(e="ack", id=lease.id, ok=ok, pid=pid, done=done_at)
             done += 1
             if rss_every and done % rss_every == 0:
                 log(e="rss", pid=pid, kib=rss_kib(), done=done)
