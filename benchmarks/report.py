@@ -245,16 +245,18 @@ def table(results: Results) -> str:
         for name, phases in server.items():
             target, _, label = name.rpartition("/")
             for phase in ("send", "fetch_ack"):
-                commands = list(phases[phase].get("by_command", {}).items())[:4]
+                commands = [(command, cost) for command, cost in phases[phase].get("by_command", {}).items()
+                            if cost["us"] >= 0.05][:4]
                 rows.append([target, label, phase.replace("_", "+"), ", ".join(
                     f"{command} {cost['calls']:.2f}x {cost['us']:.1f} µs" for command, cost in commands)])
         out += _table(["broker", "tasks", "phase", "commands"], rows)
     nesting = s.get("commandstats_nesting")
     if nesting:
-        script, transaction = nesting["script"], nesting["transaction"]
+        script, function, transaction = nesting["script"], nesting["function"], nesting["transaction"]
         out += ["", f"Checked on this server: one EVAL of {script['nested_calls']:,} SETs took "
                     f"{script['eval_usec']:,} µs, its nested SETs {script['nested_set_usec']:,} µs counted again "
-                    f"under set; one EXEC of {transaction['nested_calls']:,} SETs {transaction['exec_usec']:,} µs, "
+                    f"under set; one FCALL of as many {function['fcall_usec']:,} µs, its SETs "
+                    f"{function['nested_set_usec']:,} µs; one EXEC of as many {transaction['exec_usec']:,} µs, "
                     f"its SETs {transaction['nested_set_usec']:,} µs."]
     adapters = s.get("adapters")
     if adapters:

@@ -209,27 +209,35 @@ class ServerMeter:
         }
 
 
+_NESTING_LIBRARY = "sb_nesting_check"
+_NESTING_BODY = "for i = 1, tonumber(ARGV[1]) do redis.call('SET', KEYS[1], i) end return 1"
+
+
 def nesting_check(redis_url: str, nested_calls: int = 2000) -> dict[str, Any]:
-    """Shows on the run's server that a script's and a transaction's usec include the
-    commands they run: the script's usec is at least the sum of its nested ``SET`` calls',
-    and so is ``EXEC``'s for its queued ``SET`` calls. Raises when it is not so (then the
-    meter's method would be wrong for this server)."""
+    """Shows on the run's server that a script's, a function's and a transaction's usec
+    include the commands they run: ``EVAL``'s usec is at least the sum of its nested
+    ``SET`` calls', and so are ``FCALL``'s and ``EXEC``'s. Raises when it is not so (then
+    the meter's method would be wrong for this server)."""
     client = redis.Redis.from_url(redis_url)
-    script = "for i = 1, tonumber(ARGV[1]) do redis.call('SET', KEYS[1], i) end return 1"
+    function_source = (
+        f"#!lua name={_NESTING_LIBRARY}\n"
+        f"redis.register_function('{_NESTING_LIBRARY}', function(KEYS, ARGV) {_NESTING_BODY} end)"
+    )
     figures: dict[str, Any] = {}
     try:
         with tally().paused():
-            for what in ("script", "transaction"):
+            client.function_load(function_source, replace=True)
+            for what, container in (("script", "eval"), ("function", "fcall"), ("transaction", "exec")):
                 client.config_resetstat()
                 if what == "script":
-                    client.eval(script, 1, "nesting-check", nested_calls)
-                    container = "eval"
+                    client.eval(_NESTING_BODY, 1, "nesting-check", nested_calls)
+                elif what == "function":
+                    client.fcall(_NESTING_LIBRARY, 1, "nesting-check", nested_calls)
                 else:
                     pipe = client.pipeline(transaction=True)
                     for i in range(nested_calls):
                         pipe.set("nesting-check", i)
                     pipe.execute()
-                    container = "exec"
                 stats = client.info("commandstats")
                 nested = stats["cmdstat_set"]
                 outer = stats[f"cmdstat_{container}"]
@@ -243,6 +251,7 @@ def nesting_check(redis_url: str, nested_calls: int = 2000) -> dict[str, Any]:
                 figures[what] = {f"{container}_usec": outer["usec"], "nested_set_usec": nested["usec"],
                                  "nested_calls": nested_calls}
             client.delete("nesting-check")
+            client.function_delete(_NESTING_LIBRARY)
     finally:
         client.close()
     return figures

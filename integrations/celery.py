@@ -592,7 +592,8 @@ class Channel(virtual.Channel):
         lease, kept = self._take_lease(delivery_tag)
         try:
             # Pool threads ack concurrently: the transport's AckGroup sends acks that arrive
-            # while one is in flight together, in one ack_many.
+            # while one is in flight together, in one ack_many. Through _transport, not
+            # connection: kombu clears connection on close, and a kept lease settles later.
             if lease is not None and not self._transport.acks.ack(lease):
                 self._warn_fenced(lease)
             elif lease is None:

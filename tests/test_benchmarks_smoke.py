@@ -68,6 +68,7 @@ def test_every_section_is_measured_with_positive_rates(tiny_run) -> None:
     assert (engine["batch"], engine["lease_batch"]) == (TINY.batch, TINY.lease_batch)
     nesting = sections["commandstats_nesting"]
     assert nesting["script"]["eval_usec"] >= nesting["script"]["nested_set_usec"] > 0
+    assert nesting["function"]["fcall_usec"] >= nesting["function"]["nested_set_usec"] > 0
     assert nesting["transaction"]["exec_usec"] >= nesting["transaction"]["nested_set_usec"] > 0
     baseline = sections["baseline"]
     assert baseline["revision"] == "a56f71b" and baseline["messages"] == TINY.single_messages
