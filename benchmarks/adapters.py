@@ -11,6 +11,10 @@ batch send). Drain rate: N / (last task's end - first task's start), so worker s
 is not counted for anyone. Keyed runs spread the tasks over ``adapter_keys`` shard keys;
 the plain brokers, which have no keys, run the very same tasks. Latency: tasks sent at a
 steady rate while a worker runs; each records its start time minus its send time.
+
+Redis server cost per task, for each phase (see :mod:`benchmarks.server_cost`): the
+sending, and the worker's run from its start to its stop (fetch, ack, heartbeats and
+idle polls included, so every command the drain caused is counted).
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import time
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
-from .common import Sizes, flush, percentile, rate, stopwatch, used_memory
+from .common import PAYLOAD, Sizes, flush, percentile, rate, stopwatch, used_memory
 from .profiling import profile_new_threads
+from .server_cost import ServerMeter
 
 TARGETS = ("dramatiq/RedisBroker", "dramatiq/ShardedBroker", "celery/redis", "celery/sharded+redis")
 QUEUE = "bench"
@@ -60,7 +65,7 @@ class Recorder:
 recorder = Recorder(0)  # replaced by each measurement; the task reports to the current one
 
 
-def noop(index: int, key: str, sent_at: float) -> None:
+def noop(index: int, key: str, sent_at: float, data: str = "") -> None:
     recorder.task_ran(sent_at)
 
 
@@ -82,8 +87,8 @@ class DramatiqTarget:
             noop, broker=self.broker, actor_name=f"noop{next(_names)}", queue_name=QUEUE, max_retries=0
         )
 
-    def send(self, index: int, key: str | None) -> None:
-        args = (index, key or "", time.time())
+    def send(self, index: int, key: str | None, data: str = "") -> None:
+        args = (index, key or "", time.time(), data) if data else (index, key or "", time.time())
         if key is not None and self.sharded:
             self.actor.send_with_options(args=args, shard_key=key)
         else:
@@ -120,8 +125,8 @@ class CeleryTarget:
         self.sharded = sharded
         self.worker_threads = worker_threads
 
-    def send(self, index: int, key: str | None) -> None:
-        args = (index, key or "", time.time())
+    def send(self, index: int, key: str | None, data: str = "") -> None:
+        args = (index, key or "", time.time(), data) if data else (index, key or "", time.time())
         if key is not None and self.sharded:
             self.task.apply_async(args=args, shard_key=key)
         else:
@@ -181,33 +186,42 @@ def enqueue_and_drain(
     enqueue_profiler: cProfile.Profile | None = None,
     worker_profilers: list[cProfile.Profile] | None = None,
 ) -> dict[str, Any]:
-    """Send ``adapter_tasks`` tasks, then drain them with a worker. With
-    ``enqueue_profiler``, the sending runs under it; with ``worker_profilers``, every
-    thread the worker starts gets a profiler, appended to that list."""
+    """Send ``adapter_tasks`` tasks, then drain them with a worker; the rates, and the
+    Redis server's cost per task of each phase. With ``enqueue_profiler``, the sending
+    runs under it; with ``worker_profilers``, every thread the worker starts gets a
+    profiler, appended to that list."""
     global recorder
     flush(redis_url)
     count = sizes.adapter_tasks
     target = make_target(name, redis_url, sizes.worker_threads)
     try:
         recorder = Recorder(count)
-        with stopwatch() as enqueue_seconds:
+        with ServerMeter(redis_url) as send_cost, stopwatch() as enqueue_seconds:
             if enqueue_profiler is not None:
                 enqueue_profiler.enable()
             for index in range(count):
                 target.send(index, key_for(index, keys))
             if enqueue_profiler is not None:
                 enqueue_profiler.disable()
-        with profile_new_threads() if worker_profilers is not None else nullcontext([]) as profilers, target.worker():
+        profiling = profile_new_threads() if worker_profilers is not None else nullcontext([])
+        with ServerMeter(redis_url) as drain_cost, profiling as profilers, target.worker():
             recorder.wait(timeout=60 + count / 50)
         if worker_profilers is not None:
             worker_profilers.extend(profilers)
     finally:
         target.close()
+    send, drain = send_cost.figures(count), drain_cost.figures(count)
     return {
         "tasks": count,
         "keys": keys,
         "enqueue_per_s": rate(count, enqueue_seconds[0]),
         "drain_per_s": rate(count, recorder.last_end - recorder.first_start),
+        "server": {
+            "send": send,
+            "fetch_ack": drain,
+            "total": {what: round(send[what] + drain[what], 2)
+                      for what in ("server_us", "cpu_us", "naive_sum_us", "commands_sent")},
+        },
     }
 
 
@@ -239,14 +253,16 @@ def latency(name: str, redis_url: str, sizes: Sizes, keys: int | None) -> dict[s
 
 
 def memory_per_message(name: str, redis_url: str, sizes: Sizes, keys: int | None) -> float:
-    """Redis bytes per queued task (no worker running), after the first one."""
+    """Redis bytes per queued task (no worker running), after the first one; each task
+    carries a 100-byte argument, like the engine's 100-byte payloads."""
     flush(redis_url)
     target = make_target(name, redis_url, sizes.worker_threads)
+    data = PAYLOAD.decode()
     try:
-        target.send(0, key_for(0, keys))
+        target.send(0, key_for(0, keys), data)
         before = used_memory(redis_url)
         for index in range(1, sizes.memory_messages):
-            target.send(index, key_for(index, keys))
+            target.send(index, key_for(index, keys), data)
         after = used_memory(redis_url)
     finally:
         target.close()

@@ -27,7 +27,8 @@ class Sizes:
     name: str
     raw_pairs: int  # raw Redis LPUSH/RPOP pairs
     engine_messages: int  # per backend, enqueue_many then lease+ack
-    batch: int  # messages per enqueue_many / lease call
+    batch: int  # messages per enqueue_many call (and per lease call in the scaling rows)
+    lease_batch: int  # messages per lease call of the engine's full cycle (issue 11, goal 3)
     repeats: int  # engine figures are the best of this many rounds
     single_messages: int  # per backend, one message per call (what a task-queue worker does)
     scaling_keys: tuple[int, ...]
@@ -50,6 +51,7 @@ TINY = Sizes(
     raw_pairs=200,
     engine_messages=200,
     batch=50,
+    lease_batch=20,
     repeats=1,
     single_messages=50,
     scaling_keys=(2, 60),
@@ -70,8 +72,9 @@ TINY = Sizes(
 QUICK = Sizes(
     name="quick",
     raw_pairs=50_000,
-    engine_messages=20_000,
+    engine_messages=10_000,
     batch=500,
+    lease_batch=100,
     repeats=3,
     single_messages=3_000,
     scaling_keys=(10, 1_000, 10_000, 100_000),
@@ -94,6 +97,7 @@ FULL = Sizes(
     raw_pairs=200_000,
     engine_messages=100_000,
     batch=500,
+    lease_batch=100,
     repeats=3,
     single_messages=10_000,
     scaling_keys=(10, 1_000, 10_000, 100_000),

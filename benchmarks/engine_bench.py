@@ -4,8 +4,8 @@ The limit: pipelined ``LPUSH`` then pipelined ``RPOP`` of the same payloads on t
 Redis server. No queue with atomic leases can beat it, so the engine's figures are quoted
 as a fraction of it.
 
-Engine rates: ``enqueue_many`` in batches, then ``lease(limit=batch)`` + ``ack_many`` until
-the queue is empty. A *round trip* rate counts each message once for both halves
+Engine rates: ``enqueue_many`` in batches of ``batch``, then ``lease(limit=lease_batch)`` +
+``ack_many`` until the queue is empty (issue 11's full cycle: 500, 100). A *round trip* rate counts each message once for both halves
 (messages / (enqueue time + drain time)), comparable with the raw LPUSH+RPOP pair rate.
 """
 
@@ -23,6 +23,7 @@ from sharded_broker import Message
 
 from .common import PAYLOAD, Sizes, flush, rate, redis_client, stopwatch, used_memory
 from .profiling import summary
+from .server_cost import ServerMeter
 
 QUEUE = "bench"
 _store_names = itertools.count()
@@ -190,14 +191,17 @@ def per_key_for(keys: int | None, batch: int) -> int:
     return 1 if keys is None else max(1, batch // keys)
 
 
-def engine_rates(url: str, count: int, keys: int | None, batch: int, repeats: int) -> dict[str, Any]:
-    """Enqueue ``count`` messages over ``keys`` keys, then drain them (best of ``repeats``)."""
+def engine_rates(url: str, count: int, keys: int | None, batch: int, lease_batch: int, repeats: int) -> dict[str, Any]:
+    """Enqueue ``count`` messages over ``keys`` keys, ``batch`` per call, then drain them,
+    ``lease_batch`` per lease call, each call's leases acked in one ``ack_many`` (best of
+    ``repeats``)."""
     messages = keyed_messages(count, keys)
+    per_key = per_key_for(keys, lease_batch)
     with sharded_broker.connect(url) as broker:
         enqueue_seconds, drain_seconds = best_of(
             repeats,
             lambda: enqueue_all(broker, messages, batch),
-            lambda: drain(broker, count, batch, per_key_for(keys, batch)),
+            lambda: drain(broker, count, lease_batch, per_key),
         )
         left = broker.stats(QUEUE)
     if left.ready or left.leased:
@@ -205,7 +209,9 @@ def engine_rates(url: str, count: int, keys: int | None, batch: int, repeats: in
     return {
         "messages": count,
         "keys": keys,
-        "per_key": per_key_for(keys, batch),
+        "batch": batch,
+        "lease_batch": lease_batch,
+        "per_key": per_key,
         "enqueue_per_s": rate(count, enqueue_seconds),
         "drain_per_s": rate(count, drain_seconds),
         "round_trip_per_s": rate(count, enqueue_seconds + drain_seconds),
@@ -246,7 +252,9 @@ def engine_vs_limit(
     figures: dict[str, Any] = {}
     for name, fresh_url in backends:
         for label, key_count in (("unkeyed", None), ("keyed", keys)):
-            result = engine_rates(fresh_url(), sizes.engine_messages, key_count, sizes.batch, sizes.repeats)
+            result = engine_rates(
+                fresh_url(), sizes.engine_messages, key_count, sizes.batch, sizes.lease_batch, sizes.repeats
+            )
             for what in ("enqueue_per_s", "drain_per_s", "round_trip_per_s"):
                 result[f"{what[:-6]}_fraction_of_limit"] = round(result[what] / limit[what], 4)
             figures[f"{name}/{label}"] = result
@@ -322,20 +330,16 @@ def scaling(
 
 @contextmanager
 def server_time(redis_url: str | None) -> Iterator[list[float]]:
-    """Microseconds the Redis server spent executing commands inside the block (from
-    ``INFO commandstats``); stays 0 without a server."""
+    """Microseconds the Redis server spent executing the commands the block caused, each
+    counted once (top-level commands, see :mod:`benchmarks.server_cost`); stays 0
+    without a server."""
     spent = [0.0]
     if redis_url is None:
         yield spent
         return
-    client = redis_client(redis_url)
-    try:
-        client.config_resetstat()
+    with ServerMeter(redis_url) as meter:
         yield spent
-        stats = client.info("commandstats")
-        spent[0] = float(sum(entry["usec"] for entry in stats.values()))
-    finally:
-        client.close()
+    spent[0] = meter.usec
 
 
 def profile_sample(broker: sharded_broker.Broker, keys: int, backlog: int, sizes: Sizes, per_key: int) -> dict[str, str]:

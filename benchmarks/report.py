@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,19 +82,128 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def goals(results: Results) -> list[str]:
-    """One sentence per goal of issue 6: met or missed, with the figures."""
-    verdicts = []
-    adapters = results.sections.get("adapters", {})
+@dataclass(frozen=True)
+class Goal:
+    """One goal of issue 11 as measured in a run; ``met`` is None when not measured."""
+
+    number: int
+    what: str
+    measured: str
+    target: str
+    met: bool | None
+
+    @property
+    def verdict(self) -> str:
+        return "not measured" if self.met is None else "met" if self.met else "MISSED"
+
+
+def _ratio(value: float | None, base: float | None) -> float | None:
+    return None if value is None or not base else value / base
+
+
+def _check(number: int, what: str, value: float | None, target: float, *, at_most: bool,
+           shown: str | None = None, unit: str = "x", why_missing: str = "not in this run") -> Goal:
+    """A goal comparing ``value`` with ``target`` (``at_most``: value <= target)."""
+    sign = "<=" if at_most else ">="
+    target_text = f"{sign} {target:,.2f}{unit}" if unit == "x" else f"{sign} {target:,.0f}{unit}"
+    if value is None:
+        return Goal(number, what, why_missing, target_text, None)
+    met = value <= target if at_most else value >= target
+    text = shown or (f"{value:.2f}x" if unit == "x" else f"{value:,.0f}{unit}")
+    return Goal(number, what, text, target_text, met)
+
+
+def server_rows(results: Results) -> dict[str, dict[str, Any]]:
+    """Redis server cost per task of each adapter run ('target/label' -> phases)."""
+    return {name: row["server"] for name, row in results.sections.get("adapters", {}).items() if "server" in row}
+
+
+def goal_rows(results: Results) -> list[Goal]:
+    """Every goal of issue 11 (1-5) with its measured value, target and verdict."""
+    s = results.sections
+    rows: list[Goal] = []
+    adapters = s.get("adapters", {})
+    server = server_rows(results)
+    # 1. Redis server time per message, send + fetch + ack, top-level commandstats.
     for sharded, plain in PLAIN_OF.items():
-        keyed = adapters.get(f"{sharded}/keyed")
-        base = adapters.get(f"{plain}/keyed")
-        if keyed and base:
-            ratio = keyed["drain_per_s"] / base["drain_per_s"]
-            verdict = "met" if ratio >= 1.0 else "MISSED"
-            verdicts.append(
-                f"keyed drain >= 1.0x plain broker, {sharded} vs {plain}: {ratio:.2f}x ({verdict})"
-            )
+        for label, target in (("keyed", 1.25 if sharded.startswith("dramatiq") else 1.0), ("unkeyed", 1.0)):
+            mine, base = server.get(f"{sharded}/{label}"), server.get(f"{plain}/{label}")
+            ratio = cpu = None
+            if mine and base:
+                ratio = _ratio(mine["total"]["server_us"], base["total"]["server_us"])
+                cpu = _ratio(mine["total"]["cpu_us"], base["total"]["cpu_us"])
+            shown = None if ratio is None else (
+                f"{ratio:.2f}x ({mine['total']['server_us']:.0f} vs {base['total']['server_us']:.0f} us; "
+                f"CPU {cpu:.2f}x)" if cpu is not None else f"{ratio:.2f}x")
+            rows.append(_check(1, f"server time {label}, {sharded} / {plain}", ratio, target, at_most=True, shown=shown))
+    # 2. Adapters: enqueue and drain rates against the plain broker of the same framework.
+    for sharded, plain in PLAIN_OF.items():
+        for label in ("keyed", "unkeyed"):
+            mine, base = adapters.get(f"{sharded}/{label}"), adapters.get(f"{plain}/{label}")
+            for what, name, target in (("enqueue_per_s", "enqueue", 1.0), ("drain_per_s", "drain", 1.2)):
+                ratio = _ratio(mine[what], base[what]) if mine and base else None
+                rows.append(_check(2, f"{name} {label}, {sharded} / {plain}", ratio, target, at_most=False))
+    # 3. The engine on Redis from one Python process.
+    engine = s.get("engine", {})
+    cycle = engine.get("redis/keyed")
+    rows.append(_check(
+        3, f"engine full cycle, redis, {cycle['keys']:,} keys (enqueue_many {cycle['batch']}, "
+           f"lease {cycle['lease_batch']}, ack_many)" if cycle and "lease_batch" in cycle else "engine full cycle, redis",
+        cycle["round_trip_per_s"] if cycle else None, 50_000, at_most=False, unit=" msgs/s"))
+    single = engine.get("redis/keyed, one per call")
+    rows.append(_check(3, "engine one per call, redis / raw unpipelined LPUSH+RPOP",
+                       single["round_trip_fraction_of_limit"] if single else None, 0.5, at_most=False))
+    for what in WHAT:
+        rows.append(_keys_goal(results, what))
+    # 4. Redis bytes per queued keyed message through the adapters.
+    memory = s.get("redis_memory", {})
+    for sharded, plain in PLAIN_OF.items():
+        mine, base = memory.get(f"{sharded} (keyed)"), memory.get(plain)
+        ratio = _ratio(mine, base)
+        shown = None if ratio is None else f"{ratio:.2f}x ({mine:,.0f} vs {base:,.0f} B)"
+        rows.append(_check(4, f"Redis bytes per keyed message, {sharded} / {plain}", ratio, 1.0, at_most=True,
+                           shown=shown))
+    # 5. SQLite and memory backends.
+    now, then = engine.get("sqlite/keyed, one per call"), s.get("baseline")
+    ratio = _ratio(now["round_trip_per_s"], then["round_trip_per_s"]) if now and then else None
+    rows.append(_check(5, f"sqlite one per call full cycle / {then['revision'] if then else 'baseline'}'s", ratio,
+                       2.0, at_most=False))
+    for backend in ("memory", "sqlite"):
+        for what in WHAT:
+            rows.append(_check(5, f"{backend} {WHAT[what]} at a 1,000,000 backlog / smallest backlog",
+                               _backlog_ratio(results, backend, what), 0.8, at_most=False,
+                               why_missing="no 1,000,000 backlog in this mode (make bench-full)"))
+    return rows
+
+
+def _keys_goal(results: Results, what: str) -> Goal:
+    """Goal 3's 100,000 keys against 10 keys, on the smallest backlog of the scaling rows."""
+    rows = [r for r in results.sections.get("scaling", {}).values() if r["backend"] == "redis"]
+    backlog = min((r["backlog"] for r in rows), default=None)
+    by_keys = {r["keys"]: r for r in rows if r["backlog"] == backlog}
+    many, few = by_keys.get(100_000), by_keys.get(10)
+    ratio = _ratio(many[what], few[what]) if many and few else None
+    shown = None if ratio is None else (
+        f"{ratio:.2f}x ({many[what]:,.0f} vs {few[what]:,.0f}/s; per_key {many['per_key']} vs {few['per_key']})")
+    return _check(3, f"engine {WHAT[what]}, redis, 100,000 keys / 10 keys", ratio, 0.8, at_most=False,
+                  shown=shown, why_missing="no 10 and 100,000 key rows")
+
+
+def _backlog_ratio(results: Results, backend: str, what: str) -> float | None:
+    """Slowest over the key counts of (rate at a 1,000,000 backlog / rate at the smallest)."""
+    rows = [r for r in results.sections.get("scaling", {}).values() if r["backend"] == backend]
+    smallest = min((r["backlog"] for r in rows), default=None)
+    if smallest is None or smallest >= 1_000_000:
+        return None
+    small = {r["keys"]: r[what] for r in rows if r["backlog"] == smallest}
+    big = {r["keys"]: r[what] for r in rows if r["backlog"] == 1_000_000}
+    ratios = [big[keys] / small[keys] for keys in big if small.get(keys)]
+    return min(ratios) if ratios else None
+
+
+def goals(results: Results) -> list[str]:
+    """One line per goal of issue 11 and per flatness check: met or missed, with the figures."""
+    verdicts = [f"goal {g.number}: {g.what}: {g.measured} (target {g.target}; {g.verdict})" for g in goal_rows(results)]
     for backend, what, rows, flatness in flatness_by_backend(results):
         verdict = "flat" if flatness >= FLAT_ENOUGH else "NOT FLAT"
         configs = ", ".join(f"{r['keys']:,} keys/{r['backlog']:,} backlog" for r in rows)
@@ -108,6 +218,44 @@ def table(results: Results) -> str:
     """Every section of the run as Markdown tables, with the goals' verdicts."""
     s = results.sections
     out: list[str] = []
+    server = server_rows(results)
+    if server:
+        out += ["", "### Redis server cost per task through the adapters (µs per task; ratio = sharded / plain, "
+                "same run, same server)", "",
+                "Server time: INFO commandstats usec of the top-level commands only (a script's or EXEC's "
+                "commands are inside its usec; see docs/benchmarks.md). CPU: the server main thread's "
+                "used_cpu_user + used_cpu_sys, an independent measure that also covers network I/O.", ""]
+        rows = []
+        for name, phases in server.items():
+            target, _, label = name.rpartition("/")
+            base = server.get(f"{PLAIN_OF.get(target, target)}/{label}")
+            send, fetch, total = phases["send"], phases["fetch_ack"], phases["total"]
+            rows.append([
+                target, label, send["server_us"], fetch["server_us"], total["server_us"],
+                round(_ratio(total["server_us"], base["total"]["server_us"]) or 0, 2) if base else None,
+                send["cpu_us"], fetch["cpu_us"], total["cpu_us"],
+                round(_ratio(total["cpu_us"], base["total"]["cpu_us"]) or 0, 2) if base else None,
+                total["commands_sent"], total["naive_sum_us"],
+            ])
+        out += _table(["broker", "tasks", "send µs", "fetch+ack µs", "total µs", "ratio", "CPU send µs",
+                       "CPU fetch+ack µs", "CPU total µs", "CPU ratio", "commands sent", "plain sum µs"], rows)
+        out += ["", "(plain sum: every commandstats line added up, nested commands twice: what not to quote.)"]
+        out += ["", "Where the server time goes (top-level commands per task: calls, µs; the four costliest):", ""]
+        rows = []
+        for name, phases in server.items():
+            target, _, label = name.rpartition("/")
+            for phase in ("send", "fetch_ack"):
+                commands = list(phases[phase].get("by_command", {}).items())[:4]
+                rows.append([target, label, phase.replace("_", "+"), ", ".join(
+                    f"{command} {cost['calls']:.2f}x {cost['us']:.1f} µs" for command, cost in commands)])
+        out += _table(["broker", "tasks", "phase", "commands"], rows)
+    nesting = s.get("commandstats_nesting")
+    if nesting:
+        script, transaction = nesting["script"], nesting["transaction"]
+        out += ["", f"Checked on this server: one EVAL of {script['nested_calls']:,} SETs took "
+                    f"{script['eval_usec']:,} µs, its nested SETs {script['nested_set_usec']:,} µs counted again "
+                    f"under set; one EXEC of {transaction['nested_calls']:,} SETs {transaction['exec_usec']:,} µs, "
+                    f"its SETs {transaction['nested_set_usec']:,} µs."]
     adapters = s.get("adapters")
     if adapters:
         out += ["", "### Adapters vs plain brokers (tasks/s; ratio = sharded / plain, same run)", ""]
@@ -171,9 +319,14 @@ def table(results: Results) -> str:
             rows.append(["SharQ enqueue", seed["enqueue_per_s"], twin["enqueue_per_s"], sharq["enqueue_ratio"]])
             rows.append(["SharQ dequeue+finish", seed["dequeue_finish_per_s"], twin["dequeue_finish_per_s"], sharq["dequeue_finish_ratio"]])
         out += _table(["workload", "seed/s", "sharded-broker/s", "ratio"], rows)
-    verdicts = goals(results)
-    if verdicts:
-        out += ["", "### Goals", ""] + [f"- {v}" for v in verdicts]
+    goal_table = goal_rows(results)
+    if goal_table:
+        out += ["", "### Goals of issue 11 (this run)", ""]
+        out += _table(["goal", "what", "measured", "target", "verdict"],
+                      [[g.number, g.what, g.measured, g.target, g.verdict] for g in goal_table])
+    flatness = goals(results)[len(goal_table):]
+    if flatness:
+        out += ["", "### Flat scaling (per_key 1 rows)", ""] + [f"- {v}" for v in flatness]
     if results.skipped:
         out += ["", "### Not measured in this run", ""] + [f"- {k}: {v}" for k, v in results.skipped.items()]
     return "\n".join(out).lstrip("\n")

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from . import adapters, engine_bench, report, seeds
+from . import adapters, baseline, engine_bench, report, seeds, server_cost
 from .common import MODES, ROOT, RedisServer, Results, Sizes, redis_client
 from .profiling import summary
 
@@ -92,11 +92,14 @@ class Run:
         return figures
 
     def engine_sections(self) -> None:
+        self.section("commandstats_nesting", lambda: server_cost.nesting_check(self.redis_url))
         with engine_bench.workdir() as workdir:
             backends = engine_bench.available_backends(self.redis_url, workdir, self.results.skipped)
             limit = self.section("raw_redis_limit", lambda: engine_bench.raw_redis_limit(self.redis_url, self.sizes))
             if limit:
                 self.section("engine", lambda: engine_bench.engine_vs_limit(backends, limit, self.sizes, self.sizes.adapter_keys))
+            if any(name == "sqlite" for name, _ in backends):
+                self.section("baseline", lambda: baseline.sqlite_one_per_call(self.sizes, self.sizes.adapter_keys))
             profiles: dict[str, Any] | None = {} if self.profile else None
             rows: dict[str, Any] = {}
             try:

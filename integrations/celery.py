@@ -70,18 +70,20 @@ from typing import Any, Callable, Mapping
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from kombu.serialization import loads as deserialize
-from kombu.transport import TRANSPORT_ALIASES, virtual
+from kombu.transport import virtual
 from kombu.utils.json import dumps as json_dumps
 from kombu.utils.json import loads as json_loads
 from kombu.utils.uuid import uuid
 
 import sharded_broker
 from sharded_broker import validation as check
-from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
+from sharded_broker.broker import relative_path_warning
+from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
+from sharded_broker.group_commit import AckGroup
 from sharded_broker.heartbeat import extend_before_deadline
 from sharded_broker.models import QUEUE_SETTING_NAMES, Lease
 
-from .kombu_alias import ALIAS, TRANSPORT
+from .kombu_alias import ALIAS, install
 
 __all__ = ["Channel", "Transport", "register", "SHARD_KEY_HEADER"]
 
@@ -95,6 +97,15 @@ MAX_LEASE_BATCH = 10
 
 #: Longest wait, on closing, for a lease heartbeat in flight (one backend call).
 HEARTBEAT_JOIN_TIMEOUT = 5.0
+
+# Engine URLs whose relative SQLite path this process has warned about (once each).
+_warned_relative_urls: set[str] = set()
+_warned_relative_lock = threading.Lock()
+
+#: Least time between two looks at the remote-control queues when a drain starts (an
+#: idle loop spends at most about 100 lease calls a second on them); every batch of
+#: tasks leased is also preceded by one look, so a revoke published first wins.
+CONTROL_CHECK_INTERVAL = 0.01
 
 # Transport options of this transport (beyond the engine's queue settings).
 OWN_OPTIONS = frozenset({"shard_keys", "polling_interval", "heartbeat_interval"})
@@ -118,13 +129,14 @@ REDIS_OPTION_HINTS = {
 
 
 def register() -> None:
-    """Register the ``sharded`` alias with kombu by hand.
+    """Register the ``sharded`` alias with kombu, and the check of ``shard_key`` task
+    options at declaration with Celery, by hand.
 
     Needed only where the ``.pth`` hook installed with the package does not run (for
     example when the source tree is on ``PYTHONPATH`` without ``pip install``). Importing
-    this module registers too.
+    this module registers too; tasks declared before that are checked at their first call.
     """
-    TRANSPORT_ALIASES.setdefault(ALIAS, TRANSPORT)
+    install()
 
 
 register()
@@ -440,6 +452,7 @@ class Channel(virtual.Channel):
     # consuming
 
     def basic_consume(self, queue, no_ack, callback, consumer_tag, **kwargs):
+        _warn_once_if_relative(self.connection.engine_url)
         if no_ack:
             self._noack_queues.add(queue)
         return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
@@ -492,9 +505,14 @@ class Channel(virtual.Channel):
         limit = MAX_LEASE_BATCH if room is None else min(room, MAX_LEASE_BATCH)
         if not limit:
             raise Empty()
-        messages = self._lease(queue, limit, queue in self._noack_queues)
+        control = queue in self._noack_queues
+        messages = self._lease(queue, limit, control)
         if not messages:
             raise Empty()
+        if not control:
+            # A revoke published before these tasks is stored before them: handled
+            # first, it finds them still to come, so it wins the race.
+            self.connection._deliver_control_messages(every_time=True)
         for message in messages:
             callback(message, queue)
 
@@ -573,7 +591,9 @@ class Channel(virtual.Channel):
     def basic_ack(self, delivery_tag, multiple=False):
         lease, kept = self._take_lease(delivery_tag)
         try:
-            if lease is not None and not self.broker.ack(lease):
+            # Pool threads ack concurrently: the transport's AckGroup sends acks that arrive
+            # while one is in flight together, in one ack_many.
+            if lease is not None and not self.connection.acks.ack(lease):
                 self._warn_fenced(lease)
             elif lease is None:
                 with self._leases_lock:
@@ -634,6 +654,19 @@ class Channel(virtual.Channel):
         if transport is not None and given_back:
             _release_leases(transport.broker, given_back)
         super().close()
+
+
+def _warn_once_if_relative(url: str) -> None:
+    """Log, once per process and URL, that a consumer's SQLite path is relative: its
+    producers may be using another file without anyone noticing."""
+    warning = relative_path_warning(url)
+    if warning is None:
+        return
+    with _warned_relative_lock:
+        if url in _warned_relative_urls:
+            return
+        _warned_relative_urls.add(url)
+    logger.warning("%s", warning)
 
 
 def _release_leases(broker: sharded_broker.Broker, leases: list[Lease]) -> None:
@@ -734,12 +767,18 @@ class Transport(virtual.Transport):
     def __init__(self, client, **kwargs: Any) -> None:
         options = dict(client.transport_options or {})
         self.engine_url = engine_url(client)
-        sharded_broker.broker.backend_class(self.engine_url)  # unknown scheme: fail now
+        try:
+            sharded_broker.broker.backend_class(self.engine_url)  # unknown scheme: fail now
+        except InvalidURL as exc:
+            raise InvalidURL(f"broker URL {ALIAS}+{sharded_broker.redact_url(self.engine_url)}: {exc}") from None
         self.shard_keys, self.heartbeat_interval, self.engine_options = _split_options(options)
         self.engine_options.update(_ssl_options(client, self.engine_url))
         super().__init__(client, **kwargs)
         try:
             self.broker = sharded_broker.connect(self.engine_url, **self.engine_options)
+        except InvalidURL as exc:
+            # The URL (or the file it names) is the problem, not the transport options.
+            raise InvalidURL(f"broker URL {ALIAS}+{sharded_broker.redact_url(self.engine_url)}: {exc}") from None
         except ConfigurationError as exc:
             raise ConfigurationError(
                 f"broker_transport_options: {exc} (sharded+ transport options: "
@@ -761,6 +800,10 @@ class Transport(virtual.Transport):
                 f"the shortest visibility_timeout {self.visibility_timeout:g} (leases would expire "
                 f"between beats and long tasks run twice); the default is a third of it"
             )
+        # Pool threads ack concurrently: acks arriving while one is in flight go together.
+        self.acks = AckGroup(self.broker)
+        _connect_worker_init()  # Celery may have been imported after this module
+        self._control_checked_at = 0.0
         self._heartbeat: _Heartbeat | None = None
         self._heartbeat_lock = threading.Lock()
         # Channels that leased messages: open ones, and closed ones keeping the leases of
@@ -779,6 +822,11 @@ class Transport(virtual.Transport):
             if self._heartbeat is None:
                 self._heartbeat = _Heartbeat(self)
                 self._heartbeat.start()
+
+    # verify_connection is kombu's default (True, no backend call), as for kombu's redis://
+    # transport: kombu asks it on every publish, where a round trip doubled the calls per
+    # message. A backend that went away shows as BackendUnavailable, a connection error,
+    # on the next operation, and kombu's retries handle that.
 
     def lease_channels(self) -> list[Channel]:
         """The channels whose leases the heartbeat extends; closed channels without kept
@@ -832,6 +880,8 @@ class Transport(virtual.Transport):
         while True:
             if _celery_worker_stopping():
                 raise socket.timeout()
+            if self._deliver_control_messages():
+                return
             try:
                 self.cycle.get(self._deliver, timeout=timeout)
                 return
@@ -843,29 +893,47 @@ class Transport(virtual.Transport):
             pause = self.polling_interval if remaining is None else min(self.polling_interval, remaining)
             self._wait_for_work(pause)
 
-    def _wait_for_work(self, seconds: float) -> None:
-        """Block up to ``seconds``; the backend returns early when a message may have come."""
-        for channel in self.channels:
-            if channel._active_queues:
-                self.broker.backend.wait(channel._active_queues[0], seconds)
-                return
-        time.sleep(seconds)
+    def _deliver_control_messages(self, every_time: bool = False) -> bool:
+        """Deliver waiting remote-control messages (the queues consumed with ``no_ack``:
+        Celery's pidbox and reply queues) ahead of tasks; True when some were delivered.
 
-    def verify_connection(self, connection) -> bool:
-        try:
-            self.broker.now()
-        except BackendUnavailable:
+        So ``ping``, ``inspect`` and ``revoke`` are answered before the tasks queued with
+        them run, and a ``revoke`` sent just before the task it names wins the race.
+        Without ``every_time``, at most once per ``CONTROL_CHECK_INTERVAL``.
+        """
+        now = time.monotonic()
+        if not every_time and now - self._control_checked_at < CONTROL_CHECK_INTERVAL:
             return False
-        return True
+        self._control_checked_at = now
+        delivered = False
+        for channel in list(self.channels):
+            for queue in [q for q in channel._active_queues if q in channel._noack_queues]:
+                try:
+                    channel._get_bulk(queue, self._deliver)
+                    delivered = True
+                except Empty:
+                    pass
+        return delivered
+
+    def _wait_for_work(self, seconds: float) -> None:
+        """Block up to ``seconds`` in one backend call over every queue consumed (the
+        remote-control queue included); it returns early when a message may have come."""
+        queues = sorted({queue for channel in self.channels for queue in channel._active_queues})
+        if queues:
+            self.broker.backend.wait_any(queues, seconds)
+        else:
+            time.sleep(seconds)
 
     def driver_version(self) -> str:
         return sharded_broker.__version__
 
     @classmethod
     def as_uri(cls, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        """The broker URL; for display (the worker banner, logs) without the password and
+        with a SQLite file by its absolute path, so a relative path shows where it led."""
         if include_password:
             return f"{ALIAS}+{uri}"
-        return f"{ALIAS}+{sharded_broker.redact_url(uri).replace('***', mask)}"
+        return f"{ALIAS}+{sharded_broker.display_url(uri).replace('***', mask)}"
 
 
 def _celery_requests_by_tag(leases: Mapping[str, Lease]) -> dict[str, Callable[[], Any]]:
@@ -925,7 +993,7 @@ def engine_url(client) -> str:
     """
     url = client.hostname or ""
     if "://" not in url:
-        raise ConfigurationError(
+        raise InvalidURL(
             f"broker URL must be sharded+<engine URL>, e.g. sharded+redis://localhost:6379/0, "
             f"sharded+sqlite:///q.db or sharded+memory://; got engine URL {url!r}"
         )
@@ -975,6 +1043,38 @@ def _split_options(options: dict[str, Any]) -> tuple[ShardKeyResolver, float | N
     # and the backend's own options. The backend refuses, naming it, any option it does
     # not know: that is how an unknown transport option is reported.
     return resolver, heartbeat, options
+
+
+# -- Celery: control replies while the pool is busy -----------------------------------------
+
+
+def _free_the_consumer_from_a_busy_pool(sender: Any = None, **_: Any) -> None:
+    """``worker_init``: a worker on this transport does not wait for a free pool slot
+    before taking its next message.
+
+    The transport has no event loop, so Celery runs its blocking loop, where a pool
+    with "putlocks" (the default) blocks the consumer's only thread until a process is
+    free: remote-control messages (``ping``, ``inspect``, ``revoke``) then wait behind
+    busy tasks. Without them, delivered tasks wait in the pool's own queue instead (as
+    many as the prefetch limit allows) and control replies go out at once. Celery reads
+    the setting before this transport loads, so the worker's own attribute is changed,
+    before its Pool step is built.
+    """
+    app = getattr(sender, "app", None)
+    urls = [app.conf.get("broker_url"), app.conf.get("broker_read_url")] if app is not None else []
+    if any(isinstance(url, str) and url.lower().startswith(f"{ALIAS}+") for url in urls):
+        sender.pool_putlocks = False
+
+
+def _connect_worker_init() -> None:
+    if "celery" not in sys.modules:
+        return  # kombu used without Celery
+    from celery.signals import worker_init
+
+    worker_init.connect(_free_the_consumer_from_a_busy_pool, weak=False, dispatch_uid="sharded-broker-putlocks")
+
+
+_connect_worker_init()
 
 
 # -- Celery: order under the default task_acks_late=False ----------------------------------

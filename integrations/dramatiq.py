@@ -28,7 +28,12 @@ What this broker guarantees on top of Dramatiq's Broker contract:
   goes to the tail instead, leaving the key free).
 * **Failures are dead letters.** A message the worker rejects (retries exhausted,
   ``throws``, ``AgeLimit``, unknown actor, undecodable payload) moves to the engine's
-  dead-letter list with its reason; see :attr:`ShardedBroker.dead_letters`.
+  dead-letter list with its reason; see :attr:`ShardedBroker.dead_messages`.
+* **StubBroker's test contract.** ``join(queue, fail_fast=...)`` re-raises an actor's
+  own exception (default ``fail_fast_default``: True on Dramatiq 2, False on 1.x, as
+  ``StubBroker``), ``dead_letters`` and ``dead_letters_by_queue`` list message proxies
+  equal to the messages sent, and ``flush``/``flush_all`` empty queues, so a test suite
+  switches from ``StubBroker()`` to ``ShardedBroker(url="memory://")`` unchanged.
 * **Delays live in the broker.** ``delay`` is stored in the engine, not in a worker's
   memory; delivered messages never carry an ``eta`` option (which would make the
   Worker hold them in memory and re-enqueue them at the tail).
@@ -56,18 +61,20 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import dramatiq
-from dramatiq.common import current_millis, q_name
+from dramatiq.common import current_millis, dq_name, q_name
 from dramatiq.errors import ConnectionClosed, DramatiqError, QueueJoinTimeout, QueueNotFound
 from dramatiq.logging import get_logger
 from dramatiq.middleware import Middleware, MiddlewareError
 
 import sharded_broker
 from sharded_broker import validation
-from sharded_broker.broker import MAX_LEASE_LIMIT
-from sharded_broker.errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
+from sharded_broker.broker import MAX_LEASE_LIMIT, relative_path_warning
+from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
+from sharded_broker.group_commit import AckGroup
 from sharded_broker.heartbeat import extend_before_deadline
 
 __all__ = [
+    "DeadLetterMessage",
     "DeadMessage",
     "MessageDeadLettered",
     "ShardKeyError",
@@ -81,10 +88,8 @@ __all__ = [
 #: ``None`` for an unkeyed message).
 ShardKeySource = Union[str, Callable[[tuple, dict], Union[str, int, None]]]
 
-# Exceptions kept for join(fail_fast=True) to re-raise; bounded because each one holds
-# a traceback and a production worker never joins.
-MAX_REMEMBERED_FAILURES = 100
 MAX_REASON_LENGTH = 2000
+_DRAMATIQ_MAJOR = int(dramatiq.__version__.split(".")[0])
 JOIN_POLL_INTERVAL = 0.05
 
 
@@ -118,6 +123,30 @@ class DeadMessage:
     reason: str
     attempts: int
     died_at: float
+
+
+# Broker URLs this process has announced it consumes from (ShardedBroker.consume).
+_ANNOUNCED_URLS: set[str] = set()
+_ANNOUNCED_LOCK = threading.Lock()
+
+
+class DeadLetterMessage(dramatiq.MessageProxy):
+    """A dead letter as ``StubBroker.dead_letters`` lists it: a message proxy equal to the
+    message that was sent (``dead_letters == [message]``), its attributes read through
+    (``.args``, ``.options``), ``failed`` set, and ``_exception`` the actor's exception when
+    this process holds it for :meth:`ShardedBroker.join`. ``dead`` is the engine's view
+    (reason, attempts, time of death, engine id).
+
+    The message is the one stored when it was last enqueued: options a middleware changed
+    in memory during its last attempt (``Retries`` counts ``retries`` and writes
+    ``traceback``) are not in it; the dead letter's ``reason`` names the retries.
+    """
+
+    def __init__(self, message: dramatiq.Message, dead: DeadMessage, exception: Optional[BaseException]) -> None:
+        super().__init__(message)
+        self.failed = True
+        self.dead = dead
+        self._exception = exception
 
 
 class ShardKeys(Middleware):
@@ -161,14 +190,18 @@ class ShardedBroker(dramatiq.Broker):
         Workers extend the leases of the messages they hold every third of it, so it
         bounds how long the messages of a dead worker wait, not how long a task may run.
       middleware: as for :class:`dramatiq.Broker`; :class:`ShardKeys` is always added.
+      fail_fast_default: what :meth:`join` does without ``fail_fast``, as on
+        ``StubBroker``; ``None`` (the default) follows the installed Dramatiq: True from
+        2.0, False before.
       **engine_options: queue settings and backend options passed to
         :func:`sharded_broker.connect` (``max_deliveries``, ``key_concurrency``,
         ``interval``, ``retry_position``, ``queues={name: {...}}``, ...).
 
     Dramatiq's ``priority`` keeps its meaning (lower numbers run first): within a key,
-    messages of a lower-priority-number actor are delivered first. There are no delay
-    queues (``get_declared_delay_queues()`` is empty): delayed messages wait inside the
-    engine, in their own queue. ``engine`` is the underlying
+    messages of a lower-priority-number actor are delivered first. Every queue has its
+    ``.DQ`` name declared (``get_declared_delay_queues()``, as Dramatiq's brokers do), but
+    delayed messages wait inside the engine, in their own queue: a consumer of a ``.DQ``
+    name never delivers anything. ``engine`` is the underlying
     :class:`sharded_broker.Broker`, for stats, pause/resume, intervals and replay.
     """
 
@@ -178,6 +211,7 @@ class ShardedBroker(dramatiq.Broker):
         *,
         visibility_timeout: float = 30.0,
         middleware: Optional[list[Middleware]] = None,
+        fail_fast_default: Optional[bool] = None,
         **engine_options: Any,
     ) -> None:
         self.engine = sharded_broker.connect(url, visibility_timeout=visibility_timeout, **engine_options)
@@ -185,7 +219,19 @@ class ShardedBroker(dramatiq.Broker):
         self.url = url
         self.queues: set[str] = set()
         self._leases = _LeaseKeeper(self)
-        self._failures: collections.OrderedDict[str, BaseException] = collections.OrderedDict()
+        # Worker threads ack concurrently: acks arriving while one is in flight go together.
+        self._acks = AckGroup(self.engine)
+        if fail_fast_default is None:
+            fail_fast_default = _DRAMATIQ_MAJOR >= 2
+        elif not isinstance(fail_fast_default, bool):
+            raise ConfigurationError(f"fail_fast_default must be True, False or None, not {fail_fast_default!r}")
+        self.fail_fast_default: bool = fail_fast_default
+        # The exception of the oldest dead letter this process made in each queue, with
+        # its engine id, for join(fail_fast=True) to re-raise. A join only ever raises for
+        # a queue's oldest dead letter, so one per queue is all it can want: kept while
+        # the queue has dead letters, dropped by flush_all, never one per failure (each
+        # holds a traceback and its frames, in worker processes that never join).
+        self._join_failures: dict[str, tuple[str, BaseException]] = {}
         self._failures_lock = threading.Lock()
         if not any(isinstance(m, ShardKeys) for m in self.middleware):
             self.add_middleware(ShardKeys())
@@ -203,6 +249,9 @@ class ShardedBroker(dramatiq.Broker):
         self.emit_before("declare_queue", queue_name)
         self.queues.add(queue_name)
         self.emit_after("declare_queue", queue_name)
+        delay_queue_name = dq_name(queue_name)
+        self.delay_queues.add(delay_queue_name)
+        self.emit_after("declare_delay_queue", delay_queue_name)
 
     def get_declared_queues(self) -> set[str]:
         return self.queues.copy()
@@ -262,12 +311,31 @@ class ShardedBroker(dramatiq.Broker):
         """A consumer leasing up to ``prefetch`` messages at a time (one per shard key),
         blocking up to ``timeout`` milliseconds when the queue is idle.
 
+        A ``.DQ`` name gives a consumer that only waits: the engine delivers delayed
+        messages through their own queue once due.
+
         Raises:
           QueueNotFound: the queue was never declared.
         """
+        if queue_name in self.delay_queues:
+            return _DelayQueueConsumer(timeout)
         if queue_name not in self.queues:
             raise QueueNotFound(queue_name)
+        self._announce_consuming()
         return _ShardedConsumer(self, queue_name, prefetch, timeout)
+
+    def _announce_consuming(self) -> None:
+        """Once per process and URL: which store this process consumes from (a SQLite file
+        by its absolute path), and a warning when the URL's path is relative (producers
+        started in another directory would use another file, so another queue)."""
+        with _ANNOUNCED_LOCK:
+            if self.url in _ANNOUNCED_URLS:
+                return
+            _ANNOUNCED_URLS.add(self.url)
+        self.logger.info("Consuming from %s.", sharded_broker.display_url(self.url))
+        warning = relative_path_warning(self.url)
+        if warning is not None:
+            self.logger.warning("%s.", warning)
 
     # -- inspecting and testing -----------------------------------------------------
 
@@ -276,21 +344,25 @@ class ShardedBroker(dramatiq.Broker):
         self.engine.purge(q_name(queue_name))
 
     def flush_all(self) -> None:
-        """Drop every waiting message and every dead letter of every declared queue."""
+        """Drop every waiting message and every dead letter of every declared queue, and
+        the exceptions held for :meth:`join`."""
         for queue_name in self.queues:
             self.engine.purge(queue_name)
             self.engine.purge(queue_name, dead=True)
         with self._failures_lock:
-            self._failures.clear()
+            self._join_failures.clear()
 
-    def join(self, queue_name: str, *, timeout: Optional[int] = None, fail_fast: bool = False) -> None:
-        """Wait until a queue has no ready, delayed or leased message (for tests).
+    def join(self, queue_name: str, *, timeout: Optional[int] = None, fail_fast: Optional[bool] = None) -> None:
+        """Wait until a queue has no ready, delayed or leased message (for tests), as
+        ``StubBroker.join`` does.
 
         Parameters:
           timeout: milliseconds to wait at most.
           fail_fast: then raise for the oldest dead letter of the queue, if any: the
-            actor's own exception when it failed in this process, else
-            :class:`MessageDeadLettered` with the dead letter's reason.
+            actor's own exception (``TimeLimitExceeded``, the user's error, ...) when it
+            failed in this process, as ``StubBroker`` does, else
+            :class:`MessageDeadLettered` naming the stored reason. ``None``: the
+            broker's ``fail_fast_default``.
 
         Raises:
           QueueJoinTimeout: the timeout elapsed.
@@ -307,23 +379,52 @@ class ShardedBroker(dramatiq.Broker):
             if deadline is not None and time.monotonic() >= deadline:
                 raise QueueJoinTimeout(queue_name)
             time.sleep(JOIN_POLL_INTERVAL)
+        if fail_fast is None:
+            fail_fast = self.fail_fast_default
+        oldest = self.engine.dead_letters(queue_name, limit=1)
+        if not oldest:
+            with self._failures_lock:  # its dead letter was replayed or purged meanwhile
+                self._join_failures.pop(queue_name, None)
+            return
         if fail_fast:
-            for dead in self.engine.dead_letters(queue_name, limit=1):
-                with self._failures_lock:
-                    exception = self._failures.get(dead.id)
-                if exception is not None:
-                    raise exception
-                raise MessageDeadLettered(f"message {dead.headers.get('message_id')} died: {dead.reason}")
+            exception = self._join_failure(queue_name, oldest[0].id)
+            if exception is not None:
+                raise exception from None
+            raise MessageDeadLettered(f"message {oldest[0].headers.get('message_id')} died: {oldest[0].reason}")
 
     @property
-    def dead_letters(self) -> list[DeadMessage]:
-        """Every dead letter of every declared queue, oldest death first per queue."""
+    def dead_letters(self) -> list[dramatiq.MessageProxy]:
+        """Every dead letter of every declared queue as ``StubBroker`` lists them: message
+        proxies equal to the messages sent (see :class:`DeadLetterMessage`), oldest death
+        first per queue. Undecodable payloads are only in :attr:`dead_messages`."""
+        return [proxy for proxies in self.dead_letters_by_queue.values() for proxy in proxies]
+
+    @property
+    def dead_letters_by_queue(self) -> collections.defaultdict[str, list[dramatiq.MessageProxy]]:
+        """``{queue name: its dead letters}`` for the declared queues, as on
+        ``StubBroker`` (a fresh snapshot at each read: changing it changes nothing)."""
+        by_queue: collections.defaultdict[str, list[dramatiq.MessageProxy]] = collections.defaultdict(list)
+        for queue_name in sorted(self.queues):
+            with self._failures_lock:
+                held = self._join_failures.get(queue_name)
+            for dead in self.get_dead_letters(queue_name, limit=None):
+                if dead.message is not None:
+                    exception = held[1] if held is not None and held[0] == dead.id else None
+                    by_queue[queue_name].append(DeadLetterMessage(dead.message, dead, exception))
+        return by_queue
+
+    @property
+    def dead_messages(self) -> list[DeadMessage]:
+        """The engine's view of every dead letter of every declared queue, oldest death
+        first per queue: reason, attempts, time of death and engine id, undecodable
+        payloads included (``message=None``)."""
         return [dead for queue_name in sorted(self.queues) for dead in self.get_dead_letters(queue_name, limit=None)]
 
     def get_dead_letters(
         self, queue_name: str, *, limit: Optional[int] = 100, offset: int = 0
     ) -> list[DeadMessage]:
-        """Dead letters of one queue, oldest death first (``limit=None``: all)."""
+        """Dead letters of one queue in the engine's view, oldest death first
+        (``limit=None``: all)."""
         page = 1000 if limit is None else limit
         found: list[DeadMessage] = []
         while True:
@@ -339,11 +440,19 @@ class ShardedBroker(dramatiq.Broker):
 
     # -- for the consumer -----------------------------------------------------------
 
-    def _remember_failure(self, engine_id: str, exception: BaseException) -> None:
+    def _dead_letter(self, lease: sharded_broker.Lease, reason: str, exception: Optional[BaseException]) -> None:
+        """Dead-letter a delivered message, holding its exception for :meth:`join` when
+        it is the queue's first dead letter here. Under the lock, so that a join that
+        sees the dead letter also sees its exception."""
         with self._failures_lock:
-            self._failures[engine_id] = exception
-            while len(self._failures) > MAX_REMEMBERED_FAILURES:
-                self._failures.popitem(last=False)
+            accepted = self.engine.nack(lease, dead=True, reason=reason)
+            if accepted and exception is not None and lease.queue not in self._join_failures:
+                self._join_failures[lease.queue] = (lease.id, exception)
+
+    def _join_failure(self, queue_name: str, engine_id: str) -> Optional[BaseException]:
+        with self._failures_lock:
+            held = self._join_failures.get(queue_name)
+        return held[1] if held is not None and held[0] == engine_id else None
 
 
 def resolve_shard_key(actor: Optional[dramatiq.Actor], message: dramatiq.Message) -> Optional[str]:
@@ -517,7 +626,7 @@ class _ShardedConsumer(dramatiq.Consumer):
     def ack(self, message: dramatiq.MessageProxy) -> None:
         lease = message.lease
         try:
-            accepted = self.engine.ack(lease)
+            accepted = self.broker._acks.ack(lease)
         except BackendUnavailable as exc:
             raise ConnectionClosed(exc) from exc  # the Worker retries the ack
         message.consumer._settled(lease)
@@ -529,11 +638,8 @@ class _ShardedConsumer(dramatiq.Consumer):
 
     def nack(self, message: dramatiq.MessageProxy) -> None:
         lease = message.lease
-        if message._exception is not None:
-            # Remembered first, so a join() that sees the message dead can re-raise it.
-            self.broker._remember_failure(lease.id, message._exception)
         try:
-            self.engine.nack(lease, dead=True, reason=_failure_reason(message))
+            self.broker._dead_letter(lease, _failure_reason(message), message._exception)
         except BackendUnavailable as exc:
             raise ConnectionClosed(exc) from exc
         message.consumer._settled(lease)
@@ -567,6 +673,23 @@ class _ShardedConsumer(dramatiq.Consumer):
         with self._changed:
             self._outstanding -= 1
             self._changed.notify_all()
+
+
+class _DelayQueueConsumer(dramatiq.Consumer):
+    """What a Worker gets for a ``.DQ`` name: nothing to deliver (the engine keeps delayed
+    messages and delivers them through their own queue), waiting ``timeout`` each time
+    so the Worker's consumer thread stays idle."""
+
+    def __init__(self, timeout: int) -> None:
+        self.timeout = timeout
+        self._closed = threading.Event()
+
+    def __next__(self) -> Optional[dramatiq.MessageProxy]:
+        self._closed.wait(self.timeout / 1000)
+        return None
+
+    def close(self) -> None:
+        self._closed.set()
 
 
 class _LeaseKeeper:

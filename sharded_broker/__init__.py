@@ -9,12 +9,13 @@
 """
 
 from .backend import Backend
-from .broker import Broker, connect, redact_url
+from .broker import Broker, connect, display_url, redact_url
 from .errors import (
     BackendUnavailable,
     ConfigurationError,
     InvalidArgument,
     InvalidArgumentType,
+    InvalidURL,
     ShardedBrokerError,
 )
 from .models import (
@@ -31,6 +32,7 @@ __all__ = [
     "HeadMessage",
     "InvalidArgument",
     "InvalidArgumentType",
+    "InvalidURL",
     "KeyInfo",
     "Lease",
     "LeaseResult",
@@ -40,6 +42,7 @@ __all__ = [
     "QueueStats",
     "ShardedBrokerError",
     "connect",
+    "display_url",
     "redact_url",
 ]
 __version__ = "0.1.0"

@@ -251,6 +251,10 @@ class Backend(ABC):
     def bound_queues(self, exchange: str) -> list[str]:
         """The queues bound to ``exchange``, sorted."""
 
+    #: How late a :meth:`wait` may end after its timeout (seconds). The engine sleeps
+    #: waits shorter than this itself, so a message due soon is delivered on time.
+    wait_resolution: float = 0.0
+
     @abstractmethod
     def wait(self, queue: str, timeout: float) -> None:
         """Block up to ``timeout`` seconds, returning early when work may have arrived.
@@ -258,6 +262,17 @@ class Backend(ABC):
         Must not busy-poll: a consumer waiting on an idle queue costs at most about ten
         backend calls a second.
         """
+
+    def wait_any(self, queues: Sequence[str], timeout: float) -> None:
+        """:meth:`wait` over several queues at once: return early when work may have
+        arrived in any of them (a consumer of several queues, such as a Celery worker
+        with its remote-control queue, blocks in one call).
+
+        This default suits backends whose ``wait`` wakes on any change of the store
+        (memory, SQLite); a backend that waits per queue overrides it.
+        """
+        if queues:
+            self.wait(queues[0], timeout)
 
     @abstractmethod
     def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:

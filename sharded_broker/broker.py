@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from . import validation as check
 from .backend import Backend, EventSubscription, KeySort
-from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType
+from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
 from .models import (
     DeadLetter, Event, KeyInfo, Lease, Message, MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
 )
@@ -30,17 +31,17 @@ MAX_KEYS_LIMIT = 10_000
 def backend_class(url: str) -> type[Backend]:
     """The backend class serving ``url``'s scheme."""
     if not isinstance(url, str):
-        raise ConfigurationError(f"broker URL must be a str, not {type(url).__name__}")
+        raise InvalidURL(f"broker URL must be a str, not {type(url).__name__}")
     try:
         scheme = urlsplit(url).scheme
     except ValueError as exc:
-        raise ConfigurationError(f"malformed broker URL: {exc}") from None
+        raise InvalidURL(f"malformed broker URL: {exc}") from None
     if "://" not in url or not scheme:
-        raise ConfigurationError(
+        raise InvalidURL(
             f"malformed broker URL {redact_url(url)!r}: expected scheme://..., e.g. redis://localhost:6379/0"
         )
     if scheme not in BACKENDS:
-        raise ConfigurationError(
+        raise InvalidURL(
             f"unknown URL scheme {scheme!r} in broker URL; supported: {', '.join(sorted(BACKENDS))}"
         )
     module_name, _, class_name = BACKENDS[scheme].partition(":")
@@ -64,6 +65,54 @@ def redact_url(url: str) -> str:
         return "<malformed URL>"
 
 
+def sqlite_path(url: str) -> str | None:
+    """The file a well-formed ``sqlite:///relative.db`` / ``sqlite:////absolute.db`` URL
+    names, as written (relative paths are relative to the current directory); None for
+    other URLs and for malformed ones, which the SQLite backend refuses precisely."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.scheme != "sqlite" or parts.netloc or parts.query or not parts.path.startswith("/"):
+        return None
+    return unquote(parts.path[1:]) or None
+
+
+def display_url(url: str) -> str:
+    """``url`` as logs, banners and the command line show it: no password, and a SQLite
+    file by its absolute path (``sqlite:////abs/queue.db``), so a relative path shows
+    where it led in this process."""
+    path = sqlite_path(url)
+    return f"sqlite:///{os.path.abspath(path)}" if path else redact_url(url)
+
+
+def relative_path_hint(url: str) -> str | None:
+    """For a ``sqlite:///`` URL with a relative path, how it was read and how to write an
+    absolute one (None otherwise): appended to errors about the file."""
+    path = sqlite_path(url)
+    if path is None or os.path.isabs(path):
+        return None
+    return (
+        f"sqlite:///{path} is relative to the current directory {os.getcwd()}; "
+        f"an absolute path takes four slashes: sqlite:////{path} names /{path}"
+    )
+
+
+def relative_path_warning(url: str) -> str | None:
+    """A warning for a ``sqlite:///`` URL with a relative path (None otherwise): two
+    processes started in different directories would use two different files, so two
+    queues, without a word. Adapters log it once per process that consumes."""
+    path = sqlite_path(url)
+    if path is None or os.path.isabs(path):
+        return None
+    absolute = os.path.abspath(path)
+    return (
+        f"broker URL {url} is relative to the current directory: this process uses {absolute}. "
+        f"A producer or worker started in another directory uses another file, so another queue; "
+        f"write sqlite:///{absolute} (four slashes: an absolute path) to be sure"
+    )
+
+
 def connect(url: str = "memory://", **options: Any) -> "Broker":
     """Open a broker on ``url`` (``memory://``, ``sqlite:///path.db``, ``redis://...``).
 
@@ -75,6 +124,10 @@ def connect(url: str = "memory://", **options: Any) -> "Broker":
     3600), ``key_metrics_window`` (the same for each shard key's minutes, at most
     ``metrics_window``, which is its default) and ``events`` (publish lifecycle events; default on for memory:// and redis://,
     off for sqlite://, where each event is a row written).
+
+    A malformed URL, or one naming a store that cannot serve (a SQLite file in a missing
+    directory, a file that is not a database), raises :class:`InvalidURL`, saying how a
+    relative ``sqlite:///`` path was read; a bad option raises ``ConfigurationError``.
     """
     settings_options = {k: options.pop(k) for k in list(options) if k in check.QUEUE_SETTING_NAMES}
     per_queue = options.pop("queues", None) or {}
@@ -82,7 +135,16 @@ def connect(url: str = "memory://", **options: Any) -> "Broker":
     defaults = check.queue_settings(settings_options)
     if not isinstance(per_queue, Mapping):
         raise ConfigurationError("queues must map queue names to settings")
-    backend = backend_class(url).from_url(url, **options)
+    backend_type = backend_class(url)
+    if url.startswith(("redis://", "rediss://")):
+        _check_redis_url(url)
+    try:
+        backend = backend_type.from_url(url, **options)
+    except InvalidURL as exc:
+        hint = relative_path_hint(url)
+        if hint is None:
+            raise
+        raise InvalidURL(f"{exc} ({hint})") from None
     try:
         broker = Broker(backend, defaults=defaults, max_payload_size=max_payload_size)
         for name, queue_options in per_queue.items():
@@ -91,6 +153,16 @@ def connect(url: str = "memory://", **options: Any) -> "Broker":
         backend.close()  # a refused setting must not leak the backend's connections
         raise
     return broker
+
+
+def _check_redis_url(url: str) -> None:
+    """Refuse a malformed redis URL as a URL problem, before any option is looked at."""
+    import redis.connection
+
+    try:
+        redis.connection.parse_url(url)
+    except ValueError as exc:
+        raise InvalidURL(f"malformed redis URL {redact_url(url)!r}: {exc}") from None
 
 
 class Broker:
@@ -186,8 +258,16 @@ class Broker:
             remaining = give_up_at - time.monotonic()
             if result.leases or remaining <= 0:
                 return result.leases
-            pause = remaining if result.retry_in is None else min(remaining, max(result.retry_in, 0.0))
-            self.backend.wait(queue, pause)
+            due_in = None if result.retry_in is None else max(result.retry_in, 0.0)
+            coarse = self.backend.wait_resolution
+            if due_in is None or due_in > remaining:
+                self.backend.wait(queue, remaining)  # returns early when new work may have come
+            elif due_in > coarse:
+                # Something comes due within the wait: stop a resolution step before it
+                # (or earlier, woken by new work) and sleep the rest on the next round.
+                self.backend.wait(queue, due_in - coarse)
+            else:
+                time.sleep(due_in)  # the backend's wait could not end this precisely
 
     def ack(self, lease: Lease) -> bool:
         """Settle a lease for good. False when its token is stale (nothing changed)."""

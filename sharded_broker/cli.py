@@ -1,7 +1,8 @@
 """The ``sharded-broker`` command line: look inside the queues and act on them.
 
 Every command takes the broker URL the app uses (``--url`` or ``SHARDED_BROKER_URL``;
-``redis://``, ``rediss://``, ``sqlite:///``, and Celery's ``sharded+redis://`` form).
+``redis://``, ``rediss://``, ``sqlite:///``, and Celery's ``sharded+redis://`` form);
+``COMMAND --help`` needs none.
 
 Guarantees, for scripts:
 
@@ -15,6 +16,8 @@ Guarantees, for scripts:
 - A password in the URL never appears in any output.
 - A command that is refused changes nothing; ``purge`` asks first (and refuses when it
   cannot ask) unless given ``--yes``.
+- A ``sqlite:///`` URL must name an existing queue database: no command creates a file,
+  or adds tables to a file that is not one. Output names the file by its absolute path.
 
 Each command is a plain click command on :data:`main`.
 """
@@ -24,22 +27,26 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
+import ssl
 import sys
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Sequence
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import click
 import redis
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from .broker import Broker, connect, redact_url
+from .broker import Broker, connect, display_url, relative_path_hint, sqlite_path
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, ShardedBrokerError
 from .models import COUNTERS, DeadLetter, Event, KeyInfo, MinuteMetrics, QueueStats
 
@@ -61,6 +68,12 @@ KNOWN_QUEUES_SHOWN = 10
 TOP_KEYS = 5
 # show: minutes of the key's metrics listed.
 SHOW_MINUTES = 5
+# rediss:// checks: redis-py 8's default socket_connect_timeout, used when the URL sets none.
+DEFAULT_CONNECT_TIMEOUT = 5.0
+# Longest waits of the check for a TLS handshake, then for a plain-text reply (a handshake
+# takes two round trips; a plain Redis answers a PING in one).
+TLS_HANDSHAKE_WAIT = 2.0
+PLAIN_REPLY_WAIT = 1.0
 
 
 class CommandFailed(click.ClickException):
@@ -83,27 +96,46 @@ def normalize_url(url: str) -> str:
 
 @dataclass
 class Session:
-    """What every command shares: the URL, and the broker once a command needs it."""
+    """What every command shares: the URL, and the broker once a command needs it.
 
-    url: str
+    ``url`` is None when neither ``--url`` nor ``SHARDED_BROKER_URL`` gave one: commands
+    that need no broker (``--help``) still run; the others stop with a usage error.
+    """
+
+    url: str | None
     stdout: Console
     stderr: Console
     _broker: Broker | None = field(default=None, repr=False)
 
     @property
     def safe_url(self) -> str:
-        return redact_url(self.url)
+        """The URL as output shows it: no password, a SQLite file by its absolute path."""
+        return "(no URL)" if self.url is None else display_url(self.url)
 
     def broker(self, **options: Any) -> Broker:
         """The broker for the URL, opened on first use with ``options``.
 
-        Refuses a ``sqlite:///`` URL whose file does not exist: a read command must not
-        create an empty database where the operator mistyped a path.
+        Refuses a ``sqlite:///`` URL that does not name an existing queue database: a
+        command must not create a database, or add tables to someone else's file, where
+        the operator mistyped a path. A ``rediss://`` URL pointed at a plain-text Redis
+        port fails at once naming TLS. A ``memory://`` store lives inside one process, so
+        the command's own is always empty: said on stderr.
         """
         if self._broker is None:
-            path = _sqlite_path(self.url)
-            if path and not os.path.exists(path):
-                raise CommandFailed(f"no SQLite database at {os.path.abspath(path)} (from {self.safe_url})")
+            if not self.url:
+                raise BadUsage(f"no broker URL: pass --url URL or set {URL_ENVVAR}")
+            scheme = urlsplit(self.url).scheme if "://" in self.url else ""
+            path = sqlite_path(self.url)
+            if path:
+                _require_queue_database(path, relative_path_hint(self.url))
+            elif scheme == "rediss":
+                _refuse_plain_text_port(self.url, self.safe_url)
+            elif scheme == "memory":
+                self.stderr.print(
+                    "note: a memory:// store lives inside one process; this command's store is its own, "
+                    "so it is always empty (use the app's sqlite:/// or redis:// URL)",
+                    markup=False,
+                )
             self._broker = connect(self.url, **options)
         return self._broker
 
@@ -115,7 +147,7 @@ class Session:
     def scrub(self, text: str) -> str:
         """``text`` on one line, with the URL's password (if any) masked."""
         try:
-            password = urlsplit(self.url).password
+            password = urlsplit(self.url).password if self.url else None
         except ValueError:
             password = None
         # Both spellings: as written in the URL (percent-encoded) and as a client uses it.
@@ -124,17 +156,68 @@ class Session:
         return " ".join(text.split())
 
 
-def _sqlite_path(url: str) -> str | None:
-    """The file a well-formed ``sqlite:///relative.db`` / ``sqlite:////absolute.db`` URL
-    names (the SQLite backend's rule); None for other URLs, and for malformed ones, which
-    the backend itself rejects with a precise message."""
+def _require_queue_database(path: str, hint: str | None) -> None:
+    """Fail (exit 1) unless ``path`` is an existing sharded-broker SQLite database; errors
+    end with ``hint`` (how a relative path was read).
+
+    Read without writing anything (a read-only connection), so a mistyped path to some
+    other SQLite file is left exactly as it was.
+    """
+    absolute = os.path.abspath(path)
+    relative = f" ({hint})" if hint else ""
+    if not os.path.isfile(absolute):
+        raise CommandFailed(f"no SQLite database at {absolute}{relative}")
     try:
-        parts = urlsplit(url)
+        with closing(sqlite3.connect(f"file:{quote(absolute)}?mode=ro", uri=True)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error as exc:
+        raise CommandFailed(f"{absolute} is not a SQLite database ({exc}){relative}") from None
+    if not {"queues", "messages"} <= tables:
+        raise CommandFailed(
+            f"{absolute} is a SQLite database but not a sharded-broker queue database "
+            f"(no queues table); check the URL{relative}"
+        )
+
+
+def _refuse_plain_text_port(url: str, safe_url: str) -> None:
+    """Fail (exit 1) naming TLS when a ``rediss://`` URL points at a plain-text Redis port.
+
+    A TLS client talking to a plain port hears nothing back until its connect timeout
+    ends, then reports only a timeout. This tries a TLS handshake (nothing is sent over
+    it) for at most half the connect timeout; if that fails, it asks the port in plain
+    text, for at most a quarter more, whether Redis answers. Any other outcome (a TLS
+    server, nothing listening, a certificate the real connection may refuse) is left to
+    that connection to report, so the hint comes within the connect timeout or not at all.
+    """
+    try:
+        parsed = redis.connection.parse_url(url)
     except ValueError:
-        return None
-    if parts.scheme != "sqlite" or parts.netloc or parts.query or not parts.path.startswith("/"):
-        return None
-    return unquote(parts.path[1:]) or None
+        return  # malformed: connect() names the problem
+    host, port = parsed.get("host") or "localhost", int(parsed.get("port") or 6379)
+    timeout = float(parsed.get("socket_connect_timeout") or DEFAULT_CONNECT_TIMEOUT)
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout / 2, TLS_HANDSHAKE_WAIT)) as raw:
+            context = ssl.create_default_context()
+            # Only asks whether the port speaks TLS at all; the real connection verifies.
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            with context.wrap_socket(raw, server_hostname=host):
+                return
+    except (ssl.SSLError, socket.timeout):
+        pass  # no TLS answer: maybe plain Redis
+    except OSError:
+        return  # unreachable: the real connection reports it
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout / 4, PLAIN_REPLY_WAIT)) as plain:
+            plain.sendall(b"PING\r\n")
+            reply = plain.recv(64)
+    except OSError:
+        return
+    if reply[:1] in (b"+", b"-") and reply.endswith(b"\r\n"):
+        raise CommandFailed(
+            f"{safe_url}: the server at {host}:{port} speaks plain-text Redis, not TLS; "
+            f"use a redis:// URL for it, or the port where the server accepts TLS"
+        )
 
 
 class _Group(click.Group):
@@ -175,15 +258,23 @@ def _stdout_console() -> Console:
 @click.option(
     "--url",
     envvar=URL_ENVVAR,
-    required=True,
     metavar="URL",
-    help=f"Broker URL, as the app uses it (redis://..., sqlite:///path.db, sharded+redis://...). Default: ${URL_ENVVAR}.",
+    help=(
+        f"Broker URL, as the app uses it (redis://..., sqlite:////absolute/path.db, sharded+redis://...). "
+        f"Default: ${URL_ENVVAR}."
+    ),
 )
 @click.version_option(package_name="sharded-broker")
 @click.pass_context
-def main(ctx: click.Context, url: str) -> None:
-    """Look inside sharded-broker queues and act on them."""
-    session = Session(normalize_url(url), _stdout_console(), Console(stderr=True, highlight=False))
+def main(ctx: click.Context, url: str | None) -> None:
+    """Look inside sharded-broker queues and act on them.
+
+    Give the broker URL with --url or SHARDED_BROKER_URL. sqlite:///queue.db is relative
+    to the current directory; sqlite:////var/lib/app/queue.db is absolute.
+    """
+    # soft_wrap: a message to stderr stays one line, whatever the terminal's width.
+    stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+    session = Session(normalize_url(url) if url else None, _stdout_console(), stderr)
     ctx.obj = session
     ctx.call_on_close(session.close)
 
@@ -245,25 +336,42 @@ def _key_text(key: str | None) -> Text:
     return Text("(unkeyed)", style="dim") if key is None else Text(key)
 
 
+# Headers of top's optional columns: (full, abbreviated for narrow terminals).
+MINUTE_HEADERS = {
+    "enqueued": ("enq/min", "enq/m"), "delivered": ("dlv/min", "dlv/m"), "acked": ("ack/min", "ack/m"),
+    "retried": ("retry/min", "rty/m"), "dead": ("dead/min", "dead/m"),
+}
+RATE_HEADERS = {"backlog": ("backlog Δ/s", "blog Δ/s"), "dead": ("dead Δ/s", "dead Δ/s")}
+# Measuring a table against this width gives its natural width (no cell cut).
+NATURAL_WIDTH_LIMIT = 100_000
+# top: the optional columns, dropped in this order while the table is wider than the
+# terminal (per-minute counts by COUNTERS name, net rates as "rate:<name>").
+TOP_DROP_ORDER = ("retried", "delivered", "rate:dead", "dead", "enqueued", "acked", "rate:backlog")
+
+
 def stats_table(
     rows: Sequence[QueueStats],
     rates: dict[str, "QueueRates"] | None = None,
     per_minute: dict[str, MinuteMetrics] | None = None,
+    *,
+    short: bool = False,
+    hide: frozenset[str] = frozenset(),
 ) -> Table:
     """The stats table; with ``per_minute``, the counts of each queue's last full minute;
-    with ``rates``, two more columns of net change per second."""
+    with ``rates``, two more columns of net change per second. ``short`` abbreviates the
+    headers; ``hide`` leaves out optional columns (names as in :data:`TOP_DROP_ORDER`)."""
+    pick = 1 if short else 0
     table = Table(header_style="bold")
     table.add_column("queue", no_wrap=True)
-    for name in ("ready", "leased", "delayed", "dead", "keys"):
-        table.add_column(name, justify="right")
-    table.add_column("lag", justify="right")
-    table.add_column("paused")
-    if per_minute is not None:
-        for name in ("enq/min", "dlv/min", "ack/min", "retry/min", "dead/min"):
-            table.add_column(name, justify="right")
-    if rates is not None:
-        table.add_column("backlog Δ/s", justify="right")
-        table.add_column("dead Δ/s", justify="right")
+    for name in ("ready", "leased", "delayed", "dead", "keys", "lag"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("paused", no_wrap=True)
+    counters = [name for name in COUNTERS if per_minute is not None and name not in hide]
+    rate_names = [name for name in RATE_HEADERS if rates is not None and f"rate:{name}" not in hide]
+    for name in counters:
+        table.add_column(MINUTE_HEADERS[name][pick], justify="right", no_wrap=True)
+    for name in rate_names:
+        table.add_column(RATE_HEADERS[name][pick], justify="right", no_wrap=True)
     for row in rows:
         cells = [
             Text(row.queue),
@@ -271,35 +379,61 @@ def stats_table(
             format_duration(row.oldest_age),
             Text("PAUSED", style="bold red") if row.paused else "",
         ]
-        if per_minute is not None:
-            minute = per_minute.get(row.queue)
-            cells += [f"{getattr(minute, name):,}" if minute else "-" for name in COUNTERS]
-        if rates is not None:
-            rate = rates.get(row.queue)
-            cells += [_format_rate(rate.backlog if rate else None), _format_rate(rate.dead if rate else None)]
+        minute = (per_minute or {}).get(row.queue)
+        cells += [f"{getattr(minute, name):,}" if minute else "-" for name in counters]
+        rate = (rates or {}).get(row.queue)
+        cells += [_format_rate(getattr(rate, name) if rate else None) for name in rate_names]
         table.add_row(*cells)
     return table
 
 
-def keys_table(infos: Sequence[KeyInfo], *, with_queue: bool = False) -> Table:
-    """Keys with their backlog, leased batches, lag, pause and interval."""
+def fit_stats_table(
+    console: Console,
+    rows: Sequence[QueueStats],
+    rates: dict[str, "QueueRates"],
+    per_minute: dict[str, MinuteMetrics],
+) -> Table:
+    """The widest form of ``top``'s stats table that fits ``console``: full headers, else
+    abbreviated ones, else without optional columns, dropped in :data:`TOP_DROP_ORDER`.
+    (Narrower than even the core columns need, rich shrinks cells as it must.)"""
+    forms = [(False, frozenset())] + [(True, frozenset(TOP_DROP_ORDER[:n])) for n in range(len(TOP_DROP_ORDER) + 1)]
+    return _first_that_fits(console, [lambda s=short, h=hide: stats_table(rows, rates, per_minute, short=s, hide=h)
+                                      for short, hide in forms])
+
+
+def _first_that_fits(console: Console, builders: Sequence[Callable[[], Table]]) -> Table:
+    """The first table built by ``builders`` whose natural width (no cell cut) fits the
+    console, else the last one."""
+    unbounded = console.options.update(width=NATURAL_WIDTH_LIMIT)
+    for build in builders:
+        table = build()
+        if Measurement.get(console, unbounded, table).maximum <= console.width:
+            break
+    return table
+
+
+def keys_table(infos: Sequence[KeyInfo], *, with_queue: bool = False, hide: frozenset[str] = frozenset()) -> Table:
+    """Keys with their backlog, leased batches, lag, pause and interval (``hide``: leave
+    out the "interval" or "leased" column)."""
     table = Table(header_style="bold")
     table.add_column("key", no_wrap=True)
     if with_queue:
         table.add_column("queue", no_wrap=True)
-    for name in ("backlog", "leased"):
-        table.add_column(name, justify="right")
+    table.add_column("backlog", justify="right")
+    if "leased" not in hide:
+        table.add_column("leased", justify="right")
     table.add_column("lag", justify="right")
-    table.add_column("interval", justify="right")
+    if "interval" not in hide:
+        table.add_column("interval", justify="right")
     table.add_column("paused")
     for info in infos:
         table.add_row(
             Text(info.key),
             *([Text(info.queue)] if with_queue else []),
             f"{info.backlog:,}",
-            f"{info.leased:,}",
+            *([f"{info.leased:,}"] if "leased" not in hide else []),
             format_duration(info.lag),
-            "default" if info.interval is None else f"{info.interval:g}s",
+            *(["default" if info.interval is None else f"{info.interval:g}s"] if "interval" not in hide else []),
             Text("PAUSED", style="bold red") if info.paused else "",
         )
     return table
@@ -348,6 +482,8 @@ def stats(session: Session, queue: str | None, as_json: bool) -> None:
     elif not rows:
         session.stdout.print(f"no queues yet at {session.safe_url}", markup=False)
     else:
+        # Which store: a relative SQLite path shows where it led.
+        session.stdout.print(f"broker: {session.safe_url}", markup=False, soft_wrap=True)
         session.stdout.print(stats_table(rows))
 
 
@@ -440,11 +576,14 @@ def top(session: Session, refresh: float, once: bool, iterations: int | None, as
     def frame_table(frame: Frame) -> Any:
         from rich.console import Group
 
-        table = stats_table(list(frame.current.values()), frame.rates or {}, frame.last_minute)
+        table = fit_stats_table(session.stdout, list(frame.current.values()), frame.rates or {}, frame.last_minute)
         table.title = Text(f"sharded-broker top · {session.safe_url} · {format_time(time.time())}")
         if not frame.hottest:
             return table
-        keys = keys_table(frame.hottest, with_queue=True)
+        keys = _first_that_fits(session.stdout, [
+            lambda h=hide: keys_table(frame.hottest, with_queue=True, hide=h)
+            for hide in (frozenset(), frozenset({"interval"}), frozenset({"interval", "leased"}))
+        ])
         keys.title = Text(f"hottest keys (largest backlog, top {TOP_KEYS})")
         return Group(table, keys)
 
@@ -558,12 +697,19 @@ def show(session: Session, queue: str, key: str, as_json: bool) -> None:
 
     With --json: the key's object (as in `keys --json`, with head: id, priority,
     attempts, enqueued_at, not_before, size) plus "minutes", its metrics of the last
-    few minutes, oldest first.
+    few minutes, oldest first. Exit code 1 when KEY has no messages, no setting and no
+    activity in those minutes (a mistyped key looks like that).
     """
     broker = session.broker()
     _require_queue(broker, queue)
     info = broker.key_info(queue, key)
     minutes = broker.metrics(queue, SHOW_MINUTES, key=key)
+    active = any(getattr(minute, name) for minute in minutes for name in COUNTERS)
+    if not (info.backlog or info.leased or info.paused or info.interval is not None or active):
+        raise CommandFailed(
+            f"key {key!r} of {queue!r} has no messages, no interval or pause, and no activity "
+            f"in the last {SHOW_MINUTES} minutes"
+        )
     if as_json:
         _print_json({**_key_json(info), "minutes": [m.as_dict() for m in minutes]})
         return
@@ -571,7 +717,7 @@ def show(session: Session, queue: str, key: str, as_json: bool) -> None:
     out.print(keys_table([info]))
     head = info.head
     if head is None:
-        out.print("head: nothing ready", markup=False)
+        out.print("head: nothing ready" if info.backlog else "head: none, the key has no messages", markup=False)
     else:
         out.print(
             f"head: {head.id} priority {head.priority}, attempts {head.attempts}, {head.size:,} bytes, "
@@ -661,16 +807,19 @@ def replay_chunks(letters: Iterable[tuple[str, str | None]], size: int) -> list[
 @click.argument("queue")
 @click.argument("ids", nargs=-1)
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter of QUEUE.")
-@click.option("--position", type=click.Choice(["head", "tail"]), default="tail", show_default=True,
-              help="Where replayed messages go in their key's order.")
+@click.option("--position", type=click.Choice(["tail", "head"]), default="tail", show_default=True,
+              help="Where replayed messages go in their key's order: tail (behind the messages "
+                   "waiting now) or head (before them).")
 @json_option
 @pass_session
 def replay(session: Session, queue: str, ids: tuple[str, ...], replay_all: bool, position: str, as_json: bool) -> None:
     """Put dead letters of QUEUE back in service.
 
-    Replays IDS, or --all; their attempts start again from 0. --all replays the dead letters present when it starts, a key's messages together so
-    they keep their order. Exit code 1 when some IDS were not dead letters of QUEUE.
-    With --json: {"queue", "requested", "replayed", "position"}.
+    Replays IDS, or --all; their attempts start again from 0. By default they go to the
+    tail of their keys (--position head: before the messages waiting now). --all replays
+    the dead letters present when it starts, a key's messages together so they keep
+    their order. Exit code 1 when some IDS were not dead letters of QUEUE. With --json:
+    {"queue", "requested", "replayed", "position"}.
     """
     if bool(ids) == replay_all:
         raise click.UsageError("name the dead letters to replay (IDS) or pass --all, not both")
@@ -697,11 +846,14 @@ def replay(session: Session, queue: str, ids: tuple[str, ...], replay_all: bool,
             progress.advance(task, len(chunk))
     if as_json:
         _print_json({"queue": queue, "requested": requested, "replayed": replayed, "position": position})
-    else:
+    elif replayed or not ids:
         session.stdout.print(
             f"replayed {replayed:,} dead letter{'s' * (replayed != 1)} of {queue!r} to the {position} of their keys",
             markup=False,
         )
+    if ids and not replayed:
+        which = "that id" if requested == 1 else f"any of these {requested} ids"
+        raise CommandFailed(f"no dead letter of {queue!r} has {which} (already replayed or purged?); nothing replayed")
     if ids and replayed < requested:
         raise CommandFailed(
             f"{requested - replayed} of {requested} ids were not dead letters of {queue!r} (already replayed or purged?)"
@@ -738,7 +890,7 @@ def purge(session: Session, queue: str, dead_letters: bool, yes: bool, as_json: 
         session.stdout.print(f"purged {purged:,} {what} of {queue!r}", markup=False)
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})  # "-1" is SECONDS, not an option
 @click.argument("queue")
 @click.argument("key")
 @click.argument("seconds", type=float, required=False)

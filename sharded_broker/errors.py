@@ -15,6 +15,11 @@ class ConfigurationError(ShardedBrokerError, ValueError):
     """A malformed or unsupported URL, or an unknown or invalid option."""
 
 
+class InvalidURL(ConfigurationError):
+    """The broker URL is malformed, or names a store that cannot serve (a SQLite file in a
+    missing directory, a file that is not a database, a read-only one)."""
+
+
 class InvalidArgument(ShardedBrokerError, ValueError):
     """An argument has the right type but a value the engine refuses (range, size, characters)."""
 

@@ -37,7 +37,7 @@ try:
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
     raise ImportError(
-        "sharded_broker.prometheus needs prometheus_client: pip install 'sharded-broker[prometheus]'"
+        "sharded_broker.prometheus needs prometheus_client: pip install prometheus_client (the prometheus extra)"
     ) from exc
 
 from . import validation

@@ -116,11 +116,22 @@ def dedup_id(value: Any) -> str | None:
     return utf8_text(value, "dedup_id")
 
 
+# JSON values that a JSON round trip gives back equal and of the same type.
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
+# The longest JSON text of one character: a character outside the BMP, as two \uXXXX.
+_MAX_JSON_PER_CHAR = 12
+_MAX_JSON_SCALAR = 24  # the longest repr of a float or of an int below 2**63
+
+
 def headers(value: Any) -> dict[str, Any]:
+    """A plain dict equal to ``value``'s JSON round trip (what every backend stores)."""
     if value is None:
         return {}
     if not isinstance(value, Mapping):
         raise InvalidArgumentType(f"headers must be a mapping, not {type(value).__name__}")
+    copied = _flat_headers(value)
+    if copied is not None:
+        return copied
     for name in value:
         if not isinstance(name, str):
             raise InvalidArgumentType(f"header names must be str, not {type(name).__name__}")
@@ -131,6 +142,25 @@ def headers(value: Any) -> dict[str, Any]:
     if len(encoded) > MAX_HEADERS_SIZE:
         raise InvalidArgument(f"headers are {len(encoded)} bytes as JSON; the maximum is {MAX_HEADERS_SIZE}")
     return json.loads(encoded)
+
+
+def _flat_headers(value: Mapping[Any, Any]) -> dict[str, Any] | None:
+    """A copy of ``value`` when it maps str names to JSON scalars (what adapters send,
+    on every message) and is certainly within MAX_HEADERS_SIZE as JSON: its JSON round
+    trip would give the very same dict, so it is neither encoded nor decoded. None when
+    that is not certain; then the full check decides."""
+    bound = 2
+    for name, item in value.items():
+        kind = type(item)
+        if type(name) is not str or kind not in _JSON_SCALARS:
+            return None
+        if kind is float and not math.isfinite(item):
+            return None
+        if kind is int and not -(2**63) < item < 2**63:
+            return None
+        size = _MAX_JSON_PER_CHAR * len(item) + 2 if kind is str else _MAX_JSON_SCALAR
+        bound += _MAX_JSON_PER_CHAR * len(name) + 4 + size
+    return dict(value) if bound <= MAX_HEADERS_SIZE else None
 
 
 def message(msg: Any, max_payload_size: int) -> Message:

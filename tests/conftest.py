@@ -10,6 +10,11 @@ import sharded_broker
 from support.backends import BACKENDS, FakeClock
 from support.redis_server import RedisServer
 
+# celery.contrib.pytest's fixtures (celery_app, celery_worker, ...), registered after
+# pytest-celery's entry point: pytest-celery 1.x replaces celery_worker with a Docker
+# container worker, and registering the module here brings back the in-process one.
+pytest_plugins = ("celery.contrib.pytest", "pytester")
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:

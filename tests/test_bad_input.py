@@ -7,6 +7,7 @@ problem, and a queue left exactly as it was (same stats, same next delivery).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -384,3 +385,28 @@ def test_a_lease_of_another_queue_is_refused_not_misapplied(connect, clock: Fake
     assert broker.ack(forged) is False
     assert broker.stats("two").ready == 1
     assert broker.ack(lease) is True
+
+
+def test_url_problems_are_invalid_url_and_a_relative_sqlite_path_is_explained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for url in ("localhost:6379", "mysql://localhost/db", "redis://localhost:6379/0?socket_timeout=soon", "sqlite://"):
+        with pytest.raises(sharded_broker.InvalidURL):
+            sharded_broker.connect(url)
+    with pytest.raises(sharded_broker.InvalidURL) as info:
+        sharded_broker.connect("sqlite:///var/lib/app/queue.db")
+    assert str(info.value) == (
+        f"sqlite database {tmp_path}/var/lib/app/queue.db: directory {tmp_path}/var/lib/app does not exist "
+        f"(sqlite:///var/lib/app/queue.db is relative to the current directory {tmp_path}; an absolute path "
+        "takes four slashes: sqlite:////var/lib/app/queue.db names /var/lib/app/queue.db)"
+    )
+    with pytest.raises(sharded_broker.InvalidURL) as absolute:
+        sharded_broker.connect(f"sqlite:///{tmp_path}/missing/queue.db")
+    assert "relative" not in str(absolute.value)
+    # An option problem is not a URL problem.
+    with pytest.raises(ConfigurationError) as option:
+        sharded_broker.connect("sqlite:///queue.db", busy_timeout=-1)
+    assert not isinstance(option.value, sharded_broker.InvalidURL)
+    assert sharded_broker.display_url("sqlite:///queue.db") == f"sqlite:///{tmp_path}/queue.db"
+    assert sharded_broker.display_url("redis://:pw@h:1/0") == "redis://:***@h:1/0"

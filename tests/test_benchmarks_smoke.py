@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ import pytest
 # benchmarks/ is a top-level folder of the checkout, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import report, run, seeds  # noqa: E402
-from benchmarks.common import TINY, Results  # noqa: E402
+from benchmarks import report, run, seeds, server_cost  # noqa: E402
+from benchmarks.common import TINY, RedisServer, Results  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,26 @@ def test_every_section_is_measured_with_positive_rates(tiny_run) -> None:
         for label in ("unkeyed", "keyed"):
             row = sections["adapters"][f"{target}/{label}"]
             assert row["tasks"] == TINY.adapter_tasks and row["drain_per_s"] > 0
+            for phase in ("send", "fetch_ack"):
+                cost = row["server"][phase]
+                # Every task was sent and fetched through Redis: some commands, some time.
+                assert cost["commands_sent"] >= 1 and cost["server_us"] > 0 and cost["cpu_us"] > 0
+                # Counting nested commands once can only make the figure smaller.
+                assert cost["server_us"] <= cost["naive_sum_us"]
+            total = row["server"]["total"]
+            assert total["server_us"] == pytest.approx(
+                row["server"]["send"]["server_us"] + row["server"]["fetch_ack"]["server_us"], abs=0.02
+            )
         latency = sections["latency"][target]
         assert 0 <= latency["p50_ms"] <= latency["p99_ms"]
+    engine = sections["engine"]["redis/keyed"]
+    assert (engine["batch"], engine["lease_batch"]) == (TINY.batch, TINY.lease_batch)
+    nesting = sections["commandstats_nesting"]
+    assert nesting["script"]["eval_usec"] >= nesting["script"]["nested_set_usec"] > 0
+    assert nesting["transaction"]["exec_usec"] >= nesting["transaction"]["nested_set_usec"] > 0
+    baseline = sections["baseline"]
+    assert baseline["revision"] == "a56f71b" and baseline["messages"] == TINY.single_messages
+    assert baseline["round_trip_per_s"] > 0
     memory = sections["redis_memory"]
     assert memory["sharded-broker engine/keyed"] > len(b"x" * 100)  # at least the payload
     assert memory["dramatiq/RedisBroker"] > 0 and memory["celery/redis"] > 0
@@ -77,11 +96,19 @@ def test_chart_is_a_png(tiny_run) -> None:
 def test_table_names_every_section_and_goal(tiny_run) -> None:
     results, _, _ = tiny_run
     text = report.table(results)
-    for heading in ("Adapters vs plain brokers", "Engine vs the raw Redis limit", "Scaling", "Redis memory",
-                    "Latency", "Goals"):
+    for heading in ("Redis server cost per task through the adapters", "Adapters vs plain brokers",
+                    "Engine vs the raw Redis limit", "Scaling", "Redis memory", "Latency", "Goals of issue 11"):
         assert heading in text
-    assert "dramatiq/ShardedBroker vs dramatiq/RedisBroker" in text
-    assert "celery/sharded+redis vs celery/redis" in text
+    assert "Checked on this server: one EVAL of 2,000 SETs" in text
+    goals = report.goal_rows(results)
+    assert sorted({g.number for g in goals}) == [1, 2, 3, 4, 5]
+    for goal in goals:
+        assert f"| {goal.what}" in text
+    # Everything but the 1,000,000-message backlog (full mode) and the 10 vs 100,000 keys
+    # rows (not among the tiny sizes) is measured in a tiny run.
+    unmeasured = {g.what for g in goals if g.met is None}
+    assert all("1,000,000 backlog" in what or "100,000 keys / 10 keys" in what for what in unmeasured)
+    assert len(unmeasured) == 6
     assert "seeds: left out" in text
 
 
@@ -102,26 +129,108 @@ def test_publish_copies_the_files_and_replaces_only_its_block(tiny_run, tmp_path
     assert json.loads((tmp_path / "benchmarks-latest.json").read_text())["mode"] == "tiny"
 
 
+def _server(send_us: float, fetch_us: float, cpu_us: float = 10.0) -> dict:
+    phase = {"server_us": 0.0, "cpu_us": cpu_us / 2, "naive_sum_us": 0.0, "commands_sent": 1.0}
+    return {"send": {**phase, "server_us": send_us}, "fetch_ack": {**phase, "server_us": fetch_us},
+            "total": {**phase, "server_us": send_us + fetch_us, "cpu_us": cpu_us}}
+
+
 def test_goal_verdicts_follow_the_figures() -> None:
-    def row(keys: int, per_key: int, drain: float) -> dict:
-        return {"backend": "redis", "backlog": 100, "keys": keys, "per_key": per_key,
+    def row(keys: int, per_key: int, drain: float, backlog: int = 100) -> dict:
+        return {"backend": "redis", "backlog": backlog, "keys": keys, "per_key": per_key,
                 "enqueue_per_s": 100.0, "drain_per_s": drain}
 
-    results = Results("tiny", {}, {"scaling": {
-        "redis/backlog=100/keys=10": row(10, 50, 1000.0),  # batched per key: not comparable
-        "redis/backlog=100/keys=1000": row(1000, 1, 100.0),
-        "redis/backlog=100/keys=100000": row(100000, 1, 50.0),
-    }, "adapters": {
-        "dramatiq/RedisBroker/keyed": {"drain_per_s": 100.0},
-        "dramatiq/ShardedBroker/keyed": {"drain_per_s": 50.0},
-        "celery/redis/keyed": {"drain_per_s": 100.0},
-        "celery/sharded+redis/keyed": {"drain_per_s": 150.0},
-    }})
-    verdicts = report.goals(results)
-    assert any("dramatiq" in v and "0.50x (MISSED)" in v for v in verdicts)
-    assert any("celery" in v and "1.50x (met)" in v for v in verdicts)
-    assert any("redis enqueue: slowest/fastest = 1.00" in v and "(flat" in v for v in verdicts)
-    assert any("redis lease+ack: slowest/fastest = 0.50" in v and "NOT FLAT" in v for v in verdicts)
+    def adapter(enqueue: float, drain: float, server: dict) -> dict:
+        return {"enqueue_per_s": enqueue, "drain_per_s": drain, "server": server}
+
+    sqlite_small = {**row(1000, 1, 100.0), "backend": "sqlite"}
+    sqlite_big = {**row(1000, 1, 70.0, backlog=1_000_000), "backend": "sqlite"}
+    results = Results("tiny", {}, {
+        "scaling": {
+            "redis/backlog=100/keys=10": row(10, 50, 1000.0),
+            "redis/backlog=100/keys=1000": row(1000, 1, 100.0),
+            "redis/backlog=100/keys=100000": row(100000, 1, 50.0),
+            "sqlite/backlog=100/keys=1000": sqlite_small,
+            "sqlite/backlog=1000000/keys=1000": sqlite_big,
+        },
+        "adapters": {
+            "dramatiq/RedisBroker/keyed": adapter(100.0, 100.0, _server(10.0, 30.0)),
+            "dramatiq/ShardedBroker/keyed": adapter(100.0, 50.0, _server(20.0, 29.0)),  # 1.225x: met
+            "celery/redis/keyed": adapter(100.0, 100.0, _server(10.0, 30.0)),
+            "celery/sharded+redis/keyed": adapter(90.0, 150.0, _server(20.0, 29.0)),  # 1.225x: missed
+        },
+        "engine": {
+            "redis/keyed": {"keys": 1000, "batch": 500, "lease_batch": 100, "round_trip_per_s": 60_000.0},
+            "redis/keyed, one per call": {"round_trip_fraction_of_limit": 0.4},
+            "sqlite/keyed, one per call": {"round_trip_per_s": 300.0},
+        },
+        "baseline": {"revision": "a56f71b", "round_trip_per_s": 100.0},
+        "redis_memory": {"dramatiq/RedisBroker": 456.0, "dramatiq/ShardedBroker (keyed)": 400.0,
+                         "celery/redis": 1000.0, "celery/sharded+redis (keyed)": 1018.0},
+    })
+    verdicts = {g.what: g for g in report.goal_rows(results)}
+
+    def verdict(what: str) -> str:
+        return verdicts[what].verdict
+
+    assert verdict("server time keyed, dramatiq/ShardedBroker / dramatiq/RedisBroker") == "met"
+    assert verdicts["server time keyed, dramatiq/ShardedBroker / dramatiq/RedisBroker"].measured.startswith("1.23x")
+    assert verdict("server time keyed, celery/sharded+redis / celery/redis") == "MISSED"
+    assert verdict("server time unkeyed, celery/sharded+redis / celery/redis") == "not measured"
+    assert verdict("drain keyed, dramatiq/ShardedBroker / dramatiq/RedisBroker") == "MISSED"
+    assert verdict("enqueue keyed, dramatiq/ShardedBroker / dramatiq/RedisBroker") == "met"
+    assert verdict("drain keyed, celery/sharded+redis / celery/redis") == "met"
+    assert verdict("enqueue keyed, celery/sharded+redis / celery/redis") == "MISSED"
+    assert verdict("engine full cycle, redis, 1,000 keys (enqueue_many 500, lease 100, ack_many)") == "met"
+    assert verdict("engine one per call, redis / raw unpipelined LPUSH+RPOP") == "MISSED"
+    assert verdict("engine enqueue, redis, 100,000 keys / 10 keys") == "met"
+    assert verdict("engine lease+ack, redis, 100,000 keys / 10 keys") == "MISSED"  # 50 vs 1,000
+    assert verdict("Redis bytes per keyed message, dramatiq/ShardedBroker / dramatiq/RedisBroker") == "met"
+    assert verdict("Redis bytes per keyed message, celery/sharded+redis / celery/redis") == "MISSED"
+    assert verdict("sqlite one per call full cycle / a56f71b's") == "met"  # 3x
+    assert verdict("sqlite lease+ack at a 1,000,000 backlog / smallest backlog") == "MISSED"  # 0.7x
+    assert verdict("sqlite enqueue at a 1,000,000 backlog / smallest backlog") == "met"
+    assert verdict("memory enqueue at a 1,000,000 backlog / smallest backlog") == "not measured"
+    flatness = report.goals(results)[len(verdicts):]
+    assert any("redis enqueue: slowest/fastest = 1.00" in v and "(flat" in v for v in flatness)
+    assert any("redis lease+ack: slowest/fastest = 0.50" in v and "NOT FLAT" in v for v in flatness)
+
+
+def test_server_time_counts_each_command_once() -> None:
+    """Against a real server: nested commands (in a script, in EXEC) are not counted
+    again; top-level ones are; the meter's own commands are left out."""
+    import redis
+
+    with RedisServer() as server:
+        client = redis.Redis.from_url(server.url)
+        with server_cost.ServerMeter(server.url) as meter:
+            client.eval("for i = 1, 100 do redis.call('SET', KEYS[1], i) end return 1", 1, "k")
+            pipe = client.pipeline(transaction=True)
+            for _ in range(10):
+                pipe.lpush("queued", b"x")
+            pipe.execute()
+            for _ in range(5):
+                client.get("k")
+        client.close()
+    stats = meter.stats
+    assert stats["set"]["calls"] == 100 and stats["lpush"]["calls"] == 10 and stats["get"]["calls"] == 5
+    counted = {name: entry["usec"] for name, entry in stats.items()
+               if name not in ("set", "lpush", "config|resetstat", "info")}
+    assert {"eval", "exec", "multi", "get"} <= set(counted)
+    assert meter.usec == pytest.approx(sum(counted.values()))
+    assert meter.naive_usec == pytest.approx(meter.usec + stats["set"]["usec"] + stats["lpush"]["usec"])
+    assert meter.shared == [] and meter.cpu_seconds > 0
+
+
+def test_top_level_share_of_a_command_that_ran_both_ways() -> None:
+    stats = {
+        "evalsha": {"calls": 2, "usec": 100},
+        "hset": {"calls": 4, "usec": 40},  # 1 sent by a client, 3 inside the scripts
+        "zadd": {"calls": 6, "usec": 60},  # inside the scripts only
+        "config|resetstat": {"calls": 1, "usec": 500},
+    }
+    counted, shared = server_cost.top_level_commands(stats, Counter({"evalsha": 2, "hset": 1}))
+    assert counted == {"evalsha": (2, 100.0), "hset": (1, 10.0)} and shared == ["hset"]
 
 
 def test_seed_twin_workloads(redis_url: str) -> None:

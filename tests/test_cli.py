@@ -8,14 +8,18 @@ A few fast in-process tests (click's CliRunner on memory://) cover argument hand
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pty
+import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 import sharded_broker
 from sharded_broker.cli import format_duration, main, normalize_url, replay_chunks
 from support.redis_server import RedisServer, free_port
+from support.tls import make_ca, tls_server_args
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 SCRIPT = Path(sys.executable).with_name("sharded-broker")
 SECRET = "hunter2-secret"
@@ -38,14 +45,39 @@ def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("redis_url")
 
 
-def cli(url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    url: str, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the console script without a terminal (stdin from /dev/null)."""
     assert SCRIPT.exists(), f"console script not installed at {SCRIPT}; reinstall the project"
     command = [str(SCRIPT), *(["--url", url] if url else []), *args]
     return subprocess.run(
         command, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
-        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        env={**os.environ, "COLUMNS": "200", **(env or {})}, cwd=cwd,
     )
+
+
+def on_a_terminal(columns: int, *args: str) -> tuple[int, str]:
+    """Run the console script on a pseudo-terminal ``columns`` wide: (exit code, output
+    without terminal escape sequences)."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [str(SCRIPT), *args], stdin=terminal, stdout=terminal, stderr=terminal,
+        env={**os.environ, "COLUMNS": str(columns), "LINES": "60", "TERM": "xterm-256color"},
+    )
+    os.close(terminal)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed: the command exited
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    returncode = process.wait(timeout=60)
+    return returncode, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output.decode()).replace("\r", "")
 
 
 def seed(url: str) -> dict[str, str]:
@@ -217,8 +249,24 @@ def test_show_a_key(url: str) -> None:
     assert sum(m["enqueued"] for m in shown["minutes"]) == 3
     assert sum(m["dead"] for m in shown["minutes"]) == 1
     assert now["minute"] % 60 == 0
-    empty = json.loads(cli(url, "show", "sms", "nobody", "--json").stdout)
-    assert (empty["backlog"], empty["head"]) == (0, None)
+
+
+
+def test_show_of_a_key_without_messages_settings_or_activity_fails(url: str) -> None:
+    seed(url)
+    for args in (("show", "sms", "nobody"), ("show", "sms", "nobody", "--json")):
+        result = cli(url, *args)
+        assert result.returncode == 1 and result.stdout == ""
+        assert one_error_line(result) == (
+            "Error: key 'nobody' of 'sms' has no messages, no interval or pause, and no activity in the last 5 minutes"
+        )
+    # A drained key with a setting is still shown, saying it has no messages.
+    with sharded_broker.connect(url) as broker:
+        broker.set_interval("sms", "drained", 2.0)
+    shown = cli(url, "show", "sms", "drained")
+    assert shown.returncode == 0, shown.stderr
+    assert table_rows(shown.stdout)["drained"][:2] == ["drained", "0"]
+    assert "head: none, the key has no messages" in shown.stdout
 
 
 def test_events_tails_a_queue(url: str) -> None:
@@ -372,11 +420,38 @@ def test_settings_on_a_queue_without_messages_say_so(url: str) -> None:
 
 def test_refused_values_change_nothing(url: str) -> None:
     seed(url)
-    result = cli(url, "interval", "sms", "user-0", "--", "-5")
-    assert result.returncode == 2
-    assert "interval must be >= 0" in one_error_line(result)
+    # A negative number is SECONDS, with or without "--" (not "no such option").
+    for args in (("--", "-5"), ("-1",), ("-0.5",)):
+        result = cli(url, "interval", "sms", "user-0", *args)
+        assert result.returncode == 2, args
+        assert "interval must be >= 0" in one_error_line(result)
     with sharded_broker.connect(url) as broker:
         assert drain_payloads(broker, "sms") == [b"m2", b"m3", b"m4"]
+
+
+def test_replay_of_ids_that_are_not_dead_letters_says_so_and_nothing_else(url: str) -> None:
+    ids = seed(url)
+    with sharded_broker.connect(url) as broker:
+        live = broker.enqueue("sms", b"alive", key="user-5")
+    for args, words in (
+        ((live,), "no dead letter of 'sms' has that id"),
+        (("no-such-id", live), "no dead letter of 'sms' has any of these 2 ids"),
+    ):
+        result = cli(url, "replay", "sms", *args)
+        assert result.returncode == 1
+        assert result.stdout == ""  # never "replayed 0 dead letters" first
+        assert words in one_error_line(result)
+    with sharded_broker.connect(url) as broker:
+        assert {d.id for d in broker.dead_letters("sms")} == {ids["m0"], ids["m1"]}
+
+
+def test_replay_default_position_is_the_same_in_help_readme_and_engine() -> None:
+    engine_default = inspect.signature(sharded_broker.Broker.replay).parameters["position"].default
+    help_text = CliRunner().invoke(main, ["replay", "--help"]).output
+    assert f"[default: {engine_default}]" in " ".join(help_text.split())
+    [readme_row] = [line for line in README.read_text().splitlines() if line.startswith("| `dead QUEUE`, `replay")]
+    assert f"[--position {engine_default}" in readme_row
+    assert f"{engine_default} of their keys by default" in readme_row
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -437,7 +512,104 @@ def test_bad_urls(tmp_path: Path) -> None:
 
 def test_no_url_is_a_usage_error() -> None:
     result = cli("", "stats", env={"SHARDED_BROKER_URL": ""})
-    assert result.returncode == 2 and "--url" in result.stderr
+    assert result.returncode == 2
+    assert one_error_line(result) == "Error: no broker URL: pass --url URL or set SHARDED_BROKER_URL"
+
+
+def test_every_command_help_works_without_a_url() -> None:
+    assert main.commands  # the loop below checks something
+    for name in main.commands:
+        result = cli("", name, "--help", env={"SHARDED_BROKER_URL": ""})
+        assert result.returncode == 0, (name, result.stderr)
+        assert result.stdout.startswith(f"Usage: sharded-broker {name} ")
+
+
+def test_sqlite_paths_are_shown_absolute_and_relative_ones_explained(tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    seed(f"sqlite:///{tmp_path / 'app' / 'queues.db'}")
+    # From tmp_path, sqlite:///app/queues.db is that file: stats names it absolutely.
+    result = cli("sqlite:///app/queues.db", "stats", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"broker: sqlite:///{tmp_path / 'app' / 'queues.db'}"
+    # From tmp_path/app, the same URL names a file that does not exist: said, with where it looked.
+    elsewhere = cli("sqlite:///app/queues.db", "stats", cwd=tmp_path / "app")
+    assert elsewhere.returncode == 1
+    assert one_error_line(elsewhere) == (
+        f"Error: no SQLite database at {tmp_path / 'app' / 'app' / 'queues.db'} (sqlite:///app/queues.db is "
+        f"relative to the current directory {tmp_path / 'app'}; an absolute path takes four slashes: "
+        "sqlite:////app/queues.db names /app/queues.db)"
+    )
+    assert not (tmp_path / "app" / "app").exists()
+
+
+def test_no_command_touches_a_sqlite_file_that_is_not_a_queue_database(tmp_path: Path) -> None:
+    foreign = tmp_path / "app.db"
+    with closing(sqlite3.connect(foreign)) as db:
+        db.execute("CREATE TABLE users (name TEXT)")
+        db.execute("INSERT INTO users VALUES ('ada')")
+        db.commit()
+    junk, empty = tmp_path / "junk.db", tmp_path / "empty.db"
+    junk.write_bytes(b"not a database at all, just text\n" * 200)
+    empty.write_bytes(b"")
+    before = {path: path.read_bytes() for path in (foreign, junk, empty)}
+    commands = [("stats",), ("top", "--once"), ("keys", "q"), ("dead", "q"), ("show", "q", "k"),
+                ("events", "q", "--timeout", "0"), ("pause", "q"), ("interval", "q", "k", "1")]
+    for path, words, tried in ((foreign, "not a sharded-broker queue database", commands),
+                               (junk, "is not a SQLite database", commands[:1]),
+                               (empty, "not a sharded-broker queue database", commands[:1])):
+        for command in tried:
+            result = cli(f"sqlite:///{path}", *command)
+            assert result.returncode == 1, (path, command)
+            assert words in one_error_line(result)
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app.db", "empty.db", "junk.db"]  # no -wal, no -shm
+
+
+def test_memory_url_says_it_is_per_process(memory_url: str) -> None:
+    result = invoke(memory_url, "stats", "--json")
+    assert result.exit_code == 0
+    assert "a memory:// store lives inside one process" in result.stderr
+    assert "always empty" in result.stderr
+
+
+def test_rediss_to_a_plain_text_port_names_tls_within_the_connect_timeout() -> None:
+    connect_timeout = 6.0
+    with RedisServer() as server:
+        started = time.monotonic()
+        result = cli(f"rediss://127.0.0.1:{server.port}/0?socket_connect_timeout={connect_timeout:g}", "stats")
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert f"the server at 127.0.0.1:{server.port} speaks plain-text Redis, not TLS" in one_error_line(result)
+    # Without the check, the client waits out the whole timeout and reports only that.
+    assert elapsed < connect_timeout
+
+
+def test_rediss_to_a_tls_port_works_through_the_check(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "tls")
+    tls_port = free_port()
+    with RedisServer([*tls_server_args(ca, tls_port)]):
+        url = f"rediss://localhost:{tls_port}/0?ssl_ca_certs={ca.ca_cert}"
+        with sharded_broker.connect(f"rediss://localhost:{tls_port}/0", ssl_ca_certs=str(ca.ca_cert)) as broker:
+            broker.enqueue("sms", b"over tls", key="user-1")
+        result = cli(url, "stats", "sms", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["ready"] == 1
+
+
+def test_top_fits_100_columns_without_cutting_a_header(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'queues.db'}"
+    with sharded_broker.connect(url) as broker:
+        for i in range(30):
+            broker.enqueue("notifications-email", b"x", key=f"customer-{i % 4}")
+    returncode, output = on_a_terminal(100, "--url", url, "top", "--once")
+    assert returncode == 0, output
+    lines = output.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    headers = [line for line in lines if line.startswith("┃")]
+    assert len(headers) == 2 and not any("…" in line for line in headers), headers
+    stats_header = [cell.strip() for cell in headers[0].strip("┃").split("┃")]
+    assert stats_header[:8] == ["queue", "ready", "leased", "delayed", "dead", "keys", "lag", "paused"]
+    assert table_rows(output)["notifications-email"][:2] == ["notifications-email", "30"]
 
 
 # -- exporter -----------------------------------------------------------------------------

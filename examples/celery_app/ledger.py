@@ -12,10 +12,16 @@ that ran it, so ``check.py`` and the demo (``make demo``) can show what happened
 import os
 import sqlite3
 import time
+from pathlib import Path
 
 from celery import Celery
+from celery.utils.log import get_task_logger
 
-app = Celery("ledger", broker=os.environ.get("BROKER_URL", "sharded+redis://localhost:6379/0"))
+HERE = Path(__file__).resolve().parent
+# The embedded SQLite broker needs no server; its file is named by an absolute path (four
+# slashes) so that producers and workers started anywhere share it. For several hosts
+# use your Redis: BROKER_URL=sharded+redis://HOST:PORT/0.
+app = Celery("ledger", broker=os.environ.get("BROKER_URL", f"sharded+sqlite:///{HERE}/queue.db"))
 app.conf.broker_transport_options = {
     # A worker that dies hands its accounts back after about this many seconds.
     "visibility_timeout": 30,
@@ -23,8 +29,18 @@ app.conf.broker_transport_options = {
     "shard_keys": {"ledger.notify": "customer_id"},
 }
 
-DATABASE = os.environ.get("LEDGER_DB", "ledger.db")
+logger = get_task_logger(__name__)
+DATABASE = os.environ.get("LEDGER_DB", str(HERE / "ledger.db"))
 WORK_SECONDS = float(os.environ.get("LEDGER_WORK_SECONDS", "0.01"))
+
+
+def reset_ledger() -> None:
+    """Start a run from an empty ledger (produce.py calls it before posting)."""
+    db = _db()
+    try:
+        db.execute("DELETE FROM entries")
+    finally:
+        db.close()
 
 
 def _db() -> sqlite3.Connection:
@@ -56,4 +72,4 @@ def post_entry(account: str, seq: int, amount: int) -> int:
 
 @app.task(name="ledger.notify")
 def notify(customer_id: str, text: str) -> None:
-    print(f"to {customer_id}: {text}")
+    logger.info("to %s: %s", customer_id, text)

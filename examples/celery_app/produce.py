@@ -4,12 +4,13 @@
     python produce.py alice bob carol --withdrawals 5 --no-notify
 
 Entries are posted interleaved (every account's deposit, then every account's first
-withdrawal, ...), so one account's entries sit among the others' in the queue.
+withdrawal, ...), so one account's entries sit among the others' in the queue. Each run
+starts from an empty ledger, so ``check.py`` checks this run only.
 """
 
 import argparse
 
-from ledger import notify, post_entry
+from ledger import notify, post_entry, reset_ledger
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("accounts", nargs="*", default=[f"acct-{n}" for n in range(20)], metavar="ACCOUNT")
@@ -19,6 +20,7 @@ options = parser.parse_args()
 if not 0 <= options.withdrawals <= 10:
     parser.error(f"--withdrawals must be 0 to 10 (ten of 10 empty the deposit of 100), not {options.withdrawals}")
 
+reset_ledger()
 for account in options.accounts:
     post_entry.delay(account, 0, 100)
 for seq in range(1, options.withdrawals + 1):

@@ -5,7 +5,8 @@ valid after the deposit that funds it. ``apply_payment`` names ``account`` as it
 key, so payments of one account run one at a time and in order while different accounts
 run in parallel, across every worker process and thread. The payment provider is flaky
 (the first attempt of every third payment fails); Dramatiq's Retries middleware retries them,
-and the retry holds its account's place, so order survives failures too.
+and the retry holds its account's place, so order survives failures too. Those failures
+are expected: each is one log line ("Retrying message ..."), not a traceback.
 
 Run it: see README.md next to this file.
 """
@@ -24,8 +25,9 @@ from dramatiq.middleware import CurrentMessage
 from sharded_broker.integrations.dramatiq import ShardedBroker
 
 HERE = Path(__file__).resolve().parent
-# SQLite needs no server and is shared by every process on this host; for several
-# hosts use redis://HOST:6379/0.
+# SQLite needs no server and is shared by every process on this host (its file named by an
+# absolute path, so processes started anywhere share it); for several hosts use your
+# Redis: BROKER_URL=redis://HOST:PORT/0.
 BROKER_URL = os.environ.get("BROKER_URL", f"sqlite:///{HERE}/queue.db")
 LEDGER_PATH = Path(os.environ.get("LEDGER_PATH", HERE / "ledger.db"))
 
@@ -34,8 +36,9 @@ broker.add_middleware(CurrentMessage())
 dramatiq.set_broker(broker)
 
 
-class ProviderUnavailable(Exception):
-    """The payment provider did not answer; worth retrying."""
+class ProviderUnavailable(dramatiq.Retry):
+    """The payment provider did not answer; worth retrying. A ``dramatiq.Retry``: Dramatiq
+    retries it like any failure but logs it in one line, not as an error with a traceback."""
 
 
 class InsufficientFunds(Exception):

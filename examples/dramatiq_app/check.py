@@ -20,7 +20,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the workers")
     args = parser.parse_args()
 
-    broker.join(apply_payment.queue_name, timeout=int(args.timeout * 1000))
+    # Dead letters are reported below with the rest, not raised.
+    broker.join(apply_payment.queue_name, timeout=int(args.timeout * 1000), fail_fast=False)
     ledger = sqlite3.connect(LEDGER_PATH)
     sequences: dict[str, list[int]] = defaultdict(list)
     for account, seq in ledger.execute("SELECT account, seq FROM entries ORDER BY rowid"):
@@ -33,10 +34,11 @@ def main() -> int:
     lengths = {len(seqs) for seqs in sequences.values()}
     if len(lengths) > 1:
         problems.append(f"accounts have different numbers of payments: {sorted(lengths)}")
-    for dead in broker.dead_letters:
+    dead_letters = broker.dead_messages
+    for dead in dead_letters:
         problems.append(f"dead letter {dead.message}: {dead.reason}")
     entries = sum(len(seqs) for seqs in sequences.values())
-    print(f"{len(sequences)} accounts, {entries} payments applied, {len(broker.dead_letters)} dead letters")
+    print(f"{len(sequences)} accounts, {entries} payments applied, {len(dead_letters)} dead letters")
     for problem in problems:
         print("PROBLEM:", problem)
     print("every account's payments applied once, in order" if not problems else "FAILED")

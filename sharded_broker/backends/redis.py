@@ -1,19 +1,21 @@
-"""Redis backend: ``redis://`` and ``rediss://`` (TLS).
+"""Redis backend: ``redis://`` and ``rediss://`` (TLS). Needs Redis 7.0 or newer.
 
-Every operation is one atomic Lua script from ``lua/<operation>.lua`` (with the shared
-helpers of ``lua/_common.lua`` prepended), loaded once per client and called with EVALSHA.
-Each script gets every key it touches in ``KEYS``; all keys of one queue share the hash
-tag ``{<queue>}`` (``<prefix>:{<queue>}:<structure>``), so a queue's scripts can run on a
+Every operation is one atomic Redis function, registered by ``lua/<operation>.lua``; all of
+them, with the shared helpers of ``lua/_common.lua``, form one Functions library that is
+loaded once per server (``FUNCTION LOAD``) and called with ``FCALL``. Each function gets
+every key it touches as a key argument; all keys of one queue share the hash tag
+``{<queue>}`` (``<prefix>:{<queue>}:<structure>``), so a queue's functions can run on a
 Redis Cluster node. Per-shard-key data lives inside fixed per-queue structures (described
-at the top of ``_common.lua``), never in key names built at run time.
+at the top of ``_common.lua`` and in docs/redis.md), never in key names built at run time.
+Times cross as whole microseconds.
 
 Guarantees, beyond the contract of :class:`~sharded_broker.backend.Backend`:
 
-* Time comes from the server (``TIME`` inside each script), so client clock skew cannot
+* Time comes from the server (``TIME`` inside each function), so client clock skew cannot
   reorder or double-deliver; only a ``clock=`` test hook replaces it.
 * ``enqueue_many``, ``lease(limit=N)``, ``ack_many``, ``release_many`` and
   ``extend_many`` on one queue are one round trip (the last three over several queues:
-  one pipelined round trip, one script call per queue).
+  one pipelined round trip, one function call per queue).
 * Every hot operation is O(log n) with bounded work per call: at most ``SWEEP_LIMIT``
   (500) due delayed messages promoted and expired leases returned per lease call; beyond
   that, the next call is due at once. No ``KEYS``/``SCAN``.
@@ -22,15 +24,17 @@ Guarantees, beyond the contract of :class:`~sharded_broker.backend.Backend`:
   makes about two calls a second.
 * Connection failures raise :class:`~sharded_broker.BackendUnavailable` naming the URL
   with its password redacted.
-* Metrics are counted inside the enqueue, lease, ack and nack scripts: one hash field per
-  (key, minute) and per queue minute holding the five counts, expired through a zset (the
-  queue's minutes) and a list in creation order (the keys' minutes), a bounded number of
-  fields per call; per-key backlogs live in a zset, so the largest backlogs are read
-  without a scan.
-* ``purge`` and ``replay`` of more than ``CHUNK`` (1,000) messages run as several script
+* Metrics are counted inside the enqueue, lease, ack and nack functions with ``HINCRBY``:
+  one hash field per counter used per (key, minute) and per queue minute; the keys' fields
+  expire through a list in creation order, a bounded number per call, the queue's old
+  minutes when a new minute starts; per-key backlogs live in a zset, so the largest
+  backlogs are read without a scan.
+* At ``maxmemory`` an enqueue is refused (``BackendUnavailable``, nothing written) while
+  lease, ack, nack, release, extend and purge go on, so consumers can drain the queue.
+* ``purge`` and ``replay`` of more than ``CHUNK`` (1,000) messages run as several function
   calls of at most ``CHUNK`` messages each, every one atomic and leaving the queue
   consistent, so Redis serves other clients between them.
-* Events (on by default: ``events=False`` turns them off) are one ``PUBLISH`` per script
+* Events (on by default: ``events=False`` turns them off) are one ``PUBLISH`` per function
   call on the channel ``<prefix>:{<queue>}:events``, carrying every event of the call;
   Redis pub/sub is fire-and-forget, so a subscriber sees only what happens while it is
   connected, and publishing to a channel nobody listens to costs next to nothing.
@@ -41,8 +45,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import itertools
+import secrets
 import threading
-import uuid
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any, Callable, Iterator, Sequence
@@ -62,20 +67,22 @@ from ..models import (
 )
 from ..validation import queue_name
 
-# The KEYS of every queue script, in this order (named K.<name> in _common.lua).
+# The keys of every queue function, in this order (named by the constants at the top of
+# _common.lua).
 QUEUE_KEYS = (
-    "msgs", "payloads", "ready", "lane", "keyq", "keyentry", "slots", "backlog", "intervals",
-    "lastdeliv", "paused", "delayed", "leases", "dedup", "dedupexp", "dead", "batches", "meta",
-    "readyage", "signal", "metrics", "metricsidx", "events", "metricskeys",
+    "msgs", "ready", "keyq", "state", "backlog", "delayed", "leases", "dedupexp", "dead", "readyage",
+    "metrics", "metricskeys", "signal", "events",
 )
-QUEUE_SCRIPTS = (
+QUEUE_FUNCTIONS = (
     "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_paused", "stats",
     "dead_letters", "dead_order", "replay", "purge", "metrics", "keys",
 )
-EXCHANGE_SCRIPTS = ("bind", "unbind")
+EXCHANGE_FUNCTIONS = ("bind", "unbind")
+# Redis Functions (FUNCTION LOAD, FCALL) came with Redis 7.0.
+MINIMUM_SERVER = (7, 0)
 
-# Purge and replay of many messages work in script calls of at most this many messages,
-# so that no call blocks Redis for long (measured 8-30 ms per call).
+# Purge and replay of many messages work in calls of at most this many messages, so that
+# no call blocks Redis for long (measured 8-30 ms per call).
 CHUNK = 1000
 
 # wait() blocks at most this long per BLPOP: a wake-up token normally ends it at once, and
@@ -114,23 +121,60 @@ def _str(value: bytes) -> str:
     return value.decode("utf-8", "surrogatepass")
 
 
-class _Script:
-    """One Lua script: EVALSHA, loading it (once per server) when the server lacks it."""
+def _us(seconds: float) -> str:
+    """A time or duration as the functions take it: whole microseconds."""
+    return str(round(seconds * 1_000_000))
 
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
 
-    def __call__(self, client: redis.Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+class _Library:
+    """Every operation as one Redis Functions library, loaded once per server.
+
+    The library's name carries a digest of its source, so processes running different
+    versions of this package each find their own functions on a shared server.
+    """
+
+    def __init__(self) -> None:
+        body = "\n".join(_lua_source(name) for name in ("_common", *QUEUE_FUNCTIONS, *EXCHANGE_FUNCTIONS))
+        self.name = "sharded_broker_" + hashlib.sha1(body.encode("utf-8")).hexdigest()[:16]
+        self.source = f"#!lua name={self.name}\nlocal LIB = '{self.name}'\n{body}"
+        self.functions = {name: f"{self.name}_{name}" for name in (*QUEUE_FUNCTIONS, *EXCHANGE_FUNCTIONS)}
+
+    def call(self, client: redis.Redis, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            client.script_load(self.source)
-            return client.evalsha(self.sha, len(keys), *keys, *args)
+            return client.fcall(self.functions[name], len(keys), *keys, *args)
+        except redis.exceptions.ResponseError as exc:
+            if not _missing_function(exc):
+                raise
+            self.load(client)
+            return client.fcall(self.functions[name], len(keys), *keys, *args)
+
+    def load(self, client: redis.Redis) -> None:
+        """Load the library, unless another client just did."""
+        try:
+            client.function_load(self.source)
+        except redis.exceptions.ResponseError as exc:
+            if "already exists" in str(exc):
+                return
+            if "unknown command" in str(exc).lower():
+                version = client.info("server").get("redis_version", "unknown")
+                raise ConfigurationError(
+                    f"this Redis server is version {version}; sharded-broker needs Redis "
+                    f"{'.'.join(map(str, MINIMUM_SERVER))} or newer (it runs as Redis Functions)"
+                ) from None
+            raise
+
+
+def _missing_function(exc: Exception) -> bool:
+    return isinstance(exc, redis.exceptions.ResponseError) and "function not found" in str(exc).lower()
+
+
+_LIBRARY = _Library()
+# ack and release count metrics but take no queue settings: the defaults fill the slots.
+_OBSERVE_ONLY = QueueSettings()
 
 
 class RedisBackend(Backend):
-    """Queues in a Redis server (6.0 or later), shared by every process that uses it.
+    """Queues in a Redis server (7.0 or later), shared by every process that uses it.
 
     ``prefix`` (default ``"sb"``) starts every key name; two prefixes on one server are
     fully isolated. ``clock`` replaces the server's clock (tests only). ``metrics_window``
@@ -179,8 +223,13 @@ class RedisBackend(Backend):
                 connection_class=pool.connection_class, max_connections=pool.max_connections, **blocking_kwargs
             )
         )
-        self._scripts = {name: _Script(_lua_source("_common") + "\n" + _lua_source(name)) for name in QUEUE_SCRIPTS}
-        self._scripts.update({name: _Script(_lua_source(name)) for name in EXCHANGE_SCRIPTS})
+        self._library = _LIBRARY
+        self._queue_keys: dict[str, list[str]] = {}
+        self._options: dict[QueueSettings, str] = {}
+        # Message ids: a random prefix of this backend (64 bits) and a counter, shorter than
+        # a UUID (ids are stored in several indexes) and as unique in practice.
+        self._id_prefix = secrets.token_hex(8)
+        self._id_counter = itertools.count(1)
         self._registered: set[str] = set()
         self._registered_lock = threading.Lock()
 
@@ -224,7 +273,10 @@ class RedisBackend(Backend):
             raise BackendUnavailable(f"redis at {self._safe_url} is unavailable: {exc}") from None
 
     def _keys(self, queue: str) -> list[str]:
-        return [f"{self.prefix}:{{{queue}}}:{name}" for name in QUEUE_KEYS]
+        keys = self._queue_keys.get(queue)
+        if keys is None:
+            keys = self._queue_keys[queue] = [f"{self.prefix}:{{{queue}}}:{name}" for name in QUEUE_KEYS]
+        return keys
 
     def _registry_key(self) -> str:
         return f"{self.prefix}:queues"
@@ -233,26 +285,30 @@ class RedisBackend(Backend):
         return f"{self.prefix}:bindings:{{{exchange}}}"
 
     def _clock_arg(self) -> str:
-        return "" if self._clock is None else repr(float(self._clock()))
+        return "" if self._clock is None else _us(self._clock())
 
-    def _observe_args(self, queue: str) -> list[Any]:
-        """The clock, then what the counting scripts read with read_observe()."""
-        return [self._clock_arg(), f"{self._kept_minutes},{self._key_kept_minutes}", "1" if self._events else "0"]
+    def _options_arg(self, settings: QueueSettings) -> str:
+        """The queue settings and the metrics and events options as one argument (read by
+        options() in _common.lua; parsed there once per distinct text)."""
+        text = self._options.get(settings)
+        if text is None:
+            text = ",".join((
+                "" if settings.max_deliveries is None else str(settings.max_deliveries),
+                str(settings.key_concurrency),
+                _us(settings.interval),
+                settings.retry_position,
+                _us(settings.dedup_window),
+                "1" if settings.unique_while_pending else "0",
+                str(self._kept_minutes),
+                str(self._key_kept_minutes),
+                "1" if self._events else "0",
+            ))
+            self._options[settings] = text
+        return text
 
-    @staticmethod
-    def _settings_args(settings: QueueSettings) -> list[Any]:
-        return [
-            "" if settings.max_deliveries is None else settings.max_deliveries,
-            settings.key_concurrency,
-            repr(float(settings.interval)),
-            settings.retry_position,
-            repr(float(settings.dedup_window)),
-            "1" if settings.unique_while_pending else "0",
-        ]
-
-    def _run(self, script: str, queue: str, args: Sequence[Any]) -> Any:
+    def _run(self, function: str, queue: str, args: Sequence[Any]) -> Any:
         with self._errors():
-            return self._scripts[script](self._client, self._keys(queue), args)
+            return self._library.call(self._client, function, self._keys(queue), args)
 
     # -- the contract -------------------------------------------------------------------
 
@@ -264,27 +320,27 @@ class RedisBackend(Backend):
         return seconds + micros / 1_000_000
 
     def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
-        args: list[Any] = [*self._observe_args(queue), *self._settings_args(settings)]
+        args: list[Any] = [self._clock_arg(), self._options_arg(settings)]
+        prefix, counter = self._id_prefix, self._id_counter
         for m in messages:
-            args += [
-                uuid.uuid4().hex,
+            args += (
+                f"{prefix}{next(counter):x}",
                 b"" if m.key is None else _text(m.key),
                 m.priority,
-                repr(float(m.delay)),
+                _us(m.delay) if m.delay else "0",
                 b"" if m.dedup_id is None else _text(m.dedup_id),
-                json.dumps(dict(m.headers or {}), separators=(",", ":")),
+                json.dumps(dict(m.headers), separators=(",", ":")) if m.headers else "{}",
                 "1" if m.at_head else "0",
                 m.payload,
-            ]
+            )
         keys = self._keys(queue)
-        script = self._scripts["enqueue"]
         with self._errors():
             if queue in self._registered:
-                ids = script(self._client, keys, args)
+                ids = self._library.call(self._client, "enqueue", keys, args)
             else:
-                # The registry lives outside the queue's hash tag, so a script may not
+                # The registry lives outside the queue's hash tag, so a function may not
                 # touch it; it is written once per process per queue, in the same round trip.
-                [_, ids] = self._pipelined(script, [(keys, args)], prelude=("SADD", self._registry_key(), queue))
+                [_, ids] = self._pipelined("enqueue", [(keys, args)], prelude=("SADD", self._registry_key(), queue))
                 with self._registered_lock:
                     self._registered.add(queue)
         return [_str(i) for i in ids]
@@ -292,9 +348,9 @@ class RedisBackend(Backend):
     def lease(
         self, queue: str, limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings
     ) -> LeaseResult:
-        args = [*self._observe_args(queue), *self._settings_args(settings), limit, per_key, repr(float(visibility_timeout))]
+        args = [self._clock_arg(), self._options_arg(settings), limit, per_key, _us(visibility_timeout)]
         answer = self._run("lease", queue, args)
-        retry_in = float(answer[0]) if answer[0] else None
+        retry_in = answer[0] / 1e6 if answer[0] != b"" else None
         return LeaseResult([self._lease_view(queue, row) for row in answer[1:]], retry_in)
 
     @staticmethod
@@ -309,38 +365,39 @@ class RedisBackend(Backend):
             attempts=int(attempts),
             headers=json.loads(headers),
             token=_str(token),
-            deadline=float(deadline),
-            enqueued_at=float(enqueued_at),
+            deadline=deadline / 1e6,
+            enqueued_at=enqueued_at / 1e6,
             batch_id=_str(batch_id),
             dedup_id=_str(dedup_id) if dedup_id else None,
         )
 
     def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
+        observe = self._options_arg(_OBSERVE_ONLY)
         answers = self._per_queue(
-            "ack", leases, self._observe_args, lambda i: [leases[i].id, leases[i].token]
+            "ack", leases, lambda queue: [self._clock_arg(), observe], lambda i: (leases[i].id, leases[i].token)
         )
         return [bool(answer) for answer in answers]
 
     def release_many(self, leases: Sequence[Lease]) -> list[bool]:
+        observe = self._options_arg(_OBSERVE_ONLY)
         answers = self._per_queue(
-            "release", leases, lambda queue: [self._clock_arg()], lambda i: [leases[i].id, leases[i].token]
+            "release", leases, lambda queue: [self._clock_arg(), observe], lambda i: (leases[i].id, leases[i].token)
         )
         return [bool(answer) for answer in answers]
 
     def _per_queue(
         self,
-        script_name: str,
+        function: str,
         leases: Sequence[Lease],
         head_args: Callable[[str], list[Any]],
-        lease_args: Callable[[int], list[Any]],
+        lease_args: Callable[[int], Sequence[Any]],
     ) -> list[Any]:
-        """One call of a per-lease script for each queue the leases belong to, all in one
-        round trip; the scripts' answers, one per lease, in the order of ``leases``.
-        ``lease_args(i)``: the script's arguments for ``leases[i]``."""
+        """One call of a per-lease function for each queue the leases belong to, all in one
+        round trip; the answers, one per lease, in the order of ``leases``.
+        ``lease_args(i)``: the function's arguments for ``leases[i]``."""
         by_queue: dict[str, list[int]] = {}
         for index, lease in enumerate(leases):
             by_queue.setdefault(lease.queue, []).append(index)
-        script = self._scripts[script_name]
         calls = []
         for queue, indexes in by_queue.items():
             args = head_args(queue)
@@ -349,9 +406,9 @@ class RedisBackend(Backend):
             calls.append((queue, indexes, args))
         with self._errors():
             if len(calls) == 1:
-                answers = [script(self._client, self._keys(calls[0][0]), calls[0][2])]
+                answers = [self._library.call(self._client, function, self._keys(calls[0][0]), calls[0][2])]
             else:
-                answers = self._pipelined(script, [(self._keys(q), args) for q, _, args in calls])
+                answers = self._pipelined(function, [(self._keys(q), args) for q, _, args in calls])
         results: list[Any] = [None] * len(leases)
         for (_, indexes, _), answer in zip(calls, answers):
             for index, value in zip(indexes, answer):
@@ -359,22 +416,23 @@ class RedisBackend(Backend):
         return results
 
     def _pipelined(
-        self, script: _Script, calls: list[tuple[list[str], list[Any]]], prelude: tuple[Any, ...] | None = None
+        self, function: str, calls: list[tuple[list[str], list[Any]]], prelude: tuple[Any, ...] | None = None
     ) -> list[Any]:
-        """Several calls of one script (after an optional plain command) in one round trip,
-        loading the script first if the server lacks it."""
+        """Several calls of one function (after an optional plain command) in one round
+        trip, loading the library first if the server lacks it."""
+        name = self._library.functions[function]
         for attempt in range(2):
             pipe = self._client.pipeline(transaction=False)
             if prelude is not None:
                 pipe.execute_command(*prelude)
             for keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.fcall(name, len(keys), *keys, *args)
             answers = pipe.execute(raise_on_error=False)
-            if attempt or not any(isinstance(a, redis.exceptions.NoScriptError) for a in answers):
+            if attempt or not any(_missing_function(a) for a in answers):
                 break
-            # A call refused with NOSCRIPT changed nothing (and the prelude is idempotent):
-            # load the script and send them all again.
-            self._client.script_load(script.source)
+            # A call refused for a missing function changed nothing (and the prelude is
+            # idempotent): load the library and send them all again.
+            self._library.load(self._client)
         for answer in answers:
             if isinstance(answer, Exception):
                 raise answer
@@ -384,7 +442,7 @@ class RedisBackend(Backend):
         self, lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings
     ) -> bool:
         args = [
-            *self._observe_args(lease.queue), *self._settings_args(settings), lease.id, lease.token, repr(float(delay)),
+            self._clock_arg(), self._options_arg(settings), lease.id, lease.token, _us(delay),
             "1" if dead else "0", "" if reason is None else _text(reason),
         ]
         return bool(self._run("nack", lease.queue, args))
@@ -395,12 +453,12 @@ class RedisBackend(Backend):
     def extend_many(self, leases: Sequence[Lease], visibility_timeouts: Sequence[float]) -> list[float | None]:
         answers = self._per_queue(
             "extend", leases, lambda queue: [self._clock_arg()],
-            lambda i: [leases[i].id, leases[i].token, repr(float(visibility_timeouts[i]))],
+            lambda i: (leases[i].id, leases[i].token, _us(visibility_timeouts[i])),
         )
-        return [float(answer) if answer else None for answer in answers]
+        return [answer / 1e6 if answer != b"" else None for answer in answers]
 
     def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
-        self._run("set_interval", queue, [self._clock_arg(), _text(key), "" if seconds is None else repr(float(seconds))])
+        self._run("set_interval", queue, [self._clock_arg(), _text(key), "" if seconds is None else _us(seconds)])
 
     def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
         self._run("set_paused", queue, [self._clock_arg(), b"" if key is None else _text(key), "1" if paused else "0"])
@@ -409,7 +467,7 @@ class RedisBackend(Backend):
         ready, leased, delayed, dead, keys, oldest_age, paused = self._run("stats", queue, [self._clock_arg()])
         return QueueStats(
             queue=queue, ready=int(ready), leased=int(leased), delayed=int(delayed), dead=int(dead),
-            keys=int(keys), oldest_age=float(oldest_age), paused=bool(paused),
+            keys=int(keys), oldest_age=oldest_age / 1e6, paused=bool(paused),
         )
 
     def queues(self) -> list[str]:
@@ -417,7 +475,7 @@ class RedisBackend(Backend):
             return sorted(_str(name) for name in self._client.smembers(self._registry_key()))
 
     def dead_letters(self, queue: str, limit: int, offset: int) -> list[DeadLetter]:
-        rows = self._run("dead_letters", queue, [offset, limit])
+        rows = self._run("dead_letters", queue, [self._clock_arg(), offset, limit])
         letters = []
         for row in rows:
             lease = self._lease_view(queue, row)
@@ -425,7 +483,7 @@ class RedisBackend(Backend):
                 DeadLetter(
                     queue=queue, id=lease.id, key=lease.key, payload=lease.payload, priority=lease.priority,
                     attempts=lease.attempts, headers=lease.headers, reason=_str(row[11]),
-                    enqueued_at=lease.enqueued_at, died_at=float(row[12]), dedup_id=lease.dedup_id,
+                    enqueued_at=lease.enqueued_at, died_at=row[12] / 1e6, dedup_id=lease.dedup_id,
                 )
             )
         return letters
@@ -448,7 +506,7 @@ class RedisBackend(Backend):
             return int(self._run("replay", queue, [self._clock_arg(), position, "0", *ids]))
         places: list[tuple[int, int, bytes]] = []
         for start in range(0, len(ids), CHUNK):
-            rows = self._run("dead_order", queue, [_text(i) for i in ids[start : start + CHUNK]])
+            rows = self._run("dead_order", queue, [self._clock_arg(), *(_text(i) for i in ids[start : start + CHUNK])])
             places.extend((int(priority), int(seq), mid) for mid, priority, seq in rows)
         places.sort(key=lambda place: place[:2])
         chunks = [places[start : start + CHUNK] for start in range(0, len(places), CHUNK)]
@@ -490,11 +548,11 @@ class RedisBackend(Backend):
 
     def bind(self, exchange: str, queue: str) -> None:
         with self._errors():
-            self._scripts["bind"](self._client, [self._bindings_key(exchange)], [queue])
+            self._library.call(self._client, "bind", [self._bindings_key(exchange)], [queue])
 
     def unbind(self, exchange: str, queue: str) -> None:
         with self._errors():
-            self._scripts["unbind"](self._client, [self._bindings_key(exchange)], [queue])
+            self._library.call(self._client, "unbind", [self._bindings_key(exchange)], [queue])
 
     def bound_queues(self, exchange: str) -> list[str]:
         with self._errors():
@@ -518,7 +576,7 @@ class RedisBackend(Backend):
             heads = self._run("keys", queue, [self._clock_arg(), "lag"])
             now = self.now()
             lags = sorted(
-                ((-(max(0.0, now - float(t)) if t else 0.0), _str(key)) for key, t in heads)
+                ((-(max(0.0, now - t / 1e6) if t != b"" else 0.0), _str(key)) for key, t in heads)
             )[:limit]
             if not lags:
                 return []
@@ -535,7 +593,7 @@ class RedisBackend(Backend):
         head = None
         if head_row:
             mid, priority, attempts, enqueued_at, not_before, size = head_row
-            head = HeadMessage(_str(mid), int(priority), int(attempts), float(enqueued_at), float(not_before), int(size))
+            head = HeadMessage(_str(mid), int(priority), int(attempts), enqueued_at / 1e6, not_before / 1e6, int(size))
         return KeyInfo(
             queue=queue,
             key=_str(key),
@@ -543,7 +601,7 @@ class RedisBackend(Backend):
             leased=int(slots),
             lag=max(0.0, now - head.enqueued_at) if head is not None else 0.0,
             paused=bool(paused),
-            interval=float(interval) if interval else None,
+            interval=int(interval) / 1e6 if interval else None,
             head=head,
         )
 
@@ -560,13 +618,20 @@ class RedisBackend(Backend):
                 raise BackendUnavailable(f"redis at {self._safe_url} did not confirm the events subscription")
         return _RedisSubscription(self, queue, pubsub)
 
+    # A BLPOP timeout ends at the server's next cron tick (hz 10 by default).
+    wait_resolution = 0.1
+
     def wait(self, queue: str, timeout: float) -> None:
-        if timeout <= 0:
+        self.wait_any([queue], timeout)
+
+    def wait_any(self, queues: Sequence[str], timeout: float) -> None:
+        if timeout <= 0 or not queues:
             return
-        signal_key = self._keys(queue)[QUEUE_KEYS.index("signal")]
+        signal_keys = [self._keys(queue)[QUEUE_KEYS.index("signal")] for queue in queues]
         with self._errors():
-            # BLPOP treats 0 as "forever": never ask for less than a millisecond.
-            self._blocking_client.blpop([signal_key], timeout=max(min(timeout, MAX_BLOCK), 0.001))
+            # One BLPOP over every queue's signal list; 0 means "forever" to BLPOP, so
+            # never ask for less than a millisecond.
+            self._blocking_client.blpop(signal_keys, timeout=max(min(timeout, MAX_BLOCK), 0.001))
 
     def close(self) -> None:
         self._client.close()
@@ -597,7 +662,7 @@ class _RedisSubscription(EventSubscription):
         events = []
         for line in data.split(b"\n"):
             kind, mid, key, at = line.split(b"\0")
-            events.append(Event(_str(kind), self._queue, _str(mid), _str(key[1:]) if key else None, float(at)))  # type: ignore[arg-type]
+            events.append(Event(_str(kind), self._queue, _str(mid), _str(key[1:]) if key else None, int(at) / 1e6))  # type: ignore[arg-type]
         return events
 
     def close(self) -> None:

@@ -19,8 +19,9 @@ backend as the reference model):
   ``extend_many``) are one transaction each. Every hot statement reads through an index (O(log n)); the heaps of
   the memory model are partial indexes here.
 - One clock per database: the caller host's ``time.time()``, never allowed to run behind
-  the latest time already written to the file (kept in the ``meta`` table), so deadlines
-  and ready times never go backwards when processes' clocks differ slightly.
+  the latest time already written for the queue (kept in its row of the ``queues`` table,
+  so that a transaction writes no extra row for it), so deadlines and ready times never
+  go backwards when processes' clocks differ slightly.
 - Thread-safe (one connection per process, behind a lock) and fork-safe (a child process
   never reuses its parent's connection; it opens its own on first use).
 - ``wait`` never spins: it sleeps 5 ms, doubling to 100 ms, between polls, and wakes at
@@ -40,7 +41,9 @@ backend as the reference model):
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import os
 import sqlite3
 import stat
@@ -56,7 +59,7 @@ from ..backend import (
     DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, Backend, EventSubscription, KeySort, events_option, expired_before,
     key_metrics_window_option, metric_minutes, metrics_window_option, minute_of,
 )
-from ..errors import BackendUnavailable, ConfigurationError
+from ..errors import BackendUnavailable, ConfigurationError, InvalidURL
 from ..models import (
     COUNTERS, DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings,
     QueueStats, RetryPosition,
@@ -65,8 +68,28 @@ from ..models import (
 # Tail seqs count up from here and head seqs count down, so every head seq sorts first.
 SEQ_ORIGIN = 2**52
 # Version 2 added the metrics and events tables and the keys_backlog index; a version 1
-# file gains them when opened.
-SCHEMA_VERSION = 2
+# file gains them when opened. Version 3 replaced two indexes (OLD_INDEXES) by
+# messages_key_order and messages_open_batches, and keeps each queue's clock floor in its
+# row (queues.last_now) instead of one 'last_now' in meta, and the metrics counts of the
+# current minute in the queue's and the key's rows (ADDED_COLUMNS): an older file gains
+# them when opened, each queue starting from the old floor.
+SCHEMA_VERSION = 3
+OLD_INDEXES = ("messages_ready", "messages_batch")
+_OPEN_MINUTE_COLUMNS = {"open_minute": "REAL", **{f"open_{c}": "INTEGER NOT NULL DEFAULT 0" for c in COUNTERS}}
+ADDED_COLUMNS = {
+    "queues": {"last_now": "REAL NOT NULL DEFAULT 0", **_OPEN_MINUTE_COLUMNS},
+    "keys": _OPEN_MINUTE_COLUMNS,
+}
+# Pages SQLite keeps in memory per connection (negative: KiB): at a million messages the
+# indexes of the hot statements stay cached instead of being read again from the file.
+CACHE_KIB = 64 * 1024
+# WAL pages written before a commit checkpoints them into the database (SQLite's default:
+# 1,000). Each checkpoint syncs the WAL and the database file to disk, the largest cost of
+# a small transaction; a larger WAL syncs ten times less often and writes each hot page
+# back once per checkpoint instead of once per 1,000 frames. After a checkpoint the file
+# is cut back to WAL_KEPT_BYTES.
+WAL_CHECKPOINT_PAGES = 10_000
+WAL_KEPT_BYTES = 64 * 1024 * 1024
 OPTIONS = ("busy_timeout", "clock", "events", "key_metrics_window", "metrics_window", "synchronous")
 EVENTS_KEPT = 10_000
 EVENTS_POLL = 0.05
@@ -106,7 +129,17 @@ CREATE TABLE IF NOT EXISTS queues (
     leased INTEGER NOT NULL,
     dead INTEGER NOT NULL,
     keys INTEGER NOT NULL,
-    held_messages INTEGER NOT NULL         -- listed by queues() once a message was enqueued
+    held_messages INTEGER NOT NULL,        -- listed by queues() once a message was enqueued
+    last_now REAL NOT NULL DEFAULT 0,      -- the latest time written for the queue (its clock's floor)
+    -- The queue-wide counts of the minute open_minute, kept here until a later minute's
+    -- first count moves them to the metrics table: most transactions write no metrics row
+    -- for the whole queue (its row is written anyway).
+    open_minute REAL,
+    open_enqueued INTEGER NOT NULL DEFAULT 0,
+    open_delivered INTEGER NOT NULL DEFAULT 0,
+    open_acked INTEGER NOT NULL DEFAULT 0,
+    open_retried INTEGER NOT NULL DEFAULT 0,
+    open_dead INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS keys (
     queue TEXT NOT NULL,
@@ -118,8 +151,16 @@ CREATE TABLE IF NOT EXISTS keys (
     interval REAL,                         -- NULL: the queue's default
     last_delivery REAL,
     paused INTEGER NOT NULL DEFAULT 0,
+    -- The key's metrics counts of the minute open_minute, as in the queues table.
+    open_minute REAL,
+    open_enqueued INTEGER NOT NULL DEFAULT 0,
+    open_delivered INTEGER NOT NULL DEFAULT 0,
+    open_acked INTEGER NOT NULL DEFAULT 0,
+    open_retried INTEGER NOT NULL DEFAULT 0,
+    open_dead INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (queue, key)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS keys_open_minute ON keys (queue, open_minute) WHERE open_minute IS NOT NULL;
 CREATE INDEX IF NOT EXISTS keys_ready ON keys (queue, ready_at, ready_order) WHERE ready_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS keys_backlog ON keys (queue, count DESC, key) WHERE count > 0;
 CREATE TABLE IF NOT EXISTS messages (
@@ -141,17 +182,19 @@ CREATE TABLE IF NOT EXISTS messages (
     batch_id TEXT NOT NULL DEFAULT '',
     batch_index INTEGER NOT NULL DEFAULT 0,
     timer_order INTEGER NOT NULL DEFAULT 0, -- tie-breaker of the delayed and lease orders
-    entered_at REAL NOT NULL DEFAULT 0,    -- when it joined the unkeyed lane
+    entered_at REAL NOT NULL DEFAULT 0,    -- when it was last placed (key order or lane)
     entered_order INTEGER NOT NULL DEFAULT 0,
     reason TEXT NOT NULL DEFAULT '',
     died_at REAL NOT NULL DEFAULT 0,
     dead_order INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, key, priority, seq) WHERE state = 'ready';
+-- not_before is in the index so that a key's next ready time is read without the table.
+CREATE INDEX IF NOT EXISTS messages_key_order ON messages (queue, key, priority, seq, not_before) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS messages_oldest ON messages (queue, enqueued_at) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS messages_delayed ON messages (queue, not_before, timer_order) WHERE state = 'delayed';
 CREATE INDEX IF NOT EXISTS messages_leased ON messages (queue, deadline, timer_order) WHERE state = 'leased';
-CREATE INDEX IF NOT EXISTS messages_batch ON messages (batch_id, batch_index) WHERE state = 'leased';
+-- Only batches of several messages: a lease of one message stores batch_id '' and needs no entry.
+CREATE INDEX IF NOT EXISTS messages_open_batches ON messages (batch_id, batch_index) WHERE state = 'leased' AND batch_id <> '';
 CREATE INDEX IF NOT EXISTS messages_dead ON messages (queue, dead_order) WHERE state = 'dead';
 CREATE TABLE IF NOT EXISTS dedup (
     queue TEXT NOT NULL,
@@ -208,12 +251,15 @@ HOT_QUERIES = {
     "AND deadline <= ? ORDER BY deadline, timer_order LIMIT 1",
     "next_delayed": "SELECT MIN(not_before) FROM messages WHERE queue = ? AND state = 'delayed'",
     "next_deadline": "SELECT MIN(deadline) FROM messages WHERE queue = ? AND state = 'leased'",
-    "batch_followers": "SELECT id, seq FROM messages WHERE batch_id = ? AND state = 'leased' "
+    "batch_followers": "SELECT id, seq FROM messages WHERE batch_id = ? AND state = 'leased' AND batch_id <> '' "
     "AND batch_index > ? ORDER BY batch_index",
-    "batch_left": "SELECT 1 FROM messages WHERE batch_id = ? AND state = 'leased' LIMIT 1",
-    "message": f"SELECT {MESSAGE_COLUMNS}, queue FROM messages WHERE id = ?",
-    "key": "SELECT count, slots, ready_at, ready_order, interval, last_delivery, paused FROM keys "
-    "WHERE queue = ? AND key = ?",
+    "batch_left": "SELECT 1 FROM messages WHERE batch_id = ? AND state = 'leased' AND batch_id <> '' LIMIT 1",
+    # What settling a lease needs (not its payload and headers).
+    "message": "SELECT id, key, seq, attempts, batch_id, batch_index, deadline, state, token, queue FROM messages "
+    "WHERE id = ?",
+    "ack": "DELETE FROM messages WHERE id = ? AND queue = ? AND state = 'leased' AND token = ? RETURNING key, batch_id",
+    "key_next_time": "SELECT not_before, entered_at FROM messages WHERE queue = ? AND key = ? AND state = 'ready' "
+    "ORDER BY priority, seq LIMIT 1",
     "dedup": "SELECT message_id, expires FROM dedup WHERE queue = ? AND dedup_id = ?",
     "dedup_expired": "DELETE FROM dedup WHERE queue = ? AND expires <= ?",
     # unique_while_pending: the window does not end a pending twin's claim.
@@ -229,6 +275,9 @@ HOT_QUERIES = {
     "metrics_expired_keys": "DELETE FROM metrics WHERE (queue, key, minute) IN (SELECT queue, key, minute FROM metrics "
     f"WHERE queue = ? AND minute < ? AND key <> '' LIMIT {METRICS_SWEEP_LIMIT})",
     "events_trim": "DELETE FROM events WHERE id <= ?",
+    "key_minutes_expired": "UPDATE keys SET open_minute = NULL, "
+    + ", ".join(f"open_{c} = 0" for c in COUNTERS)
+    + " WHERE (queue, key) IN (SELECT queue, key FROM keys WHERE queue = ? AND open_minute < ? LIMIT ?) RETURNING key",
     "keys_by_backlog": "SELECT key FROM keys WHERE queue = ? AND count > 0 ORDER BY count DESC, key LIMIT ?",
     "keys_with_backlog": "SELECT key FROM keys WHERE queue = ? AND count > 0",
     "metrics_range": "SELECT minute, enqueued, delivered, acked, retried, dead FROM metrics "
@@ -253,11 +302,31 @@ class _QueueRow:
     dead: int = 0
     keys: int = 0
     held_messages: int = 0
+    last_now: float = 0.0
+    open_minute: float | None = None
+    open_enqueued: int = 0
+    open_delivered: int = 0
+    open_acked: int = 0
+    open_retried: int = 0
+    open_dead: int = 0
+    # Not stored: True once a lease found no unkeyed ready message, until one enters the
+    # lane (the row is forgotten if another connection commits), so that leases skip
+    # looking for one.
+    lane_empty: bool = False
 
     FIELDS = (
         "tail_seq", "head_seq", "next_order", "next_dead", "paused", "ready", "delayed", "leased", "dead", "keys",
-        "held_messages",
+        "held_messages", "last_now", "open_minute", *(f"open_{counter}" for counter in COUNTERS),
     )
+    OPEN_COUNTS = tuple(f"open_{counter}" for counter in COUNTERS)
+
+    def open_counts(self) -> list[int]:
+        return [getattr(self, name) for name in self.OPEN_COUNTS]
+
+    def close_minute(self) -> None:
+        self.open_minute = None
+        for name in self.OPEN_COUNTS:
+            setattr(self, name, 0)
 
     def order(self) -> int:
         self.next_order += 1
@@ -273,6 +342,67 @@ class _QueueRow:
     def count(self, state: str, change: int) -> None:
         if state in ("ready", "delayed", "leased", "dead"):
             setattr(self, state, getattr(self, state) + change)
+
+
+_OPEN_COUNTS = tuple(f"open_{counter}" for counter in COUNTERS)
+QUEUE_VALUES = operator.attrgetter(*_QueueRow.FIELDS)
+QUEUE_SELECT = f"SELECT {', '.join(_QueueRow.FIELDS)} FROM queues WHERE name = ?"
+QUEUE_INSERT = f"INSERT INTO queues (name, {', '.join(_QueueRow.FIELDS)}) VALUES (?{', ?' * len(_QueueRow.FIELDS)})"
+QUEUE_UPDATE = f"UPDATE queues SET {', '.join(f + ' = ?' for f in _QueueRow.FIELDS)} WHERE name = ?"
+
+
+@dataclass
+class _KeyRow:
+    """A key's row, read at most once per transaction and written back (or deleted, once
+    it holds nothing and no setting of its own) before the ready order is read and at
+    the transaction's end: one read and one write per key touched, however many steps
+    change it."""
+
+    count: int = 0  # messages ready, delayed or leased
+    slots: int = 0  # batches leased and not yet settled
+    ready_at: float | None = None  # None: not in the ready order
+    ready_order: int | None = None
+    interval: float | None = None  # None: the queue's default
+    last_delivery: float | None = None
+    paused: int = 0
+    open_minute: float | None = None  # the minute whose counts are in the row
+    open_enqueued: int = 0
+    open_delivered: int = 0
+    open_acked: int = 0
+    open_retried: int = 0
+    open_dead: int = 0
+    stored: bool = False  # whether the table holds the row
+    changed: bool = False
+    # The values the table holds: an UPDATE names only the columns that differ, as SQLite
+    # rewrites the entries of every index over a column that an UPDATE names.
+    stored_values: tuple = ()
+
+    FIELDS = (
+        "count", "slots", "ready_at", "ready_order", "interval", "last_delivery", "paused", "open_minute",
+        *_OPEN_COUNTS,
+    )
+
+    def values(self) -> tuple:
+        return _KEY_VALUES(self)
+
+    def open_counts(self) -> list[int]:
+        return [getattr(self, name) for name in _OPEN_COUNTS]
+
+    def close_minute(self) -> None:
+        self.open_minute = None
+        for name in _OPEN_COUNTS:
+            setattr(self, name, 0)
+
+    def holds_nothing(self) -> bool:
+        return (
+            not self.count and not self.slots and self.interval is None and self.last_delivery is None
+            and not self.paused
+        )
+
+
+_KEY_VALUES = operator.attrgetter(*_KeyRow.FIELDS)
+KEY_SELECT = f"SELECT {', '.join(_KeyRow.FIELDS)} FROM keys WHERE queue = ? AND key = ?"
+KEY_INSERT = f"INSERT INTO keys (queue, key, {', '.join(_KeyRow.FIELDS)}) VALUES (?, ?{', ?' * len(_KeyRow.FIELDS)})"
 
 
 class _Wakeup:
@@ -314,21 +444,21 @@ if hasattr(os, "register_at_fork"):
 def _path_from_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.query or parts.fragment:
-        raise ConfigurationError(
+        raise InvalidURL(
             f"sqlite URL takes no query string ({url!r}); pass options as keyword arguments: {', '.join(OPTIONS)}"
         )
     if parts.netloc:
-        raise ConfigurationError(
+        raise InvalidURL(
             f"sqlite URL {url!r} names a host; write sqlite:///relative.db or sqlite:////absolute/path.db"
         )
     path = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
     if not path:
-        raise ConfigurationError(
+        raise InvalidURL(
             f"sqlite URL {url!r} has no file path; write sqlite:///relative.db or sqlite:////absolute/path.db "
             "(for an in-process store without a file, use memory://)"
         )
     if path == ":memory:" or path.startswith("file:"):
-        raise ConfigurationError(
+        raise InvalidURL(
             f"sqlite URL {url!r} must name a file; for an in-process store use memory://"
         )
     return path
@@ -367,6 +497,7 @@ class SQLiteBackend(Backend):
         self._pid = os.getpid()
         self._lock = threading.RLock()
         self._conn: sqlite3.Connection | None = None
+        self._rows = _RowCache()
         _BACKENDS.add(self)
         self._check_path()
         with self._lock:
@@ -390,19 +521,19 @@ class SQLiteBackend(Backend):
         """Refuse, before SQLite does with a vaguer message, paths that cannot work."""
         directory = os.path.dirname(self.path)
         if not os.path.isdir(directory):
-            raise ConfigurationError(f"sqlite database {self.path}: directory {directory} does not exist")
+            raise InvalidURL(f"sqlite database {self.path}: directory {directory} does not exist")
         if os.path.isdir(self.path):
-            raise ConfigurationError(f"sqlite database {self.path} is a directory, not a file")
+            raise InvalidURL(f"sqlite database {self.path} is a directory, not a file")
         if os.path.exists(self.path):
             mode = os.stat(self.path).st_mode
             # root may write anywhere; a file without write bits is still meant read-only.
             if not os.access(self.path, os.R_OK | os.W_OK) or not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
-                raise ConfigurationError(
+                raise InvalidURL(
                     f"sqlite database {self.path} is read-only; the broker needs to write to it"
                 )
         # WAL mode keeps its -wal and -shm files next to the database.
         if not os.access(directory, os.W_OK | os.X_OK):
-            raise ConfigurationError(
+            raise InvalidURL(
                 f"sqlite database {self.path}: directory {directory} is not writable (WAL needs its -wal and -shm files there)"
             )
 
@@ -437,16 +568,33 @@ class SQLiteBackend(Backend):
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
-                raise ConfigurationError(f"sqlite database {self.path} could not switch to WAL mode (mode is {mode})")
+                raise InvalidURL(f"sqlite database {self.path} could not switch to WAL mode (mode is {mode})")
             conn.execute(f"PRAGMA synchronous={self._synchronous.upper()}")
+            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_KEPT_BYTES}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, 1, SCHEMA_VERSION):
-                raise ConfigurationError(
+            if version not in (0, 1, 2, SCHEMA_VERSION):
+                raise InvalidURL(
                     f"sqlite database {self.path} has schema version {version}; this version of sharded-broker "
                     f"reads version {SCHEMA_VERSION}"
                 )
             if version != SCHEMA_VERSION:
                 conn.execute("BEGIN IMMEDIATE")
+                for index in OLD_INDEXES:
+                    conn.execute(f"DROP INDEX IF EXISTS {index}")
+                # Columns first: the schema's new indexes may cover them.
+                for table, columns in ADDED_COLUMNS.items():
+                    present = {column[1] for column in conn.execute(f"PRAGMA table_info({table})")}
+                    if not present:
+                        continue  # a new file: the schema creates the table whole
+                    for column, declaration in columns.items():
+                        if column not in present:
+                            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                    if table == "queues" and "last_now" not in present:
+                        conn.execute(
+                            "UPDATE queues SET last_now = COALESCE((SELECT value FROM meta WHERE name = 'last_now'), 0)"
+                        )
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
@@ -461,11 +609,11 @@ class SQLiteBackend(Backend):
         """A clear error for ``exc``, naming the database file."""
         text = str(exc)
         if "not a database" in text or "malformed" in text:
-            return ConfigurationError(f"{self.path} is not a SQLite database (or it is corrupt): {text}")
+            return InvalidURL(f"{self.path} is not a SQLite database (or it is corrupt): {text}")
         if "readonly" in text or "read-only" in text:
-            return ConfigurationError(f"sqlite database {self.path} is read-only; the broker needs to write to it: {text}")
+            return InvalidURL(f"sqlite database {self.path} is read-only; the broker needs to write to it: {text}")
         if "unable to open" in text:
-            return ConfigurationError(f"cannot open sqlite database {self.path}: {text}")
+            return InvalidURL(f"cannot open sqlite database {self.path}: {text}")
         return BackendUnavailable(f"sqlite database {self.path}: {text}")
 
     @staticmethod
@@ -497,12 +645,14 @@ class SQLiteBackend(Backend):
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                tx = _Tx(conn, self._tx_now(conn, write=True), self._windows(), self._events)
+                self._rows.check(conn)
+                tx = _Tx(conn, self._clock(), self._windows(), self._events, self._rows)
                 result = body(tx)
                 tx.flush()
                 conn.execute("COMMIT")
                 return result
             except BaseException:
+                self._rows.forget()  # they may hold this transaction's uncommitted changes
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
@@ -520,7 +670,7 @@ class SQLiteBackend(Backend):
             conn = self._connection()
             conn.execute("BEGIN")
             try:
-                return body(_Tx(conn, self._tx_now(conn, write=False), self._windows(), self._events))
+                return body(_Tx(conn, self._clock(), self._windows(), self._events))
             finally:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -531,19 +681,6 @@ class SQLiteBackend(Backend):
     def _windows(self) -> tuple[float, float]:
         return (self._metrics_window, self._key_metrics_window)
 
-    def _tx_now(self, conn: sqlite3.Connection, *, write: bool) -> float:
-        """The database's clock: this host's time, never behind what is already written."""
-        now = self._clock()
-        if write:
-            [(latest,)] = conn.execute(
-                "INSERT INTO meta (name, value) VALUES ('last_now', ?) "
-                "ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value) RETURNING value",
-                (now,),
-            ).fetchall()
-            return latest
-        row = conn.execute("SELECT value FROM meta WHERE name = 'last_now'").fetchone()
-        return now if row is None else max(now, row[0])
-
     def close(self) -> None:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
@@ -553,7 +690,7 @@ class SQLiteBackend(Backend):
     # -- the contract -----------------------------------------------------------------
 
     def now(self) -> float:
-        return self._read(lambda tx: tx.now)
+        return self._read(lambda tx: tx.database_now())
 
     def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
         return self._write(lambda tx: tx.enqueue_many(queue, messages, settings), notify=True)
@@ -687,16 +824,79 @@ class _SQLiteSubscription(EventSubscription):
         """Nothing to release: the subscription is only a position in the table."""
 
 
+# Statements whose columns vary, built once per set of columns (a handful of sets).
+@functools.cache
+def _message_update(columns: tuple[str, ...]) -> str:
+    return f"UPDATE messages SET {', '.join(c + ' = ?' for c in columns)} WHERE id = ?"
+
+
+@functools.cache
+def _key_update(columns: tuple[str, ...]) -> str:
+    return f"UPDATE keys SET {', '.join(c + ' = ?' for c in columns)} WHERE queue = ? AND key = ?"
+
+
+@functools.cache
+def _message_insert(extra_columns: tuple[str, ...]) -> str:
+    return (
+        "INSERT INTO messages (id, queue, key, payload, priority, seq, enqueued_at, headers, dedup_id, "
+        f"at_head, state, not_before{''.join(', ' + c for c in extra_columns)}) "
+        f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(extra_columns)})"
+    )
+
+
+def _message_id() -> str:
+    """A fresh message id: 32 hex digits like a uuid4's, the time in milliseconds first and
+    then 80 random bits, so that new ids go to the end of the id index (whose last pages
+    stay cached however many messages the table holds) instead of anywhere in it."""
+    return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+class _RowCache:
+    """Queue and key rows as this connection last committed them. The next write
+    transaction reuses them instead of reading them again, unless another connection
+    (of any process) committed in between, which ``PRAGMA data_version`` tells."""
+
+    # More key rows than this and the cache starts again empty (it holds recent keys only).
+    KEYS_KEPT = 10_000
+
+    def __init__(self) -> None:
+        self.queues: dict[str, _QueueRow] = {}
+        self.keys: dict[tuple[str, str], _KeyRow] = {}
+        self._conn: sqlite3.Connection | None = None
+        self._version: int | None = None
+
+    def check(self, conn: sqlite3.Connection) -> None:
+        """Called first in a write transaction (the write lock held, so nobody else commits
+        until it ends): drop every row if they may be out of date."""
+        [(version,)] = conn.execute("PRAGMA data_version").fetchall()
+        if conn is not self._conn or version != self._version or len(self.keys) > self.KEYS_KEPT:
+            self.forget()
+            self._conn, self._version = conn, version
+
+    def forget(self) -> None:
+        self.queues.clear()
+        self.keys.clear()
+        self._conn = self._version = None
+
+
 class _Tx:
     """The engine's operations inside one open transaction, mirroring the memory model
     function by function (see sharded_broker/backends/memory.py)."""
 
-    def __init__(self, db: sqlite3.Connection, now: float, windows: tuple[float, float], events: bool) -> None:
-        """windows: (metrics_window, key_metrics_window)."""
+    def __init__(
+        self, db: sqlite3.Connection, now: float, windows: tuple[float, float], events: bool,
+        rows: _RowCache | None = None,
+    ) -> None:
+        """windows: (metrics_window, key_metrics_window); rows: the rows committed by the
+        last write transaction, still current (none for a read transaction)."""
         self.db = db
         self.now = now
-        self._queues: dict[str, _QueueRow] = {}
+        rows = rows or _RowCache()
+        self._queues = rows.queues  # every queue row known, read now or earlier
+        self._used_queues: dict[str, _QueueRow] = {}  # the ones this transaction uses (and writes)
         self._new_queues: set[str] = set()
+        self._keys = rows.keys
+        self._changed_keys: dict[tuple[str, str], _KeyRow] = {}
         self._metrics_window, self._key_metrics_window = windows
         self._events_on = events
         # (queue, '' or '+key', minute) -> counts in the order of COUNTERS, written by flush().
@@ -706,49 +906,121 @@ class _Tx:
     def _record(self, q: _QueueRow, counter: str, mid: str, key: str | None) -> None:
         """Count one lifecycle step of a message and, with events on, publish it."""
         minute = minute_of(self.now)
-        index = COUNTERS.index(counter)
-        for metric_key in ("", "+" + key) if key is not None else ("",):
-            counts = self._counts.get((q.name, metric_key, minute))
-            if counts is None:
-                counts = self._counts[(q.name, metric_key, minute)] = [0] * len(COUNTERS)
-            counts[index] += 1
+        if q.open_minute != minute:
+            self._close_minute(q)
+            q.open_minute = minute
+        name = "open_" + counter
+        setattr(q, name, getattr(q, name) + 1)
+        if key is not None:
+            row = self._key(q, key)
+            if row.open_minute != minute:
+                self._close_key_minute(q.name, key, row)
+                self._update_key(q, key, open_minute=minute)
+            self._update_key(q, key, **{name: getattr(row, name) + 1})
         if self._events_on:
             self._events.append((q.name, counter, mid, key, self.now))
 
 
+    def _forget_key_minutes(self, queue: str, limit: int) -> None:
+        """Forget the counts of up to ``limit`` keys whose open minute left the key
+        metrics window (keys not touched since)."""
+        stale = self.db.execute(
+            HOT_QUERIES["key_minutes_expired"], (queue, expired_before(self.now, self._key_metrics_window), limit)
+        ).fetchall()
+        for (key,) in stale:
+            row = self._keys.get((queue, key))
+            if row is not None:  # the cached row must match the table again
+                row.close_minute()
+                row.stored_values = row.values()
+
+    def _close_key_minute(self, queue: str, key: str, row: _KeyRow) -> None:
+        """Move a key's counts of its open minute to the metrics rows written at the end of
+        the transaction (the caller writes the key row)."""
+        if row.open_minute is not None:
+            counts = self._counts.setdefault((queue, "+" + key, row.open_minute), [0] * len(COUNTERS))
+            for index, count in enumerate(row.open_counts()):
+                counts[index] += count
+        row.close_minute()
+
+    def _close_minute(self, q: _QueueRow) -> None:
+        """Move the queue-wide counts of its open minute to the metrics rows written at the
+        end of the transaction."""
+        if q.open_minute is not None:
+            counts = self._counts.setdefault((q.name, "", q.open_minute), [0] * len(COUNTERS))
+            for index, count in enumerate(q.open_counts()):
+                counts[index] += count
+        for name in _QueueRow.OPEN_COUNTS:
+            setattr(q, name, 0)
+        q.open_minute = None
+
     def _one(self, name: str, *args: Any) -> tuple | None:
         return self.db.execute(HOT_QUERIES[name], args).fetchone()
+
+    def database_now(self) -> float:
+        """The clock of the whole file: never behind any queue's (a few rows: one per queue)."""
+        [(latest,)] = self.db.execute("SELECT MAX(last_now) FROM queues").fetchall()
+        return max(self.now, latest or 0.0)
 
     # -- queue rows -----------------------------------------------------------------
 
     def queue(self, name: str, *, create: bool) -> _QueueRow | None:
-        q = self._queues.get(name)
+        q = self._used_queues.get(name)
         if q is not None:
             return q
-        row = self.db.execute(f"SELECT {', '.join(_QueueRow.FIELDS)} FROM queues WHERE name = ?", (name,)).fetchone()
-        if row is not None:
-            q = _QueueRow(name, *row)
-        elif create:
-            q = _QueueRow(name)
-            self._new_queues.add(name)
-        else:
-            return None
-        self._queues[name] = q
+        q = self._queues.get(name)
+        if q is None:
+            row = self.db.execute(QUEUE_SELECT, (name,)).fetchone()
+            if row is not None:
+                q = _QueueRow(name, *row)
+            elif create:
+                q = _QueueRow(name)
+                self._new_queues.add(name)
+            else:
+                return None
+            self._queues[name] = q
+        # One clock per queue: never behind a time already written for it (by any
+        # process, whatever its own clock says).
+        self.now = max(self.now, q.last_now)
+        self._used_queues[name] = q
         return q
 
-    def flush(self) -> None:
-        for q in self._queues.values():
-            values = [getattr(q, f) for f in _QueueRow.FIELDS]
-            if q.name in self._new_queues:
-                self.db.execute(
-                    f"INSERT INTO queues (name, {', '.join(_QueueRow.FIELDS)}) VALUES (?{', ?' * len(values)})",
-                    (q.name, *values),
-                )
+    def flush_keys(self) -> None:
+        """Write the key rows changed since the last call."""
+        for (queue, key), row in self._changed_keys.items():
+            row.changed = False
+            if row.holds_nothing():
+                self._close_key_minute(queue, key, row)  # the row goes: its counts go to the metrics table
+                if row.stored:
+                    self.db.execute("DELETE FROM keys WHERE queue = ? AND key = ?", (queue, key))
+                    row.stored = False
+            elif row.stored:
+                values = row.values()
+                changed = [(name, value) for name, value, old in zip(_KeyRow.FIELDS, values, row.stored_values)
+                           if value != old]
+                if changed:
+                    self.db.execute(
+                        _key_update(tuple(name for name, _ in changed)), (*(value for _, value in changed), queue, key)
+                    )
+                row.stored_values = values
             else:
-                self.db.execute(
-                    f"UPDATE queues SET {', '.join(f + ' = ?' for f in _QueueRow.FIELDS)} WHERE name = ?",
-                    (*values, q.name),
-                )
+                self.db.execute(KEY_INSERT, (queue, key, *row.values()))
+                row.stored, row.stored_values = True, row.values()
+        self._changed_keys.clear()
+
+    def _ready_key(self, queue: str) -> tuple | None:
+        """The key first in the ready order (key, ready_at, ready_order), or None."""
+        self.flush_keys()
+        return self._one("ready_key", queue)
+
+    def flush(self) -> None:
+        self.flush_keys()
+        for q in self._used_queues.values():
+            q.last_now = max(q.last_now, self.now)
+            values = QUEUE_VALUES(q)
+            if q.name in self._new_queues:
+                self.db.execute(QUEUE_INSERT, (q.name, *values))
+            else:
+                self.db.execute(QUEUE_UPDATE, (*values, q.name))
         self._new_queues.clear()
         created: set[str] = set()
         for (queue, metric_key, minute), counts in self._counts.items():
@@ -758,11 +1030,15 @@ class _Tx:
         # Expired rows are cleaned only when rows were created: the table then never grows
         # faster than it is cleaned, and most transactions skip the lookup.
         for queue in created:
-            self.db.execute(HOT_QUERIES["metrics_expired"], (queue, expired_before(self.now, self._metrics_window)))
+            forgotten = self.db.execute(
+                HOT_QUERIES["metrics_expired"], (queue, expired_before(self.now, self._metrics_window))
+            ).rowcount
             if self._key_metrics_window < self._metrics_window:
                 self.db.execute(
                     HOT_QUERIES["metrics_expired_keys"], (queue, expired_before(self.now, self._key_metrics_window))
                 )
+            if forgotten < METRICS_SWEEP_LIMIT:
+                self._forget_key_minutes(queue, METRICS_SWEEP_LIMIT - forgotten)
         self._counts.clear()
         if self._events:
             self.db.executemany("INSERT INTO events (queue, type, message_id, key, at) VALUES (?, ?, ?, ?, ?)", self._events)
@@ -773,89 +1049,100 @@ class _Tx:
     # -- messages and keys ----------------------------------------------------------
 
     def _update(self, mid: str, **columns: Any) -> None:
-        self.db.execute(
-            f"UPDATE messages SET {', '.join(c + ' = ?' for c in columns)} WHERE id = ?", (*columns.values(), mid)
-        )
+        self.db.execute(_message_update(tuple(columns)), (*columns.values(), mid))
 
-    def _key(self, q: _QueueRow, key: str) -> tuple | None:
-        return self._one("key", q.name, key)
+    def _key(self, q: _QueueRow, key: str) -> _KeyRow:
+        """The key's row (an empty one, not stored, for a key without a row)."""
+        row = self._keys.get((q.name, key))
+        if row is None:
+            found = self.db.execute(KEY_SELECT, (q.name, key)).fetchone()
+            row = _KeyRow(*found, stored=True, stored_values=tuple(found)) if found is not None else _KeyRow()
+            self._keys[(q.name, key)] = row
+        return row
 
-    def _update_key(self, q: _QueueRow, key: str, **columns: Any) -> None:
-        self.db.execute(
-            f"UPDATE keys SET {', '.join(c + ' = ?' for c in columns)} WHERE queue = ? AND key = ?",
-            (*columns.values(), q.name, key),
-        )
+    def _update_key(self, q: _QueueRow, key: str, **columns: Any) -> _KeyRow:
+        row = self._key(q, key)
+        for name, value in columns.items():
+            setattr(row, name, value)
+        if not row.changed:
+            row.changed = True
+            self._changed_keys[(q.name, key)] = row
+        return row
 
     def _count_key(self, q: _QueueRow, key: str) -> None:
-        [(count,)] = self.db.execute(
-            "INSERT INTO keys (queue, key, count) VALUES (?, ?, 1) "
-            "ON CONFLICT (queue, key) DO UPDATE SET count = count + 1 RETURNING count",
-            (q.name, key),
-        ).fetchall()
-        if count == 1:
+        row = self._key(q, key)
+        self._update_key(q, key, count=row.count + 1)
+        if row.count == 1:
             q.keys += 1
 
     def _uncount_key(self, q: _QueueRow, key: str, by: int = 1) -> None:
-        [(count, slots)] = self.db.execute(
-            "UPDATE keys SET count = count - ? WHERE queue = ? AND key = ? RETURNING count, slots", (by, q.name, key)
-        ).fetchall()
-        if not count:
+        row = self._key(q, key)
+        self._update_key(q, key, count=row.count - by)
+        if not row.count:
             q.keys -= 1
-            if not slots:
+            if not row.slots:
                 self._drop_key(q, key)
 
     def _drop_key(self, q: _QueueRow, key: str) -> None:
         """The key has no messages and no slots: keep only what outlives it (interval,
-        last delivery, pause)."""
+        last delivery, pause); its row goes when it holds nothing (flush_keys)."""
         self._update_key(q, key, ready_at=None, ready_order=None)
-        self._tidy_key(q, key)
 
     def _set_state(self, q: _QueueRow, old: str, new: str, mid: str, **columns: Any) -> None:
         q.count(old, -1)
         q.count(new, +1)
         self._update(mid, state=new, **columns)
 
-    def _schedule(self, q: _QueueRow, key: str, now: float, *, keep_place: bool) -> None:
+    def _schedule(
+        self, q: _QueueRow, key: str, now: float, *, keep_place: bool, settings: QueueSettings | None = None
+    ) -> None:
         """Give ``key`` its place in the ready order if it has a head message (memory:
-        ``_schedule``); ``keep_place`` keeps a waiting key's earlier time."""
+        ``_schedule``); ``keep_place`` keeps a waiting key's earlier time unless its head
+        holds it; with ``settings``, a key not waiting whose slots are all in use, or that
+        is paused, gets no place."""
         row = self._key(q, key)
-        if row is None:
+        ready_at = row.ready_at
+        if not row.count and not row.slots:
             return
-        count, slots, ready_at = row["count"], row["slots"], row["ready_at"]
-        if not count and not slots:
+        if settings is not None and ready_at is None and (row.slots >= settings.key_concurrency or row.paused):
             return
-        head = self._one("key_head", q.name, key, 1)
+        head = self._one("key_next_time", q.name, key)
         if head is None:
             if ready_at is not None:
                 self._update_key(q, key, ready_at=None, ready_order=None)
             return
-        not_before = head["not_before"]
-        at = max(now, not_before)
+        not_before, entered_at = head
+        holds_until = not_before if not_before > entered_at else 0.0
+        at = max(now, holds_until)
         if keep_place and ready_at is not None:
-            at = max(ready_at, not_before)
+            at = max(ready_at, holds_until)
         if at == ready_at:
             return
         self._update_key(q, key, ready_at=at, ready_order=q.order())
 
     def _place(self, q: _QueueRow, old_state: str, mid: str, key: str | None, **columns: Any) -> None:
         """Put a message (whose seq is set or given) into its key's order or the lane."""
+        columns["entered_at"] = self.now
         if key is None:
-            columns.update(entered_at=self.now, entered_order=q.order())
+            columns["entered_order"] = q.order()
+            q.lane_empty = False
         self._set_state(q, old_state, "ready", mid, **columns)
 
     def _delay(self, q: _QueueRow, old_state: str, mid: str, due: float, **columns: Any) -> None:
         self._set_state(q, old_state, "delayed", mid, not_before=due, timer_order=q.order(), **columns)
 
-    def _promote_due(self, q: _QueueRow) -> None:
+    def _promote_due(self, q: _QueueRow, settings: QueueSettings | None) -> None:
+        if not q.delayed:
+            return
         due = self.db.execute(HOT_QUERIES["due_delayed"], (q.name, self.now)).fetchall()
         for mid, key, seq, at_head in due:
             columns = {} if seq is not None else {"seq": q.next_seq(bool(at_head))}
             self._place(q, "delayed", mid, key, **columns)
             if key is not None:
-                self._schedule(q, key, self.now, keep_place=True)
+                self._schedule(q, key, self.now, keep_place=True, settings=settings)
 
     def _expire_leases(self, q: _QueueRow, settings: QueueSettings) -> None:
-        while True:
+        while q.leased:
             row = self._one("expired_lease", q.name, self.now)
             if row is None:
                 return
@@ -891,7 +1178,7 @@ class _Tx:
         """A leased message failed: retry or dead-letter it, and return the rest of its batch."""
         mid, key, seq, attempts = row["id"], row["key"], row["seq"], row["attempts"]
         batch_id, batch_index = row["batch_id"], row["batch_index"]
-        followers = self.db.execute(HOT_QUERIES["batch_followers"], (batch_id, batch_index)).fetchall()
+        followers = self._followers(batch_id, batch_index)
         if dead_reason is not None:
             self._dead_letter(q, mid, key, dead_reason)
             self._record(q, "dead", mid, key)
@@ -909,9 +1196,15 @@ class _Tx:
     def _release(self, q: _QueueRow, row: tuple) -> None:
         """Give a leased message back uncounted, with the rest of its batch (memory: ``_release``)."""
         batch_id, batch_index = row["batch_id"], row["batch_index"]
-        followers = self.db.execute(HOT_QUERIES["batch_followers"], (batch_id, batch_index)).fetchall()
+        followers = self._followers(batch_id, batch_index)
         self._return_unprocessed(q, row["key"], [(row["id"], row["seq"]), *followers])
         self._settled(q, row["key"], batch_id)
+
+    def _followers(self, batch_id: str, batch_index: int) -> list[tuple[str, int]]:
+        """(id, seq) of the later unsettled messages of a batch ('': a batch of one)."""
+        if not batch_id:
+            return []
+        return self.db.execute(HOT_QUERIES["batch_followers"], (batch_id, batch_index)).fetchall()
 
     def _return_unprocessed(self, q: _QueueRow, key: str | None, messages: Sequence[tuple[str, int]]) -> None:
         """Back to their places, in order; they were never processed, so their deliveries
@@ -922,14 +1215,13 @@ class _Tx:
 
     def _settled(self, q: _QueueRow, key: str | None, batch_id: str) -> None:
         """Release the key's slot once the last message of a batch is settled."""
-        if key is None or self._one("batch_left", batch_id) is not None:
+        if key is None or (batch_id and self._one("batch_left", batch_id) is not None):
             return
         row = self._key(q, key)
-        if row is None or not row["slots"]:
+        if not row.slots:
             return
-        count, slots = row["count"], row["slots"] - 1
-        self._update_key(q, key, slots=slots)
-        if not slots and not count:
+        self._update_key(q, key, slots=row.slots - 1)
+        if not row.slots and not row.count:
             self._drop_key(q, key)
             return
         self._schedule(q, key, self.now, keep_place=False)
@@ -941,13 +1233,15 @@ class _Tx:
         return row
 
     def _lease_record(
-        self, q: _QueueRow, row: tuple, vt: float, batch_id: str, batch_index: int
+        self, q: _QueueRow, row: tuple, vt: float, batch_id: str, batch_index: int, alone: bool = True
     ) -> Lease:
+        """Lease one ready message; ``alone``: as a batch of one, stored without a batch id."""
         mid, attempts = row["id"], row["attempts"] + 1
         token = uuid.uuid4().hex
         deadline = self.now + vt
         self._set_state(
-            q, "ready", "leased", mid, attempts=attempts, token=token, deadline=deadline, batch_id=batch_id,
+            q, "ready", "leased", mid, attempts=attempts, token=token, deadline=deadline,
+            batch_id="" if alone else batch_id,
             batch_index=batch_index, timer_order=q.order(),
         )
         self._record(q, "delivered", mid, row["key"])
@@ -1009,7 +1303,7 @@ class _Tx:
         now = self.now
         # Due delayed messages entered their keys' order when they fell due: before
         # anything enqueued now.
-        self._promote_due(q)
+        self._promote_due(q, settings)
         ids: list[str] = []
         if any(m.dedup_id is not None for m in messages):
             self._expire_dedup(q, settings)
@@ -1019,7 +1313,7 @@ class _Tx:
                 if first is not None:
                     ids.append(first)
                     continue
-            mid = uuid.uuid4().hex
+            mid = _message_id()
             if m.key is not None:
                 self._count_key(q, m.key)
             if m.dedup_id is not None:
@@ -1034,21 +1328,21 @@ class _Tx:
                 columns["timer_order"] = q.order()
             else:
                 state, seq, not_before = "ready", q.next_seq(m.at_head), now + m.delay
+                columns["entered_at"] = now
                 if m.key is None:
-                    columns.update(entered_at=now, entered_order=q.order())
+                    columns["entered_order"] = q.order()
+                    q.lane_empty = False
             q.count(state, +1)
             self.db.execute(
-                "INSERT INTO messages (id, queue, key, payload, priority, seq, enqueued_at, headers, dedup_id, "
-                f"at_head, state, not_before{''.join(', ' + c for c in columns)}) "
-                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?{', ?' * len(columns)})",
+                _message_insert(tuple(columns)),
                 (
                     mid, queue, m.key, m.payload, m.priority, seq, now,
-                    json.dumps(dict(m.headers or {}), separators=(",", ":")), m.dedup_id, int(m.at_head), state,
-                    not_before, *columns.values(),
+                    json.dumps(dict(m.headers), separators=(",", ":")) if m.headers else "{}", m.dedup_id,
+                    int(m.at_head), state, not_before, *columns.values(),
                 ),
             )
             if state == "ready" and m.key is not None:
-                self._schedule(q, m.key, now, keep_place=True)
+                self._schedule(q, m.key, now, keep_place=True, settings=settings)
             self._record(q, "enqueued", mid, m.key)
             ids.append(mid)
         return ids
@@ -1058,12 +1352,13 @@ class _Tx:
     ) -> LeaseResult:
         q = self.queue(queue, create=True)
         now = self.now
-        self._promote_due(q)
+        self._promote_due(q, settings)
         self._expire_leases(q, settings)
         leases: list[Lease] = []
         while len(leases) < limit and not q.paused:
-            entry = self._one("ready_key", queue)
-            lane_head = self._one("lane_head", queue)
+            entry = self._ready_key(queue)
+            lane_head = None if q.lane_empty else self._one("lane_head", queue)
+            q.lane_empty = lane_head is None
             key_due = entry is not None and entry["ready_at"] <= now
             if lane_head is not None and (
                 not key_due
@@ -1080,7 +1375,7 @@ class _Tx:
     def _serve_key(self, q: _QueueRow, key: str, count: int, vt: float, settings: QueueSettings) -> list[Lease]:
         now = self.now
         row = self._key(q, key)
-        slots, interval, last_delivery, paused = row["slots"], row["interval"], row["last_delivery"], row["paused"]
+        slots, interval, last_delivery, paused = row.slots, row.interval, row.last_delivery, row.paused
         self._update_key(q, key, ready_at=None, ready_order=None)
         if paused or slots >= settings.key_concurrency:
             return []  # rescheduled on resume or when a slot frees
@@ -1103,7 +1398,8 @@ class _Tx:
                 return []
             batch.append(row)
         batch_id = batch[0]["id"]
-        leases = [self._lease_record(q, row, vt, batch_id, index) for index, row in enumerate(batch)]
+        alone = len(batch) == 1
+        leases = [self._lease_record(q, row, vt, batch_id, index, alone) for index, row in enumerate(batch)]
         slots += 1
         self._update_key(q, key, slots=slots, last_delivery=now if interval else None)
         if slots < settings.key_concurrency:
@@ -1113,7 +1409,7 @@ class _Tx:
     def _retry_in(self, q: _QueueRow) -> float | None:
         if q.paused:
             return None
-        ready_key = self._one("ready_key", q.name)
+        ready_key = self._ready_key(q.name)
         candidates = (
             ready_key["ready_at"] if ready_key else None,
             self._one("next_delayed", q.name)[0],
@@ -1123,13 +1419,13 @@ class _Tx:
         return max(0.0, min(times) - self.now) if times else None
 
     def ack(self, lease: Lease) -> bool:
-        row = self._current(lease)
+        # The token check and the delete in one statement.
+        row = self.db.execute(HOT_QUERIES["ack"], (lease.id, lease.queue, lease.token)).fetchone()
         if row is None:
             return False
         q = self.queue(lease.queue, create=False)
-        mid, key, batch_id = row["id"], row["key"], row["batch_id"]
+        mid, (key, batch_id) = lease.id, row
         q.count("leased", -1)
-        self.db.execute("DELETE FROM messages WHERE id = ?", (mid,))
         if key is not None:
             self._uncount_key(q, key)
         self._settled(q, key, batch_id)
@@ -1143,7 +1439,7 @@ class _Tx:
         if row is None:
             return False
         q = self.queue(lease.queue, create=False)
-        self._promote_due(q)  # before a tail retry takes its seq
+        self._promote_due(q, settings)  # before a tail retry takes its seq
         dead_reason = (reason or "rejected") if dead else None
         self._fail(q, row, settings, delay=delay, dead_reason=dead_reason, why=reason or "nacked")
         return True
@@ -1161,40 +1457,25 @@ class _Tx:
         row = self._current(lease)
         if row is None:
             return None
+        q = self.queue(lease.queue, create=False)  # before reading the clock: the queue's floor
         deadline = self.now + visibility_timeout
         if deadline != row["deadline"]:  # an unchanged deadline keeps its place in the expiry order
-            q = self.queue(lease.queue, create=False)
             self._update(lease.id, deadline=deadline, timer_order=q.order())
         return deadline
 
-    def _key_settings_row(self, q: _QueueRow, key: str) -> None:
-        self.db.execute("INSERT OR IGNORE INTO keys (queue, key) VALUES (?, ?)", (q.name, key))
-
-    def _tidy_key(self, q: _QueueRow, key: str) -> None:
-        """Forget a key's row once it holds nothing and no setting of its own."""
-        self.db.execute(
-            "DELETE FROM keys WHERE queue = ? AND key = ? AND count = 0 AND slots = 0 AND interval IS NULL "
-            "AND last_delivery IS NULL AND paused = 0",
-            (q.name, key),
-        )
-
     def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
         q = self.queue(queue, create=True)
-        self._key_settings_row(q, key)
         self._update_key(q, key, interval=seconds)
         self._schedule(q, key, self.now, keep_place=False)
-        self._tidy_key(q, key)
 
     def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
         q = self.queue(queue, create=True)
         if key is None:
             q.paused = int(paused)
             return
-        self._key_settings_row(q, key)
         self._update_key(q, key, paused=int(paused))
         if not paused:
             self._schedule(q, key, self.now, keep_place=False)
-            self._tidy_key(q, key)
 
     def stats(self, queue: str) -> QueueStats:
         q = self.queue(queue, create=False) or _QueueRow(queue)
@@ -1248,7 +1529,7 @@ class _Tx:
         q = self.queue(queue, create=False)
         if q is None:
             return 0
-        self._promote_due(q)  # before replayed messages take their seqs
+        self._promote_due(q, None)  # before replayed messages take their seqs
         rows = sorted(self._dead_rows(queue, ids), key=lambda r: (r["priority"], r["seq"] or 0))
         if position == "head":
             rows.reverse()  # each takes a seq ahead of the previous one
@@ -1300,11 +1581,17 @@ class _Tx:
         return deleted, budget - deleted
 
     def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
+        self.queue(queue, create=False)  # the queue's clock, and its open minute
         wanted = metric_minutes(self.now, minutes, self._metrics_window if key is None else self._key_metrics_window)
         rows = self.db.execute(
             HOT_QUERIES["metrics_range"], (queue, "" if key is None else "+" + key, wanted[0], wanted[-1])
         ).fetchall()
         found = {row["minute"]: tuple(row)[1:] for row in rows}
+        q = self.queue(queue, create=False)
+        open_row = q if key is None else self._key(q, key) if q is not None else None
+        if open_row is not None and open_row.open_minute in wanted:
+            stored = found.get(open_row.open_minute, (0,) * len(COUNTERS))
+            found[open_row.open_minute] = tuple(a + b for a, b in zip(stored, open_row.open_counts()))
         return [MinuteMetrics(minute, *found.get(minute, (0,) * len(COUNTERS))) for minute in wanted]
 
     def keys(self, queue: str, limit: int, sort: KeySort) -> list[KeyInfo]:
@@ -1315,6 +1602,7 @@ class _Tx:
         return infos[:limit]
 
     def key_info(self, queue: str, key: str) -> KeyInfo:
+        self.queue(queue, create=False)  # the queue's clock
         row = self.db.execute(
             "SELECT count, slots, interval, paused FROM keys WHERE queue = ? AND key = ?", (queue, key)
         ).fetchone()

@@ -108,11 +108,50 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 def test_interpreter_start_does_not_import_kombu(processes):
     out = processes.run(*python(
         "import sys",
-        "print('kombu' in sys.modules, [type(f).__name__ for f in sys.meta_path][:1])",
+        "finders = lambda: [type(f).__name__ for f in sys.meta_path]",
+        "print('kombu' in sys.modules, 'celery' in sys.modules, finders()[:1])",
         "import kombu.transport",
-        "print(kombu.transport.TRANSPORT_ALIASES['sharded'], 'AliasFinder' in map(lambda f: type(f).__name__, sys.meta_path))",
+        "print(kombu.transport.TRANSPORT_ALIASES['sharded'], 'AliasFinder' in finders())",
+        "import celery.app",
+        "print(getattr(celery.app.Celery.task, '_sharded_broker_checks_shard_key', False), 'AliasFinder' in finders())",
     ))
-    assert out.split("\n")[:2] == ["False ['AliasFinder']", "sharded_broker.integrations.celery:Transport False"]
+    assert out.split("\n")[:3] == [
+        "False False ['AliasFinder']",
+        "sharded_broker.integrations.celery:Transport True",  # still waiting for celery.app
+        "True False",  # gone once both were seen
+    ]
+
+
+def test_a_shard_key_typo_fails_when_the_app_module_is_imported(processes, tmp_path):
+    (tmp_path / "typo_app.py").write_text(
+        "from celery import Celery\n"
+        "app = Celery('typo_app', broker='sharded+memory://')\n"
+        "@app.task(shard_key='acount')\n"
+        "def post_entry(account, amount):\n"
+        "    pass\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", "import typo_app"], cwd=tmp_path, env=processes.env, capture_output=True, text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "sharded_broker.errors.ConfigurationError: task 'typo_app.post_entry' has no argument 'acount' to take "
+        "its shard key from (shard_key='acount'); its arguments are: account, amount"
+    )
+
+
+def test_a_worker_on_a_relative_sqlite_path_shows_where_it_led_and_warns_once(processes, tmp_path):
+    relative = os.path.relpath(tmp_path / "queue.db", HERE)  # the worker runs in tests/celery
+    processes.env.update(SB_BROKER_URL=f"sharded+sqlite:///{relative}")
+    worker, output = processes.worker("relative", "-P", "solo")
+    processes.stop(worker)
+    text = output.read_text()
+    banner = [line for line in text.splitlines() if "transport:" in line]
+    assert banner and banner[0].split()[-1] == f"sharded+sqlite:///{tmp_path / 'queue.db'}", banner
+    warnings = [line for line in text.splitlines() if "is relative to the current directory" in line]
+    assert len(warnings) == 1, text
+    assert f"this process uses {tmp_path / 'queue.db'}" in warnings[0]
 
 
 def test_two_prefork_workers_keep_per_key_order_through_a_sigkill(processes, redis_url):

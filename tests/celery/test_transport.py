@@ -14,7 +14,7 @@ from celery.contrib.testing.worker import start_worker
 from kombu import Connection
 
 import sharded_broker
-from sharded_broker.errors import ConfigurationError, InvalidArgument, InvalidArgumentType
+from sharded_broker.errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
 from sharded_broker.integrations.celery import binding_entry, engine_url, parse_binding_entry
 
 
@@ -386,6 +386,79 @@ def test_unknown_engine_scheme_is_refused_by_name(make_app):
     with pytest.raises(ConfigurationError, match="unknown URL scheme 'foo'"):
         with app.connection_for_write() as conn:
             conn.connect()
+
+
+def test_a_bad_url_is_reported_as_a_url_problem_not_an_option_problem(make_app, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # The classic slip: three slashes make /var/lib/app relative to the current directory.
+    app = make_app(broker_url="sharded+sqlite:///var/lib/app/queue.db", visibility_timeout=10)
+    with pytest.raises(InvalidURL) as info:
+        with app.connection_for_write() as conn:
+            conn.connect()
+    assert str(info.value) == (
+        f"broker URL sharded+sqlite:///var/lib/app/queue.db: sqlite database {tmp_path}/var/lib/app/queue.db: "
+        f"directory {tmp_path}/var/lib/app does not exist (sqlite:///var/lib/app/queue.db is relative to the "
+        f"current directory {tmp_path}; an absolute path takes four slashes: sqlite:////var/lib/app/queue.db "
+        "names /var/lib/app/queue.db)"
+    )
+    malformed = make_app(broker_url="sharded+redis://:secret@localhost:6379/0?socket_timeout=soon")
+    with pytest.raises(InvalidURL, match=r"^broker URL sharded\+redis://:\*\*\*@localhost:6379/0\?socket_timeout=soon: malformed redis URL ") as info:
+        with malformed.connection_for_write() as conn:
+            conn.connect()
+    assert "secret" not in str(info.value) and "broker_transport_options" not in str(info.value)
+
+
+def test_as_uri_shows_a_sqlite_file_by_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    connection = Connection("sharded+sqlite:///q.db")
+    try:
+        assert connection.as_uri() == f"sharded+sqlite:///{tmp_path}/q.db"  # what the worker banner prints
+        assert connection.as_uri(include_password=True) == "sharded+sqlite:///q.db"  # as given, for reuse
+    finally:
+        connection.release()
+
+
+def test_a_shard_key_naming_no_argument_is_refused_when_the_task_is_declared(make_app):
+    from celery import shared_task
+
+    app = make_app()
+    with pytest.raises(ConfigurationError, match=r"has no argument 'acount' .*its arguments are: account, amount$"):
+        @app.task(shared=False, shard_key="acount")
+        def post(account, amount):
+            pass
+
+    with pytest.raises(ConfigurationError, match=r"task 'ledger.post' has no argument 'acount'"):
+        @shared_task(name="ledger.post", shard_key="acount")
+        def shared_post(account, amount):
+            pass
+
+    with pytest.raises(ConfigurationError, match=r"no argument 'self' .*its arguments are: account$"):
+        @app.task(shared=False, bind=True, shard_key="self")  # the task itself, not a caller's argument
+        def bound(self, account):
+            pass
+
+    with pytest.raises(ConfigurationError, match=r"must be an argument name or a callable\(args, kwargs\), not 42"):
+        @app.task(shared=False, shard_key=42)
+        def numbered(account):
+            pass
+
+    @app.task(shared=False, shard_key="account")
+    def by_argument(account, amount):
+        pass
+
+    @app.task(shared=False, shard_key="account")
+    def by_keyword(**fields):  # the key may come by keyword: checked when published
+        pass
+
+    @app.task(shared=False, bind=True, shard_key="account")
+    def bound_ok(self, account):
+        pass
+
+    @app.task(shared=False, shard_key=lambda args, kwargs: "k")
+    def by_callable(x):
+        pass
+
+    assert {by_argument.name, by_keyword.name, bound_ok.name, by_callable.name} <= set(app.tasks)
 
 
 def test_engine_url_is_rebuilt_from_the_connection():

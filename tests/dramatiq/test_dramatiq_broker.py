@@ -118,6 +118,9 @@ def test_queues_hooks_and_encoding(memory_broker) -> None:
         def after_declare_queue(self, broker, queue_name):
             events.append(("declare", queue_name))
 
+        def after_declare_delay_queue(self, broker, queue_name):
+            events.append(("declare delay queue", queue_name))
+
         def before_enqueue(self, broker, message, delay):
             events.append(("before_enqueue", message.message_id, delay))
             message.options["trace"] = "t-1"  # middleware may add options before encoding
@@ -132,9 +135,11 @@ def test_queues_hooks_and_encoding(memory_broker) -> None:
 
     message = send_mail.send_with_options(args=("bob",), delay=1500)
     assert memory_broker.get_declared_queues() == {"mail"}
-    assert memory_broker.get_declared_delay_queues() == set()
+    # Declared as Dramatiq's brokers do; the delay itself waits in the engine's "mail" queue.
+    assert memory_broker.get_declared_delay_queues() == {"mail.DQ"}
     assert events == [
         ("declare", "mail"),
+        ("declare delay queue", "mail.DQ"),
         ("before_enqueue", message.message_id, 1500),
         ("after_enqueue", message.message_id, 1500),
     ]
@@ -158,6 +163,9 @@ def test_a_delay_queue_message_with_an_eta_is_stored_as_a_delay(memory_broker) -
     delivered = next(consumer)
     assert delivered.message_id == legacy.message_id and "eta" not in delivered.options
     consumer.ack(delivered)
+    delay_consumer = memory_broker.consume("default.DQ", timeout=50)  # what a Worker starts
+    assert next(delay_consumer) is None
+    delay_consumer.close()
 
 
 def test_undeclared_queues_and_join_timeouts(memory_broker) -> None:
@@ -182,8 +190,9 @@ def test_undecodable_payloads_become_dead_letters(memory_broker) -> None:
     memory_broker.engine.enqueue("default", b"\xff not json", key="k")
     consumer = memory_broker.consume("default", timeout=100)
     assert next(consumer) is None
-    [dead] = memory_broker.dead_letters
+    [dead] = memory_broker.dead_messages
     assert dead.message is None and dead.shard_key == "k"
+    assert memory_broker.dead_letters == []  # no message to give a proxy of
     assert dead.reason.startswith("undecodable message")
 
 
@@ -233,3 +242,26 @@ def test_class_based_and_async_actors_take_keys_from_their_arguments(memory_brok
                 shard_key = "client"
 
             def perform(self, customer): ...
+
+
+def test_a_consumer_says_where_it_consumes_and_warns_once_about_a_relative_sqlite_path(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    broker = ShardedBroker(url="sqlite:///queue.db")
+    try:
+        broker.declare_queue("default")
+        broker.declare_queue("other")
+        with caplog.at_level("INFO", logger="dramatiq"):
+            for queue in ("default", "other", "default"):  # a worker opens a consumer per queue
+                broker.consume(queue, timeout=10).close()
+    finally:
+        broker.close()
+    messages = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert messages == [
+        ("INFO", f"Consuming from sqlite:///{tmp_path}/queue.db."),
+        ("WARNING", f"broker URL sqlite:///queue.db is relative to the current directory: this process uses "
+                    f"{tmp_path}/queue.db. A producer or worker started in another directory uses another file, "
+                    f"so another queue; write sqlite:///{tmp_path}/queue.db (four slashes: an absolute path) "
+                    f"to be sure."),
+    ]

@@ -145,20 +145,23 @@ def test_exhausted_retries_become_dead_letters_and_the_key_goes_on(run_worker,
     for n in range(4):
         charge.send("alice", n)
     with run_worker(broker):
-        broker.join("default", timeout=10_000)
+        broker.join("default", timeout=10_000, fail_fast=False)
         with pytest.raises(ValueError, match="card declined for alice"):
             broker.join("default", timeout=10_000, fail_fast=True)
 
     assert recorder.by_key() == {"alice": [0, 2, 3]}
-    [dead] = broker.dead_letters
+    [dead] = broker.dead_messages
     assert isinstance(dead, DeadMessage)
     assert dead.shard_key == "alice" and dead.queue_name == "default"
     assert dead.message is not None and dead.message.args == ("alice", 1)
     assert dead.reason.startswith("ValueError: card declined for alice")
     assert "retries" in dead.reason
     assert broker.get_dead_letters("default") == [dead]
+    [proxy] = broker.dead_letters  # StubBroker's element type: a proxy equal to the message
+    assert isinstance(proxy, dramatiq.MessageProxy) and proxy == dead.message
+    assert proxy.dead == dead and isinstance(proxy._exception, ValueError)
     broker.flush_all()
-    assert broker.dead_letters == []
+    assert broker.dead_letters == [] and broker.dead_messages == []
 
 
 def test_fail_fast_without_the_exception_names_the_reason(run_worker, broker: ShardedBroker) -> None:
@@ -168,7 +171,7 @@ def test_fail_fast_without_the_exception_names_the_reason(run_worker, broker: Sh
 
     boom.send()
     with run_worker(broker):
-        broker.join("default", timeout=10_000)
+        broker.join("default", timeout=10_000, fail_fast=False)
     other_process = ShardedBroker(url=broker.url)  # knows only what the engine stored
     try:
         other_process.declare_queue("default")
@@ -262,9 +265,9 @@ def test_age_limit_dead_letters_stale_messages(run_worker, broker: ShardedBroker
     time.sleep(0.1)
     with run_worker(broker):
         fresh_only.send("k", 1)
-        broker.join("default", timeout=10_000)
+        broker.join("default", timeout=10_000, fail_fast=False)
     assert recorder.by_key() == {"k": [1]}
-    [dead] = broker.dead_letters
+    [dead] = broker.dead_messages
     assert dead.message.args == ("k", 0)
     assert "age limit" in dead.reason
 
@@ -325,9 +328,9 @@ def test_time_limit_with_an_explicit_middleware_list(run_worker, memory_url: str
         bounded.send("k", 0, 5.0)
         bounded.send("k", 1, 0.0)
         with run_worker(broker):
-            broker.join("default", timeout=10_000)
+            broker.join("default", timeout=10_000, fail_fast=False)
         assert recorder.by_key() == {"k": [1]}
-        [dead] = broker.dead_letters
+        [dead] = broker.dead_messages
         assert dead.message.args == ("k", 0, 5.0) and dead.reason.startswith("TimeLimitExceeded")
     finally:
         broker.close()

@@ -37,10 +37,10 @@ def soak(redis_url: str, events: Path, *, per_key: int, rounds: int, workers: in
             sizes = {key: admin.memory_usage(key, samples=0) for key in admin.keys("*")}
             # Per-minute metrics are kept for their window (an hour by default) on purpose:
             # bounded by time, not by the work done; everything else must be back to nothing.
-            metrics = {key: sizes.pop(key) for key in list(sizes) if key.endswith((b":metrics", b":metricsidx", b":metricskeys"))}
+            metrics = {key: sizes.pop(key) for key in list(sizes) if key.endswith((b":metrics", b":metricskeys"))}
             redis_memory.append(admin.info("memory")["used_memory"] - sum(metrics.values()))
-            # The metrics themselves: one field per active (key, minute), with its expiry
-            # entry, about 110 bytes (docs/operations.md); 697 before they were packed.
+            # The metrics themselves: one field per counter used per active (key, minute),
+            # with its expiry entry (docs/operations.md).
             key_minutes = admin.hlen(f"sb:{{{Q}}}:metrics")
             assert sum(metrics.values()) <= 200 * key_minutes, (sum(metrics.values()), key_minutes)
             leftovers.append(sizes)
@@ -53,7 +53,7 @@ def soak(redis_url: str, events: Path, *, per_key: int, rounds: int, workers: in
     admin.close()
     assert len(acks) == len(KEYS) * per_key * rounds and all(e["ok"] for e in acks)
     # A drained queue keeps only its counters and the queue registry, whatever it served.
-    assert all(sorted(left) == [b"sb:queues", f"sb:{{{Q}}}:meta".encode()] for left in leftovers), leftovers[-1].keys()
+    assert all(sorted(left) == [b"sb:queues", f"sb:{{{Q}}}:state".encode()] for left in leftovers), leftovers[-1].keys()
     for left in leftovers[1:]:  # counters only change value (a few bytes of encoding at most)
         assert all(abs(size - leftovers[0][key]) <= 64 for key, size in left.items()), leftovers
     # The first round warms caches up; every later round must end where it did (the

@@ -1,69 +1,104 @@
--- Shared helpers, prepended to every operation script by RedisBackend (files whose name
--- starts with "_" are not operations). Each helper mirrors the function of the same name in
--- sharded_broker/backends/memory.py, the reference model; read them side by side.
+-- Shared helpers of the sharded-broker Redis Functions library. RedisBackend loads the
+-- library once per server (FUNCTION LOAD) as: a header naming it (`#!lua name=...` and
+-- `local LIB = '...'`), this file, then every operation file (files whose name starts
+-- with "_" are not operations); each operation registers one function with register().
+-- Helpers are created once, when the library loads, not on every call.
 --
--- Every key of one queue comes in KEYS, in the order of QUEUE_KEYS in redis.py, all with
--- the hash tag {<queue>}; no key name is ever built here. Per-shard-key data lives inside
--- those fixed structures:
---   msgs        hash   id -> cmsgpack record (the fields listed under "record" below)
---   payloads    hash   id -> payload bytes
---   ready       zset   keyed ready messages, score 0, member key\0prio\0seq\0id (lex order)
---   lane        zset   unkeyed ready messages, score 0, member prio\0seq\0id
---   keyq        zset   ready keys, score = ready time, member order..key (order breaks ties)
---   keyentry    hash   key -> its member in keyq
---   slots       hash   key -> batches in flight
+-- Each helper mirrors the function of the same name in sharded_broker/backends/memory.py,
+-- the reference model; read them side by side.
+--
+-- Every key of one queue comes in `keys`, in the order of QUEUE_KEYS in redis.py, all
+-- with the hash tag {<queue>}; no key name is ever built here. Per-shard-key data lives
+-- inside those fixed structures:
+--   msgs        hash   id -> cmsgpack record, payload included (the fields under "record")
+--   ready       zset   ready messages, score 0, in lex order: keyed ones as
+--                      key \0 prio(8 hex) seq(14 hex) hold(1) id, unkeyed ones (the
+--                      unkeyed lane) as \1 prio(8 hex) seq(14 hex) id. hold is '1' when the
+--                      message was placed with a not-before time in the future (a retry
+--                      holding its key), so only those records are read to schedule a key.
+--   keyq        zset   keys ready to be served, score = ready time, member order(16 hex)..key
+--                      (the order breaks ties)
+--   state       hash   per-queue counters and per-key state, one field each:
+--                        #order #head #tail   counters (order: ties, tokens; seqs)
+--                        #paused              '1' while the whole queue is paused
+--                        #np #ni              how many keys are paused / have an interval
+--                        #qlast               the last minute a queue metrics field was made
+--                        k:<key>  "slots,ready_at,order,head"  a key with slots in use or a
+--                                 place in keyq (ready_at '' when not in keyq; head: the
+--                                 ready member of its head when it got that place)
+--                        l:<key>  time of the key's last delivery (while an interval applies)
+--                        i:<key>  the key's own interval     p:<key>  '1': the key is paused
+--                        b:<id>   cmsgpack list of the unsettled ids of a batch of 2 or more
+--                                 (a one-message batch has no entry)
+--                        d:<dedup id>  cmsgpack {id, expires}
 --   backlog     zset   key -> minus its live (not dead) messages, so ZRANGE lists the largest
 --                      backlog first and equal backlogs by key
---   intervals   hash   key -> seconds between deliveries
---   lastdeliv   hash   key -> time of the last delivery (kept while an interval applies)
---   paused      set    paused keys
 --   delayed     zset   score = due time, member order..id
 --   leases      zset   score = deadline, member order..id
---   dedup       hash   dedup id -> cmsgpack {id, expires}
 --   dedupexp    zset   score = expires, member dedup id
 --   dead        zset   score = order of death, member id
---   batches     hash   batch id -> cmsgpack list of unsettled ids, in order
---   meta        hash   head, tail (seq counters), order, paused, ready, delayed, leased
 --   readyage    zset   score = enqueued_at, member id, for ready messages (oldest age)
---   signal      list   wake-up tokens for waiting consumers
---   metrics     hash   "<minute>" (the queue) and "<minute>:<key>" (one key) -> the five
---                      counts of COUNTERS, comma-separated ("3,3,2,1,0"): one field per
---                      (key, minute), not one per counter
---   metricsidx  zset   score = the last minute that keeps the field, member = a queue
---                      field of metrics (for expiry)
+--   metrics     hash   "<minute>:<c>" (the queue) and "<minute>:<c>:<key>" (one key) -> count,
+--                      c one of e d a r x (enqueued delivered acked retried dead): HINCRBY,
+--                      no parsing
 --   metricskeys list   the per-key fields of metrics in the order they were created, so
---                      oldest minute first (for expiry: a list entry costs a few bytes more
---                      than its text, a zset entry about a hundred)
---   events      pub/sub channel (not a key; passed in KEYS for its hash tag, which lets
+--                      oldest minute first (for expiry); queue fields expire by minute
+--   signal      list   wake-up tokens for waiting consumers
+--   events      pub/sub channel (not a key; passed in keys for its hash tag, which lets
 --               Redis Cluster route it with the queue)
+-- Counts (ready, leased, delayed, dead) are not stored: they are the sizes of the indexes.
 --
--- record fields: id, k (key, absent when unkeyed), p (priority), s (seq, absent while
--- delayed without a place), t (enqueued_at), h (headers JSON), d (dedup id), ah (at_head),
--- st (state: new|ready|delayed|leased|dead), nb (not before), a (attempts), tok (lease
--- token), dl (deadline), b (batch id), o (order of its delayed/leases entry), ea and eo
--- (when it entered the unkeyed lane), r (reason), da (died at).
+-- record fields: k (key, absent when unkeyed), p (priority), s (seq, absent while delayed
+-- without a place), t (enqueued_at), h (headers JSON), d (dedup id), ah (at_head), st
+-- (state: new|ready|delayed|leased|dead), nb (not before), a (attempts), tok (lease
+-- token), dl (deadline), b (batch id), bn (batch size), o (order of its delayed/leases
+-- entry), ea and eo (when it entered the unkeyed lane), r (reason), da (died at), pl
+-- (payload).
 
-local K = {
-  msgs = KEYS[1], payloads = KEYS[2], ready = KEYS[3], lane = KEYS[4], keyq = KEYS[5],
-  keyentry = KEYS[6], slots = KEYS[7], backlog = KEYS[8], intervals = KEYS[9],
-  lastdeliv = KEYS[10], paused = KEYS[11], delayed = KEYS[12], leases = KEYS[13],
-  dedup = KEYS[14], dedupexp = KEYS[15], dead = KEYS[16], batches = KEYS[17], meta = KEYS[18],
-  readyage = KEYS[19], signal = KEYS[20], metrics = KEYS[21], metricsidx = KEYS[22],
-  events = KEYS[23], metricskeys = KEYS[24],
-}
+local MSGS, READY, KEYQ, STATE, BACKLOG, DELAYED, LEASES, DEDUPEXP, DEAD, READYAGE, METRICS,
+  METRICSKEYS, SIGNAL, EVENTS = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14
 
 -- Tail seqs count up from here and head seqs count down, so every head seq sorts first.
 local SEQ_ORIGIN = 4503599627370496 -- 2^52
 local PRIORITY_OFFSET = 2147483648 -- 2^31: priorities become unsigned, fixed-width hex
 -- Bounded work per call: at most this many due delayed messages promoted, expired leases
 -- returned and dedup entries forgotten; the rest is due at once (retry_in 0).
-local SWEEP_LIMIT = 500
+local SWEEP_LIMIT = 500 -- SWEEP_LIMIT_TEXT below says the same
 local SIGNAL_TOKENS = 16
-local ID_LENGTH = 32
+-- Counters are reserved from the state hash in blocks: one HINCRBY per call in the
+-- common case. Unused numbers of a block are skipped; only their order matters.
+local BLOCK = 64
+local BLOCK_TEXT = '64'
+local COUNTER_LETTERS = { enqueued = 'e', delivered = 'd', acked = 'a', retried = 'r', dead = 'x' }
+local LETTERS = { 'e', 'd', 'a', 'r', 'x' }
+local METRICS_SWEEP_LIMIT = 20
+-- At most this many fields forgotten per call, however many it created.
+local METRICS_SWEEP_MAX = 1000
 
--- Times cross into Redis as text with every digit kept (Lua's default keeps 14).
-local function num(x)
-  return string.format('%.17g', x)
+-- Numbers given to redis.call are turned into text by Redis with a float format (slow):
+-- small counts go as text from this table, made once when the library loads.
+-- (Filled on first use: the string library is not there while the library loads.)
+local TEXT = {}
+local function text(n)
+  local t = TEXT[n]
+  if not t then
+    t = string.format('%d', n)
+    if n >= -1 and n <= 1000 then
+      TEXT[n] = t
+    end
+  end
+  return t
+end
+local SWEEP_LIMIT_TEXT = '500'
+
+-- Per-call state, reset by begin() (the library's locals outlive a call).
+local K, NOW_ARG, CACHE, RAW, OBSERVE, BLOCKS, KEYSTATE
+
+-- Every time and duration is a whole number of microseconds (exact in a Lua number), so
+-- that scores are integers (stored as such in small sorted sets, never parsed back) and
+-- answers are integer replies; the client converts to and from seconds.
+local function num(us)
+  return string.format('%d', us)
 end
 
 -- The backend's clock: the server's TIME unless the client passed a test clock reading.
@@ -72,23 +107,68 @@ local function clock(arg)
     return tonumber(arg)
   end
   local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
--- Settings, in the order of RedisBackend._settings_args.
-local function read_settings(argv, i)
-  return {
-    max_deliveries = tonumber(argv[i]),
-    key_concurrency = tonumber(argv[i + 1]),
-    interval = tonumber(argv[i + 2]),
-    retry_position = argv[i + 3],
-    dedup_window = tonumber(argv[i + 4]),
-    unique_while_pending = argv[i + 5] == '1',
+-- The start of the minute holding `now`, in seconds (metrics fields are named by it).
+local function minute_of(now)
+  return math.floor(now / 60000000) * 60
+end
+
+-- The call's options, packed by RedisBackend._options_arg as
+-- "max_deliveries,key_concurrency,interval,retry_position,dedup_window,unique,kept,key_kept,events"
+-- (interval and dedup_window in microseconds), parsed once per distinct text.
+local PARSED = {}
+local PARSED_COUNT = 0
+
+local function options(text)
+  local parsed = PARSED[text]
+  if parsed then
+    return parsed
+  end
+  local md, kc, interval, rp, dw, uwp, kept, key_kept, publish = string.match(text,
+    '^([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*)$')
+  parsed = {
+    max_deliveries = tonumber(md), key_concurrency = tonumber(kc), interval = tonumber(interval),
+    retry_position = rp, dedup_window = tonumber(dw), unique_while_pending = uwp == '1',
+    kept = tonumber(kept), key_kept = tonumber(key_kept), publish = publish == '1',
   }
+  if PARSED_COUNT >= 64 then
+    PARSED, PARSED_COUNT = {}, 0
+  end
+  PARSED[text] = parsed
+  PARSED_COUNT = PARSED_COUNT + 1
+  return parsed
+end
+
+local function begin(keys, opts)
+  K = keys
+  CACHE, RAW, BLOCKS, KEYSTATE = {}, {}, {}, {}
+  OBSERVE = { opts = opts, counts = {}, events = {} }
+end
+
+-- The next number of a state counter ('#order', '#head', '#tail'), from this call's block.
+local function next_count(name)
+  local block = BLOCKS[name]
+  if not block or block[1] > block[2] then
+    local last = redis.call('HINCRBY', K[STATE], name, BLOCK_TEXT)
+    block = { last - BLOCK + 1, last }
+    BLOCKS[name] = block
+  end
+  local n = block[1]
+  block[1] = n + 1
+  return n
 end
 
 local function next_order()
-  return redis.call('HINCRBY', K.meta, 'order', 1)
+  return next_count('#order')
+end
+
+local function next_seq(at_head)
+  if at_head then
+    return SEQ_ORIGIN - next_count('#head')
+  end
+  return SEQ_ORIGIN + next_count('#tail')
 end
 
 local function order_member(order, id)
@@ -96,36 +176,44 @@ local function order_member(order, id)
 end
 
 local function ready_member(rec)
-  return rec.k .. '\0' .. string.format('%08x', rec.p + PRIORITY_OFFSET) .. '\0'
-    .. string.format('%014x', rec.s) .. '\0' .. rec.id
+  local prio_seq = string.format('%08x%014x', rec.p + PRIORITY_OFFSET, rec.s)
+  if rec.k then
+    return rec.k .. '\0' .. prio_seq .. ((rec.nb > rec.ea) and '1' or '0') .. rec.id
+  end
+  return '\1' .. prio_seq .. rec.id
 end
 
-local function lane_member(rec)
-  return string.format('%08x', rec.p + PRIORITY_OFFSET) .. '\0' .. string.format('%014x', rec.s)
-    .. '\0' .. rec.id
+-- Lex bounds of one key's members, and of the unkeyed lane's.
+local function key_range(key)
+  return '[' .. key .. '\0', '(' .. key .. '\1'
 end
+local LANE_FROM, LANE_TO = '[\1', '(\2'
 
 -- Records loaded in this call (false once forgotten), written back once by flush() when
--- they changed; RAW keeps what was read, so unchanged records cost no write.
-local CACHE = {}
-local RAW = {}
-
+-- they changed; RAW keeps what was read, so unchanged records cost no write. A stored
+-- record is its fields as consecutive msgpack values, in the order flush() writes them.
 local function load(id)
   local rec = CACHE[id]
   if rec ~= nil then
     return rec or nil
   end
-  local raw = redis.call('HGET', K.msgs, id)
+  local raw = redis.call('HGET', K[MSGS], id)
   if not raw then
     return nil
   end
-  local decoded
-  decoded, rec = pcall(cmsgpack.unpack, raw)
+  -- The fields in the order flush() packs them, as separate msgpack values (decoding
+  -- values costs a quarter of decoding a map).
+  local decoded, st, k, p, s, t, h, d, ah, nb, a, tok, dl, b, bn, o, ea, eo, r, da, pl =
+    pcall(cmsgpack.unpack, raw)
   -- A record damaged behind the engine's back reads as missing (see entry_record).
-  if not decoded or type(rec) ~= 'table' or rec.id ~= id or type(rec.st) ~= 'string'
-      or type(rec.p) ~= 'number' or type(rec.t) ~= 'number' or type(rec.h) ~= 'string' then
+  if not decoded or type(st) ~= 'string' or type(p) ~= 'number' or type(t) ~= 'number' or type(h) ~= 'string'
+      or type(pl) ~= 'string' then
     return nil
   end
+  rec = {
+    id = id, st = st, k = k, p = p, s = s, t = t, h = h, d = d, ah = ah, nb = nb, a = a, tok = tok, dl = dl, b = b,
+    bn = bn, o = o, ea = ea, eo = eo, r = r, da = da, pl = pl,
+  }
   CACHE[id] = rec
   RAW[id] = raw
   return rec
@@ -138,9 +226,10 @@ end
 local function flush()
   for id, rec in pairs(CACHE) do
     if rec then
-      local raw = cmsgpack.pack(rec)
+      local raw = cmsgpack.pack(rec.st, rec.k, rec.p, rec.s, rec.t, rec.h, rec.d, rec.ah, rec.nb, rec.a, rec.tok,
+        rec.dl, rec.b, rec.bn, rec.o, rec.ea, rec.eo, rec.r, rec.da, rec.pl)
       if raw ~= RAW[id] then
-        redis.call('HSET', K.msgs, id, raw)
+        redis.call('HSET', K[MSGS], id, raw)
       end
     end
   end
@@ -150,10 +239,65 @@ local function signal(count)
   if count > SIGNAL_TOKENS then
     count = SIGNAL_TOKENS
   end
-  for _ = 1, count do
-    redis.call('LPUSH', K.signal, '1')
+  -- Tokens already waiting wake the next waiters anyway: top up only what is missing.
+  local missing = count - redis.call('LLEN', K[SIGNAL])
+  if missing > 0 then
+    local tokens = {}
+    for i = 1, missing do
+      tokens[i] = '1'
+    end
+    redis.call('LPUSH', K[SIGNAL], unpack(tokens))
   end
-  redis.call('LTRIM', K.signal, 0, SIGNAL_TOKENS - 1)
+end
+
+-- Per-key state "slots,ready_at,order,head" (see state k:<key>), read once per call.
+local function key_state(key)
+  local ks = KEYSTATE[key]
+  if ks then
+    return ks
+  end
+  local raw = redis.call('HGET', K[STATE], 'k:' .. key)
+  ks = { slots = 0, raw = raw or false }
+  if raw then
+    local slots, at, order, first = string.match(raw, '^(%d+),([^,]*),([^,]*),(.*)$')
+    ks.slots = tonumber(slots) or 0
+    if at ~= '' and order ~= '' then
+      ks.at = tonumber(at)
+      ks.order = tonumber(order)
+      ks.head = first
+    end
+  end
+  KEYSTATE[key] = ks
+  return ks
+end
+
+local function save_key_state(key, ks)
+  local raw = false
+  if ks.slots > 0 or ks.at then
+    raw = text(ks.slots) .. ',' .. (ks.at and num(ks.at) or '') .. ',' .. (ks.order and num(ks.order) or '') .. ','
+      .. (ks.head or '')
+  end
+  if raw == ks.raw then
+    return
+  end
+  if raw then
+    redis.call('HSET', K[STATE], 'k:' .. key, raw)
+  else
+    redis.call('HDEL', K[STATE], 'k:' .. key)
+  end
+  ks.raw = raw
+end
+
+local function keyq_member(ks, key)
+  return string.format('%016x', ks.order) .. key
+end
+
+-- Take key out of keyq (it keeps its slots).
+local function unschedule(key, ks)
+  if ks.at then
+    redis.call('ZREM', K[KEYQ], keyq_member(ks, key))
+    ks.at, ks.order, ks.head = nil, nil, nil
+  end
 end
 
 -- Remove a record from the index of its current state (the memory model skips such stale
@@ -161,178 +305,125 @@ end
 local function unindex(rec)
   local st = rec.st
   if st == 'ready' then
-    if rec.k then
-      redis.call('ZREM', K.ready, ready_member(rec))
-    else
-      redis.call('ZREM', K.lane, lane_member(rec))
-    end
-    redis.call('ZREM', K.readyage, rec.id)
+    redis.call('ZREM', K[READY], ready_member(rec))
+    redis.call('ZREM', K[READYAGE], rec.id)
   elseif st == 'delayed' then
-    redis.call('ZREM', K.delayed, order_member(rec.o, rec.id))
+    redis.call('ZREM', K[DELAYED], order_member(rec.o, rec.id))
   elseif st == 'leased' then
-    redis.call('ZREM', K.leases, order_member(rec.o, rec.id))
+    redis.call('ZREM', K[LEASES], order_member(rec.o, rec.id))
   elseif st == 'dead' then
-    redis.call('ZREM', K.dead, rec.id)
+    redis.call('ZREM', K[DEAD], rec.id)
   end
 end
-
-local COUNTED = { ready = true, delayed = true, leased = true }
 
 local function set_state(rec, state)
   unindex(rec)
-  if COUNTED[rec.st] then
-    redis.call('HINCRBY', K.meta, rec.st, -1)
-  end
-  if COUNTED[state] then
-    redis.call('HINCRBY', K.meta, state, 1)
-  end
   rec.st = state
 end
 
-local function slots_of(key)
-  return tonumber(redis.call('HGET', K.slots, key)) or 0
-end
-
-local function drop_key(key)
-  redis.call('HDEL', K.slots, key)
-  local member = redis.call('HGET', K.keyentry, key)
-  if member then
-    redis.call('ZREM', K.keyq, member)
-    redis.call('HDEL', K.keyentry, key)
-  end
-end
-
-local function uncount_key(key)
-  if tonumber(redis.call('ZINCRBY', K.backlog, 1, key)) >= 0 then
-    redis.call('ZREM', K.backlog, key)
-    if slots_of(key) == 0 then
-      drop_key(key)
-    end
-  end
-end
-
 local function count_key(key)
-  redis.call('ZINCRBY', K.backlog, -1, key)
+  redis.call('ZINCRBY', K[BACKLOG], '-1', key)
 end
 
--- Metrics and events of this call, written once by flush_observed(): per-minute counts
--- summed per field (a list in the order of COUNTERS), the last minute that keeps each
--- queue field (false for a per-key field), and events as lines of
--- type\0id\0(+key or nothing)\0time.
-local OBSERVE = { kept = 60, key_kept = 60, publish = false, counts = {}, last_kept = {}, events = {} }
-local COUNTER_INDEX = { enqueued = 1, delivered = 2, acked = 3, retried = 4, dead = 5 }
-
--- ARGV[i]: minutes of metrics kept, for the queue and per key ("<queue>,<key>");
--- ARGV[i + 1]: publish events ('1'/'0').
-local function read_observe(argv, i)
-  local kept, key_kept = string.match(argv[i], '^(%d+),(%d+)$')
-  OBSERVE.kept = tonumber(kept)
-  OBSERVE.key_kept = tonumber(key_kept)
-  OBSERVE.publish = argv[i + 1] == '1'
-end
-
-local function minute_of(t)
-  return math.floor(t / 60) * 60
-end
-
-local function bump(field, index, last_kept)
-  local counts = OBSERVE.counts[field]
-  if not counts then
-    counts = { 0, 0, 0, 0, 0 }
-    OBSERVE.counts[field] = counts
-    OBSERVE.last_kept[field] = last_kept
-  end
-  counts[index] = counts[index] + 1
-end
-
--- The five counts of a metrics field ("e,d,a,r,x"); zeros when absent or unreadable.
-local function unpack_counts(raw)
-  local counts = { 0, 0, 0, 0, 0 }
-  if raw then
-    local i = 1
-    for n in string.gmatch(raw, '%d+') do
-      if i > 5 then
-        break
-      end
-      counts[i] = tonumber(n)
-      i = i + 1
+-- One live message of key fewer; a key with no live message and no slot in use is
+-- forgotten.
+local function uncount_key(key)
+  if tonumber(redis.call('ZINCRBY', K[BACKLOG], '1', key)) >= 0 then
+    redis.call('ZREM', K[BACKLOG], key)
+    local ks = key_state(key)
+    if ks.slots == 0 then
+      unschedule(key, ks)
+      save_key_state(key, ks)
     end
   end
-  return counts
 end
 
 -- Count one lifecycle step of rec (per queue, and per key when it has one) and publish it.
 local function record(counter, rec, now)
-  local minute = minute_of(now)
-  local field = string.format('%d', minute)
-  local index = COUNTER_INDEX[counter]
-  bump(field, index, minute + (OBSERVE.kept - 1) * 60)
+  local letter = COUNTER_LETTERS[counter]
+  local minute = string.format('%d', minute_of(now))
+  local field = minute .. ':' .. letter
+  OBSERVE.counts[field] = (OBSERVE.counts[field] or 0) + 1
   if rec.k then
-    bump(field .. ':' .. rec.k, index, false)
+    local key_field = field .. ':' .. rec.k
+    OBSERVE.counts[key_field] = (OBSERVE.counts[key_field] or 0) + 1
   end
-  if OBSERVE.publish then
+  if OBSERVE.opts.publish then
     OBSERVE.events[#OBSERVE.events + 1] = counter .. '\0' .. rec.id .. '\0' .. (rec.k and ('+' .. rec.k) or '')
       .. '\0' .. num(now)
   end
 end
 
-local METRICS_SWEEP_LIMIT = 20
--- At most this many fields forgotten per call, however many it created.
-local METRICS_SWEEP_MAX = 1000
+-- Forget the queue's metrics fields of the minutes that left the window when a new
+-- minute starts: they all lie in (last - kept minutes, last], so the work is bounded.
+local function sweep_queue_minutes(minute)
+  local last = tonumber(redis.call('HGET', K[STATE], '#qlast'))
+  if last and last >= minute then
+    return
+  end
+  redis.call('HSET', K[STATE], '#qlast', string.format('%d', minute))
+  if not last then
+    return
+  end
+  local kept = OBSERVE.opts.kept
+  local first = math.max(last - (kept - 1) * 60, 0)
+  local stop = math.min(last, minute - kept * 60)
+  local fields = {}
+  for m = first, stop, 60 do
+    local text = string.format('%d', m)
+    for _, letter in ipairs(LETTERS) do
+      fields[#fields + 1] = text .. ':' .. letter
+    end
+  end
+  if #fields > 0 then
+    redis.call('HDEL', K[METRICS], unpack(fields))
+  end
+end
 
 -- Forget up to `limit` per-key fields that left the key window, oldest first.
 local function sweep_key_fields(current, limit)
-  local oldest = redis.call('LRANGE', K.metricskeys, 0, limit - 1)
+  local oldest = redis.call('LRANGE', K[METRICSKEYS], '0', text(limit - 1))
   local expired = 0
+  local key_kept = OBSERVE.opts.key_kept
   for _, field in ipairs(oldest) do
     local minute = tonumber(string.match(field, '^%d+')) or 0
-    if minute + (OBSERVE.key_kept - 1) * 60 >= current then
+    if minute + (key_kept - 1) * 60 >= current then
       break -- created in time order: the rest are younger
     end
     expired = expired + 1
   end
   if expired > 0 then
-    redis.call('HDEL', K.metrics, unpack(oldest, 1, expired))
-    redis.call('LTRIM', K.metricskeys, expired, -1)
+    redis.call('HDEL', K[METRICS], unpack(oldest, 1, expired))
+    redis.call('LTRIM', K[METRICSKEYS], text(expired), '-1')
   end
 end
 
 local function flush_observed(now)
   local created = 0
+  local new_queue_minute = false
   for field, added in pairs(OBSERVE.counts) do
-    local raw = redis.call('HGET', K.metrics, field)
-    local counts = unpack_counts(raw)
-    for i = 1, 5 do
-      counts[i] = counts[i] + added[i]
-    end
-    redis.call('HSET', K.metrics, field, table.concat(counts, ','))
-    if not raw then
-      if OBSERVE.last_kept[field] then
-        redis.call('ZADD', K.metricsidx, OBSERVE.last_kept[field], field)
+    if redis.call('HINCRBY', K[METRICS], field, text(added)) == added then
+      -- A field made by this call: index it for expiry.
+      if string.find(field, ':', string.find(field, ':', 1, true) + 1, true) then
+        redis.call('RPUSH', K[METRICSKEYS], field)
+        created = created + 1
       else
-        redis.call('RPUSH', K.metricskeys, field)
+        new_queue_minute = true
       end
-      created = created + 1
     end
   end
-  -- Bounded cleanup of fields that left their window, only when fields were created (at
-  -- least as many as were created, up to METRICS_SWEEP_MAX): the index then does not
+  local current = minute_of(now)
+  if new_queue_minute then
+    sweep_queue_minutes(current)
+  end
+  -- Bounded cleanup of key fields that left their window, only when fields were created
+  -- (at least as many as were created, up to METRICS_SWEEP_MAX): the index then does not
   -- grow faster than it is cleaned, and most calls skip the lookup.
   if created > 0 then
-    local limit = math.min(METRICS_SWEEP_MAX, math.max(METRICS_SWEEP_LIMIT, created))
-    local current = minute_of(now)
-    local old = redis.call('ZRANGEBYSCORE', K.metricsidx, '-inf', '(' .. string.format('%d', current),
-      'LIMIT', 0, limit)
-    if #old > 0 then
-      redis.call('HDEL', K.metrics, unpack(old))
-      redis.call('ZREM', K.metricsidx, unpack(old))
-    end
-    if limit > #old then
-      sweep_key_fields(current, limit - #old)
-    end
+    sweep_key_fields(current, math.min(METRICS_SWEEP_MAX, math.max(METRICS_SWEEP_LIMIT, created)))
   end
   if #OBSERVE.events > 0 then
-    redis.call('PUBLISH', K.events, table.concat(OBSERVE.events, '\n'))
+    redis.call('PUBLISH', K[EVENTS], table.concat(OBSERVE.events, '\n'))
   end
 end
 
@@ -340,35 +431,62 @@ end
 local function forget(rec)
   local was = rec.st
   set_state(rec, 'gone')
-  redis.call('HDEL', K.msgs, rec.id)
-  redis.call('HDEL', K.payloads, rec.id)
+  redis.call('HDEL', K[MSGS], rec.id)
   CACHE[rec.id] = false
   if was ~= 'dead' and rec.k then
     uncount_key(rec.k)
   end
 end
 
+local function dead_letter(rec, now, reason)
+  set_state(rec, 'dead')
+  rec.tok = nil
+  rec.r = reason
+  rec.da = now
+  redis.call('ZADD', K[DEAD], num(next_order()), rec.id)
+  if rec.k then
+    uncount_key(rec.k)
+  end
+end
+
 -- The record an index entry names. One that cannot be read (corrupted or deleted behind
 -- the engine's back) is rebuilt from what the entry says and dead-lettered with a reason,
--- so that it neither fails every later call nor blocks its key. index: ready, lane,
--- delayed, leases or dead (the KEYS it came from); now: nil reads the clock from ARGV[1]
--- (every script that schedules keys takes the clock there), and only when needed.
+-- so that it neither fails every later call nor blocks its key. index: ready, delayed,
+-- leases or dead (the structure it came from); now: nil reads the clock from NOW_ARG,
+-- and only when needed.
 local function entry_record(index, member, now)
-  local id = string.sub(member, -ID_LENGTH)
-  local rec = load(id)
+  local id, rec
+  if index == 'ready' then
+    if string.byte(member, 1) == 1 then
+      id = string.sub(member, 24)
+    else
+      id = string.sub(member, string.find(member, '\0', 1, true) + 24)
+    end
+  elseif index == 'delayed' or index == 'leases' then
+    id = string.sub(member, 17)
+  else
+    id = member
+  end
+  rec = load(id)
   if rec then
     return rec
   end
-  now = now or clock(ARGV[1])
-  rec = { id = id, p = 0, a = 0, h = '{}', t = now, nb = 0 }
-  if index == 'ready' or index == 'lane' then
-    -- [key \0] prio (8 hex) \0 seq (14 hex) \0 id, read from the end
-    rec.p = tonumber(string.sub(member, -ID_LENGTH - 24, -ID_LENGTH - 17), 16) - PRIORITY_OFFSET
-    rec.s = tonumber(string.sub(member, -ID_LENGTH - 15, -ID_LENGTH - 2), 16)
-    rec.st = 'ready'
-    if index == 'ready' then
-      rec.k = string.sub(member, 1, -ID_LENGTH - 26)
+  now = now or clock(NOW_ARG)
+  rec = { id = id, p = 0, a = 0, h = '{}', t = now, nb = 0, pl = '' }
+  if index == 'ready' then
+    local at = 2
+    if string.byte(member, 1) ~= 1 then
+      at = string.find(member, '\0', 1, true)
+      rec.k = string.sub(member, 1, at - 1)
+      at = at + 1
     end
+    rec.p = tonumber(string.sub(member, at, at + 7), 16) - PRIORITY_OFFSET
+    rec.s = tonumber(string.sub(member, at + 8, at + 21), 16)
+    rec.ea = 0
+    if rec.k and string.sub(member, at + 22, at + 22) == '1' then
+      rec.nb = 1 -- so that ready_member(rec) gives back this member
+    end
+    rec.st = 'ready'
   elseif index == 'delayed' or index == 'leases' then
     -- The key of a delayed or leased message is only in its record: what that key holds
     -- (its live count, a leased slot) stays as it was.
@@ -377,13 +495,10 @@ local function entry_record(index, member, now)
   else
     rec.st = 'dead'
   end
-  if redis.call('HEXISTS', K.payloads, id) == 0 then
-    redis.call('HSET', K.payloads, id, '')
-  end
   if rec.st ~= 'dead' then
     set_state(rec, 'dead')
     rec.da = now
-    redis.call('ZADD', K.dead, next_order(), id)
+    redis.call('ZADD', K[DEAD], num(next_order()), id)
     if rec.k then
       uncount_key(rec.k)
     end
@@ -394,12 +509,17 @@ local function entry_record(index, member, now)
   return rec
 end
 
+-- The first `count` ready members of key, in order.
+local function key_members(key, count)
+  local from, to = key_range(key)
+  return redis.call('ZRANGEBYLEX', K[READY], from, to, 'LIMIT', '0', text(count))
+end
+
 -- The first `count` ready messages of key, in order (unreadable ones dead-lettered).
 local function key_heads(key, count)
   while true do
-    local members = redis.call('ZRANGEBYLEX', K.ready, '[' .. key .. '\0', '(' .. key .. '\1', 'LIMIT', 0, count)
     local heads = {}
-    for i, member in ipairs(members) do
+    for i, member in ipairs(key_members(key, count)) do
       heads[i] = entry_record('ready', member, nil)
       if heads[i].st == 'dead' then
         heads = nil
@@ -412,70 +532,110 @@ local function key_heads(key, count)
   end
 end
 
-local function head(key)
-  return key_heads(key, 1)[1]
+-- Until when the message a ready member names holds its key: its not-before time when it
+-- was placed holding the key (its record is read then; an unreadable one is dead-lettered
+-- and nil answered), else 0.
+local function member_not_before(member)
+  local at = string.find(member, '\0', 1, true)
+  if string.sub(member, at + 23, at + 23) == '0' then
+    return 0
+  end
+  local rec = entry_record('ready', member, nil)
+  if rec.st == 'dead' then
+    return nil
+  end
+  return rec.nb
 end
 
--- Give key a ready time if its head message exists. keep_place: a key already waiting
--- keeps its earlier ready time (new arrivals must not push it to the back of the round).
-local function schedule(key, now, keep_place)
-  local first = head(key)
-  local member = redis.call('HGET', K.keyentry, key)
-  local ready_at = nil
-  if member then
-    ready_at = tonumber(redis.call('ZSCORE', K.keyq, member))
+-- The key's head: its first ready member and that message's not-before time, or nil.
+local function head_of(key)
+  while true do
+    local member = key_members(key, 1)[1]
+    if not member then
+      return nil
+    end
+    local nb = member_not_before(member)
+    if nb then
+      return member, nb
+    end
   end
-  if not first then
-    if member then
-      redis.call('ZREM', K.keyq, member)
-      redis.call('HDEL', K.keyentry, key)
+end
+
+-- Give key a place in keyq if its head message exists. keep_place: a key already waiting
+-- keeps its earlier ready time (new arrivals must not push it to the back of the round).
+-- settings: when given, a key whose slots are all in use or that is paused gets no place
+-- (it is scheduled again when a slot frees or on resume).
+local function schedule(key, now, keep_place, settings)
+  local ks = key_state(key)
+  if settings and not ks.at then
+    if ks.slots >= settings.key_concurrency
+        or (redis.call('HGET', K[STATE], 'p:' .. key) == '1') then
+      return
+    end
+  end
+  local member, nb = head_of(key)
+  if not member then
+    unschedule(key, ks)
+    save_key_state(key, ks)
+    return
+  end
+  local at = math.max(now, nb)
+  if keep_place and ks.at then
+    at = math.max(ks.at, nb)
+  end
+  if at == ks.at then
+    if ks.head ~= member then
+      ks.head = member
+      save_key_state(key, ks)
     end
     return
   end
-  local at = math.max(now, first.nb)
-  if keep_place and ready_at then
-    at = math.max(ready_at, first.nb)
+  unschedule(key, ks)
+  ks.at, ks.order, ks.head = at, next_order(), member
+  redis.call('ZADD', K[KEYQ], num(at), keyq_member(ks, key))
+  save_key_state(key, ks)
+end
+
+-- After rec (keyed, just placed with `now`) entered its key's order: keep the key's place
+-- up to date. Mirrors schedule(key, now, true, settings), reading only what can change:
+-- a waiting key whose recorded head still comes first keeps its place and head.
+local function placed(rec, now, settings)
+  local ks = key_state(rec.k)
+  if ks.at and ks.head then
+    -- (priority, seq) of the recorded head, from its member (numbers, not a string
+    -- comparison: Lua compares strings by the server's locale).
+    local at = string.find(ks.head, '\0', 1, true)
+    if at then
+      local p = tonumber(string.sub(ks.head, at + 1, at + 8), 16) - PRIORITY_OFFSET
+      local s = tonumber(string.sub(ks.head, at + 9, at + 22), 16)
+      if rec.p > p or (rec.p == p and rec.s > s) then
+        return -- not the new head: nothing changes (the place was computed from the head)
+      end
+    end
   end
-  if at == ready_at then
-    return
-  end
-  if member then
-    redis.call('ZREM', K.keyq, member)
-  end
-  member = order_member(next_order(), key)
-  redis.call('ZADD', K.keyq, num(at), member)
-  redis.call('HSET', K.keyentry, key, member)
+  schedule(rec.k, now, true, settings)
 end
 
 -- Put a record (whose seq is set) into its key's order or the unkeyed lane.
 local function place(rec, now)
   set_state(rec, 'ready')
-  redis.call('ZADD', K.readyage, num(rec.t), rec.id)
-  if rec.k then
-    redis.call('ZADD', K.ready, 0, ready_member(rec))
-  else
-    rec.ea = now
+  rec.ea = now
+  if not rec.k then
     rec.eo = next_order()
-    redis.call('ZADD', K.lane, 0, lane_member(rec))
   end
+  redis.call('ZADD', K[READYAGE], num(rec.t), rec.id)
+  redis.call('ZADD', K[READY], '0', ready_member(rec))
 end
 
 local function delay(rec, due)
   set_state(rec, 'delayed')
   rec.nb = due
   rec.o = next_order()
-  redis.call('ZADD', K.delayed, num(due), order_member(rec.o, rec.id))
+  redis.call('ZADD', K[DELAYED], num(due), order_member(rec.o, rec.id))
 end
 
-local function next_seq(at_head)
-  if at_head then
-    return SEQ_ORIGIN - redis.call('HINCRBY', K.meta, 'head', 1)
-  end
-  return SEQ_ORIGIN + redis.call('HINCRBY', K.meta, 'tail', 1)
-end
-
-local function promote_due(now)
-  local due = redis.call('ZRANGEBYSCORE', K.delayed, '-inf', num(now), 'LIMIT', 0, SWEEP_LIMIT)
+local function promote_due(now, settings)
+  local due = redis.call('ZRANGEBYSCORE', K[DELAYED], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT_TEXT)
   for _, member in ipairs(due) do
     local rec = entry_record('delayed', member, now)
     if rec.st == 'delayed' then
@@ -484,7 +644,7 @@ local function promote_due(now)
       end
       place(rec, now)
       if rec.k then
-        schedule(rec.k, now, true)
+        placed(rec, now, settings)
       end
     end
   end
@@ -511,49 +671,46 @@ local function requeue(rec, now, after, position)
   end
 end
 
-local function dead_letter(rec, now, reason)
-  set_state(rec, 'dead')
-  rec.tok = nil
-  rec.r = reason
-  rec.da = now
-  redis.call('ZADD', K.dead, next_order(), rec.id)
-  if rec.k then
-    uncount_key(rec.k)
+local function get_batch(rec)
+  if (rec.bn or 1) == 1 then
+    return { rec.id }
   end
-end
-
-local function get_batch(batch_id)
-  local raw = redis.call('HGET', K.batches, batch_id)
+  local raw = redis.call('HGET', K[STATE], 'b:' .. rec.b)
   if not raw then
-    return nil
+    return { rec.id }
   end
   return cmsgpack.unpack(raw)
 end
 
 -- Release the key's slot once the last message of a batch is settled.
 local function settled(rec, now, batch)
+  local multi = (rec.bn or 1) > 1
   if #batch > 0 then
-    redis.call('HSET', K.batches, rec.b, cmsgpack.pack(batch))
+    if multi then
+      redis.call('HSET', K[STATE], 'b:' .. rec.b, cmsgpack.pack(batch))
+    end
     return
   end
-  redis.call('HDEL', K.batches, rec.b)
+  if multi then
+    redis.call('HDEL', K[STATE], 'b:' .. rec.b)
+  end
   if not rec.k then
     return
   end
-  local left = redis.call('HINCRBY', K.slots, rec.k, -1)
-  if left <= 0 then
-    redis.call('HDEL', K.slots, rec.k)
-    if not redis.call('ZSCORE', K.backlog, rec.k) then
-      drop_key(rec.k)
-      return
-    end
+  local ks = key_state(rec.k)
+  ks.slots = math.max(ks.slots - 1, 0)
+  if ks.slots == 0 and not redis.call('ZSCORE', K[BACKLOG], rec.k) then
+    unschedule(rec.k, ks)
+    save_key_state(rec.k, ks)
+    return
   end
-  schedule(rec.k, now, false)
+  schedule(rec.k, now, false, nil)
+  save_key_state(rec.k, ks)
 end
 
 -- Remove rec and every later message from its batch: what stays, and the later ones.
 local function cut_batch(rec)
-  local batch = get_batch(rec.b) or { rec.id }
+  local batch = get_batch(rec)
   local index = #batch + 1
   for i, id in ipairs(batch) do
     if id == rec.id then
@@ -607,7 +764,7 @@ local function release(rec, now)
 end
 
 local function expire_leases(now, settings)
-  local expired = redis.call('ZRANGEBYSCORE', K.leases, '-inf', num(now), 'LIMIT', 0, SWEEP_LIMIT)
+  local expired = redis.call('ZRANGEBYSCORE', K[LEASES], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT_TEXT)
   for _, member in ipairs(expired) do
     local rec = entry_record('leases', member, now)
     -- An earlier expiry in this loop may have returned it with the rest of its batch.
@@ -629,31 +786,35 @@ end
 -- An expired dedup entry is forgotten, except that with unique_while_pending a twin still
 -- ready or delayed keeps its claim for another window.
 local function expire_dedup(dedup_id, entry, now, settings)
-  if settings.unique_while_pending then
+  if entry and settings.unique_while_pending then
     local rec = load(entry[1])
     if rec and (rec.st == 'ready' or rec.st == 'delayed') then
       entry[2] = now + settings.dedup_window
-      redis.call('HSET', K.dedup, dedup_id, cmsgpack.pack(entry))
-      redis.call('ZADD', K.dedupexp, num(entry[2]), dedup_id)
+      redis.call('HSET', K[STATE], 'd:' .. dedup_id, cmsgpack.pack(entry))
+      redis.call('ZADD', K[DEDUPEXP], num(entry[2]), dedup_id)
       return entry
     end
   end
-  redis.call('HDEL', K.dedup, dedup_id)
-  redis.call('ZREM', K.dedupexp, dedup_id)
+  redis.call('HDEL', K[STATE], 'd:' .. dedup_id)
+  redis.call('ZREM', K[DEDUPEXP], dedup_id)
   return nil
+end
+
+local function dedup_entry(dedup_id)
+  local raw = redis.call('HGET', K[STATE], 'd:' .. dedup_id)
+  return raw and cmsgpack.unpack(raw) or nil
 end
 
 -- The id of the message an enqueue with dedup_id duplicates, or nil.
 local function dedup_hit(dedup_id, now, settings)
-  local expired = redis.call('ZRANGEBYSCORE', K.dedupexp, '-inf', num(now), 'LIMIT', 0, SWEEP_LIMIT)
+  local expired = redis.call('ZRANGEBYSCORE', K[DEDUPEXP], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT_TEXT)
   for _, old in ipairs(expired) do
-    expire_dedup(old, cmsgpack.unpack(redis.call('HGET', K.dedup, old)), now, settings)
+    expire_dedup(old, dedup_entry(old), now, settings)
   end
-  local raw = redis.call('HGET', K.dedup, dedup_id)
-  if not raw then
+  local entry = dedup_entry(dedup_id)
+  if not entry then
     return nil
   end
-  local entry = cmsgpack.unpack(raw)
   -- The bounded sweep above may have left this entry past its expiry.
   if entry[2] <= now then
     entry = expire_dedup(dedup_id, entry, now, settings)
@@ -671,10 +832,27 @@ local function dedup_hit(dedup_id, now, settings)
   return entry[1]
 end
 
--- A record as the client reads it (RedisBackend._lease_view; RedisBackend.dead_letters reads the last two fields too).
+-- A record as the client reads it (RedisBackend._lease_view; RedisBackend.dead_letters
+-- reads the last two fields too).
 local function view(rec)
   return {
-    rec.id, rec.k or '', redis.call('HGET', K.payloads, rec.id), rec.p, rec.a or 0, rec.h,
-    rec.tok or '', num(rec.dl or 0), num(rec.t), rec.b or '', rec.d or '', rec.r or '', num(rec.da or 0),
+    rec.id, rec.k or '', rec.pl, rec.p, rec.a or 0, rec.h, rec.tok or '', rec.dl or 0, rec.t,
+    rec.b or '', rec.d or '', rec.r or '', rec.da or 0,
   }
+end
+
+-- Register one operation: fn(args) runs with this call's keys bound. Operations that
+-- drain or settle (lease, ack, nack, release, extend, purge) are flagged allow-oom: a
+-- server at maxmemory refuses new messages (enqueue is refused before it runs) but keeps
+-- letting consumers take and settle what is queued, which frees memory.
+local function register(name, fn, flags)
+  redis.register_function({
+    function_name = LIB .. '_' .. name,
+    callback = function(keys, args)
+      NOW_ARG = args[1]
+      begin(keys, nil)
+      return fn(args)
+    end,
+    flags = flags,
+  })
 end

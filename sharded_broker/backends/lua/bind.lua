@@ -1,3 +1,5 @@
 -- bind: route messages published to a fanout exchange to a queue.
--- KEYS: the exchange's binding set. ARGV: queue.
-return redis.call('SADD', KEYS[1], ARGV[1])
+-- keys: the exchange's binding set. args: queue.
+register('bind', function(args)
+  return redis.call('SADD', K[1], args[1])
+end)

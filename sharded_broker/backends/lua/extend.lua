@@ -1,23 +1,25 @@
 -- extend_many: move leases' deadlines to now + their visibility timeouts.
--- ARGV: clock, then per lease: id, token, visibility timeout. Answers per lease the new
+-- args: clock, then per lease: id, token, visibility timeout. Answers per lease the new
 -- deadline, or '' when the token is not current.
-local now = clock(ARGV[1])
-local deadlines = {}
-for i = 2, #ARGV, 3 do
-  local rec = current(ARGV[i], ARGV[i + 1])
-  if not rec then
-    deadlines[#deadlines + 1] = ''
-  else
-    local deadline = now + tonumber(ARGV[i + 2])
-    if deadline ~= rec.dl then
-      -- An unchanged deadline keeps its place among leases expiring at the same time.
-      redis.call('ZREM', K.leases, order_member(rec.o, rec.id))
-      rec.dl = deadline
-      rec.o = next_order()
-      redis.call('ZADD', K.leases, num(deadline), order_member(rec.o, rec.id))
+register('extend', function(args)
+  local now = clock(args[1])
+  local deadlines = {}
+  for i = 2, #args, 3 do
+    local rec = current(args[i], args[i + 1])
+    if not rec then
+      deadlines[#deadlines + 1] = ''
+    else
+      local deadline = now + tonumber(args[i + 2])
+      if deadline ~= rec.dl then
+        -- An unchanged deadline keeps its place among leases expiring at the same time.
+        redis.call('ZREM', K[LEASES], order_member(rec.o, rec.id))
+        rec.dl = deadline
+        rec.o = next_order()
+        redis.call('ZADD', K[LEASES], num(deadline), order_member(rec.o, rec.id))
+      end
+      deadlines[#deadlines + 1] = deadline
     end
-    deadlines[#deadlines + 1] = num(deadline)
   end
-end
-flush()
-return deadlines
+  flush()
+  return deadlines
+end, { 'allow-oom' })

@@ -1,16 +1,22 @@
 -- set_paused: pause or resume a key, or with key '' the whole queue.
--- ARGV: clock, key ('' = the queue), paused ('1'/'0').
-local now = clock(ARGV[1])
-local key = ARGV[2]
-local paused = ARGV[3] == '1'
-if key == '' then
-  redis.call('HSET', K.meta, 'paused', paused and '1' or '0')
-elseif paused then
-  redis.call('SADD', K.paused, key)
-else
-  redis.call('SREM', K.paused, key)
-  schedule(key, now, false)
-end
-flush()
-signal(1)
-return 1
+-- args: clock, key ('' = the queue), paused ('1'/'0').
+register('set_paused', function(args)
+  local now = clock(args[1])
+  local key = args[2]
+  local paused = args[3] == '1'
+  if key == '' then
+    redis.call('HSET', K[STATE], '#paused', paused and '1' or '0')
+  elseif paused then
+    if redis.call('HSET', K[STATE], 'p:' .. key, '1') == 1 then
+      redis.call('HINCRBY', K[STATE], '#np', '1')
+    end
+  else
+    if redis.call('HDEL', K[STATE], 'p:' .. key) == 1 then
+      redis.call('HINCRBY', K[STATE], '#np', '-1')
+    end
+    schedule(key, now, false, nil)
+  end
+  flush()
+  signal(1)
+  return 1
+end)

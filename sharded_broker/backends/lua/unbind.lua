@@ -1,2 +1,4 @@
--- unbind: forget one binding. KEYS: the exchange's binding set. ARGV: queue.
-return redis.call('SREM', KEYS[1], ARGV[1])
+-- unbind: forget one binding. keys: the exchange's binding set. args: queue.
+register('unbind', function(args)
+  return redis.call('SREM', K[1], args[1])
+end)
