@@ -593,7 +593,7 @@ class Channel(virtual.Channel):
         try:
             # Pool threads ack concurrently: the transport's AckGroup sends acks that arrive
             # while one is in flight together, in one ack_many.
-            if lease is not None and not self.connection.acks.ack(lease):
+            if lease is not None and not self._transport.acks.ack(lease):
                 self._warn_fenced(lease)
             elif lease is None:
                 with self._leases_lock:
