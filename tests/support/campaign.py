@@ -359,6 +359,7 @@ def celery_target(tmp_path: Path, vt: float = 3.0) -> Target:
     from support.celery_worker import APP_DIR, CELERY, app_env
 
     def start(url: str, log: Path, n: int) -> subprocess.Popen:
+        # Prefetch 1: what a frozen worker still runs once thawed stays within FROZEN_GRACE.
         env = app_env(log, f"sharded+{url}", vt=str(vt), max_deliveries="1000", prefetch="1")
         return _popen([CELERY, "-A", "worker_app", "worker", "-n", f"c{n}@%h", "-l", "info", "-P", "prefork",
                        "-c", "2", "--without-heartbeat", "--without-gossip", "--without-mingle"],
