@@ -72,22 +72,27 @@ def test_a_corrupted_unkeyed_redis_record_does_not_block_the_unkeyed_lane(redis_
 def test_corrupted_delayed_and_leased_redis_records_are_dead_lettered_without_failing_calls(
     redis_url: str, admin: redis.Redis
 ) -> None:
-    """A delayed record is dead-lettered when due, a leased one when its lease expires.
-    (Their key is only in the record itself: a key whose leased record was destroyed stays
-    held; other keys are served.)"""
+    """A delayed record is dead-lettered when due, a leased one when its lease expires; the
+    key of each is named in its index entry too, so what the key holds is released: its
+    live count, and the leased one's slot (its next message is delivered)."""
     now = [1_700_000_000.0]
     with sharded_broker.connect(redis_url, clock=lambda: now[0]) as broker:
         delayed, _ = broker.enqueue_many(Q, [Message(b"d", key="d", delay=10), Message(b"e", key="e")])
         [leased] = broker.lease(Q, visibility_timeout=5)
+        broker.enqueue(Q, b"e2", key="e")  # waits behind the leased message of its key
         for mid in (delayed, leased.id):
             admin.hset(_redis_hash(Q, "msgs"), mid, b"\xc1")
         now[0] += 11
-        assert broker.lease(Q, 10) == []
+        # Both destroyed records are dead-lettered and key "e" is free again: its next one comes.
+        [after] = broker.lease(Q, 10)
+        assert after.payload == b"e2" and after.key == "e"
         assert broker.ack(leased) is False and broker.extend(leased) is False
         assert {d.id for d in broker.dead_letters(Q)} == {delayed, leased.id}
         assert all("corrupt" in d.reason for d in broker.dead_letters(Q))
+        assert {d.key for d in broker.dead_letters(Q)} == {"d", "e"}
+        assert broker.ack(after)
         stats = broker.stats(Q)
-        assert (stats.ready, stats.leased, stats.delayed, stats.dead) == (0, 0, 0, 2)
+        assert (stats.ready, stats.leased, stats.delayed, stats.dead, stats.keys) == (0, 0, 0, 2, 0)
         broker.enqueue(Q, b"f", key="f")
         assert [lease.payload for lease in broker.lease(Q, 10)] == [b"f"]
         assert broker.purge(Q, dead=True) == 2

@@ -171,8 +171,14 @@ local function next_seq(at_head)
   return SEQ_ORIGIN + next_count('#tail')
 end
 
-local function order_member(order, id)
-  return string.format('%016x', order) .. id
+-- A delayed or leases member: the order of its entry, the id and, for a keyed message, its
+-- key, so that a message whose record was destroyed still releases what its key holds.
+local function timer_member(rec)
+  local member = string.format('%016x', rec.o) .. rec.id
+  if rec.k then
+    return member .. '\0' .. rec.k
+  end
+  return member
 end
 
 local function ready_member(rec)
@@ -308,9 +314,9 @@ local function unindex(rec)
     redis.call('ZREM', K[READY], ready_member(rec))
     redis.call('ZREM', K[READYAGE], rec.id)
   elseif st == 'delayed' then
-    redis.call('ZREM', K[DELAYED], order_member(rec.o, rec.id))
+    redis.call('ZREM', K[DELAYED], timer_member(rec))
   elseif st == 'leased' then
-    redis.call('ZREM', K[LEASES], order_member(rec.o, rec.id))
+    redis.call('ZREM', K[LEASES], timer_member(rec))
   elseif st == 'dead' then
     redis.call('ZREM', K[DEAD], rec.id)
   end
@@ -449,6 +455,9 @@ local function dead_letter(rec, now, reason)
   end
 end
 
+-- Defined below (it schedules keys), used by entry_record too.
+local settled
+
 -- The record an index entry names. One that cannot be read (corrupted or deleted behind
 -- the engine's back) is rebuilt from what the entry says and dead-lettered with a reason,
 -- so that it neither fails every later call nor blocks its key. index: ready, delayed,
@@ -463,7 +472,7 @@ local function entry_record(index, member, now)
       id = string.sub(member, string.find(member, '\0', 1, true) + 24)
     end
   elseif index == 'delayed' or index == 'leases' then
-    id = string.sub(member, 17)
+    id = string.sub(member, 17, (string.find(member, '\0', 17, true) or 0) - 1)
   else
     id = member
   end
@@ -488,24 +497,30 @@ local function entry_record(index, member, now)
     end
     rec.st = 'ready'
   elseif index == 'delayed' or index == 'leases' then
-    -- The key of a delayed or leased message is only in its record: what that key holds
-    -- (its live count, a leased slot) stays as it was.
     rec.o = tonumber(string.sub(member, 1, 16), 16)
+    local at = string.find(member, '\0', 17, true)
+    if at then
+      rec.k = string.sub(member, at + 1)
+    end
     rec.st = index == 'delayed' and 'delayed' or 'leased'
   else
     rec.st = 'dead'
   end
-  if rec.st ~= 'dead' then
+  local was = rec.st
+  rec.r = 'corrupted record: it could not be read from Redis, so it was dead-lettered'
+  CACHE[id] = rec
+  RAW[id] = nil
+  if was ~= 'dead' then
     set_state(rec, 'dead')
     rec.da = now
     redis.call('ZADD', K[DEAD], num(next_order()), id)
     if rec.k then
       uncount_key(rec.k)
     end
+    if was == 'leased' then
+      settled(rec, now, {}) -- its key's slot is free again (the rest of its batch, if any, expires on its own)
+    end
   end
-  rec.r = 'corrupted record: it could not be read from Redis, so it was dead-lettered'
-  CACHE[id] = rec
-  RAW[id] = nil
   return rec
 end
 
@@ -631,7 +646,7 @@ local function delay(rec, due)
   set_state(rec, 'delayed')
   rec.nb = due
   rec.o = next_order()
-  redis.call('ZADD', K[DELAYED], num(due), order_member(rec.o, rec.id))
+  redis.call('ZADD', K[DELAYED], num(due), timer_member(rec))
 end
 
 local function promote_due(now, settings)
@@ -683,7 +698,7 @@ local function get_batch(rec)
 end
 
 -- Release the key's slot once the last message of a batch is settled.
-local function settled(rec, now, batch)
+function settled(rec, now, batch)
   local multi = (rec.bn or 1) > 1
   if #batch > 0 then
     if multi then
@@ -768,7 +783,7 @@ local function expire_leases(now, settings)
   for _, member in ipairs(expired) do
     local rec = entry_record('leases', member, now)
     -- An earlier expiry in this loop may have returned it with the rest of its batch.
-    if rec and rec.st == 'leased' and order_member(rec.o, rec.id) == member then
+    if rec and rec.st == 'leased' and timer_member(rec) == member then
       fail(rec, now, settings, 0, nil, 'lease expired')
     end
   end

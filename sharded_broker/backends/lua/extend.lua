@@ -12,10 +12,10 @@ register('extend', function(args)
       local deadline = now + tonumber(args[i + 2])
       if deadline ~= rec.dl then
         -- An unchanged deadline keeps its place among leases expiring at the same time.
-        redis.call('ZREM', K[LEASES], order_member(rec.o, rec.id))
+        redis.call('ZREM', K[LEASES], timer_member(rec))
         rec.dl = deadline
         rec.o = next_order()
-        redis.call('ZADD', K[LEASES], num(deadline), order_member(rec.o, rec.id))
+        redis.call('ZADD', K[LEASES], num(deadline), timer_member(rec))
       end
       deadlines[#deadlines + 1] = deadline
     end

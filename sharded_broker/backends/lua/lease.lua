@@ -23,7 +23,7 @@ register('lease', function(args)
     rec.dl = now + vt
     rec.b = batch_id
     rec.bn = batch_size
-    redis.call('ZADD', K[LEASES], num(rec.dl), order_member(rec.o, rec.id))
+    redis.call('ZADD', K[LEASES], num(rec.dl), timer_member(rec))
     leased[#leased + 1] = rec
     record('delivered', rec, now)
   end
