@@ -62,8 +62,9 @@ local MSGS, READY, KEYQ, STATE, BACKLOG, DELAYED, LEASES, DEDUPEXP, DEAD, READYA
 local SEQ_ORIGIN = 4503599627370496 -- 2^52
 local PRIORITY_OFFSET = 2147483648 -- 2^31: priorities become unsigned, fixed-width hex
 -- Bounded work per call: at most this many due delayed messages promoted, expired leases
--- returned and dedup entries forgotten; the rest is due at once (retry_in 0).
-local SWEEP_LIMIT = 500 -- SWEEP_LIMIT_TEXT below says the same
+-- returned and dedup entries forgotten; the rest is due at once (retry_in 0). As text: it
+-- is only ever a LIMIT argument.
+local SWEEP_LIMIT = '500'
 local SIGNAL_TOKENS = 16
 -- Counters are reserved from the state hash in blocks: one HINCRBY per call in the
 -- common case. Unused numbers of a block are skipped; only their order matters.
@@ -89,7 +90,6 @@ local function text(n)
   end
   return t
 end
-local SWEEP_LIMIT_TEXT = '500'
 
 -- Per-call state, reset by begin() (the library's locals outlive a call).
 local K, NOW_ARG, CACHE, RAW, OBSERVE, BLOCKS, KEYSTATE
@@ -141,10 +141,11 @@ local function options(text)
   return parsed
 end
 
-local function begin(keys, opts)
+-- OBSERVE.opts is set by the operations that count metrics, from their options argument.
+local function begin(keys)
   K = keys
   CACHE, RAW, BLOCKS, KEYSTATE = {}, {}, {}, {}
-  OBSERVE = { opts = opts, counts = {}, events = {} }
+  OBSERVE = { opts = nil, counts = {}, events = {} }
 end
 
 -- The next number of a state counter ('#order', '#head', '#tail'), from this call's block.
@@ -650,7 +651,7 @@ local function delay(rec, due)
 end
 
 local function promote_due(now, settings)
-  local due = redis.call('ZRANGEBYSCORE', K[DELAYED], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT_TEXT)
+  local due = redis.call('ZRANGEBYSCORE', K[DELAYED], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT)
   for _, member in ipairs(due) do
     local rec = entry_record('delayed', member, now)
     if rec.st == 'delayed' then
@@ -779,7 +780,7 @@ local function release(rec, now)
 end
 
 local function expire_leases(now, settings)
-  local expired = redis.call('ZRANGEBYSCORE', K[LEASES], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT_TEXT)
+  local expired = redis.call('ZRANGEBYSCORE', K[LEASES], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT)
   for _, member in ipairs(expired) do
     local rec = entry_record('leases', member, now)
     -- An earlier expiry in this loop may have returned it with the rest of its batch.
@@ -822,7 +823,7 @@ end
 
 -- The id of the message an enqueue with dedup_id duplicates, or nil.
 local function dedup_hit(dedup_id, now, settings)
-  local expired = redis.call('ZRANGEBYSCORE', K[DEDUPEXP], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT_TEXT)
+  local expired = redis.call('ZRANGEBYSCORE', K[DEDUPEXP], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT)
   for _, old in ipairs(expired) do
     expire_dedup(old, dedup_entry(old), now, settings)
   end
@@ -865,7 +866,7 @@ local function register(name, fn, flags)
     function_name = LIB .. '_' .. name,
     callback = function(keys, args)
       NOW_ARG = args[1]
-      begin(keys, nil)
+      begin(keys)
       return fn(args)
     end,
     flags = flags,
