@@ -527,3 +527,14 @@ def test_a_server_out_of_memory_refuses_cleanly_and_keeps_what_is_queued() -> No
             assert lease.payload == b"first"
         finally:
             broker.close()
+
+
+def test_a_server_without_functions_is_refused_with_the_version_needed() -> None:
+    # A Redis 7 with FCALL and FUNCTION renamed away answers them as an older server does:
+    # "unknown command".
+    with RedisServer(["--rename-command", "FCALL", "", "--rename-command", "FUNCTION", ""]) as server:
+        with sharded_broker.connect(server.url) as broker:
+            with pytest.raises(ConfigurationError, match=r"needs Redis 7\.0 or newer"):
+                broker.enqueue("q", b"x", key="a")
+            with pytest.raises(ConfigurationError, match=r"needs Redis 7\.0 or newer"):
+                broker.lease("q")

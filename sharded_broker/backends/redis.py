@@ -145,7 +145,7 @@ class _Library:
         except redis.exceptions.ResponseError as exc:
             if not _missing_function(exc):
                 raise
-            self.load(client)
+            self.load(client)  # on a server older than 7.0: ConfigurationError naming its version
             return client.fcall(self.functions[name], len(keys), *keys, *args)
 
     def load(self, client: redis.Redis) -> None:
@@ -165,7 +165,12 @@ class _Library:
 
 
 def _missing_function(exc: Exception) -> bool:
-    return isinstance(exc, redis.exceptions.ResponseError) and "function not found" in str(exc).lower()
+    """The server lacks the library: not loaded yet (or flushed), or a server without
+    Functions at all, whose FCALL is an unknown command (load() then says so)."""
+    if not isinstance(exc, redis.exceptions.ResponseError):
+        return False
+    text = str(exc).lower()
+    return "function not found" in text or ("unknown command" in text and "fcall" in text)
 
 
 _LIBRARY = _Library()
