@@ -53,13 +53,13 @@ import uuid
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
-from urllib.parse import unquote, urlsplit
 
 from ..backend import (
     DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, Backend, EventSubscription, KeySort, events_option, expired_before,
     key_metrics_window_option, metric_minutes, metrics_window_option, minute_of,
 )
 from ..errors import BackendUnavailable, ConfigurationError, InvalidURL
+from ..urls import sqlite_file
 from ..models import (
     COUNTERS, DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings,
     QueueStats, RetryPosition,
@@ -448,29 +448,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _path_from_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.query or parts.fragment:
-        raise InvalidURL(
-            f"sqlite URL takes no query string ({url!r}); pass options as keyword arguments: {', '.join(OPTIONS)}"
-        )
-    if parts.netloc:
-        raise InvalidURL(
-            f"sqlite URL {url!r} names a host; write sqlite:///relative.db or sqlite:////absolute/path.db"
-        )
-    path = unquote(parts.path[1:]) if parts.path.startswith("/") else unquote(parts.path)
-    if not path:
-        raise InvalidURL(
-            f"sqlite URL {url!r} has no file path; write sqlite:///relative.db or sqlite:////absolute/path.db "
-            "(for an in-process store without a file, use memory://)"
-        )
-    if path == ":memory:" or path.startswith("file:"):
-        raise InvalidURL(
-            f"sqlite URL {url!r} must name a file; for an in-process store use memory://"
-        )
-    return path
-
-
 class SQLiteBackend(Backend):
     """Queues in one SQLite file, shared by every process and thread that opens it."""
 
@@ -517,7 +494,7 @@ class SQLiteBackend(Backend):
             raise ConfigurationError(
                 f"unknown option(s) for sqlite://: {', '.join(unknown)}; known: {', '.join(OPTIONS)}"
             )
-        return cls(_path_from_url(url), **options)
+        return cls(sqlite_file(url, OPTIONS), **options)
 
     def __repr__(self) -> str:
         return f"<SQLiteBackend sqlite:///{self.path}>"
