@@ -175,7 +175,10 @@ def schedule(s: Store, key: str, now: float, *, keep_place: bool, settings: Queu
 def promote_due(s: Store, settings: QueueSettings | None) -> None:
     """Due delayed messages enter their keys' order (at most SWEEP_LIMIT per call)."""
     for msg in s.due_delayed(SWEEP_LIMIT):
-        s.place(msg, seq=msg.seq if msg.seq is not None else s.next_seq(msg.at_head))
+        if msg.seq is None:
+            s.place(msg, seq=s.next_seq(msg.at_head))
+        else:
+            s.place(msg)
         if msg.key is not None:
             schedule(s, msg.key, s.now, keep_place=True, settings=settings)
 
