@@ -24,6 +24,7 @@ Each command is a plain click command on :data:`main`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -221,7 +222,9 @@ class _Group(click.Group):
         except click.ClickException as exc:
             session = ctx.obj if isinstance(ctx.obj, Session) else None
             if session is not None:
-                exc.message = session.scrub(exc.message)
+                # click types message as Final, but a group's invoke is where it may be
+                # reworded (click itself formats it only when the exception is shown).
+                exc.message = session.scrub(exc.message)  # type: ignore[misc]
             raise
         except USAGE_ERRORS as exc:
             raise BadUsage(_describe(ctx, exc)) from None
@@ -388,9 +391,12 @@ def fit_stats_table(
     """The widest form of ``top``'s stats table that fits ``console``: full headers, else
     abbreviated ones, else without optional columns, dropped in :data:`TOP_DROP_ORDER`.
     (Narrower than even the core columns need, rich shrinks cells as it must.)"""
-    forms = [(False, frozenset())] + [(True, frozenset(TOP_DROP_ORDER[:n])) for n in range(len(TOP_DROP_ORDER) + 1)]
-    return _first_that_fits(console, [lambda s=short, h=hide: stats_table(rows, rates, per_minute, short=s, hide=h)
-                                      for short, hide in forms])
+    forms: list[tuple[bool, frozenset[str]]] = [(False, frozenset())] + [
+        (True, frozenset(TOP_DROP_ORDER[:n])) for n in range(len(TOP_DROP_ORDER) + 1)
+    ]
+    return _first_that_fits(
+        console, [functools.partial(stats_table, rows, rates, per_minute, short=short, hide=hide) for short, hide in forms]
+    )
 
 
 def _first_that_fits(console: Console, builders: Sequence[Callable[[], Table]]) -> Table:
@@ -573,7 +579,7 @@ def top(session: Session, refresh: float, once: bool, iterations: int | None, as
         if not frame.hottest:
             return table
         keys = _first_that_fits(session.stdout, [
-            lambda h=hide: keys_table(frame.hottest, with_queue=True, hide=h)
+            functools.partial(keys_table, frame.hottest, with_queue=True, hide=hide)
             for hide in (frozenset(), frozenset({"interval"}), frozenset({"interval", "leased"}))
         ])
         keys.title = Text(f"hottest keys (largest backlog, top {TOP_KEYS})")

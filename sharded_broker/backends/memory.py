@@ -1,8 +1,11 @@
 """In-process backend and the executable reference model of the engine's semantics.
 
 Plain dicts and heaps under one lock, written for clarity first; every other backend is
-tested against it (see ``sharded_broker/backend.py`` for the rules it implements). Heaps
-use lazy deletion: an entry whose record changed since it was pushed is skipped.
+tested against it. The engine's decisions are the planner's (``backends/planner.py``, the
+same code the SQLite backend runs); this module is the store they run on: where each
+message and key is, and the counts. Heaps use lazy deletion: an entry whose record
+changed since it was pushed is skipped. docs/design.md ("Data layout") describes the
+structures.
 
 ``memory://NAME`` names a store shared by every broker of the process that uses the same
 name (``memory://`` is the default store), so a producer and a consumer created
@@ -28,7 +31,7 @@ from ..backend import (
 from ..errors import ConfigurationError
 from . import planner
 from ..models import (
-    COUNTERS, DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics,
+    COUNTERS, DeadLetter, Event, EventType, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics,
     QueueSettings, QueueStats, RetryPosition,
 )
 
@@ -168,7 +171,7 @@ class _QueueStore:
     def paused(self) -> bool:
         return self.q.paused
 
-    def record(self, counter: str, message_id: str, key: str | None) -> None:
+    def record(self, counter: EventType, message_id: str, key: str | None) -> None:
         q, now = self.q, self.now
         minute = minute_of(now)
         index = COUNTERS.index(counter)
@@ -227,7 +230,7 @@ class _QueueStore:
             self.place(rec, not_before=not_before)
         return rec.id
 
-    def place(self, rec: _Record, **changes: Any) -> None:  # type: ignore[override]
+    def place(self, rec: _Record, /, **changes: Any) -> None:
         q = self.q
         if rec.state == "dead":
             del q.dead[rec.id]
@@ -239,14 +242,14 @@ class _QueueStore:
         rec.entered_at = self.now
         if rec.key is None:
             rec.entered_order = next(self._order)
-            heapq.heappush(q.lane, (rec.priority, rec.seq, rec.id))
+            heapq.heappush(q.lane, _order_entry(rec))
             return
         ks = q.keys.get(rec.key)
         if ks is None:
             ks = q.keys[rec.key] = _Key()
-        heapq.heappush(ks.heap, (rec.priority, rec.seq, rec.id))
+        heapq.heappush(ks.heap, _order_entry(rec))
 
-    def delay(self, rec: _Record, due: float, **changes: Any) -> None:
+    def delay(self, rec: _Record, due: float, /, **changes: Any) -> None:
         for name, value in changes.items():
             setattr(rec, name, value)
         self._set_state(rec, "delayed")
@@ -292,7 +295,7 @@ class _QueueStore:
             dedup_id=rec.dedup_id,
         )
 
-    def set_deadline(self, rec: _Record, deadline: float) -> None:  # type: ignore[override]
+    def set_deadline(self, rec: _Record, deadline: float) -> None:
         rec.deadline = deadline
         heapq.heappush(self.q.leases, (deadline, next(self._order), rec.id, rec.token))
 
@@ -329,21 +332,21 @@ class _QueueStore:
             if ks is not None and not ks.slots:
                 del q.keys[key]
 
-    def cut_batch(self, rec: _Record) -> list[_Record]:  # type: ignore[override]
+    def cut_batch(self, rec: _Record) -> list[_Record]:
         batch = self.q.batches.get(rec.batch_id, [rec.id])
         index = batch.index(rec.id)
         followers = [self.q.messages[mid] for mid in batch[index + 1 :]]
         del batch[index:]
         return followers
 
-    def close_batch(self, rec: _Record) -> bool:  # type: ignore[override]
+    def close_batch(self, rec: _Record) -> bool:
         if self.q.batches.get(rec.batch_id):
             return False
         self.q.batches.pop(rec.batch_id, None)
         return True
 
     def due_delayed(self, limit: int) -> list[_Record]:
-        q, due = self.q, []
+        q, due = self.q, list[_Record]()
         while q.delayed and q.delayed[0][0] <= self.now and len(due) < limit:
             at, _, mid = heapq.heappop(q.delayed)
             rec = q.messages.get(mid)
@@ -425,7 +428,7 @@ class _QueueStore:
             heads.append(head)
             heapq.heappop(ks.heap)
         for rec in heads:  # they stay in the key's order until leased
-            heapq.heappush(ks.heap, (rec.priority, rec.seq, rec.id))
+            heapq.heappush(ks.heap, _order_entry(rec))
         return heads
 
     def first_ready_key(self) -> tuple[float, int, str] | None:
@@ -451,7 +454,7 @@ class _QueueStore:
     # -- dedup
 
     def expired_dedup(self, limit: int) -> list[tuple[str, str]]:
-        q, expired = self.q, []
+        q, expired = self.q, list[tuple[str, str]]()
         while q.dedup_expiry and q.dedup_expiry[0][0] <= self.now and len(expired) < limit:
             expires, dedup_id = heapq.heappop(q.dedup_expiry)
             entry = q.dedup.get(dedup_id)
@@ -472,6 +475,12 @@ class _QueueStore:
     def pending(self, message_id: str) -> bool:
         rec = self.q.messages.get(message_id)
         return rec is not None and rec.state in ("ready", "delayed")
+
+
+def _order_entry(rec: _Record) -> tuple[int, int, str]:
+    """A placed record's entry in its key's order or the lane: (priority, seq, id)."""
+    assert rec.seq is not None, "a record is placed with its seq"
+    return rec.priority, rec.seq, rec.id
 
 
 def _ready_age_valid(q: _Queue, entry: tuple[float, int, str]) -> bool:

@@ -18,9 +18,9 @@ one function here plus the store reads it needs.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
-from ..models import Lease, LeaseResult, Message, QueueSettings, RetryPosition
+from ..models import EventType, Lease, LeaseResult, Message, QueueSettings, RetryPosition
 
 # Bounded work per call, as in Lua (SWEEP_LIMIT in _common.lua): at most this many due
 # delayed messages promoted, expired leases returned and expired dedup entries forgotten;
@@ -43,7 +43,10 @@ class StoredMessage(Protocol):
     deadline: float
 
 
-class Store(Protocol):
+M = TypeVar("M", bound=StoredMessage)
+
+
+class Store(Protocol[M]):
     """One queue of a backend inside one atomic step.
 
     Message changes name the columns that change (``**changes``: ``seq``, ``not_before``,
@@ -54,91 +57,89 @@ class Store(Protocol):
     now: float
 
     # -- counters and queue state
-    def next_seq(self, at_head: bool) -> int: ...
+    def next_seq(self, at_head: bool, /) -> int: ...
     def paused(self) -> bool: ...
-    def record(self, counter: str, message_id: str, key: str | None) -> None:
+    def record(self, counter: EventType, message_id: str, key: str | None, /) -> None:
         """Count one lifecycle step in this minute's metrics and publish it as an event."""
 
     # -- messages
-    def insert(self, message: Message, *, state: str, seq: int | None, not_before: float) -> str:
+    def insert(self, message: Message, /, *, state: str, seq: int | None, not_before: float) -> str:
         """Store a new message (ready, or delayed); its id. A keyed one counts in its key."""
-    def place(self, msg: StoredMessage, **changes: object) -> None:
+    def place(self, msg: M, /, **changes: object) -> None:
         """Into its key's order (or the unkeyed lane) as ready, entered now. A dead letter
         placed again leaves the dead letters and counts in its key again."""
-    def delay(self, msg: StoredMessage, due: float, **changes: object) -> None:
+    def delay(self, msg: M, due: float, /, **changes: object) -> None:
         """Out of its key's order until ``due``."""
-    def dead_letter(self, msg: StoredMessage, reason: str) -> None:
+    def dead_letter(self, msg: M, reason: str, /) -> None:
         """Into the dead letters (no longer counted in its key)."""
-    def lease_message(
-        self, msg: StoredMessage, deadline: float, batch_id: str, batch_index: int, alone: bool
-    ) -> Lease:
+    def lease_message(self, msg: M, deadline: float, batch_id: str, batch_index: int, alone: bool, /) -> Lease:
         """Leased until ``deadline`` with a fresh token, one more attempt, as message
         ``batch_index`` of batch ``batch_id`` (``alone``: a batch of one)."""
-    def current(self, lease: Lease) -> StoredMessage | None:
+    def current(self, lease: Lease, /) -> M | None:
         """The leased message ``lease`` names while its token is current."""
-    def take_acked(self, lease: Lease) -> StoredMessage | None:
+    def take_acked(self, lease: Lease, /) -> M | None:
         """Delete the message ``lease`` names if its token is current; the message, or None."""
-    def cut_batch(self, msg: StoredMessage) -> list[StoredMessage]:
+    def cut_batch(self, msg: M, /) -> list[M]:
         """Take ``msg`` and every later message out of its batch; the later ones (still
         leased), in batch order."""
-    def close_batch(self, msg: StoredMessage) -> bool:
+    def close_batch(self, msg: M, /) -> bool:
         """Whether no message of ``msg``'s batch is unsettled any more (it is then forgotten)."""
-    def set_deadline(self, msg: StoredMessage, deadline: float) -> None: ...
-    def due_delayed(self, limit: int) -> list[StoredMessage]:
+    def set_deadline(self, msg: M, deadline: float, /) -> None: ...
+    def due_delayed(self, limit: int, /) -> list[M]:
         """Up to ``limit`` delayed messages due now, earliest first."""
-    def next_expired_lease(self) -> StoredMessage | None:
+    def next_expired_lease(self) -> M | None:
         """The leased message whose deadline passed first, or None."""
-    def dead_messages(self, ids: Sequence[str] | None) -> Iterable[StoredMessage]:
+    def dead_messages(self, ids: Sequence[str] | None, /) -> Iterable[M]:
         """Dead letters by id (all, oldest death first, when ``ids`` is None)."""
 
     # -- keys and the ready order
-    def key_exists(self, key: str) -> bool:
+    def key_exists(self, key: str, /) -> bool:
         """Whether the key has live messages or slots in use."""
-    def key_count(self, key: str) -> int: ...
-    def key_slots(self, key: str) -> int: ...
-    def set_key_slots(self, key: str, slots: int) -> None: ...
-    def key_paused(self, key: str) -> bool: ...
-    def key_interval(self, key: str) -> float | None: ...
-    def key_last_delivery(self, key: str) -> float | None: ...
-    def set_key_last_delivery(self, key: str, at: float | None) -> None: ...
-    def drop_key(self, key: str) -> None:
+    def key_count(self, key: str, /) -> int: ...
+    def key_slots(self, key: str, /) -> int: ...
+    def set_key_slots(self, key: str, slots: int, /) -> None: ...
+    def key_paused(self, key: str, /) -> bool: ...
+    def key_interval(self, key: str, /) -> float | None: ...
+    def key_last_delivery(self, key: str, /) -> float | None: ...
+    def set_key_last_delivery(self, key: str, at: float | None, /) -> None: ...
+    def drop_key(self, key: str, /) -> None:
         """The key holds no message and no slot: it leaves the ready order."""
-    def key_ready_at(self, key: str) -> float | None:
+    def key_ready_at(self, key: str, /) -> float | None:
         """The key's time in the ready order, None when it has no place."""
-    def set_ready(self, key: str, at: float | None) -> None:
+    def set_ready(self, key: str, at: float | None, /) -> None:
         """Give the key a place at ``at`` in the ready order (behind every key already
         there at that time), or take its place away (None)."""
-    def head_times(self, key: str) -> tuple[float, float] | None:
+    def head_times(self, key: str, /) -> tuple[float, float] | None:
         """(not_before, entered_at) of the key's first ready message, or None."""
-    def key_heads(self, key: str, count: int) -> list[StoredMessage]:
+    def key_heads(self, key: str, count: int, /) -> list[M]:
         """The key's first ``count`` ready messages, in order."""
     def first_ready_key(self) -> tuple[float, int, str] | None:
         """(ready time, order, key) first in the ready order."""
-    def lane_head(self) -> tuple[StoredMessage, float, int] | None:
+    def lane_head(self) -> tuple[M, float, int] | None:
         """The unkeyed lane's first message, with (entered_at, entered order)."""
     def next_delayed_due(self) -> float | None: ...
     def next_deadline(self) -> float | None: ...
 
     # -- dedup
-    def expired_dedup(self, limit: int) -> list[tuple[str, str]]:
+    def expired_dedup(self, limit: int, /) -> list[tuple[str, str]]:
         """Up to ``limit`` (dedup id, message id) entries whose window ended, soonest first."""
-    def dedup_entry(self, dedup_id: str) -> tuple[str, float] | None:
+    def dedup_entry(self, dedup_id: str, /) -> tuple[str, float] | None:
         """(message id, expires) of a dedup id."""
-    def set_dedup(self, dedup_id: str, message_id: str, expires: float) -> None: ...
-    def drop_dedup(self, dedup_id: str) -> None: ...
-    def pending(self, message_id: str) -> bool:
+    def set_dedup(self, dedup_id: str, message_id: str, expires: float, /) -> None: ...
+    def drop_dedup(self, dedup_id: str, /) -> None: ...
+    def pending(self, message_id: str, /) -> bool:
         """Whether the message is still ready or delayed."""
 
 
 #: The store of a queue by name (None: a queue the backend never held), for operations
 #: whose leases may name several queues.
-StoreFor = Callable[[str], "Store | None"]
+StoreFor = Callable[[str], "Store[Any] | None"]
 
 
 # -- scheduling -------------------------------------------------------------------------
 
 
-def schedule(s: Store, key: str, now: float, *, keep_place: bool, settings: QueueSettings | None = None) -> None:
+def schedule(s: Store[M], key: str, now: float, *, keep_place: bool, settings: QueueSettings | None = None) -> None:
     """Give ``key`` a place in the ready order if its head message exists.
 
     ``keep_place``: a key already waiting keeps its earlier ready time (new arrivals must
@@ -172,7 +173,7 @@ def schedule(s: Store, key: str, now: float, *, keep_place: bool, settings: Queu
 # -- sweeps -----------------------------------------------------------------------------
 
 
-def promote_due(s: Store, settings: QueueSettings | None) -> None:
+def promote_due(s: Store[M], settings: QueueSettings | None) -> None:
     """Due delayed messages enter their keys' order (at most SWEEP_LIMIT per call)."""
     for msg in s.due_delayed(SWEEP_LIMIT):
         if msg.seq is None:
@@ -183,7 +184,7 @@ def promote_due(s: Store, settings: QueueSettings | None) -> None:
             schedule(s, msg.key, s.now, keep_place=True, settings=settings)
 
 
-def expire_leases(s: Store, settings: QueueSettings) -> None:
+def expire_leases(s: Store[M], settings: QueueSettings) -> None:
     """Leases whose deadline passed fail (at most SWEEP_LIMIT per call)."""
     for _ in range(SWEEP_LIMIT):
         msg = s.next_expired_lease()
@@ -192,7 +193,7 @@ def expire_leases(s: Store, settings: QueueSettings) -> None:
         fail(s, msg, settings, delay=0.0, dead_reason=None, why="lease expired")
 
 
-def expire_dedup(s: Store, dedup_id: str, message_id: str, settings: QueueSettings) -> tuple[str, float] | None:
+def expire_dedup(s: Store[M], dedup_id: str, message_id: str, settings: QueueSettings) -> tuple[str, float] | None:
     """An expired dedup entry is forgotten, except that with ``unique_while_pending`` a twin
     still ready or delayed keeps its claim for another window; the entry that remains."""
     if settings.unique_while_pending and s.pending(message_id):
@@ -203,7 +204,7 @@ def expire_dedup(s: Store, dedup_id: str, message_id: str, settings: QueueSettin
     return None
 
 
-def dedup_hit(s: Store, dedup_id: str, settings: QueueSettings) -> str | None:
+def dedup_hit(s: Store[M], dedup_id: str, settings: QueueSettings) -> str | None:
     """The id of the message an enqueue with ``dedup_id`` duplicates, or None (the bounded
     sweep of expired entries ran before, once per call)."""
     entry = s.dedup_entry(dedup_id)
@@ -221,7 +222,7 @@ def dedup_hit(s: Store, dedup_id: str, settings: QueueSettings) -> str | None:
 # -- failing, requeueing, settling ----------------------------------------------------------
 
 
-def requeue(s: Store, msg: StoredMessage, delay: float, position: RetryPosition, **changes: object) -> None:
+def requeue(s: Store[M], msg: M, delay: float, position: RetryPosition, **changes: object) -> None:
     changes["token"] = ""
     seq = msg.seq
     if position == "tail":
@@ -239,7 +240,7 @@ def requeue(s: Store, msg: StoredMessage, delay: float, position: RetryPosition,
 
 
 def fail(
-    s: Store, msg: StoredMessage, settings: QueueSettings, *, delay: float, dead_reason: str | None, why: str
+    s: Store, msg: M, settings: QueueSettings, *, delay: float, dead_reason: str | None, why: str
 ) -> None:
     """A leased message failed: retry or dead-letter it, and return the rest of its batch."""
     followers = s.cut_batch(msg)
@@ -256,21 +257,21 @@ def fail(
     settled(s, msg)
 
 
-def release(s: Store, msg: StoredMessage) -> None:
+def release(s: Store[M], msg: M) -> None:
     """Give a leased message back uncounted, with the rest of its batch."""
     followers = s.cut_batch(msg)
     return_unprocessed(s, [msg, *followers])
     settled(s, msg)
 
 
-def return_unprocessed(s: Store, messages: Sequence[StoredMessage]) -> None:
+def return_unprocessed(s: Store[M], messages: Sequence[M]) -> None:
     """Back to their places, in order; they were never processed, so their deliveries
     do not count."""
     for msg in messages:
         requeue(s, msg, 0.0, "head", attempts=msg.attempts - 1)
 
 
-def settled(s: Store, msg: StoredMessage) -> None:
+def settled(s: Store[M], msg: M) -> None:
     """Release the key's slot once the last message of a batch is settled."""
     if not s.close_batch(msg) or msg.key is None:
         return
@@ -288,7 +289,7 @@ def settled(s: Store, msg: StoredMessage) -> None:
 # -- the operations ---------------------------------------------------------------------
 
 
-def enqueue_many(s: Store, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
+def enqueue_many(s: Store[M], messages: Sequence[Message], settings: QueueSettings) -> list[str]:
     # Due delayed messages entered their keys' order when they fell due: before anything
     # enqueued now.
     promote_due(s, settings)
@@ -316,7 +317,7 @@ def enqueue_many(s: Store, messages: Sequence[Message], settings: QueueSettings)
     return ids
 
 
-def lease(s: Store, limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings) -> LeaseResult:
+def lease(s: Store[M], limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings) -> LeaseResult:
     """Due delayed messages in, expired leases out, then ready keys (and the unkeyed lane,
     each of its messages as if its own key) served in order of their ready times."""
     promote_due(s, settings)
@@ -338,7 +339,7 @@ def lease(s: Store, limit: int, per_key: int, visibility_timeout: float, setting
     return LeaseResult(leases, None if leases else retry_in(s))
 
 
-def serve_key(s: Store, key: str, count: int, visibility_timeout: float, settings: QueueSettings) -> list[Lease]:
+def serve_key(s: Store[M], key: str, count: int, visibility_timeout: float, settings: QueueSettings) -> list[Lease]:
     """Serve one key taken from the ready order: one batch of up to ``count`` consecutive
     due messages, unless its slots, pause, interval or head say it must wait."""
     now = s.now
@@ -374,7 +375,7 @@ def serve_key(s: Store, key: str, count: int, visibility_timeout: float, setting
     return leases
 
 
-def retry_in(s: Store) -> float | None:
+def retry_in(s: Store[M]) -> float | None:
     """Seconds until a lease may find work (None: nothing will come by itself)."""
     if s.paused():
         return None
@@ -391,7 +392,7 @@ def ack_many(store_for: StoreFor, leases: Sequence[Lease]) -> list[bool]:
     return results
 
 
-def ack(s: Store, lease: Lease) -> bool:
+def ack(s: Store[M], lease: Lease) -> bool:
     msg = s.take_acked(lease)
     if msg is None:
         return False
@@ -400,7 +401,7 @@ def ack(s: Store, lease: Lease) -> bool:
     return True
 
 
-def nack(s: Store, lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings) -> bool:
+def nack(s: Store[M], lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings) -> bool:
     msg = s.current(lease)
     if msg is None:
         return False
@@ -433,7 +434,7 @@ def extend_many(
     return deadlines
 
 
-def extend(s: Store, lease: Lease, visibility_timeout: float) -> float | None:
+def extend(s: Store[M], lease: Lease, visibility_timeout: float) -> float | None:
     """The lease's new deadline, None for a stale token. An unchanged deadline keeps its
     place among leases expiring at the same time."""
     msg = s.current(lease)
@@ -445,7 +446,7 @@ def extend(s: Store, lease: Lease, visibility_timeout: float) -> float | None:
     return deadline
 
 
-def replay(s: Store, ids: Sequence[str] | None, position: RetryPosition) -> int:
+def replay(s: Store[M], ids: Sequence[str] | None, position: RetryPosition) -> int:
     promote_due(s, None)  # before replayed messages take their seqs
     messages = sorted(s.dead_messages(ids), key=lambda m: (m.priority, m.seq or 0))
     if position == "head":
@@ -457,7 +458,7 @@ def replay(s: Store, ids: Sequence[str] | None, position: RetryPosition) -> int:
     return len(messages)
 
 
-def reschedule(s: Store, key: str) -> None:
+def reschedule(s: Store[M], key: str) -> None:
     """After a key's own setting changed (its interval set, its pause ended): its place
     follows the new setting."""
     schedule(s, key, s.now, keep_place=False)

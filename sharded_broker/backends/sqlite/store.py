@@ -106,7 +106,7 @@ class _KeyRow:
     stored_values: tuple[Any, ...] = ()
 
     def values(self) -> tuple[Any, ...]:
-        return _KEY_VALUES(self)  # type: ignore[no-any-return]
+        return _KEY_VALUES(self)
 
     def open_counts(self) -> list[int]:
         return [getattr(self, name) for name in OPEN_COUNTS]
@@ -259,7 +259,10 @@ class Transaction:
         row = self._keys.get((queue, key))
         if row is None:
             found = self.db.execute(sql.KEY_SELECT, (queue, key)).fetchone()
-            row = _KeyRow(*found, stored=True, stored_values=tuple(found)) if found is not None else _KeyRow()
+            row = _KeyRow()
+            if found is not None:
+                row = _KeyRow(*found)
+                row.stored, row.stored_values = True, tuple(found)
             self._keys[(queue, key)] = row
         return row
 
@@ -501,6 +504,10 @@ class QueueStore:
     def _messages(self, name: str, *args: Any) -> list[_Message]:
         return [_Message(*row) for row in self._db.execute(QUERIES[name], args)]
 
+    def _message(self, name: str, *args: Any) -> _Message | None:
+        row = self.tx.one(name, *args)
+        return _Message(*row) if row is not None else None
+
     def _update(self, mid: str, **columns: Any) -> None:
         self._db.execute(sql.message_update(tuple(columns)), (*columns.values(), mid))
 
@@ -566,7 +573,7 @@ class QueueStore:
         )
         return mid
 
-    def place(self, msg: _Message, **changes: Any) -> None:
+    def place(self, msg: _Message, /, **changes: Any) -> None:
         if msg.state == "dead" and msg.key is not None:
             self.count_key(msg.key)  # a replayed dead letter counts in its key again
         changes["entered_at"] = self.now
@@ -575,10 +582,10 @@ class QueueStore:
             self.q.lane_empty = False
         self._set_state(msg, "ready", **changes)
 
-    def delay(self, msg: _Message, due: float, **changes: Any) -> None:
+    def delay(self, msg: _Message, due: float, /, **changes: Any) -> None:
         self._set_state(msg, "delayed", not_before=due, timer_order=self.q.order(), **changes)
 
-    def dead_letter(self, msg: _Message, reason: str, **changes: Any) -> None:
+    def dead_letter(self, msg: _Message, reason: str, /, **changes: Any) -> None:
         self.q.next_dead += 1
         self._set_state(
             msg, "dead", token="", reason=reason, died_at=self.now, dead_order=self.q.next_dead, **changes
@@ -613,7 +620,7 @@ class QueueStore:
         self._update(msg.id, deadline=deadline, timer_order=self.q.order())
 
     def current(self, lease: Lease) -> _Message | None:
-        [msg] = self._messages("message", lease.id, lease.queue) or [None]
+        msg = self._message("message", lease.id, lease.queue)
         if msg is None or msg.state != "leased" or msg.token != lease.token:
             return None
         return msg
@@ -648,8 +655,7 @@ class QueueStore:
     def next_expired_lease(self) -> _Message | None:
         if not self.q.leased:
             return None
-        [msg] = self._messages("expired_lease", self.q.name, self.now) or [None]
-        return msg
+        return self._message("expired_lease", self.q.name, self.now)
 
     def dead_messages(self, ids: Sequence[str] | None) -> Iterator[_Message]:
         if ids is None:
@@ -725,7 +731,7 @@ class QueueStore:
 
     def lane_head(self) -> tuple[_Message, float, int] | None:
         while not self.q.lane_empty:
-            [msg] = self._messages("lane_head", self.q.name) or [None]
+            msg = self._message("lane_head", self.q.name)
             if msg is None:
                 self.q.lane_empty = True
             elif self._readable(msg):
@@ -733,10 +739,10 @@ class QueueStore:
         return None
 
     def next_delayed_due(self) -> float | None:
-        return self.tx.one("next_delayed", self.q.name)[0]  # type: ignore[no-any-return]
+        return self.tx.one("next_delayed", self.q.name)[0]
 
     def next_deadline(self) -> float | None:
-        return self.tx.one("next_deadline", self.q.name)[0]  # type: ignore[no-any-return]
+        return self.tx.one("next_deadline", self.q.name)[0]
 
     # -- dedup
 
