@@ -30,13 +30,11 @@ from ..backend import (
 )
 from ..errors import ConfigurationError
 from . import planner
+from .planner import SEQ_ORIGIN
 from ..models import (
     COUNTERS, DeadLetter, Event, EventType, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics,
     QueueSettings, QueueStats, RetryPosition,
 )
-
-# Tail seqs count up from here and head seqs count down, so every head seq sorts first.
-SEQ_ORIGIN = 2**52
 
 
 # slots: no per-instance __dict__ (about 50 bytes less per record, measured with
@@ -153,20 +151,12 @@ class _QueueStore:
     the space's lock held."""
 
     def __init__(self, backend: "MemoryBackend", q: _Queue, now: float) -> None:
-        self.q = q
+        self.q = self.seqs = q
         self.now = now
         self._backend = backend
         self._order = backend._order
 
     # -- counters, metrics and events
-
-    def next_seq(self, at_head: bool) -> int:
-        q = self.q
-        if at_head:
-            q.head_seq -= 1
-            return q.head_seq
-        q.tail_seq += 1
-        return q.tail_seq
 
     def paused(self) -> bool:
         return self.q.paused

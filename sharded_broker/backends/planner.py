@@ -22,6 +22,8 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from ..models import EventType, Lease, LeaseResult, Message, QueueSettings, RetryPosition
 
+# Tail seqs count up from here and head seqs count down, so every head seq sorts first.
+SEQ_ORIGIN = 2**52
 # Bounded work per call, as in Lua (SWEEP_LIMIT in _common.lua): at most this many due
 # delayed messages promoted, expired leases returned and expired dedup entries forgotten;
 # the rest is due at once (the next lease's retry_in is 0).
@@ -46,6 +48,13 @@ class StoredMessage(Protocol):
 M = TypeVar("M", bound=StoredMessage)
 
 
+class SeqCounters(Protocol):
+    """A queue's seq counters (both start at SEQ_ORIGIN)."""
+
+    head_seq: int
+    tail_seq: int
+
+
 class Store(Protocol[M]):
     """One queue of a backend inside one atomic step.
 
@@ -57,7 +66,8 @@ class Store(Protocol[M]):
     now: float
 
     # -- counters and queue state
-    def next_seq(self, at_head: bool, /) -> int: ...
+    @property
+    def seqs(self) -> SeqCounters: ...
     def paused(self) -> bool: ...
     def record(self, counter: EventType, message_id: str, key: str | None, /) -> None:
         """Count one lifecycle step in this minute's metrics and publish it as an event."""
@@ -136,6 +146,16 @@ class Store(Protocol[M]):
 StoreFor = Callable[[str], "Store[Any] | None"]
 
 
+def next_seq(s: Store[M], at_head: bool) -> int:
+    """A new place in the queue's order: the next head seq (before every other) or tail seq."""
+    seqs = s.seqs
+    if at_head:
+        seqs.head_seq -= 1
+        return seqs.head_seq
+    seqs.tail_seq += 1
+    return seqs.tail_seq
+
+
 # -- scheduling -------------------------------------------------------------------------
 
 
@@ -177,7 +197,7 @@ def promote_due(s: Store[M], settings: QueueSettings | None) -> None:
     """Due delayed messages enter their keys' order (at most SWEEP_LIMIT per call)."""
     for msg in s.due_delayed(SWEEP_LIMIT):
         if msg.seq is None:
-            s.place(msg, seq=s.next_seq(msg.at_head))
+            s.place(msg, seq=next_seq(s, msg.at_head))
         else:
             s.place(msg)
         if msg.key is not None:
@@ -235,7 +255,7 @@ def requeue(s: Store[M], msg: M, delay: float, position: RetryPosition, **change
         s.delay(msg, s.now + delay, **changes)
     else:
         if seq is None:
-            changes["seq"] = s.next_seq(False)
+            changes["seq"] = next_seq(s, False)
         s.place(msg, not_before=s.now, **changes)
 
 
@@ -307,7 +327,7 @@ def enqueue_many(s: Store[M], messages: Sequence[Message], settings: QueueSettin
         if m.delay > 0 and not holds_key:
             mid = s.insert(m, state="delayed", seq=None, not_before=s.now + m.delay)
         else:
-            mid = s.insert(m, state="ready", seq=s.next_seq(m.at_head), not_before=s.now + m.delay)
+            mid = s.insert(m, state="ready", seq=next_seq(s, m.at_head), not_before=s.now + m.delay)
             if m.key is not None:
                 schedule(s, m.key, s.now, keep_place=True, settings=settings)
         if m.dedup_id is not None:
@@ -452,7 +472,7 @@ def replay(s: Store[M], ids: Sequence[str] | None, position: RetryPosition) -> i
     if position == "head":
         messages.reverse()  # each takes a seq ahead of the previous one
     for msg in messages:
-        s.place(msg, attempts=0, reason="", seq=s.next_seq(position == "head"), not_before=s.now)
+        s.place(msg, attempts=0, reason="", seq=next_seq(s, position == "head"), not_before=s.now)
         if msg.key is not None:
             schedule(s, msg.key, s.now, keep_place=True)
     return len(messages)

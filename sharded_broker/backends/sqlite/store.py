@@ -23,16 +23,29 @@ from ...models import (
     COUNTERS, DeadLetter, HeadMessage, KeyInfo, Lease, Message, MinuteMetrics, QueueStats,
 )
 from .. import planner
+from ..planner import SEQ_ORIGIN
 from . import sql
 from .sql import OPEN_COUNTS, QUERIES
 
-# Tail seqs count up from here and head seqs count down, so every head seq sorts first.
-SEQ_ORIGIN = 2**52
 EVENTS_KEPT = 10_000
 
 
+class _OpenMinute:
+    """The metrics counts of one open minute, kept in a queue's or a key's row."""
+
+    open_minute: float | None
+
+    def open_counts(self) -> list[int]:
+        return [getattr(self, name) for name in OPEN_COUNTS]
+
+    def close_minute(self) -> None:
+        self.open_minute = None
+        for name in OPEN_COUNTS:
+            setattr(self, name, 0)
+
+
 @dataclass
-class _QueueRow:
+class _QueueRow(_OpenMinute):
     """A queue's counters, read once per transaction and written back at its end."""
 
     name: str
@@ -59,14 +72,6 @@ class _QueueRow:
     # looking for one.
     lane_empty: bool = False
 
-    def open_counts(self) -> list[int]:
-        return [getattr(self, name) for name in OPEN_COUNTS]
-
-    def close_minute(self) -> None:
-        self.open_minute = None
-        for name in OPEN_COUNTS:
-            setattr(self, name, 0)
-
     def order(self) -> int:
         self.next_order += 1
         return self.next_order
@@ -80,7 +85,7 @@ QUEUE_VALUES = operator.attrgetter(*sql.QUEUE_FIELDS)
 
 
 @dataclass
-class _KeyRow:
+class _KeyRow(_OpenMinute):
     """A key's row, read at most once per transaction and written back (or deleted, once
     it holds nothing and no setting of its own) before the ready order is read and at
     the transaction's end: one read and one write per key touched, however many steps
@@ -107,14 +112,6 @@ class _KeyRow:
 
     def values(self) -> tuple[Any, ...]:
         return _KEY_VALUES(self)
-
-    def open_counts(self) -> list[int]:
-        return [getattr(self, name) for name in OPEN_COUNTS]
-
-    def close_minute(self) -> None:
-        self.open_minute = None
-        for name in OPEN_COUNTS:
-            setattr(self, name, 0)
 
     def holds_nothing(self) -> bool:
         return (
@@ -491,7 +488,7 @@ class QueueStore:
 
     def __init__(self, tx: Transaction, q: _QueueRow) -> None:
         self.tx = tx
-        self.q = q
+        self.q = self.seqs = q
         self.now = tx.now
         self._db = tx.db
 
@@ -518,14 +515,6 @@ class QueueStore:
         msg.state = state
 
     # -- counters and queue state
-
-    def next_seq(self, at_head: bool) -> int:
-        q = self.q
-        if at_head:
-            q.head_seq -= 1
-            return q.head_seq
-        q.tail_seq += 1
-        return q.tail_seq
 
     def paused(self) -> bool:
         return bool(self.q.paused)
