@@ -4,8 +4,8 @@ Every rule of the backend contract (``sharded_broker/backend.py``; the whole des
 docs/design.md) that decides *what happens* lives here: the lease loop, serving a key,
 failing and requeueing, settling a batch, scheduling a key in the ready order, the
 enqueue decision, replay, and the bounded sweeps of due delayed messages, expired leases
-and expired dedup entries. The memory and SQLite backends are two :class:`Store`\\ s: they
-say *where things are* (a heap, an index) and keep their counts; they decide nothing.
+and expired dedup entries. The memory and SQLite backends are two stores (:class:`Store`):
+they say *where things are* (a heap, an index) and keep their counts; they decide nothing.
 
 The Redis backend runs the same rules in Lua (``backends/lua/_common.lua``), the one
 independent implementation: its functions carry these functions' names, and
