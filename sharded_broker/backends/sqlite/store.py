@@ -469,8 +469,8 @@ class Transaction:
             return deleted, budget - deleted
         deleted = 0
         touched: dict[str, int] = {}
-        for state in ("ready", "delayed"):
-            rows = self.all(f"purge_{state}", queue, room - deleted)
+        for state, query in (("ready", "purge_ready"), ("delayed", "purge_delayed")):
+            rows = self.all(query, queue, room - deleted)
             self.db.executemany(QUERIES["message_delete"], [(mid,) for mid, _ in rows])
             q.count(state, -len(rows))
             deleted += len(rows)
