@@ -38,7 +38,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Sequence
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import click
 from rich.console import Console
@@ -48,7 +48,7 @@ from rich.text import Text
 
 from . import urls
 from .broker import Broker, connect
-from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, ShardedBrokerError
+from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL, ShardedBrokerError
 from .models import COUNTERS, DeadLetter, Event, KeyInfo, MinuteMetrics, QueueStats
 
 URL_ENVVAR = "SHARDED_BROKER_URL"
@@ -122,7 +122,10 @@ class Session:
         if self._broker is None:
             if not self.url:
                 raise BadUsage(f"no broker URL: pass --url URL or set {URL_ENVVAR}")
-            scheme = urlsplit(self.url).scheme if "://" in self.url else ""
+            try:
+                scheme = urls.scheme(self.url)
+            except InvalidURL:
+                scheme = ""  # connect() below names the problem
             path = urls.sqlite_path(self.url)
             if path:
                 _require_queue_database(path, urls.relative_path_hint(self.url))
@@ -180,14 +183,11 @@ def _refuse_plain_text_port(url: str, safe_url: str) -> None:
     server, nothing listening, a certificate the real connection may refuse) is left to
     that connection to report, so the hint comes within the connect timeout or not at all.
     """
-    import redis.connection  # rediss:// only: the other URLs need no redis-py
-
-    try:
-        parsed = redis.connection.parse_url(url)
-    except ValueError:
+    address = urls.redis_address(url)
+    if address is None:
         return  # malformed: connect() names the problem
-    host, port = parsed.get("host") or "localhost", int(parsed.get("port") or 6379)
-    timeout = float(parsed.get("socket_connect_timeout") or DEFAULT_CONNECT_TIMEOUT)
+    host, port, connect_timeout = address
+    timeout = connect_timeout or DEFAULT_CONNECT_TIMEOUT
     try:
         with socket.create_connection((host, port), timeout=min(timeout / 2, TLS_HANDSHAKE_WAIT)) as raw:
             context = ssl.create_default_context()

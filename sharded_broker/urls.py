@@ -188,3 +188,16 @@ def with_connection_parts(
     if path in ("", "/") and database:
         path = "/" + database
     return urlunsplit(parts._replace(netloc=netloc, path=path))
+
+
+def redis_address(url: str) -> tuple[str, int, float | None] | None:
+    """(host, port, socket_connect_timeout or None) of a ``redis://`` / ``rediss://`` URL as
+    redis-py reads it; None for a URL it refuses."""
+    import redis.connection  # only for redis:// URLs
+
+    try:
+        parsed = redis.connection.parse_url(url)
+    except ValueError:
+        return None
+    timeout = parsed.get("socket_connect_timeout")
+    return parsed.get("host") or "localhost", int(parsed.get("port") or 6379), float(timeout) if timeout else None
