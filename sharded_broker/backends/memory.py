@@ -29,12 +29,12 @@ from ..backend import (
     kept_minutes, key_metrics_window_option, metric_minutes, metrics_window_option, minute_of,
 )
 from ..errors import ConfigurationError
-from . import planner
-from .planner import SEQ_ORIGIN
 from ..models import (
     COUNTERS, DeadLetter, Event, EventType, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics,
     QueueSettings, QueueStats, RetryPosition,
 )
+from . import planner
+from .planner import SEQ_ORIGIN
 
 
 # slots: no per-instance __dict__ (about 50 bytes less per record, measured with
@@ -546,9 +546,6 @@ class MemoryBackend(Backend):
         if queue is None:
             queue = self._store.queues[name] = _Queue(name=name)
         return queue
-
-    def _queue_store(self, name: str, now: float) -> _QueueStore:
-        return _QueueStore(self, self._queue(name), now)
 
     def _existing_stores(self, now: float) -> planner.StoreFor:
         """The store of a queue that exists (leases name queues; an unknown one holds no lease)."""

@@ -7,7 +7,9 @@ in the package docstring (``__init__.py``) and docs/design.md.
 
 from __future__ import annotations
 
+import functools
 import os
+import sqlite3
 import threading
 import time
 from typing import Any, Callable, Sequence, TypeVar
@@ -112,7 +114,7 @@ class SQLiteBackend(Backend):
 
     # -- transactions -----------------------------------------------------------------
 
-    def _connection(self) -> Any:
+    def _connection(self) -> sqlite3.Connection:
         """This process's sqlite3 connection (tests read the file through it)."""
         with self._db.lock:
             return self._db.get()
@@ -120,7 +122,7 @@ class SQLiteBackend(Backend):
     def _write(self, body: Callable[[Transaction], T], *, notify: bool = False) -> T:
         """Run ``body`` in one ``BEGIN IMMEDIATE`` transaction, retried while busy."""
 
-        def run(conn: Any) -> T:
+        def run(conn: sqlite3.Connection) -> T:
             try:
                 self._rows.check(conn)
                 tx = Transaction(conn, self._clock(), self._windows(), self._events, self._rows)
@@ -240,7 +242,7 @@ class SQLiteBackend(Backend):
         deleted, budget = 0, None
         while True:
             chunk_deleted, budget = self._write(
-                lambda tx, budget=budget: tx.purge_chunk(queue, dead, budget, PURGE_CHUNK)  # type: ignore[misc]
+                functools.partial(Transaction.purge_chunk, queue=queue, dead=dead, budget=budget, chunk=PURGE_CHUNK)
             )
             deleted += chunk_deleted
             if budget <= 0 or not chunk_deleted:
