@@ -19,7 +19,7 @@ from .errors import (
     ShardedBrokerError,
 )
 from .models import (
-    DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
+    DeadLetter, Event, HeadMessage, HeldBatch, KeyDiagnosis, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
 )
 
 __all__ = [
@@ -30,9 +30,12 @@ __all__ = [
     "DeadLetter",
     "Event",
     "HeadMessage",
+    "HeldBatch",
     "InvalidArgument",
     "InvalidArgumentType",
     "InvalidURL",
+    "KeyDiagnosis",
+    "KeyFacts",
     "KeyInfo",
     "Lease",
     "LeaseResult",

@@ -82,7 +82,7 @@ from typing import Any, Literal, Sequence
 
 from .errors import ConfigurationError
 from .models import (
-    DeadLetter, Event, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
+    DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
     RetryPosition,
 )
 
@@ -91,6 +91,9 @@ KeySort = Literal["backlog", "lag"]
 DEFAULT_METRICS_WINDOW = 3600.0
 # Bounded cleanup: an operation forgets at most this many expired metric entries.
 METRICS_SWEEP_LIMIT = 20
+# key_facts reads at most this many entries of a queue's delayed (or leases) order to find
+# one key's first delayed message (or its leases in flight).
+WHY_SCAN_LIMIT = 10_000
 
 
 def metrics_window_option(value: Any) -> float:
@@ -291,6 +294,25 @@ class Backend(ABC):
     @abstractmethod
     def key_info(self, queue: str, key: str) -> KeyInfo:
         """One key with its head message (zeros and ``head=None`` for an unknown key)."""
+
+    @abstractmethod
+    def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
+        """What :func:`~sharded_broker.diagnosis.diagnose` needs to say why each key is not
+        moving, one :class:`KeyFacts` per key, in one consistent snapshot (one round trip).
+
+        Per key: O(log n) index lookups for its state, head, interval and pause; its holds
+        are found among the queue's leases in flight (O(L), L the queue's leased messages,
+        bounded by its consumers' prefetch, not by its backlog); ``next_delayed`` is looked
+        up only when nothing is ready, in the queue's delayed order up to the key's first
+        delayed message (bounded: at most ``WHY_SCAN_LIMIT`` entries, else ``None``).
+        Unknown keys answer zeros.
+        """
+
+    @abstractmethod
+    def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
+        """Up to ``count`` keys with a backlog from position ``offset`` of the backlog
+        order (largest backlog first, ties by key): a page of a bounded scan of every key
+        (``keys --stuck``). Pages read while keys change may skip or repeat a key."""
 
     @abstractmethod
     def subscribe(self, queue: str) -> "EventSubscription":

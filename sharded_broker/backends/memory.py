@@ -22,12 +22,12 @@ from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from ..backend import (
-    DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, Backend, EventSubscription, KeySort, events_option,
+    DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, WHY_SCAN_LIMIT, Backend, EventSubscription, KeySort, events_option,
     kept_minutes, key_metrics_window_option, metric_minutes, metrics_window_option, minute_of,
 )
 from ..errors import ConfigurationError
 from ..models import (
-    COUNTERS, DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics,
+    COUNTERS, DeadLetter, Event, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics,
     QueueSettings, QueueStats, RetryPosition,
 )
 
@@ -59,6 +59,8 @@ class _Record:
     reason: str = ""
     died_at: float = 0.0
     ready_mark: int = -1  # the order of its valid entry in the queue's ready_ages heap
+    leased_at: float = 0.0  # when its current lease was delivered
+    batch_size: int = 1  # how many messages its current lease's batch was delivered with
 
 
 @dataclass(eq=False, slots=True)
@@ -462,6 +464,7 @@ class MemoryBackend(Backend):
         rec.attempts += 1
         rec.token = uuid.uuid4().hex
         rec.deadline = now + vt
+        rec.leased_at = now
         rec.batch_id = batch_id
         heapq.heappush(q.leases, (rec.deadline, next(self._order), rec.id, rec.token))
         self._record(q, "delivered", rec, now)
@@ -628,6 +631,8 @@ class MemoryBackend(Backend):
             head = self._head(q, ks)
         batch_id = batch[0].id
         q.batches[batch_id] = [rec.id for rec in batch]
+        for rec in batch:
+            rec.batch_size = len(batch)
         ks.slots += 1
         if interval:
             q.last_delivery[key] = now
@@ -885,6 +890,67 @@ class MemoryBackend(Backend):
                 head.id, head.priority, head.attempts, head.enqueued_at, head.not_before, len(head.payload)
             ),
         )
+
+    # -- why is a key not moving --------------------------------------------------------
+
+    def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
+        with self._store.lock:
+            q = self._store.queues.get(queue) or _Queue(name=queue)
+            now = self.now()
+            return [self._key_facts(q, key, now) for key in keys]
+
+    def _key_facts(self, q: _Queue, key: str, now: float) -> KeyFacts:
+        ks = q.keys.get(key)
+        head = self._head(q, ks) if ks is not None else None
+        return KeyFacts(
+            queue=q.name,
+            key=key,
+            now=now,
+            queue_paused=q.paused,
+            key_paused=key in q.paused_keys,
+            backlog=q.key_counts.get(key, 0),
+            slots=ks.slots if ks is not None else 0,
+            head=None if head is None else HeadMessage(
+                head.id, head.priority, head.attempts, head.enqueued_at, head.not_before, len(head.payload)
+            ),
+            next_delayed=None if head is not None else self._first_delayed(q, key),
+            ready_at=ks.ready_at if ks is not None else None,
+            last_delivery=q.last_delivery.get(key),
+            own_interval=q.intervals.get(key),
+            holds=self._holds(q, key) if ks is not None and ks.slots else (),
+        )
+
+    def _first_delayed(self, q: _Queue, key: str) -> float | None:
+        """The due time of key's first delayed message, read in the queue's delayed order
+        (at most WHY_SCAN_LIMIT entries, stale ones included, like the other backends)."""
+        for due, _, mid in heapq.nsmallest(WHY_SCAN_LIMIT, q.delayed):
+            rec = q.messages.get(mid)
+            if rec is not None and rec.key == key and rec.state == "delayed" and rec.not_before == due:
+                return due
+        return None
+
+    def _holds(self, q: _Queue, key: str) -> tuple[HeldBatch, ...]:
+        """The key's batches in flight, earliest deadline first."""
+        holds = []
+        for batch_id, ids in q.batches.items():
+            first = q.messages.get(ids[0]) if ids else None
+            if first is None or first.key != key:
+                continue
+            holds.append(HeldBatch(
+                batch_id=batch_id, message_id=first.id, token=first.token, attempts=first.attempts,
+                deadline=first.deadline, size=first.batch_size, settled=first.batch_size - len(ids),
+                leased_at=first.leased_at,
+            ))
+        holds.sort(key=lambda hold: (hold.deadline, hold.message_id))
+        return tuple(holds)
+
+    def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
+        with self._store.lock:
+            q = self._store.queues.get(queue)
+            if q is None:
+                return []
+            ranked = sorted(q.key_counts.items(), key=lambda item: (-item[1], item[0]))
+            return [key for key, _ in ranked[offset : offset + count]]
 
     def subscribe(self, queue: str) -> EventSubscription:
         if not self._events:

@@ -56,12 +56,12 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..backend import (
-    DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, Backend, EventSubscription, KeySort, events_option, expired_before,
+    DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, WHY_SCAN_LIMIT, Backend, EventSubscription, KeySort, events_option, expired_before,
     key_metrics_window_option, metric_minutes, metrics_window_option, minute_of,
 )
 from ..errors import BackendUnavailable, ConfigurationError, InvalidURL
 from ..models import (
-    COUNTERS, DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings,
+    COUNTERS, DeadLetter, Event, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings,
     QueueStats, RetryPosition,
 )
 
@@ -788,6 +788,19 @@ class SQLiteBackend(Backend):
 
     def key_info(self, queue: str, key: str) -> KeyInfo:
         return self._read(lambda tx: tx.key_info(queue, key))
+
+    def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
+        return self._read(lambda tx: [tx.key_facts(queue, key) for key in keys])
+
+    def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
+        return self._read(
+            lambda tx: [
+                key for (key,) in tx.db.execute(
+                    "SELECT key FROM keys WHERE queue = ? AND count > 0 ORDER BY count DESC, key LIMIT ? OFFSET ?",
+                    (queue, count, offset),
+                )
+            ]
+        )
 
     def subscribe(self, queue: str) -> EventSubscription:
         if not self._events:
@@ -1606,6 +1619,70 @@ class _Tx:
         infos = [self.key_info(queue, key) for (key,) in self.db.execute(HOT_QUERIES["keys_with_backlog"], (queue,))]
         infos.sort(key=lambda info: (-info.lag, info.key))
         return infos[:limit]
+
+    def key_facts(self, queue: str, key: str) -> KeyFacts:
+        """What diagnose() needs about one key (memory: ``_key_facts``); self-contained, so
+        that it reads only the indexes named in its queries."""
+        q = self.queue(queue, create=False)  # the queue's clock, and its pause
+        now = self.now
+        row = self.db.execute(
+            "SELECT count, slots, ready_at, interval, last_delivery, paused FROM keys WHERE queue = ? AND key = ?",
+            (queue, key),
+        ).fetchone()
+        first = self._one("key_head", queue, key, 1)
+        head = None
+        if first is not None:
+            head = HeadMessage(
+                first["id"], first["priority"], first["attempts"], first["enqueued_at"], first["not_before"],
+                len(first["payload"]),
+            )
+        next_delayed = None
+        if head is None:
+            # The queue's delayed order (index messages_delayed) up to the key's first entry.
+            found = self.db.execute(
+                "SELECT not_before, key FROM messages WHERE queue = ? AND state = 'delayed' "
+                "ORDER BY not_before, timer_order LIMIT ?",
+                (queue, WHY_SCAN_LIMIT),
+            )
+            next_delayed = next((due for due, owner in found if owner == key), None)
+        holds: list[HeldBatch] = []
+        if row is not None and row["slots"]:
+            # The queue's leases in flight (index messages_leased), the key's grouped by batch.
+            batches: dict[str, list[tuple]] = {}
+            for lease_row in self.db.execute(
+                "SELECT id, key, token, attempts, deadline, batch_id, batch_index FROM messages "
+                "WHERE queue = ? AND state = 'leased' ORDER BY deadline, timer_order LIMIT ?",
+                (queue, WHY_SCAN_LIMIT),
+            ):
+                if lease_row["key"] == key:
+                    batches.setdefault(lease_row["batch_id"] or lease_row["id"], []).append(lease_row)
+            for batch_id, members in batches.items():
+                members.sort(key=lambda r: r["batch_index"])
+                first_left = members[0]
+                # Messages are settled in batch order as a rule; the batch's size is not
+                # stored, so it is counted up to its last unsettled message.
+                size = members[-1]["batch_index"] + 1
+                holds.append(HeldBatch(
+                    batch_id=batch_id, message_id=first_left["id"], token=first_left["token"],
+                    attempts=first_left["attempts"], deadline=first_left["deadline"], size=size,
+                    settled=size - len(members),
+                ))
+            holds.sort(key=lambda hold: (hold.deadline, hold.message_id))
+        return KeyFacts(
+            queue=queue,
+            key=key,
+            now=now,
+            queue_paused=bool(q.paused) if q is not None else False,
+            key_paused=bool(row["paused"]) if row else False,
+            backlog=row["count"] if row else 0,
+            slots=row["slots"] if row else 0,
+            head=head,
+            next_delayed=next_delayed,
+            ready_at=row["ready_at"] if row else None,
+            last_delivery=row["last_delivery"] if row else None,
+            own_interval=row["interval"] if row else None,
+            holds=tuple(holds),
+        )
 
     def key_info(self, queue: str, key: str) -> KeyInfo:
         self.queue(queue, create=False)  # the queue's clock
