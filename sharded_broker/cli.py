@@ -1098,6 +1098,73 @@ def exporter(session: Session, port: int, host: str, queues: tuple[str, ...], to
     stop.wait()
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. A non-loopback address needs --token.")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True,
+              help="Port to listen on (0: any free port, printed at start-up).")
+@click.option("--token", envvar="SHARDED_BROKER_DASHBOARD_TOKEN", default=None,
+              help="Token every action needs (default: one generated now and printed once). "
+                   "Also read from $SHARDED_BROKER_DASHBOARD_TOKEN.")
+@click.option("--read-only", is_flag=True, help="Show no actions and refuse every change.")
+@click.option("--stuck-after", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="A key is listed as stuck when its next message has waited this many seconds.")
+@settings_options
+@pass_session
+def dashboard(
+    session: Session, host: str, port: int, token: str | None, read_only: bool, stuck_after: float,
+    key_concurrency: int | None, default_interval: float | None,
+) -> None:
+    """A web dashboard of the broker's queues, keys and dead letters, with actions
+    (pause/resume, intervals, replay or purge dead letters, release a dead lease).
+
+    Listens on 127.0.0.1:8000 by default. Actions need a token: --token, or one
+    generated at start-up and printed once, in the address to open (as the URL's
+    #fragment, which the browser never sends to the server). Needs the dashboard extra:
+    pip install 'sharded-broker[dashboard]'.
+    """
+    try:
+        from waitress import create_server
+
+        from .dashboard import BindRefused, check_bind, create_app, new_token
+    except ImportError as exc:
+        raise CommandFailed(
+            f"the dashboard needs Flask and waitress ({exc.name} is missing): pip install 'sharded-broker[dashboard]'"
+        ) from None
+    try:
+        check_bind(host, token_given=bool(token))
+    except BindRefused as exc:
+        raise BadUsage(str(exc)) from None
+    options: dict[str, Any] = {}
+    if key_concurrency is not None:
+        options["key_concurrency"] = key_concurrency
+    if default_interval is not None:
+        options["interval"] = default_interval
+    broker = session.broker(**options)
+    broker.queues()  # reach the broker now: an unreachable one fails here, not on the first page
+    generated = token is None
+    action_token = new_token() if generated else token
+    app = create_app(broker, session.url or "", token=action_token, read_only=read_only, stuck_after=stuck_after)
+    server = create_server(app, host=host, port=port, threads=8, ident="sharded-broker")
+    shown_host = f"[{host}]" if ":" in host else host
+    address = f"http://{shown_host}:{server.effective_port}/"
+    if read_only:
+        note = " (read-only)"
+    elif generated:
+        address += f"#token={action_token}"
+        note = " (the token after #token= is printed only now)"
+    else:
+        note = " (actions need the token given with --token)"
+    click.echo(f"dashboard of {session.safe_url}: {address}{note}")
+    sys.stdout.flush()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
 def _stop_on_signals() -> threading.Event:
     """An event set by SIGINT or SIGTERM (the command then returns: exit code 0)."""
     stop = threading.Event()
