@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv redis-server demo test reliability bench bench-full clean
+.PHONY: help venv redis-server chromium demo test reliability bench bench-full clean
 
 help:
 	@echo "make demo         run the per-key FIFO demo on the embedded default (no server)"
@@ -24,10 +24,14 @@ venv: $(STAMP)
 redis-server:
 	@scripts/ensure-redis-server
 
+# Debian's chromium and chromium-driver, for the dashboard's browser tests.
+chromium:
+	@scripts/ensure-chromium
+
 demo: venv
 	$(PY) examples/demo.py
 
-test: venv redis-server
+test: venv redis-server chromium
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 reliability: venv redis-server

@@ -105,6 +105,11 @@ def utc(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def clock_minute(epoch: float) -> str:
+    """A metrics minute as a clock reading: ``14:05 UTC``."""
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%H:%M UTC")
+
+
 def chart(minutes: list[MinuteMetrics], *, title: str) -> Markup:
     """Per-minute counts as an inline SVG line chart with a legend, oldest minute left."""
     width, height, left, bottom, top = 900, 200, 44, 22, 10
@@ -236,7 +241,7 @@ def create_app(
         return text
 
     jobs = ReplayJobs(broker, scrub)
-    app.jinja_env.filters.update(number=number, ago=ago, utc=utc, seconds=describe_seconds)
+    app.jinja_env.filters.update(number=number, ago=ago, utc=utc, minute=clock_minute, seconds=describe_seconds)
     app.jinja_env.globals.update(
         url=shown_url, read_only=read_only, refresh=REFRESH_SECONDS, counters=COUNTERS,
     )
