@@ -300,12 +300,12 @@ class Backend(ABC):
         """What :func:`~sharded_broker.diagnosis.diagnose` needs to say why each key is not
         moving, one :class:`KeyFacts` per key, in one consistent snapshot (one round trip).
 
-        Per key: O(log n) index lookups for its state, head, interval and pause; its holds
-        are found among the queue's leases in flight (O(L), L the queue's leased messages,
-        bounded by its consumers' prefetch, not by its backlog); ``next_delayed`` is looked
-        up only when nothing is ready, in the queue's delayed order up to the key's first
-        delayed message (bounded: at most ``WHY_SCAN_LIMIT`` entries, else ``None``).
-        Unknown keys answer zeros.
+        Per key: O(log n) index lookups for its state, head, interval and pause; when it
+        holds a slot, its holds are found among the queue's leases in flight (O(L), L the
+        queue's leased messages, bounded by its consumers' prefetch, not by its backlog;
+        at most ``WHY_SCAN_LIMIT`` read); ``next_delayed`` is looked up only when nothing
+        is ready, in the queue's delayed order up to the key's first delayed message (at
+        most ``WHY_SCAN_LIMIT`` entries read, else ``None``). Unknown keys answer zeros.
         """
 
     @abstractmethod
