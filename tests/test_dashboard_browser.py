@@ -27,6 +27,7 @@ pytest.importorskip("selenium", reason="selenium (a dev dependency) is not insta
 import dramatiq
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -105,7 +106,22 @@ class Done:
 
 
 def wait_for(driver: webdriver.Chrome, condition: Callable[[webdriver.Chrome], Any], what: str) -> Any:
-    return WebDriverWait(driver, WAIT, poll_frequency=0.1).until(condition, message=f"waiting for {what}")
+    # The live refresh replaces the page's content every 2 s: an element found just before
+    # may be gone when it is read, so such a step is tried again.
+    return WebDriverWait(
+        driver, WAIT, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
+    ).until(condition, message=f"waiting for {what}")
+
+
+def click(driver: webdriver.Chrome, css: str) -> None:
+    """Click the element ``css`` names, found afresh (see wait_for)."""
+    def clicked(d: webdriver.Chrome) -> bool:
+        found = d.find_elements(By.CSS_SELECTOR, css)
+        if found:
+            found[0].click()
+        return bool(found)
+
+    wait_for(driver, clicked, f"{css} to click")
 
 
 def use_size(driver: webdriver.Chrome, size: tuple[int, int], height: int | None = None) -> None:
@@ -131,8 +147,11 @@ def fits_the_width(driver: webdriver.Chrome) -> bool:
 
 
 def text_of(driver: webdriver.Chrome, css: str) -> str:
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return found[0].text if found else ""
+    """The text of the first element ``css`` names ('' when there is none), read in the page
+    in one step, so a refresh cannot replace it halfway."""
+    return driver.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.textContent.trim() : '';", css
+    )
 
 
 def test_operator_story_in_a_real_browser(browser: webdriver.Chrome, dashboard: str, redis_url: str) -> None:
@@ -169,7 +188,7 @@ def test_operator_story_in_a_real_browser(browser: webdriver.Chrome, dashboard: 
         shoot(driver, "queues")
 
         # The queue page lists alice as stuck, with the reason "paused".
-        driver.find_element(By.LINK_TEXT, QUEUE).click()
+        click(driver, f'#queues tr[data-queue="{QUEUE}"] a')
         wait_for(
             driver, lambda d: text_of(d, '#stuck tr[data-key="alice"] .reason') == "paused",
             "alice listed as stuck with the reason paused",
@@ -182,7 +201,7 @@ def test_operator_story_in_a_real_browser(browser: webdriver.Chrome, dashboard: 
         use_size(driver, LAPTOP)
 
         # The key page says why; resume from the page, then alice's messages complete in order.
-        driver.find_element(By.CSS_SELECTOR, '#stuck tr[data-key="alice"] a').click()
+        click(driver, '#stuck tr[data-key="alice"] a')
         wait_for(driver, lambda d: text_of(d, "#why-reason") == "paused", "the key page's reason")
         assert "is paused: resume it to deliver" in text_of(driver, "#why-summary")
         shoot(driver, "key")
@@ -190,7 +209,7 @@ def test_operator_story_in_a_real_browser(browser: webdriver.Chrome, dashboard: 
         assert fits_the_width(driver), "the key page scrolls sideways on a phone-sized screen"
         shoot(driver, "key-phone", PHONE)
         use_size(driver, LAPTOP)
-        driver.find_element(By.CSS_SELECTOR, 'button[data-action="pause"][data-paused="false"]').click()
+        click(driver, 'button[data-action="pause"][data-paused="false"]')
         wait_for(driver, lambda _: len(done.of("alice")) == 5, "alice's messages to complete")
         assert done.of("alice") == [0, 1, 2, 3, 4]
         wait_for(driver, lambda d: text_of(d, "#why-reason") == "empty", "the page to show alice moving again")
@@ -199,19 +218,19 @@ def test_operator_story_in_a_real_browser(browser: webdriver.Chrome, dashboard: 
         charge.send("carol")
         wait_for(driver, lambda _: admin.stats(QUEUE).dead == 1, "the poison message to dead-letter")
         driver.get(dashboard.split("#")[0] + f"queue?q={QUEUE}")
-        row = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#dead tbody tr[data-id]"), "the dead letter")[0]
-        assert "ValueError: card declined for carol" in row.text
+        wait_for(driver, lambda d: text_of(d, "#dead tbody tr[data-id]"), "the dead letter")
+        assert "ValueError: card declined for carol" in text_of(driver, "#dead tbody tr[data-id]")
         shoot(driver, "queue-dead-letter")
         fixed.add("carol")
-        row.find_element(By.CSS_SELECTOR, 'button[data-action="replay"]').click()
+        click(driver, '#dead tbody tr[data-id] button[data-action="replay"]')
         wait_for(driver, lambda _: done.of("carol") == ["charged"], "the replayed message to complete")
         wait_for(driver, lambda _: admin.stats(QUEUE).dead == 0, "no dead letters left")
         assert "replayed 1 message" in text_of(driver, "#status")
 
         # Without the token, an action is refused: by the page, and by the server itself.
         driver.execute_script("sessionStorage.clear()")
-        driver.find_element(By.CSS_SELECTOR, 'h1 button[data-action="pause"]').click()
-        assert "enter the dashboard's token" in text_of(driver, "#status")
+        click(driver, 'h1 button[data-action="pause"]')
+        wait_for(driver, lambda d: "enter the dashboard's token" in text_of(d, "#status"), "the page to ask for the token")
         status = driver.execute_async_script(
             "const done = arguments[arguments.length - 1];"
             "fetch('/api/pause', {method: 'POST', headers: {'Content-Type': 'application/json'},"
