@@ -1150,3 +1150,20 @@ def test_stuck_keys_reads_keys_in_pages(broker: Broker, clock: FakeClock) -> Non
     assert len(broker.stuck_keys(Q, older_than=60, limit=10_000)) == count
     assert len(broker.stuck_keys(Q, older_than=60, limit=10_000, scan_limit=STUCK_PAGE)) == STUCK_PAGE
     assert broker.backend.backlog_keys(Q, count - 2, 10) == [f"k{count - 2:04}", f"k{count - 1:04}"]
+
+
+def test_key_facts_of_several_keys_in_one_call(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue_many(Q, [Message(b"a1", key="a"), Message(b"a2", key="a"), Message(b"b1", key="b")])
+    broker.enqueue(Q, b"c-later", key="c", delay=50)
+    broker.enqueue(Q, b"e-sooner", key="e", delay=20)
+    leases = {lease.key: lease for lease in broker.lease(Q, 2)}
+    facts = {f.key: f for f in broker.backend.key_facts(Q, ["a", "b", "c", "e", "nobody"])}
+    assert [h.message_id for h in facts["a"].holds] == [leases["a"].id]
+    assert [h.message_id for h in facts["b"].holds] == [leases["b"].id]
+    assert (facts["a"].backlog, facts["a"].slots, facts["a"].head.id != leases["a"].id) == (2, 1, True)
+    assert (facts["b"].head, facts["b"].next_delayed) == (None, None)  # leased, nothing else waiting
+    assert facts["c"].next_delayed == pytest.approx(CLOCK_START + 50)
+    assert facts["e"].next_delayed == pytest.approx(CLOCK_START + 20)
+    assert (facts["nobody"].backlog, facts["nobody"].holds, facts["nobody"].head) == (0, (), None)
+    # b has nothing waiting behind its lease: not stuck, whatever holds it.
+    assert [broker.why(Q, key).reason for key in "abce"] == ["leased", "empty", "delayed", "delayed"]

@@ -897,11 +897,20 @@ class MemoryBackend(Backend):
         with self._store.lock:
             q = self._store.queues.get(queue) or _Queue(name=queue)
             now = self.now()
-            return [self._key_facts(q, key, now) for key in keys]
+            heads = {key: self._head(q, q.keys[key]) if key in q.keys else None for key in keys}
+            holding = {key for key in keys if key in q.keys and q.keys[key].slots}
+            holds = self._holds(q, holding) if holding else {}
+            waiting = {key for key, head in heads.items() if head is None}
+            first_delayed = self._first_delayed(q, waiting) if waiting else {}
+            return [
+                self._key_facts(q, key, now, heads[key], holds.get(key, ()), first_delayed.get(key)) for key in keys
+            ]
 
-    def _key_facts(self, q: _Queue, key: str, now: float) -> KeyFacts:
+    def _key_facts(
+        self, q: _Queue, key: str, now: float, head: _Record | None, holds: tuple[HeldBatch, ...],
+        next_delayed: float | None,
+    ) -> KeyFacts:
         ks = q.keys.get(key)
-        head = self._head(q, ks) if ks is not None else None
         return KeyFacts(
             queue=q.name,
             key=key,
@@ -913,36 +922,42 @@ class MemoryBackend(Backend):
             head=None if head is None else HeadMessage(
                 head.id, head.priority, head.attempts, head.enqueued_at, head.not_before, len(head.payload)
             ),
-            next_delayed=None if head is not None else self._first_delayed(q, key),
+            next_delayed=next_delayed,
             ready_at=ks.ready_at if ks is not None else None,
             last_delivery=q.last_delivery.get(key),
             own_interval=q.intervals.get(key),
-            holds=self._holds(q, key) if ks is not None and ks.slots else (),
+            holds=holds,
         )
 
-    def _first_delayed(self, q: _Queue, key: str) -> float | None:
-        """The due time of key's first delayed message, read in the queue's delayed order
-        (at most WHY_SCAN_LIMIT entries, stale ones included, like the other backends)."""
+    def _first_delayed(self, q: _Queue, keys: set[str]) -> dict[str, float]:
+        """The due time of each key's first delayed message, read once in the queue's
+        delayed order (at most WHY_SCAN_LIMIT entries, stale ones included, like the other
+        backends)."""
+        found: dict[str, float] = {}
         for due, _, mid in heapq.nsmallest(WHY_SCAN_LIMIT, q.delayed):
             rec = q.messages.get(mid)
-            if rec is not None and rec.key == key and rec.state == "delayed" and rec.not_before == due:
-                return due
-        return None
+            if rec is not None and rec.key in keys and rec.key not in found and rec.state == "delayed" and rec.not_before == due:
+                found[rec.key] = due
+                if len(found) == len(keys):
+                    break
+        return found
 
-    def _holds(self, q: _Queue, key: str) -> tuple[HeldBatch, ...]:
-        """The key's batches in flight, earliest deadline first."""
-        holds = []
+    def _holds(self, q: _Queue, keys: set[str]) -> dict[str, tuple[HeldBatch, ...]]:
+        """Each key's batches in flight, earliest deadline first, from one pass over the
+        queue's batches."""
+        holds: dict[str, list[HeldBatch]] = {}
         for batch_id, ids in q.batches.items():
             first = q.messages.get(ids[0]) if ids else None
-            if first is None or first.key != key:
+            if first is None or first.key not in keys:
                 continue
-            holds.append(HeldBatch(
+            holds.setdefault(first.key, []).append(HeldBatch(
                 batch_id=batch_id, message_id=first.id, token=first.token, attempts=first.attempts,
                 deadline=first.deadline, size=first.batch_size, settled=first.batch_size - len(ids),
                 leased_at=first.leased_at,
             ))
-        holds.sort(key=lambda hold: (hold.deadline, hold.message_id))
-        return tuple(holds)
+        return {
+            key: tuple(sorted(found, key=lambda hold: (hold.deadline, hold.message_id))) for key, found in holds.items()
+        }
 
     def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
         with self._store.lock:

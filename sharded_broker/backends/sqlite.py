@@ -790,7 +790,7 @@ class SQLiteBackend(Backend):
         return self._read(lambda tx: tx.key_info(queue, key))
 
     def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
-        return self._read(lambda tx: [tx.key_facts(queue, key) for key in keys])
+        return self._read(lambda tx: tx.key_facts(queue, keys))
 
     def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
         return self._read(
@@ -1620,43 +1620,57 @@ class _Tx:
         infos.sort(key=lambda info: (-info.lag, info.key))
         return infos[:limit]
 
-    def key_facts(self, queue: str, key: str) -> KeyFacts:
-        """What diagnose() needs about one key (memory: ``_key_facts``); self-contained, so
-        that it reads only the indexes named in its queries."""
+    def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
+        """What diagnose() needs about each key (memory: ``key_facts``); self-contained, so
+        that it reads only the indexes named in its queries: per key its row and head, then
+        once for all keys the queue's leases in flight (for the keys holding a slot) and its
+        delayed order (for the keys with nothing ready), at most WHY_SCAN_LIMIT rows each."""
         q = self.queue(queue, create=False)  # the queue's clock, and its pause
         now = self.now
-        row = self.db.execute(
-            "SELECT count, slots, ready_at, interval, last_delivery, paused FROM keys WHERE queue = ? AND key = ?",
-            (queue, key),
-        ).fetchone()
-        first = self._one("key_head", queue, key, 1)
-        head = None
-        if first is not None:
-            head = HeadMessage(
+        rows = {
+            key: self.db.execute(
+                "SELECT count, slots, ready_at, interval, last_delivery, paused FROM keys WHERE queue = ? AND key = ?",
+                (queue, key),
+            ).fetchone()
+            for key in keys
+        }
+        heads: dict[str, HeadMessage | None] = {}
+        for key in keys:
+            first = self._one("key_head", queue, key, 1)
+            heads[key] = None if first is None else HeadMessage(
                 first["id"], first["priority"], first["attempts"], first["enqueued_at"], first["not_before"],
                 len(first["payload"]),
             )
-        next_delayed = None
-        if head is None:
-            # The queue's delayed order (index messages_delayed) up to the key's first entry.
-            found = self.db.execute(
+        waiting = {key for key, head in heads.items() if head is None}
+        next_delayed: dict[str, float] = {}
+        if waiting:
+            # The queue's delayed order (index messages_delayed) up to each key's first entry.
+            for due, owner in self.db.execute(
                 "SELECT not_before, key FROM messages WHERE queue = ? AND state = 'delayed' "
                 "ORDER BY not_before, timer_order LIMIT ?",
                 (queue, WHY_SCAN_LIMIT),
-            )
-            next_delayed = next((due for due, owner in found if owner == key), None)
-        holds: list[HeldBatch] = []
-        if row is not None and row["slots"]:
-            # The queue's leases in flight (index messages_leased), the key's grouped by batch.
-            batches: dict[str, list[tuple]] = {}
+            ):
+                if owner in waiting and owner not in next_delayed:
+                    next_delayed[owner] = due
+                    if len(next_delayed) == len(waiting):
+                        break
+        holding = {key for key, row in rows.items() if row is not None and row["slots"]}
+        batches: dict[str, dict[str, list[tuple]]] = {}
+        if holding:
+            # The queue's leases in flight (index messages_leased), grouped by key and batch.
             for lease_row in self.db.execute(
                 "SELECT id, key, token, attempts, deadline, batch_id, batch_index FROM messages "
                 "WHERE queue = ? AND state = 'leased' ORDER BY deadline, timer_order LIMIT ?",
                 (queue, WHY_SCAN_LIMIT),
             ):
-                if lease_row["key"] == key:
-                    batches.setdefault(lease_row["batch_id"] or lease_row["id"], []).append(lease_row)
-            for batch_id, members in batches.items():
+                if lease_row["key"] in holding:
+                    by_batch = batches.setdefault(lease_row["key"], {})
+                    by_batch.setdefault(lease_row["batch_id"] or lease_row["id"], []).append(lease_row)
+        facts = []
+        for key in keys:
+            row = rows[key]
+            holds = []
+            for batch_id, members in batches.get(key, {}).items():
                 members.sort(key=lambda r: r["batch_index"])
                 first_left = members[0]
                 # Messages are settled in batch order as a rule; the batch's size is not
@@ -1668,21 +1682,22 @@ class _Tx:
                     settled=size - len(members),
                 ))
             holds.sort(key=lambda hold: (hold.deadline, hold.message_id))
-        return KeyFacts(
-            queue=queue,
-            key=key,
-            now=now,
-            queue_paused=bool(q.paused) if q is not None else False,
-            key_paused=bool(row["paused"]) if row else False,
-            backlog=row["count"] if row else 0,
-            slots=row["slots"] if row else 0,
-            head=head,
-            next_delayed=next_delayed,
-            ready_at=row["ready_at"] if row else None,
-            last_delivery=row["last_delivery"] if row else None,
-            own_interval=row["interval"] if row else None,
-            holds=tuple(holds),
-        )
+            facts.append(KeyFacts(
+                queue=queue,
+                key=key,
+                now=now,
+                queue_paused=bool(q.paused) if q is not None else False,
+                key_paused=bool(row["paused"]) if row else False,
+                backlog=row["count"] if row else 0,
+                slots=row["slots"] if row else 0,
+                head=heads[key],
+                next_delayed=next_delayed.get(key),
+                ready_at=row["ready_at"] if row else None,
+                last_delivery=row["last_delivery"] if row else None,
+                own_interval=row["interval"] if row else None,
+                holds=tuple(holds),
+            ))
+        return facts
 
     def key_info(self, queue: str, key: str) -> KeyInfo:
         self.queue(queue, create=False)  # the queue's clock
