@@ -7,7 +7,7 @@ import importlib
 import os
 import re
 import time
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from . import validation as check
@@ -29,6 +29,7 @@ BACKENDS: dict[str, str] = {
 MAX_LEASE_LIMIT = 10_000
 MAX_METRICS_MINUTES = 7 * 24 * 60
 MAX_KEYS_LIMIT = 10_000
+T = TypeVar("T")
 # stuck_keys reads keys in pages of this many (one backend call each for the page's keys
 # and for their facts), and at most MAX_STUCK_SCAN keys in all.
 STUCK_PAGE = 200
@@ -496,26 +497,33 @@ class Broker:
         limit = check.positive_int(limit, "limit", maximum=MAX_KEYS_LIMIT)
         scan_limit = check.positive_int(scan_limit, "scan_limit", maximum=MAX_STUCK_SCAN)
         stuck: list[KeyDiagnosis] = []
+        last_delivered = _Lazy(lambda: self._last_delivered_minute(queue))
         for offset in range(0, scan_limit, STUCK_PAGE):
             page = self.backend.backlog_keys(queue, offset, min(STUCK_PAGE, scan_limit - offset))
             if not page:
                 break
             facts = self.backend.key_facts(queue, page)
             waiting = [f for f in facts if f.head is not None and f.now - f.head.enqueued_at > older_than]
-            stuck.extend(self._diagnose(queue, waiting))
+            stuck.extend(self._diagnose(queue, waiting, last_delivered))
             if len(page) < STUCK_PAGE:
                 break
         stuck.sort(key=lambda d: (-d.waited, d.key))
         return stuck[:limit]
 
-    def _diagnose(self, queue: str, facts: Sequence[KeyFacts]) -> list[KeyDiagnosis]:
+    def _last_delivered_minute(self, queue: str) -> float | None:
+        """The latest minute of the last hour in which a consumer took a message of ``queue``."""
+        delivering = [m.minute for m in self.backend.metrics(queue, 60, None) if m.delivered]
+        return delivering[-1] if delivering else None
+
+    def _diagnose(
+        self, queue: str, facts: Sequence[KeyFacts], last_delivered: "_Lazy[float | None] | None" = None
+    ) -> list[KeyDiagnosis]:
         settings = self.settings(queue)
         diagnoses = [diagnose(f, settings) for f in facts]
         if not any(d.reason == "ready" for d in diagnoses):
             return diagnoses
         # For a key that could be delivered now: is any consumer taking messages at all?
-        delivering = [m.minute for m in self.backend.metrics(queue, 60, None) if m.delivered]
-        last = delivering[-1] if delivering else None
+        last = (last_delivered or _Lazy(lambda: self._last_delivered_minute(queue))).value
         answer = []
         for d in diagnoses:
             if d.reason == "ready":
@@ -559,6 +567,22 @@ class Broker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _Lazy(Generic[T]):
+    """A value computed on first use only (at most once)."""
+
+    def __init__(self, compute: Callable[[], T]) -> None:
+        self._compute = compute
+        self._done = False
+        self._value: T | None = None
+
+    @property
+    def value(self) -> T:
+        if not self._done:
+            self._value = self._compute()
+            self._done = True
+        return self._value  # type: ignore[return-value]
 
 
 class EventStream:

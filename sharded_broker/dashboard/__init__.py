@@ -30,6 +30,7 @@ import itertools
 import logging
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -41,13 +42,17 @@ from markupsafe import Markup, escape
 from ..broker import Broker, display_url
 from ..diagnosis import describe_seconds
 from ..errors import InvalidArgument, InvalidArgumentType, ShardedBrokerError
-from ..models import COUNTERS, MinuteMetrics
+from ..models import COUNTERS, KeyDiagnosis, MinuteMetrics
 
 REFRESH_SECONDS = 2.0
 TOKEN_HEADER = "X-Dashboard-Token"
 CHART_MINUTES = 60
 KEY_MINUTES = 15
 HOT_KEYS = 10
+# The stuck-keys list reads every key (in bounded pages); the page refreshes every 2 s, so
+# one queue's list is reused for up to this long (and never longer than --stuck-after:
+# a list of keys waiting more than S seconds is then at most S seconds old).
+STUCK_REUSE_SECONDS = 10.0
 DEAD_SHOWN = 50
 # Dead letters replayed per engine call by a replay job: its progress advances per chunk.
 REPLAY_CHUNK = 500
@@ -241,6 +246,22 @@ def create_app(
         return text
 
     jobs = ReplayJobs(broker, scrub)
+    stuck_lists: dict[str, tuple[float, list[KeyDiagnosis]]] = {}
+    stuck_lock = threading.Lock()
+    reuse_for = min(STUCK_REUSE_SECONDS, stuck_after)
+
+    def stuck_keys(queue: str) -> tuple[list[KeyDiagnosis], float]:
+        """The queue's stuck keys and when they were read (monotonic seconds)."""
+        with stuck_lock:
+            kept = stuck_lists.get(queue)
+        if kept is not None and time.monotonic() - kept[0] < reuse_for:
+            return kept[1], kept[0]
+        read_at = time.monotonic()
+        found = broker.stuck_keys(queue, older_than=stuck_after, limit=HOT_KEYS * 2)
+        with stuck_lock:
+            stuck_lists[queue] = (read_at, found)
+        return found, read_at
+
     app.jinja_env.filters.update(number=number, ago=ago, utc=utc, minute=clock_minute, seconds=describe_seconds)
     app.jinja_env.globals.update(
         url=shown_url, read_only=read_only, refresh=REFRESH_SECONDS, counters=COUNTERS,
@@ -302,9 +323,9 @@ def create_app(
     @app.get("/queue")
     def queue_page() -> str:
         name = known_queue(request.args.get("q"))
-        stuck = broker.stuck_keys(name, older_than=stuck_after, limit=HOT_KEYS * 2)
+        stuck, read_at = stuck_keys(name)
         return page(
-            "queue.html", queue=name, stats=broker.stats(name),
+            "queue.html", queue=name, stats=broker.stats(name), stuck_age=time.monotonic() - read_at,
             chart=chart(broker.metrics(name, CHART_MINUTES), title=f"{name}, per minute, last {CHART_MINUTES} minutes"),
             hottest=broker.keys(name, HOT_KEYS, sort="backlog"),
             lagging=broker.keys(name, HOT_KEYS, sort="lag"),
