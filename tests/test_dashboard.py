@@ -230,3 +230,33 @@ def test_the_command_prints_the_address_with_a_generated_token_once(tmp_path: Pa
     assert token not in out + err  # printed once, on the first line only
     with sharded_broker.connect(f"sqlite:///{db}") as broker:
         assert broker.stats("sms").paused
+
+
+def test_the_command_never_prints_the_password() -> None:
+    with RedisServer(["--requirepass", SECRET]) as server:
+        url = f"redis://:{SECRET}@127.0.0.1:{server.port}/0"
+        with sharded_broker.connect(url) as broker:
+            broker.enqueue("sms", b"x", key="a")
+        port = free_port()
+        process = subprocess.Popen(
+            [str(SCRIPT), "--url", url, "dashboard", "--port", str(port), "--read-only"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        )
+        try:
+            line = process.stdout.readline()
+            assert line.startswith(f"dashboard of redis://:***@127.0.0.1:{server.port}/0: http://127.0.0.1:{port}/")
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/queue?q=sms", timeout=10) as page:
+                assert SECRET not in page.read().decode()
+        finally:
+            process.terminate()
+            out, err = process.communicate(timeout=30)
+        assert SECRET not in line + out + err
+    # Unreachable: the command fails in one line, without the password.
+    failed = subprocess.run(
+        [str(SCRIPT), "--url", url, "dashboard", "--port", "0"], capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert failed.returncode == 1 and SECRET not in failed.stdout + failed.stderr
+    assert "redis://:***@127.0.0.1" in failed.stderr
