@@ -93,7 +93,7 @@ DEFAULT_METRICS_WINDOW = 3600.0
 METRICS_SWEEP_LIMIT = 20
 # key_facts reads at most this many entries of a queue's delayed (or leases) order to find
 # one key's first delayed message (or its leases in flight).
-WHY_SCAN_LIMIT = 10_000
+WHY_READ_LIMIT = 10_000
 
 
 def metrics_window_option(value: Any) -> float:
@@ -303,9 +303,9 @@ class Backend(ABC):
         Per key: O(log n) index lookups for its state, head, interval and pause; when it
         holds a slot, its holds are found among the queue's leases in flight (O(L), L the
         queue's leased messages, bounded by its consumers' prefetch, not by its backlog;
-        at most ``WHY_SCAN_LIMIT`` read); ``next_delayed`` is looked up only when nothing
+        at most ``WHY_READ_LIMIT`` read); ``next_delayed`` is looked up only when nothing
         is ready, in the queue's delayed order up to the key's first delayed message (at
-        most ``WHY_SCAN_LIMIT`` entries read, else ``None``). Unknown keys answer zeros.
+        most ``WHY_READ_LIMIT`` entries read, else ``None``). Unknown keys answer zeros.
         """
 
     @abstractmethod

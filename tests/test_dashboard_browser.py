@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -170,6 +171,11 @@ def test_operator_story_in_a_real_browser(browser: webdriver.Chrome, dashboard: 
             raise ValueError(f"card declined for {key}")
         done.add(key, "charged")
 
+    @dramatiq.actor(broker=app, queue_name=QUEUE, shard_key="key")
+    def slow(key: str, n: int) -> None:
+        time.sleep(1.5)
+        done.add(key, n)
+
     admin = sharded_broker.connect(redis_url)
     admin.pause(QUEUE, key="alice")
     for n in range(5):
@@ -213,6 +219,17 @@ def test_operator_story_in_a_real_browser(browser: webdriver.Chrome, dashboard: 
         wait_for(driver, lambda _: len(done.of("alice")) == 5, "alice's messages to complete")
         assert done.of("alice") == [0, 1, 2, 3, 4]
         wait_for(driver, lambda d: text_of(d, "#why-reason") == "empty", "the page to show alice moving again")
+
+        # A key held by a running task: the lease, its deadline, and the release button.
+        slow.send("dave", 0)
+        slow.send("dave", 1)
+        wait_for(driver, lambda _: admin.why(QUEUE, "dave").reason == "leased", "dave's first task to run")
+        driver.get(dashboard.split("#")[0] + f"key?q={QUEUE}&k=dave")
+        wait_for(driver, lambda d: text_of(d, "#why-reason") == "leased", "the key page to show the lease")
+        assert "lease of message" in text_of(driver, "#why .hold")
+        assert driver.find_elements(By.CSS_SELECTOR, '#why button[data-action="release"]')
+        shoot(driver, "key-leased")
+        wait_for(driver, lambda _: done.of("dave") == [0, 1], "dave's tasks to complete in order")
 
         # A poison message dead-letters; replayed from the page, it completes.
         charge.send("carol")

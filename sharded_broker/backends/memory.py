@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 from ..backend import (
-    DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, WHY_SCAN_LIMIT, Backend, EventSubscription, KeySort, events_option,
+    DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, WHY_READ_LIMIT, Backend, EventSubscription, KeySort, events_option,
     kept_minutes, key_metrics_window_option, metric_minutes, metrics_window_option, minute_of,
 )
 from ..errors import ConfigurationError
@@ -931,10 +931,10 @@ class MemoryBackend(Backend):
 
     def _first_delayed(self, q: _Queue, keys: set[str]) -> dict[str, float]:
         """The due time of each key's first delayed message, read once in the queue's
-        delayed order (at most WHY_SCAN_LIMIT entries, stale ones included, like the other
+        delayed order (at most WHY_READ_LIMIT entries, stale ones included, like the other
         backends)."""
         found: dict[str, float] = {}
-        for due, _, mid in heapq.nsmallest(WHY_SCAN_LIMIT, q.delayed):
+        for due, _, mid in heapq.nsmallest(WHY_READ_LIMIT, q.delayed):
             rec = q.messages.get(mid)
             if rec is not None and rec.key in keys and rec.key not in found and rec.state == "delayed" and rec.not_before == due:
                 found[rec.key] = due

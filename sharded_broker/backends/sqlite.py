@@ -56,7 +56,7 @@ from typing import Any, Callable, Iterator, Sequence, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from ..backend import (
-    DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, WHY_SCAN_LIMIT, Backend, EventSubscription, KeySort, events_option, expired_before,
+    DEFAULT_METRICS_WINDOW, METRICS_SWEEP_LIMIT, WHY_READ_LIMIT, Backend, EventSubscription, KeySort, events_option, expired_before,
     key_metrics_window_option, metric_minutes, metrics_window_option, minute_of,
 )
 from ..errors import BackendUnavailable, ConfigurationError, InvalidURL
@@ -1624,7 +1624,7 @@ class _Tx:
         """What diagnose() needs about each key (memory: ``key_facts``); self-contained, so
         that it reads only the indexes named in its queries: per key its row and head, then
         once for all keys the queue's leases in flight (for the keys holding a slot) and its
-        delayed order (for the keys with nothing ready), at most WHY_SCAN_LIMIT rows each."""
+        delayed order (for the keys with nothing ready), at most WHY_READ_LIMIT rows each."""
         q = self.queue(queue, create=False)  # the queue's clock, and its pause
         now = self.now
         rows = {
@@ -1648,7 +1648,7 @@ class _Tx:
             for due, owner in self.db.execute(
                 "SELECT not_before, key FROM messages WHERE queue = ? AND state = 'delayed' "
                 "ORDER BY not_before, timer_order LIMIT ?",
-                (queue, WHY_SCAN_LIMIT),
+                (queue, WHY_READ_LIMIT),
             ):
                 if owner in waiting and owner not in next_delayed:
                     next_delayed[owner] = due
@@ -1661,7 +1661,7 @@ class _Tx:
             for lease_row in self.db.execute(
                 "SELECT id, key, token, attempts, deadline, batch_id, batch_index FROM messages "
                 "WHERE queue = ? AND state = 'leased' ORDER BY deadline, timer_order LIMIT ?",
-                (queue, WHY_SCAN_LIMIT),
+                (queue, WHY_READ_LIMIT),
             ):
                 if lease_row["key"] in holding:
                     by_batch = batches.setdefault(lease_row["key"], {})

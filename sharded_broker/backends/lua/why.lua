@@ -7,9 +7,9 @@
 -- not_before, payload size}; holds: {batch id, id, token, attempts, deadline, size,
 -- settled} per batch in flight, first unsettled message first.
 -- The leases order is read once for every key that holds a slot, and the delayed order
--- once for every key with nothing ready, each at most WHY_SCAN entries (WHY_SCAN_LIMIT in
+-- once for every key with nothing ready, each at most WHY_READ_LIMIT entries (the same in
 -- backend.py), in pages.
-local WHY_SCAN = 10000
+local WHY_READ_LIMIT = 10000
 local WHY_PAGE = 500
 
 -- The key of a delayed or leases member (order..id\0key), nil for an unkeyed message.
@@ -19,9 +19,9 @@ local function timer_key(member)
 end
 
 -- Calls visit(member, score) for the entries of a timer index in score order, at most
--- WHY_SCAN of them, until visit answers true.
+-- WHY_READ_LIMIT of them, until visit answers true.
 local function scan_timer(index, visit)
-  for start = 0, WHY_SCAN - 1, WHY_PAGE do
+  for start = 0, WHY_READ_LIMIT - 1, WHY_PAGE do
     local page = redis.call('ZRANGE', K[index], text(start), text(start + WHY_PAGE - 1), 'WITHSCORES')
     for i = 1, #page, 2 do
       if visit(page[i], tonumber(page[i + 1])) then
