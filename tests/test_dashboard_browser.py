@@ -24,6 +24,7 @@ import pytest
 
 pytest.importorskip("flask", reason="the dashboard extra (flask, waitress) is not installed")
 pytest.importorskip("selenium", reason="selenium (a dev dependency) is not installed")
+pytest.importorskip("dramatiq", reason="the dramatiq extra is not installed (a tox redis-only env)")
 
 import dramatiq
 from selenium import webdriver
