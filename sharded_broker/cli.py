@@ -1099,6 +1099,8 @@ def exporter(session: Session, port: int, host: str, queues: tuple[str, ...], to
 
 
 @main.command()
+@click.option("--url", "dashboard_url", metavar="URL", default=None,
+              help="Broker URL, as `sharded-broker --url` takes it (either place works).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. A non-loopback address needs --token.")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True,
@@ -1112,8 +1114,8 @@ def exporter(session: Session, port: int, host: str, queues: tuple[str, ...], to
 @settings_options
 @pass_session
 def dashboard(
-    session: Session, host: str, port: int, token: str | None, read_only: bool, stuck_after: float,
-    key_concurrency: int | None, default_interval: float | None,
+    session: Session, dashboard_url: str | None, host: str, port: int, token: str | None, read_only: bool,
+    stuck_after: float, key_concurrency: int | None, default_interval: float | None,
 ) -> None:
     """A web dashboard of the broker's queues, keys and dead letters, with actions
     (pause/resume, intervals, replay or purge dead letters, release a dead lease).
@@ -1131,6 +1133,8 @@ def dashboard(
         raise CommandFailed(
             f"the dashboard needs Flask and waitress ({exc.name} is missing): pip install 'sharded-broker[dashboard]'"
         ) from None
+    if dashboard_url:
+        session.url = normalize_url(dashboard_url)
     try:
         check_bind(host, token_given=bool(token))
     except BindRefused as exc:

@@ -206,7 +206,7 @@ def test_the_command_prints_the_address_with_a_generated_token_once(tmp_path: Pa
         broker.enqueue("sms", b"x", key="a")
     port = free_port()
     process = subprocess.Popen(
-        [str(SCRIPT), "--url", f"sqlite:///{db}", "dashboard", "--port", str(port)],
+        [str(SCRIPT), "dashboard", "--url", f"sqlite:///{db}", "--port", str(port)],  # --url after it works too
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
     )
     try:
