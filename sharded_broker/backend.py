@@ -309,6 +309,12 @@ class Backend(ABC):
         """
 
     @abstractmethod
+    def head_times(self, queue: str, keys: Sequence[str]) -> tuple[float, list[float | None]]:
+        """The backend's time, and the enqueue time of each key's head message (``None``:
+        nothing ready), in one round trip: an index read or two per key, so that a scan
+        for stuck keys reads in full only the keys whose head is old."""
+
+    @abstractmethod
     def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
         """Up to ``count`` keys with a backlog from position ``offset`` of the backlog
         order (largest backlog first, ties by key): a page of a bounded scan of every key

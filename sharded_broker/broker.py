@@ -30,8 +30,8 @@ MAX_LEASE_LIMIT = 10_000
 MAX_METRICS_MINUTES = 7 * 24 * 60
 MAX_KEYS_LIMIT = 10_000
 T = TypeVar("T")
-# stuck_keys reads keys in pages of this many (one backend call each for the page's keys
-# and for their facts), and at most MAX_STUCK_SCAN keys in all.
+# stuck_keys reads keys in pages of this many (a few bounded backend calls per page; see
+# there), and at most MAX_STUCK_SCAN keys in all.
 STUCK_PAGE = 200
 MAX_STUCK_SCAN = 100_000
 # Shorter pieces of a URL's user:password part are not masked in error reasons (they
@@ -490,8 +490,8 @@ class Broker:
         each with why it is not moving, the longest wait first (at most ``limit``).
 
         Reads at most ``scan_limit`` keys (largest backlog first), in pages of
-        ``STUCK_PAGE`` keys: two bounded backend calls per page, never one call over
-        every key."""
+        ``STUCK_PAGE`` keys: per page one call for the keys, one for their heads' ages, and
+        one for the facts of the keys whose head is old; never one call over every key."""
         queue = check.queue_name(queue)
         older_than = check.seconds(older_than, "older_than")
         limit = check.positive_int(limit, "limit", maximum=MAX_KEYS_LIMIT)
@@ -502,9 +502,13 @@ class Broker:
             page = self.backend.backlog_keys(queue, offset, min(STUCK_PAGE, scan_limit - offset))
             if not page:
                 break
-            facts = self.backend.key_facts(queue, page)
-            waiting = [f for f in facts if f.head is not None and f.now - f.head.enqueued_at > older_than]
-            stuck.extend(self._diagnose(queue, waiting, last_delivered))
+            # Cheap first: only keys whose head is old are read in full.
+            now, heads = self.backend.head_times(queue, page)
+            old = [key for key, enqueued_at in zip(page, heads) if enqueued_at is not None and now - enqueued_at > older_than]
+            if old:
+                facts = self.backend.key_facts(queue, old)
+                waiting = [f for f in facts if f.head is not None and f.now - f.head.enqueued_at > older_than]
+                stuck.extend(self._diagnose(queue, waiting, last_delivered))
             if len(page) < STUCK_PAGE:
                 break
         stuck.sort(key=lambda d: (-d.waited, d.key))

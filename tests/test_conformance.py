@@ -1167,3 +1167,17 @@ def test_key_facts_of_several_keys_in_one_call(broker: Broker, clock: FakeClock)
     assert (facts["nobody"].backlog, facts["nobody"].holds, facts["nobody"].head) == (0, (), None)
     # b has nothing waiting behind its lease: not stuck, whatever holds it.
     assert [broker.why(Q, key).reason for key in "abce"] == ["leased", "empty", "delayed", "delayed"]
+
+
+def test_head_times_answer_each_keys_head_enqueue_time(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue(Q, b"a1", key="a")
+    clock.advance(3)
+    broker.enqueue_many(Q, [Message(b"a2", key="a"), Message(b"b1", key="b")])
+    broker.enqueue(Q, b"c", key="c", delay=60)
+    clock.advance(1)
+    now, times = broker.backend.head_times(Q, ["a", "b", "c", "nobody"])
+    assert now == pytest.approx(CLOCK_START + 4)
+    assert times[0] == pytest.approx(CLOCK_START) and times[1] == pytest.approx(CLOCK_START + 3)
+    assert times[2:] == [None, None]
+    broker.ack(broker.lease(Q)[0])  # a's head goes: its next message is the head now
+    assert broker.backend.head_times(Q, ["a"])[1][0] == pytest.approx(CLOCK_START + 3)

@@ -959,6 +959,12 @@ class MemoryBackend(Backend):
             key: tuple(sorted(found, key=lambda hold: (hold.deadline, hold.message_id))) for key, found in holds.items()
         }
 
+    def head_times(self, queue: str, keys: Sequence[str]) -> tuple[float, list[float | None]]:
+        with self._store.lock:
+            q = self._store.queues.get(queue) or _Queue(name=queue)
+            heads = [self._head(q, q.keys[key]) if key in q.keys else None for key in keys]
+            return self.now(), [None if head is None else head.enqueued_at for head in heads]
+
     def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
         with self._store.lock:
             q = self._store.queues.get(queue)

@@ -612,7 +612,9 @@ class RedisBackend(Backend):
 
     def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
         """One call of the ``why`` function for all ``keys`` (lua/why.lua)."""
-        now_us, queue_paused, *rows = self._run("why", queue, [self._clock_arg(), *(_text(key) for key in keys)])
+        now_us, queue_paused, *rows = self._run(
+            "why", queue, [self._clock_arg(), "facts", *(_text(key) for key in keys)]
+        )
         facts = []
         for key, paused, backlog, slots, ready_at, last_delivery, interval, head_row, next_delayed, holds in rows:
             head = None
@@ -644,6 +646,10 @@ class RedisBackend(Backend):
                 )),
             ))
         return facts
+
+    def head_times(self, queue: str, keys: Sequence[str]) -> tuple[float, list[float | None]]:
+        now_us, *times = self._run("why", queue, [self._clock_arg(), "heads", *(_text(key) for key in keys)])
+        return now_us / 1e6, [None if t == b"" else int(t) / 1e6 for t in times]
 
     def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
         backlog_key = self._keys(queue)[QUEUE_KEYS.index("backlog")]

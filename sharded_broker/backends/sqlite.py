@@ -792,6 +792,21 @@ class SQLiteBackend(Backend):
     def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
         return self._read(lambda tx: tx.key_facts(queue, keys))
 
+    def head_times(self, queue: str, keys: Sequence[str]) -> tuple[float, list[float | None]]:
+        def read(tx: "_Tx") -> tuple[float, list[float | None]]:
+            tx.queue(queue, create=False)  # the queue's clock
+            times = []
+            for key in keys:
+                row = tx.db.execute(
+                    "SELECT enqueued_at FROM messages WHERE queue = ? AND key = ? AND state = 'ready' "
+                    "ORDER BY priority, seq LIMIT 1",
+                    (queue, key),
+                ).fetchone()
+                times.append(None if row is None else row[0])
+            return tx.now, times
+
+        return self._read(read)
+
     def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
         return self._read(
             lambda tx: [

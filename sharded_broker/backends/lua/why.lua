@@ -1,7 +1,9 @@
 -- why: what RedisBackend.key_facts needs to say why keys are not moving (the memory
 -- model: MemoryBackend.key_facts). Reads only; an unreadable record is dead-lettered, as
--- everywhere (see entry_record). args: clock, then keys.
--- Answers {now, queue paused (1/0), then per key: {key, paused, backlog, slots, ready_at,
+-- everywhere (see entry_record). args: clock, what ('facts' or 'heads'), then keys.
+-- heads answers {now, then per key its head's enqueued_at ('' = nothing ready)}: two index
+-- reads per key, no record read (keys --stuck skips keys whose head is young with it).
+-- facts answers {now, queue paused (1/0), then per key: {key, paused, backlog, slots, ready_at,
 -- last delivery, own interval, head view or {}, next delayed, holds}}, '' for a time or
 -- interval that is not set; a head view is {id, priority, attempts, enqueued_at,
 -- not_before, payload size}; holds: {batch id, id, token, attempts, deadline, size,
@@ -36,10 +38,24 @@ end
 
 register('why', function(args)
   local now = clock(args[1])
+  if args[2] == 'heads' then
+    local heads = { now }
+    for i = 3, #args do
+      local member = key_members(args[i], 1)[1]
+      local enqueued_at = ''
+      if member then
+        local id = string.sub(member, string.find(member, '\0', 1, true) + 24)
+        -- A ready message without its readyage entry (damaged): 0, so the caller reads it in full.
+        enqueued_at = tonumber(redis.call('ZSCORE', K[READYAGE], id)) or 0
+      end
+      heads[#heads + 1] = enqueued_at
+    end
+    return heads
+  end
   local answer = { now, redis.call('HGET', K[STATE], '#paused') == '1' and 1 or 0 }
   local holding, waiting, waiting_count = {}, {}, 0
 
-  for i = 2, #args do
+  for i = 3, #args do
     local key = args[i]
     local ks = key_state(key)
     local first = key_heads(key, 1)[1]
