@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import importlib
 import os
 import re
@@ -513,6 +514,28 @@ class Broker:
                 break
         stuck.sort(key=lambda d: (-d.waited, d.key))
         return stuck[:limit]
+
+    def lagging_keys(self, queue: str, *, limit: int = 10, scan_limit: int = 10_000) -> list[KeyInfo]:
+        """The keys of ``queue`` whose head message has waited longest (``keys(sort="lag")``
+        in bounded pages): at most ``scan_limit`` keys read, largest backlog first, in pages
+        of ``STUCK_PAGE``, one call for the keys and one for their heads' ages each; then
+        the ``limit`` oldest are read in full."""
+        queue = check.queue_name(queue)
+        limit = check.positive_int(limit, "limit", maximum=MAX_KEYS_LIMIT)
+        scan_limit = check.positive_int(scan_limit, "scan_limit", maximum=MAX_STUCK_SCAN)
+        oldest: list[tuple[float, str]] = []  # (enqueued_at, key) of the limit oldest heads seen
+        for offset in range(0, scan_limit, STUCK_PAGE):
+            page = self.backend.backlog_keys(queue, offset, min(STUCK_PAGE, scan_limit - offset))
+            if not page:
+                break
+            _, heads = self.backend.head_times(queue, page)
+            oldest = heapq.nsmallest(
+                limit, oldest + [(t, key) for key, t in zip(page, heads) if t is not None]
+            )
+            if len(page) < STUCK_PAGE:
+                break
+        infos = [self.backend.key_info(queue, key) for _, key in oldest]
+        return sorted(infos, key=lambda info: (-info.lag, info.key))
 
     def _last_delivered_minute(self, queue: str) -> float | None:
         """The latest minute of the last hour in which a consumer took a message of ``queue``."""

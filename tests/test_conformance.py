@@ -1181,3 +1181,19 @@ def test_head_times_answer_each_keys_head_enqueue_time(broker: Broker, clock: Fa
     assert times[2:] == [None, None]
     broker.ack(broker.lease(Q)[0])  # a's head goes: its next message is the head now
     assert broker.backend.head_times(Q, ["a"])[1][0] == pytest.approx(CLOCK_START + 3)
+
+
+def test_lagging_keys_in_bounded_pages(broker: Broker, clock: FakeClock) -> None:
+    from sharded_broker.broker import STUCK_PAGE
+
+    broker.enqueue_many(Q, [Message(b"x", key=f"k{i:04}") for i in range(STUCK_PAGE + 5)])
+    clock.advance(10)
+    broker.enqueue_many(Q, [Message(b"y", key="big") for _ in range(3)])  # largest backlog, youngest head
+    broker.enqueue(Q, b"z", key="later", delay=100)  # nothing ready: no lag
+    clock.advance(1)
+    lagging = broker.lagging_keys(Q, limit=3)
+    assert [info.key for info in lagging] == ["k0000", "k0001", "k0002"]
+    assert lagging[0].lag == pytest.approx(11)
+    assert [info.key for info in broker.lagging_keys(Q, limit=2, scan_limit=1)] == ["big"]
+    assert [info.key for info in broker.lagging_keys(Q, limit=400)][-1] == "big"
+    assert len(broker.lagging_keys(Q, limit=400)) == STUCK_PAGE + 6

@@ -42,7 +42,7 @@ from markupsafe import Markup, escape
 from ..broker import Broker, display_url
 from ..diagnosis import describe_seconds
 from ..errors import InvalidArgument, InvalidArgumentType, ShardedBrokerError
-from ..models import COUNTERS, KeyDiagnosis, MinuteMetrics
+from ..models import COUNTERS, KeyDiagnosis, KeyInfo, MinuteMetrics
 
 REFRESH_SECONDS = 2.0
 TOKEN_HEADER = "X-Dashboard-Token"
@@ -246,21 +246,25 @@ def create_app(
         return text
 
     jobs = ReplayJobs(broker, scrub)
-    stuck_lists: dict[str, tuple[float, list[KeyDiagnosis]]] = {}
+    stuck_lists: dict[str, tuple[float, tuple[list[KeyDiagnosis], list[KeyInfo]]]] = {}
     stuck_lock = threading.Lock()
     reuse_for = min(STUCK_REUSE_SECONDS, stuck_after)
 
-    def stuck_keys(queue: str) -> tuple[list[KeyDiagnosis], float]:
-        """The queue's stuck keys and when they were read (monotonic seconds)."""
+    def waiting_keys(queue: str) -> tuple[list[KeyDiagnosis], list[KeyInfo], float]:
+        """The queue's stuck and most lagging keys (both read by scanning every key in
+        bounded pages), and when they were read (monotonic seconds)."""
         with stuck_lock:
             kept = stuck_lists.get(queue)
         if kept is not None and time.monotonic() - kept[0] < reuse_for:
-            return kept[1], kept[0]
+            return (*kept[1], kept[0])
         read_at = time.monotonic()
-        found = broker.stuck_keys(queue, older_than=stuck_after, limit=HOT_KEYS * 2)
+        found = (
+            broker.stuck_keys(queue, older_than=stuck_after, limit=HOT_KEYS * 2),
+            broker.lagging_keys(queue, limit=HOT_KEYS),
+        )
         with stuck_lock:
             stuck_lists[queue] = (read_at, found)
-        return found, read_at
+        return (*found, read_at)
 
     app.jinja_env.filters.update(number=number, ago=ago, utc=utc, minute=clock_minute, seconds=describe_seconds)
     app.jinja_env.globals.update(
@@ -323,12 +327,12 @@ def create_app(
     @app.get("/queue")
     def queue_page() -> str:
         name = known_queue(request.args.get("q"))
-        stuck, read_at = stuck_keys(name)
+        stuck, lagging, read_at = waiting_keys(name)
         return page(
             "queue.html", queue=name, stats=broker.stats(name), stuck_age=time.monotonic() - read_at,
             chart=chart(broker.metrics(name, CHART_MINUTES), title=f"{name}, per minute, last {CHART_MINUTES} minutes"),
             hottest=broker.keys(name, HOT_KEYS, sort="backlog"),
-            lagging=broker.keys(name, HOT_KEYS, sort="lag"),
+            lagging=lagging,
             stuck=stuck, stuck_after=stuck_after,
             dead=broker.dead_letters(name, DEAD_SHOWN),
         )
