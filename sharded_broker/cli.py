@@ -731,7 +731,7 @@ def why(
     if diagnosis.head is not None:
         out.print(
             f"next message: {diagnosis.head.id}, waiting {describe_seconds(diagnosis.waited)}, "
-            f"{diagnosis.head.attempts} delivery(ies) so far",
+            f"deliveries so far: {diagnosis.head.attempts}",
             markup=False,
         )
     for hold in diagnosis.holds:

@@ -57,7 +57,16 @@ def diagnose(facts: KeyFacts, settings: QueueSettings) -> KeyDiagnosis:
         return answer("paused", None, f"key {facts.key!r} is paused: resume it to deliver", paused_scope="key")
     if facts.slots >= settings.key_concurrency:
         until = min((hold.deadline for hold in facts.holds), default=None)
-        expiry = "" if until is None else f"; the lease expires in {describe_seconds(until - now)} unless acked or extended"
+        if until is None:
+            expiry = ""
+        elif until > now:
+            expiry = f"; the lease expires in {describe_seconds(until - now)} unless acked or extended"
+        else:
+            # Leases expire when a consumer next asks for messages: none has since.
+            expiry = (
+                f"; the lease expired {describe_seconds(now - until)} ago and goes back to the key "
+                "at the next lease call of any consumer (none since: is one running?)"
+            )
         if settings.key_concurrency == 1:
             hold = facts.holds[0] if facts.holds else None
             who = "" if hold is None else (

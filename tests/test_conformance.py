@@ -1197,3 +1197,13 @@ def test_lagging_keys_in_bounded_pages(broker: Broker, clock: FakeClock) -> None
     assert [info.key for info in broker.lagging_keys(Q, limit=2, scan_limit=1)] == ["big"]
     assert [info.key for info in broker.lagging_keys(Q, limit=400)][-1] == "big"
     assert len(broker.lagging_keys(Q, limit=400)) == STUCK_PAGE + 6
+
+
+def test_why_a_lease_past_its_deadline_waits_for_a_consumer(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue_many(Q, [Message(b"1", key="a"), Message(b"2", key="a")])
+    [lease] = broker.lease(Q, visibility_timeout=10)
+    clock.advance(25)  # expired, but nothing returns it until a consumer calls lease
+    why = broker.why(Q, "a")
+    assert why.reason == "leased" and why.until == pytest.approx(lease.deadline)
+    assert "expired 15 s ago" in why.summary and "is one running?" in why.summary
+    assert payloads(broker.lease(Q)) == [b"1"]  # the next lease call returns and redelivers it
