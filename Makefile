@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv redis-server demo lint test reliability bench bench-full clean
+.PHONY: help venv redis-server chromium demo lint test reliability bench bench-full clean
 
 help:
 	@echo "make demo         run the per-key FIFO demo on the embedded default (no server)"
@@ -25,6 +25,10 @@ venv: $(STAMP)
 redis-server:
 	@scripts/ensure-redis-server
 
+# Debian's chromium and chromium-driver, for the dashboard's browser tests.
+chromium:
+	@scripts/ensure-chromium
+
 demo: venv
 	$(PY) examples/demo.py
 
@@ -32,7 +36,7 @@ lint: venv
 	$(VENV)/bin/ruff check sharded_broker integrations
 	$(VENV)/bin/mypy sharded_broker integrations
 
-test: venv redis-server lint
+test: venv redis-server chromium lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 reliability: venv redis-server

@@ -20,7 +20,7 @@ from .errors import (
 )
 from .urls import display_url, redact_url
 from .models import (
-    DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
+    DeadLetter, Event, HeadMessage, HeldBatch, KeyDiagnosis, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
 )
 
 __all__ = [
@@ -31,9 +31,12 @@ __all__ = [
     "DeadLetter",
     "Event",
     "HeadMessage",
+    "HeldBatch",
     "InvalidArgument",
     "InvalidArgumentType",
     "InvalidURL",
+    "KeyDiagnosis",
+    "KeyFacts",
     "KeyInfo",
     "Lease",
     "LeaseResult",

@@ -93,7 +93,7 @@ from typing import Any, Literal, Sequence
 
 from .errors import ConfigurationError
 from .models import (
-    DeadLetter, Event, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
+    DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
     RetryPosition,
 )
 
@@ -102,6 +102,9 @@ KeySort = Literal["backlog", "lag"]
 DEFAULT_METRICS_WINDOW = 3600.0
 # Bounded cleanup: an operation forgets at most this many expired metric entries.
 METRICS_SWEEP_LIMIT = 20
+# key_facts reads at most this many entries of a queue's delayed (or leases) order to find
+# one key's first delayed message (or its leases in flight).
+WHY_READ_LIMIT = 10_000
 
 
 def metrics_window_option(value: Any) -> float:
@@ -302,6 +305,31 @@ class Backend(ABC):
     @abstractmethod
     def key_info(self, queue: str, key: str) -> KeyInfo:
         """One key with its head message (zeros and ``head=None`` for an unknown key)."""
+
+    @abstractmethod
+    def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
+        """What :func:`~sharded_broker.diagnosis.diagnose` needs to say why each key is not
+        moving, one :class:`KeyFacts` per key, in one consistent snapshot (one round trip).
+
+        Per key: O(log n) index lookups for its state, head, interval and pause; when it
+        holds a slot, its holds are found among the queue's leases in flight (O(L), L the
+        queue's leased messages, bounded by its consumers' prefetch, not by its backlog;
+        at most ``WHY_READ_LIMIT`` read); ``next_delayed`` is looked up only when nothing
+        is ready, in the queue's delayed order up to the key's first delayed message (at
+        most ``WHY_READ_LIMIT`` entries read, else ``None``). Unknown keys answer zeros.
+        """
+
+    @abstractmethod
+    def head_times(self, queue: str, keys: Sequence[str]) -> tuple[float, list[float | None]]:
+        """The backend's time, and the enqueue time of each key's head message (``None``:
+        nothing ready), in one round trip: an index read or two per key, so that a scan
+        for stuck keys reads in full only the keys whose head is old."""
+
+    @abstractmethod
+    def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
+        """Up to ``count`` keys with a backlog from position ``offset`` of the backlog
+        order (largest backlog first, ties by key): a page of a bounded scan of every key
+        (``keys --stuck``). Pages read while keys change may skip or repeat a key."""
 
     @abstractmethod
     def subscribe(self, queue: str) -> "EventSubscription":

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import importlib
 import time
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from . import urls
 from . import validation as check
 from .backend import Backend, EventSubscription, KeySort
+from .diagnosis import describe_seconds, diagnose
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
 from .models import (
-    DeadLetter, Event, KeyInfo, Lease, Message, MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
+    DeadLetter, Event, KeyDiagnosis, KeyFacts, KeyInfo, Lease, Message, MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
 )
 
 # scheme -> "module:Class", imported on first use so that a memory:// user needs no redis-py.
@@ -25,6 +28,11 @@ BACKENDS: dict[str, str] = {
 MAX_LEASE_LIMIT = 10_000
 MAX_METRICS_MINUTES = 7 * 24 * 60
 MAX_KEYS_LIMIT = 10_000
+T = TypeVar("T")
+# stuck_keys reads keys in pages of this many (a few bounded backend calls per page; see
+# there), and at most MAX_STUCK_SCAN keys in all.
+STUCK_PAGE = 200
+MAX_STUCK_SCAN = 100_000
 
 
 def backend_class(url: str) -> type[Backend]:
@@ -227,6 +235,19 @@ class Broker:
         (nothing changed)."""
         return self.release_many([lease])[0]
 
+    def release_lease(self, queue: str, message_id: str, token: str) -> bool:
+        """:meth:`release` by the lease's message id and token (what :meth:`why` shows in
+        ``holds``), for an operator who knows the lease's holder is dead."""
+        for value, name in ((message_id, "message id"), (token, "lease token")):
+            if not isinstance(value, str) or not value:
+                raise InvalidArgumentType(f"{name} must be a non-empty string, not {value!r:.80}")
+        lease = Lease(
+            queue=check.queue_name(queue), id=check.utf8_text(message_id, "message id"), key=None, payload=b"",
+            priority=0, attempts=0, headers={}, token=check.utf8_text(token, "lease token"), deadline=0.0,
+            enqueued_at=0.0, batch_id="",
+        )
+        return self.backend.release_many([lease])[0]
+
     def release_many(self, leases: Sequence[Lease]) -> list[bool]:
         """Release several leases in one round trip; one bool per lease (True also for a
         lease that an earlier lease of its batch in the same call returned)."""
@@ -351,6 +372,97 @@ class Broker:
             raise InvalidArgument("key_info needs a shard key")
         return self.backend.key_info(queue, key)
 
+    def why(self, queue: str, key: str) -> KeyDiagnosis:
+        """The one reason ``key``'s next message is not delivered now, and until when
+        (see :class:`KeyDiagnosis` and ``sharded_broker/diagnosis.py``), judged with this
+        broker's settings for ``queue`` (``key_concurrency``, default ``interval``)."""
+        queue = check.queue_name(queue)
+        key = check.shard_key(key)
+        if key is None:
+            raise InvalidArgument("why needs a shard key")
+        return self._diagnose(queue, self.backend.key_facts(queue, [key]))[0]
+
+    def stuck_keys(
+        self, queue: str, *, older_than: float = 60.0, limit: int = 100, scan_limit: int = 10_000
+    ) -> list[KeyDiagnosis]:
+        """Keys of ``queue`` whose head message has waited more than ``older_than`` seconds,
+        each with why it is not moving, the longest wait first (at most ``limit``).
+
+        Reads at most ``scan_limit`` keys (largest backlog first), in pages of
+        ``STUCK_PAGE`` keys: per page one call for the keys, one for their heads' ages, and
+        one for the facts of the keys whose head is old; never one call over every key."""
+        queue = check.queue_name(queue)
+        older_than = check.seconds(older_than, "older_than")
+        limit = check.positive_int(limit, "limit", maximum=MAX_KEYS_LIMIT)
+        scan_limit = check.positive_int(scan_limit, "scan_limit", maximum=MAX_STUCK_SCAN)
+        stuck: list[KeyDiagnosis] = []
+        last_delivered = _Lazy(lambda: self._last_delivered_minute(queue))
+        for offset in range(0, scan_limit, STUCK_PAGE):
+            page = self.backend.backlog_keys(queue, offset, min(STUCK_PAGE, scan_limit - offset))
+            if not page:
+                break
+            # Cheap first: only keys whose head is old are read in full.
+            now, heads = self.backend.head_times(queue, page)
+            old = [key for key, enqueued_at in zip(page, heads) if enqueued_at is not None and now - enqueued_at > older_than]
+            if old:
+                facts = self.backend.key_facts(queue, old)
+                waiting = [f for f in facts if f.head is not None and f.now - f.head.enqueued_at > older_than]
+                stuck.extend(self._diagnose(queue, waiting, last_delivered))
+            if len(page) < STUCK_PAGE:
+                break
+        stuck.sort(key=lambda d: (-d.waited, d.key))
+        return stuck[:limit]
+
+    def lagging_keys(self, queue: str, *, limit: int = 10, scan_limit: int = 10_000) -> list[KeyInfo]:
+        """The keys of ``queue`` whose head message has waited longest (``keys(sort="lag")``
+        in bounded pages): at most ``scan_limit`` keys read, largest backlog first, in pages
+        of ``STUCK_PAGE``, one call for the keys and one for their heads' ages each; then
+        the ``limit`` oldest are read in full."""
+        queue = check.queue_name(queue)
+        limit = check.positive_int(limit, "limit", maximum=MAX_KEYS_LIMIT)
+        scan_limit = check.positive_int(scan_limit, "scan_limit", maximum=MAX_STUCK_SCAN)
+        oldest: list[tuple[float, str]] = []  # (enqueued_at, key) of the limit oldest heads seen
+        for offset in range(0, scan_limit, STUCK_PAGE):
+            page = self.backend.backlog_keys(queue, offset, min(STUCK_PAGE, scan_limit - offset))
+            if not page:
+                break
+            _, heads = self.backend.head_times(queue, page)
+            oldest = heapq.nsmallest(
+                limit, oldest + [(t, key) for key, t in zip(page, heads) if t is not None]
+            )
+            if len(page) < STUCK_PAGE:
+                break
+        infos = [self.backend.key_info(queue, key) for _, key in oldest]
+        return sorted(infos, key=lambda info: (-info.lag, info.key))
+
+    def _last_delivered_minute(self, queue: str) -> float | None:
+        """The latest minute of the last hour in which a consumer took a message of ``queue``."""
+        delivering = [m.minute for m in self.backend.metrics(queue, 60, None) if m.delivered]
+        return delivering[-1] if delivering else None
+
+    def _diagnose(
+        self, queue: str, facts: Sequence[KeyFacts], last_delivered: "_Lazy[float | None] | None" = None
+    ) -> list[KeyDiagnosis]:
+        settings = self.settings(queue)
+        diagnoses = [diagnose(f, settings) for f in facts]
+        if not any(d.reason == "ready" for d in diagnoses):
+            return diagnoses
+        # For a key that could be delivered now: is any consumer taking messages at all?
+        last = (last_delivered or _Lazy(lambda: self._last_delivered_minute(queue))).value
+        answer = []
+        for d in diagnoses:
+            if d.reason == "ready":
+                if last is None:
+                    note = f"no consumer took a message of queue {queue!r} in the last hour: is one running?"
+                else:
+                    note = (
+                        f"a consumer last took a message of queue {queue!r} in the minute that started "
+                        f"{describe_seconds(d.now - last)} ago"
+                    )
+                d = dataclasses.replace(d, last_delivered_minute=last, summary=f"{d.summary}; {note}")
+            answer.append(d)
+        return answer
+
     def events(self, queue: str, *, timeout: float | None = None) -> "EventStream":
         """Subscribe to ``queue``'s lifecycle events (enqueued, delivered, acked, retried,
         dead) from now on. Iterate the answer for :class:`Event` values; iteration ends
@@ -380,6 +492,22 @@ class Broker:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class _Lazy(Generic[T]):
+    """A value computed on first use only (at most once)."""
+
+    def __init__(self, compute: Callable[[], T]) -> None:
+        self._compute = compute
+        self._done = False
+        self._value: T | None = None
+
+    @property
+    def value(self) -> T:
+        if not self._done:
+            self._value = self._compute()
+            self._done = True
+        return self._value  # type: ignore[return-value]
 
 
 class EventStream:

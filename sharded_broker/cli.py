@@ -48,8 +48,9 @@ from rich.text import Text
 
 from . import urls
 from .broker import Broker, connect
+from .diagnosis import describe_seconds
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL, ShardedBrokerError
-from .models import COUNTERS, DeadLetter, Event, KeyInfo, MinuteMetrics, QueueStats
+from .models import COUNTERS, DeadLetter, Event, KeyDiagnosis, KeyInfo, MinuteMetrics, QueueStats
 
 URL_ENVVAR = "SHARDED_BROKER_URL"
 # What a command reports in one line instead of a traceback: every error the engine and
@@ -659,23 +660,143 @@ def _key_json(info: KeyInfo) -> dict[str, Any]:
     return info.as_dict()
 
 
+# The queue settings why and keys --stuck judge by: those of the app's processes, which
+# the command cannot see (a key's own interval is stored in the broker and always known).
+def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option(
+        "--interval", "default_interval", type=click.FloatRange(min=0), default=None,
+        help="The queue's default rate interval in the app, in seconds (default 0).",
+    )(command)
+    return click.option(
+        "--key-concurrency", type=click.IntRange(min=1, max=10_000), default=None,
+        help="The queue's key_concurrency in the app (default 1).",
+    )(command)
+
+
+def _configure(broker: Broker, queue: str, key_concurrency: int | None, default_interval: float | None) -> None:
+    settings: dict[str, Any] = {}
+    if key_concurrency is not None:
+        settings["key_concurrency"] = key_concurrency
+    if default_interval is not None:
+        settings["interval"] = default_interval
+    if settings:
+        broker.configure_queue(queue, **settings)
+
+
+def diagnosis_json(diagnosis: KeyDiagnosis) -> dict[str, Any]:
+    return diagnosis.as_dict()
+
+
+def _until_text(diagnosis: KeyDiagnosis) -> str:
+    if diagnosis.until is None:
+        return "-"
+    return f"in {describe_seconds(diagnosis.until - diagnosis.now)}"
+
+
+@main.command()
+@click.argument("queue")
+@click.argument("key")
+@settings_options
+@json_option
+@pass_session
+def why(
+    session: Session, queue: str, key: str, key_concurrency: int | None, default_interval: float | None,
+    as_json: bool,
+) -> None:
+    """Why is KEY of QUEUE not moving? The one reason its next message is not delivered
+    now, and until when.
+
+    Reasons: paused (the key or the queue), leased (by which lease, its delivery count and
+    deadline; for a batch, how many settled), key_concurrency (every slot in use),
+    interval (next delivery allowed at), retry (a retry holds the key until), delayed
+    (nothing due yet), ready (waiting for a consumer, with the queue's last delivery),
+    empty (nothing waiting). With --json: the KeyDiagnosis fields (queue, key, reason,
+    until, summary, now, backlog, head, holds, interval, paused_scope, ready_since,
+    last_delivered_minute, waited).
+    """
+    broker = session.broker()
+    _require_queue(broker, queue)
+    _configure(broker, queue, key_concurrency, default_interval)
+    diagnosis = broker.why(queue, key)
+    if as_json:
+        _print_json(diagnosis_json(diagnosis))
+        return
+    out = session.stdout
+    out.print(Text.assemble((diagnosis.reason, "bold"), f": {diagnosis.summary}"))
+    if diagnosis.until is not None:
+        out.print(f"until: {format_time(diagnosis.until)} ({_until_text(diagnosis)})", markup=False)
+    out.print(f"backlog: {diagnosis.backlog:,} message(s)", markup=False)
+    if diagnosis.head is not None:
+        out.print(
+            f"next message: {diagnosis.head.id}, waiting {describe_seconds(diagnosis.waited)}, "
+            f"deliveries so far: {diagnosis.head.attempts}",
+            markup=False,
+        )
+    for hold in diagnosis.holds:
+        batch = f", batch of {hold.size} ({hold.settled} settled)" if hold.size > 1 else ""
+        out.print(
+            f"lease: message {hold.message_id} token {hold.token}, delivery {hold.attempts}, "
+            f"deadline {format_time(hold.deadline)}{batch}",
+            markup=False,
+        )
+
+
+def stuck_table(diagnoses: Sequence[KeyDiagnosis]) -> Table:
+    table = Table(header_style="bold")
+    table.add_column("key")
+    table.add_column("waited", justify="right", no_wrap=True)
+    table.add_column("backlog", justify="right")
+    table.add_column("reason", no_wrap=True)
+    table.add_column("until", no_wrap=True)
+    table.add_column("why")
+    for d in diagnoses:
+        table.add_row(
+            Text(d.key), describe_seconds(d.waited), f"{d.backlog:,}", d.reason, _until_text(d), Text(d.summary)
+        )
+    return table
+
+
 @main.command("keys")
 @click.argument("queue")
 @click.option("--sort", type=click.Choice(["backlog", "lag"]), default="backlog", show_default=True,
               help="Largest backlog first, or oldest head message first.")
 @click.option("--limit", type=click.IntRange(min=1, max=10_000), default=50, show_default=True,
               help="List at most this many keys.")
+@click.option("--stuck", is_flag=True,
+              help="Only keys whose next message has waited longer than --older-than, with why.")
+@click.option("--older-than", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="With --stuck: seconds a key's next message has waited.")
+@settings_options
 @json_option
 @pass_session
-def keys_command(session: Session, queue: str, sort: str, limit: int, as_json: bool) -> None:
+def keys_command(
+    session: Session, queue: str, sort: str, limit: int, stuck: bool, older_than: float,
+    key_concurrency: int | None, default_interval: float | None, as_json: bool,
+) -> None:
     """The shard keys of QUEUE that hold messages.
 
     Backlog counts a key's ready, delayed and leased messages; leased its batches in
     flight; lag the age of its next message. With --json: a list of objects (queue, key,
     backlog, leased, lag, paused, interval, head).
+
+    With --stuck: the keys whose next message has waited longer than --older-than
+    seconds, longest first, each with the reason it is not moving (as `why` says), read
+    in bounded pages of keys. With --json: a list of `why --json` objects.
     """
     broker = session.broker()
     _require_queue(broker, queue)
+    if stuck:
+        _configure(broker, queue, key_concurrency, default_interval)
+        diagnoses = broker.stuck_keys(queue, older_than=older_than, limit=limit)
+        if as_json:
+            _print_json([diagnosis_json(d) for d in diagnoses])
+        elif not diagnoses:
+            session.stdout.print(
+                f"no key of {queue!r} has waited longer than {describe_seconds(older_than)}", markup=False
+            )
+        else:
+            session.stdout.print(stuck_table(diagnoses))
+        return
     infos = broker.keys(queue, limit, sort=sort)  # type: ignore[arg-type]
     if as_json:
         _print_json([_key_json(info) for info in infos])
@@ -973,6 +1094,77 @@ def exporter(session: Session, port: int, host: str, queues: tuple[str, ...], to
         raise CommandFailed(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
     session.stderr.print(f"serving metrics of {session.safe_url} on http://{host}:{port}/metrics", markup=False)
     stop.wait()
+
+
+@main.command()
+@click.option("--url", "dashboard_url", metavar="URL", default=None,
+              help="Broker URL, as `sharded-broker --url` takes it (either place works).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. A non-loopback address needs --token.")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True,
+              help="Port to listen on (0: any free port, printed at start-up).")
+@click.option("--token", envvar="SHARDED_BROKER_DASHBOARD_TOKEN", default=None,
+              help="Token every action needs (default: one generated now and printed once). "
+                   "Also read from $SHARDED_BROKER_DASHBOARD_TOKEN.")
+@click.option("--read-only", is_flag=True, help="Show no actions and refuse every change.")
+@click.option("--stuck-after", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="A key is listed as stuck when its next message has waited this many seconds.")
+@settings_options
+@pass_session
+def dashboard(
+    session: Session, dashboard_url: str | None, host: str, port: int, token: str | None, read_only: bool,
+    stuck_after: float, key_concurrency: int | None, default_interval: float | None,
+) -> None:
+    """A web dashboard of the broker's queues, keys and dead letters, with actions
+    (pause/resume, intervals, replay or purge dead letters, release a dead lease).
+
+    Listens on 127.0.0.1:8000 by default. Actions need a token: --token, or one
+    generated at start-up and printed once, in the address to open (as the URL's
+    #fragment, which the browser never sends to the server). Needs the dashboard extra:
+    pip install 'sharded-broker[dashboard]'.
+    """
+    try:
+        from waitress import create_server
+
+        from .dashboard import BindRefused, check_bind, create_app, new_token
+    except ImportError as exc:
+        raise CommandFailed(
+            f"the dashboard needs Flask and waitress ({exc.name} is missing): pip install 'sharded-broker[dashboard]'"
+        ) from None
+    if dashboard_url:
+        session.url = normalize_url(dashboard_url)
+    try:
+        check_bind(host, token_given=bool(token))
+    except BindRefused as exc:
+        raise BadUsage(str(exc)) from None
+    options: dict[str, Any] = {}
+    if key_concurrency is not None:
+        options["key_concurrency"] = key_concurrency
+    if default_interval is not None:
+        options["interval"] = default_interval
+    broker = session.broker(**options)
+    broker.queues()  # reach the broker now: an unreachable one fails here, not on the first page
+    generated = token is None
+    action_token = new_token() if token is None else token
+    app = create_app(broker, session.url or "", token=action_token, read_only=read_only, stuck_after=stuck_after)
+    server = create_server(app, host=host, port=port, threads=8, ident="sharded-broker")
+    shown_host = f"[{host}]" if ":" in host else host
+    address = f"http://{shown_host}:{server.effective_port}/"
+    if read_only:
+        note = " (read-only)"
+    elif generated:
+        address += f"#token={action_token}"
+        note = " (the token after #token= is printed only now)"
+    else:
+        note = " (actions need the token given with --token)"
+    click.echo(f"dashboard of {session.safe_url}: {address}{note}")
+    sys.stdout.flush()
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
 
 
 def _stop_on_signals() -> threading.Event:

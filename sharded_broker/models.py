@@ -205,3 +205,101 @@ class Event:
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Why a key's next message is not delivered now (see sharded_broker/diagnosis.py).
+WhyReason = Literal["paused", "leased", "key_concurrency", "interval", "retry", "delayed", "ready", "empty"]
+
+
+@dataclass(frozen=True)
+class HeldBatch:
+    """One slot of a key in use: a lease of one message, or an ordered batch.
+
+    ``message_id``, ``token``, ``attempts`` and ``deadline`` are those of the batch's first
+    unsettled message (the lease an operator releases); ``size`` is how many messages the
+    batch was delivered with and ``settled`` how many of them are acked or dead-lettered
+    already. ``leased_at`` is when it was delivered, where the backend records it (the
+    memory backend; ``None`` elsewhere).
+    """
+
+    batch_id: str
+    message_id: str
+    token: str
+    attempts: int
+    deadline: float
+    size: int
+    settled: int
+    leased_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class KeyFacts:
+    """What a backend reads about one key, in one consistent snapshot, to say why it is
+    not moving: every index read is one lookup in an ordered index (see
+    :meth:`~sharded_broker.backend.Backend.key_facts`). Times are the backend's clock.
+
+    ``head`` is the key's first message in key order (None when nothing is ready);
+    ``next_delayed`` the earliest not-before time of its delayed messages (None: none,
+    or not looked up because a head exists); ``ready_at`` its time in the fairness order
+    (None: not waiting to be served); ``last_delivery`` its last delivery while a rate
+    interval applies; ``own_interval`` its own interval (None: the queue's default).
+    """
+
+    queue: str
+    key: str
+    now: float
+    queue_paused: bool
+    key_paused: bool
+    backlog: int
+    slots: int
+    head: HeadMessage | None
+    next_delayed: float | None
+    ready_at: float | None
+    last_delivery: float | None
+    own_interval: float | None
+    holds: tuple[HeldBatch, ...] = ()
+
+
+@dataclass(frozen=True)
+class KeyDiagnosis:
+    """The one reason a key's next message is not delivered now, and until when.
+
+    ``reason`` is one of :data:`WhyReason`: ``paused`` (``paused_scope`` says whether the
+    key or the whole queue), ``leased`` (its one slot is held: ``holds``),
+    ``key_concurrency`` (all ``key_concurrency`` slots held), ``interval`` (its rate
+    interval has not passed since its last delivery), ``retry`` (its head is a retry, or
+    an ``at_head`` delay, holding the key), ``delayed`` (nothing ready; its first delayed
+    message is due at ``until``), ``ready`` (deliverable now: waiting for a consumer) or
+    ``empty`` (no message waiting). ``until`` is when the reason ends by itself (``None``:
+    until someone acts, e.g. a resume). ``last_delivered_minute`` is, for ``ready``, the
+    latest minute in which any consumer took a message of the queue (``None``: none in
+    the metrics window, so no consumer seems to be running). ``summary`` says it all in
+    one sentence.
+    """
+
+    queue: str
+    key: str
+    reason: WhyReason
+    until: float | None
+    summary: str
+    now: float
+    backlog: int
+    head: HeadMessage | None
+    holds: tuple[HeldBatch, ...]
+    interval: float
+    paused_scope: Literal["key", "queue"] | None = None
+    ready_since: float | None = None
+    last_delivered_minute: float | None = None
+
+    @property
+    def waited(self) -> float:
+        """How long the head message has waited since it was enqueued (0 without one)."""
+        return max(0.0, self.now - self.head.enqueued_at) if self.head is not None else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        answer = dataclasses.asdict(self)
+        answer["waited"] = self.waited
+        return answer

@@ -215,6 +215,18 @@ def test_set_interval_needs_a_key(queued: Broker) -> None:
     assert_still_delivers_a1_b1(queued)
 
 
+def test_why_and_the_key_scans_refuse_bad_arguments(queued: Broker) -> None:
+    refused(queued, lambda: queued.why(Q, None), InvalidArgument, "why needs a shard key")
+    refused(queued, lambda: queued.why("bad queue", "a"), InvalidArgument, "queue name")
+    refused(queued, lambda: queued.stuck_keys(Q, older_than=-1), InvalidArgument, "older_than")
+    refused(queued, lambda: queued.stuck_keys(Q, older_than="1"), InvalidArgumentType, "older_than")
+    refused(queued, lambda: queued.stuck_keys(Q, limit=0), InvalidArgument, "limit")
+    refused(queued, lambda: queued.lagging_keys(Q, scan_limit=10**9), InvalidArgument, "scan_limit")
+    refused(queued, lambda: queued.release_lease(Q, "", "token"), InvalidArgumentType, "message id")
+    refused(queued, lambda: queued.release_lease(Q, "id", None), InvalidArgumentType, "lease token")
+    assert_still_delivers_a1_b1(queued)
+
+
 # -- payloads, priorities, delays, headers, dedup ids ----------------------------------------------
 
 

@@ -252,6 +252,39 @@ def test_show_a_key(url: str) -> None:
 
 
 
+def test_why_a_key_is_not_moving(url: str) -> None:
+    seed(url)
+    with sharded_broker.connect(url) as broker:
+        [lease] = broker.lease("sms")
+        other = "user-1" if lease.key == "user-0" else "user-0"
+        broker.pause("sms", key=other)
+    held = json.loads(cli(url, "why", "sms", lease.key, "--json").stdout)
+    assert (held["reason"], held["backlog"], held["holds"][0]["message_id"]) == ("leased", 2, lease.id)
+    assert held["holds"][0]["token"] == lease.token and held["until"] == pytest.approx(lease.deadline)
+    result = cli(url, "why", "sms", other)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"paused: key '{other}' is paused: resume it to deliver")
+    # Judged with the app's key_concurrency when given: one slot of two is still free.
+    assert json.loads(cli(url, "why", "sms", lease.key, "--key-concurrency", "2", "--json").stdout)["reason"] == "ready"
+    assert json.loads(cli(url, "why", "email", "user-9", "--json").stdout)["reason"] == "delayed"
+    missing = cli(url, "why", "nope", "k")
+    assert missing.returncode == 1 and "unknown queue 'nope'" in one_error_line(missing)
+
+
+def test_keys_stuck_lists_waiting_keys_with_their_reason(url: str) -> None:
+    seed(url)
+    with sharded_broker.connect(url) as broker:
+        broker.pause("sms", key="user-1")
+    time.sleep(0.2)
+    stuck = json.loads(cli(url, "keys", "sms", "--stuck", "--older-than", "0.1", "--json").stdout)
+    assert {(d["key"], d["reason"]) for d in stuck} == {("user-0", "ready"), ("user-1", "paused")}
+    assert all(d["waited"] > 0.1 for d in stuck)
+    table = table_rows(cli(url, "keys", "sms", "--stuck", "--older-than", "0.1").stdout)
+    assert table["user-1"][3] == "paused"
+    none = cli(url, "keys", "sms", "--stuck", "--older-than", "3600")
+    assert none.returncode == 0 and "no key of 'sms' has waited longer than 1 h 0 min" in none.stdout
+
+
 def test_show_of_a_key_without_messages_settings_or_activity_fails(url: str) -> None:
     seed(url)
     for args in (("show", "sms", "nobody"), ("show", "sms", "nobody", "--json")):

@@ -1003,3 +1003,207 @@ def test_dead_letter_from_an_expired_batch(connect, clock: FakeClock) -> None:
     # a1 dies (one delivery allowed); a2 and a3 come back, their attempt not counted.
     assert [(x.payload, x.attempts) for x in broker.lease(Q, per_key=3, limit=3)] == [(b"a2", 1), (b"a3", 1)]
     assert [(d.payload, d.attempts) for d in broker.dead_letters(Q)] == [(b"a1", 1)]
+
+
+# -- why is a key not moving (broker.why, stuck_keys) -----------------------------------------
+
+
+def test_why_an_unknown_key_is_empty(broker: Broker) -> None:
+    why = broker.why(Q, "nobody")
+    assert (why.reason, why.until, why.backlog, why.head, why.holds) == ("empty", None, 0, None, ())
+
+
+def test_why_a_ready_key_waits_for_a_consumer(broker: Broker, clock: FakeClock) -> None:
+    mid = broker.enqueue(Q, b"1", key="a")
+    clock.advance(5)
+    why = broker.why(Q, "a")
+    assert (why.reason, why.until, why.backlog, why.head.id) == ("ready", None, 1, mid)
+    assert why.ready_since == pytest.approx(CLOCK_START)
+    assert why.waited == pytest.approx(5)
+    assert why.last_delivered_minute is None and "is one running?" in why.summary
+    broker.enqueue(Q, b"x", key="b")
+    [lease] = broker.lease(Q)  # key a was ready first
+    assert lease.id == mid
+    broker.ack(lease)
+    why = broker.why(Q, "b")
+    assert why.reason == "ready"
+    assert why.last_delivered_minute == 60 * ((CLOCK_START + 5) // 60)
+    assert "last took a message" in why.summary
+
+
+def test_why_a_paused_key_or_queue(broker: Broker) -> None:
+    broker.enqueue(Q, b"1", key="a")
+    broker.pause(Q, key="a")
+    why = broker.why(Q, "a")
+    assert (why.reason, why.paused_scope, why.until) == ("paused", "key", None)
+    broker.pause(Q)  # the queue's pause is the one that counts first
+    assert (broker.why(Q, "a").reason, broker.why(Q, "a").paused_scope) == ("paused", "queue")
+    broker.resume(Q)
+    broker.resume(Q, key="a")
+    assert broker.why(Q, "a").reason == "ready"
+
+
+def test_why_a_leased_key_names_its_lease(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue_many(Q, [Message(b"1", key="a"), Message(b"2", key="a")])
+    [lease] = broker.lease(Q, visibility_timeout=30)
+    clock.advance(4)
+    why = broker.why(Q, "a")
+    assert (why.reason, why.backlog) == ("leased", 2)
+    assert why.until == pytest.approx(lease.deadline)
+    [hold] = why.holds
+    assert (hold.message_id, hold.token, hold.attempts, hold.size, hold.settled) == (lease.id, lease.token, 1, 1, 0)
+    assert hold.deadline == pytest.approx(CLOCK_START + 30)
+    assert why.head is not None and why.head.id != lease.id  # the message that waits
+    # An operator who knows the holder is dead gives the lease back by id and token.
+    assert broker.release_lease(Q, hold.message_id, hold.token)
+    assert not broker.release_lease(Q, hold.message_id, hold.token)  # stale now
+    assert broker.why(Q, "a").reason == "ready"
+    assert payloads(broker.lease(Q)) == [b"1"]
+
+
+def test_why_a_batch_counts_its_settled_messages(broker: Broker) -> None:
+    broker.enqueue_many(Q, [Message(str(i).encode(), key="a") for i in range(4)])
+    batch = broker.lease(Q, 3, per_key=3)
+    assert broker.ack(batch[0])
+    [hold] = broker.why(Q, "a").holds
+    assert (hold.size, hold.settled, hold.message_id, hold.token) == (3, 1, batch[1].id, batch[1].token)
+
+
+def test_why_key_concurrency_reached(connect) -> None:
+    broker = connect()
+    broker.configure_queue(Q, key_concurrency=2)
+    broker.enqueue_many(Q, [Message(str(i).encode(), key="a") for i in range(3)])
+    first = broker.lease(Q)
+    assert broker.why(Q, "a").reason == "ready"  # one slot of two in use
+    second = broker.lease(Q)
+    why = broker.why(Q, "a")
+    assert why.reason == "key_concurrency"
+    assert {hold.message_id for hold in why.holds} == {first[0].id, second[0].id}
+    assert why.until == pytest.approx(min(first[0].deadline, second[0].deadline))
+
+
+def test_why_a_rate_interval(broker: Broker, clock: FakeClock) -> None:
+    broker.set_interval(Q, "a", 10)
+    broker.enqueue_many(Q, [Message(b"1", key="a"), Message(b"2", key="a")])
+    broker.ack(broker.lease(Q)[0])
+    clock.advance(3)
+    why = broker.why(Q, "a")
+    assert (why.reason, why.interval) == ("interval", 10)
+    assert why.until == pytest.approx(CLOCK_START + 10)
+    clock.advance(8)
+    assert broker.why(Q, "a").reason == "ready"
+
+
+def test_why_a_retry_holds_the_key(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue_many(Q, [Message(b"1", key="a"), Message(b"2", key="a")])
+    [lease] = broker.lease(Q)
+    broker.nack(lease, delay=20)
+    why = broker.why(Q, "a")
+    assert (why.reason, why.head.id, why.head.attempts) == ("retry", lease.id, 1)
+    assert why.until == pytest.approx(CLOCK_START + 20)
+
+
+def test_why_the_later_of_interval_and_retry_is_the_reason(broker: Broker, clock: FakeClock) -> None:
+    broker.set_interval(Q, "a", 5)
+    broker.enqueue(Q, b"1", key="a")
+    [lease] = broker.lease(Q)
+    broker.nack(lease, delay=20)
+    assert (broker.why(Q, "a").reason, broker.why(Q, "a").until) == ("retry", pytest.approx(CLOCK_START + 20))
+    broker.set_interval(Q, "a", 60)
+    assert (broker.why(Q, "a").reason, broker.why(Q, "a").until) == ("interval", pytest.approx(CLOCK_START + 60))
+
+
+def test_why_only_delayed_messages(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue(Q, b"other", key="b", delay=5)
+    broker.enqueue(Q, b"later", key="a", delay=40)
+    broker.enqueue(Q, b"sooner", key="a", delay=30)
+    why = broker.why(Q, "a")
+    assert (why.reason, why.head, why.backlog) == ("delayed", None, 2)
+    assert why.until == pytest.approx(CLOCK_START + 30)
+    clock.advance(31)  # due, and entering the key's order at the next lease call
+    assert broker.why(Q, "a").reason == "ready"
+    assert payloads(broker.lease(Q, 2)) == [b"other", b"sooner"]
+
+
+def test_stuck_keys_lists_long_waits_with_their_reasons(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue_many(Q, [Message(b"1", key="held"), Message(b"2", key="held")])
+    broker.lease(Q)
+    broker.enqueue(Q, b"1", key="paused")
+    broker.pause(Q, key="paused")
+    clock.advance(100)
+    broker.enqueue(Q, b"1", key="fresh")  # waited 10 s only
+    broker.enqueue(Q, b"1", key="later", delay=500)  # nothing ready: not stuck
+    clock.advance(10)
+    stuck = broker.stuck_keys(Q, older_than=60)
+    assert [(d.key, d.reason) for d in stuck] == [("held", "leased"), ("paused", "paused")]
+    assert stuck[0].waited == pytest.approx(110)
+    assert [d.key for d in broker.stuck_keys(Q, older_than=5)] == ["held", "paused", "fresh"]
+    assert [d.key for d in broker.stuck_keys(Q, older_than=5, limit=1)] == ["held"]
+
+
+def test_stuck_keys_reads_keys_in_pages(broker: Broker, clock: FakeClock) -> None:
+    from sharded_broker.broker import STUCK_PAGE
+
+    count = STUCK_PAGE + 7
+    broker.enqueue_many(Q, [Message(b"x", key=f"k{i:04}") for i in range(count)])
+    clock.advance(120)
+    assert len(broker.stuck_keys(Q, older_than=60, limit=10_000)) == count
+    assert len(broker.stuck_keys(Q, older_than=60, limit=10_000, scan_limit=STUCK_PAGE)) == STUCK_PAGE
+    assert broker.backend.backlog_keys(Q, count - 2, 10) == [f"k{count - 2:04}", f"k{count - 1:04}"]
+
+
+def test_key_facts_of_several_keys_in_one_call(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue_many(Q, [Message(b"a1", key="a"), Message(b"a2", key="a"), Message(b"b1", key="b")])
+    broker.enqueue(Q, b"c-later", key="c", delay=50)
+    broker.enqueue(Q, b"e-sooner", key="e", delay=20)
+    leases = {lease.key: lease for lease in broker.lease(Q, 2)}
+    facts = {f.key: f for f in broker.backend.key_facts(Q, ["a", "b", "c", "e", "nobody"])}
+    assert [h.message_id for h in facts["a"].holds] == [leases["a"].id]
+    assert [h.message_id for h in facts["b"].holds] == [leases["b"].id]
+    assert (facts["a"].backlog, facts["a"].slots, facts["a"].head.id != leases["a"].id) == (2, 1, True)
+    assert (facts["b"].head, facts["b"].next_delayed) == (None, None)  # leased, nothing else waiting
+    assert facts["c"].next_delayed == pytest.approx(CLOCK_START + 50)
+    assert facts["e"].next_delayed == pytest.approx(CLOCK_START + 20)
+    assert (facts["nobody"].backlog, facts["nobody"].holds, facts["nobody"].head) == (0, (), None)
+    # b has nothing waiting behind its lease: not stuck, whatever holds it.
+    assert [broker.why(Q, key).reason for key in "abce"] == ["leased", "empty", "delayed", "delayed"]
+
+
+def test_head_times_answer_each_keys_head_enqueue_time(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue(Q, b"a1", key="a")
+    clock.advance(3)
+    broker.enqueue_many(Q, [Message(b"a2", key="a"), Message(b"b1", key="b")])
+    broker.enqueue(Q, b"c", key="c", delay=60)
+    clock.advance(1)
+    now, times = broker.backend.head_times(Q, ["a", "b", "c", "nobody"])
+    assert now == pytest.approx(CLOCK_START + 4)
+    assert times[0] == pytest.approx(CLOCK_START) and times[1] == pytest.approx(CLOCK_START + 3)
+    assert times[2:] == [None, None]
+    broker.ack(broker.lease(Q)[0])  # a's head goes: its next message is the head now
+    assert broker.backend.head_times(Q, ["a"])[1][0] == pytest.approx(CLOCK_START + 3)
+
+
+def test_lagging_keys_in_bounded_pages(broker: Broker, clock: FakeClock) -> None:
+    from sharded_broker.broker import STUCK_PAGE
+
+    broker.enqueue_many(Q, [Message(b"x", key=f"k{i:04}") for i in range(STUCK_PAGE + 5)])
+    clock.advance(10)
+    broker.enqueue_many(Q, [Message(b"y", key="big") for _ in range(3)])  # largest backlog, youngest head
+    broker.enqueue(Q, b"z", key="later", delay=100)  # nothing ready: no lag
+    clock.advance(1)
+    lagging = broker.lagging_keys(Q, limit=3)
+    assert [info.key for info in lagging] == ["k0000", "k0001", "k0002"]
+    assert lagging[0].lag == pytest.approx(11)
+    assert [info.key for info in broker.lagging_keys(Q, limit=2, scan_limit=1)] == ["big"]
+    assert [info.key for info in broker.lagging_keys(Q, limit=400)][-1] == "big"
+    assert len(broker.lagging_keys(Q, limit=400)) == STUCK_PAGE + 6
+
+
+def test_why_a_lease_past_its_deadline_waits_for_a_consumer(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue_many(Q, [Message(b"1", key="a"), Message(b"2", key="a")])
+    [lease] = broker.lease(Q, visibility_timeout=10)
+    clock.advance(25)  # expired, but nothing returns it until a consumer calls lease
+    why = broker.why(Q, "a")
+    assert why.reason == "leased" and why.until == pytest.approx(lease.deadline)
+    assert "expired 15 s ago" in why.summary and "is one running?" in why.summary
+    assert payloads(broker.lease(Q)) == [b"1"]  # the next lease call returns and redelivers it

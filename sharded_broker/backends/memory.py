@@ -30,8 +30,8 @@ from ..backend import (
 )
 from ..errors import ConfigurationError
 from ..models import (
-    COUNTERS, DeadLetter, Event, EventType, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics,
-    QueueSettings, QueueStats, RetryPosition,
+    COUNTERS, DeadLetter, Event, EventType, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult, Message,
+    MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
 )
 from . import planner
 from .planner import SEQ_ORIGIN
@@ -61,6 +61,7 @@ class _Record:
     reason: str = ""
     died_at: float = 0.0
     ready_mark: int = -1  # the order of its valid entry in the queue's ready_ages heap
+    leased_at: float = 0.0  # when its current lease was delivered (an extension keeps it)
 
 
 @dataclass(eq=False, slots=True)
@@ -92,6 +93,7 @@ class _Queue:
     # an entry is valid while its record is ready with that order as its ready_mark.
     ready_ages: list[tuple[float, int, str]] = field(default_factory=list)
     batches: dict[str, list[str]] = field(default_factory=dict)  # batch id -> unsettled ids in order
+    batch_sizes: dict[str, int] = field(default_factory=dict)  # batch id -> how many it was delivered with
     tail_seq: int = SEQ_ORIGIN
     head_seq: int = SEQ_ORIGIN
     held_messages: bool = False  # listed by queues() once a message was enqueued
@@ -152,6 +154,7 @@ class _QueueStore:
 
     def __init__(self, backend: "MemoryBackend", q: _Queue, now: float) -> None:
         self.q = self.seqs = q
+        self.name = q.name
         self.now = now
         self._backend = backend
         self._order = backend._order
@@ -264,10 +267,12 @@ class _QueueStore:
         if batch_index == 0:
             q.batches[batch_id] = []
         q.batches[batch_id].append(rec.id)
+        q.batch_sizes[batch_id] = batch_index + 1
         self._set_state(rec, "leased")
         rec.attempts += 1
         rec.token = uuid.uuid4().hex
         rec.deadline = deadline
+        rec.leased_at = self.now
         rec.batch_id = batch_id
         heapq.heappush(q.leases, (deadline, next(self._order), rec.id, rec.token))
         return Lease(
@@ -333,6 +338,7 @@ class _QueueStore:
         if self.q.batches.get(rec.batch_id):
             return False
         self.q.batches.pop(rec.batch_id, None)
+        self.q.batch_sizes.pop(rec.batch_id, None)
         return True
 
     def due_delayed(self, limit: int) -> list[_Record]:
@@ -441,6 +447,39 @@ class _QueueStore:
     def next_deadline(self) -> float | None:
         return self.q.leases[0][0] if self.q.leases else None
 
+    # -- reads for key_facts
+
+    def key_head(self, key: str) -> HeadMessage | None:
+        ks = self.q.keys.get(key)
+        head = _top(self.q, ks.heap) if ks is not None else None
+        return _head_message(head) if head is not None else None
+
+    def first_delayed(self, keys: set[str], limit: int) -> dict[str, float]:
+        """Stale entries count among the ``limit`` read, as in the other backends' orders."""
+        found: dict[str, float] = {}
+        for due, _, mid in heapq.nsmallest(limit, self.q.delayed):
+            rec = self.q.messages.get(mid)
+            if rec is None or rec.key not in keys or rec.key in found or rec.state != "delayed" or rec.not_before != due:
+                continue
+            found[rec.key] = due
+            if len(found) == len(keys):
+                break
+        return found
+
+    def held_batches(self, keys: set[str], limit: int) -> dict[str, list[HeldBatch]]:
+        """From the queue's open batches (one per slot in use, so never more than its leases)."""
+        q, holds = self.q, dict[str, list[HeldBatch]]()
+        for batch_id, ids in itertools.islice(q.batches.items(), limit):
+            first = q.messages.get(ids[0]) if ids else None
+            if first is None or first.key not in keys:
+                continue
+            size = q.batch_sizes.get(batch_id, len(ids))
+            holds.setdefault(first.key, []).append(HeldBatch(
+                batch_id=batch_id, message_id=first.id, token=first.token, attempts=first.attempts,
+                deadline=first.deadline, size=size, settled=size - len(ids), leased_at=first.leased_at,
+            ))
+        return holds
+
     # -- dedup
 
     def expired_dedup(self, limit: int) -> list[tuple[str, str]]:
@@ -465,6 +504,10 @@ class _QueueStore:
     def pending(self, message_id: str) -> bool:
         rec = self.q.messages.get(message_id)
         return rec is not None and rec.state in ("ready", "delayed")
+
+
+def _head_message(rec: _Record) -> HeadMessage:
+    return HeadMessage(rec.id, rec.priority, rec.attempts, rec.enqueued_at, rec.not_before, len(rec.payload))
 
 
 def _order_entry(rec: _Record) -> tuple[int, int, str]:
@@ -775,10 +818,29 @@ class MemoryBackend(Backend):
             lag=max(0.0, now - head.enqueued_at) if head is not None else 0.0,
             paused=key in q.paused_keys,
             interval=q.intervals.get(key),
-            head=None if head is None else HeadMessage(
-                head.id, head.priority, head.attempts, head.enqueued_at, head.not_before, len(head.payload)
-            ),
+            head=None if head is None else _head_message(head),
         )
+
+    # -- why is a key not moving ----------------------------------------------------------
+
+    def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
+        with self._store.lock:
+            q = self._store.queues.get(queue) or _Queue(name=queue)
+            return planner.key_facts(_QueueStore(self, q, self.now()), keys)
+
+    def head_times(self, queue: str, keys: Sequence[str]) -> tuple[float, list[float | None]]:
+        with self._store.lock:
+            q = self._store.queues.get(queue) or _Queue(name=queue)
+            heads = [_top(q, q.keys[key].heap) if key in q.keys else None for key in keys]
+            return self.now(), [None if head is None else head.enqueued_at for head in heads]
+
+    def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
+        with self._store.lock:
+            q = self._store.queues.get(queue)
+            if q is None:
+                return []
+            ranked = sorted(q.key_counts.items(), key=lambda item: (-item[1], item[0]))
+            return [key for key, _ in ranked[offset : offset + count]]
 
     def subscribe(self, queue: str) -> EventSubscription:
         if not self._events:

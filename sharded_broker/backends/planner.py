@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
-from ..models import EventType, Lease, LeaseResult, Message, QueueSettings, RetryPosition
+from ..backend import WHY_READ_LIMIT
+from ..models import EventType, HeadMessage, HeldBatch, KeyFacts, Lease, LeaseResult, Message, QueueSettings, RetryPosition
 
 # Tail seqs count up from here and head seqs count down, so every head seq sorts first.
 SEQ_ORIGIN = 2**52
@@ -64,6 +65,7 @@ class Store(Protocol[M]):
     """
 
     now: float
+    name: str  # the queue's
 
     # -- counters and queue state
     @property
@@ -129,6 +131,16 @@ class Store(Protocol[M]):
         """The unkeyed lane's first message, with (entered_at, entered order)."""
     def next_delayed_due(self) -> float | None: ...
     def next_deadline(self) -> float | None: ...
+
+    # -- reads for key_facts (nothing changes)
+    def key_head(self, key: str, /) -> HeadMessage | None:
+        """The key's first ready message, as shown to people."""
+    def first_delayed(self, keys: set[str], limit: int, /) -> dict[str, float]:
+        """The due time of each key's first delayed message, found in the queue's delayed
+        order (at most ``limit`` entries read)."""
+    def held_batches(self, keys: set[str], limit: int, /) -> dict[str, list[HeldBatch]]:
+        """Each key's batches in flight, found among the queue's leases (at most ``limit``
+        read)."""
 
     # -- dedup
     def expired_dedup(self, limit: int, /) -> list[tuple[str, str]]:
@@ -476,6 +488,37 @@ def replay(s: Store[M], ids: Sequence[str] | None, position: RetryPosition) -> i
         if msg.key is not None:
             schedule(s, msg.key, s.now, keep_place=True)
     return len(messages)
+
+
+def key_facts(s: Store[M], keys: Sequence[str]) -> list[KeyFacts]:
+    """What :func:`sharded_broker.diagnosis.diagnose` needs about each key, read in the
+    store's one atomic step: per key its counts, settings and head; then once for all the
+    keys the queue's leases in flight (for the keys holding a slot) and its delayed order
+    (for the keys with nothing ready), at most WHY_READ_LIMIT entries each."""
+    heads = {key: s.key_head(key) for key in keys}
+    waiting = {key for key, head in heads.items() if head is None}
+    next_delayed = s.first_delayed(waiting, WHY_READ_LIMIT) if waiting else {}
+    holding = {key for key in keys if s.key_slots(key)}
+    holds = s.held_batches(holding, WHY_READ_LIMIT) if holding else {}
+    queue_paused = s.paused()
+    return [
+        KeyFacts(
+            queue=s.name,
+            key=key,
+            now=s.now,
+            queue_paused=queue_paused,
+            key_paused=s.key_paused(key),
+            backlog=s.key_count(key),
+            slots=s.key_slots(key),
+            head=heads[key],
+            next_delayed=next_delayed.get(key),
+            ready_at=s.key_ready_at(key),
+            last_delivery=s.key_last_delivery(key),
+            own_interval=s.key_interval(key),
+            holds=tuple(sorted(holds.get(key, ()), key=lambda hold: (hold.deadline, hold.message_id))),
+        )
+        for key in keys
+    ]
 
 
 def reschedule(s: Store[M], key: str) -> None:

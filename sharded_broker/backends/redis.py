@@ -62,7 +62,7 @@ from ..backend import (
 from ..errors import BackendError, BackendUnavailable, ConfigurationError
 from ..urls import redact_url
 from ..models import (
-    COUNTERS, DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings,
+    COUNTERS, DeadLetter, Event, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings,
     QueueStats, RetryPosition,
 )
 from ..validation import queue_name
@@ -75,7 +75,7 @@ QUEUE_KEYS = (
 )
 QUEUE_FUNCTIONS = (
     "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_paused", "stats",
-    "dead_letters", "dead_order", "replay", "purge", "metrics", "keys",
+    "dead_letters", "dead_order", "replay", "purge", "metrics", "keys", "why",
 )
 EXCHANGE_FUNCTIONS = ("bind", "unbind")
 # Redis Functions (FUNCTION LOAD, FCALL) came with Redis 7.0.
@@ -611,6 +611,52 @@ class RedisBackend(Backend):
             interval=int(interval) / 1e6 if interval else None,
             head=head,
         )
+
+    def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
+        """One call of the ``why`` function for all ``keys`` (lua/why.lua)."""
+        now_us, queue_paused, *rows = self._run(
+            "why", queue, [self._clock_arg(), "facts", *(_text(key) for key in keys)]
+        )
+        facts = []
+        for key, paused, backlog, slots, ready_at, last_delivery, interval, head_row, next_delayed, holds in rows:
+            head = None
+            if head_row:
+                mid, priority, attempts, enqueued_at, not_before, size = head_row
+                head = HeadMessage(_str(mid), int(priority), int(attempts), enqueued_at / 1e6, not_before / 1e6, int(size))
+            facts.append(KeyFacts(
+                queue=queue,
+                key=_str(key),
+                now=now_us / 1e6,
+                queue_paused=bool(queue_paused),
+                key_paused=bool(paused),
+                backlog=int(backlog),
+                slots=int(slots),
+                head=head,
+                next_delayed=None if next_delayed == b"" else int(next_delayed) / 1e6,
+                ready_at=None if ready_at == b"" else int(ready_at) / 1e6,
+                last_delivery=None if last_delivery == b"" else int(last_delivery) / 1e6,
+                own_interval=None if interval == b"" else int(interval) / 1e6,
+                holds=tuple(sorted(
+                    (
+                        HeldBatch(
+                            batch_id=_str(batch_id), message_id=_str(mid), token=_str(token), attempts=int(attempts),
+                            deadline=int(deadline) / 1e6, size=int(size), settled=int(settled),
+                        )
+                        for batch_id, mid, token, attempts, deadline, size, settled in holds
+                    ),
+                    key=lambda hold: (hold.deadline, hold.message_id),
+                )),
+            ))
+        return facts
+
+    def head_times(self, queue: str, keys: Sequence[str]) -> tuple[float, list[float | None]]:
+        now_us, *times = self._run("why", queue, [self._clock_arg(), "heads", *(_text(key) for key in keys)])
+        return now_us / 1e6, [None if t == b"" else int(t) / 1e6 for t in times]
+
+    def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
+        backlog_key = self._keys(queue)[QUEUE_KEYS.index("backlog")]
+        with self._errors():
+            return [_str(key) for key in self._client.zrange(backlog_key, offset, offset + count - 1)]
 
     def subscribe(self, queue: str) -> EventSubscription:
         if not self._events:

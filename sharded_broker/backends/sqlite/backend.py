@@ -20,7 +20,8 @@ from ...backend import (
 )
 from ...errors import ConfigurationError
 from ...models import (
-    DeadLetter, Event, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
+    DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
+    RetryPosition,
 )
 from ...urls import sqlite_file
 from .. import planner
@@ -267,6 +268,15 @@ class SQLiteBackend(Backend):
 
     def key_info(self, queue: str, key: str) -> KeyInfo:
         return self._read(lambda tx: tx.key_info(queue, key))
+
+    def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
+        return self._read(lambda tx: tx.key_facts(queue, keys))
+
+    def head_times(self, queue: str, keys: Sequence[str]) -> tuple[float, list[float | None]]:
+        return self._read(lambda tx: tx.head_times(queue, keys))
+
+    def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
+        return self._read(lambda tx: tx.backlog_keys(queue, offset, count))
 
     # -- bindings -----------------------------------------------------------------------
 

@@ -56,6 +56,18 @@ DELETE FROM messages WHERE id = ? AND queue = ? AND state = 'leased' AND token =
 SELECT not_before, entered_at FROM messages WHERE queue = ? AND key = ? AND state = 'ready'
 ORDER BY priority, seq LIMIT 1;
 
+-- name: key_head_enqueued_at
+SELECT enqueued_at FROM messages WHERE queue = ? AND key = ? AND state = 'ready' ORDER BY priority, seq LIMIT 1;
+
+-- name: delayed_order
+-- key_facts: the queue's delayed order, read up to each waiting key's first entry.
+SELECT not_before, key FROM messages WHERE queue = ? AND state = 'delayed' ORDER BY not_before, timer_order LIMIT ?;
+
+-- name: leases_in_flight
+-- key_facts: the queue's leases, grouped by key and batch by the reader.
+SELECT id, key, token, attempts, deadline, batch_id, batch_index FROM messages
+WHERE queue = ? AND state = 'leased' ORDER BY deadline, timer_order LIMIT ?;
+
 -- name: key_settings
 SELECT count, slots, interval, paused FROM keys WHERE queue = ? AND key = ?;
 
@@ -122,6 +134,9 @@ WHERE queue = ? AND key = ? AND minute >= ? AND minute <= ?;
 
 -- name: keys_by_backlog
 SELECT key FROM keys WHERE queue = ? AND count > 0 ORDER BY count DESC, key LIMIT ?;
+
+-- name: keys_by_backlog_page
+SELECT key FROM keys WHERE queue = ? AND count > 0 ORDER BY count DESC, key LIMIT ? OFFSET ?;
 
 -- name: keys_with_backlog
 SELECT key FROM keys WHERE queue = ? AND count > 0;

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 from ...backend import METRICS_SWEEP_LIMIT, KeySort, expired_before, metric_minutes, minute_of
 from ...models import (
-    COUNTERS, DeadLetter, HeadMessage, KeyInfo, Lease, Message, MinuteMetrics, QueueStats,
+    COUNTERS, DeadLetter, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, Message, MinuteMetrics, QueueStats,
 )
 from .. import planner
 from ..planner import SEQ_ORIGIN
@@ -144,6 +144,15 @@ class _Message:
         self.enqueued_at, self.dedup_id, self.entered_at, self.entered_order = enqueued_at, dedup_id, entered_at, entered_order
 
 
+def _head_message(row: Any) -> HeadMessage | None:
+    """A key_head row as shown to people."""
+    if row is None:
+        return None
+    return HeadMessage(
+        row["id"], row["priority"], row["attempts"], row["enqueued_at"], row["not_before"], len(row["payload"])
+    )
+
+
 def _message_id() -> str:
     """A fresh message id: 32 hex digits like a uuid4's, the time in milliseconds first and
     then 80 random bits, so that new ids go to the end of the id index (whose last pages
@@ -225,6 +234,11 @@ class Transaction:
         """Queue ``name`` as the planner's store (None: a queue without a row)."""
         q = self.queue(name)
         return QueueStore(self, q) if q is not None else None
+
+    def read_store(self, name: str) -> "QueueStore":
+        """Queue ``name`` as the planner's store for reading: an empty one for a queue
+        without a row (nothing is written for it)."""
+        return self.store(name) or QueueStore(self, _QueueRow(name))
 
     def created_store(self, name: str) -> "QueueStore":
         """Queue ``name`` as the planner's store, its row created if it has none."""
@@ -433,13 +447,7 @@ class Transaction:
     def key_info(self, queue: str, key: str) -> KeyInfo:
         self.queue(queue)  # the queue's clock
         row = self.one("key_settings", queue, key)
-        first = self.one("key_head", queue, key, 1)
-        head = None
-        if first is not None:
-            head = HeadMessage(
-                first["id"], first["priority"], first["attempts"], first["enqueued_at"], first["not_before"],
-                len(first["payload"]),
-            )
+        head = _head_message(self.one("key_head", queue, key, 1))
         return KeyInfo(
             queue=queue,
             key=key,
@@ -450,6 +458,17 @@ class Transaction:
             interval=row["interval"] if row else None,
             head=head,
         )
+
+    def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
+        return planner.key_facts(self.read_store(queue), keys)
+
+    def head_times(self, queue: str, keys: Sequence[str]) -> tuple[float, list[float | None]]:
+        self.queue(queue)  # the queue's clock
+        heads = [self.one("key_head_enqueued_at", queue, key) for key in keys]
+        return self.now, [None if head is None else head[0] for head in heads]
+
+    def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
+        return [key for (key,) in self.all("keys_by_backlog_page", queue, count, offset)]
 
     def purge_chunk(self, queue: str, dead: bool, budget: int | None, chunk: int) -> tuple[int, int]:
         """Delete at most ``chunk`` (and at most ``budget``; None: as many as there are
@@ -489,6 +508,7 @@ class QueueStore:
     def __init__(self, tx: Transaction, q: _QueueRow) -> None:
         self.tx = tx
         self.q = self.seqs = q
+        self.name = q.name
         self.now = tx.now
         self._db = tx.db
 
@@ -732,6 +752,38 @@ class QueueStore:
 
     def next_deadline(self) -> float | None:
         return self.tx.one("next_deadline", self.q.name)[0]
+
+    # -- reads for key_facts
+
+    def key_head(self, key: str) -> HeadMessage | None:
+        return _head_message(self.tx.one("key_head", self.q.name, key, 1))
+
+    def first_delayed(self, keys: set[str], limit: int) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for due, owner in self.tx.all("delayed_order", self.q.name, limit):
+            if owner in keys and owner not in found:
+                found[owner] = due
+                if len(found) == len(keys):
+                    break
+        return found
+
+    def held_batches(self, keys: set[str], limit: int) -> dict[str, list[HeldBatch]]:
+        """The batch's size is not stored: messages are settled in batch order as a rule,
+        so it is counted up to its last unsettled message; ``leased_at`` is not stored."""
+        batches: dict[str, dict[str, list[Any]]] = {}
+        for row in self.tx.all("leases_in_flight", self.q.name, limit):
+            if row["key"] in keys:
+                batches.setdefault(row["key"], {}).setdefault(row["batch_id"] or row["id"], []).append(row)
+        holds: dict[str, list[HeldBatch]] = {}
+        for key, by_batch in batches.items():
+            for batch_id, members in by_batch.items():
+                members.sort(key=lambda member: member["batch_index"])
+                first, size = members[0], members[-1]["batch_index"] + 1
+                holds.setdefault(key, []).append(HeldBatch(
+                    batch_id=batch_id, message_id=first["id"], token=first["token"], attempts=first["attempts"],
+                    deadline=first["deadline"], size=size, settled=size - len(members),
+                ))
+        return holds
 
     # -- dedup
 
