@@ -314,8 +314,8 @@ def _full_scans(conn: sqlite3.Connection, statement: str) -> list[str]:
 
 
 def test_hot_statements_read_through_indexes(db_url: str) -> None:
-    """Every statement that enqueue, lease, ack, nack, extend, expiry and delays run is
-    planned with an index: no full-table scan and no sort on any hot path."""
+    """Every statement that enqueue, lease, ack, nack, extend, expiry, delays and the
+    why-not-moving reads run is planned with an index: no full-table scan and no sort on any hot path."""
     broker = sharded_broker.connect(db_url, max_deliveries=2, key_concurrency=2, interval=0.0)
     broker.enqueue_many("jobs", [Message(b"x", key=f"k{i % 50}", dedup_id=f"d{i}") for i in range(500)])
     conn = broker.backend._connection()
@@ -337,6 +337,10 @@ def test_hot_statements_read_through_indexes(db_url: str) -> None:
         broker.resume("jobs", key="k4")
         broker.stats("jobs")
         broker.dead_letters("jobs")
+        # why and keys --stuck: the key rows and heads, the delayed order, the leases.
+        broker.why("jobs", "k1")
+        broker.stuck_keys("jobs", older_than=0.0)
+        broker.lagging_keys("jobs")
         broker.purge("jobs")
         broker.purge("jobs", dead=True)
     finally:
