@@ -71,7 +71,7 @@ from ..validation import queue_name
 # _common.lua).
 QUEUE_KEYS = (
     "msgs", "ready", "keyq", "state", "backlog", "delayed", "leases", "dedupexp", "dead", "readyage",
-    "metrics", "metricskeys", "signal", "events",
+    "metrics", "signal", "events", "kmetrics0", "kmetrics1", "kmetrics2",
 )
 QUEUE_FUNCTIONS = (
     "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_paused", "stats",

@@ -56,7 +56,7 @@
 -- (payload).
 
 local MSGS, READY, KEYQ, STATE, BACKLOG, DELAYED, LEASES, DEDUPEXP, DEAD, READYAGE, METRICS,
-  METRICSKEYS, SIGNAL, EVENTS = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14
+  SIGNAL, EVENTS, KMETRICS0, KMETRICS1, KMETRICS2 = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16
 
 -- Tail seqs count up from here and head seqs count down, so every head seq sorts first.
 local SEQ_ORIGIN = 4503599627370496 -- 2^52
@@ -72,9 +72,9 @@ local BLOCK = 64
 local BLOCK_TEXT = '64'
 local COUNTER_LETTERS = { enqueued = 'e', delivered = 'd', acked = 'a', retried = 'r', dead = 'x' }
 local LETTERS = { 'e', 'd', 'a', 'r', 'x' }
-local METRICS_SWEEP_LIMIT = 20
--- At most this many fields forgotten per call, however many it created.
-local METRICS_SWEEP_MAX = 1000
+-- Per-key metrics hashes taking turns (see key_span), by slot number from 0.
+local KMETRICS = { [0] = KMETRICS0, KMETRICS1, KMETRICS2 }
+local KMETRICS_SLOTS = 3
 
 -- Numbers given to redis.call are turned into text by Redis with a float format (slow):
 -- small counts go as text from this table, made once when the library loads.
@@ -145,7 +145,7 @@ end
 local function begin(keys)
   K = keys
   CACHE, RAW, BLOCKS, KEYSTATE = {}, {}, {}, {}
-  OBSERVE = { opts = nil, counts = {}, events = {} }
+  OBSERVE = { opts = nil, counts = {}, keys = {}, events = {} }
 end
 
 -- The next number of a state counter ('#order', '#head', '#tail'), from this call's block.
@@ -346,14 +346,18 @@ local function uncount_key(key)
 end
 
 -- Count one lifecycle step of rec (per queue, and per key when it has one) and publish it.
+-- Counts are summed per call and written by flush_observed().
 local function record(counter, rec, now)
   local letter = COUNTER_LETTERS[counter]
-  local minute = string.format('%d', minute_of(now))
-  local field = minute .. ':' .. letter
-  OBSERVE.counts[field] = (OBSERVE.counts[field] or 0) + 1
+  local counts = OBSERVE.counts
+  counts[letter] = (counts[letter] or 0) + 1
   if rec.k then
-    local key_field = field .. ':' .. rec.k
-    OBSERVE.counts[key_field] = (OBSERVE.counts[key_field] or 0) + 1
+    local per_key = OBSERVE.keys[letter]
+    if not per_key then
+      per_key = {}
+      OBSERVE.keys[letter] = per_key
+    end
+    per_key[rec.k] = (per_key[rec.k] or 0) + 1
   end
   if OBSERVE.opts.publish then
     OBSERVE.events[#OBSERVE.events + 1] = counter .. '\0' .. rec.id .. '\0' .. (rec.k and ('+' .. rec.k) or '')
@@ -361,14 +365,40 @@ local function record(counter, rec, now)
   end
 end
 
--- Forget the queue's metrics fields of the minutes that left the window when a new
--- minute starts: they all lie in (last - kept minutes, last], so the work is bounded.
-local function sweep_queue_minutes(minute)
-  local last = tonumber(redis.call('HGET', K[STATE], '#qlast'))
+-- Per-key fields live in KMETRICS_SLOTS hashes that take turns: the minutes of span n (a
+-- span is ceil(key_kept / (KMETRICS_SLOTS - 1)) minutes) go to slot n % KMETRICS_SLOTS, so
+-- the slots hold at least the last key_kept minutes; when a new span starts, its slot
+-- (which holds a span that has left the window) is dropped whole (UNLINK: freed off the
+-- main thread), so no field needs an expiry entry of its own.
+local function key_span(minute, key_kept)
+  return math.floor(minute / 60 / math.ceil(key_kept / (KMETRICS_SLOTS - 1)))
+end
+
+-- The index (in K) of the hash holding the per-key fields of a minute.
+local function key_metrics_slot(minute, key_kept)
+  return KMETRICS[key_span(minute, key_kept) % KMETRICS_SLOTS]
+end
+
+-- Runs when a call makes a queue field of a new minute (the first call of each minute
+-- that counts anything): forget the queue's minutes that left the window (they all lie in
+-- (last - kept minutes, last], so the work is bounded) and start the key span.
+local function new_minute(minute)
+  local last, span_text = unpack(redis.call('HMGET', K[STATE], '#qlast', '#kspan'))
+  last = tonumber(last)
+  local span, old_span = key_span(minute, OBSERVE.opts.key_kept), tonumber(span_text)
+  if old_span == nil or span > old_span then
+    if old_span then
+      for n = old_span + 1, math.min(span, old_span + KMETRICS_SLOTS) do
+        local index = KMETRICS[n % KMETRICS_SLOTS]
+        redis.call('UNLINK', K[index])
+      end
+    end
+    redis.call('HSET', K[STATE], '#kspan', text(span))
+  end
   if last and last >= minute then
     return
   end
-  redis.call('HSET', K[STATE], '#qlast', string.format('%d', minute))
+  redis.call('HSET', K[STATE], '#qlast', num(minute))
   if not last then
     return
   end
@@ -377,9 +407,9 @@ local function sweep_queue_minutes(minute)
   local stop = math.min(last, minute - kept * 60)
   local fields = {}
   for m = first, stop, 60 do
-    local text = string.format('%d', m)
+    local prefix = num(m) .. ':'
     for _, letter in ipairs(LETTERS) do
-      fields[#fields + 1] = text .. ':' .. letter
+      fields[#fields + 1] = prefix .. letter
     end
   end
   if #fields > 0 then
@@ -387,47 +417,24 @@ local function sweep_queue_minutes(minute)
   end
 end
 
--- Forget up to `limit` per-key fields that left the key window, oldest first.
-local function sweep_key_fields(current, limit)
-  local oldest = redis.call('LRANGE', K[METRICSKEYS], '0', text(limit - 1))
-  local expired = 0
-  local key_kept = OBSERVE.opts.key_kept
-  for _, field in ipairs(oldest) do
-    local minute = tonumber(string.match(field, '^%d+')) or 0
-    if minute + (key_kept - 1) * 60 >= current then
-      break -- created in time order: the rest are younger
-    end
-    expired = expired + 1
-  end
-  if expired > 0 then
-    redis.call('HDEL', K[METRICS], unpack(oldest, 1, expired))
-    redis.call('LTRIM', K[METRICSKEYS], text(expired), '-1')
-  end
-end
-
 local function flush_observed(now)
-  local created = 0
-  local new_queue_minute = false
-  for field, added in pairs(OBSERVE.counts) do
-    if redis.call('HINCRBY', K[METRICS], field, text(added)) == added then
-      -- A field made by this call: index it for expiry.
-      if string.find(field, ':', string.find(field, ':', 1, true) + 1, true) then
-        redis.call('RPUSH', K[METRICSKEYS], field)
-        created = created + 1
-      else
-        new_queue_minute = true
-      end
+  local minute = minute_of(now)
+  local prefix = num(minute) .. ':'
+  local fresh = false
+  for letter, added in pairs(OBSERVE.counts) do
+    if redis.call('HINCRBY', K[METRICS], prefix .. letter, text(added)) == added then
+      fresh = true -- a field made by this call: a new minute for this counter
     end
   end
-  local current = minute_of(now)
-  if new_queue_minute then
-    sweep_queue_minutes(current)
+  if fresh then
+    new_minute(minute)
   end
-  -- Bounded cleanup of key fields that left their window, only when fields were created
-  -- (at least as many as were created, up to METRICS_SWEEP_MAX): the index then does not
-  -- grow faster than it is cleaned, and most calls skip the lookup.
-  if created > 0 then
-    sweep_key_fields(current, math.min(METRICS_SWEEP_MAX, math.max(METRICS_SWEEP_LIMIT, created)))
+  local index = key_metrics_slot(minute, OBSERVE.opts.key_kept)
+  for letter, per_key in pairs(OBSERVE.keys) do
+    local field_prefix = prefix .. letter .. ':'
+    for key, added in pairs(per_key) do
+      redis.call('HINCRBY', K[index], field_prefix .. key, text(added))
+    end
   end
   if #OBSERVE.events > 0 then
     redis.call('PUBLISH', K[EVENTS], table.concat(OBSERVE.events, '\n'))
