@@ -172,14 +172,45 @@ local function next_seq(at_head)
   return SEQ_ORIGIN + next_count('#tail')
 end
 
--- A delayed or leases member: the order of its entry, the id and, for a keyed message, its
--- key, so that a message whose record was destroyed still releases what its key holds.
+-- A delayed member: the order of its entry, the id and, for a keyed message, its key, so
+-- that a message whose record was destroyed still releases what its key holds.
 local function timer_member(rec)
   local member = string.format('%016x', rec.o) .. rec.id
   if rec.k then
     return member .. '\0' .. rec.k
   end
   return member
+end
+
+-- A leases member: the lease token (16 hex digits: the lease's order, shared by the
+-- messages of one batch; a batch of two or more is marked by a trailing 'b'), the id, and
+-- for a keyed message its key and, in a batch of two or more, the batch id. So a client
+-- holding (id, token, key, batch) names its lease without reading the record, and a
+-- lease whose record was destroyed still names what it holds.
+local function lease_member(token, id, key, batch)
+  local member = string.sub(token, 1, 16) .. id
+  if key then
+    member = member .. '\0' .. key
+    if #token > 16 then
+      member = member .. '\0' .. batch
+    end
+  end
+  return member
+end
+
+-- The parts of a leases member: token, id, key, batch (nil when single).
+local function lease_parts(member)
+  local token = string.sub(member, 1, 16)
+  local at = string.find(member, '\0', 17, true)
+  if not at then
+    return token, string.sub(member, 17), nil, nil
+  end
+  local id = string.sub(member, 17, at - 1)
+  local at2 = string.find(member, '\0', at + 1, true)
+  if not at2 then
+    return token, id, string.sub(member, at + 1), nil
+  end
+  return token .. 'b', id, string.sub(member, at + 1, at2 - 1), string.sub(member, at2 + 1)
 end
 
 local function ready_member(rec)
@@ -198,7 +229,24 @@ local LANE_FROM, LANE_TO = '[\1', '(\2'
 
 -- Records loaded in this call (false once forgotten), written back once by flush() when
 -- they changed; RAW keeps what was read, so unchanged records cost no write. A stored
--- record is its fields as consecutive msgpack values, in the order flush() writes them.
+-- record is consecutive msgpack values: the envelope the client packed at enqueue (k p h d
+-- ah pl), then t s, then the fields that differ from their defaults (st a nb ea eo o r da),
+-- trailing ones left out. A leased message's stored record is the one it had while ready:
+-- what its lease changes (state, attempts + 1, token, deadline, batch) is in its leases
+-- member and score (as_leased() lays it over the record), so lease and ack write nothing
+-- to it. Records marked fresh were written by this call already.
+local function decode(id, raw)
+  local decoded, k, p, h, d, ah, pl, t, s, st, a, nb, ea, eo, o, r, da = pcall(cmsgpack.unpack, raw)
+  -- A record damaged behind the engine's back reads as missing (see entry_record).
+  if not decoded or type(p) ~= 'number' or type(t) ~= 'number' or type(h) ~= 'string' or type(pl) ~= 'string' then
+    return nil
+  end
+  return {
+    id = id, k = k, p = p, h = h, d = d, ah = ah, pl = pl, t = t, s = s, st = st or 'ready', a = a or 0,
+    nb = nb or t, ea = ea or t, eo = eo, o = o, r = r, da = da,
+  }
+end
+
 local function load(id)
   local rec = CACHE[id]
   if rec ~= nil then
@@ -208,21 +256,11 @@ local function load(id)
   if not raw then
     return nil
   end
-  -- The fields in the order flush() packs them, as separate msgpack values (decoding
-  -- values costs a quarter of decoding a map).
-  local decoded, st, k, p, s, t, h, d, ah, nb, a, tok, dl, b, bn, o, ea, eo, r, da, pl =
-    pcall(cmsgpack.unpack, raw)
-  -- A record damaged behind the engine's back reads as missing (see entry_record).
-  if not decoded or type(st) ~= 'string' or type(p) ~= 'number' or type(t) ~= 'number' or type(h) ~= 'string'
-      or type(pl) ~= 'string' then
-    return nil
+  rec = decode(id, raw)
+  if rec then
+    CACHE[id] = rec
+    RAW[id] = raw
   end
-  rec = {
-    id = id, st = st, k = k, p = p, s = s, t = t, h = h, d = d, ah = ah, nb = nb, a = a, tok = tok, dl = dl, b = b,
-    bn = bn, o = o, ea = ea, eo = eo, r = r, da = da, pl = pl,
-  }
-  CACHE[id] = rec
-  RAW[id] = raw
   return rec
 end
 
@@ -230,16 +268,35 @@ local function store(rec)
   CACHE[rec.id] = rec
 end
 
+local function packed(rec)
+  local st = rec.st ~= 'ready' and rec.st or nil
+  local a = rec.a ~= 0 and rec.a or nil
+  local nb = rec.nb ~= rec.t and rec.nb or nil
+  local ea = rec.ea ~= rec.t and rec.ea or nil
+  return cmsgpack.pack(rec.k, rec.p, rec.h, rec.d, rec.ah, rec.pl, rec.t, rec.s, st, a, nb, ea, rec.eo, rec.o,
+    rec.r, rec.da)
+end
+
 local function flush()
   for id, rec in pairs(CACHE) do
-    if rec then
-      local raw = cmsgpack.pack(rec.st, rec.k, rec.p, rec.s, rec.t, rec.h, rec.d, rec.ah, rec.nb, rec.a, rec.tok,
-        rec.dl, rec.b, rec.bn, rec.o, rec.ea, rec.eo, rec.r, rec.da, rec.pl)
+    if rec and rec.st ~= 'leased' and not rec.fresh then
+      local raw = packed(rec)
       if raw ~= RAW[id] then
         redis.call('HSET', K[MSGS], id, raw)
       end
     end
   end
+end
+
+-- A record as its lease makes it (see load): delivered once more, under token.
+local function as_leased(rec, token, batch)
+  if rec.st ~= 'leased' then
+    rec.st = 'leased'
+    rec.a = rec.a + 1
+  end
+  rec.tok = token
+  rec.b = batch
+  return rec
 end
 
 local function signal(count)
@@ -317,7 +374,7 @@ local function unindex(rec)
   elseif st == 'delayed' then
     redis.call('ZREM', K[DELAYED], timer_member(rec))
   elseif st == 'leased' then
-    redis.call('ZREM', K[LEASES], timer_member(rec))
+    redis.call('ZREM', K[LEASES], lease_member(rec.tok, rec.id, rec.k, rec.b))
   elseif st == 'dead' then
     redis.call('ZREM', K[DEAD], rec.id)
   end
@@ -347,21 +404,21 @@ end
 
 -- Count one lifecycle step of rec (per queue, and per key when it has one) and publish it.
 -- Counts are summed per call and written by flush_observed().
-local function record(counter, rec, now)
+local function record(counter, id, key, now)
   local letter = COUNTER_LETTERS[counter]
   local counts = OBSERVE.counts
   counts[letter] = (counts[letter] or 0) + 1
-  if rec.k then
+  if key then
     local per_key = OBSERVE.keys[letter]
     if not per_key then
       per_key = {}
       OBSERVE.keys[letter] = per_key
     end
-    per_key[rec.k] = (per_key[rec.k] or 0) + 1
+    per_key[key] = (per_key[key] or 0) + 1
   end
   if OBSERVE.opts.publish then
-    OBSERVE.events[#OBSERVE.events + 1] = counter .. '\0' .. rec.id .. '\0' .. (rec.k and ('+' .. rec.k) or '')
-      .. '\0' .. num(now)
+    OBSERVE.events[#OBSERVE.events + 1] = counter .. '\0' .. id .. '\0' .. (key and ('+' .. key) or '') .. '\0'
+      .. num(now)
   end
 end
 
@@ -454,7 +511,6 @@ end
 
 local function dead_letter(rec, now, reason)
   set_state(rec, 'dead')
-  rec.tok = nil
   rec.r = reason
   rec.da = now
   redis.call('ZADD', K[DEAD], num(next_order()), rec.id)
@@ -470,22 +526,27 @@ local settled
 -- the engine's back) is rebuilt from what the entry says and dead-lettered with a reason,
 -- so that it neither fails every later call nor blocks its key. index: ready, delayed,
 -- leases or dead (the structure it came from); now: nil reads the clock from NOW_ARG,
--- and only when needed.
+-- and only when needed. A record named by a leases member comes as its lease makes it.
 local function entry_record(index, member, now)
-  local id, rec
-  if index == 'ready' then
+  local id, rec, token, key, batch
+  if index == 'leases' then
+    token, id, key, batch = lease_parts(member)
+  elseif index == 'ready' then
     if string.byte(member, 1) == 1 then
       id = string.sub(member, 24)
     else
       id = string.sub(member, string.find(member, '\0', 1, true) + 24)
     end
-  elseif index == 'delayed' or index == 'leases' then
+  elseif index == 'delayed' then
     id = string.sub(member, 17, (string.find(member, '\0', 17, true) or 0) - 1)
   else
     id = member
   end
   rec = load(id)
   if rec then
+    if token then
+      as_leased(rec, token, batch)
+    end
     return rec
   end
   now = now or clock(NOW_ARG)
@@ -504,13 +565,15 @@ local function entry_record(index, member, now)
       rec.nb = 1 -- so that ready_member(rec) gives back this member
     end
     rec.st = 'ready'
-  elseif index == 'delayed' or index == 'leases' then
+  elseif index == 'delayed' then
     rec.o = tonumber(string.sub(member, 1, 16), 16)
     local at = string.find(member, '\0', 17, true)
     if at then
       rec.k = string.sub(member, at + 1)
     end
-    rec.st = index == 'delayed' and 'delayed' or 'leased'
+    rec.st = 'delayed'
+  elseif index == 'leases' then
+    rec.k, rec.tok, rec.b, rec.st = key, token, batch, 'leased'
   else
     rec.st = 'dead'
   end
@@ -674,7 +737,6 @@ local function promote_due(now, settings)
 end
 
 local function requeue(rec, now, after, position)
-  rec.tok = nil
   if position == 'tail' then
     rec.s = nil
     rec.ah = false
@@ -695,7 +757,7 @@ local function requeue(rec, now, after, position)
 end
 
 local function get_batch(rec)
-  if (rec.bn or 1) == 1 then
+  if not rec.b then
     return { rec.id }
   end
   local raw = redis.call('HGET', K[STATE], 'b:' .. rec.b)
@@ -707,7 +769,7 @@ end
 
 -- Release the key's slot once the last message of a batch is settled.
 function settled(rec, now, batch)
-  local multi = (rec.bn or 1) > 1
+  local multi = rec.b ~= nil
   if #batch > 0 then
     if multi then
       redis.call('HSET', K[STATE], 'b:' .. rec.b, cmsgpack.pack(batch))
@@ -743,7 +805,10 @@ local function cut_batch(rec)
   end
   local followers = {}
   for i = index + 1, #batch do
-    followers[#followers + 1] = load(batch[i])
+    local follower = load(batch[i])
+    if follower then
+      followers[#followers + 1] = as_leased(follower, rec.tok, rec.b)
+    end
   end
   for i = #batch, index, -1 do
     batch[i] = nil
@@ -765,14 +830,14 @@ local function fail(rec, now, settings, after, dead_reason, why)
   local batch, followers = cut_batch(rec)
   if dead_reason then
     dead_letter(rec, now, dead_reason)
-    record('dead', rec, now)
+    record('dead', rec.id, rec.k, now)
   elseif settings.max_deliveries and rec.a >= settings.max_deliveries then
     dead_letter(rec, now, string.format('%s after %d deliveries (max_deliveries=%d)', why, rec.a,
       settings.max_deliveries))
-    record('dead', rec, now)
+    record('dead', rec.id, rec.k, now)
   else
     requeue(rec, now, after, settings.retry_position)
-    record('retried', rec, now)
+    record('retried', rec.id, rec.k, now)
   end
   return_unprocessed(followers, now)
   settled(rec, now, batch)
@@ -788,22 +853,38 @@ end
 
 local function expire_leases(now, settings)
   local expired = redis.call('ZRANGEBYSCORE', K[LEASES], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT)
-  for _, member in ipairs(expired) do
-    local rec = entry_record('leases', member, now)
+  for i, member in ipairs(expired) do
     -- An earlier expiry in this loop may have returned it with the rest of its batch.
-    if rec and rec.st == 'leased' and timer_member(rec) == member then
-      fail(rec, now, settings, 0, nil, 'lease expired')
+    if i == 1 or redis.call('ZSCORE', K[LEASES], member) then
+      local rec = entry_record('leases', member, now)
+      if rec.st == 'leased' then
+        fail(rec, now, settings, 0, nil, 'lease expired')
+      end
     end
   end
 end
 
--- The record a lease names, when the lease's token is still current.
-local function current(id, token)
-  local rec = load(id)
-  if not rec or rec.st ~= 'leased' or rec.tok ~= token then
+-- The record a lease names (id, token, key or nil, batch id), when the lease's token is
+-- still current.
+local function current(id, token, key, batch)
+  local member = lease_member(token, id, key, batch)
+  if not redis.call('ZSCORE', K[LEASES], member) then
     return nil
   end
+  local rec = entry_record('leases', member, nil)
+  if rec.st ~= 'leased' then
+    return nil -- unreadable: dead-lettered just now
+  end
   return rec
+end
+
+-- Whether rec waits for delivery (ready or delayed): a leased message's stored record
+-- still reads 'ready' (see load), but its ready member is gone.
+local function waiting(rec)
+  if rec.st == 'delayed' then
+    return true
+  end
+  return rec.st == 'ready' and redis.call('ZSCORE', K[READY], ready_member(rec)) ~= false
 end
 
 -- An expired dedup entry is forgotten, except that with unique_while_pending a twin still
@@ -811,7 +892,7 @@ end
 local function expire_dedup(dedup_id, entry, now, settings)
   if entry and settings.unique_while_pending then
     local rec = load(entry[1])
-    if rec and (rec.st == 'ready' or rec.st == 'delayed') then
+    if rec and waiting(rec) then
       entry[2] = now + settings.dedup_window
       redis.call('HSET', K[STATE], 'd:' .. dedup_id, cmsgpack.pack(entry))
       redis.call('ZADD', K[DEDUPEXP], num(entry[2]), dedup_id)
@@ -847,7 +928,7 @@ local function dedup_hit(dedup_id, now, settings)
   end
   if settings.unique_while_pending then
     local rec = load(entry[1])
-    if rec and (rec.st == 'ready' or rec.st == 'delayed') then
+    if rec and waiting(rec) then
       return entry[1]
     end
     return nil
