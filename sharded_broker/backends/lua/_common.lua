@@ -92,7 +92,7 @@ local function text(n)
 end
 
 -- Per-call state, reset by begin() (the library's locals outlive a call).
-local K, NOW_ARG, CACHE, RAW, OBSERVE, BLOCKS, KEYSTATE
+local K, NOW_ARG, CACHE, RAW, OBSERVE, BLOCKS, KEYSTATE, BOUNDS
 
 -- Every time and duration is a whole number of microseconds (exact in a Lua number), so
 -- that scores are integers (stored as such in small sorted sets, never parsed back) and
@@ -144,7 +144,7 @@ end
 -- OBSERVE.opts is set by the operations that count metrics, from their options argument.
 local function begin(keys)
   K = keys
-  CACHE, RAW, BLOCKS, KEYSTATE = {}, {}, {}, {}
+  CACHE, RAW, BLOCKS, KEYSTATE, BOUNDS = {}, {}, {}, {}, { dirty = {} }
   OBSERVE = { opts = nil, counts = {}, keys = {}, events = {} }
 end
 
@@ -277,7 +277,65 @@ local function packed(rec)
     rec.r, rec.da)
 end
 
+-- Lower bounds of the earliest due time in delayed ('#dnext') and the earliest deadline in
+-- leases ('#lnext'), kept in the state hash, so a call sweeps those indexes only when
+-- something may be due there: every entry added lowers its bound, removals leave it (a
+-- bound only has to be low enough), a sweep sets it to the index's first score. 'none':
+-- the index is empty; no field: not known, sweep. In BOUNDS: a number, math.huge (none)
+-- or false (not known), under 'd' and 'l'.
+local BOUND_FIELDS = { d = '#dnext', l = '#lnext' }
+
+local function parse_bound(value)
+  if not value then
+    return false
+  end
+  return value == 'none' and math.huge or tonumber(value)
+end
+
+-- The bounds from their state fields as read by the caller (lease reads them with its
+-- other state fields), or read now.
+local function read_bounds(dnext, lnext)
+  if BOUNDS.d == nil then
+    if dnext == nil then
+      dnext, lnext = unpack(redis.call('HMGET', K[STATE], '#dnext', '#lnext'))
+    end
+    BOUNDS.d, BOUNDS.l = parse_bound(dnext), parse_bound(lnext)
+  end
+end
+
+-- An entry due at `at` was added to delayed ('d') or leases ('l').
+local function lower_bound(name, at)
+  read_bounds()
+  local bound = BOUNDS[name]
+  if bound and at < bound then
+    BOUNDS[name] = at
+    BOUNDS.dirty[name] = true
+  end
+end
+
+-- Whether an entry of delayed ('d') or leases ('l') may be due at `now`.
+local function may_be_due(name, now)
+  read_bounds()
+  local bound = BOUNDS[name]
+  return bound == false or bound <= now
+end
+
+-- After a sweep of an index: its bound is its first score now.
+local function reset_bound(name, index)
+  local first = redis.call('ZRANGE', K[index], '0', '0', 'WITHSCORES')[2]
+  BOUNDS[name] = first and tonumber(first) or math.huge
+  BOUNDS.dirty[name] = true
+end
+
+local function flush_bounds()
+  for name in pairs(BOUNDS.dirty) do
+    local bound = BOUNDS[name]
+    redis.call('HSET', K[STATE], BOUND_FIELDS[name], bound == math.huge and 'none' or num(bound))
+  end
+end
+
 local function flush()
+  flush_bounds()
   for id, rec in pairs(CACHE) do
     if rec and rec.st ~= 'leased' and not rec.fresh then
       local raw = packed(rec)
@@ -718,9 +776,13 @@ local function delay(rec, due)
   rec.nb = due
   rec.o = next_order()
   redis.call('ZADD', K[DELAYED], num(due), timer_member(rec))
+  lower_bound('d', due)
 end
 
 local function promote_due(now, settings)
+  if not may_be_due('d', now) then
+    return
+  end
   local due = redis.call('ZRANGEBYSCORE', K[DELAYED], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT)
   for _, member in ipairs(due) do
     local rec = entry_record('delayed', member, now)
@@ -734,6 +796,7 @@ local function promote_due(now, settings)
       end
     end
   end
+  reset_bound('d', DELAYED)
 end
 
 local function requeue(rec, now, after, position)
@@ -852,6 +915,9 @@ local function release(rec, now)
 end
 
 local function expire_leases(now, settings)
+  if not may_be_due('l', now) then
+    return
+  end
   local expired = redis.call('ZRANGEBYSCORE', K[LEASES], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT)
   for i, member in ipairs(expired) do
     -- An earlier expiry in this loop may have returned it with the rest of its batch.
@@ -862,6 +928,7 @@ local function expire_leases(now, settings)
       end
     end
   end
+  reset_bound('l', LEASES)
 end
 
 -- The record a lease names (id, token, key or nil, batch id), when the lease's token is

@@ -12,9 +12,11 @@ register('extend', function(args)
     if redis.call('ZADD', K[LEASES], 'XX', 'CH', num(deadline), member) == 1
         or redis.call('ZSCORE', K[LEASES], member) then
       deadlines[#deadlines + 1] = deadline
+      lower_bound('l', deadline)
     else
       deadlines[#deadlines + 1] = ''
     end
   end
+  flush()
   return deadlines
 end, { 'allow-oom' })

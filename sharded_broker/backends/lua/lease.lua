@@ -11,7 +11,8 @@ register('lease', function(args)
   local per_key = tonumber(args[4])
   local vt = tonumber(args[5])
   local leased = {}
-  local counts = redis.call('HMGET', K[STATE], '#paused', '#np', '#ni', '#nl')
+  local counts = redis.call('HMGET', K[STATE], '#paused', '#np', '#ni', '#nl', '#dnext', '#lnext')
+  read_bounds(counts[5], counts[6])
   local paused = counts[1] == '1'
   local any_paused_key = (tonumber(counts[2]) or 0) > 0
   local any_key_interval = (tonumber(counts[3]) or 0) > 0
@@ -218,7 +219,9 @@ register('lease', function(args)
       serve_key(entry[2], math.min(per_key, limit - #leased))
     end
   end
-  if #leased == 0 and not paused then
+  if #leased > 0 then
+    lower_bound('l', deadline)
+  elseif not paused then
     answer[1] = retry_in()
   end
   flush()
