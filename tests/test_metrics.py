@@ -241,7 +241,10 @@ def stored_metric_entries(broker: Broker) -> int:
 
     keys = backend._keys(Q)
     hashes = ["metrics", *(f"kmetrics{n}" for n in range(REDIS_KEY_SPANS))]
-    return sum(backend._client.hlen(keys[QUEUE_KEYS.index(name)]) for name in hashes)
+    # Each hash also holds the field that keeps it in hashtable encoding.
+    return sum(
+        len([f for f in backend._client.hkeys(keys[QUEUE_KEYS.index(name)]) if f != b"#encoding"]) for name in hashes
+    )
 
 
 # Redis keeps the keys' per-minute fields in this many hashes taking turns by span.

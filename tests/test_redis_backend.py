@@ -155,12 +155,12 @@ def test_each_key_minute_counter_is_one_field_of_the_spans_hash(
     # retried) in the hash of the current span, counted with HINCRBY: no expiry entries
     # (a span's hash is dropped whole when its slot comes round again).
     minute = int(broker.metrics(Q, 1)[0].minute)
-    assert admin.hlen(queue_key("metrics")) == 4
+    assert admin.hlen(queue_key("metrics")) == 4 + 1  # and the field keeping it a hashtable
     key_fields = {
         f"{minute}:{c}:k{i}".encode() for i in range(10) for c in ("e", "d", "a" if i < 5 else "r")
     }
     [slot] = [name for name in ("kmetrics0", "kmetrics1", "kmetrics2") if admin.exists(queue_key(name))]
-    assert set(admin.hkeys(queue_key(slot))) == key_fields
+    assert set(admin.hkeys(queue_key(slot))) == key_fields | {b"#encoding"}
     assert [(r.enqueued, r.delivered, r.acked, r.retried) for r in broker.metrics(Q, 1)] == [(11, 11, 5, 6)]
     assert [(r.enqueued, r.delivered, r.acked, r.retried) for r in broker.metrics(Q, 1, key="k7")] == [(1, 1, 0, 1)]
 
@@ -540,3 +540,15 @@ def test_a_server_without_functions_is_refused_with_the_version_needed() -> None
                 broker.enqueue("q", b"x", key="a")
             with pytest.raises(ConfigurationError, match=r"needs Redis 7\.0 or newer"):
                 broker.lease("q")
+
+
+def test_the_state_and_metrics_hashes_are_hashtables_from_their_first_message(
+    broker: sharded_broker.Broker, admin: redis.Redis
+) -> None:
+    # A small hash would be a listpack, where every lookup scans it: with a few hundred
+    # keys, each HGET of a key's state would read hundreds of entries.
+    broker.enqueue(Q, b"x", key="k")
+    slots = [name for name in ("kmetrics0", "kmetrics1", "kmetrics2") if admin.exists(queue_key(name))]
+    for name in ("state", "metrics", *slots):
+        assert admin.object("encoding", queue_key(name)) == b"hashtable", name
+    assert len(slots) == 1

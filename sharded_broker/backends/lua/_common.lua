@@ -91,6 +91,14 @@ local function text(n)
   return t
 end
 
+-- Redis keeps a hash of up to hash-max-listpack-entries (128 to 512) short fields in a
+-- listpack, where every lookup is a linear scan: the state and metrics hashes get one
+-- value longer than hash-max-listpack-value (64) when they are made, which keeps them in
+-- hashtable encoding (a hash never goes back), so a lookup costs the same at 10 keys as at
+-- 100,000.
+local HASHTABLE_FIELD = '#encoding'
+local HASHTABLE_VALUE = 'this value is longer than hash-max-listpack-value: it keeps the hash a hashtable'
+
 -- Per-call state, reset by begin() (the library's locals outlive a call).
 local K, NOW_ARG, CACHE, RAW, OBSERVE, BLOCKS, KEYSTATE, BOUNDS
 
@@ -153,6 +161,9 @@ local function next_count(name)
   local block = BLOCKS[name]
   if not block or block[1] > block[2] then
     local last = redis.call('HINCRBY', K[STATE], name, BLOCK_TEXT)
+    if last == BLOCK then -- a new counter: the state hash may be new too
+      redis.call('HSET', K[STATE], HASHTABLE_FIELD, HASHTABLE_VALUE)
+    end
     block = { last - BLOCK + 1, last }
     BLOCKS[name] = block
   end
@@ -508,6 +519,8 @@ local function new_minute(minute)
         redis.call('UNLINK', K[index])
       end
     end
+    local index = KMETRICS[span % KMETRICS_SLOTS]
+    redis.call('HSET', K[index], HASHTABLE_FIELD, HASHTABLE_VALUE)
     redis.call('HSET', K[STATE], '#kspan', text(span))
   end
   if last and last >= minute then
@@ -515,6 +528,7 @@ local function new_minute(minute)
   end
   redis.call('HSET', K[STATE], '#qlast', num(minute))
   if not last then
+    redis.call('HSET', K[METRICS], HASHTABLE_FIELD, HASHTABLE_VALUE)
     return
   end
   local kept = OBSERVE.opts.kept
@@ -533,6 +547,9 @@ local function new_minute(minute)
 end
 
 local function flush_observed(now)
+  if next(OBSERVE.counts) == nil then
+    return -- nothing counted, so no event either
+  end
   local minute = minute_of(now)
   local prefix = num(minute) .. ':'
   local fresh = false
@@ -830,7 +847,8 @@ local function get_batch(rec)
   return cmsgpack.unpack(raw)
 end
 
--- Release the key's slot once the last message of a batch is settled.
+-- Release the key's slot once the last message of a batch is settled. Answers true when
+-- that gave the key a place among the ready keys.
 function settled(rec, now, batch)
   local multi = rec.b ~= nil
   if #batch > 0 then
@@ -854,6 +872,7 @@ function settled(rec, now, batch)
   end
   schedule(rec.k, now, false, nil)
   save_key_state(rec.k, ks)
+  return ks.at ~= nil
 end
 
 -- Remove rec and every later message from its batch: what stays, and the later ones.

@@ -23,10 +23,9 @@ register('ack', function(args)
       if key then
         uncount_key(key)
       end
-      if #rest == 0 then
-        freed = freed + 1
+      if settled(rec, now, rest) then
+        freed = freed + 1 -- a key is ready again: wake a waiting consumer
       end
-      settled(rec, now, rest)
       record('acked', id, key, now)
       results[#results + 1] = 1
     else
