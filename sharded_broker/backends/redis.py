@@ -26,9 +26,11 @@ Guarantees, beyond the contract of :class:`~sharded_broker.backend.Backend`:
   with its password redacted.
 * Metrics are counted inside the enqueue, lease, ack and nack functions with ``HINCRBY``:
   one hash field per counter used per (key, minute) and per queue minute; the keys' fields
-  expire through a list in creation order, a bounded number per call, the queue's old
-  minutes when a new minute starts; per-key backlogs live in a zset, so the largest
-  backlogs are read without a scan.
+  live in three hashes taking turns by span (half the key window), one dropped whole when
+  its turn comes again, the queue's old minutes go when a new minute starts; per-key
+  backlogs live in a zset, so the largest backlogs are read without a scan.
+* A lease writes nothing to a message's record and an ack reads nothing: a lease is named
+  by its entry in the leases index (token, id, key, batch), which the client sends back.
 * At ``maxmemory`` an enqueue is refused (``BackendUnavailable``, nothing written) while
   lease, ack, nack, release, extend and purge go on, so consumers can drain the queue.
 * ``purge`` and ``replay`` of more than ``CHUNK`` (1,000) messages run as several function
@@ -160,7 +162,7 @@ class _Library:
         self.source = f"#!lua name={self.name}\nlocal LIB = '{self.name}'\n{body}"
         self.functions = {name: f"{self.name}_{name}" for name in (*QUEUE_FUNCTIONS, *EXCHANGE_FUNCTIONS)}
 
-    def call(self, client: redis.Redis, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def call(self, client: redis.Redis, name: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         try:
             return client.fcall(self.functions[name], len(keys), *keys, *args)
         except redis.exceptions.ResponseError as exc:
@@ -250,7 +252,7 @@ class RedisBackend(Backend):
             )
         )
         self._library = _LIBRARY
-        self._queue_keys: dict[str, list[str]] = {}
+        self._queue_keys: dict[str, list[bytes]] = {}
         self._options: dict[QueueSettings, str] = {}
         # Message ids: a random prefix of this backend (64 bits) and a counter, shorter than
         # a UUID (ids are stored in several indexes) and as unique in practice.
@@ -298,10 +300,11 @@ class RedisBackend(Backend):
         except _TRANSPORT_ERRORS as exc:
             raise BackendUnavailable(f"redis at {self._safe_url} is unavailable: {exc}") from None
 
-    def _keys(self, queue: str) -> list[str]:
+    def _keys(self, queue: str) -> list[bytes]:
+        # Encoded once: redis-py passes bytes through, where it would encode text on every call.
         keys = self._queue_keys.get(queue)
         if keys is None:
-            keys = self._queue_keys[queue] = [f"{self.prefix}:{{{queue}}}:{name}" for name in QUEUE_KEYS]
+            keys = self._queue_keys[queue] = [_text(f"{self.prefix}:{{{queue}}}:{name}") for name in QUEUE_KEYS]
         return keys
 
     def _registry_key(self) -> str:
@@ -449,7 +452,7 @@ class RedisBackend(Backend):
         return results
 
     def _pipelined(
-        self, function: str, calls: list[tuple[list[str], list[Any]]], prelude: tuple[Any, ...] | None = None
+        self, function: str, calls: list[tuple[list[bytes], list[Any]]], prelude: tuple[Any, ...] | None = None
     ) -> list[Any]:
         """Several calls of one function (after an optional plain command) in one round
         trip, loading the library first if the server lacks it."""
@@ -510,7 +513,7 @@ class RedisBackend(Backend):
     def dead_letters(self, queue: str, limit: int, offset: int) -> list[DeadLetter]:
         rows = self._run("dead_letters", queue, [self._clock_arg(), offset, limit])
         letters = []
-        for mid, key, payload, priority, attempts, headers, _, _, enqueued_at, _, dedup_id, reason, died_at in rows:
+        for mid, key, payload, priority, attempts, headers, enqueued_at, dedup_id, reason, died_at in rows:
             letters.append(
                 DeadLetter(
                     queue=queue, id=_str(mid), key=_str(key) if key else None, payload=payload, priority=int(priority),

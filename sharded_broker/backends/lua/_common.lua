@@ -10,7 +10,8 @@
 -- Every key of one queue comes in `keys`, in the order of QUEUE_KEYS in redis.py, all
 -- with the hash tag {<queue>}; no key name is ever built here. Per-shard-key data lives
 -- inside those fixed structures:
---   msgs        hash   id -> cmsgpack record, payload included (the fields under "record")
+--   msgs        hash   id -> record (see load(): the client's envelope, then t s, then the
+--                      fields that differ from their defaults)
 --   ready       zset   ready messages, score 0, in lex order: keyed ones as
 --                      key \0 prio(8 hex) seq(14 hex) hold(1) id, unkeyed ones (the
 --                      unkeyed lane) as \1 prio(8 hex) seq(14 hex) id. hold is '1' when the
@@ -23,6 +24,10 @@
 --                        #paused              '1' while the whole queue is paused
 --                        #np #ni              how many keys are paused / have an interval
 --                        #qlast               the last minute a queue metrics field was made
+--                        #kspan               the span of the per-key metrics hash in use
+--                        #dnext #lnext        lower bounds of the first score in delayed and
+--                                             leases ('none': empty; see lower_bound)
+--                        #encoding            keeps the hash a hashtable (HASHTABLE_FIELD)
 --                        k:<key>  "slots,ready_at,order,head"  a key with slots in use or a
 --                                 place in keyq (ready_at '' when not in keyq; head: the
 --                                 ready member of its head when it got that place)
@@ -34,26 +39,26 @@
 --   backlog     zset   key -> minus its live (not dead) messages, so ZRANGE lists the largest
 --                      backlog first and equal backlogs by key
 --   delayed     zset   score = due time, member order..id
---   leases      zset   score = deadline, member order..id
+--   leases      zset   score = deadline, member token..id[\0 key[\0 batch]] (lease_member)
 --   dedupexp    zset   score = expires, member dedup id
 --   dead        zset   score = order of death, member id
 --   readyage    zset   score = enqueued_at, member id, for ready messages (oldest age)
---   metrics     hash   "<minute>:<c>" (the queue) and "<minute>:<c>:<key>" (one key) -> count,
---                      c one of e d a r x (enqueued delivered acked retried dead): HINCRBY,
---                      no parsing
---   metricskeys list   the per-key fields of metrics in the order they were created, so
---                      oldest minute first (for expiry); queue fields expire by minute
+--   metrics     hash   "<minute>:<c>" (the queue) -> count, c one of e d a r x (enqueued
+--                      delivered acked retried dead): HINCRBY; old minutes go when a new
+--                      minute starts
 --   signal      list   wake-up tokens for waiting consumers
 --   events      pub/sub channel (not a key; passed in keys for its hash tag, which lets
 --               Redis Cluster route it with the queue)
+--   kmetrics0..2 hash  "<minute>:<c>:<key>" (one shard key) -> count, in the hash of the
+--                      minute's span (see key_span)
 -- Counts (ready, leased, delayed, dead) are not stored: they are the sizes of the indexes.
 --
 -- record fields: k (key, absent when unkeyed), p (priority), s (seq, absent while delayed
 -- without a place), t (enqueued_at), h (headers JSON), d (dedup id), ah (at_head), st
--- (state: new|ready|delayed|leased|dead), nb (not before), a (attempts), tok (lease
--- token), dl (deadline), b (batch id), bn (batch size), o (order of its delayed/leases
--- entry), ea and eo (when it entered the unkeyed lane), r (reason), da (died at), pl
--- (payload).
+-- (state: new|ready|delayed|leased|dead), nb (not before), a (attempts: completed
+-- deliveries), o (order of its delayed entry), ea and eo (when it entered the ready order,
+-- eo for the unkeyed lane), r (reason), da (died at), pl (payload). While leased (see
+-- as_leased, never stored): tok (lease token), b (batch id, for a batch of 2 or more).
 
 local MSGS, READY, KEYQ, STATE, BACKLOG, DELAYED, LEASES, DEDUPEXP, DEAD, READYAGE, METRICS,
   SIGNAL, EVENTS, KMETRICS0, KMETRICS1, KMETRICS2 = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16
@@ -1020,15 +1025,6 @@ local function dedup_hit(dedup_id, now, settings)
     return nil
   end
   return entry[1]
-end
-
--- A record as the client reads it (RedisBackend._lease_view; RedisBackend.dead_letters
--- reads the last two fields too).
-local function view(rec)
-  return {
-    rec.id, rec.k or '', rec.pl, rec.p, rec.a or 0, rec.h, rec.tok or '', rec.dl or 0, rec.t,
-    rec.b or '', rec.d or '', rec.r or '', rec.da or 0,
-  }
 end
 
 -- Register one operation: fn(args) runs with this call's keys bound. Operations that
