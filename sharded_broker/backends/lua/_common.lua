@@ -251,10 +251,20 @@ local LANE_FROM, LANE_TO = '[\1', '(\2'
 -- what its lease changes (state, attempts + 1, token, deadline, batch) is in its leases
 -- member and score (as_leased() lays it over the record), so lease and ack write nothing
 -- to it. Records marked fresh were written by this call already.
+-- A record damaged behind the engine's back reads as missing (see entry_record).
+local function valid(decoded, p, h, pl, t)
+  return decoded and type(p) == 'number' and type(t) == 'number' and type(h) == 'string' and type(pl) == 'string'
+end
+
+-- Whether a stored record can be read, without building it.
+local function readable(raw)
+  local decoded, _, p, h, _, _, pl, t = pcall(cmsgpack.unpack, raw)
+  return valid(decoded, p, h, pl, t)
+end
+
 local function decode(id, raw)
   local decoded, k, p, h, d, ah, pl, t, s, st, a, nb, ea, eo, o, r, da = pcall(cmsgpack.unpack, raw)
-  -- A record damaged behind the engine's back reads as missing (see entry_record).
-  if not decoded or type(p) ~= 'number' or type(t) ~= 'number' or type(h) ~= 'string' or type(pl) ~= 'string' then
+  if not valid(decoded, p, h, pl, t) then
     return nil
   end
   return {

@@ -146,15 +146,15 @@ register('lease', function(args)
           return
         end
         raws = redis.call('HMGET', K[MSGS], unpack(ids))
-        local readable = true
+        local all_readable = true
         for i, id in ipairs(ids) do
-          if not (raws[i] and (CACHE[id] or decode(id, raws[i]))) then
+          if not (raws[i] and (CACHE[id] or readable(raws[i]))) then
             entry_record('ready', members[i], now) -- dead-letters it
-            readable = false
+            all_readable = false
             break
           end
         end
-        if readable then
+        if all_readable then
           break
         end
       end
