@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv redis-server chromium demo lint test reliability bench bench-full clean
+.PHONY: help venv redis-server chromium demo lint test reliability bench bench-full bench-instructions clean
 
 help:
 	@echo "make demo         run the per-key FIFO demo on the embedded default (no server)"
@@ -13,6 +13,7 @@ help:
 	@echo "make reliability  fault, bad-input and security tests, with the long soak runs and the"
 	@echo "                  fault campaign (SB_CAMPAIGN_SECONDS per target, default 180; SB_CAMPAIGN_SEED)"
 	@echo "make bench        benchmarks side by side, quick mode (bench-full: the full sizes)"
+	@echo "make bench-instructions  Redis server instructions per message under callgrind (load-independent)"
 
 $(STAMP): pyproject.toml setup.py integrations/kombu_alias.py
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,10 @@ bench: venv redis-server
 
 bench-full: venv redis-server
 	$(PY) -m benchmarks.run --full
+
+bench-instructions: venv redis-server
+	@command -v valgrind >/dev/null || apt-get install -y valgrind
+	$(PY) -m benchmarks.instructions
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

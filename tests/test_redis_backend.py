@@ -95,7 +95,7 @@ def test_every_redis_call_names_a_key_passed_in_KEYS(path: Path) -> None:
         )
     # The constants naming the keys follow the order RedisBackend passes them in.
     if path.name == "_common.lua":
-        names, numbers = re.search(r"^local (MSGS, [A-Z, \n]+) = ([\d, \n]+)$", source, re.M).groups()
+        names, numbers = re.search(r"^local (MSGS, [A-Z0-9, \n]+) = ([\d, \n]+)$", source, re.M).groups()
         names = [name.strip() for name in names.split(",")]
         assert names == [name.upper() for name in QUEUE_KEYS]
         assert [int(n) for n in numbers.split(",")] == list(range(1, len(QUEUE_KEYS) + 1))
@@ -141,7 +141,7 @@ def queue_key(name: str) -> str:
     return f"sb:{{{Q}}}:{name}"
 
 
-def test_each_key_minute_counter_is_one_metrics_field_and_one_index_entry(
+def test_each_key_minute_counter_is_one_field_of_the_spans_hash(
     broker: sharded_broker.Broker, admin: redis.Redis
 ) -> None:
     broker.configure_queue(Q, max_deliveries=2)
@@ -151,16 +151,18 @@ def test_each_key_minute_counter_is_one_metrics_field_and_one_index_entry(
     for lease in leases[5:]:
         broker.nack(lease)
     # One field per counter used this minute, for the queue (enqueued, delivered, acked,
-    # retried) and for each key (enqueued and delivered, then acked or retried), counted
-    # with HINCRBY; the keys' fields have one expiry entry each, in a list (a few bytes
-    # each); the queue's minute needs none (its old minutes go when a new one starts).
+    # retried) in the metrics hash, and for each key (enqueued and delivered, then acked or
+    # retried) in the hash of the current span, counted with HINCRBY: no expiry entries
+    # (a span's hash is dropped whole when its slot comes round again).
     minute = int(broker.metrics(Q, 1)[0].minute)
-    assert admin.hlen(queue_key("metrics")) == 4 + 10 * 3
+    assert admin.hlen(queue_key("metrics")) == 4 + 1  # and the field keeping it a hashtable
     key_fields = {
         f"{minute}:{c}:k{i}".encode() for i in range(10) for c in ("e", "d", "a" if i < 5 else "r")
     }
-    assert set(admin.lrange(queue_key("metricskeys"), 0, -1)) == key_fields
+    [slot] = [name for name in ("kmetrics0", "kmetrics1", "kmetrics2") if admin.exists(queue_key(name))]
+    assert set(admin.hkeys(queue_key(slot))) == key_fields | {b"#encoding"}
     assert [(r.enqueued, r.delivered, r.acked, r.retried) for r in broker.metrics(Q, 1)] == [(11, 11, 5, 6)]
+    assert [(r.enqueued, r.delivered, r.acked, r.retried) for r in broker.metrics(Q, 1, key="k7")] == [(1, 1, 0, 1)]
 
 
 def test_purge_of_many_messages_is_chunked_and_consistent_between_chunks(
@@ -538,3 +540,15 @@ def test_a_server_without_functions_is_refused_with_the_version_needed() -> None
                 broker.enqueue("q", b"x", key="a")
             with pytest.raises(ConfigurationError, match=r"needs Redis 7\.0 or newer"):
                 broker.lease("q")
+
+
+def test_the_state_and_metrics_hashes_are_hashtables_from_their_first_message(
+    broker: sharded_broker.Broker, admin: redis.Redis
+) -> None:
+    # A small hash would be a listpack, where every lookup scans it: with a few hundred
+    # keys, each HGET of a key's state would read hundreds of entries.
+    broker.enqueue(Q, b"x", key="k")
+    slots = [name for name in ("kmetrics0", "kmetrics1", "kmetrics2") if admin.exists(queue_key(name))]
+    for name in ("state", "metrics", *slots):
+        assert admin.object("encoding", queue_key(name)) == b"hashtable", name
+    assert len(slots) == 1

@@ -26,9 +26,11 @@ Guarantees, beyond the contract of :class:`~sharded_broker.backend.Backend`:
   with its password redacted.
 * Metrics are counted inside the enqueue, lease, ack and nack functions with ``HINCRBY``:
   one hash field per counter used per (key, minute) and per queue minute; the keys' fields
-  expire through a list in creation order, a bounded number per call, the queue's old
-  minutes when a new minute starts; per-key backlogs live in a zset, so the largest
-  backlogs are read without a scan.
+  live in three hashes taking turns by span (half the key window), one dropped whole when
+  its turn comes again, the queue's old minutes go when a new minute starts; per-key
+  backlogs live in a zset, so the largest backlogs are read without a scan.
+* A lease writes nothing to a message's record and an ack reads nothing: a lease is named
+  by its entry in the leases index (token, id, key, batch), which the client sends back.
 * At ``maxmemory`` an enqueue is refused (``BackendUnavailable``, nothing written) while
   lease, ack, nack, release, extend and purge go on, so consumers can drain the queue.
 * ``purge`` and ``replay`` of more than ``CHUNK`` (1,000) messages run as several function
@@ -52,6 +54,7 @@ from contextlib import contextmanager
 from importlib import resources
 from typing import Any, Callable, Iterator, Sequence
 
+import msgpack
 import redis
 import redis.exceptions
 
@@ -71,7 +74,7 @@ from ..validation import queue_name
 # _common.lua).
 QUEUE_KEYS = (
     "msgs", "ready", "keyq", "state", "backlog", "delayed", "leases", "dedupexp", "dead", "readyage",
-    "metrics", "metricskeys", "signal", "events",
+    "metrics", "signal", "events", "kmetrics0", "kmetrics1", "kmetrics2",
 )
 QUEUE_FUNCTIONS = (
     "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_paused", "stats",
@@ -126,6 +129,26 @@ def _us(seconds: float) -> str:
     return str(round(seconds * 1_000_000))
 
 
+def _pack(value: Any) -> bytes:
+    # Redis's cmsgpack reads no bin type: bytes go as msgpack raw strings.
+    return msgpack.packb(value, use_bin_type=False)
+
+
+# A stored record is consecutive msgpack values (see load() in _common.lua): the envelope
+# the client packs (k p h d ah pl), t s, then st a nb ea eo o r da when not defaults.
+_RECORD_HEAD = b"\x98"  # an array of the first 8 values, the whole of most records
+
+
+def _record(raw: bytes) -> list[Any]:
+    """A stored record's values, read in one call when it has only its first eight."""
+    try:
+        return msgpack.unpackb(_RECORD_HEAD + raw, raw=True)
+    except msgpack.ExtraData as extra:
+        unpacker = msgpack.Unpacker(raw=True, max_buffer_size=max(len(extra.extra), 1))
+        unpacker.feed(extra.extra)
+        return [*extra.unpacked, *unpacker]
+
+
 class _Library:
     """Every operation as one Redis Functions library, loaded once per server.
 
@@ -139,7 +162,7 @@ class _Library:
         self.source = f"#!lua name={self.name}\nlocal LIB = '{self.name}'\n{body}"
         self.functions = {name: f"{self.name}_{name}" for name in (*QUEUE_FUNCTIONS, *EXCHANGE_FUNCTIONS)}
 
-    def call(self, client: redis.Redis, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def call(self, client: redis.Redis, name: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
         try:
             return client.fcall(self.functions[name], len(keys), *keys, *args)
         except redis.exceptions.ResponseError as exc:
@@ -229,7 +252,7 @@ class RedisBackend(Backend):
             )
         )
         self._library = _LIBRARY
-        self._queue_keys: dict[str, list[str]] = {}
+        self._queue_keys: dict[str, list[bytes]] = {}
         self._options: dict[QueueSettings, str] = {}
         # Message ids: a random prefix of this backend (64 bits) and a counter, shorter than
         # a UUID (ids are stored in several indexes) and as unique in practice.
@@ -279,10 +302,11 @@ class RedisBackend(Backend):
         except redis.exceptions.RedisError as exc:
             raise BackendError(f"redis at {self._safe_url} refused the operation: {exc}") from None
 
-    def _keys(self, queue: str) -> list[str]:
+    def _keys(self, queue: str) -> list[bytes]:
+        # Encoded once: redis-py passes bytes through, where it would encode text on every call.
         keys = self._queue_keys.get(queue)
         if keys is None:
-            keys = self._queue_keys[queue] = [f"{self.prefix}:{{{queue}}}:{name}" for name in QUEUE_KEYS]
+            keys = self._queue_keys[queue] = [_text(f"{self.prefix}:{{{queue}}}:{name}") for name in QUEUE_KEYS]
         return keys
 
     def _registry_key(self) -> str:
@@ -327,19 +351,20 @@ class RedisBackend(Backend):
         return seconds + micros / 1_000_000
 
     def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
-        args: list[Any] = [self._clock_arg(), self._options_arg(settings)]
         prefix, counter = self._id_prefix, self._id_counter
+        fields: list[Any] = []
+        envelopes: list[bytes] = []
         for m in messages:
-            args += (
-                f"{prefix}{next(counter):x}",
-                b"" if m.key is None else _text(m.key),
-                m.priority,
-                _us(m.delay) if m.delay else "0",
-                b"" if m.dedup_id is None else _text(m.dedup_id),
-                json.dumps(dict(m.headers), separators=(",", ":")) if m.headers else "{}",
-                "1" if m.at_head else "0",
-                m.payload,
+            key = None if m.key is None else _text(m.key)
+            dedup_id = None if m.dedup_id is None else _text(m.dedup_id)
+            headers = json.dumps(dict(m.headers), separators=(",", ":")) if m.headers else "{}"
+            fields += (
+                f"{prefix}{next(counter):x}", key, m.priority, round(m.delay * 1_000_000) if m.delay else 0,
+                dedup_id, m.at_head,
             )
+            # The record's first six values (a fixarray's values: its one-byte header cut).
+            envelopes.append(_pack((key, m.priority, headers, dedup_id, m.at_head, m.payload))[1:])
+        args: list[Any] = [self._clock_arg(), self._options_arg(settings), _pack(fields), *envelopes]
         keys = self._keys(queue)
         with self._errors():
             if queue in self._registered:
@@ -358,37 +383,43 @@ class RedisBackend(Backend):
         args = [self._clock_arg(), self._options_arg(settings), limit, per_key, _us(visibility_timeout)]
         answer = self._run("lease", queue, args)
         retry_in = answer[0] / 1e6 if answer[0] != b"" else None
-        return LeaseResult([self._lease_view(queue, row) for row in answer[1:]], retry_in)
+        leases = []
+        for i in range(1, len(answer), 5):
+            mid, raw, token, deadline, batch_id = answer[i : i + 5]
+            key, priority, headers, dedup_id, _, payload, enqueued_at, *rest = _record(raw)
+            mid_text = _str(mid)
+            leases.append(Lease(
+                queue=queue,
+                id=mid_text,
+                key=_str(key) if key is not None else None,
+                payload=payload,
+                priority=priority,
+                attempts=(rest[2] or 0) + 1 if len(rest) > 2 else 1,
+                headers=json.loads(headers),
+                token=_str(token),
+                deadline=deadline / 1e6,
+                enqueued_at=enqueued_at / 1e6,
+                batch_id=_str(batch_id) if batch_id else mid_text,
+                dedup_id=_str(dedup_id) if dedup_id is not None else None,
+            ))
+        return LeaseResult(leases, retry_in)
 
     @staticmethod
-    def _lease_view(queue: str, row: list[Any]) -> Lease:
-        mid, key, payload, priority, attempts, headers, token, deadline, enqueued_at, batch_id, dedup_id = row[:11]
-        return Lease(
-            queue=queue,
-            id=_str(mid),
-            key=_str(key) if key else None,
-            payload=payload,
-            priority=int(priority),
-            attempts=int(attempts),
-            headers=json.loads(headers),
-            token=_str(token),
-            deadline=deadline / 1e6,
-            enqueued_at=enqueued_at / 1e6,
-            batch_id=_str(batch_id),
-            dedup_id=_str(dedup_id) if dedup_id else None,
-        )
+    def _lease_args(lease: Lease) -> tuple[Any, ...]:
+        """How a function names a lease: id, token, key ('' = unkeyed), batch id."""
+        return (lease.id, lease.token, b"" if lease.key is None else _text(lease.key), lease.batch_id)
 
     def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
         observe = self._options_arg(_OBSERVE_ONLY)
         answers = self._per_queue(
-            "ack", leases, lambda queue: [self._clock_arg(), observe], lambda i: (leases[i].id, leases[i].token)
+            "ack", leases, lambda queue: [self._clock_arg(), observe], lambda i: self._lease_args(leases[i])
         )
         return [bool(answer) for answer in answers]
 
     def release_many(self, leases: Sequence[Lease]) -> list[bool]:
         observe = self._options_arg(_OBSERVE_ONLY)
         answers = self._per_queue(
-            "release", leases, lambda queue: [self._clock_arg(), observe], lambda i: (leases[i].id, leases[i].token)
+            "release", leases, lambda queue: [self._clock_arg(), observe], lambda i: self._lease_args(leases[i])
         )
         return [bool(answer) for answer in answers]
 
@@ -423,7 +454,7 @@ class RedisBackend(Backend):
         return results
 
     def _pipelined(
-        self, function: str, calls: list[tuple[list[str], list[Any]]], prelude: tuple[Any, ...] | None = None
+        self, function: str, calls: list[tuple[list[bytes], list[Any]]], prelude: tuple[Any, ...] | None = None
     ) -> list[Any]:
         """Several calls of one function (after an optional plain command) in one round
         trip, loading the library first if the server lacks it."""
@@ -449,7 +480,7 @@ class RedisBackend(Backend):
         self, lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings
     ) -> bool:
         args = [
-            self._clock_arg(), self._options_arg(settings), lease.id, lease.token, _us(delay),
+            self._clock_arg(), self._options_arg(settings), *self._lease_args(lease), _us(delay),
             "1" if dead else "0", "" if reason is None else _text(reason),
         ]
         return bool(self._run("nack", lease.queue, args))
@@ -460,7 +491,7 @@ class RedisBackend(Backend):
     def extend_many(self, leases: Sequence[Lease], visibility_timeouts: Sequence[float]) -> list[float | None]:
         answers = self._per_queue(
             "extend", leases, lambda queue: [self._clock_arg()],
-            lambda i: (leases[i].id, leases[i].token, _us(visibility_timeouts[i])),
+            lambda i: (*self._lease_args(leases[i]), _us(visibility_timeouts[i])),
         )
         return [answer / 1e6 if answer != b"" else None for answer in answers]
 
@@ -484,13 +515,12 @@ class RedisBackend(Backend):
     def dead_letters(self, queue: str, limit: int, offset: int) -> list[DeadLetter]:
         rows = self._run("dead_letters", queue, [self._clock_arg(), offset, limit])
         letters = []
-        for row in rows:
-            lease = self._lease_view(queue, row)
+        for mid, key, payload, priority, attempts, headers, enqueued_at, dedup_id, reason, died_at in rows:
             letters.append(
                 DeadLetter(
-                    queue=queue, id=lease.id, key=lease.key, payload=lease.payload, priority=lease.priority,
-                    attempts=lease.attempts, headers=lease.headers, reason=_str(row[11]),
-                    enqueued_at=lease.enqueued_at, died_at=row[12] / 1e6, dedup_id=lease.dedup_id,
+                    queue=queue, id=_str(mid), key=_str(key) if key else None, payload=payload, priority=int(priority),
+                    attempts=int(attempts), headers=json.loads(headers), reason=_str(reason),
+                    enqueued_at=enqueued_at / 1e6, died_at=died_at / 1e6, dedup_id=_str(dedup_id) if dedup_id else None,
                 )
             )
         return letters

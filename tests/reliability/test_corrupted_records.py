@@ -117,13 +117,13 @@ def test_a_corrupted_sqlite_row_is_dead_lettered_and_its_key_moves_on(tmp_path: 
 
 # -- message bodies, through the adapters -----------------------------------------------
 
-# A record is its fields as consecutive MessagePack values, the payload last (see
-# _common.lua): rewrite only that value, with the server's own MessagePack.
+# A record is its fields as consecutive MessagePack values, the payload sixth (see load()
+# in _common.lua): rewrite only that value, with the server's own MessagePack.
 _REPLACE_PAYLOAD = """
 local function with_payload(...)
   local count = select('#', ...)
   local values = { ... }
-  values[count] = ARGV[2]
+  values[6] = ARGV[2]
   return cmsgpack.pack(unpack(values, 1, count))
 end
 return redis.call('HSET', KEYS[1], ARGV[1], with_payload(cmsgpack.unpack(redis.call('HGET', KEYS[1], ARGV[1]))))

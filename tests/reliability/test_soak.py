@@ -37,11 +37,11 @@ def soak(redis_url: str, events: Path, *, per_key: int, rounds: int, workers: in
             sizes = {key: admin.memory_usage(key, samples=0) for key in admin.keys("*")}
             # Per-minute metrics are kept for their window (an hour by default) on purpose:
             # bounded by time, not by the work done; everything else must be back to nothing.
-            metrics = {key: sizes.pop(key) for key in list(sizes) if key.endswith((b":metrics", b":metricskeys"))}
+            metrics = {key: sizes.pop(key) for key in list(sizes) if key.endswith((b":metrics", b":kmetrics0", b":kmetrics1", b":kmetrics2"))}
             redis_memory.append(admin.info("memory")["used_memory"] - sum(metrics.values()))
-            # The metrics themselves: one field per counter used per active (key, minute),
-            # with its expiry entry (docs/operations.md).
-            key_minutes = admin.hlen(f"sb:{{{Q}}}:metrics")
+            # The metrics themselves: one field per counter used per active (key, minute)
+            # (docs/operations.md).
+            key_minutes = sum(admin.hlen(key) for key in metrics)
             assert sum(metrics.values()) <= 200 * key_minutes, (sum(metrics.values()), key_minutes)
             leftovers.append(sizes)
             latest: dict[int, int] = {}

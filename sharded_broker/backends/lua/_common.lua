@@ -10,7 +10,8 @@
 -- Every key of one queue comes in `keys`, in the order of QUEUE_KEYS in redis.py, all
 -- with the hash tag {<queue>}; no key name is ever built here. Per-shard-key data lives
 -- inside those fixed structures:
---   msgs        hash   id -> cmsgpack record, payload included (the fields under "record")
+--   msgs        hash   id -> record (see load(): the client's envelope, then t s, then the
+--                      fields that differ from their defaults)
 --   ready       zset   ready messages, score 0, in lex order: keyed ones as
 --                      key \0 prio(8 hex) seq(14 hex) hold(1) id, unkeyed ones (the
 --                      unkeyed lane) as \1 prio(8 hex) seq(14 hex) id. hold is '1' when the
@@ -23,6 +24,10 @@
 --                        #paused              '1' while the whole queue is paused
 --                        #np #ni              how many keys are paused / have an interval
 --                        #qlast               the last minute a queue metrics field was made
+--                        #kspan               the span of the per-key metrics hash in use
+--                        #dnext #lnext        lower bounds of the first score in delayed and
+--                                             leases ('none': empty; see lower_bound)
+--                        #encoding            keeps the hash a hashtable (HASHTABLE_FIELD)
 --                        k:<key>  "slots,ready_at,order,head"  a key with slots in use or a
 --                                 place in keyq (ready_at '' when not in keyq; head: the
 --                                 ready member of its head when it got that place)
@@ -34,29 +39,29 @@
 --   backlog     zset   key -> minus its live (not dead) messages, so ZRANGE lists the largest
 --                      backlog first and equal backlogs by key
 --   delayed     zset   score = due time, member order..id
---   leases      zset   score = deadline, member order..id
+--   leases      zset   score = deadline, member token..id[\0 key[\0 batch]] (lease_member)
 --   dedupexp    zset   score = expires, member dedup id
 --   dead        zset   score = order of death, member id
 --   readyage    zset   score = enqueued_at, member id, for ready messages (oldest age)
---   metrics     hash   "<minute>:<c>" (the queue) and "<minute>:<c>:<key>" (one key) -> count,
---                      c one of e d a r x (enqueued delivered acked retried dead): HINCRBY,
---                      no parsing
---   metricskeys list   the per-key fields of metrics in the order they were created, so
---                      oldest minute first (for expiry); queue fields expire by minute
+--   metrics     hash   "<minute>:<c>" (the queue) -> count, c one of e d a r x (enqueued
+--                      delivered acked retried dead): HINCRBY; old minutes go when a new
+--                      minute starts
 --   signal      list   wake-up tokens for waiting consumers
 --   events      pub/sub channel (not a key; passed in keys for its hash tag, which lets
 --               Redis Cluster route it with the queue)
+--   kmetrics0..2 hash  "<minute>:<c>:<key>" (one shard key) -> count, in the hash of the
+--                      minute's span (see key_span)
 -- Counts (ready, leased, delayed, dead) are not stored: they are the sizes of the indexes.
 --
 -- record fields: k (key, absent when unkeyed), p (priority), s (seq, absent while delayed
 -- without a place), t (enqueued_at), h (headers JSON), d (dedup id), ah (at_head), st
--- (state: new|ready|delayed|leased|dead), nb (not before), a (attempts), tok (lease
--- token), dl (deadline), b (batch id), bn (batch size), o (order of its delayed/leases
--- entry), ea and eo (when it entered the unkeyed lane), r (reason), da (died at), pl
--- (payload).
+-- (state: new|ready|delayed|leased|dead), nb (not before), a (attempts: completed
+-- deliveries), o (order of its delayed entry), ea and eo (when it entered the ready order,
+-- eo for the unkeyed lane), r (reason), da (died at), pl (payload). While leased (see
+-- as_leased, never stored): tok (lease token), b (batch id, for a batch of 2 or more).
 
 local MSGS, READY, KEYQ, STATE, BACKLOG, DELAYED, LEASES, DEDUPEXP, DEAD, READYAGE, METRICS,
-  METRICSKEYS, SIGNAL, EVENTS = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14
+  SIGNAL, EVENTS, KMETRICS0, KMETRICS1, KMETRICS2 = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16
 
 -- Tail seqs count up from here and head seqs count down, so every head seq sorts first.
 local SEQ_ORIGIN = 4503599627370496 -- 2^52
@@ -72,9 +77,9 @@ local BLOCK = 64
 local BLOCK_TEXT = '64'
 local COUNTER_LETTERS = { enqueued = 'e', delivered = 'd', acked = 'a', retried = 'r', dead = 'x' }
 local LETTERS = { 'e', 'd', 'a', 'r', 'x' }
-local METRICS_SWEEP_LIMIT = 20
--- At most this many fields forgotten per call, however many it created.
-local METRICS_SWEEP_MAX = 1000
+-- Per-key metrics hashes taking turns (see key_span), by slot number from 0.
+local KMETRICS = { [0] = KMETRICS0, KMETRICS1, KMETRICS2 }
+local KMETRICS_SLOTS = 3
 
 -- Numbers given to redis.call are turned into text by Redis with a float format (slow):
 -- small counts go as text from this table, made once when the library loads.
@@ -91,8 +96,16 @@ local function text(n)
   return t
 end
 
+-- Redis keeps a hash of up to hash-max-listpack-entries (128 to 512) short fields in a
+-- listpack, where every lookup is a linear scan: the state and metrics hashes get one
+-- value longer than hash-max-listpack-value (64) when they are made, which keeps them in
+-- hashtable encoding (a hash never goes back), so a lookup costs the same at 10 keys as at
+-- 100,000.
+local HASHTABLE_FIELD = '#encoding'
+local HASHTABLE_VALUE = 'this value is longer than hash-max-listpack-value: it keeps the hash a hashtable'
+
 -- Per-call state, reset by begin() (the library's locals outlive a call).
-local K, NOW_ARG, CACHE, RAW, OBSERVE, BLOCKS, KEYSTATE
+local K, NOW_ARG, CACHE, RAW, OBSERVE, BLOCKS, KEYSTATE, BOUNDS
 
 -- Every time and duration is a whole number of microseconds (exact in a Lua number), so
 -- that scores are integers (stored as such in small sorted sets, never parsed back) and
@@ -144,8 +157,8 @@ end
 -- OBSERVE.opts is set by the operations that count metrics, from their options argument.
 local function begin(keys)
   K = keys
-  CACHE, RAW, BLOCKS, KEYSTATE = {}, {}, {}, {}
-  OBSERVE = { opts = nil, counts = {}, events = {} }
+  CACHE, RAW, BLOCKS, KEYSTATE, BOUNDS = {}, {}, {}, {}, { dirty = {} }
+  OBSERVE = { opts = nil, counts = {}, keys = {}, events = {} }
 end
 
 -- The next number of a state counter ('#order', '#head', '#tail'), from this call's block.
@@ -153,6 +166,9 @@ local function next_count(name)
   local block = BLOCKS[name]
   if not block or block[1] > block[2] then
     local last = redis.call('HINCRBY', K[STATE], name, BLOCK_TEXT)
+    if last == BLOCK then -- a new counter: the state hash may be new too
+      redis.call('HSET', K[STATE], HASHTABLE_FIELD, HASHTABLE_VALUE)
+    end
     block = { last - BLOCK + 1, last }
     BLOCKS[name] = block
   end
@@ -172,14 +188,45 @@ local function next_seq(at_head)
   return SEQ_ORIGIN + next_count('#tail')
 end
 
--- A delayed or leases member: the order of its entry, the id and, for a keyed message, its
--- key, so that a message whose record was destroyed still releases what its key holds.
+-- A delayed member: the order of its entry, the id and, for a keyed message, its key, so
+-- that a message whose record was destroyed still releases what its key holds.
 local function timer_member(rec)
   local member = string.format('%016x', rec.o) .. rec.id
   if rec.k then
     return member .. '\0' .. rec.k
   end
   return member
+end
+
+-- A leases member: the lease token (16 hex digits: the lease's order, shared by the
+-- messages of one batch; a batch of two or more is marked by a trailing 'b'), the id, and
+-- for a keyed message its key and, in a batch of two or more, the batch id. So a client
+-- holding (id, token, key, batch) names its lease without reading the record, and a
+-- lease whose record was destroyed still names what it holds.
+local function lease_member(token, id, key, batch)
+  local member = string.sub(token, 1, 16) .. id
+  if key then
+    member = member .. '\0' .. key
+    if #token > 16 then
+      member = member .. '\0' .. batch
+    end
+  end
+  return member
+end
+
+-- The parts of a leases member: token, id, key, batch (nil when single).
+local function lease_parts(member)
+  local token = string.sub(member, 1, 16)
+  local at = string.find(member, '\0', 17, true)
+  if not at then
+    return token, string.sub(member, 17), nil, nil
+  end
+  local id = string.sub(member, 17, at - 1)
+  local at2 = string.find(member, '\0', at + 1, true)
+  if not at2 then
+    return token, id, string.sub(member, at + 1), nil
+  end
+  return token .. 'b', id, string.sub(member, at + 1, at2 - 1), string.sub(member, at2 + 1)
 end
 
 local function ready_member(rec)
@@ -198,7 +245,34 @@ local LANE_FROM, LANE_TO = '[\1', '(\2'
 
 -- Records loaded in this call (false once forgotten), written back once by flush() when
 -- they changed; RAW keeps what was read, so unchanged records cost no write. A stored
--- record is its fields as consecutive msgpack values, in the order flush() writes them.
+-- record is consecutive msgpack values: the envelope the client packed at enqueue (k p h d
+-- ah pl), then t s, then the fields that differ from their defaults (st a nb ea eo o r da),
+-- trailing ones left out. A leased message's stored record is the one it had while ready:
+-- what its lease changes (state, attempts + 1, token, deadline, batch) is in its leases
+-- member and score (as_leased() lays it over the record), so lease and ack write nothing
+-- to it. Records marked fresh were written by this call already.
+-- A record damaged behind the engine's back reads as missing (see entry_record).
+local function valid(decoded, p, h, pl, t)
+  return decoded and type(p) == 'number' and type(t) == 'number' and type(h) == 'string' and type(pl) == 'string'
+end
+
+-- Whether a stored record can be read, without building it.
+local function readable(raw)
+  local decoded, _, p, h, _, _, pl, t = pcall(cmsgpack.unpack, raw)
+  return valid(decoded, p, h, pl, t)
+end
+
+local function decode(id, raw)
+  local decoded, k, p, h, d, ah, pl, t, s, st, a, nb, ea, eo, o, r, da = pcall(cmsgpack.unpack, raw)
+  if not valid(decoded, p, h, pl, t) then
+    return nil
+  end
+  return {
+    id = id, k = k, p = p, h = h, d = d, ah = ah, pl = pl, t = t, s = s, st = st or 'ready', a = a or 0,
+    nb = nb or t, ea = ea or t, eo = eo, o = o, r = r, da = da,
+  }
+end
+
 local function load(id)
   local rec = CACHE[id]
   if rec ~= nil then
@@ -208,21 +282,11 @@ local function load(id)
   if not raw then
     return nil
   end
-  -- The fields in the order flush() packs them, as separate msgpack values (decoding
-  -- values costs a quarter of decoding a map).
-  local decoded, st, k, p, s, t, h, d, ah, nb, a, tok, dl, b, bn, o, ea, eo, r, da, pl =
-    pcall(cmsgpack.unpack, raw)
-  -- A record damaged behind the engine's back reads as missing (see entry_record).
-  if not decoded or type(st) ~= 'string' or type(p) ~= 'number' or type(t) ~= 'number' or type(h) ~= 'string'
-      or type(pl) ~= 'string' then
-    return nil
+  rec = decode(id, raw)
+  if rec then
+    CACHE[id] = rec
+    RAW[id] = raw
   end
-  rec = {
-    id = id, st = st, k = k, p = p, s = s, t = t, h = h, d = d, ah = ah, nb = nb, a = a, tok = tok, dl = dl, b = b,
-    bn = bn, o = o, ea = ea, eo = eo, r = r, da = da, pl = pl,
-  }
-  CACHE[id] = rec
-  RAW[id] = raw
   return rec
 end
 
@@ -230,16 +294,93 @@ local function store(rec)
   CACHE[rec.id] = rec
 end
 
+local function packed(rec)
+  local st = rec.st ~= 'ready' and rec.st or nil
+  local a = rec.a ~= 0 and rec.a or nil
+  local nb = rec.nb ~= rec.t and rec.nb or nil
+  local ea = rec.ea ~= rec.t and rec.ea or nil
+  return cmsgpack.pack(rec.k, rec.p, rec.h, rec.d, rec.ah, rec.pl, rec.t, rec.s, st, a, nb, ea, rec.eo, rec.o,
+    rec.r, rec.da)
+end
+
+-- Lower bounds of the earliest due time in delayed ('#dnext') and the earliest deadline in
+-- leases ('#lnext'), kept in the state hash, so a call sweeps those indexes only when
+-- something may be due there: every entry added lowers its bound, removals leave it (a
+-- bound only has to be low enough), a sweep sets it to the index's first score. 'none':
+-- the index is empty; no field: not known, sweep. In BOUNDS: a number, math.huge (none)
+-- or false (not known), under 'd' and 'l'.
+local BOUND_FIELDS = { d = '#dnext', l = '#lnext' }
+
+local function parse_bound(value)
+  if not value then
+    return false
+  end
+  return value == 'none' and math.huge or tonumber(value)
+end
+
+-- The bounds from their state fields as read by the caller (lease reads them with its
+-- other state fields), or read now.
+local function read_bounds(dnext, lnext)
+  if BOUNDS.d == nil then
+    if dnext == nil then
+      dnext, lnext = unpack(redis.call('HMGET', K[STATE], '#dnext', '#lnext'))
+    end
+    BOUNDS.d, BOUNDS.l = parse_bound(dnext), parse_bound(lnext)
+  end
+end
+
+-- An entry due at `at` was added to delayed ('d') or leases ('l').
+local function lower_bound(name, at)
+  read_bounds()
+  local bound = BOUNDS[name]
+  if bound and at < bound then
+    BOUNDS[name] = at
+    BOUNDS.dirty[name] = true
+  end
+end
+
+-- Whether an entry of delayed ('d') or leases ('l') may be due at `now`.
+local function may_be_due(name, now)
+  read_bounds()
+  local bound = BOUNDS[name]
+  return bound == false or bound <= now
+end
+
+-- After a sweep of an index: its bound is its first score now.
+local function reset_bound(name, index)
+  local first = redis.call('ZRANGE', K[index], '0', '0', 'WITHSCORES')[2]
+  BOUNDS[name] = first and tonumber(first) or math.huge
+  BOUNDS.dirty[name] = true
+end
+
+local function flush_bounds()
+  for name in pairs(BOUNDS.dirty) do
+    local bound = BOUNDS[name]
+    redis.call('HSET', K[STATE], BOUND_FIELDS[name], bound == math.huge and 'none' or num(bound))
+  end
+end
+
 local function flush()
+  flush_bounds()
   for id, rec in pairs(CACHE) do
-    if rec then
-      local raw = cmsgpack.pack(rec.st, rec.k, rec.p, rec.s, rec.t, rec.h, rec.d, rec.ah, rec.nb, rec.a, rec.tok,
-        rec.dl, rec.b, rec.bn, rec.o, rec.ea, rec.eo, rec.r, rec.da, rec.pl)
+    if rec and rec.st ~= 'leased' and not rec.fresh then
+      local raw = packed(rec)
       if raw ~= RAW[id] then
         redis.call('HSET', K[MSGS], id, raw)
       end
     end
   end
+end
+
+-- A record as its lease makes it (see load): delivered once more, under token.
+local function as_leased(rec, token, batch)
+  if rec.st ~= 'leased' then
+    rec.st = 'leased'
+    rec.a = rec.a + 1
+  end
+  rec.tok = token
+  rec.b = batch
+  return rec
 end
 
 local function signal(count)
@@ -317,7 +458,7 @@ local function unindex(rec)
   elseif st == 'delayed' then
     redis.call('ZREM', K[DELAYED], timer_member(rec))
   elseif st == 'leased' then
-    redis.call('ZREM', K[LEASES], timer_member(rec))
+    redis.call('ZREM', K[LEASES], lease_member(rec.tok, rec.id, rec.k, rec.b))
   elseif st == 'dead' then
     redis.call('ZREM', K[DEAD], rec.id)
   end
@@ -346,30 +487,63 @@ local function uncount_key(key)
 end
 
 -- Count one lifecycle step of rec (per queue, and per key when it has one) and publish it.
-local function record(counter, rec, now)
+-- Counts are summed per call and written by flush_observed().
+local function record(counter, id, key, now)
   local letter = COUNTER_LETTERS[counter]
-  local minute = string.format('%d', minute_of(now))
-  local field = minute .. ':' .. letter
-  OBSERVE.counts[field] = (OBSERVE.counts[field] or 0) + 1
-  if rec.k then
-    local key_field = field .. ':' .. rec.k
-    OBSERVE.counts[key_field] = (OBSERVE.counts[key_field] or 0) + 1
+  local counts = OBSERVE.counts
+  counts[letter] = (counts[letter] or 0) + 1
+  if key then
+    local per_key = OBSERVE.keys[letter]
+    if not per_key then
+      per_key = {}
+      OBSERVE.keys[letter] = per_key
+    end
+    per_key[key] = (per_key[key] or 0) + 1
   end
   if OBSERVE.opts.publish then
-    OBSERVE.events[#OBSERVE.events + 1] = counter .. '\0' .. rec.id .. '\0' .. (rec.k and ('+' .. rec.k) or '')
-      .. '\0' .. num(now)
+    OBSERVE.events[#OBSERVE.events + 1] = counter .. '\0' .. id .. '\0' .. (key and ('+' .. key) or '') .. '\0'
+      .. num(now)
   end
 end
 
--- Forget the queue's metrics fields of the minutes that left the window when a new
--- minute starts: they all lie in (last - kept minutes, last], so the work is bounded.
-local function sweep_queue_minutes(minute)
-  local last = tonumber(redis.call('HGET', K[STATE], '#qlast'))
+-- Per-key fields live in KMETRICS_SLOTS hashes that take turns: the minutes of span n (a
+-- span is ceil(key_kept / (KMETRICS_SLOTS - 1)) minutes) go to slot n % KMETRICS_SLOTS, so
+-- the slots hold at least the last key_kept minutes; when a new span starts, its slot
+-- (which holds a span that has left the window) is dropped whole (UNLINK: freed off the
+-- main thread), so no field needs an expiry entry of its own.
+local function key_span(minute, key_kept)
+  return math.floor(minute / 60 / math.ceil(key_kept / (KMETRICS_SLOTS - 1)))
+end
+
+-- The index (in K) of the hash holding the per-key fields of a minute.
+local function key_metrics_slot(minute, key_kept)
+  return KMETRICS[key_span(minute, key_kept) % KMETRICS_SLOTS]
+end
+
+-- Runs when a call makes a queue field of a new minute (the first call of each minute
+-- that counts anything): forget the queue's minutes that left the window (they all lie in
+-- (last - kept minutes, last], so the work is bounded) and start the key span.
+local function new_minute(minute)
+  local last, span_text = unpack(redis.call('HMGET', K[STATE], '#qlast', '#kspan'))
+  last = tonumber(last)
+  local span, old_span = key_span(minute, OBSERVE.opts.key_kept), tonumber(span_text)
+  if old_span == nil or span > old_span then
+    if old_span then
+      for n = old_span + 1, math.min(span, old_span + KMETRICS_SLOTS) do
+        local index = KMETRICS[n % KMETRICS_SLOTS]
+        redis.call('UNLINK', K[index])
+      end
+    end
+    local index = KMETRICS[span % KMETRICS_SLOTS]
+    redis.call('HSET', K[index], HASHTABLE_FIELD, HASHTABLE_VALUE)
+    redis.call('HSET', K[STATE], '#kspan', text(span))
+  end
   if last and last >= minute then
     return
   end
-  redis.call('HSET', K[STATE], '#qlast', string.format('%d', minute))
+  redis.call('HSET', K[STATE], '#qlast', num(minute))
   if not last then
+    redis.call('HSET', K[METRICS], HASHTABLE_FIELD, HASHTABLE_VALUE)
     return
   end
   local kept = OBSERVE.opts.kept
@@ -377,9 +551,9 @@ local function sweep_queue_minutes(minute)
   local stop = math.min(last, minute - kept * 60)
   local fields = {}
   for m = first, stop, 60 do
-    local text = string.format('%d', m)
+    local prefix = num(m) .. ':'
     for _, letter in ipairs(LETTERS) do
-      fields[#fields + 1] = text .. ':' .. letter
+      fields[#fields + 1] = prefix .. letter
     end
   end
   if #fields > 0 then
@@ -387,47 +561,27 @@ local function sweep_queue_minutes(minute)
   end
 end
 
--- Forget up to `limit` per-key fields that left the key window, oldest first.
-local function sweep_key_fields(current, limit)
-  local oldest = redis.call('LRANGE', K[METRICSKEYS], '0', text(limit - 1))
-  local expired = 0
-  local key_kept = OBSERVE.opts.key_kept
-  for _, field in ipairs(oldest) do
-    local minute = tonumber(string.match(field, '^%d+')) or 0
-    if minute + (key_kept - 1) * 60 >= current then
-      break -- created in time order: the rest are younger
-    end
-    expired = expired + 1
-  end
-  if expired > 0 then
-    redis.call('HDEL', K[METRICS], unpack(oldest, 1, expired))
-    redis.call('LTRIM', K[METRICSKEYS], text(expired), '-1')
-  end
-end
-
 local function flush_observed(now)
-  local created = 0
-  local new_queue_minute = false
-  for field, added in pairs(OBSERVE.counts) do
-    if redis.call('HINCRBY', K[METRICS], field, text(added)) == added then
-      -- A field made by this call: index it for expiry.
-      if string.find(field, ':', string.find(field, ':', 1, true) + 1, true) then
-        redis.call('RPUSH', K[METRICSKEYS], field)
-        created = created + 1
-      else
-        new_queue_minute = true
-      end
+  if next(OBSERVE.counts) == nil then
+    return -- nothing counted, so no event either
+  end
+  local minute = minute_of(now)
+  local prefix = num(minute) .. ':'
+  local fresh = false
+  for letter, added in pairs(OBSERVE.counts) do
+    if redis.call('HINCRBY', K[METRICS], prefix .. letter, text(added)) == added then
+      fresh = true -- a field made by this call: a new minute for this counter
     end
   end
-  local current = minute_of(now)
-  if new_queue_minute then
-    sweep_queue_minutes(current)
+  if fresh then
+    new_minute(minute)
   end
-  -- Bounded cleanup of key fields that left their window, only when fields were created
-  -- (at least as many as were created, up to METRICS_SWEEP_MAX): the index then does not
-  -- grow faster than it is cleaned, and most calls skip the lookup.
-  if created > 0 then
-    sweep_key_fields(current, math.min(METRICS_SWEEP_MAX, math.max(METRICS_SWEEP_LIMIT, created)))
+  local index = key_metrics_slot(minute, OBSERVE.opts.key_kept)
+  for letter, per_key in pairs(OBSERVE.keys) do
+    local field_prefix = prefix .. letter .. ':'
+    for key, added in pairs(per_key) do
+      redis.call('HINCRBY', K[index], field_prefix .. key, text(added))
+    end
   end
   if #OBSERVE.events > 0 then
     redis.call('PUBLISH', K[EVENTS], table.concat(OBSERVE.events, '\n'))
@@ -447,7 +601,6 @@ end
 
 local function dead_letter(rec, now, reason)
   set_state(rec, 'dead')
-  rec.tok = nil
   rec.r = reason
   rec.da = now
   redis.call('ZADD', K[DEAD], num(next_order()), rec.id)
@@ -463,22 +616,27 @@ local settled
 -- the engine's back) is rebuilt from what the entry says and dead-lettered with a reason,
 -- so that it neither fails every later call nor blocks its key. index: ready, delayed,
 -- leases or dead (the structure it came from); now: nil reads the clock from NOW_ARG,
--- and only when needed.
+-- and only when needed. A record named by a leases member comes as its lease makes it.
 local function entry_record(index, member, now)
-  local id, rec
-  if index == 'ready' then
+  local id, rec, token, key, batch
+  if index == 'leases' then
+    token, id, key, batch = lease_parts(member)
+  elseif index == 'ready' then
     if string.byte(member, 1) == 1 then
       id = string.sub(member, 24)
     else
       id = string.sub(member, string.find(member, '\0', 1, true) + 24)
     end
-  elseif index == 'delayed' or index == 'leases' then
+  elseif index == 'delayed' then
     id = string.sub(member, 17, (string.find(member, '\0', 17, true) or 0) - 1)
   else
     id = member
   end
   rec = load(id)
   if rec then
+    if token then
+      as_leased(rec, token, batch)
+    end
     return rec
   end
   now = now or clock(NOW_ARG)
@@ -497,13 +655,15 @@ local function entry_record(index, member, now)
       rec.nb = 1 -- so that ready_member(rec) gives back this member
     end
     rec.st = 'ready'
-  elseif index == 'delayed' or index == 'leases' then
+  elseif index == 'delayed' then
     rec.o = tonumber(string.sub(member, 1, 16), 16)
     local at = string.find(member, '\0', 17, true)
     if at then
       rec.k = string.sub(member, at + 1)
     end
-    rec.st = index == 'delayed' and 'delayed' or 'leased'
+    rec.st = 'delayed'
+  elseif index == 'leases' then
+    rec.k, rec.tok, rec.b, rec.st = key, token, batch, 'leased'
   else
     rec.st = 'dead'
   end
@@ -648,9 +808,13 @@ local function delay(rec, due)
   rec.nb = due
   rec.o = next_order()
   redis.call('ZADD', K[DELAYED], num(due), timer_member(rec))
+  lower_bound('d', due)
 end
 
 local function promote_due(now, settings)
+  if not may_be_due('d', now) then
+    return
+  end
   local due = redis.call('ZRANGEBYSCORE', K[DELAYED], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT)
   for _, member in ipairs(due) do
     local rec = entry_record('delayed', member, now)
@@ -664,10 +828,10 @@ local function promote_due(now, settings)
       end
     end
   end
+  reset_bound('d', DELAYED)
 end
 
 local function requeue(rec, now, after, position)
-  rec.tok = nil
   if position == 'tail' then
     rec.s = nil
     rec.ah = false
@@ -688,7 +852,7 @@ local function requeue(rec, now, after, position)
 end
 
 local function get_batch(rec)
-  if (rec.bn or 1) == 1 then
+  if not rec.b then
     return { rec.id }
   end
   local raw = redis.call('HGET', K[STATE], 'b:' .. rec.b)
@@ -698,9 +862,10 @@ local function get_batch(rec)
   return cmsgpack.unpack(raw)
 end
 
--- Release the key's slot once the last message of a batch is settled.
+-- Release the key's slot once the last message of a batch is settled. Answers true when
+-- that gave the key a place among the ready keys.
 function settled(rec, now, batch)
-  local multi = (rec.bn or 1) > 1
+  local multi = rec.b ~= nil
   if #batch > 0 then
     if multi then
       redis.call('HSET', K[STATE], 'b:' .. rec.b, cmsgpack.pack(batch))
@@ -722,6 +887,7 @@ function settled(rec, now, batch)
   end
   schedule(rec.k, now, false, nil)
   save_key_state(rec.k, ks)
+  return ks.at ~= nil
 end
 
 -- Remove rec and every later message from its batch: what stays, and the later ones.
@@ -736,7 +902,10 @@ local function cut_batch(rec)
   end
   local followers = {}
   for i = index + 1, #batch do
-    followers[#followers + 1] = load(batch[i])
+    local follower = load(batch[i])
+    if follower then
+      followers[#followers + 1] = as_leased(follower, rec.tok, rec.b)
+    end
   end
   for i = #batch, index, -1 do
     batch[i] = nil
@@ -758,14 +927,14 @@ local function fail(rec, now, settings, after, dead_reason, why)
   local batch, followers = cut_batch(rec)
   if dead_reason then
     dead_letter(rec, now, dead_reason)
-    record('dead', rec, now)
+    record('dead', rec.id, rec.k, now)
   elseif settings.max_deliveries and rec.a >= settings.max_deliveries then
     dead_letter(rec, now, string.format('%s after %d deliveries (max_deliveries=%d)', why, rec.a,
       settings.max_deliveries))
-    record('dead', rec, now)
+    record('dead', rec.id, rec.k, now)
   else
     requeue(rec, now, after, settings.retry_position)
-    record('retried', rec, now)
+    record('retried', rec.id, rec.k, now)
   end
   return_unprocessed(followers, now)
   settled(rec, now, batch)
@@ -780,23 +949,43 @@ local function release(rec, now)
 end
 
 local function expire_leases(now, settings)
+  if not may_be_due('l', now) then
+    return
+  end
   local expired = redis.call('ZRANGEBYSCORE', K[LEASES], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT)
-  for _, member in ipairs(expired) do
-    local rec = entry_record('leases', member, now)
+  for i, member in ipairs(expired) do
     -- An earlier expiry in this loop may have returned it with the rest of its batch.
-    if rec and rec.st == 'leased' and timer_member(rec) == member then
-      fail(rec, now, settings, 0, nil, 'lease expired')
+    if i == 1 or redis.call('ZSCORE', K[LEASES], member) then
+      local rec = entry_record('leases', member, now)
+      if rec.st == 'leased' then
+        fail(rec, now, settings, 0, nil, 'lease expired')
+      end
     end
   end
+  reset_bound('l', LEASES)
 end
 
--- The record a lease names, when the lease's token is still current.
-local function current(id, token)
-  local rec = load(id)
-  if not rec or rec.st ~= 'leased' or rec.tok ~= token then
+-- The record a lease names (id, token, key or nil, batch id), when the lease's token is
+-- still current.
+local function current(id, token, key, batch)
+  local member = lease_member(token, id, key, batch)
+  if not redis.call('ZSCORE', K[LEASES], member) then
     return nil
   end
+  local rec = entry_record('leases', member, nil)
+  if rec.st ~= 'leased' then
+    return nil -- unreadable: dead-lettered just now
+  end
   return rec
+end
+
+-- Whether rec waits for delivery (ready or delayed): a leased message's stored record
+-- still reads 'ready' (see load), but its ready member is gone.
+local function waiting(rec)
+  if rec.st == 'delayed' then
+    return true
+  end
+  return rec.st == 'ready' and redis.call('ZSCORE', K[READY], ready_member(rec)) ~= false
 end
 
 -- An expired dedup entry is forgotten, except that with unique_while_pending a twin still
@@ -804,7 +993,7 @@ end
 local function expire_dedup(dedup_id, entry, now, settings)
   if entry and settings.unique_while_pending then
     local rec = load(entry[1])
-    if rec and (rec.st == 'ready' or rec.st == 'delayed') then
+    if rec and waiting(rec) then
       entry[2] = now + settings.dedup_window
       redis.call('HSET', K[STATE], 'd:' .. dedup_id, cmsgpack.pack(entry))
       redis.call('ZADD', K[DEDUPEXP], num(entry[2]), dedup_id)
@@ -840,21 +1029,12 @@ local function dedup_hit(dedup_id, now, settings)
   end
   if settings.unique_while_pending then
     local rec = load(entry[1])
-    if rec and (rec.st == 'ready' or rec.st == 'delayed') then
+    if rec and waiting(rec) then
       return entry[1]
     end
     return nil
   end
   return entry[1]
-end
-
--- A record as the client reads it (RedisBackend._lease_view; RedisBackend.dead_letters
--- reads the last two fields too).
-local function view(rec)
-  return {
-    rec.id, rec.k or '', rec.pl, rec.p, rec.a or 0, rec.h, rec.tok or '', rec.dl or 0, rec.t,
-    rec.b or '', rec.d or '', rec.r or '', rec.da or 0,
-  }
 end
 
 -- Register one operation: fn(args) runs with this call's keys bound. Operations that

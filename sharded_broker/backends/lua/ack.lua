@@ -1,22 +1,32 @@
--- ack_many: settle leases for good. args: clock, options, then per lease: id, token.
--- Answers one 1 (settled) or 0 (token not current) per lease.
+-- ack_many: settle leases for good. args: clock, options, then per lease: id, token, key
+-- ('' = unkeyed), batch id. Answers one 1 (settled) or 0 (token not current) per lease.
+-- A lease is named by its leases member (see lease_member), so no record is read.
 register('ack', function(args)
   local now = clock(args[1])
   OBSERVE.opts = options(args[2])
   local results = {}
-  for i = 3, #args, 2 do
-    local rec = current(args[i], args[i + 1])
-    if rec then
-      local batch = get_batch(rec)
-      for j, id in ipairs(batch) do
-        if id == rec.id then
-          table.remove(batch, j)
+  local freed = 0
+  for i = 3, #args, 4 do
+    local id, token, batch = args[i], args[i + 1], args[i + 3]
+    local key = args[i + 2] ~= '' and args[i + 2] or nil
+    if redis.call('ZREM', K[LEASES], lease_member(token, id, key, batch)) == 1 then
+      redis.call('HDEL', K[MSGS], id)
+      CACHE[id] = false
+      local rec = { id = id, k = key, b = #token > 16 and batch or nil }
+      local rest = get_batch(rec)
+      for j, other in ipairs(rest) do
+        if other == id then
+          table.remove(rest, j)
           break
         end
       end
-      forget(rec)
-      settled(rec, now, batch)
-      record('acked', rec, now)
+      if key then
+        uncount_key(key)
+      end
+      if settled(rec, now, rest) then
+        freed = freed + 1 -- a key is ready again: wake a waiting consumer
+      end
+      record('acked', id, key, now)
       results[#results + 1] = 1
     else
       results[#results + 1] = 0
@@ -24,6 +34,8 @@ register('ack', function(args)
   end
   flush()
   flush_observed(now)
-  signal(1)
+  if freed > 0 then
+    signal(freed)
+  end
   return results
 end, { 'allow-oom' })

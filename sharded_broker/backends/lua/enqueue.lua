@@ -1,50 +1,69 @@
 -- enqueue_many: store messages atomically, in order; answer their ids.
--- args: clock, options, then per message: id, key ('' = unkeyed), priority, delay,
--- dedup id ('' = none), headers JSON, at_head ('1'/'0'), payload.
+-- args: clock, options, the messages' fields packed by the client (one msgpack array:
+-- per message id, key (nil = unkeyed), priority, delay, dedup id (nil = none), at_head),
+-- then per message its envelope (k p h d ah pl, packed by the client: the start of its
+-- stored record, see load()).
 register('enqueue', function(args)
   local now = clock(args[1])
   local settings = options(args[2])
   OBSERVE.opts = settings
+  local fields = cmsgpack.unpack(args[3])
   -- Due delayed messages entered their keys' order when they fell due: before anything
   -- enqueued now.
   promote_due(now, settings)
   local ids = {}
   local placed_count = 0
-  for i = 3, #args, 8 do
-    local key = args[i + 1] ~= '' and args[i + 1] or nil
-    local dedup_id = args[i + 4] ~= '' and args[i + 4] or nil
+  for n = 1, #args - 3 do
+    local f = 6 * (n - 1)
+    local id, key, dedup_id = fields[f + 1], fields[f + 2], fields[f + 5]
     local first = dedup_id and dedup_hit(dedup_id, now, settings)
     if first then
-      ids[#ids + 1] = first
+      ids[n] = first
     else
+      local envelope = args[n + 3]
       local rec = {
-        id = args[i], k = key, p = tonumber(args[i + 2]), t = now, h = args[i + 5], d = dedup_id,
-        ah = args[i + 6] == '1', st = 'new', nb = 0, a = 0, pl = args[i + 7],
+        id = id, k = key, p = fields[f + 3], t = now, d = dedup_id, ah = fields[f + 6], st = 'new', nb = now,
+        ea = now, a = 0,
       }
-      local after = tonumber(args[i + 3])
-      store(rec)
+      local after = fields[f + 4]
       if key then
         count_key(key)
       end
       if dedup_id then
         local expires = now + settings.dedup_window
-        redis.call('HSET', K[STATE], 'd:' .. dedup_id, cmsgpack.pack({ rec.id, expires }))
+        redis.call('HSET', K[STATE], 'd:' .. dedup_id, cmsgpack.pack({ id, expires }))
         redis.call('ZADD', K[DEDUPEXP], num(expires), dedup_id)
       end
-      local holds_key = rec.ah and key
-      if after > 0 and not holds_key then
+      if after > 0 and not (rec.ah and key) then
+        -- Delayed: the whole record is packed by flush().
+        local decoded = decode(id, envelope .. cmsgpack.pack(now))
+        rec.h, rec.pl = decoded.h, decoded.pl
+        store(rec)
         delay(rec, now + after)
       else
+        store(rec)
         rec.s = next_seq(rec.ah)
-        rec.nb = now + after
+        rec.nb = now + after -- a message placed at the head holds its key until then
         place(rec, now)
         if key then
           placed(rec, now, settings)
         end
         placed_count = placed_count + 1
+        -- The record as the client packed it, and t s (eo for an unkeyed one, nb for one
+        -- holding its key): the other fields have their defaults.
+        local tail
+        if rec.eo then
+          tail = cmsgpack.pack(now, rec.s, nil, nil, nil, nil, rec.eo)
+        elseif rec.nb ~= now then
+          tail = cmsgpack.pack(now, rec.s, nil, nil, rec.nb)
+        else
+          tail = cmsgpack.pack(now, rec.s)
+        end
+        redis.call('HSET', K[MSGS], id, envelope .. tail)
+        rec.fresh = true
       end
-      record('enqueued', rec, now)
-      ids[#ids + 1] = rec.id
+      record('enqueued', id, key, now)
+      ids[n] = id
     end
   end
   flush()

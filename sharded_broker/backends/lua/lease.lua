@@ -1,6 +1,8 @@
 -- lease: deliver up to `limit` messages, serving ready keys in fairness order.
 -- args: clock, options, limit, per_key, visibility timeout.
--- Answers {retry_in ('' = nothing scheduled), lease views...}.
+-- Answers {retry_in ('' = nothing scheduled), then per lease: id, stored record, token,
+-- deadline, batch id ('' = a batch of one)}. The record goes out as stored (the client
+-- decodes it; attempts there are those before this delivery): a lease writes nothing to it.
 register('lease', function(args)
   local now = clock(args[1])
   local settings = options(args[2])
@@ -9,23 +11,46 @@ register('lease', function(args)
   local per_key = tonumber(args[4])
   local vt = tonumber(args[5])
   local leased = {}
-  local counts = redis.call('HMGET', K[STATE], '#paused', '#np', '#ni', '#nl')
+  local counts = redis.call('HMGET', K[STATE], '#paused', '#np', '#ni', '#nl', '#dnext', '#lnext')
+  read_bounds(counts[5], counts[6])
   local paused = counts[1] == '1'
   local any_paused_key = (tonumber(counts[2]) or 0) > 0
   local any_key_interval = (tonumber(counts[3]) or 0) > 0
   local last_deliveries = tonumber(counts[4]) or 0
 
-  local function lease_record(rec, batch_id, batch_size)
-    set_state(rec, 'leased')
-    rec.a = rec.a + 1
-    rec.o = next_order()
-    rec.tok = string.format('%x', rec.o)
-    rec.dl = now + vt
-    rec.b = batch_id
-    rec.bn = batch_size
-    redis.call('ZADD', K[LEASES], num(rec.dl), timer_member(rec))
-    leased[#leased + 1] = rec
-    record('delivered', rec, now)
+  local deadline = now + vt
+  local deadline_text = num(deadline)
+  local answer = { '' }
+
+  -- The stored record of a message leased now: a record this call changed (promoted, say)
+  -- is written first, as it stands while ready.
+  local function stored(id, raw)
+    local rec = CACHE[id]
+    if rec then
+      raw = packed(rec)
+      if raw ~= RAW[id] then
+        redis.call('HSET', K[MSGS], id, raw)
+        RAW[id] = raw
+      end
+    end
+    return raw
+  end
+
+  local function answer_lease(id, raw, token, batch)
+    local n = #answer
+    answer[n + 1], answer[n + 2], answer[n + 3], answer[n + 4], answer[n + 5] = id, raw, token, deadline, batch or ''
+    leased[#leased + 1] = id
+  end
+
+  -- An unkeyed message, from its record.
+  local function lease_record(rec)
+    local raw = stored(rec.id, RAW[rec.id])
+    local token = string.format('%016x', next_order())
+    unindex(rec)
+    as_leased(rec, token, nil)
+    redis.call('ZADD', K[LEASES], deadline_text, lease_member(token, rec.id, nil, nil))
+    record('delivered', rec.id, nil, now)
+    answer_lease(rec.id, raw, token, nil)
   end
 
   local function lane_head()
@@ -97,27 +122,59 @@ register('lease', function(args)
         return
       end
     end
-    local heads = key_heads(key, count)
-    if not heads[1] or heads[1].nb > now then
-      schedule(key, now, false, nil)
-      return
-    end
-    local batch = {}
-    for _, rec in ipairs(heads) do
-      if rec.nb > now then
-        break
+    -- The key's first due messages, from their ready members: only a member marked as
+    -- holding its key needs its record read (for its not-before time).
+    local members, ids, raws
+    while true do
+      members, ids = {}, {}
+      for i, member in ipairs(key_members(key, count)) do
+        local at = string.find(member, '\0', 1, true)
+        if string.sub(member, at + 23, at + 23) == '1' then
+          local nb = member_not_before(member)
+          if not nb then
+            members = nil -- unreadable: dead-lettered; read the key again
+            break
+          elseif nb > now then
+            break
+          end
+        end
+        members[i], ids[i] = member, string.sub(member, at + 24)
       end
-      batch[#batch + 1] = rec.id
+      if members then
+        if not members[1] then
+          schedule(key, now, false, nil)
+          return
+        end
+        raws = redis.call('HMGET', K[MSGS], unpack(ids))
+        local all_readable = true
+        for i, id in ipairs(ids) do
+          if not (raws[i] and (CACHE[id] or readable(raws[i]))) then
+            entry_record('ready', members[i], now) -- dead-letters it
+            all_readable = false
+            break
+          end
+        end
+        if all_readable then
+          break
+        end
+      end
     end
-    local batch_id = batch[1]
-    if #batch > 1 then
-      redis.call('HSET', K[STATE], 'b:' .. batch_id, cmsgpack.pack(batch))
+    local batch = #ids > 1 and ids[1] or nil
+    local token = string.format('%016x', next_order()) .. (batch and 'b' or '')
+    if batch then
+      redis.call('HSET', K[STATE], 'b:' .. batch, cmsgpack.pack(ids))
     end
     ks.slots = ks.slots + 1
     set_last_delivery(key, interval)
-    for i = 1, #batch do
-      lease_record(heads[i], batch_id, #batch)
+    local entries = {}
+    for i, id in ipairs(ids) do
+      entries[2 * i - 1], entries[2 * i] = deadline_text, lease_member(token, id, key, batch)
+      record('delivered', id, key, now)
+      answer_lease(id, stored(id, raws[i]), token, batch)
     end
+    redis.call('ZREM', K[READY], unpack(members))
+    redis.call('ZREM', K[READYAGE], unpack(ids))
+    redis.call('ZADD', K[LEASES], unpack(entries))
     if ks.slots < settings.key_concurrency then
       schedule(key, interval == 0 and now or now + interval, false, nil)
     end
@@ -152,7 +209,7 @@ register('lease', function(args)
       lane = lane_head()
     end
     if lane and (not entry or lane.ea < ks.at or (lane.ea == ks.at and lane.eo < entry[1])) then
-      lease_record(lane, lane.id, 1)
+      lease_record(lane)
       lane = false
     elseif not entry then
       break
@@ -162,12 +219,10 @@ register('lease', function(args)
       serve_key(entry[2], math.min(per_key, limit - #leased))
     end
   end
-  local answer = { '' }
-  if #leased == 0 and not paused then
+  if #leased > 0 then
+    lower_bound('l', deadline)
+  elseif not paused then
     answer[1] = retry_in()
-  end
-  for _, rec in ipairs(leased) do
-    answer[#answer + 1] = view(rec)
   end
   flush()
   flush_observed(now)

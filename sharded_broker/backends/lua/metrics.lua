@@ -4,20 +4,22 @@
 -- Answers {first minute, then per minute the counts of COUNTERS in order}.
 register('metrics', function(args)
   local now = clock(args[1])
-  local count = math.min(tonumber(args[2]), tonumber(args[3]))
-  local suffix = args[4] ~= '' and (':' .. string.sub(args[4], 2)) or ''
+  local kept = tonumber(args[2])
+  local count = math.min(kept, tonumber(args[3]))
+  local key = args[4] ~= '' and string.sub(args[4], 2) or nil
   local first = minute_of(now) - (count - 1) * 60
-  local fields = {}
+  local answer = { num(first) }
   for i = 0, count - 1 do
-    local minute = string.format('%d', first + i * 60)
-    for _, letter in ipairs(LETTERS) do
-      fields[#fields + 1] = minute .. ':' .. letter .. suffix
+    local minute = first + i * 60
+    local fields = {}
+    for j, letter in ipairs(LETTERS) do
+      fields[j] = num(minute) .. ':' .. letter .. (key and (':' .. key) or '')
     end
-  end
-  local values = redis.call('HMGET', K[METRICS], unpack(fields))
-  local answer = { string.format('%d', first) }
-  for i = 1, #fields do
-    answer[#answer + 1] = tonumber(values[i]) or 0
+    local index = key and key_metrics_slot(minute, kept) or METRICS
+    local values = redis.call('HMGET', K[index], unpack(fields))
+    for j = 1, #fields do
+      answer[#answer + 1] = tonumber(values[j]) or 0
+    end
   end
   return answer
 end, { 'no-writes' })

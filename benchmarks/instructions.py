@@ -1,0 +1,185 @@
+"""Redis server instructions per message, counted by callgrind: a measure of server work that
+does not move with the machine's load (rates and µs do, by tens of percent on shared machines).
+
+    python -m benchmarks.instructions [--messages 1000] [--keys 1000]
+
+Starts a throwaway ``redis-server`` under ``valgrind --tool=callgrind --instr-atstart=no`` on a
+free loopback port, and for each phase zeroes the counters, turns instrumentation on, runs the
+phase, turns it off and dumps (``callgrind_control -z / -i on / -i off / -d``): the dump's total
+divided by the phase's messages. Each engine phase starts on an empty server. Dramatiq's
+``RedisBroker`` is driven the same way (``broker.enqueue``, then its consumer) for comparison.
+Needs valgrind (Debian package ``valgrind``); takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from typing import Callable
+
+import redis
+
+import sharded_broker
+from sharded_broker import Message
+
+from .common import RedisServer  # noqa: F401  (puts tests/support on the path)
+from support.redis_server import free_port
+
+
+class CallgrindServer:
+    """A redis-server whose instructions callgrind counts, phase by phase."""
+
+    def __init__(self) -> None:
+        if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+            raise SystemExit("valgrind is not installed (apt-get install -y valgrind)")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="sb-callgrind-")
+        self.out = os.path.join(self.dir, "cg.out")
+        self.process = subprocess.Popen(
+            ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={self.out}",
+             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.client = redis.Redis(port=self.port)
+        for _ in range(600):
+            try:
+                self.client.ping()
+                return
+            except redis.exceptions.ConnectionError:
+                time.sleep(0.1)
+        raise SystemExit("redis-server under callgrind did not start")
+
+    def _control(self, *args: str) -> None:
+        subprocess.run(["callgrind_control", *args, str(self.process.pid)], check=True, capture_output=True)
+
+    def instructions(self, phase: Callable[[], None]) -> int:
+        for dump in glob.glob(self.out + ".*"):
+            os.remove(dump)
+        self._control("-z")
+        self._control("-i", "on")
+        phase()
+        self._control("-i", "off")
+        self._control("-d")
+        total = 0
+        for _ in range(100):
+            for dump in glob.glob(self.out + ".*"):
+                with open(dump, errors="replace") as lines:
+                    for line in lines:
+                        if line.startswith(("summary:", "totals:")):
+                            total = max(total, int(line.split()[1]))
+            if total:
+                return total
+            time.sleep(0.1)
+        raise SystemExit("callgrind wrote no dump")
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def engine_phases(messages: int, keys: int) -> dict[str, tuple[Callable[[sharded_broker.Broker], None] | None, Callable[[sharded_broker.Broker], None]]]:
+    names = [f"user-{i}" for i in range(keys)]
+    payload = b"x" * 100
+
+    def enqueue(keyed: bool) -> Callable[[sharded_broker.Broker], None]:
+        def run(broker: sharded_broker.Broker) -> None:
+            for i in range(messages):
+                broker.enqueue("q", payload, key=names[i % keys] if keyed else None)
+        return run
+
+    def lease_ack(broker: sharded_broker.Broker) -> None:
+        done = 0
+        while done < messages:
+            for lease in broker.lease("q", limit=1):
+                broker.ack(lease)
+                done += 1
+
+    def enqueue_many(broker: sharded_broker.Broker) -> None:
+        for start in range(0, messages, 200):
+            broker.enqueue_many("q", [Message(payload, key=names[i % keys]) for i in range(start, start + 200)])
+
+    def lease_ack_many(broker: sharded_broker.Broker) -> None:
+        done = 0
+        while done < messages:
+            leases = broker.lease("q", limit=100)
+            broker.ack_many(leases)
+            done += len(leases)
+
+    return {
+        "enqueue, one per call, keyed": (None, enqueue(True)),
+        "lease + ack, one per call, keyed": (enqueue(True), lease_ack),
+        "enqueue_many 200, keyed": (None, enqueue_many),
+        "lease 100 + ack_many, keyed": (enqueue_many, lease_ack_many),
+        "enqueue, one per call, unkeyed": (None, enqueue(False)),
+        "lease + ack, one per call, unkeyed": (enqueue(False), lease_ack),
+    }
+
+
+def dramatiq_phases(server: CallgrindServer, messages: int) -> dict[str, Callable[[], None]]:
+    import dramatiq
+    from dramatiq.brokers.redis import RedisBroker
+
+    broker = RedisBroker(url=server.url)
+    broker.declare_queue("dq")
+    batch = [dramatiq.Message(queue_name="dq", actor_name="noop", args=("x" * 100,), kwargs={}, options={})
+             for _ in range(messages)]
+
+    def send() -> None:
+        for message in batch:
+            broker.enqueue(message)
+
+    def consume(prefetch: int) -> Callable[[], None]:
+        def run() -> None:
+            consumer = broker.consume("dq", prefetch=prefetch, timeout=100)
+            done = 0
+            while done < messages:
+                message = next(consumer)
+                if message is not None:
+                    consumer.ack(message)
+                    done += 1
+            consumer.close()
+        return run
+
+    return {"send": send, "fetch (prefetch 1) + ack": consume(1), "resend": send,
+            "fetch (prefetch 16) + ack": consume(16)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=1000)
+    parser.add_argument("--keys", type=int, default=1000)
+    options = parser.parse_args()
+    server = CallgrindServer()
+    try:
+        print(f"Redis server instructions per message (callgrind), {options.messages:,} messages, "
+              f"{options.keys:,} keys, 100-byte payload")
+        print(f"| phase | k instructions per message |\n| --- | --- |")
+        for name, (before, phase) in engine_phases(options.messages, options.keys).items():
+            server.client.flushall()
+            with sharded_broker.connect(server.url, socket_timeout=300) as broker:
+                broker.enqueue("q", b"warm-up", key="warm-up")  # loads the functions
+                broker.ack_many(broker.lease("q", 1))
+                if before is not None:
+                    before(broker)
+                total = server.instructions(lambda: phase(broker))
+            print(f"| sharded-broker {name} | {total / options.messages / 1000:,.0f} |", flush=True)
+        server.client.flushall()
+        for name, phase in dramatiq_phases(server, options.messages).items():
+            if name == "resend":
+                phase()
+                continue
+            total = server.instructions(phase)
+            print(f"| Dramatiq RedisBroker {name} | {total / options.messages / 1000:,.0f} |", flush=True)
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    main()
