@@ -235,16 +235,20 @@ class Broker:
         (nothing changed)."""
         return self.release_many([lease])[0]
 
-    def release_lease(self, queue: str, message_id: str, token: str) -> bool:
-        """:meth:`release` by the lease's message id and token (what :meth:`why` shows in
-        ``holds``), for an operator who knows the lease's holder is dead."""
+    def release_lease(
+        self, queue: str, message_id: str, token: str, *, key: str | None, batch_id: str | None = None
+    ) -> bool:
+        """:meth:`release` by what :meth:`why` shows of a lease in ``holds`` (the message id,
+        the token, the batch id) and its shard key (None for an unkeyed message), for an
+        operator who knows the lease's holder is dead."""
         for value, name in ((message_id, "message id"), (token, "lease token")):
             if not isinstance(value, str) or not value:
                 raise InvalidArgumentType(f"{name} must be a non-empty string, not {value!r:.80}")
+        mid = check.utf8_text(message_id, "message id")
         lease = Lease(
-            queue=check.queue_name(queue), id=check.utf8_text(message_id, "message id"), key=None, payload=b"",
+            queue=check.queue_name(queue), id=mid, key=None if key is None else check.shard_key(key), payload=b"",
             priority=0, attempts=0, headers={}, token=check.utf8_text(token, "lease token"), deadline=0.0,
-            enqueued_at=0.0, batch_id="",
+            enqueued_at=0.0, batch_id=mid if batch_id is None else check.utf8_text(batch_id, "batch id"),
         )
         return self.backend.release_many([lease])[0]
 

@@ -222,8 +222,8 @@ def test_why_and_the_key_scans_refuse_bad_arguments(queued: Broker) -> None:
     refused(queued, lambda: queued.stuck_keys(Q, older_than="1"), InvalidArgumentType, "older_than")
     refused(queued, lambda: queued.stuck_keys(Q, limit=0), InvalidArgument, "limit")
     refused(queued, lambda: queued.lagging_keys(Q, scan_limit=10**9), InvalidArgument, "scan_limit")
-    refused(queued, lambda: queued.release_lease(Q, "", "token"), InvalidArgumentType, "message id")
-    refused(queued, lambda: queued.release_lease(Q, "id", None), InvalidArgumentType, "lease token")
+    refused(queued, lambda: queued.release_lease(Q, "", "token", key=None), InvalidArgumentType, "message id")
+    refused(queued, lambda: queued.release_lease(Q, "id", None, key=None), InvalidArgumentType, "lease token")
     assert_still_delivers_a1_b1(queued)
 
 

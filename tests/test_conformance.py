@@ -1055,8 +1055,8 @@ def test_why_a_leased_key_names_its_lease(broker: Broker, clock: FakeClock) -> N
     assert hold.deadline == pytest.approx(CLOCK_START + 30)
     assert why.head is not None and why.head.id != lease.id  # the message that waits
     # An operator who knows the holder is dead gives the lease back by id and token.
-    assert broker.release_lease(Q, hold.message_id, hold.token)
-    assert not broker.release_lease(Q, hold.message_id, hold.token)  # stale now
+    assert broker.release_lease(Q, hold.message_id, hold.token, key="a", batch_id=hold.batch_id)
+    assert not broker.release_lease(Q, hold.message_id, hold.token, key="a", batch_id=hold.batch_id)  # stale now
     assert broker.why(Q, "a").reason == "ready"
     assert payloads(broker.lease(Q)) == [b"1"]
 

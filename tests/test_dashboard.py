@@ -122,9 +122,10 @@ def test_actions_interval_release_replay_and_purge(broker) -> None:
     assert bad.status_code == 400 and "seconds must be a number" in bad.get_json()["error"]
     assert {lease.key for lease in broker.lease("sms", 2)} == {"a", "b"}
     [hold] = broker.why("sms", "a").holds
-    released = post(client, "/api/release", {"queue": "sms", "message_id": hold.message_id, "token": hold.token})
+    lease_fields = {"queue": "sms", "key": "a", "message_id": hold.message_id, "token": hold.token, "batch_id": hold.batch_id}
+    released = post(client, "/api/release", lease_fields)
     assert released.status_code == 200
-    again = post(client, "/api/release", {"queue": "sms", "message_id": hold.message_id, "token": hold.token})
+    again = post(client, "/api/release", lease_fields)
     assert again.status_code == 409 and "no longer current" in again.get_json()["error"]
     assert broker.why("sms", "a").reason == "ready"
     letters = broker.lease("sms", 5)

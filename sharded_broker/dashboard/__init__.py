@@ -399,7 +399,10 @@ def create_app(
     def release() -> Response:
         body = action()
         name = known_queue(field_of(body, "queue"))
-        released = broker.release_lease(name, field_of(body, "message_id"), field_of(body, "token"))
+        released = broker.release_lease(
+            name, field_of(body, "message_id"), field_of(body, "token"), key=field_of(body, "key"),
+            batch_id=field_of(body, "batch_id"),
+        )
         if not released:
             abort(409, description="that lease is no longer current (acked, expired or released already)")
         return done(action="release", queue=name, message_id=body["message_id"])

@@ -4,8 +4,8 @@
 -- with "_" are not operations); each operation registers one function with register().
 -- Helpers are created once, when the library loads, not on every call.
 --
--- Each helper mirrors the function of the same name in sharded_broker/backends/memory.py,
--- the reference model; read them side by side.
+-- Each helper mirrors the function of the same name in sharded_broker/backends/planner.py
+-- (the decisions the memory model and SQLite share); read them side by side.
 --
 -- Every key of one queue comes in `keys`, in the order of QUEUE_KEYS in redis.py, all
 -- with the hash tag {<queue>}; no key name is ever built here. Per-shard-key data lives
@@ -33,8 +33,8 @@
 --                                 ready member of its head when it got that place)
 --                        l:<key>  time of the key's last delivery (while an interval applies)
 --                        i:<key>  the key's own interval     p:<key>  '1': the key is paused
---                        b:<id>   cmsgpack list of the unsettled ids of a batch of 2 or more
---                                 (a one-message batch has no entry)
+--                        b:<id>   cmsgpack list of the unsettled ids of a batch of 2 or more,
+--                                 then the batch's size (a one-message batch has no entry)
 --                        d:<dedup id>  cmsgpack {id, expires}
 --   backlog     zset   key -> minus its live (not dead) messages, so ZRANGE lists the largest
 --                      backlog first and equal backlogs by key
@@ -859,7 +859,9 @@ local function get_batch(rec)
   if not raw then
     return { rec.id }
   end
-  return cmsgpack.unpack(raw)
+  local unsettled, size = cmsgpack.unpack(raw)
+  rec.bn = size
+  return unsettled
 end
 
 -- Release the key's slot once the last message of a batch is settled. Answers true when
@@ -868,7 +870,7 @@ function settled(rec, now, batch)
   local multi = rec.b ~= nil
   if #batch > 0 then
     if multi then
-      redis.call('HSET', K[STATE], 'b:' .. rec.b, cmsgpack.pack(batch))
+      redis.call('HSET', K[STATE], 'b:' .. rec.b, cmsgpack.pack(batch, rec.bn))
     end
     return
   end

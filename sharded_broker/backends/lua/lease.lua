@@ -162,7 +162,7 @@ register('lease', function(args)
     local batch = #ids > 1 and ids[1] or nil
     local token = string.format('%016x', next_order()) .. (batch and 'b' or '')
     if batch then
-      redis.call('HSET', K[STATE], 'b:' .. batch, cmsgpack.pack(ids))
+      redis.call('HSET', K[STATE], 'b:' .. batch, cmsgpack.pack(ids, #ids))
     end
     ks.slots = ks.slots + 1
     set_last_delivery(key, interval)

@@ -14,7 +14,7 @@
 local WHY_READ_LIMIT = 10000
 local WHY_PAGE = 500
 
--- The key of a delayed or leases member (order..id\0key), nil for an unkeyed message.
+-- The key of a delayed member (order..id\0key), nil for an unkeyed message.
 local function timer_key(member)
   local at = string.find(member, '\0', 17, true)
   return at and string.sub(member, at + 1) or nil
@@ -80,18 +80,24 @@ register('why', function(args)
 
   if next(holding) then
     scan_timer(LEASES, function(member)
-      local entry = holding[timer_key(member) or '']
+      local token, _, key, batch = lease_parts(member)
+      local entry = holding[key or '']
       if not entry then
         return false
       end
       local rec = entry_record('leases', member, now)
       if rec.st == 'leased' and not entry.seen[rec.b or rec.id] then
         entry.seen[rec.b or rec.id] = true
-        local unsettled = get_batch(rec)
-        local first = load(unsettled[1]) or rec
+        local unsettled = get_batch(rec) -- sets rec.bn, a batch's size
+        local first = rec
+        if unsettled[1] ~= rec.id then
+          first = load(unsettled[1])
+          first = first and as_leased(first, token, batch) or rec
+        end
         local size = rec.bn or 1
+        local deadline = redis.call('ZSCORE', K[LEASES], lease_member(token, first.id, key, batch))
         local holds = entry.row[10]
-        holds[#holds + 1] = { rec.b or rec.id, first.id, first.tok or '', first.a or 0, first.dl or 0, size,
+        holds[#holds + 1] = { rec.b or rec.id, first.id, token, first.a, tonumber(deadline) or 0, size,
           size - #unsettled }
       end
       return false

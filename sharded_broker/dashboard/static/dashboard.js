@@ -116,7 +116,7 @@
       });
     },
     "release": function (d) {
-      return post("/api/release", { queue: d.queue, message_id: d.id, token: d.token }).then(function () {
+      return post("/api/release", { queue: d.queue, key: d.key, message_id: d.id, token: d.token, batch_id: d.batch }).then(function () {
         return "lease of " + d.id + " released";
       });
     },
