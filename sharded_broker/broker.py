@@ -296,12 +296,12 @@ class Broker:
         """At least ``seconds`` between the starts of two deliveries of ``key``; persisted.
         ``None`` returns the key to the queue's default interval."""
         queue = check.queue_name(queue)
-        key = check.shard_key(key)
-        if key is None:
+        checked = check.shard_key(key)
+        if checked is None:
             raise InvalidArgument("set_interval needs a shard key")
         if seconds is not None:
             seconds = check.seconds(seconds, "interval")
-        self.backend.set_interval(queue, key, seconds)
+        self.backend.set_interval(queue, checked, seconds)
 
     def pause(self, queue: str, key: str | None = None) -> None:
         """Stop delivering a key (or the whole queue). Running leases are not affected."""
@@ -371,20 +371,20 @@ class Broker:
         """One shard key: its backlog, leased batches, lag, pause and interval, and the
         message it will deliver next (``head``). An unknown key answers zeros."""
         queue = check.queue_name(queue)
-        key = check.shard_key(key)
-        if key is None:
+        checked = check.shard_key(key)
+        if checked is None:
             raise InvalidArgument("key_info needs a shard key")
-        return self.backend.key_info(queue, key)
+        return self.backend.key_info(queue, checked)
 
     def why(self, queue: str, key: str) -> KeyDiagnosis:
         """The one reason ``key``'s next message is not delivered now, and until when
         (see :class:`KeyDiagnosis` and ``sharded_broker/diagnosis.py``), judged with this
         broker's settings for ``queue`` (``key_concurrency``, default ``interval``)."""
         queue = check.queue_name(queue)
-        key = check.shard_key(key)
-        if key is None:
+        checked = check.shard_key(key)
+        if checked is None:
             raise InvalidArgument("why needs a shard key")
-        return self._diagnose(queue, self.backend.key_facts(queue, [key]))[0]
+        return self._diagnose(queue, self.backend.key_facts(queue, [checked]))[0]
 
     def stuck_keys(
         self, queue: str, *, older_than: float = 60.0, limit: int = 100, scan_limit: int = 10_000

@@ -112,7 +112,7 @@ def _redis_options() -> frozenset[str]:
 
 
 def _lua_source(name: str) -> str:
-    return resources.files(__package__).joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath(f"lua/{name}.lua").read_text(encoding="utf-8")
 
 
 def _text(value: str) -> bytes:
@@ -120,7 +120,8 @@ def _text(value: str) -> bytes:
     return value.encode("utf-8", "surrogatepass")
 
 
-def _str(value: bytes) -> str:
+def _str(value: Any) -> str:
+    """Text of a reply (bytes: the client does not decode responses)."""
     return value.decode("utf-8", "surrogatepass")
 
 
@@ -312,8 +313,8 @@ class RedisBackend(Backend):
     def _registry_key(self) -> str:
         return f"{self.prefix}:queues"
 
-    def _bindings_key(self, exchange: str) -> str:
-        return f"{self.prefix}:bindings:{{{exchange}}}"
+    def _bindings_key(self, exchange: str) -> bytes:
+        return _text(f"{self.prefix}:bindings:{{{exchange}}}")
 
     def _clock_arg(self) -> str:
         return "" if self._clock is None else _us(self._clock())
@@ -554,7 +555,7 @@ class RedisBackend(Backend):
             moved += int(self._run("replay", queue, [self._clock_arg(), position, "0", *(mid for _, _, mid in chunk)]))
         return moved
 
-    def _all_dead(self, dead_key: str) -> list[str]:
+    def _all_dead(self, dead_key: bytes) -> list[str]:
         """The ids of the dead letters there now, in order of death, read page by page."""
         with self._errors():
             newest = self._client.zrevrange(dead_key, 0, 0, withscores=True)
@@ -565,7 +566,7 @@ class RedisBackend(Backend):
             after = "-inf"
             while True:
                 page = self._client.zrangebyscore(dead_key, after, last, start=0, num=CHUNK, withscores=True)
-                ids.extend(_str(mid) for mid, _ in page)
+                ids.extend(_str(entry[0]) for entry in page)
                 if len(page) < CHUNK:
                     return ids
                 after = f"({page[-1][1]!r}"
@@ -575,9 +576,11 @@ class RedisBackend(Backend):
         serves other clients between chunks; each chunk is atomic and leaves the queue
         consistent. It deletes at most as many messages as were there when it started:
         messages enqueued meanwhile may be among them (in place of as many older ones)."""
-        deleted, budget = 0, ""
+        deleted, budget = 0, None
         while True:
-            chunk_deleted, left = self._run("purge", queue, [self._clock_arg(), "1" if dead else "0", budget, CHUNK])
+            chunk_deleted, left = self._run(
+                "purge", queue, [self._clock_arg(), "1" if dead else "0", "" if budget is None else budget, CHUNK]
+            )
             deleted += int(chunk_deleted)
             budget = int(left)
             if budget <= 0 or not chunk_deleted:
