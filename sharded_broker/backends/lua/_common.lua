@@ -319,14 +319,21 @@ local function parse_bound(value)
 end
 
 -- The bounds from their state fields as read by the caller (lease reads them with its
--- other state fields), or read now.
-local function read_bounds(dnext, lnext)
+-- other state fields), or read now; with them, how many keys are paused ('#np').
+local function read_bounds(dnext, lnext, paused_keys)
   if BOUNDS.d == nil then
     if dnext == nil then
-      dnext, lnext = unpack(redis.call('HMGET', K[STATE], '#dnext', '#lnext'))
+      dnext, lnext, paused_keys = unpack(redis.call('HMGET', K[STATE], '#dnext', '#lnext', '#np'))
     end
     BOUNDS.d, BOUNDS.l = parse_bound(dnext), parse_bound(lnext)
+    BOUNDS.np = tonumber(paused_keys) or 0
   end
+end
+
+-- Whether a key may be paused (only then is its flag read).
+local function may_be_paused()
+  read_bounds()
+  return BOUNDS.np > 0
 end
 
 -- An entry due at `at` was added to delayed ('d') or leases ('l').
@@ -469,14 +476,16 @@ local function set_state(rec, state)
   rec.st = state
 end
 
+-- One live message of key more; answers how many it has now.
 local function count_key(key)
-  redis.call('ZINCRBY', K[BACKLOG], '-1', key)
+  return -tonumber(redis.call('ZINCRBY', K[BACKLOG], '-1', key))
 end
 
 -- One live message of key fewer; a key with no live message and no slot in use is
 -- forgotten.
 local function uncount_key(key)
-  if tonumber(redis.call('ZINCRBY', K[BACKLOG], '1', key)) >= 0 then
+  local live = -tonumber(redis.call('ZINCRBY', K[BACKLOG], '1', key))
+  if live <= 0 then
     redis.call('ZREM', K[BACKLOG], key)
     local ks = key_state(key)
     if ks.slots == 0 then
@@ -484,6 +493,7 @@ local function uncount_key(key)
       save_key_state(key, ks)
     end
   end
+  return math.max(live, 0)
 end
 
 -- Count one lifecycle step of rec (per queue, and per key when it has one) and publish it.
@@ -741,15 +751,19 @@ end
 -- keeps its earlier ready time (new arrivals must not push it to the back of the round).
 -- settings: when given, a key whose slots are all in use or that is paused gets no place
 -- (it is scheduled again when a slot frees or on resume).
-local function schedule(key, now, keep_place, settings)
+-- member, nb: the key's head and its not-before time (see head_of) when the caller knows
+-- them (nil: read).
+local function schedule(key, now, keep_place, settings, member, nb)
   local ks = key_state(key)
   if settings and not ks.at then
     if ks.slots >= settings.key_concurrency
-        or (redis.call('HGET', K[STATE], 'p:' .. key) == '1') then
+        or (may_be_paused() and redis.call('HGET', K[STATE], 'p:' .. key) == '1') then
       return
     end
   end
-  local member, nb = head_of(key)
+  if not member then
+    member, nb = head_of(key)
+  end
   if not member then
     unschedule(key, ks)
     save_key_state(key, ks)
@@ -773,9 +787,14 @@ local function schedule(key, now, keep_place, settings)
 end
 
 -- After rec (keyed, just placed with `now`) entered its key's order: keep the key's place
--- up to date. Mirrors schedule(key, now, true, settings), reading only what can change:
+-- up to date. alone: rec is the key's only live message (so its head). Mirrors
+-- schedule(key, now, true, settings), reading only what can change:
 -- a waiting key whose recorded head still comes first keeps its place and head.
-local function placed(rec, now, settings)
+local function placed(rec, now, settings, alone)
+  if alone then
+    schedule(rec.k, now, true, settings, ready_member(rec), rec.nb > rec.ea and rec.nb or 0)
+    return
+  end
   local ks = key_state(rec.k)
   if ks.at and ks.head then
     -- (priority, seq) of the recorded head, from its member (numbers, not a string
@@ -866,7 +885,8 @@ end
 
 -- Release the key's slot once the last message of a batch is settled. Answers true when
 -- that gave the key a place among the ready keys.
-function settled(rec, now, batch)
+-- live: how many live messages the key has, when the caller just counted them.
+function settled(rec, now, batch, live)
   local multi = rec.b ~= nil
   if #batch > 0 then
     if multi then
@@ -882,7 +902,7 @@ function settled(rec, now, batch)
   end
   local ks = key_state(rec.k)
   ks.slots = math.max(ks.slots - 1, 0)
-  if ks.slots == 0 and not redis.call('ZSCORE', K[BACKLOG], rec.k) then
+  if ks.slots == 0 and (live == 0 or (live == nil and not redis.call('ZSCORE', K[BACKLOG], rec.k))) then
     unschedule(rec.k, ks)
     save_key_state(rec.k, ks)
     return

@@ -20,10 +20,11 @@ register('ack', function(args)
           break
         end
       end
+      local live = nil
       if key then
-        uncount_key(key)
+        live = uncount_key(key)
       end
-      if settled(rec, now, rest) then
+      if settled(rec, now, rest, live) then
         freed = freed + 1 -- a key is ready again: wake a waiting consumer
       end
       record('acked', id, key, now)

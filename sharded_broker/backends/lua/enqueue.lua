@@ -26,9 +26,7 @@ register('enqueue', function(args)
         ea = now, a = 0,
       }
       local after = fields[f + 4]
-      if key then
-        count_key(key)
-      end
+      local live = key and count_key(key)
       if dedup_id then
         local expires = now + settings.dedup_window
         redis.call('HSET', K[STATE], 'd:' .. dedup_id, cmsgpack.pack({ id, expires }))
@@ -46,7 +44,7 @@ register('enqueue', function(args)
         rec.nb = now + after -- a message placed at the head holds its key until then
         place(rec, now)
         if key then
-          placed(rec, now, settings)
+          placed(rec, now, settings, live == 1)
         end
         placed_count = placed_count + 1
         -- The record as the client packed it, and t s (eo for an unkeyed one, nb for one

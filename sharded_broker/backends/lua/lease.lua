@@ -12,7 +12,7 @@ register('lease', function(args)
   local vt = tonumber(args[5])
   local leased = {}
   local counts = redis.call('HMGET', K[STATE], '#paused', '#np', '#ni', '#nl', '#dnext', '#lnext')
-  read_bounds(counts[5], counts[6])
+  read_bounds(counts[5], counts[6], counts[2])
   local paused = counts[1] == '1'
   local any_paused_key = (tonumber(counts[2]) or 0) > 0
   local any_key_interval = (tonumber(counts[3]) or 0) > 0
