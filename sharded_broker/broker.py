@@ -286,6 +286,16 @@ class Broker:
             else:
                 time.sleep(due_in)  # the backend's wait could not end this precisely
 
+    def wait_for_work(self, queues: Sequence[str], timeout: float) -> None:
+        """Block up to ``timeout`` seconds, returning early once a message may have become
+        deliverable in any of ``queues`` (enqueued, released, come due). Leases nothing:
+        for a consumer of several queues (a Celery worker and its remote-control queue)
+        between empty ``lease`` calls, in one backend call. Returns at once for no queue."""
+        if isinstance(queues, str):
+            raise InvalidArgumentType("queues must be a sequence of queue names, not one str")
+        names = [check.queue_name(queue) for queue in queues]
+        self.backend.wait_any(names, check.seconds(timeout, "timeout"))
+
     def ack(self, lease: Lease) -> bool:
         """Settle a lease for good. False when its token is stale (nothing changed)."""
         return self.ack_many([lease])[0]
