@@ -5,6 +5,7 @@ an installed package, and never as a plain ``integrations`` package in site-pack
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -61,8 +62,14 @@ def test_the_installed_package_maps_the_adapters_and_no_plain_integrations(tmp_p
 
 
 def test_the_wheel_ships_the_adapters_under_sharded_broker_only(tmp_path: Path) -> None:
+    # Built from a copy: pip builds in the source tree, and a build/ left by an earlier
+    # build would ship files since removed.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "results",
+    ))
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--quiet", "--wheel-dir", str(tmp_path)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--quiet", "--wheel-dir", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert built.returncode == 0, built.stderr
