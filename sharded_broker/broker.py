@@ -230,8 +230,9 @@ class Broker:
         at_head: bool = False,
     ) -> str:
         """Enqueue one message; its id (or, for a duplicate, the first message's id)."""
-        message = Message(payload, key, priority, delay, dedup_id, headers, at_head)
-        return self.enqueue_many(queue, [message])[0]
+        queue = check.queue_name(queue)
+        checked = check.message_of(payload, key, priority, delay, dedup_id, headers, at_head, self.max_payload_size)
+        return self.backend.enqueue_many(queue, [checked], self.settings(queue))[0]
 
     def enqueue_many(self, queue: str, messages: Iterable[Message]) -> list[str]:
         """Enqueue messages atomically in one round trip; their ids, in order.
