@@ -575,19 +575,13 @@ class _ShardedConsumer(dramatiq.Consumer):
         self._changed = threading.Condition()
         self._undelivered: collections.deque[_LeasedMessage] = collections.deque()
         self._outstanding = 0  # leased by this consumer and not yet settled
-        # Lease again once a quarter of the prefetch is free, not at each settled message:
-        # fewer and fuller lease calls, and the consumer thread is woken once per refill
-        # instead of once per ack, while the Worker still holds three quarters of its
-        # prefetch (with Dramatiq's default of two per worker thread: every thread busy
-        # and more queued).
-        self._refill = min(max(1, prefetch // 4), MAX_LEASE_LIMIT)
 
     def __next__(self) -> Optional[dramatiq.MessageProxy]:
         with self._changed:
             if self._undelivered:
                 return self._undelivered.popleft()
             room = min(self.prefetch - self._outstanding, MAX_LEASE_LIMIT)
-            if room < self._refill:
+            if room <= 0:
                 self._changed.wait(self.timeout / 1000)
                 return None
         try:
@@ -667,8 +661,7 @@ class _ShardedConsumer(dramatiq.Consumer):
         self.broker._leases.release(lease)
         with self._changed:
             self._outstanding -= 1
-            if self.prefetch - self._outstanding == self._refill:
-                self._changed.notify()  # __next__ may lease again
+            self._changed.notify_all()
 
 
 class _DelayQueueConsumer(dramatiq.Consumer):
