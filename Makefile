@@ -4,11 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: help venv redis-server demo test reliability bench bench-full clean
+.PHONY: help venv redis-server demo lint test reliability bench bench-full clean
 
 help:
 	@echo "make demo         run the per-key FIFO demo on the embedded default (no server)"
-	@echo "make test         set everything up (virtualenv, redis-server) and run the suite"
+	@echo "make test         set everything up (virtualenv, redis-server), lint, type-check and run the suite"
+	@echo "make lint         ruff and mypy over sharded_broker/ and integrations/ (zero findings expected)"
 	@echo "make reliability  fault, bad-input and security tests, with the long soak runs and the"
 	@echo "                  fault campaign (SB_CAMPAIGN_SECONDS per target, default 180; SB_CAMPAIGN_SEED)"
 	@echo "make bench        benchmarks side by side, quick mode (bench-full: the full sizes)"
@@ -27,7 +28,11 @@ redis-server:
 demo: venv
 	$(PY) examples/demo.py
 
-test: venv redis-server
+lint: venv
+	$(VENV)/bin/ruff check sharded_broker integrations
+	$(VENV)/bin/mypy sharded_broker integrations
+
+test: venv redis-server lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 reliability: venv redis-server
@@ -40,4 +45,4 @@ bench-full: venv redis-server
 	$(PY) -m benchmarks.run --full
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

@@ -77,7 +77,7 @@ from kombu.utils.uuid import uuid
 
 import sharded_broker
 from sharded_broker import validation as check
-from sharded_broker.broker import relative_path_warning
+from sharded_broker.urls import relative_path_warning
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
 from sharded_broker.group_commit import AckGroup
 from sharded_broker.models import QUEUE_SETTING_NAMES, Lease

@@ -69,7 +69,8 @@ from dramatiq.middleware import Middleware, MiddlewareError
 
 import sharded_broker
 from sharded_broker import validation
-from sharded_broker.broker import MAX_LEASE_LIMIT, relative_path_warning
+from sharded_broker.broker import MAX_LEASE_LIMIT
+from sharded_broker.urls import relative_path_warning
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
 from sharded_broker.group_commit import AckGroup
 

@@ -9,7 +9,7 @@
 """
 
 from .backend import Backend
-from .broker import Broker, connect, display_url, redact_url
+from .broker import Broker, connect
 from .errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -18,6 +18,7 @@ from .errors import (
     InvalidURL,
     ShardedBrokerError,
 )
+from .urls import display_url, redact_url
 from .models import (
     DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
 )

@@ -6,7 +6,9 @@ before it calls a backend, so backends receive only checked values and never rai
 bad input.
 
 The guarantees below are pinned by ``tests/test_conformance.py``, which runs against every
-backend with the memory backend as the reference model.
+backend with the memory backend as the reference model. docs/design.md shows where each
+is kept: the memory and SQLite backends share one implementation of these rules
+(``backends/planner.py``), the Redis backend runs them in Lua.
 
 Ordering
     Within a (queue, key), ready messages are ordered by ``(priority, seq)``: lower
@@ -72,6 +74,15 @@ Events
 Time
     Every time (enqueue time, not-before, deadline, interval) comes from the backend's own
     clock (:meth:`Backend.now`), never from the caller's.
+
+Errors
+    A backend raises only the project's errors (``sharded_broker.errors``), never its
+    client library's: ``BackendUnavailable`` when the store cannot be reached, times out,
+    is full or read-only (the call may or may not have taken effect), ``BackendError``
+    for any other failure of the store, ``InvalidURL`` or ``ConfigurationError`` from
+    ``from_url`` for a URL, option or store that cannot serve. Every one is a
+    ``ShardedBrokerError``, which is what the command line and the Prometheus collector
+    catch.
 """
 
 from __future__ import annotations

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import os
-import re
 import time
 from typing import Any, Iterable, Iterator, Mapping, Sequence
-from urllib.parse import unquote, urlsplit
 
+from . import urls
 from . import validation as check
 from .backend import Backend, EventSubscription, KeySort
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
@@ -27,95 +25,17 @@ BACKENDS: dict[str, str] = {
 MAX_LEASE_LIMIT = 10_000
 MAX_METRICS_MINUTES = 7 * 24 * 60
 MAX_KEYS_LIMIT = 10_000
-# Shorter pieces of a URL's user:password part are not masked in error reasons (they
-# would mask ordinary words); the whole part always is.
-MIN_MASKED_PIECE = 3
 
 
 def backend_class(url: str) -> type[Backend]:
     """The backend class serving ``url``'s scheme."""
-    if not isinstance(url, str):
-        raise InvalidURL(f"broker URL must be a str, not {type(url).__name__}")
-    try:
-        scheme = urlsplit(url).scheme
-    except ValueError as exc:
-        raise InvalidURL(f"malformed broker URL: {exc}") from None
-    if "://" not in url or not scheme:
+    name = urls.scheme(url)
+    if name not in BACKENDS:
         raise InvalidURL(
-            f"malformed broker URL {redact_url(url)!r}: expected scheme://..., e.g. redis://localhost:6379/0"
+            f"unknown URL scheme {name!r} in broker URL; supported: {', '.join(sorted(BACKENDS))}"
         )
-    if scheme not in BACKENDS:
-        raise InvalidURL(
-            f"unknown URL scheme {scheme!r} in broker URL; supported: {', '.join(sorted(BACKENDS))}"
-        )
-    module_name, _, class_name = BACKENDS[scheme].partition(":")
+    module_name, _, class_name = BACKENDS[name].partition(":")
     return getattr(importlib.import_module(module_name), class_name)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe to log."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            if "@" in url and "@" not in parts.netloc:
-                # Not parsed as scheme://user:password@host (a missing "://", or a "#" or
-                # "?" in the password ending the netloc early): hide everything before
-                # the host rather than guess where a password ends.
-                return "***@" + url.rpartition("@")[2]
-            return url
-        netloc = parts.netloc.rpartition("@")
-        user = parts.username or ""
-        return parts._replace(netloc=f"{user}:***@{netloc[2]}").geturl()
-    except ValueError:
-        return "<malformed URL>"
-
-
-def sqlite_path(url: str) -> str | None:
-    """The file a well-formed ``sqlite:///relative.db`` / ``sqlite:////absolute.db`` URL
-    names, as written (relative paths are relative to the current directory); None for
-    other URLs and for malformed ones, which the SQLite backend refuses precisely."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return None
-    if parts.scheme != "sqlite" or parts.netloc or parts.query or not parts.path.startswith("/"):
-        return None
-    return unquote(parts.path[1:]) or None
-
-
-def display_url(url: str) -> str:
-    """``url`` as logs, banners and the command line show it: no password, and a SQLite
-    file by its absolute path (``sqlite:////abs/queue.db``), so a relative path shows
-    where it led in this process."""
-    path = sqlite_path(url)
-    return f"sqlite:///{os.path.abspath(path)}" if path else redact_url(url)
-
-
-def relative_path_hint(url: str) -> str | None:
-    """For a ``sqlite:///`` URL with a relative path, how it was read and how to write an
-    absolute one (None otherwise): appended to errors about the file."""
-    path = sqlite_path(url)
-    if path is None or os.path.isabs(path):
-        return None
-    return (
-        f"sqlite:///{path} is relative to the current directory {os.getcwd()}; "
-        f"an absolute path takes four slashes: sqlite:////{path} names /{path}"
-    )
-
-
-def relative_path_warning(url: str) -> str | None:
-    """A warning for a ``sqlite:///`` URL with a relative path (None otherwise): two
-    processes started in different directories would use two different files, so two
-    queues, without a word. Adapters log it once per process that consumes."""
-    path = sqlite_path(url)
-    if path is None or os.path.isabs(path):
-        return None
-    absolute = os.path.abspath(path)
-    return (
-        f"broker URL {url} is relative to the current directory: this process uses {absolute}. "
-        f"A producer or worker started in another directory uses another file, so another queue; "
-        f"write sqlite:///{absolute} (four slashes: an absolute path) to be sure"
-    )
 
 
 def connect(url: str = "memory://", **options: Any) -> "Broker":
@@ -142,11 +62,11 @@ def connect(url: str = "memory://", **options: Any) -> "Broker":
         raise ConfigurationError("queues must map queue names to settings")
     backend_type = backend_class(url)
     if url.startswith(("redis://", "rediss://")):
-        _check_redis_url(url)
+        urls.check_redis_url(url)
     try:
         backend = backend_type.from_url(url, **options)
     except InvalidURL as exc:
-        hint = relative_path_hint(url)
+        hint = urls.relative_path_hint(url)
         if hint is None:
             raise
         raise InvalidURL(f"{exc} ({hint})") from None
@@ -158,28 +78,6 @@ def connect(url: str = "memory://", **options: Any) -> "Broker":
         backend.close()  # a refused setting must not leak the backend's connections
         raise
     return broker
-
-
-def _check_redis_url(url: str) -> None:
-    """Refuse a malformed redis URL as a URL problem, before any option is looked at.
-
-    redis-py's reason may quote part of the password (a password with a "#" or "?" is
-    split there and its start taken for a port): every piece of the URL's
-    ``user:password`` part is masked in it."""
-    import redis.connection
-
-    try:
-        redis.connection.parse_url(url)
-    except ValueError as exc:
-        reason = str(exc)
-        after_scheme = url.partition("://")[2]
-        userinfo = after_scheme.rpartition("@")[0]
-        pieces = {userinfo, *(piece for piece in re.split(r"[:#?/]", userinfo) if len(piece) >= MIN_MASKED_PIECE)}
-        for piece in sorted(pieces - {""}, key=len, reverse=True):
-            reason = reason.replace(piece, "***").replace(unquote(piece), "***")
-        if userinfo and "@" not in urlsplit(url).netloc:
-            reason += "; a '#', '?' or '/' in a user name or password must be percent-encoded (%23, %3F, %2F)"
-        raise InvalidURL(f"malformed redis URL {redact_url(url)!r}: {reason}") from None
 
 
 class Broker:

@@ -24,6 +24,7 @@ Each command is a plain click command on :data:`main`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -37,25 +38,24 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Sequence
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 import click
-import redis
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from .broker import Broker, connect, display_url, relative_path_hint, sqlite_path
-from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, ShardedBrokerError
+from . import urls
+from .broker import Broker, connect
+from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL, ShardedBrokerError
 from .models import COUNTERS, DeadLetter, Event, KeyInfo, MinuteMetrics, QueueStats
 
 URL_ENVVAR = "SHARDED_BROKER_URL"
-# Celery names the transport sharded+redis://; the engine wants the plain redis:// URL.
-CELERY_URL_PREFIX = "sharded+"
-# The errors a backend lets through when it is unreachable or refuses an operation; a
-# command reports them in one line instead of a traceback.
-BACKEND_ERRORS: tuple[type[BaseException], ...] = (ShardedBrokerError, redis.RedisError, sqlite3.Error, OSError)
+# What a command reports in one line instead of a traceback: every error the engine and
+# its backends raise (the error model in sharded_broker/backend.py), and the command's own
+# I/O failing (a file, a socket).
+REPORTED_ERRORS: tuple[type[BaseException], ...] = (ShardedBrokerError, OSError)
 # Errors that mean the command line itself was wrong (exit 2, like click's usage errors).
 USAGE_ERRORS: tuple[type[BaseException], ...] = (ConfigurationError, InvalidArgument, InvalidArgumentType)
 # Dead letters listed per backend call while collecting ids to replay.
@@ -89,9 +89,7 @@ class BadUsage(click.ClickException):
     exit_code = 2
 
 
-def normalize_url(url: str) -> str:
-    """The engine URL for ``url``: Celery's ``sharded+redis://...`` becomes ``redis://...``."""
-    return url[len(CELERY_URL_PREFIX):] if url.startswith(CELERY_URL_PREFIX) else url
+normalize_url = urls.engine_url
 
 
 @dataclass
@@ -110,7 +108,7 @@ class Session:
     @property
     def safe_url(self) -> str:
         """The URL as output shows it: no password, a SQLite file by its absolute path."""
-        return "(no URL)" if self.url is None else display_url(self.url)
+        return "(no URL)" if self.url is None else urls.display_url(self.url)
 
     def broker(self, **options: Any) -> Broker:
         """The broker for the URL, opened on first use with ``options``.
@@ -124,10 +122,13 @@ class Session:
         if self._broker is None:
             if not self.url:
                 raise BadUsage(f"no broker URL: pass --url URL or set {URL_ENVVAR}")
-            scheme = urlsplit(self.url).scheme if "://" in self.url else ""
-            path = sqlite_path(self.url)
+            try:
+                scheme = urls.scheme(self.url)
+            except InvalidURL:
+                scheme = ""  # connect() below names the problem
+            path = urls.sqlite_path(self.url)
             if path:
-                _require_queue_database(path, relative_path_hint(self.url))
+                _require_queue_database(path, urls.relative_path_hint(self.url))
             elif scheme == "rediss":
                 _refuse_plain_text_port(self.url, self.safe_url)
             elif scheme == "memory":
@@ -146,14 +147,7 @@ class Session:
 
     def scrub(self, text: str) -> str:
         """``text`` on one line, with the URL's password (if any) masked."""
-        try:
-            password = urlsplit(self.url).password if self.url else None
-        except ValueError:
-            password = None
-        # Both spellings: as written in the URL (percent-encoded) and as a client uses it.
-        for spelling in {password, unquote(password)} if password else ():
-            text = text.replace(spelling, "***")
-        return " ".join(text.split())
+        return urls.scrub(text, self.url)
 
 
 def _require_queue_database(path: str, hint: str | None) -> None:
@@ -189,12 +183,11 @@ def _refuse_plain_text_port(url: str, safe_url: str) -> None:
     server, nothing listening, a certificate the real connection may refuse) is left to
     that connection to report, so the hint comes within the connect timeout or not at all.
     """
-    try:
-        parsed = redis.connection.parse_url(url)
-    except ValueError:
+    address = urls.redis_address(url)
+    if address is None:
         return  # malformed: connect() names the problem
-    host, port = parsed.get("host") or "localhost", int(parsed.get("port") or 6379)
-    timeout = float(parsed.get("socket_connect_timeout") or DEFAULT_CONNECT_TIMEOUT)
+    host, port, connect_timeout = address
+    timeout = connect_timeout or DEFAULT_CONNECT_TIMEOUT
     try:
         with socket.create_connection((host, port), timeout=min(timeout / 2, TLS_HANDSHAKE_WAIT)) as raw:
             context = ssl.create_default_context()
@@ -229,18 +222,20 @@ class _Group(click.Group):
         except click.ClickException as exc:
             session = ctx.obj if isinstance(ctx.obj, Session) else None
             if session is not None:
-                exc.message = session.scrub(exc.message)
+                # click types message as Final, but a group's invoke is where it may be
+                # reworded (click itself formats it only when the exception is shown).
+                exc.message = session.scrub(exc.message)  # type: ignore[misc]
             raise
         except USAGE_ERRORS as exc:
             raise BadUsage(_describe(ctx, exc)) from None
-        except BACKEND_ERRORS as exc:
+        except REPORTED_ERRORS as exc:
             raise CommandFailed(_describe(ctx, exc)) from None
 
 
 def _describe(ctx: click.Context, exc: BaseException) -> str:
     session = ctx.obj if isinstance(ctx.obj, Session) else None
     message = str(exc) or type(exc).__name__
-    if isinstance(exc, (redis.RedisError, OSError)) and not isinstance(exc, ShardedBrokerError):
+    if not isinstance(exc, ShardedBrokerError):
         where = f" at {session.safe_url}" if session else ""
         message = f"broker{where} failed: {type(exc).__name__}: {message}"
     return session.scrub(message) if session else " ".join(message.split())
@@ -396,9 +391,12 @@ def fit_stats_table(
     """The widest form of ``top``'s stats table that fits ``console``: full headers, else
     abbreviated ones, else without optional columns, dropped in :data:`TOP_DROP_ORDER`.
     (Narrower than even the core columns need, rich shrinks cells as it must.)"""
-    forms = [(False, frozenset())] + [(True, frozenset(TOP_DROP_ORDER[:n])) for n in range(len(TOP_DROP_ORDER) + 1)]
-    return _first_that_fits(console, [lambda s=short, h=hide: stats_table(rows, rates, per_minute, short=s, hide=h)
-                                      for short, hide in forms])
+    forms: list[tuple[bool, frozenset[str]]] = [(False, frozenset())] + [
+        (True, frozenset(TOP_DROP_ORDER[:n])) for n in range(len(TOP_DROP_ORDER) + 1)
+    ]
+    return _first_that_fits(
+        console, [functools.partial(stats_table, rows, rates, per_minute, short=short, hide=hide) for short, hide in forms]
+    )
 
 
 def _first_that_fits(console: Console, builders: Sequence[Callable[[], Table]]) -> Table:
@@ -581,7 +579,7 @@ def top(session: Session, refresh: float, once: bool, iterations: int | None, as
         if not frame.hottest:
             return table
         keys = _first_that_fits(session.stdout, [
-            lambda h=hide: keys_table(frame.hottest, with_queue=True, hide=h)
+            functools.partial(keys_table, frame.hottest, with_queue=True, hide=hide)
             for hide in (frozenset(), frozenset({"interval"}), frozenset({"interval", "leased"}))
         ])
         keys.title = Text(f"hottest keys (largest backlog, top {TOP_KEYS})")

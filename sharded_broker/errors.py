@@ -28,7 +28,14 @@ class InvalidArgumentType(ShardedBrokerError, TypeError):
     """An argument has the wrong type (a key that is not a string, a payload that is not bytes)."""
 
 
-class BackendUnavailable(ShardedBrokerError, ConnectionError):
+class BackendError(ShardedBrokerError):
+    """The backend failed in a way no argument explains: a server-side error, a store
+    changed behind the engine's back. Every backend failure is one of these (the error
+    model in ``sharded_broker/backend.py``); callers that report failures (the command
+    line, the Prometheus collector) catch :class:`ShardedBrokerError` and nothing else."""
+
+
+class BackendUnavailable(BackendError, ConnectionError):
     """The backend could not be reached or answered with a transport error.
 
     The operation may or may not have taken effect; it is safe to retry an enqueue that

@@ -42,8 +42,8 @@ except ImportError as exc:  # pragma: no cover - exercised by a subprocess test
 
 from . import validation
 from .broker import Broker
-from .cli import BACKEND_ERRORS
 from .backend import minute_of
+from .errors import ShardedBrokerError
 from .models import COUNTERS, KeyInfo, MinuteMetrics, QueueStats
 
 __all__ = ["ShardedBrokerCollector"]
@@ -128,7 +128,7 @@ class ShardedBrokerCollector(Collector):
                 }
                 self._totals.started = True
             keys = [info for name in names for info in (self.broker.keys(name, self.top_keys) if self.top_keys else [])]
-        except BACKEND_ERRORS as exc:
+        except ShardedBrokerError as exc:
             # One line per failed scrape: a traceback every scrape interval would drown the log.
             log.warning("sharded-broker metrics: cannot read the backend: %s: %s", type(exc).__name__, exc)
             up = GaugeMetricFamily("sharded_broker_up", "1 when the broker's backend answered this scrape.")

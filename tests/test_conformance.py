@@ -1,4 +1,4 @@
-"""The guarantees of DESIGN.md, one test (or more) each, on every backend.
+"""The guarantees of docs/design.md, one test (or more) each, on every backend.
 
 Written against the public Broker API only. Time is a FakeClock shared by the test and the
 backend (``connect(url, clock=...)``), so lease expiry, intervals, delays and the dedup

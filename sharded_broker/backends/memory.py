@@ -1,8 +1,11 @@
 """In-process backend and the executable reference model of the engine's semantics.
 
 Plain dicts and heaps under one lock, written for clarity first; every other backend is
-tested against it (see ``sharded_broker/backend.py`` for the rules it implements). Heaps
-use lazy deletion: an entry whose record changed since it was pushed is skipped.
+tested against it. The engine's decisions are the planner's (``backends/planner.py``, the
+same code the SQLite backend runs); this module is the store they run on: where each
+message and key is, and the counts. Heaps use lazy deletion: an entry whose record
+changed since it was pushed is skipped. docs/design.md ("Data layout") describes the
+structures.
 
 ``memory://NAME`` names a store shared by every broker of the process that uses the same
 name (``memory://`` is the default store), so a producer and a consumer created
@@ -27,12 +30,11 @@ from ..backend import (
 )
 from ..errors import ConfigurationError
 from ..models import (
-    COUNTERS, DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics,
+    COUNTERS, DeadLetter, Event, EventType, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics,
     QueueSettings, QueueStats, RetryPosition,
 )
-
-# Tail seqs count up from here and head seqs count down, so every head seq sorts first.
-SEQ_ORIGIN = 2**52
+from . import planner
+from .planner import SEQ_ORIGIN
 
 
 # slots: no per-instance __dict__ (about 50 bytes less per record, measured with
@@ -144,6 +146,349 @@ class _Subscription(EventSubscription):
                 self._queue.subscribers.remove(self)
 
 
+class _QueueStore:
+    """One queue of a memory space as the planner's store (``planner.Store``), used with
+    the space's lock held."""
+
+    def __init__(self, backend: "MemoryBackend", q: _Queue, now: float) -> None:
+        self.q = self.seqs = q
+        self.now = now
+        self._backend = backend
+        self._order = backend._order
+
+    # -- counters, metrics and events
+
+    def paused(self) -> bool:
+        return self.q.paused
+
+    def record(self, counter: EventType, message_id: str, key: str | None) -> None:
+        q, now = self.q, self.now
+        minute = minute_of(now)
+        index = COUNTERS.index(counter)
+        for scope in (None, key) if key is not None else (None,):
+            counts = q.metrics.get((minute, scope))
+            if counts is None:
+                counts = q.metrics[(minute, scope)] = [0] * len(COUNTERS)
+                # Ordered by the last minute that keeps the entry: per-key and queue-level
+                # entries may have windows of different lengths.
+                window = self._backend._metrics_window if scope is None else self._backend._key_metrics_window
+                last_kept = minute + (kept_minutes(window) - 1) * 60
+                heapq.heappush(q.metrics_expiry, (last_kept, next(self._order), minute, scope))
+            counts[index] += 1
+        if self._backend._events:
+            for subscriber in q.subscribers:
+                subscriber.push(Event(counter, q.name, message_id, key, now))
+
+    # -- message states
+
+    def _set_state(self, rec: _Record, state: str) -> None:
+        q = self.q
+        if rec.state in q.counts:
+            q.counts[rec.state] -= 1
+        if state in q.counts:
+            q.counts[state] += 1
+        rec.state = state
+        if state == "ready":
+            rec.ready_mark = next(self._order)
+            heapq.heappush(q.ready_ages, (rec.enqueued_at, rec.ready_mark, rec.id))
+            if len(q.ready_ages) > 2 * q.counts["ready"] + 64:
+                # Mostly stale entries (records that left the ready state since): keep the
+                # valid ones. Amortised O(1): at least half the entries go each time.
+                q.ready_ages = [entry for entry in q.ready_ages if _ready_age_valid(q, entry)]
+                heapq.heapify(q.ready_ages)
+
+    def insert(self, message: Message, *, state: str, seq: int | None, not_before: float) -> str:
+        q = self.q
+        rec = _Record(
+            id=uuid.uuid4().hex,
+            key=message.key,
+            payload=message.payload,
+            priority=message.priority,
+            seq=seq,
+            enqueued_at=self.now,
+            headers=dict(message.headers or {}),
+            dedup_id=message.dedup_id,
+            at_head=message.at_head,
+            state="new",
+        )
+        q.messages[rec.id] = rec
+        if rec.key is not None:
+            q.key_counts[rec.key] = q.key_counts.get(rec.key, 0) + 1
+        if state == "delayed":
+            self.delay(rec, not_before)
+        else:
+            self.place(rec, not_before=not_before)
+        return rec.id
+
+    def place(self, rec: _Record, /, **changes: Any) -> None:
+        q = self.q
+        if rec.state == "dead":
+            del q.dead[rec.id]
+            if rec.key is not None:
+                q.key_counts[rec.key] = q.key_counts.get(rec.key, 0) + 1
+        for name, value in changes.items():
+            setattr(rec, name, value)
+        self._set_state(rec, "ready")
+        rec.entered_at = self.now
+        if rec.key is None:
+            rec.entered_order = next(self._order)
+            heapq.heappush(q.lane, _order_entry(rec))
+            return
+        ks = q.keys.get(rec.key)
+        if ks is None:
+            ks = q.keys[rec.key] = _Key()
+        heapq.heappush(ks.heap, _order_entry(rec))
+
+    def delay(self, rec: _Record, due: float, /, **changes: Any) -> None:
+        for name, value in changes.items():
+            setattr(rec, name, value)
+        self._set_state(rec, "delayed")
+        rec.not_before = due
+        heapq.heappush(self.q.delayed, (due, next(self._order), rec.id))
+
+    def dead_letter(self, rec: _Record, reason: str) -> None:
+        self._set_state(rec, "dead")
+        rec.token = ""
+        rec.reason = reason
+        rec.died_at = self.now
+        self.q.dead[rec.id] = None
+        if rec.key is not None:
+            self._uncount_key(rec.key)
+
+    def lease_message(self, rec: _Record, deadline: float, batch_id: str, batch_index: int, alone: bool) -> Lease:
+        q = self.q
+        # The planner leases heads in order: rec is the first valid entry of its heap.
+        heap = q.lane if rec.key is None else q.keys[rec.key].heap
+        _top(q, heap)
+        heapq.heappop(heap)
+        if batch_index == 0:
+            q.batches[batch_id] = []
+        q.batches[batch_id].append(rec.id)
+        self._set_state(rec, "leased")
+        rec.attempts += 1
+        rec.token = uuid.uuid4().hex
+        rec.deadline = deadline
+        rec.batch_id = batch_id
+        heapq.heappush(q.leases, (deadline, next(self._order), rec.id, rec.token))
+        return Lease(
+            queue=q.name,
+            id=rec.id,
+            key=rec.key,
+            payload=rec.payload,
+            priority=rec.priority,
+            attempts=rec.attempts,
+            headers=dict(rec.headers),
+            token=rec.token,
+            deadline=deadline,
+            enqueued_at=rec.enqueued_at,
+            batch_id=batch_id,
+            dedup_id=rec.dedup_id,
+        )
+
+    def set_deadline(self, rec: _Record, deadline: float) -> None:
+        rec.deadline = deadline
+        heapq.heappush(self.q.leases, (deadline, next(self._order), rec.id, rec.token))
+
+    def current(self, lease: Lease) -> _Record | None:
+        rec = self.q.messages.get(lease.id)
+        if rec is None or rec.state != "leased" or rec.token != lease.token:
+            return None
+        return rec
+
+    def take_acked(self, lease: Lease) -> _Record | None:
+        rec = self.current(lease)
+        if rec is not None:
+            batch = self.q.batches.get(rec.batch_id, [])
+            if rec.id in batch:
+                batch.remove(rec.id)
+            self.forget(rec)
+        return rec
+
+    def forget(self, rec: _Record) -> None:
+        """Drop a settled record (acked or purged) from every index it counts in."""
+        q = self.q
+        if rec.state in q.counts:
+            q.counts[rec.state] -= 1
+        del q.messages[rec.id]
+        if rec.state != "dead" and rec.key is not None:
+            self._uncount_key(rec.key)
+
+    def _uncount_key(self, key: str) -> None:
+        q = self.q
+        q.key_counts[key] -= 1
+        if not q.key_counts[key]:
+            del q.key_counts[key]
+            ks = q.keys.get(key)
+            if ks is not None and not ks.slots:
+                del q.keys[key]
+
+    def cut_batch(self, rec: _Record) -> list[_Record]:
+        batch = self.q.batches.get(rec.batch_id, [rec.id])
+        index = batch.index(rec.id)
+        followers = [self.q.messages[mid] for mid in batch[index + 1 :]]
+        del batch[index:]
+        return followers
+
+    def close_batch(self, rec: _Record) -> bool:
+        if self.q.batches.get(rec.batch_id):
+            return False
+        self.q.batches.pop(rec.batch_id, None)
+        return True
+
+    def due_delayed(self, limit: int) -> list[_Record]:
+        q, due = self.q, list[_Record]()
+        while q.delayed and q.delayed[0][0] <= self.now and len(due) < limit:
+            at, _, mid = heapq.heappop(q.delayed)
+            rec = q.messages.get(mid)
+            if rec is not None and rec.state == "delayed" and rec.not_before == at:
+                due.append(rec)
+        return due
+
+    def next_expired_lease(self) -> _Record | None:
+        q = self.q
+        while q.leases and q.leases[0][0] <= self.now:
+            deadline, _, mid, token = heapq.heappop(q.leases)
+            rec = q.messages.get(mid)
+            if rec is not None and rec.state == "leased" and rec.token == token and rec.deadline == deadline:
+                return rec
+        return None
+
+    def dead_messages(self, ids: Sequence[str] | None) -> list[_Record]:
+        q = self.q
+        return [q.messages[mid] for mid in (q.dead if ids is None else dict.fromkeys(ids)) if mid in q.dead]
+
+    # -- keys and the ready order
+
+    def key_exists(self, key: str) -> bool:
+        return key in self.q.keys
+
+    def key_count(self, key: str) -> int:
+        return self.q.key_counts.get(key, 0)
+
+    def key_slots(self, key: str) -> int:
+        ks = self.q.keys.get(key)
+        return ks.slots if ks is not None else 0
+
+    def set_key_slots(self, key: str, slots: int) -> None:
+        self.q.keys[key].slots = slots
+
+    def key_paused(self, key: str) -> bool:
+        return key in self.q.paused_keys
+
+    def key_interval(self, key: str) -> float | None:
+        return self.q.intervals.get(key)
+
+    def key_last_delivery(self, key: str) -> float | None:
+        return self.q.last_delivery.get(key)
+
+    def set_key_last_delivery(self, key: str, at: float | None) -> None:
+        # Kept apart from _Key (which goes when a key empties) so an interval spans idle gaps.
+        if at is None:
+            self.q.last_delivery.pop(key, None)
+        else:
+            self.q.last_delivery[key] = at
+
+    def drop_key(self, key: str) -> None:
+        del self.q.keys[key]
+
+    def key_ready_at(self, key: str) -> float | None:
+        ks = self.q.keys.get(key)
+        return ks.ready_at if ks is not None else None
+
+    def set_ready(self, key: str, at: float | None) -> None:
+        ks = self.q.keys[key]
+        # Versions come from the store-wide counter, not from the _Key: a key that is
+        # dropped and created again must not revive entries its earlier self left behind.
+        ks.version = next(self._order)
+        ks.ready_at = at
+        if at is not None:
+            heapq.heappush(self.q.ready, (at, next(self._order), key, ks.version))
+
+    def head_times(self, key: str) -> tuple[float, float] | None:
+        ks = self.q.keys.get(key)
+        head = _top(self.q, ks.heap) if ks is not None else None
+        return (head.not_before, head.entered_at) if head is not None else None
+
+    def key_heads(self, key: str, count: int) -> list[_Record]:
+        ks = self.q.keys.get(key)
+        if ks is None:
+            return []
+        heads: list[_Record] = []
+        while len(heads) < count and (head := _top(self.q, ks.heap)) is not None:
+            heads.append(head)
+            heapq.heappop(ks.heap)
+        for rec in heads:  # they stay in the key's order until leased
+            heapq.heappush(ks.heap, _order_entry(rec))
+        return heads
+
+    def first_ready_key(self) -> tuple[float, int, str] | None:
+        q = self.q
+        while q.ready:
+            at, order, key, version = q.ready[0]
+            ks = q.keys.get(key)
+            if ks is not None and ks.version == version:
+                return at, order, key
+            heapq.heappop(q.ready)
+        return None
+
+    def lane_head(self) -> tuple[_Record, float, int] | None:
+        rec = _top(self.q, self.q.lane)
+        return (rec, rec.entered_at, rec.entered_order) if rec is not None else None
+
+    def next_delayed_due(self) -> float | None:
+        return self.q.delayed[0][0] if self.q.delayed else None
+
+    def next_deadline(self) -> float | None:
+        return self.q.leases[0][0] if self.q.leases else None
+
+    # -- dedup
+
+    def expired_dedup(self, limit: int) -> list[tuple[str, str]]:
+        q, expired = self.q, list[tuple[str, str]]()
+        while q.dedup_expiry and q.dedup_expiry[0][0] <= self.now and len(expired) < limit:
+            expires, dedup_id = heapq.heappop(q.dedup_expiry)
+            entry = q.dedup.get(dedup_id)
+            if entry is not None and entry[1] == expires:
+                expired.append((dedup_id, entry[0]))
+        return expired
+
+    def dedup_entry(self, dedup_id: str) -> tuple[str, float] | None:
+        return self.q.dedup.get(dedup_id)
+
+    def set_dedup(self, dedup_id: str, message_id: str, expires: float) -> None:
+        self.q.dedup[dedup_id] = (message_id, expires)
+        heapq.heappush(self.q.dedup_expiry, (expires, dedup_id))
+
+    def drop_dedup(self, dedup_id: str) -> None:
+        self.q.dedup.pop(dedup_id, None)
+
+    def pending(self, message_id: str) -> bool:
+        rec = self.q.messages.get(message_id)
+        return rec is not None and rec.state in ("ready", "delayed")
+
+
+def _order_entry(rec: _Record) -> tuple[int, int, str]:
+    """A placed record's entry in its key's order or the lane: (priority, seq, id)."""
+    assert rec.seq is not None, "a record is placed with its seq"
+    return rec.priority, rec.seq, rec.id
+
+
+def _ready_age_valid(q: _Queue, entry: tuple[float, int, str]) -> bool:
+    rec = q.messages.get(entry[2])
+    return rec is not None and rec.state == "ready" and rec.ready_mark == entry[1]
+
+
+def _top(q: _Queue, heap: list[tuple[int, int, str]]) -> _Record | None:
+    """The first valid entry's record of a key's order (or the lane), stale entries dropped."""
+    while heap:
+        priority, seq, mid = heap[0]
+        rec = q.messages.get(mid)
+        if rec is not None and rec.state == "ready" and rec.seq == seq and rec.priority == priority:
+            return rec
+        heapq.heappop(heap)
+    return None
+
+
 _STORES: dict[str, _Store] = {}
 _STORES_LOCK = threading.Lock()
 
@@ -202,23 +547,19 @@ class MemoryBackend(Backend):
             queue = self._store.queues[name] = _Queue(name=name)
         return queue
 
-    def _record(self, q: _Queue, counter: str, rec: _Record, now: float) -> None:
-        """Count one lifecycle step of ``rec`` in this minute's metrics and publish it."""
-        minute = minute_of(now)
-        index = COUNTERS.index(counter)
-        for key in (None, rec.key) if rec.key is not None else (None,):
-            counts = q.metrics.get((minute, key))
-            if counts is None:
-                counts = q.metrics[(minute, key)] = [0] * len(COUNTERS)
-                # Ordered by the last minute that keeps the entry: per-key and queue-level
-                # entries may have windows of different lengths.
-                window = self._metrics_window if key is None else self._key_metrics_window
-                last_kept = minute + (kept_minutes(window) - 1) * 60
-                heapq.heappush(q.metrics_expiry, (last_kept, next(self._order), minute, key))
-            counts[index] += 1
-        if self._events:
-            for subscriber in q.subscribers:
-                subscriber.push(Event(counter, q.name, rec.id, rec.key, now))
+    def _existing_stores(self, now: float) -> planner.StoreFor:
+        """The store of a queue that exists (leases name queues; an unknown one holds no lease)."""
+        stores: dict[str, _QueueStore] = {}
+
+        def store_for(name: str) -> _QueueStore | None:
+            if name not in stores:
+                q = self._store.queues.get(name)
+                if q is None:
+                    return None
+                stores[name] = _QueueStore(self, q, now)
+            return stores[name]
+
+        return store_for
 
     def _expire_metrics(self, q: _Queue, now: float) -> None:
         """Forget a bounded number of metric entries older than the window."""
@@ -229,349 +570,21 @@ class MemoryBackend(Backend):
             _, _, minute, key = heapq.heappop(q.metrics_expiry)
             q.metrics.pop((minute, key), None)
 
-    def _set_state(self, q: _Queue, rec: _Record, state: str) -> None:
-        if rec.state in q.counts:
-            q.counts[rec.state] -= 1
-        if state in q.counts:
-            q.counts[state] += 1
-        rec.state = state
-        if state == "ready":
-            rec.ready_mark = next(self._order)
-            heapq.heappush(q.ready_ages, (rec.enqueued_at, rec.ready_mark, rec.id))
-            if len(q.ready_ages) > 2 * q.counts["ready"] + 64:
-                # Mostly stale entries (records that left the ready state since): keep the
-                # valid ones. Amortised O(1): at least half the entries go each time.
-                q.ready_ages = [entry for entry in q.ready_ages if self._ready_age_valid(q, entry)]
-                heapq.heapify(q.ready_ages)
-
-    @staticmethod
-    def _ready_age_valid(q: _Queue, entry: tuple[float, int, str]) -> bool:
-        rec = q.messages.get(entry[2])
-        return rec is not None and rec.state == "ready" and rec.ready_mark == entry[1]
-
     def _oldest_ready(self, q: _Queue) -> float | None:
         """The enqueue time of the oldest ready message (stale heap entries dropped)."""
-        while q.ready_ages and not self._ready_age_valid(q, q.ready_ages[0]):
+        while q.ready_ages and not _ready_age_valid(q, q.ready_ages[0]):
             heapq.heappop(q.ready_ages)
         return q.ready_ages[0][0] if q.ready_ages else None
 
-    def _forget(self, q: _Queue, rec: _Record) -> None:
-        """Drop a settled record (acked or purged) from every index it counts in."""
-        if rec.state in q.counts:
-            q.counts[rec.state] -= 1
-        del q.messages[rec.id]
-        if rec.state != "dead" and rec.key is not None:
-            self._uncount_key(q, rec.key)
-
-    def _uncount_key(self, q: _Queue, key: str) -> None:
-        q.key_counts[key] -= 1
-        if not q.key_counts[key]:
-            del q.key_counts[key]
-            ks = q.keys.get(key)
-            if ks is not None and not ks.slots:
-                del q.keys[key]
-
-    def _head(self, q: _Queue, ks: _Key) -> _Record | None:
-        while ks.heap:
-            priority, seq, mid = ks.heap[0]
-            rec = q.messages.get(mid)
-            if rec is not None and rec.state == "ready" and rec.seq == seq and rec.priority == priority:
-                return rec
-            heapq.heappop(ks.heap)
-        return None
-
-    def _schedule(
-        self, q: _Queue, key: str, now: float, *, keep_place: bool, settings: QueueSettings | None = None
-    ) -> None:
-        """Give ``key`` a valid entry in the ready heap if its head message exists.
-
-        ``keep_place``: a key already waiting keeps its earlier ready time (new arrivals
-        must not push a waiting key to the back of the round). Only a head that *holds*
-        the key (placed with a not-before time after it was placed: a retry or an
-        ``at_head`` delay) pushes a key's time later. ``settings``: when given, a key that
-        is not waiting and whose slots are all in use, or that is paused, is left out (it is
-        scheduled again when a slot frees or on resume).
-        """
-        ks = q.keys.get(key)
-        if ks is None:
-            return
-        if settings is not None and ks.ready_at is None and (
-            ks.slots >= settings.key_concurrency or key in q.paused_keys
-        ):
-            return
-        head = self._head(q, ks)
-        if head is None:
-            ks.version = next(self._order)
-            ks.ready_at = None
-            return
-        holds_until = head.not_before if head.not_before > head.entered_at else 0.0
-        at = max(now, holds_until)
-        if keep_place and ks.ready_at is not None:
-            at = max(ks.ready_at, holds_until)
-        if at == ks.ready_at:
-            return
-        # Versions come from the store-wide counter, not from the _Key: a key that is
-        # dropped and created again must not revive entries its earlier self left behind.
-        ks.version = next(self._order)
-        ks.ready_at = at
-        heapq.heappush(q.ready, (at, next(self._order), key, ks.version))
-
-    def _place(self, q: _Queue, rec: _Record, now: float) -> None:
-        """Put a record (whose seq is set) into its key's order or the unkeyed lane."""
-        self._set_state(q, rec, "ready")
-        rec.entered_at = now
-        if rec.key is None:
-            rec.entered_order = next(self._order)
-            heapq.heappush(q.lane, (rec.priority, rec.seq, rec.id))
-            return
-        ks = q.keys.get(rec.key)
-        if ks is None:
-            ks = q.keys[rec.key] = _Key()
-        heapq.heappush(ks.heap, (rec.priority, rec.seq, rec.id))
-
-    def _delay(self, q: _Queue, rec: _Record, due: float) -> None:
-        self._set_state(q, rec, "delayed")
-        rec.not_before = due
-        heapq.heappush(q.delayed, (due, next(self._order), rec.id))
-
-    def _next_seq(self, q: _Queue, at_head: bool) -> int:
-        if at_head:
-            q.head_seq -= 1
-            return q.head_seq
-        q.tail_seq += 1
-        return q.tail_seq
-
-    def _promote_due(self, q: _Queue, now: float, settings: QueueSettings | None) -> None:
-        while q.delayed and q.delayed[0][0] <= now:
-            due, _, mid = heapq.heappop(q.delayed)
-            rec = q.messages.get(mid)
-            if rec is None or rec.state != "delayed" or rec.not_before != due:
-                continue
-            if rec.seq is None:
-                rec.seq = self._next_seq(q, rec.at_head)
-            self._place(q, rec, now)
-            if rec.key is not None:
-                self._schedule(q, rec.key, now, keep_place=True, settings=settings)
-
-    def _expire_leases(self, q: _Queue, now: float, settings: QueueSettings) -> None:
-        while q.leases and q.leases[0][0] <= now:
-            deadline, _, mid, token = heapq.heappop(q.leases)
-            rec = q.messages.get(mid)
-            if rec is None or rec.state != "leased" or rec.token != token or rec.deadline != deadline:
-                continue
-            self._fail(q, rec, now, settings, delay=0.0, dead_reason=None, why="lease expired")
-
-    def _requeue(self, q: _Queue, rec: _Record, now: float, delay: float, position: RetryPosition) -> None:
-        rec.token = ""
-        if position == "tail":
-            rec.seq = None
-            rec.at_head = False
-        if rec.key is not None and position == "head":
-            # Back to its place, holding the key until it is delivered again.
-            rec.not_before = now + delay
-            self._place(q, rec, now)
-        elif delay > 0:
-            self._delay(q, rec, now + delay)
-        else:
-            if rec.seq is None:
-                rec.seq = self._next_seq(q, False)
-            rec.not_before = now
-            self._place(q, rec, now)
-
-    def _dead_letter(self, q: _Queue, rec: _Record, now: float, reason: str) -> None:
-        self._set_state(q, rec, "dead")
-        rec.token = ""
-        rec.reason = reason
-        rec.died_at = now
-        q.dead[rec.id] = None
-        if rec.key is not None:
-            self._uncount_key(q, rec.key)
-
-    def _fail(
-        self,
-        q: _Queue,
-        rec: _Record,
-        now: float,
-        settings: QueueSettings,
-        *,
-        delay: float,
-        dead_reason: str | None,
-        why: str,
-    ) -> None:
-        """A leased message failed: retry or dead-letter it, and return the rest of its batch."""
-        batch, followers = self._cut_batch(q, rec)
-        if dead_reason is not None:
-            self._dead_letter(q, rec, now, dead_reason)
-            self._record(q, "dead", rec, now)
-        elif settings.max_deliveries is not None and rec.attempts >= settings.max_deliveries:
-            self._dead_letter(q, rec, now, f"{why} after {rec.attempts} deliveries (max_deliveries={settings.max_deliveries})")
-            self._record(q, "dead", rec, now)
-        else:
-            self._requeue(q, rec, now, delay, settings.retry_position)
-            self._record(q, "retried", rec, now)
-        self._return_unprocessed(q, followers, now)
-        self._settled(q, rec, now, batch)
-
-    def _release(self, q: _Queue, rec: _Record, now: float) -> None:
-        """Give a leased message back uncounted, with the rest of its batch."""
-        batch, followers = self._cut_batch(q, rec)
-        self._return_unprocessed(q, [rec, *followers], now)
-        self._settled(q, rec, now, batch)
-
-    def _cut_batch(self, q: _Queue, rec: _Record) -> tuple[list[str], list[_Record]]:
-        """Remove ``rec`` and every later message from its batch: (what stays, the later ones)."""
-        batch = q.batches.get(rec.batch_id, [rec.id])
-        index = batch.index(rec.id)
-        followers = [q.messages[mid] for mid in batch[index + 1 :]]
-        del batch[index:]
-        return batch, followers
-
-    def _return_unprocessed(self, q: _Queue, records: list[_Record], now: float) -> None:
-        """Back to their places, in order; they were never processed, so their deliveries
-        do not count."""
-        for rec in records:
-            rec.attempts -= 1
-            self._requeue(q, rec, now, 0.0, "head")
-
-    def _settled(self, q: _Queue, rec: _Record, now: float, batch: list[str]) -> None:
-        """Release the key's slot once the last message of a batch is settled."""
-        if batch:
-            return
-        q.batches.pop(rec.batch_id, None)
-        if rec.key is None:
-            return
-        ks = q.keys.get(rec.key)
-        if ks is None:
-            return
-        ks.slots -= 1
-        if not ks.slots and rec.key not in q.key_counts:
-            del q.keys[rec.key]
-            return
-        self._schedule(q, rec.key, now, keep_place=False)
-
-    def _current(self, q: _Queue | None, lease: Lease) -> _Record | None:
-        if q is None:
-            return None
-        rec = q.messages.get(lease.id)
-        if rec is None or rec.state != "leased" or rec.token != lease.token:
-            return None
-        return rec
-
-    def _lease_record(self, q: _Queue, rec: _Record, now: float, vt: float, batch_id: str) -> Lease:
-        self._set_state(q, rec, "leased")
-        rec.attempts += 1
-        rec.token = uuid.uuid4().hex
-        rec.deadline = now + vt
-        rec.batch_id = batch_id
-        heapq.heappush(q.leases, (rec.deadline, next(self._order), rec.id, rec.token))
-        self._record(q, "delivered", rec, now)
-        return Lease(
-            queue="",
-            id=rec.id,
-            key=rec.key,
-            payload=rec.payload,
-            priority=rec.priority,
-            attempts=rec.attempts,
-            headers=dict(rec.headers),
-            token=rec.token,
-            deadline=rec.deadline,
-            enqueued_at=rec.enqueued_at,
-            batch_id=batch_id,
-            dedup_id=rec.dedup_id,
-        )
-
-    def _lane_head(self, q: _Queue) -> _Record | None:
-        while q.lane:
-            priority, seq, mid = q.lane[0]
-            rec = q.messages.get(mid)
-            if rec is not None and rec.state == "ready" and rec.seq == seq and rec.priority == priority:
-                return rec
-            heapq.heappop(q.lane)
-        return None
-
-    def _ready_key(self, q: _Queue) -> tuple[float, int, str] | None:
-        """The valid ready-heap entry with the earliest time, or None."""
-        while q.ready:
-            at, order, key, version = q.ready[0]
-            ks = q.keys.get(key)
-            if ks is not None and ks.version == version:
-                return at, order, key
-            heapq.heappop(q.ready)
-        return None
-
-    def _dedup_hit(self, q: _Queue, dedup_id: str, now: float, settings: QueueSettings) -> str | None:
-        still_pending = []
-        while q.dedup_expiry and q.dedup_expiry[0][0] <= now:
-            expires, old = heapq.heappop(q.dedup_expiry)
-            entry = q.dedup.get(old)
-            if entry is None or entry[1] != expires:
-                continue
-            rec = q.messages.get(entry[0])
-            if settings.unique_while_pending and rec is not None and rec.state in ("ready", "delayed"):
-                still_pending.append(old)  # the window does not end a pending twin's claim
-            else:
-                del q.dedup[old]
-        for old in still_pending:
-            expires = now + settings.dedup_window
-            q.dedup[old] = (q.dedup[old][0], expires)
-            heapq.heappush(q.dedup_expiry, (expires, old))
-        entry = q.dedup.get(dedup_id)
-        if entry is None:
-            return None
-        first_id, expires = entry
-        if settings.unique_while_pending:
-            rec = q.messages.get(first_id)
-            return first_id if rec is not None and rec.state in ("ready", "delayed") else None
-        return first_id if expires > now else None
-
-    # -- the contract -----------------------------------------------------------------
+    # -- the contract: the planner decides, _QueueStore keeps -----------------------------
 
     def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
-        ids = []
         with self._store.lock:
             q = self._queue(queue)
             q.held_messages = True
             now = self.now()
             self._expire_metrics(q, now)
-            # Due delayed messages entered their keys' order when they fell due: before
-            # anything enqueued now.
-            self._promote_due(q, now, settings)
-            for m in messages:
-                if m.dedup_id is not None:
-                    first = self._dedup_hit(q, m.dedup_id, now, settings)
-                    if first is not None:
-                        ids.append(first)
-                        continue
-                rec = _Record(
-                    id=uuid.uuid4().hex,
-                    key=m.key,
-                    payload=m.payload,
-                    priority=m.priority,
-                    seq=None,
-                    enqueued_at=now,
-                    headers=dict(m.headers or {}),
-                    dedup_id=m.dedup_id,
-                    at_head=m.at_head,
-                    state="new",
-                )
-                q.messages[rec.id] = rec
-                if m.key is not None:
-                    q.key_counts[m.key] = q.key_counts.get(m.key, 0) + 1
-                if m.dedup_id is not None:
-                    expires = now + settings.dedup_window
-                    q.dedup[m.dedup_id] = (rec.id, expires)
-                    heapq.heappush(q.dedup_expiry, (expires, m.dedup_id))
-                holds_key = m.at_head and m.key is not None
-                if m.delay > 0 and not holds_key:
-                    self._delay(q, rec, now + m.delay)
-                else:
-                    rec.seq = self._next_seq(q, m.at_head)
-                    rec.not_before = now + m.delay
-                    self._place(q, rec, now)
-                    if m.key is not None:
-                        self._schedule(q, m.key, now, keep_place=True, settings=settings)
-                self._record(q, "enqueued", rec, now)
-                ids.append(rec.id)
+            ids = planner.enqueue_many(_QueueStore(self, q, now), messages, settings)
             self._store.notify_change()
         return ids
 
@@ -583,90 +596,11 @@ class MemoryBackend(Backend):
             self._seen.version = self._store.version
             now = self.now()
             self._expire_metrics(q, now)
-            self._promote_due(q, now, settings)
-            self._expire_leases(q, now, settings)
-            leases: list[Lease] = []
-            while len(leases) < limit and not q.paused:
-                entry = self._ready_key(q)
-                lane_head = self._lane_head(q)
-                key_due = entry is not None and entry[0] <= now
-                if lane_head is not None and (
-                    not key_due or (lane_head.entered_at, lane_head.entered_order) < (entry[0], entry[1])
-                ):
-                    heapq.heappop(q.lane)
-                    leases.append(self._lease_record(q, lane_head, now, visibility_timeout, lane_head.id))
-                    q.batches[lane_head.id] = [lane_head.id]
-                    continue
-                if not key_due:
-                    break
-                heapq.heappop(q.ready)
-                leases.extend(self._serve_key(q, entry[2], now, min(per_key, limit - len(leases)), visibility_timeout, settings))
-            for lease in leases:
-                lease.queue = queue
-            return LeaseResult(leases, None if leases else self._retry_in(q, now))
-
-    def _serve_key(
-        self, q: _Queue, key: str, now: float, count: int, vt: float, settings: QueueSettings
-    ) -> list[Lease]:
-        ks = q.keys[key]
-        ks.ready_at = None
-        if key in q.paused_keys or ks.slots >= settings.key_concurrency:
-            return []  # rescheduled on resume or when a slot frees
-        interval = q.intervals.get(key, settings.interval)
-        last_delivery = q.last_delivery.get(key)
-        if last_delivery is not None and last_delivery + interval > now:
-            self._schedule(q, key, last_delivery + interval, keep_place=False)
-            return []
-        head = self._head(q, ks)
-        if head is None or head.not_before > now:
-            self._schedule(q, key, now, keep_place=False)
-            return []
-        batch: list[_Record] = []
-        while len(batch) < count and head is not None and head.not_before <= now:
-            heapq.heappop(ks.heap)
-            batch.append(head)
-            head = self._head(q, ks)
-        batch_id = batch[0].id
-        q.batches[batch_id] = [rec.id for rec in batch]
-        ks.slots += 1
-        if interval:
-            q.last_delivery[key] = now
-        else:
-            q.last_delivery.pop(key, None)
-        if ks.slots < settings.key_concurrency:
-            self._schedule(q, key, now if not interval else now + interval, keep_place=False)
-        return [self._lease_record(q, rec, now, vt, batch_id) for rec in batch]
-
-    def _retry_in(self, q: _Queue, now: float) -> float | None:
-        if q.paused:
-            return None
-        times = []
-        entry = self._ready_key(q)
-        if entry is not None:
-            times.append(entry[0])
-        if q.delayed:
-            times.append(q.delayed[0][0])
-        if q.leases:
-            times.append(q.leases[0][0])
-        return max(0.0, min(times) - now) if times else None
+            return planner.lease(_QueueStore(self, q, now), limit, per_key, visibility_timeout, settings)
 
     def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
-        results = []
         with self._store.lock:
-            now = self.now()
-            for lease in leases:
-                q = self._store.queues.get(lease.queue)
-                rec = self._current(q, lease)
-                if rec is None:
-                    results.append(False)
-                    continue
-                batch = q.batches.get(rec.batch_id, [])
-                if rec.id in batch:
-                    batch.remove(rec.id)
-                self._forget(q, rec)
-                self._settled(q, rec, now, batch)
-                self._record(q, "acked", rec, now)
-                results.append(True)
+            results = planner.ack_many(self._existing_stores(self.now()), leases)
             self._store.notify_change()
         return results
 
@@ -674,48 +608,23 @@ class MemoryBackend(Backend):
         self, lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings
     ) -> bool:
         with self._store.lock:
-            q = self._store.queues.get(lease.queue)
-            rec = self._current(q, lease)
-            if rec is None:
-                return False
-            dead_reason = (reason or "rejected") if dead else None
-            now = self.now()
-            self._promote_due(q, now, settings)  # before a tail retry takes its seq
-            self._fail(q, rec, now, settings, delay=delay, dead_reason=dead_reason, why=reason or "nacked")
+            s = self._existing_stores(self.now())(lease.queue)
+            done = s is not None and planner.nack(s, lease, delay=delay, dead=dead, reason=reason, settings=settings)
             self._store.notify_change()
-            return True
+            return done
 
     def release_many(self, leases: Sequence[Lease]) -> list[bool]:
         with self._store.lock:
-            now = self.now()
-            current = [self._current(self._store.queues.get(lease.queue), lease) for lease in leases]
-            for lease, rec in zip(leases, current):
-                # An earlier release of this call may have returned it with its batch.
-                if rec is not None and rec.state == "leased" and rec.token == lease.token:
-                    self._release(self._store.queues[lease.queue], rec, now)
+            results = planner.release_many(self._existing_stores(self.now()), leases)
             self._store.notify_change()
-            return [rec is not None for rec in current]
+            return results
 
     def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
         return self.extend_many([lease], [visibility_timeout])[0]
 
     def extend_many(self, leases: Sequence[Lease], visibility_timeouts: Sequence[float]) -> list[float | None]:
-        deadlines: list[float | None] = []
         with self._store.lock:
-            now = self.now()
-            for lease, visibility_timeout in zip(leases, visibility_timeouts):
-                q = self._store.queues.get(lease.queue)
-                rec = self._current(q, lease)
-                if rec is None:
-                    deadlines.append(None)
-                    continue
-                deadline = now + visibility_timeout
-                if deadline != rec.deadline:
-                    # An unchanged deadline keeps its place among leases expiring at the same time.
-                    rec.deadline = deadline
-                    heapq.heappush(q.leases, (rec.deadline, next(self._order), rec.id, rec.token))
-                deadlines.append(rec.deadline)
-        return deadlines
+            return planner.extend_many(self._existing_stores(self.now()), leases, visibility_timeouts)
 
     def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
         with self._store.lock:
@@ -724,7 +633,7 @@ class MemoryBackend(Backend):
                 q.intervals.pop(key, None)
             else:
                 q.intervals[key] = seconds
-            self._schedule(q, key, self.now(), keep_place=False)
+            planner.reschedule(_QueueStore(self, q, self.now()), key)
             self._store.notify_change()
 
     def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
@@ -737,7 +646,7 @@ class MemoryBackend(Backend):
                 q.paused_keys.add(key)
             else:
                 q.paused_keys.discard(key)
-                self._schedule(q, key, now, keep_place=False)
+                planner.reschedule(_QueueStore(self, q, now), key)
             self._store.notify_change()
 
     def stats(self, queue: str) -> QueueStats:
@@ -789,39 +698,24 @@ class MemoryBackend(Backend):
             q = self._store.queues.get(queue)
             if q is None:
                 return 0
-            chosen = [mid for mid in (q.dead if ids is None else dict.fromkeys(ids)) if mid in q.dead]
-            records = sorted((q.messages[mid] for mid in chosen), key=lambda r: (r.priority, r.seq or 0))
-            if position == "head":
-                records.reverse()  # each takes a seq ahead of the previous one
-            now = self.now()
-            self._promote_due(q, now, None)  # before replayed messages take their seqs
-            for rec in records:
-                del q.dead[rec.id]
-                rec.attempts = 0
-                rec.reason = ""
-                rec.seq = self._next_seq(q, position == "head")
-                rec.not_before = now
-                if rec.key is not None:
-                    q.key_counts[rec.key] = q.key_counts.get(rec.key, 0) + 1
-                self._place(q, rec, now)
-                if rec.key is not None:
-                    self._schedule(q, rec.key, now, keep_place=True)
+            replayed = planner.replay(_QueueStore(self, q, self.now()), ids, position)
             self._store.notify_change()
-            return len(records)
+            return replayed
 
     def purge(self, queue: str, dead: bool) -> int:
         with self._store.lock:
             q = self._store.queues.get(queue)
             if q is None:
                 return 0
+            s = _QueueStore(self, q, self.now())
             states = ("dead",) if dead else ("ready", "delayed")
             doomed = [rec for rec in q.messages.values() if rec.state in states]
             for rec in doomed:
                 q.dead.pop(rec.id, None)
-                self._forget(q, rec)
+                s.forget(rec)
             if not dead:
-                for key, ks in list(q.keys.items()):
-                    self._schedule(q, key, self.now(), keep_place=True)
+                for key in list(q.keys):
+                    planner.schedule(s, key, s.now, keep_place=True)
             return len(doomed)
 
     def bind(self, exchange: str, queue: str) -> None:
@@ -872,7 +766,7 @@ class MemoryBackend(Backend):
 
     def _key_info(self, q: _Queue, key: str, now: float) -> KeyInfo:
         ks = q.keys.get(key)
-        head = self._head(q, ks) if ks is not None else None
+        head = _top(q, ks.heap) if ks is not None else None
         return KeyInfo(
             queue=q.name,
             key=key,

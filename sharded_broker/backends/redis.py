@@ -59,8 +59,8 @@ from ..backend import (
     DEFAULT_METRICS_WINDOW, Backend, EventSubscription, KeySort, events_option, kept_minutes, key_metrics_window_option,
     metrics_window_option,
 )
-from ..broker import redact_url
-from ..errors import BackendUnavailable, ConfigurationError
+from ..errors import BackendError, BackendUnavailable, ConfigurationError
+from ..urls import redact_url
 from ..models import (
     COUNTERS, DeadLetter, Event, HeadMessage, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings,
     QueueStats, RetryPosition,
@@ -276,6 +276,8 @@ class RedisBackend(Backend):
             yield
         except _TRANSPORT_ERRORS as exc:
             raise BackendUnavailable(f"redis at {self._safe_url} is unavailable: {exc}") from None
+        except redis.exceptions.RedisError as exc:
+            raise BackendError(f"redis at {self._safe_url} refused the operation: {exc}") from None
 
     def _keys(self, queue: str) -> list[str]:
         keys = self._queue_keys.get(queue)
