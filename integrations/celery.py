@@ -66,7 +66,7 @@ import time
 import weakref
 from datetime import datetime, timezone
 from queue import Empty
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from kombu.serialization import loads as deserialize
@@ -607,6 +607,11 @@ class Channel(virtual.Channel):
         super().close()
 
 
+# The channel class by a name the Transport's own body does not shadow (its ``Channel``
+# attribute, which kombu reads, is a variable to a type checker).
+_LeaseChannel = Channel
+
+
 def _warn_once_if_relative(url: str) -> None:
     """Log, once per process and URL, that a consumer's SQLite path is relative: its
     producers may be using another file without anyone noticing."""
@@ -661,8 +666,9 @@ class Transport(virtual.Transport):
         exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False,
     )
-    connection_errors = virtual.Transport.connection_errors + (BackendUnavailable,)
-    channel_errors = virtual.Transport.channel_errors + (BackendUnavailable,)
+    # kombu declares these as 1-tuples; a transport adds its own errors to them.
+    connection_errors = virtual.Transport.connection_errors + (BackendUnavailable,)  # type: ignore[assignment]
+    channel_errors = virtual.Transport.channel_errors + (BackendUnavailable,)  # type: ignore[assignment]
 
     def __init__(self, client, **kwargs: Any) -> None:
         options = dict(client.transport_options or {})
@@ -671,7 +677,7 @@ class Transport(virtual.Transport):
             sharded_broker.broker.backend_class(self.engine_url)  # unknown scheme: fail now
         except InvalidURL as exc:
             raise InvalidURL(f"broker URL {ALIAS}+{sharded_broker.redact_url(self.engine_url)}: {exc}") from None
-        self.shard_keys, self.heartbeat_interval, self.engine_options = _split_options(options)
+        self.shard_keys, heartbeat_option, self.engine_options = _split_options(options)
         self.engine_options.update(_ssl_options(client, self.engine_url))
         super().__init__(client, **kwargs)
         try:
@@ -691,29 +697,30 @@ class Transport(virtual.Transport):
             [self.broker.defaults.visibility_timeout]
             + [self.broker.settings(name).visibility_timeout for name in self.engine_options.get("queues") or {}]
         )
-        if self.heartbeat_interval is None:
-            self.heartbeat_interval = self.visibility_timeout / 3
-        elif self.heartbeat_interval >= self.visibility_timeout:
+        if heartbeat_option is not None and heartbeat_option >= self.visibility_timeout:
             self.broker.close()
             raise ConfigurationError(
-                f"transport option heartbeat_interval {self.heartbeat_interval:g} must be shorter than "
+                f"transport option heartbeat_interval {heartbeat_option:g} must be shorter than "
                 f"the shortest visibility_timeout {self.visibility_timeout:g} (leases would expire "
                 f"between beats and long tasks run twice); the default is a third of it"
             )
+        self.heartbeat_interval: float = (
+            self.visibility_timeout / 3 if heartbeat_option is None else heartbeat_option
+        )
         # Pool threads ack concurrently: acks arriving while one is in flight go together.
         self.acks = AckGroup(self.broker)
         _connect_worker_init()  # Celery may have been imported after this module
         self._control_checked_at = 0.0
-        self._heartbeat: LeaseHeartbeat[Channel] | None = None
+        self._heartbeat: LeaseHeartbeat[_LeaseChannel] | None = None
         self._heartbeat_lock = threading.Lock()
         # Channels that leased messages: open ones, and closed ones keeping the leases of
         # tasks still running. The engine stays open until the last kept lease settles.
-        self._lease_channels: list[Channel] = []
+        self._lease_channels: list[_LeaseChannel] = []
         self._connection_closed = False
         self._engine_closed = False
         self.auto_delete_queues: set[str] = set()
 
-    def start_heartbeat(self, channel: Channel) -> None:
+    def start_heartbeat(self, channel: _LeaseChannel) -> None:
         """Start extending the leases of ``channel`` (one heartbeat per transport, in the
         consuming process)."""
         with self._heartbeat_lock:
@@ -729,7 +736,7 @@ class Transport(virtual.Transport):
                 )
                 self._heartbeat.start()
 
-    def _leases_to_extend(self) -> list[tuple[Channel, Lease]]:
+    def _leases_to_extend(self) -> list[tuple[_LeaseChannel, Lease]]:
         """The heartbeat's beat: first give back what Celery dropped (which may close the
         engine and stop the heartbeat), then every unsettled lease with its channel."""
         channels = self.lease_channels()
@@ -742,7 +749,7 @@ class Transport(virtual.Transport):
     # message. A backend that went away shows as BackendUnavailable, a connection error,
     # on the next operation, and kombu's retries handle that.
 
-    def lease_channels(self) -> list[Channel]:
+    def lease_channels(self) -> list[_LeaseChannel]:
         """The channels whose leases the heartbeat extends; closed channels without kept
         leases are dropped."""
         with self._heartbeat_lock:
@@ -781,7 +788,7 @@ class Transport(virtual.Transport):
             if not any(c.has_kept_leases() for c in self.lease_channels()):
                 self._close_engine()
 
-    def drain_events(self, connection, timeout: float | None = None) -> None:
+    def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Deliver one batch of messages, waiting up to ``timeout`` seconds for it.
 
         Once the Celery worker of this process is shutting down it consumes nothing more
@@ -797,7 +804,7 @@ class Transport(virtual.Transport):
             if self._deliver_control_messages():
                 return
             try:
-                self.cycle.get(self._deliver, timeout=timeout)
+                cast(virtual.base.FairCycle, self.cycle).get(self._deliver, timeout=timeout)  # built by kombu's __init__
                 return
             except Empty:
                 pass
@@ -866,12 +873,16 @@ def _celery_requests_by_tag(leases: Mapping[str, Lease]) -> dict[str, Callable[[
     for request in _snapshot(state.reserved_requests) + _snapshot(state.active_requests):
         message = getattr(request, "_message", None)
         tag = getattr(message, "delivery_tag", None)
-        if tag in leases:
+        if isinstance(tag, str) and tag in leases:
             try:
                 found[tag] = weakref.ref(request)
             except TypeError:  # a request type without weak references: kept as is
-                found[tag] = lambda request=request: request
+                found[tag] = _strong_reference(request)
     return found
+
+
+def _strong_reference(request: Any) -> Callable[[], Any]:
+    return lambda: request
 
 
 def _snapshot(requests: Any) -> list[Any]:
@@ -1032,8 +1043,8 @@ def _uses_this_transport(app: Any) -> bool:
 
 def _explicitly_set(app: Any, setting: str) -> bool:
     """True when the app's configuration (not Celery's defaults) sets ``setting``."""
-    maps = getattr(app.conf, "maps", None)
-    return bool(maps) and any(setting in layer for layer in maps[:-1])
+    maps = getattr(app.conf, "maps", None) or []
+    return any(setting in layer for layer in maps[:-1])
 
 
 def _hold_keys_in_celery_apps() -> None:

@@ -282,12 +282,12 @@ class Broker:
         """At least ``seconds`` between the starts of two deliveries of ``key``; persisted.
         ``None`` returns the key to the queue's default interval."""
         queue = check.queue_name(queue)
-        key = check.shard_key(key)
-        if key is None:
+        checked_key = check.shard_key(key)
+        if checked_key is None:
             raise InvalidArgument("set_interval needs a shard key")
         if seconds is not None:
             seconds = check.seconds(seconds, "interval")
-        self.backend.set_interval(queue, key, seconds)
+        self.backend.set_interval(queue, checked_key, seconds)
 
     def pause(self, queue: str, key: str | None = None) -> None:
         """Stop delivering a key (or the whole queue). Running leases are not affected."""
@@ -357,10 +357,10 @@ class Broker:
         """One shard key: its backlog, leased batches, lag, pause and interval, and the
         message it will deliver next (``head``). An unknown key answers zeros."""
         queue = check.queue_name(queue)
-        key = check.shard_key(key)
-        if key is None:
+        checked_key = check.shard_key(key)
+        if checked_key is None:
             raise InvalidArgument("key_info needs a shard key")
-        return self.backend.key_info(queue, key)
+        return self.backend.key_info(queue, checked_key)
 
     def events(self, queue: str, *, timeout: float | None = None) -> "EventStream":
         """Subscribe to ``queue``'s lifecycle events (enqueued, delivered, acked, retried,
