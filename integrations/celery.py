@@ -66,7 +66,7 @@ import time
 import weakref
 from datetime import datetime, timezone
 from queue import Empty
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from kombu.serialization import loads as deserialize
@@ -80,10 +80,10 @@ from sharded_broker import validation as check
 from sharded_broker.urls import relative_path_warning
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
 from sharded_broker.group_commit import AckGroup
-from sharded_broker.heartbeat import extend_before_deadline
 from sharded_broker.models import QUEUE_SETTING_NAMES, Lease
 
 from .kombu_alias import ALIAS, install
+from .support import ArgumentKey, LeaseHeartbeat, coerce_key
 
 __all__ = ["Channel", "Transport", "register", "SHARD_KEY_HEADER"]
 
@@ -147,57 +147,7 @@ register()
 
 def _normalise_key(value: Any, task_name: str, source: str) -> str | None:
     """A checked engine key from a user's value; bool and floats are refused on purpose."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InvalidArgumentType(
-            f"shard key for task {task_name!r} ({source}) must be a str or an int, "
-            f"not {type(value).__name__} ({value!r:.80})"
-        )
-    try:
-        return check.shard_key(str(value))
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"shard key for task {task_name!r} ({source}): {exc}") from None
-
-
-class _ArgumentKey:
-    """Reads the key from one argument of a task, by keyword or by position.
-
-    Without the task's signature (a task published by name from a process that does not
-    define it) only keyword arguments can be read.
-    """
-
-    def __init__(self, task_name: str, argument: str, run: Callable[..., Any] | None) -> None:
-        self.task_name = task_name
-        self.argument = argument
-        self.position: int | None = None
-        self.default: Any = _MISSING
-        try:
-            parameters = list(inspect.signature(run).parameters.values()) if run is not None else []
-        except (TypeError, ValueError):
-            parameters = []
-        for index, parameter in enumerate(parameters):
-            if parameter.name == argument:
-                if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
-                    self.position = index
-                if parameter.default is not parameter.empty:
-                    self.default = parameter.default
-                break
-
-    def __call__(self, args: list[Any], kwargs: Mapping[str, Any]) -> Any:
-        if self.argument in kwargs:
-            return kwargs[self.argument]
-        if self.position is not None and self.position < len(args):
-            return args[self.position]
-        if self.default is _MISSING:
-            raise InvalidArgument(
-                f"task {self.task_name!r} takes its shard key from argument {self.argument!r}, "
-                f"but the call passes no such argument"
-            )
-        return self.default
-
-
-_MISSING = object()
+    return coerce_key(value, f"shard key for task {task_name!r} ({source})")
 
 
 def _find_task(name: str) -> Any:
@@ -257,7 +207,7 @@ class ShardKeyResolver:
         elif callable(source):
             reader = (source, where)
         elif isinstance(source, str):
-            reader = (_ArgumentKey(task_name, source, getattr(task, "run", None)), f"{where}={source!r}")
+            reader = (ArgumentKey(f"task {task_name!r}", source, getattr(task, "run", None)), f"{where}={source!r}")
         else:
             raise ConfigurationError(
                 f"{where} of task {task_name!r} must be an argument name or a callable(args, kwargs), not {source!r}"
@@ -487,7 +437,7 @@ class Channel(virtual.Channel):
                 # A corrupted body must not fail every fetch and block its key: dead-letter it.
                 logger.error("Dead-lettering undecodable message %s from queue %r: %s", lease.id, queue, exc)
                 if not no_ack:
-                    self.broker.nack(lease, dead=True, reason=f"undecodable message: {exc}"[:500])
+                    self.broker.nack(lease, dead=True, reason=f"undecodable message: {exc}")
                 continue
             properties = message.setdefault("properties", {})
             tag = properties["delivery_tag"] = uuid()
@@ -657,6 +607,11 @@ class Channel(virtual.Channel):
         super().close()
 
 
+# The channel class by a name the Transport's own body does not shadow (its ``Channel``
+# attribute, which kombu reads, is a variable to a type checker).
+_LeaseChannel = Channel
+
+
 def _warn_once_if_relative(url: str) -> None:
     """Log, once per process and URL, that a consumer's SQLite path is relative: its
     producers may be using another file without anyone noticing."""
@@ -688,62 +643,11 @@ def _release_leases(broker: sharded_broker.Broker, leases: list[Lease]) -> None:
 # -- the transport -----------------------------------------------------------------------
 
 
-class _Heartbeat(threading.Thread):
-    """Extends the leases of delivered, unsettled messages until the transport closes
-    (and, after it closed, until the tasks whose leases it kept have ended)."""
-
-    def __init__(self, transport: "Transport") -> None:
-        super().__init__(name="sharded-broker-lease-heartbeat", daemon=True)
-        self.transport = transport
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        # Every held lease lasts at least visibility_timeout from extended_at on: it was
-        # either extended by the try that began then, or leased after it.
-        extended_at = time.monotonic()
-        while not self.stopped.wait(self.transport.heartbeat_interval):
-            channels = self.transport.lease_channels()
-            for channel in channels:
-                channel.release_dropped_requests()
-            if self.stopped.is_set():  # the last kept lease was given back: the engine closed
-                break
-            held = [(channel, lease) for channel in channels for lease in channel.unsettled_leases()]
-            if not held:
-                extended_at = time.monotonic()
-                continue
-            try:
-                # One round trip for every lease of the transport, each by its queue's
-                # timeout; a failed try is retried at once, with backoff, until they expire.
-                extended, started = extend_before_deadline(
-                    self.transport.broker, [lease for _, lease in held],
-                    extended_at + self.transport.visibility_timeout, self.stopped, _heartbeat_unavailable,
-                )
-            except Exception:
-                logger.exception("lease heartbeat failed")
-                continue
-            if extended is None:
-                if not self.stopped.is_set():
-                    logger.warning(
-                        "could not extend %d lease(s) before their deadline: their messages may be "
-                        "delivered again; will keep trying", len(held),
-                    )
-                continue
-            extended_at = started
-            for (channel, lease), alive in zip(held, extended):
-                # Refused either because the message was settled since the snapshot
-                # (nothing to say) or because the lease really expired.
-                if not alive and channel.forget_lease(lease):
-                    logger.warning(
-                        "lease of message %s (key %r) expired before its heartbeat: it will run again",
-                        lease.id, lease.key,
-                    )
-
-
-def _heartbeat_unavailable(error: BackendUnavailable, failures: int) -> None:
-    if failures == 1:
-        logger.warning("lease heartbeat failed, retrying until the leases expire: %s", error)
-    else:
-        logger.debug("lease heartbeat try %d failed: %s", failures, error)
+def _lost_lease(channel: "Channel", lease: Lease) -> None:
+    """The heartbeat could not extend ``lease``: settled since the beat began (nothing to
+    say), or really expired."""
+    if channel.forget_lease(lease):
+        logger.warning("lease of message %s (key %r) expired before its heartbeat: it will run again", lease.id, lease.key)
 
 
 class Transport(virtual.Transport):
@@ -762,8 +666,9 @@ class Transport(virtual.Transport):
         exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False,
     )
-    connection_errors = virtual.Transport.connection_errors + (BackendUnavailable,)
-    channel_errors = virtual.Transport.channel_errors + (BackendUnavailable,)
+    # kombu declares these as 1-tuples; a transport adds its own errors to them.
+    connection_errors = virtual.Transport.connection_errors + (BackendUnavailable,)  # type: ignore[assignment]
+    channel_errors = virtual.Transport.channel_errors + (BackendUnavailable,)  # type: ignore[assignment]
 
     def __init__(self, client, **kwargs: Any) -> None:
         options = dict(client.transport_options or {})
@@ -772,7 +677,7 @@ class Transport(virtual.Transport):
             sharded_broker.broker.backend_class(self.engine_url)  # unknown scheme: fail now
         except InvalidURL as exc:
             raise InvalidURL(f"broker URL {ALIAS}+{sharded_broker.redact_url(self.engine_url)}: {exc}") from None
-        self.shard_keys, self.heartbeat_interval, self.engine_options = _split_options(options)
+        self.shard_keys, heartbeat_option, self.engine_options = _split_options(options)
         self.engine_options.update(_ssl_options(client, self.engine_url))
         super().__init__(client, **kwargs)
         try:
@@ -792,44 +697,59 @@ class Transport(virtual.Transport):
             [self.broker.defaults.visibility_timeout]
             + [self.broker.settings(name).visibility_timeout for name in self.engine_options.get("queues") or {}]
         )
-        if self.heartbeat_interval is None:
-            self.heartbeat_interval = self.visibility_timeout / 3
-        elif self.heartbeat_interval >= self.visibility_timeout:
+        if heartbeat_option is not None and heartbeat_option >= self.visibility_timeout:
             self.broker.close()
             raise ConfigurationError(
-                f"transport option heartbeat_interval {self.heartbeat_interval:g} must be shorter than "
+                f"transport option heartbeat_interval {heartbeat_option:g} must be shorter than "
                 f"the shortest visibility_timeout {self.visibility_timeout:g} (leases would expire "
                 f"between beats and long tasks run twice); the default is a third of it"
             )
+        self.heartbeat_interval: float = (
+            self.visibility_timeout / 3 if heartbeat_option is None else heartbeat_option
+        )
         # Pool threads ack concurrently: acks arriving while one is in flight go together.
         self.acks = AckGroup(self.broker)
         _connect_worker_init()  # Celery may have been imported after this module
         self._control_checked_at = 0.0
-        self._heartbeat: _Heartbeat | None = None
+        self._heartbeat: LeaseHeartbeat[_LeaseChannel] | None = None
         self._heartbeat_lock = threading.Lock()
         # Channels that leased messages: open ones, and closed ones keeping the leases of
         # tasks still running. The engine stays open until the last kept lease settles.
-        self._lease_channels: list[Channel] = []
+        self._lease_channels: list[_LeaseChannel] = []
         self._connection_closed = False
         self._engine_closed = False
         self.auto_delete_queues: set[str] = set()
 
-    def start_heartbeat(self, channel: Channel) -> None:
+    def start_heartbeat(self, channel: _LeaseChannel) -> None:
         """Start extending the leases of ``channel`` (one heartbeat per transport, in the
         consuming process)."""
         with self._heartbeat_lock:
             if channel not in self._lease_channels:
                 self._lease_channels.append(channel)
             if self._heartbeat is None:
-                self._heartbeat = _Heartbeat(self)
+                # Extends the leases of delivered, unsettled messages until the transport
+                # closes (and, after it closed, until the tasks whose leases it kept end).
+                self._heartbeat = LeaseHeartbeat(
+                    self.broker, held=self._leases_to_extend, expired=_lost_lease,
+                    interval=lambda: self.heartbeat_interval, visibility_timeout=lambda: self.visibility_timeout,
+                    logger=logger,
+                )
                 self._heartbeat.start()
+
+    def _leases_to_extend(self) -> list[tuple[_LeaseChannel, Lease]]:
+        """The heartbeat's beat: first give back what Celery dropped (which may close the
+        engine and stop the heartbeat), then every unsettled lease with its channel."""
+        channels = self.lease_channels()
+        for channel in channels:
+            channel.release_dropped_requests()
+        return [(channel, lease) for channel in channels for lease in channel.unsettled_leases()]
 
     # verify_connection is kombu's default (True, no backend call), as for kombu's redis://
     # transport: kombu asks it on every publish, where a round trip doubled the calls per
     # message. A backend that went away shows as BackendUnavailable, a connection error,
     # on the next operation, and kombu's retries handle that.
 
-    def lease_channels(self) -> list[Channel]:
+    def lease_channels(self) -> list[_LeaseChannel]:
         """The channels whose leases the heartbeat extends; closed channels without kept
         leases are dropped."""
         with self._heartbeat_lock:
@@ -868,7 +788,7 @@ class Transport(virtual.Transport):
             if not any(c.has_kept_leases() for c in self.lease_channels()):
                 self._close_engine()
 
-    def drain_events(self, connection, timeout: float | None = None) -> None:
+    def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Deliver one batch of messages, waiting up to ``timeout`` seconds for it.
 
         Once the Celery worker of this process is shutting down it consumes nothing more
@@ -884,7 +804,7 @@ class Transport(virtual.Transport):
             if self._deliver_control_messages():
                 return
             try:
-                self.cycle.get(self._deliver, timeout=timeout)
+                cast(virtual.base.FairCycle, self.cycle).get(self._deliver, timeout=timeout)  # built by kombu's __init__
                 return
             except Empty:
                 pass
@@ -921,7 +841,7 @@ class Transport(virtual.Transport):
         remote-control queue included); it returns early when a message may have come."""
         queues = sorted({queue for channel in self.channels for queue in channel._active_queues})
         if queues:
-            self.broker.backend.wait_any(queues, seconds)
+            self.broker.wait_for_work(queues, seconds)
         else:
             time.sleep(seconds)
 
@@ -953,12 +873,16 @@ def _celery_requests_by_tag(leases: Mapping[str, Lease]) -> dict[str, Callable[[
     for request in _snapshot(state.reserved_requests) + _snapshot(state.active_requests):
         message = getattr(request, "_message", None)
         tag = getattr(message, "delivery_tag", None)
-        if tag in leases:
+        if isinstance(tag, str) and tag in leases:
             try:
                 found[tag] = weakref.ref(request)
             except TypeError:  # a request type without weak references: kept as is
-                found[tag] = lambda request=request: request
+                found[tag] = _strong_reference(request)
     return found
+
+
+def _strong_reference(request: Any) -> Callable[[], Any]:
+    return lambda: request
 
 
 def _snapshot(requests: Any) -> list[Any]:
@@ -1119,8 +1043,8 @@ def _uses_this_transport(app: Any) -> bool:
 
 def _explicitly_set(app: Any, setting: str) -> bool:
     """True when the app's configuration (not Celery's defaults) sets ``setting``."""
-    maps = getattr(app.conf, "maps", None)
-    return bool(maps) and any(setting in layer for layer in maps[:-1])
+    maps = getattr(app.conf, "maps", None) or []
+    return any(setting in layer for layer in maps[:-1])
 
 
 def _hold_keys_in_celery_apps() -> None:

@@ -57,6 +57,7 @@ import inspect
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -72,7 +73,8 @@ from sharded_broker.broker import MAX_LEASE_LIMIT
 from sharded_broker.urls import relative_path_warning
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
 from sharded_broker.group_commit import AckGroup
-from sharded_broker.heartbeat import extend_before_deadline
+
+from .support import ArgumentKey, LeaseHeartbeat, coerce_key
 
 __all__ = [
     "DeadLetterMessage",
@@ -89,7 +91,6 @@ __all__ = [
 #: ``None`` for an unkeyed message).
 ShardKeySource = Union[str, Callable[[tuple, dict], Union[str, int, None]]]
 
-MAX_REASON_LENGTH = 2000
 _DRAMATIQ_MAJOR = int(dramatiq.__version__.split(".")[0])
 JOIN_POLL_INTERVAL = 0.05
 
@@ -469,7 +470,9 @@ def resolve_shard_key(actor: Optional[dramatiq.Actor], message: dramatiq.Message
     actor_name = message.actor_name
     if message.options.get("shard_key") is not None:
         return _checked_key(message.options["shard_key"], f"shard_key option of a message to actor {actor_name!r}")
-    source = actor.options.get("shard_key") if actor is not None else None
+    if actor is None:
+        return None
+    source = actor.options.get("shard_key")
     if source is None:
         return None
     if callable(source):
@@ -478,7 +481,7 @@ def resolve_shard_key(actor: Optional[dramatiq.Actor], message: dramatiq.Message
         except Exception as exc:
             raise ShardKeyError(f"shard_key callable of actor {actor_name!r} raised {exc!r}") from exc
         return None if value is None else _checked_key(value, f"shard_key callable of actor {actor_name!r}")
-    value = _argument_value(actor, source, message.args, message.kwargs)
+    value = _argument_key(actor, source)(message.args, message.kwargs)
     if value is None:
         raise ShardKeyError(
             f"argument {source!r} of actor {actor_name!r} (its shard key) is None; pass a key, "
@@ -487,51 +490,37 @@ def resolve_shard_key(actor: Optional[dramatiq.Actor], message: dramatiq.Message
     return _checked_key(value, f"argument {source!r} of actor {actor_name!r} (its shard key)")
 
 
-_MISSING = object()
+# The reader of each actor's key argument, built at its first send (the actor's signature
+# is read then, not at every send); an actor that goes away takes its reader with it.
+_argument_keys: weakref.WeakKeyDictionary[dramatiq.Actor, ArgumentKey] = weakref.WeakKeyDictionary()
+_argument_keys_lock = threading.Lock()
 
 
-def _argument_value(actor: dramatiq.Actor, name: str, args: tuple, kwargs: dict) -> Any:
-    if name in kwargs:
-        return kwargs[name]
-    parameters = _parameters(actor) or {}
-    positional = [
-        p.name
-        for p in parameters.values()
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    ]
-    value: Any = _MISSING
-    if name in positional and positional.index(name) < len(args):
-        value = args[positional.index(name)]
-    elif name in parameters and parameters[name].default is not inspect.Parameter.empty:
-        value = parameters[name].default
-    if value is _MISSING:
-        raise ShardKeyError(
-            f"actor {actor.actor_name!r} takes its shard key from argument {name!r}, but the "
-            f"message does not give it (args={args!r:.200}, kwargs={kwargs!r:.200})"
-        )
-    return value
+def _argument_key(actor: dramatiq.Actor, name: str) -> ArgumentKey:
+    with _argument_keys_lock:
+        reader = _argument_keys.get(actor)
+    if reader is None or reader.argument != name:
+        reader = ArgumentKey(f"actor {actor.actor_name!r}", name, _actor_function(actor), error=ShardKeyError)
+        with _argument_keys_lock:
+            _argument_keys[actor] = reader
+    return reader
+
+
+def _actor_function(actor: dramatiq.Actor) -> Callable[..., Any]:
+    # A class-based actor's fn is its instance, whose __call__ forwards to perform().
+    return actor.fn.perform if isinstance(actor.fn, dramatiq.GenericActor) else actor.fn
 
 
 def _parameters(actor: dramatiq.Actor) -> Optional[dict[str, inspect.Parameter]]:
     """The actor function's parameters, or None when Python cannot tell them."""
-    # A class-based actor's fn is its instance, whose __call__ forwards to perform().
-    function = actor.fn.perform if isinstance(actor.fn, dramatiq.GenericActor) else actor.fn
     try:
-        return dict(inspect.signature(function).parameters)
+        return dict(inspect.signature(_actor_function(actor)).parameters)
     except (TypeError, ValueError):
         return None
 
 
-def _checked_key(value: Any, where: str) -> str:
-    # Ints are accepted because ids usually are ints (user_id=42 gives the key "42").
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str):
-        raise ShardKeyTypeError(f"{where} must be a str or an int, not {type(value).__name__} ({value!r:.80})")
-    try:
-        return validation.shard_key(value)
-    except InvalidArgument as exc:
-        raise ShardKeyError(f"{where}: {exc}") from None
+def _checked_key(value: Any, where: str) -> Optional[str]:
+    return coerce_key(value, where, error=ShardKeyError, type_error=ShardKeyTypeError)
 
 
 def _dead_message(dead: sharded_broker.DeadLetter) -> DeadMessage:
@@ -556,7 +545,7 @@ def _failure_reason(message: dramatiq.MessageProxy) -> str:
     retries = message.options.get("retries")
     if retries:
         reason += f" (after {retries} retries)"
-    return reason[:MAX_REASON_LENGTH]
+    return reason  # the engine bounds its length
 
 
 class _LeasedMessage(dramatiq.MessageProxy):
@@ -609,7 +598,7 @@ class _ShardedConsumer(dramatiq.Consumer):
                 self.logger.error("Dead-lettering undecodable message %s: %s", lease.id, exc.error)
                 self.broker._leases.release(lease)
                 try:
-                    self.engine.nack(lease, dead=True, reason=f"undecodable message: {exc.error!r}"[:MAX_REASON_LENGTH])
+                    self.engine.nack(lease, dead=True, reason=f"undecodable message: {exc.error!r}")
                 except BackendUnavailable as error:
                     # Raising would strand the rest of this batch, held and extended but
                     # never delivered; unheld, this message comes back when its lease expires.
@@ -694,10 +683,11 @@ class _DelayQueueConsumer(dramatiq.Consumer):
 
 
 class _LeaseKeeper:
-    """The heartbeat of one process: extends the lease of every message it holds.
+    """The leases this process holds, and the heartbeat that extends them.
 
-    One daemon thread per process, started with the first lease held (and again in a
-    forked child), ticking every third of the shortest visibility timeout in use.
+    One heartbeat thread per process (:class:`~sharded_broker.integrations.support.LeaseHeartbeat`),
+    started with the first lease held (and again in a forked child), beating every third
+    of the shortest visibility timeout in use.
     """
 
     def __init__(self, broker: ShardedBroker) -> None:
@@ -705,18 +695,22 @@ class _LeaseKeeper:
         self.broker = broker
         self._lock = threading.Lock()
         self._held: dict[tuple[str, str], sharded_broker.Lease] = {}
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        self._heartbeat: Optional[LeaseHeartbeat[None]] = None
         self._pid = 0
 
     def hold(self, leases: Iterable[sharded_broker.Lease]) -> None:
         with self._lock:
             for lease in leases:
                 self._held[lease.queue, lease.id] = lease
-            if self._held and (self._thread is None or self._pid != os.getpid()) and not self._stop.is_set():
+            if self._held and (self._heartbeat is None or self._pid != os.getpid()) and not self._closed:
                 self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="sharded-broker-heartbeat", daemon=True)
-                self._thread.start()
+                self._heartbeat = LeaseHeartbeat(
+                    self.broker.engine, held=self._leases_held, expired=self._expired,
+                    interval=lambda: self._visibility_timeout() / 3, visibility_timeout=self._visibility_timeout,
+                    logger=self.logger, name="sharded-broker-heartbeat",
+                )
+                self._heartbeat.start()
 
     def release(self, lease: sharded_broker.Lease) -> None:
         with self._lock:
@@ -728,55 +722,31 @@ class _LeaseKeeper:
             return self._held.get((lease.queue, lease.id)) is lease
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(5)
+        with self._lock:
+            self._closed = True
+            heartbeat = self._heartbeat
+        if heartbeat is not None:
+            heartbeat.stopped.set()
+            if heartbeat.ident is not None and heartbeat is not threading.current_thread():
+                heartbeat.join(5)
+
+    def _leases_held(self) -> list[tuple[None, sharded_broker.Lease]]:
+        with self._lock:
+            return [(None, lease) for lease in self._held.values()]
+
+    def _expired(self, _: None, lease: sharded_broker.Lease) -> None:
+        # Refused either because the message was settled since the beat began (nothing
+        # to say) or because the lease really expired.
+        if self.holds(lease):
+            self.release(lease)
+            self.logger.warning(
+                "Lease of message %s in queue %r expired before its heartbeat; it may be "
+                "delivered again. Raise visibility_timeout if this repeats.",
+                lease.headers.get("message_id", lease.id), lease.queue,
+            )
 
     def _visibility_timeout(self) -> float:
         """The shortest visibility timeout in use: the one every held lease outlives."""
         engine = self.broker.engine
         timeouts = [engine.settings(name).visibility_timeout for name in list(self.broker.queues)]
         return min([engine.defaults.visibility_timeout, *timeouts])
-
-    def _run(self) -> None:
-        # Every held lease lasts at least visibility_timeout from extended_at on: it was
-        # either extended by the try that began then, or leased after it.
-        extended_at = time.monotonic()
-        while not self._stop.wait(self._visibility_timeout() / 3):
-            with self._lock:
-                leases = list(self._held.values())
-            if not leases:
-                extended_at = time.monotonic()
-                continue
-            try:
-                # One round trip for every lease held (each by its queue's timeout); a
-                # failed try is retried at once, with backoff, until the leases expire.
-                extended, started = extend_before_deadline(
-                    self.broker.engine, leases, extended_at + self._visibility_timeout(), self._stop,
-                    self._unavailable,
-                )
-            except Exception:
-                self.logger.exception("Unexpected failure extending %d leases.", len(leases))
-                continue
-            if extended is None:
-                if not self._stop.is_set():
-                    self.logger.warning(
-                        "Could not extend %d leases before their deadline; they may be delivered "
-                        "again. Will keep trying.", len(leases),
-                    )
-                continue
-            extended_at = started
-            for lease, alive in zip(leases, extended):
-                if not alive and self.holds(lease):
-                    self.release(lease)
-                    self.logger.warning(
-                        "Lease of message %s in queue %r expired before its heartbeat; it may be "
-                        "delivered again. Raise visibility_timeout if this repeats.",
-                        lease.headers.get("message_id", lease.id), lease.queue,
-                    )
-
-    def _unavailable(self, error: BackendUnavailable, failures: int) -> None:
-        if failures == 1:
-            self.logger.warning("Could not extend leases (retrying until they expire): %s", error)
-        else:
-            self.logger.debug("Lease extension try %d failed: %s", failures, error)

@@ -94,7 +94,7 @@ def _checking_shard_key(decorator_factory, takes_self):
 
     factory.__name__ = decorator_factory.__name__
     factory.__doc__ = decorator_factory.__doc__
-    factory.__wrapped__ = decorator_factory
+    setattr(factory, "__wrapped__", decorator_factory)  # noqa: B010 (what functools.wraps sets)
     setattr(factory, CHECKED, True)
     return factory
 

@@ -42,7 +42,7 @@ import itertools
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
@@ -190,7 +190,7 @@ def sharded_dramatiq_broker(_sharded_state: _TestState) -> Iterator[Any]:
     import dramatiq
     import dramatiq.broker
 
-    from sharded_broker.integrations.dramatiq import ShardedBroker
+    from .dramatiq import ShardedBroker
 
     state = _sharded_state
     broker = ShardedBroker(url=state.url, **_engine_options(state.url, state.clock))
@@ -210,9 +210,9 @@ def sharded_dramatiq_broker(_sharded_state: _TestState) -> Iterator[Any]:
     finally:
         broker.flush_all()
         broker.close()
-        for actor in adopted:
-            actor.broker = previous
-        if previous is not None:
+        if previous is not None:  # else nothing was adopted
+            for actor in adopted:
+                actor.broker = previous
             dramatiq.set_broker(previous)
 
 
@@ -250,7 +250,7 @@ def sharded_drain(_sharded_state: _TestState, request: pytest.FixtureRequest) ->
     """``sharded_drain(queue="default", timeout=30.0)``: run the queue empty now; what ran
     per shard key (``None``: unkeyed), in the order it ran."""
 
-    def drain(queue: str = "default", *, timeout: float = 30.0) -> dict[Optional[Hashable], list[Any]]:
+    def drain(queue: str = "default", *, timeout: float = 30.0) -> dict[Optional[str], list[Any]]:
         if _sharded_state.engine is None:
             raise RuntimeError(
                 "sharded_drain needs a worker's broker: use it with sharded_dramatiq_broker (and "

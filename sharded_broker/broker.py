@@ -136,8 +136,9 @@ class Broker:
         at_head: bool = False,
     ) -> str:
         """Enqueue one message; its id (or, for a duplicate, the first message's id)."""
-        message = Message(payload, key, priority, delay, dedup_id, headers, at_head)
-        return self.enqueue_many(queue, [message])[0]
+        queue = check.queue_name(queue)
+        checked = check.message_of(payload, key, priority, delay, dedup_id, headers, at_head, self.max_payload_size)
+        return self.backend.enqueue_many(queue, [checked], self.settings(queue))[0]
 
     def enqueue_many(self, queue: str, messages: Iterable[Message]) -> list[str]:
         """Enqueue messages atomically in one round trip; their ids, in order.
@@ -191,6 +192,16 @@ class Broker:
                 self.backend.wait(queue, due_in - coarse)
             else:
                 time.sleep(due_in)  # the backend's wait could not end this precisely
+
+    def wait_for_work(self, queues: Sequence[str], timeout: float) -> None:
+        """Block up to ``timeout`` seconds, returning early once a message may have become
+        deliverable in any of ``queues`` (enqueued, released, come due). Leases nothing:
+        for a consumer of several queues (a Celery worker and its remote-control queue)
+        between empty ``lease`` calls, in one backend call. Returns at once for no queue."""
+        if isinstance(queues, str):
+            raise InvalidArgumentType("queues must be a sequence of queue names, not one str")
+        names = [check.queue_name(queue) for queue in queues]
+        self.backend.wait_any(names, check.seconds(timeout, "timeout"))
 
     def ack(self, lease: Lease) -> bool:
         """Settle a lease for good. False when its token is stale (nothing changed)."""

@@ -1,4 +1,5 @@
-"""Lease heartbeats that ride out short broker outages (used by both adapters).
+"""Lease heartbeats that ride out short broker outages (both adapters beat through
+:class:`sharded_broker.integrations.support.LeaseHeartbeat`, which calls this).
 
 A worker extends the leases it holds every ``heartbeat_interval`` seconds. When one
 extension fails because the backend is unreachable, waiting for the next regular beat

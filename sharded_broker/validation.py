@@ -27,7 +27,16 @@ _QUEUE_NAME = re.compile(r"[A-Za-z0-9_.:@+\-]+")
 _FORBIDDEN_IN_KEY = re.compile(r"[\x00-\x1f\x7f]")
 
 
+# Queue names already found valid: a process uses a handful, and every enqueue and lease
+# names one, so the common case is one set lookup. Bounded, so that a stream of distinct
+# names (bad input) cannot grow it without end.
+_valid_queue_names: set[str] = set()
+_MAX_REMEMBERED_QUEUE_NAMES = 1024
+
+
 def queue_name(name: Any) -> str:
+    if type(name) is str and name in _valid_queue_names:
+        return name
     if not isinstance(name, str):
         raise InvalidArgumentType(f"queue name must be a str, not {type(name).__name__}")
     if not name:
@@ -40,6 +49,8 @@ def queue_name(name: Any) -> str:
         raise InvalidArgument(
             f"queue name {name!r} may only contain letters, digits and _ . : @ + -"
         )
+    if type(name) is str and len(_valid_queue_names) < _MAX_REMEMBERED_QUEUE_NAMES:
+        _valid_queue_names.add(name)
     return name
 
 
@@ -167,14 +178,23 @@ def message(msg: Any, max_payload_size: int) -> Message:
     """A checked copy of ``msg`` with normalised fields."""
     if not isinstance(msg, Message):
         raise InvalidArgumentType(f"expected a sharded_broker.Message, not {type(msg).__name__}")
+    return message_of(
+        msg.payload, msg.key, msg.priority, msg.delay, msg.dedup_id, msg.headers, msg.at_head, max_payload_size
+    )
+
+
+def message_of(
+    data: Any, key: Any, prio: Any, delay: Any, dedup: Any, head: Any, at_head: Any, max_payload_size: int
+) -> Message:
+    """A checked :class:`Message` from its fields (what ``Broker.enqueue`` is given), built once."""
     return Message(
-        payload=payload(msg.payload, max_payload_size),
-        key=shard_key(msg.key),
-        priority=priority(msg.priority),
-        delay=seconds(msg.delay, "delay"),
-        dedup_id=dedup_id(msg.dedup_id),
-        headers=headers(msg.headers),
-        at_head=bool(msg.at_head),
+        payload=payload(data, max_payload_size),
+        key=shard_key(key),
+        priority=priority(prio),
+        delay=seconds(delay, "delay"),
+        dedup_id=dedup_id(dedup),
+        headers=headers(head),
+        at_head=bool(at_head),
     )
 
 
