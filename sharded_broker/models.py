@@ -218,8 +218,8 @@ class HeldBatch:
     ``message_id``, ``token``, ``attempts`` and ``deadline`` are those of the batch's first
     unsettled message (the lease an operator releases); ``size`` is how many messages the
     batch was delivered with and ``settled`` how many of them are acked or dead-lettered
-    already. ``leased_at`` is when it was delivered, where the backend records it (the
-    memory backend; ``None`` elsewhere).
+    already. ``leased_at`` is when it was delivered (``None`` for a lease made by a version
+    that did not record it).
     """
 
     batch_id: str

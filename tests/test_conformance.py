@@ -1043,6 +1043,19 @@ def test_why_a_paused_key_or_queue(broker: Broker) -> None:
     assert broker.why(Q, "a").reason == "ready"
 
 
+def test_why_says_since_when_a_lease_holds_the_key_and_how_big_its_batch_is(broker: Broker, clock: FakeClock) -> None:
+    broker.enqueue_many(Q, [Message(f"{i}".encode(), key="k") for i in range(4)])
+    leased_at = clock()
+    leases = broker.lease(Q, 3, per_key=3)
+    clock.advance(7)
+    [hold] = broker.why(Q, "k").holds
+    assert (hold.leased_at, hold.message_id, hold.size, hold.settled) == (pytest.approx(leased_at), leases[0].id, 3, 0)
+    assert broker.extend(leases[0], 30)
+    broker.ack(leases[2])  # out of batch order: the size stays what was delivered
+    [hold] = broker.why(Q, "k").holds
+    assert (hold.leased_at, hold.size, hold.settled) == (pytest.approx(leased_at), 3, 1)  # an extension is no new delivery
+
+
 def test_why_a_leased_key_names_its_lease(broker: Broker, clock: FakeClock) -> None:
     broker.enqueue_many(Q, [Message(b"1", key="a"), Message(b"2", key="a")])
     [lease] = broker.lease(Q, visibility_timeout=30)

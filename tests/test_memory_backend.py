@@ -81,14 +81,3 @@ def test_the_oldest_age_heap_stays_bounded_under_a_steady_flow(broker: sharded_b
     assert broker.stats("q").oldest_age == pytest.approx(scanned_oldest_age(broker, clock))
 
 
-def test_why_says_since_when_a_lease_holds_the_key(broker: sharded_broker.Broker, clock: Clock) -> None:
-    """The memory model records each lease's delivery time (the other backends' records do
-    not, so their holds answer leased_at=None)."""
-    broker.enqueue_many("q", [Message(b"1", key="k"), Message(b"2", key="k")])
-    leased_at = clock.now
-    [lease] = broker.lease("q")
-    clock.now += 7
-    [hold] = broker.why("q", "k").holds
-    assert (hold.leased_at, hold.deadline, hold.message_id) == (leased_at, lease.deadline, lease.id)
-    broker.extend(lease, 30)
-    assert broker.why("q", "k").holds[0].leased_at == leased_at  # an extension is not a new delivery

@@ -258,7 +258,7 @@ class _QueueStore:
         if rec.key is not None:
             self._uncount_key(rec.key)
 
-    def lease_message(self, rec: _Record, deadline: float, batch_id: str, batch_index: int, alone: bool) -> Lease:
+    def lease_message(self, rec: _Record, deadline: float, batch_id: str, batch_index: int, batch_size: int) -> Lease:
         q = self.q
         # The planner leases heads in order: rec is the first valid entry of its heap.
         heap = q.lane if rec.key is None else q.keys[rec.key].heap
@@ -267,7 +267,7 @@ class _QueueStore:
         if batch_index == 0:
             q.batches[batch_id] = []
         q.batches[batch_id].append(rec.id)
-        q.batch_sizes[batch_id] = batch_index + 1
+        q.batch_sizes[batch_id] = batch_size
         self._set_state(rec, "leased")
         rec.attempts += 1
         rec.token = uuid.uuid4().hex

@@ -84,9 +84,9 @@ class Store(Protocol[M]):
         """Out of its key's order until ``due``."""
     def dead_letter(self, msg: M, reason: str, /) -> None:
         """Into the dead letters (no longer counted in its key)."""
-    def lease_message(self, msg: M, deadline: float, batch_id: str, batch_index: int, alone: bool, /) -> Lease:
-        """Leased until ``deadline`` with a fresh token, one more attempt, as message
-        ``batch_index`` of batch ``batch_id`` (``alone``: a batch of one)."""
+    def lease_message(self, msg: M, deadline: float, batch_id: str, batch_index: int, batch_size: int, /) -> Lease:
+        """Leased now until ``deadline`` with a fresh token, one more attempt, as message
+        ``batch_index`` of the ``batch_size`` of batch ``batch_id``."""
     def current(self, lease: Lease, /) -> M | None:
         """The leased message ``lease`` names while its token is current."""
     def take_acked(self, lease: Lease, /) -> M | None:
@@ -362,7 +362,7 @@ def lease(s: Store[M], limit: int, per_key: int, visibility_timeout: float, sett
         key_due = entry is not None and entry[0] <= now
         if lane is not None and (entry is None or not key_due or (lane[1], lane[2]) < (entry[0], entry[1])):
             head = lane[0]
-            leases.append(s.lease_message(head, now + visibility_timeout, head.id, 0, True))
+            leases.append(s.lease_message(head, now + visibility_timeout, head.id, 0, 1))
             s.record("delivered", head.id, None)
             continue
         if entry is None or not key_due:
@@ -398,7 +398,7 @@ def serve_key(s: Store[M], key: str, count: int, visibility_timeout: float, sett
     batch_id = batch[0].id
     leases = []
     for index, msg in enumerate(batch):
-        leases.append(s.lease_message(msg, now + visibility_timeout, batch_id, index, len(batch) == 1))
+        leases.append(s.lease_message(msg, now + visibility_timeout, batch_id, index, len(batch)))
         s.record("delivered", msg.id, key)
     s.set_key_slots(key, slots + 1)
     s.set_key_last_delivery(key, now if interval else None)

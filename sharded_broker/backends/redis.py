@@ -674,8 +674,9 @@ class RedisBackend(Backend):
                         HeldBatch(
                             batch_id=_str(batch_id), message_id=_str(mid), token=_str(token), attempts=int(attempts),
                             deadline=int(deadline) / 1e6, size=int(size), settled=int(settled),
+                            leased_at=int(leased_at) / 1e6,
                         )
-                        for batch_id, mid, token, attempts, deadline, size, settled in holds
+                        for batch_id, mid, token, attempts, deadline, size, settled, leased_at in holds
                     ),
                     key=lambda hold: (hold.deadline, hold.message_id),
                 )),

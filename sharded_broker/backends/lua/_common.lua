@@ -198,16 +198,28 @@ local function timer_member(rec)
   return member
 end
 
--- A leases member: the lease token (16 hex digits: the lease's order, shared by the
--- messages of one batch; a batch of two or more is marked by a trailing 'b'), the id, and
--- for a keyed message its key and, in a batch of two or more, the batch id. So a client
--- holding (id, token, key, batch) names its lease without reading the record, and a
--- lease whose record was destroyed still names what it holds.
+-- A lease token: 30 hex digits, the lease's order (16, shared by the messages of one
+-- batch) and when it was delivered (14), then 'b' for a batch of two or more.
+local TOKEN = 30
+
+local function new_token(now, batch)
+  return string.format('%016x%014x', next_order(), now) .. (batch and 'b' or '')
+end
+
+-- When the lease a token names was delivered.
+local function token_time(token)
+  return tonumber(string.sub(token, 17, TOKEN), 16)
+end
+
+-- A leases member: the token's digits, the id, and for a keyed message its key and, in a
+-- batch of two or more, the batch id. So a client holding (id, token, key, batch) names
+-- its lease without reading the record, and a lease whose record was destroyed still
+-- names what it holds.
 local function lease_member(token, id, key, batch)
-  local member = string.sub(token, 1, 16) .. id
+  local member = string.sub(token, 1, TOKEN) .. id
   if key then
     member = member .. '\0' .. key
-    if #token > 16 then
+    if #token > TOKEN then
       member = member .. '\0' .. batch
     end
   end
@@ -216,12 +228,12 @@ end
 
 -- The parts of a leases member: token, id, key, batch (nil when single).
 local function lease_parts(member)
-  local token = string.sub(member, 1, 16)
-  local at = string.find(member, '\0', 17, true)
+  local token = string.sub(member, 1, TOKEN)
+  local at = string.find(member, '\0', TOKEN + 1, true)
   if not at then
-    return token, string.sub(member, 17), nil, nil
+    return token, string.sub(member, TOKEN + 1), nil, nil
   end
-  local id = string.sub(member, 17, at - 1)
+  local id = string.sub(member, TOKEN + 1, at - 1)
   local at2 = string.find(member, '\0', at + 1, true)
   if not at2 then
     return token, id, string.sub(member, at + 1), nil

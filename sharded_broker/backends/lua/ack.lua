@@ -12,7 +12,7 @@ register('ack', function(args)
     if redis.call('ZREM', K[LEASES], lease_member(token, id, key, batch)) == 1 then
       redis.call('HDEL', K[MSGS], id)
       CACHE[id] = false
-      local rec = { id = id, k = key, b = #token > 16 and batch or nil }
+      local rec = { id = id, k = key, b = #token > TOKEN and batch or nil }
       local rest = get_batch(rec)
       for j, other in ipairs(rest) do
         if other == id then

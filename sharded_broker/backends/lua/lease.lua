@@ -45,7 +45,7 @@ register('lease', function(args)
   -- An unkeyed message, from its record.
   local function lease_record(rec)
     local raw = stored(rec.id, RAW[rec.id])
-    local token = string.format('%016x', next_order())
+    local token = new_token(now, nil)
     unindex(rec)
     as_leased(rec, token, nil)
     redis.call('ZADD', K[LEASES], deadline_text, lease_member(token, rec.id, nil, nil))
@@ -160,7 +160,7 @@ register('lease', function(args)
       end
     end
     local batch = #ids > 1 and ids[1] or nil
-    local token = string.format('%016x', next_order()) .. (batch and 'b' or '')
+    local token = new_token(now, batch)
     if batch then
       redis.call('HSET', K[STATE], 'b:' .. batch, cmsgpack.pack(ids, #ids))
     end

@@ -7,7 +7,7 @@
 -- last delivery, own interval, head view or {}, next delayed, holds}}, '' for a time or
 -- interval that is not set; a head view is {id, priority, attempts, enqueued_at,
 -- not_before, payload size}; holds: {batch id, id, token, attempts, deadline, size,
--- settled} per batch in flight, first unsettled message first.
+-- settled, leased at} per batch in flight, first unsettled message first.
 -- The leases order is read once for every key that holds a slot, and the delayed order
 -- once for every key with nothing ready, each at most WHY_READ_LIMIT entries (the same in
 -- backend.py), in pages.
@@ -98,7 +98,7 @@ register('why', function(args)
         local deadline = redis.call('ZSCORE', K[LEASES], lease_member(token, first.id, key, batch))
         local holds = entry.row[10]
         holds[#holds + 1] = { rec.b or rec.id, first.id, token, first.a, tonumber(deadline) or 0, size,
-          size - #unsettled }
+          size - #unsettled, token_time(token) }
       end
       return false
     end)

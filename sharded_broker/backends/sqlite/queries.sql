@@ -65,7 +65,7 @@ SELECT not_before, key FROM messages WHERE queue = ? AND state = 'delayed' ORDER
 
 -- name: leases_in_flight
 -- key_facts: the queue's leases, grouped by key and batch by the reader.
-SELECT id, key, token, attempts, deadline, batch_id, batch_index FROM messages
+SELECT id, key, token, attempts, deadline, batch_id, batch_index, batch_size, leased_at FROM messages
 WHERE queue = ? AND state = 'leased' ORDER BY deadline, timer_order LIMIT ?;
 
 -- name: key_settings

@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS messages (
     deadline REAL NOT NULL DEFAULT 0,
     batch_id TEXT NOT NULL DEFAULT '',
     batch_index INTEGER NOT NULL DEFAULT 0,
+    batch_size INTEGER NOT NULL DEFAULT 0, -- of the batch it is leased in
+    leased_at REAL NOT NULL DEFAULT 0,     -- when its current lease was delivered
     timer_order INTEGER NOT NULL DEFAULT 0, -- tie-breaker of the delayed and lease orders
     entered_at REAL NOT NULL DEFAULT 0,    -- when it was last placed (key order or lane)
     entered_order INTEGER NOT NULL DEFAULT 0,

@@ -16,13 +16,15 @@ from ...models import COUNTERS
 # messages_key_order and messages_open_batches, and keeps each queue's clock floor in its
 # row (queues.last_now) instead of one 'last_now' in meta, and the metrics counts of the
 # current minute in the queue's and the key's rows (ADDED_COLUMNS): an older file gains
-# them when opened, each queue starting from the old floor.
-SCHEMA_VERSION = 3
+# them when opened, each queue starting from the old floor. Version 4 keeps a leased
+# message's batch size and delivery time (messages.batch_size, leased_at: ADDED_COLUMNS).
+SCHEMA_VERSION = 4
 OLD_INDEXES = ("messages_ready", "messages_batch")
 _OPEN_MINUTE_COLUMNS = {"open_minute": "REAL", **{f"open_{c}": "INTEGER NOT NULL DEFAULT 0" for c in COUNTERS}}
 ADDED_COLUMNS = {
     "queues": {"last_now": "REAL NOT NULL DEFAULT 0", **_OPEN_MINUTE_COLUMNS},
     "keys": _OPEN_MINUTE_COLUMNS,
+    "messages": {"batch_size": "INTEGER NOT NULL DEFAULT 0", "leased_at": "REAL NOT NULL DEFAULT 0"},
 }
 NAME_MARK = "-- name: "
 

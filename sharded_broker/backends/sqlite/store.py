@@ -602,13 +602,14 @@ class QueueStore:
         if msg.key is not None:
             self.uncount_key(msg.key)
 
-    def lease_message(self, msg: _Message, deadline: float, batch_id: str, batch_index: int, alone: bool) -> Lease:
+    def lease_message(self, msg: _Message, deadline: float, batch_id: str, batch_index: int, batch_size: int) -> Lease:
         attempts = msg.attempts + 1
         token = uuid.uuid4().hex
         # A batch of one is stored without a batch id: it needs no open-batch index entry.
         self._set_state(
-            msg, "leased", attempts=attempts, token=token, deadline=deadline, batch_id="" if alone else batch_id,
-            batch_index=batch_index, timer_order=self.q.order(),
+            msg, "leased", attempts=attempts, token=token, deadline=deadline,
+            batch_id="" if batch_size == 1 else batch_id, batch_index=batch_index, batch_size=batch_size,
+            leased_at=self.now, timer_order=self.q.order(),
         )
         return Lease(
             queue=self.q.name,
@@ -768,8 +769,6 @@ class QueueStore:
         return found
 
     def held_batches(self, keys: set[str], limit: int) -> dict[str, list[HeldBatch]]:
-        """The batch's size is not stored: messages are settled in batch order as a rule,
-        so it is counted up to its last unsettled message; ``leased_at`` is not stored."""
         batches: dict[str, dict[str, list[Any]]] = {}
         for row in self.tx.all("leases_in_flight", self.q.name, limit):
             if row["key"] in keys:
@@ -778,10 +777,12 @@ class QueueStore:
         for key, by_batch in batches.items():
             for batch_id, members in by_batch.items():
                 members.sort(key=lambda member: member["batch_index"])
-                first, size = members[0], members[-1]["batch_index"] + 1
+                first = members[0]
+                size = max(first["batch_size"], 1)  # 0: leased by a version that did not store it
                 holds.setdefault(key, []).append(HeldBatch(
                     batch_id=batch_id, message_id=first["id"], token=first["token"], attempts=first["attempts"],
                     deadline=first["deadline"], size=size, settled=size - len(members),
+                    leased_at=first["leased_at"] or None,
                 ))
         return holds
 
