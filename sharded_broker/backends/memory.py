@@ -62,6 +62,7 @@ class _Record:
     died_at: float = 0.0
     ready_mark: int = -1  # the order of its valid entry in the queue's ready_ages heap
     leased_at: float = 0.0  # when its current lease was delivered (an extension keeps it)
+    lease_order: int = 0  # its lease's place among leases expiring at the same time
 
 
 @dataclass(eq=False, slots=True)
@@ -274,7 +275,8 @@ class _QueueStore:
         rec.deadline = deadline
         rec.leased_at = self.now
         rec.batch_id = batch_id
-        heapq.heappush(q.leases, (deadline, next(self._order), rec.id, rec.token))
+        rec.lease_order = next(self._order)
+        heapq.heappush(q.leases, (deadline, rec.lease_order, rec.id, rec.token))
         return Lease(
             queue=q.name,
             id=rec.id,
@@ -292,7 +294,7 @@ class _QueueStore:
 
     def set_deadline(self, rec: _Record, deadline: float) -> None:
         rec.deadline = deadline
-        heapq.heappush(self.q.leases, (deadline, next(self._order), rec.id, rec.token))
+        heapq.heappush(self.q.leases, (deadline, rec.lease_order, rec.id, rec.token))
 
     def current(self, lease: Lease) -> _Record | None:
         rec = self.q.messages.get(lease.id)

@@ -467,8 +467,8 @@ def extend_many(
 
 
 def extend(s: Store[M], lease: Lease, visibility_timeout: float) -> float | None:
-    """The lease's new deadline, None for a stale token. An unchanged deadline keeps its
-    place among leases expiring at the same time."""
+    """The lease's new deadline, None for a stale token. Among leases expiring at the same
+    time, a lease keeps the place of its delivery, extended or not."""
     msg = s.current(lease)
     if msg is None:
         return None

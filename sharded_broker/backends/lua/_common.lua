@@ -379,8 +379,30 @@ local function flush_bounds()
   end
 end
 
+local function flush_key_states()
+  for key, ks in pairs(KEYSTATE) do
+    if ks.dirty then
+      local raw = false
+      if ks.slots > 0 or ks.at then
+        raw = text(ks.slots) .. ',' .. (ks.at and num(ks.at) or '') .. ',' .. (ks.order and num(ks.order) or '')
+          .. ',' .. (ks.head or '')
+      end
+      if raw ~= ks.raw then
+        if raw then
+          redis.call('HSET', K[STATE], 'k:' .. key, raw)
+        else
+          redis.call('HDEL', K[STATE], 'k:' .. key)
+        end
+        ks.raw = raw
+      end
+      ks.dirty = false
+    end
+  end
+end
+
 local function flush()
   flush_bounds()
+  flush_key_states()
   for id, rec in pairs(CACHE) do
     if rec and rec.st ~= 'leased' and not rec.fresh then
       local raw = packed(rec)
@@ -438,21 +460,9 @@ local function key_state(key)
   return ks
 end
 
+-- Written once, by flush(), however often the call changed it.
 local function save_key_state(key, ks)
-  local raw = false
-  if ks.slots > 0 or ks.at then
-    raw = text(ks.slots) .. ',' .. (ks.at and num(ks.at) or '') .. ',' .. (ks.order and num(ks.order) or '') .. ','
-      .. (ks.head or '')
-  end
-  if raw == ks.raw then
-    return
-  end
-  if raw then
-    redis.call('HSET', K[STATE], 'k:' .. key, raw)
-  else
-    redis.call('HDEL', K[STATE], 'k:' .. key)
-  end
-  ks.raw = raw
+  ks.dirty = true
 end
 
 local function keyq_member(ks, key)
@@ -799,12 +809,13 @@ local function schedule(key, now, keep_place, settings, member, nb)
 end
 
 -- After rec (keyed, just placed with `now`) entered its key's order: keep the key's place
--- up to date. alone: rec is the key's only live message (so its head). Mirrors
+-- up to date. alone_member: rec's ready member when rec is the key's only live message
+-- (so its head). Mirrors
 -- schedule(key, now, true, settings), reading only what can change:
 -- a waiting key whose recorded head still comes first keeps its place and head.
-local function placed(rec, now, settings, alone)
-  if alone then
-    schedule(rec.k, now, true, settings, ready_member(rec), rec.nb > rec.ea and rec.nb or 0)
+local function placed(rec, now, settings, alone_member)
+  if alone_member then
+    schedule(rec.k, now, true, settings, alone_member, rec.nb > rec.ea and rec.nb or 0)
     return
   end
   local ks = key_state(rec.k)
@@ -823,15 +834,18 @@ local function placed(rec, now, settings, alone)
   schedule(rec.k, now, true, settings)
 end
 
--- Put a record (whose seq is set) into its key's order or the unkeyed lane.
+-- Put a record (whose seq is set) into its key's order or the unkeyed lane; answers its
+-- ready member.
 local function place(rec, now)
   set_state(rec, 'ready')
   rec.ea = now
   if not rec.k then
     rec.eo = next_order()
   end
+  local member = ready_member(rec)
   redis.call('ZADD', K[READYAGE], num(rec.t), rec.id)
-  redis.call('ZADD', K[READY], '0', ready_member(rec))
+  redis.call('ZADD', K[READY], '0', member)
+  return member
 end
 
 local function delay(rec, due)
@@ -986,11 +1000,28 @@ local function expire_leases(now, settings)
   if not may_be_due('l', now) then
     return
   end
-  local expired = redis.call('ZRANGEBYSCORE', K[LEASES], '-inf', num(now), 'LIMIT', '0', SWEEP_LIMIT)
-  for i, member in ipairs(expired) do
+  local expired = redis.call('ZRANGEBYSCORE', K[LEASES], '-inf', num(now), 'WITHSCORES', 'LIMIT', '0', SWEEP_LIMIT)
+  for i = 1, #expired, 2 do
+    local member = expired[i]
     -- An earlier expiry in this loop may have returned it with the rest of its batch.
     if i == 1 or redis.call('ZSCORE', K[LEASES], member) then
       local rec = entry_record('leases', member, now)
+      if rec.st == 'leased' and rec.b then
+        -- Members of one batch share a token, so equal deadlines sort by id: the batch's
+        -- first message with this deadline fails, as the one delivered first.
+        for _, id in ipairs(get_batch(rec)) do
+          if id == rec.id then
+            break
+          end
+          if redis.call('ZSCORE', K[LEASES], lease_member(rec.tok, id, rec.k, rec.b)) == expired[i + 1] then
+            local first = load(id)
+            if first then
+              rec = as_leased(first, rec.tok, rec.b)
+              break
+            end
+          end
+        end
+      end
       if rec.st == 'leased' then
         fail(rec, now, settings, 0, nil, 'lease expired')
       end

@@ -42,9 +42,9 @@ register('enqueue', function(args)
         store(rec)
         rec.s = next_seq(rec.ah)
         rec.nb = now + after -- a message placed at the head holds its key until then
-        place(rec, now)
+        local member = place(rec, now)
         if key then
-          placed(rec, now, settings, live == 1)
+          placed(rec, now, settings, live == 1 and member)
         end
         placed_count = placed_count + 1
         -- The record as the client packed it, and t s (eo for an unkeyed one, nb for one

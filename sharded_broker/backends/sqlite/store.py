@@ -627,7 +627,7 @@ class QueueStore:
         )
 
     def set_deadline(self, msg: _Message, deadline: float) -> None:
-        self._update(msg.id, deadline=deadline, timer_order=self.q.order())
+        self._update(msg.id, deadline=deadline)  # its place among equal deadlines stays its lease's
 
     def current(self, lease: Lease) -> _Message | None:
         msg = self._message("message", lease.id, lease.queue)
