@@ -1161,7 +1161,7 @@ def dashboard(
         address += f"#token={action_token}"
         note = " (the token after #token= is printed only now)"
     else:
-        note = " (actions need the token given with --token)"
+        note = " (actions need the token given with --token or $SHARDED_BROKER_DASHBOARD_TOKEN)"
     click.echo(f"dashboard of {session.safe_url}: {address}{note}")
     sys.stdout.flush()
     try:
