@@ -86,10 +86,10 @@ from sharded_broker.group_commit import AckGroup
 from sharded_broker.models import QUEUE_SETTING_NAMES, Lease
 
 from .kombu_alias import ALIAS, install
+from .support import ArgumentKey, LeaseHeartbeat, coerce_key
 
 # A broker URL naming no engine URL: the transport takes SHARDED_BROKER_URL's.
 BARE_URL = f"{ALIAS}://"
-from .support import ArgumentKey, LeaseHeartbeat, coerce_key
 
 __all__ = ["Channel", "Transport", "register", "SHARD_KEY_HEADER"]
 

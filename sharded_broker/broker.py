@@ -70,7 +70,8 @@ def connect(url: str | None = None, **options: Any) -> "Broker":
     directory, a file that is not a database), raises :class:`InvalidURL`, saying how a
     relative ``sqlite:///`` path was read; a bad option raises ``ConfigurationError``.
     """
-    url = environment.url(url, DEFAULT_URL)
+    given = environment.url(url)
+    url = DEFAULT_URL if given is None else given
     options = environment.options(options, url)
     settings_options = {k: options.pop(k) for k in list(options) if k in check.QUEUE_SETTING_NAMES}
     per_queue = options.pop("queues", None) or {}
