@@ -4,9 +4,9 @@ The one place the package reads the process environment. ``connect()``, both ada
 the command line call :func:`url` and :func:`options`; an explicit argument always beats
 the environment, and the environment beats the built-in default.
 
-Values arrive as text: each is parsed by its option's type here, with an error naming the
-variable and the bad value; the option's own range is then checked where an explicit
-argument's would be (``validation.queue_settings``, the backend). A ``SHARDED_BROKER_*``
+Values arrive as text: each is parsed by its option's type, then range-checked by the same
+checks an explicit argument gets (validation.py, backend.py), every error naming the
+variable and the bad value. A ``SHARDED_BROKER_*``
 variable that is neither an option nor one the project reads elsewhere is refused by name,
 so that a typo is never silently ignored. An empty variable counts as unset (``VAR= cmd``).
 """
@@ -109,21 +109,22 @@ def variable_of(option: str) -> str:
     return PREFIX + option.upper()
 
 
-def _read(variable: str, environ: Mapping[str, str] | None) -> str | None:
-    value = (os.environ if environ is None else environ).get(variable)
-    return value if value else None
+def _read(variable: str) -> str | None:
+    """The variable's text; None when it is unset or empty."""
+    return os.environ.get(variable) or None
 
 
-def url(explicit: str | None = None, default: str | None = None, *, environ: Mapping[str, str] | None = None) -> str | None:
-    """The broker URL: ``explicit`` when given, else ``SHARDED_BROKER_URL``, else ``default``.
+def url(explicit: str | None = None) -> str | None:
+    """The broker URL: ``explicit`` when given, else ``SHARDED_BROKER_URL``, else None (the
+    caller applies its own default, or says that no URL was given).
 
     A malformed URL from the environment raises :class:`InvalidURL` naming the variable,
     its password masked."""
     if explicit is not None:
         return explicit
-    found = _read(URL_VARIABLE, environ)
+    found = _read(URL_VARIABLE)
     if found is None:
-        return default
+        return None
     try:
         scheme(found)
     except InvalidURL:
@@ -134,34 +135,31 @@ def url(explicit: str | None = None, default: str | None = None, *, environ: Map
     return found
 
 
-def dashboard_token(explicit: str | None = None, *, environ: Mapping[str, str] | None = None) -> str | None:
+def dashboard_token(explicit: str | None = None) -> str | None:
     """The dashboard's action token: ``explicit``, else ``SHARDED_BROKER_DASHBOARD_TOKEN``."""
-    return explicit if explicit is not None else _read(DASHBOARD_TOKEN_VARIABLE, environ)
+    return explicit if explicit is not None else _read(DASHBOARD_TOKEN_VARIABLE)
 
 
-def check_variables(environ: Mapping[str, str] | None = None) -> None:
+def check_variables() -> None:
     """Refuse, by name, a ``SHARDED_BROKER_*`` variable nothing reads (a typo)."""
-    environ = os.environ if environ is None else environ
     known = OTHER_VARIABLES | {variable_of(name) for name in OPTION_PARSERS}
-    unknown = sorted(name for name in environ if name.startswith(PREFIX) and name not in known)
+    unknown = sorted(name for name in os.environ if name.startswith(PREFIX) and name not in known)
     if unknown:
         raise ConfigurationError(
             f"unknown environment variable(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
 
 
-def options(
-    explicit: Mapping[str, Any], broker_url: str, *, environ: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """``explicit`` connect() options with every option it leaves out that the environment
-    sets added, parsed by its type. ``broker_url`` is the URL being opened (options only
-    some schemes take are refused by variable name elsewhere)."""
-    environ = os.environ if environ is None else environ
-    check_variables(environ)
+def options(explicit: Mapping[str, Any], broker_url: str) -> dict[str, Any]:
+    """``explicit`` connect() options, plus every option they leave out that the
+    environment sets, parsed and checked. ``broker_url`` is the URL being opened: a
+    variable of an option its scheme does not take (``SHARDED_BROKER_PREFIX`` with
+    ``sqlite://``) is refused by name."""
+    check_variables()
     merged = dict(explicit)
     for name, parse in OPTION_PARSERS.items():
         variable = variable_of(name)
-        text = _read(variable, environ)
+        text = _read(variable)
         if text is None or name in explicit:
             continue
         schemes = SCHEME_OPTIONS.get(name)

@@ -61,7 +61,7 @@ def test_option_variables_set_what_the_caller_leaves_out(monkeypatch: pytest.Mon
 def test_an_empty_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHARDED_BROKER_URL", "")
     monkeypatch.setenv("SHARDED_BROKER_KEY_CONCURRENCY", "")
-    assert environment.url(None, "memory://") == "memory://"
+    assert environment.url(None) is None
     assert environment.options({}, "memory://") == {}
 
 
