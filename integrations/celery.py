@@ -7,7 +7,9 @@ An existing Celery app switches by its broker URL alone::
                                                                # sharded+memory://
 
 kombu splits ``sharded+`` off the URL and hands the rest (the *engine URL*) to this
-transport. Publishing enqueues, consuming leases, ``basic_ack`` acks, reject/requeue
+transport; a bare ``sharded://`` takes the engine URL from ``SHARDED_BROKER_URL``, and
+every transport option left out may come from its ``SHARDED_BROKER_<OPTION>`` variable
+(docs/operations.md, "Settings from the environment"). Publishing enqueues, consuming leases, ``basic_ack`` acks, reject/requeue
 nacks; the engine decides order, fairness, intervals, leases and dead letters.
 
 Guarantees
@@ -76,6 +78,7 @@ from kombu.utils.json import loads as json_loads
 from kombu.utils.uuid import uuid
 
 import sharded_broker
+from sharded_broker import environment
 from sharded_broker import validation as check
 from sharded_broker.urls import relative_path_warning
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
@@ -84,6 +87,9 @@ from sharded_broker.models import QUEUE_SETTING_NAMES, Lease
 
 from .kombu_alias import ALIAS, install
 from .support import ArgumentKey, LeaseHeartbeat, coerce_key
+
+# A broker URL naming no engine URL: the transport takes SHARDED_BROKER_URL's.
+BARE_URL = f"{ALIAS}://"
 
 __all__ = ["Channel", "Transport", "register", "SHARD_KEY_HEADER"]
 
@@ -679,6 +685,9 @@ class Transport(virtual.Transport):
             raise InvalidURL(f"broker URL {ALIAS}+{sharded_broker.redact_url(self.engine_url)}: {exc}") from None
         self.shard_keys, heartbeat_option, self.engine_options = _split_options(options)
         self.engine_options.update(_ssl_options(client, self.engine_url))
+        # Before connect(): an error of a SHARDED_BROKER_* variable names the variable, not
+        # broker_transport_options.
+        self.engine_options = environment.options(self.engine_options, self.engine_url)
         super().__init__(client, **kwargs)
         try:
             self.broker = sharded_broker.connect(self.engine_url, **self.engine_options)
@@ -852,6 +861,9 @@ class Transport(virtual.Transport):
     def as_uri(cls, uri: str, include_password: bool = False, mask: str = "**") -> str:
         """The broker URL; for display (the worker banner, logs) without the password and
         with a SQLite file by its absolute path, so a relative path shows where it led."""
+        if uri in ("", BARE_URL):
+            # Shown as the engine URL SHARDED_BROKER_URL gave, never with its password.
+            uri = environment.url(None) or uri
         if include_password:
             return f"{ALIAS}+{uri}"
         return f"{ALIAS}+{sharded_broker.display_url(uri).replace('***', mask)}"
@@ -912,11 +924,20 @@ def _celery_worker_stopping() -> bool:
 def engine_url(client) -> str:
     """The engine URL of a kombu connection to ``sharded+<engine URL>``.
 
+    ``sharded://`` alone takes the engine URL from ``SHARDED_BROKER_URL``.
     kombu passes everything after ``sharded+`` as ``hostname``; credentials, port and
     virtual host given separately (Celery's ``broker_user``, ``broker_password``,
     ``broker_port``, ``broker_vhost``) fill what the URL leaves out.
     """
     url = client.hostname or ""
+    if url in ("", BARE_URL):
+        # Bare sharded:// names no engine URL: SHARDED_BROKER_URL does.
+        url = environment.url(None) or ""
+        if not url:
+            raise InvalidURL(
+                f"broker URL {ALIAS}:// takes its engine URL from {environment.URL_VARIABLE}, which is not set; "
+                f"set it or use sharded+<engine URL>, e.g. sharded+redis://localhost:6379/0"
+            )
     if "://" not in url:
         raise InvalidURL(
             f"broker URL must be sharded+<engine URL>, e.g. sharded+redis://localhost:6379/0, "
@@ -987,7 +1008,7 @@ def _free_the_consumer_from_a_busy_pool(sender: Any = None, **_: Any) -> None:
     """
     app = getattr(sender, "app", None)
     urls = [app.conf.get("broker_url"), app.conf.get("broker_read_url")] if app is not None else []
-    if any(isinstance(url, str) and url.lower().startswith(f"{ALIAS}+") for url in urls):
+    if any(isinstance(url, str) and url.lower().startswith((f"{ALIAS}+", BARE_URL)) for url in urls):
         sender.pool_putlocks = False
 
 

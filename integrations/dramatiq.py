@@ -70,6 +70,7 @@ from dramatiq.middleware import Middleware, MiddlewareError
 import sharded_broker
 from sharded_broker import validation
 from sharded_broker.broker import MAX_LEASE_LIMIT
+from sharded_broker import environment
 from sharded_broker.urls import relative_path_warning
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
 from sharded_broker.group_commit import AckGroup
@@ -187,8 +188,10 @@ class ShardedBroker(dramatiq.Broker):
 
     Parameters:
       url: ``redis://...``, ``rediss://...``, ``sqlite:///path.db`` or ``memory://``
-        (in-process only: workers in other processes cannot see it).
+        (in-process only: workers in other processes cannot see it). None (the default):
+        ``SHARDED_BROKER_URL``; a ConfigurationError when that is unset too.
       visibility_timeout: seconds a delivered message stays leased without a heartbeat.
+        None (the default): ``SHARDED_BROKER_VISIBILITY_TIMEOUT``, else 30.
         Workers extend the leases of the messages they hold every third of it, so it
         bounds how long the messages of a dead worker wait, not how long a task may run.
       middleware: as for :class:`dramatiq.Broker`; :class:`ShardKeys` is always added.
@@ -197,7 +200,8 @@ class ShardedBroker(dramatiq.Broker):
         2.0, False before.
       **engine_options: queue settings and backend options passed to
         :func:`sharded_broker.connect` (``max_deliveries``, ``key_concurrency``,
-        ``interval``, ``retry_position``, ``queues={name: {...}}``, ...).
+        ``interval``, ``retry_position``, ``queues={name: {...}}``, ...); each one left
+        out may come from its ``SHARDED_BROKER_<OPTION>`` variable (docs/operations.md).
 
     Dramatiq's ``priority`` keeps its meaning (lower numbers run first): within a key,
     messages of a lower-priority-number actor are delivered first. Every queue has its
@@ -209,14 +213,19 @@ class ShardedBroker(dramatiq.Broker):
 
     def __init__(
         self,
-        url: str,
+        url: Optional[str] = None,
         *,
-        visibility_timeout: float = 30.0,
+        visibility_timeout: Optional[float] = None,
         middleware: Optional[list[Middleware]] = None,
         fail_fast_default: Optional[bool] = None,
         **engine_options: Any,
     ) -> None:
-        self.engine = sharded_broker.connect(url, visibility_timeout=visibility_timeout, **engine_options)
+        url = environment.url(url)
+        if url is None:
+            raise ConfigurationError(f"no broker URL: pass ShardedBroker(url=...) or set {environment.URL_VARIABLE}")
+        if visibility_timeout is not None:
+            engine_options["visibility_timeout"] = visibility_timeout
+        self.engine = sharded_broker.connect(url, **engine_options)
         super().__init__(middleware=middleware)
         self.url = url
         self.queues: set[str] = set()

@@ -8,7 +8,7 @@ import importlib
 import time
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
 
-from . import urls
+from . import environment, urls
 from . import validation as check
 from .backend import Backend, EventSubscription, KeySort
 from .diagnosis import describe_seconds, diagnose
@@ -46,8 +46,16 @@ def backend_class(url: str) -> type[Backend]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def connect(url: str = "memory://", **options: Any) -> "Broker":
+# The URL connect() opens when neither its caller nor SHARDED_BROKER_URL names one.
+DEFAULT_URL = "memory://"
+
+
+def connect(url: str | None = None, **options: Any) -> "Broker":
     """Open a broker on ``url`` (``memory://``, ``sqlite:///path.db``, ``redis://...``).
+
+    Without ``url``, ``SHARDED_BROKER_URL`` names it, else ``memory://``; every option not
+    given here may be set by ``SHARDED_BROKER_<OPTION>`` (``SHARDED_BROKER_KEY_CONCURRENCY=4``;
+    sharded_broker/environment.py, docs/operations.md). Explicit arguments always win.
 
     ``options`` are queue settings that apply to every queue (``max_deliveries``,
     ``key_concurrency``, ``interval``, ``retry_position``, ``dedup_window``,
@@ -62,6 +70,9 @@ def connect(url: str = "memory://", **options: Any) -> "Broker":
     directory, a file that is not a database), raises :class:`InvalidURL`, saying how a
     relative ``sqlite:///`` path was read; a bad option raises ``ConfigurationError``.
     """
+    given = environment.url(url)
+    url = DEFAULT_URL if given is None else given
+    options = environment.options(options, url)
     settings_options = {k: options.pop(k) for k in list(options) if k in check.QUEUE_SETTING_NAMES}
     per_queue = options.pop("queues", None) or {}
     max_payload_size = options.pop("max_payload_size", check.DEFAULT_MAX_PAYLOAD_SIZE)
@@ -100,7 +111,7 @@ class Broker:
     ) -> None:
         self.backend = backend
         self.defaults = defaults or QueueSettings()
-        self.max_payload_size = check.positive_int(max_payload_size, "max_payload_size", maximum=512 * 1024 * 1024)
+        self.max_payload_size = check.positive_int(max_payload_size, "max_payload_size", maximum=check.MAX_PAYLOAD_SIZE_LIMIT)
         self._queue_settings: dict[str, QueueSettings] = {}
 
     def __repr__(self) -> str:

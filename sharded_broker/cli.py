@@ -46,13 +46,13 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from . import urls
+from . import environment, urls
 from .broker import Broker, connect
 from .diagnosis import describe_seconds
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL, ShardedBrokerError
 from .models import COUNTERS, DeadLetter, Event, KeyDiagnosis, KeyInfo, MinuteMetrics, QueueStats
 
-URL_ENVVAR = "SHARDED_BROKER_URL"
+URL_ENVVAR = environment.URL_VARIABLE
 # What a command reports in one line instead of a traceback: every error the engine and
 # its backends raise (the error model in sharded_broker/backend.py), and the command's own
 # I/O failing (a file, a socket).
@@ -253,11 +253,10 @@ def _stdout_console() -> Console:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--url",
-    envvar=URL_ENVVAR,
     metavar="URL",
     help=(
         f"Broker URL, as the app uses it (redis://..., sqlite:////absolute/path.db, sharded+redis://...). "
-        f"Default: ${URL_ENVVAR}."
+        f"Default: ${URL_ENVVAR}. Options a command does not set come from $SHARDED_BROKER_<OPTION>."
     ),
 )
 @click.version_option(package_name="sharded-broker")
@@ -270,6 +269,11 @@ def main(ctx: click.Context, url: str | None) -> None:
     """
     # soft_wrap: a message to stderr stays one line, whatever the terminal's width.
     stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+    if url is None:
+        try:
+            url = environment.url(None)
+        except InvalidURL as exc:
+            raise BadUsage(str(exc)) from None
     session = Session(normalize_url(url) if url else None, _stdout_console(), stderr)
     ctx.obj = session
     ctx.call_on_close(session.close)
@@ -1103,9 +1107,9 @@ def exporter(session: Session, port: int, host: str, queues: tuple[str, ...], to
               help="Address to listen on. A non-loopback address needs --token.")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True,
               help="Port to listen on (0: any free port, printed at start-up).")
-@click.option("--token", envvar="SHARDED_BROKER_DASHBOARD_TOKEN", default=None,
-              help="Token every action needs (default: one generated now and printed once). "
-                   "Also read from $SHARDED_BROKER_DASHBOARD_TOKEN.")
+@click.option("--token", default=None,
+              help="Token every action needs (default: $SHARDED_BROKER_DASHBOARD_TOKEN, else one "
+                   "generated now and printed once).")
 @click.option("--read-only", is_flag=True, help="Show no actions and refuse every change.")
 @click.option("--stuck-after", type=click.FloatRange(min=0), default=60.0, show_default=True,
               help="A key is listed as stuck when its next message has waited this many seconds.")
@@ -1133,6 +1137,7 @@ def dashboard(
         ) from None
     if dashboard_url:
         session.url = normalize_url(dashboard_url)
+    token = environment.dashboard_token(token)
     try:
         check_bind(host, token_given=bool(token))
     except BindRefused as exc:
@@ -1156,7 +1161,7 @@ def dashboard(
         address += f"#token={action_token}"
         note = " (the token after #token= is printed only now)"
     else:
-        note = " (actions need the token given with --token)"
+        note = " (actions need the token given with --token or $SHARDED_BROKER_DASHBOARD_TOKEN)"
     click.echo(f"dashboard of {session.safe_url}: {address}{note}")
     sys.stdout.flush()
     try:

@@ -19,6 +19,7 @@ PRIORITY_MIN = -(2**31)
 PRIORITY_MAX = 2**31 - 1
 MAX_DELAY = 10 * 365 * 24 * 3600.0
 DEFAULT_MAX_PAYLOAD_SIZE = 8 * 1024 * 1024
+MAX_PAYLOAD_SIZE_LIMIT = 512 * 1024 * 1024  # the largest max_payload_size a broker takes
 
 # Queue names become part of backend key names (Redis keys with a {queue} hash tag,
 # SQLite rows): no braces, whitespace or control characters.

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -14,6 +15,14 @@ from support.redis_server import RedisServer
 # pytest-celery's entry point: pytest-celery 1.x replaces celery_worker with a Docker
 # container worker, and registering the module here brings back the in-process one.
 pytest_plugins = ("celery.contrib.pytest", "pytester")
+
+
+@pytest.fixture(autouse=True)
+def _no_sharded_broker_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No SHARDED_BROKER_* variable of the shell running the tests reaches connect():
+    a test that wants one sets it (monkeypatch.setenv)."""
+    for name in [name for name in os.environ if name.startswith("SHARDED_BROKER_")]:
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture(scope="session")

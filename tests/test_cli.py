@@ -530,6 +530,41 @@ def test_url_from_the_environment(tmp_path: Path) -> None:
     assert json.loads(result.stdout)["dead"] == 2
 
 
+def test_options_from_the_environment_and_explicit_ones_first(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'queues.db'}"
+    with sharded_broker.connect(url) as broker:
+        broker.enqueue("sms", b"a", key="k")
+        broker.enqueue("sms", b"b", key="k")
+        assert [lease.payload for lease in broker.lease("sms")] == [b"a"]  # holds key k
+    env = {"SHARDED_BROKER_URL": url, "SHARDED_BROKER_KEY_CONCURRENCY": "2"}
+    from_environment = cli("", "why", "sms", "k", "--json", env=env)
+    assert from_environment.returncode == 0, from_environment.stderr
+    assert json.loads(from_environment.stdout)["reason"] == "ready"  # a second slot is free
+    explicit = cli("", "why", "sms", "k", "--json", "--key-concurrency", "1", env=env)
+    assert explicit.returncode == 0, explicit.stderr
+    assert json.loads(explicit.stdout)["reason"] == "leased"
+    # --url beats SHARDED_BROKER_URL.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    sharded_broker.connect(other).close()
+    result = cli(other, "stats", "--json", env=env)
+    assert result.returncode == 0 and json.loads(result.stdout) == [], result.stderr
+
+
+def test_bad_variables_are_usage_errors_naming_them(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'queues.db'}"
+    sharded_broker.connect(url).close()
+    bad = cli("", "stats", env={"SHARDED_BROKER_URL": url, "SHARDED_BROKER_KEY_CONCURRENCY": "two"})
+    assert bad.returncode == 2
+    assert one_error_line(bad) == "Error: SHARDED_BROKER_KEY_CONCURRENCY must be a positive integer, not 'two'"
+    typo = cli("", "stats", env={"SHARDED_BROKER_URL": url, "SHARDED_BROKER_VISIBILITY_TIMOUT": "5"})
+    assert typo.returncode == 2
+    assert one_error_line(typo).startswith("Error: unknown environment variable(s) SHARDED_BROKER_VISIBILITY_TIMOUT; known: ")
+    malformed = cli("", "stats", env={"SHARDED_BROKER_URL": "admin:hunter2@redis-host:6379"})
+    assert malformed.returncode == 2
+    assert one_error_line(malformed).startswith("Error: SHARDED_BROKER_URL must be a broker URL")
+    assert "hunter2" not in malformed.stderr + malformed.stdout
+
+
 def test_bad_urls(tmp_path: Path) -> None:
     missing = cli(f"sqlite:///{tmp_path / 'nope.db'}", "stats")
     assert missing.returncode == 1

@@ -233,6 +233,34 @@ def test_the_command_prints_the_address_with_a_generated_token_once(tmp_path: Pa
         assert broker.stats("sms").paused
 
 
+def test_the_command_takes_its_token_from_the_environment(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    with sharded_broker.connect(f"sqlite:///{db}") as broker:
+        broker.enqueue("sms", b"x", key="a")
+    port = free_port()
+    process = subprocess.Popen(
+        [str(SCRIPT), "dashboard", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        env={**os.environ, "SHARDED_BROKER_URL": f"sqlite:///{db}", "SHARDED_BROKER_DASHBOARD_TOKEN": "env-token"},
+    )
+    try:
+        line = process.stdout.readline()
+        assert line == f"dashboard of sqlite:///{db}: http://127.0.0.1:{port}/ (actions need the token given with --token or $SHARDED_BROKER_DASHBOARD_TOKEN)\n"
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/pause", data=b'{"queue": "sms", "paused": true}', method="POST",
+            headers={"Content-Type": "application/json", TOKEN_HEADER: "env-token"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            assert answer.status == 200
+    finally:
+        process.terminate()
+        process.communicate(timeout=30)
+    with sharded_broker.connect(f"sqlite:///{db}") as broker:
+        assert broker.stats("sms").paused
+
+
 def test_the_command_never_prints_the_password() -> None:
     with RedisServer(["--requirepass", SECRET]) as server:
         url = f"redis://:{SECRET}@127.0.0.1:{server.port}/0"

@@ -1,8 +1,8 @@
 """The app that tests/dramatiq/test_dramatiq_cli.py runs under the `dramatiq` command.
 
 Configured by environment variables: SHARDED_BROKER_URL, SHARDED_BROKER_VISIBILITY_TIMEOUT
-(seconds), SHARDED_BROKER_LOG (a file every process appends one line per event to) and
-SHARDED_BROKER_MARKS (a directory recording which messages already failed once).
+(seconds), DRAMATIQ_APP_LOG (a file every process appends one line per event to) and
+DRAMATIQ_APP_MARKS (a directory recording which messages already failed once).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ dramatiq.set_broker(broker)
 def log(*fields: object) -> None:
     # One write() on an O_APPEND file is atomic, so lines of all processes interleave
     # in the order the events happened.
-    fd = os.open(os.environ["SHARDED_BROKER_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(os.environ["DRAMATIQ_APP_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, (" ".join(map(str, fields)) + "\n").encode())
     finally:
@@ -36,7 +36,7 @@ def record(key: str, n: int, seconds: float = 0.0, fail_first: bool = False) -> 
     log("start", key, n, os.getpid())
     time.sleep(seconds)
     if fail_first:
-        mark = os.path.join(os.environ["SHARDED_BROKER_MARKS"], f"{key}-{n}")
+        mark = os.path.join(os.environ["DRAMATIQ_APP_MARKS"], f"{key}-{n}")
         if not os.path.exists(mark):
             open(mark, "w").close()
             log("fail", key, n, os.getpid())

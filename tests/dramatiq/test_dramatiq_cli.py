@@ -72,8 +72,8 @@ def cli_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
         **os.environ,
         "SHARDED_BROKER_URL": url,
         "SHARDED_BROKER_VISIBILITY_TIMEOUT": "1.5",
-        "SHARDED_BROKER_LOG": str(tmp_path / "events.log"),
-        "SHARDED_BROKER_MARKS": str(tmp_path / "marks"),
+        "DRAMATIQ_APP_LOG": str(tmp_path / "events.log"),
+        "DRAMATIQ_APP_MARKS": str(tmp_path / "marks"),
         "dramatiq_worker_timeout": "250",  # milliseconds; shortens the graceful shutdowns
         "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), os.environ.get("PYTHONPATH")])),
     }
@@ -106,7 +106,7 @@ def producer(cli_env: dict[str, str]) -> Iterator[tuple[ShardedBroker, dramatiq.
 
 
 def read_events(cli_env: dict[str, str]) -> list[tuple[str, str, int, int]]:
-    lines = Path(cli_env["SHARDED_BROKER_LOG"]).read_text().splitlines()
+    lines = Path(cli_env["DRAMATIQ_APP_LOG"]).read_text().splitlines()
     return [(kind, key, int(n), int(pid)) for kind, key, n, pid in (line.split() for line in lines)]
 
 
