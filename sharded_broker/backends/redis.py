@@ -254,7 +254,7 @@ class RedisBackend(Backend):
         )
         self._library = _LIBRARY
         self._queue_keys: dict[str, list[bytes]] = {}
-        self._options: dict[QueueSettings, str] = {}
+        self._options: dict[QueueSettings, bytes] = {}
         # Message ids: a random prefix of this backend (64 bits) and a counter, shorter than
         # a UUID (ids are stored in several indexes) and as unique in practice.
         self._id_prefix = secrets.token_hex(8)
@@ -319,24 +319,24 @@ class RedisBackend(Backend):
     def _clock_arg(self) -> str:
         return "" if self._clock is None else _us(self._clock())
 
-    def _options_arg(self, settings: QueueSettings) -> str:
-        """The queue settings and the metrics and events options as one argument (read by
-        options() in _common.lua; parsed there once per distinct text)."""
-        text = self._options.get(settings)
-        if text is None:
-            text = ",".join((
-                "" if settings.max_deliveries is None else str(settings.max_deliveries),
-                str(settings.key_concurrency),
-                _us(settings.interval),
-                settings.retry_position,
-                _us(settings.dedup_window),
-                "1" if settings.unique_while_pending else "0",
-                str(self._kept_minutes),
-                str(self._key_kept_minutes),
-                "1" if self._events else "0",
-            ))
-            self._options[settings] = text
-        return text
+    def _options_arg(self, settings: QueueSettings) -> bytes:
+        """The queue settings and the metrics and events options as one MessagePack map by
+        name (read by options() in _common.lua, decoded there once per distinct argument)."""
+        packed = self._options.get(settings)
+        if packed is None:
+            packed = _pack({
+                **({} if settings.max_deliveries is None else {"max_deliveries": settings.max_deliveries}),
+                "key_concurrency": settings.key_concurrency,
+                "interval": round(settings.interval * 1_000_000),
+                "retry_position": settings.retry_position,
+                "dedup_window": round(settings.dedup_window * 1_000_000),
+                "unique_while_pending": settings.unique_while_pending,
+                "kept": self._kept_minutes,
+                "key_kept": self._key_kept_minutes,
+                "publish": self._events,
+            })
+            self._options[settings] = packed
+        return packed
 
     def _run(self, function: str, queue: str, args: Sequence[Any]) -> Any:
         with self._errors():

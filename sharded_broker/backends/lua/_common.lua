@@ -128,9 +128,9 @@ local function minute_of(now)
   return math.floor(now / 60000000) * 60
 end
 
--- The call's options, packed by RedisBackend._options_arg as
--- "max_deliveries,key_concurrency,interval,retry_position,dedup_window,unique,kept,key_kept,events"
--- (interval and dedup_window in microseconds), parsed once per distinct text.
+-- The call's options: a MessagePack map by name, packed by RedisBackend._options_arg
+-- (max_deliveries absent when unlimited; interval and dedup_window in microseconds; kept
+-- and key_kept in minutes; publish: events on), decoded once per distinct text.
 local PARSED = {}
 local PARSED_COUNT = 0
 
@@ -139,13 +139,7 @@ local function options(text)
   if parsed then
     return parsed
   end
-  local md, kc, interval, rp, dw, uwp, kept, key_kept, publish = string.match(text,
-    '^([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*)$')
-  parsed = {
-    max_deliveries = tonumber(md), key_concurrency = tonumber(kc), interval = tonumber(interval),
-    retry_position = rp, dedup_window = tonumber(dw), unique_while_pending = uwp == '1',
-    kept = tonumber(kept), key_kept = tonumber(key_kept), publish = publish == '1',
-  }
+  parsed = cmsgpack.unpack(text)
   if PARSED_COUNT >= 64 then
     PARSED, PARSED_COUNT = {}, 0
   end
