@@ -3,9 +3,10 @@
 
 Over ``minutes`` minutes of a test clock, every one of ``keys`` keys has one message
 enqueued, delivered and acked per minute (three of the five counters used, as in a healthy
-queue). The figure is the ``INFO memory`` ``used_memory`` freed by deleting the two metrics
-structures (the hash and its expiry index), divided by the key-minutes counted; the queue's
-own minutes are included in that total, so the figure slightly overstates a key-minute.
+queue). The figure is the ``INFO memory`` ``used_memory`` freed by deleting the metrics
+structures (the queue's hash and the keys' span hashes), divided by the key-minutes
+counted; the queue's own minutes are included in that total, so the figure slightly
+overstates a key-minute.
 Only the public API is used, so the same script measures an older checkout
 (``PYTHONPATH=<old tree> python -m benchmarks.metrics_memory``).
 """
@@ -44,9 +45,8 @@ def measure(url: str, keys: int, minutes: int) -> dict[str, float]:
             while leases := broker.lease(Q, 10_000):
                 broker.ack_many(leases)
             clock.now += 60
-    metric_keys = [name for name in admin.keys(f"sb:{{{Q}}}:metrics*")]
-    fields = admin.hlen(f"sb:{{{Q}}}:metrics")
-    index_entries = admin.zcard(f"sb:{{{Q}}}:metricsidx")
+    metric_keys = [name for name in admin.keys(f"sb:{{{Q}}}:*metrics*")]
+    fields = sum(admin.hlen(name) for name in metric_keys)
     before = int(admin.info("memory")["used_memory"])
     admin.delete(*metric_keys)
     freed = before - int(admin.info("memory")["used_memory"])
@@ -56,7 +56,6 @@ def measure(url: str, keys: int, minutes: int) -> dict[str, float]:
         "keys": keys,
         "minutes": minutes,
         "hash_fields": fields,
-        "index_entries": index_entries,
         "bytes_freed": freed,
         "bytes_per_key_minute": freed / key_minutes,
         "mb_per_minute_for_10000_keys": freed / minutes * 10_000 / keys / 1e6,
