@@ -44,8 +44,8 @@ def test_repeated_sigkill_of_dramatiq_workers_loses_nothing_and_keeps_order(redi
         **os.environ,
         "SHARDED_BROKER_URL": redis_url,
         "SHARDED_BROKER_VISIBILITY_TIMEOUT": "1.5",
-        "SHARDED_BROKER_LOG": str(log),
-        "SHARDED_BROKER_MARKS": str(tmp_path),
+        "DRAMATIQ_APP_LOG": str(log),
+        "DRAMATIQ_APP_MARKS": str(tmp_path),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(APP_DIR), os.environ.get("PYTHONPATH")])),
     }
     keys, per_key = [f"k{i}" for i in range(6)], 8
