@@ -235,6 +235,14 @@ local function lease_parts(member)
   return token .. 'b', id, string.sub(member, at + 1, at2 - 1), string.sub(member, at2 + 1)
 end
 
+-- The id a ready member names.
+local function ready_id(member)
+  if string.byte(member, 1) == 1 then
+    return string.sub(member, 24)
+  end
+  return string.sub(member, string.find(member, '\0', 1, true) + 24)
+end
+
 local function ready_member(rec)
   local prio_seq = string.format('%08x%014x', rec.p + PRIORITY_OFFSET, rec.s)
   if rec.k then
@@ -373,6 +381,16 @@ local function flush_bounds()
   end
 end
 
+-- Store rec if this call changed it; answers the stored record.
+local function write_back(id, rec)
+  local raw = packed(rec)
+  if raw ~= RAW[id] then
+    redis.call('HSET', K[MSGS], id, raw)
+    RAW[id] = raw
+  end
+  return raw
+end
+
 local function flush_key_states()
   for key, ks in pairs(KEYSTATE) do
     if ks.dirty then
@@ -399,10 +417,7 @@ local function flush()
   flush_key_states()
   for id, rec in pairs(CACHE) do
     if rec and rec.st ~= 'leased' and not rec.fresh then
-      local raw = packed(rec)
-      if raw ~= RAW[id] then
-        redis.call('HSET', K[MSGS], id, raw)
-      end
+      write_back(id, rec)
     end
   end
 end
@@ -648,11 +663,7 @@ local function entry_record(index, member, now)
   if index == 'leases' then
     token, id, key, batch = lease_parts(member)
   elseif index == 'ready' then
-    if string.byte(member, 1) == 1 then
-      id = string.sub(member, 24)
-    else
-      id = string.sub(member, string.find(member, '\0', 1, true) + 24)
-    end
+    id = ready_id(member)
   elseif index == 'delayed' then
     id = string.sub(member, 17, (string.find(member, '\0', 17, true) or 0) - 1)
   else

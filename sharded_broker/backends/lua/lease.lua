@@ -14,7 +14,6 @@ register('lease', function(args)
   local counts = redis.call('HMGET', K[STATE], '#paused', '#np', '#ni', '#nl', '#dnext', '#lnext')
   read_bounds(counts[5], counts[6], counts[2])
   local paused = counts[1] == '1'
-  local any_paused_key = (tonumber(counts[2]) or 0) > 0
   local any_key_interval = (tonumber(counts[3]) or 0) > 0
   local last_deliveries = tonumber(counts[4]) or 0
 
@@ -26,14 +25,7 @@ register('lease', function(args)
   -- is written first, as it stands while ready.
   local function stored(id, raw)
     local rec = CACHE[id]
-    if rec then
-      raw = packed(rec)
-      if raw ~= RAW[id] then
-        redis.call('HSET', K[MSGS], id, raw)
-        RAW[id] = raw
-      end
-    end
-    return raw
+    return rec and write_back(id, rec) or raw
   end
 
   local function answer_lease(id, raw, token, batch)
@@ -106,7 +98,7 @@ register('lease', function(args)
 
   local function serve_key(key, count)
     local ks = key_state(key)
-    if (any_paused_key and redis.call('HGET', K[STATE], 'p:' .. key) == '1')
+    if (may_be_paused() and redis.call('HGET', K[STATE], 'p:' .. key) == '1')
         or ks.slots >= settings.key_concurrency then
       save_key_state(key, ks)
       return -- rescheduled on resume or when a slot frees
@@ -128,17 +120,14 @@ register('lease', function(args)
     while true do
       members, ids = {}, {}
       for i, member in ipairs(key_members(key, count)) do
-        local at = string.find(member, '\0', 1, true)
-        if string.sub(member, at + 23, at + 23) == '1' then
-          local nb = member_not_before(member)
-          if not nb then
-            members = nil -- unreadable: dead-lettered; read the key again
-            break
-          elseif nb > now then
-            break
-          end
+        local nb = member_not_before(member)
+        if not nb then
+          members = nil -- unreadable: dead-lettered; read the key again
+          break
+        elseif nb > now then
+          break
         end
-        members[i], ids[i] = member, string.sub(member, at + 24)
+        members[i], ids[i] = member, ready_id(member)
       end
       if members then
         if not members[1] then

@@ -44,7 +44,7 @@ register('why', function(args)
       local member = key_members(args[i], 1)[1]
       local enqueued_at = ''
       if member then
-        local id = string.sub(member, string.find(member, '\0', 1, true) + 24)
+        local id = ready_id(member)
         -- A ready message without its readyage entry (damaged): 0, so the caller reads it in full.
         enqueued_at = tonumber(redis.call('ZSCORE', K[READYAGE], id)) or 0
       end
