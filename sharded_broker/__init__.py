@@ -20,13 +20,15 @@ from .errors import (
 )
 from .urls import display_url, redact_url
 from .models import (
-    DeadLetter, Event, HeadMessage, HeldBatch, KeyDiagnosis, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
+    CancelResult, DeadLetter, Event, HeadMessage, HeldBatch, KeyDiagnosis, KeyFacts, KeyInfo, Lease, LeaseResult, Message,
+    MessageInfo, MessageState, MinuteMetrics, QueueSettings, QueueStats,
 )
 
 __all__ = [
     "Backend",
     "BackendUnavailable",
     "Broker",
+    "CancelResult",
     "ConfigurationError",
     "DeadLetter",
     "Event",
@@ -41,6 +43,8 @@ __all__ = [
     "Lease",
     "LeaseResult",
     "Message",
+    "MessageInfo",
+    "MessageState",
     "MinuteMetrics",
     "QueueSettings",
     "QueueStats",

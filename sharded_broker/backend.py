@@ -57,6 +57,19 @@ Release
     delivery that handed the message out stays counted as ``delivered`` in its minute, and
     its next delivery is counted again.
 
+Cancel
+    A waiting (ready, or a retry holding its key) or delayed message can be cancelled by
+    id: it is deleted from every index and its key's count, as if it had been acked
+    unleased, so its dedup entry stays exactly as an ack leaves it (with
+    ``unique_while_pending`` an equal message may be enqueued again at once; otherwise
+    an enqueue with its dedup id within the window still answers its id). When it was its
+    key's head, the key's next message becomes the head and the key is scheduled as an
+    arrival would be (it keeps its place in the ready order, except that a place the
+    cancelled head held by its not-before time is given up: the key is ready from now,
+    or from its new head's hold). A leased or dead message is refused (nothing changes).
+    A cancel is neither counted in the metrics nor published as an event (an operator
+    action, like purge) and sweeps nothing (no promotion, no lease expiry).
+
 Metrics
     Each operation counts, in the same atomic step, per minute of the backend's clock and
     per queue and per key: messages enqueued (duplicates dropped by dedup are not),
@@ -93,8 +106,8 @@ from typing import Any, Literal, Sequence
 
 from .errors import ConfigurationError
 from .models import (
-    DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
-    RetryPosition,
+    CancelResult, DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MessageInfo, MinuteMetrics, QueueSettings,
+    QueueStats, RetryPosition,
 )
 
 KeySort = Literal["backlog", "lag"]
@@ -251,6 +264,19 @@ class Backend(ABC):
     def purge(self, queue: str, dead: bool) -> int:
         """Delete every ready and delayed message (``dead=True``: every dead letter); the
         number deleted. Leased messages are left to their holders."""
+
+    @abstractmethod
+    def cancel(self, queue: str, message_id: str, settings: QueueSettings) -> CancelResult:
+        """Delete a waiting or delayed message for good (see "Cancel" above), atomically;
+        refuse a leased or dead one. One index lookup for the message, plus what
+        scheduling its key reads when it was the head."""
+
+    @abstractmethod
+    def get(self, queue: str, message_id: str) -> MessageInfo | None:
+        """The message ``message_id`` of ``queue`` and what it is doing now (None: no such
+        message there, or acked, or cancelled). An index lookup by id; for a leased message
+        on Redis, its lease is found among the queue's leases (at most ``WHY_READ_LIMIT``
+        read)."""
 
     @abstractmethod
     def bind(self, exchange: str, queue: str) -> None:

@@ -14,7 +14,8 @@ from .backend import Backend, EventSubscription, KeySort
 from .diagnosis import describe_seconds, diagnose
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
 from .models import (
-    DeadLetter, Event, KeyDiagnosis, KeyFacts, KeyInfo, Lease, Message, MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
+    CancelResult, DeadLetter, Event, KeyDiagnosis, KeyFacts, KeyInfo, Lease, Message, MessageInfo, MinuteMetrics, QueueSettings, QueueStats,
+    RetryPosition,
 )
 
 # scheme -> "module:Class", imported on first use so that a memory:// user needs no redis-py.
@@ -360,6 +361,27 @@ class Broker:
             ids = [check.utf8_text(i, "message id") for i in ids]
         return self.backend.replay(check.queue_name(queue), ids, position)
 
+    def cancel(self, queue: str, message_id: str) -> CancelResult:
+        """Cancel a waiting or delayed message by id: it is deleted and never runs.
+
+        When it was its key's next message, the key moves on to the one after it (which
+        keeps the key's place among the ready keys). A leased message (a consumer is
+        running it) or a dead letter is refused and left as it was; so is an id the queue
+        does not hold (never enqueued there, acked, or cancelled already). The answer says
+        which (:class:`CancelResult`; truthy exactly when cancelled). Its dedup id is
+        released as an ack releases it: with ``unique_while_pending`` an equal message may
+        be enqueued again at once, otherwise the dedup window still answers its id. Not
+        counted in the metrics, like a purge."""
+        queue = check.queue_name(queue)
+        return self.backend.cancel(queue, _message_id(message_id), self.settings(queue))
+
+    def get(self, queue: str, message_id: str) -> MessageInfo | None:
+        """The message ``message_id`` of ``queue`` and what it is doing now: waiting,
+        delayed, leased or dead, with its attempts and times (:class:`MessageInfo`).
+        ``None`` when the queue holds no such message: acked (done) and cancelled messages
+        are not kept by any backend."""
+        return self.backend.get(check.queue_name(queue), _message_id(message_id))
+
     def purge(self, queue: str, *, dead: bool = False) -> int:
         """Delete every waiting message (``dead=True``: every dead letter); how many.
 
@@ -571,6 +593,14 @@ class EventStream:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _message_id(message_id: Any) -> str:
+    if not isinstance(message_id, str):
+        raise InvalidArgumentType(f"message id must be a str, not {type(message_id).__name__}")
+    if not message_id:
+        raise InvalidArgument("message id must not be empty")
+    return check.utf8_text(message_id, "message id")
 
 
 def _lease(lease: Any) -> Lease:

@@ -127,6 +127,93 @@ class LeaseResult:
     retry_in: float | None = None
 
 
+# What a message is doing now, as Broker.get shows it: "waiting" in its key's order (or the
+# unkeyed lane; a retry holding its key until available_at too), "delayed" outside it until
+# available_at, "leased" to a consumer, "dead" in the dead-letter list.
+MessageState = Literal["waiting", "delayed", "leased", "dead"]
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """One message by id (:meth:`~sharded_broker.broker.Broker.get`), in the backend's clock.
+
+    ``attempts`` counts its deliveries (a leased message's current one included).
+    ``available_at`` is when a waiting or delayed message may be delivered (its not-before
+    time: in the past for a waiting message that is due; ``None`` while leased or dead).
+    ``lease_deadline`` and ``leased_at`` are those of its current lease (``None`` unless
+    leased; on Redis they are found among the queue's leases, at most ``WHY_READ_LIMIT``
+    read, else ``None``). ``dead_reason`` and ``died_at`` are set for a dead letter.
+    An acked (done) or cancelled message is forgotten by every backend: ``get`` answers
+    ``None`` for it, as for an id that never existed.
+    """
+
+    queue: str
+    id: str
+    key: str | None
+    state: MessageState
+    priority: int
+    attempts: int
+    enqueued_at: float
+    size: int
+    dedup_id: str | None = None
+    available_at: float | None = None
+    lease_deadline: float | None = None
+    leased_at: float | None = None
+    dead_reason: str | None = None
+    died_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """What :meth:`~sharded_broker.broker.Broker.cancel` did with one message id.
+
+    ``cancelled`` is True when the message was waiting or delayed and is gone for good (it
+    never runs). Otherwise nothing changed and ``state`` says why: ``"leased"`` (a consumer
+    is running it: it cannot be taken back; ack, nack or release settle it), ``"dead"`` (it
+    is in the dead-letter list already: purge or replay handle those), or ``None`` (no such
+    message in the queue: never enqueued there, already acked, or already cancelled).
+    ``state`` of a cancelled message is the state it was cancelled in. Truthy exactly when
+    cancelled.
+    """
+
+    queue: str
+    id: str
+    cancelled: bool
+    state: MessageState | None
+    key: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.cancelled
+
+    @property
+    def summary(self) -> str:
+        """One sentence for people (the command line prints it)."""
+        if self.cancelled:
+            return f"cancelled message {self.id} of queue {self.queue!r} (it was {self.state}); it will never run"
+        if self.state == "leased":
+            return (
+                f"message {self.id} of queue {self.queue!r} is leased (a consumer is running it) and cannot be "
+                "cancelled; it is settled by its ack, nack or release"
+            )
+        if self.state == "dead":
+            return (
+                f"message {self.id} of queue {self.queue!r} is a dead letter, not waiting: nothing cancelled "
+                "(purge or replay handle dead letters)"
+            )
+        return (
+            f"no message {self.id} in queue {self.queue!r} (never enqueued there, already acked or already "
+            "cancelled): nothing cancelled"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        answer = dataclasses.asdict(self)
+        answer["summary"] = self.summary
+        return answer
+
+
 # The lifecycle steps a backend counts per minute and publishes as events, in this order.
 COUNTERS = ("enqueued", "delivered", "acked", "retried", "dead")
 EventType = Literal["enqueued", "delivered", "acked", "retried", "dead"]

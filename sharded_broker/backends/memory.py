@@ -30,8 +30,8 @@ from ..backend import (
 )
 from ..errors import ConfigurationError
 from ..models import (
-    COUNTERS, DeadLetter, Event, EventType, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult, Message,
-    MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
+    COUNTERS, CancelResult, DeadLetter, Event, EventType, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease,
+    LeaseResult, Message, MessageInfo, MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
 )
 from . import planner
 from .planner import SEQ_ORIGIN
@@ -200,6 +200,16 @@ class _QueueStore:
                 # valid ones. Amortised O(1): at least half the entries go each time.
                 q.ready_ages = [entry for entry in q.ready_ages if _ready_age_valid(q, entry)]
                 heapq.heapify(q.ready_ages)
+
+    def message(self, message_id: str) -> _Record | None:
+        return self.q.messages.get(message_id)
+
+    def message_info(self, rec: _Record) -> MessageInfo:
+        return planner.describe(
+            self.q.name, rec.id, rec.key, rec.state, priority=rec.priority, attempts=rec.attempts,
+            enqueued_at=rec.enqueued_at, size=len(rec.payload), dedup_id=rec.dedup_id, not_before=rec.not_before,
+            deadline=rec.deadline, leased_at=rec.leased_at, reason=rec.reason, died_at=rec.died_at,
+        )
 
     def insert(self, message: Message, *, state: str, seq: int | None, not_before: float) -> str:
         q = self.q
@@ -444,7 +454,14 @@ class _QueueStore:
         return (rec, rec.entered_at, rec.entered_order) if rec is not None else None
 
     def next_delayed_due(self) -> float | None:
-        return self.q.delayed[0][0] if self.q.delayed else None
+        q = self.q
+        while q.delayed:  # entries of messages purged or cancelled since are dropped
+            due, _, mid = q.delayed[0]
+            rec = q.messages.get(mid)
+            if rec is not None and rec.state == "delayed" and rec.not_before == due:
+                return due
+            heapq.heappop(q.delayed)
+        return None
 
     def next_deadline(self) -> float | None:
         return self.q.leases[0][0] if self.q.leases else None
@@ -762,6 +779,21 @@ class MemoryBackend(Backend):
                 for key in list(q.keys):
                     planner.schedule(s, key, s.now, keep_place=True)
             return len(doomed)
+
+    def cancel(self, queue: str, message_id: str, settings: QueueSettings) -> CancelResult:
+        with self._store.lock:
+            q = self._store.queues.get(queue)
+            if q is None:
+                return CancelResult(queue, message_id, False, None)
+            result = planner.cancel(_QueueStore(self, q, self.now()), message_id, settings)
+            if result.cancelled:
+                self._store.notify_change()  # its key may be deliverable now
+            return result
+
+    def get(self, queue: str, message_id: str) -> MessageInfo | None:
+        with self._store.lock:
+            q = self._store.queues.get(queue)
+            return None if q is None else planner.get(_QueueStore(self, q, self.now()), message_id)
 
     def bind(self, exchange: str, queue: str) -> None:
         with self._store.lock:

@@ -21,7 +21,10 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from ..backend import WHY_READ_LIMIT
-from ..models import EventType, HeadMessage, HeldBatch, KeyFacts, Lease, LeaseResult, Message, QueueSettings, RetryPosition
+from ..models import (
+    CancelResult, EventType, HeadMessage, HeldBatch, KeyFacts, Lease, LeaseResult, Message, MessageInfo, MessageState,
+    QueueSettings, RetryPosition,
+)
 
 # Tail seqs count up from here and head seqs count down, so every head seq sorts first.
 SEQ_ORIGIN = 2**52
@@ -44,6 +47,7 @@ class StoredMessage(Protocol):
     attempts: int
     token: str
     deadline: float
+    entered_at: float  # when it was last placed in its key's order (or the unkeyed lane)
 
 
 M = TypeVar("M", bound=StoredMessage)
@@ -75,6 +79,13 @@ class Store(Protocol[M]):
         """Count one lifecycle step in this minute's metrics and publish it as an event."""
 
     # -- messages
+    def message(self, message_id: str, /) -> M | None:
+        """The queue's message ``message_id`` in any state (None: no such message here)."""
+    def message_info(self, msg: M, /) -> MessageInfo:
+        """``msg`` as :meth:`Broker.get` shows it (see :func:`describe`)."""
+    def forget(self, msg: M, /) -> None:
+        """Delete a waiting (ready or delayed) message from every index and count it is in
+        (its key's count too); its dedup entry stays, as an ack leaves it."""
     def insert(self, message: Message, /, *, state: str, seq: int | None, not_before: float) -> str:
         """Store a new message (ready, or delayed); its id. A keyed one counts in its key."""
     def place(self, msg: M, /, **changes: object) -> None:
@@ -488,6 +499,61 @@ def replay(s: Store[M], ids: Sequence[str] | None, position: RetryPosition) -> i
         if msg.key is not None:
             schedule(s, msg.key, s.now, keep_place=True)
     return len(messages)
+
+
+def cancel(s: Store[M], message_id: str, settings: QueueSettings) -> CancelResult:
+    """Delete a waiting or delayed message for good; a leased or dead one is refused.
+
+    When it was its key's head, the key moves on to its next message, scheduled as an
+    arrival would be (``settings``: a key whose slots are all in use, or that is paused,
+    gets no place): a waiting key keeps its place, unless that place came from the
+    cancelled head's hold (a retry or an ``at_head`` delay not yet due), which goes with
+    it. Nothing is swept, counted or published."""
+    msg = s.message(message_id)
+    if msg is None:
+        return CancelResult(s.name, message_id, False, None)
+    state = PUBLIC_STATES[msg.state]
+    if state in ("leased", "dead"):
+        return CancelResult(s.name, message_id, False, state, msg.key)
+    key = msg.key
+    was_head = False
+    if key is not None and msg.state == "ready":
+        heads = s.key_heads(key, 1)
+        was_head = bool(heads) and heads[0].id == msg.id
+    held = msg.not_before > msg.entered_at and msg.not_before > s.now
+    s.forget(msg)
+    if was_head:
+        schedule(s, key, s.now, keep_place=not held, settings=settings)
+    return CancelResult(s.name, message_id, True, state, key)
+
+
+def get(s: Store[M], message_id: str) -> MessageInfo | None:
+    msg = s.message(message_id)
+    return None if msg is None else s.message_info(msg)
+
+
+# A store's message states as people see them.
+PUBLIC_STATES: dict[str, MessageState] = {"ready": "waiting", "delayed": "delayed", "leased": "leased", "dead": "dead"}
+
+
+def describe(
+    queue: str, message_id: str, key: str | None, state: str, *, priority: int, attempts: int, enqueued_at: float,
+    size: int, dedup_id: str | None, not_before: float, deadline: float | None, leased_at: float | None,
+    reason: str, died_at: float,
+) -> MessageInfo:
+    """A message as :meth:`Broker.get` shows it, from what a store (or Redis) keeps: only
+    the times and the reason that mean something in its state are shown."""
+    public = PUBLIC_STATES[state]
+    leased, dead = public == "leased", public == "dead"
+    return MessageInfo(
+        queue=queue, id=message_id, key=key, state=public, priority=priority, attempts=attempts,
+        enqueued_at=enqueued_at, size=size, dedup_id=dedup_id,
+        available_at=not_before if public in ("waiting", "delayed") else None,
+        lease_deadline=deadline if leased else None,
+        leased_at=(leased_at or None) if leased else None,  # 0: leased by a version that did not record it
+        dead_reason=reason if dead else None,
+        died_at=died_at if dead else None,
+    )
 
 
 def key_facts(s: Store[M], keys: Sequence[str]) -> list[KeyFacts]:

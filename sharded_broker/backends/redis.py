@@ -65,10 +65,11 @@ from ..backend import (
 from ..errors import BackendError, BackendUnavailable, ConfigurationError
 from ..urls import redact_url
 from ..models import (
-    COUNTERS, DeadLetter, Event, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings,
-    QueueStats, RetryPosition,
+    COUNTERS, CancelResult, DeadLetter, Event, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MessageInfo, MinuteMetrics,
+    QueueSettings, QueueStats, RetryPosition,
 )
 from ..validation import queue_name
+from .planner import PUBLIC_STATES, describe
 
 # The keys of every queue function, in this order (named by the constants at the top of
 # _common.lua).
@@ -78,7 +79,7 @@ QUEUE_KEYS = (
 )
 QUEUE_FUNCTIONS = (
     "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_paused", "stats",
-    "dead_letters", "dead_order", "replay", "purge", "metrics", "keys", "why",
+    "dead_letters", "dead_order", "replay", "purge", "metrics", "keys", "why", "cancel", "get",
 )
 EXCHANGE_FUNCTIONS = ("bind", "unbind")
 # Redis Functions (FUNCTION LOAD, FCALL) came with Redis 7.0.
@@ -585,6 +586,27 @@ class RedisBackend(Backend):
             budget = int(left)
             if budget <= 0 or not chunk_deleted:
                 return deleted
+
+    def cancel(self, queue: str, message_id: str, settings: QueueSettings) -> CancelResult:
+        """One call of lua/cancel.lua."""
+        state, key = self._run("cancel", queue, [self._clock_arg(), self._options_arg(settings), _text(message_id)])
+        if not state:
+            return CancelResult(queue, message_id, False, None)
+        public = PUBLIC_STATES[_str(state)]
+        return CancelResult(queue, message_id, public in ("waiting", "delayed"), public, _str(key) if key else None)
+
+    def get(self, queue: str, message_id: str) -> MessageInfo | None:
+        """One call of lua/get.lua."""
+        row = self._run("get", queue, [self._clock_arg(), _text(message_id)])
+        if not row:
+            return None
+        state, key, priority, attempts, enqueued_at, size, dedup_id, not_before, deadline, leased_at, reason, died_at = row
+        return describe(
+            queue, message_id, _str(key) if key else None, _str(state), priority=int(priority), attempts=int(attempts),
+            enqueued_at=enqueued_at / 1e6, size=int(size), dedup_id=_str(dedup_id) if dedup_id else None,
+            not_before=not_before / 1e6, deadline=None if deadline == b"" else int(deadline) / 1e6,
+            leased_at=None if leased_at == b"" else int(leased_at) / 1e6, reason=_str(reason), died_at=died_at / 1e6,
+        )
 
     def bind(self, exchange: str, queue: str) -> None:
         with self._errors():

@@ -20,8 +20,8 @@ from ...backend import (
 )
 from ...errors import ConfigurationError
 from ...models import (
-    DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
-    RetryPosition,
+    CancelResult, DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MessageInfo, MinuteMetrics,
+    QueueSettings, QueueStats, RetryPosition,
 )
 from ...urls import sqlite_file
 from .. import planner
@@ -249,7 +249,21 @@ class SQLiteBackend(Backend):
             if budget <= 0 or not chunk_deleted:
                 return deleted
 
+    def cancel(self, queue: str, message_id: str, settings: QueueSettings) -> CancelResult:
+        def body(tx: Transaction) -> CancelResult:
+            s = tx.store(queue)
+            return CancelResult(queue, message_id, False, None) if s is None else planner.cancel(s, message_id, settings)
+
+        return self._write(body, notify=True)
+
     # -- reads ------------------------------------------------------------------------
+
+    def get(self, queue: str, message_id: str) -> MessageInfo | None:
+        def body(tx: Transaction) -> MessageInfo | None:
+            s = tx.store(queue)
+            return None if s is None else planner.get(s, message_id)
+
+        return self._read(body)
 
     def stats(self, queue: str) -> QueueStats:
         return self._read(lambda tx: tx.stats(queue))

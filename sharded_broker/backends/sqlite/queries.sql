@@ -45,6 +45,16 @@ SELECT 1 FROM messages WHERE batch_id = ? AND state = 'leased' AND batch_id <> '
 SELECT id, key, priority, seq, at_head, state, not_before, attempts, token, deadline, batch_id, batch_index
 FROM messages WHERE id = ? AND queue = ?;
 
+-- name: message_any
+-- cancel and get: one message of the queue by id, in any state.
+SELECT id, key, priority, seq, at_head, state, not_before, attempts, token, deadline, batch_id, batch_index,
+       payload, headers, enqueued_at, dedup_id, entered_at, entered_order
+FROM messages WHERE id = ? AND queue = ?;
+
+-- name: message_outcome
+-- get: what a message's lease or death recorded.
+SELECT leased_at, reason, died_at FROM messages WHERE id = ?;
+
 -- name: message_state
 SELECT state FROM messages WHERE id = ?;
 

@@ -20,7 +20,8 @@ from typing import Any, Iterator, Sequence
 
 from ...backend import METRICS_SWEEP_LIMIT, KeySort, expired_before, metric_minutes, minute_of
 from ...models import (
-    COUNTERS, DeadLetter, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, Message, MinuteMetrics, QueueStats,
+    COUNTERS, DeadLetter, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, Message, MessageInfo, MinuteMetrics,
+    QueueStats,
 )
 from .. import planner
 from ..planner import SEQ_ORIGIN
@@ -557,6 +558,23 @@ class QueueStore:
             self.q.keys -= 1
             if not row.slots:
                 self.drop_key(key)
+
+    def message(self, message_id: str) -> _Message | None:
+        return self._message("message_any", message_id, self.q.name)
+
+    def message_info(self, msg: _Message) -> MessageInfo:
+        leased_at, reason, died_at = self.tx.one("message_outcome", msg.id)
+        return planner.describe(
+            self.q.name, msg.id, msg.key, msg.state, priority=msg.priority, attempts=msg.attempts,
+            enqueued_at=msg.enqueued_at, size=len(msg.payload), dedup_id=msg.dedup_id, not_before=msg.not_before,
+            deadline=msg.deadline, leased_at=leased_at, reason=reason, died_at=died_at,
+        )
+
+    def forget(self, msg: _Message) -> None:
+        self._db.execute(QUERIES["message_delete"], (msg.id,))
+        self.q.count(msg.state, -1)
+        if msg.key is not None:
+            self.uncount_key(msg.key)
 
     def insert(self, message: Message, *, state: str, seq: int | None, not_before: float) -> str:
         q, now = self.q, self.now
