@@ -1220,3 +1220,227 @@ def test_why_a_lease_past_its_deadline_waits_for_a_consumer(broker: Broker, cloc
     assert why.reason == "leased" and why.until == pytest.approx(lease.deadline)
     assert "expired 15 s ago" in why.summary and "is one running?" in why.summary
     assert payloads(broker.lease(Q)) == [b"1"]  # the next lease call returns and redelivers it
+
+
+# -- cancel and get by id -----------------------------------------------------------------
+
+
+def assert_consistent(broker: Broker, expected: dict[str, int], backlogs: dict[str, int]) -> None:
+    """stats, keys, why and get agree with each other and with what the test expects:
+    ``expected`` the stats counts, ``backlogs`` each key's backlog."""
+    assert stats_counts(broker) == expected
+    infos = broker.keys(Q, limit=1000)
+    assert {info.key: info.backlog for info in infos} == backlogs
+    assert broker.stats(Q).keys == len(infos)
+    for info in infos:
+        why = broker.why(Q, info.key)
+        assert why.backlog == info.backlog
+        if info.head is not None:
+            assert why.head == info.head
+            found = broker.get(Q, info.head.id)
+            assert found is not None and found.state == "waiting" and found.key == info.key
+
+
+def test_cancel_the_head_moves_its_key_on_keeping_its_place(broker: Broker, clock: FakeClock) -> None:
+    ids = enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("a", b"a3"), ("b", b"b1")])
+    result = broker.cancel(Q, ids[0])
+    assert result and result.cancelled
+    assert (result.queue, result.id, result.state, result.key) == (Q, ids[0], "waiting", "a")
+    assert broker.get(Q, ids[0]) is None
+    assert_consistent(broker, {"ready": 3, "leased": 0, "delayed": 0, "dead": 0, "keys": 2}, {"a": 2, "b": 1})
+    assert broker.key_info(Q, "a").head.id == ids[1]
+    # Key a was ready before b and keeps that place: its next message goes first.
+    assert drain(broker) == [b"a2", b"b1", b"a3"]
+
+
+def test_cancel_a_message_in_the_middle_of_its_key(broker: Broker, clock: FakeClock) -> None:
+    ids = enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("a", b"a3")])
+    assert broker.cancel(Q, ids[1]).cancelled
+    assert_consistent(broker, {"ready": 2, "leased": 0, "delayed": 0, "dead": 0, "keys": 1}, {"a": 2})
+    again = broker.cancel(Q, ids[1])
+    assert not again and (again.state, again.key) == (None, None)
+    assert "no message" in again.summary
+    assert drain(broker) == [b"a1", b"a3"]
+
+
+def test_cancel_a_delayed_message(broker: Broker, clock: FakeClock) -> None:
+    first = broker.enqueue(Q, b"a1", key="a")
+    later = broker.enqueue(Q, b"a2", key="a", delay=10)
+    unkeyed = broker.enqueue(Q, b"u", delay=10)
+    assert broker.get(Q, later).state == "delayed"
+    result = broker.cancel(Q, later)
+    assert result.cancelled and (result.state, result.key) == ("delayed", "a")
+    assert broker.cancel(Q, unkeyed).cancelled
+    assert_consistent(broker, {"ready": 1, "leased": 0, "delayed": 0, "dead": 0, "keys": 1}, {"a": 1})
+    clock.advance(20)
+    assert drain(broker) == [b"a1"]
+    assert broker.get(Q, first) is None  # acked: done messages are not kept
+    assert_consistent(broker, {"ready": 0, "leased": 0, "delayed": 0, "dead": 0, "keys": 0}, {})
+
+
+def test_cancel_the_only_message_of_a_key_forgets_the_key(broker: Broker, clock: FakeClock) -> None:
+    ids = enqueue_each(broker, clock, [("a", b"a1"), ("b", b"b1")])
+    assert broker.cancel(Q, ids[0]).cancelled
+    assert_consistent(broker, {"ready": 1, "leased": 0, "delayed": 0, "dead": 0, "keys": 1}, {"b": 1})
+    assert broker.why(Q, "a").reason == "empty"
+    assert drain(broker) == [b"b1"]
+
+
+def test_cancel_an_unkeyed_message(broker: Broker, clock: FakeClock) -> None:
+    ids = enqueue_each(broker, clock, [(None, b"u1"), (None, b"u2"), ("a", b"a1")])
+    assert broker.cancel(Q, ids[0]).cancelled
+    assert_consistent(broker, {"ready": 2, "leased": 0, "delayed": 0, "dead": 0, "keys": 1}, {"a": 1})
+    assert drain(broker) == [b"u2", b"a1"]
+
+
+def test_a_leased_message_is_refused_and_nothing_changes(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2")])
+    [lease] = broker.lease(Q)
+    before = (stats_counts(broker), broker.why(Q, "a").reason)
+    result = broker.cancel(Q, lease.id)
+    assert not result and (result.state, result.key) == ("leased", "a")
+    assert "leased" in result.summary and "cannot be cancelled" in result.summary
+    assert (stats_counts(broker), broker.why(Q, "a").reason) == before == (
+        {"ready": 1, "leased": 1, "delayed": 0, "dead": 0, "keys": 1}, "leased",
+    )
+    assert broker.ack(lease)  # the lease is intact
+    assert drain(broker) == [b"a2"]
+
+
+def test_a_dead_letter_is_refused(broker: Broker, clock: FakeClock) -> None:
+    mid = broker.enqueue(Q, b"a1", key="a")
+    [lease] = broker.lease(Q)
+    assert broker.nack(lease, dead=True, reason="boom")
+    result = broker.cancel(Q, mid)
+    assert not result and (result.state, result.key) == ("dead", "a")
+    assert [d.id for d in broker.dead_letters(Q)] == [mid]
+    assert_consistent(broker, {"ready": 0, "leased": 0, "delayed": 0, "dead": 1, "keys": 0}, {})
+
+
+def test_cancel_in_an_unknown_queue_or_of_an_unknown_id(broker: Broker) -> None:
+    unknown = broker.cancel("never-used", "some-id")
+    assert (unknown.queue, unknown.id, unknown.cancelled, unknown.state, unknown.key) == ("never-used", "some-id", False, None, None)
+    broker.enqueue(Q, b"a1", key="a")
+    assert broker.cancel(Q, "no-such-id").state is None
+    assert broker.get(Q, "no-such-id") is None and broker.get("never-used", "x") is None
+    assert stats_counts(broker)["ready"] == 1
+
+
+def test_cancel_a_retry_that_holds_its_key_frees_the_key_now(broker: Broker, clock: FakeClock) -> None:
+    enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("b", b"b1")])
+    [first] = broker.lease(Q)
+    assert broker.nack(first, delay=30)
+    info = broker.get(Q, first.id)
+    assert (info.state, info.attempts) == ("waiting", 1)
+    assert info.available_at == pytest.approx(broker.backend.now() + 30)
+    assert payloads(broker.lease(Q, 10)) == [b"b1"]  # a2 waits behind the held retry
+    assert broker.why(Q, "a").reason == "retry"
+    assert broker.cancel(Q, first.id).cancelled
+    assert broker.why(Q, "a").reason == "ready"
+    assert payloads(broker.lease(Q, 10)) == [b"a2"]
+
+
+def test_cancel_the_head_of_a_key_in_flight_or_paused_waits_for_it(connect, clock: FakeClock) -> None:
+    broker = connect(visibility_timeout=10)
+    ids = enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("a", b"a3"), ("b", b"b1"), ("b", b"b2")])
+    [lease] = broker.lease(Q)
+    assert lease.payload == b"a1"
+    assert broker.cancel(Q, ids[1]).cancelled  # a's head while a1 runs
+    assert broker.why(Q, "a").reason == "leased"
+    broker.pause(Q, key="b")
+    assert broker.cancel(Q, ids[3]).cancelled
+    assert broker.why(Q, "b").reason == "paused"
+    assert broker.lease(Q, 10) == []
+    assert broker.ack(lease)
+    assert payloads(broker.lease(Q, 10)) == [b"a3"]
+    broker.resume(Q, key="b")
+    assert payloads(broker.lease(Q, 10)) == [b"b2"]
+
+
+def test_cancel_releases_dedup_as_an_ack_does(connect, clock: FakeClock) -> None:
+    window = connect(dedup_window=60)
+    first = window.enqueue(Q, b"x", key="a", dedup_id="order-1")
+    assert window.cancel(Q, first).cancelled
+    # As after an ack: within the window the dedup id still answers the first message.
+    assert window.enqueue(Q, b"y", key="a", dedup_id="order-1") == first
+    assert stats_counts(window)["ready"] == 0
+    clock.advance(61)
+    assert window.enqueue(Q, b"z", key="a", dedup_id="order-1") != first
+    assert drain(window) == [b"z"]
+
+    pending = connect(unique_while_pending=True, dedup_window=60)
+    twin = pending.enqueue("p", b"x", key="a", dedup_id="refresh")
+    assert pending.enqueue("p", b"x2", key="a", dedup_id="refresh") == twin
+    assert pending.cancel("p", twin).cancelled
+    fresh = pending.enqueue("p", b"y", key="a", dedup_id="refresh")  # no longer pending: enqueued
+    assert fresh != twin
+    assert drain(pending, "p") == [b"y"]
+
+
+def test_cancel_is_not_counted_in_the_metrics(broker: Broker, clock: FakeClock) -> None:
+    ids = enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2")])
+    assert broker.cancel(Q, ids[0]).cancelled
+    assert drain(broker) == [b"a2"]
+    [minute] = broker.metrics(Q, 1)
+    assert (minute.enqueued, minute.delivered, minute.acked, minute.retried, minute.dead) == (2, 1, 1, 0, 0)
+    [key_minute] = broker.metrics(Q, 1, key="a")
+    assert (key_minute.enqueued, key_minute.delivered, key_minute.acked) == (2, 1, 1)
+
+
+def test_get_shows_each_state_with_attempts_and_times(connect, clock: FakeClock) -> None:
+    broker = connect(visibility_timeout=10)
+    start = broker.backend.now()
+    waiting = broker.enqueue(Q, b"hello", key="a", priority=2, dedup_id="d-1")
+    delayed = broker.enqueue(Q, b"later", key="b", delay=60)
+    info = broker.get(Q, waiting)
+    assert (info.queue, info.id, info.key, info.state, info.priority, info.attempts) == (Q, waiting, "a", "waiting", 2, 0)
+    assert (info.size, info.dedup_id) == (5, "d-1")
+    assert info.enqueued_at == pytest.approx(start) and info.available_at == pytest.approx(start)
+    assert (info.lease_deadline, info.leased_at, info.dead_reason, info.died_at) == (None, None, None, None)
+    later = broker.get(Q, delayed)
+    assert (later.state, later.available_at) == ("delayed", pytest.approx(start + 60))
+
+    clock.advance(2)
+    [lease] = broker.lease(Q)
+    leased = broker.get(Q, waiting)
+    assert (leased.state, leased.attempts, leased.available_at) == ("leased", 1, None)
+    assert leased.lease_deadline == pytest.approx(start + 12) and leased.leased_at == pytest.approx(start + 2)
+    assert broker.extend(lease, 20)
+    assert broker.get(Q, waiting).lease_deadline == pytest.approx(start + 22)
+    assert broker.nack(lease, dead=True, reason="boom")
+    dead = broker.get(Q, waiting)
+    assert (dead.state, dead.attempts, dead.dead_reason) == ("dead", 1, "boom")
+    assert dead.died_at == pytest.approx(start + 2) and dead.lease_deadline is None
+    assert dead.as_dict()["state"] == "dead"
+    broker.replay(Q)
+    assert (broker.get(Q, waiting).state, broker.get(Q, waiting).attempts) == ("waiting", 0)
+    assert drain(broker) == [b"hello"]
+    assert broker.get(Q, waiting) is None
+
+
+def test_get_a_leased_message_of_a_batch(broker: Broker) -> None:
+    ids = broker.enqueue_many(Q, [Message(b"1", key="a"), Message(b"2", key="a"), Message(b"3", key="a")])
+    leases = broker.lease(Q, 2, per_key=2)
+    assert len(leases) == 2 and leases[0].batch_id == leases[1].batch_id
+    assert [broker.get(Q, mid).state for mid in ids] == ["leased", "leased", "waiting"]
+    assert broker.get(Q, ids[1]).lease_deadline == pytest.approx(leases[1].deadline)
+    assert not broker.cancel(Q, ids[1])
+    assert broker.cancel(Q, ids[2]).cancelled
+    assert all(broker.ack_many(leases))
+    assert_consistent(broker, {"ready": 0, "leased": 0, "delayed": 0, "dead": 0, "keys": 0}, {})
+
+
+def test_cancel_and_get_refuse_a_bad_message_id(broker: Broker) -> None:
+    from sharded_broker import InvalidArgument, InvalidArgumentType
+
+    for bad in (None, 42, b"id"):
+        with pytest.raises(InvalidArgumentType, match="message id must be a str"):
+            broker.cancel(Q, bad)
+        with pytest.raises(InvalidArgumentType, match="message id must be a str"):
+            broker.get(Q, bad)
+    with pytest.raises(InvalidArgument, match="must not be empty"):
+        broker.cancel(Q, "")
+    with pytest.raises(InvalidArgument, match="lone surrogate"):
+        broker.get(Q, "\udcff")
+    with pytest.raises(InvalidArgument, match="queue"):
+        broker.cancel("bad queue {}", "x")
