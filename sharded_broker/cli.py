@@ -8,10 +8,11 @@ Guarantees, for scripts:
 
 - ``--json`` on every read command prints machine-readable output with stable field
   names (those of :class:`~sharded_broker.QueueStats`, :class:`~sharded_broker.DeadLetter`,
-  :class:`~sharded_broker.KeyInfo`, :class:`~sharded_broker.MinuteMetrics` and
+  :class:`~sharded_broker.KeyInfo`, :class:`~sharded_broker.MinuteMetrics`,
+  :class:`~sharded_broker.MessageInfo`, :class:`~sharded_broker.CancelResult` and
   :class:`~sharded_broker.Event`; times are seconds since the epoch).
 - Exit codes: 0 ok; 1 the operation failed (unreachable server, unknown queue, nothing
-  replayed, confirmation declined); 2 usage error (bad option or argument, malformed URL,
+  replayed, nothing cancelled, no such message, confirmation declined); 2 usage error (bad option or argument, malformed URL,
   a value the engine refuses). Errors go to stderr as one line.
 - A password in the URL never appears in any output.
 - A command that is refused changes nothing; ``purge`` asks first (and refuses when it
@@ -50,7 +51,7 @@ from . import environment, urls
 from .broker import Broker, connect
 from .diagnosis import describe_seconds
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL, ShardedBrokerError
-from .models import COUNTERS, DeadLetter, Event, KeyDiagnosis, KeyInfo, MinuteMetrics, QueueStats
+from .models import COUNTERS, DeadLetter, Event, KeyDiagnosis, KeyInfo, MessageInfo, MinuteMetrics, QueueStats
 
 URL_ENVVAR = environment.URL_VARIABLE
 # What a command reports in one line instead of a traceback: every error the engine and
@@ -855,6 +856,92 @@ def show(session: Session, queue: str, key: str, as_json: bool) -> None:
     for minute in minutes:
         table.add_row(format_time(minute.minute), *(f"{getattr(minute, name):,}" for name in COUNTERS))
     out.print(table)
+
+
+def message_json(info: MessageInfo) -> dict[str, Any]:
+    return info.as_dict()
+
+
+def _no_such_message(queue: str, message_id: str) -> CommandFailed:
+    return CommandFailed(
+        f"no message {message_id!r} in queue {queue!r}: never enqueued there, or acked or cancelled since "
+        "(done messages are not kept)"
+    )
+
+
+@main.command("get")
+@click.argument("queue")
+@click.argument("message_id", metavar="ID")
+@json_option
+@pass_session
+def get_command(session: Session, queue: str, message_id: str, as_json: bool) -> None:
+    """One message of QUEUE by ID: what it is doing now (waiting, delayed, leased or
+    dead), its deliveries so far and its times.
+
+    Exit code 1 when QUEUE holds no message ID (acked and cancelled messages are not
+    kept). With --json: the MessageInfo fields (queue, id, key, state, priority,
+    attempts, enqueued_at, size, dedup_id, available_at, lease_deadline, leased_at,
+    dead_reason, died_at).
+    """
+    broker = session.broker()
+    _require_queue(broker, queue)
+    info = broker.get(queue, message_id)
+    if info is None:
+        raise _no_such_message(queue, message_id)
+    if as_json:
+        _print_json(message_json(info))
+        return
+    now = broker.backend.now()
+    lines = [
+        f"message {info.id} of {queue!r}: {info.state}",
+        f"key: {'(unkeyed)' if info.key is None else info.key}",
+        f"priority {info.priority}, deliveries so far: {info.attempts}, {info.size:,} bytes"
+        + ("" if info.dedup_id is None else f", dedup id {info.dedup_id}"),
+        f"enqueued: {format_time(info.enqueued_at)} ({describe_seconds(max(0.0, now - info.enqueued_at))} ago)",
+    ]
+    if info.available_at is not None:
+        when = info.available_at - now
+        relative = f"in {describe_seconds(when)}" if when > 0 else "due now"
+        lines.append(f"available: {format_time(info.available_at)} ({relative})")
+    if info.state == "leased":
+        if info.leased_at is not None:
+            lines.append(f"leased: {format_time(info.leased_at)}")
+        if info.lease_deadline is not None:
+            lines.append(f"lease deadline: {format_time(info.lease_deadline)}")
+    if info.died_at is not None:
+        lines.append(f"died: {format_time(info.died_at)}: {info.dead_reason}")
+    for line in lines:
+        session.stdout.print(line, markup=False)
+
+
+@main.command()
+@click.argument("queue")
+@click.argument("message_id", metavar="ID")
+@click.option(
+    "--key-concurrency", type=click.IntRange(min=1, max=10_000), default=None,
+    help="The queue's key_concurrency in the app (default 1): whether the message's key may be served again.",
+)
+@json_option
+@pass_session
+def cancel(session: Session, queue: str, message_id: str, key_concurrency: int | None, as_json: bool) -> None:
+    """Cancel the waiting or delayed message ID of QUEUE: it is deleted and never runs;
+    when it was its key's next message, the key moves on to the one after it.
+
+    A leased message (a worker is running it) or a dead letter is refused and left as it
+    was, exit code 1; so is an ID that QUEUE does not hold. With --json: {"queue", "id",
+    "cancelled", "state", "key", "summary"} (state: what the message was doing, null
+    for an unknown ID).
+    """
+    broker = session.broker()
+    _require_queue(broker, queue)
+    _configure(broker, queue, key_concurrency, None)
+    result = broker.cancel(queue, message_id)
+    if as_json:
+        _print_json(result.as_dict())
+    elif result:
+        session.stdout.print(result.summary, markup=False)
+    if not result:
+        raise _no_such_message(queue, message_id) if result.state is None else CommandFailed(result.summary)
 
 
 def event_json(event: Event) -> dict[str, Any]:

@@ -366,6 +366,59 @@ def test_replay_ids_json_and_unknown_ids(url: str) -> None:
         assert broker.stats("sms").dead == 0
 
 
+def test_get_shows_a_message_in_each_state(url: str) -> None:
+    ids = seed(url)
+    waiting = cli(url, "get", "sms", ids["m2"])
+    assert waiting.returncode == 0, waiting.stderr
+    assert f"message {ids['m2']} of 'sms': waiting" in waiting.stdout
+    assert "key: user-0" in waiting.stdout and "deliveries so far: 0" in waiting.stdout
+    assert "available: " in waiting.stdout and "(due now)" in waiting.stdout
+
+    dead = json.loads(cli(url, "get", "sms", ids["m0"], "--json").stdout)
+    assert (dead["state"], dead["attempts"], dead["dead_reason"], dead["key"]) == ("dead", 1, "boom [Errno 5]", "user-0")
+    assert dead["died_at"] > 0 and dead["lease_deadline"] is None
+    assert "died: " in cli(url, "get", "sms", ids["m0"]).stdout
+
+    with sharded_broker.connect(url) as broker:
+        [lease] = broker.lease("sms", visibility_timeout=60)
+        delayed_id = broker.enqueue("sms", b"later", key="user-5", delay=600)
+    leased = json.loads(cli(url, "get", "sms", lease.id, "--json").stdout)
+    assert (leased["state"], leased["attempts"]) == ("leased", 1)
+    assert leased["lease_deadline"] == pytest.approx(lease.deadline, abs=1e-3)
+    assert "lease deadline: " in cli(url, "get", "sms", lease.id).stdout
+    delayed = cli(url, "get", "sms", delayed_id)
+    assert ": delayed" in delayed.stdout and re.search(r"available: .* \(in (9|10) min", delayed.stdout), delayed.stdout
+
+    missing = cli(url, "get", "sms", "no-such-id")
+    assert missing.returncode == 1
+    assert "no message 'no-such-id' in queue 'sms'" in one_error_line(missing)
+
+
+def test_cancel_a_waiting_message_and_refusals(url: str) -> None:
+    ids = seed(url)
+    result = cli(url, "cancel", "sms", ids["m2"])
+    assert result.returncode == 0, result.stderr
+    assert f"cancelled message {ids['m2']} of queue 'sms' (it was waiting)" in result.stdout
+    again = cli(url, "cancel", "sms", ids["m2"], "--json")
+    assert again.returncode == 1
+    answer = json.loads(again.stdout)
+    assert (answer["cancelled"], answer["state"], answer["id"]) == (False, None, ids["m2"])
+    assert "no message" in one_error_line(again)
+
+    dead = cli(url, "cancel", "sms", ids["m0"])
+    assert dead.returncode == 1 and "is a dead letter" in one_error_line(dead)
+    with sharded_broker.connect(url) as broker:
+        # user-0 moved on from the cancelled m2 to m4, keeping its turn before user-1.
+        [lease] = broker.lease("sms")
+        assert lease.payload == b"m4"
+        leased = cli(url, "cancel", "sms", lease.id, "--json")
+        assert leased.returncode == 1
+        assert json.loads(leased.stdout)["state"] == "leased" and "cannot be cancelled" in one_error_line(leased)
+        assert broker.ack(lease)
+        assert drain_payloads(broker, "sms") == [b"m3"]
+        assert broker.stats("sms").dead == 2
+
+
 def test_purge_refuses_without_a_terminal_then_purges_with_yes(url: str) -> None:
     seed(url)
     refused = cli(url, "purge", "sms")

@@ -2,7 +2,8 @@
 
 A Hypothesis state machine drives the memory backend and one other backend with the same
 random sequence of operations (enqueue, lease with limit/per_key, ack, nack with or without
-delay or dead, extend and extend_many, release_many, pause/resume, intervals, replay, time passing on both fake clocks)
+delay or dead, extend and extend_many, release_many, pause/resume, intervals, replay, cancel
+and get by id, time passing on both fake clocks)
 under random queue settings, and after every step checks that both delivered the same
 payloads in the same order with the same attempts, refused the same stale leases, and
 report equal stats and dead letters. Message ids differ between backends, so they are
@@ -23,6 +24,7 @@ from hypothesis.stateful import (
     initialize,
     invariant,
     multiple,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -77,6 +79,8 @@ class SameAsModel(RuleBasedStateMachine):
         # Payload of each id, per backend: how a duplicate's answer is compared.
         self.model_ids: dict[str, bytes] = {}
         self.other_ids: dict[str, bytes] = {}
+        # (model id, other id) of each message stored, by payload: what cancel and get name.
+        self.stored: dict[bytes, tuple[str, str]] = {}
 
     @initialize(
         retry_position=st.sampled_from(["head", "head", "tail"]),
@@ -115,6 +119,8 @@ class SameAsModel(RuleBasedStateMachine):
             self.other_ids.setdefault(other_id, payload)
             # Both stored the message, or both answered with the same earlier message.
             assert self.model_ids[model_id] == self.other_ids[other_id]
+            if self.model_ids[model_id] == payload:
+                self.stored[payload] = (model_id, other_id)
 
     @rule(key=KEYS, priority=PRIORITIES, delay=DELAYS, at_head=st.booleans(), dedup_id=DEDUP_IDS)
     def enqueue(self, key, priority, delay, at_head, dedup_id) -> None:
@@ -210,6 +216,35 @@ class SameAsModel(RuleBasedStateMachine):
     @rule(dead=st.booleans())
     def purge(self, dead) -> None:
         assert self.other.purge(Q, dead=dead) == self.model.purge(Q, dead=dead)
+
+    def _stored_message(self, data: st.DataObject) -> tuple[str, str]:
+        return self.stored[data.draw(st.sampled_from(sorted(self.stored)), label="payload")]
+
+    @precondition(lambda self: self.stored)
+    @rule(data=st.data())
+    def cancel(self, data) -> None:
+        model_id, other_id = self._stored_message(data)
+        model, other = self.model.cancel(Q, model_id), self.other.cancel(Q, other_id)
+        assert (other.cancelled, other.state, other.key) == (model.cancelled, model.state, model.key)
+
+    @precondition(lambda self: self.stored)
+    @rule(data=st.data())
+    def get_agrees(self, data) -> None:
+        """broker.get agrees with the model on a message's state, attempts and times."""
+        model_id, other_id = self._stored_message(data)
+        rounded = lambda t: None if t is None else round(t, 3)  # noqa: E731
+
+        def view(info) -> tuple | None:
+            if info is None:
+                return None
+            reason = info.dead_reason if info.dead_reason in (None, "boom", "rejected") else ""
+            return (
+                info.key, info.state, info.priority, info.attempts, rounded(info.enqueued_at), info.size, info.dedup_id,
+                rounded(info.available_at), rounded(info.lease_deadline), rounded(info.leased_at), reason,
+                rounded(info.died_at),
+            )
+
+        assert view(self.other.get(Q, other_id)) == view(self.model.get(Q, model_id))
 
     @rule(key=st.sampled_from(["a", "b", "c"]))
     def why_agrees(self, key) -> None:
