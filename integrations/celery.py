@@ -50,6 +50,15 @@ Guarantees
     * **Fanout and topic exchanges** (remote control, ``celery inspect``, events) route
       through bindings stored in the engine, shared by every process; broadcast messages
       are unkeyed.
+    * **Revoke removes a waiting task from the broker.** ``AsyncResult.revoke()`` or
+      ``app.control.revoke(task_id)`` in a process that published the task (among its last
+      ``PUBLISHED_KEPT`` publishes) cancels its message in the broker (``Broker.cancel``)
+      as the revoke is broadcast, so it never runs even if every worker restarts and
+      forgets its revoked list, and its key moves on at once; workers still get the
+      broadcast and discard a copy already delivered, as Celery always does. A leased
+      (running) task is left to the workers (``terminate=True`` is theirs). From any other
+      process, :func:`cancel` by task id needs the engine's message id, which only the
+      publisher keeps: see :func:`cancel`. :func:`get` shows a published task's message.
 
 ``driver_type`` is ``"sharded"``: Celery enables mingle and gossip only for "amqp" and
 "redis", so workers start without the mingle round trip and send no gossip, and
@@ -66,11 +75,14 @@ import sys
 import threading
 import time
 import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from queue import Empty
-from typing import Any, Callable, Mapping, cast
+from typing import Any, Callable, Iterator, Mapping, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from kombu.exceptions import DecodeError
 from kombu.serialization import loads as deserialize
 from kombu.transport import virtual
 from kombu.utils.json import dumps as json_dumps
@@ -83,7 +95,7 @@ from sharded_broker import validation as check
 from sharded_broker.urls import relative_path_warning
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
 from sharded_broker.group_commit import AckGroup
-from sharded_broker.models import QUEUE_SETTING_NAMES, Lease
+from sharded_broker.models import QUEUE_SETTING_NAMES, CancelResult, Lease, MessageInfo
 
 from .kombu_alias import ALIAS, install
 from .support import ArgumentKey, LeaseHeartbeat, coerce_key
@@ -91,7 +103,7 @@ from .support import ArgumentKey, LeaseHeartbeat, coerce_key
 # A broker URL naming no engine URL: the transport takes SHARDED_BROKER_URL's.
 BARE_URL = f"{ALIAS}://"
 
-__all__ = ["Channel", "Transport", "register", "SHARD_KEY_HEADER"]
+__all__ = ["Channel", "Transport", "cancel", "get", "register", "SHARD_KEY_HEADER"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +124,36 @@ _warned_relative_lock = threading.Lock()
 #: idle loop spends at most about 100 lease calls a second on them); every batch of
 #: tasks leased is also preceded by one look, so a revoke published first wins.
 CONTROL_CHECK_INTERVAL = 0.01
+
+#: How many of its latest task publishes a process remembers (task id -> queue and engine
+#: message id: about 200 bytes each), so that revoking or cancelling one finds its message.
+PUBLISHED_KEPT = 10_000
+
+
+class _Published:
+    """The queue and engine message id of the last ``PUBLISHED_KEPT`` tasks this process
+    published, by Celery task id (a retry, published again under the same id, replaces
+    its entry). Engine message ids are chosen by the backend at enqueue, and Celery's
+    task id is chosen before: only the publishing process knows which is which."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, task_id: str, queue: str, message_id: str) -> None:
+        with self._lock:
+            self._entries[task_id] = (queue, message_id)
+            self._entries.move_to_end(task_id)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def find(self, task_id: str) -> tuple[str, str] | None:
+        with self._lock:
+            return self._entries.get(task_id)
+
+
+_published = _Published(PUBLISHED_KEPT)
 
 # Transport options of this transport (beyond the engine's queue settings).
 OWN_OPTIONS = frozenset({"shard_keys", "polling_interval", "heartbeat_interval"})
@@ -344,7 +386,7 @@ class Channel(virtual.Channel):
             and "task" in headers
             and self.broker.settings(queue).retry_position == "head"
         )
-        self.broker.enqueue(
+        message_id = self.broker.enqueue(
             queue,
             json_dumps(message).encode(),
             key=key,
@@ -353,6 +395,8 @@ class Channel(virtual.Channel):
             at_head=retry,
             headers={"task": headers.get("task"), "id": headers.get("id")} if "task" in headers else None,
         )
+        if "task" in headers and isinstance(headers.get("id"), str):
+            _published.add(headers["id"], queue, message_id)
 
     def _decode_task_body(self, message: Mapping[str, Any]) -> Any:
         properties = message.get("properties") or {}
@@ -362,9 +406,28 @@ class Channel(virtual.Channel):
         return deserialize(raw, message.get("content-type"), message.get("content-encoding"), accept=None)
 
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str, **kwargs: Any) -> None:
+        if exchange.endswith(".pidbox"):  # Celery's remote control (kombu's Mailbox exchange)
+            self._cancel_revoked(message)
         payload = json_dumps(message).encode()
         for _, queue in self._bindings(exchange):
             self.broker.enqueue(queue, payload)
+
+    def _cancel_revoked(self, message: Mapping[str, Any]) -> None:
+        """A ``revoke`` broadcast leaving this process: cancel in the broker the waiting
+        messages of the revoked tasks this process published (the broadcast still goes to
+        the workers, which discard what they already hold)."""
+        try:
+            command = self._decode_task_body(message)
+        except (DecodeError, TypeError, ValueError):
+            return  # not a command this transport can read: the workers judge it
+        if not isinstance(command, dict) or command.get("method") != "revoke":
+            return
+        task_ids = (command.get("arguments") or {}).get("task_id")
+        for task_id in [task_ids] if isinstance(task_ids, str) else list(task_ids or ()):
+            found = _published.find(task_id) if isinstance(task_id, str) else None
+            if found is not None:
+                result = self.broker.cancel(*found)
+                logger.debug("revoke of task %s: %s", task_id, result.summary)
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: Any, queue: str) -> None:
         self.broker.bind(exchange, binding_entry(routing_key, queue))
@@ -616,6 +679,69 @@ class Channel(virtual.Channel):
 # The channel class by a name the Transport's own body does not shadow (its ``Channel``
 # attribute, which kombu reads, is a variable to a type checker).
 _LeaseChannel = Channel
+
+
+# -- cancel and get by task id ------------------------------------------------------------
+
+
+def _task_id(task: Any) -> str:
+    """A Celery task id from an id or an ``AsyncResult`` (anything with a str ``id``)."""
+    task_id = task if isinstance(task, str) else getattr(task, "id", None)
+    if not isinstance(task_id, str) or not task_id:
+        raise InvalidArgumentType(f"expected a Celery task id or AsyncResult, not {task!r:.80}")
+    return task_id
+
+
+def _published_message(task: Any) -> tuple[str, str]:
+    task_id = _task_id(task)
+    found = _published.find(task_id)
+    if found is None:
+        raise LookupError(
+            f"task {task_id} was not published by this process (it remembers the engine message ids of "
+            f"its last {PUBLISHED_KEPT:,} task publishes only): cancel it by message id with "
+            "sharded_broker.connect(url).cancel(queue, message_id) (`sharded-broker cancel QUEUE ID`), or "
+            "app.control.revoke() it so that workers discard it when it reaches them"
+        )
+    return found
+
+
+@contextmanager
+def _engine(app: Any) -> Iterator[sharded_broker.Broker]:
+    """The engine broker of a connection of ``app`` (its ``sharded+`` broker URL)."""
+    with app.connection_for_write() as connection:
+        transport = connection.transport
+        if not isinstance(transport, Transport):
+            raise ConfigurationError(
+                f"the app's broker transport is {type(transport).__module__}.{type(transport).__name__}, not "
+                f"sharded-broker's: cancel and get need a {ALIAS}+ broker URL"
+            )
+        yield transport.broker
+
+
+def cancel(app: Any, task: Any) -> CancelResult:
+    """Cancel a task this process published and that is still waiting in the broker
+    (``task``: its id or its ``AsyncResult``): its message is deleted and never runs, and
+    its key moves on (``Broker.cancel``). A task already running (``state="leased"``) or
+    dead-lettered is refused, and one already done answers ``state=None``: the answer
+    (:class:`~sharded_broker.CancelResult`) says which; it is truthy when cancelled.
+
+    Celery's task id is not the engine's message id (the backend picks that when the
+    message is stored), and only the publishing process keeps which is which (its last
+    ``PUBLISHED_KEPT`` publishes): for any other task this raises ``LookupError`` naming
+    the ways left (cancel by message id; ``app.control.revoke``). ``AsyncResult.revoke()``
+    in the publishing process does the same as this, and tells the workers too."""
+    queue, message_id = _published_message(task)
+    with _engine(app) as broker:
+        return broker.cancel(queue, message_id)
+
+
+def get(app: Any, task: Any) -> MessageInfo | None:
+    """What the message of a task this process published is doing now (waiting, delayed,
+    leased, dead: :class:`~sharded_broker.MessageInfo`), or ``None`` once it is done or
+    cancelled. ``LookupError`` as for :func:`cancel`."""
+    queue, message_id = _published_message(task)
+    with _engine(app) as broker:
+        return broker.get(queue, message_id)
 
 
 def _warn_once_if_relative(url: str) -> None:
