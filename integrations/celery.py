@@ -75,7 +75,6 @@ import sys
 import threading
 import time
 import weakref
-from collections import OrderedDict
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from queue import Empty
@@ -98,7 +97,7 @@ from sharded_broker.group_commit import AckGroup
 from sharded_broker.models import QUEUE_SETTING_NAMES, CancelResult, Lease, MessageInfo
 
 from .kombu_alias import ALIAS, install
-from .support import ArgumentKey, LeaseHeartbeat, coerce_key
+from .support import PUBLISHED_KEPT, ArgumentKey, LeaseHeartbeat, PublishedMessages, coerce_key
 
 # A broker URL naming no engine URL: the transport takes SHARDED_BROKER_URL's.
 BARE_URL = f"{ALIAS}://"
@@ -125,35 +124,10 @@ _warned_relative_lock = threading.Lock()
 #: tasks leased is also preceded by one look, so a revoke published first wins.
 CONTROL_CHECK_INTERVAL = 0.01
 
-#: How many of its latest task publishes a process remembers (task id -> queue and engine
-#: message id: about 200 bytes each), so that revoking or cancelling one finds its message.
-PUBLISHED_KEPT = 10_000
-
-
-class _Published:
-    """The queue and engine message id of the last ``PUBLISHED_KEPT`` tasks this process
-    published, by Celery task id (a retry, published again under the same id, replaces
-    its entry). Engine message ids are chosen by the backend at enqueue, and Celery's
-    task id is chosen before: only the publishing process knows which is which."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._entries: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def add(self, task_id: str, queue: str, message_id: str) -> None:
-        with self._lock:
-            self._entries[task_id] = (queue, message_id)
-            self._entries.move_to_end(task_id)
-            while len(self._entries) > self._size:
-                self._entries.popitem(last=False)
-
-    def find(self, task_id: str) -> tuple[str, str] | None:
-        with self._lock:
-            return self._entries.get(task_id)
-
-
-_published = _Published(PUBLISHED_KEPT)
+# The tasks this process published, by Celery task id: engine message ids are chosen by
+# the backend at enqueue, and Celery's task id before, so only the publisher knows which
+# is which (a retry, published again under the same id, replaces its entry).
+_published = PublishedMessages(PUBLISHED_KEPT)
 
 # Transport options of this transport (beyond the engine's queue settings).
 OWN_OPTIONS = frozenset({"shard_keys", "polling_interval", "heartbeat_interval"})

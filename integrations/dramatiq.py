@@ -44,6 +44,13 @@ What this broker guarantees on top of Dramatiq's Broker contract:
   ``visibility_timeout`` seconds after it died. A failed extension is retried at once,
   with backoff, so a broker outage shorter than ``2/3 * visibility_timeout - 0.5 s``
   expires no lease (see :mod:`sharded_broker.heartbeat`).
+* **Cancel and look up by message.** :func:`cancel` deletes a message sent by this
+  process that is still waiting or delayed in the broker (it never runs; its key moves on)
+  and refuses one a worker is running; :func:`get` says what a message is doing now.
+  Dramatiq's ``message_id`` is not the engine's message id (the backend picks that when
+  it stores the message): the broker remembers the engine ids of the last
+  ``PUBLISHED_KEPT`` messages it sent, so both work for messages sent through it (a
+  delivered message names its own lease).
 * **Giving back is free.** Messages a worker prefetched but never ran (a graceful stop,
   a consumer restart after a connection error) are *released*: back to their places at
   the head of their keys, their delivery not counted toward ``max_deliveries``, so
@@ -75,7 +82,7 @@ from sharded_broker.urls import relative_path_warning
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
 from sharded_broker.group_commit import AckGroup
 
-from .support import ArgumentKey, LeaseHeartbeat, coerce_key
+from .support import PUBLISHED_KEPT, ArgumentKey, LeaseHeartbeat, PublishedMessages, coerce_key
 
 __all__ = [
     "DeadLetterMessage",
@@ -85,6 +92,8 @@ __all__ = [
     "ShardKeyTypeError",
     "ShardKeys",
     "ShardedBroker",
+    "cancel",
+    "get",
 ]
 
 #: What an actor's ``shard_key`` option may be: an argument name, or a callable that
@@ -244,6 +253,8 @@ class ShardedBroker(dramatiq.Broker):
         # holds a traceback and its frames, in worker processes that never join).
         self._join_failures: dict[str, tuple[str, BaseException]] = {}
         self._failures_lock = threading.Lock()
+        # The engine id of each message this broker sent, by Dramatiq message id (cancel, get).
+        self.published = PublishedMessages(PUBLISHED_KEPT)
         if not any(isinstance(m, ShardKeys) for m in self.middleware):
             self.add_middleware(ShardKeys())
 
@@ -302,7 +313,7 @@ class ShardedBroker(dramatiq.Broker):
         )
         self.emit_before("enqueue", stored, delay)
         try:
-            self.engine.enqueue(
+            engine_id = self.engine.enqueue(
                 queue_name,
                 stored.encode(),
                 key=key,
@@ -313,6 +324,7 @@ class ShardedBroker(dramatiq.Broker):
             )
         except BackendUnavailable as exc:
             raise ConnectionClosed(exc) from exc
+        self.published.add(stored.message_id, queue_name, engine_id)
         self.emit_after("enqueue", stored, delay)
         return stored
 
@@ -464,6 +476,66 @@ class ShardedBroker(dramatiq.Broker):
         with self._failures_lock:
             held = self._join_failures.get(queue_name)
         return held[1] if held is not None and held[0] == engine_id else None
+
+
+# -- cancel and get by message -------------------------------------------------------------
+
+
+def _sharded(broker: Optional[dramatiq.Broker]) -> ShardedBroker:
+    broker = broker if broker is not None else dramatiq.get_broker()
+    if not isinstance(broker, ShardedBroker):
+        raise ConfigurationError(
+            f"cancel and get need a ShardedBroker, not {type(broker).__name__}: pass broker= or "
+            "dramatiq.set_broker(ShardedBroker(...))"
+        )
+    return broker
+
+
+def _engine_message(message: Union[dramatiq.Message, dramatiq.MessageProxy, str], broker: ShardedBroker) -> tuple[str, str]:
+    """(queue, engine message id) of a message this broker sent or delivered."""
+    if isinstance(message, _LeasedMessage):
+        return message.lease.queue, message.lease.id
+    message_id = message if isinstance(message, str) else getattr(message, "message_id", None)
+    if not isinstance(message_id, str) or not message_id:
+        raise InvalidArgumentType(f"expected a Dramatiq message or message id, not {message!r:.80}")
+    found = broker.published.find(message_id)
+    if found is None:
+        raise LookupError(
+            f"message {message_id} was not sent through this broker (it remembers the engine message ids of "
+            f"the last {PUBLISHED_KEPT:,} messages it sent only): cancel it by engine message id with "
+            "broker.engine.cancel(queue, id) (`sharded-broker cancel QUEUE ID`)"
+        )
+    return found
+
+
+def cancel(
+    message: Union[dramatiq.Message, dramatiq.MessageProxy, str], *, broker: Optional[dramatiq.Broker] = None
+) -> sharded_broker.CancelResult:
+    """Cancel a message that is still waiting (or delayed) in the broker: it is deleted and
+    never runs, and its shard key moves on to its next message (``Broker.cancel``).
+
+    ``message`` is what ``send``/``send_with_options`` returned (or its ``message_id``),
+    or a delivered message. A message a worker holds (``state="leased"``) or a dead letter
+    is refused, and one already done answers ``state=None``: the answer
+    (:class:`~sharded_broker.CancelResult`) says which, and is truthy when cancelled.
+    ``broker``: default ``dramatiq.get_broker()``, a :class:`ShardedBroker`.
+
+    Raises:
+      LookupError: the message was not sent through this broker (or not among its last
+        ``PUBLISHED_KEPT``): Dramatiq's message id does not name the engine's message.
+    """
+    sharded = _sharded(broker)
+    return sharded.engine.cancel(*_engine_message(message, sharded))
+
+
+def get(
+    message: Union[dramatiq.Message, dramatiq.MessageProxy, str], *, broker: Optional[dramatiq.Broker] = None
+) -> Optional[sharded_broker.MessageInfo]:
+    """What a message sent through this broker is doing now (waiting, delayed, leased or
+    dead: :class:`~sharded_broker.MessageInfo`), or ``None`` once it is done or
+    cancelled. Arguments and ``LookupError`` as for :func:`cancel`."""
+    sharded = _sharded(broker)
+    return sharded.engine.get(*_engine_message(message, sharded))
 
 
 def resolve_shard_key(actor: Optional[dramatiq.Actor], message: dramatiq.Message) -> Optional[str]:

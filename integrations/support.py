@@ -1,5 +1,6 @@
 """What both adapters need, written once: shard keys from users' values and task arguments,
-and the lease heartbeat of a worker process.
+the lease heartbeat of a worker process, and the engine ids of the messages a process
+published (for cancel and get by the framework's own message id).
 
 Imports neither Celery, kombu nor Dramatiq: each adapter passes in what differs (its
 error classes, its logger, how it finds the leases it holds). Dead-letter reasons are
@@ -13,6 +14,7 @@ import inspect
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
 
 from sharded_broker import validation
@@ -21,7 +23,11 @@ from sharded_broker.errors import BackendUnavailable, InvalidArgument, InvalidAr
 from sharded_broker.heartbeat import extend_before_deadline
 from sharded_broker.models import Lease
 
-__all__ = ["ArgumentKey", "LeaseHeartbeat", "coerce_key"]
+__all__ = ["ArgumentKey", "LeaseHeartbeat", "PUBLISHED_KEPT", "PublishedMessages", "coerce_key"]
+
+#: How many of its latest publishes a process remembers (a framework's message id -> queue
+#: and engine message id: about 200 bytes each), so that cancelling one finds its message.
+PUBLISHED_KEPT = 10_000
 
 _MISSING = object()
 
@@ -169,3 +175,28 @@ class LeaseHeartbeat(threading.Thread, Generic[Owner]):
             self.logger.warning("Could not extend leases (retrying until they expire): %s", error)
         else:
             self.logger.debug("Lease extension try %d failed: %s", failures, error)
+
+
+class PublishedMessages:
+    """The queue and engine message id of the last ``size`` messages published, by the
+    framework's own message id (Celery's task id, Dramatiq's message id). The engine's id
+    is chosen by the backend when it stores the message, after the framework chose its
+    own: only the publishing process can tell one from the other. Publishing again under
+    the same framework id (a retry) replaces the entry. Thread-safe."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._entries: OrderedDict[str, tuple[str, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, framework_id: str, queue: str, message_id: str) -> None:
+        with self._lock:
+            self._entries[framework_id] = (queue, message_id)
+            self._entries.move_to_end(framework_id)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+
+    def find(self, framework_id: str) -> Optional[tuple[str, str]]:
+        """(queue, engine message id), or None when not among the last ``size`` published."""
+        with self._lock:
+            return self._entries.get(framework_id)

@@ -12,7 +12,7 @@ import pytest
 
 import sharded_broker
 from sharded_broker import InvalidArgument, InvalidArgumentType
-from sharded_broker.integrations.support import ArgumentKey, LeaseHeartbeat, coerce_key
+from sharded_broker.integrations.support import PUBLISHED_KEPT, ArgumentKey, LeaseHeartbeat, PublishedMessages, coerce_key
 
 
 class KeyError_(InvalidArgument):
@@ -87,6 +87,17 @@ def test_the_heartbeat_keeps_held_leases_alive_and_reports_refused_ones(memory_u
             heartbeat.join(5)
         assert not heartbeat.is_alive()
         assert refused == [("settled", "b")]
+
+
+def test_published_messages_keep_the_latest_and_a_republish_replaces() -> None:
+    published = PublishedMessages(3)
+    for n in range(5):
+        published.add(f"t{n}", "q", f"m{n}")
+    assert [published.find(f"t{n}") for n in range(5)] == [None, None, ("q", "m2"), ("q", "m3"), ("q", "m4")]
+    published.add("t2", "q", "retry")  # a retry publishes the same framework id again
+    published.add("t5", "q", "m5")  # t2 is the newest now: t3 goes first
+    assert [published.find(f"t{n}") for n in (2, 3, 4, 5)] == [("q", "retry"), None, ("q", "m4"), ("q", "m5")]
+    assert PUBLISHED_KEPT == 10_000
 
 
 def test_the_support_module_imports_neither_framework() -> None:

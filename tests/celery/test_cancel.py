@@ -17,7 +17,7 @@ import pytest
 from celery import Celery
 
 import sharded_broker
-from sharded_broker.integrations.celery import PUBLISHED_KEPT, _Published, cancel, get
+from sharded_broker.integrations.celery import cancel, get
 from support.celery_worker import CeleryWorker, app_env, publish
 
 
@@ -86,16 +86,6 @@ def test_an_app_on_another_transport_is_refused(record) -> None:
     with pytest.raises(sharded_broker.ConfigurationError, match="need a sharded\\+ broker URL"):
         cancel(other, result)
     other.close()
-
-
-def test_the_publish_memory_is_bounded() -> None:
-    published = _Published(3)
-    for n in range(5):
-        published.add(f"t{n}", "q", f"m{n}")
-    assert [published.find(f"t{n}") for n in range(5)] == [None, None, ("q", "m2"), ("q", "m3"), ("q", "m4")]
-    published.add("t2", "q", "retry")  # a retry publishes the same task id again
-    assert published.find("t2") == ("q", "retry")
-    assert PUBLISHED_KEPT == 10_000
 
 
 def test_a_worker_started_after_the_cancels_never_runs_them(tmp_path: Path, redis_url: str) -> None:
