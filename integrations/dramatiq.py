@@ -491,7 +491,10 @@ def _sharded(broker: Optional[dramatiq.Broker]) -> ShardedBroker:
     return broker
 
 
-def _engine_message(message: Union[dramatiq.Message, dramatiq.MessageProxy, str], broker: ShardedBroker) -> tuple[str, str]:
+MessageRef = Union[dramatiq.Message, dramatiq.MessageProxy, str]
+
+
+def _engine_message(message: MessageRef, broker: ShardedBroker) -> tuple[str, str]:
     """(queue, engine message id) of a message this broker sent or delivered."""
     if isinstance(message, _LeasedMessage):
         return message.lease.queue, message.lease.id
@@ -508,9 +511,7 @@ def _engine_message(message: Union[dramatiq.Message, dramatiq.MessageProxy, str]
     return found
 
 
-def cancel(
-    message: Union[dramatiq.Message, dramatiq.MessageProxy, str], *, broker: Optional[dramatiq.Broker] = None
-) -> sharded_broker.CancelResult:
+def cancel(message: MessageRef, *, broker: Optional[dramatiq.Broker] = None) -> sharded_broker.CancelResult:
     """Cancel a message that is still waiting (or delayed) in the broker: it is deleted and
     never runs, and its shard key moves on to its next message (``Broker.cancel``).
 
@@ -528,9 +529,7 @@ def cancel(
     return sharded.engine.cancel(*_engine_message(message, sharded))
 
 
-def get(
-    message: Union[dramatiq.Message, dramatiq.MessageProxy, str], *, broker: Optional[dramatiq.Broker] = None
-) -> Optional[sharded_broker.MessageInfo]:
+def get(message: MessageRef, *, broker: Optional[dramatiq.Broker] = None) -> Optional[sharded_broker.MessageInfo]:
     """What a message sent through this broker is doing now (waiting, delayed, leased or
     dead: :class:`~sharded_broker.MessageInfo`), or ``None`` once it is done or
     cancelled. Arguments and ``LookupError`` as for :func:`cancel`."""

@@ -20,8 +20,8 @@ from .errors import (
 )
 from .urls import display_url, redact_url
 from .models import (
-    CancelResult, DeadLetter, Event, HeadMessage, HeldBatch, KeyDiagnosis, KeyFacts, KeyInfo, Lease, LeaseResult, Message,
-    MessageInfo, MessageState, MinuteMetrics, QueueSettings, QueueStats,
+    CancelResult, DeadLetter, Event, HeadMessage, HeldBatch, KeyDiagnosis, KeyFacts, KeyInfo, Lease, LeaseResult,
+    Message, MessageInfo, MessageState, MinuteMetrics, QueueSettings, QueueStats,
 )
 
 __all__ = [

@@ -106,8 +106,8 @@ from typing import Any, Literal, Sequence
 
 from .errors import ConfigurationError
 from .models import (
-    CancelResult, DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MessageInfo, MinuteMetrics, QueueSettings,
-    QueueStats, RetryPosition,
+    CancelResult, DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MessageInfo, MinuteMetrics,
+    QueueSettings, QueueStats, RetryPosition,
 )
 
 KeySort = Literal["backlog", "lag"]

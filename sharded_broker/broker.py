@@ -14,8 +14,8 @@ from .backend import Backend, EventSubscription, KeySort
 from .diagnosis import describe_seconds, diagnose
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
 from .models import (
-    CancelResult, DeadLetter, Event, KeyDiagnosis, KeyFacts, KeyInfo, Lease, Message, MessageInfo, MinuteMetrics, QueueSettings, QueueStats,
-    RetryPosition,
+    CancelResult, DeadLetter, Event, KeyDiagnosis, KeyFacts, KeyInfo, Lease, Message, MessageInfo, MinuteMetrics,
+    QueueSettings, QueueStats, RetryPosition,
 )
 
 # scheme -> "module:Class", imported on first use so that a memory:// user needs no redis-py.

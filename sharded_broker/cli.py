@@ -12,8 +12,9 @@ Guarantees, for scripts:
   :class:`~sharded_broker.MessageInfo`, :class:`~sharded_broker.CancelResult` and
   :class:`~sharded_broker.Event`; times are seconds since the epoch).
 - Exit codes: 0 ok; 1 the operation failed (unreachable server, unknown queue, nothing
-  replayed, nothing cancelled, no such message, confirmation declined); 2 usage error (bad option or argument, malformed URL,
-  a value the engine refuses). Errors go to stderr as one line.
+  replayed, nothing cancelled, no such message, confirmation declined); 2 usage error
+  (bad option or argument, malformed URL, a value the engine refuses). Errors go to
+  stderr as one line.
 - A password in the URL never appears in any output.
 - A command that is refused changes nothing; ``purge`` asks first (and refuses when it
   cannot ask) unless given ``--yes``.

@@ -522,7 +522,7 @@ def cancel(s: Store[M], message_id: str, settings: QueueSettings) -> CancelResul
         was_head = bool(heads) and heads[0].id == msg.id
     held = msg.not_before > msg.entered_at and msg.not_before > s.now
     s.forget(msg)
-    if was_head:
+    if was_head and key is not None:
         schedule(s, key, s.now, keep_place=not held, settings=settings)
     return CancelResult(s.name, message_id, True, state, key)
 

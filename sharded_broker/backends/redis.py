@@ -65,8 +65,8 @@ from ..backend import (
 from ..errors import BackendError, BackendUnavailable, ConfigurationError
 from ..urls import redact_url
 from ..models import (
-    COUNTERS, CancelResult, DeadLetter, Event, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MessageInfo, MinuteMetrics,
-    QueueSettings, QueueStats, RetryPosition,
+    COUNTERS, CancelResult, DeadLetter, Event, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult, Message,
+    MessageInfo, MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
 )
 from ..validation import queue_name
 from .planner import PUBLIC_STATES, describe
@@ -600,7 +600,8 @@ class RedisBackend(Backend):
         row = self._run("get", queue, [self._clock_arg(), _text(message_id)])
         if not row:
             return None
-        state, key, priority, attempts, enqueued_at, size, dedup_id, not_before, deadline, leased_at, reason, died_at = row
+        (state, key, priority, attempts, enqueued_at, size, dedup_id, not_before, deadline, leased_at, reason,
+         died_at) = row
         return describe(
             queue, message_id, _str(key) if key else None, _str(state), priority=int(priority), attempts=int(attempts),
             enqueued_at=enqueued_at / 1e6, size=int(size), dedup_id=_str(dedup_id) if dedup_id else None,

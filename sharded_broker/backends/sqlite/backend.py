@@ -252,7 +252,9 @@ class SQLiteBackend(Backend):
     def cancel(self, queue: str, message_id: str, settings: QueueSettings) -> CancelResult:
         def body(tx: Transaction) -> CancelResult:
             s = tx.store(queue)
-            return CancelResult(queue, message_id, False, None) if s is None else planner.cancel(s, message_id, settings)
+            if s is None:
+                return CancelResult(queue, message_id, False, None)
+            return planner.cancel(s, message_id, settings)
 
         return self._write(body, notify=True)
 
