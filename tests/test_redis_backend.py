@@ -552,3 +552,61 @@ def test_the_state_and_metrics_hashes_are_hashtables_from_their_first_message(
     for name in ("state", "metrics", *slots):
         assert admin.object("encoding", queue_key(name)) == b"hashtable", name
     assert len(slots) == 1
+
+
+# -- cancel keeps every index consistent ----------------------------------------------------
+
+
+def index_view(admin: redis.Redis) -> dict[str, object]:
+    """The queue's indexes read raw, checked against each other: every record in exactly
+    one state index (ready with its readyage entry, delayed, leases, dead), each key's
+    backlog its live records, and keyq and the key states naming the same keys."""
+    from sharded_broker.backends.redis import _record
+
+    records = {mid.decode(): _record(raw) for mid, raw in admin.hgetall(queue_key("msgs")).items()}
+    ready = {m[m.index(b"\0") + 24 if m[:1] != b"\1" else 23:].decode() for m in admin.zrange(queue_key("ready"), 0, -1)}
+    assert ready == {m.decode() for m in admin.zrange(queue_key("readyage"), 0, -1)}
+    delayed = {m[16:].split(b"\0")[0].decode() for m in admin.zrange(queue_key("delayed"), 0, -1)}
+    leased = {m[30:].split(b"\0")[0].decode() for m in admin.zrange(queue_key("leases"), 0, -1)}
+    dead = {m.decode() for m in admin.zrange(queue_key("dead"), 0, -1)}
+    assert sum(map(len, (ready, delayed, leased, dead))) == len(records)
+    assert ready | delayed | leased | dead == set(records)
+    live: dict[str, int] = {}
+    for mid, values in records.items():
+        if values[0] is not None and mid not in dead:
+            live[values[0].decode()] = live.get(values[0].decode(), 0) + 1
+    backlog = {key.decode(): -int(score) for key, score in admin.zrange(queue_key("backlog"), 0, -1, withscores=True)}
+    assert backlog == live
+    state = admin.hgetall(queue_key("state"))
+    scheduled = {m[16:].decode() for m in admin.zrange(queue_key("keyq"), 0, -1)}
+    placed = {f[2:].decode() for f, v in state.items() if f.startswith(b"k:") and v.split(b",")[1]}
+    assert scheduled == placed
+    assert scheduled <= set(backlog)
+    return {"ready": len(ready), "delayed": len(delayed), "leased": len(leased), "dead": len(dead),
+            "keys": sorted(backlog), "scheduled": sorted(scheduled),
+            "key_states": sorted(f[2:].decode() for f in state if f.startswith(b"k:"))}
+
+
+def test_cancel_leaves_every_index_consistent(broker: sharded_broker.Broker, admin: redis.Redis) -> None:
+    ids = broker.enqueue_many(Q, [
+        Message(b"a1", key="a"), Message(b"a2", key="a"), Message(b"a3", key="a"),
+        Message(b"b1", key="b"), Message(b"c1", key="c", delay=60), Message(b"u1"), Message(b"u2", delay=60),
+        Message(b"d1", key="d"), Message(b"d2", key="d"), Message(b"d3", key="d"),
+    ])
+    leases = broker.lease(Q, 10)
+    assert sorted(lease.payload for lease in leases) == [b"a1", b"b1", b"d1", b"u1"]
+    [retry] = [lease for lease in leases if lease.key == "b"]
+    assert broker.nack(retry, delay=60)  # b1 goes back to its key, holding it for a minute
+    held = [lease for lease in leases if lease.key != "b"]
+    index_view(admin)
+    for mid in (ids[1], ids[3], ids[4], ids[6], ids[8]):  # a2 (a's head), b1 (a held retry), c1, u2, d2
+        assert broker.cancel(Q, mid).cancelled
+        index_view(admin)
+    assert broker.cancel(Q, ids[0]).state == "leased"  # a1
+    view = index_view(admin)
+    assert (view["ready"], view["delayed"], view["leased"], view["dead"]) == (2, 0, 3, 0)  # a3 d3; a1 d1 u1
+    assert view["keys"] == ["a", "d"] and "b" not in view["key_states"] and "c" not in view["key_states"]
+    assert all(broker.ack_many(held))
+    assert sorted(lease.payload for lease in broker.lease(Q, 10)) == [b"a3", b"d3"]  # each key moved on
+    view = index_view(admin)
+    assert (view["ready"], view["leased"], view["scheduled"]) == (0, 2, [])
