@@ -314,8 +314,8 @@ def _full_scans(conn: sqlite3.Connection, statement: str) -> list[str]:
 
 
 def test_hot_statements_read_through_indexes(db_url: str) -> None:
-    """Every statement that enqueue, lease, ack, nack, extend, expiry, delays and the
-    why-not-moving reads run is planned with an index: no full-table scan and no sort on any hot path."""
+    """Every statement that enqueue, lease, ack, nack, extend, expiry, delays, cancel, get and
+    the why-not-moving reads run is planned with an index: no full-table scan and no sort on any hot path."""
     broker = sharded_broker.connect(db_url, max_deliveries=2, key_concurrency=2, interval=0.0)
     broker.enqueue_many("jobs", [Message(b"x", key=f"k{i % 50}", dedup_id=f"d{i}") for i in range(500)])
     conn = broker.backend._connection()
@@ -331,7 +331,7 @@ def test_hot_statements_read_through_indexes(db_url: str) -> None:
         broker.nack(leases[6], dead=True, reason="no")
         broker.extend(leases[7], 0.05)
         time.sleep(0.1)  # let the rest expire and the delays end
-        broker.lease("jobs", 20, per_key=3)
+        running = broker.lease("jobs", 20, per_key=3)
         broker.set_interval("jobs", "k3", 1.0)
         broker.pause("jobs", key="k4")
         broker.resume("jobs", key="k4")
@@ -341,6 +341,12 @@ def test_hot_statements_read_through_indexes(db_url: str) -> None:
         broker.why("jobs", "k1")
         broker.stuck_keys("jobs", older_than=0.0)
         broker.lagging_keys("jobs")
+        # cancel and get by id: a waiting head, a leased message, a dead letter.
+        waiting = broker.key_info("jobs", "k9").head
+        assert waiting is not None and broker.get("jobs", waiting.id) is not None
+        assert broker.cancel("jobs", waiting.id).cancelled
+        assert broker.get("jobs", running[0].id).state == "leased"
+        assert broker.cancel("jobs", leases[6].id).state == "dead"
         broker.purge("jobs")
         broker.purge("jobs", dead=True)
     finally:
