@@ -24,11 +24,7 @@ register('cancel', function(args)
     return { state, rec.k or '' }
   end
   local key = rec.k
-  local was_head = false
-  if member and key then
-    local ks = key_state(key)
-    was_head = ks.head == member or key_members(key, 1)[1] == member
-  end
+  local was_head = member ~= nil and key ~= nil and key_members(key, 1)[1] == member
   local held = rec.nb > rec.ea and rec.nb > now
   forget(rec)
   if was_head then
