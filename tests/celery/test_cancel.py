@@ -34,7 +34,7 @@ def queued_args(engine: sharded_broker.Broker, queue: str = "celery") -> list[tu
 def record(make_app):
     app = make_app()
 
-    @app.task(shard_key="key", name="record")
+    @app.task(shard_key="key", name="test_cancel.record")  # a name no other test module uses
     def record(key, seq):
         return seq
 
