@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 import time
 from typing import Any, Awaitable, Callable
 
@@ -325,5 +326,46 @@ def test_settings_and_queue_overrides_apply(aconnect, clock: FakeClock) -> None:
             assert [d.key for d in await broker.stuck_keys(Q, older_than=60)] == ["k"]
             assert [info.key for info in await broker.lagging_keys(Q)] == ["k"]
             assert await broker.purge(Q) == 1
+
+    run(scenario())
+
+
+def test_a_lease_cancelled_while_the_backend_hands_out_messages_gives_them_back(backend_name: str, aconnect) -> None:
+    async def scenario() -> None:
+        async with aconnect() as broker:
+            await broker.enqueue(Q, b"x", key="a")
+            backend = broker.backend
+            real_lease = backend.lease
+            if backend_name == "redis":
+                gate = asyncio.Event()
+
+                async def held_lease(*args: Any) -> Any:
+                    await gate.wait()
+                    return await real_lease(*args)
+
+                open_gate = gate.set
+            else:
+                thread_gate = threading.Event()
+
+                def held_lease(*args: Any) -> Any:
+                    thread_gate.wait(10)
+                    return real_lease(*args)
+
+                open_gate = thread_gate.set
+            backend.lease = held_lease
+            leasing = asyncio.create_task(broker.lease(Q))
+            await asyncio.sleep(0.1)
+            leasing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await leasing
+            open_gate()  # the backend's lease now runs and hands the message out to nobody
+            backend.lease = real_lease
+            for _ in range(100):
+                await asyncio.sleep(0.02)
+                if (await broker.stats(Q)).ready:
+                    break
+            [lease] = await broker.lease(Q)
+            # Given back by a release: its first delivery is not counted.
+            assert (lease.payload, lease.attempts) == (b"x", 1)
 
     run(scenario())
