@@ -32,13 +32,13 @@ import functools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Concatenate, Coroutine, ParamSpec, TypeVar
+from typing import Any, Awaitable, Callable, Concatenate, Coroutine, Mapping, ParamSpec, TypeVar
 
 from . import urls
 from . import validation as check
 from .backend import Backend
 from .broker import (
-    Broker, BrokerEngine, Call, EventStream, Steps, backend_class, event_poll, event_stream_args, open_broker,
+    Broker, BrokerEngine, EventStream, Sleep, Steps, backend_class, event_poll, event_stream_args, open_broker,
     public_signature, run_steps,
 )
 from .models import Event, LeaseResult, QueueSettings
@@ -184,23 +184,24 @@ async def _run_native(backend: Any, steps: Steps[T]) -> T:
     try:
         step = next(steps)
         while True:
-            if isinstance(step, Call):
-                if step.method == "lease":
-                    answer = await _lease_or_give_back(backend, step)
-                else:
-                    answer = await getattr(backend, step.method)(*step.args, **step.kwargs)
-            else:
+            if isinstance(step, Sleep):
                 await asyncio.sleep(step.seconds)
                 answer = None
+            else:
+                method, args, kwargs = step
+                if method == "lease":
+                    answer = await _lease_or_give_back(backend, args, kwargs)
+                else:
+                    answer = await getattr(backend, method)(*args, **kwargs)
             step = steps.send(answer)
     except StopIteration as done:
         return done.value
 
 
-async def _lease_or_give_back(backend: Any, step: Call) -> LeaseResult:
+async def _lease_or_give_back(backend: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> LeaseResult:
     """The backend's lease; if the awaiting task is cancelled meanwhile, the call still
     completes and the messages it handed out are released."""
-    call = asyncio.ensure_future(backend.lease(*step.args, **step.kwargs))
+    call = asyncio.ensure_future(backend.lease(*args, **kwargs))
     try:
         return await asyncio.shield(call)
     except asyncio.CancelledError:

@@ -133,12 +133,9 @@ def open_broker(
 # and wait alike.
 
 
-class Call(NamedTuple):
-    """One backend call: a :class:`Backend` method's name and its arguments."""
-
-    method: str
-    args: tuple[Any, ...]
-    kwargs: Mapping[str, Any]
+# One backend call: a Backend method's name, its positional and its keyword arguments. A
+# plain tuple, not a class: it is made on every operation, and a tuple costs the least.
+Call = tuple[str, tuple[Any, ...], Mapping[str, Any]]
 
 
 class Sleep(NamedTuple):
@@ -155,7 +152,7 @@ _NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
 
 
 def _call(method: str, *args: Any, **kwargs: Any) -> Call:
-    return Call(method, args, kwargs or _NO_KWARGS)
+    return (method, args, kwargs or _NO_KWARGS)
 
 
 def run_steps(backend: Backend, steps: Steps[T]) -> T:
@@ -163,11 +160,12 @@ def run_steps(backend: Backend, steps: Steps[T]) -> T:
     try:
         step = next(steps)
         while True:
-            if isinstance(step, Call):
-                answer = getattr(backend, step.method)(*step.args, **step.kwargs)
-            else:
+            if isinstance(step, Sleep):
                 time.sleep(step.seconds)
                 answer = None
+            else:
+                method, args, kwargs = step
+                answer = getattr(backend, method)(*args, **kwargs)
             step = steps.send(answer)
     except StopIteration as done:
         return done.value
