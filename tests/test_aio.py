@@ -369,3 +369,19 @@ def test_a_lease_cancelled_while_the_backend_hands_out_messages_gives_them_back(
             assert (lease.payload, lease.attempts) == (b"x", 1)
 
     run(scenario())
+
+
+def test_an_unreachable_redis_is_backend_unavailable_naming_the_url_without_its_password() -> None:
+    from support.redis_server import free_port
+
+    url = f"redis://:secret@127.0.0.1:{free_port()}/0"
+
+    async def scenario() -> None:
+        async with sharded_broker.aio.connect(url, socket_connect_timeout=2) as broker:
+            with pytest.raises(sharded_broker.BackendUnavailable) as raised:
+                await broker.enqueue(Q, b"x")
+            assert "127.0.0.1" in str(raised.value) and "secret" not in str(raised.value)
+            with pytest.raises(sharded_broker.BackendUnavailable):
+                await broker.lease(Q, wait=0.5)
+
+    run(scenario())
