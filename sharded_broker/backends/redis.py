@@ -760,7 +760,7 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
-class _PackedCalls:
+class PackedCalls:
     """FCALL commands as RESP bytes, packed here instead of by redis-py's command packer.
 
     redis-py packs every argument of every command anew (type checks, encoding, a length
@@ -829,7 +829,7 @@ class RedisBackend(Backend):
         self.prefix = prefix
         self._client, self._blocking_client = clients(redis, url, redis_options, self._safe_url)
         self._functions = _LIBRARY.functions
-        self._packed = _PackedCalls(self._functions, self._client.connection_pool.get_encoder())
+        self._packed = PackedCalls(self._functions, self._client.connection_pool.get_encoder())
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "RedisBackend":

@@ -23,7 +23,8 @@ from ..models import (
 )
 from ..urls import redact_url
 from .redis import (
-    _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisOperations, Request, Steps, checked_options, clients,
+    _LIBRARY, MAX_BLOCK, Command, FunctionCall, PackedCalls, Pipeline, RedisOperations, Request, Steps, checked_options,
+    clients,
     translated_errors,
 )
 
@@ -57,6 +58,7 @@ class AsyncRedisBackend:
         self.prefix = prefix
         self._client, self._blocking_client = clients(redis.asyncio, url, redis_options, self._safe_url)
         self._functions = _LIBRARY.functions
+        self._packed = PackedCalls(self._functions, self._client.connection_pool.get_encoder())
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> "AsyncRedisBackend":
@@ -86,9 +88,7 @@ class AsyncRedisBackend:
 
     async def _send(self, request: Request) -> Any:
         if type(request) is FunctionCall:
-            return await self._client.fcall(
-                self._functions[request.function], len(request.keys), *request.keys, *request.args
-            )
+            return await self._fcall(self._packed.pack(request))
         if type(request) is Command:
             client = self._blocking_client if request.blocking else self._client
             return await getattr(client, request.method)(*request.args, **request.kwargs)
@@ -99,6 +99,21 @@ class AsyncRedisBackend:
             for call in request.calls:
                 pipe.fcall(self._functions[call.function], len(call.keys), *call.keys, *call.args)
             return await pipe.execute(raise_on_error=False)
+
+    async def _fcall(self, command: bytes) -> Any:
+        """One packed FCALL, sent and read as RedisBackend._fcall does (a pooled connection,
+        the client's retry policy, error replies raised)."""
+        pool = self._client.connection_pool
+        conn = await pool.get_connection()
+
+        async def attempt() -> Any:
+            await conn.send_packed_command([command])
+            return await conn.read_response()
+
+        try:
+            return await conn.retry.call_with_retry(attempt, lambda error: conn.disconnect())
+        finally:
+            await pool.release(conn)
 
     # -- the contract, awaitable ----------------------------------------------------------
 
