@@ -552,3 +552,34 @@ def test_the_state_and_metrics_hashes_are_hashtables_from_their_first_message(
     for name in ("state", "metrics", *slots):
         assert admin.object("encoding", queue_key(name)) == b"hashtable", name
     assert len(slots) == 1
+
+
+def test_an_enqueue_sent_again_after_its_reply_was_lost_stores_nothing_twice(
+    broker: sharded_broker.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py resends a command when the connection drops before its reply came back,
+    though the server may have run it: the enqueue function sees its own first id stored
+    and changes nothing."""
+    broker.enqueue("q", b"first")  # the queue is registered: later enqueues are one FCALL each
+    broker.ack(broker.lease("q")[0])
+    backend = broker.backend
+    send_once = backend._fcall
+
+    sent = 0  # FCALLs that reached the server
+
+    def sent_twice(command: bytes) -> object:
+        nonlocal sent
+        sent += 2
+        send_once(command)
+        return send_once(command)  # the retry, with the same arguments (the same ids)
+
+    monkeypatch.setattr(backend, "_fcall", sent_twice)
+    ids = broker.enqueue_many("q", [Message(b"a", key="k"), Message(b"b", key="k"), Message(b"c")])
+    assert sent == 2
+    monkeypatch.undo()
+    assert broker.stats("q").ready == 3
+    delivered = []
+    while leases := broker.lease("q", limit=10, per_key=10):
+        delivered += [lease.id for lease in leases]
+        assert broker.ack_many(leases) == [True] * len(leases)
+    assert sorted(delivered) == sorted(ids) and broker.stats("q").ready == 0
