@@ -192,9 +192,11 @@ def schedule(s: Store[M], key: str, now: float, *, keep_place: bool, settings: Q
     a key that is not waiting and whose slots are all in use, or that is paused, is left
     out (it is scheduled again when a slot frees or on resume).
 
-    A weighted key in the middle of its round (:func:`serve_key`) that is due now gets
-    back the place it was served from instead of the back of the round; one that has to
-    wait (an interval, a head holding it) or has nothing ready ends its round.
+    A weighted key in the middle of its round (:func:`serve_key`) whose head does not hold
+    it past ``now`` gets back the place it was served from instead of the back of the
+    round; one whose head holds it (a retry, an ``at_head`` delay) or that has nothing
+    ready ends its round. (serve_key ends the round before it schedules a key for a later
+    ``now``: an interval.)
     """
     if not s.key_exists(key):
         return
@@ -216,7 +218,7 @@ def schedule(s: Store[M], key: str, now: float, *, keep_place: bool, settings: Q
     if keep_place and ready_at is not None:
         at = max(ready_at, holds_until)
     elif (round_ := s.key_round(key)) is not None:
-        if at <= s.now:
+        if holds_until <= now:
             s.set_ready(key, round_[1], round_[2])
             return
         s.set_key_round(key, None)
@@ -417,6 +419,8 @@ def serve_key(
         interval = settings.interval
     last_delivery = s.key_last_delivery(key)
     if last_delivery is not None and last_delivery + interval > now:
+        if s.key_round(key) is not None:
+            s.set_key_round(key, None)
         schedule(s, key, last_delivery + interval, keep_place=False)
         return []
     heads = s.key_heads(key, count)
@@ -435,11 +439,14 @@ def serve_key(
         s.record("delivered", msg.id, key)
     s.set_key_slots(key, slots + 1)
     s.set_key_last_delivery(key, now if interval else None)
-    weight = s.key_weight(key)
+    # A key that waits an interval between deliveries goes to the back: no round.
+    weight = 1 if interval else s.key_weight(key)
+    round_ = s.key_round(key)
     if weight > 1:
-        round_ = s.key_round(key)
         turns = round_[0] + 1 if round_ is not None and (round_[1], round_[2]) == place else 1
         s.set_key_round(key, (turns, *place) if turns < weight else None)
+    elif round_ is not None:
+        s.set_key_round(key, None)
     if slots + 1 < settings.key_concurrency:
         schedule(s, key, now + interval if interval else now, keep_place=False)
     return leases
