@@ -5,8 +5,7 @@
 -- reads per key, no record read (keys --stuck skips keys whose head is young with it).
 -- facts answers {now, queue paused (1/0), then per key: {key, paused, backlog, slots, ready_at,
 -- last delivery, own interval, head view or {}, next delayed, holds, weight}}, '' for a time,
--- a weight or
--- interval that is not set; a head view is {id, priority, attempts, enqueued_at,
+-- interval or weight that is not set; a head view is {id, priority, attempts, enqueued_at,
 -- not_before, payload size}; holds: {batch id, id, token, attempts, deadline, size,
 -- settled, leased at} per batch in flight, first unsettled message first.
 -- The leases order is read once for every key that holds a slot, and the delayed order
