@@ -130,6 +130,7 @@ class AsyncBroker(BrokerEngine):
     extend = awaitable(Broker.extend)
     extend_many = awaitable(Broker.extend_many)
     set_interval = awaitable(Broker.set_interval)
+    set_weight = awaitable(Broker.set_weight)
     pause = awaitable(Broker.pause)
     resume = awaitable(Broker.resume)
     stats = awaitable(Broker.stats)

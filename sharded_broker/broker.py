@@ -478,6 +478,22 @@ class Broker(BrokerEngine):
         yield _call("set_interval", queue, checked, seconds)
 
     @operation
+    def set_weight(self, queue: str, key: str, weight: int | None) -> Steps[None]:
+        """Give ``key`` a weight in the fairness order; persisted. ``None`` or 1 returns
+        it to the default weight 1.
+
+        While they stay backlogged, ready keys are served in proportion to their weights:
+        a key of weight w keeps its place for up to w consecutive deliveries per round
+        (deficit round robin), then goes to the back of the round. A weight never lets a
+        key break its ``key_concurrency``, rate interval, pause or a retry holding it;
+        waiting on any of them ends its round. docs/operations.md states the bound."""
+        queue = check.queue_name(queue)
+        checked = check.shard_key(key)
+        if checked is None:
+            raise InvalidArgument("set_weight needs a shard key")
+        yield _call("set_weight", queue, checked, check.weight(weight))
+
+    @operation
     def pause(self, queue: str, key: str | None = None) -> Steps[None]:
         """Stop delivering a key (or the whole queue). Running leases are not affected."""
         yield _call("set_paused", check.queue_name(queue), check.shard_key(key), True)
@@ -551,7 +567,7 @@ class Broker(BrokerEngine):
 
     @operation
     def key_info(self, queue: str, key: str) -> Steps[KeyInfo]:
-        """One shard key: its backlog, leased batches, lag, pause and interval, and the
+        """One shard key: its backlog, leased batches, lag, pause, interval and weight, and the
         message it will deliver next (``head``). An unknown key answers zeros."""
         queue = check.queue_name(queue)
         checked = check.shard_key(key)

@@ -583,3 +583,26 @@ def test_an_enqueue_sent_again_after_its_reply_was_lost_stores_nothing_twice(
         delivered += [lease.id for lease in leases]
         assert broker.ack_many(leases) == [True] * len(leases)
     assert sorted(delivered) == sorted(ids) and broker.stats("q").ready == 0
+
+
+def test_weights_cost_nothing_in_a_queue_without_one(broker: sharded_broker.Broker, admin: redis.Redis) -> None:
+    """Lease and ack read a key's weight only in a queue where some key has one (the
+    queue's #nw count): a plain queue runs exactly the commands it ran before weights."""
+
+    def cycle_commands(queue: str) -> dict[str, int]:
+        broker.enqueue_many(queue, [Message(b"m", key=f"k{i}") for i in range(3)])
+        before = command_calls(admin)
+        for _ in range(3):
+            assert broker.ack_many(broker.lease(queue)) == [True]
+        after = command_calls(admin)
+        return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+
+    broker.set_weight("weighted", "elsewhere", 2)  # a weighted key that is never served
+    cycle_commands("warm-up")  # loads the library, so both cycles below run the same way
+    plain = cycle_commands("plain")
+    weighted = cycle_commands("weighted")
+    plain.pop("info"), weighted.pop("info")
+    # One HGET of the served key's weight per delivery, and nothing else, where a weight exists.
+    assert {name: weighted[name] - plain.get(name, 0) for name in weighted if weighted[name] != plain.get(name)} == {
+        "hget": 3
+    }

@@ -78,7 +78,7 @@ QUEUE_KEYS = (
     "metrics", "signal", "events", "kmetrics0", "kmetrics1", "kmetrics2",
 )
 QUEUE_FUNCTIONS = (
-    "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_paused", "stats",
+    "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_weight", "set_paused", "stats",
     "dead_letters", "dead_order", "replay", "purge", "metrics", "keys", "why",
 )
 EXCHANGE_FUNCTIONS = ("bind", "unbind")
@@ -533,6 +533,9 @@ class RedisOperations:
     def set_interval(self, queue: str, key: str, seconds: float | None) -> Steps[None]:
         yield from self._run("set_interval", queue, [self._clock_arg(), _text(key), "" if seconds is None else _us(seconds)])
 
+    def set_weight(self, queue: str, key: str, weight: int | None) -> Steps[None]:
+        yield from self._run("set_weight", queue, [self._clock_arg(), _text(key), "" if weight is None else str(weight)])
+
     def set_paused(self, queue: str, key: str | None, paused: bool) -> Steps[None]:
         yield from self._run(
             "set_paused", queue, [self._clock_arg(), b"" if key is None else _text(key), "1" if paused else "0"]
@@ -667,7 +670,7 @@ class RedisOperations:
 
     @staticmethod
     def _key_view(queue: str, row: list[Any], now: float) -> KeyInfo:
-        key, backlog, slots, paused, interval, head_row = row
+        key, backlog, slots, paused, interval, head_row, weight = row
         head = None
         if head_row:
             mid, priority, attempts, enqueued_at, not_before, size = head_row
@@ -681,6 +684,7 @@ class RedisOperations:
             paused=bool(paused),
             interval=int(interval) / 1e6 if interval else None,
             head=head,
+            weight=int(weight) if weight else 1,
         )
 
     def key_facts(self, queue: str, keys: Sequence[str]) -> Steps[list[KeyFacts]]:
@@ -689,7 +693,7 @@ class RedisOperations:
             "why", queue, [self._clock_arg(), "facts", *(_text(key) for key in keys)]
         )
         facts = []
-        for key, paused, backlog, slots, ready_at, last_delivery, interval, head_row, next_delayed, holds in rows:
+        for key, paused, backlog, slots, ready_at, last_delivery, interval, head_row, next_delayed, holds, weight in rows:
             head = None
             if head_row:
                 mid, priority, attempts, enqueued_at, not_before, size = head_row
@@ -707,6 +711,7 @@ class RedisOperations:
                 ready_at=None if ready_at == b"" else int(ready_at) / 1e6,
                 last_delivery=None if last_delivery == b"" else int(last_delivery) / 1e6,
                 own_interval=None if interval == b"" else int(interval) / 1e6,
+                weight=int(weight) if weight else 1,
                 holds=tuple(sorted(
                     (
                         HeldBatch(
@@ -923,6 +928,9 @@ class RedisBackend(Backend):
 
     def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
         self._drive(self._ops.set_interval(queue, key, seconds))
+
+    def set_weight(self, queue: str, key: str, weight: int | None) -> None:
+        self._drive(self._ops.set_weight(queue, key, weight))
 
     def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
         self._drive(self._ops.set_paused(queue, key, paused))

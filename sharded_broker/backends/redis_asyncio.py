@@ -148,6 +148,9 @@ class AsyncRedisBackend:
     async def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
         await self._drive(self._ops.set_interval(queue, key, seconds))
 
+    async def set_weight(self, queue: str, key: str, weight: int | None) -> None:
+        await self._drive(self._ops.set_weight(queue, key, weight))
+
     async def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
         await self._drive(self._ops.set_paused(queue, key, paused))
 
