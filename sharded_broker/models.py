@@ -264,6 +264,7 @@ class KeyInfo:
     leased and not yet settled (the key's slots in use; with ``per_key=1``, messages).
     ``lag`` is the age in seconds of its head message (0 when nothing is ready).
     ``interval`` is the key's own rate interval (``None``: the queue's default).
+    ``weight`` is its weight in the fairness order (see ``Broker.set_weight``).
     """
 
     queue: str
@@ -274,6 +275,7 @@ class KeyInfo:
     paused: bool
     interval: float | None
     head: HeadMessage | None = None
+    weight: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -332,7 +334,8 @@ class KeyFacts:
     ``next_delayed`` the earliest not-before time of its delayed messages (None: none,
     or not looked up because a head exists); ``ready_at`` its time in the fairness order
     (None: not waiting to be served); ``last_delivery`` its last delivery while a rate
-    interval applies; ``own_interval`` its own interval (None: the queue's default).
+    interval applies; ``own_interval`` its own interval (None: the queue's default);
+    ``weight`` its weight in the fairness order.
     """
 
     queue: str
@@ -348,6 +351,7 @@ class KeyFacts:
     last_delivery: float | None
     own_interval: float | None
     holds: tuple[HeldBatch, ...] = ()
+    weight: int = 1
 
 
 @dataclass(frozen=True)
@@ -363,8 +367,8 @@ class KeyDiagnosis:
     ``empty`` (no message waiting). ``until`` is when the reason ends by itself (``None``:
     until someone acts, e.g. a resume). ``last_delivered_minute`` is, for ``ready``, the
     latest minute in which any consumer took a message of the queue (``None``: none in
-    the metrics window, so no consumer seems to be running). ``summary`` says it all in
-    one sentence.
+    the metrics window, so no consumer seems to be running). ``weight`` is the key's
+    weight in the fairness order. ``summary`` says it all in one sentence.
     """
 
     queue: str
@@ -380,6 +384,7 @@ class KeyDiagnosis:
     paused_scope: Literal["key", "queue"] | None = None
     ready_since: float | None = None
     last_delivered_minute: float | None = None
+    weight: int = 1
 
     @property
     def waited(self) -> float:

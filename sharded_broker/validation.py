@@ -12,6 +12,8 @@ from .models import QUEUE_SETTING_NAMES, Message, QueueSettings
 
 MAX_QUEUE_NAME_LENGTH = 200
 MAX_KEY_LENGTH = 512
+# A key's weight is how many consecutive turns it may take in a round of the ready keys.
+MAX_WEIGHT = 1_000
 MAX_DEDUP_ID_LENGTH = 512
 MAX_HEADERS_SIZE = 64 * 1024
 MAX_REASON_LENGTH = 8 * 1024
@@ -116,6 +118,14 @@ def positive_int(value: Any, name: str, *, maximum: int = 1_000_000) -> int:
     if not 1 <= value <= maximum:
         raise InvalidArgument(f"{name} must be between 1 and {maximum}, not {value}")
     return value
+
+
+def weight(value: Any) -> int | None:
+    """A key's weight as the backends store it: an int > 1, or None for the default 1."""
+    if value is None:
+        return None
+    checked = positive_int(value, "weight", maximum=MAX_WEIGHT)
+    return None if checked == 1 else checked
 
 
 def dedup_id(value: Any) -> str | None:

@@ -2,8 +2,8 @@
 
 A Hypothesis state machine drives the memory backend and one other backend with the same
 random sequence of operations (enqueue, lease with limit/per_key, ack, nack with or without
-delay or dead, extend and extend_many, release_many, pause/resume, intervals, replay, cancel
-and get by id, time passing on both fake clocks)
+delay or dead, extend and extend_many, release_many, pause/resume, intervals, weights, replay,
+cancel and get by id, time passing on both fake clocks)
 under random queue settings, and after every step checks that both delivered the same
 payloads in the same order with the same attempts, refused the same stale leases, and
 report equal stats and dead letters. Message ids differ between backends, so they are
@@ -200,6 +200,11 @@ class SameAsModel(RuleBasedStateMachine):
         for broker in (self.model, self.other):
             broker.set_interval(Q, key, seconds)
 
+    @rule(key=st.sampled_from(["a", "b", "c"]), weight=st.sampled_from([None, 1, 2, 3]))
+    def set_weight(self, key, weight) -> None:
+        for broker in (self.model, self.other):
+            broker.set_weight(Q, key, weight)
+
     @rule(position=st.sampled_from(["head", "tail"]), first_only=st.booleans())
     def replay(self, position, first_only) -> None:
         if first_only:
@@ -264,7 +269,7 @@ class SameAsModel(RuleBasedStateMachine):
             rounded = lambda t: None if t is None else round(t, 3)  # noqa: E731
             return (
                 d.reason, rounded(d.until), d.backlog, head, holds, d.interval, d.paused_scope,
-                rounded(d.ready_since), d.last_delivered_minute,
+                rounded(d.ready_since), d.last_delivered_minute, d.weight,
             )
 
         assert view(self.other, key) == view(self.model, key)

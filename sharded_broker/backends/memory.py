@@ -71,6 +71,7 @@ class _Key:
     slots: int = 0
     ready_at: float | None = None  # time of its valid entry in the ready heap
     version: int = -1  # entries carry versions from the store-wide counter (>= 0)
+    round: planner.KeyRound | None = None  # a weighted key's round in progress
 
 
 @dataclass(eq=False)
@@ -79,6 +80,7 @@ class _Queue:
     keys: dict[str, _Key] = field(default_factory=dict)
     key_counts: dict[str, int] = field(default_factory=dict)  # live (not dead) messages per key
     intervals: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, int] = field(default_factory=dict)  # keys of weight > 1 (kept while idle)
     # Kept apart from _Key (which goes when a key empties) so an interval spans idle gaps.
     last_delivery: dict[str, float] = field(default_factory=dict)
     paused_keys: set[str] = field(default_factory=set)
@@ -413,14 +415,24 @@ class _QueueStore:
         ks = self.q.keys.get(key)
         return ks.ready_at if ks is not None else None
 
-    def set_ready(self, key: str, at: float | None) -> None:
+    def set_ready(self, key: str, at: float | None, order: int | None = None) -> None:
         ks = self.q.keys[key]
         # Versions come from the store-wide counter, not from the _Key: a key that is
         # dropped and created again must not revive entries its earlier self left behind.
         ks.version = next(self._order)
         ks.ready_at = at
         if at is not None:
-            heapq.heappush(self.q.ready, (at, next(self._order), key, ks.version))
+            heapq.heappush(self.q.ready, (at, next(self._order) if order is None else order, key, ks.version))
+
+    def key_weight(self, key: str) -> int:
+        return self.q.weights.get(key, 1)
+
+    def key_round(self, key: str) -> planner.KeyRound | None:
+        ks = self.q.keys.get(key)
+        return ks.round if ks is not None else None
+
+    def set_key_round(self, key: str, round: planner.KeyRound | None) -> None:
+        self.q.keys[key].round = round
 
     def head_times(self, key: str) -> tuple[float, float] | None:
         ks = self.q.keys.get(key)
@@ -698,6 +710,16 @@ class MemoryBackend(Backend):
             planner.reschedule(_QueueStore(self, q, self.now()), key)
             self._store.notify_change()
 
+    def set_weight(self, queue: str, key: str, weight: int | None) -> None:
+        with self._store.lock:
+            q = self._queue(queue)
+            if weight is None:
+                q.weights.pop(key, None)
+            else:
+                q.weights[key] = weight
+            if key in q.keys:
+                planner.set_weight(_QueueStore(self, q, self.now()), key)
+
     def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
         with self._store.lock:
             q = self._queue(queue)
@@ -853,6 +875,7 @@ class MemoryBackend(Backend):
             paused=key in q.paused_keys,
             interval=q.intervals.get(key),
             head=None if head is None else _head_message(head),
+            weight=q.weights.get(key, 1),
         )
 
     # -- why is a key not moving ----------------------------------------------------------

@@ -52,6 +52,11 @@ class StoredMessage(Protocol):
 
 M = TypeVar("M", bound=StoredMessage)
 
+#: A weighted key's round in progress (deficit round robin): (services used in the round,
+#: ready time, order) -- the place in the ready order it was served from, which it keeps
+#: until it has used its weight's services or has to wait.
+KeyRound = tuple[int, float, int]
+
 
 class SeqCounters(Protocol):
     """A queue's seq counters (both start at SEQ_ORIGIN)."""
@@ -129,9 +134,15 @@ class Store(Protocol[M]):
         """The key holds no message and no slot: it leaves the ready order."""
     def key_ready_at(self, key: str, /) -> float | None:
         """The key's time in the ready order, None when it has no place."""
-    def set_ready(self, key: str, at: float | None, /) -> None:
+    def set_ready(self, key: str, at: float | None, /, order: int | None = None) -> None:
         """Give the key a place at ``at`` in the ready order (behind every key already
-        there at that time), or take its place away (None)."""
+        there at that time; with ``order``, that order among them: a place it had
+        before), or take its place away (None)."""
+    def key_weight(self, key: str, /) -> int:
+        """The key's weight (1 when none is set)."""
+    def key_round(self, key: str, /) -> KeyRound | None:
+        """The key's round in progress: services used and the place it keeps (None: none)."""
+    def set_key_round(self, key: str, round: KeyRound | None, /) -> None: ...
     def head_times(self, key: str, /) -> tuple[float, float] | None:
         """(not_before, entered_at) of the key's first ready message, or None."""
     def key_heads(self, key: str, count: int, /) -> list[M]:
@@ -191,6 +202,12 @@ def schedule(s: Store[M], key: str, now: float, *, keep_place: bool, settings: Q
     pushes a key's time later. ``settings``: when given (arrivals: enqueue and promotion),
     a key that is not waiting and whose slots are all in use, or that is paused, is left
     out (it is scheduled again when a slot frees or on resume).
+
+    A weighted key in the middle of its round (:func:`serve_key`) whose head does not hold
+    it past ``now`` gets back the place it was served from instead of the back of the
+    round; one whose head holds it (a retry, an ``at_head`` delay) or that has nothing
+    ready ends its round. (serve_key ends the round before it schedules a key for a later
+    ``now``: an interval.)
     """
     if not s.key_exists(key):
         return
@@ -203,12 +220,19 @@ def schedule(s: Store[M], key: str, now: float, *, keep_place: bool, settings: Q
     if head is None:
         if ready_at is not None:
             s.set_ready(key, None)
+        if s.key_round(key) is not None:
+            s.set_key_round(key, None)
         return
     not_before, entered_at = head
     holds_until = not_before if not_before > entered_at else 0.0
     at = max(now, holds_until)
     if keep_place and ready_at is not None:
         at = max(ready_at, holds_until)
+    elif (round_ := s.key_round(key)) is not None:
+        if holds_until <= now:
+            s.set_ready(key, round_[1], round_[2])
+            return
+        s.set_key_round(key, None)
     if at != ready_at:
         s.set_ready(key, at)
 
@@ -378,23 +402,36 @@ def lease(s: Store[M], limit: int, per_key: int, visibility_timeout: float, sett
             continue
         if entry is None or not key_due:
             break
-        leases.extend(serve_key(s, entry[2], min(per_key, limit - len(leases)), visibility_timeout, settings))
+        leases.extend(
+            serve_key(s, entry[2], min(per_key, limit - len(leases)), visibility_timeout, settings, (entry[0], entry[1]))
+        )
     return LeaseResult(leases, None if leases else retry_in(s))
 
 
-def serve_key(s: Store[M], key: str, count: int, visibility_timeout: float, settings: QueueSettings) -> list[Lease]:
-    """Serve one key taken from the ready order: one batch of up to ``count`` consecutive
-    due messages, unless its slots, pause, interval or head say it must wait."""
+def serve_key(
+    s: Store[M], key: str, count: int, visibility_timeout: float, settings: QueueSettings, place: tuple[float, int]
+) -> list[Lease]:
+    """Serve one key taken from the ready order at ``place`` (its ready time and order):
+    one batch of up to ``count`` consecutive due messages, unless its slots, pause,
+    interval or head say it must wait.
+
+    Weighted fairness (deficit round robin over the ready order): a key of weight w keeps
+    ``place`` for up to w consecutive services (its round, see :func:`schedule`), then
+    goes to the back of the round like every key of weight 1."""
     now = s.now
     slots = s.key_slots(key)
     s.set_ready(key, None)
     if s.key_paused(key) or slots >= settings.key_concurrency:
+        if s.key_round(key) is not None:
+            s.set_key_round(key, None)
         return []  # scheduled again on resume or when a slot frees
     interval = s.key_interval(key)
     if interval is None:
         interval = settings.interval
     last_delivery = s.key_last_delivery(key)
     if last_delivery is not None and last_delivery + interval > now:
+        if s.key_round(key) is not None:
+            s.set_key_round(key, None)
         schedule(s, key, last_delivery + interval, keep_place=False)
         return []
     heads = s.key_heads(key, count)
@@ -413,6 +450,14 @@ def serve_key(s: Store[M], key: str, count: int, visibility_timeout: float, sett
         s.record("delivered", msg.id, key)
     s.set_key_slots(key, slots + 1)
     s.set_key_last_delivery(key, now if interval else None)
+    # A key that waits an interval between deliveries goes to the back: no round.
+    weight = 1 if interval else s.key_weight(key)
+    round_ = s.key_round(key)
+    if weight > 1:
+        turns = round_[0] + 1 if round_ is not None and (round_[1], round_[2]) == place else 1
+        s.set_key_round(key, (turns, *place) if turns < weight else None)
+    elif round_ is not None:
+        s.set_key_round(key, None)
     if slots + 1 < settings.key_concurrency:
         schedule(s, key, now + interval if interval else now, keep_place=False)
     return leases
@@ -581,10 +626,17 @@ def key_facts(s: Store[M], keys: Sequence[str]) -> list[KeyFacts]:
             ready_at=s.key_ready_at(key),
             last_delivery=s.key_last_delivery(key),
             own_interval=s.key_interval(key),
+            weight=s.key_weight(key),
             holds=tuple(sorted(holds.get(key, ()), key=lambda hold: (hold.deadline, hold.message_id))),
         )
         for key in keys
     ]
+
+
+def set_weight(s: Store[M], key: str) -> None:
+    """After a key's weight changed: its round in progress ends (its place stays)."""
+    if s.key_round(key) is not None:
+        s.set_key_round(key, None)
 
 
 def reschedule(s: Store[M], key: str) -> None:

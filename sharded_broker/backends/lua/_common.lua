@@ -30,7 +30,10 @@
 --                        #encoding            keeps the hash a hashtable (HASHTABLE_FIELD)
 --                        k:<key>  "slots,ready_at,order,head"  a key with slots in use or a
 --                                 place in keyq (ready_at '' when not in keyq; head: the
---                                 ready member of its head when it got that place)
+--                                 ready member of its head when it got that place); a
+--                                 weighted key in a round has "slots:turns:at:order" as its
+--                                 first field (services used, the place it keeps)
+--                        w:<key>  the key's weight (> 1)    #nw  how many keys have one
 --                        l:<key>  time of the key's last delivery (while an interval applies)
 --                        i:<key>  the key's own interval     p:<key>  '1': the key is paused
 --                        b:<id>   cmsgpack list of the unsettled ids of a batch of 2 or more,
@@ -396,7 +399,12 @@ local function flush_key_states()
     if ks.dirty then
       local raw = false
       if ks.slots > 0 or ks.at then
-        raw = text(ks.slots) .. ',' .. (ks.at and num(ks.at) or '') .. ',' .. (ks.order and num(ks.order) or '')
+        local slots = text(ks.slots)
+        local r = ks.round
+        if r then
+          slots = slots .. ':' .. text(r.turns) .. ':' .. num(r.at) .. ':' .. num(r.order)
+        end
+        raw = slots .. ',' .. (ks.at and num(ks.at) or '') .. ',' .. (ks.order and num(ks.order) or '')
           .. ',' .. (ks.head or '')
       end
       if raw ~= ks.raw then
@@ -457,7 +465,12 @@ local function key_state(key)
   local raw = redis.call('HGET', K[STATE], 'k:' .. key)
   ks = { slots = 0, raw = raw or false }
   if raw then
-    local slots, at, order, first = string.match(raw, '^(%d+),([^,]*),([^,]*),(.*)$')
+    local slots, at, order, first = string.match(raw, '^([%d:]+),([^,]*),([^,]*),(.*)$')
+    local plain, turns, round_at, round_order = string.match(slots or '', '^(%d+):(%d+):(%d+):(%d+)$')
+    if plain then
+      slots = plain
+      ks.round = { turns = tonumber(turns), at = tonumber(round_at), order = tonumber(round_order) }
+    end
     ks.slots = tonumber(slots) or 0
     if at ~= '' and order ~= '' then
       ks.at = tonumber(at)
@@ -521,6 +534,7 @@ local function uncount_key(key)
     local ks = key_state(key)
     if ks.slots == 0 then
       unschedule(key, ks)
+      ks.round = nil
       save_key_state(key, ks)
     end
   end
@@ -777,7 +791,9 @@ end
 -- Give key a place in keyq if its head message exists. keep_place: a key already waiting
 -- keeps its earlier ready time (new arrivals must not push it to the back of the round).
 -- settings: when given, a key whose slots are all in use or that is paused gets no place
--- (it is scheduled again when a slot frees or on resume).
+-- (it is scheduled again when a slot frees or on resume). A weighted key in a round
+-- (ks.round, see serve_key) whose head does not hold it past now gets back the place it
+-- was served from; one whose head holds it, or that has nothing ready, ends its round.
 -- member, nb: the key's head and its not-before time (see head_of) when the caller knows
 -- them (nil: read).
 local function schedule(key, now, keep_place, settings, member, nb)
@@ -793,12 +809,26 @@ local function schedule(key, now, keep_place, settings, member, nb)
   end
   if not member then
     unschedule(key, ks)
+    ks.round = nil
     save_key_state(key, ks)
     return
   end
   local at = math.max(now, nb)
   if keep_place and ks.at then
     at = math.max(ks.at, nb)
+  elseif ks.round then
+    local r = ks.round
+    if nb <= now then
+      if ks.at ~= r.at or ks.order ~= r.order then
+        unschedule(key, ks)
+        ks.at, ks.order = r.at, r.order
+        redis.call('ZADD', K[KEYQ], num(r.at), keyq_member(ks, key))
+      end
+      ks.head = member
+      save_key_state(key, ks)
+      return
+    end
+    ks.round = nil
   end
   if at == ks.at then
     if ks.head ~= member then
@@ -935,6 +965,7 @@ function settled(rec, now, batch, live)
   ks.slots = math.max(ks.slots - 1, 0)
   if ks.slots == 0 and (live == 0 or (live == nil and not redis.call('ZSCORE', K[BACKLOG], rec.k))) then
     unschedule(rec.k, ks)
+    ks.round = nil
     save_key_state(rec.k, ks)
     return
   end

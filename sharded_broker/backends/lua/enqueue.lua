@@ -8,6 +8,17 @@ register('enqueue', function(args)
   local settings = options(args[2])
   OBSERVE.opts = settings
   local fields = cmsgpack.unpack(args[3])
+  -- This very call ran already when its first message is stored: the client's retry of a
+  -- call whose reply was lost (the connection dropped after the server ran it). Its ids
+  -- were made by the client and a call stores all its messages or none, so the first
+  -- tells; the retry stores nothing twice.
+  if redis.call('HEXISTS', K[MSGS], fields[1]) == 1 then
+    local ids = {}
+    for n = 1, #args - 3 do
+      ids[n] = fields[6 * (n - 1) + 1]
+    end
+    return ids
+  end
   -- Due delayed messages entered their keys' order when they fell due: before anything
   -- enqueued now.
   promote_due(now, settings)

@@ -216,6 +216,14 @@ class SQLiteBackend(Backend):
 
         self._write(body, notify=True)
 
+    def set_weight(self, queue: str, key: str, weight: int | None) -> None:
+        def body(tx: Transaction) -> None:
+            s = tx.created_store(queue)
+            tx.update_key(queue, key, weight=weight)
+            planner.set_weight(s, key)
+
+        self._write(body)
+
     def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
         def body(tx: Transaction) -> None:
             s = tx.created_store(queue)

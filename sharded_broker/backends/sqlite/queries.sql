@@ -79,7 +79,7 @@ SELECT id, key, token, attempts, deadline, batch_id, batch_index, batch_size, le
 WHERE queue = ? AND state = 'leased' ORDER BY deadline, timer_order LIMIT ?;
 
 -- name: key_settings
-SELECT count, slots, interval, paused FROM keys WHERE queue = ? AND key = ?;
+SELECT count, slots, interval, paused, weight FROM keys WHERE queue = ? AND key = ?;
 
 -- name: key_delete
 DELETE FROM keys WHERE queue = ? AND key = ?;

@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS keys (
     open_acked INTEGER NOT NULL DEFAULT 0,
     open_retried INTEGER NOT NULL DEFAULT 0,
     open_dead INTEGER NOT NULL DEFAULT 0,
+    weight INTEGER,                        -- NULL: weight 1
+    -- A weighted key's round in progress: services used, and the place it keeps.
+    round_turns INTEGER NOT NULL DEFAULT 0,
+    round_at REAL,
+    round_order INTEGER,
     PRIMARY KEY (queue, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS keys_open_minute ON keys (queue, open_minute) WHERE open_minute IS NOT NULL;
