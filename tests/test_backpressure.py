@@ -275,3 +275,15 @@ def test_queue_full_survives_pickling() -> None:
     error = pickle.loads(pickle.dumps(QueueFull("q", "k", "max_pending_per_key", 3)))
     assert (error.queue, error.key, error.setting, error.limit) == ("q", "k", "max_pending_per_key", 3)
     assert "max_pending_per_key=3" in str(error)
+
+
+def test_a_refused_enqueue_still_promotes_what_came_due(connect, clock: FakeClock) -> None:
+    """The sweeps an enqueue runs first are kept when it is refused (as on every backend)."""
+    broker = connect(max_pending_per_key=1)
+    broker.enqueue(Q, b"later", key="a", delay=2)
+    clock.advance(2.5)
+    with pytest.raises(QueueFull):
+        broker.enqueue(Q, b"now", key="a")
+    stats = broker.stats(Q)
+    assert (stats.ready, stats.delayed) == (1, 0)
+    assert stats.oldest_age == pytest.approx(2.5, abs=2e-3)
