@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import pickle
 
+import sharded_broker
+
+
 import pytest
 
 from sharded_broker import Broker, ConfigurationError, Message, QueueFull, ShardedBrokerError
@@ -287,3 +290,38 @@ def test_a_refused_enqueue_still_promotes_what_came_due(connect, clock: FakeCloc
     stats = broker.stats(Q)
     assert (stats.ready, stats.delayed) == (1, 0)
     assert stats.oldest_age == pytest.approx(2.5, abs=2e-3)
+
+
+def test_redis_reads_the_limits_only_when_they_are_set(redis_url: str) -> None:
+    """Unset (the default), an enqueue runs exactly the Redis commands it ran before the
+    limits existed: none of the counting reads. Set, one count of the key's ready range
+    per keyed message; delayed messages keep their per-key count in the state hash."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+
+    def commands() -> dict[str, int]:
+        return {name: stats["calls"] for name, stats in client.info("commandstats").items()}
+
+    broker = sharded_broker.connect(redis_url, queues={"limited": {"max_pending_per_key": 5}})
+    try:
+        broker.enqueue("warm-up", b"")  # the server has the function library from here on
+        client.config_resetstat()
+        for n in range(10):
+            broker.enqueue(Q, b"%d" % n, key=f"k{n}")
+        unlimited = commands()
+        client.config_resetstat()
+        for n in range(10):
+            broker.enqueue("limited", b"%d" % n, key=f"k{n}")
+        limited = commands()
+        # The same enqueues on a queue with a limit: the two reads per message, nothing else.
+        extra = {name: limited[name] - unlimited.get(name, 0) for name in limited if limited[name] != unlimited.get(name, 0)}
+        assert extra == {"cmdstat_zlexcount": 10, "cmdstat_hget": 10}
+        broker.enqueue(Q, b"later", key="d", delay=60)
+        state = client.keys("*{q}:state")
+        assert [client.hget(k, "w:d") for k in state] == [b"1"]
+        broker.purge(Q)
+        assert [client.hget(k, "w:d") for k in state] == [None]  # gone with the last one
+    finally:
+        broker.close()
+        client.close()

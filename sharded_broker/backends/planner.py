@@ -328,8 +328,9 @@ def settled(s: Store[M], msg: M) -> None:
 # -- the operations ---------------------------------------------------------------------
 
 
-def limits_refusal(s: Store[M], messages: Sequence[Message], settings: QueueSettings) -> QueueFull | None:
-    """Why the call must be refused whole under the backpressure limits, or None; nothing
+def plan_limits(s: Store[M], messages: Sequence[Message], settings: QueueSettings) -> QueueFull | set[int]:
+    """Under the backpressure limits: why the call must be refused whole, or the indexes of
+    the messages that must each drop one of their key's ready messages to go in. Nothing
     is written. The enqueue is played through on counts, in order: a duplicate (of a
     stored message or of an earlier one of the call) adds nothing; an ``at_head`` message
     (a framework's retry taking its place back) is never refused and never drops one, but
@@ -341,7 +342,8 @@ def limits_refusal(s: Store[M], messages: Sequence[Message], settings: QueueSett
     queue_waiting = s.queue_waiting() if total is not None else 0
     keys: dict[str, list[int]] = {}  # key -> [waiting, ready]
     seen: set[str] = set()
-    for m in messages:
+    drops: set[int] = set()
+    for index, m in enumerate(messages):
         if m.dedup_id is not None:
             if m.dedup_id in seen or dedup_hit(s, m.dedup_id, settings) is not None:
                 continue
@@ -363,27 +365,22 @@ def limits_refusal(s: Store[M], messages: Sequence[Message], settings: QueueSett
                     )
                 counts[1] -= 1  # the dropped one
                 grows = False
+                drops.add(index)
             counts[0] += grows
             counts[1] += becomes_ready
         if total is not None and grows:
             if queue_waiting >= total and not m.at_head:
                 return QueueFull(s.name, None, "max_pending", total)
             queue_waiting += 1
-    return None
+    return drops
 
 
-def make_room(s: Store[M], key: str, settings: QueueSettings) -> M | None:
-    """The ready message of ``key`` that a new one replaces when the key is full (its
-    first under ``drop_oldest``, its last under ``replace``; limits_refusal made sure
-    there is one), or None while the key has room."""
-    limit = settings.max_pending_per_key
-    if limit is None:
-        return None
-    ready, delayed = s.key_waiting(key)
-    if ready + delayed < limit:
-        return None
+def room_for(s: Store[M], key: str, settings: QueueSettings) -> M | None:
+    """The ready message of ``key`` that a new one replaces (plan_limits found the key
+    full): its first under ``drop_oldest``, its last under ``replace``."""
     if settings.on_full == "drop_oldest":
-        return s.key_heads(key, 1)[0]
+        heads = s.key_heads(key, 1)
+        return heads[0] if heads else None
     return s.key_tail(key)
 
 
@@ -394,19 +391,21 @@ def enqueue_many(s: Store[M], messages: Sequence[Message], settings: QueueSettin
     if any(m.dedup_id is not None for m in messages):
         for dedup_id, message_id in s.expired_dedup(SWEEP_LIMIT):
             expire_dedup(s, dedup_id, message_id, settings)
-    limited = settings.max_pending_per_key is not None or settings.max_pending is not None
-    if limited:
-        refusal = limits_refusal(s, messages, settings)
-        if refusal is not None:
-            raise refusal
+    drops: set[int] = set()
+    if settings.max_pending_per_key is not None or settings.max_pending is not None:
+        plan = plan_limits(s, messages, settings)
+        if isinstance(plan, QueueFull):
+            raise plan
+        drops = plan
     ids = []
-    for m in messages:
+    for index, m in enumerate(messages):
         if m.dedup_id is not None:
             first = dedup_hit(s, m.dedup_id, settings)
             if first is not None:
                 ids.append(first)
                 continue
-        dropped = make_room(s, m.key, settings) if limited and m.key is not None and not m.at_head else None
+        # Chosen before the new message goes in: it is never the one dropped.
+        dropped = room_for(s, m.key, settings) if index in drops and m.key is not None else None
         holds_key = m.at_head and m.key is not None
         if m.delay > 0 and not holds_key:
             mid = s.insert(m, state="delayed", seq=None, not_before=s.now + m.delay)

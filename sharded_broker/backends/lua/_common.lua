@@ -1135,8 +1135,8 @@ local function register(name, fn, flags)
   })
 end
 
--- Backpressure (max_pending_per_key, max_pending, on_full), mirroring limits_refusal and
--- make_room in planner.py. Used only when one of the limits is set.
+-- Backpressure (max_pending_per_key, max_pending, on_full), mirroring plan_limits and
+-- room_for in planner.py. Used only when one of the limits is set.
 
 -- (ready, delayed): how many of key's messages wait for delivery.
 local function key_waiting(key)
@@ -1144,15 +1144,17 @@ local function key_waiting(key)
   return redis.call('ZLEXCOUNT', K[READY], from, to), tonumber(redis.call('HGET', K[STATE], 'w:' .. key) or '0')
 end
 
--- Why enqueue must refuse the whole call: {key or '', setting, limit, note}, or nil.
--- fields: the call's packed message fields (6 per message, see enqueue.lua).
-local function limits_refusal(fields, count, now, settings)
+-- Under the limits: why enqueue must refuse the whole call ({key or '', setting, limit,
+-- note}), or nil and the set of message numbers that each drop one of their key's ready
+-- messages to go in. fields: the call's packed message fields (6 per message, see
+-- enqueue.lua).
+local function plan_limits(fields, count, now, settings)
   local per_key, total = settings.max_pending_per_key, settings.max_pending
   local queue_waiting = 0
   if total then
     queue_waiting = redis.call('ZCARD', K[READY]) + redis.call('ZCARD', K[DELAYED])
   end
-  local keys, seen = {}, {}
+  local keys, seen, drops = {}, {}, {}
   for n = 1, count do
     local f = 6 * (n - 1)
     local key, after, dedup_id, at_head = fields[f + 2], fields[f + 4], fields[f + 5], fields[f + 6]
@@ -1182,6 +1184,7 @@ local function limits_refusal(fields, count, now, settings)
           end
           counts[2] = counts[2] - 1 -- the dropped one
           grows = false
+          drops[n] = true
         end
         if grows then
           counts[1] = counts[1] + 1
@@ -1198,20 +1201,12 @@ local function limits_refusal(fields, count, now, settings)
       end
     end
   end
-  return nil
+  return nil, drops
 end
 
--- The ready message of key that a new one replaces when the key is full (its first
--- under drop_oldest, its last under replace), or nil while the key has room.
-local function make_room(key, now, settings)
-  local limit = settings.max_pending_per_key
-  if not limit then
-    return nil
-  end
-  local ready, delayed = key_waiting(key)
-  if ready + delayed < limit then
-    return nil
-  end
+-- The ready message of key that a new one replaces (plan_limits found the key full): its
+-- first under drop_oldest, its last under replace.
+local function room_for(key, now, settings)
   if settings.on_full == 'drop_oldest' then
     return key_heads(key, 1)[1]
   end
@@ -1228,7 +1223,7 @@ local function make_room(key, now, settings)
   end
 end
 
--- Dead-letter the message make_room chose, after the new one of its key went in (so the
+-- Dead-letter the message room_for chose, after the new one of its key went in (so the
 -- key keeps its place in the round).
 local function drop_to_make_room(rec, now, settings)
   if rec.fresh then

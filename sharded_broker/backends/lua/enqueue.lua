@@ -13,9 +13,10 @@ register('enqueue', function(args)
   -- Due delayed messages entered their keys' order when they fell due: before anything
   -- enqueued now.
   promote_due(now, settings)
-  local limited = settings.max_pending_per_key or settings.max_pending
-  if limited then
-    local refusal = limits_refusal(fields, #args - 3, now, settings)
+  local drops = nil
+  if settings.max_pending_per_key or settings.max_pending then
+    local refusal
+    refusal, drops = plan_limits(fields, #args - 3, now, settings)
     if refusal then
       flush()
       return { 0, unpack(refusal) } -- a number first: ids are strings
@@ -36,7 +37,8 @@ register('enqueue', function(args)
         ea = now, a = 0,
       }
       local after = fields[f + 4]
-      local dropped = limited and key and not rec.ah and make_room(key, now, settings)
+      -- Chosen before the new message goes in: it is never the one dropped.
+      local dropped = drops and drops[n] and room_for(key, now, settings)
       local live = key and count_key(key)
       if dedup_id then
         local expires = now + settings.dedup_window
