@@ -416,11 +416,11 @@ def enqueue_many(s: Store[M], messages: Sequence[Message], settings: QueueSettin
         if m.dedup_id is not None:
             s.set_dedup(m.dedup_id, mid, s.now + settings.dedup_window)
         s.record("enqueued", mid, m.key)
-        if dropped is not None:
+        if dropped is not None and m.key is not None:
             # After the new message went in, so the key keeps its place in the round.
             s.dead_letter(dropped, DROPPED_REASON)
-            s.record("dead", dropped.id, dropped.key)
-            schedule(s, dropped.key, s.now, keep_place=True, settings=settings)
+            s.record("dead", dropped.id, m.key)
+            schedule(s, m.key, s.now, keep_place=True, settings=settings)
         ids.append(mid)
     return ids
 
