@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import importlib
+import inspect
 import time
-from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
+from types import MappingProxyType
+from typing import (
+    Any, Callable, Concatenate, Generator, Iterable, Iterator, Mapping, NamedTuple, ParamSpec, Sequence, TypeVar, Union,
+)
 
 from . import environment, urls
 from . import validation as check
@@ -29,6 +34,7 @@ MAX_LEASE_LIMIT = 10_000
 MAX_METRICS_MINUTES = 7 * 24 * 60
 MAX_KEYS_LIMIT = 10_000
 T = TypeVar("T")
+P = ParamSpec("P")
 # stuck_keys reads keys in pages of this many (a few bounded backend calls per page; see
 # there), and at most MAX_STUCK_SCAN keys in all.
 STUCK_PAGE = 200
@@ -71,6 +77,24 @@ def connect(url: str | None = None, **options: Any) -> "Broker":
     directory, a file that is not a database), raises :class:`InvalidURL`, saying how a
     relative ``sqlite:///`` path was read; a bad option raises ``ConfigurationError``.
     """
+    return open_broker(Broker, backend_class, url, options, discard=lambda backend: backend.close())
+
+
+BrokerT = TypeVar("BrokerT", bound="BrokerEngine")
+
+
+def open_broker(
+    broker_type: type[BrokerT],
+    backend_for: Callable[[str], Any],
+    url: str | None,
+    options: dict[str, Any],
+    *,
+    discard: Callable[[Any], None],
+) -> BrokerT:
+    """What :func:`connect` does, for ``broker_type`` (Broker, or the asyncio API's
+    AsyncBroker) on a backend of ``backend_for(url)``: the URL and options read (the
+    environment's too), checked and split into queue settings and the backend's own.
+    ``discard`` releases the backend when a per-queue setting is refused."""
     given = environment.url(url)
     url = DEFAULT_URL if given is None else given
     options = environment.options(options, url)
@@ -80,7 +104,7 @@ def connect(url: str | None = None, **options: Any) -> "Broker":
     defaults = check.queue_settings(settings_options)
     if not isinstance(per_queue, Mapping):
         raise ConfigurationError("queues must map queue names to settings")
-    backend_type = backend_class(url)
+    backend_type = backend_for(url)
     if url.startswith(("redis://", "rediss://")):
         urls.check_redis_url(url)
     try:
@@ -91,21 +115,94 @@ def connect(url: str | None = None, **options: Any) -> "Broker":
             raise
         raise InvalidURL(f"{exc} ({hint})") from None
     try:
-        broker = Broker(backend, defaults=defaults, max_payload_size=max_payload_size)
+        broker = broker_type(backend, defaults=defaults, max_payload_size=max_payload_size)
         for name, queue_options in per_queue.items():
             broker.configure_queue(name, **queue_options)
     except BaseException:
-        backend.close()  # a refused setting must not leak the backend's connections
+        discard(backend)  # a refused setting must not leak the backend's connections
         raise
     return broker
 
 
-class Broker:
-    """Per-key FIFO queues over one backend. Thread-safe; share one per process."""
+# -- operations as steps ----------------------------------------------------------------
+#
+# Each Broker operation is written once, as a generator of the backend calls it needs
+# ("steps"): it checks its arguments, yields a Call (a Backend method's name and
+# arguments) or a Sleep, is sent each answer, and returns the operation's answer. Broker
+# runs the steps synchronously on its backend; AsyncBroker (sharded_broker/aio.py) awaits
+# the same steps on an asyncio backend or in a thread, so both check alike, raise alike
+# and wait alike.
+
+
+# One backend call: a Backend method's name, its positional and its keyword arguments. A
+# plain tuple, not a class: it is made on every operation, and a tuple costs the least.
+Call = tuple[str, tuple[Any, ...], Mapping[str, Any]]
+
+
+class Sleep(NamedTuple):
+    """A pause between backend calls (for a time shorter than the backend's wait resolution)."""
+
+    seconds: float
+
+
+Step = Union[Call, Sleep]
+Steps = Generator[Step, Any, T]
+
+
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
+
+
+def _call(method: str, *args: Any, **kwargs: Any) -> Call:
+    return (method, args, kwargs or _NO_KWARGS)
+
+
+def run_steps(backend: Backend, steps: Steps[T]) -> T:
+    """Run an operation's steps on a synchronous backend; the operation's answer."""
+    try:
+        step = next(steps)
+        while True:
+            if isinstance(step, Sleep):
+                time.sleep(step.seconds)
+                answer = None
+            else:
+                method, args, kwargs = step
+                answer = getattr(backend, method)(*args, **kwargs)
+            step = steps.send(answer)
+    except StopIteration as done:
+        return done.value
+
+
+def public_signature(steps: Callable[..., Any]) -> inspect.Signature:
+    """The signature of an operation's steps as its callers see it: ``-> T``, not ``-> Steps[T]``."""
+    signature = inspect.signature(steps)
+    answer = signature.return_annotation
+    if isinstance(answer, str) and answer.startswith("Steps[") and answer.endswith("]"):
+        signature = signature.replace(return_annotation=answer[len("Steps["):-1])
+    return signature
+
+
+def operation(steps: Callable[Concatenate[BrokerT, P], Steps[T]]) -> Callable[Concatenate[BrokerT, P], T]:
+    """A Broker method running ``steps`` on its backend. The steps stay reachable as
+    ``.steps``, for AsyncBroker."""
+
+    @functools.wraps(steps)
+    def run(self: BrokerT, *args: P.args, **kwargs: P.kwargs) -> T:
+        return run_steps(self.backend, steps(self, *args, **kwargs))
+
+    run.steps = steps  # type: ignore[attr-defined]
+    run.__signature__ = public_signature(steps)  # type: ignore[attr-defined]
+    return run
+
+
+class BrokerEngine:
+    """What Broker and AsyncBroker share: the queue settings of this process and the steps
+    of a key's diagnosis."""
+
+    backend: Any
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Any,
         *,
         defaults: QueueSettings | None = None,
         max_payload_size: int = check.DEFAULT_MAX_PAYLOAD_SIZE,
@@ -116,7 +213,7 @@ class Broker:
         self._queue_settings: dict[str, QueueSettings] = {}
 
     def __repr__(self) -> str:
-        return f"<Broker {self.backend!r}>"
+        return f"<{type(self).__name__} {self.backend!r}>"
 
     # -- settings -------------------------------------------------------------------
 
@@ -129,12 +226,55 @@ class Broker:
     def settings(self, queue: str) -> QueueSettings:
         return self._queue_settings.get(queue, self.defaults)
 
-    def now(self) -> float:
+    def _last_delivered_minute(self, queue: str) -> Steps[float | None]:
+        """The latest minute of the last hour in which a consumer took a message of ``queue``."""
+        metrics = yield _call("metrics", queue, 60, None)
+        delivering = [m.minute for m in metrics if m.delivered]
+        return delivering[-1] if delivering else None
+
+    def _diagnose(
+        self, queue: str, facts: Sequence[KeyFacts], last_delivered: list[float | None] | None = None
+    ) -> Steps[list[KeyDiagnosis]]:
+        """Each key's diagnosis; ``last_delivered`` holds the last delivery minute once read
+        (read here at most once per list, and only when a key could be delivered now)."""
+        settings = self.settings(queue)
+        diagnoses = [diagnose(f, settings) for f in facts]
+        if not any(d.reason == "ready" for d in diagnoses):
+            return diagnoses
+        # For a key that could be delivered now: is any consumer taking messages at all?
+        if last_delivered is None:
+            last_delivered = []
+        if not last_delivered:
+            last_delivered.append((yield from self._last_delivered_minute(queue)))
+        last = last_delivered[0]
+        answer = []
+        for d in diagnoses:
+            if d.reason == "ready":
+                if last is None:
+                    note = f"no consumer took a message of queue {queue!r} in the last hour: is one running?"
+                else:
+                    note = (
+                        f"a consumer last took a message of queue {queue!r} in the minute that started "
+                        f"{describe_seconds(d.now - last)} ago"
+                    )
+                d = dataclasses.replace(d, last_delivered_minute=last, summary=f"{d.summary}; {note}")
+            answer.append(d)
+        return answer
+
+
+class Broker(BrokerEngine):
+    """Per-key FIFO queues over one backend. Thread-safe; share one per process."""
+
+    backend: Backend
+
+    @operation
+    def now(self) -> Steps[float]:
         """The backend's clock."""
-        return self.backend.now()
+        return (yield _call("now"))
 
     # -- producing ------------------------------------------------------------------
 
+    @operation
     def enqueue(
         self,
         queue: str,
@@ -146,16 +286,17 @@ class Broker:
         dedup_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
         at_head: bool = False,
-    ) -> str:
+    ) -> Steps[str]:
         """Enqueue one message; its id (or, for a duplicate, the first message's id).
 
         Raises :class:`~sharded_broker.QueueFull` (nothing stored) beyond the queue's
         ``max_pending_per_key`` or ``max_pending`` (docs/operations.md, "Backpressure")."""
         queue = check.queue_name(queue)
         checked = check.message_of(payload, key, priority, delay, dedup_id, headers, at_head, self.max_payload_size)
-        return self.backend.enqueue_many(queue, [checked], self.settings(queue))[0]
+        return (yield _call("enqueue_many", queue, [checked], self.settings(queue)))[0]
 
-    def enqueue_many(self, queue: str, messages: Iterable[Message]) -> list[str]:
+    @operation
+    def enqueue_many(self, queue: str, messages: Iterable[Message]) -> Steps[list[str]]:
         """Enqueue messages atomically in one round trip; their ids, in order.
 
         Every message is checked first: one bad message refuses the whole batch, and so
@@ -165,10 +306,11 @@ class Broker:
         checked = [check.message(m, self.max_payload_size) for m in messages]
         if not checked:
             return []
-        return self.backend.enqueue_many(queue, checked, self.settings(queue))
+        return (yield _call("enqueue_many", queue, checked, self.settings(queue)))
 
     # -- consuming ------------------------------------------------------------------
 
+    @operation
     def lease(
         self,
         queue: str,
@@ -177,7 +319,7 @@ class Broker:
         per_key: int = 1,
         visibility_timeout: float | None = None,
         wait: float = 0.0,
-    ) -> list[Lease]:
+    ) -> Steps[list[Lease]]:
         """Deliver up to ``limit`` messages, waiting up to ``wait`` seconds for the first.
 
         Each served key gives one ordered batch of up to ``per_key`` consecutive messages.
@@ -194,22 +336,23 @@ class Broker:
         wait = check.seconds(wait, "wait")
         give_up_at = time.monotonic() + wait
         while True:
-            result = self.backend.lease(queue, limit, per_key, visibility_timeout, settings)
+            result = yield _call("lease", queue, limit, per_key, visibility_timeout, settings)
             remaining = give_up_at - time.monotonic()
             if result.leases or remaining <= 0:
                 return result.leases
             due_in = None if result.retry_in is None else max(result.retry_in, 0.0)
             coarse = self.backend.wait_resolution
             if due_in is None or due_in > remaining:
-                self.backend.wait(queue, remaining)  # returns early when new work may have come
+                yield _call("wait", queue, remaining)  # returns early when new work may have come
             elif due_in > coarse:
                 # Something comes due within the wait: stop a resolution step before it
                 # (or earlier, woken by new work) and sleep the rest on the next round.
-                self.backend.wait(queue, due_in - coarse)
+                yield _call("wait", queue, due_in - coarse)
             else:
-                time.sleep(due_in)  # the backend's wait could not end this precisely
+                yield Sleep(due_in)  # the backend's wait could not end this precisely
 
-    def wait_for_work(self, queues: Sequence[str], timeout: float) -> None:
+    @operation
+    def wait_for_work(self, queues: Sequence[str], timeout: float) -> Steps[None]:
         """Block up to ``timeout`` seconds, returning early once a message may have become
         deliverable in any of ``queues`` (enqueued, released, come due). Leases nothing:
         for a consumer of several queues (a Celery worker and its remote-control queue)
@@ -217,20 +360,23 @@ class Broker:
         if isinstance(queues, str):
             raise InvalidArgumentType("queues must be a sequence of queue names, not one str")
         names = [check.queue_name(queue) for queue in queues]
-        self.backend.wait_any(names, check.seconds(timeout, "timeout"))
+        yield _call("wait_any", names, check.seconds(timeout, "timeout"))
 
-    def ack(self, lease: Lease) -> bool:
+    @operation
+    def ack(self, lease: Lease) -> Steps[bool]:
         """Settle a lease for good. False when its token is stale (nothing changed)."""
-        return self.ack_many([lease])[0]
+        return (yield _call("ack_many", [_lease(lease)]))[0]
 
-    def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
+    @operation
+    def ack_many(self, leases: Sequence[Lease]) -> Steps[list[bool]]:
         """Ack several leases in one round trip; one bool per lease."""
         leases = [_lease(lease) for lease in leases]
-        return self.backend.ack_many(leases) if leases else []
+        return (yield _call("ack_many", leases)) if leases else []
 
+    @operation
     def nack(
         self, lease: Lease, *, delay: float = 0.0, dead: bool = False, reason: str | None = None
-    ) -> bool:
+    ) -> Steps[bool]:
         """Return a message for retry after ``delay`` (back to the head of its key, holding
         it, unless the queue's ``retry_position`` is ``"tail"``), or with ``dead=True``
         move it to the dead-letter list. False when the token is stale."""
@@ -245,11 +391,12 @@ class Broker:
             # A whole traceback may arrive here: keep its head, bounded like headers are.
             if len(reason) > check.MAX_REASON_LENGTH:
                 reason = reason[: check.MAX_REASON_LENGTH - 15] + " ...(truncated)"
-        return self.backend.nack(
-            lease, delay=delay, dead=bool(dead), reason=reason, settings=self.settings(lease.queue)
-        )
+        return (yield _call(
+            "nack", lease, delay=delay, dead=bool(dead), reason=reason, settings=self.settings(lease.queue)
+        ))
 
-    def release(self, lease: Lease) -> bool:
+    @operation
+    def release(self, lease: Lease) -> Steps[bool]:
         """Give a leased message back unprocessed, without counting the delivery.
 
         It returns to its place at the head of its key (its original order, no delay,
@@ -260,11 +407,12 @@ class Broker:
         order; the key is free again once the batch is settled. Not counted in the
         metrics (the delivery stays counted as delivered). False when the token is stale
         (nothing changed)."""
-        return self.release_many([lease])[0]
+        return (yield _call("release_many", [_lease(lease)]))[0]
 
+    @operation
     def release_lease(
         self, queue: str, message_id: str, token: str, *, key: str | None, batch_id: str | None = None
-    ) -> bool:
+    ) -> Steps[bool]:
         """:meth:`release` by what :meth:`why` shows of a lease in ``holds`` (the message id,
         the token, the batch id) and its shard key (None for an unkeyed message), for an
         operator who knows the lease's holder is dead."""
@@ -277,15 +425,17 @@ class Broker:
             priority=0, attempts=0, headers={}, token=check.utf8_text(token, "lease token"), deadline=0.0,
             enqueued_at=0.0, batch_id=mid if batch_id is None else check.utf8_text(batch_id, "batch id"),
         )
-        return self.backend.release_many([lease])[0]
+        return (yield _call("release_many", [lease]))[0]
 
-    def release_many(self, leases: Sequence[Lease]) -> list[bool]:
+    @operation
+    def release_many(self, leases: Sequence[Lease]) -> Steps[list[bool]]:
         """Release several leases in one round trip; one bool per lease (True also for a
         lease that an earlier lease of its batch in the same call returned)."""
         leases = [_lease(lease) for lease in leases]
-        return self.backend.release_many(leases) if leases else []
+        return (yield _call("release_many", leases)) if leases else []
 
-    def extend_many(self, leases: Sequence[Lease], visibility_timeout: float | None = None) -> list[bool]:
+    @operation
+    def extend_many(self, leases: Sequence[Lease], visibility_timeout: float | None = None) -> Steps[list[bool]]:
         """Extend several leases in one round trip (a heartbeat for everything a worker
         holds): each deadline moves to now + ``visibility_timeout`` (default: each lease's
         queue setting) and its ``Lease.deadline`` is updated. One bool per lease, False
@@ -299,19 +449,20 @@ class Broker:
         ]
         if not leases:
             return []
-        deadlines = self.backend.extend_many(leases, timeouts)
+        deadlines = yield _call("extend_many", leases, timeouts)
         for lease, deadline in zip(leases, deadlines):
             if deadline is not None:
                 lease.deadline = deadline
         return [deadline is not None for deadline in deadlines]
 
-    def extend(self, lease: Lease, visibility_timeout: float | None = None) -> bool:
+    @operation
+    def extend(self, lease: Lease, visibility_timeout: float | None = None) -> Steps[bool]:
         """Push a lease's deadline to now + ``visibility_timeout``. False when stale."""
         lease = _lease(lease)
         if visibility_timeout is None:
             visibility_timeout = self.settings(lease.queue).visibility_timeout
         visibility_timeout = check.seconds(visibility_timeout, "visibility_timeout", allow_zero=False)
-        deadline = self.backend.extend(lease, visibility_timeout)
+        deadline = yield _call("extend", lease, visibility_timeout)
         if deadline is None:
             return False
         lease.deadline = deadline
@@ -319,7 +470,8 @@ class Broker:
 
     # -- operating ------------------------------------------------------------------
 
-    def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
+    @operation
+    def set_interval(self, queue: str, key: str, seconds: float | None) -> Steps[None]:
         """At least ``seconds`` between the starts of two deliveries of ``key``; persisted.
         ``None`` returns the key to the queue's default interval."""
         queue = check.queue_name(queue)
@@ -328,31 +480,35 @@ class Broker:
             raise InvalidArgument("set_interval needs a shard key")
         if seconds is not None:
             seconds = check.seconds(seconds, "interval")
-        self.backend.set_interval(queue, checked, seconds)
+        yield _call("set_interval", queue, checked, seconds)
 
-    def pause(self, queue: str, key: str | None = None) -> None:
+    @operation
+    def pause(self, queue: str, key: str | None = None) -> Steps[None]:
         """Stop delivering a key (or the whole queue). Running leases are not affected."""
-        self.backend.set_paused(check.queue_name(queue), check.shard_key(key), True)
+        yield _call("set_paused", check.queue_name(queue), check.shard_key(key), True)
 
-    def resume(self, queue: str, key: str | None = None) -> None:
-        self.backend.set_paused(check.queue_name(queue), check.shard_key(key), False)
+    @operation
+    def resume(self, queue: str, key: str | None = None) -> Steps[None]:
+        yield _call("set_paused", check.queue_name(queue), check.shard_key(key), False)
 
-    def stats(self, queue: str) -> QueueStats:
-        return self.backend.stats(check.queue_name(queue))
+    @operation
+    def stats(self, queue: str) -> Steps[QueueStats]:
+        return (yield _call("stats", check.queue_name(queue)))
 
-    def queues(self) -> list[str]:
-        return self.backend.queues()
+    @operation
+    def queues(self) -> Steps[list[str]]:
+        return (yield _call("queues"))
 
-    def dead_letters(self, queue: str, limit: int = 100, offset: int = 0) -> list[DeadLetter]:
+    @operation
+    def dead_letters(self, queue: str, limit: int = 100, offset: int = 0) -> Steps[list[DeadLetter]]:
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidArgument(f"offset must be an int >= 0, not {offset!r}")
-        return self.backend.dead_letters(
-            check.queue_name(queue), check.positive_int(limit, "limit"), offset
-        )
+        return (yield _call("dead_letters", check.queue_name(queue), check.positive_int(limit, "limit"), offset))
 
+    @operation
     def replay(
         self, queue: str, ids: Sequence[str] | None = None, *, position: RetryPosition = "tail"
-    ) -> int:
+    ) -> Steps[int]:
         """Put dead letters (all, or those in ``ids``) back in service; how many moved."""
         if position not in ("head", "tail"):
             raise InvalidArgument(f"position must be 'head' or 'tail', not {position!r}")
@@ -363,47 +519,53 @@ class Broker:
             if not all(isinstance(i, str) for i in ids):
                 raise InvalidArgumentType("ids must be a sequence of message id strings")
             ids = [check.utf8_text(i, "message id") for i in ids]
-        return self.backend.replay(check.queue_name(queue), ids, position)
+        return (yield _call("replay", check.queue_name(queue), ids, position))
 
-    def purge(self, queue: str, *, dead: bool = False) -> int:
+    @operation
+    def purge(self, queue: str, *, dead: bool = False) -> Steps[int]:
         """Delete every waiting message (``dead=True``: every dead letter); how many.
 
         Redis and SQLite delete in atomic chunks of at most 1,000 messages, the queue
         consistent after each; at most as many messages as were there when it started are
         deleted (messages enqueued meanwhile may be among them)."""
-        return self.backend.purge(check.queue_name(queue), bool(dead))
+        return (yield _call("purge", check.queue_name(queue), bool(dead)))
 
-    def metrics(self, queue: str, minutes: int = 60, *, key: str | None = None) -> list[MinuteMetrics]:
+    @operation
+    def metrics(self, queue: str, minutes: int = 60, *, key: str | None = None) -> Steps[list[MinuteMetrics]]:
         """Per-minute counts of enqueued, delivered, acked, retried and dead-lettered
         messages of ``queue`` (or of one shard ``key`` in it), oldest minute first: one
         entry per minute, zeros included, for the last ``minutes`` minutes (the current
         one included) that the backend's ``metrics_window`` (for a key:
         ``key_metrics_window``) still keeps."""
-        return self.backend.metrics(
+        return (yield _call(
+            "metrics",
             check.queue_name(queue),
             check.positive_int(minutes, "minutes", maximum=MAX_METRICS_MINUTES),
             check.shard_key(key),
-        )
+        ))
 
-    def keys(self, queue: str, limit: int = 50, *, sort: KeySort = "backlog") -> list[KeyInfo]:
+    @operation
+    def keys(self, queue: str, limit: int = 50, *, sort: KeySort = "backlog") -> Steps[list[KeyInfo]]:
         """The shard keys of ``queue`` that hold messages (ready, delayed or leased), the
         largest ``backlog`` (or with ``sort="lag"``, the oldest head message) first."""
         if sort not in ("backlog", "lag"):
             raise InvalidArgument(f"sort must be 'backlog' or 'lag', not {sort!r}")
-        return self.backend.keys(
-            check.queue_name(queue), check.positive_int(limit, "limit", maximum=MAX_KEYS_LIMIT), sort
-        )
+        return (yield _call(
+            "keys", check.queue_name(queue), check.positive_int(limit, "limit", maximum=MAX_KEYS_LIMIT), sort
+        ))
 
-    def key_info(self, queue: str, key: str) -> KeyInfo:
+    @operation
+    def key_info(self, queue: str, key: str) -> Steps[KeyInfo]:
         """One shard key: its backlog, leased batches, lag, pause and interval, and the
         message it will deliver next (``head``). An unknown key answers zeros."""
         queue = check.queue_name(queue)
         checked = check.shard_key(key)
         if checked is None:
             raise InvalidArgument("key_info needs a shard key")
-        return self.backend.key_info(queue, checked)
+        return (yield _call("key_info", queue, checked))
 
-    def why(self, queue: str, key: str) -> KeyDiagnosis:
+    @operation
+    def why(self, queue: str, key: str) -> Steps[KeyDiagnosis]:
         """The one reason ``key``'s next message is not delivered now, and until when
         (see :class:`KeyDiagnosis` and ``sharded_broker/diagnosis.py``), judged with this
         broker's settings for ``queue`` (``key_concurrency``, default ``interval``)."""
@@ -411,11 +573,13 @@ class Broker:
         checked = check.shard_key(key)
         if checked is None:
             raise InvalidArgument("why needs a shard key")
-        return self._diagnose(queue, self.backend.key_facts(queue, [checked]))[0]
+        facts = yield _call("key_facts", queue, [checked])
+        return (yield from self._diagnose(queue, facts))[0]
 
+    @operation
     def stuck_keys(
         self, queue: str, *, older_than: float = 60.0, limit: int = 100, scan_limit: int = 10_000
-    ) -> list[KeyDiagnosis]:
+    ) -> Steps[list[KeyDiagnosis]]:
         """Keys of ``queue`` whose head message has waited more than ``older_than`` seconds,
         each with why it is not moving, the longest wait first (at most ``limit``).
 
@@ -427,24 +591,25 @@ class Broker:
         limit = check.positive_int(limit, "limit", maximum=MAX_KEYS_LIMIT)
         scan_limit = check.positive_int(scan_limit, "scan_limit", maximum=MAX_STUCK_SCAN)
         stuck: list[KeyDiagnosis] = []
-        last_delivered = _Lazy(lambda: self._last_delivered_minute(queue))
+        last_delivered: list[float | None] = []
         for offset in range(0, scan_limit, STUCK_PAGE):
-            page = self.backend.backlog_keys(queue, offset, min(STUCK_PAGE, scan_limit - offset))
+            page = yield _call("backlog_keys", queue, offset, min(STUCK_PAGE, scan_limit - offset))
             if not page:
                 break
             # Cheap first: only keys whose head is old are read in full.
-            now, heads = self.backend.head_times(queue, page)
+            now, heads = yield _call("head_times", queue, page)
             old = [key for key, enqueued_at in zip(page, heads) if enqueued_at is not None and now - enqueued_at > older_than]
             if old:
-                facts = self.backend.key_facts(queue, old)
+                facts = yield _call("key_facts", queue, old)
                 waiting = [f for f in facts if f.head is not None and f.now - f.head.enqueued_at > older_than]
-                stuck.extend(self._diagnose(queue, waiting, last_delivered))
+                stuck.extend((yield from self._diagnose(queue, waiting, last_delivered)))
             if len(page) < STUCK_PAGE:
                 break
         stuck.sort(key=lambda d: (-d.waited, d.key))
         return stuck[:limit]
 
-    def lagging_keys(self, queue: str, *, limit: int = 10, scan_limit: int = 10_000) -> list[KeyInfo]:
+    @operation
+    def lagging_keys(self, queue: str, *, limit: int = 10, scan_limit: int = 10_000) -> Steps[list[KeyInfo]]:
         """The keys of ``queue`` whose head message has waited longest (``keys(sort="lag")``
         in bounded pages): at most ``scan_limit`` keys read, largest backlog first, in pages
         of ``STUCK_PAGE``, one call for the keys and one for their heads' ages each; then
@@ -454,45 +619,19 @@ class Broker:
         scan_limit = check.positive_int(scan_limit, "scan_limit", maximum=MAX_STUCK_SCAN)
         oldest: list[tuple[float, str]] = []  # (enqueued_at, key) of the limit oldest heads seen
         for offset in range(0, scan_limit, STUCK_PAGE):
-            page = self.backend.backlog_keys(queue, offset, min(STUCK_PAGE, scan_limit - offset))
+            page = yield _call("backlog_keys", queue, offset, min(STUCK_PAGE, scan_limit - offset))
             if not page:
                 break
-            _, heads = self.backend.head_times(queue, page)
+            _, heads = yield _call("head_times", queue, page)
             oldest = heapq.nsmallest(
                 limit, oldest + [(t, key) for key, t in zip(page, heads) if t is not None]
             )
             if len(page) < STUCK_PAGE:
                 break
-        infos = [self.backend.key_info(queue, key) for _, key in oldest]
+        infos = []
+        for _, key in oldest:
+            infos.append((yield _call("key_info", queue, key)))
         return sorted(infos, key=lambda info: (-info.lag, info.key))
-
-    def _last_delivered_minute(self, queue: str) -> float | None:
-        """The latest minute of the last hour in which a consumer took a message of ``queue``."""
-        delivering = [m.minute for m in self.backend.metrics(queue, 60, None) if m.delivered]
-        return delivering[-1] if delivering else None
-
-    def _diagnose(
-        self, queue: str, facts: Sequence[KeyFacts], last_delivered: "_Lazy[float | None] | None" = None
-    ) -> list[KeyDiagnosis]:
-        settings = self.settings(queue)
-        diagnoses = [diagnose(f, settings) for f in facts]
-        if not any(d.reason == "ready" for d in diagnoses):
-            return diagnoses
-        # For a key that could be delivered now: is any consumer taking messages at all?
-        last = (last_delivered or _Lazy(lambda: self._last_delivered_minute(queue))).value
-        answer = []
-        for d in diagnoses:
-            if d.reason == "ready":
-                if last is None:
-                    note = f"no consumer took a message of queue {queue!r} in the last hour: is one running?"
-                else:
-                    note = (
-                        f"a consumer last took a message of queue {queue!r} in the minute that started "
-                        f"{describe_seconds(d.now - last)} ago"
-                    )
-                d = dataclasses.replace(d, last_delivered_minute=last, summary=f"{d.summary}; {note}")
-            answer.append(d)
-        return answer
 
     def events(self, queue: str, *, timeout: float | None = None) -> "EventStream":
         """Subscribe to ``queue``'s lifecycle events (enqueued, delivered, acked, retried,
@@ -500,20 +639,21 @@ class Broker:
         after ``timeout`` seconds without an event (``None``: never). Close it (or use it
         as a context manager) to unsubscribe. ConfigurationError when the broker was
         connected with ``events=False``."""
-        queue = check.queue_name(queue)
-        if timeout is not None:
-            timeout = check.seconds(timeout, "timeout")
+        queue, timeout = event_stream_args(queue, timeout)
         return EventStream(self.backend.subscribe(queue), timeout)
 
-    def bind(self, exchange: str, queue: str) -> None:
+    @operation
+    def bind(self, exchange: str, queue: str) -> Steps[None]:
         """Route messages published to fanout ``exchange`` to ``queue`` too."""
-        self.backend.bind(check.queue_name(exchange), check.queue_name(queue))
+        yield _call("bind", check.queue_name(exchange), check.queue_name(queue))
 
-    def unbind(self, exchange: str, queue: str) -> None:
-        self.backend.unbind(check.queue_name(exchange), check.queue_name(queue))
+    @operation
+    def unbind(self, exchange: str, queue: str) -> Steps[None]:
+        yield _call("unbind", check.queue_name(exchange), check.queue_name(queue))
 
-    def bound_queues(self, exchange: str) -> list[str]:
-        return self.backend.bound_queues(check.queue_name(exchange))
+    @operation
+    def bound_queues(self, exchange: str) -> Steps[list[str]]:
+        return (yield _call("bound_queues", check.queue_name(exchange)))
 
     def close(self) -> None:
         self.backend.close()
@@ -525,20 +665,18 @@ class Broker:
         self.close()
 
 
-class _Lazy(Generic[T]):
-    """A value computed on first use only (at most once)."""
+def event_stream_args(queue: str, timeout: float | None) -> tuple[str, float | None]:
+    """The checked arguments of :meth:`Broker.events`."""
+    queue = check.queue_name(queue)
+    if timeout is not None:
+        timeout = check.seconds(timeout, "timeout")
+    return queue, timeout
 
-    def __init__(self, compute: Callable[[], T]) -> None:
-        self._compute = compute
-        self._done = False
-        self._value: T | None = None
 
-    @property
-    def value(self) -> T:
-        if not self._done:
-            self._value = self._compute()
-            self._done = True
-        return self._value  # type: ignore[return-value]
+def event_poll(give_up_at: float | None, poll: float) -> float:
+    """How long an event stream's next wait lasts (at most ``poll``, so that a closed
+    stream is noticed); zero or less once ``give_up_at`` (monotonic time) has passed."""
+    return poll if give_up_at is None else min(poll, give_up_at - time.monotonic())
 
 
 class EventStream:
@@ -561,7 +699,7 @@ class EventStream:
         while not self._pending:
             if self._closed:
                 raise StopIteration
-            remaining = self.POLL if give_up_at is None else min(self.POLL, give_up_at - time.monotonic())
+            remaining = event_poll(give_up_at, self.POLL)
             if remaining <= 0:
                 raise StopIteration
             self._pending = self._subscription.get(remaining)

@@ -171,12 +171,12 @@ def test_purge_of_many_messages_is_chunked_and_consistent_between_chunks(
     # Ready keys sort by name, so the first chunk (1,000) takes all of k0 and k1.
     broker.enqueue_many(Q, [Message(f"{i}".encode(), key=f"k{i % 5}") for i in range(2_500)])
     backend = broker.backend
-    run = backend._run
+    send = backend._send
     between_chunks = []
 
-    def observed_run(script, queue, args):  # type: ignore[no-untyped-def]
-        answer = run(script, queue, args)
-        if script == "purge":
+    def observed_send(request):  # type: ignore[no-untyped-def]
+        answer = send(request)
+        if getattr(request, "function", None) == "purge":
             # Another client, served while the purge is under way, sees a consistent queue.
             with sharded_broker.connect(redis_url) as other:
                 backlogs = {key: other.key_info(Q, key).backlog for key in ("k0", "k1", "k2")}
@@ -188,7 +188,7 @@ def test_purge_of_many_messages_is_chunked_and_consistent_between_chunks(
 
     broker.purge("elsewhere")  # loads the scripts used below, so every call counted runs
     broker.key_info(Q, "k0")
-    monkeypatch.setattr(backend, "_run", observed_run)
+    monkeypatch.setattr(backend, "_send", observed_send)
     before = command_calls(admin)
     assert broker.purge(Q) == 2_500
     # 3 chunks; between them 3 key_info calls each and one enqueue_many.
