@@ -325,3 +325,19 @@ def test_redis_reads_the_limits_only_when_they_are_set(redis_url: str) -> None:
     finally:
         broker.close()
         client.close()
+
+
+def test_the_asyncio_api_raises_queue_full_too(broker_url: str, clock: FakeClock) -> None:
+    import asyncio
+
+    import sharded_broker.aio
+
+    async def scenario() -> None:
+        async with sharded_broker.aio.connect(broker_url, clock=clock, max_pending_per_key=1, on_full="reject") as broker:
+            await broker.enqueue(Q, b"1", key="a")
+            with pytest.raises(QueueFull) as refused:
+                await broker.enqueue_many(Q, [Message(b"b", key="b"), Message(b"2", key="a")])
+            assert refused.value.key == "a"
+            assert (await broker.stats(Q)).ready == 1
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
