@@ -83,7 +83,7 @@ from sharded_broker.urls import relative_path_warning
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
 from sharded_broker.group_commit import AckGroup
 
-from .support import ArgumentKey, LeaseHeartbeat, coerce_key
+from .support import ArgumentKey, BatchFailed, LeaseHeartbeat, coerce_key
 
 __all__ = [
     "BatchActorError",
@@ -118,28 +118,6 @@ class ShardKeyTypeError(ShardKeyError, InvalidArgumentType):
 class BatchActorError(MiddlewareError, ConfigurationError):
     """A ``batch`` actor option that cannot work (not a count, a queue shared with other
     actors, ``store_results``). Raised when the actor is declared."""
-
-
-class BatchFailed(Exception):
-    """Raised by a batch actor's function: the message at ``index`` of its batch failed
-    with ``error``.
-
-    The messages before ``index`` are acked, the one at ``index`` is retried after the
-    actor's backoff (``min_backoff``/``max_backoff``) at the head of its key, or
-    dead-lettered once it reached the queue's ``max_deliveries`` or when ``error`` is one
-    of the actor's ``throws``; the messages after it go back unprocessed, in order, their
-    delivery not counted. Any other exception fails the batch at index 0.
-    """
-
-    def __init__(self, index: int, error: Optional[BaseException] = None) -> None:
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise InvalidArgumentType(f"BatchFailed index must be an int, not {type(index).__name__}")
-        super().__init__(index, error)
-        self.index = index
-        self.error = error
-
-    def __str__(self) -> str:
-        return f"message {self.index} of the batch failed: {self.error!r}"
 
 
 class MessageDeadLettered(DramatiqError):
