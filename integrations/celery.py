@@ -496,12 +496,12 @@ class Channel(virtual.Channel):
         engine returns the rest of a batch with any member); a batch led by a message of
         another task delivers that message alone."""
         taken: list[tuple[Lease, dict[str, Any]]] = []
-        batch_task = None
+        batch_task: Any = None
         for index, lease in enumerate(leases):
             message = self._decode(queue, lease, no_ack)
             if message is None:  # dead-lettered: the engine gave the later ones back
                 break
-            task = None if no_ack else self._transport.batch_task((message.get("headers") or {}).get("task"))
+            task: Any = None if no_ack else self._transport.batch_task((message.get("headers") or {}).get("task"))
             if index == 0:
                 batch_task = task
             elif task is None or task is not batch_task or index >= task.batch:

@@ -632,7 +632,7 @@ def _check_batch_option(broker: dramatiq.Broker, actor: dramatiq.Actor) -> None:
         )
 
 
-class _Batch(list):  # type: ignore[type-arg]
+class _Batch(list):
     """The messages of one delivered batch, as the carrier message's one argument, and
     what became of them: ``failure`` is None until the function ran, then ``(index,
     error)`` of the first failed message, or ``(len, None)`` when all succeeded."""
@@ -731,7 +731,7 @@ class _ShardedConsumer(dramatiq.Consumer):
         self.prefetch = prefetch
         self.timeout = timeout
         self._changed = threading.Condition()
-        self._undelivered: collections.deque[_LeasedMessage] = collections.deque()
+        self._undelivered: collections.deque[dramatiq.MessageProxy] = collections.deque()
         self._outstanding = 0  # leased by this consumer and not yet settled
 
     def __next__(self) -> Optional[dramatiq.MessageProxy]:

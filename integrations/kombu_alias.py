@@ -51,15 +51,17 @@ def check_task_shard_key(fun, options) -> None:
     """
     task_name = options.get("name") or f"{getattr(fun, '__module__', '?')}.{getattr(fun, '__qualname__', fun)}"
     if options.get("batch") is not None:
+        import importlib
+
         from sharded_broker.errors import ConfigurationError
-        from sharded_broker.integrations.celery_batch import check_batch_size
 
         if not getattr(options.get("base"), BATCH_TASK, False):
             raise ConfigurationError(
                 f"task {task_name!r}: the batch option needs base=BatchTask "
                 "(from sharded_broker.integrations.celery import BatchTask)"
             )
-        check_batch_size(options["batch"], task_name)
+        # By name: this source also runs from the .pth file, outside its package.
+        importlib.import_module("sharded_broker.integrations.celery_batch").check_batch_size(options["batch"], task_name)
     source = options.get("shard_key")
     if source is None or callable(source):
         return
