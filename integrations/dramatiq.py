@@ -642,6 +642,10 @@ class _Batch(list):
         self.leases = leases
         self.failure: Optional[tuple[int, Optional[BaseException]]] = None
 
+    def __repr__(self) -> str:
+        # The Worker logs the carrier message with its arguments: one line, not M messages.
+        return f"<batch of {len(self)} messages, key {self.leases[0].key!r}, first {self[0].message_id}>"
+
 
 class _BatchFunction:
     """A batch actor's ``fn``: given a delivered :class:`_Batch`, calls the user's
@@ -890,6 +894,8 @@ class _ShardedConsumer(dramatiq.Consumer):
         index, error = batch.failure if batch.failure is not None else (0, None)
         if dead and index == len(leases):
             index = 0  # all ran, yet a middleware failed the delivery afterwards
+        if error is None:
+            error = delivery._exception  # what a middleware failed it with (AgeLimit's skip)
         try:
             if delivery.acked < index:
                 acking = leases[delivery.acked:index]

@@ -228,3 +228,22 @@ def test_a_stopping_worker_gives_prefetched_batches_back_uncounted(run_worker, m
         broker.join("sync", timeout=10_000)
     assert recorder.by_key() == {"blocker": [0], "victim": [0, 1, 2]}
     assert broker.dead_letters == []
+
+
+def test_age_limit_dead_letters_a_stale_head_and_gives_the_rest_back(run_worker, broker: ShardedBroker, recorder) -> None:
+    @dramatiq.actor(broker=broker, shard_key="key", batch=4, queue_name="fresh", max_age=1000)
+    def fresh_only(messages: list[dramatiq.Message]) -> None:
+        for message in messages:
+            recorder.add("k", message.kwargs["n"])
+
+    fresh_only.send(key="k", n=0)
+    fresh_only.send(key="k", n=1)
+    time.sleep(1.1)
+    fresh_only.send(key="k", n=2)
+    fresh_only.send(key="k", n=3)
+    with run_worker(broker):
+        broker.join("fresh", timeout=10_000, fail_fast=False)
+    assert recorder.by_key() == {"k": [2, 3]}  # each stale head died alone; the fresh ones ran
+    dead = broker.get_dead_letters("fresh")
+    assert [d.message.kwargs["n"] for d in dead] == [0, 1]
+    assert all("age limit" in d.reason and "of a batch of" in d.reason for d in dead)
