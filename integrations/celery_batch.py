@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 import celery
 from billiard.einfo import ExceptionWithTraceback
-from celery.exceptions import TimeLimitExceeded
+from celery.exceptions import Ignore, TimeLimitExceeded
 from celery.worker.request import Request
 
 from sharded_broker.broker import MAX_LEASE_LIMIT
@@ -78,7 +78,8 @@ class BatchRequest(Request):
         error = exc_info.exception
         if isinstance(error, ExceptionWithTraceback):
             error = error.exc
-        self._record_failure(error)
+        if not isinstance(error, Ignore):  # Ignore acks the message: the whole batch
+            self._record_failure(error)
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
     def on_timeout(self, soft: bool, timeout: float) -> None:
