@@ -247,3 +247,20 @@ def test_age_limit_dead_letters_a_stale_head_and_gives_the_rest_back(run_worker,
     dead = broker.get_dead_letters("fresh")
     assert [d.message.kwargs["n"] for d in dead] == [0, 1]
     assert all("age limit" in d.reason and "of a batch of" in d.reason for d in dead)
+
+
+def test_the_heartbeat_keeps_every_lease_of_a_long_batch(run_worker, make_broker) -> None:
+    broker = make_broker(visibility_timeout=0.5)
+    runs: list[list[int]] = []
+
+    @dramatiq.actor(broker=broker, shard_key="key", batch=3, queue_name="long")
+    def slow(messages: list[dramatiq.Message]) -> None:
+        runs.append([m.kwargs["n"] for m in messages])
+        time.sleep(1.5)  # three visibility timeouts
+
+    for n in range(3):
+        slow.send(key="k", n=n)
+    with run_worker(broker, threads=2):
+        broker.join("long", timeout=20_000)
+    assert runs == [[0, 1, 2]]  # no member expired and ran again
+    assert broker.dead_letters == []
