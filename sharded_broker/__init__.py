@@ -16,6 +16,7 @@ from .errors import (
     InvalidArgument,
     InvalidArgumentType,
     InvalidURL,
+    QueueFull,
     ShardedBrokerError,
 )
 from .urls import display_url, redact_url
@@ -46,6 +47,7 @@ __all__ = [
     "MessageInfo",
     "MessageState",
     "MinuteMetrics",
+    "QueueFull",
     "QueueSettings",
     "QueueStats",
     "ShardedBrokerError",

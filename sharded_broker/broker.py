@@ -17,6 +17,7 @@ from . import environment, urls
 from . import validation as check
 from .backend import Backend, EventSubscription, KeySort
 from .diagnosis import describe_seconds, diagnose
+from .feeder import Feeder, Writer
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
 from .models import (
     CancelResult, DeadLetter, Event, KeyDiagnosis, KeyFacts, KeyInfo, Lease, Message, MessageInfo, MinuteMetrics,
@@ -66,7 +67,8 @@ def connect(url: str | None = None, **options: Any) -> "Broker":
 
     ``options`` are queue settings that apply to every queue (``max_deliveries``,
     ``key_concurrency``, ``interval``, ``retry_position``, ``dedup_window``,
-    ``unique_while_pending``, ``visibility_timeout``), ``queues`` (a mapping of queue
+    ``unique_while_pending``, ``visibility_timeout``, and the backpressure limits
+    ``max_pending_per_key``, ``max_pending``, ``on_full``), ``queues`` (a mapping of queue
     name to settings for that queue), ``max_payload_size``, and the backend's own options;
     every backend takes ``metrics_window`` (seconds of per-minute metrics kept, default
     3600), ``key_metrics_window`` (the same for each shard key's minutes, at most
@@ -287,7 +289,10 @@ class Broker(BrokerEngine):
         headers: Mapping[str, Any] | None = None,
         at_head: bool = False,
     ) -> Steps[str]:
-        """Enqueue one message; its id (or, for a duplicate, the first message's id)."""
+        """Enqueue one message; its id (or, for a duplicate, the first message's id).
+
+        Raises :class:`~sharded_broker.QueueFull` (nothing stored) beyond the queue's
+        ``max_pending_per_key`` or ``max_pending`` (docs/operations.md, "Backpressure")."""
         queue = check.queue_name(queue)
         checked = check.message_of(payload, key, priority, delay, dedup_id, headers, at_head, self.max_payload_size)
         return (yield _call("enqueue_many", queue, [checked], self.settings(queue)))[0]
@@ -296,7 +301,8 @@ class Broker(BrokerEngine):
     def enqueue_many(self, queue: str, messages: Iterable[Message]) -> Steps[list[str]]:
         """Enqueue messages atomically in one round trip; their ids, in order.
 
-        Every message is checked first: one bad message refuses the whole batch.
+        Every message is checked first: one bad message refuses the whole batch, and so
+        does one beyond a backpressure limit (:class:`~sharded_broker.QueueFull`).
         """
         queue = check.queue_name(queue)
         checked = [check.message(m, self.max_payload_size) for m in messages]
@@ -689,6 +695,18 @@ class Broker(BrokerEngine):
     @operation
     def bound_queues(self, exchange: str) -> Steps[list[str]]:
         return (yield _call("bound_queues", check.queue_name(exchange)))
+
+    def feed(
+        self, queue: str, writer: Writer, *, low_water: int, high_water: int, interval: float = 1.0
+    ) -> Feeder:
+        """Start a daemon thread that refills ``queue`` from ``writer(room)`` whenever its
+        waiting messages (ready + delayed) fall below ``low_water``, up to ``high_water``,
+        looking every ``interval`` seconds; every message must carry a ``dedup_id``, so
+        none is enqueued twice within the queue's dedup window. Stop it with
+        ``.stop()``. See :mod:`sharded_broker.feeder`."""
+        feeder = Feeder(self, queue, writer, low_water=low_water, high_water=high_water, interval=interval)
+        feeder.start()
+        return feeder
 
     def close(self) -> None:
         self.backend.close()

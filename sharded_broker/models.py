@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 RetryPosition = Literal["head", "tail"]
+OnFull = Literal["reject", "drop_oldest", "replace"]
+# The reason of a message that max_pending_per_key dropped (drop_oldest, replace) to make
+# room: it goes to the dead letters with this reason, so it is counted and can be replayed.
+DROPPED_REASON = "dropped: max_pending_per_key"
 
 
 @dataclass
@@ -65,6 +69,11 @@ class QueueSettings:
     dedup_window: float = 300.0
     unique_while_pending: bool = False
     visibility_timeout: float = 30.0
+    # Backpressure (docs/operations.md): at most this many waiting (ready or delayed, not
+    # leased) messages per shard key / in the whole queue; None: unlimited.
+    max_pending_per_key: int | None = None
+    max_pending: int | None = None
+    on_full: OnFull = "reject"
 
     def replace(self, **changes: Any) -> "QueueSettings":
         return dataclasses.replace(self, **changes)

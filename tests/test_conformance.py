@@ -1577,3 +1577,17 @@ def test_cancel_and_get_refuse_a_bad_message_id(broker: Broker) -> None:
         broker.get(Q, "\udcff")
     with pytest.raises(InvalidArgument, match="queue"):
         broker.cancel("bad queue {}", "x")
+
+
+def test_cancel_frees_room_under_max_pending_per_key(connect, clock: FakeClock) -> None:
+    from sharded_broker.errors import QueueFull
+
+    broker = connect(max_pending_per_key=2)
+    broker.enqueue(Q, b"a1", key="a")
+    later = broker.enqueue(Q, b"a2", key="a", delay=30)
+    with pytest.raises(QueueFull):
+        broker.enqueue(Q, b"a3", key="a")
+    assert broker.cancel(Q, later).cancelled  # the key's delayed count goes down with it
+    broker.enqueue(Q, b"a3", key="a")
+    clock.advance(40)
+    assert drain(broker) == [b"a1", b"a3"]

@@ -79,6 +79,8 @@ class _Queue:
     messages: dict[str, _Record] = field(default_factory=dict)
     keys: dict[str, _Key] = field(default_factory=dict)
     key_counts: dict[str, int] = field(default_factory=dict)  # live (not dead) messages per key
+    # [ready, delayed] messages per key (max_pending_per_key), while it has either
+    key_waiting: dict[str, list[int]] = field(default_factory=dict)
     intervals: dict[str, float] = field(default_factory=dict)
     weights: dict[str, int] = field(default_factory=dict)  # keys of weight > 1 (kept while idle)
     # Kept apart from _Key (which goes when a key empties) so an interval spans idle gaps.
@@ -187,12 +189,26 @@ class _QueueStore:
 
     # -- message states
 
+    def _count_waiting(self, rec: _Record, state: str, change: int) -> None:
+        """Count ``rec`` in (+1) or out of (-1) its key's waiting messages as ``state``."""
+        index = _WAITING_INDEX.get(state)
+        if rec.key is None or index is None:
+            return
+        waiting = self.q.key_waiting.get(rec.key)
+        if waiting is None:
+            waiting = self.q.key_waiting[rec.key] = [0, 0]
+        waiting[index] += change
+        if not any(waiting):
+            del self.q.key_waiting[rec.key]
+
     def _set_state(self, rec: _Record, state: str) -> None:
         q = self.q
         if rec.state in q.counts:
             q.counts[rec.state] -= 1
         if state in q.counts:
             q.counts[state] += 1
+        self._count_waiting(rec, rec.state, -1)
+        self._count_waiting(rec, state, +1)
         rec.state = state
         if state == "ready":
             rec.ready_mark = next(self._order)
@@ -263,6 +279,13 @@ class _QueueStore:
         heapq.heappush(self.q.delayed, (due, next(self._order), rec.id))
 
     def dead_letter(self, rec: _Record, reason: str) -> None:
+        if rec.state == "ready" and rec.key is not None:
+            # A ready message dies only to make room (max_pending_per_key): its entry leaves
+            # its key's order now, so that replacing messages of a key with no consumer
+            # cannot pile up stale entries there.
+            heap = self.q.keys[rec.key].heap
+            heap.remove(_order_entry(rec))
+            heapq.heapify(heap)
         self._set_state(rec, "dead")
         rec.token = ""
         rec.reason = reason
@@ -328,6 +351,7 @@ class _QueueStore:
         q = self.q
         if rec.state in q.counts:
             q.counts[rec.state] -= 1
+        self._count_waiting(rec, rec.state, -1)
         del q.messages[rec.id]
         if rec.state != "dead" and rec.key is not None:
             self._uncount_key(rec.key)
@@ -451,6 +475,22 @@ class _QueueStore:
             heapq.heappush(ks.heap, _order_entry(rec))
         return heads
 
+    def key_tail(self, key: str) -> _Record | None:
+        # The largest valid entry: a scan of the key's order, which max_pending_per_key
+        # (the one caller) keeps short.
+        ks = self.q.keys.get(key)
+        if ks is None:
+            return None
+        valid = [entry for entry in ks.heap if _entry_valid(self.q, entry)]
+        return self.q.messages[max(valid)[2]] if valid else None
+
+    def key_waiting(self, key: str) -> tuple[int, int]:
+        ready, delayed = self.q.key_waiting.get(key, (0, 0))
+        return ready, delayed
+
+    def queue_waiting(self) -> int:
+        return self.q.counts["ready"] + self.q.counts["delayed"]
+
     def first_ready_key(self) -> tuple[float, int, str] | None:
         q = self.q
         while q.ready:
@@ -552,16 +592,24 @@ def _ready_age_valid(q: _Queue, entry: tuple[float, int, str]) -> bool:
     return rec is not None and rec.state == "ready" and rec.ready_mark == entry[1]
 
 
+def _entry_valid(q: _Queue, entry: tuple[int, int, str]) -> bool:
+    """Whether an entry of a key's order (or the lane) names a record ready at that place."""
+    priority, seq, mid = entry
+    rec = q.messages.get(mid)
+    return rec is not None and rec.state == "ready" and rec.seq == seq and rec.priority == priority
+
+
 def _top(q: _Queue, heap: list[tuple[int, int, str]]) -> _Record | None:
     """The first valid entry's record of a key's order (or the lane), stale entries dropped."""
     while heap:
-        priority, seq, mid = heap[0]
-        rec = q.messages.get(mid)
-        if rec is not None and rec.state == "ready" and rec.seq == seq and rec.priority == priority:
-            return rec
+        if _entry_valid(q, heap[0]):
+            return q.messages[heap[0][2]]
         heapq.heappop(heap)
     return None
 
+
+# Where a state counts in _Queue.key_waiting's [ready, delayed].
+_WAITING_INDEX = {"ready": 0, "delayed": 1}
 
 _STORES: dict[str, _Store] = {}
 _STORES_LOCK = threading.Lock()

@@ -21,9 +21,10 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from ..backend import WHY_READ_LIMIT
+from ..errors import QueueFull
 from ..models import (
-    CancelResult, EventType, HeadMessage, HeldBatch, KeyFacts, Lease, LeaseResult, Message, MessageInfo, MessageState,
-    QueueSettings, RetryPosition,
+    DROPPED_REASON, CancelResult, EventType, HeadMessage, HeldBatch, KeyFacts, Lease, LeaseResult, Message, MessageInfo,
+    MessageState, QueueSettings, RetryPosition,
 )
 
 # Tail seqs count up from here and head seqs count down, so every head seq sorts first.
@@ -147,6 +148,12 @@ class Store(Protocol[M]):
         """(not_before, entered_at) of the key's first ready message, or None."""
     def key_heads(self, key: str, count: int, /) -> list[M]:
         """The key's first ``count`` ready messages, in order."""
+    def key_tail(self, key: str, /) -> M | None:
+        """The key's last ready message in its order (the one it would deliver last)."""
+    def key_waiting(self, key: str, /) -> tuple[int, int]:
+        """(ready, delayed): how many of the key's messages wait for delivery."""
+    def queue_waiting(self) -> int:
+        """How many messages of the queue (keyed or not) are ready or delayed."""
     def first_ready_key(self) -> tuple[float, int, str] | None:
         """(ready time, order, key) first in the ready order."""
     def lane_head(self) -> tuple[M, float, int] | None:
@@ -356,6 +363,62 @@ def settled(s: Store[M], msg: M) -> None:
 # -- the operations ---------------------------------------------------------------------
 
 
+def plan_limits(s: Store[M], messages: Sequence[Message], settings: QueueSettings) -> QueueFull | set[int]:
+    """Under the backpressure limits: why the call must be refused whole, or the indexes of
+    the messages that must each drop one of their key's ready messages to go in. Nothing
+    is written. The enqueue is played through on counts, in order: a duplicate (of a
+    stored message or of an earlier one of the call) adds nothing; an ``at_head`` message
+    (a framework's retry taking its place back) is never refused and never drops one, but
+    counts; a keyed message finding its key full is refused under ``on_full="reject"``,
+    else it takes the place of one of the key's ready messages (refused when there is none:
+    the key's waiting messages are all delayed); ``max_pending`` refuses any message that
+    would make the queue's waiting messages more than it."""
+    per_key, total = settings.max_pending_per_key, settings.max_pending
+    queue_waiting = s.queue_waiting() if total is not None else 0
+    keys: dict[str, list[int]] = {}  # key -> [waiting, ready]
+    seen: set[str] = set()
+    drops: set[int] = set()
+    for index, m in enumerate(messages):
+        if m.dedup_id is not None:
+            if m.dedup_id in seen or dedup_hit(s, m.dedup_id, settings) is not None:
+                continue
+            seen.add(m.dedup_id)
+        becomes_ready = m.delay <= 0 or m.at_head
+        grows = True
+        if per_key is not None and m.key is not None:
+            counts = keys.get(m.key)
+            if counts is None:
+                ready, delayed = s.key_waiting(m.key)
+                counts = keys[m.key] = [ready + delayed, ready]
+            if counts[0] >= per_key and not m.at_head:
+                if settings.on_full == "reject":
+                    return QueueFull(s.name, m.key, "max_pending_per_key", per_key)
+                if not counts[1]:
+                    return QueueFull(
+                        s.name, m.key, "max_pending_per_key", per_key,
+                        f"on_full={settings.on_full!r} found no ready message to drop (all are delayed)",
+                    )
+                counts[1] -= 1  # the dropped one
+                grows = False
+                drops.add(index)
+            counts[0] += grows
+            counts[1] += becomes_ready
+        if total is not None and grows:
+            if queue_waiting >= total and not m.at_head:
+                return QueueFull(s.name, None, "max_pending", total)
+            queue_waiting += 1
+    return drops
+
+
+def room_for(s: Store[M], key: str, settings: QueueSettings) -> M | None:
+    """The ready message of ``key`` that a new one replaces (plan_limits found the key
+    full): its first under ``drop_oldest``, its last under ``replace``."""
+    if settings.on_full == "drop_oldest":
+        heads = s.key_heads(key, 1)
+        return heads[0] if heads else None
+    return s.key_tail(key)
+
+
 def enqueue_many(s: Store[M], messages: Sequence[Message], settings: QueueSettings) -> list[str]:
     # Due delayed messages entered their keys' order when they fell due: before anything
     # enqueued now.
@@ -363,13 +426,21 @@ def enqueue_many(s: Store[M], messages: Sequence[Message], settings: QueueSettin
     if any(m.dedup_id is not None for m in messages):
         for dedup_id, message_id in s.expired_dedup(SWEEP_LIMIT):
             expire_dedup(s, dedup_id, message_id, settings)
+    drops: set[int] = set()
+    if settings.max_pending_per_key is not None or settings.max_pending is not None:
+        plan = plan_limits(s, messages, settings)
+        if isinstance(plan, QueueFull):
+            raise plan
+        drops = plan
     ids = []
-    for m in messages:
+    for index, m in enumerate(messages):
         if m.dedup_id is not None:
             first = dedup_hit(s, m.dedup_id, settings)
             if first is not None:
                 ids.append(first)
                 continue
+        # Chosen before the new message goes in: it is never the one dropped.
+        dropped = room_for(s, m.key, settings) if index in drops and m.key is not None else None
         holds_key = m.at_head and m.key is not None
         if m.delay > 0 and not holds_key:
             mid = s.insert(m, state="delayed", seq=None, not_before=s.now + m.delay)
@@ -380,6 +451,11 @@ def enqueue_many(s: Store[M], messages: Sequence[Message], settings: QueueSettin
         if m.dedup_id is not None:
             s.set_dedup(m.dedup_id, mid, s.now + settings.dedup_window)
         s.record("enqueued", mid, m.key)
+        if dropped is not None and m.key is not None:
+            # After the new message went in, so the key keeps its place in the round.
+            s.dead_letter(dropped, DROPPED_REASON)
+            s.record("dead", dropped.id, m.key)
+            schedule(s, m.key, s.now, keep_place=True, settings=settings)
         ids.append(mid)
     return ids
 

@@ -63,7 +63,7 @@ from ..backend import (
     DEFAULT_METRICS_WINDOW, Backend, EventSubscription, KeySort, events_option, kept_minutes, key_metrics_window_option,
     metrics_window_option,
 )
-from ..errors import BackendError, BackendUnavailable, ConfigurationError
+from ..errors import BackendError, BackendUnavailable, ConfigurationError, QueueFull
 from ..urls import redact_url
 from ..models import (
     COUNTERS, CancelResult, DeadLetter, Event, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult, Message,
@@ -376,6 +376,14 @@ class RedisOperations:
                 "retry_position": settings.retry_position,
                 "dedup_window": round(settings.dedup_window * 1_000_000),
                 "unique_while_pending": settings.unique_while_pending,
+                # Backpressure only when set: unset, enqueue reads no more than before.
+                **({} if settings.max_pending_per_key is None else {"max_pending_per_key": settings.max_pending_per_key}),
+                **({} if settings.max_pending is None else {"max_pending": settings.max_pending}),
+                **(
+                    {}
+                    if settings.max_pending_per_key is None and settings.max_pending is None
+                    else {"on_full": settings.on_full}
+                ),
                 "kept": self._kept_minutes,
                 "key_kept": self._key_kept_minutes,
                 "publish": self.events,
@@ -420,6 +428,9 @@ class RedisOperations:
             )
             with self._registered_lock:
                 self._registered.add(queue)
+        if ids and isinstance(ids[0], int):  # a backpressure limit refused the call
+            _, key, setting, limit, note = ids
+            raise QueueFull(queue, _str(key) or None, _str(setting), limit, _str(note))
         return [_str(i) for i in ids]
 
     def lease(

@@ -39,6 +39,8 @@
 --                        b:<id>   cmsgpack list of the unsettled ids of a batch of 2 or more,
 --                                 then the batch's size (a one-message batch has no entry)
 --                        d:<dedup id>  cmsgpack {id, expires}
+--                        dl:<key> how many delayed messages the key has (max_pending_per_key;
+--                                 absent: none)
 --   backlog     zset   key -> minus its live (not dead) messages, so ZRANGE lists the largest
 --                      backlog first and equal backlogs by key
 --   delayed     zset   score = due time, member order..id
@@ -517,6 +519,16 @@ end
 
 local function set_state(rec, state)
   unindex(rec)
+  if rec.k and (rec.st == 'delayed') ~= (state == 'delayed') then
+    -- Each key's delayed messages are counted ('dl:<key>' in state) for max_pending_per_key:
+    -- one HINCRBY where a keyed message enters or leaves the delayed state, nothing else.
+    local field = 'dl:' .. rec.k
+    if state == 'delayed' then
+      redis.call('HINCRBY', K[STATE], field, 1)
+    elseif redis.call('HINCRBY', K[STATE], field, -1) <= 0 then
+      redis.call('HDEL', K[STATE], field)
+    end
+  end
   rec.st = state
 end
 
@@ -734,6 +746,22 @@ local function entry_record(index, member, now)
     end
   end
   return rec
+end
+
+-- The record of the first readable ready member between two lex bounds, in the order
+-- `command` reads them (ZRANGEBYLEX: first; ZREVRANGEBYLEX, bounds swapped: last); an
+-- unreadable one is dead-lettered on the way. nil when there is none.
+local function first_ready(command, from, to, now)
+  while true do
+    local member = redis.call(command, K[READY], from, to, 'LIMIT', '0', '1')[1]
+    if not member then
+      return nil
+    end
+    local rec = entry_record('ready', member, now)
+    if rec.st ~= 'dead' then
+      return rec
+    end
+  end
 end
 
 -- The first `count` ready members of key, in order.
@@ -1152,4 +1180,97 @@ local function register(name, fn, flags)
     end,
     flags = flags,
   })
+end
+
+-- Backpressure (max_pending_per_key, max_pending, on_full), mirroring plan_limits and
+-- room_for in planner.py. Used only when one of the limits is set.
+
+-- (ready, delayed): how many of key's messages wait for delivery.
+local function key_waiting(key)
+  local from, to = key_range(key)
+  return redis.call('ZLEXCOUNT', K[READY], from, to), tonumber(redis.call('HGET', K[STATE], 'dl:' .. key) or '0')
+end
+
+-- Under the limits: why enqueue must refuse the whole call ({key or '', setting, limit,
+-- note}), or nil and the set of message numbers that each drop one of their key's ready
+-- messages to go in. fields: the call's packed message fields (6 per message, see
+-- enqueue.lua).
+local function plan_limits(fields, count, now, settings)
+  local per_key, total = settings.max_pending_per_key, settings.max_pending
+  local queue_waiting = 0
+  if total then
+    queue_waiting = redis.call('ZCARD', K[READY]) + redis.call('ZCARD', K[DELAYED])
+  end
+  local keys, seen, drops = {}, {}, {}
+  for n = 1, count do
+    local f = 6 * (n - 1)
+    local key, after, dedup_id, at_head = fields[f + 2], fields[f + 4], fields[f + 5], fields[f + 6]
+    local counted = true
+    if dedup_id then
+      if seen[dedup_id] or dedup_hit(dedup_id, now, settings) then
+        counted = false
+      end
+      seen[dedup_id] = true
+    end
+    if counted then
+      local grows = true
+      if per_key and key then
+        local counts = keys[key]
+        if not counts then
+          local ready, delayed = key_waiting(key)
+          counts = { ready + delayed, ready }
+          keys[key] = counts
+        end
+        if counts[1] >= per_key and not at_head then
+          if settings.on_full == 'reject' then
+            return { key, 'max_pending_per_key', per_key, '' }
+          end
+          if counts[2] == 0 then
+            return { key, 'max_pending_per_key', per_key,
+              "on_full='" .. settings.on_full .. "' found no ready message to drop (all are delayed)" }
+          end
+          counts[2] = counts[2] - 1 -- the dropped one
+          grows = false
+          drops[n] = true
+        end
+        if grows then
+          counts[1] = counts[1] + 1
+        end
+        if after <= 0 or at_head then
+          counts[2] = counts[2] + 1
+        end
+      end
+      if total and grows then
+        if queue_waiting >= total and not at_head then
+          return { '', 'max_pending', total, '' }
+        end
+        queue_waiting = queue_waiting + 1
+      end
+    end
+  end
+  return nil, drops
+end
+
+-- The ready message of key that a new one replaces (plan_limits found the key full): its
+-- first under drop_oldest, its last under replace.
+local function room_for(key, now, settings)
+  if settings.on_full == 'drop_oldest' then
+    return key_heads(key, 1)[1]
+  end
+  local from, to = key_range(key)
+  return first_ready('ZREVRANGEBYLEX', to, from, now)
+end
+
+-- Dead-letter the message room_for chose, after the new one of its key went in (so the
+-- key keeps its place in the round).
+local function drop_to_make_room(rec, now, settings)
+  if rec.fresh then
+    -- Enqueued earlier in this call: its stored record is the client's envelope, which
+    -- flush() must now write back whole.
+    local stored = decode(rec.id, redis.call('HGET', K[MSGS], rec.id))
+    rec.h, rec.pl, rec.fresh = stored.h, stored.pl, nil
+  end
+  dead_letter(rec, now, 'dropped: max_pending_per_key')
+  record('dead', rec.id, rec.k, now)
+  schedule(rec.k, now, true, settings)
 end

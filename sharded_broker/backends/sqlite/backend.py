@@ -18,7 +18,7 @@ from ...backend import (
     DEFAULT_METRICS_WINDOW, Backend, EventSubscription, KeySort, events_option, key_metrics_window_option,
     metrics_window_option,
 )
-from ...errors import ConfigurationError
+from ...errors import ConfigurationError, QueueFull
 from ...models import (
     CancelResult, DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MessageInfo, MinuteMetrics,
     QueueSettings, QueueStats, RetryPosition,
@@ -169,12 +169,20 @@ class SQLiteBackend(Backend):
         return self._read(lambda tx: tx.database_now())
 
     def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
-        def body(tx: Transaction) -> list[str]:
+        def body(tx: Transaction) -> list[str] | QueueFull:
             s = tx.created_store(queue)
             s.q.held_messages = 1
-            return planner.enqueue_many(s, messages, settings)
+            try:
+                return planner.enqueue_many(s, messages, settings)
+            except QueueFull as full:
+                # Nothing of the call was written; what the sweeps before the refusal did
+                # (due delayed messages promoted) is committed, as the other backends keep it.
+                return full
 
-        return self._write(body, notify=True)
+        answer = self._write(body, notify=True)
+        if isinstance(answer, QueueFull):
+            raise answer
+        return answer
 
     def lease(
         self, queue: str, limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings

@@ -19,7 +19,8 @@ from ...models import COUNTERS
 # them when opened, each queue starting from the old floor. Version 4 keeps a leased
 # message's batch size and delivery time (messages.batch_size, leased_at: ADDED_COLUMNS).
 # Version 5 keeps a key's weight and its round in progress (keys.weight, round_turns,
-# round_at, round_order: ADDED_COLUMNS).
+# round_at, round_order: ADDED_COLUMNS) and adds the messages_key_delayed index
+# (max_pending_per_key counts a key's delayed messages); an older file gains both when opened.
 SCHEMA_VERSION = 5
 OLD_INDEXES = ("messages_ready", "messages_batch")
 _OPEN_MINUTE_COLUMNS = {"open_minute": "REAL", **{f"open_{c}": "INTEGER NOT NULL DEFAULT 0" for c in COUNTERS}}

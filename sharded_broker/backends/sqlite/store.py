@@ -772,6 +772,21 @@ class QueueStore:
             if all(self._readable(msg) for msg in heads):
                 return heads
 
+    def key_tail(self, key: str) -> _Message | None:
+        while True:
+            tail = self._message("key_tail", self.q.name, key)
+            if tail is None or self._readable(tail):
+                return tail
+
+    def key_waiting(self, key: str) -> tuple[int, int]:
+        # Counted in the key's index entries: the limit being set keeps them few.
+        ready = self.tx.one("key_ready_count", self.q.name, key)[0]
+        delayed = self.tx.one("key_delayed_count", self.q.name, key)[0]
+        return ready, delayed
+
+    def queue_waiting(self) -> int:
+        return self.q.ready + self.q.delayed
+
     def first_ready_key(self) -> tuple[float, int, str] | None:
         self.tx.flush_keys()
         row = self.tx.one("ready_key", self.q.name)
