@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import heapq
 import importlib
+import threading
 import time
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
 
-from . import environment, urls
+from . import environment, recurrence, urls
 from . import validation as check
 from .backend import Backend, EventSubscription, KeySort
 from .diagnosis import describe_seconds, diagnose
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
 from .models import (
     DeadLetter, Event, KeyDiagnosis, KeyFacts, KeyInfo, Lease, Message, MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
+    Schedule,
 )
 
 # scheme -> "module:Class", imported on first use so that a memory:// user needs no redis-py.
@@ -33,6 +36,14 @@ T = TypeVar("T")
 # there), and at most MAX_STUCK_SCAN keys in all.
 STUCK_PAGE = 200
 MAX_STUCK_SCAN = 100_000
+# A consumer (Broker.lease) looks for due schedules of its queue at most this often
+# (seconds), so that a running worker is all a schedule needs; each look is one read.
+SCHEDULE_CHECK_INTERVAL = 1.0
+# Schedules fired per look at most (the rest are still due at the next look).
+SCHEDULES_PER_CHECK = 100
+MAX_SCHEDULE_NAME_LENGTH = 200
+# The header naming the schedule that enqueued a message.
+SCHEDULE_HEADER = "schedule"
 
 
 def backend_class(url: str) -> type[Backend]:
@@ -113,6 +124,10 @@ class Broker:
         self.defaults = defaults or QueueSettings()
         self.max_payload_size = check.positive_int(max_payload_size, "max_payload_size", maximum=check.MAX_PAYLOAD_SIZE_LIMIT)
         self._queue_settings: dict[str, QueueSettings] = {}
+        #: Seconds between two looks for due schedules by :meth:`lease` (per queue).
+        self.schedule_check_interval = SCHEDULE_CHECK_INTERVAL
+        self._next_schedule_check: dict[str, float] = {}  # queue -> time.monotonic() of the next look
+        self._schedule_check_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<Broker {self.backend!r}>"
@@ -189,10 +204,13 @@ class Broker:
         wait = check.seconds(wait, "wait")
         give_up_at = time.monotonic() + wait
         while True:
+            until_check = self._look_for_due_schedules(queue)
             result = self.backend.lease(queue, limit, per_key, visibility_timeout, settings)
             remaining = give_up_at - time.monotonic()
             if result.leases or remaining <= 0:
                 return result.leases
+            # Wake for the next look at the schedules: a waiting consumer fires them too.
+            remaining = min(remaining, max(until_check, 0.001))
             due_in = None if result.retry_in is None else max(result.retry_in, 0.0)
             coarse = self.backend.wait_resolution
             if due_in is None or due_in > remaining:
@@ -489,6 +507,119 @@ class Broker:
             answer.append(d)
         return answer
 
+    # -- schedules: recurrent messages stored in the broker --------------------------------
+
+    def schedule(
+        self,
+        queue: str,
+        name: str,
+        payload: bytes,
+        *,
+        every: float | datetime.timedelta | None = None,
+        cron: str | None = None,
+        key: str | None = None,
+        priority: int = 0,
+        headers: Mapping[str, Any] | None = None,
+    ) -> Schedule:
+        """Create (or replace, by ``name``) a recurrent message of ``queue``: every
+        ``every`` seconds (a number or a ``timedelta``), or at the minutes of ``cron``
+        (crontab's five fields, UTC, such as ``"*/5 * * * *"``), one message with
+        ``payload``, ``key``, ``priority`` and ``headers`` (plus ``{"schedule": name}``) is
+        enqueued. The schedule as stored.
+
+        Stored in the backend and fired by the consumers of ``queue`` (:meth:`lease` looks
+        about once a second): no separate process is needed, and however many consumers
+        run, each period's message is enqueued once. A period that passed while no
+        consumer ran is fired once when one starts, not once per missed period. An
+        ``every`` schedule is first due ``every`` seconds after it is created; replacing
+        a schedule keeps its next due time when its ``every``/``cron`` is unchanged, and
+        its pause (sharded_broker/recurrence.py, docs/scheduling.md).
+        """
+        queue = check.queue_name(queue)
+        name = _schedule_name(name)
+        if (every is None) == (cron is None):
+            raise InvalidArgument("schedule needs exactly one of every= (seconds or a timedelta) and cron= (a crontab spec)")
+        every_seconds = None if every is None else recurrence.every_seconds(every)
+        cron_spec = None if cron is None else recurrence.parse_cron(cron).spec
+        message = check.message_of(payload, key, priority, 0.0, None, headers, False, self.max_payload_size)
+        now = self.backend.now()
+        stored = Schedule(
+            queue=queue, name=name, payload=message.payload, key=message.key, priority=message.priority,
+            headers=dict(message.headers or {}), every=every_seconds, cron=cron_spec,
+            next_due=recurrence.first_due(every_seconds, cron_spec, now),
+        )
+        return self.backend.put_schedule(queue, stored)
+
+    def schedules(self, queue: str) -> list[Schedule]:
+        """The schedules of ``queue``, by name: spec, key, next due time, pause, last firing."""
+        return self.backend.schedules(check.queue_name(queue))
+
+    def pause_schedule(self, queue: str, name: str) -> None:
+        """Stop a schedule from enqueuing until :meth:`resume_schedule`. InvalidArgument
+        for an unknown name."""
+        queue, name = check.queue_name(queue), _schedule_name(name)
+        if not self.backend.set_schedule_paused(queue, name, True, None):
+            raise InvalidArgument(f"queue {queue!r} has no schedule named {name!r}")
+
+    def resume_schedule(self, queue: str, name: str) -> None:
+        """Let a paused schedule enqueue again, from its next period after now (periods
+        that passed while it was paused are not made up). InvalidArgument for an unknown
+        name."""
+        queue, name = check.queue_name(queue), _schedule_name(name)
+        found = [s for s in self.backend.schedules(queue) if s.name == name]
+        if not found:
+            raise InvalidArgument(f"queue {queue!r} has no schedule named {name!r}")
+        current = found[0]
+        if not current.paused:
+            return
+        now = self.backend.now()
+        next_due = current.next_due
+        if next_due <= now:
+            next_due = recurrence.next_due(current.every, current.cron, next_due, now)
+        if not self.backend.set_schedule_paused(queue, name, False, next_due):
+            raise InvalidArgument(f"queue {queue!r} has no schedule named {name!r}")
+
+    def unschedule(self, queue: str, name: str) -> bool:
+        """Remove a schedule; False when ``queue`` had none named ``name``."""
+        return self.backend.remove_schedule(check.queue_name(queue), _schedule_name(name))
+
+    def fire_due_schedules(self, queue: str) -> list[str]:
+        """Enqueue the message of every schedule of ``queue`` that is due now (at most
+        ``SCHEDULES_PER_CHECK``); the ids of the messages this call enqueued. What
+        :meth:`lease` does about once a second; a schedule another process fired first
+        is skipped. Each firing is a compare-and-set on the schedule's next due time, so
+        concurrent callers never enqueue one period twice."""
+        queue = check.queue_name(queue)
+        now, due = self.backend.due_schedules(queue, SCHEDULES_PER_CHECK)
+        fired = []
+        settings = self.settings(queue)
+        for schedule in due:
+            message = Message(
+                schedule.payload, key=schedule.key, priority=schedule.priority,
+                headers={**schedule.headers, SCHEDULE_HEADER: schedule.name},
+            )
+            next_due = recurrence.next_due(schedule.every, schedule.cron, schedule.next_due, now)
+            mid = self.backend.fire_schedule(queue, schedule.name, schedule.next_due, next_due, message, settings)
+            if mid is not None:
+                fired.append(mid)
+        return fired
+
+    def _look_for_due_schedules(self, queue: str) -> float:
+        """:meth:`fire_due_schedules` when this process's last look at ``queue`` is
+        ``schedule_check_interval`` old (one thread looks at a time; the others go on);
+        seconds until the next look."""
+        now = time.monotonic()
+        next_check = self._next_schedule_check.get(queue, 0.0)
+        if now < next_check or not self._schedule_check_lock.acquire(blocking=False):
+            return max(next_check - now, 0.0) if now < next_check else self.schedule_check_interval
+        try:
+            # Set first: a failing look waits its turn too instead of repeating at once.
+            self._next_schedule_check[queue] = now + self.schedule_check_interval
+            self.fire_due_schedules(queue)
+        finally:
+            self._schedule_check_lock.release()
+        return self.schedule_check_interval
+
     def events(self, queue: str, *, timeout: float | None = None) -> "EventStream":
         """Subscribe to ``queue``'s lifecycle events (enqueued, delivered, acked, retried,
         dead) from now on. Iterate the answer for :class:`Event` values; iteration ends
@@ -571,6 +702,16 @@ class EventStream:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _schedule_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise InvalidArgumentType(f"a schedule name must be a str, not {type(name).__name__}")
+    if not name or len(name) > MAX_SCHEDULE_NAME_LENGTH or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidArgument(
+            f"a schedule name must be 1 to {MAX_SCHEDULE_NAME_LENGTH} characters without control characters, not {name!r:.80}"
+        )
+    return check.utf8_text(name, "schedule name")
 
 
 def _lease(lease: Any) -> Lease:

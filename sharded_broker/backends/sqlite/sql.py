@@ -18,7 +18,9 @@ from ...models import COUNTERS
 # current minute in the queue's and the key's rows (ADDED_COLUMNS): an older file gains
 # them when opened, each queue starting from the old floor. Version 4 keeps a leased
 # message's batch size and delivery time (messages.batch_size, leased_at: ADDED_COLUMNS).
-SCHEMA_VERSION = 4
+# Version 5 added the schedules table (recurrent messages) and its schedules_due index,
+# which an older file gains when opened (the schema's statements create what is missing).
+SCHEMA_VERSION = 5
 OLD_INDEXES = ("messages_ready", "messages_batch")
 _OPEN_MINUTE_COLUMNS = {"open_minute": "REAL", **{f"open_{c}": "INTEGER NOT NULL DEFAULT 0" for c in COUNTERS}}
 ADDED_COLUMNS = {
