@@ -204,12 +204,17 @@ class Broker:
         wait = check.seconds(wait, "wait")
         give_up_at = time.monotonic() + wait
         while True:
-            until_check = self._look_for_due_schedules(queue)
             result = self.backend.lease(queue, limit, per_key, visibility_timeout, settings)
-            remaining = give_up_at - time.monotonic()
-            if result.leases or remaining <= 0:
+            # A busy consumer and a waiting one both fire the queue's due schedules.
+            fired, until_check = self._look_for_due_schedules(queue)
+            if result.leases:
                 return result.leases
-            # Wake for the next look at the schedules: a waiting consumer fires them too.
+            if fired:
+                continue  # deliver what was just enqueued
+            remaining = give_up_at - time.monotonic()
+            if remaining <= 0:
+                return result.leases
+            # Wake for the next look at the schedules.
             remaining = min(remaining, max(until_check, 0.001))
             due_in = None if result.retry_in is None else max(result.retry_in, 0.0)
             coarse = self.backend.wait_resolution
@@ -604,21 +609,23 @@ class Broker:
                 fired.append(mid)
         return fired
 
-    def _look_for_due_schedules(self, queue: str) -> float:
+    def _look_for_due_schedules(self, queue: str) -> tuple[bool, float]:
         """:meth:`fire_due_schedules` when this process's last look at ``queue`` is
-        ``schedule_check_interval`` old (one thread looks at a time; the others go on);
-        seconds until the next look."""
+        ``schedule_check_interval`` old (one thread looks at a time; the others go on):
+        whether it enqueued a message, and the seconds until the next look."""
         now = time.monotonic()
         next_check = self._next_schedule_check.get(queue, 0.0)
-        if now < next_check or not self._schedule_check_lock.acquire(blocking=False):
-            return max(next_check - now, 0.0) if now < next_check else self.schedule_check_interval
+        if now < next_check:
+            return False, next_check - now
+        if not self._schedule_check_lock.acquire(blocking=False):
+            return False, self.schedule_check_interval
         try:
             # Set first: a failing look waits its turn too instead of repeating at once.
             self._next_schedule_check[queue] = now + self.schedule_check_interval
-            self.fire_due_schedules(queue)
+            fired = bool(self.fire_due_schedules(queue))
         finally:
             self._schedule_check_lock.release()
-        return self.schedule_check_interval
+        return fired, self.schedule_check_interval
 
     def events(self, queue: str, *, timeout: float | None = None) -> "EventStream":
         """Subscribe to ``queue``'s lifecycle events (enqueued, delivered, acked, retried,

@@ -13,7 +13,9 @@ from collections import Counter
 from typing import Callable
 
 import pytest
+import redis
 
+import sharded_broker
 from sharded_broker import Broker, InvalidArgument, InvalidArgumentType, Message
 from support.backends import CLOCK_START, FakeClock
 
@@ -253,3 +255,71 @@ def test_bad_messages_are_refused_like_enqueue(broker: Broker) -> None:
     with pytest.raises(InvalidArgument):
         broker.schedule(Q, "s", b"x", every=10, key="bad\x00key")
     assert broker.schedules(Q) == []
+
+
+# -- per backend: where schedules live -------------------------------------------------------
+
+
+def test_sqlite_schedule_statements_read_through_indexes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    clock = FakeClock()
+    broker = sharded_broker.connect(f"sqlite:///{tmp_path}/q.db", clock=clock)
+    for i in range(50):
+        broker.schedule(Q if i % 2 else "other", f"s{i}", b"x", every=10 + i)
+    conn = broker.backend._connection()
+    conn.execute("ANALYZE")
+    statements: set[str] = set()
+    conn.set_trace_callback(statements.add)
+    try:
+        broker.schedule(Q, "s1", b"y", every=11)
+        clock.advance(30)
+        broker.schedule_check_interval = 0.0
+        broker.lease(Q)  # looks and fires
+        broker.pause_schedule(Q, "s3")
+        broker.resume_schedule(Q, "s3")
+        broker.unschedule(Q, "s5")
+    finally:
+        conn.set_trace_callback(None)
+    checked = [s for s in statements if "schedules" in s]
+    assert len(checked) >= 5
+    offenders = {}
+    for statement in checked:
+        plan = conn.execute(f"EXPLAIN QUERY PLAN {statement}").fetchall()
+        scans = [d for *_, d in plan if (d.startswith("SCAN") and " INDEX " not in d) or "TEMP B-TREE" in d]
+        if scans:
+            offenders[statement] = scans
+    assert offenders == {}
+    broker.close()
+
+
+def test_sqlite_a_schema_4_file_gains_the_schedules_table(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path}/old.db"
+    old = sharded_broker.connect(url)
+    old.enqueue(Q, b"kept", key="k")
+    conn = old.backend._connection()
+    conn.executescript("DROP TABLE schedules; PRAGMA user_version = 4;")
+    old.close()
+    upgraded = sharded_broker.connect(url)
+    conn = upgraded.backend._connection()
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    upgraded.schedule(Q, "s", b"x", every=10)
+    assert [s.name for s in upgraded.schedules(Q)] == ["s"]
+    assert [lease.payload for lease in upgraded.lease(Q)] == [b"kept"]
+    upgraded.close()
+
+
+def test_redis_schedules_live_under_the_queue_hash_tag(redis_url: str) -> None:
+    clock = FakeClock()
+    broker = sharded_broker.connect(redis_url, clock=clock)
+    broker.schedule(Q, "s", b"x", every=10, key="k")
+    broker.schedule(Q, "t", b"y", cron="* * * * *")
+    broker.pause_schedule(Q, "t")
+    clock.advance(10)
+    assert len(broker.fire_due_schedules(Q)) == 1
+    admin = redis.Redis.from_url(redis_url)
+    keys = {key.decode() for key in admin.scan_iter()}
+    assert {"sb:{jobs}:schedules", "sb:{jobs}:schedq"} <= keys
+    assert all(key.startswith("sb:{jobs}:") for key in keys - {"sb:queues"})
+    # Only schedules not paused are in the due order.
+    assert admin.zrange("sb:{jobs}:schedq", 0, -1) == [b"s"]
+    admin.close()
+    broker.close()
