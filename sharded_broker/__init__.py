@@ -21,6 +21,7 @@ from .errors import (
 from .urls import display_url, redact_url
 from .models import (
     DeadLetter, Event, HeadMessage, HeldBatch, KeyDiagnosis, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
+    Schedule,
 )
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "MinuteMetrics",
     "QueueSettings",
     "QueueStats",
+    "Schedule",
     "ShardedBrokerError",
     "connect",
     "display_url",
