@@ -356,7 +356,8 @@ class Backend(ABC):
     @abstractmethod
     def due_schedules(self, queue: str, limit: int) -> tuple[float, list[Schedule]]:
         """The backend's time, and up to ``limit`` schedules of ``queue`` not paused whose
-        ``next_due`` is at or before it, earliest first: one index read when none is due
+        ``next_due`` is at or before it, earliest first (equal times by name, so every
+        backend fires them in one order): one index read when none is due
         (what every consumer calls about once a second)."""
 
     @abstractmethod

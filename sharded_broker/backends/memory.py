@@ -107,9 +107,10 @@ class _Queue:
     metrics_expiry: list[tuple[float, int, float, str | None]] = field(default_factory=list)
     subscribers: list["_Subscription"] = field(default_factory=list)
     schedules: dict[str, Schedule] = field(default_factory=dict)
-    # (next due, order, name) of schedules not paused; an entry is valid while its schedule
-    # is there, not paused, with that next due time.
-    schedules_due: list[tuple[float, int, str]] = field(default_factory=list)
+    # (next due, name) of schedules not paused, so that equal due times go by name as on
+    # every backend; an entry is valid while its schedule is there, not paused, with that
+    # next due time (a schedule may have two equal valid entries: read once).
+    schedules_due: list[tuple[float, str]] = field(default_factory=list)
 
 
 class _Store:
@@ -855,7 +856,7 @@ class MemoryBackend(Backend):
         """Store ``schedule`` (with the lock held) and index it when it may come due."""
         q.schedules[schedule.name] = schedule
         if not schedule.paused:
-            heapq.heappush(q.schedules_due, (schedule.next_due, next(self._order), schedule.name))
+            heapq.heappush(q.schedules_due, (schedule.next_due, schedule.name))
         return schedule
 
     def put_schedule(self, queue: str, schedule: Schedule) -> Schedule:
@@ -881,11 +882,13 @@ class MemoryBackend(Backend):
             due: list[Schedule] = []
             if q is None:
                 return now, due
-            kept = []  # valid entries looked at, pushed back: firing (not this read) moves them
+            kept: list[tuple[float, str]] = []  # valid entries looked at, pushed back: firing (not this read) moves them
             while q.schedules_due and q.schedules_due[0][0] <= now and len(due) < limit:
                 entry = heapq.heappop(q.schedules_due)
-                schedule = q.schedules.get(entry[2])
-                if schedule is not None and not schedule.paused and schedule.next_due == entry[0]:
+                schedule = q.schedules.get(entry[1])
+                if schedule is None or schedule.paused or schedule.next_due != entry[0]:
+                    continue
+                if not kept or kept[-1] != entry:  # equal entries pop one after another
                     due.append(schedule)
                     kept.append(entry)
             for entry in kept:

@@ -1,5 +1,6 @@
 -- schedule_due: the server's time, then up to limit schedules not paused that are due
--- (name, schedule, ...), earliest first: one ZRANGEBYSCORE when none is.
+-- (name, schedule, ...), earliest first and equal times by name (the sorted set's order):
+-- one ZRANGEBYSCORE when none is.
 -- args: clock, limit.
 register('schedule_due', function(args)
   local now = clock(args[1])

@@ -178,7 +178,7 @@ FROM schedules WHERE queue = ? ORDER BY name;
 
 -- name: schedules_due
 SELECT queue, name, payload, key, priority, headers, every, cron, next_due, paused, last_fired, fired
-FROM schedules WHERE queue = ? AND paused = 0 AND next_due <= ? ORDER BY next_due LIMIT ?;
+FROM schedules WHERE queue = ? AND paused = 0 AND next_due <= ? ORDER BY next_due, name LIMIT ?;
 
 -- name: schedule_put
 INSERT OR REPLACE INTO schedules (queue, name, payload, key, priority, headers, every, cron, next_due, paused,
