@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import heapq
 import importlib
+import logging
 import threading
 import time
 from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
@@ -14,7 +15,7 @@ from . import environment, recurrence, urls
 from . import validation as check
 from .backend import Backend, EventSubscription, KeySort
 from .diagnosis import describe_seconds, diagnose
-from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
+from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL, ShardedBrokerError
 from .models import (
     DeadLetter, Event, KeyDiagnosis, KeyFacts, KeyInfo, Lease, Message, MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
     Schedule,
@@ -44,6 +45,8 @@ SCHEDULES_PER_CHECK = 100
 MAX_SCHEDULE_NAME_LENGTH = 200
 # The header naming the schedule that enqueued a message.
 SCHEDULE_HEADER = "schedule"
+
+log = logging.getLogger(__name__)
 
 
 def backend_class(url: str) -> type[Backend]:
@@ -623,6 +626,12 @@ class Broker:
             # Set first: a failing look waits its turn too instead of repeating at once.
             self._next_schedule_check[queue] = now + self.schedule_check_interval
             fired = bool(self.fire_due_schedules(queue))
+        except ShardedBrokerError as exc:
+            # Never the lease's failure: its leases are already taken (and a Redis at
+            # maxmemory refuses a firing, an enqueue, while consumers drain the queue).
+            log.warning("Could not fire the due schedules of queue %r (next look in %gs): %s",
+                        queue, self.schedule_check_interval, exc)
+            fired = False
         finally:
             self._schedule_check_lock.release()
         return fired, self.schedule_check_interval

@@ -323,3 +323,25 @@ def test_redis_schedules_live_under_the_queue_hash_tag(redis_url: str) -> None:
     assert admin.zrange("sb:{jobs}:schedq", 0, -1) == [b"s"]
     admin.close()
     broker.close()
+
+
+def test_a_failing_look_at_the_schedules_never_fails_the_lease(
+    broker: Broker, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The lease's messages are taken before the look: a backend refusing the firing (a
+    Redis at maxmemory refuses enqueues) must not lose them."""
+    broker.schedule_check_interval = 0.0
+    broker.schedule(Q, "s", b"tick", every=5)
+    broker.enqueue(Q, b"work")
+    clock.advance(5)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise sharded_broker.BackendUnavailable("OOM command not allowed when used memory > 'maxmemory'")
+
+    monkeypatch.setattr(broker.backend, "fire_schedule", refuse)
+    [lease] = broker.lease(Q)
+    assert lease.payload == b"work"
+    assert "Could not fire the due schedules of queue 'jobs'" in caplog.text
+    monkeypatch.undo()
+    assert broker.ack(lease)
+    assert [lease.payload for lease in broker.lease(Q)] == [b"tick"]  # fired at the next look
