@@ -3,7 +3,8 @@ does not move with the machine's load (rates and µs do, by tens of percent on s
 
     python -m benchmarks.instructions [--messages 1000] [--keys 1000]
 
-Starts a throwaway ``redis-server`` under ``valgrind --tool=callgrind --instr-atstart=no`` on a
+Starts a throwaway ``redis-server`` under ``valgrind --tool=callgrind --instr-atstart=no`` (counting
+only the functions that serve requests, see COUNTED) on a
 free loopback port, and for each phase zeroes the counters, turns instrumentation on, runs the
 phase, turns it off and dumps (``callgrind_control -z / -i on / -i off / -d``): the dump's total
 divided by the phase's messages. Each engine phase starts on an empty server. Dramatiq's
@@ -31,6 +32,12 @@ from .common import RedisServer  # noqa: F401  (puts tests/support on the path)
 from support.redis_server import free_port
 
 
+# Only the work of serving requests is counted: reading and running each command and
+# writing its reply. The server's periodic and idle work (serverCron, the event loop) grows
+# with wall time, which a loaded machine stretches, and would add tens of percent.
+COUNTED = ("--toggle-collect=readQueryFromClient", "--toggle-collect=writeToClient")
+
+
 class CallgrindServer:
     """A redis-server whose instructions callgrind counts, phase by phase."""
 
@@ -41,7 +48,7 @@ class CallgrindServer:
         self.dir = tempfile.mkdtemp(prefix="sb-callgrind-")
         self.out = os.path.join(self.dir, "cg.out")
         self.process = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={self.out}",
+            ["valgrind", "--tool=callgrind", "--instr-atstart=no", *COUNTED, f"--callgrind-out-file={self.out}",
              "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir,
         )

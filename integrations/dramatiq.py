@@ -323,6 +323,8 @@ class ShardedBroker(dramatiq.Broker):
         Raises:
           ShardKeyError: the message's shard key is missing or invalid (nothing stored).
           sharded_broker.InvalidArgument: another bad value (delay, priority, size).
+          sharded_broker.QueueFull: the queue's ``max_pending_per_key`` or ``max_pending``
+            refused it (nothing stored; docs/operations.md, "Backpressure").
         """
         queue_name = q_name(message.queue_name)
         stored = message.copy(queue_name=queue_name)

@@ -16,6 +16,7 @@ from .errors import (
     InvalidArgument,
     InvalidArgumentType,
     InvalidURL,
+    QueueFull,
     ShardedBrokerError,
 )
 from .urls import display_url, redact_url
@@ -43,6 +44,7 @@ __all__ = [
     "LeaseResult",
     "Message",
     "MinuteMetrics",
+    "QueueFull",
     "QueueSettings",
     "QueueStats",
     "Schedule",

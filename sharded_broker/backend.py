@@ -235,6 +235,11 @@ class Backend(ABC):
         """Persist a key's minimum interval between deliveries (``None``: queue default)."""
 
     @abstractmethod
+    def set_weight(self, queue: str, key: str, weight: int | None) -> None:
+        """Persist a key's weight in the fairness order (an int > 1; ``None``: weight 1).
+        The key keeps its place; a round in progress ends (see planner.serve_key)."""
+
+    @abstractmethod
     def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
         """Pause or resume a key (or with ``key=None``, the whole queue). Leases held go on."""
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import heapq
 import importlib
+import inspect
 import logging
 import threading
 import time
-from typing import Any, Callable, Generic, Iterable, Iterator, Mapping, Sequence, TypeVar
+from types import MappingProxyType
+from typing import (
+    Any, Callable, Concatenate, Generator, Iterable, Iterator, Mapping, NamedTuple, ParamSpec, Sequence, TypeVar, Union,
+)
 
 from . import environment, recurrence, urls
 from . import validation as check
@@ -33,6 +38,7 @@ MAX_LEASE_LIMIT = 10_000
 MAX_METRICS_MINUTES = 7 * 24 * 60
 MAX_KEYS_LIMIT = 10_000
 T = TypeVar("T")
+P = ParamSpec("P")
 # stuck_keys reads keys in pages of this many (a few bounded backend calls per page; see
 # there), and at most MAX_STUCK_SCAN keys in all.
 STUCK_PAGE = 200
@@ -73,7 +79,8 @@ def connect(url: str | None = None, **options: Any) -> "Broker":
 
     ``options`` are queue settings that apply to every queue (``max_deliveries``,
     ``key_concurrency``, ``interval``, ``retry_position``, ``dedup_window``,
-    ``unique_while_pending``, ``visibility_timeout``), ``queues`` (a mapping of queue
+    ``unique_while_pending``, ``visibility_timeout``, and the backpressure limits
+    ``max_pending_per_key``, ``max_pending``, ``on_full``), ``queues`` (a mapping of queue
     name to settings for that queue), ``max_payload_size``, and the backend's own options;
     every backend takes ``metrics_window`` (seconds of per-minute metrics kept, default
     3600), ``key_metrics_window`` (the same for each shard key's minutes, at most
@@ -84,6 +91,24 @@ def connect(url: str | None = None, **options: Any) -> "Broker":
     directory, a file that is not a database), raises :class:`InvalidURL`, saying how a
     relative ``sqlite:///`` path was read; a bad option raises ``ConfigurationError``.
     """
+    return open_broker(Broker, backend_class, url, options, discard=lambda backend: backend.close())
+
+
+BrokerT = TypeVar("BrokerT", bound="BrokerEngine")
+
+
+def open_broker(
+    broker_type: type[BrokerT],
+    backend_for: Callable[[str], Any],
+    url: str | None,
+    options: dict[str, Any],
+    *,
+    discard: Callable[[Any], None],
+) -> BrokerT:
+    """What :func:`connect` does, for ``broker_type`` (Broker, or the asyncio API's
+    AsyncBroker) on a backend of ``backend_for(url)``: the URL and options read (the
+    environment's too), checked and split into queue settings and the backend's own.
+    ``discard`` releases the backend when a per-queue setting is refused."""
     given = environment.url(url)
     url = DEFAULT_URL if given is None else given
     options = environment.options(options, url)
@@ -93,7 +118,7 @@ def connect(url: str | None = None, **options: Any) -> "Broker":
     defaults = check.queue_settings(settings_options)
     if not isinstance(per_queue, Mapping):
         raise ConfigurationError("queues must map queue names to settings")
-    backend_type = backend_class(url)
+    backend_type = backend_for(url)
     if url.startswith(("redis://", "rediss://")):
         urls.check_redis_url(url)
     try:
@@ -104,21 +129,114 @@ def connect(url: str | None = None, **options: Any) -> "Broker":
             raise
         raise InvalidURL(f"{exc} ({hint})") from None
     try:
-        broker = Broker(backend, defaults=defaults, max_payload_size=max_payload_size)
+        broker = broker_type(backend, defaults=defaults, max_payload_size=max_payload_size)
         for name, queue_options in per_queue.items():
             broker.configure_queue(name, **queue_options)
     except BaseException:
-        backend.close()  # a refused setting must not leak the backend's connections
+        discard(backend)  # a refused setting must not leak the backend's connections
         raise
     return broker
 
 
-class Broker:
-    """Per-key FIFO queues over one backend. Thread-safe; share one per process."""
+# -- operations as steps ----------------------------------------------------------------
+#
+# Each Broker operation is written once, as a generator of the backend calls it needs
+# ("steps"): it checks its arguments, yields a Call (a Backend method's name and
+# arguments) or a Sleep, is sent each answer, and returns the operation's answer. Broker
+# runs the steps synchronously on its backend; AsyncBroker (sharded_broker/aio.py) awaits
+# the same steps on an asyncio backend or in a thread, so both check alike, raise alike
+# and wait alike.
+
+
+# One backend call: a Backend method's name, its positional and its keyword arguments. A
+# plain tuple, not a class: it is made on every operation, and a tuple costs the least.
+Call = tuple[str, tuple[Any, ...], Mapping[str, Any]]
+
+
+class Sleep(NamedTuple):
+    """A pause between backend calls (for a time shorter than the backend's wait resolution)."""
+
+    seconds: float
+
+
+class Attempt(NamedTuple):
+    """A backend call whose :class:`ShardedBrokerError` the runner throws into the steps
+    (to be caught there) instead of raising it out of the operation: for work an
+    operation does on the side, whose failure must not be the operation's (the lease's
+    look at the due schedules)."""
+
+    call: Call
+
+
+Step = Union[Call, Sleep, Attempt]
+Steps = Generator[Step, Any, T]
+
+
+_NO_KWARGS: Mapping[str, Any] = MappingProxyType({})
+
+
+def _call(method: str, *args: Any, **kwargs: Any) -> Call:
+    return (method, args, kwargs or _NO_KWARGS)
+
+
+def _attempt(method: str, *args: Any, **kwargs: Any) -> Attempt:
+    return Attempt((method, args, kwargs or _NO_KWARGS))
+
+
+def run_steps(backend: Backend, steps: Steps[T]) -> T:
+    """Run an operation's steps on a synchronous backend; the operation's answer."""
+    try:
+        step = next(steps)
+        while True:
+            if isinstance(step, Sleep):
+                time.sleep(step.seconds)
+                answer = None
+            elif isinstance(step, Attempt):
+                method, args, kwargs = step.call
+                try:
+                    answer = getattr(backend, method)(*args, **kwargs)
+                except ShardedBrokerError as exc:
+                    step = steps.throw(exc)
+                    continue
+            else:
+                method, args, kwargs = step
+                answer = getattr(backend, method)(*args, **kwargs)
+            step = steps.send(answer)
+    except StopIteration as done:
+        return done.value
+
+
+def public_signature(steps: Callable[..., Any]) -> inspect.Signature:
+    """The signature of an operation's steps as its callers see it: ``-> T``, not ``-> Steps[T]``."""
+    signature = inspect.signature(steps)
+    answer = signature.return_annotation
+    if isinstance(answer, str) and answer.startswith("Steps[") and answer.endswith("]"):
+        signature = signature.replace(return_annotation=answer[len("Steps["):-1])
+    return signature
+
+
+def operation(steps: Callable[Concatenate[BrokerT, P], Steps[T]]) -> Callable[Concatenate[BrokerT, P], T]:
+    """A Broker method running ``steps`` on its backend. The steps stay reachable as
+    ``.steps``, for AsyncBroker."""
+
+    @functools.wraps(steps)
+    def run(self: BrokerT, *args: P.args, **kwargs: P.kwargs) -> T:
+        return run_steps(self.backend, steps(self, *args, **kwargs))
+
+    run.steps = steps  # type: ignore[attr-defined]
+    run.__signature__ = public_signature(steps)  # type: ignore[attr-defined]
+    return run
+
+
+class BrokerEngine:
+    """What Broker and AsyncBroker share: the queue settings of this process and the steps
+    of a key's diagnosis."""
+
+    backend: Any
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Any,
         *,
         defaults: QueueSettings | None = None,
         max_payload_size: int = check.DEFAULT_MAX_PAYLOAD_SIZE,
@@ -133,7 +251,7 @@ class Broker:
         self._schedule_check_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<Broker {self.backend!r}>"
+        return f"<{type(self).__name__} {self.backend!r}>"
 
     # -- settings -------------------------------------------------------------------
 
@@ -146,12 +264,55 @@ class Broker:
     def settings(self, queue: str) -> QueueSettings:
         return self._queue_settings.get(queue, self.defaults)
 
-    def now(self) -> float:
+    def _last_delivered_minute(self, queue: str) -> Steps[float | None]:
+        """The latest minute of the last hour in which a consumer took a message of ``queue``."""
+        metrics = yield _call("metrics", queue, 60, None)
+        delivering = [m.minute for m in metrics if m.delivered]
+        return delivering[-1] if delivering else None
+
+    def _diagnose(
+        self, queue: str, facts: Sequence[KeyFacts], last_delivered: list[float | None] | None = None
+    ) -> Steps[list[KeyDiagnosis]]:
+        """Each key's diagnosis; ``last_delivered`` holds the last delivery minute once read
+        (read here at most once per list, and only when a key could be delivered now)."""
+        settings = self.settings(queue)
+        diagnoses = [diagnose(f, settings) for f in facts]
+        if not any(d.reason == "ready" for d in diagnoses):
+            return diagnoses
+        # For a key that could be delivered now: is any consumer taking messages at all?
+        if last_delivered is None:
+            last_delivered = []
+        if not last_delivered:
+            last_delivered.append((yield from self._last_delivered_minute(queue)))
+        last = last_delivered[0]
+        answer = []
+        for d in diagnoses:
+            if d.reason == "ready":
+                if last is None:
+                    note = f"no consumer took a message of queue {queue!r} in the last hour: is one running?"
+                else:
+                    note = (
+                        f"a consumer last took a message of queue {queue!r} in the minute that started "
+                        f"{describe_seconds(d.now - last)} ago"
+                    )
+                d = dataclasses.replace(d, last_delivered_minute=last, summary=f"{d.summary}; {note}")
+            answer.append(d)
+        return answer
+
+
+class Broker(BrokerEngine):
+    """Per-key FIFO queues over one backend. Thread-safe; share one per process."""
+
+    backend: Backend
+
+    @operation
+    def now(self) -> Steps[float]:
         """The backend's clock."""
-        return self.backend.now()
+        return (yield _call("now"))
 
     # -- producing ------------------------------------------------------------------
 
+    @operation
     def enqueue(
         self,
         queue: str,
@@ -163,25 +324,31 @@ class Broker:
         dedup_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
         at_head: bool = False,
-    ) -> str:
-        """Enqueue one message; its id (or, for a duplicate, the first message's id)."""
+    ) -> Steps[str]:
+        """Enqueue one message; its id (or, for a duplicate, the first message's id).
+
+        Raises :class:`~sharded_broker.QueueFull` (nothing stored) beyond the queue's
+        ``max_pending_per_key`` or ``max_pending`` (docs/operations.md, "Backpressure")."""
         queue = check.queue_name(queue)
         checked = check.message_of(payload, key, priority, delay, dedup_id, headers, at_head, self.max_payload_size)
-        return self.backend.enqueue_many(queue, [checked], self.settings(queue))[0]
+        return (yield _call("enqueue_many", queue, [checked], self.settings(queue)))[0]
 
-    def enqueue_many(self, queue: str, messages: Iterable[Message]) -> list[str]:
+    @operation
+    def enqueue_many(self, queue: str, messages: Iterable[Message]) -> Steps[list[str]]:
         """Enqueue messages atomically in one round trip; their ids, in order.
 
-        Every message is checked first: one bad message refuses the whole batch.
+        Every message is checked first: one bad message refuses the whole batch, and so
+        does one beyond a backpressure limit (:class:`~sharded_broker.QueueFull`).
         """
         queue = check.queue_name(queue)
         checked = [check.message(m, self.max_payload_size) for m in messages]
         if not checked:
             return []
-        return self.backend.enqueue_many(queue, checked, self.settings(queue))
+        return (yield _call("enqueue_many", queue, checked, self.settings(queue)))
 
     # -- consuming ------------------------------------------------------------------
 
+    @operation
     def lease(
         self,
         queue: str,
@@ -190,7 +357,7 @@ class Broker:
         per_key: int = 1,
         visibility_timeout: float | None = None,
         wait: float = 0.0,
-    ) -> list[Lease]:
+    ) -> Steps[list[Lease]]:
         """Deliver up to ``limit`` messages, waiting up to ``wait`` seconds for the first.
 
         Each served key gives one ordered batch of up to ``per_key`` consecutive messages.
@@ -207,9 +374,9 @@ class Broker:
         wait = check.seconds(wait, "wait")
         give_up_at = time.monotonic() + wait
         while True:
-            result = self.backend.lease(queue, limit, per_key, visibility_timeout, settings)
+            result = yield _call("lease", queue, limit, per_key, visibility_timeout, settings)
             # A busy consumer and a waiting one both fire the queue's due schedules.
-            fired, until_check = self._look_for_due_schedules(queue)
+            fired, until_check = yield from self._look_for_due_schedules(queue)
             if result.leases:
                 return result.leases
             if fired:
@@ -222,15 +389,16 @@ class Broker:
             due_in = None if result.retry_in is None else max(result.retry_in, 0.0)
             coarse = self.backend.wait_resolution
             if due_in is None or due_in > remaining:
-                self.backend.wait(queue, remaining)  # returns early when new work may have come
+                yield _call("wait", queue, remaining)  # returns early when new work may have come
             elif due_in > coarse:
                 # Something comes due within the wait: stop a resolution step before it
                 # (or earlier, woken by new work) and sleep the rest on the next round.
-                self.backend.wait(queue, due_in - coarse)
+                yield _call("wait", queue, due_in - coarse)
             else:
-                time.sleep(due_in)  # the backend's wait could not end this precisely
+                yield Sleep(due_in)  # the backend's wait could not end this precisely
 
-    def wait_for_work(self, queues: Sequence[str], timeout: float) -> None:
+    @operation
+    def wait_for_work(self, queues: Sequence[str], timeout: float) -> Steps[None]:
         """Block up to ``timeout`` seconds, returning early once a message may have become
         deliverable in any of ``queues`` (enqueued, released, come due). Leases nothing:
         for a consumer of several queues (a Celery worker and its remote-control queue)
@@ -238,20 +406,23 @@ class Broker:
         if isinstance(queues, str):
             raise InvalidArgumentType("queues must be a sequence of queue names, not one str")
         names = [check.queue_name(queue) for queue in queues]
-        self.backend.wait_any(names, check.seconds(timeout, "timeout"))
+        yield _call("wait_any", names, check.seconds(timeout, "timeout"))
 
-    def ack(self, lease: Lease) -> bool:
+    @operation
+    def ack(self, lease: Lease) -> Steps[bool]:
         """Settle a lease for good. False when its token is stale (nothing changed)."""
-        return self.ack_many([lease])[0]
+        return (yield _call("ack_many", [_lease(lease)]))[0]
 
-    def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
+    @operation
+    def ack_many(self, leases: Sequence[Lease]) -> Steps[list[bool]]:
         """Ack several leases in one round trip; one bool per lease."""
         leases = [_lease(lease) for lease in leases]
-        return self.backend.ack_many(leases) if leases else []
+        return (yield _call("ack_many", leases)) if leases else []
 
+    @operation
     def nack(
         self, lease: Lease, *, delay: float = 0.0, dead: bool = False, reason: str | None = None
-    ) -> bool:
+    ) -> Steps[bool]:
         """Return a message for retry after ``delay`` (back to the head of its key, holding
         it, unless the queue's ``retry_position`` is ``"tail"``), or with ``dead=True``
         move it to the dead-letter list. False when the token is stale."""
@@ -266,11 +437,12 @@ class Broker:
             # A whole traceback may arrive here: keep its head, bounded like headers are.
             if len(reason) > check.MAX_REASON_LENGTH:
                 reason = reason[: check.MAX_REASON_LENGTH - 15] + " ...(truncated)"
-        return self.backend.nack(
-            lease, delay=delay, dead=bool(dead), reason=reason, settings=self.settings(lease.queue)
-        )
+        return (yield _call(
+            "nack", lease, delay=delay, dead=bool(dead), reason=reason, settings=self.settings(lease.queue)
+        ))
 
-    def release(self, lease: Lease) -> bool:
+    @operation
+    def release(self, lease: Lease) -> Steps[bool]:
         """Give a leased message back unprocessed, without counting the delivery.
 
         It returns to its place at the head of its key (its original order, no delay,
@@ -281,11 +453,12 @@ class Broker:
         order; the key is free again once the batch is settled. Not counted in the
         metrics (the delivery stays counted as delivered). False when the token is stale
         (nothing changed)."""
-        return self.release_many([lease])[0]
+        return (yield _call("release_many", [_lease(lease)]))[0]
 
+    @operation
     def release_lease(
         self, queue: str, message_id: str, token: str, *, key: str | None, batch_id: str | None = None
-    ) -> bool:
+    ) -> Steps[bool]:
         """:meth:`release` by what :meth:`why` shows of a lease in ``holds`` (the message id,
         the token, the batch id) and its shard key (None for an unkeyed message), for an
         operator who knows the lease's holder is dead."""
@@ -298,15 +471,17 @@ class Broker:
             priority=0, attempts=0, headers={}, token=check.utf8_text(token, "lease token"), deadline=0.0,
             enqueued_at=0.0, batch_id=mid if batch_id is None else check.utf8_text(batch_id, "batch id"),
         )
-        return self.backend.release_many([lease])[0]
+        return (yield _call("release_many", [lease]))[0]
 
-    def release_many(self, leases: Sequence[Lease]) -> list[bool]:
+    @operation
+    def release_many(self, leases: Sequence[Lease]) -> Steps[list[bool]]:
         """Release several leases in one round trip; one bool per lease (True also for a
         lease that an earlier lease of its batch in the same call returned)."""
         leases = [_lease(lease) for lease in leases]
-        return self.backend.release_many(leases) if leases else []
+        return (yield _call("release_many", leases)) if leases else []
 
-    def extend_many(self, leases: Sequence[Lease], visibility_timeout: float | None = None) -> list[bool]:
+    @operation
+    def extend_many(self, leases: Sequence[Lease], visibility_timeout: float | None = None) -> Steps[list[bool]]:
         """Extend several leases in one round trip (a heartbeat for everything a worker
         holds): each deadline moves to now + ``visibility_timeout`` (default: each lease's
         queue setting) and its ``Lease.deadline`` is updated. One bool per lease, False
@@ -320,19 +495,20 @@ class Broker:
         ]
         if not leases:
             return []
-        deadlines = self.backend.extend_many(leases, timeouts)
+        deadlines = yield _call("extend_many", leases, timeouts)
         for lease, deadline in zip(leases, deadlines):
             if deadline is not None:
                 lease.deadline = deadline
         return [deadline is not None for deadline in deadlines]
 
-    def extend(self, lease: Lease, visibility_timeout: float | None = None) -> bool:
+    @operation
+    def extend(self, lease: Lease, visibility_timeout: float | None = None) -> Steps[bool]:
         """Push a lease's deadline to now + ``visibility_timeout``. False when stale."""
         lease = _lease(lease)
         if visibility_timeout is None:
             visibility_timeout = self.settings(lease.queue).visibility_timeout
         visibility_timeout = check.seconds(visibility_timeout, "visibility_timeout", allow_zero=False)
-        deadline = self.backend.extend(lease, visibility_timeout)
+        deadline = yield _call("extend", lease, visibility_timeout)
         if deadline is None:
             return False
         lease.deadline = deadline
@@ -340,7 +516,8 @@ class Broker:
 
     # -- operating ------------------------------------------------------------------
 
-    def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
+    @operation
+    def set_interval(self, queue: str, key: str, seconds: float | None) -> Steps[None]:
         """At least ``seconds`` between the starts of two deliveries of ``key``; persisted.
         ``None`` returns the key to the queue's default interval."""
         queue = check.queue_name(queue)
@@ -349,31 +526,51 @@ class Broker:
             raise InvalidArgument("set_interval needs a shard key")
         if seconds is not None:
             seconds = check.seconds(seconds, "interval")
-        self.backend.set_interval(queue, checked, seconds)
+        yield _call("set_interval", queue, checked, seconds)
 
-    def pause(self, queue: str, key: str | None = None) -> None:
+    @operation
+    def set_weight(self, queue: str, key: str, weight: int | None) -> Steps[None]:
+        """Give ``key`` a weight in the fairness order; persisted. ``None`` or 1 returns
+        it to the default weight 1.
+
+        While they stay backlogged, ready keys are served in proportion to their weights:
+        a key of weight w keeps its place for up to w consecutive deliveries per round
+        (deficit round robin), then goes to the back of the round. A weight never lets a
+        key break its ``key_concurrency``, rate interval, pause or a retry holding it;
+        waiting on any of them ends its round. docs/operations.md states the bound."""
+        queue = check.queue_name(queue)
+        checked = check.shard_key(key)
+        if checked is None:
+            raise InvalidArgument("set_weight needs a shard key")
+        yield _call("set_weight", queue, checked, check.weight(weight))
+
+    @operation
+    def pause(self, queue: str, key: str | None = None) -> Steps[None]:
         """Stop delivering a key (or the whole queue). Running leases are not affected."""
-        self.backend.set_paused(check.queue_name(queue), check.shard_key(key), True)
+        yield _call("set_paused", check.queue_name(queue), check.shard_key(key), True)
 
-    def resume(self, queue: str, key: str | None = None) -> None:
-        self.backend.set_paused(check.queue_name(queue), check.shard_key(key), False)
+    @operation
+    def resume(self, queue: str, key: str | None = None) -> Steps[None]:
+        yield _call("set_paused", check.queue_name(queue), check.shard_key(key), False)
 
-    def stats(self, queue: str) -> QueueStats:
-        return self.backend.stats(check.queue_name(queue))
+    @operation
+    def stats(self, queue: str) -> Steps[QueueStats]:
+        return (yield _call("stats", check.queue_name(queue)))
 
-    def queues(self) -> list[str]:
-        return self.backend.queues()
+    @operation
+    def queues(self) -> Steps[list[str]]:
+        return (yield _call("queues"))
 
-    def dead_letters(self, queue: str, limit: int = 100, offset: int = 0) -> list[DeadLetter]:
+    @operation
+    def dead_letters(self, queue: str, limit: int = 100, offset: int = 0) -> Steps[list[DeadLetter]]:
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise InvalidArgument(f"offset must be an int >= 0, not {offset!r}")
-        return self.backend.dead_letters(
-            check.queue_name(queue), check.positive_int(limit, "limit"), offset
-        )
+        return (yield _call("dead_letters", check.queue_name(queue), check.positive_int(limit, "limit"), offset))
 
+    @operation
     def replay(
         self, queue: str, ids: Sequence[str] | None = None, *, position: RetryPosition = "tail"
-    ) -> int:
+    ) -> Steps[int]:
         """Put dead letters (all, or those in ``ids``) back in service; how many moved."""
         if position not in ("head", "tail"):
             raise InvalidArgument(f"position must be 'head' or 'tail', not {position!r}")
@@ -384,47 +581,53 @@ class Broker:
             if not all(isinstance(i, str) for i in ids):
                 raise InvalidArgumentType("ids must be a sequence of message id strings")
             ids = [check.utf8_text(i, "message id") for i in ids]
-        return self.backend.replay(check.queue_name(queue), ids, position)
+        return (yield _call("replay", check.queue_name(queue), ids, position))
 
-    def purge(self, queue: str, *, dead: bool = False) -> int:
+    @operation
+    def purge(self, queue: str, *, dead: bool = False) -> Steps[int]:
         """Delete every waiting message (``dead=True``: every dead letter); how many.
 
         Redis and SQLite delete in atomic chunks of at most 1,000 messages, the queue
         consistent after each; at most as many messages as were there when it started are
         deleted (messages enqueued meanwhile may be among them)."""
-        return self.backend.purge(check.queue_name(queue), bool(dead))
+        return (yield _call("purge", check.queue_name(queue), bool(dead)))
 
-    def metrics(self, queue: str, minutes: int = 60, *, key: str | None = None) -> list[MinuteMetrics]:
+    @operation
+    def metrics(self, queue: str, minutes: int = 60, *, key: str | None = None) -> Steps[list[MinuteMetrics]]:
         """Per-minute counts of enqueued, delivered, acked, retried and dead-lettered
         messages of ``queue`` (or of one shard ``key`` in it), oldest minute first: one
         entry per minute, zeros included, for the last ``minutes`` minutes (the current
         one included) that the backend's ``metrics_window`` (for a key:
         ``key_metrics_window``) still keeps."""
-        return self.backend.metrics(
+        return (yield _call(
+            "metrics",
             check.queue_name(queue),
             check.positive_int(minutes, "minutes", maximum=MAX_METRICS_MINUTES),
             check.shard_key(key),
-        )
+        ))
 
-    def keys(self, queue: str, limit: int = 50, *, sort: KeySort = "backlog") -> list[KeyInfo]:
+    @operation
+    def keys(self, queue: str, limit: int = 50, *, sort: KeySort = "backlog") -> Steps[list[KeyInfo]]:
         """The shard keys of ``queue`` that hold messages (ready, delayed or leased), the
         largest ``backlog`` (or with ``sort="lag"``, the oldest head message) first."""
         if sort not in ("backlog", "lag"):
             raise InvalidArgument(f"sort must be 'backlog' or 'lag', not {sort!r}")
-        return self.backend.keys(
-            check.queue_name(queue), check.positive_int(limit, "limit", maximum=MAX_KEYS_LIMIT), sort
-        )
+        return (yield _call(
+            "keys", check.queue_name(queue), check.positive_int(limit, "limit", maximum=MAX_KEYS_LIMIT), sort
+        ))
 
-    def key_info(self, queue: str, key: str) -> KeyInfo:
-        """One shard key: its backlog, leased batches, lag, pause and interval, and the
+    @operation
+    def key_info(self, queue: str, key: str) -> Steps[KeyInfo]:
+        """One shard key: its backlog, leased batches, lag, pause, interval and weight, and the
         message it will deliver next (``head``). An unknown key answers zeros."""
         queue = check.queue_name(queue)
         checked = check.shard_key(key)
         if checked is None:
             raise InvalidArgument("key_info needs a shard key")
-        return self.backend.key_info(queue, checked)
+        return (yield _call("key_info", queue, checked))
 
-    def why(self, queue: str, key: str) -> KeyDiagnosis:
+    @operation
+    def why(self, queue: str, key: str) -> Steps[KeyDiagnosis]:
         """The one reason ``key``'s next message is not delivered now, and until when
         (see :class:`KeyDiagnosis` and ``sharded_broker/diagnosis.py``), judged with this
         broker's settings for ``queue`` (``key_concurrency``, default ``interval``)."""
@@ -432,11 +635,13 @@ class Broker:
         checked = check.shard_key(key)
         if checked is None:
             raise InvalidArgument("why needs a shard key")
-        return self._diagnose(queue, self.backend.key_facts(queue, [checked]))[0]
+        facts = yield _call("key_facts", queue, [checked])
+        return (yield from self._diagnose(queue, facts))[0]
 
+    @operation
     def stuck_keys(
         self, queue: str, *, older_than: float = 60.0, limit: int = 100, scan_limit: int = 10_000
-    ) -> list[KeyDiagnosis]:
+    ) -> Steps[list[KeyDiagnosis]]:
         """Keys of ``queue`` whose head message has waited more than ``older_than`` seconds,
         each with why it is not moving, the longest wait first (at most ``limit``).
 
@@ -448,24 +653,25 @@ class Broker:
         limit = check.positive_int(limit, "limit", maximum=MAX_KEYS_LIMIT)
         scan_limit = check.positive_int(scan_limit, "scan_limit", maximum=MAX_STUCK_SCAN)
         stuck: list[KeyDiagnosis] = []
-        last_delivered = _Lazy(lambda: self._last_delivered_minute(queue))
+        last_delivered: list[float | None] = []
         for offset in range(0, scan_limit, STUCK_PAGE):
-            page = self.backend.backlog_keys(queue, offset, min(STUCK_PAGE, scan_limit - offset))
+            page = yield _call("backlog_keys", queue, offset, min(STUCK_PAGE, scan_limit - offset))
             if not page:
                 break
             # Cheap first: only keys whose head is old are read in full.
-            now, heads = self.backend.head_times(queue, page)
+            now, heads = yield _call("head_times", queue, page)
             old = [key for key, enqueued_at in zip(page, heads) if enqueued_at is not None and now - enqueued_at > older_than]
             if old:
-                facts = self.backend.key_facts(queue, old)
+                facts = yield _call("key_facts", queue, old)
                 waiting = [f for f in facts if f.head is not None and f.now - f.head.enqueued_at > older_than]
-                stuck.extend(self._diagnose(queue, waiting, last_delivered))
+                stuck.extend((yield from self._diagnose(queue, waiting, last_delivered)))
             if len(page) < STUCK_PAGE:
                 break
         stuck.sort(key=lambda d: (-d.waited, d.key))
         return stuck[:limit]
 
-    def lagging_keys(self, queue: str, *, limit: int = 10, scan_limit: int = 10_000) -> list[KeyInfo]:
+    @operation
+    def lagging_keys(self, queue: str, *, limit: int = 10, scan_limit: int = 10_000) -> Steps[list[KeyInfo]]:
         """The keys of ``queue`` whose head message has waited longest (``keys(sort="lag")``
         in bounded pages): at most ``scan_limit`` keys read, largest backlog first, in pages
         of ``STUCK_PAGE``, one call for the keys and one for their heads' ages each; then
@@ -475,48 +681,23 @@ class Broker:
         scan_limit = check.positive_int(scan_limit, "scan_limit", maximum=MAX_STUCK_SCAN)
         oldest: list[tuple[float, str]] = []  # (enqueued_at, key) of the limit oldest heads seen
         for offset in range(0, scan_limit, STUCK_PAGE):
-            page = self.backend.backlog_keys(queue, offset, min(STUCK_PAGE, scan_limit - offset))
+            page = yield _call("backlog_keys", queue, offset, min(STUCK_PAGE, scan_limit - offset))
             if not page:
                 break
-            _, heads = self.backend.head_times(queue, page)
+            _, heads = yield _call("head_times", queue, page)
             oldest = heapq.nsmallest(
                 limit, oldest + [(t, key) for key, t in zip(page, heads) if t is not None]
             )
             if len(page) < STUCK_PAGE:
                 break
-        infos = [self.backend.key_info(queue, key) for _, key in oldest]
+        infos = []
+        for _, key in oldest:
+            infos.append((yield _call("key_info", queue, key)))
         return sorted(infos, key=lambda info: (-info.lag, info.key))
-
-    def _last_delivered_minute(self, queue: str) -> float | None:
-        """The latest minute of the last hour in which a consumer took a message of ``queue``."""
-        delivering = [m.minute for m in self.backend.metrics(queue, 60, None) if m.delivered]
-        return delivering[-1] if delivering else None
-
-    def _diagnose(
-        self, queue: str, facts: Sequence[KeyFacts], last_delivered: "_Lazy[float | None] | None" = None
-    ) -> list[KeyDiagnosis]:
-        settings = self.settings(queue)
-        diagnoses = [diagnose(f, settings) for f in facts]
-        if not any(d.reason == "ready" for d in diagnoses):
-            return diagnoses
-        # For a key that could be delivered now: is any consumer taking messages at all?
-        last = (last_delivered or _Lazy(lambda: self._last_delivered_minute(queue))).value
-        answer = []
-        for d in diagnoses:
-            if d.reason == "ready":
-                if last is None:
-                    note = f"no consumer took a message of queue {queue!r} in the last hour: is one running?"
-                else:
-                    note = (
-                        f"a consumer last took a message of queue {queue!r} in the minute that started "
-                        f"{describe_seconds(d.now - last)} ago"
-                    )
-                d = dataclasses.replace(d, last_delivered_minute=last, summary=f"{d.summary}; {note}")
-            answer.append(d)
-        return answer
 
     # -- schedules: recurrent messages stored in the broker --------------------------------
 
+    @operation
     def schedule(
         self,
         queue: str,
@@ -528,7 +709,7 @@ class Broker:
         key: str | None = None,
         priority: int = 0,
         headers: Mapping[str, Any] | None = None,
-    ) -> Schedule:
+    ) -> Steps[Schedule]:
         """Create (or replace, by ``name``) a recurrent message of ``queue``: every
         ``every`` seconds (a number or a ``timedelta``), or at the minutes of ``cron``
         (crontab's five fields, UTC, such as ``"*/5 * * * *"``), one message with
@@ -550,55 +731,64 @@ class Broker:
         every_seconds = None if every is None else recurrence.every_seconds(every)
         cron_spec = None if cron is None else recurrence.parse_cron(cron).spec
         message = check.message_of(payload, key, priority, 0.0, None, headers, False, self.max_payload_size)
-        now = self.backend.now()
+        now = yield _call("now")
         stored = Schedule(
             queue=queue, name=name, payload=message.payload, key=message.key, priority=message.priority,
             headers=dict(message.headers or {}), every=every_seconds, cron=cron_spec,
             next_due=recurrence.first_due(every_seconds, cron_spec, now),
         )
-        return self.backend.put_schedule(queue, stored)
+        return (yield _call("put_schedule", queue, stored))
 
-    def schedules(self, queue: str) -> list[Schedule]:
+    @operation
+    def schedules(self, queue: str) -> Steps[list[Schedule]]:
         """The schedules of ``queue``, by name: spec, key, next due time, pause, last firing."""
-        return self.backend.schedules(check.queue_name(queue))
+        return (yield _call("schedules", check.queue_name(queue)))
 
-    def pause_schedule(self, queue: str, name: str) -> None:
+    @operation
+    def pause_schedule(self, queue: str, name: str) -> Steps[None]:
         """Stop a schedule from enqueuing until :meth:`resume_schedule`. InvalidArgument
         for an unknown name."""
         queue, name = check.queue_name(queue), _schedule_name(name)
-        if not self.backend.set_schedule_paused(queue, name, True, None):
+        if not (yield _call("set_schedule_paused", queue, name, True, None)):
             raise InvalidArgument(f"queue {queue!r} has no schedule named {name!r}")
 
-    def resume_schedule(self, queue: str, name: str) -> None:
+    @operation
+    def resume_schedule(self, queue: str, name: str) -> Steps[None]:
         """Let a paused schedule enqueue again, from its next period after now (periods
         that passed while it was paused are not made up). InvalidArgument for an unknown
         name."""
         queue, name = check.queue_name(queue), _schedule_name(name)
-        found = [s for s in self.backend.schedules(queue) if s.name == name]
+        found = [s for s in (yield _call("schedules", queue)) if s.name == name]
         if not found:
             raise InvalidArgument(f"queue {queue!r} has no schedule named {name!r}")
         current = found[0]
         if not current.paused:
             return
-        now = self.backend.now()
+        now = yield _call("now")
         next_due = current.next_due
         if next_due <= now:
             next_due = recurrence.next_due(current.every, current.cron, next_due, now)
-        if not self.backend.set_schedule_paused(queue, name, False, next_due):
+        if not (yield _call("set_schedule_paused", queue, name, False, next_due)):
             raise InvalidArgument(f"queue {queue!r} has no schedule named {name!r}")
 
-    def unschedule(self, queue: str, name: str) -> bool:
+    @operation
+    def unschedule(self, queue: str, name: str) -> Steps[bool]:
         """Remove a schedule; False when ``queue`` had none named ``name``."""
-        return self.backend.remove_schedule(check.queue_name(queue), _schedule_name(name))
+        return (yield _call("remove_schedule", check.queue_name(queue), _schedule_name(name)))
 
-    def fire_due_schedules(self, queue: str) -> list[str]:
+    @operation
+    def fire_due_schedules(self, queue: str) -> Steps[list[str]]:
         """Enqueue the message of every schedule of ``queue`` that is due now (at most
         ``SCHEDULES_PER_CHECK``); the ids of the messages this call enqueued. What
         :meth:`lease` does about once a second; a schedule another process fired first
         is skipped. Each firing is a compare-and-set on the schedule's next due time, so
         concurrent callers never enqueue one period twice."""
-        queue = check.queue_name(queue)
-        now, due = self.backend.due_schedules(queue, SCHEDULES_PER_CHECK)
+        return (yield from self._fire_due(check.queue_name(queue), _call))
+
+    def _fire_due(self, queue: str, call: Callable[..., Step]) -> Steps[list[str]]:
+        """:meth:`fire_due_schedules`' steps, each backend call made by ``call`` (``_call``,
+        or ``_attempt`` for the lease's look, whose backend errors are thrown in here)."""
+        now, due = yield call("due_schedules", queue, SCHEDULES_PER_CHECK)
         fired = []
         settings = self.settings(queue)
         for schedule in due:
@@ -607,33 +797,31 @@ class Broker:
                 headers={**schedule.headers, SCHEDULE_HEADER: schedule.name},
             )
             next_due = recurrence.next_due(schedule.every, schedule.cron, schedule.next_due, now)
-            mid = self.backend.fire_schedule(queue, schedule.name, schedule.next_due, next_due, message, settings)
+            mid = yield call("fire_schedule", queue, schedule.name, schedule.next_due, next_due, message, settings)
             if mid is not None:
                 fired.append(mid)
         return fired
 
-    def _look_for_due_schedules(self, queue: str) -> tuple[bool, float]:
-        """:meth:`fire_due_schedules` when this process's last look at ``queue`` is
-        ``schedule_check_interval`` old (one thread looks at a time; the others go on):
-        whether it enqueued a message, and the seconds until the next look."""
+    def _look_for_due_schedules(self, queue: str) -> Steps[tuple[bool, float]]:
+        """The due schedules of ``queue`` fired when this process's last look at it is
+        ``schedule_check_interval`` old (the first thread or task to see that looks; the
+        others go on): whether it enqueued a message, and the seconds until the next look."""
         now = time.monotonic()
-        next_check = self._next_schedule_check.get(queue, 0.0)
-        if now < next_check:
-            return False, next_check - now
-        if not self._schedule_check_lock.acquire(blocking=False):
-            return False, self.schedule_check_interval
-        try:
-            # Set first: a failing look waits its turn too instead of repeating at once.
+        with self._schedule_check_lock:  # held for no step: a claim, not the look itself
+            next_check = self._next_schedule_check.get(queue, 0.0)
+            if now < next_check:
+                return False, next_check - now
+            # Claimed first: a failing look waits its turn too instead of repeating at once.
             self._next_schedule_check[queue] = now + self.schedule_check_interval
-            fired = bool(self.fire_due_schedules(queue))
+        try:
+            # _attempt: the runner throws a backend error in here rather than out of lease.
+            fired = bool((yield from self._fire_due(queue, _attempt)))
         except ShardedBrokerError as exc:
             # Never the lease's failure: its leases are already taken (and a Redis at
             # maxmemory refuses a firing, an enqueue, while consumers drain the queue).
             log.warning("Could not fire the due schedules of queue %r (next look in %gs): %s",
                         queue, self.schedule_check_interval, exc)
             fired = False
-        finally:
-            self._schedule_check_lock.release()
         return fired, self.schedule_check_interval
 
     def events(self, queue: str, *, timeout: float | None = None) -> "EventStream":
@@ -642,20 +830,21 @@ class Broker:
         after ``timeout`` seconds without an event (``None``: never). Close it (or use it
         as a context manager) to unsubscribe. ConfigurationError when the broker was
         connected with ``events=False``."""
-        queue = check.queue_name(queue)
-        if timeout is not None:
-            timeout = check.seconds(timeout, "timeout")
+        queue, timeout = event_stream_args(queue, timeout)
         return EventStream(self.backend.subscribe(queue), timeout)
 
-    def bind(self, exchange: str, queue: str) -> None:
+    @operation
+    def bind(self, exchange: str, queue: str) -> Steps[None]:
         """Route messages published to fanout ``exchange`` to ``queue`` too."""
-        self.backend.bind(check.queue_name(exchange), check.queue_name(queue))
+        yield _call("bind", check.queue_name(exchange), check.queue_name(queue))
 
-    def unbind(self, exchange: str, queue: str) -> None:
-        self.backend.unbind(check.queue_name(exchange), check.queue_name(queue))
+    @operation
+    def unbind(self, exchange: str, queue: str) -> Steps[None]:
+        yield _call("unbind", check.queue_name(exchange), check.queue_name(queue))
 
-    def bound_queues(self, exchange: str) -> list[str]:
-        return self.backend.bound_queues(check.queue_name(exchange))
+    @operation
+    def bound_queues(self, exchange: str) -> Steps[list[str]]:
+        return (yield _call("bound_queues", check.queue_name(exchange)))
 
     def close(self) -> None:
         self.backend.close()
@@ -667,20 +856,18 @@ class Broker:
         self.close()
 
 
-class _Lazy(Generic[T]):
-    """A value computed on first use only (at most once)."""
+def event_stream_args(queue: str, timeout: float | None) -> tuple[str, float | None]:
+    """The checked arguments of :meth:`Broker.events`."""
+    queue = check.queue_name(queue)
+    if timeout is not None:
+        timeout = check.seconds(timeout, "timeout")
+    return queue, timeout
 
-    def __init__(self, compute: Callable[[], T]) -> None:
-        self._compute = compute
-        self._done = False
-        self._value: T | None = None
 
-    @property
-    def value(self) -> T:
-        if not self._done:
-            self._value = self._compute()
-            self._done = True
-        return self._value  # type: ignore[return-value]
+def event_poll(give_up_at: float | None, poll: float) -> float:
+    """How long an event stream's next wait lasts (at most ``poll``, so that a closed
+    stream is noticed); zero or less once ``give_up_at`` (monotonic time) has passed."""
+    return poll if give_up_at is None else min(poll, give_up_at - time.monotonic())
 
 
 class EventStream:
@@ -703,7 +890,7 @@ class EventStream:
         while not self._pending:
             if self._closed:
                 raise StopIteration
-            remaining = self.POLL if give_up_at is None else min(self.POLL, give_up_at - time.monotonic())
+            remaining = event_poll(give_up_at, self.POLL)
             if remaining <= 0:
                 raise StopIteration
             self._pending = self._subscription.get(remaining)

@@ -51,6 +51,7 @@ from .broker import Broker, connect
 from .diagnosis import describe_seconds
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL, ShardedBrokerError
 from .models import COUNTERS, DeadLetter, Event, KeyDiagnosis, KeyInfo, MinuteMetrics, QueueStats, Schedule
+from .validation import MAX_WEIGHT
 
 URL_ENVVAR = environment.URL_VARIABLE
 # What a command reports in one line instead of a traceback: every error the engine and
@@ -416,8 +417,10 @@ def _first_that_fits(console: Console, builders: Sequence[Callable[[], Table]]) 
 
 
 def keys_table(infos: Sequence[KeyInfo], *, with_queue: bool = False, hide: frozenset[str] = frozenset()) -> Table:
-    """Keys with their backlog, leased batches, lag, pause and interval (``hide``: leave
-    out the "interval" or "leased" column)."""
+    """Keys with their backlog, leased batches, lag, pause and interval, and their weight
+    when one of them has a weight other than 1 (``hide``: leave out the "interval" or
+    "leased" column)."""
+    weighted = any(info.weight != 1 for info in infos)
     table = Table(header_style="bold")
     table.add_column("key", no_wrap=True)
     if with_queue:
@@ -428,6 +431,8 @@ def keys_table(infos: Sequence[KeyInfo], *, with_queue: bool = False, hide: froz
     table.add_column("lag", justify="right")
     if "interval" not in hide:
         table.add_column("interval", justify="right")
+    if weighted:
+        table.add_column("weight", justify="right")
     table.add_column("paused")
     for info in infos:
         table.add_row(
@@ -437,6 +442,7 @@ def keys_table(infos: Sequence[KeyInfo], *, with_queue: bool = False, hide: froz
             *([f"{info.leased:,}"] if "leased" not in hide else []),
             format_duration(info.lag),
             *(["default" if info.interval is None else f"{info.interval:g}s"] if "interval" not in hide else []),
+            *([str(info.weight)] if weighted else []),
             Text("PAUSED", style="bold red") if info.paused else "",
         )
     return table
@@ -716,7 +722,7 @@ def why(
     (nothing due yet), ready (waiting for a consumer, with the queue's last delivery),
     empty (nothing waiting). With --json: the KeyDiagnosis fields (queue, key, reason,
     until, summary, now, backlog, head, holds, interval, paused_scope, ready_since,
-    last_delivered_minute, waited).
+    last_delivered_minute, weight, waited).
     """
     broker = session.broker()
     _require_queue(broker, queue)
@@ -730,6 +736,8 @@ def why(
     if diagnosis.until is not None:
         out.print(f"until: {format_time(diagnosis.until)} ({_until_text(diagnosis)})", markup=False)
     out.print(f"backlog: {diagnosis.backlog:,} message(s)", markup=False)
+    if diagnosis.weight != 1:
+        out.print(f"weight: {diagnosis.weight} (up to {diagnosis.weight} turns per round)", markup=False)
     if diagnosis.head is not None:
         out.print(
             f"next message: {diagnosis.head.id}, waiting {describe_seconds(diagnosis.waited)}, "
@@ -781,7 +789,7 @@ def keys_command(
 
     Backlog counts a key's ready, delayed and leased messages; leased its batches in
     flight; lag the age of its next message. With --json: a list of objects (queue, key,
-    backlog, leased, lag, paused, interval, head).
+    backlog, leased, lag, paused, interval, head, weight).
 
     With --stuck: the keys whose next message has waited longer than --older-than
     seconds, longest first, each with the reason it is not moving (as `why` says), read
@@ -828,7 +836,7 @@ def show(session: Session, queue: str, key: str, as_json: bool) -> None:
     info = broker.key_info(queue, key)
     minutes = broker.metrics(queue, SHOW_MINUTES, key=key)
     active = any(getattr(minute, name) for minute in minutes for name in COUNTERS)
-    if not (info.backlog or info.leased or info.paused or info.interval is not None or active):
+    if not (info.backlog or info.leased or info.paused or info.interval is not None or info.weight != 1 or active):
         raise CommandFailed(
             f"key {key!r} of {queue!r} has no messages, no interval or pause, and no activity "
             f"in the last {SHOW_MINUTES} minutes"
@@ -1038,6 +1046,35 @@ def interval(session: Session, queue: str, key: str, seconds: float | None, clea
     else:
         message = f"key {key!r} of {queue!r}: at least {seconds:g}s between deliveries"
     session.stdout.print(message, markup=False)
+
+
+@main.command()
+@click.argument("queue")
+@click.argument("key")
+@click.argument("weight", type=click.IntRange(min=1, max=MAX_WEIGHT), required=False)
+@click.option("--clear", is_flag=True, help="Return KEY to the default weight 1.")
+@pass_session
+def weight(session: Session, queue: str, key: str, weight: int | None, clear: bool) -> None:
+    """Give KEY of QUEUE the weight WEIGHT in the fairness order.
+
+    While they stay backlogged, ready keys are served in proportion to their weights: a
+    key of weight N takes up to N consecutive turns per round. Stored in the backend, so
+    every worker keeps it. --clear (or 1) returns KEY to the default weight 1.
+    """
+    if weight is None and not clear:
+        raise click.UsageError("give WEIGHT or --clear")
+    if weight is not None and clear:
+        raise click.UsageError("give WEIGHT or --clear, not both")
+    broker = session.broker()
+    was_known = queue in broker.queues()
+    broker.set_weight(queue, key, None if clear else weight)
+    _note_if_new(session, queue, was_known)
+    shown = 1 if clear or weight is None else weight
+    session.stdout.print(
+        f"key {key!r} of {queue!r}: weight {shown}"
+        + (" (the default: one turn per round)" if shown == 1 else f" (up to {shown} turns per round)"),
+        markup=False,
+    )
 
 
 def schedules_table(schedules: Sequence[Schedule], now: float) -> Table:

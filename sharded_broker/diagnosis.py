@@ -45,7 +45,7 @@ def diagnose(facts: KeyFacts, settings: QueueSettings) -> KeyDiagnosis:
     def answer(reason: str, until: float | None, summary: str, **extra: object) -> KeyDiagnosis:
         return KeyDiagnosis(
             queue=facts.queue, key=facts.key, reason=reason, until=until, summary=summary, now=now,  # type: ignore[arg-type]
-            backlog=facts.backlog, head=facts.head, holds=facts.holds, interval=interval, **extra,  # type: ignore[arg-type]
+            backlog=facts.backlog, head=facts.head, holds=facts.holds, interval=interval, weight=facts.weight, **extra,  # type: ignore[arg-type]
         )
 
     held = f"{len(facts.holds)} lease(s) held" if facts.holds else "no lease held"

@@ -80,6 +80,13 @@ def _retry_position(variable: str, text: str) -> str:
     return word
 
 
+def _on_full(variable: str, text: str) -> str:
+    word = text.strip().lower()
+    if word not in check.ON_FULL_CHOICES:
+        raise ConfigurationError(f"{variable} must be one of {', '.join(check.ON_FULL_CHOICES)}, not {text!r}")
+    return word
+
+
 def _text(variable: str, text: str) -> str:
     return text
 
@@ -93,6 +100,9 @@ OPTION_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "dedup_window": _seconds,
     "unique_while_pending": _boolean,
     "visibility_timeout": _seconds,
+    "max_pending_per_key": _optional_positive_integer,
+    "max_pending": _optional_positive_integer,
+    "on_full": _on_full,
     "max_payload_size": _positive_integer,
     "metrics_window": _seconds,
     "key_metrics_window": _seconds,

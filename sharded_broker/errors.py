@@ -42,3 +42,25 @@ class BackendUnavailable(BackendError, ConnectionError):
     carries a ``dedup_id`` and any ack, nack or extend (a repeated ack is refused, not
     doubled).
     """
+
+
+class QueueFull(ShardedBrokerError):
+    """An enqueue went beyond a backpressure limit: ``max_pending_per_key`` (with
+    ``on_full="reject"``, or ``"drop_oldest"``/``"replace"`` when the key has no ready
+    message to give way) or the queue-wide ``max_pending``. Nothing of the call was
+    stored: ``enqueue_many`` refuses the whole batch.
+
+    ``queue``, ``key`` (None for ``max_pending``), ``setting`` (the limit's name) and
+    ``limit`` say which limit refused it."""
+
+    def __init__(self, queue: str, key: str | None, setting: str, limit: int, note: str = "") -> None:
+        self.queue, self.key, self.setting, self.limit, self.note = queue, key, setting, limit, note
+        if key is None:
+            what = f"queue {queue!r} has {limit} waiting messages"
+        else:
+            what = f"key {key!r} of queue {queue!r} has {limit} waiting messages"
+        note = f": {note}" if note else ""
+        super().__init__(f"{what} ({setting}={limit}){note}; the enqueue was refused and nothing of it stored")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.queue, self.key, self.setting, self.limit, self.note))

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
 RetryPosition = Literal["head", "tail"]
+OnFull = Literal["reject", "drop_oldest", "replace"]
+# The reason of a message that max_pending_per_key dropped (drop_oldest, replace) to make
+# room: it goes to the dead letters with this reason, so it is counted and can be replayed.
+DROPPED_REASON = "dropped: max_pending_per_key"
 
 
 @dataclass
@@ -65,6 +69,11 @@ class QueueSettings:
     dedup_window: float = 300.0
     unique_while_pending: bool = False
     visibility_timeout: float = 30.0
+    # Backpressure (docs/operations.md): at most this many waiting (ready or delayed, not
+    # leased) messages per shard key / in the whole queue; None: unlimited.
+    max_pending_per_key: int | None = None
+    max_pending: int | None = None
+    on_full: OnFull = "reject"
 
     def replace(self, **changes: Any) -> "QueueSettings":
         return dataclasses.replace(self, **changes)
@@ -177,6 +186,7 @@ class KeyInfo:
     leased and not yet settled (the key's slots in use; with ``per_key=1``, messages).
     ``lag`` is the age in seconds of its head message (0 when nothing is ready).
     ``interval`` is the key's own rate interval (``None``: the queue's default).
+    ``weight`` is its weight in the fairness order (see ``Broker.set_weight``).
     """
 
     queue: str
@@ -187,6 +197,7 @@ class KeyInfo:
     paused: bool
     interval: float | None
     head: HeadMessage | None = None
+    weight: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -245,7 +256,8 @@ class KeyFacts:
     ``next_delayed`` the earliest not-before time of its delayed messages (None: none,
     or not looked up because a head exists); ``ready_at`` its time in the fairness order
     (None: not waiting to be served); ``last_delivery`` its last delivery while a rate
-    interval applies; ``own_interval`` its own interval (None: the queue's default).
+    interval applies; ``own_interval`` its own interval (None: the queue's default);
+    ``weight`` its weight in the fairness order.
     """
 
     queue: str
@@ -261,6 +273,7 @@ class KeyFacts:
     last_delivery: float | None
     own_interval: float | None
     holds: tuple[HeldBatch, ...] = ()
+    weight: int = 1
 
 
 @dataclass(frozen=True)
@@ -276,8 +289,8 @@ class KeyDiagnosis:
     ``empty`` (no message waiting). ``until`` is when the reason ends by itself (``None``:
     until someone acts, e.g. a resume). ``last_delivered_minute`` is, for ``ready``, the
     latest minute in which any consumer took a message of the queue (``None``: none in
-    the metrics window, so no consumer seems to be running). ``summary`` says it all in
-    one sentence.
+    the metrics window, so no consumer seems to be running). ``weight`` is the key's
+    weight in the fairness order. ``summary`` says it all in one sentence.
     """
 
     queue: str
@@ -293,6 +306,7 @@ class KeyDiagnosis:
     paused_scope: Literal["key", "queue"] | None = None
     ready_since: float | None = None
     last_delivered_minute: float | None = None
+    weight: int = 1
 
     @property
     def waited(self) -> float:

@@ -12,6 +12,8 @@ from .models import QUEUE_SETTING_NAMES, Message, QueueSettings
 
 MAX_QUEUE_NAME_LENGTH = 200
 MAX_KEY_LENGTH = 512
+# A key's weight is how many consecutive turns it may take in a round of the ready keys.
+MAX_WEIGHT = 1_000
 MAX_DEDUP_ID_LENGTH = 512
 MAX_HEADERS_SIZE = 64 * 1024
 MAX_REASON_LENGTH = 8 * 1024
@@ -20,6 +22,8 @@ PRIORITY_MAX = 2**31 - 1
 MAX_DELAY = 10 * 365 * 24 * 3600.0
 DEFAULT_MAX_PAYLOAD_SIZE = 8 * 1024 * 1024
 MAX_PAYLOAD_SIZE_LIMIT = 512 * 1024 * 1024  # the largest max_payload_size a broker takes
+MAX_PENDING_LIMIT = 2**40  # the largest max_pending(_per_key): far beyond any store
+ON_FULL_CHOICES = ("reject", "drop_oldest", "replace")
 
 # Queue names become part of backend key names (Redis keys with a {queue} hash tag,
 # SQLite rows): no braces, whitespace or control characters.
@@ -116,6 +120,14 @@ def positive_int(value: Any, name: str, *, maximum: int = 1_000_000) -> int:
     if not 1 <= value <= maximum:
         raise InvalidArgument(f"{name} must be between 1 and {maximum}, not {value}")
     return value
+
+
+def weight(value: Any) -> int | None:
+    """A key's weight as the backends store it: an int > 1, or None for the default 1."""
+    if value is None:
+        return None
+    checked = positive_int(value, "weight", maximum=MAX_WEIGHT)
+    return None if checked == 1 else checked
 
 
 def dedup_id(value: Any) -> str | None:
@@ -219,6 +231,14 @@ def queue_settings(options: Mapping[str, Any], base: QueueSettings | None = None
         elif name == "retry_position":
             if value not in ("head", "tail"):
                 raise ConfigurationError(f"retry_position must be 'head' or 'tail', not {value!r}")
+            checked[name] = value
+        elif name in ("max_pending_per_key", "max_pending"):
+            checked[name] = None if value is None else positive_int(value, name, maximum=MAX_PENDING_LIMIT)
+        elif name == "on_full":
+            if value not in ON_FULL_CHOICES:
+                raise ConfigurationError(
+                    f"on_full must be one of {', '.join(repr(c) for c in ON_FULL_CHOICES)}, not {value!r}"
+                )
             checked[name] = value
         elif name == "unique_while_pending":
             if not isinstance(value, bool):

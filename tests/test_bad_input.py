@@ -356,6 +356,14 @@ def test_one_bad_message_refuses_the_whole_batch(queued: Broker) -> None:
         (lambda b: b.replay(Q, 42), InvalidArgumentType, ["ids", "int"]),
         (lambda b: b.set_interval(Q, "a", -1), InvalidArgument, ["interval", ">= 0"]),
         (lambda b: b.set_interval(Q, "a", "1"), InvalidArgumentType, ["interval", "str"]),
+        (lambda b: b.set_weight(Q, "a", 0), InvalidArgument, ["weight", "between 1 and 1000", "0"]),
+        (lambda b: b.set_weight(Q, "a", -2), InvalidArgument, ["weight", "-2"]),
+        (lambda b: b.set_weight(Q, "a", 1001), InvalidArgument, ["weight", "1000", "1001"]),
+        (lambda b: b.set_weight(Q, "a", 1.5), InvalidArgumentType, ["weight", "int", "float"]),
+        (lambda b: b.set_weight(Q, "a", "2"), InvalidArgumentType, ["weight", "str"]),
+        (lambda b: b.set_weight(Q, "a", True), InvalidArgumentType, ["weight", "bool"]),
+        (lambda b: b.set_weight(Q, None, 2), InvalidArgument, ["set_weight needs a shard key"]),
+        (lambda b: b.set_weight(Q, "", 2), InvalidArgument, ["shard key", "empty"]),
     ],
 )
 def test_bad_arguments(queued: Broker, call: Callable[[Broker], Any], error: type[Exception], words: list[str]) -> None:

@@ -444,6 +444,34 @@ def test_interval_spaces_deliveries_and_clears(url: str) -> None:
         assert drain_payloads(broker, "sms") == [b"m4"]
 
 
+def test_weight_gives_a_key_more_turns_and_clears(url: str) -> None:
+    with sharded_broker.connect(url) as broker:
+        for i in range(6):
+            broker.enqueue("tiers", f"p{i}".encode(), key="paying")
+            broker.enqueue("tiers", f"f{i}".encode(), key="free")
+    result = cli(url, "weight", "tiers", "paying", "3")
+    assert result.returncode == 0, result.stderr
+    assert "key 'paying' of 'tiers': weight 3 (up to 3 turns per round)" in result.stdout
+    keys = cli(url, "keys", "tiers")
+    assert table_rows(keys.stdout)["paying"][-2] == "3"  # the weight column, shown when one is set
+    assert table_rows(keys.stdout)["free"][-2] == "1"
+    assert [k["weight"] for k in json.loads(cli(url, "keys", "tiers", "--json").stdout) if k["key"] == "paying"] == [3]
+    assert "weight: 3" in cli(url, "why", "tiers", "paying").stdout
+    with sharded_broker.connect(url) as broker:
+        served = []
+        for _ in range(4):
+            [lease] = broker.lease("tiers")
+            served.append(lease.key)
+            broker.ack(lease)
+    assert served == ["paying", "paying", "paying", "free"]
+    cleared = cli(url, "weight", "tiers", "paying", "--clear")
+    assert cleared.returncode == 0 and "weight 1 (the default" in cleared.stdout
+    assert "weight" not in cli(url, "keys", "tiers").stdout  # no weighted key: no column
+    for args in (("0",), ("-2",), ("x",), ()):
+        refused = cli(url, "weight", "tiers", "paying", *args)
+        assert refused.returncode == 2, args
+
+
 def test_settings_on_a_queue_without_messages_say_so(url: str) -> None:
     seed(url)
     result = cli(url, "pause", "smss")

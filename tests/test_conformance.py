@@ -313,6 +313,139 @@ def test_one_lease_call_serves_each_ready_key_once(broker: Broker, clock: FakeCl
     assert payloads(broker.lease(Q, 10)) == [b"c0", b"a0", b"b0", b"u0"]
 
 
+# -- 5b. weighted fairness ---------------------------------------------------------------------
+
+
+def served_keys(broker: Broker, clock: FakeClock, deliveries: int) -> str:
+    """The keys (one letter each) of ``deliveries`` deliveries, one lease call of one
+    message at a time, each acked before the next lease: what a single consumer sees."""
+    keys = ""
+    for _ in range(deliveries):
+        [lease] = broker.lease(Q)
+        keys += lease.key
+        clock.advance(0.001)
+        assert broker.ack(lease)
+        clock.advance(0.001)
+    return keys
+
+
+def fill(broker: Broker, clock: FakeClock, keys: str, each: int) -> None:
+    for key in keys:
+        broker.enqueue_many(Q, [Message(f"{key}{i}".encode(), key=key) for i in range(each)])
+        clock.advance(0.001)
+
+
+def test_weighted_keys_are_served_in_proportion(broker: Broker, clock: FakeClock) -> None:
+    fill(broker, clock, "abc", 40)
+    weights = {"a": 3, "b": 1, "c": 2}
+    for key, weight in weights.items():
+        broker.set_weight(Q, key, weight)
+    keys = served_keys(broker, clock, 60)
+    # Deficit round robin: each key keeps its place for its weight's deliveries per round.
+    assert keys == "aaabcc" * 10
+    # The bound docs/operations.md states, over every window of consecutive deliveries
+    # (all three stay backlogged): per-weight shares differ by at most 2 (one round's share
+    # at each end of the window; at most 1 counted from the start of a round), and a key
+    # waits at most the other keys' weights (3) between two of its deliveries.
+    for start in range(len(keys)):
+        for end in range(start + 1, len(keys) + 1):
+            shares = [keys.count(key, start, end) / weight for key, weight in weights.items()]
+            assert max(shares) - min(shares) <= 2
+            if start == 0:
+                assert max(shares) - min(shares) <= 1
+    for key, weight in weights.items():
+        gaps = [len(run) for run in keys.split(key)[1:-1] if run]
+        assert max(gaps) == sum(weights.values()) - weight
+    # Per-key FIFO is untouched.
+    assert broker.lease(Q, 10)[0].payload == b"a30"
+
+
+def test_weight_one_or_none_is_plain_round_robin(connect, clock: FakeClock) -> None:
+    admin = connect()
+    admin.set_weight(Q, "a", 4)
+    broker = connect()  # a second connection sees the weight: it is persisted
+    assert broker.key_info(Q, "a").weight == 4
+    fill(broker, clock, "abc", 12)
+    assert served_keys(broker, clock, 6) == "aaaabc"
+    admin.set_weight(Q, "a", 1)
+    assert broker.key_info(Q, "a").weight == 1
+    assert served_keys(broker, clock, 6) == "abcabc"
+    admin.set_weight(Q, "b", 2)
+    assert served_keys(broker, clock, 4) == "abbc"
+    admin.set_weight(Q, "b", None)
+    assert served_keys(broker, clock, 6) == "abcabc"
+    assert sorted((info.key, info.weight) for info in broker.keys(Q)) == [("a", 1), ("b", 1), ("c", 1)]
+
+
+def test_weight_is_read_back_in_key_info_keys_and_why(broker: Broker, clock: FakeClock) -> None:
+    broker.set_weight(Q, "idle", 7)  # a key without messages keeps its weight
+    assert broker.key_info(Q, "idle").weight == 7
+    fill(broker, clock, "ab", 2)
+    broker.set_weight(Q, "a", 3)
+    assert {info.key: info.weight for info in broker.keys(Q)} == {"a": 3, "b": 1}
+    assert broker.why(Q, "a").weight == 3
+    assert broker.why(Q, "b").weight == 1
+    assert broker.why(Q, "idle").weight == 7
+
+
+def test_a_weight_never_breaks_key_concurrency(connect, clock: FakeClock) -> None:
+    broker = connect(key_concurrency=3)
+    fill(broker, clock, "ab", 10)
+    broker.set_weight(Q, "a", 5)
+    # a keeps its place for its 3 free slots, then waits for one; b goes on.
+    assert payloads(broker.lease(Q, 10)) == [b"a0", b"a1", b"a2", b"b0", b"b1", b"b2"]
+    assert broker.why(Q, "a").reason == "key_concurrency"
+    single = connect()  # key_concurrency 1: one delivery per key however heavy
+    single.set_weight("other", "a", 5)
+    single.enqueue_many("other", [Message(f"a{i}".encode(), key="a") for i in range(5)] + [Message(b"b0", key="b")])
+    assert payloads(single.lease("other", 10)) == [b"a0", b"b0"]
+
+
+def test_a_weight_never_breaks_an_interval(broker: Broker, clock: FakeClock) -> None:
+    broker.set_weight(Q, "a", 3)
+    broker.set_interval(Q, "a", 10)
+    fill(broker, clock, "ab", 10)
+    assert served_keys(broker, clock, 4) == "abbb"  # a waits its interval
+    clock.advance(10)
+    # a's place is the end of its interval, after b's (b was ready earlier): one each.
+    assert served_keys(broker, clock, 4) == "babb"
+
+
+def test_a_weight_never_breaks_a_retry_holding_its_key(broker: Broker, clock: FakeClock) -> None:
+    broker.set_weight(Q, "a", 3)
+    fill(broker, clock, "ab", 10)
+    [lease] = broker.lease(Q)
+    assert lease.payload == b"a0"
+    assert broker.nack(lease, delay=5)  # the retry holds the key: no turn while it waits
+    assert served_keys(broker, clock, 3) == "bbb"
+    clock.advance(5)
+    assert served_keys(broker, clock, 1) == "b"  # ready before the hold ended
+    [retried] = broker.lease(Q)
+    assert (retried.payload, retried.attempts) == (b"a0", 2)
+    assert broker.ack(retried)
+    # The hold ended a's round; the retry started a new one.
+    assert served_keys(broker, clock, 3) == "aab"
+
+
+def test_a_weight_never_breaks_a_pause(broker: Broker, clock: FakeClock) -> None:
+    broker.set_weight(Q, "a", 3)
+    fill(broker, clock, "ab", 10)
+    assert served_keys(broker, clock, 1) == "a"
+    broker.pause(Q, key="a")
+    assert served_keys(broker, clock, 2) == "bb"
+    broker.resume(Q, key="a")  # the pause ended a's round: back of the round, a full one
+    assert served_keys(broker, clock, 5) == "baaab"
+
+
+def test_a_weighted_key_that_empties_starts_a_new_round(broker: Broker, clock: FakeClock) -> None:
+    broker.set_weight(Q, "a", 3)
+    fill(broker, clock, "a", 1)
+    fill(broker, clock, "b", 6)
+    assert served_keys(broker, clock, 2) == "ab"
+    fill(broker, clock, "a", 6)  # back at the end of the round, with its full weight
+    assert served_keys(broker, clock, 5) == "baaab"
+
+
 # -- 6. rate interval --------------------------------------------------------------------------
 
 

@@ -1,7 +1,8 @@
 """The demos run as a new user runs them, and their verdicts can fail.
 
 ``examples/demo.py`` (``make demo``) runs a real ``celery worker`` on SQLite;
-``examples/engine_demo.py`` does the same on the engine alone.
+``examples/engine_demo.py`` does the same on the engine alone; ``examples/asyncio_app.py``
+with the asyncio API.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from types import ModuleType
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "demo.py"
 ENGINE_DEMO = ROOT / "examples" / "engine_demo.py"
+ASYNCIO_APP = ROOT / "examples" / "asyncio_app.py"
 
 
 def _load_demo() -> ModuleType:
@@ -119,3 +121,11 @@ def test_the_engine_demo_still_runs_on_sqlite(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("in order, one at a time") == 5
     assert "per-key order held" in done.stdout
+
+
+def test_the_asyncio_app_keeps_each_accounts_order_on_sqlite(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ASYNCIO_APP), f"sqlite:///{tmp_path}/queue.db"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("#0 #1 #2 #3 #4 #5 #6 #7  in order") == 4
+    assert "OK: every account's orders ran in the order posted" in done.stdout

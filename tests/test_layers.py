@@ -61,3 +61,13 @@ def test_nothing_but_the_entry_point_imports_the_command_line() -> None:
     for path in PACKAGE.rglob("*.py"):
         if path.name != "cli.py":
             assert "sharded_broker.cli" not in _package_imports(path), path
+
+
+def test_the_asyncio_api_sits_on_the_engine_and_nothing_below_imports_it() -> None:
+    # aio.py awaits Broker's steps: it imports the engine, never the other way round, and
+    # it alone reaches the asyncio Redis executor.
+    assert "sharded_broker.broker" in _imports_of("aio.py")
+    for path in PACKAGE.rglob("*.py"):
+        if path.name != "aio.py":
+            assert "sharded_broker.aio" not in _package_imports(path), path
+            assert "sharded_broker.backends.redis_asyncio" not in _package_imports(path), path

@@ -2,9 +2,10 @@
 
 A Hypothesis state machine drives the memory backend and one other backend with the same
 random sequence of operations (enqueue, lease with limit/per_key, ack, nack with or without
-delay or dead, extend and extend_many, release_many, pause/resume, intervals, replay,
+delay or dead, extend and extend_many, release_many, pause/resume, intervals, weights, replay,
 schedules (create or replace, fire, pause, resume, remove), time passing on both fake clocks)
-under random queue settings, and after every step checks that both delivered the same
+under random queue settings (backpressure limits included: an enqueue refused with
+QueueFull must be refused by both, naming the same key and limit), and after every step checks that both delivered the same
 payloads in the same order with the same attempts, refused the same stale leases, and
 report equal stats and dead letters. Message ids differ between backends, so they are
 mapped through payloads, which are unique.
@@ -29,7 +30,8 @@ from hypothesis.stateful import (
 )
 
 import sharded_broker
-from sharded_broker import Broker, Lease, Message
+from sharded_broker import Broker, Lease, Message, QueueFull
+from sharded_broker.models import DROPPED_REASON
 from support.backends import FakeClock
 
 Q = "q"
@@ -92,6 +94,9 @@ class SameAsModel(RuleBasedStateMachine):
         interval=st.sampled_from([0.0, 0.0, 3.0]),
         max_deliveries=st.sampled_from([2, 3, None]),
         unique_while_pending=st.booleans(),
+        max_pending_per_key=st.sampled_from([None, None, 1, 2, 3]),
+        max_pending=st.sampled_from([None, None, None, 6]),
+        on_full=st.sampled_from(["reject", "drop_oldest", "replace"]),
     )
     def open_brokers(self, **options) -> None:
         options["dedup_window"] = 10.0
@@ -130,23 +135,41 @@ class SameAsModel(RuleBasedStateMachine):
             # Both stored the message, or both answered with the same earlier message.
             assert self.model_ids[model_id] == self.other_ids[other_id]
 
+    @staticmethod
+    def _enqueued(call: Callable[[], list[str]]) -> list[str] | tuple:
+        """The ids ``call`` answers, or what a QueueFull it raised names."""
+        try:
+            return call()
+        except QueueFull as full:
+            return ("full", full.key, full.setting, full.limit, full.note)
+
+    def _enqueue_both(self, model_call: Callable[[], list[str]], other_call: Callable[[], list[str]], payloads: list[bytes]) -> None:
+        model, other = self._enqueued(model_call), self._enqueued(other_call)
+        if isinstance(model, tuple) or isinstance(other, tuple):
+            assert other == model  # both refused the call, for the same reason
+            return
+        self._compare_ids(model, other, payloads)
+
     @rule(key=KEYS, priority=PRIORITIES, delay=DELAYS, at_head=st.booleans(), dedup_id=DEDUP_IDS)
     def enqueue(self, key, priority, delay, at_head, dedup_id) -> None:
         payload = self._new_payload()
         options = dict(key=key, priority=priority, delay=delay, at_head=at_head, dedup_id=dedup_id)
-        self._compare_ids(
-            [self.model.enqueue(Q, payload, **options)], [self.other.enqueue(Q, payload, **options)], [payload]
+        self._enqueue_both(
+            lambda: [self.model.enqueue(Q, payload, **options)], lambda: [self.other.enqueue(Q, payload, **options)],
+            [payload],
         )
 
-    @rule(specs=st.lists(st.tuples(KEYS, PRIORITIES, DELAYS, DEDUP_IDS), min_size=1, max_size=4))
+    @rule(specs=st.lists(
+        st.tuples(KEYS, PRIORITIES, DELAYS, DEDUP_IDS, st.sampled_from([False, False, True])), min_size=1, max_size=4
+    ))
     def enqueue_many(self, specs) -> None:
         messages = [
-            Message(self._new_payload(), key=key, priority=priority, delay=delay, dedup_id=dedup_id)
-            for key, priority, delay, dedup_id in specs
+            Message(self._new_payload(), key=key, priority=priority, delay=delay, dedup_id=dedup_id, at_head=at_head)
+            for key, priority, delay, dedup_id, at_head in specs
         ]
-        self._compare_ids(
-            self.model.enqueue_many(Q, messages),
-            self.other.enqueue_many(Q, messages),
+        self._enqueue_both(
+            lambda: self.model.enqueue_many(Q, messages),
+            lambda: self.other.enqueue_many(Q, messages),
             [m.payload for m in messages],
         )
 
@@ -207,6 +230,11 @@ class SameAsModel(RuleBasedStateMachine):
     def set_interval(self, key, seconds) -> None:
         for broker in (self.model, self.other):
             broker.set_interval(Q, key, seconds)
+
+    @rule(key=st.sampled_from(["a", "b", "c"]), weight=st.sampled_from([None, 1, 2, 3]))
+    def set_weight(self, key, weight) -> None:
+        for broker in (self.model, self.other):
+            broker.set_weight(Q, key, weight)
 
     @rule(position=st.sampled_from(["head", "tail"]), first_only=st.booleans())
     def replay(self, position, first_only) -> None:
@@ -273,7 +301,7 @@ class SameAsModel(RuleBasedStateMachine):
             rounded = lambda t: None if t is None else round(t, 3)  # noqa: E731
             return (
                 d.reason, rounded(d.until), d.backlog, head, holds, d.interval, d.paused_scope,
-                rounded(d.ready_since), d.last_delivered_minute,
+                rounded(d.ready_since), d.last_delivered_minute, d.weight,
             )
 
         assert view(self.other, key) == view(self.model, key)
@@ -301,7 +329,7 @@ class SameAsModel(RuleBasedStateMachine):
 
         def view(broker: Broker) -> list[tuple]:
             return [
-                (d.payload, d.key, d.attempts, round(d.died_at, 3), d.reason if d.reason in ("boom", "rejected") else "")
+                (d.payload, d.key, d.attempts, round(d.died_at, 3), d.reason if d.reason in ("boom", "rejected", DROPPED_REASON) else "")
                 for d in broker.dead_letters(Q, limit=1000)
             ]
 

@@ -171,12 +171,12 @@ def test_purge_of_many_messages_is_chunked_and_consistent_between_chunks(
     # Ready keys sort by name, so the first chunk (1,000) takes all of k0 and k1.
     broker.enqueue_many(Q, [Message(f"{i}".encode(), key=f"k{i % 5}") for i in range(2_500)])
     backend = broker.backend
-    run = backend._run
+    send = backend._send
     between_chunks = []
 
-    def observed_run(script, queue, args):  # type: ignore[no-untyped-def]
-        answer = run(script, queue, args)
-        if script == "purge":
+    def observed_send(request):  # type: ignore[no-untyped-def]
+        answer = send(request)
+        if getattr(request, "function", None) == "purge":
             # Another client, served while the purge is under way, sees a consistent queue.
             with sharded_broker.connect(redis_url) as other:
                 backlogs = {key: other.key_info(Q, key).backlog for key in ("k0", "k1", "k2")}
@@ -188,7 +188,7 @@ def test_purge_of_many_messages_is_chunked_and_consistent_between_chunks(
 
     broker.purge("elsewhere")  # loads the scripts used below, so every call counted runs
     broker.key_info(Q, "k0")
-    monkeypatch.setattr(backend, "_run", observed_run)
+    monkeypatch.setattr(backend, "_send", observed_send)
     before = command_calls(admin)
     assert broker.purge(Q) == 2_500
     # 3 chunks; between them 3 key_info calls each and one enqueue_many.
@@ -554,3 +554,57 @@ def test_the_state_and_metrics_hashes_are_hashtables_from_their_first_message(
     for name in ("state", "metrics", *slots):
         assert admin.object("encoding", queue_key(name)) == b"hashtable", name
     assert len(slots) == 1
+
+
+def test_an_enqueue_sent_again_after_its_reply_was_lost_stores_nothing_twice(
+    broker: sharded_broker.Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py resends a command when the connection drops before its reply came back,
+    though the server may have run it: the enqueue function sees its own first id stored
+    and changes nothing."""
+    broker.enqueue("q", b"first")  # the queue is registered: later enqueues are one FCALL each
+    broker.ack(broker.lease("q")[0])
+    backend = broker.backend
+    send_once = backend._fcall
+
+    sent = 0  # FCALLs that reached the server
+
+    def sent_twice(command: bytes) -> object:
+        nonlocal sent
+        sent += 2
+        send_once(command)
+        return send_once(command)  # the retry, with the same arguments (the same ids)
+
+    monkeypatch.setattr(backend, "_fcall", sent_twice)
+    ids = broker.enqueue_many("q", [Message(b"a", key="k"), Message(b"b", key="k"), Message(b"c")])
+    assert sent == 2
+    monkeypatch.undo()
+    assert broker.stats("q").ready == 3
+    delivered = []
+    while leases := broker.lease("q", limit=10, per_key=10):
+        delivered += [lease.id for lease in leases]
+        assert broker.ack_many(leases) == [True] * len(leases)
+    assert sorted(delivered) == sorted(ids) and broker.stats("q").ready == 0
+
+
+def test_weights_cost_nothing_in_a_queue_without_one(broker: sharded_broker.Broker, admin: redis.Redis) -> None:
+    """Lease and ack read a key's weight only in a queue where some key has one (the
+    queue's #nw count): a plain queue runs exactly the commands it ran before weights."""
+
+    def cycle_commands(queue: str) -> dict[str, int]:
+        broker.enqueue_many(queue, [Message(b"m", key=f"k{i}") for i in range(3)])
+        before = command_calls(admin)
+        for _ in range(3):
+            assert broker.ack_many(broker.lease(queue)) == [True]
+        after = command_calls(admin)
+        return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+
+    broker.set_weight("weighted", "elsewhere", 2)  # a weighted key that is never served
+    cycle_commands("warm-up")  # loads the library, so both cycles below run the same way
+    plain = cycle_commands("plain")
+    weighted = cycle_commands("weighted")
+    plain.pop("info"), weighted.pop("info")
+    # One HGET of the served key's weight per delivery, and nothing else, where a weight exists.
+    assert {name: weighted[name] - plain.get(name, 0) for name in weighted if weighted[name] != plain.get(name)} == {
+        "hget": 3
+    }

@@ -291,16 +291,16 @@ def test_sqlite_schedule_statements_read_through_indexes(tmp_path) -> None:  # t
     broker.close()
 
 
-def test_sqlite_a_schema_4_file_gains_the_schedules_table(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_sqlite_a_schema_5_file_gains_the_schedules_table(tmp_path) -> None:  # type: ignore[no-untyped-def]
     url = f"sqlite:///{tmp_path}/old.db"
     old = sharded_broker.connect(url)
     old.enqueue(Q, b"kept", key="k")
     conn = old.backend._connection()
-    conn.executescript("DROP TABLE schedules; PRAGMA user_version = 4;")
+    conn.executescript("DROP TABLE schedules; PRAGMA user_version = 5;")
     old.close()
     upgraded = sharded_broker.connect(url)
     conn = upgraded.backend._connection()
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
     upgraded.schedule(Q, "s", b"x", every=10)
     assert [s.name for s in upgraded.schedules(Q)] == ["s"]
     assert [lease.payload for lease in upgraded.lease(Q)] == [b"kept"]

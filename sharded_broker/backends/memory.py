@@ -72,6 +72,7 @@ class _Key:
     slots: int = 0
     ready_at: float | None = None  # time of its valid entry in the ready heap
     version: int = -1  # entries carry versions from the store-wide counter (>= 0)
+    round: planner.KeyRound | None = None  # a weighted key's round in progress
 
 
 @dataclass(eq=False)
@@ -79,7 +80,10 @@ class _Queue:
     messages: dict[str, _Record] = field(default_factory=dict)
     keys: dict[str, _Key] = field(default_factory=dict)
     key_counts: dict[str, int] = field(default_factory=dict)  # live (not dead) messages per key
+    # [ready, delayed] messages per key (max_pending_per_key), while it has either
+    key_waiting: dict[str, list[int]] = field(default_factory=dict)
     intervals: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, int] = field(default_factory=dict)  # keys of weight > 1 (kept while idle)
     # Kept apart from _Key (which goes when a key empties) so an interval spans idle gaps.
     last_delivery: dict[str, float] = field(default_factory=dict)
     paused_keys: set[str] = field(default_factory=set)
@@ -191,12 +195,26 @@ class _QueueStore:
 
     # -- message states
 
+    def _count_waiting(self, rec: _Record, state: str, change: int) -> None:
+        """Count ``rec`` in (+1) or out of (-1) its key's waiting messages as ``state``."""
+        index = _WAITING_INDEX.get(state)
+        if rec.key is None or index is None:
+            return
+        waiting = self.q.key_waiting.get(rec.key)
+        if waiting is None:
+            waiting = self.q.key_waiting[rec.key] = [0, 0]
+        waiting[index] += change
+        if not any(waiting):
+            del self.q.key_waiting[rec.key]
+
     def _set_state(self, rec: _Record, state: str) -> None:
         q = self.q
         if rec.state in q.counts:
             q.counts[rec.state] -= 1
         if state in q.counts:
             q.counts[state] += 1
+        self._count_waiting(rec, rec.state, -1)
+        self._count_waiting(rec, state, +1)
         rec.state = state
         if state == "ready":
             rec.ready_mark = next(self._order)
@@ -257,6 +275,13 @@ class _QueueStore:
         heapq.heappush(self.q.delayed, (due, next(self._order), rec.id))
 
     def dead_letter(self, rec: _Record, reason: str) -> None:
+        if rec.state == "ready" and rec.key is not None:
+            # A ready message dies only to make room (max_pending_per_key): its entry leaves
+            # its key's order now, so that replacing messages of a key with no consumer
+            # cannot pile up stale entries there.
+            heap = self.q.keys[rec.key].heap
+            heap.remove(_order_entry(rec))
+            heapq.heapify(heap)
         self._set_state(rec, "dead")
         rec.token = ""
         rec.reason = reason
@@ -322,6 +347,7 @@ class _QueueStore:
         q = self.q
         if rec.state in q.counts:
             q.counts[rec.state] -= 1
+        self._count_waiting(rec, rec.state, -1)
         del q.messages[rec.id]
         if rec.state != "dead" and rec.key is not None:
             self._uncount_key(rec.key)
@@ -409,14 +435,24 @@ class _QueueStore:
         ks = self.q.keys.get(key)
         return ks.ready_at if ks is not None else None
 
-    def set_ready(self, key: str, at: float | None) -> None:
+    def set_ready(self, key: str, at: float | None, order: int | None = None) -> None:
         ks = self.q.keys[key]
         # Versions come from the store-wide counter, not from the _Key: a key that is
         # dropped and created again must not revive entries its earlier self left behind.
         ks.version = next(self._order)
         ks.ready_at = at
         if at is not None:
-            heapq.heappush(self.q.ready, (at, next(self._order), key, ks.version))
+            heapq.heappush(self.q.ready, (at, next(self._order) if order is None else order, key, ks.version))
+
+    def key_weight(self, key: str) -> int:
+        return self.q.weights.get(key, 1)
+
+    def key_round(self, key: str) -> planner.KeyRound | None:
+        ks = self.q.keys.get(key)
+        return ks.round if ks is not None else None
+
+    def set_key_round(self, key: str, round: planner.KeyRound | None) -> None:
+        self.q.keys[key].round = round
 
     def head_times(self, key: str) -> tuple[float, float] | None:
         ks = self.q.keys.get(key)
@@ -434,6 +470,22 @@ class _QueueStore:
         for rec in heads:  # they stay in the key's order until leased
             heapq.heappush(ks.heap, _order_entry(rec))
         return heads
+
+    def key_tail(self, key: str) -> _Record | None:
+        # The largest valid entry: a scan of the key's order, which max_pending_per_key
+        # (the one caller) keeps short.
+        ks = self.q.keys.get(key)
+        if ks is None:
+            return None
+        valid = [entry for entry in ks.heap if _entry_valid(self.q, entry)]
+        return self.q.messages[max(valid)[2]] if valid else None
+
+    def key_waiting(self, key: str) -> tuple[int, int]:
+        ready, delayed = self.q.key_waiting.get(key, (0, 0))
+        return ready, delayed
+
+    def queue_waiting(self) -> int:
+        return self.q.counts["ready"] + self.q.counts["delayed"]
 
     def first_ready_key(self) -> tuple[float, int, str] | None:
         q = self.q
@@ -529,16 +581,24 @@ def _ready_age_valid(q: _Queue, entry: tuple[float, int, str]) -> bool:
     return rec is not None and rec.state == "ready" and rec.ready_mark == entry[1]
 
 
+def _entry_valid(q: _Queue, entry: tuple[int, int, str]) -> bool:
+    """Whether an entry of a key's order (or the lane) names a record ready at that place."""
+    priority, seq, mid = entry
+    rec = q.messages.get(mid)
+    return rec is not None and rec.state == "ready" and rec.seq == seq and rec.priority == priority
+
+
 def _top(q: _Queue, heap: list[tuple[int, int, str]]) -> _Record | None:
     """The first valid entry's record of a key's order (or the lane), stale entries dropped."""
     while heap:
-        priority, seq, mid = heap[0]
-        rec = q.messages.get(mid)
-        if rec is not None and rec.state == "ready" and rec.seq == seq and rec.priority == priority:
-            return rec
+        if _entry_valid(q, heap[0]):
+            return q.messages[heap[0][2]]
         heapq.heappop(heap)
     return None
 
+
+# Where a state counts in _Queue.key_waiting's [ready, delayed].
+_WAITING_INDEX = {"ready": 0, "delayed": 1}
 
 _STORES: dict[str, _Store] = {}
 _STORES_LOCK = threading.Lock()
@@ -687,6 +747,16 @@ class MemoryBackend(Backend):
             planner.reschedule(_QueueStore(self, q, self.now()), key)
             self._store.notify_change()
 
+    def set_weight(self, queue: str, key: str, weight: int | None) -> None:
+        with self._store.lock:
+            q = self._queue(queue)
+            if weight is None:
+                q.weights.pop(key, None)
+            else:
+                q.weights[key] = weight
+            if key in q.keys:
+                planner.set_weight(_QueueStore(self, q, self.now()), key)
+
     def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
         with self._store.lock:
             q = self._queue(queue)
@@ -827,6 +897,7 @@ class MemoryBackend(Backend):
             paused=key in q.paused_keys,
             interval=q.intervals.get(key),
             head=None if head is None else _head_message(head),
+            weight=q.weights.get(key, 1),
         )
 
     # -- why is a key not moving ----------------------------------------------------------

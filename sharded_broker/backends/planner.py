@@ -21,7 +21,8 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Protocol, Sequence, TypeVar
 
 from ..backend import WHY_READ_LIMIT
-from ..models import EventType, HeadMessage, HeldBatch, KeyFacts, Lease, LeaseResult, Message, QueueSettings, RetryPosition
+from ..errors import QueueFull
+from ..models import DROPPED_REASON, EventType, HeadMessage, HeldBatch, KeyFacts, Lease, LeaseResult, Message, QueueSettings, RetryPosition
 
 # Tail seqs count up from here and head seqs count down, so every head seq sorts first.
 SEQ_ORIGIN = 2**52
@@ -47,6 +48,11 @@ class StoredMessage(Protocol):
 
 
 M = TypeVar("M", bound=StoredMessage)
+
+#: A weighted key's round in progress (deficit round robin): (services used in the round,
+#: ready time, order) -- the place in the ready order it was served from, which it keeps
+#: until it has used its weight's services or has to wait.
+KeyRound = tuple[int, float, int]
 
 
 class SeqCounters(Protocol):
@@ -118,13 +124,25 @@ class Store(Protocol[M]):
         """The key holds no message and no slot: it leaves the ready order."""
     def key_ready_at(self, key: str, /) -> float | None:
         """The key's time in the ready order, None when it has no place."""
-    def set_ready(self, key: str, at: float | None, /) -> None:
+    def set_ready(self, key: str, at: float | None, /, order: int | None = None) -> None:
         """Give the key a place at ``at`` in the ready order (behind every key already
-        there at that time), or take its place away (None)."""
+        there at that time; with ``order``, that order among them: a place it had
+        before), or take its place away (None)."""
+    def key_weight(self, key: str, /) -> int:
+        """The key's weight (1 when none is set)."""
+    def key_round(self, key: str, /) -> KeyRound | None:
+        """The key's round in progress: services used and the place it keeps (None: none)."""
+    def set_key_round(self, key: str, round: KeyRound | None, /) -> None: ...
     def head_times(self, key: str, /) -> tuple[float, float] | None:
         """(not_before, entered_at) of the key's first ready message, or None."""
     def key_heads(self, key: str, count: int, /) -> list[M]:
         """The key's first ``count`` ready messages, in order."""
+    def key_tail(self, key: str, /) -> M | None:
+        """The key's last ready message in its order (the one it would deliver last)."""
+    def key_waiting(self, key: str, /) -> tuple[int, int]:
+        """(ready, delayed): how many of the key's messages wait for delivery."""
+    def queue_waiting(self) -> int:
+        """How many messages of the queue (keyed or not) are ready or delayed."""
     def first_ready_key(self) -> tuple[float, int, str] | None:
         """(ready time, order, key) first in the ready order."""
     def lane_head(self) -> tuple[M, float, int] | None:
@@ -180,6 +198,12 @@ def schedule(s: Store[M], key: str, now: float, *, keep_place: bool, settings: Q
     pushes a key's time later. ``settings``: when given (arrivals: enqueue and promotion),
     a key that is not waiting and whose slots are all in use, or that is paused, is left
     out (it is scheduled again when a slot frees or on resume).
+
+    A weighted key in the middle of its round (:func:`serve_key`) whose head does not hold
+    it past ``now`` gets back the place it was served from instead of the back of the
+    round; one whose head holds it (a retry, an ``at_head`` delay) or that has nothing
+    ready ends its round. (serve_key ends the round before it schedules a key for a later
+    ``now``: an interval.)
     """
     if not s.key_exists(key):
         return
@@ -192,12 +216,19 @@ def schedule(s: Store[M], key: str, now: float, *, keep_place: bool, settings: Q
     if head is None:
         if ready_at is not None:
             s.set_ready(key, None)
+        if s.key_round(key) is not None:
+            s.set_key_round(key, None)
         return
     not_before, entered_at = head
     holds_until = not_before if not_before > entered_at else 0.0
     at = max(now, holds_until)
     if keep_place and ready_at is not None:
         at = max(ready_at, holds_until)
+    elif (round_ := s.key_round(key)) is not None:
+        if holds_until <= now:
+            s.set_ready(key, round_[1], round_[2])
+            return
+        s.set_key_round(key, None)
     if at != ready_at:
         s.set_ready(key, at)
 
@@ -321,6 +352,62 @@ def settled(s: Store[M], msg: M) -> None:
 # -- the operations ---------------------------------------------------------------------
 
 
+def plan_limits(s: Store[M], messages: Sequence[Message], settings: QueueSettings) -> QueueFull | set[int]:
+    """Under the backpressure limits: why the call must be refused whole, or the indexes of
+    the messages that must each drop one of their key's ready messages to go in. Nothing
+    is written. The enqueue is played through on counts, in order: a duplicate (of a
+    stored message or of an earlier one of the call) adds nothing; an ``at_head`` message
+    (a framework's retry taking its place back) is never refused and never drops one, but
+    counts; a keyed message finding its key full is refused under ``on_full="reject"``,
+    else it takes the place of one of the key's ready messages (refused when there is none:
+    the key's waiting messages are all delayed); ``max_pending`` refuses any message that
+    would make the queue's waiting messages more than it."""
+    per_key, total = settings.max_pending_per_key, settings.max_pending
+    queue_waiting = s.queue_waiting() if total is not None else 0
+    keys: dict[str, list[int]] = {}  # key -> [waiting, ready]
+    seen: set[str] = set()
+    drops: set[int] = set()
+    for index, m in enumerate(messages):
+        if m.dedup_id is not None:
+            if m.dedup_id in seen or dedup_hit(s, m.dedup_id, settings) is not None:
+                continue
+            seen.add(m.dedup_id)
+        becomes_ready = m.delay <= 0 or m.at_head
+        grows = True
+        if per_key is not None and m.key is not None:
+            counts = keys.get(m.key)
+            if counts is None:
+                ready, delayed = s.key_waiting(m.key)
+                counts = keys[m.key] = [ready + delayed, ready]
+            if counts[0] >= per_key and not m.at_head:
+                if settings.on_full == "reject":
+                    return QueueFull(s.name, m.key, "max_pending_per_key", per_key)
+                if not counts[1]:
+                    return QueueFull(
+                        s.name, m.key, "max_pending_per_key", per_key,
+                        f"on_full={settings.on_full!r} found no ready message to drop (all are delayed)",
+                    )
+                counts[1] -= 1  # the dropped one
+                grows = False
+                drops.add(index)
+            counts[0] += grows
+            counts[1] += becomes_ready
+        if total is not None and grows:
+            if queue_waiting >= total and not m.at_head:
+                return QueueFull(s.name, None, "max_pending", total)
+            queue_waiting += 1
+    return drops
+
+
+def room_for(s: Store[M], key: str, settings: QueueSettings) -> M | None:
+    """The ready message of ``key`` that a new one replaces (plan_limits found the key
+    full): its first under ``drop_oldest``, its last under ``replace``."""
+    if settings.on_full == "drop_oldest":
+        heads = s.key_heads(key, 1)
+        return heads[0] if heads else None
+    return s.key_tail(key)
+
+
 def enqueue_many(s: Store[M], messages: Sequence[Message], settings: QueueSettings) -> list[str]:
     # Due delayed messages entered their keys' order when they fell due: before anything
     # enqueued now.
@@ -328,13 +415,21 @@ def enqueue_many(s: Store[M], messages: Sequence[Message], settings: QueueSettin
     if any(m.dedup_id is not None for m in messages):
         for dedup_id, message_id in s.expired_dedup(SWEEP_LIMIT):
             expire_dedup(s, dedup_id, message_id, settings)
+    drops: set[int] = set()
+    if settings.max_pending_per_key is not None or settings.max_pending is not None:
+        plan = plan_limits(s, messages, settings)
+        if isinstance(plan, QueueFull):
+            raise plan
+        drops = plan
     ids = []
-    for m in messages:
+    for index, m in enumerate(messages):
         if m.dedup_id is not None:
             first = dedup_hit(s, m.dedup_id, settings)
             if first is not None:
                 ids.append(first)
                 continue
+        # Chosen before the new message goes in: it is never the one dropped.
+        dropped = room_for(s, m.key, settings) if index in drops and m.key is not None else None
         holds_key = m.at_head and m.key is not None
         if m.delay > 0 and not holds_key:
             mid = s.insert(m, state="delayed", seq=None, not_before=s.now + m.delay)
@@ -345,6 +440,11 @@ def enqueue_many(s: Store[M], messages: Sequence[Message], settings: QueueSettin
         if m.dedup_id is not None:
             s.set_dedup(m.dedup_id, mid, s.now + settings.dedup_window)
         s.record("enqueued", mid, m.key)
+        if dropped is not None and m.key is not None:
+            # After the new message went in, so the key keeps its place in the round.
+            s.dead_letter(dropped, DROPPED_REASON)
+            s.record("dead", dropped.id, m.key)
+            schedule(s, m.key, s.now, keep_place=True, settings=settings)
         ids.append(mid)
     return ids
 
@@ -367,23 +467,36 @@ def lease(s: Store[M], limit: int, per_key: int, visibility_timeout: float, sett
             continue
         if entry is None or not key_due:
             break
-        leases.extend(serve_key(s, entry[2], min(per_key, limit - len(leases)), visibility_timeout, settings))
+        leases.extend(
+            serve_key(s, entry[2], min(per_key, limit - len(leases)), visibility_timeout, settings, (entry[0], entry[1]))
+        )
     return LeaseResult(leases, None if leases else retry_in(s))
 
 
-def serve_key(s: Store[M], key: str, count: int, visibility_timeout: float, settings: QueueSettings) -> list[Lease]:
-    """Serve one key taken from the ready order: one batch of up to ``count`` consecutive
-    due messages, unless its slots, pause, interval or head say it must wait."""
+def serve_key(
+    s: Store[M], key: str, count: int, visibility_timeout: float, settings: QueueSettings, place: tuple[float, int]
+) -> list[Lease]:
+    """Serve one key taken from the ready order at ``place`` (its ready time and order):
+    one batch of up to ``count`` consecutive due messages, unless its slots, pause,
+    interval or head say it must wait.
+
+    Weighted fairness (deficit round robin over the ready order): a key of weight w keeps
+    ``place`` for up to w consecutive services (its round, see :func:`schedule`), then
+    goes to the back of the round like every key of weight 1."""
     now = s.now
     slots = s.key_slots(key)
     s.set_ready(key, None)
     if s.key_paused(key) or slots >= settings.key_concurrency:
+        if s.key_round(key) is not None:
+            s.set_key_round(key, None)
         return []  # scheduled again on resume or when a slot frees
     interval = s.key_interval(key)
     if interval is None:
         interval = settings.interval
     last_delivery = s.key_last_delivery(key)
     if last_delivery is not None and last_delivery + interval > now:
+        if s.key_round(key) is not None:
+            s.set_key_round(key, None)
         schedule(s, key, last_delivery + interval, keep_place=False)
         return []
     heads = s.key_heads(key, count)
@@ -402,6 +515,14 @@ def serve_key(s: Store[M], key: str, count: int, visibility_timeout: float, sett
         s.record("delivered", msg.id, key)
     s.set_key_slots(key, slots + 1)
     s.set_key_last_delivery(key, now if interval else None)
+    # A key that waits an interval between deliveries goes to the back: no round.
+    weight = 1 if interval else s.key_weight(key)
+    round_ = s.key_round(key)
+    if weight > 1:
+        turns = round_[0] + 1 if round_ is not None and (round_[1], round_[2]) == place else 1
+        s.set_key_round(key, (turns, *place) if turns < weight else None)
+    elif round_ is not None:
+        s.set_key_round(key, None)
     if slots + 1 < settings.key_concurrency:
         schedule(s, key, now + interval if interval else now, keep_place=False)
     return leases
@@ -515,10 +636,17 @@ def key_facts(s: Store[M], keys: Sequence[str]) -> list[KeyFacts]:
             ready_at=s.key_ready_at(key),
             last_delivery=s.key_last_delivery(key),
             own_interval=s.key_interval(key),
+            weight=s.key_weight(key),
             holds=tuple(sorted(holds.get(key, ()), key=lambda hold: (hold.deadline, hold.message_id))),
         )
         for key in keys
     ]
+
+
+def set_weight(s: Store[M], key: str) -> None:
+    """After a key's weight changed: its round in progress ends (its place stays)."""
+    if s.key_round(key) is not None:
+        s.set_key_round(key, None)
 
 
 def reschedule(s: Store[M], key: str) -> None:

@@ -52,7 +52,8 @@ import secrets
 import threading
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any, Callable, Iterator, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Generator, Iterator, Mapping, NamedTuple, Sequence, TypeVar, Union
 
 import msgpack
 import redis
@@ -62,7 +63,7 @@ from ..backend import (
     DEFAULT_METRICS_WINDOW, Backend, EventSubscription, KeySort, events_option, kept_minutes, key_metrics_window_option,
     metrics_window_option,
 )
-from ..errors import BackendError, BackendUnavailable, ConfigurationError
+from ..errors import BackendError, BackendUnavailable, ConfigurationError, QueueFull
 from ..urls import redact_url
 from ..models import (
     COUNTERS, DeadLetter, Event, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings,
@@ -77,7 +78,7 @@ QUEUE_KEYS = (
     "metrics", "signal", "events", "kmetrics0", "kmetrics1", "kmetrics2",
 )
 QUEUE_FUNCTIONS = (
-    "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_paused", "stats",
+    "enqueue", "lease", "ack", "nack", "release", "extend", "set_interval", "set_weight", "set_paused", "stats",
     "dead_letters", "dead_order", "replay", "purge", "metrics", "keys", "why",
 )
 EXCHANGE_FUNCTIONS = ("bind", "unbind")
@@ -87,6 +88,7 @@ SCHEDULE_FUNCTIONS = (
     "schedule_put", "schedule_list", "schedule_due", "schedule_fire", "schedule_set_paused", "schedule_remove",
 )
 SCHEDULE_KEYS = ("schedules", "schedq")
+T = TypeVar("T")
 # Redis Functions (FUNCTION LOAD, FCALL) came with Redis 7.0.
 MINIMUM_SERVER = (7, 0)
 
@@ -156,6 +158,46 @@ def _record(raw: bytes) -> list[Any]:
         return [*extra.unpacked, *unpacker]
 
 
+# -- requests: what an operation asks its executor to send ---------------------------------
+#
+# Every operation below is written once, without I/O ("sans-IO"): a generator that yields
+# the requests it needs (FunctionCall, Command, Pipeline), is sent each reply (or has the
+# redis-py error thrown into it) and returns the operation's answer. RedisBackend runs
+# them on a redis.Redis client, AsyncRedisBackend (redis_asyncio.py) on a redis.asyncio
+# one: which function an operation calls, with which keys and arguments, and how its reply
+# is read, is known here only.
+
+
+class FunctionCall(NamedTuple):
+    """FCALL of one library function, named by its operation (``"lease"``)."""
+
+    function: str
+    keys: Sequence[bytes]
+    args: Sequence[Any]
+
+
+class Command(NamedTuple):
+    """A plain command, as the redis-py client method of that name (``"smembers"``), on
+    the connections for blocking waits when ``blocking``."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = MappingProxyType({})
+    blocking: bool = False
+
+
+class Pipeline(NamedTuple):
+    """Several function calls, after an optional command, in one round trip. The reply is
+    the list of their replies, each failed one's error in its place (not raised)."""
+
+    calls: Sequence[FunctionCall]
+    prelude: Command | None = None
+
+
+Request = Union[FunctionCall, Command, Pipeline]
+Steps = Generator[Request, Any, T]
+
+
 class _Library:
     """Every operation as one Redis Functions library, loaded once per server.
 
@@ -172,29 +214,30 @@ class _Library:
             name: f"{self.name}_{name}" for name in (*QUEUE_FUNCTIONS, *EXCHANGE_FUNCTIONS, *SCHEDULE_FUNCTIONS)
         }
 
-    def call(self, client: redis.Redis, name: str, keys: Sequence[bytes], args: Sequence[Any]) -> Any:
+    def call(self, function: str, keys: Sequence[bytes], args: Sequence[Any]) -> Steps[Any]:
+        request = FunctionCall(function, keys, args)
         try:
-            return client.fcall(self.functions[name], len(keys), *keys, *args)
+            return (yield request)
         except redis.exceptions.ResponseError as exc:
             if not _missing_function(exc):
                 raise
-            self.load(client)  # on a server older than 7.0: ConfigurationError naming its version
-            return client.fcall(self.functions[name], len(keys), *keys, *args)
+        yield from self.load()  # on a server older than 7.0: ConfigurationError naming its version
+        return (yield request)
 
-    def load(self, client: redis.Redis) -> None:
+    def load(self) -> Steps[None]:
         """Load the library, unless another client just did."""
         try:
-            client.function_load(self.source)
+            yield Command("function_load", (self.source,))
         except redis.exceptions.ResponseError as exc:
             if "already exists" in str(exc):
                 return
-            if "unknown command" in str(exc).lower():
-                version = client.info("server").get("redis_version", "unknown")
-                raise ConfigurationError(
-                    f"this Redis server is version {version}; sharded-broker needs Redis "
-                    f"{'.'.join(map(str, MINIMUM_SERVER))} or newer (it runs as Redis Functions)"
-                ) from None
-            raise
+            if "unknown command" not in str(exc).lower():
+                raise
+            info = yield Command("info", ("server",))
+            raise ConfigurationError(
+                f"this Redis server is version {info.get('redis_version', 'unknown')}; sharded-broker needs Redis "
+                f"{'.'.join(map(str, MINIMUM_SERVER))} or newer (it runs as Redis Functions)"
+            ) from None
 
 
 def _missing_function(exc: Exception) -> bool:
@@ -211,29 +254,84 @@ _LIBRARY = _Library()
 _OBSERVE_ONLY = QueueSettings()
 
 
-class RedisBackend(Backend):
-    """Queues in a Redis server (7.0 or later), shared by every process that uses it.
+def checked_options(url: str, options: Mapping[str, Any]) -> None:
+    """Refuse, naming them, options and URL query parameters the backend cannot use."""
+    known = _redis_options()
+    unknown = sorted(set(options) - known - _OWN_OPTIONS)
+    if unknown:
+        refused = [name for name in unknown if name in _REFUSED_OPTIONS]
+        if refused:
+            raise ConfigurationError(f"option(s) {', '.join(refused)} cannot be used with the redis backend")
+        raise ConfigurationError(
+            f"unknown option(s) for {redact_url(url)}: {', '.join(unknown)}; "
+            "known: prefix, clock, metrics_window, key_metrics_window, events and redis-py connection options (socket_timeout, ssl_ca_certs, ...)"
+        )
+    try:
+        from_query = redis.connection.parse_url(url)
+    except ValueError as exc:
+        raise ConfigurationError(f"malformed redis URL {redact_url(url)!r}: {exc}") from None
+    unknown_query = sorted(set(from_query) - known - {"connection_class"})
+    if unknown_query:
+        raise ConfigurationError(
+            f"unknown query parameter(s) in {redact_url(url)}: {', '.join(unknown_query)}"
+        )
+    if not url.startswith("rediss://"):
+        ssl_options = sorted(name for name in options if name.startswith("ssl"))
+        if ssl_options:
+            raise ConfigurationError(f"option(s) {', '.join(ssl_options)} need a rediss:// URL")
 
-    ``prefix`` (default ``"sb"``) starts every key name; two prefixes on one server are
-    fully isolated. ``clock`` replaces the server's clock (tests only). ``metrics_window``
-    (seconds, default 3600) bounds the per-minute metrics kept, and ``key_metrics_window``
-    (seconds, default ``metrics_window``, never longer) those of each key; ``events`` (default True)
-    publishes lifecycle events. Any other option is a redis-py connection option
-    (``socket_timeout``, ``ssl_ca_certs``, ...).
+
+def clients(client_module: Any, url: str, redis_options: Mapping[str, Any], safe_url: str) -> tuple[Any, Any]:
+    """A client for ``url`` and one for blocking waits, of ``client_module`` (``redis`` or
+    ``redis.asyncio``, which name their classes alike). Blocking waits get connections of
+    their own, whose read timeout outlasts a block (socket_timeout may come from the
+    options or from the URL's query)."""
+    try:
+        client = client_module.Redis.from_url(url, **redis_options)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"bad redis URL or option for {safe_url}: {exc}") from None
+    pool = client.connection_pool
+    blocking_kwargs = dict(pool.connection_kwargs)
+    if blocking_kwargs.get("socket_timeout") is not None:
+        blocking_kwargs["socket_timeout"] = max(float(blocking_kwargs["socket_timeout"]), MAX_BLOCK + 5.0)
+    blocking_client = client_module.Redis(
+        connection_pool=client_module.ConnectionPool(
+            connection_class=pool.connection_class, max_connections=pool.max_connections, **blocking_kwargs
+        )
+    )
+    return client, blocking_client
+
+
+@contextmanager
+def translated_errors(safe_url: str) -> Iterator[None]:
+    """redis-py's errors as the project's (the one place they are translated)."""
+    try:
+        yield
+    except _TRANSPORT_ERRORS as exc:
+        raise BackendUnavailable(f"redis at {safe_url} is unavailable: {exc}") from None
+    except redis.exceptions.RedisError as exc:
+        raise BackendError(f"redis at {safe_url} refused the operation: {exc}") from None
+
+
+class RedisOperations:
+    """Every operation of the Redis backend as steps (see "requests" above): the keys,
+    arguments and reply of each function, and the client-side logic around them (chunked
+    purge and replay, the queue registry), for any executor.
+
+    ``prefix`` (default ``"sb"``) starts every key name; ``clock`` replaces the server's
+    clock (tests only); ``metrics_window``, ``key_metrics_window`` and ``events`` are the
+    backend's options of those names.
     """
 
     def __init__(
         self,
-        url: str,
         *,
         prefix: str = "sb",
         clock: Callable[[], float] | None = None,
         metrics_window: float = DEFAULT_METRICS_WINDOW,
         key_metrics_window: float | None = None,
         events: bool = True,
-        **redis_options: Any,
     ) -> None:
-        self.url = self._safe_url = redact_url(url)  # the password stays with redis-py only
         try:
             queue_name(prefix)  # a prefix obeys the rules of a queue name: no braces, no spaces
         except (TypeError, ValueError) as exc:
@@ -245,22 +343,7 @@ class RedisBackend(Backend):
         window = metrics_window_option(metrics_window)
         self._kept_minutes = kept_minutes(window)
         self._key_kept_minutes = kept_minutes(key_metrics_window_option(key_metrics_window, window))
-        self._events = events_option(events)
-        try:
-            self._client = redis.Redis.from_url(url, **redis_options)
-        except (ValueError, TypeError) as exc:
-            raise ConfigurationError(f"bad redis URL or option for {self._safe_url}: {exc}") from None
-        # Blocking waits get connections of their own, whose read timeout outlasts a block
-        # (socket_timeout may come from the options or from the URL's query).
-        pool = self._client.connection_pool
-        blocking_kwargs = dict(pool.connection_kwargs)
-        if blocking_kwargs.get("socket_timeout") is not None:
-            blocking_kwargs["socket_timeout"] = max(float(blocking_kwargs["socket_timeout"]), MAX_BLOCK + 5.0)
-        self._blocking_client = redis.Redis(
-            connection_pool=redis.ConnectionPool(
-                connection_class=pool.connection_class, max_connections=pool.max_connections, **blocking_kwargs
-            )
-        )
+        self.events = events_option(events)
         self._library = _LIBRARY
         self._queue_keys: dict[str, list[bytes]] = {}
         self._options: dict[QueueSettings, bytes] = {}
@@ -271,48 +354,9 @@ class RedisBackend(Backend):
         self._registered: set[str] = set()
         self._registered_lock = threading.Lock()
 
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> "RedisBackend":
-        known = _redis_options()
-        unknown = sorted(set(options) - known - _OWN_OPTIONS)
-        if unknown:
-            refused = [name for name in unknown if name in _REFUSED_OPTIONS]
-            if refused:
-                raise ConfigurationError(f"option(s) {', '.join(refused)} cannot be used with the redis backend")
-            raise ConfigurationError(
-                f"unknown option(s) for {redact_url(url)}: {', '.join(unknown)}; "
-                "known: prefix, clock, metrics_window, key_metrics_window, events and redis-py connection options (socket_timeout, ssl_ca_certs, ...)"
-            )
-        try:
-            from_query = redis.connection.parse_url(url)
-        except ValueError as exc:
-            raise ConfigurationError(f"malformed redis URL {redact_url(url)!r}: {exc}") from None
-        unknown_query = sorted(set(from_query) - known - {"connection_class"})
-        if unknown_query:
-            raise ConfigurationError(
-                f"unknown query parameter(s) in {redact_url(url)}: {', '.join(unknown_query)}"
-            )
-        if not url.startswith("rediss://"):
-            ssl_options = sorted(name for name in options if name.startswith("ssl"))
-            if ssl_options:
-                raise ConfigurationError(f"option(s) {', '.join(ssl_options)} need a rediss:// URL")
-        return cls(url, **options)
-
-    def __repr__(self) -> str:
-        return f"<RedisBackend {self._safe_url} prefix={self.prefix!r}>"
-
     # -- plumbing -----------------------------------------------------------------------
 
-    @contextmanager
-    def _errors(self) -> Iterator[None]:
-        try:
-            yield
-        except _TRANSPORT_ERRORS as exc:
-            raise BackendUnavailable(f"redis at {self._safe_url} is unavailable: {exc}") from None
-        except redis.exceptions.RedisError as exc:
-            raise BackendError(f"redis at {self._safe_url} refused the operation: {exc}") from None
-
-    def _keys(self, queue: str) -> list[bytes]:
+    def queue_keys(self, queue: str) -> list[bytes]:
         # Encoded once: redis-py passes bytes through, where it would encode text on every call.
         keys = self._queue_keys.get(queue)
         if keys is None:
@@ -340,27 +384,33 @@ class RedisBackend(Backend):
                 "retry_position": settings.retry_position,
                 "dedup_window": round(settings.dedup_window * 1_000_000),
                 "unique_while_pending": settings.unique_while_pending,
+                # Backpressure only when set: unset, enqueue reads no more than before.
+                **({} if settings.max_pending_per_key is None else {"max_pending_per_key": settings.max_pending_per_key}),
+                **({} if settings.max_pending is None else {"max_pending": settings.max_pending}),
+                **(
+                    {}
+                    if settings.max_pending_per_key is None and settings.max_pending is None
+                    else {"on_full": settings.on_full}
+                ),
                 "kept": self._kept_minutes,
                 "key_kept": self._key_kept_minutes,
-                "publish": self._events,
+                "publish": self.events,
             })
             self._options[settings] = packed
         return packed
 
-    def _run(self, function: str, queue: str, args: Sequence[Any]) -> Any:
-        with self._errors():
-            return self._library.call(self._client, function, self._keys(queue), args)
+    def _run(self, function: str, queue: str, args: Sequence[Any]) -> Steps[Any]:
+        return self._library.call(function, self.queue_keys(queue), args)
 
     # -- the contract -------------------------------------------------------------------
 
-    def now(self) -> float:
+    def now(self) -> Steps[float]:
         if self._clock is not None:
             return self._clock()
-        with self._errors():
-            seconds, micros = self._client.time()
+        seconds, micros = yield Command("time")
         return seconds + micros / 1_000_000
 
-    def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
+    def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> Steps[list[str]]:
         prefix, counter = self._id_prefix, self._id_counter
         fields: list[Any] = []
         envelopes: list[bytes] = []
@@ -375,23 +425,27 @@ class RedisBackend(Backend):
             # The record's first six values (a fixarray's values: its one-byte header cut).
             envelopes.append(_pack((key, m.priority, headers, dedup_id, m.at_head, m.payload))[1:])
         args: list[Any] = [self._clock_arg(), self._options_arg(settings), _pack(fields), *envelopes]
-        keys = self._keys(queue)
-        with self._errors():
-            if queue in self._registered:
-                ids = self._library.call(self._client, "enqueue", keys, args)
-            else:
-                # The registry lives outside the queue's hash tag, so a function may not
-                # touch it; it is written once per process per queue, in the same round trip.
-                [_, ids] = self._pipelined("enqueue", [(keys, args)], prelude=("SADD", self._registry_key(), queue))
-                with self._registered_lock:
-                    self._registered.add(queue)
+        keys = self.queue_keys(queue)
+        if queue in self._registered:
+            ids = yield from self._library.call("enqueue", keys, args)
+        else:
+            # The registry lives outside the queue's hash tag, so a function may not
+            # touch it; it is written once per process per queue, in the same round trip.
+            [_, ids] = yield from self._pipelined(
+                "enqueue", [(keys, args)], prelude=Command("sadd", (self._registry_key(), queue))
+            )
+            with self._registered_lock:
+                self._registered.add(queue)
+        if ids and isinstance(ids[0], int):  # a backpressure limit refused the call
+            _, key, setting, limit, note = ids
+            raise QueueFull(queue, _str(key) or None, _str(setting), limit, _str(note))
         return [_str(i) for i in ids]
 
     def lease(
         self, queue: str, limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings
-    ) -> LeaseResult:
+    ) -> Steps[LeaseResult]:
         args = [self._clock_arg(), self._options_arg(settings), limit, per_key, _us(visibility_timeout)]
-        answer = self._run("lease", queue, args)
+        answer = yield from self._run("lease", queue, args)
         retry_in = answer[0] / 1e6 if answer[0] != b"" else None
         leases = []
         for i in range(1, len(answer), 5):
@@ -419,16 +473,16 @@ class RedisBackend(Backend):
         """How a function names a lease: id, token, key ('' = unkeyed), batch id."""
         return (lease.id, lease.token, b"" if lease.key is None else _text(lease.key), lease.batch_id)
 
-    def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
+    def ack_many(self, leases: Sequence[Lease]) -> Steps[list[bool]]:
         observe = self._options_arg(_OBSERVE_ONLY)
-        answers = self._per_queue(
+        answers = yield from self._per_queue(
             "ack", leases, lambda queue: [self._clock_arg(), observe], lambda i: self._lease_args(leases[i])
         )
         return [bool(answer) for answer in answers]
 
-    def release_many(self, leases: Sequence[Lease]) -> list[bool]:
+    def release_many(self, leases: Sequence[Lease]) -> Steps[list[bool]]:
         observe = self._options_arg(_OBSERVE_ONLY)
-        answers = self._per_queue(
+        answers = yield from self._per_queue(
             "release", leases, lambda queue: [self._clock_arg(), observe], lambda i: self._lease_args(leases[i])
         )
         return [bool(answer) for answer in answers]
@@ -439,7 +493,7 @@ class RedisBackend(Backend):
         leases: Sequence[Lease],
         head_args: Callable[[str], list[Any]],
         lease_args: Callable[[int], Sequence[Any]],
-    ) -> list[Any]:
+    ) -> Steps[list[Any]]:
         """One call of a per-lease function for each queue the leases belong to, all in one
         round trip; the answers, one per lease, in the order of ``leases``.
         ``lease_args(i)``: the function's arguments for ``leases[i]``."""
@@ -452,11 +506,10 @@ class RedisBackend(Backend):
             for index in indexes:
                 args += lease_args(index)
             calls.append((queue, indexes, args))
-        with self._errors():
-            if len(calls) == 1:
-                answers = [self._library.call(self._client, function, self._keys(calls[0][0]), calls[0][2])]
-            else:
-                answers = self._pipelined(function, [(self._keys(q), args) for q, _, args in calls])
+        if len(calls) == 1:
+            answers = [(yield from self._run(function, calls[0][0], calls[0][2]))]
+        else:
+            answers = yield from self._pipelined(function, [(self.queue_keys(q), args) for q, _, args in calls])
         results: list[Any] = [None] * len(leases)
         for (_, indexes, _), answer in zip(calls, answers):
             for index, value in zip(indexes, answer):
@@ -464,23 +517,18 @@ class RedisBackend(Backend):
         return results
 
     def _pipelined(
-        self, function: str, calls: list[tuple[list[bytes], list[Any]]], prelude: tuple[Any, ...] | None = None
-    ) -> list[Any]:
+        self, function: str, calls: list[tuple[list[bytes], list[Any]]], prelude: Command | None = None
+    ) -> Steps[list[Any]]:
         """Several calls of one function (after an optional plain command) in one round
         trip, loading the library first if the server lacks it."""
-        name = self._library.functions[function]
+        request = Pipeline([FunctionCall(function, keys, args) for keys, args in calls], prelude)
         for attempt in range(2):
-            pipe = self._client.pipeline(transaction=False)
-            if prelude is not None:
-                pipe.execute_command(*prelude)
-            for keys, args in calls:
-                pipe.fcall(name, len(keys), *keys, *args)
-            answers = pipe.execute(raise_on_error=False)
+            answers = yield request
             if attempt or not any(_missing_function(a) for a in answers):
                 break
             # A call refused for a missing function changed nothing (and the prelude is
             # idempotent): load the library and send them all again.
-            self._library.load(self._client)
+            yield from self._library.load()
         for answer in answers:
             if isinstance(answer, Exception):
                 raise answer
@@ -488,42 +536,44 @@ class RedisBackend(Backend):
 
     def nack(
         self, lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings
-    ) -> bool:
+    ) -> Steps[bool]:
         args = [
             self._clock_arg(), self._options_arg(settings), *self._lease_args(lease), _us(delay),
             "1" if dead else "0", "" if reason is None else _text(reason),
         ]
-        return bool(self._run("nack", lease.queue, args))
+        return bool((yield from self._run("nack", lease.queue, args)))
 
-    def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
-        return self.extend_many([lease], [visibility_timeout])[0]
-
-    def extend_many(self, leases: Sequence[Lease], visibility_timeouts: Sequence[float]) -> list[float | None]:
-        answers = self._per_queue(
+    def extend_many(self, leases: Sequence[Lease], visibility_timeouts: Sequence[float]) -> Steps[list[float | None]]:
+        answers = yield from self._per_queue(
             "extend", leases, lambda queue: [self._clock_arg()],
             lambda i: (*self._lease_args(leases[i]), _us(visibility_timeouts[i])),
         )
         return [answer / 1e6 if answer != b"" else None for answer in answers]
 
-    def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
-        self._run("set_interval", queue, [self._clock_arg(), _text(key), "" if seconds is None else _us(seconds)])
+    def set_interval(self, queue: str, key: str, seconds: float | None) -> Steps[None]:
+        yield from self._run("set_interval", queue, [self._clock_arg(), _text(key), "" if seconds is None else _us(seconds)])
 
-    def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
-        self._run("set_paused", queue, [self._clock_arg(), b"" if key is None else _text(key), "1" if paused else "0"])
+    def set_weight(self, queue: str, key: str, weight: int | None) -> Steps[None]:
+        yield from self._run("set_weight", queue, [self._clock_arg(), _text(key), "" if weight is None else str(weight)])
 
-    def stats(self, queue: str) -> QueueStats:
-        ready, leased, delayed, dead, keys, oldest_age, paused = self._run("stats", queue, [self._clock_arg()])
+    def set_paused(self, queue: str, key: str | None, paused: bool) -> Steps[None]:
+        yield from self._run(
+            "set_paused", queue, [self._clock_arg(), b"" if key is None else _text(key), "1" if paused else "0"]
+        )
+
+    def stats(self, queue: str) -> Steps[QueueStats]:
+        ready, leased, delayed, dead, keys, oldest_age, paused = yield from self._run("stats", queue, [self._clock_arg()])
         return QueueStats(
             queue=queue, ready=int(ready), leased=int(leased), delayed=int(delayed), dead=int(dead),
             keys=int(keys), oldest_age=oldest_age / 1e6, paused=bool(paused),
         )
 
-    def queues(self) -> list[str]:
-        with self._errors():
-            return sorted(_str(name) for name in self._client.smembers(self._registry_key()))
+    def queues(self) -> Steps[list[str]]:
+        names = yield Command("smembers", (self._registry_key(),))
+        return sorted(_str(name) for name in names)
 
-    def dead_letters(self, queue: str, limit: int, offset: int) -> list[DeadLetter]:
-        rows = self._run("dead_letters", queue, [self._clock_arg(), offset, limit])
+    def dead_letters(self, queue: str, limit: int, offset: int) -> Steps[list[DeadLetter]]:
+        rows = yield from self._run("dead_letters", queue, [self._clock_arg(), offset, limit])
         letters = []
         for mid, key, payload, priority, attempts, headers, enqueued_at, dedup_id, reason, died_at in rows:
             letters.append(
@@ -535,25 +585,26 @@ class RedisBackend(Backend):
             )
         return letters
 
-    def replay(self, queue: str, ids: Sequence[str] | None, position: RetryPosition) -> int:
+    def replay(self, queue: str, ids: Sequence[str] | None, position: RetryPosition) -> Steps[int]:
         """Up to ``CHUNK`` dead letters are replayed in one atomic script call. More are
         replayed in chunks of ``CHUNK``, so Redis serves other clients between them: the
         client first reads where each goes (priority, then seq: the order of a replay done
         at once) and replays them chunk by chunk in that order. Replaying all replays the
         dead letters there when it started, not those that die meanwhile."""
-        dead_key = self._keys(queue)[QUEUE_KEYS.index("dead")]
+        dead_key = self.queue_keys(queue)[QUEUE_KEYS.index("dead")]
         if ids is None:
-            with self._errors():
-                small = self._client.zcard(dead_key) <= CHUNK
+            small = (yield Command("zcard", (dead_key,))) <= CHUNK
             if small:
-                return int(self._run("replay", queue, [self._clock_arg(), position, "1"]))
-            ids = self._all_dead(dead_key)
+                return int((yield from self._run("replay", queue, [self._clock_arg(), position, "1"])))
+            ids = yield from self._all_dead(dead_key)
         ids = list(dict.fromkeys(ids))
         if len(ids) <= CHUNK:
-            return int(self._run("replay", queue, [self._clock_arg(), position, "0", *ids]))
+            return int((yield from self._run("replay", queue, [self._clock_arg(), position, "0", *ids])))
         places: list[tuple[int, int, bytes]] = []
         for start in range(0, len(ids), CHUNK):
-            rows = self._run("dead_order", queue, [self._clock_arg(), *(_text(i) for i in ids[start : start + CHUNK])])
+            rows = yield from self._run(
+                "dead_order", queue, [self._clock_arg(), *(_text(i) for i in ids[start : start + CHUNK])]
+            )
             places.extend((int(priority), int(seq), mid) for mid, priority, seq in rows)
         places.sort(key=lambda place: place[:2])
         chunks = [places[start : start + CHUNK] for start in range(0, len(places), CHUNK)]
@@ -561,33 +612,36 @@ class RedisBackend(Backend):
             chunks.reverse()  # each chunk takes seqs ahead of the chunk after it
         moved = 0
         for chunk in chunks:
-            moved += int(self._run("replay", queue, [self._clock_arg(), position, "0", *(mid for _, _, mid in chunk)]))
+            moved += int((yield from self._run(
+                "replay", queue, [self._clock_arg(), position, "0", *(mid for _, _, mid in chunk)]
+            )))
         return moved
 
-    def _all_dead(self, dead_key: bytes) -> list[str]:
+    def _all_dead(self, dead_key: bytes) -> Steps[list[str]]:
         """The ids of the dead letters there now, in order of death, read page by page."""
-        with self._errors():
-            newest = self._client.zrevrange(dead_key, 0, 0, withscores=True)
-            if not newest:
-                return []
-            last = newest[0][1]
-            ids: list[str] = []
-            after = "-inf"
-            while True:
-                page = self._client.zrangebyscore(dead_key, after, last, start=0, num=CHUNK, withscores=True)
-                ids.extend(_str(entry[0]) for entry in page)
-                if len(page) < CHUNK:
-                    return ids
-                after = f"({page[-1][1]!r}"
+        newest = yield Command("zrevrange", (dead_key, 0, 0), {"withscores": True})
+        if not newest:
+            return []
+        last = newest[0][1]
+        ids: list[str] = []
+        after = "-inf"
+        while True:
+            page = yield Command(
+                "zrangebyscore", (dead_key, after, last), {"start": 0, "num": CHUNK, "withscores": True}
+            )
+            ids.extend(_str(entry[0]) for entry in page)
+            if len(page) < CHUNK:
+                return ids
+            after = f"({page[-1][1]!r}"
 
-    def purge(self, queue: str, dead: bool) -> int:
+    def purge(self, queue: str, dead: bool) -> Steps[int]:
         """Deletes in chunks of at most ``CHUNK`` messages, one script call each, so Redis
         serves other clients between chunks; each chunk is atomic and leaves the queue
         consistent. It deletes at most as many messages as were there when it started:
         messages enqueued meanwhile may be among them (in place of as many older ones)."""
         deleted, budget = 0, None
         while True:
-            chunk_deleted, left = self._run(
+            chunk_deleted, left = yield from self._run(
                 "purge", queue, [self._clock_arg(), "1" if dead else "0", "" if budget is None else budget, CHUNK]
             )
             deleted += int(chunk_deleted)
@@ -595,50 +649,48 @@ class RedisBackend(Backend):
             if budget <= 0 or not chunk_deleted:
                 return deleted
 
-    def bind(self, exchange: str, queue: str) -> None:
-        with self._errors():
-            self._library.call(self._client, "bind", [self._bindings_key(exchange)], [queue])
+    def bind(self, exchange: str, queue: str) -> Steps[None]:
+        yield from self._library.call("bind", [self._bindings_key(exchange)], [queue])
 
-    def unbind(self, exchange: str, queue: str) -> None:
-        with self._errors():
-            self._library.call(self._client, "unbind", [self._bindings_key(exchange)], [queue])
+    def unbind(self, exchange: str, queue: str) -> Steps[None]:
+        yield from self._library.call("unbind", [self._bindings_key(exchange)], [queue])
 
-    def bound_queues(self, exchange: str) -> list[str]:
-        with self._errors():
-            return sorted(_str(name) for name in self._client.smembers(self._bindings_key(exchange)))
+    def bound_queues(self, exchange: str) -> Steps[list[str]]:
+        names = yield Command("smembers", (self._bindings_key(exchange),))
+        return sorted(_str(name) for name in names)
 
-    def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
+    def metrics(self, queue: str, minutes: int, key: str | None) -> Steps[list[MinuteMetrics]]:
         key_arg = b"" if key is None else b"+" + _text(key)
         kept = self._kept_minutes if key is None else self._key_kept_minutes
-        answer = self._run("metrics", queue, [self._clock_arg(), kept, minutes, key_arg])
+        answer = yield from self._run("metrics", queue, [self._clock_arg(), kept, minutes, key_arg])
         first, values = float(answer[0]), [int(v) for v in answer[1:]]
         width = len(COUNTERS)
         return [
             MinuteMetrics(first + 60 * i, *values[i * width : (i + 1) * width]) for i in range(len(values) // width)
         ]
 
-    def keys(self, queue: str, limit: int, sort: KeySort) -> list[KeyInfo]:
+    def keys(self, queue: str, limit: int, sort: KeySort) -> Steps[list[KeyInfo]]:
         if sort == "backlog":
-            rows = self._run("keys", queue, [self._clock_arg(), "backlog", limit])
-            now = self.now()
+            rows = yield from self._run("keys", queue, [self._clock_arg(), "backlog", limit])
+            now = yield from self.now()
         else:
-            heads = self._run("keys", queue, [self._clock_arg(), "lag"])
-            now = self.now()
+            heads = yield from self._run("keys", queue, [self._clock_arg(), "lag"])
+            now = yield from self.now()
             lags = sorted(
                 ((-(max(0.0, now - t / 1e6) if t != b"" else 0.0), _str(key)) for key, t in heads)
             )[:limit]
             if not lags:
                 return []
-            rows = self._run("keys", queue, [self._clock_arg(), "info", *(_text(key) for _, key in lags)])
+            rows = yield from self._run("keys", queue, [self._clock_arg(), "info", *(_text(key) for _, key in lags)])
         return [self._key_view(queue, row, now) for row in rows]
 
-    def key_info(self, queue: str, key: str) -> KeyInfo:
-        [row] = self._run("keys", queue, [self._clock_arg(), "info", _text(key)])
-        return self._key_view(queue, row, self.now())
+    def key_info(self, queue: str, key: str) -> Steps[KeyInfo]:
+        [row] = yield from self._run("keys", queue, [self._clock_arg(), "info", _text(key)])
+        return self._key_view(queue, row, (yield from self.now()))
 
     @staticmethod
     def _key_view(queue: str, row: list[Any], now: float) -> KeyInfo:
-        key, backlog, slots, paused, interval, head_row = row
+        key, backlog, slots, paused, interval, head_row, weight = row
         head = None
         if head_row:
             mid, priority, attempts, enqueued_at, not_before, size = head_row
@@ -652,15 +704,16 @@ class RedisBackend(Backend):
             paused=bool(paused),
             interval=int(interval) / 1e6 if interval else None,
             head=head,
+            weight=int(weight) if weight else 1,
         )
 
-    def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
+    def key_facts(self, queue: str, keys: Sequence[str]) -> Steps[list[KeyFacts]]:
         """One call of the ``why`` function for all ``keys`` (lua/why.lua)."""
-        now_us, queue_paused, *rows = self._run(
+        now_us, queue_paused, *rows = yield from self._run(
             "why", queue, [self._clock_arg(), "facts", *(_text(key) for key in keys)]
         )
         facts = []
-        for key, paused, backlog, slots, ready_at, last_delivery, interval, head_row, next_delayed, holds in rows:
+        for key, paused, backlog, slots, ready_at, last_delivery, interval, head_row, next_delayed, holds, weight in rows:
             head = None
             if head_row:
                 mid, priority, attempts, enqueued_at, not_before, size = head_row
@@ -678,6 +731,7 @@ class RedisBackend(Backend):
                 ready_at=None if ready_at == b"" else int(ready_at) / 1e6,
                 last_delivery=None if last_delivery == b"" else int(last_delivery) / 1e6,
                 own_interval=None if interval == b"" else int(interval) / 1e6,
+                weight=int(weight) if weight else 1,
                 holds=tuple(sorted(
                     (
                         HeldBatch(
@@ -692,77 +746,341 @@ class RedisBackend(Backend):
             ))
         return facts
 
-    def head_times(self, queue: str, keys: Sequence[str]) -> tuple[float, list[float | None]]:
-        now_us, *times = self._run("why", queue, [self._clock_arg(), "heads", *(_text(key) for key in keys)])
+    def head_times(self, queue: str, keys: Sequence[str]) -> Steps[tuple[float, list[float | None]]]:
+        now_us, *times = yield from self._run("why", queue, [self._clock_arg(), "heads", *(_text(key) for key in keys)])
         return now_us / 1e6, [None if t == b"" else int(t) / 1e6 for t in times]
 
-    def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
-        backlog_key = self._keys(queue)[QUEUE_KEYS.index("backlog")]
-        with self._errors():
-            return [_str(key) for key in self._client.zrange(backlog_key, offset, offset + count - 1)]
+    def backlog_keys(self, queue: str, offset: int, count: int) -> Steps[list[str]]:
+        backlog_key = self.queue_keys(queue)[QUEUE_KEYS.index("backlog")]
+        keys = yield Command("zrange", (backlog_key, offset, offset + count - 1))
+        return [_str(key) for key in keys]
+
+    def wait_any(self, queues: Sequence[str], timeout: float) -> Steps[None]:
+        if timeout <= 0 or not queues:
+            return
+        signal_keys = [self.queue_keys(queue)[QUEUE_KEYS.index("signal")] for queue in queues]
+        # One BLPOP over every queue's signal list; 0 means "forever" to BLPOP, so never
+        # ask for less than a millisecond.
+        yield Command("blpop", (signal_keys,), {"timeout": max(min(timeout, MAX_BLOCK), 0.001)}, blocking=True)
 
     # -- schedules (lua/_schedules.lua and schedule_*.lua) ---------------------------------
 
-    def _run_schedule(self, function: str, queue: str, args: Sequence[Any]) -> Any:
-        """A schedule function, called with the queue's keys and then SCHEDULE_KEYS."""
-        keys = [*self._keys(queue), *(_text(f"{self.prefix}:{{{queue}}}:{name}") for name in SCHEDULE_KEYS)]
-        with self._errors():
-            return self._library.call(self._client, function, keys, args)
+    def _schedule_keys(self, queue: str) -> list[bytes]:
+        """The keys of a schedule function: the queue's, then SCHEDULE_KEYS."""
+        return [*self.queue_keys(queue), *(_text(f"{self.prefix}:{{{queue}}}:{name}") for name in SCHEDULE_KEYS)]
 
-    def put_schedule(self, queue: str, schedule: Schedule) -> Schedule:
+    def _run_schedule(self, function: str, queue: str, args: Sequence[Any]) -> Steps[Any]:
+        return self._library.call(function, self._schedule_keys(queue), args)
+
+    def put_schedule(self, queue: str, schedule: Schedule) -> Steps[Schedule]:
         packed = _pack({
             "pl": schedule.payload, "k": None if schedule.key is None else _text(schedule.key), "p": schedule.priority,
             "h": json.dumps(schedule.headers, separators=(",", ":")),
             "ev": None if schedule.every is None else round(schedule.every * 1_000_000),
             "cr": schedule.cron, "nd": round(schedule.next_due * 1_000_000),
         })
-        return _schedule(queue, _text(schedule.name), self._run_schedule("schedule_put", queue, [
-            self._clock_arg(), _text(schedule.name), packed,
-        ]))
+        stored = yield from self._run_schedule("schedule_put", queue, [self._clock_arg(), _text(schedule.name), packed])
+        return _schedule(queue, _text(schedule.name), stored)
 
-    def schedules(self, queue: str) -> list[Schedule]:
-        flat = self._run_schedule("schedule_list", queue, [self._clock_arg()])
+    def schedules(self, queue: str) -> Steps[list[Schedule]]:
+        flat = yield from self._run_schedule("schedule_list", queue, [self._clock_arg()])
         found = [_schedule(queue, flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
         return sorted(found, key=lambda schedule: schedule.name)
 
-    def due_schedules(self, queue: str, limit: int) -> tuple[float, list[Schedule]]:
-        now_us, *flat = self._run_schedule("schedule_due", queue, [self._clock_arg(), limit])
+    def due_schedules(self, queue: str, limit: int) -> Steps[tuple[float, list[Schedule]]]:
+        now_us, *flat = yield from self._run_schedule("schedule_due", queue, [self._clock_arg(), limit])
         return now_us / 1e6, [_schedule(queue, flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
     def fire_schedule(
         self, queue: str, name: str, expected_due: float, next_due: float, message: Message, settings: QueueSettings
-    ) -> str | None:
-        if queue not in self._registered:
-            # queues() lists it once it holds a message (the registry is outside the
-            # queue's hash tag, so the function cannot add it).
-            with self._errors():
-                self._client.sadd(self._registry_key(), queue)
-            with self._registered_lock:
-                self._registered.add(queue)
+    ) -> Steps[str | None]:
         key = None if message.key is None else _text(message.key)
         headers = json.dumps(dict(message.headers), separators=(",", ":")) if message.headers else "{}"
         envelope = _pack((key, message.priority, headers, None, False, message.payload))[1:]
         mid = f"{self._id_prefix}{next(self._id_counter):x}"
-        answer = self._run_schedule("schedule_fire", queue, [
+        args = [
             self._clock_arg(), self._options_arg(settings), _text(name), _us(expected_due), _us(next_due), mid,
             b"" if key is None else key, message.priority, envelope,
-        ])
+        ]
+        if queue in self._registered:
+            answer = yield from self._run_schedule("schedule_fire", queue, args)
+        else:
+            # queues() lists it once it holds a message: the registry is outside the
+            # queue's hash tag (see enqueue_many), written in the same round trip.
+            [_, answer] = yield from self._pipelined(
+                "schedule_fire", [(self._schedule_keys(queue), args)], prelude=Command("sadd", (self._registry_key(), queue))
+            )
+            with self._registered_lock:
+                self._registered.add(queue)
         return None if answer is None else _str(answer)
 
-    def set_schedule_paused(self, queue: str, name: str, paused: bool, next_due: float | None) -> bool:
-        return bool(self._run_schedule("schedule_set_paused", queue, [
+    def set_schedule_paused(self, queue: str, name: str, paused: bool, next_due: float | None) -> Steps[bool]:
+        return bool((yield from self._run_schedule("schedule_set_paused", queue, [
             self._clock_arg(), _text(name), "1" if paused else "0", "" if next_due is None else _us(next_due),
-        ]))
+        ])))
+
+    def remove_schedule(self, queue: str, name: str) -> Steps[bool]:
+        return bool((yield from self._run_schedule("schedule_remove", queue, [self._clock_arg(), _text(name)])))
+
+    # -- events: the subscription itself is the executor's ------------------------------
+
+    def events_channel(self, queue: str) -> bytes:
+        """The pub/sub channel of ``queue``'s events (ConfigurationError when they are off)."""
+        if not self.events:
+            raise ConfigurationError("events are off for this broker; connect with events=True to subscribe")
+        return self.queue_keys(queue)[QUEUE_KEYS.index("events")]
+
+    @staticmethod
+    def parse_events(queue: str, data: bytes) -> list[Event]:
+        """The events of one published message (every event of one function call)."""
+        events = []
+        for line in data.split(b"\n"):
+            kind, mid, key, at = line.split(b"\0")
+            events.append(Event(_str(kind), queue, _str(mid), _str(key[1:]) if key else None, int(at) / 1e6))  # type: ignore[arg-type]
+        return events
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+class PackedCalls:
+    """FCALL commands as RESP bytes, packed here instead of by redis-py's command packer.
+
+    redis-py packs every argument of every command anew (type checks, encoding, a length
+    header each): for an FCALL with a queue's 16 key names that was more client time than
+    the round trip itself. The part that never changes, ``FCALL <function> <numkeys>
+    <keys...>``, is packed once per function and queue; only the arguments are packed per
+    call (bytes and text as they are, anything else through the client's encoder).
+    """
+
+    def __init__(self, functions: Mapping[str, str], encoder: Any) -> None:
+        self._functions = functions
+        self._encoder = encoder
+        self._heads: dict[tuple[str, bytes, int], bytes] = {}
+
+    def pack(self, call: FunctionCall) -> bytes:
+        keys = call.keys
+        # A call's keys are those of one queue (or exchange), named by their first.
+        cached = (call.function, keys[0] if keys else b"", len(keys))
+        head = self._heads.get(cached)
+        if head is None:
+            head = self._heads[cached] = b"".join((
+                _bulk(b"FCALL"), _bulk(self._functions[call.function].encode()), _bulk(b"%d" % len(keys)),
+                *map(_bulk, keys),
+            ))
+        parts = [b"*%d\r\n" % (3 + len(keys) + len(call.args)), head]
+        for arg in call.args:
+            if type(arg) is str:
+                arg = arg.encode()
+            elif type(arg) is not bytes:
+                arg = self._encoder.encode(arg)
+            parts.append(b"$%d\r\n" % len(arg))
+            parts.append(arg)
+            parts.append(b"\r\n")
+        return b"".join(parts)
+
+
+class RedisBackend(Backend):
+    """Queues in a Redis server (7.0 or later), shared by every process that uses it.
+
+    ``prefix`` (default ``"sb"``) starts every key name; two prefixes on one server are
+    fully isolated. ``clock`` replaces the server's clock (tests only). ``metrics_window``
+    (seconds, default 3600) bounds the per-minute metrics kept, and ``key_metrics_window``
+    (seconds, default ``metrics_window``, never longer) those of each key; ``events`` (default True)
+    publishes lifecycle events. Any other option is a redis-py connection option
+    (``socket_timeout``, ``ssl_ca_certs``, ...).
+
+    Runs the steps of :class:`RedisOperations` on redis-py's blocking client.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "sb",
+        clock: Callable[[], float] | None = None,
+        metrics_window: float = DEFAULT_METRICS_WINDOW,
+        key_metrics_window: float | None = None,
+        events: bool = True,
+        **redis_options: Any,
+    ) -> None:
+        self.url = self._safe_url = redact_url(url)  # the password stays with redis-py only
+        self._ops = RedisOperations(
+            prefix=prefix, clock=clock, metrics_window=metrics_window, key_metrics_window=key_metrics_window,
+            events=events,
+        )
+        self.prefix = prefix
+        self._client, self._blocking_client = clients(redis, url, redis_options, self._safe_url)
+        self._functions = _LIBRARY.functions
+        self._packed = PackedCalls(self._functions, self._client.connection_pool.get_encoder())
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> "RedisBackend":
+        checked_options(url, options)
+        return cls(url, **options)
+
+    def __repr__(self) -> str:
+        return f"<RedisBackend {self._safe_url} prefix={self.prefix!r}>"
+
+    # -- the executor -------------------------------------------------------------------
+
+    def _drive(self, steps: Steps[T]) -> T:
+        """Run an operation's steps: send each request, hand back its reply (or throw its
+        error in), until the operation answers."""
+        with translated_errors(self._safe_url):
+            try:
+                request = next(steps)
+                while True:
+                    try:
+                        reply = self._send(request)
+                    except redis.exceptions.RedisError as exc:
+                        request = steps.throw(exc)
+                    else:
+                        request = steps.send(reply)
+            except StopIteration as done:
+                return done.value
+
+    def _send(self, request: Request) -> Any:
+        if type(request) is FunctionCall:
+            return self._fcall(self._packed.pack(request))
+        if type(request) is Command:
+            client = self._blocking_client if request.blocking else self._client
+            return getattr(client, request.method)(*request.args, **request.kwargs)
+        assert type(request) is Pipeline
+        pipe = self._client.pipeline(transaction=False)
+        if request.prelude is not None:
+            getattr(pipe, request.prelude.method)(*request.prelude.args, **request.prelude.kwargs)
+        for call in request.calls:
+            pipe.fcall(self._functions[call.function], len(call.keys), *call.keys, *call.args)
+        return pipe.execute(raise_on_error=False)
+
+    def _fcall(self, command: bytes) -> Any:
+        """Send one packed FCALL and read its reply as redis-py's execute_command does: a
+        pooled connection, the client's retry policy (each failed attempt disconnects), the
+        server's error reply raised as ResponseError."""
+        pool = self._client.connection_pool
+        conn = pool.get_connection()
+
+        def attempt() -> Any:
+            conn.send_packed_command([command])
+            return conn.read_response()
+
+        try:
+            return conn.retry.call_with_retry(attempt, lambda error: conn.disconnect())
+        finally:
+            pool.release(conn)
+
+    def _keys(self, queue: str) -> list[bytes]:
+        """The key names of ``queue``, in the order of ``QUEUE_KEYS``."""
+        return self._ops.queue_keys(queue)
+
+    # -- the contract -------------------------------------------------------------------
+
+    def now(self) -> float:
+        return self._drive(self._ops.now())
+
+    def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
+        return self._drive(self._ops.enqueue_many(queue, messages, settings))
+
+    def lease(
+        self, queue: str, limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings
+    ) -> LeaseResult:
+        return self._drive(self._ops.lease(queue, limit, per_key, visibility_timeout, settings))
+
+    def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
+        return self._drive(self._ops.ack_many(leases))
+
+    def release_many(self, leases: Sequence[Lease]) -> list[bool]:
+        return self._drive(self._ops.release_many(leases))
+
+    def nack(
+        self, lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings
+    ) -> bool:
+        return self._drive(self._ops.nack(lease, delay=delay, dead=dead, reason=reason, settings=settings))
+
+    def extend(self, lease: Lease, visibility_timeout: float) -> float | None:
+        return self.extend_many([lease], [visibility_timeout])[0]
+
+    def extend_many(self, leases: Sequence[Lease], visibility_timeouts: Sequence[float]) -> list[float | None]:
+        return self._drive(self._ops.extend_many(leases, visibility_timeouts))
+
+    def set_interval(self, queue: str, key: str, seconds: float | None) -> None:
+        self._drive(self._ops.set_interval(queue, key, seconds))
+
+    def set_weight(self, queue: str, key: str, weight: int | None) -> None:
+        self._drive(self._ops.set_weight(queue, key, weight))
+
+    def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
+        self._drive(self._ops.set_paused(queue, key, paused))
+
+    def stats(self, queue: str) -> QueueStats:
+        return self._drive(self._ops.stats(queue))
+
+    def queues(self) -> list[str]:
+        return self._drive(self._ops.queues())
+
+    def dead_letters(self, queue: str, limit: int, offset: int) -> list[DeadLetter]:
+        return self._drive(self._ops.dead_letters(queue, limit, offset))
+
+    def replay(self, queue: str, ids: Sequence[str] | None, position: RetryPosition) -> int:
+        return self._drive(self._ops.replay(queue, ids, position))
+
+    def purge(self, queue: str, dead: bool) -> int:
+        return self._drive(self._ops.purge(queue, dead))
+
+    def bind(self, exchange: str, queue: str) -> None:
+        self._drive(self._ops.bind(exchange, queue))
+
+    def unbind(self, exchange: str, queue: str) -> None:
+        self._drive(self._ops.unbind(exchange, queue))
+
+    def bound_queues(self, exchange: str) -> list[str]:
+        return self._drive(self._ops.bound_queues(exchange))
+
+    def metrics(self, queue: str, minutes: int, key: str | None) -> list[MinuteMetrics]:
+        return self._drive(self._ops.metrics(queue, minutes, key))
+
+    def keys(self, queue: str, limit: int, sort: KeySort) -> list[KeyInfo]:
+        return self._drive(self._ops.keys(queue, limit, sort))
+
+    def key_info(self, queue: str, key: str) -> KeyInfo:
+        return self._drive(self._ops.key_info(queue, key))
+
+    def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
+        return self._drive(self._ops.key_facts(queue, keys))
+
+    def head_times(self, queue: str, keys: Sequence[str]) -> tuple[float, list[float | None]]:
+        return self._drive(self._ops.head_times(queue, keys))
+
+    def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
+        return self._drive(self._ops.backlog_keys(queue, offset, count))
+
+    def put_schedule(self, queue: str, schedule: Schedule) -> Schedule:
+        return self._drive(self._ops.put_schedule(queue, schedule))
+
+    def schedules(self, queue: str) -> list[Schedule]:
+        return self._drive(self._ops.schedules(queue))
+
+    def due_schedules(self, queue: str, limit: int) -> tuple[float, list[Schedule]]:
+        return self._drive(self._ops.due_schedules(queue, limit))
+
+    def fire_schedule(
+        self, queue: str, name: str, expected_due: float, next_due: float, message: Message, settings: QueueSettings
+    ) -> str | None:
+        return self._drive(self._ops.fire_schedule(queue, name, expected_due, next_due, message, settings))
+
+    def set_schedule_paused(self, queue: str, name: str, paused: bool, next_due: float | None) -> bool:
+        return self._drive(self._ops.set_schedule_paused(queue, name, paused, next_due))
 
     def remove_schedule(self, queue: str, name: str) -> bool:
-        return bool(self._run_schedule("schedule_remove", queue, [self._clock_arg(), _text(name)]))
+        return self._drive(self._ops.remove_schedule(queue, name))
 
     def subscribe(self, queue: str) -> EventSubscription:
-        if not self._events:
-            raise ConfigurationError("events are off for this broker; connect with events=True to subscribe")
-        with self._errors():
+        channel = self._ops.events_channel(queue)
+        with translated_errors(self._safe_url):
             pubsub = self._blocking_client.pubsub()
-            pubsub.subscribe(self._keys(queue)[QUEUE_KEYS.index("events")])
+            pubsub.subscribe(channel)
             # Wait for the server's confirmation: events published from now on are received.
             confirmation = pubsub.get_message(timeout=MAX_BLOCK + 5.0)
             if confirmation is None or confirmation["type"] != "subscribe":
@@ -777,13 +1095,7 @@ class RedisBackend(Backend):
         self.wait_any([queue], timeout)
 
     def wait_any(self, queues: Sequence[str], timeout: float) -> None:
-        if timeout <= 0 or not queues:
-            return
-        signal_keys = [self._keys(queue)[QUEUE_KEYS.index("signal")] for queue in queues]
-        with self._errors():
-            # One BLPOP over every queue's signal list; 0 means "forever" to BLPOP, so
-            # never ask for less than a millisecond.
-            self._blocking_client.blpop(signal_keys, timeout=max(min(timeout, MAX_BLOCK), 0.001))
+        self._drive(self._ops.wait_any(queues, timeout))
 
     def close(self) -> None:
         self._client.close()
@@ -814,19 +1126,12 @@ class _RedisSubscription(EventSubscription):
 
     def get(self, timeout: float) -> list[Event]:
         events: list[Event] = []
-        with self._backend._errors():
+        with translated_errors(self._backend._safe_url):
             message = self._pubsub.get_message(timeout=timeout)
             while message is not None:
                 if message["type"] == "message":
-                    events.extend(self._parse(message["data"]))
+                    events.extend(RedisOperations.parse_events(self._queue, message["data"]))
                 message = self._pubsub.get_message(timeout=0)
-        return events
-
-    def _parse(self, data: bytes) -> list[Event]:
-        events = []
-        for line in data.split(b"\n"):
-            kind, mid, key, at = line.split(b"\0")
-            events.append(Event(_str(kind), self._queue, _str(mid), _str(key[1:]) if key else None, int(at) / 1e6))  # type: ignore[arg-type]
         return events
 
     def close(self) -> None:

@@ -377,3 +377,28 @@ def test_graceful_stops_never_dead_letter_prefetched_messages(run_worker, make_b
         broker.join("default", timeout=10_000, fail_fast=True)
     assert recorder.by_key()["victim"] == [0]
     assert broker.dead_letters == []
+
+
+def test_weighted_keys_get_more_turns_with_a_real_worker(broker: ShardedBroker) -> None:
+    """A weight set through the engine (ShardedBroker.engine) reaches Dramatiq's workers:
+    one worker thread taking one message at a time runs the heavier key's messages in
+    proportion to its weight."""
+    ran: list[str] = []
+
+    @dramatiq.actor(broker=broker, shard_key="tenant")
+    def work(tenant: str, n: int) -> None:
+        ran.append(tenant)
+
+    broker.engine.set_weight(work.queue_name, "paying", 3)
+    for n in range(6):
+        for tenant in ("paying", "free-1", "free-2"):
+            work.send(tenant, n)
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.queue_prefetch = 1  # one lease at a time: each delivery is a fairness decision
+    worker.start()
+    try:
+        broker.join(work.queue_name, timeout=30_000)
+    finally:
+        worker.stop()
+    letters = "".join({"paying": "P", "free-1": "1", "free-2": "2"}[tenant] for tenant in ran)
+    assert letters == "PPP12PPP12" + "12" * 4

@@ -126,7 +126,9 @@ def test_enqueue_accepts_exactly_or_refuses_clearly_changing_nothing(engine: Any
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
-    call=st.sampled_from(["lease", "nack", "extend", "set_interval", "pause", "dead_letters", "replay", "purge", "ack"]),
+    call=st.sampled_from(
+        ["lease", "nack", "extend", "set_interval", "set_weight", "pause", "dead_letters", "replay", "purge", "ack"]
+    ),
     first=anything | hostile_text, second=anything,
 )
 def test_other_calls_refuse_bad_arguments_without_changing_anything(engine: Any, call: str, first: Any, second: Any) -> None:
@@ -136,6 +138,7 @@ def test_other_calls_refuse_bad_arguments_without_changing_anything(engine: Any,
         "nack": lambda: broker.nack(first, delay=second),
         "extend": lambda: broker.extend(held, second) if second is not None else broker.extend(first),
         "set_interval": lambda: broker.set_interval(CANARY, first, second),
+        "set_weight": lambda: broker.set_weight(CANARY, first, second),
         "pause": lambda: broker.pause(first, key=second),
         "dead_letters": lambda: broker.dead_letters(CANARY, first, second),
         "replay": lambda: broker.replay(CANARY, first, position=second),
@@ -149,11 +152,13 @@ def test_other_calls_refuse_bad_arguments_without_changing_anything(engine: Any,
         assert str(refused), "an error must say what was wrong"
         assert snapshot(broker) == before
         return
-    # Accepted: undo what a valid pause or interval did, so later examples start alike.
+    # Accepted: undo what a valid pause, interval or weight did, so later examples start alike.
     if call == "pause":
         broker.resume(first, key=second)
     elif call == "set_interval":
         broker.set_interval(CANARY, first, None)
+    elif call == "set_weight":
+        broker.set_weight(CANARY, first, None)
 
 
 # Passwords as users write them in URLs (the characters that end a userinfo excluded).

@@ -30,12 +30,17 @@
 --                        #encoding            keeps the hash a hashtable (HASHTABLE_FIELD)
 --                        k:<key>  "slots,ready_at,order,head"  a key with slots in use or a
 --                                 place in keyq (ready_at '' when not in keyq; head: the
---                                 ready member of its head when it got that place)
+--                                 ready member of its head when it got that place); a
+--                                 weighted key in a round has "slots:turns:at:order" as its
+--                                 first field (services used, the place it keeps)
+--                        w:<key>  the key's weight (> 1)    #nw  how many keys have one
 --                        l:<key>  time of the key's last delivery (while an interval applies)
 --                        i:<key>  the key's own interval     p:<key>  '1': the key is paused
 --                        b:<id>   cmsgpack list of the unsettled ids of a batch of 2 or more,
 --                                 then the batch's size (a one-message batch has no entry)
 --                        d:<dedup id>  cmsgpack {id, expires}
+--                        dl:<key> how many delayed messages the key has (max_pending_per_key;
+--                                 absent: none)
 --   backlog     zset   key -> minus its live (not dead) messages, so ZRANGE lists the largest
 --                      backlog first and equal backlogs by key
 --   delayed     zset   score = due time, member order..id
@@ -396,7 +401,12 @@ local function flush_key_states()
     if ks.dirty then
       local raw = false
       if ks.slots > 0 or ks.at then
-        raw = text(ks.slots) .. ',' .. (ks.at and num(ks.at) or '') .. ',' .. (ks.order and num(ks.order) or '')
+        local slots = text(ks.slots)
+        local r = ks.round
+        if r then
+          slots = slots .. ':' .. text(r.turns) .. ':' .. num(r.at) .. ':' .. num(r.order)
+        end
+        raw = slots .. ',' .. (ks.at and num(ks.at) or '') .. ',' .. (ks.order and num(ks.order) or '')
           .. ',' .. (ks.head or '')
       end
       if raw ~= ks.raw then
@@ -457,7 +467,12 @@ local function key_state(key)
   local raw = redis.call('HGET', K[STATE], 'k:' .. key)
   ks = { slots = 0, raw = raw or false }
   if raw then
-    local slots, at, order, first = string.match(raw, '^(%d+),([^,]*),([^,]*),(.*)$')
+    local slots, at, order, first = string.match(raw, '^([%d:]+),([^,]*),([^,]*),(.*)$')
+    local plain, turns, round_at, round_order = string.match(slots or '', '^(%d+):(%d+):(%d+):(%d+)$')
+    if plain then
+      slots = plain
+      ks.round = { turns = tonumber(turns), at = tonumber(round_at), order = tonumber(round_order) }
+    end
     ks.slots = tonumber(slots) or 0
     if at ~= '' and order ~= '' then
       ks.at = tonumber(at)
@@ -504,6 +519,16 @@ end
 
 local function set_state(rec, state)
   unindex(rec)
+  if rec.k and (rec.st == 'delayed') ~= (state == 'delayed') then
+    -- Each key's delayed messages are counted ('dl:<key>' in state) for max_pending_per_key:
+    -- one HINCRBY where a keyed message enters or leaves the delayed state, nothing else.
+    local field = 'dl:' .. rec.k
+    if state == 'delayed' then
+      redis.call('HINCRBY', K[STATE], field, 1)
+    elseif redis.call('HINCRBY', K[STATE], field, -1) <= 0 then
+      redis.call('HDEL', K[STATE], field)
+    end
+  end
   rec.st = state
 end
 
@@ -521,6 +546,7 @@ local function uncount_key(key)
     local ks = key_state(key)
     if ks.slots == 0 then
       unschedule(key, ks)
+      ks.round = nil
       save_key_state(key, ks)
     end
   end
@@ -777,7 +803,9 @@ end
 -- Give key a place in keyq if its head message exists. keep_place: a key already waiting
 -- keeps its earlier ready time (new arrivals must not push it to the back of the round).
 -- settings: when given, a key whose slots are all in use or that is paused gets no place
--- (it is scheduled again when a slot frees or on resume).
+-- (it is scheduled again when a slot frees or on resume). A weighted key in a round
+-- (ks.round, see serve_key) whose head does not hold it past now gets back the place it
+-- was served from; one whose head holds it, or that has nothing ready, ends its round.
 -- member, nb: the key's head and its not-before time (see head_of) when the caller knows
 -- them (nil: read).
 local function schedule(key, now, keep_place, settings, member, nb)
@@ -793,12 +821,26 @@ local function schedule(key, now, keep_place, settings, member, nb)
   end
   if not member then
     unschedule(key, ks)
+    ks.round = nil
     save_key_state(key, ks)
     return
   end
   local at = math.max(now, nb)
   if keep_place and ks.at then
     at = math.max(ks.at, nb)
+  elseif ks.round then
+    local r = ks.round
+    if nb <= now then
+      if ks.at ~= r.at or ks.order ~= r.order then
+        unschedule(key, ks)
+        ks.at, ks.order = r.at, r.order
+        redis.call('ZADD', K[KEYQ], num(r.at), keyq_member(ks, key))
+      end
+      ks.head = member
+      save_key_state(key, ks)
+      return
+    end
+    ks.round = nil
   end
   if at == ks.at then
     if ks.head ~= member then
@@ -935,6 +977,7 @@ function settled(rec, now, batch, live)
   ks.slots = math.max(ks.slots - 1, 0)
   if ks.slots == 0 and (live == 0 or (live == nil and not redis.call('ZSCORE', K[BACKLOG], rec.k))) then
     unschedule(rec.k, ks)
+    ks.round = nil
     save_key_state(rec.k, ks)
     return
   end
@@ -1121,4 +1164,106 @@ local function register(name, fn, flags)
     end,
     flags = flags,
   })
+end
+
+-- Backpressure (max_pending_per_key, max_pending, on_full), mirroring plan_limits and
+-- room_for in planner.py. Used only when one of the limits is set.
+
+-- (ready, delayed): how many of key's messages wait for delivery.
+local function key_waiting(key)
+  local from, to = key_range(key)
+  return redis.call('ZLEXCOUNT', K[READY], from, to), tonumber(redis.call('HGET', K[STATE], 'dl:' .. key) or '0')
+end
+
+-- Under the limits: why enqueue must refuse the whole call ({key or '', setting, limit,
+-- note}), or nil and the set of message numbers that each drop one of their key's ready
+-- messages to go in. fields: the call's packed message fields (6 per message, see
+-- enqueue.lua).
+local function plan_limits(fields, count, now, settings)
+  local per_key, total = settings.max_pending_per_key, settings.max_pending
+  local queue_waiting = 0
+  if total then
+    queue_waiting = redis.call('ZCARD', K[READY]) + redis.call('ZCARD', K[DELAYED])
+  end
+  local keys, seen, drops = {}, {}, {}
+  for n = 1, count do
+    local f = 6 * (n - 1)
+    local key, after, dedup_id, at_head = fields[f + 2], fields[f + 4], fields[f + 5], fields[f + 6]
+    local counted = true
+    if dedup_id then
+      if seen[dedup_id] or dedup_hit(dedup_id, now, settings) then
+        counted = false
+      end
+      seen[dedup_id] = true
+    end
+    if counted then
+      local grows = true
+      if per_key and key then
+        local counts = keys[key]
+        if not counts then
+          local ready, delayed = key_waiting(key)
+          counts = { ready + delayed, ready }
+          keys[key] = counts
+        end
+        if counts[1] >= per_key and not at_head then
+          if settings.on_full == 'reject' then
+            return { key, 'max_pending_per_key', per_key, '' }
+          end
+          if counts[2] == 0 then
+            return { key, 'max_pending_per_key', per_key,
+              "on_full='" .. settings.on_full .. "' found no ready message to drop (all are delayed)" }
+          end
+          counts[2] = counts[2] - 1 -- the dropped one
+          grows = false
+          drops[n] = true
+        end
+        if grows then
+          counts[1] = counts[1] + 1
+        end
+        if after <= 0 or at_head then
+          counts[2] = counts[2] + 1
+        end
+      end
+      if total and grows then
+        if queue_waiting >= total and not at_head then
+          return { '', 'max_pending', total, '' }
+        end
+        queue_waiting = queue_waiting + 1
+      end
+    end
+  end
+  return nil, drops
+end
+
+-- The ready message of key that a new one replaces (plan_limits found the key full): its
+-- first under drop_oldest, its last under replace.
+local function room_for(key, now, settings)
+  if settings.on_full == 'drop_oldest' then
+    return key_heads(key, 1)[1]
+  end
+  local from, to = key_range(key)
+  while true do
+    local member = redis.call('ZREVRANGEBYLEX', K[READY], to, from, 'LIMIT', '0', '1')[1]
+    if not member then
+      return nil
+    end
+    local rec = entry_record('ready', member, now)
+    if rec.st ~= 'dead' then
+      return rec
+    end
+  end
+end
+
+-- Dead-letter the message room_for chose, after the new one of its key went in (so the
+-- key keeps its place in the round).
+local function drop_to_make_room(rec, now, settings)
+  if rec.fresh then
+    -- Enqueued earlier in this call: its stored record is the client's envelope, which
+    -- flush() must now write back whole.
+    local stored = decode(rec.id, redis.call('HGET', K[MSGS], rec.id))
+    rec.h, rec.pl, rec.fresh = stored.h, stored.pl, nil
+  end
+  dead_letter(rec, now, 'dropped: max_pending_per_key')
+  record('dead', rec.id, rec.k, now)
+  schedule(rec.k, now, true, settings)
 end

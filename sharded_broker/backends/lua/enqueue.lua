@@ -3,14 +3,36 @@
 -- per message id, key (nil = unkeyed), priority, delay, dedup id (nil = none), at_head),
 -- then per message its envelope (k p h d ah pl, packed by the client: the start of its
 -- stored record, see load()).
+-- Answers the ids, or, when a backpressure limit refuses the call (nothing of it stored),
+-- {0, key ('' for max_pending), setting, limit, note}.
 register('enqueue', function(args)
   local now = clock(args[1])
   local settings = options(args[2])
   OBSERVE.opts = settings
   local fields = cmsgpack.unpack(args[3])
+  -- This very call ran already when its first message is stored: the client's retry of a
+  -- call whose reply was lost (the connection dropped after the server ran it). Its ids
+  -- were made by the client and a call stores all its messages or none, so the first
+  -- tells; the retry stores nothing twice.
+  if redis.call('HEXISTS', K[MSGS], fields[1]) == 1 then
+    local ids = {}
+    for n = 1, #args - 3 do
+      ids[n] = fields[6 * (n - 1) + 1]
+    end
+    return ids
+  end
   -- Due delayed messages entered their keys' order when they fell due: before anything
   -- enqueued now.
   promote_due(now, settings)
+  local drops = nil
+  if settings.max_pending_per_key or settings.max_pending then
+    local refusal
+    refusal, drops = plan_limits(fields, #args - 3, now, settings)
+    if refusal then
+      flush()
+      return { 0, unpack(refusal) } -- a number first: ids are strings
+    end
+  end
   local ids = {}
   local placed_count = 0
   for n = 1, #args - 3 do
@@ -26,6 +48,8 @@ register('enqueue', function(args)
         ea = now, a = 0,
       }
       local after = fields[f + 4]
+      -- Chosen before the new message goes in: it is never the one dropped.
+      local dropped = drops and drops[n] and room_for(key, now, settings)
       local live = key and count_key(key)
       if dedup_id then
         local expires = now + settings.dedup_window
@@ -61,6 +85,9 @@ register('enqueue', function(args)
         rec.fresh = true
       end
       record('enqueued', id, key, now)
+      if dropped then
+        drop_to_make_room(dropped, now, settings)
+      end
       ids[n] = id
     end
   end

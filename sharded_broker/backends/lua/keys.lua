@@ -3,7 +3,8 @@
 --   lag: nothing. Answers {key, head enqueued_at ('' = nothing ready)} of every key with a
 --        backlog (one index read per key); the client ranks them and asks for 'info'.
 --   info: keys. Answers one key view per key.
--- A key view: {key, backlog, slots, paused, interval ('' = default), head view or {}}, where
+-- A key view: {key, backlog, slots, paused, interval ('' = default), head view or {}, weight
+-- ('' = 1)}, where
 -- a head view is {id, priority, attempts, enqueued_at, not_before, payload size}.
 register('keys', function(args)
   local what = args[2]
@@ -19,8 +20,8 @@ register('keys', function(args)
     if first then
       head_view = { first.id, first.p, first.a or 0, first.t, first.nb or 0, #first.pl }
     end
-    return { key, backlog, key_state(key).slots, redis.call('HGET', K[STATE], 'p:' .. key) == '1' and 1 or 0,
-      redis.call('HGET', K[STATE], 'i:' .. key) or '', head_view }
+    local state = redis.call('HMGET', K[STATE], 'p:' .. key, 'i:' .. key, 'w:' .. key)
+    return { key, backlog, key_state(key).slots, state[1] == '1' and 1 or 0, state[2] or '', head_view, state[3] or '' }
   end
 
   local answer = {}

@@ -11,10 +11,11 @@ register('lease', function(args)
   local per_key = tonumber(args[4])
   local vt = tonumber(args[5])
   local leased = {}
-  local counts = redis.call('HMGET', K[STATE], '#paused', '#np', '#ni', '#nl', '#dnext', '#lnext')
+  local counts = redis.call('HMGET', K[STATE], '#paused', '#np', '#ni', '#nl', '#dnext', '#lnext', '#nw')
   read_bounds(counts[5], counts[6], counts[2])
   local paused = counts[1] == '1'
   local any_key_interval = (tonumber(counts[3]) or 0) > 0
+  local any_weight = (tonumber(counts[7]) or 0) > 0
   local last_deliveries = tonumber(counts[4]) or 0
 
   local deadline = now + vt
@@ -96,10 +97,14 @@ register('lease', function(args)
     end
   end
 
-  local function serve_key(key, count)
+  -- Serve key, taken from keyq at (place_at, place_order). Weighted fairness (deficit
+  -- round robin): a key of weight w keeps that place for up to w consecutive services
+  -- (ks.round; see schedule), then goes to the back of the round.
+  local function serve_key(key, count, place_at, place_order)
     local ks = key_state(key)
     if (may_be_paused() and redis.call('HGET', K[STATE], 'p:' .. key) == '1')
         or ks.slots >= settings.key_concurrency then
+      ks.round = nil
       save_key_state(key, ks)
       return -- rescheduled on resume or when a slot frees
     end
@@ -110,6 +115,7 @@ register('lease', function(args)
     if interval ~= 0 then
       local last_delivery = tonumber(redis.call('HGET', K[STATE], 'l:' .. key))
       if last_delivery and last_delivery + interval > now then
+        ks.round = nil
         schedule(key, last_delivery + interval, false, nil)
         return
       end
@@ -155,6 +161,18 @@ register('lease', function(args)
     end
     ks.slots = ks.slots + 1
     set_last_delivery(key, interval)
+    -- A key that waits an interval between deliveries goes to the back: no round.
+    local weight = 1
+    if any_weight and interval == 0 then
+      weight = tonumber(redis.call('HGET', K[STATE], 'w:' .. key)) or 1
+    end
+    local r = ks.round
+    if weight > 1 then
+      local turns = (r and r.at == place_at and r.order == place_order) and r.turns + 1 or 1
+      ks.round = turns < weight and { turns = turns, at = place_at, order = place_order } or nil
+    else
+      ks.round = nil
+    end
     local entries = {}
     for i, id in ipairs(ids) do
       entries[2 * i - 1], entries[2 * i] = deadline_text, lease_member(token, id, key, batch)
@@ -204,8 +222,12 @@ register('lease', function(args)
       break
     else
       next_due = next_due + 1
+      local place_at, place_order = ks.at, ks.order
       unschedule(entry[2], ks)
-      serve_key(entry[2], math.min(per_key, limit - #leased))
+      serve_key(entry[2], math.min(per_key, limit - #leased), place_at, place_order)
+      if ks.at == place_at and ks.order == place_order then
+        next_due = next_due - 1 -- a weighted key kept its place: it is first again
+      end
     end
   end
   if #leased > 0 then

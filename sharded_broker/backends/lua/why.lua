@@ -4,8 +4,8 @@
 -- heads answers {now, then per key its head's enqueued_at ('' = nothing ready)}: two index
 -- reads per key, no record read (keys --stuck skips keys whose head is young with it).
 -- facts answers {now, queue paused (1/0), then per key: {key, paused, backlog, slots, ready_at,
--- last delivery, own interval, head view or {}, next delayed, holds}}, '' for a time or
--- interval that is not set; a head view is {id, priority, attempts, enqueued_at,
+-- last delivery, own interval, head view or {}, next delayed, holds, weight}}, '' for a time,
+-- interval or weight that is not set; a head view is {id, priority, attempts, enqueued_at,
 -- not_before, payload size}; holds: {batch id, id, token, attempts, deadline, size,
 -- settled, leased at} per batch in flight, first unsettled message first.
 -- The leases order is read once for every key that holds a slot, and the delayed order
@@ -63,10 +63,10 @@ register('why', function(args)
     if first then
       head_view = { first.id, first.p, first.a or 0, first.t, first.nb or 0, #first.pl }
     end
-    local state = redis.call('HMGET', K[STATE], 'p:' .. key, 'l:' .. key, 'i:' .. key)
+    local state = redis.call('HMGET', K[STATE], 'p:' .. key, 'l:' .. key, 'i:' .. key, 'w:' .. key)
     local row = {
       key, state[1] == '1' and 1 or 0, -(tonumber(redis.call('ZSCORE', K[BACKLOG], key)) or 0), ks.slots,
-      ks.at or '', state[2] or '', state[3] or '', head_view, '', {},
+      ks.at or '', state[2] or '', state[3] or '', head_view, '', {}, state[4] or '',
     }
     answer[#answer + 1] = row
     if ks.slots > 0 then

@@ -20,7 +20,7 @@ from ...backend import (
     DEFAULT_METRICS_WINDOW, Backend, EventSubscription, KeySort, events_option, key_metrics_window_option,
     metrics_window_option,
 )
-from ...errors import ConfigurationError
+from ...errors import ConfigurationError, QueueFull
 from ...models import (
     DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MinuteMetrics, QueueSettings, QueueStats,
     RetryPosition, Schedule,
@@ -171,12 +171,20 @@ class SQLiteBackend(Backend):
         return self._read(lambda tx: tx.database_now())
 
     def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> list[str]:
-        def body(tx: Transaction) -> list[str]:
+        def body(tx: Transaction) -> list[str] | QueueFull:
             s = tx.created_store(queue)
             s.q.held_messages = 1
-            return planner.enqueue_many(s, messages, settings)
+            try:
+                return planner.enqueue_many(s, messages, settings)
+            except QueueFull as full:
+                # Nothing of the call was written; what the sweeps before the refusal did
+                # (due delayed messages promoted) is committed, as the other backends keep it.
+                return full
 
-        return self._write(body, notify=True)
+        answer = self._write(body, notify=True)
+        if isinstance(answer, QueueFull):
+            raise answer
+        return answer
 
     def lease(
         self, queue: str, limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings
@@ -217,6 +225,14 @@ class SQLiteBackend(Backend):
             planner.reschedule(s, key)
 
         self._write(body, notify=True)
+
+    def set_weight(self, queue: str, key: str, weight: int | None) -> None:
+        def body(tx: Transaction) -> None:
+            s = tx.created_store(queue)
+            tx.update_key(queue, key, weight=weight)
+            planner.set_weight(s, key)
+
+        self._write(body)
 
     def set_paused(self, queue: str, key: str | None, paused: bool) -> None:
         def body(tx: Transaction) -> None:

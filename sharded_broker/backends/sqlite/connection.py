@@ -131,7 +131,7 @@ class Connection:
             conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             conn.execute(f"PRAGMA journal_size_limit={WAL_KEPT_BYTES}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if not 0 <= version <= sql.SCHEMA_VERSION:
+            if version not in range(sql.SCHEMA_VERSION + 1):
                 raise InvalidURL(
                     f"sqlite database {self.path} has schema version {version}; this version of sharded-broker "
                     f"reads version {sql.SCHEMA_VERSION}"

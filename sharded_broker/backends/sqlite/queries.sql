@@ -11,6 +11,18 @@ SELECT id, key, priority, seq, at_head, state, not_before, attempts, token, dead
        payload, headers, enqueued_at, dedup_id, entered_at, entered_order
 FROM messages WHERE queue = ? AND key = ? AND state = 'ready' ORDER BY priority, seq LIMIT ?;
 
+-- name: key_tail
+-- max_pending_per_key with on_full = 'replace': the key's last ready message.
+SELECT id, key, priority, seq, at_head, state, not_before, attempts, token, deadline, batch_id, batch_index,
+       payload, headers, enqueued_at, dedup_id, entered_at, entered_order
+FROM messages WHERE queue = ? AND key = ? AND state = 'ready' ORDER BY priority DESC, seq DESC LIMIT 1;
+
+-- name: key_ready_count
+SELECT COUNT(*) FROM messages WHERE queue = ? AND key = ? AND state = 'ready';
+
+-- name: key_delayed_count
+SELECT COUNT(*) FROM messages WHERE queue = ? AND key = ? AND state = 'delayed';
+
 -- name: lane_head
 SELECT id, key, priority, seq, at_head, state, not_before, attempts, token, deadline, batch_id, batch_index,
        payload, headers, enqueued_at, dedup_id, entered_at, entered_order
@@ -69,7 +81,7 @@ SELECT id, key, token, attempts, deadline, batch_id, batch_index, batch_size, le
 WHERE queue = ? AND state = 'leased' ORDER BY deadline, timer_order LIMIT ?;
 
 -- name: key_settings
-SELECT count, slots, interval, paused FROM keys WHERE queue = ? AND key = ?;
+SELECT count, slots, interval, paused, weight FROM keys WHERE queue = ? AND key = ?;
 
 -- name: key_delete
 DELETE FROM keys WHERE queue = ? AND key = ?;

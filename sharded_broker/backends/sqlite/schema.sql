@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS keys (
     open_acked INTEGER NOT NULL DEFAULT 0,
     open_retried INTEGER NOT NULL DEFAULT 0,
     open_dead INTEGER NOT NULL DEFAULT 0,
+    weight INTEGER,                        -- NULL: weight 1
+    -- A weighted key's round in progress: services used, and the place it keeps.
+    round_turns INTEGER NOT NULL DEFAULT 0,
+    round_at REAL,
+    round_order INTEGER,
     PRIMARY KEY (queue, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS keys_open_minute ON keys (queue, open_minute) WHERE open_minute IS NOT NULL;
@@ -83,6 +88,8 @@ CREATE TABLE IF NOT EXISTS messages (
 CREATE INDEX IF NOT EXISTS messages_key_order ON messages (queue, key, priority, seq, not_before) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS messages_oldest ON messages (queue, enqueued_at) WHERE state = 'ready';
 CREATE INDEX IF NOT EXISTS messages_delayed ON messages (queue, not_before, timer_order) WHERE state = 'delayed';
+-- A key's delayed messages, counted for max_pending_per_key (the ready ones: messages_key_order).
+CREATE INDEX IF NOT EXISTS messages_key_delayed ON messages (queue, key) WHERE state = 'delayed';
 CREATE INDEX IF NOT EXISTS messages_leased ON messages (queue, deadline, timer_order) WHERE state = 'leased';
 -- Only batches of several messages: a lease of one message stores batch_id '' and needs no entry.
 CREATE INDEX IF NOT EXISTS messages_open_batches ON messages (batch_id, batch_index) WHERE state = 'leased' AND batch_id <> '';

@@ -18,14 +18,20 @@ from ...models import COUNTERS
 # current minute in the queue's and the key's rows (ADDED_COLUMNS): an older file gains
 # them when opened, each queue starting from the old floor. Version 4 keeps a leased
 # message's batch size and delivery time (messages.batch_size, leased_at: ADDED_COLUMNS).
-# Version 5 added the schedules table (recurrent messages) and its schedules_due index,
+# Version 5 keeps a key's weight and its round in progress (keys.weight, round_turns,
+# round_at, round_order: ADDED_COLUMNS) and adds the messages_key_delayed index
+# (max_pending_per_key counts a key's delayed messages); an older file gains both when opened.
+# Version 6 adds the schedules table (recurrent messages) and its schedules_due index,
 # which an older file gains when opened (the schema's statements create what is missing).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 OLD_INDEXES = ("messages_ready", "messages_batch")
 _OPEN_MINUTE_COLUMNS = {"open_minute": "REAL", **{f"open_{c}": "INTEGER NOT NULL DEFAULT 0" for c in COUNTERS}}
 ADDED_COLUMNS = {
     "queues": {"last_now": "REAL NOT NULL DEFAULT 0", **_OPEN_MINUTE_COLUMNS},
-    "keys": _OPEN_MINUTE_COLUMNS,
+    "keys": {
+        **_OPEN_MINUTE_COLUMNS, "weight": "INTEGER", "round_turns": "INTEGER NOT NULL DEFAULT 0",
+        "round_at": "REAL", "round_order": "INTEGER",
+    },
     "messages": {"batch_size": "INTEGER NOT NULL DEFAULT 0", "leased_at": "REAL NOT NULL DEFAULT 0"},
 }
 NAME_MARK = "-- name: "
@@ -76,6 +82,7 @@ QUEUE_FIELDS = (
 )
 KEY_FIELDS = (
     "count", "slots", "ready_at", "ready_order", "interval", "last_delivery", "paused", "open_minute", *OPEN_COUNTS,
+    "weight", "round_turns", "round_at", "round_order",
 )
 QUEUE_SELECT = f"SELECT {', '.join(QUEUE_FIELDS)} FROM queues WHERE name = ?"
 QUEUE_INSERT = f"INSERT INTO queues (name, {', '.join(QUEUE_FIELDS)}) VALUES (?{', ?' * len(QUEUE_FIELDS)})"

@@ -104,6 +104,10 @@ class _KeyRow(_OpenMinute):
     open_acked: int = 0
     open_retried: int = 0
     open_dead: int = 0
+    weight: int | None = None  # None: weight 1
+    round_turns: int = 0  # a weighted key's round in progress (round_at None: none)
+    round_at: float | None = None
+    round_order: int | None = None
     stored: bool = False  # whether the table holds the row
     changed: bool = False
     # The values the table holds: an UPDATE names only the columns that differ, as SQLite
@@ -116,7 +120,7 @@ class _KeyRow(_OpenMinute):
     def holds_nothing(self) -> bool:
         return (
             not self.count and not self.slots and self.interval is None and self.last_delivery is None
-            and not self.paused
+            and not self.paused and self.weight is None
         )
 
 
@@ -457,6 +461,7 @@ class Transaction:
             paused=bool(row["paused"]) if row else False,
             interval=row["interval"] if row else None,
             head=head,
+            weight=(row["weight"] or 1) if row else 1,
         )
 
     def key_facts(self, queue: str, keys: Sequence[str]) -> list[KeyFacts]:
@@ -714,15 +719,30 @@ class QueueStore:
         self._update_key(key, last_delivery=at)
 
     def drop_key(self, key: str) -> None:
-        """Only what outlives it stays (interval, last delivery, pause); its row goes once
-        it holds nothing (flush_keys)."""
-        self._update_key(key, ready_at=None, ready_order=None)
+        """Only what outlives it stays (interval, last delivery, pause, weight); its row
+        goes once it holds nothing (flush_keys)."""
+        self._update_key(key, ready_at=None, ready_order=None, round_turns=0, round_at=None, round_order=None)
 
     def key_ready_at(self, key: str) -> float | None:
         return self._key(key).ready_at
 
-    def set_ready(self, key: str, at: float | None) -> None:
-        self._update_key(key, ready_at=at, ready_order=None if at is None else self.q.order())
+    def set_ready(self, key: str, at: float | None, order: int | None = None) -> None:
+        if at is not None and order is None:
+            order = self.q.order()
+        self._update_key(key, ready_at=at, ready_order=None if at is None else order)
+
+    def key_weight(self, key: str) -> int:
+        return self._key(key).weight or 1
+
+    def key_round(self, key: str) -> planner.KeyRound | None:
+        row = self._key(key)
+        if row.round_at is None or row.round_order is None:
+            return None
+        return row.round_turns, row.round_at, row.round_order
+
+    def set_key_round(self, key: str, round: planner.KeyRound | None) -> None:
+        turns, at, order = round if round is not None else (0, None, None)
+        self._update_key(key, round_turns=turns, round_at=at, round_order=order)
 
     def head_times(self, key: str) -> tuple[float, float] | None:
         row = self.tx.one("key_next_time", self.q.name, key)
@@ -733,6 +753,21 @@ class QueueStore:
             heads = self._messages("key_head", self.q.name, key, count)
             if all(self._readable(msg) for msg in heads):
                 return heads
+
+    def key_tail(self, key: str) -> _Message | None:
+        while True:
+            tail = self._message("key_tail", self.q.name, key)
+            if tail is None or self._readable(tail):
+                return tail
+
+    def key_waiting(self, key: str) -> tuple[int, int]:
+        # Counted in the key's index entries: the limit being set keeps them few.
+        ready = self.tx.one("key_ready_count", self.q.name, key)[0]
+        delayed = self.tx.one("key_delayed_count", self.q.name, key)[0]
+        return ready, delayed
+
+    def queue_waiting(self) -> int:
+        return self.q.ready + self.q.delayed
 
     def first_ready_key(self) -> tuple[float, int, str] | None:
         self.tx.flush_keys()
