@@ -229,8 +229,8 @@ def operation(steps: Callable[Concatenate[BrokerT, P], Steps[T]]) -> Callable[Co
 
 
 class BrokerEngine:
-    """What Broker and AsyncBroker share: the queue settings of this process and the steps
-    of a key's diagnosis."""
+    """What Broker and AsyncBroker share: the queue settings of this process, the steps
+    of a key's diagnosis and those of the lease's look at the due schedules."""
 
     backend: Any
 
@@ -299,6 +299,45 @@ class BrokerEngine:
             answer.append(d)
         return answer
 
+
+    def _fire_due(self, queue: str, call: Callable[..., Step]) -> Steps[list[str]]:
+        """:meth:`fire_due_schedules`' steps, each backend call made by ``call`` (``_call``,
+        or ``_attempt`` for the lease's look, whose backend errors are thrown in here)."""
+        now, due = yield call("due_schedules", queue, SCHEDULES_PER_CHECK)
+        fired = []
+        settings = self.settings(queue)
+        for schedule in due:
+            message = Message(
+                schedule.payload, key=schedule.key, priority=schedule.priority,
+                headers={**schedule.headers, SCHEDULE_HEADER: schedule.name},
+            )
+            next_due = recurrence.next_due(schedule.every, schedule.cron, schedule.next_due, now)
+            mid = yield call("fire_schedule", queue, schedule.name, schedule.next_due, next_due, message, settings)
+            if mid is not None:
+                fired.append(mid)
+        return fired
+
+    def _look_for_due_schedules(self, queue: str) -> Steps[tuple[bool, float]]:
+        """The due schedules of ``queue`` fired when this process's last look at it is
+        ``schedule_check_interval`` old (the first thread or task to see that looks; the
+        others go on): whether it enqueued a message, and the seconds until the next look."""
+        now = time.monotonic()
+        with self._schedule_check_lock:  # held for no step: a claim, not the look itself
+            next_check = self._next_schedule_check.get(queue, 0.0)
+            if now < next_check:
+                return False, next_check - now
+            # Claimed first: a failing look waits its turn too instead of repeating at once.
+            self._next_schedule_check[queue] = now + self.schedule_check_interval
+        try:
+            # _attempt: the runner throws a backend error in here rather than out of lease.
+            fired = bool((yield from self._fire_due(queue, _attempt)))
+        except ShardedBrokerError as exc:
+            # Never the lease's failure: its leases are already taken (and a Redis at
+            # maxmemory refuses a firing, an enqueue, while consumers drain the queue).
+            log.warning("Could not fire the due schedules of queue %r (next look in %gs): %s",
+                        queue, self.schedule_check_interval, exc)
+            fired = False
+        return fired, self.schedule_check_interval
 
 class Broker(BrokerEngine):
     """Per-key FIFO queues over one backend. Thread-safe; share one per process."""
@@ -784,45 +823,6 @@ class Broker(BrokerEngine):
         is skipped. Each firing is a compare-and-set on the schedule's next due time, so
         concurrent callers never enqueue one period twice."""
         return (yield from self._fire_due(check.queue_name(queue), _call))
-
-    def _fire_due(self, queue: str, call: Callable[..., Step]) -> Steps[list[str]]:
-        """:meth:`fire_due_schedules`' steps, each backend call made by ``call`` (``_call``,
-        or ``_attempt`` for the lease's look, whose backend errors are thrown in here)."""
-        now, due = yield call("due_schedules", queue, SCHEDULES_PER_CHECK)
-        fired = []
-        settings = self.settings(queue)
-        for schedule in due:
-            message = Message(
-                schedule.payload, key=schedule.key, priority=schedule.priority,
-                headers={**schedule.headers, SCHEDULE_HEADER: schedule.name},
-            )
-            next_due = recurrence.next_due(schedule.every, schedule.cron, schedule.next_due, now)
-            mid = yield call("fire_schedule", queue, schedule.name, schedule.next_due, next_due, message, settings)
-            if mid is not None:
-                fired.append(mid)
-        return fired
-
-    def _look_for_due_schedules(self, queue: str) -> Steps[tuple[bool, float]]:
-        """The due schedules of ``queue`` fired when this process's last look at it is
-        ``schedule_check_interval`` old (the first thread or task to see that looks; the
-        others go on): whether it enqueued a message, and the seconds until the next look."""
-        now = time.monotonic()
-        with self._schedule_check_lock:  # held for no step: a claim, not the look itself
-            next_check = self._next_schedule_check.get(queue, 0.0)
-            if now < next_check:
-                return False, next_check - now
-            # Claimed first: a failing look waits its turn too instead of repeating at once.
-            self._next_schedule_check[queue] = now + self.schedule_check_interval
-        try:
-            # _attempt: the runner throws a backend error in here rather than out of lease.
-            fired = bool((yield from self._fire_due(queue, _attempt)))
-        except ShardedBrokerError as exc:
-            # Never the lease's failure: its leases are already taken (and a Redis at
-            # maxmemory refuses a firing, an enqueue, while consumers drain the queue).
-            log.warning("Could not fire the due schedules of queue %r (next look in %gs): %s",
-                        queue, self.schedule_check_interval, exc)
-            fired = False
-        return fired, self.schedule_check_interval
 
     def events(self, queue: str, *, timeout: float | None = None) -> "EventStream":
         """Subscribe to ``queue``'s lifecycle events (enqueued, delivered, acked, retried,
