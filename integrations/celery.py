@@ -60,12 +60,14 @@ a prefetched keyed message already holds its key.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import socket
 import sys
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from queue import Empty
 from typing import Any, Callable, Mapping, cast
@@ -82,16 +84,28 @@ from sharded_broker import environment
 from sharded_broker import validation as check
 from sharded_broker.urls import relative_path_warning
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
+from sharded_broker.broker import MAX_LEASE_LIMIT
 from sharded_broker.group_commit import AckGroup
 from sharded_broker.models import QUEUE_SETTING_NAMES, Lease
 
-from .kombu_alias import ALIAS, install
-from .support import ArgumentKey, LeaseHeartbeat, coerce_key
+from .kombu_alias import ALIAS, BATCH_TASK, install
+from .support import ArgumentKey, BatchFailed, LeaseHeartbeat, coerce_key
 
 # A broker URL naming no engine URL: the transport takes SHARDED_BROKER_URL's.
 BARE_URL = f"{ALIAS}://"
 
-__all__ = ["Channel", "Transport", "register", "SHARD_KEY_HEADER"]
+# BatchTask and BatchItem come through __getattr__ below.
+__all__ = ["BatchFailed", "Channel", "Transport", "register", "SHARD_KEY_HEADER"]
+
+
+def __getattr__(name: str) -> Any:
+    """``BatchTask`` and ``BatchItem`` import Celery (integrations/celery_batch.py), which
+    this transport module does not: kombu works without Celery."""
+    if name in ("BatchTask", "BatchItem"):
+        from . import celery_batch
+
+        return getattr(celery_batch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +226,10 @@ class ShardKeyResolver:
             reader = None
         elif callable(source):
             reader = (source, where)
+        elif isinstance(source, str) and _is_batch_task(task):
+            # The function takes the batch, not one message's arguments: by keyword only.
+            owner = f"batch task {task_name!r} (its messages pass the key by keyword)"
+            reader = (ArgumentKey(owner, source, None), f"{where}={source!r}")
         elif isinstance(source, str):
             reader = (ArgumentKey(f"task {task_name!r}", source, getattr(task, "run", None)), f"{where}={source!r}")
         else:
@@ -250,6 +268,31 @@ class ShardKeyResolver:
         else:
             headers[SHARD_KEY_HEADER] = key
         return key
+
+
+def _is_batch_task(task: Any) -> bool:
+    """True for a task built on ``BatchTask`` (integrations/celery_batch.py)."""
+    return task is not None and getattr(type(task), BATCH_TASK, False) is True
+
+
+@dataclass
+class _HeldBatch:
+    """The leases after the first of a batch delivered as one Celery message (the first is
+    in ``Channel._leases`` like any message's), and which message failed, if one did:
+    ``(index, error, retry delay)``, recorded by the task's ``BatchRequest``."""
+
+    rest: list[Lease]
+    failure: tuple[int, BaseException, float] | None = None
+
+
+def _task_queue(app: Any, task: Any) -> str:
+    """The queue name ``app`` routes a call of ``task`` to (without arguments: a routing
+    function that needs them leaves the default queue)."""
+    try:
+        queue = app.amqp.router.route({}, task.name, (), {}).get("queue")
+    except Exception:  # a user's routing function failing on a call without arguments
+        return app.conf.task_default_queue
+    return getattr(queue, "name", queue) or app.conf.task_default_queue
 
 
 def _task_arguments(body: Any) -> tuple[list[Any], dict[str, Any]]:
@@ -314,6 +357,8 @@ class Channel(virtual.Channel):
 
     def __init__(self, connection: "Transport", **kwargs: Any) -> None:
         self._leases: dict[str, Lease] = {}
+        # Delivery tags of batch deliveries (see BatchTask), with their other leases.
+        self._batches: dict[str, _HeldBatch] = {}
         self._leases_lock = threading.Lock()
         # Delivery tags of leases kept past this channel's close because a Celery worker
         # of this process still runs (or will run) their tasks: each with a weak
@@ -430,31 +475,148 @@ class Channel(virtual.Channel):
         self._cycle = virtual.base.FairCycle(self._get_bulk, self._active_queues, Empty)
 
     def _lease(self, queue: str, limit: int, no_ack: bool) -> list[dict[str, Any]]:
-        leases = self.broker.lease(queue, limit)  # for the queue's visibility_timeout
+        # A queue with a batch task is leased in ordered batches of its size, each
+        # delivered as one message; ``limit`` then counts deliveries.
+        per_key = 1 if no_ack else self._transport.batch_size(queue)
+        leases = self.broker.lease(queue, min(limit * per_key, MAX_LEASE_LIMIT), per_key=per_key)
         if no_ack:
             self.broker.ack_many(leases)
         messages = []
-        for lease in leases:
-            try:
-                message = json_loads(lease.payload)
-                if not isinstance(message, dict):
-                    raise ValueError(f"a JSON {type(message).__name__}, not a message object")
-            except (TypeError, ValueError) as exc:
-                # A corrupted body must not fail every fetch and block its key: dead-letter it.
-                logger.error("Dead-lettering undecodable message %s from queue %r: %s", lease.id, queue, exc)
-                if not no_ack:
-                    self.broker.nack(lease, dead=True, reason=f"undecodable message: {exc}")
-                continue
-            properties = message.setdefault("properties", {})
-            tag = properties["delivery_tag"] = uuid()
-            properties.setdefault("delivery_info", {})["redelivered"] = lease.attempts > 1
-            if not no_ack:
-                with self._leases_lock:
-                    self._leases[tag] = lease
-            messages.append(message)
+        for _, batch in itertools.groupby(leases, key=lambda lease: lease.batch_id):
+            messages.extend(self._deliveries(queue, list(batch), no_ack))
         if leases and not no_ack:
             self._transport.start_heartbeat(self)
         return messages
+
+    def _deliveries(self, queue: str, leases: list[Lease], no_ack: bool) -> list[dict[str, Any]]:
+        """The messages Celery gets for one ordered batch of one key (one lease, unless
+        the queue has a batch task): a batch task's leading messages become one message
+        for it (see ``_batch_message``). The batch ends early at an undecodable message
+        (dead-lettered) or one for another task (given back with every later one: the
+        engine returns the rest of a batch with any member); a batch led by a message of
+        another task delivers that message alone."""
+        taken: list[tuple[Lease, dict[str, Any]]] = []
+        batch_task: Any = None
+        for index, lease in enumerate(leases):
+            message = self._decode(queue, lease, no_ack)
+            if message is None:  # dead-lettered: the engine gave the later ones back
+                break
+            task: Any = None if no_ack else self._transport.batch_task((message.get("headers") or {}).get("task"))
+            if index == 0:
+                batch_task = task
+            elif task is None or task is not batch_task or index >= task.batch:
+                _release_leases(self.broker, [lease])  # and every later one
+                break
+            if task is not None:
+                try:
+                    message["_item"] = self._batch_item(message)
+                except ValueError as exc:
+                    logger.error("Dead-lettering message %s of batch task %r: %s", lease.id, task.name, exc)
+                    self.broker.nack(lease, dead=True, reason=f"not a batch task message: {exc}")
+                    break
+            taken.append((lease, message))
+        if not taken:
+            return []
+        if batch_task is None:
+            return [self._track(taken[0][1], [taken[0][0]], no_ack, batch=False)]
+        delivery = self._batch_message([message for _, message in taken])
+        return [self._track(delivery, [lease for lease, _ in taken], no_ack, batch=True)]
+
+    def _decode(self, queue: str, lease: Lease, no_ack: bool) -> dict[str, Any] | None:
+        try:
+            message = json_loads(lease.payload)
+            if not isinstance(message, dict):
+                raise ValueError(f"a JSON {type(message).__name__}, not a message object")
+        except (TypeError, ValueError) as exc:
+            # A corrupted body must not fail every fetch and block its key: dead-letter it.
+            logger.error("Dead-lettering undecodable message %s from queue %r: %s", lease.id, queue, exc)
+            if not no_ack:
+                self.broker.nack(lease, dead=True, reason=f"undecodable message: {exc}")
+            return None
+        return message
+
+    def _track(self, message: dict[str, Any], leases: list[Lease], no_ack: bool, *, batch: bool) -> dict[str, Any]:
+        """Give a delivery its tag and remember its leases until Celery settles it."""
+        properties = message.setdefault("properties", {})
+        tag = properties["delivery_tag"] = uuid()
+        properties.setdefault("delivery_info", {})["redelivered"] = leases[0].attempts > 1
+        if not no_ack:
+            with self._leases_lock:
+                self._leases[tag] = leases[0]
+                if batch:
+                    self._batches[tag] = _HeldBatch(leases[1:])
+        return message
+
+    def _batch_item(self, message: dict[str, Any]) -> dict[str, Any]:
+        """``{id, args, kwargs}`` of one message of a batch task (ValueError: not JSON)."""
+        if message.get("content-type") != "application/json":
+            raise ValueError(
+                f"content type {message.get('content-type')!r}: a batch task's messages must be "
+                "JSON (task_serializer='json', Celery's default)"
+            )
+        properties = message.get("properties") or {}
+        raw = self.decode_body(message.get("body"), properties.get("body_encoding"))
+        args, kwargs = _task_arguments(json_loads(raw))
+        return {"id": (message.get("headers") or {}).get("id"), "args": args, "kwargs": kwargs}
+
+    def _batch_message(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """One Celery message for a batch task, whose one argument lists the batch's
+        messages (``BatchTask`` hands them to the function as ``BatchItem`` values), with
+        an id of its own; the members' callbacks, chains and ETAs do not apply."""
+        first = messages[0]
+        batch_id = uuid()
+        items = [message.pop("_item") for message in messages]
+        embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+        properties = dict(first.get("properties") or {})
+        body, encoding = self.encode_body(json_dumps([[items], {}, embed]), properties.get("body_encoding"))
+        properties.update(correlation_id=batch_id, body_encoding=encoding)
+        headers = dict(
+            first.get("headers") or {}, id=batch_id, root_id=batch_id, parent_id=None, group=None, retries=0,
+            eta=None, expires=None, argsrepr=f"<batch of {len(items)}>", kwargsrepr="{}",
+        )
+        return dict(first, body=body, headers=headers, properties=properties)
+
+    def record_batch_failure(self, delivery_tag: str, index: int, error: BaseException, retry_delay: float) -> None:
+        """A batch task's ``BatchRequest``: the message at ``index`` of the batch delivered
+        as ``delivery_tag`` failed; the channel settles the batch when Celery acks it."""
+        with self._leases_lock:
+            held = self._batches.get(delivery_tag)
+            if held is not None:
+                if not 0 <= index <= len(held.rest):
+                    logger.error(
+                        "batch task failed with BatchFailed(%r) for a batch of %d messages; failing it at message 0",
+                        index, len(held.rest) + 1,
+                    )
+                    index = 0
+                held.failure = (index, error, retry_delay)
+
+    def _settle_batch(self, leases: list[Lease], held: _HeldBatch, *, dead: bool) -> None:
+        """As the contract's ordered batches: the messages before the failed one are acked;
+        the failed one is retried after its delay at the head of its key, or dead-lettered
+        when ``dead`` (Celery rejected the message) or it reached ``max_deliveries``; the
+        engine gives the later ones back unprocessed. No failure recorded: all acked (or,
+        when ``dead``, the first dead-lettered)."""
+        if held.failure is None:
+            index, error, delay = (0 if dead else len(leases)), None, 0.0
+        else:
+            index, error, delay = held.failure
+        if index:
+            for lease, accepted in zip(leases, self.broker.ack_many(leases[:index])):
+                if not accepted:
+                    self._warn_fenced(lease)
+        if index == len(leases):
+            return
+        lease = leases[index]
+        max_deliveries = self.broker.settings(lease.queue).max_deliveries
+        exhausted = max_deliveries is not None and lease.attempts >= max_deliveries
+        if dead or exhausted:
+            reason = "rejected by the consumer" if error is None else f"{type(error).__name__}: {error}"
+            where = f"message {index + 1} of a batch of {len(leases)}"
+            if exhausted:
+                where += f", after {lease.attempts} deliveries"
+            self.broker.nack(lease, dead=True, reason=f"{reason} ({where})")
+        else:
+            self.broker.nack(lease, delay=min(delay, check.MAX_DELAY))
 
     def _get_bulk(self, queue: str, callback: Callable[..., Any], timeout: float | None = None) -> None:
         room = self.qos.can_consume_max_estimate()
@@ -495,13 +657,20 @@ class Channel(virtual.Channel):
         with self._leases_lock:
             return self._leases.pop(delivery_tag, None), self._kept.pop(delivery_tag, None) is not None
 
+    def _take_batch(self, delivery_tag: str) -> _HeldBatch | None:
+        """The rest of a batch delivery being settled (None for a single message). Its
+        first lease settles through :meth:`_take_lease`; releasing or nacking that one
+        returns the rest too, which is all that closing or a requeue need."""
+        with self._leases_lock:
+            return self._batches.pop(delivery_tag, None)
+
     def _kept_settled(self, kept: bool) -> None:
         if kept:
             self._transport.kept_lease_settled()
 
     def unsettled_leases(self) -> list[Lease]:
         with self._leases_lock:
-            return list(self._leases.values())
+            return [*self._leases.values(), *(lease for held in self._batches.values() for lease in held.rest)]
 
     def has_kept_leases(self) -> bool:
         with self._leases_lock:
@@ -513,6 +682,7 @@ class Channel(virtual.Channel):
             for tag, held in list(self._leases.items()):
                 if held is lease:
                     del self._leases[tag]
+                    self._batches.pop(tag, None)  # the engine returned the rest with it
                     self._lost[tag] = lease
                     break
             else:
@@ -530,6 +700,7 @@ class Channel(virtual.Channel):
             leases = [self._leases.pop(tag) for tag in dropped if tag in self._leases]
             for tag in dropped:
                 del self._kept[tag]
+                self._batches.pop(tag, None)  # released with its first lease
         if leases:
             logger.info("giving back %d message(s) Celery dropped after the connection was lost", len(leases))
             _release_leases(self.broker, leases)
@@ -545,12 +716,15 @@ class Channel(virtual.Channel):
         )
 
     def basic_ack(self, delivery_tag, multiple=False):
+        batch = self._take_batch(delivery_tag)
         lease, kept = self._take_lease(delivery_tag)
         try:
             # Pool threads ack concurrently: the transport's AckGroup sends acks that arrive
             # while one is in flight together, in one ack_many. Through _transport, not
             # connection: kombu clears connection on close, and a kept lease settles later.
-            if lease is not None and not self._transport.acks.ack(lease):
+            if lease is not None and batch is not None:
+                self._settle_batch([lease, *batch.rest], batch, dead=False)
+            elif lease is not None and not self._transport.acks.ack(lease):
                 self._warn_fenced(lease)
             elif lease is None:
                 with self._leases_lock:
@@ -562,14 +736,19 @@ class Channel(virtual.Channel):
         super().basic_ack(delivery_tag)
 
     def basic_reject(self, delivery_tag, requeue=False):
+        batch = self._take_batch(delivery_tag)
         lease, kept = self._take_lease(delivery_tag)
         try:
             if lease is not None:
+                # A batch's other leases go back with its first one here, except when a
+                # batch task recorded which message failed.
                 if requeue and _celery_worker_terminating():
                     # A cold shutdown killed the task: given back uncounted, as on closing.
                     _release_leases(self.broker, [lease])
                 elif requeue:
                     self.broker.nack(lease)  # back to the head of its key, the delivery counted
+                elif batch is not None:
+                    self._settle_batch([lease, *batch.rest], batch, dead=True)
                 else:
                     self.broker.nack(lease, dead=True, reason="rejected by the consumer (requeue=False)")
         finally:
@@ -583,6 +762,7 @@ class Channel(virtual.Channel):
         with self._leases_lock:
             if message.delivery_tag in self._kept:
                 return  # its task still runs: it settles when it ends
+        self._take_batch(message.delivery_tag)  # its other leases go back with the first
         lease, _ = self._take_lease(message.delivery_tag)  # never a kept one: see above
         if lease is not None:
             _release_leases(self.broker, [lease])
@@ -602,6 +782,7 @@ class Channel(virtual.Channel):
                 self._kept = _celery_requests_by_tag(self._leases)
             given_back = [lease for tag, lease in self._leases.items() if tag not in self._kept]
             self._leases = {tag: lease for tag, lease in self._leases.items() if tag in self._kept}
+            self._batches = {tag: held for tag, held in self._batches.items() if tag in self._kept}
         if self._kept and not self.closed:
             logger.warning(
                 "channel closed under %d running or queued task(s): their leases are kept and "
@@ -728,6 +909,36 @@ class Transport(virtual.Transport):
         self._connection_closed = False
         self._engine_closed = False
         self.auto_delete_queues: set[str] = set()
+        self._batch_sizes: dict[str, tuple[int, int]] = {}  # queue -> (task count, size)
+
+    def batch_task(self, name: Any) -> Any:
+        """The ``BatchTask`` registered as ``name`` in a Celery app of this process, if any."""
+        task = _find_task(name) if isinstance(name, str) else None
+        return task if _is_batch_task(task) else None
+
+    def batch_size(self, queue: str) -> int:
+        """How many messages of a key to lease at once from ``queue``: the largest
+        ``batch`` of the batch tasks routed to it (as ``task_routes`` route a call without
+        arguments, else ``task_default_queue``), 1 without any. Recomputed when the apps'
+        task registries change size."""
+        state = sys.modules.get("celery._state")
+        if state is None:
+            return 1
+        apps = [app for app in list(state._get_active_apps()) if getattr(app, "configured", False)]
+        registries = [getattr(app, "_tasks", {}) for app in apps]
+        version = sum(len(tasks) for tasks in registries)
+        cached = self._batch_sizes.get(queue)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        sizes = [
+            task.batch
+            for app, tasks in zip(apps, registries)
+            for task in list(tasks.values())
+            if _is_batch_task(task) and _task_queue(app, task) == queue
+        ]
+        size = max(sizes, default=1)
+        self._batch_sizes[queue] = (version, size)
+        return size
 
     def start_heartbeat(self, channel: _LeaseChannel) -> None:
         """Start extending the leases of ``channel`` (one heartbeat per transport, in the

@@ -50,6 +50,11 @@ What this broker guarantees on top of Dramatiq's Broker contract:
   or several schedules per actor): the running workers enqueue one message per period
   between them, with no scheduler process; each delivery gets a message id and
   timestamp of its own.
+* **Batch actors.** ``@dramatiq.actor(shard_key="user_id", batch=50, queue_name="sync")``
+  calls the function with a list of up to 50 consecutive messages of one key, in order
+  (the engine's ordered batches, ``lease(per_key=50)``); raising :class:`BatchFailed`
+  ``(index, error)`` acks the messages before ``index``, retries (or dead-letters) the
+  one at ``index`` and gives the later ones back unprocessed. See docs/dramatiq.md.
 * **Giving back is free.** Messages a worker prefetched but never ran (a graceful stop,
   a consumer restart after a connection error) are *released*: back to their places at
   the head of their keys, their delivery not counted toward ``max_deliveries``, so
@@ -60,7 +65,9 @@ from __future__ import annotations
 
 import collections
 import datetime
+import functools
 import inspect
+import itertools
 import os
 import threading
 import time
@@ -70,10 +77,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
 import dramatiq
-from dramatiq.common import current_millis, dq_name, q_name
-from dramatiq.errors import ConnectionClosed, DramatiqError, QueueJoinTimeout, QueueNotFound
+from dramatiq.common import compute_backoff, current_millis, dq_name, q_name
+from dramatiq.errors import ConnectionClosed, DramatiqError, QueueJoinTimeout, QueueNotFound, Retry
 from dramatiq.logging import get_logger
-from dramatiq.middleware import Middleware, MiddlewareError
+from dramatiq.middleware import Middleware, MiddlewareError, Retries
+from dramatiq.middleware.retries import DEFAULT_MAX_BACKOFF, DEFAULT_MIN_BACKOFF
 
 import sharded_broker
 from sharded_broker import validation
@@ -85,10 +93,12 @@ from sharded_broker.errors import (
 )
 from sharded_broker.group_commit import AckGroup
 
-from .support import ArgumentKey, LeaseHeartbeat, coerce_key
+from .support import ArgumentKey, BatchFailed, LeaseHeartbeat, coerce_key
 
 __all__ = [
     "ActorSchedules",
+    "BatchActorError",
+    "BatchFailed",
     "DeadLetterMessage",
     "DeadMessage",
     "MessageDeadLettered",
@@ -120,6 +130,11 @@ class ShardKeyTypeError(ShardKeyError, InvalidArgumentType):
 class ScheduleError(MiddlewareError, InvalidArgument):
     """An actor's ``every``/``cron`` schedule could not be stored (a bad period or spec,
     an actor whose shard key needs arguments, an unreachable broker)."""
+
+
+class BatchActorError(MiddlewareError, ConfigurationError):
+    """A ``batch`` actor option that cannot work (not a count, a queue shared with other
+    actors, ``store_results``). Raised when the actor is declared."""
 
 
 class MessageDeadLettered(DramatiqError):
@@ -170,7 +185,8 @@ class DeadLetterMessage(dramatiq.MessageProxy):
 
 
 class ShardKeys(Middleware):
-    """Declares the ``shard_key`` actor option and checks it when an actor is declared.
+    """Declares the ``shard_key`` and ``batch`` actor options and checks them when an actor
+    is declared.
 
     :class:`ShardedBroker` adds this middleware itself; Dramatiq's own validation keeps
     rejecting every other unknown actor option.
@@ -178,9 +194,12 @@ class ShardKeys(Middleware):
 
     @property
     def actor_options(self) -> set[str]:
-        return {"shard_key"}
+        return {"shard_key", "batch"}
 
     def before_declare_actor(self, broker: dramatiq.Broker, actor: dramatiq.Actor) -> None:
+        _check_batch_option(broker, actor)
+        if actor.options.get("batch") is not None:
+            actor.fn = _BatchFunction(actor)
         source = actor.options.get("shard_key")
         if source is None or callable(source):
             return
@@ -189,6 +208,8 @@ class ShardKeys(Middleware):
                 f"shard_key of actor {actor.actor_name!r} must be an argument name or a "
                 f"callable(args, kwargs), not {source!r}"
             )
+        if actor.options.get("batch") is not None:
+            return  # a batch actor's messages give their key argument by keyword
         parameters = _parameters(actor)
         if parameters is None or source in parameters:
             return
@@ -198,6 +219,10 @@ class ShardKeys(Middleware):
             f"actor {actor.actor_name!r} has no argument {source!r} to take its shard key from; "
             f"its arguments are: {', '.join(parameters) or '(none)'}"
         )
+
+    def after_declare_actor(self, broker: dramatiq.Broker, actor: dramatiq.Actor) -> None:
+        if actor.options.get("batch") is not None and isinstance(broker, ShardedBroker):
+            broker._batch_actors[actor.queue_name] = actor
 
 
 class ActorSchedules(Middleware):
@@ -273,6 +298,8 @@ class ShardedBroker(dramatiq.Broker):
         self.url = url
         self.queues: set[str] = set()
         self._leases = _LeaseKeeper(self)
+        # queue name -> the batch actor that has it to itself (ShardKeys records them).
+        self._batch_actors: dict[str, dramatiq.Actor] = {}
         # Worker threads ack concurrently: acks arriving while one is in flight go together.
         self._acks = AckGroup(self.engine)
         if fail_fast_default is None:
@@ -326,6 +353,15 @@ class ShardedBroker(dramatiq.Broker):
           sharded_broker.QueueFull: the queue's ``max_pending_per_key`` or ``max_pending``
             refused it (nothing stored; docs/operations.md, "Backpressure").
         """
+        if isinstance(message, _LeasedBatch):
+            # Retries re-enqueues a delivery whose processing raised outside the batch
+            # function (an interrupt landing just after it returned): the consumer settles
+            # the batch's own messages, so there is nothing to store.
+            self.logger.warning(
+                "Not enqueueing a batch delivery of actor %r again: its messages are settled "
+                "by the consumer (raise BatchFailed to retry one).", message.actor_name,
+            )
+            return message
         queue_name = q_name(message.queue_name)
         stored = message.copy(queue_name=queue_name)
         eta = stored.options.pop("eta", None)
@@ -594,7 +630,12 @@ def _argument_key(actor: dramatiq.Actor, name: str) -> ArgumentKey:
     with _argument_keys_lock:
         reader = _argument_keys.get(actor)
     if reader is None or reader.argument != name:
-        reader = ArgumentKey(f"actor {actor.actor_name!r}", name, _actor_function(actor), error=ShardKeyError)
+        if actor.options.get("batch") is not None:
+            # The function takes the batch, not one message's arguments: by keyword only.
+            owner, function = f"batch actor {actor.actor_name!r} (its messages pass the key by keyword)", None
+        else:
+            owner, function = f"actor {actor.actor_name!r}", _actor_function(actor)
+        reader = ArgumentKey(owner, name, function, error=ShardKeyError)
         with _argument_keys_lock:
             _argument_keys[actor] = reader
     return reader
@@ -642,6 +683,95 @@ def _failure_reason(message: dramatiq.MessageProxy) -> str:
     return reason  # the engine bounds its length
 
 
+def _check_batch_option(broker: dramatiq.Broker, actor: dramatiq.Actor) -> None:
+    """Refuse a ``batch`` option that cannot work, and any actor sharing a batch actor's
+    queue: a consumer leases a whole queue with one batch size, and a batch of one key
+    must hold only messages its one function can take."""
+    batch = actor.options.get("batch")
+    sharing = sorted(
+        other.actor_name for other in broker.actors.values()
+        if other.queue_name == actor.queue_name and other.actor_name != actor.actor_name
+    )
+    if batch is None:
+        batch_actors = [name for name in sharing if broker.actors[name].options.get("batch") is not None]
+        if batch_actors:
+            raise BatchActorError(
+                f"actor {actor.actor_name!r} cannot use queue {actor.queue_name!r}: batch actor "
+                f"{batch_actors[0]!r} has it to itself (give one of them another queue_name)"
+            )
+        return
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_LEASE_LIMIT:
+        raise BatchActorError(
+            f"batch of actor {actor.actor_name!r} must be an int from 1 to {MAX_LEASE_LIMIT} "
+            f"(the most messages per call), not {batch!r}"
+        )
+    if sharing:
+        raise BatchActorError(
+            f"batch actor {actor.actor_name!r} needs queue {actor.queue_name!r} to itself, but "
+            f"{', '.join(map(repr, sharing))} use it too (give it queue_name=...)"
+        )
+    if actor.options.get("store_results"):
+        raise BatchActorError(
+            f"batch actor {actor.actor_name!r} cannot store_results: its return value belongs to "
+            "a whole batch, not to any message sent"
+        )
+
+
+class _Batch(list):
+    """The messages of one delivered batch, as the carrier message's one argument, and
+    what became of them: ``failure`` is None until the function ran, then ``(index,
+    error)`` of the first failed message, or ``(len, None)`` when all succeeded."""
+
+    def __init__(self, messages: list[dramatiq.Message], leases: list[sharded_broker.Lease]) -> None:
+        super().__init__(messages)
+        self.leases = leases
+        self.failure: Optional[tuple[int, Optional[BaseException]]] = None
+
+    def __repr__(self) -> str:
+        # The Worker logs the carrier message with its arguments: one line, not M messages.
+        return f"<batch of {len(self)} messages, key {self.leases[0].key!r}, first {self[0].message_id}>"
+
+
+class _BatchFunction:
+    """A batch actor's ``fn``: given a delivered :class:`_Batch`, calls the user's
+    function with the list of its messages and records the outcome instead of raising,
+    so that Dramatiq's ``Retries`` never re-enqueues a batch (the engine retries the one
+    message that failed, keeping its key's order). Any other call (a test calling the
+    actor directly) goes straight to the user's function."""
+
+    def __init__(self, actor: dramatiq.Actor) -> None:
+        self.fn = actor.fn
+        self.actor_name = actor.actor_name
+        self.logger = actor.logger
+        functools.update_wrapper(self, actor.fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if not (len(args) == 1 and not kwargs and isinstance(args[0], _Batch)):
+            return self.fn(*args, **kwargs)
+        batch = args[0]
+        try:
+            result = self.fn(list(batch))
+        except BatchFailed as failed:
+            if not 0 <= failed.index < len(batch):
+                self.logger.error(
+                    "Batch actor %r raised BatchFailed(%r) for a batch of %d messages; failing it at message 0.",
+                    self.actor_name, failed.index, len(batch),
+                )
+                batch.failure = (0, failed)
+            else:
+                self.logger.warning(
+                    "Message %d of a batch of %d failed: %r.", failed.index, len(batch), failed.error
+                )
+                batch.failure = (failed.index, failed.error if failed.error is not None else failed)
+            return None
+        except BaseException as error:  # TimeLimitExceeded and Shutdown are interrupts, not Exceptions
+            self.logger.error("Batch of %d messages failed at message 0.", len(batch), exc_info=True)
+            batch.failure = (0, error)
+            return None
+        batch.failure = (len(batch), None)
+        return result
+
+
 class _LeasedMessage(dramatiq.MessageProxy):
     """A delivered message with the engine lease that proves this process holds it."""
 
@@ -651,6 +781,28 @@ class _LeasedMessage(dramatiq.MessageProxy):
         super().__init__(message)
         self.lease = lease
         self.consumer = consumer
+
+
+class _LeasedBatch(dramatiq.MessageProxy):
+    """One ordered batch of one key, delivered to the Worker as one message: a carrier
+    for the batch actor with the :class:`_Batch` as its one argument, the timestamp of
+    its oldest message (for ``AgeLimit``) and its own message id."""
+
+    def __init__(self, batch: _Batch, consumer: "_ShardedConsumer") -> None:
+        first: dramatiq.Message = batch[0]
+        options = {"shard_key": first.options["shard_key"]} if "shard_key" in first.options else {}
+        super().__init__(dramatiq.Message(
+            queue_name=first.queue_name, actor_name=first.actor_name, args=(batch,), kwargs={},
+            options=options, message_timestamp=first.message_timestamp,
+        ))
+        self.batch = batch
+        self.consumer = consumer
+        self.acked = 0  # how many of the batch's first messages are acked already
+
+
+def _leases_of(message: dramatiq.MessageProxy) -> list[sharded_broker.Lease]:
+    """The engine leases behind one delivery: a message's one, or a batch's."""
+    return list(message.batch.leases) if isinstance(message, _LeasedBatch) else [message.lease]
 
 
 class _ShardedConsumer(dramatiq.Consumer):
@@ -668,7 +820,7 @@ class _ShardedConsumer(dramatiq.Consumer):
         self.prefetch = prefetch
         self.timeout = timeout
         self._changed = threading.Condition()
-        self._undelivered: collections.deque[_LeasedMessage] = collections.deque()
+        self._undelivered: collections.deque[dramatiq.MessageProxy] = collections.deque()
         self._outstanding = 0  # leased by this consumer and not yet settled
 
     def __next__(self) -> Optional[dramatiq.MessageProxy]:
@@ -679,42 +831,99 @@ class _ShardedConsumer(dramatiq.Consumer):
             if room <= 0:
                 self._changed.wait(self.timeout / 1000)
                 return None
+        # A batch actor's queue is leased in ordered batches of its size, each delivered
+        # as one message; ``room`` then counts batches (short batches may exceed it).
+        batch_actor = self.broker._batch_actors.get(self.queue_name)
+        per_key = 1 if batch_actor is None else batch_actor.options["batch"]
         try:
-            leases = self.engine.lease(self.queue_name, room, per_key=1, wait=self.timeout / 1000)
+            leases = self.engine.lease(
+                self.queue_name, min(room * per_key, MAX_LEASE_LIMIT), per_key=per_key, wait=self.timeout / 1000
+            )
         except BackendUnavailable as exc:
             raise ConnectionClosed(exc) from exc
         self.broker._leases.hold(leases)
-        messages = []
-        for lease in leases:
-            try:
-                message = dramatiq.Message.decode(lease.payload)
-            except dramatiq.errors.DecodeError as exc:
-                self.logger.error("Dead-lettering undecodable message %s: %s", lease.id, exc.error)
-                self.broker._leases.release(lease)
-                try:
-                    self.engine.nack(lease, dead=True, reason=f"undecodable message: {exc.error!r}")
-                except BackendUnavailable as error:
-                    # Raising would strand the rest of this batch, held and extended but
-                    # never delivered; unheld, this message comes back when its lease expires.
-                    self.logger.warning("Could not dead-letter message %s now (%s).", lease.id, error)
-                continue
-            # A stored eta would make the Worker hold the message in memory and enqueue
-            # it again at the tail of its key; the engine already applied the delay.
-            message.options.pop("eta", None)
-            if SCHEDULE_HEADER in lease.headers:
-                # Every period's message is a message of its own (results, age limits):
-                # an id stable across redeliveries of this one, its time the firing's.
-                message = message.copy(
-                    message_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"sharded-broker:{lease.queue}:{lease.id}")),
-                    message_timestamp=int(lease.enqueued_at * 1000),
-                )
-            messages.append(_LeasedMessage(message, lease, self))
+        deliveries: list[dramatiq.MessageProxy] = []
+        if batch_actor is None:
+            for lease in leases:
+                message = self._decode(lease)
+                if message is not None:
+                    deliveries.append(_LeasedMessage(message, lease, self))
+        else:
+            for _, group in itertools.groupby(leases, key=lambda lease: lease.batch_id):
+                deliveries.extend(self._batch_deliveries(list(group), batch_actor.actor_name))
         with self._changed:
-            self._outstanding += len(messages)
-            self._undelivered.extend(messages)
+            self._outstanding += len(deliveries)
+            self._undelivered.extend(deliveries)
             return self._undelivered.popleft() if self._undelivered else None
 
+    def _decode(self, lease: sharded_broker.Lease) -> Optional[dramatiq.Message]:
+        """The Dramatiq message of a lease; an undecodable one is dead-lettered (None)."""
+        try:
+            message = dramatiq.Message.decode(lease.payload)
+        except dramatiq.errors.DecodeError as exc:
+            self.logger.error("Dead-lettering undecodable message %s: %s", lease.id, exc.error)
+            self.broker._leases.release(lease)
+            try:
+                self.engine.nack(lease, dead=True, reason=f"undecodable message: {exc.error!r}")
+            except BackendUnavailable as error:
+                # Raising would strand the rest of this batch, held and extended but
+                # never delivered; unheld, this message comes back when its lease expires.
+                self.logger.warning("Could not dead-letter message %s now (%s).", lease.id, error)
+            return None
+        # A stored eta would make the Worker hold the message in memory and enqueue
+        # it again at the tail of its key; the engine already applied the delay.
+        message.options.pop("eta", None)
+        if SCHEDULE_HEADER in lease.headers:
+            # Every period's message is a message of its own (results, age limits):
+            # an id stable across redeliveries of this one, its time the firing's.
+            message = message.copy(
+                message_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"sharded-broker:{lease.queue}:{lease.id}")),
+                message_timestamp=int(lease.enqueued_at * 1000),
+            )
+        return message
+
+    def _batch_deliveries(self, leases: list[sharded_broker.Lease], actor_name: str) -> list[dramatiq.MessageProxy]:
+        """What the Worker gets for one ordered batch of one key: one :class:`_LeasedBatch`
+        of its leading messages for the batch actor. The batch ends early at an
+        undecodable message (dead-lettered) or one for another actor (an old message, or
+        one sent by name): that one and every later one go back to the head of the key
+        (the engine returns the rest of a batch with any member), except that a batch
+        that starts with another actor's message delivers that message alone."""
+        messages: list[dramatiq.Message] = []
+        for index, lease in enumerate(leases):
+            message = self._decode(lease)
+            if message is None:  # dead-lettered: the engine gave back the later ones
+                self._unhold(leases[index + 1:])
+                break
+            if message.actor_name != actor_name:
+                if index == 0:
+                    self._give_back(leases[1:])
+                    return [_LeasedMessage(message, lease, self)]
+                self._give_back(leases[index:])
+                break
+            messages.append(message)
+        if not messages:
+            return []
+        return [_LeasedBatch(_Batch(messages, leases[: len(messages)]), self)]
+
+    def _give_back(self, leases: list[sharded_broker.Lease]) -> None:
+        """Release the tail of a batch unrun (releasing its first returns them all)."""
+        if not leases:
+            return
+        self._unhold(leases)
+        try:
+            self.engine.release(leases[0])
+        except BackendUnavailable as error:
+            self.logger.warning("Could not give back %d message(s) now (%s); their leases will expire.", len(leases), error)
+
+    def _unhold(self, leases: list[sharded_broker.Lease]) -> None:
+        for lease in leases:
+            self.broker._leases.release(lease)
+
     def ack(self, message: dramatiq.MessageProxy) -> None:
+        if isinstance(message, _LeasedBatch):
+            self._settle_batch(message, dead=False)
+            return
         lease = message.lease
         try:
             accepted = self.broker._acks.ack(lease)
@@ -728,6 +937,9 @@ class _ShardedConsumer(dramatiq.Consumer):
             )
 
     def nack(self, message: dramatiq.MessageProxy) -> None:
+        if isinstance(message, _LeasedBatch):
+            self._settle_batch(message, dead=True)
+            return
         lease = message.lease
         try:
             self.broker._dead_letter(lease, _failure_reason(message), message._exception)
@@ -745,12 +957,13 @@ class _ShardedConsumer(dramatiq.Consumer):
         messages = list(messages)
         if not messages:
             return
+        leases = [lease for message in messages for lease in _leases_of(message)]
         try:
-            self.engine.release_many([message.lease for message in messages])
+            self.engine.release_many(leases)
         except BackendUnavailable as exc:
             raise ConnectionClosed(exc) from exc
         for message in messages:
-            message.consumer._settled(message.lease)
+            message.consumer._settled(*_leases_of(message))
 
     def close(self) -> None:
         """Give back the messages leased but not yet handed to the Worker."""
@@ -759,8 +972,71 @@ class _ShardedConsumer(dramatiq.Consumer):
             self._undelivered.clear()
         self.requeue(undelivered)
 
-    def _settled(self, lease: sharded_broker.Lease) -> None:
-        self.broker._leases.release(lease)
+    def _settle_batch(self, delivery: "_LeasedBatch", *, dead: bool) -> None:
+        """Settle a batch as the contract's ordered batches do: the messages before the
+        failed one are acked, the failed one is retried after the actor's backoff (the
+        engine dead-letters it at ``max_deliveries``) or, when ``dead`` (the Worker
+        rejected the delivery) or its error is one of the actor's ``throws``,
+        dead-lettered; the engine gives the later ones back unprocessed, in order.
+
+        A batch whose function never ran (a middleware failed before it) fails at its
+        first message. Called again after a ConnectionClosed, it skips what it settled."""
+        batch = delivery.batch
+        leases = batch.leases
+        index, error = batch.failure if batch.failure is not None else (0, None)
+        if dead and index == len(leases):
+            index = 0  # all ran, yet a middleware failed the delivery afterwards
+        if error is None:
+            error = delivery._exception  # what a middleware failed it with (AgeLimit's skip)
+        try:
+            if delivery.acked < index:
+                acking = leases[delivery.acked:index]
+                accepted = self.engine.ack_many(acking)
+                delivery.acked = index
+                for lease, ok in zip(acking, accepted):
+                    if not ok:
+                        self.logger.warning(
+                            "Lease of message %s was lost before its ack (it expired and the message was "
+                            "delivered again), so it may run twice.", lease.headers.get("message_id", lease.id),
+                        )
+            if index < len(leases):
+                lease = leases[index]
+                actor = self.broker.actors.get(delivery.actor_name)
+                throws = actor.options.get("throws") if actor is not None else None
+                max_deliveries = self.engine.settings(lease.queue).max_deliveries
+                exhausted = max_deliveries is not None and lease.attempts >= max_deliveries
+                if dead or exhausted or (throws and isinstance(error, throws)):
+                    # Dead-lettered here rather than by the engine's nack, so the reason
+                    # names the error and join() can raise it.
+                    reason = "rejected" if error is None else f"{type(error).__name__}: {error}"
+                    where = f"message {index + 1} of a batch of {len(leases)}"
+                    if exhausted:
+                        where += f", after {lease.attempts} deliveries"
+                    self.broker._dead_letter(lease, f"{reason} ({where})", error)
+                else:
+                    self.engine.nack(lease, delay=self._retry_delay(actor, lease, error))
+        except BackendUnavailable as exc:
+            raise ConnectionClosed(exc) from exc  # the Worker settles again
+        delivery.consumer._settled(*leases)
+
+    def _retry_delay(self, actor: Optional[dramatiq.Actor], lease: sharded_broker.Lease, error: Optional[BaseException]) -> float:
+        """Seconds before a failed batch message runs again: a ``Retry``'s own delay, else
+        the backoff ``Retries`` would apply (the actor's, else the middleware's,
+        ``min_backoff``/``max_backoff``) after ``attempts - 1`` earlier failures."""
+        if isinstance(error, Retry) and error.delay is not None:
+            delay = error.delay
+        else:
+            retries = next((m for m in self.broker.middleware if isinstance(m, Retries)), None)
+            options = actor.options if actor is not None else {}
+            min_backoff = options.get("min_backoff", retries.min_backoff if retries else DEFAULT_MIN_BACKOFF)
+            max_backoff = min(options.get("max_backoff", retries.max_backoff if retries else DEFAULT_MAX_BACKOFF), DEFAULT_MAX_BACKOFF)
+            _, delay = compute_backoff(max(lease.attempts - 1, 0), factor=min_backoff, max_backoff=max_backoff)
+        return min(delay / 1000, validation.MAX_DELAY)
+
+    def _settled(self, *leases: sharded_broker.Lease) -> None:
+        """One delivery (a message, or a batch's leases) is settled."""
+        for lease in leases:
+            self.broker._leases.release(lease)
         with self._changed:
             self._outstanding -= 1
             self._changed.notify_all()

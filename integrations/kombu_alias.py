@@ -10,9 +10,10 @@ acts on each, and removes itself once every one was seen:
 
 - ``kombu.transport``: adds the ``"sharded"`` alias;
 - ``celery.app``: wraps ``Celery.task`` and ``shared_task`` so that a ``shard_key`` that
-  names no argument of the task (a typo such as ``shard_key="acount"``) raises
-  ``ConfigurationError`` when the task is declared, as Dramatiq's actor options do,
-  instead of at its first call. Tasks without a ``shard_key`` option are untouched.
+  names no argument of the task (a typo such as ``shard_key="acount"``), or a ``batch``
+  option without ``base=BatchTask``, raises ``ConfigurationError`` when the task is
+  declared, as Dramatiq's actor options do, instead of at its first call. Tasks without
+  a ``shard_key`` or ``batch`` option are untouched.
 
 Neither kombu nor Celery is imported early; the cost at interpreter start is about
 0.3 ms (compiling this source).
@@ -29,6 +30,8 @@ TRANSPORT_MODULE = "kombu.transport"
 CELERY_APP_MODULE = "celery.app"
 # Marks a wrapped Celery decorator, so that installing twice never wraps twice.
 CHECKED = "_sharded_broker_checks_shard_key"
+# Marks sharded_broker.integrations.celery.BatchTask and its subclasses.
+BATCH_TASK = "_sharded_broker_batch_task"
 
 
 def register_alias(transport_module) -> None:
@@ -46,10 +49,22 @@ def check_task_shard_key(fun, options) -> None:
     task's arguments (sharded_broker is imported only then: a valid app imports nothing
     of ours before it connects).
     """
+    task_name = options.get("name") or f"{getattr(fun, '__module__', '?')}.{getattr(fun, '__qualname__', fun)}"
+    if options.get("batch") is not None:
+        import importlib
+
+        from sharded_broker.errors import ConfigurationError
+
+        if not getattr(options.get("base"), BATCH_TASK, False):
+            raise ConfigurationError(
+                f"task {task_name!r}: the batch option needs base=BatchTask "
+                "(from sharded_broker.integrations.celery import BatchTask)"
+            )
+        # By name: this source also runs from the .pth file, outside its package.
+        importlib.import_module("sharded_broker.integrations.celery_batch").check_batch_size(options["batch"], task_name)
     source = options.get("shard_key")
     if source is None or callable(source):
         return
-    task_name = options.get("name") or f"{getattr(fun, '__module__', '?')}.{getattr(fun, '__qualname__', fun)}"
     if not isinstance(source, str) or not source.isidentifier():
         problem = f"shard_key of task {task_name!r} must be an argument name or a callable(args, kwargs), not {source!r}"
     else:
@@ -59,6 +74,8 @@ def check_task_shard_key(fun, options) -> None:
             parameters = list(inspect.signature(fun).parameters.values())
         except (TypeError, ValueError):
             return  # no signature to check against: checked when a message is published
+        if options.get("batch") is not None:
+            return  # a batch task takes the batch; its messages pass the key by keyword
         if options.get("bind"):
             parameters = parameters[1:]
         names = [p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
@@ -78,7 +95,7 @@ def _checking_shard_key(decorator_factory, takes_self):
     option against the decorated function before Celery sees it."""
 
     def factory(*args, **options):
-        if "shard_key" not in options:
+        if "shard_key" not in options and "batch" not in options:
             return decorator_factory(*args, **options)
         given = args[1:] if takes_self else args
         if len(given) == 1 and callable(given[0]):  # @app.task(shard_key=...) applied directly: app.task(fun, ...)

@@ -1,5 +1,5 @@
 """What both adapters need, written once: shard keys from users' values and task arguments,
-and the lease heartbeat of a worker process.
+the lease heartbeat of a worker process, and how a batch handler reports a failure.
 
 Imports neither Celery, kombu nor Dramatiq: each adapter passes in what differs (its
 error classes, its logger, how it finds the leases it holds). Dead-letter reasons are
@@ -21,7 +21,7 @@ from sharded_broker.errors import BackendUnavailable, InvalidArgument, InvalidAr
 from sharded_broker.heartbeat import extend_before_deadline
 from sharded_broker.models import Lease
 
-__all__ = ["ArgumentKey", "LeaseHeartbeat", "coerce_key"]
+__all__ = ["ArgumentKey", "BatchFailed", "LeaseHeartbeat", "coerce_key"]
 
 _MISSING = object()
 
@@ -95,6 +95,30 @@ class ArgumentKey:
                 f"does not give it (args={tuple(args)!r:.200}, kwargs={kwargs!r:.200})"
             )
         return self.default
+
+
+class BatchFailed(Exception):
+    """Raised by a batch handler (a Dramatiq batch actor, a Celery ``BatchTask``): the
+    message at ``index`` of its batch failed with ``error``.
+
+    As the contract's ordered batches: the messages before ``index`` are acked, the one at
+    ``index`` is retried at the head of its key after the handler's retry delay, or
+    dead-lettered once it reached the queue's ``max_deliveries`` (or when the framework
+    says the failure is final); the messages after it go back unprocessed, in order,
+    their delivery not counted. Any other exception fails the batch at index 0.
+    Picklable (a Celery prefork pool sends it back to the worker's main process) when
+    ``error`` is.
+    """
+
+    def __init__(self, index: int, error: Optional[BaseException] = None) -> None:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise InvalidArgumentType(f"BatchFailed index must be an int, not {type(index).__name__}")
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"message {self.index} of the batch failed: {self.error!r}"
 
 
 Owner = TypeVar("Owner")

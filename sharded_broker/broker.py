@@ -20,6 +20,7 @@ from . import environment, recurrence, urls
 from . import validation as check
 from .backend import Backend, EventSubscription, KeySort
 from .diagnosis import describe_seconds, diagnose
+from .feeder import Feeder, Writer
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL, ShardedBrokerError
 from .models import (
     DeadLetter, Event, KeyDiagnosis, KeyFacts, KeyInfo, Lease, Message, MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
@@ -845,6 +846,18 @@ class Broker(BrokerEngine):
     @operation
     def bound_queues(self, exchange: str) -> Steps[list[str]]:
         return (yield _call("bound_queues", check.queue_name(exchange)))
+
+    def feed(
+        self, queue: str, writer: Writer, *, low_water: int, high_water: int, interval: float = 1.0
+    ) -> Feeder:
+        """Start a daemon thread that refills ``queue`` from ``writer(room)`` whenever its
+        waiting messages (ready + delayed) fall below ``low_water``, up to ``high_water``,
+        looking every ``interval`` seconds; every message must carry a ``dedup_id``, so
+        none is enqueued twice within the queue's dedup window. Stop it with
+        ``.stop()``. See :mod:`sharded_broker.feeder`."""
+        feeder = Feeder(self, queue, writer, low_water=low_water, high_water=high_water, interval=interval)
+        feeder.start()
+        return feeder
 
     def close(self) -> None:
         self.backend.close()

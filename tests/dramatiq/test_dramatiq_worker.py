@@ -257,12 +257,14 @@ def test_results_pipelines_and_callbacks(run_worker, make_broker) -> None:
 
 
 def test_age_limit_dead_letters_stale_messages(run_worker, broker: ShardedBroker, recorder) -> None:
-    @dramatiq.actor(broker=broker, shard_key="key", max_age=50)
+    # A second of age allowed: the fresh message must start within it even on a loaded
+    # machine (50 ms failed there), the stale one is older by then.
+    @dramatiq.actor(broker=broker, shard_key="key", max_age=1000)
     def fresh_only(key: str, n: int) -> None:
         recorder.add(key, n)
 
     fresh_only.send("k", 0)
-    time.sleep(0.1)
+    time.sleep(1.2)
     with run_worker(broker):
         fresh_only.send("k", 1)
         broker.join("default", timeout=10_000, fail_fast=False)

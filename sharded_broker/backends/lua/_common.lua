@@ -748,6 +748,22 @@ local function entry_record(index, member, now)
   return rec
 end
 
+-- The record of the first readable ready member between two lex bounds, in the order
+-- `command` reads them (ZRANGEBYLEX: first; ZREVRANGEBYLEX, bounds swapped: last); an
+-- unreadable one is dead-lettered on the way. nil when there is none.
+local function first_ready(command, from, to, now)
+  while true do
+    local member = redis.call(command, K[READY], from, to, 'LIMIT', '0', '1')[1]
+    if not member then
+      return nil
+    end
+    local rec = entry_record('ready', member, now)
+    if rec.st ~= 'dead' then
+      return rec
+    end
+  end
+end
+
 -- The first `count` ready members of key, in order.
 local function key_members(key, count)
   local from, to = key_range(key)
@@ -1242,16 +1258,7 @@ local function room_for(key, now, settings)
     return key_heads(key, 1)[1]
   end
   local from, to = key_range(key)
-  while true do
-    local member = redis.call('ZREVRANGEBYLEX', K[READY], to, from, 'LIMIT', '0', '1')[1]
-    if not member then
-      return nil
-    end
-    local rec = entry_record('ready', member, now)
-    if rec.st ~= 'dead' then
-      return rec
-    end
-  end
+  return first_ready('ZREVRANGEBYLEX', to, from, now)
 end
 
 -- Dead-letter the message room_for chose, after the new one of its key went in (so the

@@ -46,18 +46,6 @@ register('lease', function(args)
     answer_lease(rec.id, raw, token, nil)
   end
 
-  local function lane_head()
-    while true do
-      local member = redis.call('ZRANGEBYLEX', K[READY], LANE_FROM, LANE_TO, 'LIMIT', '0', '1')[1]
-      if not member then
-        return nil
-      end
-      local rec = entry_record('ready', member, now)
-      if rec.st ~= 'dead' then
-        return rec
-      end
-    end
-  end
 
   -- Keys due now, earliest first, read a few at a time: {order, key, member} each. Their
   -- ready times are in their key states.
@@ -213,7 +201,7 @@ register('lease', function(args)
   while #leased < limit and not paused do
     local entry, ks = ready_key()
     if lane == false then
-      lane = lane_head()
+      lane = first_ready('ZRANGEBYLEX', LANE_FROM, LANE_TO, now)
     end
     if lane and (not entry or lane.ea < ks.at or (lane.ea == ks.at and lane.eo < entry[1])) then
       lease_record(lane)
