@@ -44,6 +44,12 @@ What this broker guarantees on top of Dramatiq's Broker contract:
   ``visibility_timeout`` seconds after it died. A failed extension is retried at once,
   with backoff, so a broker outage shorter than ``2/3 * visibility_timeout - 0.5 s``
   expires no lease (see :mod:`sharded_broker.heartbeat`).
+* **Schedules live in the broker.** An actor declared with ``every=`` (seconds or a
+  ``timedelta``) or ``cron=`` (crontab's five fields, UTC) is scheduled when it is
+  declared (:class:`ActorSchedules`; :meth:`ShardedBroker.schedule_actor` for arguments
+  or several schedules per actor): the running workers enqueue one message per period
+  between them, with no scheduler process; each delivery gets a message id and
+  timestamp of its own.
 * **Batch actors.** ``@dramatiq.actor(shard_key="user_id", batch=50, queue_name="sync")``
   calls the function with a list of up to 50 consecutive messages of one key, in order
   (the engine's ordered batches, ``lease(per_key=50)``); raising :class:`BatchFailed`
@@ -65,12 +71,14 @@ What this broker guarantees on top of Dramatiq's Broker contract:
 from __future__ import annotations
 
 import collections
+import datetime
 import functools
 import inspect
 import itertools
 import os
 import threading
 import time
+import uuid
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
@@ -84,20 +92,24 @@ from dramatiq.middleware.retries import DEFAULT_MAX_BACKOFF, DEFAULT_MIN_BACKOFF
 
 import sharded_broker
 from sharded_broker import validation
-from sharded_broker.broker import MAX_LEASE_LIMIT
+from sharded_broker.broker import MAX_LEASE_LIMIT, SCHEDULE_HEADER
 from sharded_broker import environment
 from sharded_broker.urls import relative_path_warning
-from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType
+from sharded_broker.errors import (
+    BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType, ShardedBrokerError,
+)
 from sharded_broker.group_commit import AckGroup
 
 from .support import PUBLISHED_KEPT, ArgumentKey, BatchFailed, LeaseHeartbeat, PublishedMessages, coerce_key
 
 __all__ = [
+    "ActorSchedules",
     "BatchActorError",
     "BatchFailed",
     "DeadLetterMessage",
     "DeadMessage",
     "MessageDeadLettered",
+    "ScheduleError",
     "ShardKeyError",
     "ShardKeyTypeError",
     "ShardKeys",
@@ -122,6 +134,11 @@ class ShardKeyError(MiddlewareError, InvalidArgument):
 
 class ShardKeyTypeError(ShardKeyError, InvalidArgumentType):
     """A shard key of the wrong type (only ``str`` and ``int`` are keys)."""
+
+
+class ScheduleError(MiddlewareError, InvalidArgument):
+    """An actor's ``every``/``cron`` schedule could not be stored (a bad period or spec,
+    an actor whose shard key needs arguments, an unreachable broker)."""
 
 
 class BatchActorError(MiddlewareError, ConfigurationError):
@@ -217,6 +234,32 @@ class ShardKeys(Middleware):
             broker._batch_actors[actor.queue_name] = actor
 
 
+class ActorSchedules(Middleware):
+    """Declares the ``every`` and ``cron`` actor options: an actor declared with one of
+    them is scheduled (:meth:`ShardedBroker.schedule_actor`, the schedule named after the
+    actor, without arguments) in the broker when it is declared, in every process that
+    imports it. Declaring it again (each worker's start) keeps the schedule's next due
+    time while its period is unchanged. Removing the option does not remove the stored
+    schedule: ``sharded-broker schedules QUEUE --remove NAME`` does.
+
+    :class:`ShardedBroker` adds this middleware itself.
+    """
+
+    @property
+    def actor_options(self) -> set[str]:
+        return {"every", "cron"}
+
+    # Before, not after: Dramatiq logs and swallows what an after_ hook raises, and a
+    # schedule that could not be stored must fail the declaration.
+    def before_declare_actor(self, broker: dramatiq.Broker, actor: dramatiq.Actor) -> None:
+        every, cron = actor.options.get("every"), actor.options.get("cron")
+        if every is None and cron is None:
+            return
+        if not isinstance(broker, ShardedBroker):
+            raise ScheduleError(f"actor {actor.actor_name!r} has every=/cron=, which need a ShardedBroker")
+        broker.schedule_actor(actor, every=every, cron=cron)
+
+
 class ShardedBroker(dramatiq.Broker):
     """A Dramatiq broker with per-key FIFO sharding, over any engine URL.
 
@@ -284,6 +327,8 @@ class ShardedBroker(dramatiq.Broker):
         self.published = PublishedMessages(PUBLISHED_KEPT)
         if not any(isinstance(m, ShardKeys) for m in self.middleware):
             self.add_middleware(ShardKeys())
+        if not any(isinstance(m, ActorSchedules) for m in self.middleware):
+            self.add_middleware(ActorSchedules())
 
     def __repr__(self) -> str:
         return f"<ShardedBroker {sharded_broker.redact_url(self.url)}>"
@@ -365,6 +410,44 @@ class ShardedBroker(dramatiq.Broker):
         self.published.add(stored.message_id, queue_name, engine_id)
         self.emit_after("enqueue", stored, delay)
         return stored
+
+    def schedule_actor(
+        self,
+        actor: dramatiq.Actor,
+        *,
+        every: Union[float, datetime.timedelta, None] = None,
+        cron: Optional[str] = None,
+        args: tuple = (),
+        kwargs: Optional[dict[str, Any]] = None,
+        name: Optional[str] = None,
+    ) -> sharded_broker.Schedule:
+        """Store a schedule that sends ``actor(*args, **kwargs)`` every ``every`` seconds
+        (or a ``timedelta``) or at the minutes of ``cron`` (UTC), named ``name`` (default:
+        the actor's name) in the actor's queue; created, or replaced by name. The running
+        workers of the queue enqueue one message per period between them (no scheduler
+        process); a period missed while none ran is sent once. The message's shard key
+        comes from the actor's ``shard_key`` as for a send; each delivery gets a message
+        id and timestamp of its own. Middleware ``enqueue`` hooks do not run for these
+        messages (the engine enqueues them, not a send). The schedule as stored.
+
+        Raises:
+          ScheduleError: a bad period or spec, a shard key that cannot be resolved, or a
+            broker that cannot be reached.
+        """
+        if not isinstance(actor, dramatiq.Actor):
+            raise ScheduleError(f"schedule_actor needs a dramatiq actor, not {type(actor).__name__}")
+        try:
+            message = actor.message_with_options(args=tuple(args), kwargs=dict(kwargs or {}))
+            stored = message.copy(queue_name=q_name(message.queue_name))
+            key = resolve_shard_key(actor, stored)
+            if key is not None:
+                stored.options["shard_key"] = key
+            return self.engine.schedule(
+                stored.queue_name, actor.actor_name if name is None else name, stored.encode(),
+                every=every, cron=cron, key=key, priority=actor.priority, headers={"actor_name": stored.actor_name},
+            )
+        except ShardedBrokerError as exc:  # a ShardKeyError too
+            raise ScheduleError(f"cannot schedule actor {actor.actor_name!r}: {exc}") from exc
 
     # -- consuming ------------------------------------------------------------------
 
@@ -861,6 +944,13 @@ class _ShardedConsumer(dramatiq.Consumer):
         # A stored eta would make the Worker hold the message in memory and enqueue
         # it again at the tail of its key; the engine already applied the delay.
         message.options.pop("eta", None)
+        if SCHEDULE_HEADER in lease.headers:
+            # Every period's message is a message of its own (results, age limits):
+            # an id stable across redeliveries of this one, its time the firing's.
+            message = message.copy(
+                message_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"sharded-broker:{lease.queue}:{lease.id}")),
+                message_timestamp=int(lease.enqueued_at * 1000),
+            )
         return message
 
     def _batch_deliveries(self, leases: list[sharded_broker.Lease], actor_name: str) -> list[dramatiq.MessageProxy]:

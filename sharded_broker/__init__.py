@@ -22,7 +22,7 @@ from .errors import (
 from .urls import display_url, redact_url
 from .models import (
     CancelResult, DeadLetter, Event, HeadMessage, HeldBatch, KeyDiagnosis, KeyFacts, KeyInfo, Lease, LeaseResult,
-    Message, MessageInfo, MessageState, MinuteMetrics, QueueSettings, QueueStats,
+    Message, MessageInfo, MessageState, MinuteMetrics, QueueSettings, QueueStats, Schedule,
 )
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "QueueFull",
     "QueueSettings",
     "QueueStats",
+    "Schedule",
     "ShardedBrokerError",
     "connect",
     "display_url",

@@ -38,9 +38,10 @@ from . import urls
 from . import validation as check
 from .backend import Backend
 from .broker import (
-    Broker, BrokerEngine, EventStream, Sleep, Steps, backend_class, event_poll, event_stream_args, open_broker,
+    Attempt, Broker, BrokerEngine, EventStream, Sleep, Steps, backend_class, event_poll, event_stream_args, open_broker,
     public_signature, run_steps,
 )
+from .errors import ShardedBrokerError
 from .models import Event, LeaseResult, QueueSettings
 
 T = TypeVar("T")
@@ -149,6 +150,12 @@ class AsyncBroker(BrokerEngine):
     bind = awaitable(Broker.bind)
     unbind = awaitable(Broker.unbind)
     bound_queues = awaitable(Broker.bound_queues)
+    schedule = awaitable(Broker.schedule)
+    schedules = awaitable(Broker.schedules)
+    pause_schedule = awaitable(Broker.pause_schedule)
+    resume_schedule = awaitable(Broker.resume_schedule)
+    unschedule = awaitable(Broker.unschedule)
+    fire_due_schedules = awaitable(Broker.fire_due_schedules)
 
     def events(self, queue: str, *, timeout: float | None = None) -> "AsyncEventStream":
         """:meth:`Broker.events` as an async iterator: ``async for event in broker.events(q)``.
@@ -190,6 +197,13 @@ async def _run_native(backend: Any, steps: Steps[T]) -> T:
             if isinstance(step, Sleep):
                 await asyncio.sleep(step.seconds)
                 answer = None
+            elif isinstance(step, Attempt):
+                method, args, kwargs = step.call
+                try:
+                    answer = await getattr(backend, method)(*args, **kwargs)
+                except ShardedBrokerError as exc:
+                    step = steps.throw(exc)
+                    continue
             else:
                 method, args, kwargs = step
                 if method == "lease":

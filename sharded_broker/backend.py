@@ -88,6 +88,14 @@ Time
     Every time (enqueue time, not-before, deadline, interval) comes from the backend's own
     clock (:meth:`Backend.now`), never from the caller's.
 
+Schedules
+    A queue may hold recurrent messages by name (:class:`~sharded_broker.models.Schedule`).
+    The engine computes every due time (``sharded_broker/recurrence.py``); a backend
+    stores them and fires a schedule with a compare-and-set: :meth:`Backend.fire_schedule`
+    enqueues the schedule's message only while its stored next due time is still the one
+    the caller read, and advances it in the same atomic step, so however many consumers
+    race to fire one period, exactly one message is enqueued for it.
+
 Errors
     A backend raises only the project's errors (``sharded_broker.errors``), never its
     client library's: ``BackendUnavailable`` when the store cannot be reached, times out,
@@ -107,7 +115,7 @@ from typing import Any, Literal, Sequence
 from .errors import ConfigurationError
 from .models import (
     CancelResult, DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MessageInfo, MinuteMetrics,
-    QueueSettings, QueueStats, RetryPosition,
+    QueueSettings, QueueStats, RetryPosition, Schedule,
 )
 
 KeySort = Literal["backlog", "lag"]
@@ -361,6 +369,46 @@ class Backend(ABC):
         """Up to ``count`` keys with a backlog from position ``offset`` of the backlog
         order (largest backlog first, ties by key): a page of a bounded scan of every key
         (``keys --stuck``). Pages read while keys change may skip or repeat a key."""
+
+    # -- schedules (recurrent messages; see "Schedules" above) ---------------------------
+
+    @abstractmethod
+    def put_schedule(self, queue: str, schedule: Schedule) -> Schedule:
+        """Store ``schedule`` under its name, replacing one of the same name, atomically;
+        the schedule as stored. A replaced schedule keeps its ``paused``, ``last_fired``
+        and ``fired``, and its ``next_due`` too when its ``every`` and ``cron`` are
+        unchanged (so processes declaring the same schedule at start-up never push its
+        next firing back)."""
+
+    @abstractmethod
+    def schedules(self, queue: str) -> list[Schedule]:
+        """Every schedule of ``queue``, by name."""
+
+    @abstractmethod
+    def due_schedules(self, queue: str, limit: int) -> tuple[float, list[Schedule]]:
+        """The backend's time, and up to ``limit`` schedules of ``queue`` not paused whose
+        ``next_due`` is at or before it, earliest first (equal times by name, so every
+        backend fires them in one order): one index read when none is due
+        (what every consumer calls about once a second)."""
+
+    @abstractmethod
+    def fire_schedule(
+        self, queue: str, name: str, expected_due: float, next_due: float, message: Message, settings: QueueSettings
+    ) -> str | None:
+        """If schedule ``name`` exists, is not paused and its stored ``next_due`` still
+        equals ``expected_due``: in one atomic step set its ``next_due`` to ``next_due``,
+        its ``last_fired`` to now, count it in ``fired``, and enqueue ``message`` as
+        :meth:`enqueue_many` would; the message's id. Otherwise change nothing and
+        answer None (another consumer fired this period, or the schedule changed)."""
+
+    @abstractmethod
+    def set_schedule_paused(self, queue: str, name: str, paused: bool, next_due: float | None) -> bool:
+        """Pause or resume a schedule, and with ``next_due`` given set its next due time
+        too (a resume starts from the next period after now); False for an unknown name."""
+
+    @abstractmethod
+    def remove_schedule(self, queue: str, name: str) -> bool:
+        """Forget a schedule; False for an unknown name."""
 
     @abstractmethod
     def subscribe(self, queue: str) -> "EventSubscription":

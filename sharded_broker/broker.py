@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import heapq
 import importlib
 import inspect
+import logging
+import threading
 import time
 from types import MappingProxyType
 from typing import (
     Any, Callable, Concatenate, Generator, Iterable, Iterator, Mapping, NamedTuple, ParamSpec, Sequence, TypeVar, Union,
 )
 
-from . import environment, urls
+from . import environment, recurrence, urls
 from . import validation as check
 from .backend import Backend, EventSubscription, KeySort
 from .diagnosis import describe_seconds, diagnose
 from .feeder import Feeder, Writer
-from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
+from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL, ShardedBrokerError
 from .models import (
     CancelResult, DeadLetter, Event, KeyDiagnosis, KeyFacts, KeyInfo, Lease, Message, MessageInfo, MinuteMetrics,
-    QueueSettings, QueueStats, RetryPosition,
+    QueueSettings, QueueStats, RetryPosition, Schedule,
 )
 
 # scheme -> "module:Class", imported on first use so that a memory:// user needs no redis-py.
@@ -41,6 +44,16 @@ P = ParamSpec("P")
 # there), and at most MAX_STUCK_SCAN keys in all.
 STUCK_PAGE = 200
 MAX_STUCK_SCAN = 100_000
+# A consumer (Broker.lease) looks for due schedules of its queue at most this often
+# (seconds), so that a running worker is all a schedule needs; each look is one read.
+SCHEDULE_CHECK_INTERVAL = 1.0
+# Schedules fired per look at most (the rest are still due at the next look).
+SCHEDULES_PER_CHECK = 100
+MAX_SCHEDULE_NAME_LENGTH = 200
+# The header naming the schedule that enqueued a message.
+SCHEDULE_HEADER = "schedule"
+
+log = logging.getLogger(__name__)
 
 
 def backend_class(url: str) -> type[Backend]:
@@ -147,7 +160,16 @@ class Sleep(NamedTuple):
     seconds: float
 
 
-Step = Union[Call, Sleep]
+class Attempt(NamedTuple):
+    """A backend call whose :class:`ShardedBrokerError` the runner throws into the steps
+    (to be caught there) instead of raising it out of the operation: for work an
+    operation does on the side, whose failure must not be the operation's (the lease's
+    look at the due schedules)."""
+
+    call: Call
+
+
+Step = Union[Call, Sleep, Attempt]
 Steps = Generator[Step, Any, T]
 
 
@@ -158,6 +180,10 @@ def _call(method: str, *args: Any, **kwargs: Any) -> Call:
     return (method, args, kwargs or _NO_KWARGS)
 
 
+def _attempt(method: str, *args: Any, **kwargs: Any) -> Attempt:
+    return Attempt((method, args, kwargs or _NO_KWARGS))
+
+
 def run_steps(backend: Backend, steps: Steps[T]) -> T:
     """Run an operation's steps on a synchronous backend; the operation's answer."""
     try:
@@ -166,6 +192,13 @@ def run_steps(backend: Backend, steps: Steps[T]) -> T:
             if isinstance(step, Sleep):
                 time.sleep(step.seconds)
                 answer = None
+            elif isinstance(step, Attempt):
+                method, args, kwargs = step.call
+                try:
+                    answer = getattr(backend, method)(*args, **kwargs)
+                except ShardedBrokerError as exc:
+                    step = steps.throw(exc)
+                    continue
             else:
                 method, args, kwargs = step
                 answer = getattr(backend, method)(*args, **kwargs)
@@ -197,8 +230,8 @@ def operation(steps: Callable[Concatenate[BrokerT, P], Steps[T]]) -> Callable[Co
 
 
 class BrokerEngine:
-    """What Broker and AsyncBroker share: the queue settings of this process and the steps
-    of a key's diagnosis."""
+    """What Broker and AsyncBroker share: the queue settings of this process, the steps
+    of a key's diagnosis and those of the lease's look at the due schedules."""
 
     backend: Any
 
@@ -213,6 +246,10 @@ class BrokerEngine:
         self.defaults = defaults or QueueSettings()
         self.max_payload_size = check.positive_int(max_payload_size, "max_payload_size", maximum=check.MAX_PAYLOAD_SIZE_LIMIT)
         self._queue_settings: dict[str, QueueSettings] = {}
+        #: Seconds between two looks for due schedules by :meth:`lease` (per queue).
+        self.schedule_check_interval = SCHEDULE_CHECK_INTERVAL
+        self._next_schedule_check: dict[str, float] = {}  # queue -> time.monotonic() of the next look
+        self._schedule_check_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.backend!r}>"
@@ -263,6 +300,45 @@ class BrokerEngine:
             answer.append(d)
         return answer
 
+
+    def _fire_due(self, queue: str, call: Callable[..., Step]) -> Steps[list[str]]:
+        """:meth:`fire_due_schedules`' steps, each backend call made by ``call`` (``_call``,
+        or ``_attempt`` for the lease's look, whose backend errors are thrown in here)."""
+        now, due = yield call("due_schedules", queue, SCHEDULES_PER_CHECK)
+        fired = []
+        settings = self.settings(queue)
+        for schedule in due:
+            message = Message(
+                schedule.payload, key=schedule.key, priority=schedule.priority,
+                headers={**schedule.headers, SCHEDULE_HEADER: schedule.name},
+            )
+            next_due = recurrence.next_due(schedule.every, schedule.cron, schedule.next_due, now)
+            mid = yield call("fire_schedule", queue, schedule.name, schedule.next_due, next_due, message, settings)
+            if mid is not None:
+                fired.append(mid)
+        return fired
+
+    def _look_for_due_schedules(self, queue: str) -> Steps[tuple[bool, float]]:
+        """The due schedules of ``queue`` fired when this process's last look at it is
+        ``schedule_check_interval`` old (the first thread or task to see that looks; the
+        others go on): whether it enqueued a message, and the seconds until the next look."""
+        now = time.monotonic()
+        with self._schedule_check_lock:  # held for no step: a claim, not the look itself
+            next_check = self._next_schedule_check.get(queue, 0.0)
+            if now < next_check:
+                return False, next_check - now
+            # Claimed first: a failing look waits its turn too instead of repeating at once.
+            self._next_schedule_check[queue] = now + self.schedule_check_interval
+        try:
+            # _attempt: the runner throws a backend error in here rather than out of lease.
+            fired = bool((yield from self._fire_due(queue, _attempt)))
+        except ShardedBrokerError as exc:
+            # Never the lease's failure: its leases are already taken (and a Redis at
+            # maxmemory refuses a firing, an enqueue, while consumers drain the queue).
+            log.warning("Could not fire the due schedules of queue %r (next look in %gs): %s",
+                        queue, self.schedule_check_interval, exc)
+            fired = False
+        return fired, self.schedule_check_interval
 
 class Broker(BrokerEngine):
     """Per-key FIFO queues over one backend. Thread-safe; share one per process."""
@@ -339,9 +415,17 @@ class Broker(BrokerEngine):
         give_up_at = time.monotonic() + wait
         while True:
             result = yield _call("lease", queue, limit, per_key, visibility_timeout, settings)
-            remaining = give_up_at - time.monotonic()
-            if result.leases or remaining <= 0:
+            # A busy consumer and a waiting one both fire the queue's due schedules.
+            fired, until_check = yield from self._look_for_due_schedules(queue)
+            if result.leases:
                 return result.leases
+            if fired:
+                continue  # deliver what was just enqueued
+            remaining = give_up_at - time.monotonic()
+            if remaining <= 0:
+                return result.leases
+            # Wake for the next look at the schedules.
+            remaining = min(remaining, max(until_check, 0.001))
             due_in = None if result.retry_in is None else max(result.retry_in, 0.0)
             coarse = self.backend.wait_resolution
             if due_in is None or due_in > remaining:
@@ -674,6 +758,96 @@ class Broker(BrokerEngine):
             infos.append((yield _call("key_info", queue, key)))
         return sorted(infos, key=lambda info: (-info.lag, info.key))
 
+    # -- schedules: recurrent messages stored in the broker --------------------------------
+
+    @operation
+    def schedule(
+        self,
+        queue: str,
+        name: str,
+        payload: bytes,
+        *,
+        every: float | datetime.timedelta | None = None,
+        cron: str | None = None,
+        key: str | None = None,
+        priority: int = 0,
+        headers: Mapping[str, Any] | None = None,
+    ) -> Steps[Schedule]:
+        """Create (or replace, by ``name``) a recurrent message of ``queue``: every
+        ``every`` seconds (a number or a ``timedelta``), or at the minutes of ``cron``
+        (crontab's five fields, UTC, such as ``"*/5 * * * *"``), one message with
+        ``payload``, ``key``, ``priority`` and ``headers`` (plus ``{"schedule": name}``) is
+        enqueued. The schedule as stored.
+
+        Stored in the backend and fired by the consumers of ``queue`` (:meth:`lease` looks
+        about once a second): no separate process is needed, and however many consumers
+        run, each period's message is enqueued once. A period that passed while no
+        consumer ran is fired once when one starts, not once per missed period. An
+        ``every`` schedule is first due ``every`` seconds after it is created; replacing
+        a schedule keeps its next due time when its ``every``/``cron`` is unchanged, and
+        its pause (sharded_broker/recurrence.py, docs/scheduling.md).
+        """
+        queue = check.queue_name(queue)
+        name = _schedule_name(name)
+        if (every is None) == (cron is None):
+            raise InvalidArgument("schedule needs exactly one of every= (seconds or a timedelta) and cron= (a crontab spec)")
+        every_seconds = None if every is None else recurrence.every_seconds(every)
+        cron_spec = None if cron is None else recurrence.parse_cron(cron).spec
+        message = check.message_of(payload, key, priority, 0.0, None, headers, False, self.max_payload_size)
+        now = yield _call("now")
+        stored = Schedule(
+            queue=queue, name=name, payload=message.payload, key=message.key, priority=message.priority,
+            headers=dict(message.headers or {}), every=every_seconds, cron=cron_spec,
+            next_due=recurrence.first_due(every_seconds, cron_spec, now),
+        )
+        return (yield _call("put_schedule", queue, stored))
+
+    @operation
+    def schedules(self, queue: str) -> Steps[list[Schedule]]:
+        """The schedules of ``queue``, by name: spec, key, next due time, pause, last firing."""
+        return (yield _call("schedules", check.queue_name(queue)))
+
+    @operation
+    def pause_schedule(self, queue: str, name: str) -> Steps[None]:
+        """Stop a schedule from enqueuing until :meth:`resume_schedule`. InvalidArgument
+        for an unknown name."""
+        queue, name = check.queue_name(queue), _schedule_name(name)
+        if not (yield _call("set_schedule_paused", queue, name, True, None)):
+            raise InvalidArgument(f"queue {queue!r} has no schedule named {name!r}")
+
+    @operation
+    def resume_schedule(self, queue: str, name: str) -> Steps[None]:
+        """Let a paused schedule enqueue again, from its next period after now (periods
+        that passed while it was paused are not made up). InvalidArgument for an unknown
+        name."""
+        queue, name = check.queue_name(queue), _schedule_name(name)
+        found = [s for s in (yield _call("schedules", queue)) if s.name == name]
+        if not found:
+            raise InvalidArgument(f"queue {queue!r} has no schedule named {name!r}")
+        current = found[0]
+        if not current.paused:
+            return
+        now = yield _call("now")
+        next_due = current.next_due
+        if next_due <= now:
+            next_due = recurrence.next_due(current.every, current.cron, next_due, now)
+        if not (yield _call("set_schedule_paused", queue, name, False, next_due)):
+            raise InvalidArgument(f"queue {queue!r} has no schedule named {name!r}")
+
+    @operation
+    def unschedule(self, queue: str, name: str) -> Steps[bool]:
+        """Remove a schedule; False when ``queue`` had none named ``name``."""
+        return (yield _call("remove_schedule", check.queue_name(queue), _schedule_name(name)))
+
+    @operation
+    def fire_due_schedules(self, queue: str) -> Steps[list[str]]:
+        """Enqueue the message of every schedule of ``queue`` that is due now (at most
+        ``SCHEDULES_PER_CHECK``); the ids of the messages this call enqueued. What
+        :meth:`lease` does about once a second; a schedule another process fired first
+        is skipped. Each firing is a compare-and-set on the schedule's next due time, so
+        concurrent callers never enqueue one period twice."""
+        return (yield from self._fire_due(check.queue_name(queue), _call))
+
     def events(self, queue: str, *, timeout: float | None = None) -> "EventStream":
         """Subscribe to ``queue``'s lifecycle events (enqueued, delivered, acked, retried,
         dead) from now on. Iterate the answer for :class:`Event` values; iteration ends
@@ -775,6 +949,16 @@ def _message_id(message_id: Any) -> str:
     if not message_id:
         raise InvalidArgument("message id must not be empty")
     return check.utf8_text(message_id, "message id")
+
+
+def _schedule_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise InvalidArgumentType(f"a schedule name must be a str, not {type(name).__name__}")
+    if not name or len(name) > MAX_SCHEDULE_NAME_LENGTH or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidArgument(
+            f"a schedule name must be 1 to {MAX_SCHEDULE_NAME_LENGTH} characters without control characters, not {name!r:.80}"
+        )
+    return check.utf8_text(name, "schedule name")
 
 
 def _lease(lease: Any) -> Lease:

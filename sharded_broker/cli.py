@@ -9,8 +9,9 @@ Guarantees, for scripts:
 - ``--json`` on every read command prints machine-readable output with stable field
   names (those of :class:`~sharded_broker.QueueStats`, :class:`~sharded_broker.DeadLetter`,
   :class:`~sharded_broker.KeyInfo`, :class:`~sharded_broker.MinuteMetrics`,
-  :class:`~sharded_broker.MessageInfo`, :class:`~sharded_broker.CancelResult` and
-  :class:`~sharded_broker.Event`; times are seconds since the epoch).
+  :class:`~sharded_broker.MessageInfo`, :class:`~sharded_broker.CancelResult`,
+  :class:`~sharded_broker.Event` and :class:`~sharded_broker.Schedule`; times are seconds since
+  the epoch).
 - Exit codes: 0 ok; 1 the operation failed (unreachable server, unknown queue, nothing
   replayed, nothing cancelled, no such message, confirmation declined); 2 usage error
   (bad option or argument, malformed URL, a value the engine refuses). Errors go to
@@ -52,7 +53,7 @@ from . import environment, urls
 from .broker import Broker, connect
 from .diagnosis import describe_seconds
 from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL, ShardedBrokerError
-from .models import COUNTERS, DeadLetter, Event, KeyDiagnosis, KeyInfo, MessageInfo, MinuteMetrics, QueueStats
+from .models import COUNTERS, DeadLetter, Event, KeyDiagnosis, KeyInfo, MessageInfo, MinuteMetrics, QueueStats, Schedule
 from .validation import MAX_WEIGHT
 
 URL_ENVVAR = environment.URL_VARIABLE
@@ -1163,6 +1164,76 @@ def weight(session: Session, queue: str, key: str, weight: int | None, clear: bo
         + (" (the default: one turn per round)" if shown == 1 else f" (up to {shown} turns per round)"),
         markup=False,
     )
+
+
+def schedules_table(schedules: Sequence[Schedule], now: float) -> Table:
+    table = Table(header_style="bold")
+    table.add_column("name")
+    table.add_column("spec", no_wrap=True)
+    table.add_column("key")
+    table.add_column("next due", no_wrap=True)
+    table.add_column("last fired", no_wrap=True)
+    table.add_column("fired", justify="right")
+    for schedule in schedules:
+        if schedule.paused:
+            due = Text("paused", style="yellow")
+        else:
+            wait = schedule.next_due - now
+            due = Text(f"{format_time(schedule.next_due)} ({'in ' + format_duration(wait) if wait > 0 else 'now'})")
+        last = "never" if schedule.last_fired is None else format_time(schedule.last_fired)
+        table.add_row(Text(schedule.name), Text(schedule.spec), _key_text(schedule.key), due, last, f"{schedule.fired:,}")
+    return table
+
+
+@main.command("schedules")
+@click.argument("queue")
+@click.option("--pause", "pause_name", metavar="NAME", default=None, help="Pause the schedule NAME.")
+@click.option("--resume", "resume_name", metavar="NAME", default=None,
+              help="Resume the schedule NAME (from its next period after now).")
+@click.option("--remove", "remove_name", metavar="NAME", default=None, help="Remove the schedule NAME.")
+@json_option
+@pass_session
+def schedules_command(
+    session: Session, queue: str, pause_name: str | None, resume_name: str | None, remove_name: str | None,
+    as_json: bool,
+) -> None:
+    """List the schedules (recurrent messages) of QUEUE, or pause, resume or remove one.
+
+    Lists each schedule's name, spec (every N seconds, or a cron spec in UTC), shard key,
+    next due time, last firing and how many messages it enqueued. The running consumers
+    of QUEUE fire them; see docs/scheduling.md. Exit code 1 for an unknown NAME. With
+    --json: a list of objects (queue, name, spec, every, cron, key, priority, headers,
+    next_due, paused, last_fired, fired, payload_size); with an action, {"queue", "name",
+    "action"}.
+    """
+    actions = [(name, action) for name, action in
+               ((pause_name, "paused"), (resume_name, "resumed"), (remove_name, "removed")) if name is not None]
+    if len(actions) > 1:
+        raise click.UsageError("give one of --pause, --resume and --remove at a time")
+    broker = session.broker()
+    if actions:
+        [(name, action)] = actions
+        if name not in {schedule.name for schedule in broker.schedules(queue)}:
+            raise CommandFailed(f"queue {queue!r} has no schedule named {name!r}; see `sharded-broker schedules {queue}`")
+        if action == "paused":
+            broker.pause_schedule(queue, name)
+        elif action == "resumed":
+            broker.resume_schedule(queue, name)
+        else:
+            broker.unschedule(queue, name)
+        if as_json:
+            _print_json({"queue": queue, "name": name, "action": action})
+        else:
+            session.stdout.print(f"{action} schedule {name!r} of {queue!r}", markup=False)
+        return
+    found = broker.schedules(queue)
+    if as_json:
+        _print_json([schedule.as_dict() for schedule in found])
+        return
+    if not found:
+        session.stdout.print(f"no schedules in {queue!r}", markup=False)
+        return
+    session.stdout.print(schedules_table(found, broker.now()))
 
 
 def _pause_command(paused: bool) -> Callable[..., None]:

@@ -404,3 +404,41 @@ class KeyDiagnosis:
         answer = dataclasses.asdict(self)
         answer["waited"] = self.waited
         return answer
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A recurrent message stored in the broker (:meth:`Broker.schedule`).
+
+    Each period, the first consumer of ``queue`` to see it due enqueues one message
+    (``payload``, ``key``, ``priority``, ``headers`` plus ``{"schedule": name}``).
+    Exactly one of ``every`` (seconds) and ``cron`` (a crontab spec, UTC) is set; see
+    ``sharded_broker/recurrence.py``. ``next_due`` is in the backend's clock;
+    ``last_fired`` is when it last enqueued a message (``None``: never) and ``fired`` how
+    many it enqueued. A paused schedule enqueues nothing until it is resumed.
+    """
+
+    queue: str
+    name: str
+    payload: bytes
+    key: str | None
+    priority: int
+    headers: dict[str, Any]
+    every: float | None
+    cron: str | None
+    next_due: float
+    paused: bool = False
+    last_fired: float | None = None
+    fired: int = 0
+
+    @property
+    def spec(self) -> str:
+        """``every 300s`` or ``cron */5 * * * *``."""
+        return f"every {self.every:g}s" if self.every is not None else f"cron {self.cron}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """As JSON shows it (the payload's size, not its bytes)."""
+        answer = dataclasses.asdict(self)
+        answer["payload_size"] = len(answer.pop("payload"))
+        answer["spec"] = self.spec
+        return answer

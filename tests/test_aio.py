@@ -390,6 +390,62 @@ def test_a_lease_cancelled_while_the_backend_hands_out_messages_gives_them_back(
     run(scenario())
 
 
+def test_schedules_through_the_asyncio_api_and_the_lease_fires_them(aconnect, clock: FakeClock) -> None:
+    async def scenario() -> None:
+        async with aconnect() as broker:
+            broker.schedule_check_interval = 0.0
+            stored = await broker.schedule(Q, "tick", b"t", every=5, key="k")
+            assert (stored.name, stored.every, stored.key) == ("tick", 5.0, "k")
+            assert [s.name for s in await broker.schedules(Q)] == ["tick"]
+            assert await broker.lease(Q) == []  # not due yet
+            clock.advance(5)
+            [lease] = await broker.lease(Q)  # the look fires it and the same call delivers it
+            assert (lease.payload, lease.key, lease.headers["schedule"]) == (b"t", "k", "tick")
+            assert await broker.ack(lease)
+            await broker.pause_schedule(Q, "tick")
+            clock.advance(5)
+            assert await broker.fire_due_schedules(Q) == []
+            await broker.resume_schedule(Q, "tick")
+            clock.advance(5)
+            assert len(await broker.fire_due_schedules(Q)) == 1
+            with pytest.raises(sharded_broker.InvalidArgument, match="has no schedule named 'nope'"):
+                await broker.pause_schedule(Q, "nope")
+            assert await broker.unschedule(Q, "tick") is True
+            assert await broker.schedules(Q) == []
+
+    run(scenario())
+
+
+def test_a_failing_look_at_the_schedules_never_fails_an_asyncio_lease(
+    backend_name: str, aconnect, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The native asyncio runner throws the look's backend error into the steps too (a
+    Redis at maxmemory refuses the firing): the lease keeps its message."""
+    refusal = sharded_broker.BackendUnavailable("OOM command not allowed when used memory > 'maxmemory'")
+
+    def refuse(*args: object) -> None:
+        raise refusal
+
+    async def refuse_async(*args: object) -> None:
+        raise refusal
+
+    async def scenario() -> None:
+        async with aconnect() as broker:
+            broker.schedule_check_interval = 0.0
+            await broker.schedule(Q, "s", b"tick", every=5)
+            await broker.enqueue(Q, b"work")
+            clock.advance(5)
+            monkeypatch.setattr(broker.backend, "fire_schedule", refuse_async if backend_name == "redis" else refuse)
+            [lease] = await broker.lease(Q)
+            assert lease.payload == b"work"
+            assert f"Could not fire the due schedules of queue {Q!r}" in caplog.text
+            monkeypatch.undo()
+            assert await broker.ack(lease)
+            assert [lease.payload for lease in await broker.lease(Q)] == [b"tick"]  # fired at the next look
+
+    run(scenario())
+
+
 def test_an_unreachable_redis_is_backend_unavailable_naming_the_url_without_its_password() -> None:
     from support.redis_server import free_port
 

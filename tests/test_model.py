@@ -3,7 +3,8 @@
 A Hypothesis state machine drives the memory backend and one other backend with the same
 random sequence of operations (enqueue, lease with limit/per_key, ack, nack with or without
 delay or dead, extend and extend_many, release_many, pause/resume, intervals, weights, replay,
-cancel and get by id, time passing on both fake clocks)
+schedules (create or replace, fire, pause, resume, remove), cancel and get by id, time passing on
+both fake clocks)
 under random queue settings (backpressure limits included: an enqueue refused with
 QueueFull must be refused by both, naming the same key and limit), and after every step checks that both delivered the same
 payloads in the same order with the same attempts, refused the same stale leases, and
@@ -41,6 +42,8 @@ PRIORITIES = st.sampled_from([0, 0, 0, 1, 2])
 DELAYS = st.sampled_from([0.0, 0.0, 0.0, 2.0, 7.0])
 DEDUP_IDS = st.sampled_from([None, None, None, None, "d1", "d2"])
 TIMEOUTS = st.sampled_from([5.0, 20.0])
+SCHEDULE_NAMES = st.sampled_from(["s1", "s2"])
+SCHEDULE_SPECS = st.sampled_from([{"every": 5.0}, {"every": 12.0}, {"cron": "* * * * *"}])
 
 _stores = itertools.count()
 
@@ -56,6 +59,11 @@ def batches_view(leases: list[Lease]) -> list[list[bytes]]:
     for lease in leases:
         groups.setdefault(lease.batch_id, []).append(lease.payload)
     return list(groups.values())
+
+
+def schedule_view(s: sharded_broker.Schedule) -> tuple:
+    last = None if s.last_fired is None else round(s.last_fired, 3)
+    return (s.name, s.payload, s.key, s.spec, round(s.next_due, 3), s.paused, last, s.fired)
 
 
 class SameAsModel(RuleBasedStateMachine):
@@ -103,6 +111,12 @@ class SameAsModel(RuleBasedStateMachine):
                 self.open_other(self.other_clock, options, fresh),
             ))
         self.model, self.other = self.connections[0]
+        for pair in self.connections:
+            for broker in pair:
+                # A lease's look at the schedules goes by real time: on both sides only
+                # each connection's first lease looks, so they stay in step; the
+                # fire_schedules rule fires them.
+                broker.schedule_check_interval = 1e9
 
     def teardown(self) -> None:
         for pair in self.connections:
@@ -241,6 +255,36 @@ class SameAsModel(RuleBasedStateMachine):
             other = self.other.replay(Q, position=position)
         assert other == model
 
+    @rule(name=SCHEDULE_NAMES, spec=SCHEDULE_SPECS, key=st.sampled_from(["a", None]))
+    def schedule(self, name, spec, key) -> None:
+        payload = self._new_payload()
+        views = [schedule_view(broker.schedule(Q, name, payload, key=key, **spec)) for broker in (self.model, self.other)]
+        assert views[1] == views[0]
+
+    @rule()
+    def fire_schedules(self) -> None:
+        # What is due, earliest first and ties by name, on every backend: the fired
+        # messages take their seqs in this order.
+        payloads = [due.payload for due in self.model.backend.due_schedules(Q, 100)[1]]
+        model = self.model.fire_due_schedules(Q)
+        other = self.other.fire_due_schedules(Q)
+        assert len(other) == len(model) == len(payloads)
+        self._compare_ids(model, other, payloads)
+
+    @rule(name=SCHEDULE_NAMES, action=st.sampled_from(["pause", "resume", "remove"]))
+    def change_schedule(self, name, action) -> None:
+        answers = []
+        for broker in (self.model, self.other):
+            try:
+                if action == "remove":
+                    answers.append(broker.unschedule(Q, name))
+                else:
+                    (broker.pause_schedule if action == "pause" else broker.resume_schedule)(Q, name)
+                    answers.append(None)
+            except sharded_broker.InvalidArgument as exc:
+                answers.append(str(exc))
+        assert answers[1] == answers[0]
+
     @rule(dead=st.booleans())
     def purge(self, dead) -> None:
         assert self.other.purge(Q, dead=dead) == self.model.purge(Q, dead=dead)
@@ -306,6 +350,12 @@ class SameAsModel(RuleBasedStateMachine):
         model, other = self.model.stats(Q).as_dict(), self.other.stats(Q).as_dict()
         assert other.pop("oldest_age") == pytest.approx(model.pop("oldest_age"), abs=2e-3)
         assert other == model
+
+    @invariant()
+    def same_schedules(self) -> None:
+        if self.model is None:
+            return
+        assert [schedule_view(x) for x in self.other.schedules(Q)] == [schedule_view(x) for x in self.model.schedules(Q)]
 
     @invariant()
     def same_dead_letters(self) -> None:

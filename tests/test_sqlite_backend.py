@@ -528,8 +528,9 @@ def test_busy_database_waits_instead_of_failing(db_url: str, tmp_path: Path) -> 
 
 
 def test_a_version_4_file_gains_the_weight_columns(db_url: str, tmp_path: Path) -> None:
-    """A file written before weights (schema version 4) opens, keeps its queue and its
-    keys' settings, and takes weights from then on."""
+    """A file written before weights and schedules (schema version 4) opens, keeps its
+    queue and its keys' settings, and takes weights (version 5) and schedules (version 6)
+    from then on."""
     with sharded_broker.connect(db_url) as broker:
         broker.enqueue("jobs", b"a0", key="a")
         broker.enqueue("jobs", b"b0", key="b")
@@ -537,7 +538,7 @@ def test_a_version_4_file_gains_the_weight_columns(db_url: str, tmp_path: Path) 
     conn = sqlite3.connect(tmp_path / "q.db")
     conn.executescript(
         "".join(f"ALTER TABLE keys DROP COLUMN {column};" for column in ("weight", "round_turns", "round_at", "round_order"))
-        + "PRAGMA user_version = 4;"
+        + "DROP INDEX messages_key_delayed; DROP TABLE schedules; PRAGMA user_version = 4;"
     )
     conn.close()
     with sharded_broker.connect(db_url) as broker:
@@ -549,6 +550,10 @@ def test_a_version_4_file_gains_the_weight_columns(db_url: str, tmp_path: Path) 
         assert [lease.payload for lease in leases] == [b"a0"]
         assert broker.ack_many(leases) == [True]
         assert [lease.payload for lease in broker.lease("jobs")] == [b"a1"]  # a's second turn
+        broker.schedule("jobs", "s", b"x", every=10)
+        assert [schedule.name for schedule in broker.schedules("jobs")] == ["s"]
     conn = sqlite3.connect(tmp_path / "q.db")
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 5
+    indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"messages_key_delayed", "schedules_due"} <= indexes
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
     conn.close()

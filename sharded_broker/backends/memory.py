@@ -15,6 +15,7 @@ separately in one process see the same queues.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import heapq
 import itertools
 import threading
@@ -31,7 +32,7 @@ from ..backend import (
 from ..errors import ConfigurationError
 from ..models import (
     COUNTERS, CancelResult, DeadLetter, Event, EventType, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease,
-    LeaseResult, Message, MessageInfo, MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
+    LeaseResult, Message, MessageInfo, MinuteMetrics, QueueSettings, QueueStats, RetryPosition, Schedule,
 )
 from . import planner
 from .planner import SEQ_ORIGIN
@@ -109,6 +110,11 @@ class _Queue:
     metrics: dict[tuple[float, str | None], list[int]] = field(default_factory=dict)
     metrics_expiry: list[tuple[float, int, float, str | None]] = field(default_factory=list)
     subscribers: list["_Subscription"] = field(default_factory=list)
+    schedules: dict[str, Schedule] = field(default_factory=dict)
+    # (next due, name) of schedules not paused, so that equal due times go by name as on
+    # every backend; an entry is valid while its schedule is there, not paused, with that
+    # next due time (a schedule may have two equal valid entries: read once).
+    schedules_due: list[tuple[float, str]] = field(default_factory=list)
 
 
 class _Store:
@@ -946,6 +952,86 @@ class MemoryBackend(Backend):
                 return []
             ranked = sorted(q.key_counts.items(), key=lambda item: (-item[1], item[0]))
             return [key for key, _ in ranked[offset : offset + count]]
+
+    # -- schedules ------------------------------------------------------------------------
+
+    def _keep_schedule(self, q: _Queue, schedule: Schedule) -> Schedule:
+        """Store ``schedule`` (with the lock held) and index it when it may come due."""
+        q.schedules[schedule.name] = schedule
+        if not schedule.paused:
+            heapq.heappush(q.schedules_due, (schedule.next_due, schedule.name))
+        return schedule
+
+    def put_schedule(self, queue: str, schedule: Schedule) -> Schedule:
+        with self._store.lock:
+            q = self._queue(queue)
+            old = q.schedules.get(schedule.name)
+            if old is not None:
+                schedule = dataclasses.replace(
+                    schedule, paused=old.paused, last_fired=old.last_fired, fired=old.fired,
+                    next_due=old.next_due if (old.every, old.cron) == (schedule.every, schedule.cron) else schedule.next_due,
+                )
+            return self._keep_schedule(q, schedule)
+
+    def schedules(self, queue: str) -> list[Schedule]:
+        with self._store.lock:
+            q = self._store.queues.get(queue)
+            return [] if q is None else [q.schedules[name] for name in sorted(q.schedules)]
+
+    def due_schedules(self, queue: str, limit: int) -> tuple[float, list[Schedule]]:
+        with self._store.lock:
+            now = self.now()
+            q = self._store.queues.get(queue)
+            due: list[Schedule] = []
+            if q is None:
+                return now, due
+            kept: list[tuple[float, str]] = []  # valid entries looked at, pushed back: firing (not this read) moves them
+            while q.schedules_due and q.schedules_due[0][0] <= now and len(due) < limit:
+                entry = heapq.heappop(q.schedules_due)
+                schedule = q.schedules.get(entry[1])
+                if schedule is None or schedule.paused or schedule.next_due != entry[0]:
+                    continue
+                if not kept or kept[-1] != entry:  # equal entries pop one after another
+                    due.append(schedule)
+                    kept.append(entry)
+            for entry in kept:
+                heapq.heappush(q.schedules_due, entry)
+            return now, due
+
+    def fire_schedule(
+        self, queue: str, name: str, expected_due: float, next_due: float, message: Message, settings: QueueSettings
+    ) -> str | None:
+        with self._store.lock:
+            q = self._store.queues.get(queue)
+            schedule = None if q is None else q.schedules.get(name)
+            if q is None or schedule is None or schedule.paused or schedule.next_due != expected_due:
+                return None
+            now = self.now()
+            self._keep_schedule(
+                q, dataclasses.replace(schedule, next_due=next_due, last_fired=now, fired=schedule.fired + 1)
+            )
+            q.held_messages = True
+            self._expire_metrics(q, now)
+            [mid] = planner.enqueue_many(_QueueStore(self, q, now), [message], settings)
+            self._store.notify_change()
+            return mid
+
+    def set_schedule_paused(self, queue: str, name: str, paused: bool, next_due: float | None) -> bool:
+        with self._store.lock:
+            q = self._store.queues.get(queue)
+            schedule = None if q is None else q.schedules.get(name)
+            if q is None or schedule is None:
+                return False
+            changes: dict[str, Any] = {"paused": paused}
+            if next_due is not None:
+                changes["next_due"] = next_due
+            self._keep_schedule(q, dataclasses.replace(schedule, **changes))
+            return True
+
+    def remove_schedule(self, queue: str, name: str) -> bool:
+        with self._store.lock:
+            q = self._store.queues.get(queue)
+            return q is not None and q.schedules.pop(name, None) is not None
 
     def subscribe(self, queue: str) -> EventSubscription:
         if not self._events:

@@ -66,8 +66,8 @@ from ..backend import (
 from ..errors import BackendError, BackendUnavailable, ConfigurationError, QueueFull
 from ..urls import redact_url
 from ..models import (
-    COUNTERS, CancelResult, DeadLetter, Event, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult, Message,
-    MessageInfo, MinuteMetrics, QueueSettings, QueueStats, RetryPosition,
+    COUNTERS, CancelResult, DeadLetter, Event, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult,
+    Message, MessageInfo, MinuteMetrics, QueueSettings, QueueStats, RetryPosition, Schedule,
 )
 from ..validation import queue_name
 from .planner import PUBLIC_STATES, describe
@@ -83,6 +83,12 @@ QUEUE_FUNCTIONS = (
     "dead_letters", "dead_order", "replay", "purge", "metrics", "keys", "why", "cancel", "get",
 )
 EXCHANGE_FUNCTIONS = ("bind", "unbind")
+# Recurrent messages (lua/_schedules.lua): called with the queue's keys and then
+# SCHEDULE_KEYS, last.
+SCHEDULE_FUNCTIONS = (
+    "schedule_put", "schedule_list", "schedule_due", "schedule_fire", "schedule_set_paused", "schedule_remove",
+)
+SCHEDULE_KEYS = ("schedules", "schedq")
 T = TypeVar("T")
 # Redis Functions (FUNCTION LOAD, FCALL) came with Redis 7.0.
 MINIMUM_SERVER = (7, 0)
@@ -201,10 +207,13 @@ class _Library:
     """
 
     def __init__(self) -> None:
-        body = "\n".join(_lua_source(name) for name in ("_common", *QUEUE_FUNCTIONS, *EXCHANGE_FUNCTIONS))
+        sources = ("_common", *QUEUE_FUNCTIONS, *EXCHANGE_FUNCTIONS, "_schedules", *SCHEDULE_FUNCTIONS)
+        body = "\n".join(_lua_source(name) for name in sources)
         self.name = "sharded_broker_" + hashlib.sha1(body.encode("utf-8")).hexdigest()[:16]
         self.source = f"#!lua name={self.name}\nlocal LIB = '{self.name}'\n{body}"
-        self.functions = {name: f"{self.name}_{name}" for name in (*QUEUE_FUNCTIONS, *EXCHANGE_FUNCTIONS)}
+        self.functions = {
+            name: f"{self.name}_{name}" for name in (*QUEUE_FUNCTIONS, *EXCHANGE_FUNCTIONS, *SCHEDULE_FUNCTIONS)
+        }
 
     def call(self, function: str, keys: Sequence[bytes], args: Sequence[Any]) -> Steps[Any]:
         request = FunctionCall(function, keys, args)
@@ -779,6 +788,65 @@ class RedisOperations:
         # ask for less than a millisecond.
         yield Command("blpop", (signal_keys,), {"timeout": max(min(timeout, MAX_BLOCK), 0.001)}, blocking=True)
 
+    # -- schedules (lua/_schedules.lua and schedule_*.lua) ---------------------------------
+
+    def _schedule_keys(self, queue: str) -> list[bytes]:
+        """The keys of a schedule function: the queue's, then SCHEDULE_KEYS."""
+        return [*self.queue_keys(queue), *(_text(f"{self.prefix}:{{{queue}}}:{name}") for name in SCHEDULE_KEYS)]
+
+    def _run_schedule(self, function: str, queue: str, args: Sequence[Any]) -> Steps[Any]:
+        return self._library.call(function, self._schedule_keys(queue), args)
+
+    def put_schedule(self, queue: str, schedule: Schedule) -> Steps[Schedule]:
+        packed = _pack({
+            "pl": schedule.payload, "k": None if schedule.key is None else _text(schedule.key), "p": schedule.priority,
+            "h": json.dumps(schedule.headers, separators=(",", ":")),
+            "ev": None if schedule.every is None else round(schedule.every * 1_000_000),
+            "cr": schedule.cron, "nd": round(schedule.next_due * 1_000_000),
+        })
+        stored = yield from self._run_schedule("schedule_put", queue, [self._clock_arg(), _text(schedule.name), packed])
+        return _schedule(queue, _text(schedule.name), stored)
+
+    def schedules(self, queue: str) -> Steps[list[Schedule]]:
+        flat = yield from self._run_schedule("schedule_list", queue, [self._clock_arg()])
+        found = [_schedule(queue, flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        return sorted(found, key=lambda schedule: schedule.name)
+
+    def due_schedules(self, queue: str, limit: int) -> Steps[tuple[float, list[Schedule]]]:
+        now_us, *flat = yield from self._run_schedule("schedule_due", queue, [self._clock_arg(), limit])
+        return now_us / 1e6, [_schedule(queue, flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+    def fire_schedule(
+        self, queue: str, name: str, expected_due: float, next_due: float, message: Message, settings: QueueSettings
+    ) -> Steps[str | None]:
+        key = None if message.key is None else _text(message.key)
+        headers = json.dumps(dict(message.headers), separators=(",", ":")) if message.headers else "{}"
+        envelope = _pack((key, message.priority, headers, None, False, message.payload))[1:]
+        mid = f"{self._id_prefix}{next(self._id_counter):x}"
+        args = [
+            self._clock_arg(), self._options_arg(settings), _text(name), _us(expected_due), _us(next_due), mid,
+            b"" if key is None else key, message.priority, envelope,
+        ]
+        if queue in self._registered:
+            answer = yield from self._run_schedule("schedule_fire", queue, args)
+        else:
+            # queues() lists it once it holds a message: the registry is outside the
+            # queue's hash tag (see enqueue_many), written in the same round trip.
+            [_, answer] = yield from self._pipelined(
+                "schedule_fire", [(self._schedule_keys(queue), args)], prelude=Command("sadd", (self._registry_key(), queue))
+            )
+            with self._registered_lock:
+                self._registered.add(queue)
+        return None if answer is None else _str(answer)
+
+    def set_schedule_paused(self, queue: str, name: str, paused: bool, next_due: float | None) -> Steps[bool]:
+        return bool((yield from self._run_schedule("schedule_set_paused", queue, [
+            self._clock_arg(), _text(name), "1" if paused else "0", "" if next_due is None else _us(next_due),
+        ])))
+
+    def remove_schedule(self, queue: str, name: str) -> Steps[bool]:
+        return bool((yield from self._run_schedule("schedule_remove", queue, [self._clock_arg(), _text(name)])))
+
     # -- events: the subscription itself is the executor's ------------------------------
 
     def events_channel(self, queue: str) -> bytes:
@@ -1019,6 +1087,26 @@ class RedisBackend(Backend):
     def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
         return self._drive(self._ops.backlog_keys(queue, offset, count))
 
+    def put_schedule(self, queue: str, schedule: Schedule) -> Schedule:
+        return self._drive(self._ops.put_schedule(queue, schedule))
+
+    def schedules(self, queue: str) -> list[Schedule]:
+        return self._drive(self._ops.schedules(queue))
+
+    def due_schedules(self, queue: str, limit: int) -> tuple[float, list[Schedule]]:
+        return self._drive(self._ops.due_schedules(queue, limit))
+
+    def fire_schedule(
+        self, queue: str, name: str, expected_due: float, next_due: float, message: Message, settings: QueueSettings
+    ) -> str | None:
+        return self._drive(self._ops.fire_schedule(queue, name, expected_due, next_due, message, settings))
+
+    def set_schedule_paused(self, queue: str, name: str, paused: bool, next_due: float | None) -> bool:
+        return self._drive(self._ops.set_schedule_paused(queue, name, paused, next_due))
+
+    def remove_schedule(self, queue: str, name: str) -> bool:
+        return self._drive(self._ops.remove_schedule(queue, name))
+
     def subscribe(self, queue: str) -> EventSubscription:
         channel = self._ops.events_channel(queue)
         with translated_errors(self._safe_url):
@@ -1045,6 +1133,18 @@ class RedisBackend(Backend):
         self._blocking_client.close()
         self._client.connection_pool.disconnect()
         self._blocking_client.connection_pool.disconnect()
+
+
+def _schedule(queue: str, name: bytes, raw: bytes) -> Schedule:
+    """A schedule as lua/_schedules.lua stores it."""
+    fields = {k.decode(): v for k, v in msgpack.unpackb(raw, raw=True).items()}
+    key, every, cron, last_fired = fields.get("k"), fields.get("ev"), fields.get("cr"), fields.get("lf")
+    return Schedule(
+        queue=queue, name=_str(name), payload=fields["pl"], key=None if key is None else _str(key),
+        priority=int(fields["p"]), headers=json.loads(fields["h"]), every=None if every is None else every / 1e6,
+        cron=None if cron is None else _str(cron), next_due=fields["nd"] / 1e6, paused=bool(fields.get("pa")),
+        last_fired=None if last_fired is None else last_fired / 1e6, fired=int(fields.get("n") or 0),
+    )
 
 
 class _RedisSubscription(EventSubscription):

@@ -19,7 +19,7 @@ from ..backend import DEFAULT_METRICS_WINDOW, KeySort
 from ..errors import BackendUnavailable
 from ..models import (
     CancelResult, DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MessageInfo, MinuteMetrics,
-    QueueSettings, QueueStats, RetryPosition,
+    QueueSettings, QueueStats, RetryPosition, Schedule,
 )
 from ..urls import redact_url
 from .redis import (
@@ -201,6 +201,26 @@ class AsyncRedisBackend:
 
     async def backlog_keys(self, queue: str, offset: int, count: int) -> list[str]:
         return await self._drive(self._ops.backlog_keys(queue, offset, count))
+
+    async def put_schedule(self, queue: str, schedule: Schedule) -> Schedule:
+        return await self._drive(self._ops.put_schedule(queue, schedule))
+
+    async def schedules(self, queue: str) -> list[Schedule]:
+        return await self._drive(self._ops.schedules(queue))
+
+    async def due_schedules(self, queue: str, limit: int) -> tuple[float, list[Schedule]]:
+        return await self._drive(self._ops.due_schedules(queue, limit))
+
+    async def fire_schedule(
+        self, queue: str, name: str, expected_due: float, next_due: float, message: Message, settings: QueueSettings
+    ) -> str | None:
+        return await self._drive(self._ops.fire_schedule(queue, name, expected_due, next_due, message, settings))
+
+    async def set_schedule_paused(self, queue: str, name: str, paused: bool, next_due: float | None) -> bool:
+        return await self._drive(self._ops.set_schedule_paused(queue, name, paused, next_due))
+
+    async def remove_schedule(self, queue: str, name: str) -> bool:
+        return await self._drive(self._ops.remove_schedule(queue, name))
 
     async def wait(self, queue: str, timeout: float) -> None:
         await self.wait_any([queue], timeout)

@@ -7,7 +7,9 @@ in the package docstring (``__init__.py``) and docs/design.md.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 import sqlite3
 import threading
@@ -21,7 +23,7 @@ from ...backend import (
 from ...errors import ConfigurationError, QueueFull
 from ...models import (
     CancelResult, DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MessageInfo, MinuteMetrics,
-    QueueSettings, QueueStats, RetryPosition,
+    QueueSettings, QueueStats, RetryPosition, Schedule,
 )
 from ...urls import sqlite_file
 from .. import planner
@@ -321,6 +323,60 @@ class SQLiteBackend(Backend):
     def bound_queues(self, exchange: str) -> list[str]:
         return self._read(lambda tx: [name for (name,) in tx.all("bound_queues", exchange)])
 
+    # -- schedules ----------------------------------------------------------------------
+
+    def put_schedule(self, queue: str, schedule: Schedule) -> Schedule:
+        def body(tx: Transaction) -> Schedule:
+            tx.created_store(queue)
+            old = tx.one("schedule", queue, schedule.name)
+            stored = schedule
+            if old is not None:
+                old_schedule = _schedule(old)
+                same_spec = (old_schedule.every, old_schedule.cron) == (schedule.every, schedule.cron)
+                stored = dataclasses.replace(
+                    schedule, paused=old_schedule.paused, last_fired=old_schedule.last_fired, fired=old_schedule.fired,
+                    next_due=old_schedule.next_due if same_spec else schedule.next_due,
+                )
+            tx.db.execute(QUERIES["schedule_put"], (
+                queue, stored.name, stored.payload, stored.key, stored.priority,
+                json.dumps(stored.headers, separators=(",", ":")), stored.every, stored.cron, stored.next_due,
+                int(stored.paused), stored.last_fired, stored.fired,
+            ))
+            return stored
+
+        return self._write(body)
+
+    def schedules(self, queue: str) -> list[Schedule]:
+        return self._read(lambda tx: [_schedule(row) for row in tx.all("schedules", queue)])
+
+    def due_schedules(self, queue: str, limit: int) -> tuple[float, list[Schedule]]:
+        def body(tx: Transaction) -> tuple[float, list[Schedule]]:
+            now = tx.read_store(queue).now  # the queue's clock: never behind what it stored
+            return now, [_schedule(row) for row in tx.all("schedules_due", queue, now, limit)]
+
+        return self._read(body)
+
+    def fire_schedule(
+        self, queue: str, name: str, expected_due: float, next_due: float, message: Message, settings: QueueSettings
+    ) -> str | None:
+        def body(tx: Transaction) -> str | None:
+            s = tx.created_store(queue)
+            if not tx.db.execute(QUERIES["schedule_fired"], (next_due, s.now, queue, name, expected_due)).rowcount:
+                return None
+            s.q.held_messages = 1
+            return planner.enqueue_many(s, [message], settings)[0]
+
+        return self._write(body, notify=True)
+
+    def set_schedule_paused(self, queue: str, name: str, paused: bool, next_due: float | None) -> bool:
+        return self._write(
+            lambda tx: bool(tx.db.execute(QUERIES["schedule_paused"], (int(paused), next_due, queue, name)).rowcount),
+            notify=True,
+        )
+
+    def remove_schedule(self, queue: str, name: str) -> bool:
+        return self._write(lambda tx: bool(tx.db.execute(QUERIES["schedule_delete"], (queue, name)).rowcount))
+
     # -- waiting and events -------------------------------------------------------------
 
     def subscribe(self, queue: str) -> EventSubscription:
@@ -339,6 +395,14 @@ class SQLiteBackend(Backend):
                 self._wakeup.condition.wait(max(0.0, min(timeout, step)))
             self._local.seen = self._wakeup.generation
         self._local.step = min(step * 2, WAIT_MAX_STEP)
+
+
+def _schedule(row: Any) -> Schedule:
+    return Schedule(
+        queue=row["queue"], name=row["name"], payload=row["payload"], key=row["key"], priority=row["priority"],
+        headers=json.loads(row["headers"]), every=row["every"], cron=row["cron"], next_due=row["next_due"],
+        paused=bool(row["paused"]), last_fired=row["last_fired"], fired=row["fired"],
+    )
 
 
 class _SQLiteSubscription(EventSubscription):

@@ -189,3 +189,31 @@ DELETE FROM bindings WHERE exchange = ? AND queue = ?;
 
 -- name: bound_queues
 SELECT queue FROM bindings WHERE exchange = ? ORDER BY queue;
+
+-- name: schedule
+SELECT queue, name, payload, key, priority, headers, every, cron, next_due, paused, last_fired, fired
+FROM schedules WHERE queue = ? AND name = ?;
+
+-- name: schedules
+SELECT queue, name, payload, key, priority, headers, every, cron, next_due, paused, last_fired, fired
+FROM schedules WHERE queue = ? ORDER BY name;
+
+-- name: schedules_due
+SELECT queue, name, payload, key, priority, headers, every, cron, next_due, paused, last_fired, fired
+FROM schedules WHERE queue = ? AND paused = 0 AND next_due <= ? ORDER BY next_due, name LIMIT ?;
+
+-- name: schedule_put
+INSERT OR REPLACE INTO schedules (queue, name, payload, key, priority, headers, every, cron, next_due, paused,
+                                  last_fired, fired)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?);
+
+-- name: schedule_fired
+-- The compare-and-set of a firing: only while the stored next due time is the one read.
+UPDATE schedules SET next_due = ?, last_fired = ?, fired = fired + 1
+WHERE queue = ? AND name = ? AND paused = 0 AND next_due = ?;
+
+-- name: schedule_paused
+UPDATE schedules SET paused = ?, next_due = COALESCE(?, next_due) WHERE queue = ? AND name = ?;
+
+-- name: schedule_delete
+DELETE FROM schedules WHERE queue = ? AND name = ?;

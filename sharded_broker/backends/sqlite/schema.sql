@@ -127,3 +127,22 @@ CREATE TABLE IF NOT EXISTS bindings (
     queue TEXT NOT NULL,
     PRIMARY KEY (exchange, queue)
 ) WITHOUT ROWID;
+-- Recurrent messages (schema version 5): one row per schedule; every is seconds (NULL
+-- for a cron schedule), cron the spec (NULL for an every schedule). schedules_due orders
+-- the schedules that may come due, for the look each consumer takes about once a second.
+CREATE TABLE IF NOT EXISTS schedules (
+    queue TEXT NOT NULL,
+    name TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    key TEXT,
+    priority INTEGER NOT NULL,
+    headers TEXT NOT NULL,
+    every REAL,
+    cron TEXT,
+    next_due REAL NOT NULL,
+    paused INTEGER NOT NULL DEFAULT 0,
+    last_fired REAL,
+    fired INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (queue, name)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS schedules_due ON schedules (queue, next_due) WHERE paused = 0;

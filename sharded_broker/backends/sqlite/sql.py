@@ -21,7 +21,9 @@ from ...models import COUNTERS
 # Version 5 keeps a key's weight and its round in progress (keys.weight, round_turns,
 # round_at, round_order: ADDED_COLUMNS) and adds the messages_key_delayed index
 # (max_pending_per_key counts a key's delayed messages); an older file gains both when opened.
-SCHEMA_VERSION = 5
+# Version 6 adds the schedules table (recurrent messages) and its schedules_due index,
+# which an older file gains when opened (the schema's statements create what is missing).
+SCHEMA_VERSION = 6
 OLD_INDEXES = ("messages_ready", "messages_batch")
 _OPEN_MINUTE_COLUMNS = {"open_minute": "REAL", **{f"open_{c}": "INTEGER NOT NULL DEFAULT 0" for c in COUNTERS}}
 ADDED_COLUMNS = {
