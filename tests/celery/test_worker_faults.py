@@ -164,7 +164,7 @@ def test_a_pool_process_killed_by_signal_is_not_acked_as_failed(redis_url, tmp_p
     assert [(r.seq, r.end is not None) for r in runs] == [(0, False), (0, True), (1, True), (2, True)]
 
 
-def test_a_consumer_restart_gives_back_only_what_celery_will_not_run(redis_url, caplog) -> None:
+def test_a_consumer_restart_gives_back_only_what_celery_will_not_run(redis_url) -> None:
     """A message Celery holds back without handing it to its pool (a rate-limit bucket)
     is given back at the restart and runs once after it; the running task's lease is
     kept; nothing runs twice."""
@@ -198,7 +198,13 @@ def test_a_consumer_restart_gives_back_only_what_celery_will_not_run(redis_url, 
     with start_worker(app, pool="threads", concurrency=4, perform_ping_check=False, shutdown_timeout=30):
         transport_log = logging.getLogger("sharded_broker.integrations.celery")
         transport_log.disabled = False  # the worker's logging set-up disables loggers made before it
-        caplog.set_level(logging.INFO, logger=transport_log.name)
+        # Records are caught on the transport's logger itself: the worker's logging set-up
+        # may replace the root logger's handlers, pytest's capture among them.
+        records: list[logging.LogRecord] = []
+        catcher = logging.Handler(logging.INFO)
+        catcher.emit = records.append  # type: ignore[method-assign]
+        transport_log.addHandler(catcher)
+        transport_log.setLevel(logging.INFO)
         wait_until(lambda: len(runs) >= 2, 30, "the long task and the first limited one")
         admin.client_kill_filter(_type="normal")
         wait_until(lambda: len(runs) >= 3, 60, "the bucketed task, after the restart")
@@ -208,5 +214,6 @@ def test_a_consumer_restart_gives_back_only_what_celery_will_not_run(redis_url, 
     app.close()
     admin.close()
     assert sorted(runs) == [("a", 0), ("b", 0), ("c", 0)], runs
-    text = "\n".join(r.getMessage() for r in caplog.records)
+    transport_log.removeHandler(catcher)
+    text = "\n".join(r.getMessage() for r in records)
     assert "their leases are kept" in text and "1 prefetched message(s) given back" in text, text
