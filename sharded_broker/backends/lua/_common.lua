@@ -1166,6 +1166,19 @@ local function dedup_hit(dedup_id, now, settings)
   return entry[1]
 end
 
+-- Set (value) or remove (nil) a key's own setting, the state field prefix .. key, keeping
+-- count_field (how many keys of the queue have one: '#ni', '#np', '#nw') right, so hot
+-- paths read the field only when some key has one.
+local function set_key_setting(prefix, count_field, key, value)
+  if value == nil then
+    if redis.call('HDEL', K[STATE], prefix .. key) == 1 then
+      redis.call('HINCRBY', K[STATE], count_field, '-1')
+    end
+  elseif redis.call('HSET', K[STATE], prefix .. key, value) == 1 then
+    redis.call('HINCRBY', K[STATE], count_field, '1')
+  end
+end
+
 -- Register one operation: fn(args) runs with this call's keys bound. Operations that
 -- drain or settle (lease, ack, nack, release, extend, purge) are flagged allow-oom: a
 -- server at maxmemory refuses new messages (enqueue is refused before it runs) but keeps

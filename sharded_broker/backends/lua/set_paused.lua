@@ -7,13 +7,9 @@ register('set_paused', function(args)
   if key == '' then
     redis.call('HSET', K[STATE], '#paused', paused and '1' or '0')
   elseif paused then
-    if redis.call('HSET', K[STATE], 'p:' .. key, '1') == 1 then
-      redis.call('HINCRBY', K[STATE], '#np', '1')
-    end
+    set_key_setting('p:', '#np', key, '1')
   else
-    if redis.call('HDEL', K[STATE], 'p:' .. key) == 1 then
-      redis.call('HINCRBY', K[STATE], '#np', '-1')
-    end
+    set_key_setting('p:', '#np', key, nil)
     schedule(key, now, false, nil)
   end
   flush()
