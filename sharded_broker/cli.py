@@ -1080,6 +1080,14 @@ def replay(session: Session, queue: str, ids: tuple[str, ...], replay_all: bool,
         )
 
 
+def _value_or_clear(value: object, clear: bool, name: str) -> None:
+    """A per-key setting command takes its VALUE or --clear, exactly one of them."""
+    if value is None and not clear:
+        raise click.UsageError(f"give {name} or --clear")
+    if value is not None and clear:
+        raise click.UsageError(f"give {name} or --clear, not both")
+
+
 @main.command()
 @click.argument("queue")
 @click.option("--dead", "dead_letters", is_flag=True, help="Purge the dead letters instead of the waiting messages.")
@@ -1122,10 +1130,7 @@ def interval(session: Session, queue: str, key: str, seconds: float | None, clea
     Stored in the backend, so every worker keeps it. --clear returns KEY to the queue's
     default interval.
     """
-    if seconds is None and not clear:
-        raise click.UsageError("give SECONDS or --clear")
-    if seconds is not None and clear:
-        raise click.UsageError("give SECONDS or --clear, not both")
+    _value_or_clear(seconds, clear, "SECONDS")
     broker = session.broker()
     was_known = queue in broker.queues()
     broker.set_interval(queue, key, None if clear else seconds)
@@ -1150,10 +1155,7 @@ def weight(session: Session, queue: str, key: str, weight: int | None, clear: bo
     key of weight N takes up to N consecutive turns per round. Stored in the backend, so
     every worker keeps it. --clear (or 1) returns KEY to the default weight 1.
     """
-    if weight is None and not clear:
-        raise click.UsageError("give WEIGHT or --clear")
-    if weight is not None and clear:
-        raise click.UsageError("give WEIGHT or --clear, not both")
+    _value_or_clear(weight, clear, "WEIGHT")
     broker = session.broker()
     was_known = queue in broker.queues()
     broker.set_weight(queue, key, None if clear else weight)
