@@ -2,6 +2,8 @@
 does not move with the machine's load (rates and µs do, by tens of percent on shared machines).
 
     python -m benchmarks.instructions [--messages 1000] [--keys 1000]
+    python -m benchmarks.instructions --breakdown --redis-server PATH
+
 
 Starts a throwaway ``redis-server`` under ``valgrind --tool=callgrind --instr-atstart=no`` (counting
 only the functions that serve requests, see COUNTED) on a
@@ -10,11 +12,19 @@ phase, turns it off and dumps (``callgrind_control -z / -i on / -i off / -d``): 
 divided by the phase's messages. Each engine phase starts on an empty server. Dramatiq's
 ``RedisBroker`` is driven the same way (``broker.enqueue``, then its consumer) for comparison.
 Needs valgrind (Debian package ``valgrind``); takes a few minutes.
+
+``--breakdown`` also splits each phase's count by where the server spent it (see
+BREAKDOWN), from callgrind's inclusive cost of a few functions. That needs a
+``redis-server`` with its symbols (Debian's binary is stripped): build the same release
+from its source (``make`` in a checkout of the redis repository at tag 7.0.15) and pass
+its ``src/redis-server`` as ``--redis-server``; allocation there is libc's (``make
+MALLOC=libc``) or jemalloc as built, so totals differ from Debian's by a few percent.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import os
 import shutil
@@ -38,10 +48,47 @@ from support.redis_server import free_port
 COUNTED = ("--toggle-collect=readQueryFromClient", "--toggle-collect=writeToClient")
 
 
+# Where a phase's instructions went, from the inclusive cost of these functions of
+# redis-server 7.0 (FCALL and EVALSHA both run through luaCallFunction): each row is one
+# function's cost less the next one's, and the last is what remains inside redis.call.
+BREAKDOWN = (
+    ("reading, parsing and dispatching requests, writing replies", None, "luaCallFunction"),
+    ("entering and leaving the script (KEYS and ARGV tables, the reply)", "luaCallFunction", "lua_pcall"),
+    ("the script's own Lua (interpreter, tables, strings, allocation, collector, cmsgpack)", "lua_pcall",
+     "luaRedisGenericCommand"),
+    ("redis.call: converting arguments and replies", "luaRedisGenericCommand", "scriptCall"),
+    ("redis.call: the commands themselves", "scriptCall", None),
+)
+
+
+def inclusive_costs(dump: str) -> dict[str, int]:
+    """Inclusive instructions of each function named in BREAKDOWN, from callgrind_annotate."""
+    wanted = {name for _, *names in BREAKDOWN for name in names if name}
+    text = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", dump],
+                          check=True, capture_output=True, text=True).stdout
+    costs: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 3 or not parts[0].replace(",", "").isdigit():
+            continue
+        function = parts[2].rsplit(":", 1)[-1]
+        if function in wanted:
+            costs[function] = max(costs.get(function, 0), int(parts[0].replace(",", "")))
+    missing = wanted - costs.keys()
+    if missing:
+        raise SystemExit(f"no cost for {sorted(missing)} in the dump: is --redis-server a build with symbols?")
+    return costs
+
+
+def breakdown(total: int, costs: dict[str, int]) -> list[int]:
+    """Instructions per BREAKDOWN row (they add up to total)."""
+    return [(costs[outer] if outer else total) - (costs[inner] if inner else 0) for _, outer, inner in BREAKDOWN]
+
+
 class CallgrindServer:
     """A redis-server whose instructions callgrind counts, phase by phase."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: str = "redis-server") -> None:
         if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
             raise SystemExit("valgrind is not installed (apt-get install -y valgrind)")
         self.port = free_port()
@@ -49,7 +96,7 @@ class CallgrindServer:
         self.out = os.path.join(self.dir, "cg.out")
         self.process = subprocess.Popen(
             ["valgrind", "--tool=callgrind", "--instr-atstart=no", *COUNTED, f"--callgrind-out-file={self.out}",
-             "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+             server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.dir,
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -65,7 +112,8 @@ class CallgrindServer:
     def _control(self, *args: str) -> None:
         subprocess.run(["callgrind_control", *args, str(self.process.pid)], check=True, capture_output=True)
 
-    def instructions(self, phase: Callable[[], None]) -> int:
+    def instructions(self, phase: Callable[[], None], costs: dict[str, int] | None = None) -> int:
+        """The instructions phase() caused; with costs, also fills in inclusive_costs()."""
         for dump in glob.glob(self.out + ".*"):
             os.remove(dump)
         self._control("-z")
@@ -80,6 +128,8 @@ class CallgrindServer:
                     for line in lines:
                         if line.startswith(("summary:", "totals:")):
                             total = max(total, int(line.split()[1]))
+                if total and costs is not None:
+                    costs.update(inclusive_costs(dump))
             if total:
                 return total
             time.sleep(0.1)
@@ -162,12 +212,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="split each count by where the server spent it (needs --redis-server with symbols)")
+    parser.add_argument("--redis-server", default="redis-server", help="the redis-server binary to run")
     options = parser.parse_args()
-    server = CallgrindServer()
+    server = CallgrindServer(options.redis_server)
+    rows: list[tuple[str, int, dict[str, int]]] = []
+
+    def count(name: str, phase: Callable[[], None]) -> None:
+        costs: dict[str, int] | None = {} if options.breakdown else None
+        total = server.instructions(phase, costs)
+        rows.append((name, total, costs or {}))
+        print(f"| {name} | {total / options.messages / 1000:,.0f} |", flush=True)
+
     try:
         print(f"Redis server instructions per message (callgrind), {options.messages:,} messages, "
               f"{options.keys:,} keys, 100-byte payload")
-        print(f"| phase | k instructions per message |\n| --- | --- |")
+        print("| phase | k instructions per message |\n| --- | --- |")
         for name, (before, phase) in engine_phases(options.messages, options.keys).items():
             server.client.flushall()
             with sharded_broker.connect(server.url, socket_timeout=300) as broker:
@@ -175,17 +236,22 @@ def main() -> None:
                 broker.ack_many(broker.lease("q", 1))
                 if before is not None:
                     before(broker)
-                total = server.instructions(lambda: phase(broker))
-            print(f"| sharded-broker {name} | {total / options.messages / 1000:,.0f} |", flush=True)
+                count(f"sharded-broker {name}", functools.partial(phase, broker))
         server.client.flushall()
-        for name, phase in dramatiq_phases(server, options.messages).items():
+        for name, dramatiq_phase in dramatiq_phases(server, options.messages).items():
             if name == "resend":
-                phase()
+                dramatiq_phase()
                 continue
-            total = server.instructions(phase)
-            print(f"| Dramatiq RedisBroker {name} | {total / options.messages / 1000:,.0f} |", flush=True)
+            count(f"Dramatiq RedisBroker {name}", dramatiq_phase)
     finally:
         server.close()
+    if options.breakdown:
+        print("\nWhere they went, k instructions per message:\n")
+        print("| phase | " + " | ".join(label for label, _, _ in BREAKDOWN) + " |")
+        print("| --- |" + " --- |" * len(BREAKDOWN))
+        for name, total, costs in rows:
+            parts = breakdown(total, costs)
+            print(f"| {name} | " + " | ".join(f"{part / options.messages / 1000:,.0f}" for part in parts) + " |")
 
 
 if __name__ == "__main__":

@@ -29,10 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Concatenate, Coroutine, Mapping, ParamSpec, TypeVar
+from typing import (
+    Any, AsyncIterable, Awaitable, Callable, Concatenate, Coroutine, Iterable, Mapping, ParamSpec, TypeVar, Union,
+)
 
 from . import urls
 from . import validation as check
@@ -42,10 +46,16 @@ from .broker import (
     public_signature, run_steps,
 )
 from .errors import ShardedBrokerError
-from .models import Event, LeaseResult, QueueSettings
+from .feeder import Feeding, FillResult
+from .models import Event, LeaseResult, Message, QueueSettings
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+#: An AsyncFeeder's writer: ``writer(room)`` answers up to ``room`` messages, each with a
+#: ``dedup_id``: as a list or iterable, as an awaitable of one (``async def``), or as an
+#: async iterator (an async generator).
+AsyncWriter = Callable[[int], Union[Iterable[Message], Awaitable[Iterable[Message]], AsyncIterable[Message]]]
 
 # Threads of one broker on a memory:// or sqlite:// backend: for calls that return at once
 # (the backend serializes them on one lock anyway), and for those that may wait.
@@ -157,6 +167,19 @@ class AsyncBroker(BrokerEngine):
     unschedule = awaitable(Broker.unschedule)
     fire_due_schedules = awaitable(Broker.fire_due_schedules)
 
+    def feed(
+        self, queue: str, writer: AsyncWriter, *, low_water: int, high_water: int, interval: float = 1.0
+    ) -> AsyncFeeder:
+        """:meth:`Broker.feed` for asyncio: start a task of the running event loop that
+        refills ``queue`` from ``writer(room)`` whenever its waiting messages (ready +
+        delayed) fall below ``low_water``, up to ``high_water``, looking every ``interval``
+        seconds; ``writer`` may be an ``async def`` or an async generator. Every message
+        must carry a ``dedup_id``. End it with ``await feeder.stop()``. See
+        :class:`AsyncFeeder`."""
+        feeder = AsyncFeeder(self, queue, writer, low_water=low_water, high_water=high_water, interval=interval)
+        feeder.start()
+        return feeder
+
     def events(self, queue: str, *, timeout: float | None = None) -> "AsyncEventStream":
         """:meth:`Broker.events` as an async iterator: ``async for event in broker.events(q)``.
         It subscribes on ``async with``, on ``await``, or else on the first iteration (events
@@ -182,6 +205,79 @@ class AsyncBroker(BrokerEngine):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+class AsyncFeeder(Feeding):
+    """:class:`~sharded_broker.feeder.Feeder` for an :class:`AsyncBroker`: the same looks, checks
+    and settings, as a task of the event loop. ``writer(room)`` may answer the messages,
+    an awaitable of them (``async def``) or an async iterator (an async generator); it is
+    asked for no more than ``room`` of them. :meth:`start` runs it as a task
+    (``AsyncBroker.feed`` does), :meth:`run` feeds in the awaiting task, :meth:`fill_once`
+    looks once. A writer that raises, or a backend that cannot be reached, is logged and
+    the feeder tries again ``interval`` seconds later."""
+
+    def __init__(
+        self,
+        broker: AsyncBroker,
+        queue: str,
+        writer: AsyncWriter,
+        *,
+        low_water: int,
+        high_water: int,
+        interval: float = 1.0,
+    ) -> None:
+        self._configure(queue, writer, low_water, high_water, interval)
+        self.broker = broker
+        self.writer = writer
+        self.stopped = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def fill_once(self) -> FillResult:
+        """:meth:`Feeder.fill_once`, awaited."""
+        waiting, room = self._room(await self.broker.stats(self.queue))
+        if not room:
+            return FillResult(waiting, 0)
+        written = self.writer(room)
+        if inspect.isawaitable(written):
+            written = await written
+        if isinstance(written, AsyncIterable):
+            messages: list[Any] = []
+            async for message in written:
+                messages.append(message)
+                if len(messages) == room:
+                    break
+            close = getattr(written, "aclose", None)
+            if close is not None:
+                await close()  # an async generator left early runs its cleanup now
+        else:
+            messages = list(itertools.islice(written, room))
+        messages = self._checked(messages)
+        if messages:
+            await self.broker.enqueue_many(self.queue, messages)
+        return FillResult(waiting, len(messages))
+
+    async def run(self) -> None:
+        """Feed until :meth:`stop`: a look at once, then one every ``interval`` seconds."""
+        while not self.stopped.is_set():
+            try:
+                await self.fill_once()
+            except Exception as exc:
+                self._log_failed_fill(exc)
+            try:
+                await asyncio.wait_for(self.stopped.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+
+    def start(self) -> "asyncio.Task[None]":
+        """Run :meth:`run` as a task of the running event loop; answers the task."""
+        self.task = asyncio.get_running_loop().create_task(self.run(), name=f"sharded-broker-feeder-{self.queue}")
+        return self.task
+
+    async def stop(self) -> None:
+        """Stop feeding; returns once a fill in progress has ended (and the task with it)."""
+        self.stopped.set()
+        if self.task is not None and self.task is not asyncio.current_task():
+            await self.task
 
 
 # Tasks giving back leases of a cancelled lease call: kept until done (the loop holds

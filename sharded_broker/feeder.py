@@ -10,6 +10,10 @@
     ...
     feeder.stop()        # from any thread; returns once the feeder's loop has ended
 
+On the asyncio API, :meth:`AsyncBroker.feed <sharded_broker.aio.AsyncBroker.feed>` runs
+:class:`~sharded_broker.aio.AsyncFeeder`, the same looks and checks (:class:`Feeding`) as a
+task of the event loop.
+
 Every ``interval`` seconds the feeder reads the queue's stats; when its waiting messages
 (``ready + delayed``) are below ``low_water`` it asks ``writer(room)`` for up to
 ``room = high_water - waiting`` messages and enqueues them in one ``enqueue_many``. Every
@@ -25,7 +29,7 @@ import itertools
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from . import validation as check
 from .errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
@@ -34,7 +38,7 @@ from .models import Message
 if TYPE_CHECKING:
     from .broker import Broker
 
-__all__ = ["Feeder", "FillResult", "Writer"]
+__all__ = ["Feeder", "Feeding", "FillResult", "Writer"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,57 @@ class FillResult:
     written: int
 
 
-class Feeder(threading.Thread):
+class Feeding:
+    """What every feeder does on a look at its queue, whatever runs it (Feeder's thread,
+    AsyncFeeder's task in sharded_broker.aio): its checked settings, how much room a look
+    finds, the checks of what the writer gave, and how a failed look is logged."""
+
+    queue: str
+    low_water: int
+    high_water: int
+    interval: float
+
+    def _configure(self, queue: str, writer: object, low_water: int, high_water: int, interval: float) -> None:
+        if not callable(writer):
+            raise InvalidArgumentType(f"writer must be a callable(room) -> messages, not {type(writer).__name__}")
+        self.queue = check.queue_name(queue)
+        self.low_water = _count(low_water, "low_water", minimum=0)
+        self.high_water = _count(high_water, "high_water", minimum=1)
+        if self.low_water > self.high_water:
+            raise InvalidArgument(f"low_water ({self.low_water}) must not exceed high_water ({self.high_water})")
+        self.interval = check.seconds(interval, "interval", allow_zero=False)
+
+    def _room(self, stats: Any) -> tuple[int, int]:
+        """(waiting, room): the queue's waiting messages and how many to ask the writer for
+        (0 when they are not below low water)."""
+        waiting = stats.ready + stats.delayed
+        return waiting, 0 if waiting >= self.low_water else self.high_water - waiting
+
+    def _checked(self, messages: list[Any]) -> list[Message]:
+        """The writer's messages, or InvalidArgument (nothing enqueued) for one that is not
+        a :class:`Message` or has no ``dedup_id``."""
+        for message in messages:
+            if not isinstance(message, Message):
+                raise InvalidArgumentType(
+                    f"the writer of queue {self.queue!r} must yield sharded_broker.Message values, not "
+                    f"{type(message).__name__}"
+                )
+            if message.dedup_id is None:
+                raise InvalidArgument(
+                    f"the writer of queue {self.queue!r} yielded a message without a dedup_id: a feeder "
+                    "enqueues only messages it can recognise again (Message(..., dedup_id=...))"
+                )
+        return messages
+
+    def _log_failed_fill(self, exc: Exception) -> None:
+        if isinstance(exc, BackendUnavailable):
+            logger.warning("feeder of queue %r: backend unavailable, trying again: %s", self.queue, exc)
+        else:
+            logger.error("feeder of queue %r: a fill failed; trying again in %gs", self.queue, self.interval,
+                         exc_info=exc)
+
+
+class Feeder(Feeding, threading.Thread):
     """Refills ``queue`` from ``writer`` when it runs low; see the module docstring.
 
     A daemon thread: ``start()`` it (``Broker.feed`` does), or call ``run()`` to feed in
@@ -73,14 +127,7 @@ class Feeder(threading.Thread):
         high_water: int,
         interval: float = 1.0,
     ) -> None:
-        if not callable(writer):
-            raise InvalidArgumentType(f"writer must be a callable(room) -> messages, not {type(writer).__name__}")
-        self.queue = check.queue_name(queue)
-        self.low_water = _count(low_water, "low_water", minimum=0)
-        self.high_water = _count(high_water, "high_water", minimum=1)
-        if self.low_water > self.high_water:
-            raise InvalidArgument(f"low_water ({self.low_water}) must not exceed high_water ({self.high_water})")
-        self.interval = check.seconds(interval, "interval", allow_zero=False)
+        self._configure(queue, writer, low_water, high_water, interval)
         super().__init__(name=f"sharded-broker-feeder-{self.queue}", daemon=True)
         self.broker = broker
         self.writer = writer
@@ -92,23 +139,10 @@ class Feeder(threading.Thread):
 
         Raises InvalidArgument (nothing enqueued) when the writer yields something that is
         not a :class:`Message`, or a message without a ``dedup_id``."""
-        stats = self.broker.stats(self.queue)
-        waiting = stats.ready + stats.delayed
-        if waiting >= self.low_water:
+        waiting, room = self._room(self.broker.stats(self.queue))
+        if not room:
             return FillResult(waiting, 0)
-        room = self.high_water - waiting
-        messages = list(itertools.islice(self.writer(room), room))  # never more than room
-        for message in messages:
-            if not isinstance(message, Message):
-                raise InvalidArgumentType(
-                    f"the writer of queue {self.queue!r} must yield sharded_broker.Message values, not "
-                    f"{type(message).__name__}"
-                )
-            if message.dedup_id is None:
-                raise InvalidArgument(
-                    f"the writer of queue {self.queue!r} yielded a message without a dedup_id: a feeder "
-                    "enqueues only messages it can recognise again (Message(..., dedup_id=...))"
-                )
+        messages = self._checked(list(itertools.islice(self.writer(room), room)))  # never more than room
         if messages:
             self.broker.enqueue_many(self.queue, messages)
         return FillResult(waiting, len(messages))
@@ -118,10 +152,8 @@ class Feeder(threading.Thread):
         while not self.stopped.is_set():
             try:
                 self.fill_once()
-            except BackendUnavailable as exc:
-                logger.warning("feeder of queue %r: backend unavailable, trying again: %s", self.queue, exc)
-            except Exception:
-                logger.exception("feeder of queue %r: a fill failed; trying again in %gs", self.queue, self.interval)
+            except Exception as exc:
+                self._log_failed_fill(exc)
             self.stopped.wait(self.interval)
 
     def stop(self, timeout: float | None = 10.0) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import itertools
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -99,3 +99,15 @@ def connect(broker_url: str, clock: FakeClock) -> Iterator[Callable[..., sharded
 def broker(connect: Callable[..., sharded_broker.Broker]) -> sharded_broker.Broker:
     """A broker with default settings on each backend in turn."""
     return connect()
+
+
+@pytest.fixture
+def aconnect(broker_url: str, clock: FakeClock) -> Callable[..., "sharded_broker.aio.AsyncBroker"]:
+    """``aconnect(**options)``: an AsyncBroker on this test's store and fake clock (closed by
+    the test)."""
+    import sharded_broker.aio
+
+    def open_broker(**options: Any) -> sharded_broker.aio.AsyncBroker:
+        return sharded_broker.aio.connect(broker_url, clock=clock, **options)
+
+    return open_broker

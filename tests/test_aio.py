@@ -25,16 +25,6 @@ from support.backends import FakeClock
 Q = "q"
 
 
-@pytest.fixture
-def aconnect(broker_url: str, clock: FakeClock) -> Callable[..., AsyncBroker]:
-    """``aconnect(**options)``: an AsyncBroker on this test's store (closed by the test)."""
-
-    def open_broker(**options: Any) -> AsyncBroker:
-        return sharded_broker.aio.connect(broker_url, clock=clock, **options)
-
-    return open_broker
-
-
 def run(scenario: Awaitable[Any]) -> Any:
     return asyncio.run(asyncio.wait_for(scenario, 60))
 

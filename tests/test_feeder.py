@@ -1,18 +1,22 @@
-"""The feeder (sharded_broker/feeder.py, Broker.feed) on every backend: it refills below
-low water up to high water, never enqueues a dedup id seen within the dedup window, and
-stops when told."""
+"""The feeder (sharded_broker/feeder.py: Broker.feed, and AsyncBroker.feed's AsyncFeeder)
+on every backend: it refills below low water up to high water, never enqueues a dedup id
+seen within the dedup window, and stops when told."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import itertools
 import logging
 import threading
 import time
-from typing import Iterable, Iterator
+from typing import Any, AsyncIterator, Iterable, Iterator
 
 import pytest
 
 import sharded_broker
 from sharded_broker import InvalidArgument, InvalidArgumentType, Message
+from sharded_broker.aio import AsyncBroker, AsyncFeeder
 from sharded_broker.feeder import Feeder, FillResult
 
 
@@ -185,3 +189,111 @@ def test_bad_settings_are_refused(broker: sharded_broker.Broker, options, error,
 def test_a_writer_must_be_callable(broker: sharded_broker.Broker) -> None:
     with pytest.raises(InvalidArgumentType, match="writer must be a callable"):
         broker.feed("jobs", [Message(b"x", dedup_id="x")], low_water=1, high_water=1)  # type: ignore[arg-type]
+
+
+# -- AsyncFeeder (AsyncBroker.feed): the same looks and checks, as a task of the loop ------
+
+
+def run(scenario: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(scenario, 60))
+
+
+def test_async_feeder_takes_every_kind_of_writer_and_asks_no_more_than_room(aconnect) -> None:
+    closed: list[int] = []
+
+    async def rows_later(room: int) -> list[Message]:  # an async def
+        await asyncio.sleep(0)
+        return [Message(f"a{n}".encode(), dedup_id=f"a{n}") for n in range(room)]
+
+    async def endless(room: int) -> AsyncIterator[Message]:  # an async generator, never exhausted
+        try:
+            for n in itertools.count():
+                yield Message(f"g{n}".encode(), dedup_id=f"g{n}")
+        finally:
+            closed.append(room)
+
+    async def scenario() -> None:
+        async with aconnect() as broker:
+            assert await AsyncFeeder(broker, "a", rows_later, low_water=2, high_water=4).fill_once() == FillResult(0, 4)
+            assert await AsyncFeeder(broker, "a", rows_later, low_water=2, high_water=4).fill_once() == FillResult(4, 0)
+            assert await AsyncFeeder(broker, "g", endless, low_water=5, high_water=5).fill_once() == FillResult(0, 5)
+            assert closed == [5]  # left early, and cleaned up at once
+            plain = AsyncFeeder(broker, "s", Source(), low_water=3, high_water=3)
+            assert await plain.fill_once() == FillResult(0, 3)
+            assert [(await broker.stats(q)).ready for q in ("a", "g", "s")] == [4, 5, 3]
+
+    run(scenario())
+
+
+def test_async_feed_refills_as_a_task_until_stopped(aconnect) -> None:
+    source = Source()
+
+    async def scenario() -> None:
+        async with aconnect() as broker:
+            feeder = broker.feed("jobs", source, low_water=3, high_water=6, interval=0.02)
+            assert isinstance(feeder, AsyncFeeder) and feeder.task is not None
+            consumed: list[bytes] = []
+            deadline = time.monotonic() + 20
+            while len(consumed) < 30 and time.monotonic() < deadline:
+                leases = await broker.lease("jobs", limit=3)
+                if not leases:
+                    await asyncio.sleep(0.01)  # the feeder task runs meanwhile
+                await broker.ack_many(leases)
+                consumed.extend(lease.payload for lease in leases)
+                assert (await broker.stats("jobs")).ready <= 6
+            await feeder.stop()
+            assert feeder.task.done()
+            assert len(consumed) >= 30
+            assert len(set(consumed)) == len(consumed)  # no row delivered twice
+            written = source.next_row
+            await asyncio.sleep(0.1)  # several intervals: a stopped feeder asks the writer nothing more
+            assert source.next_row == written
+
+    run(scenario())
+
+
+def test_async_feeder_logs_a_failing_writer_and_goes_on(aconnect, caplog) -> None:
+    calls: list[int] = []
+
+    async def flaky(room: int) -> list[Message]:
+        calls.append(room)
+        if len(calls) == 1:
+            raise RuntimeError("source database is down")
+        return [Message(b"x", dedup_id="x")]
+
+    async def scenario() -> None:
+        async with aconnect() as broker:
+            feeder = broker.feed("jobs", flaky, low_water=1, high_water=1, interval=0.01)
+            deadline = time.monotonic() + 10
+            while (await broker.stats("jobs")).ready == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            await feeder.stop()
+            assert (await broker.stats("jobs")).ready == 1
+
+    with caplog.at_level(logging.ERROR, logger="sharded_broker.feeder"):
+        run(scenario())
+    assert "source database is down" in caplog.text
+
+
+def test_async_feeder_refuses_what_feeder_refuses(aconnect) -> None:
+    async def careless(room: int) -> list[Message]:
+        return [Message(b"ok", dedup_id="ok"), Message(b"no id")]
+
+    async def scenario() -> None:
+        async with aconnect() as broker:
+            with pytest.raises(InvalidArgument, match="without a dedup_id"):
+                await AsyncFeeder(broker, "jobs", careless, low_water=1, high_water=5).fill_once()
+            with pytest.raises(InvalidArgument, match="low_water \\(5\\) must not exceed high_water \\(2\\)"):
+                broker.feed("jobs", careless, low_water=5, high_water=2)
+            with pytest.raises(InvalidArgumentType, match="writer must be a callable"):
+                broker.feed("jobs", [Message(b"x", dedup_id="x")], low_water=1, high_water=1)  # type: ignore[arg-type]
+            assert (await broker.stats("jobs")).ready == 0
+
+    run(scenario())
+
+
+def test_async_feed_takes_the_arguments_of_broker_feed() -> None:
+    sync, aio = inspect.signature(sharded_broker.Broker.feed), inspect.signature(AsyncBroker.feed)
+    assert list(sync.parameters) == list(aio.parameters)
+    for name in ("low_water", "high_water", "interval"):
+        assert sync.parameters[name] == aio.parameters[name]
