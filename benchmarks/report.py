@@ -371,9 +371,69 @@ def markdown(results: Results, command: str, chart_name: str) -> str:
     return "\n".join(lines)
 
 
+# The README's short table of a quick run, between these lines (see readme_block).
+README_MARKERS = ("<!-- benchmark block: generated from docs/benchmarks-latest.json -->",
+                  "<!-- end of benchmark block -->")
+README_ADAPTERS = (
+    ("dramatiq/RedisBroker", "Dramatiq `RedisBroker`", "dramatiq/RedisBroker"),
+    ("dramatiq/ShardedBroker", "Dramatiq `ShardedBroker` (redis)", "dramatiq/RedisBroker"),
+    ("celery/redis", "Celery `redis://`", "celery/redis"),
+    ("celery/sharded+redis", "Celery `sharded+redis://`", "celery/redis"),
+)
+
+
+def readme_block(results: Results) -> str:
+    """The README's benchmark block for a quick run: the adapters against their plain
+    brokers (rates, server time) and Redis bytes per queued message."""
+    machine = results.machine
+    adapters = results.sections.get("adapters") or {}
+    load = machine.get("load_average_at_start", [0])[0], machine.get("load_average_at_end", [0])[0]
+    packages = machine.get("packages", {})
+    lines = [
+        f"Latest quick run: {machine['date'][:10]}, commit {machine.get('commit', 'unknown')}, "
+        f"{machine['nproc']} cores ({machine.get('cpu', 'unknown CPU')}), Python {machine['python']}, "
+        f"Redis {machine.get('redis_server', '?')}, redis-py {packages.get('redis', '?')}, "
+        f"Celery {packages.get('celery', '?')}, Dramatiq {packages.get('dramatiq', '?')}, on a machine shared "
+        f"with other work (load {min(load):.1f}-{max(load):.1f}): absolute rates are noisy, the ratios come from "
+        "one run.",
+        "",
+        "| broker (no-op tasks, in-process worker) | tasks | enqueue/s | drain/s | drain vs plain | enqueue vs plain "
+        "| Redis server µs per task (send + fetch + ack) | vs plain |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, label, plain_name in README_ADAPTERS:
+        for tasks in ("unkeyed", "keyed"):
+            row, plain = adapters.get(f"{name}/{tasks}"), adapters.get(f"{plain_name}/{tasks}")
+            if not row or not plain:
+                continue
+            server = row.get("server", {}).get("total", {}).get("server_us")
+            plain_server = plain.get("server", {}).get("total", {}).get("server_us")
+            ratios = [_ratio(row[what], plain[what]) for what in ("drain_per_s", "enqueue_per_s")]
+            server_ratio = _ratio(server, plain_server)
+            keys = f"{row['keys']:,} keys" if row.get("keys") else "unkeyed"
+            lines.append(
+                f"| {label} | {keys} | {row['enqueue_per_s']:,.0f} | {row['drain_per_s']:,.0f} | "
+                + " | ".join("-" if r is None else f"{r:.2f}" for r in ratios)
+                + f" | {'-' if server is None else f'{server:,.0f}'} | "
+                + ("-" if server_ratio is None else f"{server_ratio:.2f}") + " |"
+            )
+    memory = results.sections.get("redis_memory")
+    if memory:
+        lines += ["", "Redis bytes per queued message (100-byte payload or task argument): "
+                  + ", ".join(f"{name} {size:,.0f}" for name, size in memory.items()) + "."]
+    return "\n".join(lines)
+
+
+def replace_between(path: Path, start_marker: str, end_marker: str, block: str) -> None:
+    text = path.read_text()
+    start, end = text.index(start_marker) + len(start_marker), text.index(end_marker)
+    path.write_text(text[:start] + "\n" + block + "\n" + text[end:])
+
+
 def publish(results: Results, json_path: Path, png_path: Path | None, docs: Path) -> list[Path]:
-    """Copy the run's JSON and chart into ``docs`` and replace its mode's block of
-    ``docs/benchmarks.md``; the files written."""
+    """Copy the run's JSON and chart into ``docs``, replace its mode's block of
+    ``docs/benchmarks.md`` and, for a quick run, the README's benchmark block; the files
+    written."""
     json_name, chart_name, command = PUBLISHED[results.mode]
     docs.mkdir(exist_ok=True)
     written = [docs / json_name, docs / "benchmarks.md"]
@@ -381,11 +441,12 @@ def publish(results: Results, json_path: Path, png_path: Path | None, docs: Path
     if png_path is not None:
         shutil.copyfile(png_path, docs / chart_name)
         written.append(docs / chart_name)
-    page = docs / "benchmarks.md"
     start_marker, end_marker = markers(results.mode)
-    text = page.read_text()
-    start, end = text.index(start_marker) + len(start_marker), text.index(end_marker)
-    page.write_text(text[:start] + "\n\n" + markdown(results, command, chart_name) + "\n\n" + text[end:])
+    replace_between(docs / "benchmarks.md", start_marker, end_marker, "\n" + markdown(results, command, chart_name) + "\n")
+    readme = docs.parent / "README.md"
+    if results.mode == "quick" and readme.exists() and README_MARKERS[0] in readme.read_text():
+        replace_between(readme, *README_MARKERS, readme_block(results))
+        written.append(readme)
     return written
 
 

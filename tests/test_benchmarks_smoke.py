@@ -119,15 +119,25 @@ def test_publish_copies_the_files_and_replaces_only_its_block(tiny_run, tmp_path
     results.mode = "quick"  # publishing is for quick and full runs
     start, end = report.markers("quick")
     full_start, full_end = report.markers("full")
-    page = tmp_path / "benchmarks.md"
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    page = docs / "benchmarks.md"
     page.write_text(f"# prose\n{start}\nold figures\n{end}\nmore prose\n{full_start}\nkept\n{full_end}\n")
-    written = report.publish(results, json_path, png_path, tmp_path)
-    assert sorted(p.name for p in written) == ["benchmarks-keys.png", "benchmarks-latest.json", "benchmarks.md"]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# project\n{report.README_MARKERS[0]}\nold table\n{report.README_MARKERS[1]}\nthe rest\n")
+    written = report.publish(results, json_path, png_path, docs)
+    assert sorted(p.name for p in written) == ["README.md", "benchmarks-keys.png", "benchmarks-latest.json",
+                                               "benchmarks.md"]
     text = page.read_text()
     assert "old figures" not in text and "Engine vs the raw Redis limit" in text
     assert text.startswith("# prose\n") and "more prose" in text and "kept" in text
     assert "![engine throughput vs number of shard keys](benchmarks-keys.png)" in text
-    assert json.loads((tmp_path / "benchmarks-latest.json").read_text())["mode"] == "tiny"
+    assert json.loads((docs / "benchmarks-latest.json").read_text())["mode"] == "tiny"
+    # The README's block: this run's adapters against their plain brokers, nothing else touched.
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("# project\n") and text.endswith("the rest\n")
+    assert "| Dramatiq `ShardedBroker` (redis) | unkeyed |" in text and "| Celery `redis://` | unkeyed |" in text
+    assert f"commit {results.machine['commit']}" in text and "Redis bytes per queued message" in text
 
 
 def _server(send_us: float, fetch_us: float, cpu_us: float = 10.0) -> dict:
