@@ -46,9 +46,11 @@ register('enqueue', function(args)
       local envelope = args[n + 3]
       local rec = {
         id = id, k = key, p = fields[f + 3], t = now, d = dedup_id, ah = fields[f + 6], st = 'new', nb = now,
-        ea = now, a = 0, rf = fields[6 * (#args - 3) + n],
+        ea = now, a = 0,
       }
-      if rec.rf then
+      local ref = fields[6 * (#args - 3) + n]
+      if ref then
+        rec.rf = ref
         take_ref(rec)
       end
       local after = fields[f + 4]
