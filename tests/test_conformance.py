@@ -1632,6 +1632,16 @@ def test_a_ref_names_the_newest_message_enqueued_with_it(broker: Broker, clock: 
     assert broker.get(Q, ref="t") is None and broker.get(Q, ref="s").id == ids[1]
     assert broker.cancel(Q, ref="s").id == ids[1]
     assert broker.get(Q, ref="s") is None and broker.get(Q, ids[0]).state == "waiting"
+    # A framework's retry: published again under the same ref while the first one runs.
+    drain(broker)
+    running = broker.enqueue(Q, b"6", key="c", ref="task")
+    [lease] = broker.lease(Q)
+    retry = broker.enqueue(Q, b"6 again", key="c", ref="task", at_head=True, delay=5)
+    assert broker.get(Q, running).ref is None and broker.get(Q, ref="task").id == retry
+    assert broker.ack(lease) and broker.get(Q, ref="task").id == retry
+    clock.advance(5)
+    [again] = broker.lease(Q)
+    assert (again.id, again.ref) == (retry, "task")
 
 
 def test_a_ref_lives_as_long_as_its_message(connect, clock: FakeClock) -> None:
