@@ -445,7 +445,7 @@ class Channel(virtual.Channel):
         task_ids = [task_id for task_id in task_ids if isinstance(task_id, str) and task_id]
         if not task_ids:
             return
-        queues = queues_to_search(self.broker, ())  # every queue of the engine: one call each
+        queues = _queues_holding_tasks(self.broker, _current_app())
         for task_id in task_ids:
             try:
                 result = cancel_by_ref(self.broker, task_id, queues)
@@ -853,6 +853,21 @@ def _task_id(task: Any) -> str:
     return task_id
 
 
+def _current_app() -> Any:
+    """The Celery app this process uses, if any (read without creating or finalizing one)."""
+    state = sys.modules.get("celery._state")
+    return None if state is None else (getattr(state._tls, "current_app", None) or state.default_app)
+
+
+def _queues_holding_tasks(broker: sharded_broker.Broker, app: Any) -> list[str]:
+    """Where a task's message may be, in the order cancel and get ask: the app's task
+    queues (its default queue first), then every other queue of the engine, except those
+    Celery keeps for remote control and events (``*.pidbox``, ``celeryev.*``: one per
+    worker and per ``inspect`` call, and never a task in them)."""
+    queues = queues_to_search(broker, _task_queues(app) if app is not None else [])
+    return [queue for queue in queues if not (queue.endswith(".pidbox") or queue.startswith("celeryev."))]
+
+
 def _task_queues(app: Any) -> list[str]:
     """The queues ``app`` routes tasks to, its default queue first."""
     default = app.conf.task_default_queue or "celery"
@@ -885,12 +900,12 @@ def cancel(app: Any, task: Any, *, queue: str | None = None) -> CancelResult:
     says which; it is truthy when cancelled.
 
     ``queue``: the queue the task was sent to; by default the app's task queues are
-    searched (its default queue first), then every other queue of the engine, one call
-    each, until one holds the task. ``AsyncResult.revoke()`` does the same as this, and
+    searched (its default queue first), then every other queue of the engine but Celery's
+    remote-control and event queues, one call each, until one holds the task. ``AsyncResult.revoke()`` does the same as this, and
     tells the workers too."""
     task_id = _task_id(task)
     with _engine(app) as broker:
-        return cancel_by_ref(broker, task_id, [queue] if queue is not None else queues_to_search(broker, _task_queues(app)))
+        return cancel_by_ref(broker, task_id, [queue] if queue is not None else _queues_holding_tasks(broker, app))
 
 
 def get(app: Any, task: Any, *, queue: str | None = None) -> MessageInfo | None:
@@ -899,7 +914,7 @@ def get(app: Any, task: Any, *, queue: str | None = None) -> MessageInfo | None:
     or cancelled. ``queue`` as for :func:`cancel`."""
     task_id = _task_id(task)
     with _engine(app) as broker:
-        return get_by_ref(broker, task_id, [queue] if queue is not None else queues_to_search(broker, _task_queues(app)))
+        return get_by_ref(broker, task_id, [queue] if queue is not None else _queues_holding_tasks(broker, app))
 
 
 def _warn_once_if_relative(url: str) -> None:

@@ -91,6 +91,14 @@ def test_a_task_of_another_queue_is_found_by_searching_or_by_name(record, engine
     assert result.cancelled and result.queue == "elsewhere"
 
 
+def test_the_search_skips_celerys_remote_control_and_event_queues(record, engine: sharded_broker.Broker) -> None:
+    for queue in ("w1@host.celery.pidbox", "celeryev.3f2a"):
+        engine.enqueue(queue, b"not a task", ref="looks-like-a-task")
+    assert get(record.app, "looks-like-a-task") is None
+    assert cancel(record.app, "looks-like-a-task").state is None
+    assert engine.get("celeryev.3f2a", ref="looks-like-a-task") is not None  # left alone
+
+
 def test_cancel_from_another_process_than_the_publisher(make_app, tmp_path: Path) -> None:
     """This process never saw the task ids: another one published the tasks."""
     url = f"sharded+sqlite:///{tmp_path}/q.db"
