@@ -3,8 +3,8 @@
 A Hypothesis state machine drives the memory backend and one other backend with the same
 random sequence of operations (enqueue, lease with limit/per_key, ack, nack with or without
 delay or dead, extend and extend_many, release_many, pause/resume, intervals, weights, replay,
-schedules (create or replace, fire, pause, resume, remove), cancel and get by id and by ref, time passing on
-both fake clocks)
+schedules (create or replace, fire, pause, resume, remove), cancel and get by id and by ref
+(refs drawn on enqueue, shared by several messages), time passing on both fake clocks)
 under random queue settings (backpressure limits included: an enqueue refused with
 QueueFull must be refused by both, naming the same key and limit), and after every step checks that both delivered the same
 payloads in the same order with the same attempts, refused the same stale leases, and

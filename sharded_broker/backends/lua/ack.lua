@@ -1,6 +1,7 @@
 -- ack_many: settle leases for good. args: clock, options, then per lease: id, token, key
--- ('' = unkeyed), batch id, ref ('' = none). Answers one 1 (settled) or 0 (token not current) per lease.
--- A lease is named by its leases member (see lease_member), so no record is read.
+-- ('' = unkeyed), batch id, ref ('' = none). Answers one 1 (settled) or 0 (token not
+-- current) per lease. A lease is named by its leases member (see lease_member), so no
+-- record is read; its ref comes from the client's lease.
 register('ack', function(args)
   local now = clock(args[1])
   OBSERVE.opts = options(args[2])
