@@ -1,7 +1,7 @@
 """Redis server instructions per message, counted by callgrind: a measure of server work that
 does not move with the machine's load (rates and µs do, by tens of percent on shared machines).
 
-    python -m benchmarks.instructions [--messages 1000] [--keys 1000]
+    python -m benchmarks.instructions [--messages 1000] [--keys 1000] [--refs]
     python -m benchmarks.instructions --breakdown --redis-server PATH
 
 
@@ -141,14 +141,18 @@ class CallgrindServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def engine_phases(messages: int, keys: int) -> dict[str, tuple[Callable[[sharded_broker.Broker], None] | None, Callable[[sharded_broker.Broker], None]]]:
+def engine_phases(
+    messages: int, keys: int, refs: bool = False
+) -> dict[str, tuple[Callable[[sharded_broker.Broker], None] | None, Callable[[sharded_broker.Broker], None]]]:
     names = [f"user-{i}" for i in range(keys)]
     payload = b"x" * 100
 
-    def enqueue(keyed: bool) -> Callable[[sharded_broker.Broker], None]:
+    def enqueue(keyed: bool, with_ref: bool = False) -> Callable[[sharded_broker.Broker], None]:
         def run(broker: sharded_broker.Broker) -> None:
             for i in range(messages):
-                broker.enqueue("q", payload, key=names[i % keys] if keyed else None)
+                # A ref as Celery's task ids are: a UUID's 36 characters.
+                ref = f"{i:08x}-0000-4000-8000-000000000000" if with_ref else None
+                broker.enqueue("q", payload, key=names[i % keys] if keyed else None, ref=ref)
         return run
 
     def lease_ack(broker: sharded_broker.Broker) -> None:
@@ -169,7 +173,12 @@ def engine_phases(messages: int, keys: int) -> dict[str, tuple[Callable[[sharded
             broker.ack_many(leases)
             done += len(leases)
 
+    with_refs = {
+        "enqueue, one per call, keyed, with a ref": (None, enqueue(True, True)),
+        "lease + ack, one per call, keyed, with a ref": (enqueue(True, True), lease_ack),
+    }
     return {
+        **(with_refs if refs else {}),
         "enqueue, one per call, keyed": (None, enqueue(True)),
         "lease + ack, one per call, keyed": (enqueue(True), lease_ack),
         "enqueue_many 200, keyed": (None, enqueue_many),
@@ -212,6 +221,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--keys", type=int, default=1000)
+    parser.add_argument("--refs", action="store_true", help="also the keyed one-per-call phases with a ref per message")
     parser.add_argument("--breakdown", action="store_true",
                         help="split each count by where the server spent it (needs --redis-server with symbols)")
     parser.add_argument("--redis-server", default="redis-server", help="the redis-server binary to run")
@@ -229,7 +239,7 @@ def main() -> None:
         print(f"Redis server instructions per message (callgrind), {options.messages:,} messages, "
               f"{options.keys:,} keys, 100-byte payload")
         print("| phase | k instructions per message |\n| --- | --- |")
-        for name, (before, phase) in engine_phases(options.messages, options.keys).items():
+        for name, (before, phase) in engine_phases(options.messages, options.keys, options.refs).items():
             server.client.flushall()
             with sharded_broker.connect(server.url, socket_timeout=300) as broker:
                 broker.enqueue("q", b"warm-up", key="warm-up")  # loads the functions

@@ -50,15 +50,15 @@ Guarantees
     * **Fanout and topic exchanges** (remote control, ``celery inspect``, events) route
       through bindings stored in the engine, shared by every process; broadcast messages
       are unkeyed.
-    * **Revoke removes a waiting task from the broker.** ``AsyncResult.revoke()`` or
-      ``app.control.revoke(task_id)`` in a process that published the task (among its last
-      ``PUBLISHED_KEPT`` publishes) cancels its message in the broker (``Broker.cancel``)
+    * **Revoke removes a waiting task from the broker.** A task's message carries its task
+      id as its engine ref (``Message.ref``), so ``AsyncResult.revoke()``,
+      ``app.control.revoke(task_id)`` or ``celery control revoke`` in any process using
+      this transport cancels its message in the broker (``Broker.cancel(queue, ref=...)``)
       as the revoke is broadcast, so it never runs even if every worker restarts and
       forgets its revoked list, and its key moves on at once; workers still get the
       broadcast and discard a copy already delivered, as Celery always does. A leased
-      (running) task is left to the workers (``terminate=True`` is theirs). From any other
-      process, :func:`cancel` by task id needs the engine's message id, which only the
-      publisher keeps: see :func:`cancel`. :func:`get` shows a published task's message.
+      (running) task is left to the workers (``terminate=True`` is theirs).
+      :func:`cancel` and :func:`get` by task id work from any process too.
 
 ``driver_type`` is ``"sharded"``: Celery enables mingle and gossip only for "amqp" and
 "redis", so workers start without the mingle round trip and send no gossip, and
@@ -100,7 +100,9 @@ from sharded_broker.group_commit import AckGroup
 from sharded_broker.models import QUEUE_SETTING_NAMES, CancelResult, Lease, MessageInfo
 
 from .kombu_alias import ALIAS, BATCH_TASK, install
-from .support import PUBLISHED_KEPT, ArgumentKey, BatchFailed, LeaseHeartbeat, PublishedMessages, coerce_key
+from .support import (
+    ArgumentKey, BatchFailed, LeaseHeartbeat, cancel_by_ref, coerce_key, framework_ref, get_by_ref, queues_to_search,
+)
 
 # A broker URL naming no engine URL: the transport takes SHARDED_BROKER_URL's.
 BARE_URL = f"{ALIAS}://"
@@ -137,11 +139,6 @@ _warned_relative_lock = threading.Lock()
 #: idle loop spends at most about 100 lease calls a second on them); every batch of
 #: tasks leased is also preceded by one look, so a revoke published first wins.
 CONTROL_CHECK_INTERVAL = 0.01
-
-# The tasks this process published, by Celery task id: engine message ids are chosen by
-# the backend at enqueue, and Celery's task id before, so only the publisher knows which
-# is which (a retry, published again under the same id, replaces its entry).
-_published = PublishedMessages(PUBLISHED_KEPT)
 
 # Transport options of this transport (beyond the engine's queue settings).
 OWN_OPTIONS = frozenset({"shard_keys", "polling_interval", "heartbeat_interval"})
@@ -405,7 +402,7 @@ class Channel(virtual.Channel):
             and "task" in headers
             and self.broker.settings(queue).retry_position == "head"
         )
-        message_id = self.broker.enqueue(
+        self.broker.enqueue(
             queue,
             json_dumps(message).encode(),
             key=key,
@@ -413,9 +410,9 @@ class Channel(virtual.Channel):
             delay=_eta_delay(headers),
             at_head=retry,
             headers={"task": headers.get("task"), "id": headers.get("id")} if "task" in headers else None,
+            # The task id names the message from any process (revoke, cancel, get).
+            ref=framework_ref(headers.get("id")) if "task" in headers else None,
         )
-        if "task" in headers and isinstance(headers.get("id"), str):
-            _published.add(headers["id"], queue, message_id)
 
     def _decode_task_body(self, message: Mapping[str, Any]) -> Any:
         properties = message.get("properties") or {}
@@ -432,9 +429,11 @@ class Channel(virtual.Channel):
             self.broker.enqueue(queue, payload)
 
     def _cancel_revoked(self, message: Mapping[str, Any]) -> None:
-        """A ``revoke`` broadcast leaving this process: cancel in the broker the waiting
-        messages of the revoked tasks this process published (the broadcast still goes to
-        the workers, which discard what they already hold)."""
+        """A ``revoke`` broadcast leaving this process (every broadcast is sent through a
+        transport like this one, whichever process sends it): cancel in the broker the
+        waiting messages of the revoked tasks, found by their task ids, the refs of their
+        messages (the broadcast still goes to the workers, which discard what they already
+        hold)."""
         try:
             command = self._decode_task_body(message)
         except (DecodeError, TypeError, ValueError):
@@ -442,11 +441,18 @@ class Channel(virtual.Channel):
         if not isinstance(command, dict) or command.get("method") != "revoke":
             return
         task_ids = (command.get("arguments") or {}).get("task_id")
-        for task_id in [task_ids] if isinstance(task_ids, str) else list(task_ids or ()):
-            found = _published.find(task_id) if isinstance(task_id, str) else None
-            if found is not None:
-                result = self.broker.cancel(*found)
-                logger.debug("revoke of task %s: %s", task_id, result.summary)
+        task_ids = [task_ids] if isinstance(task_ids, str) else list(task_ids or ())
+        task_ids = [task_id for task_id in task_ids if isinstance(task_id, str) and task_id]
+        if not task_ids:
+            return
+        queues = _queues_holding_tasks(self.broker, _current_app())
+        for task_id in task_ids:
+            try:
+                result = cancel_by_ref(self.broker, task_id, queues)
+            except InvalidArgument:
+                continue  # not a ref the engine takes (too long): no message carries it
+            logger.debug("revoke of task %s: %s", task_id, result.summary)
+
 
     def _queue_bind(self, exchange: str, routing_key: str, pattern: Any, queue: str) -> None:
         self.broker.bind(exchange, binding_entry(routing_key, queue))
@@ -847,17 +853,29 @@ def _task_id(task: Any) -> str:
     return task_id
 
 
-def _published_message(task: Any) -> tuple[str, str]:
-    task_id = _task_id(task)
-    found = _published.find(task_id)
-    if found is None:
-        raise LookupError(
-            f"task {task_id} was not published by this process (it remembers the engine message ids of "
-            f"its last {PUBLISHED_KEPT:,} task publishes only): cancel it by message id with "
-            "sharded_broker.connect(url).cancel(queue, message_id) (`sharded-broker cancel QUEUE ID`), or "
-            "app.control.revoke() it so that workers discard it when it reaches them"
-        )
-    return found
+def _current_app() -> Any:
+    """The Celery app this process uses, if any (read without creating or finalizing one)."""
+    state = sys.modules.get("celery._state")
+    return None if state is None else (getattr(state._tls, "current_app", None) or state.default_app)
+
+
+def _queues_holding_tasks(broker: sharded_broker.Broker, app: Any) -> list[str]:
+    """Where a task's message may be, in the order cancel and get ask: the app's task
+    queues (its default queue first), then every other queue of the engine, except those
+    Celery keeps for remote control and events (``*.pidbox``, ``celeryev.*``: one per
+    worker and per ``inspect`` call, and never a task in them)."""
+    queues = queues_to_search(broker, _task_queues(app) if app is not None else [])
+    return [queue for queue in queues if not (queue.endswith(".pidbox") or queue.startswith("celeryev."))]
+
+
+def _task_queues(app: Any) -> list[str]:
+    """The queues ``app`` routes tasks to, its default queue first."""
+    default = app.conf.task_default_queue or "celery"
+    try:
+        declared = list(app.amqp.queues)
+    except Exception:  # an app whose queues cannot be built (bad configuration): the default only
+        declared = []
+    return list(dict.fromkeys([default, *declared]))
 
 
 @contextmanager
@@ -873,30 +891,30 @@ def _engine(app: Any) -> Iterator[sharded_broker.Broker]:
         yield transport.broker
 
 
-def cancel(app: Any, task: Any) -> CancelResult:
-    """Cancel a task this process published and that is still waiting in the broker
+def cancel(app: Any, task: Any, *, queue: str | None = None) -> CancelResult:
+    """Cancel a task that is still waiting (or delayed) in the broker, from any process
     (``task``: its id or its ``AsyncResult``): its message is deleted and never runs, and
-    its key moves on (``Broker.cancel``). A task already running (``state="leased"``) or
-    dead-lettered is refused, and one already done answers ``state=None``: the answer
-    (:class:`~sharded_broker.CancelResult`) says which; it is truthy when cancelled.
+    its key moves on (``Broker.cancel(queue, ref=task_id)``: the task id is its message's
+    ref). A task already running (``state="leased"``) or dead-lettered is refused, and one
+    already done answers ``state=None``: the answer (:class:`~sharded_broker.CancelResult`)
+    says which; it is truthy when cancelled.
 
-    Celery's task id is not the engine's message id (the backend picks that when the
-    message is stored), and only the publishing process keeps which is which (its last
-    ``PUBLISHED_KEPT`` publishes): for any other task this raises ``LookupError`` naming
-    the ways left (cancel by message id; ``app.control.revoke``). ``AsyncResult.revoke()``
-    in the publishing process does the same as this, and tells the workers too."""
-    queue, message_id = _published_message(task)
+    ``queue``: the queue the task was sent to; by default the app's task queues are
+    searched (its default queue first), then every other queue of the engine but Celery's
+    remote-control and event queues, one call each, until one holds the task. ``AsyncResult.revoke()`` does the same as this, and
+    tells the workers too."""
+    task_id = _task_id(task)
     with _engine(app) as broker:
-        return broker.cancel(queue, message_id)
+        return cancel_by_ref(broker, task_id, [queue] if queue is not None else _queues_holding_tasks(broker, app))
 
 
-def get(app: Any, task: Any) -> MessageInfo | None:
-    """What the message of a task this process published is doing now (waiting, delayed,
-    leased, dead: :class:`~sharded_broker.MessageInfo`), or ``None`` once it is done or
-    cancelled. ``LookupError`` as for :func:`cancel`."""
-    queue, message_id = _published_message(task)
+def get(app: Any, task: Any, *, queue: str | None = None) -> MessageInfo | None:
+    """What the message of a task is doing now (waiting, delayed, leased, dead:
+    :class:`~sharded_broker.MessageInfo`), from any process, or ``None`` once it is done
+    or cancelled. ``queue`` as for :func:`cancel`."""
+    task_id = _task_id(task)
     with _engine(app) as broker:
-        return broker.get(queue, message_id)
+        return get_by_ref(broker, task_id, [queue] if queue is not None else _queues_holding_tasks(broker, app))
 
 
 def _warn_once_if_relative(url: str) -> None:

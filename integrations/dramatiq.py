@@ -55,13 +55,10 @@ What this broker guarantees on top of Dramatiq's Broker contract:
   (the engine's ordered batches, ``lease(per_key=50)``); raising :class:`BatchFailed`
   ``(index, error)`` acks the messages before ``index``, retries (or dead-letters) the
   one at ``index`` and gives the later ones back unprocessed. See docs/dramatiq.md.
-* **Cancel and look up by message.** :func:`cancel` deletes a message sent by this
-  process that is still waiting or delayed in the broker (it never runs; its key moves on)
-  and refuses one a worker is running; :func:`get` says what a message is doing now.
-  Dramatiq's ``message_id`` is not the engine's message id (the backend picks that when
-  it stores the message): the broker remembers the engine ids of the last
-  ``PUBLISHED_KEPT`` messages it sent, so both work for messages sent through it (a
-  delivered message names its own lease).
+* **Cancel and look up by message.** :func:`cancel` deletes a message that is still
+  waiting or delayed in the broker (it never runs; its key moves on) and refuses one a
+  worker is running; :func:`get` says what a message is doing now. Both work from any
+  process: a message's Dramatiq ``message_id`` is its engine ref (``Message.ref``).
 * **Giving back is free.** Messages a worker prefetched but never ran (a graceful stop,
   a consumer restart after a connection error) are *released*: back to their places at
   the head of their keys, their delivery not counted toward ``max_deliveries``, so
@@ -100,7 +97,9 @@ from sharded_broker.errors import (
 )
 from sharded_broker.group_commit import AckGroup
 
-from .support import PUBLISHED_KEPT, ArgumentKey, BatchFailed, LeaseHeartbeat, PublishedMessages, coerce_key
+from .support import (
+    ArgumentKey, BatchFailed, LeaseHeartbeat, cancel_by_ref, coerce_key, framework_ref, get_by_ref, queues_to_search,
+)
 
 __all__ = [
     "ActorSchedules",
@@ -324,7 +323,6 @@ class ShardedBroker(dramatiq.Broker):
         self._join_failures: dict[str, tuple[str, BaseException]] = {}
         self._failures_lock = threading.Lock()
         # The engine id of each message this broker sent, by Dramatiq message id (cancel, get).
-        self.published = PublishedMessages(PUBLISHED_KEPT)
         if not any(isinstance(m, ShardKeys) for m in self.middleware):
             self.add_middleware(ShardKeys())
         if not any(isinstance(m, ActorSchedules) for m in self.middleware):
@@ -396,7 +394,7 @@ class ShardedBroker(dramatiq.Broker):
         )
         self.emit_before("enqueue", stored, delay)
         try:
-            engine_id = self.engine.enqueue(
+            self.engine.enqueue(
                 queue_name,
                 stored.encode(),
                 key=key,
@@ -404,10 +402,10 @@ class ShardedBroker(dramatiq.Broker):
                 delay=delay_seconds,
                 headers={"actor_name": stored.actor_name, "message_id": stored.message_id},
                 at_head=at_head,
+                ref=framework_ref(stored.message_id),  # names it from any process (cancel, get)
             )
         except BackendUnavailable as exc:
             raise ConnectionClosed(exc) from exc
-        self.published.add(stored.message_id, queue_name, engine_id)
         self.emit_after("enqueue", stored, delay)
         return stored
 
@@ -615,47 +613,49 @@ def _sharded(broker: Optional[dramatiq.Broker]) -> ShardedBroker:
 MessageRef = Union[dramatiq.Message, dramatiq.MessageProxy, str]
 
 
-def _engine_message(message: MessageRef, broker: ShardedBroker) -> tuple[str, str]:
-    """(queue, engine message id) of a message this broker sent or delivered."""
-    if isinstance(message, _LeasedMessage):
-        return message.lease.queue, message.lease.id
+def _message_id(message: MessageRef) -> str:
     message_id = message if isinstance(message, str) else getattr(message, "message_id", None)
     if not isinstance(message_id, str) or not message_id:
         raise InvalidArgumentType(f"expected a Dramatiq message or message id, not {message!r:.80}")
-    found = broker.published.find(message_id)
-    if found is None:
-        raise LookupError(
-            f"message {message_id} was not sent through this broker (it remembers the engine message ids of "
-            f"the last {PUBLISHED_KEPT:,} messages it sent only): cancel it by engine message id with "
-            "broker.engine.cancel(queue, id) (`sharded-broker cancel QUEUE ID`)"
-        )
-    return found
+    return message_id
+
+
+def _queues(message: MessageRef, broker: ShardedBroker) -> list[str]:
+    """Where ``message`` may be: its own queue when it says (a Message or a proxy), else
+    the broker's declared queues, then every other queue of the engine."""
+    queue_name = None if isinstance(message, str) else getattr(message, "queue_name", None)
+    if isinstance(queue_name, str):
+        return [q_name(queue_name)]
+    return queues_to_search(broker.engine, sorted(broker.get_declared_queues()))
 
 
 def cancel(message: MessageRef, *, broker: Optional[dramatiq.Broker] = None) -> sharded_broker.CancelResult:
-    """Cancel a message that is still waiting (or delayed) in the broker: it is deleted and
-    never runs, and its shard key moves on to its next message (``Broker.cancel``).
+    """Cancel a message that is still waiting (or delayed) in the broker, from any
+    process: it is deleted and never runs, and its shard key moves on to its next message
+    (``Broker.cancel(queue, ref=message_id)``: the message id is its engine ref).
 
-    ``message`` is what ``send``/``send_with_options`` returned (or its ``message_id``),
-    or a delivered message. A message a worker holds (``state="leased"``) or a dead letter
-    is refused, and one already done answers ``state=None``: the answer
-    (:class:`~sharded_broker.CancelResult`) says which, and is truthy when cancelled.
-    ``broker``: default ``dramatiq.get_broker()``, a :class:`ShardedBroker`.
-
-    Raises:
-      LookupError: the message was not sent through this broker (or not among its last
-        ``PUBLISHED_KEPT``): Dramatiq's message id does not name the engine's message.
+    ``message`` is what ``send``/``send_with_options`` returned, a delivered message, or a
+    message id (then the broker's declared queues, and after them every other queue of
+    the engine, are searched, one call each). A message a worker holds
+    (``state="leased"``) or a dead letter is refused, and one already done answers
+    ``state=None``: the answer (:class:`~sharded_broker.CancelResult`) says which, and is
+    truthy when cancelled. ``broker``: default ``dramatiq.get_broker()``, a
+    :class:`ShardedBroker`.
     """
     sharded = _sharded(broker)
-    return sharded.engine.cancel(*_engine_message(message, sharded))
+    if isinstance(message, _LeasedMessage):
+        return sharded.engine.cancel(message.lease.queue, message.lease.id)
+    return cancel_by_ref(sharded.engine, _message_id(message), _queues(message, sharded))
 
 
 def get(message: MessageRef, *, broker: Optional[dramatiq.Broker] = None) -> Optional[sharded_broker.MessageInfo]:
-    """What a message sent through this broker is doing now (waiting, delayed, leased or
-    dead: :class:`~sharded_broker.MessageInfo`), or ``None`` once it is done or
-    cancelled. Arguments and ``LookupError`` as for :func:`cancel`."""
+    """What a message is doing now (waiting, delayed, leased or dead:
+    :class:`~sharded_broker.MessageInfo`), from any process, or ``None`` once it is done
+    or cancelled. Arguments as for :func:`cancel`."""
     sharded = _sharded(broker)
-    return sharded.engine.get(*_engine_message(message, sharded))
+    if isinstance(message, _LeasedMessage):
+        return sharded.engine.get(message.lease.queue, message.lease.id)
+    return get_by_ref(sharded.engine, _message_id(message), _queues(message, sharded))
 
 
 def resolve_shard_key(actor: Optional[dramatiq.Actor], message: dramatiq.Message) -> Optional[str]:

@@ -1,7 +1,6 @@
 """What both adapters need, written once: shard keys from users' values and task arguments,
-the lease heartbeat of a worker process, how a batch handler reports a failure, and the
-engine ids of the messages a process published (for cancel and get by the framework's own
-message id).
+the lease heartbeat of a worker process, how a batch handler reports a failure, and cancel
+and get by the framework's own message id (the engine's ref, from any process).
 
 Imports neither Celery, kombu nor Dramatiq: each adapter passes in what differs (its
 error classes, its logger, how it finds the leases it holds). Dead-letter reasons are
@@ -15,20 +14,18 @@ import inspect
 import logging
 import threading
 import time
-from collections import OrderedDict
 from typing import Any, Callable, Generic, Optional, Sequence, TypeVar
 
 from sharded_broker import validation
 from sharded_broker.broker import Broker
 from sharded_broker.errors import BackendUnavailable, InvalidArgument, InvalidArgumentType
 from sharded_broker.heartbeat import extend_before_deadline
-from sharded_broker.models import Lease
+from sharded_broker.models import CancelResult, Lease, MessageInfo
 
-__all__ = ["ArgumentKey", "BatchFailed", "LeaseHeartbeat", "PUBLISHED_KEPT", "PublishedMessages", "coerce_key"]
-
-#: How many of its latest publishes a process remembers (a framework's message id -> queue
-#: and engine message id: about 200 bytes each), so that cancelling one finds its message.
-PUBLISHED_KEPT = 10_000
+__all__ = [
+    "ArgumentKey", "BatchFailed", "LeaseHeartbeat", "cancel_by_ref", "coerce_key", "framework_ref", "get_by_ref",
+    "queues_to_search",
+]
 
 _MISSING = object()
 
@@ -202,26 +199,40 @@ class LeaseHeartbeat(threading.Thread, Generic[Owner]):
             self.logger.debug("Lease extension try %d failed: %s", failures, error)
 
 
-class PublishedMessages:
-    """The queue and engine message id of the last ``size`` messages published, by the
-    framework's own message id (Celery's task id, Dramatiq's message id). The engine's id
-    is chosen by the backend when it stores the message, after the framework chose its
-    own: only the publishing process can tell one from the other. Publishing again under
-    the same framework id (a retry) replaces the entry. Thread-safe."""
+def framework_ref(message_id: Any) -> Optional[str]:
+    """The engine ref for a framework's message id (Celery's task id, Dramatiq's message
+    id): the id itself, or None (no ref: the message is then found by engine id only) for
+    one the engine would refuse as a ref, so that publishing never fails for it."""
+    try:
+        return validation.ref(message_id) if isinstance(message_id, str) else None
+    except InvalidArgument:
+        return None
 
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._entries: OrderedDict[str, tuple[str, str]] = OrderedDict()
-        self._lock = threading.Lock()
 
-    def add(self, framework_id: str, queue: str, message_id: str) -> None:
-        with self._lock:
-            self._entries[framework_id] = (queue, message_id)
-            self._entries.move_to_end(framework_id)
-            while len(self._entries) > self._size:
-                self._entries.popitem(last=False)
+def queues_to_search(broker: Broker, first: Sequence[str]) -> list[str]:
+    """Where a framework's message may be: the queues named in ``first`` (in that order),
+    then every other queue the engine holds (``Broker.queues``)."""
+    return list(dict.fromkeys([*first, *broker.queues()]))
 
-    def find(self, framework_id: str) -> Optional[tuple[str, str]]:
-        """(queue, engine message id), or None when not among the last ``size`` published."""
-        with self._lock:
-            return self._entries.get(framework_id)
+
+def cancel_by_ref(broker: Broker, ref: str, queues: Sequence[str]) -> CancelResult:
+    """Cancel the message named by ``ref`` (a framework's message id, stored as the
+    engine's ref) in the first of ``queues`` that holds it; when none does, the answer of
+    the first queue (``state=None``)."""
+    first: Optional[CancelResult] = None
+    for queue in queues:
+        result = broker.cancel(queue, ref=ref)
+        if result.state is not None:
+            return result
+        if first is None:
+            first = result
+    return first if first is not None else CancelResult(queues[0] if queues else "", None, False, None, ref=ref)
+
+
+def get_by_ref(broker: Broker, ref: str, queues: Sequence[str]) -> Optional[MessageInfo]:
+    """The message named by ``ref`` in the first of ``queues`` that holds it, or None."""
+    for queue in queues:
+        info = broker.get(queue, ref=ref)
+        if info is not None:
+            return info
+    return None

@@ -70,6 +70,15 @@ Cancel
     A cancel is neither counted in the metrics nor published as an event (an operator
     action, like purge) and sweeps nothing (no promotion, no lease expiry).
 
+Refs
+    A message may carry a ref (``Message.ref``, the caller's own name for it). Each queue
+    indexes ref -> id of the newest message enqueued with that ref (a duplicate dropped
+    by dedup is not enqueued): an older message that carried it loses it (its lease,
+    ``get`` and the index no longer show it), so a ref names at most one message. The
+    entry goes with its message, by every path that deletes one (ack, cancel, purge); a
+    dead letter keeps it until it is purged. ``cancel`` and ``get`` take a ref instead of
+    an id, looked up in the same atomic step. A message without a ref costs nothing.
+
 Metrics
     Each operation counts, in the same atomic step, per minute of the backend's clock and
     per queue and per key: messages enqueued (duplicates dropped by dedup are not),
@@ -279,15 +288,19 @@ class Backend(ABC):
         number deleted. Leased messages are left to their holders."""
 
     @abstractmethod
-    def cancel(self, queue: str, message_id: str, settings: QueueSettings) -> CancelResult:
-        """Delete a waiting or delayed message for good (see "Cancel" above), atomically;
-        refuse a leased or dead one. One index lookup for the message, plus what
-        scheduling its key reads when it was the head."""
+    def cancel(
+        self, queue: str, message_id: str | None, settings: QueueSettings, ref: str | None = None
+    ) -> CancelResult:
+        """Delete a waiting or delayed message (named by id, or by ref when ``message_id``
+        is None) for good (see "Cancel" above), atomically; refuse a leased or dead one.
+        One index lookup for the message, plus what scheduling its key reads when it was
+        the head."""
 
     @abstractmethod
-    def get(self, queue: str, message_id: str) -> MessageInfo | None:
-        """The message ``message_id`` of ``queue`` and what it is doing now (None: no such
-        message there, or acked, or cancelled). An index lookup by id; for a leased message
+    def get(self, queue: str, message_id: str | None, ref: str | None = None) -> MessageInfo | None:
+        """The message ``message_id`` (or, when None, the one ``ref`` names) of ``queue``
+        and what it is doing now (None: no such message there, or acked, or cancelled). An
+        index lookup by id (or ref); for a leased message
         on Redis, its lease is found among the queue's leases (at most ``WHY_READ_LIMIT``
         read)."""
 

@@ -364,13 +364,18 @@ class Broker(BrokerEngine):
         dedup_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
         at_head: bool = False,
+        ref: str | None = None,
     ) -> Steps[str]:
         """Enqueue one message; its id (or, for a duplicate, the first message's id).
+        ``ref``: the caller's own name for it, which :meth:`cancel` and :meth:`get` take
+        from any process (see :class:`~sharded_broker.Message`).
 
         Raises :class:`~sharded_broker.QueueFull` (nothing stored) beyond the queue's
         ``max_pending_per_key`` or ``max_pending`` (docs/operations.md, "Backpressure")."""
         queue = check.queue_name(queue)
-        checked = check.message_of(payload, key, priority, delay, dedup_id, headers, at_head, self.max_payload_size)
+        checked = check.message_of(
+            payload, key, priority, delay, dedup_id, headers, at_head, self.max_payload_size, ref
+        )
         return (yield _call("enqueue_many", queue, [checked], self.settings(queue)))[0]
 
     @operation
@@ -624,27 +629,32 @@ class Broker(BrokerEngine):
         return (yield _call("replay", check.queue_name(queue), ids, position))
 
     @operation
-    def cancel(self, queue: str, message_id: str) -> Steps[CancelResult]:
-        """Cancel a waiting or delayed message by id: it is deleted and never runs.
+    def cancel(self, queue: str, message_id: str | None = None, *, ref: str | None = None) -> Steps[CancelResult]:
+        """Cancel a waiting or delayed message, named by its id or by its ``ref`` (exactly
+        one of them; a ref names the newest message enqueued with it, from any process):
+        it is deleted and never runs.
 
         When it was its key's next message, the key moves on to the one after it (which
         keeps the key's place among the ready keys). A leased message (a consumer is
-        running it) or a dead letter is refused and left as it was; so is an id the queue
-        does not hold (never enqueued there, acked, or cancelled already). The answer says
-        which (:class:`CancelResult`; truthy exactly when cancelled). Its dedup id is
-        released as an ack releases it: with ``unique_while_pending`` an equal message may
-        be enqueued again at once, otherwise the dedup window still answers its id. Not
-        counted in the metrics, like a purge."""
+        running it) or a dead letter is refused and left as it was; so is an id (or ref)
+        the queue does not hold (never enqueued there, acked, or cancelled already). The
+        answer says which (:class:`CancelResult`; truthy exactly when cancelled). Its dedup
+        id is released as an ack releases it: with ``unique_while_pending`` an equal
+        message may be enqueued again at once, otherwise the dedup window still answers its
+        id. Not counted in the metrics, like a purge."""
         queue = check.queue_name(queue)
-        return (yield _call("cancel", queue, _message_id(message_id), self.settings(queue)))
+        message_id, ref = _id_or_ref(message_id, ref)
+        return (yield _call("cancel", queue, message_id, self.settings(queue), ref))
 
     @operation
-    def get(self, queue: str, message_id: str) -> Steps[MessageInfo | None]:
-        """The message ``message_id`` of ``queue`` and what it is doing now: waiting,
-        delayed, leased or dead, with its attempts and times (:class:`MessageInfo`).
-        ``None`` when the queue holds no such message: acked (done) and cancelled messages
-        are not kept by any backend."""
-        return (yield _call("get", check.queue_name(queue), _message_id(message_id)))
+    def get(self, queue: str, message_id: str | None = None, *, ref: str | None = None) -> Steps[MessageInfo | None]:
+        """The message of ``queue`` named by its id or by its ``ref`` (exactly one of them)
+        and what it is doing now: waiting, delayed, leased or dead, with its attempts and
+        times (:class:`MessageInfo`). ``None`` when the queue holds no such message: acked
+        (done) and cancelled messages are not kept by any backend."""
+        queue = check.queue_name(queue)
+        message_id, ref = _id_or_ref(message_id, ref)
+        return (yield _call("get", queue, message_id, ref))
 
     @operation
     def purge(self, queue: str, *, dead: bool = False) -> Steps[int]:
@@ -949,6 +959,17 @@ def _message_id(message_id: Any) -> str:
     if not message_id:
         raise InvalidArgument("message id must not be empty")
     return check.utf8_text(message_id, "message id")
+
+
+def _id_or_ref(message_id: Any, ref: Any) -> tuple[str | None, str | None]:
+    """A message named by exactly one of its id and its ref, checked."""
+    if (message_id is None) == (ref is None):
+        raise InvalidArgument(
+            "name the message by exactly one of its id and its ref (cancel/get(queue, id) or (queue, ref=...))"
+        )
+    if ref is not None:
+        return None, check.ref(ref)
+    return _message_id(message_id), None
 
 
 def _schedule_name(name: Any) -> str:

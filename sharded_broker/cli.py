@@ -872,32 +872,46 @@ def message_json(info: MessageInfo) -> dict[str, Any]:
     return info.as_dict()
 
 
-def _no_such_message(queue: str, message_id: str) -> CommandFailed:
+def _no_such_message(queue: str, message_id: str | None, ref: str | None) -> CommandFailed:
+    name = f"message {message_id!r}" if message_id is not None else f"message with ref {ref!r}"
     return CommandFailed(
-        f"no message {message_id!r} in queue {queue!r}: never enqueued there, or acked or cancelled since "
+        f"no {name} in queue {queue!r}: never enqueued there, or acked or cancelled since "
         "(done messages are not kept)"
     )
 
 
+def _id_or_ref(message_id: str | None, ref: str | None) -> None:
+    if (message_id is None) == (ref is None):
+        raise BadUsage("name the message by its ID or by --ref REF (exactly one)")
+
+
+ref_option = click.option(
+    "--ref", default=None, metavar="REF",
+    help="Name the message by its ref instead of its ID (a Celery task id, a Dramatiq message id).",
+)
+
+
 @main.command("get")
 @click.argument("queue")
-@click.argument("message_id", metavar="ID")
+@click.argument("message_id", metavar="[ID]", required=False)
+@ref_option
 @json_option
 @pass_session
-def get_command(session: Session, queue: str, message_id: str, as_json: bool) -> None:
-    """One message of QUEUE by ID: what it is doing now (waiting, delayed, leased or
-    dead), its deliveries so far and its times.
+def get_command(session: Session, queue: str, message_id: str | None, ref: str | None, as_json: bool) -> None:
+    """One message of QUEUE by ID (or --ref REF): what it is doing now (waiting, delayed,
+    leased or dead), its deliveries so far and its times.
 
-    Exit code 1 when QUEUE holds no message ID (acked and cancelled messages are not
+    Exit code 1 when QUEUE holds no such message (acked and cancelled messages are not
     kept). With --json: the MessageInfo fields (queue, id, key, state, priority,
     attempts, enqueued_at, size, dedup_id, available_at, lease_deadline, leased_at,
-    dead_reason, died_at).
+    dead_reason, died_at, ref).
     """
+    _id_or_ref(message_id, ref)
     broker = session.broker()
     _require_queue(broker, queue)
-    info = broker.get(queue, message_id)
+    info = broker.get(queue, message_id, ref=ref)
     if info is None:
-        raise _no_such_message(queue, message_id)
+        raise _no_such_message(queue, message_id, ref)
     if as_json:
         _print_json(message_json(info))
         return
@@ -906,7 +920,8 @@ def get_command(session: Session, queue: str, message_id: str, as_json: bool) ->
         f"message {info.id} of {queue!r}: {info.state}",
         f"key: {'(unkeyed)' if info.key is None else info.key}",
         f"priority {info.priority}, deliveries so far: {info.attempts}, {info.size:,} bytes"
-        + ("" if info.dedup_id is None else f", dedup id {info.dedup_id}"),
+        + ("" if info.dedup_id is None else f", dedup id {info.dedup_id}")
+        + ("" if info.ref is None else f", ref {info.ref}"),
         f"enqueued: {format_time(info.enqueued_at)} ({describe_seconds(max(0.0, now - info.enqueued_at))} ago)",
     ]
     if info.available_at is not None:
@@ -926,32 +941,37 @@ def get_command(session: Session, queue: str, message_id: str, as_json: bool) ->
 
 @main.command()
 @click.argument("queue")
-@click.argument("message_id", metavar="ID")
+@click.argument("message_id", metavar="[ID]", required=False)
+@ref_option
 @click.option(
     "--key-concurrency", type=click.IntRange(min=1, max=10_000), default=None,
     help="The queue's key_concurrency in the app (default 1): whether the message's key may be served again.",
 )
 @json_option
 @pass_session
-def cancel(session: Session, queue: str, message_id: str, key_concurrency: int | None, as_json: bool) -> None:
-    """Cancel the waiting or delayed message ID of QUEUE: it is deleted and never runs;
-    when it was its key's next message, the key moves on to the one after it.
+def cancel(
+    session: Session, queue: str, message_id: str | None, ref: str | None, key_concurrency: int | None, as_json: bool
+) -> None:
+    """Cancel the waiting or delayed message ID (or --ref REF) of QUEUE: it is deleted
+    and never runs; when it was its key's next message, the key moves on to the one
+    after it.
 
     A leased message (a worker is running it) or a dead letter is refused and left as it
-    was, exit code 1; so is an ID that QUEUE does not hold. With --json: {"queue", "id",
-    "cancelled", "state", "key", "summary"} (state: what the message was doing, null
-    for an unknown ID).
+    was, exit code 1; so is a message that QUEUE does not hold. With --json: {"queue",
+    "id", "cancelled", "state", "key", "ref", "summary"} (state: what the message was
+    doing, null for an unknown one; id null for an unknown ref).
     """
+    _id_or_ref(message_id, ref)
     broker = session.broker()
     _require_queue(broker, queue)
     _configure(broker, queue, key_concurrency, None)
-    result = broker.cancel(queue, message_id)
+    result = broker.cancel(queue, message_id, ref=ref)
     if as_json:
         _print_json(result.as_dict())
     elif result:
         session.stdout.print(result.summary, markup=False)
     if not result:
-        raise _no_such_message(queue, message_id) if result.state is None else CommandFailed(result.summary)
+        raise _no_such_message(queue, message_id, ref) if result.state is None else CommandFailed(result.summary)
 
 
 def event_json(event: Event) -> dict[str, Any]:

@@ -23,6 +23,11 @@ class Message:
     ahead of everything of its priority already queued for its key (a lower priority
     number still comes first); with a delay it *holds* the key until
     it is delivered (what framework-level retries use to keep a key's order).
+    ``ref`` is the caller's own name for the message (a Celery task id, a Dramatiq message
+    id): :meth:`~sharded_broker.broker.Broker.cancel` and
+    :meth:`~sharded_broker.broker.Broker.get` find it by that name from any process. It
+    need not be unique: a ref names the newest message of the queue enqueued with it,
+    while that message is there (an older one carrying it loses it).
     """
 
     payload: bytes
@@ -32,6 +37,7 @@ class Message:
     dedup_id: str | None = None
     headers: Mapping[str, Any] | None = None
     at_head: bool = False
+    ref: str | None = None
 
 
 @dataclass
@@ -56,6 +62,7 @@ class Lease:
     enqueued_at: float
     batch_id: str
     dedup_id: str | None = None
+    ref: str | None = None  # the message's ref while it names this message (see Message)
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,7 @@ class MessageInfo:
     ``lease_deadline`` and ``leased_at`` are those of its current lease (``None`` unless
     leased; on Redis they are found among the queue's leases, at most ``WHY_READ_LIMIT``
     read, else ``None``). ``dead_reason`` and ``died_at`` are set for a dead letter.
+    ``ref`` is the message's ref (see :class:`Message`) while it names this message.
     An acked (done) or cancelled message is forgotten by every backend: ``get`` answers
     ``None`` for it, as for an id that never existed.
     """
@@ -170,6 +178,7 @@ class MessageInfo:
     leased_at: float | None = None
     dead_reason: str | None = None
     died_at: float | None = None
+    ref: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -177,7 +186,9 @@ class MessageInfo:
 
 @dataclass(frozen=True)
 class CancelResult:
-    """What :meth:`~sharded_broker.broker.Broker.cancel` did with one message id.
+    """What :meth:`~sharded_broker.broker.Broker.cancel` did with one message (asked for by
+    id, or by ``ref``: then ``id`` is the message's id, ``None`` when no message of the
+    queue carries that ref).
 
     ``cancelled`` is True when the message was waiting or delayed and is gone for good (it
     never runs). Otherwise nothing changed and ``state`` says why: ``"leased"`` (a consumer
@@ -189,10 +200,11 @@ class CancelResult:
     """
 
     queue: str
-    id: str
+    id: str | None
     cancelled: bool
     state: MessageState | None
     key: str | None = None
+    ref: str | None = None
 
     def __bool__(self) -> bool:
         return self.cancelled
@@ -200,20 +212,23 @@ class CancelResult:
     @property
     def summary(self) -> str:
         """One sentence for people (the command line prints it)."""
+        name = f"message {self.id}" if self.id is not None else f"message with ref {self.ref!r}"
+        if self.id is not None and self.ref is not None:
+            name += f" (ref {self.ref!r})"
         if self.cancelled:
-            return f"cancelled message {self.id} of queue {self.queue!r} (it was {self.state}); it will never run"
+            return f"cancelled {name} of queue {self.queue!r} (it was {self.state}); it will never run"
         if self.state == "leased":
             return (
-                f"message {self.id} of queue {self.queue!r} is leased (a consumer is running it) and cannot be "
+                f"{name} of queue {self.queue!r} is leased (a consumer is running it) and cannot be "
                 "cancelled; it is settled by its ack, nack or release"
             )
         if self.state == "dead":
             return (
-                f"message {self.id} of queue {self.queue!r} is a dead letter, not waiting: nothing cancelled "
+                f"{name} of queue {self.queue!r} is a dead letter, not waiting: nothing cancelled "
                 "(purge or replay handle dead letters)"
             )
         return (
-            f"no message {self.id} in queue {self.queue!r} (never enqueued there, already acked or already "
+            f"no {name} in queue {self.queue!r} (never enqueued there, already acked or already "
             "cancelled): nothing cancelled"
         )
 

@@ -15,6 +15,7 @@ MAX_KEY_LENGTH = 512
 # A key's weight is how many consecutive turns it may take in a round of the ready keys.
 MAX_WEIGHT = 1_000
 MAX_DEDUP_ID_LENGTH = 512
+MAX_REF_LENGTH = 512
 MAX_HEADERS_SIZE = 64 * 1024
 MAX_REASON_LENGTH = 8 * 1024
 PRIORITY_MIN = -(2**31)
@@ -140,6 +141,17 @@ def dedup_id(value: Any) -> str | None:
     return utf8_text(value, "dedup_id")
 
 
+def ref(value: Any, name: str = "ref") -> str | None:
+    """A message's ref (see Message.ref): a non-empty str of at most MAX_REF_LENGTH characters."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgumentType(f"{name} must be a str or None, not {type(value).__name__}")
+    if not value or len(value) > MAX_REF_LENGTH:
+        raise InvalidArgument(f"{name} must be 1 to {MAX_REF_LENGTH} characters long, not {len(value)}")
+    return utf8_text(value, name)
+
+
 # JSON values that a JSON round trip gives back equal and of the same type.
 _JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
 # The longest JSON text of one character: a character outside the BMP, as two \uXXXX.
@@ -192,12 +204,14 @@ def message(msg: Any, max_payload_size: int) -> Message:
     if not isinstance(msg, Message):
         raise InvalidArgumentType(f"expected a sharded_broker.Message, not {type(msg).__name__}")
     return message_of(
-        msg.payload, msg.key, msg.priority, msg.delay, msg.dedup_id, msg.headers, msg.at_head, max_payload_size
+        msg.payload, msg.key, msg.priority, msg.delay, msg.dedup_id, msg.headers, msg.at_head, max_payload_size,
+        msg.ref,
     )
 
 
 def message_of(
-    data: Any, key: Any, prio: Any, delay: Any, dedup: Any, head: Any, at_head: Any, max_payload_size: int
+    data: Any, key: Any, prio: Any, delay: Any, dedup: Any, head: Any, at_head: Any, max_payload_size: int,
+    reference: Any = None,
 ) -> Message:
     """A checked :class:`Message` from its fields (what ``Broker.enqueue`` is given), built once."""
     return Message(
@@ -208,6 +222,7 @@ def message_of(
         dedup_id=dedup_id(dedup),
         headers=headers(head),
         at_head=bool(at_head),
+        ref=ref(reference),
     )
 
 

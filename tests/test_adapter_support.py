@@ -12,7 +12,9 @@ import pytest
 
 import sharded_broker
 from sharded_broker import InvalidArgument, InvalidArgumentType
-from sharded_broker.integrations.support import PUBLISHED_KEPT, ArgumentKey, LeaseHeartbeat, PublishedMessages, coerce_key
+from sharded_broker.integrations.support import (
+    ArgumentKey, LeaseHeartbeat, cancel_by_ref, coerce_key, framework_ref, get_by_ref, queues_to_search,
+)
 
 
 class KeyError_(InvalidArgument):
@@ -89,15 +91,23 @@ def test_the_heartbeat_keeps_held_leases_alive_and_reports_refused_ones(memory_u
         assert refused == [("settled", "b")]
 
 
-def test_published_messages_keep_the_latest_and_a_republish_replaces() -> None:
-    published = PublishedMessages(3)
-    for n in range(5):
-        published.add(f"t{n}", "q", f"m{n}")
-    assert [published.find(f"t{n}") for n in range(5)] == [None, None, ("q", "m2"), ("q", "m3"), ("q", "m4")]
-    published.add("t2", "q", "retry")  # a retry publishes the same framework id again
-    published.add("t5", "q", "m5")  # t2 is the newest now: t3 goes first
-    assert [published.find(f"t{n}") for n in (2, 3, 4, 5)] == [("q", "retry"), None, ("q", "m4"), ("q", "m5")]
-    assert PUBLISHED_KEPT == 10_000
+def test_framework_ref_is_the_id_or_none_when_the_engine_would_refuse_it() -> None:
+    assert framework_ref("3f2a-task") == "3f2a-task"
+    assert [framework_ref(bad) for bad in (None, "", "x" * 513, 42, "\udcff")] == [None] * 5
+
+
+def test_cancel_and_get_by_ref_search_the_queues_in_order(broker_url: str) -> None:
+    with sharded_broker.connect(broker_url) as broker:
+        broker.enqueue("first", b"other")
+        mid = broker.enqueue("second", b"x", ref="task-1")
+        queues = queues_to_search(broker, ["nowhere", "first"])
+        assert queues == ["nowhere", "first", "second"]
+        assert get_by_ref(broker, "task-1", queues).id == mid
+        assert get_by_ref(broker, "task-2", queues) is None
+        missing = cancel_by_ref(broker, "task-2", queues)
+        assert (missing.queue, missing.state, missing.ref) == ("nowhere", None, "task-2")
+        result = cancel_by_ref(broker, "task-1", queues)
+        assert result.cancelled and (result.queue, result.id) == ("second", mid)
 
 
 def test_the_support_module_imports_neither_framework() -> None:

@@ -75,6 +75,20 @@ def test_cancel_and_get_by_id(aconnect) -> None:
     run(scenario())
 
 
+def test_cancel_and_get_by_ref(aconnect) -> None:
+    async def scenario() -> None:
+        async with aconnect() as producer, aconnect() as other:
+            mid = await producer.enqueue(Q, b"x", key="a", ref="task-1")
+            assert (await other.get(Q, ref="task-1")).id == mid
+            result = await other.cancel(Q, ref="task-1")
+            assert result.cancelled and (result.id, result.ref) == (mid, "task-1")
+            assert await other.get(Q, ref="task-1") is None
+            with pytest.raises(sharded_broker.InvalidArgument, match="exactly one of its id and its ref"):
+                await other.cancel(Q, mid, ref="task-1")
+
+    run(scenario())
+
+
 def test_concurrent_consumer_tasks_keep_each_keys_order(aconnect) -> None:
     async def scenario() -> None:
         async with aconnect() as broker:

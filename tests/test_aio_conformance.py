@@ -59,6 +59,10 @@ TESTS = [
     "test_why_a_rate_interval",
     "test_stuck_keys_lists_long_waits_with_their_reasons",
     "test_lagging_keys_in_bounded_pages",
+    "test_cancel_and_get_by_ref_from_another_broker",
+    "test_a_ref_names_the_newest_message_enqueued_with_it",
+    "test_a_ref_lives_as_long_as_its_message",
+    "test_cancel_and_get_name_a_message_by_exactly_one_of_id_and_ref",
 ]
 for _name in TESTS:
     globals()[_name] = getattr(conformance, _name)

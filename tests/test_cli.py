@@ -419,6 +419,27 @@ def test_cancel_a_waiting_message_and_refusals(url: str) -> None:
         assert broker.stats("sms").dead == 2
 
 
+def test_get_and_cancel_by_ref(url: str) -> None:
+    seed(url)
+    with sharded_broker.connect(url) as broker:
+        mid = broker.enqueue("sms", b"by ref", key="user-9", ref="task-42")
+    shown = cli(url, "get", "sms", "--ref", "task-42")
+    assert shown.returncode == 0, shown.stderr
+    assert f"message {mid} of 'sms': waiting" in shown.stdout and "ref task-42" in shown.stdout
+    assert json.loads(cli(url, "get", "sms", "--ref", "task-42", "--json").stdout)["ref"] == "task-42"
+    cancelled = cli(url, "cancel", "sms", "--ref", "task-42", "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    answer = json.loads(cancelled.stdout)
+    assert (answer["cancelled"], answer["id"], answer["ref"], answer["state"]) == (True, mid, "task-42", "waiting")
+    again = cli(url, "cancel", "sms", "--ref", "task-42")
+    assert again.returncode == 1 and "no message with ref 'task-42' in queue 'sms'" in one_error_line(again)
+    missing = cli(url, "get", "sms", "--ref", "task-42")
+    assert missing.returncode == 1 and "no message with ref 'task-42'" in one_error_line(missing)
+    for args in (("get", "sms"), ("cancel", "sms", mid, "--ref", "task-42")):
+        both = cli(url, *args)
+        assert both.returncode == 2 and "by its ID or by --ref REF (exactly one)" in one_error_line(both)
+
+
 def test_purge_refuses_without_a_terminal_then_purges_with_yes(url: str) -> None:
     seed(url)
     refused = cli(url, "purge", "sms")

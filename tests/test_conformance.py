@@ -15,6 +15,7 @@ from collections import defaultdict
 import pytest
 
 from sharded_broker import Broker, Lease, Message
+from sharded_broker.models import DROPPED_REASON
 from support.backends import CLOCK_START, FakeClock
 
 Q = "q"
@@ -1566,7 +1567,7 @@ def test_get_a_leased_message_of_a_batch(broker: Broker) -> None:
 def test_cancel_and_get_refuse_a_bad_message_id(broker: Broker) -> None:
     from sharded_broker import InvalidArgument, InvalidArgumentType
 
-    for bad in (None, 42, b"id"):
+    for bad in (42, b"id"):
         with pytest.raises(InvalidArgumentType, match="message id must be a str"):
             broker.cancel(Q, bad)
         with pytest.raises(InvalidArgumentType, match="message id must be a str"):
@@ -1577,6 +1578,118 @@ def test_cancel_and_get_refuse_a_bad_message_id(broker: Broker) -> None:
         broker.get(Q, "\udcff")
     with pytest.raises(InvalidArgument, match="queue"):
         broker.cancel("bad queue {}", "x")
+
+
+# -- refs: cancel and get by the caller's own name for a message ----------------------------
+
+
+def test_cancel_and_get_by_ref_from_another_broker(connect, clock: FakeClock) -> None:
+    producer, other = connect(), connect()
+    waiting = producer.enqueue(Q, b"w", key="a", ref="task-w")
+    delayed = producer.enqueue(Q, b"d", key="a", delay=60, ref="task-d")
+    unkeyed = producer.enqueue_many(Q, [Message(b"u", ref="task-u")])[0]
+    plain = producer.enqueue(Q, b"p", key="b")
+    info = other.get(Q, ref="task-w")
+    assert (info.id, info.ref, info.state, info.key) == (waiting, "task-w", "waiting", "a")
+    assert other.get(Q, waiting).ref == "task-w" and other.get(Q, plain).ref is None
+    assert (other.get(Q, ref="task-d").id, other.get(Q, ref="task-d").state) == (delayed, "delayed")
+    result = other.cancel(Q, ref="task-d")
+    assert result.cancelled and (result.id, result.ref, result.state, result.key) == (delayed, "task-d", "delayed", "a")
+    assert "task-d" in result.summary
+    assert other.get(Q, ref="task-d") is None and other.get(Q, delayed) is None
+    assert other.cancel(Q, ref="task-u").cancelled and other.get(Q, unkeyed) is None
+    unknown = other.cancel(Q, ref="task-d")
+    assert (unknown.id, unknown.ref, unknown.cancelled, unknown.state) == (None, "task-d", False, None)
+    assert "no message with ref 'task-d'" in unknown.summary
+    assert other.cancel("never-used", ref="x").state is None and other.get("never-used", ref="x") is None
+    clock.advance(1)
+    leases = producer.lease(Q, 2)
+    assert {(lease.id, lease.ref) for lease in leases} == {(waiting, "task-w"), (plain, None)}
+    refused = other.cancel(Q, ref="task-w")
+    assert (refused.cancelled, refused.state, refused.id) == (False, "leased", waiting)
+    assert other.get(Q, ref="task-w").state == "leased"
+    assert all(producer.ack_many(leases))
+    assert other.get(Q, ref="task-w") is None
+    assert stats_counts(other) == {"ready": 0, "leased": 0, "delayed": 0, "dead": 0, "keys": 0}
+
+
+def test_a_ref_names_the_newest_message_enqueued_with_it(broker: Broker, clock: FakeClock) -> None:
+    first = broker.enqueue(Q, b"1", key="a", ref="r")
+    second = broker.enqueue(Q, b"2", key="b", ref="r")
+    assert broker.get(Q, ref="r").id == second
+    assert broker.get(Q, first).ref is None  # the older one lost it
+    leases = broker.lease(Q, 2)
+    assert {(lease.id, lease.ref) for lease in leases} == {(first, None), (second, "r")}
+    first_lease = next(lease for lease in leases if lease.id == first)
+    assert broker.ack(first_lease)  # acking the older one leaves the ref to the newer
+    assert broker.get(Q, ref="r").id == second
+    assert broker.ack(next(lease for lease in leases if lease.id == second))
+    assert broker.get(Q, ref="r") is None
+    # Two in one call: the later one takes it; a duplicate dropped by dedup takes nothing.
+    ids = broker.enqueue_many(Q, [Message(b"3", ref="s"), Message(b"4", ref="s", dedup_id="d")])
+    assert broker.get(Q, ref="s").id == ids[1] and broker.get(Q, ids[0]).ref is None
+    assert broker.enqueue(Q, b"5", ref="t", dedup_id="d") == ids[1]
+    assert broker.get(Q, ref="t") is None and broker.get(Q, ref="s").id == ids[1]
+    assert broker.cancel(Q, ref="s").id == ids[1]
+    assert broker.get(Q, ref="s") is None and broker.get(Q, ids[0]).state == "waiting"
+    # A framework's retry: published again under the same ref while the first one runs.
+    drain(broker)
+    running = broker.enqueue(Q, b"6", key="c", ref="task")
+    [lease] = broker.lease(Q)
+    retry = broker.enqueue(Q, b"6 again", key="c", ref="task", at_head=True, delay=5)
+    assert broker.get(Q, running).ref is None and broker.get(Q, ref="task").id == retry
+    assert broker.ack(lease) and broker.get(Q, ref="task").id == retry
+    clock.advance(5)
+    [again] = broker.lease(Q)
+    assert (again.id, again.ref) == (retry, "task")
+
+
+def test_a_ref_lives_as_long_as_its_message(connect, clock: FakeClock) -> None:
+    broker = connect(max_deliveries=2, max_pending_per_key=1, on_full="drop_oldest", visibility_timeout=5)
+    # Retried, expired, dead-lettered, replayed: still the same message, still found.
+    broker.enqueue(Q, b"x", key="a", ref="x")
+    [lease] = broker.lease(Q)
+    assert broker.nack(lease, delay=0)
+    clock.advance(1)
+    [lease] = broker.lease(Q)
+    assert lease.ref == "x" and lease.attempts == 2
+    clock.advance(10)  # the lease expires; max_deliveries=2: dead
+    assert broker.lease(Q) == [] and broker.get(Q, ref="x").state == "dead"
+    assert broker.replay(Q) == 1 and broker.get(Q, ref="x").state == "waiting"
+    # Dropped by backpressure: a dead letter, found until it is purged.
+    broker.enqueue(Q, b"y", key="a", ref="y")
+    assert broker.get(Q, ref="x").dead_reason == DROPPED_REASON
+    assert broker.purge(Q, dead=True) == 1 and broker.get(Q, ref="x") is None
+    assert broker.purge(Q) == 1 and broker.get(Q, ref="y") is None
+    # A new message may take a ref its settled message had.
+    again = broker.enqueue(Q, b"x again", key="a", ref="x")
+    assert broker.get(Q, ref="x").id == again
+
+
+def test_cancel_and_get_name_a_message_by_exactly_one_of_id_and_ref(broker: Broker) -> None:
+    from sharded_broker import InvalidArgument, InvalidArgumentType
+
+    mid = broker.enqueue(Q, b"x", ref="r")
+    for call in (broker.cancel, broker.get):
+        with pytest.raises(InvalidArgument, match="exactly one of its id and its ref"):
+            call(Q)
+        with pytest.raises(InvalidArgument, match="exactly one of its id and its ref"):
+            call(Q, mid, ref="r")
+        with pytest.raises(InvalidArgumentType, match="ref must be a str"):
+            call(Q, ref=42)
+        with pytest.raises(InvalidArgument, match="ref must be 1 to 512 characters"):
+            call(Q, ref="")
+    for bad in ("", "r" * 513):
+        with pytest.raises(InvalidArgument, match="ref must be 1 to 512 characters"):
+            broker.enqueue(Q, b"x", ref=bad)
+        with pytest.raises(InvalidArgument, match="ref must be 1 to 512 characters"):
+            broker.enqueue_many(Q, [Message(b"x", ref=bad)])
+    with pytest.raises(InvalidArgumentType, match="ref must be a str or None, not bytes"):
+        broker.enqueue(Q, b"x", ref=b"r")
+    with pytest.raises(InvalidArgument, match="lone surrogate"):
+        broker.enqueue(Q, b"x", ref="\udcff")
+    assert broker.get(Q, ref="r" * 512) is None
+    assert broker.get(Q, ref="r").id == mid
 
 
 def test_cancel_frees_room_under_max_pending_per_key(connect, clock: FakeClock) -> None:

@@ -288,7 +288,7 @@ def test_a_version_1_sqlite_file_gains_the_metrics_tables(tmp_path) -> None:
     conn = sqlite3.connect(tmp_path / "old.db")
     conn.executescript(
         "DROP TABLE metrics; DROP TABLE events; DROP INDEX keys_backlog; PRAGMA user_version = 1;"
-        + "DROP INDEX keys_open_minute;"
+        + "DROP INDEX keys_open_minute; DROP INDEX messages_ref;"
         + "".join(f"ALTER TABLE {table} DROP COLUMN {column};" for table, columns in ADDED_COLUMNS.items() for column in columns)
     )
     conn.close()

@@ -3,8 +3,8 @@
 A Hypothesis state machine drives the memory backend and one other backend with the same
 random sequence of operations (enqueue, lease with limit/per_key, ack, nack with or without
 delay or dead, extend and extend_many, release_many, pause/resume, intervals, weights, replay,
-schedules (create or replace, fire, pause, resume, remove), cancel and get by id, time passing on
-both fake clocks)
+schedules (create or replace, fire, pause, resume, remove), cancel and get by id and by ref
+(refs drawn on enqueue, shared by several messages), time passing on both fake clocks)
 under random queue settings (backpressure limits included: an enqueue refused with
 QueueFull must be refused by both, naming the same key and limit), and after every step checks that both delivered the same
 payloads in the same order with the same attempts, refused the same stale leases, and
@@ -41,6 +41,7 @@ KEYS = st.sampled_from(["a", "b", "c", None])
 PRIORITIES = st.sampled_from([0, 0, 0, 1, 2])
 DELAYS = st.sampled_from([0.0, 0.0, 0.0, 2.0, 7.0])
 DEDUP_IDS = st.sampled_from([None, None, None, None, "d1", "d2"])
+REFS = st.sampled_from([None, None, "r1", "r2"])
 TIMEOUTS = st.sampled_from([5.0, 20.0])
 SCHEDULE_NAMES = st.sampled_from(["s1", "s2"])
 SCHEDULE_SPECS = st.sampled_from([{"every": 5.0}, {"every": 12.0}, {"cron": "* * * * *"}])
@@ -50,7 +51,10 @@ _stores = itertools.count()
 
 def lease_view(lease: Lease) -> tuple:
     """What two backends must agree on for one lease (ids, tokens and batch ids differ)."""
-    return (lease.payload, lease.key, lease.priority, lease.attempts, round(lease.deadline, 3), round(lease.enqueued_at, 3))
+    return (
+        lease.payload, lease.key, lease.priority, lease.attempts, round(lease.deadline, 3), round(lease.enqueued_at, 3),
+        lease.ref,
+    )
 
 
 def batches_view(leases: list[Lease]) -> list[list[bytes]]:
@@ -156,22 +160,26 @@ class SameAsModel(RuleBasedStateMachine):
             return
         self._compare_ids(model, other, payloads)
 
-    @rule(key=KEYS, priority=PRIORITIES, delay=DELAYS, at_head=st.booleans(), dedup_id=DEDUP_IDS)
-    def enqueue(self, key, priority, delay, at_head, dedup_id) -> None:
+    @rule(key=KEYS, priority=PRIORITIES, delay=DELAYS, at_head=st.booleans(), dedup_id=DEDUP_IDS, ref=REFS)
+    def enqueue(self, key, priority, delay, at_head, dedup_id, ref) -> None:
         payload = self._new_payload()
-        options = dict(key=key, priority=priority, delay=delay, at_head=at_head, dedup_id=dedup_id)
+        options = dict(key=key, priority=priority, delay=delay, at_head=at_head, dedup_id=dedup_id, ref=ref)
         self._enqueue_both(
             lambda: [self.model.enqueue(Q, payload, **options)], lambda: [self.other.enqueue(Q, payload, **options)],
             [payload],
         )
 
     @rule(specs=st.lists(
-        st.tuples(KEYS, PRIORITIES, DELAYS, DEDUP_IDS, st.sampled_from([False, False, True])), min_size=1, max_size=4
+        st.tuples(KEYS, PRIORITIES, DELAYS, DEDUP_IDS, st.sampled_from([False, False, True]), REFS),
+        min_size=1, max_size=4,
     ))
     def enqueue_many(self, specs) -> None:
         messages = [
-            Message(self._new_payload(), key=key, priority=priority, delay=delay, dedup_id=dedup_id, at_head=at_head)
-            for key, priority, delay, dedup_id, at_head in specs
+            Message(
+                self._new_payload(), key=key, priority=priority, delay=delay, dedup_id=dedup_id, at_head=at_head,
+                ref=ref,
+            )
+            for key, priority, delay, dedup_id, at_head, ref in specs
         ]
         self._enqueue_both(
             lambda: self.model.enqueue_many(Q, messages),
@@ -297,7 +305,26 @@ class SameAsModel(RuleBasedStateMachine):
     def cancel(self, data) -> None:
         model_id, other_id = self._stored_message(data)
         model, other = self.model.cancel(Q, model_id), self.other.cancel(Q, other_id)
-        assert (other.cancelled, other.state, other.key) == (model.cancelled, model.state, model.key)
+        assert (other.cancelled, other.state, other.key, other.ref) == (model.cancelled, model.state, model.key, model.ref)
+
+    def _same_message(self, model_id: str | None, other_id: str | None) -> None:
+        """Both name no message, or the same one (by payload)."""
+        assert (other_id is None) == (model_id is None)
+        if model_id is not None and other_id is not None:
+            assert self.other_ids[other_id] == self.model_ids[model_id]
+
+    @rule(ref=st.sampled_from(["r1", "r2"]))
+    def cancel_by_ref(self, ref) -> None:
+        model, other = self.model.cancel(Q, ref=ref), self.other.cancel(Q, ref=ref)
+        assert (other.cancelled, other.state, other.key, other.ref) == (model.cancelled, model.state, model.key, model.ref)
+        self._same_message(model.id, other.id)
+
+    @rule(ref=st.sampled_from(["r1", "r2"]))
+    def get_by_ref_agrees(self, ref) -> None:
+        model, other = self.model.get(Q, ref=ref), self.other.get(Q, ref=ref)
+        self._same_message(model and model.id, other and other.id)
+        if model is not None and other is not None:
+            assert (other.state, other.attempts, other.ref) == (model.state, model.attempts, model.ref)
 
     @precondition(lambda self: self.stored)
     @rule(data=st.data())
@@ -313,7 +340,7 @@ class SameAsModel(RuleBasedStateMachine):
             return (
                 info.key, info.state, info.priority, info.attempts, rounded(info.enqueued_at), info.size, info.dedup_id,
                 rounded(info.available_at), rounded(info.lease_deadline), rounded(info.leased_at), reason,
-                rounded(info.died_at),
+                rounded(info.died_at), info.ref,
             )
 
         assert view(self.other.get(Q, other_id)) == view(self.model.get(Q, model_id))

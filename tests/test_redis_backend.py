@@ -610,6 +610,54 @@ def test_weights_cost_nothing_in_a_queue_without_one(broker: sharded_broker.Brok
     }
 
 
+def test_refs_cost_nothing_for_messages_without_one(broker: sharded_broker.Broker, admin: redis.Redis) -> None:
+    """Only a message with a ref touches the r:<ref> fields: one HGET and one HSET when it
+    is enqueued, one HGET and one HDEL when it is acked; a plain one runs exactly the
+    commands it ran before refs."""
+
+    def cycle_commands(queue: str, refs: bool) -> dict[str, int]:
+        before = command_calls(admin)
+        broker.enqueue_many(queue, [Message(b"m", key=f"k{i}", ref=f"r{i}" if refs else None) for i in range(3)])
+        for _ in range(3):
+            assert broker.ack_many(broker.lease(queue)) == [True]
+        after = command_calls(admin)
+        return {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+
+    cycle_commands("warm-up", True)
+    plain, with_refs = cycle_commands("plain", False), cycle_commands("refs", True)
+    plain.pop("info"), with_refs.pop("info")
+    assert {name: with_refs[name] - plain.get(name, 0) for name in with_refs if with_refs[name] != plain.get(name)} == {
+        "hget": 6, "hset": 3, "hdel": 3,
+    }
+    assert not [f for f in admin.hkeys("sb:{refs}:state") if f.startswith(b"r:")]
+
+
+def test_every_path_that_deletes_a_message_takes_its_ref_with_it(
+    broker: sharded_broker.Broker, admin: redis.Redis
+) -> None:
+    broker.configure_queue(Q, max_deliveries=1, max_pending_per_key=1, on_full="drop_oldest")
+    broker.enqueue_many(Q, [Message(b"a", key="a", ref="a"), Message(b"b", key="b", ref="b", delay=60)])
+    broker.enqueue_many(Q, [Message(b"c", ref="c"), Message(b"c2", ref="c"), Message(b"u", ref="u")])
+    index_view(admin)
+    broker.enqueue(Q, b"a2", key="a", ref="a2")  # drops a (a dead letter keeps its ref)
+    index_view(admin)
+    assert broker.cancel(Q, ref="b").cancelled
+    index_view(admin)
+    leases = broker.lease(Q, 10)
+    assert sorted((lease.payload, lease.ref) for lease in leases) == [
+        (b"a2", "a2"), (b"c", None), (b"c2", "c"), (b"u", "u")
+    ]
+    assert broker.nack(next(lease for lease in leases if lease.payload == b"u"), dead=True)
+    index_view(admin)
+    assert all(broker.ack_many([lease for lease in leases if lease.payload != b"u"]))
+    index_view(admin)
+    assert broker.replay(Q, position="head") == 2 and broker.get(Q, ref="a").state == "waiting"
+    index_view(admin)
+    assert broker.purge(Q) == 2
+    assert index_view(admin)["ready"] == 0
+    assert not [f for f in admin.hkeys(queue_key("state")) if f.startswith(b"r:")]
+
+
 # -- cancel keeps every index consistent ----------------------------------------------------
 
 
@@ -638,6 +686,10 @@ def index_view(admin: redis.Redis) -> dict[str, object]:
     placed = {f[2:].decode() for f, v in state.items() if f.startswith(b"k:") and v.split(b",")[1]}
     assert scheduled == placed
     assert scheduled <= set(backlog)
+    # Each r:<ref> field names a record carrying that ref (rf, the record's 17th value), and back.
+    refs = {f[2:].decode(): v.decode() for f, v in state.items() if f.startswith(b"r:")}
+    carried = {values[16].decode(): mid for mid, values in records.items() if len(values) > 16}
+    assert refs == carried
     return {"ready": len(ready), "delayed": len(delayed), "leased": len(leased), "dead": len(dead),
             "keys": sorted(backlog), "scheduled": sorted(scheduled),
             "key_states": sorted(f[2:].decode() for f in state if f.startswith(b"k:"))}

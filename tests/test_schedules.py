@@ -18,6 +18,7 @@ import redis
 
 import sharded_broker
 from sharded_broker import Broker, InvalidArgument, InvalidArgumentType, Message
+from sharded_broker.backends.sqlite import sql
 from support.backends import CLOCK_START, FakeClock
 
 Q = "jobs"
@@ -301,7 +302,7 @@ def test_sqlite_a_schema_5_file_gains_the_schedules_table(tmp_path) -> None:  # 
     old.close()
     upgraded = sharded_broker.connect(url)
     conn = upgraded.backend._connection()
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == sql.SCHEMA_VERSION
     upgraded.schedule(Q, "s", b"x", every=10)
     assert [s.name for s in upgraded.schedules(Q)] == ["s"]
     assert [lease.payload for lease in upgraded.lease(Q)] == [b"kept"]

@@ -19,7 +19,7 @@ import pytest
 
 import sharded_broker
 from sharded_broker import ConfigurationError, Message
-from sharded_broker.backends.sqlite import SQLiteBackend
+from sharded_broker.backends.sqlite import SQLiteBackend, sql
 
 FORK = multiprocessing.get_context("fork")
 
@@ -325,6 +325,7 @@ def test_hot_statements_read_through_indexes(db_url: str) -> None:
     try:
         broker.enqueue_many("jobs", [Message(b"y", key="k1", delay=0.01, priority=1), Message(b"z")])
         broker.enqueue("jobs", b"head", key="k2", at_head=True, dedup_id="d1")
+        broker.enqueue_many("jobs", [Message(b"r", key="k3", ref="r1"), Message(b"r", key="k3", ref="r1")])
         leases = broker.lease("jobs", 20, per_key=3, visibility_timeout=0.05)
         broker.ack_many(leases[:5])
         broker.nack(leases[5], delay=0.01)
@@ -347,6 +348,9 @@ def test_hot_statements_read_through_indexes(db_url: str) -> None:
         assert broker.cancel("jobs", waiting.id).cancelled
         assert broker.get("jobs", running[0].id).state == "leased"
         assert broker.cancel("jobs", leases[6].id).state == "dead"
+        # by ref
+        assert broker.get("jobs", ref="r1") is not None
+        assert broker.cancel("jobs", ref="r1").cancelled
         broker.purge("jobs")
         broker.purge("jobs", dead=True)
     finally:
@@ -555,5 +559,25 @@ def test_a_version_4_file_gains_the_weight_columns(db_url: str, tmp_path: Path) 
     conn = sqlite3.connect(tmp_path / "q.db")
     indexes = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"messages_key_delayed", "schedules_due"} <= indexes
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == sql.SCHEMA_VERSION
+    conn.close()
+
+
+def test_a_version_6_file_gains_refs(db_url: str, tmp_path: Path) -> None:
+    """A file written before refs (schema version 6) opens with its messages, which carry
+    none, and takes refs (version 7) from then on."""
+    with sharded_broker.connect(db_url) as broker:
+        old = broker.enqueue("jobs", b"old", key="a")
+    conn = sqlite3.connect(tmp_path / "q.db")
+    conn.executescript("DROP INDEX messages_ref; ALTER TABLE messages DROP COLUMN ref; PRAGMA user_version = 6;")
+    conn.close()
+    with sharded_broker.connect(db_url) as broker:
+        assert broker.get("jobs", old).ref is None
+        new = broker.enqueue("jobs", b"new", key="a", ref="task-1")
+        assert broker.get("jobs", ref="task-1").id == new
+        assert [(lease.payload, lease.ref) for lease in broker.lease("jobs")] == [(b"old", None)]
+        assert broker.cancel("jobs", ref="task-1").cancelled
+    conn = sqlite3.connect(tmp_path / "q.db")
+    assert "messages_ref" in {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 7
     conn.close()

@@ -64,6 +64,7 @@ class _Record:
     ready_mark: int = -1  # the order of its valid entry in the queue's ready_ages heap
     leased_at: float = 0.0  # when its current lease was delivered (an extension keeps it)
     lease_order: int = 0  # its lease's place among leases expiring at the same time
+    ref: str | None = None  # while q.refs names it by that ref
 
 
 @dataclass(eq=False, slots=True)
@@ -94,6 +95,7 @@ class _Queue:
     leases: list[tuple[float, int, str, str]] = field(default_factory=list)  # (deadline, order, id, token)
     dedup: dict[str, tuple[str, float]] = field(default_factory=dict)  # dedup id -> (id, expires)
     dedup_expiry: list[tuple[float, str]] = field(default_factory=list)
+    refs: dict[str, str] = field(default_factory=dict)  # ref -> id of the newest message enqueued with it
     dead: dict[str, None] = field(default_factory=dict)  # ids, oldest death first
     # (enqueued_at, order, id) of ready records, for the oldest ready age without a scan;
     # an entry is valid while its record is ready with that order as its ready_mark.
@@ -232,8 +234,12 @@ class _QueueStore:
         return planner.describe(
             self.q.name, rec.id, rec.key, rec.state, priority=rec.priority, attempts=rec.attempts,
             enqueued_at=rec.enqueued_at, size=len(rec.payload), dedup_id=rec.dedup_id, not_before=rec.not_before,
-            deadline=rec.deadline, leased_at=rec.leased_at, reason=rec.reason, died_at=rec.died_at,
+            deadline=rec.deadline, leased_at=rec.leased_at, reason=rec.reason, died_at=rec.died_at, ref=rec.ref,
         )
+
+    def message_by_ref(self, ref: str) -> _Record | None:
+        message_id = self.q.refs.get(ref)
+        return None if message_id is None else self.q.messages[message_id]
 
     def insert(self, message: Message, *, state: str, seq: int | None, not_before: float) -> str:
         q = self.q
@@ -248,8 +254,14 @@ class _QueueStore:
             dedup_id=message.dedup_id,
             at_head=message.at_head,
             state="new",
+            ref=message.ref,
         )
         q.messages[rec.id] = rec
+        if rec.ref is not None:
+            older = q.refs.get(rec.ref)
+            if older is not None:
+                q.messages[older].ref = None
+            q.refs[rec.ref] = rec.id
         if rec.key is not None:
             q.key_counts[rec.key] = q.key_counts.get(rec.key, 0) + 1
         if state == "delayed":
@@ -331,6 +343,7 @@ class _QueueStore:
             enqueued_at=rec.enqueued_at,
             batch_id=batch_id,
             dedup_id=rec.dedup_id,
+            ref=rec.ref,
         )
 
     def set_deadline(self, rec: _Record, deadline: float) -> None:
@@ -359,6 +372,8 @@ class _QueueStore:
             q.counts[rec.state] -= 1
         self._count_waiting(rec, rec.state, -1)
         del q.messages[rec.id]
+        if rec.ref is not None:
+            del q.refs[rec.ref]
         if rec.state != "dead" and rec.key is not None:
             self._uncount_key(rec.key)
 
@@ -856,20 +871,22 @@ class MemoryBackend(Backend):
                     planner.schedule(s, key, s.now, keep_place=True)
             return len(doomed)
 
-    def cancel(self, queue: str, message_id: str, settings: QueueSettings) -> CancelResult:
+    def cancel(
+        self, queue: str, message_id: str | None, settings: QueueSettings, ref: str | None = None
+    ) -> CancelResult:
         with self._store.lock:
             q = self._store.queues.get(queue)
             if q is None:
-                return CancelResult(queue, message_id, False, None)
-            result = planner.cancel(_QueueStore(self, q, self.now()), message_id, settings)
+                return CancelResult(queue, message_id, False, None, ref=ref)
+            result = planner.cancel(_QueueStore(self, q, self.now()), message_id, settings, ref)
             if result.cancelled:
                 self._store.notify_change()  # its key may be deliverable now
             return result
 
-    def get(self, queue: str, message_id: str) -> MessageInfo | None:
+    def get(self, queue: str, message_id: str | None, ref: str | None = None) -> MessageInfo | None:
         with self._store.lock:
             q = self._store.queues.get(queue)
-            return None if q is None else planner.get(_QueueStore(self, q, self.now()), message_id)
+            return None if q is None else planner.get(_QueueStore(self, q, self.now()), message_id, ref)
 
     def bind(self, exchange: str, queue: str) -> None:
         with self._store.lock:

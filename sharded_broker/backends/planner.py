@@ -49,6 +49,7 @@ class StoredMessage(Protocol):
     token: str
     deadline: float
     entered_at: float  # when it was last placed in its key's order (or the unkeyed lane)
+    ref: str | None  # while the message's ref names it (see "Refs" in backend.py)
 
 
 M = TypeVar("M", bound=StoredMessage)
@@ -87,13 +88,16 @@ class Store(Protocol[M]):
     # -- messages
     def message(self, message_id: str, /) -> M | None:
         """The queue's message ``message_id`` in any state (None: no such message here)."""
+    def message_by_ref(self, ref: str, /) -> M | None:
+        """The message ``ref`` names (the newest enqueued with it, while it is there)."""
     def message_info(self, msg: M, /) -> MessageInfo:
         """``msg`` as :meth:`Broker.get` shows it (see :func:`describe`)."""
     def forget(self, msg: M, /) -> None:
         """Delete a waiting (ready or delayed) message from every index and count it is in
-        (its key's count too); its dedup entry stays, as an ack leaves it."""
+        (its key's count too, its ref's entry); its dedup entry stays, as an ack leaves it."""
     def insert(self, message: Message, /, *, state: str, seq: int | None, not_before: float) -> str:
-        """Store a new message (ready, or delayed); its id. A keyed one counts in its key."""
+        """Store a new message (ready, or delayed); its id. A keyed one counts in its key;
+        one with a ref takes the ref's entry (an older message carrying it loses it)."""
     def place(self, msg: M, /, **changes: object) -> None:
         """Into its key's order (or the unkeyed lane) as ready, entered now. A dead letter
         placed again leaves the dead letters and counts in its key again."""
@@ -622,21 +626,22 @@ def replay(s: Store[M], ids: Sequence[str] | None, position: RetryPosition) -> i
     return len(messages)
 
 
-def cancel(s: Store[M], message_id: str, settings: QueueSettings) -> CancelResult:
-    """Delete a waiting or delayed message for good; a leased or dead one is refused.
+def cancel(s: Store[M], message_id: str | None, settings: QueueSettings, ref: str | None = None) -> CancelResult:
+    """Delete a waiting or delayed message (by id, or by ref when ``message_id`` is None)
+    for good; a leased or dead one is refused.
 
     When it was its key's head, the key moves on to its next message, scheduled as an
     arrival would be (``settings``: a key whose slots are all in use, or that is paused,
     gets no place): a waiting key keeps its place, unless that place came from the
     cancelled head's hold (a retry or an ``at_head`` delay not yet due), which goes with
     it. Nothing is swept, counted or published."""
-    msg = s.message(message_id)
+    msg = find(s, message_id, ref)
     if msg is None:
-        return CancelResult(s.name, message_id, False, None)
+        return CancelResult(s.name, message_id, False, None, ref=ref)
     state = PUBLIC_STATES[msg.state]
     if state in ("leased", "dead"):
-        return CancelResult(s.name, message_id, False, state, msg.key)
-    key = msg.key
+        return CancelResult(s.name, msg.id, False, state, msg.key, msg.ref)
+    key, ref = msg.key, msg.ref
     was_head = False
     if key is not None and msg.state == "ready":
         heads = s.key_heads(key, 1)
@@ -645,11 +650,18 @@ def cancel(s: Store[M], message_id: str, settings: QueueSettings) -> CancelResul
     s.forget(msg)
     if was_head and key is not None:
         schedule(s, key, s.now, keep_place=not held, settings=settings)
-    return CancelResult(s.name, message_id, True, state, key)
+    return CancelResult(s.name, msg.id, True, state, key, ref)
 
 
-def get(s: Store[M], message_id: str) -> MessageInfo | None:
-    msg = s.message(message_id)
+def find(s: Store[M], message_id: str | None, ref: str | None) -> M | None:
+    """The message named by id, or by ref when ``message_id`` is None."""
+    if message_id is not None:
+        return s.message(message_id)
+    return None if ref is None else s.message_by_ref(ref)
+
+
+def get(s: Store[M], message_id: str | None, ref: str | None = None) -> MessageInfo | None:
+    msg = find(s, message_id, ref)
     return None if msg is None else s.message_info(msg)
 
 
@@ -660,7 +672,7 @@ PUBLIC_STATES: dict[str, MessageState] = {"ready": "waiting", "delayed": "delaye
 def describe(
     queue: str, message_id: str, key: str | None, state: str, *, priority: int, attempts: int, enqueued_at: float,
     size: int, dedup_id: str | None, not_before: float, deadline: float | None, leased_at: float | None,
-    reason: str, died_at: float,
+    reason: str, died_at: float, ref: str | None,
 ) -> MessageInfo:
     """A message as :meth:`Broker.get` shows it, from what a store (or Redis) keeps: only
     the times and the reason that mean something in its state are shown."""
@@ -674,6 +686,7 @@ def describe(
         leased_at=(leased_at or None) if leased else None,  # 0: leased by a version that did not record it
         dead_reason=reason if dead else None,
         died_at=died_at if dead else None,
+        ref=ref,
     )
 
 

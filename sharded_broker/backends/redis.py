@@ -415,6 +415,7 @@ class RedisOperations:
         prefix, counter = self._id_prefix, self._id_counter
         fields: list[Any] = []
         envelopes: list[bytes] = []
+        refs = [None if m.ref is None else _text(m.ref) for m in messages]
         for m in messages:
             key = None if m.key is None else _text(m.key)
             dedup_id = None if m.dedup_id is None else _text(m.dedup_id)
@@ -425,6 +426,8 @@ class RedisOperations:
             )
             # The record's first six values (a fixarray's values: its one-byte header cut).
             envelopes.append(_pack((key, m.priority, headers, dedup_id, m.at_head, m.payload))[1:])
+        if any(ref is not None for ref in refs):
+            fields += refs  # only then: messages without a ref send nothing more
         args: list[Any] = [self._clock_arg(), self._options_arg(settings), _pack(fields), *envelopes]
         keys = self.queue_keys(queue)
         if queue in self._registered:
@@ -466,6 +469,7 @@ class RedisOperations:
                 enqueued_at=enqueued_at / 1e6,
                 batch_id=_str(batch_id) if batch_id else mid_text,
                 dedup_id=_str(dedup_id) if dedup_id is not None else None,
+                ref=_str(rest[9]) if len(rest) > 9 else None,
             ))
         return LeaseResult(leases, retry_in)
 
@@ -477,7 +481,9 @@ class RedisOperations:
     def ack_many(self, leases: Sequence[Lease]) -> Steps[list[bool]]:
         observe = self._options_arg(_OBSERVE_ONLY)
         answers = yield from self._per_queue(
-            "ack", leases, lambda queue: [self._clock_arg(), observe], lambda i: self._lease_args(leases[i])
+            "ack", leases, lambda queue: [self._clock_arg(), observe],
+            # Its ref too: ack reads no record, and the ref's entry goes with the message.
+            lambda i: (*self._lease_args(leases[i]), _text(leases[i].ref or "")),
         )
         return [bool(answer) for answer in answers]
 
@@ -650,28 +656,40 @@ class RedisOperations:
             if budget <= 0 or not chunk_deleted:
                 return deleted
 
-    def cancel(self, queue: str, message_id: str, settings: QueueSettings) -> Steps[CancelResult]:
+    def cancel(
+        self, queue: str, message_id: str | None, settings: QueueSettings, ref: str | None = None
+    ) -> Steps[CancelResult]:
         """One call of lua/cancel.lua."""
-        state, key = yield from self._run(
-            "cancel", queue, [self._clock_arg(), self._options_arg(settings), _text(message_id)]
+        state, key, found, found_ref = yield from self._run(
+            "cancel", queue, [self._clock_arg(), self._options_arg(settings), *self._id_or_ref_args(message_id, ref)]
         )
         if not state:
-            return CancelResult(queue, message_id, False, None)
+            return CancelResult(queue, message_id, False, None, ref=ref)
         public = PUBLIC_STATES[_str(state)]
-        return CancelResult(queue, message_id, public in ("waiting", "delayed"), public, _str(key) if key else None)
+        return CancelResult(
+            queue, _str(found), public in ("waiting", "delayed"), public, _str(key) if key else None,
+            _str(found_ref) if found_ref else None,
+        )
 
-    def get(self, queue: str, message_id: str) -> Steps[MessageInfo | None]:
+    @staticmethod
+    def _id_or_ref_args(message_id: str | None, ref: str | None) -> tuple[bytes, bytes]:
+        """How cancel and get name a message: id, ref ('' for the one not given)."""
+        return (b"" if message_id is None else _text(message_id), b"" if ref is None else _text(ref))
+
+    def get(self, queue: str, message_id: str | None, ref: str | None = None) -> Steps[MessageInfo | None]:
         """One call of lua/get.lua."""
-        row = yield from self._run("get", queue, [self._clock_arg(), _text(message_id)])
+        row = yield from self._run("get", queue, [self._clock_arg(), *self._id_or_ref_args(message_id, ref)])
         if not row:
             return None
         (state, key, priority, attempts, enqueued_at, size, dedup_id, not_before, deadline, leased_at, reason,
-         died_at) = row
+         died_at, found, found_ref) = row
         return describe(
-            queue, message_id, _str(key) if key else None, _str(state), priority=int(priority), attempts=int(attempts),
-            enqueued_at=enqueued_at / 1e6, size=int(size), dedup_id=_str(dedup_id) if dedup_id else None,
-            not_before=not_before / 1e6, deadline=None if deadline == b"" else int(deadline) / 1e6,
+            queue, _str(found), _str(key) if key else None, _str(state), priority=int(priority),
+            attempts=int(attempts), enqueued_at=enqueued_at / 1e6, size=int(size),
+            dedup_id=_str(dedup_id) if dedup_id else None, not_before=not_before / 1e6,
+            deadline=None if deadline == b"" else int(deadline) / 1e6,
             leased_at=None if leased_at == b"" else int(leased_at) / 1e6, reason=_str(reason), died_at=died_at / 1e6,
+            ref=_str(found_ref) if found_ref else None,
         )
 
     def bind(self, exchange: str, queue: str) -> Steps[None]:
@@ -1054,11 +1072,13 @@ class RedisBackend(Backend):
     def purge(self, queue: str, dead: bool) -> int:
         return self._drive(self._ops.purge(queue, dead))
 
-    def cancel(self, queue: str, message_id: str, settings: QueueSettings) -> CancelResult:
-        return self._drive(self._ops.cancel(queue, message_id, settings))
+    def cancel(
+        self, queue: str, message_id: str | None, settings: QueueSettings, ref: str | None = None
+    ) -> CancelResult:
+        return self._drive(self._ops.cancel(queue, message_id, settings, ref))
 
-    def get(self, queue: str, message_id: str) -> MessageInfo | None:
-        return self._drive(self._ops.get(queue, message_id))
+    def get(self, queue: str, message_id: str | None, ref: str | None = None) -> MessageInfo | None:
+        return self._drive(self._ops.get(queue, message_id, ref))
 
     def bind(self, exchange: str, queue: str) -> None:
         self._drive(self._ops.bind(exchange, queue))

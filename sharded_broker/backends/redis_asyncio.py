@@ -169,11 +169,13 @@ class AsyncRedisBackend:
     async def purge(self, queue: str, dead: bool) -> int:
         return await self._drive(self._ops.purge(queue, dead))
 
-    async def cancel(self, queue: str, message_id: str, settings: QueueSettings) -> CancelResult:
-        return await self._drive(self._ops.cancel(queue, message_id, settings))
+    async def cancel(
+        self, queue: str, message_id: str | None, settings: QueueSettings, ref: str | None = None
+    ) -> CancelResult:
+        return await self._drive(self._ops.cancel(queue, message_id, settings, ref))
 
-    async def get(self, queue: str, message_id: str) -> MessageInfo | None:
-        return await self._drive(self._ops.get(queue, message_id))
+    async def get(self, queue: str, message_id: str | None, ref: str | None = None) -> MessageInfo | None:
+        return await self._drive(self._ops.get(queue, message_id, ref))
 
     async def bind(self, exchange: str, queue: str) -> None:
         await self._drive(self._ops.bind(exchange, queue))

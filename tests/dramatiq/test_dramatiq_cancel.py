@@ -1,7 +1,8 @@
 """cancel(message) and get(message) with ShardedBroker, and a real Worker, on every backend.
 
 The messages are cancelled before the Worker starts: the cancelled ones never run, the
-others of their key run in order.
+others of their key run in order. A message's Dramatiq message id is its engine ref, so a
+broker other than the sender's (another process) finds it too.
 """
 
 from __future__ import annotations
@@ -72,7 +73,36 @@ def test_the_global_broker_is_the_default_and_must_be_sharded(broker: ShardedBro
         dramatiq.set_broker(previous)
     with pytest.raises(sharded_broker.ConfigurationError, match="need a ShardedBroker, not StubBroker"):
         cancel(message, broker=StubBroker())
-    with pytest.raises(LookupError, match="was not sent through this broker"):
-        get("not-a-message-of-ours", broker=broker)
+    assert get("not-a-message-of-ours", broker=broker) is None
+    unknown = cancel("not-a-message-of-ours", broker=broker)
+    assert (unknown.cancelled, unknown.state, unknown.ref) == (False, None, "not-a-message-of-ours")
     with pytest.raises(sharded_broker.InvalidArgumentType, match="Dramatiq message or message id"):
         cancel(42, broker=broker)
+
+
+def test_a_broker_that_did_not_send_the_messages_cancels_them(run_worker, make_broker, recorder) -> None:
+    sender, other = make_broker(), make_broker()  # two processes' brokers on one store
+
+    def declare(broker: ShardedBroker) -> dramatiq.Actor:
+        @dramatiq.actor(broker=broker, shard_key="account", actor_name="post", queue_name="posts")
+        def post(account: str, n: int) -> None:
+            with recorder.running_key(account):
+                recorder.add(account, n)
+
+        return post
+
+    declare(sender)
+    post = declare(other)
+    sent = [sender.enqueue(post.message("a", n)) for n in range(4)]
+    later = sender.enqueue(post.message("a", 4), delay=200_000)
+    ids = [message.message_id for message in sent]
+    assert get(ids[1], broker=other).state == "waiting"  # by id alone: the declared queues searched
+    assert cancel(ids[1], broker=other).cancelled
+    assert cancel(sent[2], broker=other).cancelled  # the message as sent: its own queue
+    assert cancel(later.message_id, broker=other).state == "delayed"
+    assert get(ids[2], broker=other) is None and get(later, broker=sender) is None
+
+    with run_worker(other, threads=2):
+        other.join("posts", timeout=20_000)
+    assert recorder.by_key() == {"a": [0, 3]}
+    assert other.engine.stats("posts").keys == 0

@@ -41,6 +41,8 @@
 --                        d:<dedup id>  cmsgpack {id, expires}
 --                        dl:<key> how many delayed messages the key has (max_pending_per_key;
 --                                 absent: none)
+--                        r:<ref>  the id of the newest message enqueued with that ref (see
+--                                 "Refs" in backend.py; only messages with a ref touch these)
 --   backlog     zset   key -> minus its live (not dead) messages, so ZRANGE lists the largest
 --                      backlog first and equal backlogs by key
 --   delayed     zset   score = due time, member order..id
@@ -62,7 +64,8 @@
 -- without a place), t (enqueued_at), h (headers JSON), d (dedup id), ah (at_head), st
 -- (state: new|ready|delayed|leased|dead), nb (not before), a (attempts: completed
 -- deliveries), o (order of its delayed entry), ea and eo (when it entered the ready order,
--- eo for the unkeyed lane), r (reason), da (died at), pl (payload). While leased (see
+-- eo for the unkeyed lane), r (reason), da (died at), pl (payload), rf (ref, while its r:<ref>
+-- field names this message; absent, not even nil, when none). While leased (see
 -- as_leased, never stored): tok (lease token), b (batch id, for a batch of 2 or more).
 
 local MSGS, READY, KEYQ, STATE, BACKLOG, DELAYED, LEASES, DEDUPEXP, DEAD, READYAGE, METRICS,
@@ -282,13 +285,13 @@ local function readable(raw)
 end
 
 local function decode(id, raw)
-  local decoded, k, p, h, d, ah, pl, t, s, st, a, nb, ea, eo, o, r, da = pcall(cmsgpack.unpack, raw)
+  local decoded, k, p, h, d, ah, pl, t, s, st, a, nb, ea, eo, o, r, da, rf = pcall(cmsgpack.unpack, raw)
   if not valid(decoded, p, h, pl, t) then
     return nil
   end
   return {
     id = id, k = k, p = p, h = h, d = d, ah = ah, pl = pl, t = t, s = s, st = st or 'ready', a = a or 0,
-    nb = nb or t, ea = ea or t, eo = eo, o = o, r = r, da = da,
+    nb = nb or t, ea = ea or t, eo = eo, o = o, r = r, da = da, rf = rf,
   }
 end
 
@@ -318,6 +321,10 @@ local function packed(rec)
   local a = rec.a ~= 0 and rec.a or nil
   local nb = rec.nb ~= rec.t and rec.nb or nil
   local ea = rec.ea ~= rec.t and rec.ea or nil
+  if rec.rf then
+    return cmsgpack.pack(rec.k, rec.p, rec.h, rec.d, rec.ah, rec.pl, rec.t, rec.s, st, a, nb, ea, rec.eo, rec.o,
+      rec.r, rec.da, rec.rf)
+  end
   return cmsgpack.pack(rec.k, rec.p, rec.h, rec.d, rec.ah, rec.pl, rec.t, rec.s, st, a, nb, ea, rec.eo, rec.o,
     rec.r, rec.da)
 end
@@ -655,11 +662,57 @@ local function flush_observed(now)
   end
 end
 
+-- Refs (see "Refs" in backend.py): state field r:<ref> names the newest message enqueued
+-- with the ref, whose record carries it (rf). Messages without a ref never come here.
+
+-- The new record rec (rec.rf set) takes its ref's field; an older message carrying the ref
+-- loses it (its record is written back by flush()).
+local function take_ref(rec)
+  local field = 'r:' .. rec.rf
+  local older = redis.call('HGET', K[STATE], field)
+  if older then
+    local old = load(older)
+    if old then
+      if old.fresh then
+        -- Enqueued ready by this very call, its record written whole already: rewritten.
+        local whole = decode(older, redis.call('HGET', K[MSGS], older))
+        whole.rf = nil
+        redis.call('HSET', K[MSGS], older, packed(whole))
+      end
+      old.rf = nil
+    end
+  end
+  redis.call('HSET', K[STATE], field, rec.id)
+end
+
+-- The message `id` is settled without its record being read (ack: the client's lease
+-- names its ref): the ref's field goes if it still names that message.
+local function drop_ref(ref, id)
+  local field = 'r:' .. ref
+  if redis.call('HGET', K[STATE], field) == id then
+    redis.call('HDEL', K[STATE], field)
+  end
+end
+
+-- The id of the message a ref names, or nil.
+local function ref_id(ref)
+  return redis.call('HGET', K[STATE], 'r:' .. ref) or nil
+end
+
+-- The stored record's values after the client's envelope for a message that enqueue
+-- places ready at once and that carries a ref (rf comes after every other field).
+local function ref_tail(rec, now)
+  return cmsgpack.pack(now, rec.s, nil, nil, rec.nb ~= now and rec.nb or nil, nil, rec.eo, nil, nil, nil, rec.rf)
+end
+
 -- Drop a settled record (acked or purged) from every index it counts in.
 local function forget(rec)
   local was = rec.st
   set_state(rec, 'gone')
   redis.call('HDEL', K[MSGS], rec.id)
+  if rec.rf then
+    redis.call('HDEL', K[STATE], 'r:' .. rec.rf)
+  end
   CACHE[rec.id] = false
   if was ~= 'dead' and rec.k then
     uncount_key(rec.k)

@@ -1,8 +1,9 @@
 -- enqueue_many: store messages atomically, in order; answer their ids.
 -- args: clock, options, the messages' fields packed by the client (one msgpack array:
 -- per message id, key (nil = unkeyed), priority, delay, dedup id (nil = none), at_head),
--- then per message its envelope (k p h d ah pl, packed by the client: the start of its
--- stored record, see load()).
+-- then, only when some message has one, per message its ref (nil = none); then per
+-- message its envelope (k p h d ah pl, packed by the client: the start of its stored
+-- record, see load()).
 -- Answers the ids, or, when a backpressure limit refuses the call (nothing of it stored),
 -- {0, key ('' for max_pending), setting, limit, note}.
 register('enqueue', function(args)
@@ -47,6 +48,11 @@ register('enqueue', function(args)
         id = id, k = key, p = fields[f + 3], t = now, d = dedup_id, ah = fields[f + 6], st = 'new', nb = now,
         ea = now, a = 0,
       }
+      local ref = fields[6 * (#args - 3) + n]
+      if ref then
+        rec.rf = ref
+        take_ref(rec)
+      end
       local after = fields[f + 4]
       -- Chosen before the new message goes in: it is never the one dropped.
       local dropped = drops and drops[n] and room_for(key, now, settings)
@@ -74,7 +80,9 @@ register('enqueue', function(args)
         -- The record as the client packed it, and t s (eo for an unkeyed one, nb for one
         -- holding its key): the other fields have their defaults.
         local tail
-        if rec.eo then
+        if rec.rf then
+          tail = ref_tail(rec, now)
+        elseif rec.eo then
           tail = cmsgpack.pack(now, rec.s, nil, nil, nil, nil, rec.eo)
         elseif rec.nb ~= now then
           tail = cmsgpack.pack(now, rec.s, nil, nil, rec.nb)

@@ -1,7 +1,8 @@
 -- get: one message of the queue by id and what it is doing now (planner.get is the
--- memory model's). Reads only. args: clock, id. Answers {} when the queue holds no such
--- message, else {state, key ('' = unkeyed), priority, attempts, enqueued_at, payload
--- size, dedup id ('' = none), not before, lease deadline, leased at, reason, died at},
+-- memory model's). Reads only. args: clock, id ('' = the message ref names), ref. Answers
+-- {} when the queue holds no such message, else {state, key ('' = unkeyed), priority,
+-- attempts, enqueued_at, payload size, dedup id ('' = none), not before, lease deadline,
+-- leased at, reason, died at, id, ref ('' = none)},
 -- state one of ready, delayed, leased, dead; lease deadline and leased at are '' unless
 -- leased and found. A leased message's lease is named by its token, which only its
 -- holder knows: it is looked up among the queue's leases, in pages, at most
@@ -10,8 +11,8 @@ local GET_READ_LIMIT = 10000
 local GET_PAGE = 500
 
 register('get', function(args)
-  local id = args[2]
-  local rec = load(id)
+  local id = args[2] ~= '' and args[2] or ref_id(args[3])
+  local rec = id and load(id)
   if not rec then
     return {}
   end
@@ -38,5 +39,5 @@ register('get', function(args)
     end
   end
   return { state, rec.k or '', rec.p, attempts, rec.t, #rec.pl, rec.d or '', rec.nb, deadline, leased_at, rec.r or '',
-    rec.da or 0 }
+    rec.da or 0, id, rec.rf or '' }
 end, { 'no-writes' })

@@ -267,21 +267,23 @@ class SQLiteBackend(Backend):
             if budget <= 0 or not chunk_deleted:
                 return deleted
 
-    def cancel(self, queue: str, message_id: str, settings: QueueSettings) -> CancelResult:
+    def cancel(
+        self, queue: str, message_id: str | None, settings: QueueSettings, ref: str | None = None
+    ) -> CancelResult:
         def body(tx: Transaction) -> CancelResult:
             s = tx.store(queue)
             if s is None:
-                return CancelResult(queue, message_id, False, None)
-            return planner.cancel(s, message_id, settings)
+                return CancelResult(queue, message_id, False, None, ref=ref)
+            return planner.cancel(s, message_id, settings, ref)
 
         return self._write(body, notify=True)
 
     # -- reads ------------------------------------------------------------------------
 
-    def get(self, queue: str, message_id: str) -> MessageInfo | None:
+    def get(self, queue: str, message_id: str | None, ref: str | None = None) -> MessageInfo | None:
         def body(tx: Transaction) -> MessageInfo | None:
             s = tx.store(queue)
-            return None if s is None else planner.get(s, message_id)
+            return None if s is None else planner.get(s, message_id, ref)
 
         return self._read(body)
 

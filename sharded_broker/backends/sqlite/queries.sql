@@ -4,17 +4,17 @@
 --
 -- Column lists: a message as the planner reads it (id, key, priority, seq, at_head, state,
 -- not_before, attempts, token, deadline, batch_id, batch_index), with what a lease hands
--- out after it (payload, headers, enqueued_at, dedup_id, entered_at, entered_order).
+-- out after it (payload, headers, enqueued_at, dedup_id, entered_at, entered_order, ref).
 
 -- name: key_head
 SELECT id, key, priority, seq, at_head, state, not_before, attempts, token, deadline, batch_id, batch_index,
-       payload, headers, enqueued_at, dedup_id, entered_at, entered_order
+       payload, headers, enqueued_at, dedup_id, entered_at, entered_order, ref
 FROM messages WHERE queue = ? AND key = ? AND state = 'ready' ORDER BY priority, seq LIMIT ?;
 
 -- name: key_tail
 -- max_pending_per_key with on_full = 'replace': the key's last ready message.
 SELECT id, key, priority, seq, at_head, state, not_before, attempts, token, deadline, batch_id, batch_index,
-       payload, headers, enqueued_at, dedup_id, entered_at, entered_order
+       payload, headers, enqueued_at, dedup_id, entered_at, entered_order, ref
 FROM messages WHERE queue = ? AND key = ? AND state = 'ready' ORDER BY priority DESC, seq DESC LIMIT 1;
 
 -- name: key_ready_count
@@ -25,7 +25,7 @@ SELECT COUNT(*) FROM messages WHERE queue = ? AND key = ? AND state = 'delayed';
 
 -- name: lane_head
 SELECT id, key, priority, seq, at_head, state, not_before, attempts, token, deadline, batch_id, batch_index,
-       payload, headers, enqueued_at, dedup_id, entered_at, entered_order
+       payload, headers, enqueued_at, dedup_id, entered_at, entered_order, ref
 FROM messages WHERE queue = ? AND key IS NULL AND state = 'ready' ORDER BY priority, seq LIMIT 1;
 
 -- name: ready_key
@@ -60,8 +60,18 @@ FROM messages WHERE id = ? AND queue = ?;
 -- name: message_any
 -- cancel and get: one message of the queue by id, in any state.
 SELECT id, key, priority, seq, at_head, state, not_before, attempts, token, deadline, batch_id, batch_index,
-       payload, headers, enqueued_at, dedup_id, entered_at, entered_order
+       payload, headers, enqueued_at, dedup_id, entered_at, entered_order, ref
 FROM messages WHERE id = ? AND queue = ?;
+
+-- name: message_by_ref
+-- cancel and get by ref: the one message of the queue carrying it (messages_ref).
+SELECT id, key, priority, seq, at_head, state, not_before, attempts, token, deadline, batch_id, batch_index,
+       payload, headers, enqueued_at, dedup_id, entered_at, entered_order, ref
+FROM messages WHERE queue = ? AND ref = ?;
+
+-- name: ref_taken
+-- An enqueue with a ref: the older message carrying it loses it (a ref names one message).
+UPDATE messages SET ref = NULL WHERE queue = ? AND ref = ?;
 
 -- name: message_outcome
 -- get: what a message's lease or death recorded.

@@ -82,7 +82,8 @@ CREATE TABLE IF NOT EXISTS messages (
     entered_order INTEGER NOT NULL DEFAULT 0,
     reason TEXT NOT NULL DEFAULT '',
     died_at REAL NOT NULL DEFAULT 0,
-    dead_order INTEGER NOT NULL DEFAULT 0
+    dead_order INTEGER NOT NULL DEFAULT 0,
+    ref TEXT                               -- the caller's name for it, while it names this message
 );
 -- not_before is in the index so that a key's next ready time is read without the table.
 CREATE INDEX IF NOT EXISTS messages_key_order ON messages (queue, key, priority, seq, not_before) WHERE state = 'ready';
@@ -94,6 +95,8 @@ CREATE INDEX IF NOT EXISTS messages_leased ON messages (queue, deadline, timer_o
 -- Only batches of several messages: a lease of one message stores batch_id '' and needs no entry.
 CREATE INDEX IF NOT EXISTS messages_open_batches ON messages (batch_id, batch_index) WHERE state = 'leased' AND batch_id <> '';
 CREATE INDEX IF NOT EXISTS messages_dead ON messages (queue, dead_order) WHERE state = 'dead';
+-- cancel and get by ref; only messages carrying one have an entry, and it goes with the row.
+CREATE UNIQUE INDEX IF NOT EXISTS messages_ref ON messages (queue, ref) WHERE ref IS NOT NULL;
 CREATE TABLE IF NOT EXISTS dedup (
     queue TEXT NOT NULL,
     dedup_id TEXT NOT NULL,

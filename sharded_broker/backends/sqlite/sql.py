@@ -23,7 +23,8 @@ from ...models import COUNTERS
 # (max_pending_per_key counts a key's delayed messages); an older file gains both when opened.
 # Version 6 adds the schedules table (recurrent messages) and its schedules_due index,
 # which an older file gains when opened (the schema's statements create what is missing).
-SCHEMA_VERSION = 6
+# Version 7 keeps a message's ref (messages.ref: ADDED_COLUMNS) and indexes it (messages_ref).
+SCHEMA_VERSION = 7
 OLD_INDEXES = ("messages_ready", "messages_batch")
 _OPEN_MINUTE_COLUMNS = {"open_minute": "REAL", **{f"open_{c}": "INTEGER NOT NULL DEFAULT 0" for c in COUNTERS}}
 ADDED_COLUMNS = {
@@ -32,7 +33,9 @@ ADDED_COLUMNS = {
         **_OPEN_MINUTE_COLUMNS, "weight": "INTEGER", "round_turns": "INTEGER NOT NULL DEFAULT 0",
         "round_at": "REAL", "round_order": "INTEGER",
     },
-    "messages": {"batch_size": "INTEGER NOT NULL DEFAULT 0", "leased_at": "REAL NOT NULL DEFAULT 0"},
+    "messages": {
+        "batch_size": "INTEGER NOT NULL DEFAULT 0", "leased_at": "REAL NOT NULL DEFAULT 0", "ref": "TEXT",
+    },
 }
 NAME_MARK = "-- name: "
 

@@ -135,18 +135,20 @@ class _Message:
     __slots__ = (
         "id", "key", "priority", "seq", "at_head", "state", "not_before", "attempts", "token", "deadline",
         "batch_id", "batch_index", "payload", "headers", "enqueued_at", "dedup_id", "entered_at", "entered_order",
+        "ref",
     )
 
     def __init__(
         self, id: str, key: str | None, priority: int, seq: int | None, at_head: bool, state: str,
         not_before: float, attempts: int, token: str, deadline: float, batch_id: str, batch_index: int,
         payload: bytes = b"", headers: str = "{}", enqueued_at: float = 0.0, dedup_id: str | None = None,
-        entered_at: float = 0.0, entered_order: int = 0,
+        entered_at: float = 0.0, entered_order: int = 0, ref: str | None = None,
     ) -> None:
         self.id, self.key, self.priority, self.seq, self.at_head, self.state = id, key, priority, seq, at_head, state
         self.not_before, self.attempts, self.token, self.deadline = not_before, attempts, token, deadline
         self.batch_id, self.batch_index, self.payload, self.headers = batch_id, batch_index, payload, headers
         self.enqueued_at, self.dedup_id, self.entered_at, self.entered_order = enqueued_at, dedup_id, entered_at, entered_order
+        self.ref = ref
 
 
 def _head_message(row: Any) -> HeadMessage | None:
@@ -567,12 +569,15 @@ class QueueStore:
     def message(self, message_id: str) -> _Message | None:
         return self._message("message_any", message_id, self.q.name)
 
+    def message_by_ref(self, ref: str) -> _Message | None:
+        return self._message("message_by_ref", self.q.name, ref)
+
     def message_info(self, msg: _Message) -> MessageInfo:
         leased_at, reason, died_at = self.tx.one("message_outcome", msg.id)
         return planner.describe(
             self.q.name, msg.id, msg.key, msg.state, priority=msg.priority, attempts=msg.attempts,
             enqueued_at=msg.enqueued_at, size=len(msg.payload), dedup_id=msg.dedup_id, not_before=msg.not_before,
-            deadline=msg.deadline, leased_at=leased_at, reason=reason, died_at=died_at,
+            deadline=msg.deadline, leased_at=leased_at, reason=reason, died_at=died_at, ref=msg.ref,
         )
 
     def forget(self, msg: _Message) -> None:
@@ -594,6 +599,9 @@ class QueueStore:
             if message.key is None:
                 columns["entered_order"] = q.order()
                 q.lane_empty = False
+        if message.ref is not None:
+            self._db.execute(QUERIES["ref_taken"], (q.name, message.ref))
+            columns["ref"] = message.ref
         q.count(state, +1)
         headers = json.dumps(dict(message.headers), separators=(",", ":")) if message.headers else "{}"
         self._db.execute(
@@ -647,6 +655,7 @@ class QueueStore:
             enqueued_at=msg.enqueued_at,
             batch_id=batch_id,
             dedup_id=msg.dedup_id,
+            ref=msg.ref,
         )
 
     def set_deadline(self, msg: _Message, deadline: float) -> None:
