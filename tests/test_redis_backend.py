@@ -6,6 +6,7 @@ The semantics every backend shares are in test_conformance.py and test_model.py.
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 import subprocess
 import threading
@@ -585,6 +586,30 @@ def test_an_enqueue_sent_again_after_its_reply_was_lost_stores_nothing_twice(
         delivered += [lease.id for lease in leases]
         assert broker.ack_many(leases) == [True] * len(leases)
     assert sorted(delivered) == sorted(ids) and broker.stats("q").ready == 0
+
+
+def _enqueue_ids_in_child(broker: sharded_broker.Broker, answers: "multiprocessing.Queue[list[str]]") -> None:
+    answers.put([broker.enqueue(Q, b"from the child") for _ in range(3)])
+
+
+def test_a_forked_child_makes_message_ids_of_its_own(redis_url: str) -> None:
+    """A child forked from a process that enqueued (a Celery prefork pool's) must not make
+    its parent's next ids: an enqueue whose id is already stored is taken for a resent
+    call and stores nothing, so the parent's next messages would be lost."""
+    fork = multiprocessing.get_context("fork")
+    with sharded_broker.connect(redis_url) as broker:
+        first = broker.enqueue(Q, b"from the parent")
+        answers: multiprocessing.Queue[list[str]] = fork.Queue()
+        children = [fork.Process(target=_enqueue_ids_in_child, args=(broker, answers)) for _ in range(2)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join(30)
+            assert child.exitcode == 0
+        from_children = answers.get(timeout=5) + answers.get(timeout=5)
+        from_parent = [broker.enqueue(Q, b"from the parent") for _ in range(3)]
+        assert len({first, *from_children, *from_parent}) == 10
+        assert broker.stats(Q).ready == 10
 
 
 def test_weights_cost_nothing_in_a_queue_without_one(broker: sharded_broker.Broker, admin: redis.Redis) -> None:

@@ -48,8 +48,10 @@ import hashlib
 import inspect
 import json
 import itertools
+import os
 import secrets
 import threading
+import weakref
 from contextlib import contextmanager
 from importlib import resources
 from types import MappingProxyType
@@ -314,6 +316,24 @@ def translated_errors(safe_url: str) -> Iterator[None]:
         raise BackendError(f"redis at {safe_url} refused the operation: {exc}") from None
 
 
+# Every RedisOperations of this process, for _new_id_prefixes_after_fork.
+_ID_PREFIX_OWNERS: "weakref.WeakSet[RedisOperations]" = weakref.WeakSet()
+
+
+def _new_id_prefixes_after_fork() -> None:
+    """In a forked child, give every backend a new id prefix. The child inherits its
+    parent's prefix and counter, so the parent and every child forked from it (a
+    prefork server's workers, opened before the fork) would make the same next ids; and
+    the enqueue function takes an id it already stores for a resent call, storing
+    nothing: the later message was silently lost."""
+    for operations in list(_ID_PREFIX_OWNERS):
+        operations._id_prefix = secrets.token_hex(8)
+        operations._id_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_new_id_prefixes_after_fork)
+
+
 class RedisOperations:
     """Every operation of the Redis backend as steps (see "requests" above): the keys,
     arguments and reply of each function, and the client-side logic around them (chunked
@@ -349,9 +369,11 @@ class RedisOperations:
         self._queue_keys: dict[str, list[bytes]] = {}
         self._options: dict[QueueSettings, bytes] = {}
         # Message ids: a random prefix of this backend (64 bits) and a counter, shorter than
-        # a UUID (ids are stored in several indexes) and as unique in practice.
+        # a UUID (ids are stored in several indexes) and as unique in practice. A forked
+        # child draws a prefix of its own (_new_id_prefixes_after_fork).
         self._id_prefix = secrets.token_hex(8)
         self._id_counter = itertools.count(1)
+        _ID_PREFIX_OWNERS.add(self)
         self._registered: set[str] = set()
         self._registered_lock = threading.Lock()
 
