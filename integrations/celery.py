@@ -86,7 +86,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from kombu.exceptions import DecodeError
 from kombu.serialization import loads as deserialize
 from kombu.transport import virtual
-from kombu.utils.json import dumps as json_dumps
+from kombu.utils.json import JSONEncoder
 from kombu.utils.json import loads as json_loads
 from kombu.utils.uuid import uuid
 
@@ -121,6 +121,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 logger = logging.getLogger(__name__)
+
+# kombu's json.dumps (kombu.utils.json.dumps), its encoder built once rather than at every
+# publish (json.dumps builds one per call when given a cls). Encoding keeps no state in
+# the encoder, and its default() reads kombu's registered types at each call.
+json_dumps = JSONEncoder().encode
 
 #: The message header that carries the shard key (Celery copies headers on retry).
 SHARD_KEY_HEADER = "shard_key"

@@ -163,7 +163,8 @@ def headers(value: Any) -> dict[str, Any]:
     """A plain dict equal to ``value``'s JSON round trip (what every backend stores)."""
     if value is None:
         return {}
-    if not isinstance(value, Mapping):
+    # A dict first: typing.Mapping's isinstance check costs a microsecond per message.
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise InvalidArgumentType(f"headers must be a mapping, not {type(value).__name__}")
     copied = _flat_headers(value)
     if copied is not None:

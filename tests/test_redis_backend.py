@@ -6,6 +6,7 @@ The semantics every backend shares are in test_conformance.py and test_model.py.
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 import subprocess
 import threading
@@ -15,6 +16,8 @@ from typing import Iterator
 
 import pytest
 import redis
+import redis.backoff
+import redis.retry
 
 import sharded_broker
 from sharded_broker import BackendUnavailable, ConfigurationError, Message
@@ -585,6 +588,81 @@ def test_an_enqueue_sent_again_after_its_reply_was_lost_stores_nothing_twice(
         delivered += [lease.id for lease in leases]
         assert broker.ack_many(leases) == [True] * len(leases)
     assert sorted(delivered) == sorted(ids) and broker.stats("q").ready == 0
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_before_the_next_call(
+    redis_url: str, admin: redis.Redis
+) -> None:
+    """The backend keeps its connection between FCALLs and checks it before each, as
+    redis-py's pool checks what it lends: a connection the server closed meanwhile (its
+    ``timeout``, a ``CLIENT KILL``) is replaced, not written to, so no retry is needed."""
+    no_retries = redis.retry.Retry(redis.backoff.NoBackoff(), 0)
+    with sharded_broker.connect(redis_url, retry=no_retries, client_name="sb-kept") as broker:
+        broker.enqueue(Q, b"1")  # registers the queue (a pipeline)
+        broker.enqueue(Q, b"2")  # an FCALL: its connection is kept
+        assert admin.client_kill_filter(_type="normal", skipme=True) >= 1
+        time.sleep(0.05)  # the server's FIN reaches the client's socket
+        broker.enqueue(Q, b"3")
+        assert broker.stats(Q).ready == 3
+
+
+def test_kept_connections_go_back_to_the_pool_for_plain_commands(redis_url: str) -> None:
+    """A kept FCALL connection stays lent in redis-py's pool, so a plain command (here
+    SMEMBERS of the queue registry) would find a pool of one connection exhausted: it goes
+    back first."""
+    with sharded_broker.connect(redis_url, max_connections=1) as broker:
+        for _ in range(2):
+            broker.enqueue(Q, b"1")
+            assert broker.queues() == [Q]
+        assert broker.stats(Q).ready == 2
+
+
+def _enqueue_ids_in_child(broker: sharded_broker.Broker, answers: "multiprocessing.Queue[list[str]]") -> None:
+    answers.put([broker.enqueue(Q, b"from the child") for _ in range(3)])
+
+
+def test_a_forked_child_makes_message_ids_of_its_own(redis_url: str) -> None:
+    """A child forked from a process that enqueued (a Celery prefork pool's) must not make
+    its parent's next ids: an enqueue whose id is already stored is taken for a resent
+    call and stores nothing, so the parent's next messages would be lost."""
+    fork = multiprocessing.get_context("fork")
+    with sharded_broker.connect(redis_url) as broker:
+        first = broker.enqueue(Q, b"from the parent")
+        answers: multiprocessing.Queue[list[str]] = fork.Queue()
+        children = [fork.Process(target=_enqueue_ids_in_child, args=(broker, answers)) for _ in range(2)]
+        for child in children:
+            child.start()
+        for child in children:
+            child.join(30)
+            assert child.exitcode == 0
+        from_children = answers.get(timeout=5) + answers.get(timeout=5)
+        from_parent = [broker.enqueue(Q, b"from the parent") for _ in range(3)]
+        assert len({first, *from_children, *from_parent}) == 10
+        assert broker.stats(Q).ready == 10
+
+
+def _enqueue_in_child(broker: sharded_broker.Broker, redis_url: str, answers: "multiprocessing.Queue[int]") -> None:
+    broker.enqueue(Q, b"from the child")
+    client = redis.Redis.from_url(redis_url)
+    answers.put(sum(1 for c in client.client_list() if c["name"] == "sb-fork"))
+    client.close()
+
+
+def test_a_forked_child_does_not_use_the_connection_its_parent_kept(redis_url: str) -> None:
+    """After a fork the kept connection is the parent's socket: the child opens its own
+    (two processes writing one socket would read each other's replies)."""
+    fork = multiprocessing.get_context("fork")
+    with sharded_broker.connect(redis_url, client_name="sb-fork") as broker:
+        broker.enqueue(Q, b"from the parent")  # registers the queue (a pipeline)
+        broker.enqueue(Q, b"from the parent")  # an FCALL: the parent keeps its connection
+        answers: multiprocessing.Queue[int] = fork.Queue()
+        child = fork.Process(target=_enqueue_in_child, args=(broker, redis_url, answers))
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+        assert answers.get(timeout=5) == 2  # the parent's kept connection and the child's own
+        broker.enqueue(Q, b"from the parent again")
+        assert broker.stats(Q).ready == 4
 
 
 def test_weights_cost_nothing_in_a_queue_without_one(broker: sharded_broker.Broker, admin: redis.Redis) -> None:
