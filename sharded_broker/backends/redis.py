@@ -964,18 +964,17 @@ class PackedCalls:
         return b"".join(parts)
 
 
-class RedisBackend(Backend):
-    """Queues in a Redis server (7.0 or later), shared by every process that uses it.
+Executor = TypeVar("Executor", bound="RedisExecutor")
 
-    ``prefix`` (default ``"sb"``) starts every key name; two prefixes on one server are
-    fully isolated. ``clock`` replaces the server's clock (tests only). ``metrics_window``
-    (seconds, default 3600) bounds the per-minute metrics kept, and ``key_metrics_window``
-    (seconds, default ``metrics_window``, never longer) those of each key; ``events`` (default True)
-    publishes lifecycle events. Any other option is a redis-py connection option
-    (``socket_timeout``, ``ssl_ca_certs``, ...).
 
-    Runs the steps of :class:`RedisOperations` on redis-py's blocking client.
-    """
+class RedisExecutor:
+    """What the two executors of :class:`RedisOperations` (:class:`RedisBackend` and
+    ``redis_asyncio.AsyncRedisBackend``) set up alike from a URL and the options of
+    :class:`RedisBackend`: the operations, redis-py clients of ``client_module`` (``redis``
+    or ``redis.asyncio``) and the packer of their FCALLs. ``url`` keeps no password (it
+    stays with redis-py only)."""
+
+    client_module: Any
 
     def __init__(
         self,
@@ -988,26 +987,45 @@ class RedisBackend(Backend):
         events: bool = True,
         **redis_options: Any,
     ) -> None:
-        self.url = self._safe_url = redact_url(url)  # the password stays with redis-py only
+        self.url = self._safe_url = redact_url(url)
         self._ops = RedisOperations(
             prefix=prefix, clock=clock, metrics_window=metrics_window, key_metrics_window=key_metrics_window,
             events=events,
         )
         self.prefix = prefix
-        self._client, self._blocking_client = clients(redis, url, redis_options, self._safe_url)
+        self._client, self._blocking_client = clients(self.client_module, url, redis_options, self._safe_url)
         self._functions = _LIBRARY.functions
         self._packed = PackedCalls(self._functions, self._client.connection_pool.get_encoder())
-        # Connections kept between FCALLs (see _idle_connection), in the process that took them.
-        self._idle: list[Any] = []
-        self._idle_pid = os.getpid()
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> "RedisBackend":
+    def from_url(cls: type[Executor], url: str, **options: Any) -> Executor:
         checked_options(url, options)
         return cls(url, **options)
 
     def __repr__(self) -> str:
-        return f"<RedisBackend {self._safe_url} prefix={self.prefix!r}>"
+        return f"<{type(self).__name__} {self._safe_url} prefix={self.prefix!r}>"
+
+
+class RedisBackend(RedisExecutor, Backend):
+    """Queues in a Redis server (7.0 or later), shared by every process that uses it.
+
+    ``prefix`` (default ``"sb"``) starts every key name; two prefixes on one server are
+    fully isolated. ``clock`` replaces the server's clock (tests only). ``metrics_window``
+    (seconds, default 3600) bounds the per-minute metrics kept, and ``key_metrics_window``
+    (seconds, default ``metrics_window``, never longer) those of each key; ``events`` (default True)
+    publishes lifecycle events. Any other option is a redis-py connection option
+    (``socket_timeout``, ``ssl_ca_certs``, ...).
+
+    Runs the steps of :class:`RedisOperations` on redis-py's blocking client.
+    """
+
+    client_module = redis
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
+        # Connections kept between FCALLs (see _idle_connection), in the process that took them.
+        self._idle: list[Any] = []
+        self._idle_pid = os.getpid()
 
     # -- the executor -------------------------------------------------------------------
 

@@ -10,28 +10,25 @@ method of the same name, with the same arguments and answers.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import redis.asyncio
 import redis.exceptions
 
-from ..backend import DEFAULT_METRICS_WINDOW, KeySort
+from ..backend import KeySort
 from ..errors import BackendUnavailable
 from ..models import (
     CancelResult, DeadLetter, Event, KeyFacts, KeyInfo, Lease, LeaseResult, Message, MessageInfo, MinuteMetrics,
     QueueSettings, QueueStats, RetryPosition, Schedule,
 )
-from ..urls import redact_url
 from .redis import (
-    _LIBRARY, MAX_BLOCK, Command, FunctionCall, PackedCalls, Pipeline, RedisOperations, Request, Steps, checked_options,
-    clients,
-    translated_errors,
+    MAX_BLOCK, Command, FunctionCall, Pipeline, RedisExecutor, RedisOperations, Request, Steps, translated_errors,
 )
 
 T = TypeVar("T")
 
 
-class AsyncRedisBackend:
+class AsyncRedisBackend(RedisExecutor):
     """Queues in a Redis server, reached through ``redis.asyncio``; the options of
     :class:`~.redis.RedisBackend`. Its connections belong to the event loop that first
     uses them."""
@@ -39,34 +36,7 @@ class AsyncRedisBackend:
     # A BLPOP timeout ends at the server's next cron tick (hz 10 by default).
     wait_resolution = 0.1
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        prefix: str = "sb",
-        clock: Callable[[], float] | None = None,
-        metrics_window: float = DEFAULT_METRICS_WINDOW,
-        key_metrics_window: float | None = None,
-        events: bool = True,
-        **redis_options: Any,
-    ) -> None:
-        self.url = self._safe_url = redact_url(url)
-        self._ops = RedisOperations(
-            prefix=prefix, clock=clock, metrics_window=metrics_window, key_metrics_window=key_metrics_window,
-            events=events,
-        )
-        self.prefix = prefix
-        self._client, self._blocking_client = clients(redis.asyncio, url, redis_options, self._safe_url)
-        self._functions = _LIBRARY.functions
-        self._packed = PackedCalls(self._functions, self._client.connection_pool.get_encoder())
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> "AsyncRedisBackend":
-        checked_options(url, options)
-        return cls(url, **options)
-
-    def __repr__(self) -> str:
-        return f"<AsyncRedisBackend {self._safe_url} prefix={self.prefix!r}>"
+    client_module = redis.asyncio
 
     # -- the executor -------------------------------------------------------------------
 
