@@ -37,8 +37,13 @@ lint: venv
 	$(VENV)/bin/ruff check sharded_broker integrations
 	$(VENV)/bin/mypy sharded_broker integrations
 
+# Two pytest processes (pytest-xdist): most of the suite waits on workers, servers and
+# timeouts rather than the CPU. A file's tests stay on one process, so a module's fixtures
+# start once. PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
+
 test: venv redis-server chromium lint
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 reliability: venv redis-server
 	$(VENV)/bin/pytest tests/reliability -m "" $(PYTEST_ARGS)

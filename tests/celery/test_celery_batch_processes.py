@@ -50,7 +50,10 @@ def test_prefork_worker_runs_batches_in_order_with_partial_failures(redis_url: s
             time.sleep(0.1)
     finally:
         if worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
+            # The main process only, as `kill PID` does: a SIGTERM to the whole group can end
+            # a pool process holding the pool's inqueue lock, and the main process then waits
+            # out the 30 s below at exit (billiard's Pool._help_stuff_finish).
+            worker.send_signal(signal.SIGTERM)
             try:
                 worker.wait(30)
             except subprocess.TimeoutExpired:

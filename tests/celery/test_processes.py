@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -195,7 +196,9 @@ def test_url_alone_drives_worker_inspect_beat_and_purge_on_sqlite(processes, tmp
     assert [s for t, _, s, _ in read_log(log) if t == "record"] == ["0", "1", "2", "3"]
     assert [s for t, _, s, _ in read_log(log) if t == "by_config"] == ["0", "1", "2", "3"]
 
-    assert "pong" in processes.run(CELERY, "-A", "worker_app", "inspect", "ping", "-t", "5")
+    # Addressed to the worker by name: done at its reply instead of waiting out the timeout.
+    assert "pong" in processes.run(CELERY, "-A", "worker_app", "inspect", "ping", "-t", "5",
+                                   "-d", f"solo@{socket.gethostname()}")
 
     beat, _ = processes.start(CELERY, "-A", "worker_app", "beat", "-s", str(tmp_path / "beat-schedule"),
                               "--pidfile=", name="beat")

@@ -50,7 +50,8 @@ def proxy(redis_server: RedisServer, redis_url: str) -> Iterator[TcpProxy]:
 
 class Thief:
     """Polls a queue directly during the run: any message it gets was leasable while its
-    first run was still going on."""
+    first run was still going on. Started once the run has begun: before, the message is
+    rightly leasable, and a thief could take it ahead of the worker."""
 
     def __init__(self, url: str, queue: str) -> None:
         self.engine = sharded_broker.connect(url)
@@ -108,8 +109,8 @@ def test_a_dramatiq_lease_survives_an_outage_shorter_than_the_timeout(proxy: Tcp
     try:
         long_task.send("k")
         worker.start()
+        wait_until(lambda: started, 30, "the task to start")
         with Thief(redis_url, "outage") as thief:
-            wait_until(lambda: started, 30, "the task to start")
             _outage(proxy, started[0])
             wait_until(lambda: ended, 30, "the task to end")
         with sharded_broker.connect(redis_url) as engine:
@@ -138,8 +139,8 @@ def test_a_celery_lease_survives_an_outage_shorter_than_the_timeout(proxy: TcpPr
 
     long_task.delay("k")
     with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False, shutdown_timeout=30):
+        wait_until(lambda: started, 30, "the task to start")
         with Thief(redis_url, "celery") as thief:
-            wait_until(lambda: started, 30, "the task to start")
             _outage(proxy, started[0])
             wait_until(lambda: ended, 30, "the task to end")
             with sharded_broker.connect(redis_url) as engine:
