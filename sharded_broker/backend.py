@@ -412,7 +412,9 @@ class Backend(ABC):
         equals ``expected_due``: in one atomic step set its ``next_due`` to ``next_due``,
         its ``last_fired`` to now, count it in ``fired``, and enqueue ``message`` as
         :meth:`enqueue_many` would; the message's id. Otherwise change nothing and
-        answer None (another consumer fired this period, or the schedule changed)."""
+        answer None (another consumer fired this period, or the schedule changed). A
+        backpressure limit refuses the firing as it refuses an enqueue (QueueFull) and
+        then nothing changes either: the period fires at a later look."""
 
     @abstractmethod
     def set_schedule_paused(self, queue: str, name: str, paused: bool, next_due: float | None) -> bool:

@@ -21,7 +21,9 @@ from . import validation as check
 from .backend import Backend, EventSubscription, KeySort
 from .diagnosis import describe_seconds, diagnose
 from .feeder import Feeder, Writer
-from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL, ShardedBrokerError
+from .errors import (
+    ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL, QueueFull, ShardedBrokerError,
+)
 from .models import (
     CancelResult, DeadLetter, Event, KeyDiagnosis, KeyFacts, KeyInfo, Lease, Message, MessageInfo, MinuteMetrics,
     QueueSettings, QueueStats, RetryPosition, Schedule,
@@ -313,7 +315,17 @@ class BrokerEngine:
                 headers={**schedule.headers, SCHEDULE_HEADER: schedule.name},
             )
             next_due = recurrence.next_due(schedule.every, schedule.cron, schedule.next_due, now)
-            mid = yield call("fire_schedule", queue, schedule.name, schedule.next_due, next_due, message, settings)
+            try:
+                # An attempt whatever `call` is: a refusal is this schedule's alone (other
+                # errors go on as `call` would take them: out of the operation, or to the
+                # lease's look).
+                mid = yield _attempt("fire_schedule", queue, schedule.name, schedule.next_due, next_due, message,
+                                     settings)
+            except QueueFull as full:
+                # Its key (or the queue) is at a backpressure limit: nothing changed, and the
+                # period fires at a later look once there is room; the other schedules fire.
+                log.warning("Schedule %r of queue %r not fired now: %s", schedule.name, queue, full)
+                continue
             if mid is not None:
                 fired.append(mid)
         return fired
@@ -854,8 +866,9 @@ class Broker(BrokerEngine):
         """Enqueue the message of every schedule of ``queue`` that is due now (at most
         ``SCHEDULES_PER_CHECK``); the ids of the messages this call enqueued. What
         :meth:`lease` does about once a second; a schedule another process fired first
-        is skipped. Each firing is a compare-and-set on the schedule's next due time, so
-        concurrent callers never enqueue one period twice."""
+        is skipped, and so is one whose message a backpressure limit refuses (logged; it
+        fires at a later look once there is room). Each firing is a compare-and-set on the
+        schedule's next due time, so concurrent callers never enqueue one period twice."""
         return (yield from self._fire_due(check.queue_name(queue), _call))
 
     def events(self, queue: str, *, timeout: float | None = None) -> "EventStream":

@@ -348,3 +348,35 @@ def test_a_failing_look_at_the_schedules_never_fails_the_lease(
     monkeypatch.undo()
     assert broker.ack(lease)
     assert [lease.payload for lease in broker.lease(Q)] == [b"tick"]  # fired at the next look
+
+
+def test_a_full_key_refuses_a_firing_and_the_period_fires_once_there_is_room(connect, clock: FakeClock, caplog) -> None:
+    broker = connect(max_pending_per_key=1)
+    created = broker.schedule(Q, "full", b"s", every=10, key="a")
+    broker.schedule(Q, "other", b"o", every=10, key="b")
+    [waiting] = broker.enqueue_many(Q, [Message(b"m", key="a")])
+    clock.advance(10)
+    with caplog.at_level(logging.WARNING, logger="sharded_broker"):
+        fired = broker.fire_due_schedules(Q)
+    assert len(fired) == 1 and broker.get(Q, fired[0]).key == "b"  # the other schedule fired
+    assert "Schedule 'full' of queue 'jobs' not fired now" in caplog.text and "max_pending_per_key" in caplog.text
+    full = {s.name: s for s in broker.schedules(Q)}["full"]
+    assert (full.next_due, full.fired, full.last_fired) == (created.next_due, 0, None)  # nothing changed
+    assert broker.stats(Q).ready == 2
+    assert broker.cancel(Q, waiting).cancelled  # room in key a (no lease: it would look too)
+    [refired] = broker.fire_due_schedules(Q)  # the same period, now that there is room
+    assert broker.get(Q, refired).key == "a"
+    assert {s.name: s for s in broker.schedules(Q)}["full"].fired == 1
+
+
+@pytest.mark.parametrize("on_full", ["drop_oldest", "replace"])
+def test_a_latest_wins_key_takes_the_firing_in_place_of_a_waiting_message(connect, clock: FakeClock, on_full) -> None:
+    broker = connect(max_pending_per_key=1, on_full=on_full)
+    broker.schedule(Q, "tick", b"new", every=10, key="a")
+    [old] = broker.enqueue_many(Q, [Message(b"old", key="a")])
+    clock.advance(10)
+    [mid] = broker.fire_due_schedules(Q)
+    assert [d.id for d in broker.dead_letters(Q)] == [old]
+    assert broker.dead_letters(Q)[0].reason.startswith("dropped: max_pending_per_key")
+    assert fired_payloads(broker) == [b"new"]
+    assert broker.schedules(Q)[0].fired == 1

@@ -1024,12 +1024,14 @@ class MemoryBackend(Backend):
             if q is None or schedule is None or schedule.paused or schedule.next_due != expected_due:
                 return None
             now = self.now()
+            q.held_messages = True
+            self._expire_metrics(q, now)
+            # First: a backpressure limit that refuses the message (QueueFull) changes
+            # nothing, so the period fires at a later look.
+            [mid] = planner.enqueue_many(_QueueStore(self, q, now), [message], settings)
             self._keep_schedule(
                 q, dataclasses.replace(schedule, next_due=next_due, last_fired=now, fired=schedule.fired + 1)
             )
-            q.held_messages = True
-            self._expire_metrics(q, now)
-            [mid] = planner.enqueue_many(_QueueStore(self, q, now), [message], settings)
             self._store.notify_change()
             return mid
 

@@ -270,6 +270,14 @@ _LIBRARY = _Library()
 _OBSERVE_ONLY = QueueSettings()
 
 
+def _raise_refusal(queue: str, answer: Any) -> None:
+    """QueueFull when an enqueue's or a firing's answer is a backpressure refusal: {0, key
+    ('' for max_pending), setting, limit, note} (an answer of ids starts with a string)."""
+    if isinstance(answer, list) and answer and isinstance(answer[0], int):
+        _, key, setting, limit, note = answer
+        raise QueueFull(queue, _str(key) or None, _str(setting), limit, _str(note))
+
+
 def checked_options(url: str, options: Mapping[str, Any]) -> None:
     """Refuse, naming them, options and URL query parameters the backend cannot use."""
     known = _redis_options()
@@ -480,9 +488,7 @@ class RedisOperations:
             )
             with self._registered_lock:
                 self._registered.add(queue)
-        if ids and isinstance(ids[0], int):  # a backpressure limit refused the call
-            _, key, setting, limit, note = ids
-            raise QueueFull(queue, _str(key) or None, _str(setting), limit, _str(note))
+        _raise_refusal(queue, ids)
         return [_str(i) for i in ids]
 
     def lease(
@@ -895,6 +901,7 @@ class RedisOperations:
             )
             with self._registered_lock:
                 self._registered.add(queue)
+        _raise_refusal(queue, answer)
         return None if answer is None else _str(answer)
 
     def set_schedule_paused(self, queue: str, name: str, paused: bool, next_due: float | None) -> Steps[bool]:

@@ -3,7 +3,10 @@
 -- firing and enqueue its message, all in this call; answers the message's id, or false
 -- (another consumer fired this period, or the schedule changed) with nothing changed.
 -- The message is enqueued as enqueue.lua enqueues one that has no delay, no dedup id and
--- is not at_head (the planner's enqueue_many for such a message).
+-- is not at_head (the planner's enqueue_many for such a message), backpressure included:
+-- a limit that refuses it leaves the schedule as it was (the period fires at a later look)
+-- and answers {0, key, setting, limit, note} as enqueue does; under drop_oldest or replace
+-- it drops one of its key's ready messages.
 -- args: clock, options, name, expected, next (us), the message's id, key ('' = unkeyed),
 -- priority and envelope (k p h d ah pl, packed by the client as for enqueue).
 register('schedule_fire', function(args)
@@ -20,12 +23,23 @@ register('schedule_fire', function(args)
   if s.pa or s.nd ~= tonumber(args[4]) then
     return false
   end
-  s.nd, s.lf, s.n = tonumber(args[5]), now, (s.n or 0) + 1
-  save_schedule(name, s)
   -- Due delayed messages entered their keys' order when they fell due: before this one.
   promote_due(now, settings)
-  local id, key = args[6], args[7] ~= '' and args[7] or nil
-  local rec = { id = id, k = key, p = tonumber(args[8]), t = now, ah = false, st = 'new', nb = now, ea = now, a = 0 }
+  local id, key, priority = args[6], args[7] ~= '' and args[7] or nil, tonumber(args[8])
+  local drops = nil
+  if settings.max_pending_per_key or settings.max_pending then
+    local refusal
+    refusal, drops = plan_limits({ id, key, priority, 0, nil, false }, 1, now, settings)
+    if refusal then
+      flush()
+      return { 0, unpack(refusal) }
+    end
+  end
+  s.nd, s.lf, s.n = tonumber(args[5]), now, (s.n or 0) + 1
+  save_schedule(name, s)
+  local rec = { id = id, k = key, p = priority, t = now, ah = false, st = 'new', nb = now, ea = now, a = 0 }
+  -- Chosen before the new message goes in: it is never the one dropped.
+  local dropped = drops and drops[1] and room_for(key, now, settings)
   local live = key and count_key(key)
   store(rec)
   rec.s = next_seq(false)
@@ -42,6 +56,9 @@ register('schedule_fire', function(args)
   redis.call('HSET', K[MSGS], id, args[9] .. tail)
   rec.fresh = true
   record('enqueued', id, key, now)
+  if dropped then
+    drop_to_make_room(dropped, now, settings)
+  end
   flush()
   flush_observed(now)
   signal(1)
