@@ -87,6 +87,10 @@ KEY_FIELDS = (
 QUEUE_SELECT = f"SELECT {', '.join(QUEUE_FIELDS)} FROM queues WHERE name = ?"
 QUEUE_INSERT = f"INSERT INTO queues (name, {', '.join(QUEUE_FIELDS)}) VALUES (?{', ?' * len(QUEUE_FIELDS)})"
 KEY_SELECT = f"SELECT {', '.join(KEY_FIELDS)} FROM keys WHERE queue = ? AND key = ?"
+# The rows of the keys in a JSON array (one statement whatever their number).
+KEYS_SELECT = (
+    f"SELECT key, {', '.join(KEY_FIELDS)} FROM keys WHERE queue = ? AND key IN (SELECT value FROM json_each(?))"
+)
 KEY_INSERT = f"INSERT INTO keys (queue, key, {', '.join(KEY_FIELDS)}) VALUES (?, ?{', ?' * len(KEY_FIELDS)})"
 
 

@@ -15,7 +15,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ...backend import METRICS_SWEEP_LIMIT, KeySort, expired_before, metric_minutes, minute_of
 from ...models import (
@@ -28,6 +28,8 @@ from . import sql
 from .sql import OPEN_COUNTS, QUERIES
 
 EVENTS_KEPT = 10_000
+# Key rows read by one statement of Transaction.read_keys.
+KEYS_READ = 500
 
 
 class _OpenMinute:
@@ -130,6 +132,15 @@ class _KeyRow(_OpenMinute):
 _KEY_VALUES = operator.attrgetter(*sql.KEY_FIELDS)
 
 
+def _key_row(found: Sequence[Any] | None) -> _KeyRow:
+    """A key's row from its KEY_FIELDS as read (None: an empty row, not stored)."""
+    if found is None:
+        return _KeyRow()
+    row = _KeyRow(*found)
+    row.stored, row.stored_values = True, tuple(found)
+    return row
+
+
 class _Message:
     """A message row as the planner reads it (``planner.StoredMessage``); rows read for a
     lease carry what the lease hands out too."""
@@ -173,9 +184,9 @@ def _update_changed(
 ) -> None:
     """UPDATE a queue's or a key's row with the fields whose values differ from the stored
     ones (none: no statement), by their positions in sql.QUEUE_FIELDS or sql.KEY_FIELDS."""
-    changed = tuple(index for index, (value, old) in enumerate(zip(values, stored)) if value != old)
+    changed = [index for index, (value, old) in enumerate(zip(values, stored)) if value != old]
     if changed:
-        db.execute(statement(changed), (*(values[index] for index in changed), *where))
+        db.execute(statement(tuple(changed)), (*[values[index] for index in changed], *where))
 
 
 class RowCache:
@@ -291,12 +302,21 @@ class Transaction:
         row = self._keys.get((queue, key))
         if row is None:
             found = self.db.execute(sql.KEY_SELECT, (queue, key)).fetchone()
-            row = _KeyRow()
-            if found is not None:
-                row = _KeyRow(*found)
-                row.stored, row.stored_values = True, tuple(found)
-            self._keys[(queue, key)] = row
+            row = self._keys[(queue, key)] = _key_row(found)
         return row
+
+    def read_keys(self, queue: str, keys: Iterable[str | None]) -> None:
+        """Read the rows of the keys a batch call will use, those not known yet, in one
+        statement per KEYS_READ keys instead of one each (with more keys than the row cache
+        holds, most are not known)."""
+        missing = [key for key in dict.fromkeys(keys) if key is not None and (queue, key) not in self._keys]
+        if len(missing) < 2:
+            return  # key() reads one as cheaply
+        for start in range(0, len(missing), KEYS_READ):
+            chunk = missing[start:start + KEYS_READ]
+            found = {row[0]: row[1:] for row in self.db.execute(sql.KEYS_SELECT, (queue, json.dumps(chunk)))}
+            for key in chunk:
+                self._keys[(queue, key)] = _key_row(found.get(key))
 
     def changed_key(self, queue: str, key: str) -> _KeyRow:
         """The key's row, written back by :meth:`flush_keys` (the caller sets its fields)."""
