@@ -87,10 +87,6 @@ KEY_FIELDS = (
 QUEUE_SELECT = f"SELECT {', '.join(QUEUE_FIELDS)} FROM queues WHERE name = ?"
 QUEUE_INSERT = f"INSERT INTO queues (name, {', '.join(QUEUE_FIELDS)}) VALUES (?{', ?' * len(QUEUE_FIELDS)})"
 KEY_SELECT = f"SELECT {', '.join(KEY_FIELDS)} FROM keys WHERE queue = ? AND key = ?"
-# The rows of the keys in a JSON array (one statement whatever their number).
-KEYS_SELECT = (
-    f"SELECT key, {', '.join(KEY_FIELDS)} FROM keys WHERE queue = ? AND key IN (SELECT value FROM json_each(?))"
-)
 KEY_INSERT = f"INSERT INTO keys (queue, key, {', '.join(KEY_FIELDS)}) VALUES (?, ?{', ?' * len(KEY_FIELDS)})"
 
 
@@ -110,6 +106,12 @@ def queue_update(fields: tuple[int, ...]) -> str:
 def key_update(fields: tuple[int, ...]) -> str:
     """The UPDATE of a key row's fields at these positions in KEY_FIELDS."""
     return f"UPDATE keys SET {', '.join(KEY_FIELDS[i] + ' = ?' for i in fields)} WHERE queue = ? AND key = ?"
+
+
+@functools.cache
+def keys_select(count: int) -> str:
+    """The rows of ``count`` keys (callers pad their lists to a few counts: powers of two)."""
+    return f"SELECT key, {', '.join(KEY_FIELDS)} FROM keys WHERE queue = ? AND key IN ({', '.join('?' * count)})"
 
 
 @functools.cache

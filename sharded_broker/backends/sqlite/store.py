@@ -28,8 +28,8 @@ from . import sql
 from .sql import OPEN_COUNTS, QUERIES
 
 EVENTS_KEPT = 10_000
-# Key rows read by one statement of Transaction.read_keys.
-KEYS_READ = 500
+# Key rows read by one statement of Transaction.read_keys (a power of two).
+KEYS_READ = 512
 
 
 class _OpenMinute:
@@ -314,7 +314,10 @@ class Transaction:
             return  # key() reads one as cheaply
         for start in range(0, len(missing), KEYS_READ):
             chunk = missing[start:start + KEYS_READ]
-            found = {row[0]: row[1:] for row in self.db.execute(sql.KEYS_SELECT, (queue, json.dumps(chunk)))}
+            # Padded (with its last key again) to a power of two: a handful of statements.
+            count = 1 << (len(chunk) - 1).bit_length()
+            wanted = (queue, *chunk, *[chunk[-1]] * (count - len(chunk)))
+            found = {row[0]: row[1:] for row in self.db.execute(sql.keys_select(count), wanted)}
             for key in chunk:
                 self._keys[(queue, key)] = _key_row(found.get(key))
 
