@@ -591,20 +591,3 @@ def test_a_version_4_file_gains_the_weight_columns(db_url: str, tmp_path: Path) 
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 6
     conn.close()
 
-
-def test_a_new_file_has_small_pages_and_an_existing_file_keeps_its_own(tmp_path: Path) -> None:
-    """New files get PAGE_SIZE pages (fewer bytes written per small transaction); a file
-    made with SQLite's default 4096-byte pages (an older version's) opens and serves as it is."""
-    from sharded_broker.backends.sqlite.connection import PAGE_SIZE
-
-    with sharded_broker.connect(url_of(tmp_path / "new.db")) as broker:
-        broker.enqueue("jobs", b"m", key="k")
-        assert broker.backend._connection().execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE != 4096
-    old = sqlite3.connect(tmp_path / "old.db")
-    old.executescript("PRAGMA page_size = 4096; PRAGMA journal_mode = WAL; CREATE TABLE t (a);")
-    old.close()
-    with sharded_broker.connect(url_of(tmp_path / "old.db")) as broker:
-        broker.enqueue("jobs", b"x" * 3000, key="k")  # a row larger than a small page
-        [lease] = broker.lease("jobs")
-        assert lease.payload == b"x" * 3000 and broker.ack(lease)
-        assert broker.backend._connection().execute("PRAGMA page_size").fetchone()[0] == 4096

@@ -35,16 +35,6 @@ MMAP_BYTES = 1024 * 1024 * 1024
 WAL_CHECKPOINT_PAGES = 10_000
 WAL_KEPT_BYTES = 64 * 1024 * 1024
 
-# Bytes per database page of a new file (SQLite's default: 4096). A transaction writes
-# every page it changes whole to the WAL, and a checkpoint syncs all of them to disk:
-# one message per call changes about 7 pages (a message row and its index entries, a key
-# row, the queue row), so smaller pages write less per operation. Measured one message
-# per call over 1,000 keys: enqueue + lease + ack 15% faster than with 4096-byte pages,
-# batches of 500 and 100 within a few percent; 1024-byte pages make batches 25-35% slower
-# (more pages per batch, deeper indexes). Payloads up to about 2,000 bytes stay inside their
-# row's page. The page size of an existing file cannot change in WAL mode: it keeps its own.
-PAGE_SIZE = 2048
-
 # Prepared statements the sqlite3 module keeps per connection (its default: 128). The
 # queries by name, and the UPDATEs of queue and key rows built per set of changed columns,
 # are more than that in a mixed workload; a statement dropped from the cache is compiled
@@ -139,7 +129,6 @@ class Connection:
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         try:
-            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # a new file's; an existing one keeps its own
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 raise InvalidURL(f"sqlite database {self.path} could not switch to WAL mode (mode is {mode})")
