@@ -361,6 +361,39 @@ def test_hot_statements_read_through_indexes(db_url: str) -> None:
     assert offenders == {}
 
 
+def test_batch_calls_read_their_keys_rows_in_one_indexed_statement(db_url: str) -> None:
+    """enqueue_many and ack_many over keys this connection does not know yet (more keys than
+    its row cache holds, or rows another connection wrote) read those keys' rows with one
+    statement, through the primary key, and count each key right."""
+    with sharded_broker.connect(db_url) as writer:
+        writer.enqueue_many("jobs", [Message(b"a", key=f"k{i}") for i in range(600)])
+    broker = sharded_broker.connect(db_url)  # a fresh connection: no key row known
+    conn = broker.backend._connection()
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    try:
+        broker.enqueue_many("jobs", [Message(b"b", key=f"k{i}") for i in range(600)] + [Message(b"c", key="new")])
+    finally:
+        conn.set_trace_callback(None)
+    reads = [s for s in statements if s.startswith("SELECT") and "FROM keys" in s]
+    assert len(reads) == 2  # 601 keys: KEYS_READ (512) per statement
+    assert all(_full_scans(conn, s) == [] and " IN (" in s for s in reads)
+    assert [broker.key_info("jobs", key).backlog for key in ("k0", "k599", "new")] == [2, 2, 1]
+    leases = broker.lease("jobs", 300)
+    assert len(leases) == 300
+    acker = sharded_broker.connect(db_url)
+    conn = acker.backend._connection()
+    statements.clear()
+    conn.set_trace_callback(statements.append)
+    try:
+        assert acker.ack_many(leases) == [True] * 300
+    finally:
+        conn.set_trace_callback(None)
+    assert len([s for s in statements if s.startswith("SELECT") and "FROM keys" in s]) == 1
+    assert [acker.key_info("jobs", lease.key).backlog for lease in leases[:3]] == [1, 1, 1]
+    assert acker.stats("jobs").ready == 901 and acker.stats("jobs").leased == 0
+
+
 def test_a_large_purge_commits_chunk_by_chunk_so_others_write_between(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -581,3 +614,4 @@ def test_a_version_6_file_gains_refs(db_url: str, tmp_path: Path) -> None:
     assert "messages_ref" in {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 7
     conn.close()
+

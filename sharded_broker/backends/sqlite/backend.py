@@ -174,6 +174,8 @@ class SQLiteBackend(Backend):
         def body(tx: Transaction) -> list[str] | QueueFull:
             s = tx.created_store(queue)
             s.q.held_messages = 1
+            if len(messages) > 1:
+                tx.read_keys(queue, (m.key for m in messages))
             try:
                 return planner.enqueue_many(s, messages, settings)
             except QueueFull as full:
@@ -198,7 +200,13 @@ class SQLiteBackend(Backend):
         return result
 
     def ack_many(self, leases: Sequence[Lease]) -> list[bool]:
-        return self._write(lambda tx: planner.ack_many(self._stores(tx), leases), notify=True)
+        def body(tx: Transaction) -> list[bool]:
+            if len(leases) > 1:
+                for queue in {lease.queue for lease in leases}:
+                    tx.read_keys(queue, (lease.key for lease in leases if lease.queue == queue))
+            return planner.ack_many(self._stores(tx), leases)
+
+        return self._write(body, notify=True)
 
     def nack(
         self, lease: Lease, *, delay: float, dead: bool, reason: str | None, settings: QueueSettings

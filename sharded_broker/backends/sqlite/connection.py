@@ -35,6 +35,12 @@ MMAP_BYTES = 1024 * 1024 * 1024
 WAL_CHECKPOINT_PAGES = 10_000
 WAL_KEPT_BYTES = 64 * 1024 * 1024
 
+# Prepared statements the sqlite3 module keeps per connection (its default: 128). The
+# queries by name, and the UPDATEs of queue and key rows built per set of changed columns,
+# are more than that in a mixed workload; a statement dropped from the cache is compiled
+# again on its next use.
+STATEMENTS_CACHED = 512
+
 # Connections inherited through fork: the child must neither use nor close them (closing
 # could disturb the parent's locks and WAL state), so they are kept alive here, unused.
 _INHERITED: list[sqlite3.Connection] = []
@@ -108,7 +114,8 @@ class Connection:
     def _open(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
-                self.path, timeout=min(self.busy_timeout, 5.0), isolation_level=None, check_same_thread=False
+                self.path, timeout=min(self.busy_timeout, 5.0), isolation_level=None, check_same_thread=False,
+                cached_statements=STATEMENTS_CACHED,
             )
             conn.row_factory = sqlite3.Row
         except sqlite3.Error as exc:

@@ -89,7 +89,6 @@ KEY_FIELDS = (
 )
 QUEUE_SELECT = f"SELECT {', '.join(QUEUE_FIELDS)} FROM queues WHERE name = ?"
 QUEUE_INSERT = f"INSERT INTO queues (name, {', '.join(QUEUE_FIELDS)}) VALUES (?{', ?' * len(QUEUE_FIELDS)})"
-QUEUE_UPDATE = f"UPDATE queues SET {', '.join(f + ' = ?' for f in QUEUE_FIELDS)} WHERE name = ?"
 KEY_SELECT = f"SELECT {', '.join(KEY_FIELDS)} FROM keys WHERE queue = ? AND key = ?"
 KEY_INSERT = f"INSERT INTO keys (queue, key, {', '.join(KEY_FIELDS)}) VALUES (?, ?{', ?' * len(KEY_FIELDS)})"
 
@@ -101,8 +100,21 @@ def message_update(columns: tuple[str, ...]) -> str:
 
 
 @functools.cache
-def key_update(columns: tuple[str, ...]) -> str:
-    return f"UPDATE keys SET {', '.join(c + ' = ?' for c in columns)} WHERE queue = ? AND key = ?"
+def queue_update(fields: tuple[int, ...]) -> str:
+    """The UPDATE of a queue row's fields at these positions in QUEUE_FIELDS."""
+    return f"UPDATE queues SET {', '.join(QUEUE_FIELDS[i] + ' = ?' for i in fields)} WHERE name = ?"
+
+
+@functools.cache
+def key_update(fields: tuple[int, ...]) -> str:
+    """The UPDATE of a key row's fields at these positions in KEY_FIELDS."""
+    return f"UPDATE keys SET {', '.join(KEY_FIELDS[i] + ' = ?' for i in fields)} WHERE queue = ? AND key = ?"
+
+
+@functools.cache
+def keys_select(count: int) -> str:
+    """The rows of ``count`` keys (callers pad their lists to a few counts: powers of two)."""
+    return f"SELECT key, {', '.join(KEY_FIELDS)} FROM keys WHERE queue = ? AND key IN ({', '.join('?' * count)})"
 
 
 @functools.cache

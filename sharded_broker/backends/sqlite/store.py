@@ -14,9 +14,8 @@ import operator
 import os
 import sqlite3
 import time
-import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ...backend import METRICS_SWEEP_LIMIT, KeySort, expired_before, metric_minutes, minute_of
 from ...models import (
@@ -29,6 +28,8 @@ from . import sql
 from .sql import OPEN_COUNTS, QUERIES
 
 EVENTS_KEPT = 10_000
+# Key rows read by one statement of Transaction.read_keys (a power of two).
+KEYS_READ = 512
 
 
 class _OpenMinute:
@@ -72,6 +73,9 @@ class _QueueRow(_OpenMinute):
     # lane (the row is forgotten if another connection commits), so that leases skip
     # looking for one.
     lane_empty: bool = False
+    # The values the table holds (empty: no row yet): an UPDATE names only the columns
+    # that differ, so SQLite binds and writes fewer values.
+    stored_values: tuple[Any, ...] = ()
 
     def order(self) -> int:
         self.next_order += 1
@@ -128,6 +132,15 @@ class _KeyRow(_OpenMinute):
 _KEY_VALUES = operator.attrgetter(*sql.KEY_FIELDS)
 
 
+def _key_row(found: Sequence[Any] | None) -> _KeyRow:
+    """A key's row from its KEY_FIELDS as read (None: an empty row, not stored)."""
+    if found is None:
+        return _KeyRow()
+    row = _KeyRow(*found)
+    row.stored, row.stored_values = True, tuple(found)
+    return row
+
+
 class _Message:
     """A message row as the planner reads it (``planner.StoredMessage``); rows read for a
     lease carry what the lease hands out too."""
@@ -167,12 +180,23 @@ def _message_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
+def _update_changed(
+    db: sqlite3.Connection, statement: Callable[[tuple[int, ...]], str], values: tuple[Any, ...],
+    stored: tuple[Any, ...], where: tuple[Any, ...],
+) -> None:
+    """UPDATE a queue's or a key's row with the fields whose values differ from the stored
+    ones (none: no statement), by their positions in sql.QUEUE_FIELDS or sql.KEY_FIELDS."""
+    changed = [index for index, (value, old) in enumerate(zip(values, stored)) if value != old]
+    if changed:
+        db.execute(statement(tuple(changed)), (*[values[index] for index in changed], *where))
+
+
 class RowCache:
     """Queue and key rows as this connection last committed them. The next write
     transaction reuses them instead of reading them again, unless another connection
     (of any process) committed in between, which ``PRAGMA data_version`` tells."""
 
-    # More key rows than this and the cache starts again empty (it holds recent keys only).
+    # More key rows than this and the key rows start again empty (recent keys only).
     KEYS_KEPT = 10_000
 
     def __init__(self) -> None:
@@ -185,9 +209,11 @@ class RowCache:
         """Called first in a write transaction (the write lock held, so nobody else commits
         until it ends): drop every row if they may be out of date."""
         [(version,)] = conn.execute("PRAGMA data_version").fetchall()
-        if conn is not self._conn or version != self._version or len(self.keys) > self.KEYS_KEPT:
+        if conn is not self._conn or version != self._version:
             self.forget()
             self._conn, self._version = conn, version
+        elif len(self.keys) > self.KEYS_KEPT:
+            self.keys.clear()  # the queue rows stay: a few, and read by every transaction
 
     def forget(self) -> None:
         self.queues.clear()
@@ -211,7 +237,7 @@ class Transaction:
         self._queues = rows.queues  # every queue row known, read now or earlier
         self._used_queues: dict[str, _QueueRow] = {}  # the ones this transaction uses (and writes)
         self._new_queues: set[str] = set()
-        self._keys = rows.keys
+        self._keys = self.key_rows = rows.keys  # every key row known, read now or earlier
         self._changed_keys: dict[tuple[str, str], _KeyRow] = {}
         self._metrics_window, self._key_metrics_window = windows
         self._events_on = events
@@ -257,6 +283,7 @@ class Transaction:
             row = self.db.execute(sql.QUEUE_SELECT, (name,)).fetchone()
             if row is not None:
                 q = self._queues[name] = _QueueRow(name, *row)
+                q.stored_values = tuple(row)
         return q
 
     def _new_queue(self, name: str) -> _QueueRow:
@@ -277,20 +304,37 @@ class Transaction:
         row = self._keys.get((queue, key))
         if row is None:
             found = self.db.execute(sql.KEY_SELECT, (queue, key)).fetchone()
-            row = _KeyRow()
-            if found is not None:
-                row = _KeyRow(*found)
-                row.stored, row.stored_values = True, tuple(found)
-            self._keys[(queue, key)] = row
+            row = self._keys[(queue, key)] = _key_row(found)
         return row
 
-    def update_key(self, queue: str, key: str, **columns: Any) -> _KeyRow:
-        row = self.key(queue, key)
-        for name, value in columns.items():
-            setattr(row, name, value)
+    def read_keys(self, queue: str, keys: Iterable[str | None]) -> None:
+        """Read the rows of the keys a batch call will use, those not known yet, in one
+        statement per KEYS_READ keys instead of one each (with more keys than the row cache
+        holds, most are not known)."""
+        missing = [key for key in dict.fromkeys(keys) if key is not None and (queue, key) not in self._keys]
+        if len(missing) < 2:
+            return  # key() reads one as cheaply
+        for start in range(0, len(missing), KEYS_READ):
+            chunk = missing[start:start + KEYS_READ]
+            # Padded (with its last key again) to a power of two: a handful of statements.
+            count = 1 << (len(chunk) - 1).bit_length()
+            wanted = (queue, *chunk, *[chunk[-1]] * (count - len(chunk)))
+            found = {row[0]: row[1:] for row in self.db.execute(sql.keys_select(count), wanted)}
+            for key in chunk:
+                self._keys[(queue, key)] = _key_row(found.get(key))
+
+    def changed_key(self, queue: str, key: str) -> _KeyRow:
+        """The key's row, written back by :meth:`flush_keys` (the caller sets its fields)."""
+        row = self._keys.get((queue, key)) or self.key(queue, key)
         if not row.changed:
             row.changed = True
             self._changed_keys[(queue, key)] = row
+        return row
+
+    def update_key(self, queue: str, key: str, **columns: Any) -> _KeyRow:
+        row = self.changed_key(queue, key)
+        for name, value in columns.items():
+            setattr(row, name, value)
         return row
 
     def flush_keys(self) -> None:
@@ -304,12 +348,7 @@ class Transaction:
                     row.stored = False
             elif row.stored:
                 values = row.values()
-                changed = [(name, value) for name, value, old in zip(sql.KEY_FIELDS, values, row.stored_values)
-                           if value != old]
-                if changed:
-                    self.db.execute(
-                        sql.key_update(tuple(name for name, _ in changed)), (*(value for _, value in changed), queue, key)
-                    )
+                _update_changed(self.db, sql.key_update, values, row.stored_values, (queue, key))
                 row.stored_values = values
             else:
                 self.db.execute(sql.KEY_INSERT, (queue, key, *row.values()))
@@ -324,7 +363,8 @@ class Transaction:
             if q.name in self._new_queues:
                 self.db.execute(sql.QUEUE_INSERT, (q.name, *values))
             else:
-                self.db.execute(sql.QUEUE_UPDATE, (*values, q.name))
+                _update_changed(self.db, sql.queue_update, values, q.stored_values, (q.name,))
+            q.stored_values = values
         self._new_queues.clear()
         created: set[str] = set()
         for (queue, metric_key, minute), counts in self._counts.items():
@@ -363,11 +403,11 @@ class Transaction:
         name = "open_" + counter
         setattr(q, name, getattr(q, name) + 1)
         if key is not None:
-            row = self.key(q.name, key)
+            row = self.changed_key(q.name, key)
             if row.open_minute != minute:
                 self._close_key_minute(q.name, key, row)
-                self.update_key(q.name, key, open_minute=minute)
-            self.update_key(q.name, key, **{name: getattr(row, name) + 1})
+                row.open_minute = minute
+            setattr(row, name, getattr(row, name) + 1)
         if self._events_on:
             self._events.append((q.name, counter, mid, key, self.now))
 
@@ -519,12 +559,13 @@ class QueueStore:
         self.name = q.name
         self.now = tx.now
         self._db = tx.db
+        self._keys = tx.key_rows
 
     def _key(self, key: str) -> _KeyRow:
-        return self.tx.key(self.q.name, key)
+        return self._keys.get((self.name, key)) or self.tx.key(self.name, key)
 
-    def _update_key(self, key: str, **columns: Any) -> None:
-        self.tx.update_key(self.q.name, key, **columns)
+    def _changed_key(self, key: str) -> _KeyRow:
+        return self.tx.changed_key(self.name, key)
 
     def _messages(self, name: str, *args: Any) -> list[_Message]:
         return [_Message(*row) for row in self._db.execute(QUERIES[name], args)]
@@ -553,14 +594,14 @@ class QueueStore:
     # -- messages
 
     def count_key(self, key: str) -> None:
-        row = self._key(key)
-        self._update_key(key, count=row.count + 1)
+        row = self._changed_key(key)
+        row.count += 1
         if row.count == 1:
             self.q.keys += 1
 
     def uncount_key(self, key: str, by: int = 1) -> None:
-        row = self._key(key)
-        self._update_key(key, count=row.count - by)
+        row = self._changed_key(key)
+        row.count -= by
         if not row.count:
             self.q.keys -= 1
             if not row.slots:
@@ -635,7 +676,7 @@ class QueueStore:
 
     def lease_message(self, msg: _Message, deadline: float, batch_id: str, batch_index: int, batch_size: int) -> Lease:
         attempts = msg.attempts + 1
-        token = uuid.uuid4().hex
+        token = os.urandom(16).hex()  # 128 random bits (a uuid4 has 122), without building a UUID
         # A batch of one is stored without a batch id: it needs no open-batch index entry.
         self._set_state(
             msg, "leased", attempts=attempts, token=token, deadline=deadline,
@@ -731,7 +772,7 @@ class QueueStore:
         return self._key(key).slots
 
     def set_key_slots(self, key: str, slots: int) -> None:
-        self._update_key(key, slots=slots)
+        self._changed_key(key).slots = slots
 
     def key_paused(self, key: str) -> bool:
         return bool(self._key(key).paused)
@@ -743,12 +784,14 @@ class QueueStore:
         return self._key(key).last_delivery
 
     def set_key_last_delivery(self, key: str, at: float | None) -> None:
-        self._update_key(key, last_delivery=at)
+        self._changed_key(key).last_delivery = at
 
     def drop_key(self, key: str) -> None:
         """Only what outlives it stays (interval, last delivery, pause, weight); its row
         goes once it holds nothing (flush_keys)."""
-        self._update_key(key, ready_at=None, ready_order=None, round_turns=0, round_at=None, round_order=None)
+        row = self._changed_key(key)
+        row.ready_at = row.ready_order = row.round_at = row.round_order = None
+        row.round_turns = 0
 
     def key_ready_at(self, key: str) -> float | None:
         return self._key(key).ready_at
@@ -756,7 +799,8 @@ class QueueStore:
     def set_ready(self, key: str, at: float | None, order: int | None = None) -> None:
         if at is not None and order is None:
             order = self.q.order()
-        self._update_key(key, ready_at=at, ready_order=None if at is None else order)
+        row = self._changed_key(key)
+        row.ready_at, row.ready_order = at, None if at is None else order
 
     def key_weight(self, key: str) -> int:
         return self._key(key).weight or 1
@@ -769,7 +813,8 @@ class QueueStore:
 
     def set_key_round(self, key: str, round: planner.KeyRound | None) -> None:
         turns, at, order = round if round is not None else (0, None, None)
-        self._update_key(key, round_turns=turns, round_at=at, round_order=order)
+        row = self._changed_key(key)
+        row.round_turns, row.round_at, row.round_order = turns, at, order
 
     def head_times(self, key: str) -> tuple[float, float] | None:
         row = self.tx.one("key_next_time", self.q.name, key)
