@@ -400,7 +400,7 @@ class ShardedBroker(dramatiq.Broker):
                 key=key,
                 priority=actor.priority if actor is not None else 0,
                 delay=delay_seconds,
-                headers={"actor_name": stored.actor_name, "message_id": stored.message_id},
+                headers={"actor_name": stored.actor_name},  # the message id is the ref
                 at_head=at_head,
                 ref=framework_ref(stored.message_id),  # names it from any process (cancel, get)
             )
@@ -532,7 +532,7 @@ class ShardedBroker(dramatiq.Broker):
             exception = self._join_failure(queue_name, oldest[0].id)
             if exception is not None:
                 raise exception from None
-            raise MessageDeadLettered(f"message {oldest[0].headers.get('message_id')} died: {oldest[0].reason}")
+            raise MessageDeadLettered(f"message {oldest[0].ref or oldest[0].id} died: {oldest[0].reason}")
 
     @property
     def dead_letters(self) -> list[dramatiq.MessageProxy]:
@@ -1068,7 +1068,7 @@ class _ShardedConsumer(dramatiq.Consumer):
                     if not ok:
                         self.logger.warning(
                             "Lease of message %s was lost before its ack (it expired and the message was "
-                            "delivered again), so it may run twice.", lease.headers.get("message_id", lease.id),
+                            "delivered again), so it may run twice.", lease.ref or lease.id,
                         )
             if index < len(leases):
                 lease = leases[index]
@@ -1190,7 +1190,7 @@ class _LeaseKeeper:
             self.logger.warning(
                 "Lease of message %s in queue %r expired before its heartbeat; it may be "
                 "delivered again. Raise visibility_timeout if this repeats.",
-                lease.headers.get("message_id", lease.id), lease.queue,
+                lease.ref or lease.id, lease.queue,
             )
 
     def _visibility_timeout(self) -> float:

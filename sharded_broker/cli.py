@@ -462,6 +462,7 @@ def dead_letter_json(letter: DeadLetter) -> dict[str, Any]:
         "enqueued_at": letter.enqueued_at,
         "died_at": letter.died_at,
         "dedup_id": letter.dedup_id,
+        "ref": letter.ref,
         "headers": letter.headers,
         "payload_size": len(letter.payload),
     }
@@ -640,7 +641,7 @@ def dead(session: Session, queue: str, limit: int, offset: int, as_json: bool) -
     """List the dead letters of QUEUE, oldest death first.
 
     Shows id, shard key, attempts, reason and when each died. With --json: a list of objects (id, queue, key, attempts, reason, priority,
-    enqueued_at, died_at, dedup_id, headers, payload_size).
+    enqueued_at, died_at, dedup_id, ref, headers, payload_size).
     """
     broker = session.broker()
     _require_queue(broker, queue)

@@ -115,7 +115,8 @@ class QueueStats:
 
 @dataclass(frozen=True)
 class DeadLetter:
-    """A message removed from service, with why and when."""
+    """A message removed from service, with why and when; ``ref`` is its ref (see
+    :class:`Message`) while it names this message."""
 
     queue: str
     id: str
@@ -128,6 +129,7 @@ class DeadLetter:
     enqueued_at: float
     died_at: float
     dedup_id: str | None = None
+    ref: str | None = None
 
 
 @dataclass

@@ -1655,10 +1655,12 @@ def test_a_ref_lives_as_long_as_its_message(connect, clock: FakeClock) -> None:
     assert lease.ref == "x" and lease.attempts == 2
     clock.advance(10)  # the lease expires; max_deliveries=2: dead
     assert broker.lease(Q) == [] and broker.get(Q, ref="x").state == "dead"
+    assert [letter.ref for letter in broker.dead_letters(Q)] == ["x"]  # a dead letter shows its ref
     assert broker.replay(Q) == 1 and broker.get(Q, ref="x").state == "waiting"
     # Dropped by backpressure: a dead letter, found until it is purged.
     broker.enqueue(Q, b"y", key="a", ref="y")
     assert broker.get(Q, ref="x").dead_reason == DROPPED_REASON
+    assert [letter.ref for letter in broker.dead_letters(Q)] == ["x"]
     assert broker.purge(Q, dead=True) == 1 and broker.get(Q, ref="x") is None
     assert broker.purge(Q) == 1 and broker.get(Q, ref="y") is None
     # A new message may take a ref its settled message had.

@@ -844,6 +844,7 @@ class MemoryBackend(Backend):
             enqueued_at=rec.enqueued_at,
             died_at=rec.died_at,
             dedup_id=rec.dedup_id,
+            ref=rec.ref,
         )
 
     def replay(self, queue: str, ids: Sequence[str] | None, position: RetryPosition) -> int:

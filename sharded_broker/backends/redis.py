@@ -628,12 +628,13 @@ class RedisOperations:
     def dead_letters(self, queue: str, limit: int, offset: int) -> Steps[list[DeadLetter]]:
         rows = yield from self._run("dead_letters", queue, [self._clock_arg(), offset, limit])
         letters = []
-        for mid, key, payload, priority, attempts, headers, enqueued_at, dedup_id, reason, died_at in rows:
+        for mid, key, payload, priority, attempts, headers, enqueued_at, dedup_id, reason, died_at, ref in rows:
             letters.append(
                 DeadLetter(
                     queue=queue, id=_str(mid), key=_str(key) if key else None, payload=payload, priority=int(priority),
                     attempts=int(attempts), headers=json.loads(headers), reason=_str(reason),
                     enqueued_at=enqueued_at / 1e6, died_at=died_at / 1e6, dedup_id=_str(dedup_id) if dedup_id else None,
+                    ref=_str(ref) if ref else None,
                 )
             )
         return letters

@@ -122,7 +122,7 @@ DELETE FROM dedup WHERE queue = ? AND dedup_id = ?;
 SELECT MIN(enqueued_at) FROM messages WHERE queue = ? AND state = 'ready';
 
 -- name: dead_letters
-SELECT id, key, payload, priority, attempts, headers, reason, enqueued_at, died_at, dedup_id
+SELECT id, key, payload, priority, attempts, headers, reason, enqueued_at, died_at, dedup_id, ref
 FROM messages WHERE queue = ? AND state = 'dead' ORDER BY dead_order LIMIT ? OFFSET ?;
 
 -- name: dead_all

@@ -469,6 +469,7 @@ class Transaction:
                 enqueued_at=row["enqueued_at"],
                 died_at=row["died_at"],
                 dedup_id=row["dedup_id"],
+                ref=row["ref"],
             )
             for row in self.all("dead_letters", queue, limit, offset)
         ]
