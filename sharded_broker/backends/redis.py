@@ -342,22 +342,18 @@ def translated_errors(safe_url: str) -> Iterator[None]:
         raise translated(exc, safe_url) from None
 
 
-# Every RedisOperations of this process, for _new_id_prefixes_after_fork.
-_ID_PREFIX_OWNERS: "weakref.WeakSet[RedisOperations]" = weakref.WeakSet()
+# What holds per-process state of this module (RedisOperations' message ids, RedisBackend's
+# kept connections): each resets it in a forked child (_after_fork_in_child).
+_PER_PROCESS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
-def _new_id_prefixes_after_fork() -> None:
-    """In a forked child, give every backend a new id prefix. The child inherits its
-    parent's prefix and counter, so the parent and every child forked from it (a
-    prefork server's workers, opened before the fork) would make the same next ids; and
-    the enqueue function takes an id it already stores for a resent call, storing
-    nothing: the later message was silently lost."""
-    for operations in list(_ID_PREFIX_OWNERS):
-        operations._id_prefix = secrets.token_hex(8)
-        operations._id_counter = itertools.count(1)
+def _after_fork_in_child() -> None:
+    for owner in list(_PER_PROCESS):
+        owner._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_new_id_prefixes_after_fork)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class RedisOperations:
@@ -396,14 +392,22 @@ class RedisOperations:
         self._options: dict[QueueSettings, bytes] = {}
         # Message ids: a random prefix of this backend (64 bits) and a counter, shorter than
         # a UUID (ids are stored in several indexes) and as unique in practice. A forked
-        # child draws a prefix of its own (_new_id_prefixes_after_fork).
-        self._id_prefix = secrets.token_hex(8)
-        self._id_counter = itertools.count(1)
-        _ID_PREFIX_OWNERS.add(self)
+        # child draws a prefix of its own (_after_fork_in_child).
+        self._after_fork_in_child()
+        _PER_PROCESS.add(self)
         self._registered: set[str] = set()
         self._registered_lock = threading.Lock()
 
     # -- plumbing -----------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        """A new id prefix (also the first one). A forked child inherits its parent's
+        prefix and counter, so the parent and every child forked from it (a prefork
+        server's workers, opened before the fork) would make the same next ids; and the
+        enqueue function takes an id it already stores for a resent call, storing nothing:
+        the later message was silently lost."""
+        self._id_prefix = secrets.token_hex(8)
+        self._id_counter = itertools.count(1)
 
     def queue_keys(self, queue: str) -> list[bytes]:
         # Encoded once: redis-py passes bytes through, where it would encode text on every call.
@@ -1033,7 +1037,12 @@ class RedisBackend(RedisExecutor, Backend):
         super().__init__(url, **options)
         # Connections kept between FCALLs (see _idle_connection), in the process that took them.
         self._idle: list[Any] = []
-        self._idle_pid = os.getpid()
+        _PER_PROCESS.add(self)
+
+    def _after_fork_in_child(self) -> None:
+        """The kept connections are the parent's sockets: dropped, never used (the pool
+        resets itself in the child on its next loan)."""
+        self._idle = []
 
     # -- the executor -------------------------------------------------------------------
 
@@ -1102,13 +1111,10 @@ class RedisBackend(RedisExecutor, Backend):
         and connection-count metrics, twice) took about 7 µs of every call, a tenth of a
         one-message enqueue's client time. Kept connections stay lent in the pool's
         accounting; they go back before any other command (:meth:`_return_idle_connections`),
-        so redis-py's own calls find the pool as they would without them. A list's pop
-        and append are atomic: threads never share a connection.
+        so redis-py's own calls find the pool as they would without them, and a forked
+        child drops them (:meth:`_after_fork_in_child`). A list's pop and append are
+        atomic: threads never share a connection.
         """
-        if self._idle_pid != os.getpid():
-            # A forked child: the kept connections are the parent's sockets (the pool
-            # resets itself in the child on its next loan).
-            self._idle, self._idle_pid = [], os.getpid()
         pool = self._client.connection_pool
         try:
             conn = self._idle.pop()
@@ -1125,9 +1131,6 @@ class RedisBackend(RedisExecutor, Backend):
 
     def _return_idle_connections(self) -> None:
         """Give the kept FCALL connections back to the pool (for redis-py's own commands)."""
-        if self._idle_pid != os.getpid():
-            self._idle, self._idle_pid = [], os.getpid()  # the parent's (see _idle_connection)
-            return
         pool = self._client.connection_pool
         while self._idle:
             try:
