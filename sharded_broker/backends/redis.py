@@ -62,8 +62,8 @@ import redis
 import redis.exceptions
 
 from ..backend import (
-    DEFAULT_METRICS_WINDOW, Backend, EventSubscription, KeySort, events_option, kept_minutes, key_metrics_window_option,
-    metrics_window_option,
+    DEFAULT_METRICS_WINDOW, Backend, EventSubscription, KeySort, compact_json, events_option, headers_text, kept_minutes,
+    key_metrics_window_option, metrics_window_option,
 )
 from ..errors import BackendError, BackendUnavailable, ConfigurationError, QueueFull
 from ..urls import redact_url
@@ -139,19 +139,6 @@ def _str(value: Any) -> str:
 def _us(seconds: float) -> str:
     """A time or duration as the functions take it: whole microseconds."""
     return str(round(seconds * 1_000_000))
-
-
-# Compact JSON, as json.dumps(separators=(",", ":")) writes it; built once, because
-# json.dumps builds an encoder on every call given any option (half its time for a
-# message's two headers). Encoding keeps no state in the encoder: threads share it.
-_compact_json = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def _headers_text(headers: Mapping[str, Any] | None) -> str:
-    """A message's headers as they are stored: compact JSON text."""
-    if not headers:
-        return "{}"
-    return _compact_json(headers if type(headers) is dict else dict(headers))
 
 
 def _pack(value: Any) -> bytes:
@@ -471,7 +458,7 @@ class RedisOperations:
         for m in messages:
             key = None if m.key is None else _text(m.key)
             dedup_id = None if m.dedup_id is None else _text(m.dedup_id)
-            headers = _headers_text(m.headers)
+            headers = headers_text(m.headers)
             fields += (
                 f"{prefix}{next(counter):x}", key, m.priority, round(m.delay * 1_000_000) if m.delay else 0,
                 dedup_id, m.at_head,
@@ -869,7 +856,7 @@ class RedisOperations:
     def put_schedule(self, queue: str, schedule: Schedule) -> Steps[Schedule]:
         packed = _pack({
             "pl": schedule.payload, "k": None if schedule.key is None else _text(schedule.key), "p": schedule.priority,
-            "h": _compact_json(schedule.headers),
+            "h": compact_json(schedule.headers),
             "ev": None if schedule.every is None else round(schedule.every * 1_000_000),
             "cr": schedule.cron, "nd": round(schedule.next_due * 1_000_000),
         })
@@ -889,7 +876,7 @@ class RedisOperations:
         self, queue: str, name: str, expected_due: float, next_due: float, message: Message, settings: QueueSettings
     ) -> Steps[str | None]:
         key = None if message.key is None else _text(message.key)
-        headers = _headers_text(message.headers)
+        headers = headers_text(message.headers)
         envelope = _pack((key, message.priority, headers, None, False, message.payload))[1:]
         mid = f"{self._id_prefix}{next(self._id_counter):x}"
         args = [

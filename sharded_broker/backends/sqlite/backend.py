@@ -17,8 +17,8 @@ import time
 from typing import Any, Callable, Sequence, TypeVar
 
 from ...backend import (
-    DEFAULT_METRICS_WINDOW, Backend, EventSubscription, KeySort, events_option, key_metrics_window_option,
-    metrics_window_option,
+    DEFAULT_METRICS_WINDOW, Backend, EventSubscription, KeySort, compact_json, events_option,
+    key_metrics_window_option, metrics_window_option,
 )
 from ...errors import ConfigurationError, QueueFull
 from ...models import (
@@ -349,7 +349,7 @@ class SQLiteBackend(Backend):
                 )
             tx.db.execute(QUERIES["schedule_put"], (
                 queue, stored.name, stored.payload, stored.key, stored.priority,
-                json.dumps(stored.headers, separators=(",", ":")), stored.every, stored.cron, stored.next_due,
+                compact_json(stored.headers), stored.every, stored.cron, stored.next_due,
                 int(stored.paused), stored.last_fired, stored.fired,
             ))
             return stored

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from ...backend import METRICS_SWEEP_LIMIT, KeySort, expired_before, metric_minutes, minute_of
+from ...backend import METRICS_SWEEP_LIMIT, KeySort, expired_before, headers_text, metric_minutes, minute_of
 from ...models import (
     COUNTERS, DeadLetter, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, Message, MessageInfo, MinuteMetrics,
     QueueStats,
@@ -645,7 +645,7 @@ class QueueStore:
             self._db.execute(QUERIES["ref_taken"], (q.name, message.ref))
             columns["ref"] = message.ref
         q.count(state, +1)
-        headers = json.dumps(dict(message.headers), separators=(",", ":")) if message.headers else "{}"
+        headers = headers_text(message.headers)
         self._db.execute(
             sql.message_insert(tuple(columns)),
             (
