@@ -131,25 +131,24 @@ def weight(value: Any) -> int | None:
     return None if checked == 1 else checked
 
 
-def dedup_id(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str):
-        raise InvalidArgumentType(f"dedup_id must be a str or None, not {type(value).__name__}")
-    if not value or len(value) > MAX_DEDUP_ID_LENGTH:
-        raise InvalidArgument(f"dedup_id must be 1 to {MAX_DEDUP_ID_LENGTH} characters long")
-    return utf8_text(value, "dedup_id")
-
-
-def ref(value: Any, name: str = "ref") -> str | None:
-    """A message's ref (see Message.ref): a non-empty str of at most MAX_REF_LENGTH characters."""
+def _optional_name(value: Any, name: str, maximum: int) -> str | None:
+    """None, or a non-empty str of at most ``maximum`` characters (a dedup id, a ref)."""
     if value is None:
         return None
     if not isinstance(value, str):
         raise InvalidArgumentType(f"{name} must be a str or None, not {type(value).__name__}")
-    if not value or len(value) > MAX_REF_LENGTH:
-        raise InvalidArgument(f"{name} must be 1 to {MAX_REF_LENGTH} characters long, not {len(value)}")
+    if not value or len(value) > maximum:
+        raise InvalidArgument(f"{name} must be 1 to {maximum} characters long, not {len(value)}")
     return utf8_text(value, name)
+
+
+def dedup_id(value: Any) -> str | None:
+    return _optional_name(value, "dedup_id", MAX_DEDUP_ID_LENGTH)
+
+
+def ref(value: Any) -> str | None:
+    """A message's ref (see Message.ref): a non-empty str of at most MAX_REF_LENGTH characters."""
+    return _optional_name(value, "ref", MAX_REF_LENGTH)
 
 
 # JSON values that a JSON round trip gives back equal and of the same type.
