@@ -458,7 +458,6 @@ class Channel(virtual.Channel):
                 continue  # not a ref the engine takes (too long): no message carries it
             logger.debug("revoke of task %s: %s", task_id, result.summary)
 
-
     def _queue_bind(self, exchange: str, routing_key: str, pattern: Any, queue: str) -> None:
         self.broker.bind(exchange, binding_entry(routing_key, queue))
 

@@ -322,7 +322,6 @@ class ShardedBroker(dramatiq.Broker):
         # holds a traceback and its frames, in worker processes that never join).
         self._join_failures: dict[str, tuple[str, BaseException]] = {}
         self._failures_lock = threading.Lock()
-        # The engine id of each message this broker sent, by Dramatiq message id (cancel, get).
         if not any(isinstance(m, ShardKeys) for m in self.middleware):
             self.add_middleware(ShardKeys())
         if not any(isinstance(m, ActorSchedules) for m in self.middleware):
