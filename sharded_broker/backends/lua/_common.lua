@@ -1317,6 +1317,23 @@ local function plan_limits(fields, count, now, settings)
   return nil, drops
 end
 
+-- The backpressure limits over an enqueue of `count` messages (`fields` as plan_limits
+-- reads them): the answer that refuses it ({0, key or '', setting, limit, note}: a number
+-- first, where an enqueue answers string ids; nothing of it stored, what the call swept
+-- before written), or nil and the message numbers that drop one of their key's ready
+-- messages to go in (nil: no limit set).
+local function refused_by_limits(fields, count, now, settings)
+  if not (settings.max_pending_per_key or settings.max_pending) then
+    return nil, nil
+  end
+  local refusal, drops = plan_limits(fields, count, now, settings)
+  if refusal then
+    flush()
+    return { 0, unpack(refusal) }, nil
+  end
+  return nil, drops
+end
+
 -- The ready message of key that a new one replaces (plan_limits found the key full): its
 -- first under drop_oldest, its last under replace.
 local function room_for(key, now, settings)

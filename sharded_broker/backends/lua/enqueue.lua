@@ -25,14 +25,9 @@ register('enqueue', function(args)
   -- Due delayed messages entered their keys' order when they fell due: before anything
   -- enqueued now.
   promote_due(now, settings)
-  local drops = nil
-  if settings.max_pending_per_key or settings.max_pending then
-    local refusal
-    refusal, drops = plan_limits(fields, #args - 3, now, settings)
-    if refusal then
-      flush()
-      return { 0, unpack(refusal) } -- a number first: ids are strings
-    end
+  local refusal, drops = refused_by_limits(fields, #args - 3, now, settings)
+  if refusal then
+    return refusal
   end
   local ids = {}
   local placed_count = 0

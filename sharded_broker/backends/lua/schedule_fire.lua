@@ -26,14 +26,9 @@ register('schedule_fire', function(args)
   -- Due delayed messages entered their keys' order when they fell due: before this one.
   promote_due(now, settings)
   local id, key, priority = args[6], args[7] ~= '' and args[7] or nil, tonumber(args[8])
-  local drops = nil
-  if settings.max_pending_per_key or settings.max_pending then
-    local refusal
-    refusal, drops = plan_limits({ id, key, priority, 0, nil, false }, 1, now, settings)
-    if refusal then
-      flush()
-      return { 0, unpack(refusal) }
-    end
+  local refusal, drops = refused_by_limits({ id, key, priority, 0, nil, false }, 1, now, settings)
+  if refusal then
+    return refusal
   end
   s.nd, s.lf, s.n = tonumber(args[5]), now, (s.n or 0) + 1
   save_schedule(name, s)
