@@ -164,7 +164,7 @@ def _record(raw: bytes) -> list[Any]:
 # -- requests: what an operation asks its executor to send ---------------------------------
 #
 # Every operation below is written once, without I/O ("sans-IO"): a generator that yields
-# the requests it needs (FunctionCall, Command, Pipeline), is sent each reply (or has the
+# the requests it needs (FunctionCall, Command, Pipeline, WaitSignals), is sent each reply (or has the
 # redis-py error thrown into it) and returns the operation's answer. RedisBackend runs
 # them on a redis.Redis client, AsyncRedisBackend (redis_asyncio.py) on a redis.asyncio
 # one: which function an operation calls, with which keys and arguments, and how its reply
@@ -180,13 +180,22 @@ class FunctionCall(NamedTuple):
 
 
 class Command(NamedTuple):
-    """A plain command, as the redis-py client method of that name (``"smembers"``), on
-    the connections for blocking waits when ``blocking``."""
+    """A plain command, as the redis-py client method of that name (``"smembers"``)."""
 
     method: str
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = MappingProxyType({})
-    blocking: bool = False
+
+
+class WaitSignals(NamedTuple):
+    """Block up to ``timeout`` seconds until a wake-up token comes on any of the signal
+    lists ``keys`` (taking it), on the connections for blocking waits. The reply is the
+    list of the keys a token was taken from (empty when none came in time). On one server
+    this is one BLPOP; a cluster executor, whose keys live in several slots, waits on each
+    key's node."""
+
+    keys: Sequence[bytes]
+    timeout: float
 
 
 class Pipeline(NamedTuple):
@@ -197,7 +206,7 @@ class Pipeline(NamedTuple):
     prelude: Command | None = None
 
 
-Request = Union[FunctionCall, Command, Pipeline]
+Request = Union[FunctionCall, Command, Pipeline, WaitSignals]
 Steps = Generator[Request, Any, T]
 
 
@@ -311,6 +320,17 @@ def clients(client_module: Any, url: str, redis_options: Mapping[str, Any], safe
         )
     )
     return client, blocking_client
+
+
+def blpop_timeout(timeout: float) -> float:
+    """BLPOP's timeout for a wait of ``timeout`` seconds: 0 means "forever" to BLPOP, so
+    never less than a millisecond."""
+    return max(timeout, 0.001)
+
+
+def signalled(reply: Any) -> list[bytes]:
+    """The reply of WaitSignals from a BLPOP's: the key a token came from, if any."""
+    return [] if reply is None else [reply[0]]
 
 
 def translated(exc: redis.exceptions.RedisError, safe_url: str) -> BackendError:
@@ -840,9 +860,7 @@ class RedisOperations:
         if timeout <= 0 or not queues:
             return
         signal_keys = [self.queue_keys(queue)[QUEUE_KEYS.index("signal")] for queue in queues]
-        # One BLPOP over every queue's signal list; 0 means "forever" to BLPOP, so never
-        # ask for less than a millisecond.
-        yield Command("blpop", (signal_keys,), {"timeout": max(min(timeout, MAX_BLOCK), 0.001)}, blocking=True)
+        yield WaitSignals(signal_keys, min(timeout, MAX_BLOCK))
 
     # -- schedules (lua/_schedules.lua and schedule_*.lua) ---------------------------------
 
@@ -1055,9 +1073,9 @@ class RedisBackend(RedisExecutor, Backend):
     def _send(self, request: Request) -> Any:
         if type(request) is FunctionCall:
             return self._fcall(self._packed.pack(request))
+        if type(request) is WaitSignals:
+            return signalled(self._blocking_client.blpop(request.keys, timeout=blpop_timeout(request.timeout)))
         if type(request) is Command:
-            if request.blocking:
-                return getattr(self._blocking_client, request.method)(*request.args, **request.kwargs)
             self._return_idle_connections()
             return getattr(self._client, request.method)(*request.args, **request.kwargs)
         assert type(request) is Pipeline

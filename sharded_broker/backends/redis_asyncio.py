@@ -22,7 +22,8 @@ from ..models import (
     QueueSettings, QueueStats, RetryPosition, Schedule,
 )
 from .redis import (
-    MAX_BLOCK, Command, FunctionCall, Pipeline, RedisExecutor, RedisOperations, Request, Steps, translated_errors,
+    MAX_BLOCK, Command, FunctionCall, Pipeline, RedisExecutor, RedisOperations, Request, Steps, WaitSignals,
+    blpop_timeout, signalled, translated_errors,
 )
 
 T = TypeVar("T")
@@ -59,9 +60,10 @@ class AsyncRedisBackend(RedisExecutor):
     async def _send(self, request: Request) -> Any:
         if type(request) is FunctionCall:
             return await self._fcall(self._packed.pack(request))
+        if type(request) is WaitSignals:
+            return signalled(await self._blocking_client.blpop(request.keys, timeout=blpop_timeout(request.timeout)))
         if type(request) is Command:
-            client = self._blocking_client if request.blocking else self._client
-            return await getattr(client, request.method)(*request.args, **request.kwargs)
+            return await getattr(self._client, request.method)(*request.args, **request.kwargs)
         assert type(request) is Pipeline
         async with self._client.pipeline(transaction=False) as pipe:
             if request.prelude is not None:
