@@ -9,6 +9,7 @@ import pytest
 
 import sharded_broker
 from support.backends import BACKENDS, FakeClock
+from support.redis_cluster import RedisCluster
 from support.redis_server import RedisServer
 
 # celery.contrib.pytest's fixtures (celery_app, celery_worker, ...), registered after
@@ -40,6 +41,22 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """One throwaway Redis Cluster (3 masters, 3 replicas) for the session; tests that share
+    it flush it first (redis_cluster_url)."""
+    with RedisCluster(masters=3, replicas_per_master=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_cluster_url(redis_cluster: RedisCluster) -> str:
+    """``redis+cluster://`` on the session's cluster, flushed (data and functions) and ok."""
+    redis_cluster.wait_ok()
+    redis_cluster.flushall()
+    return redis_cluster.url
 
 
 _memory_names = itertools.count()
