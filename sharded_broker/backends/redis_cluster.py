@@ -22,7 +22,6 @@ import select
 import threading
 import time
 from typing import Any, Mapping, Sequence
-from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio.cluster
@@ -31,15 +30,14 @@ import redis.exceptions
 from redis._parsers.commands import AsyncCommandsParser, CommandsParser
 from redis.crc import key_slot
 
-from ..errors import BackendUnavailable, ConfigurationError, InvalidURL
-from ..urls import check_redis_url, redact_url
+from ..errors import BackendUnavailable, ConfigurationError
+from ..urls import check_redis_url, cluster_parts
 from .redis import (
     _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisBackend, Request, WaitSignals, checked_options,
     translated, translated_errors,
 )
 from .redis_asyncio import AsyncRedisBackend, AsyncRedisSubscription
 
-SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # A signal list's BLPOP stays in flight this long (then it is sent again): an idle consumer
 # over P partitions makes P / SIGNAL_BLOCK calls a second for its waits.
 SIGNAL_BLOCK = 25
@@ -77,36 +75,6 @@ class _AsyncLocalFcallKeys(AsyncCommandsParser):
     async def get_keys(self, *args: Any) -> Any:
         keys = _fcall_keys(args)
         return keys if keys is not None else await super().get_keys(*args)
-
-
-def cluster_parts(url: str) -> tuple[str, list[tuple[str, int]]]:
-    """For a ``redis+cluster://`` URL: the one-server URL of its first node (same scheme
-    without ``+cluster``, credentials and query; redis-py reads its options from it) and
-    every ``(host, port)`` it names. InvalidURL naming what is wrong."""
-    safe = redact_url(url)
-    parts = urlsplit(url)
-    plain_scheme = SCHEMES.get(parts.scheme)
-    if plain_scheme is None:
-        raise InvalidURL(f"not a Redis Cluster URL: {safe!r} (expected redis+cluster:// or rediss+cluster://)")
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    nodes = []
-    for address in hosts.split(","):
-        name, sep, number = address.strip().rpartition(":")
-        if not sep or not name or not number.isdigit() or not 0 < int(number) < 65536:
-            raise InvalidURL(
-                f"bad node address {address!r} in {safe!r}: each node is host:port, "
-                "e.g. redis+cluster://10.0.0.1:7000,10.0.0.2:7000"
-            )
-        nodes.append((name.strip("[]"), int(number)))
-    if parts.path not in ("", "/", "/0"):
-        raise InvalidURL(f"a Redis Cluster has only database 0: {safe!r} names {parts.path[1:]!r}")
-    if parts.fragment:
-        raise InvalidURL(f"a Redis Cluster URL takes no fragment: {safe!r}")
-    host, port = nodes[0]
-    host_part = f"[{host}]" if ":" in host else host
-    netloc = f"{credentials}@{host_part}:{port}" if credentials else f"{host_part}:{port}"
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{plain_scheme}://{netloc}/0{query}", nodes
 
 
 def checked_cluster_options(url: str, options: Mapping[str, Any]) -> None:
