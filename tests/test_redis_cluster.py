@@ -254,3 +254,13 @@ def test_an_unreachable_cluster_is_unavailable_without_its_password() -> None:
         sharded_broker.connect(url, socket_connect_timeout=1)
     assert "s3cr3tpw" not in str(raised.value)
     assert "user:***@127.0.0.1" in str(raised.value)
+
+
+def test_cluster_support_forms_a_one_master_cluster_with_a_replica() -> None:
+    # redis-cli --cluster create wants 3 masters: 1 and 2 are formed by hand
+    with RedisCluster(masters=1, replicas_per_master=1) as cluster:
+        assert [node.port for node in cluster.primaries()] == [cluster.nodes[0].port]
+        assert cluster.node_of_slot(16383) is cluster.nodes[0]
+        with sharded_broker.connect(cluster.url) as broker:
+            broker.enqueue("jobs", b"x")
+            assert [lease.payload for lease in broker.lease("jobs")] == [b"x"]

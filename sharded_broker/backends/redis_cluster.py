@@ -34,7 +34,7 @@ from ..errors import BackendUnavailable, ConfigurationError
 from ..urls import check_redis_url, cluster_parts
 from .redis import (
     _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisBackend, Request, WaitSignals, checked_options,
-    translated, translated_errors,
+    kept_connection, translated, translated_errors,
 )
 from .redis_asyncio import AsyncRedisBackend, AsyncRedisSubscription
 
@@ -219,6 +219,8 @@ class RedisClusterBackend(RedisBackend):
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
         self._signals = _SignalWaits(self._client)
+        # FCALL connections kept between calls (kept_connection), per node's pool
+        self._kept: dict[Any, list[Any]] = {}
 
     def _clients(self, url: str, redis_options: Mapping[str, Any]) -> tuple[Any, Any]:
         client = cluster_client(redis.cluster, url, redis_options, self._safe_url)
@@ -231,6 +233,7 @@ class RedisClusterBackend(RedisBackend):
         return cls(url, **options)
 
     def _after_fork_in_child(self) -> None:
+        self._kept = {}
         self._signals.forget()
 
     def _send(self, request: Request) -> Any:
@@ -251,11 +254,15 @@ class RedisClusterBackend(RedisBackend):
         return pipe.execute(raise_on_error=False)
 
     def _fcall_on_slot(self, call: FunctionCall) -> Any:
-        """The packed FCALL on a pooled connection to its slot's master; refused by a cluster
-        in motion (or the connection lost), sent again by redis-py's execute_command."""
+        """The packed FCALL on a connection to its slot's master (one kept from an earlier
+        call to that node, as RedisBackend keeps its own); refused by a cluster in motion
+        (or the connection lost), sent again by redis-py's execute_command."""
         node = self._client.nodes_manager.get_node_from_slot(key_slot(call.keys[0]))
-        pool = self._client.get_redis_connection(node).connection_pool
-        conn = pool.get_connection()
+        pool = (node.redis_connection or self._client.get_redis_connection(node)).connection_pool
+        kept = self._kept.get(pool)
+        if kept is None:
+            kept = self._kept.setdefault(pool, [])
+        conn = kept_connection(pool, kept)
         try:
             conn.send_packed_command([self._packed.pack(call)])
             reply = conn.read_response()
@@ -274,7 +281,7 @@ class RedisClusterBackend(RedisBackend):
         except BaseException:
             pool.release(conn)
             raise
-        pool.release(conn)
+        kept.append(conn)
         return reply
 
     def _load_everywhere(self, source: str) -> None:
@@ -292,9 +299,18 @@ class RedisClusterBackend(RedisBackend):
             raise redis.exceptions.ResponseError(f"Library '{_LIBRARY.name}' already exists")
 
     def _return_idle_connections(self) -> None:
-        """No kept connections: each FCALL borrows its node's pool."""
+        """Give the kept FCALL connections back to their nodes' pools (redis-py's own
+        commands take other connections of them meanwhile: no need before each)."""
+        for pool, kept in list(self._kept.items()):
+            while kept:
+                try:
+                    conn = kept.pop()
+                except IndexError:  # another thread took the last one
+                    break
+                pool.release(conn)
 
     def close(self) -> None:
+        self._return_idle_connections()
         self._signals.close()
         self._client.close()
 
