@@ -218,7 +218,21 @@ def test_lease_with_wait_returns_when_a_message_comes(redis_cluster_url: str) ->
         assert time.monotonic() - started < 2.0
 
 
-def test_events_of_a_queue_reach_a_subscriber(redis_cluster_url: str) -> None:
+def _command_calls(cluster: RedisCluster, command: str) -> int:
+    total = 0
+    for node in cluster.alive_nodes():
+        client = cluster.client(node)
+        try:
+            total += int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+        finally:
+            client.close()
+    return total
+
+
+def test_events_of_a_queue_reach_a_subscriber_on_its_shard_channel(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    _reset_stats(redis_cluster)
     with sharded_broker.connect(redis_cluster_url) as broker:
         stream = broker.events("jobs", timeout=2.0)
         try:
@@ -227,6 +241,9 @@ def test_events_of_a_queue_reach_a_subscriber(redis_cluster_url: str) -> None:
         finally:
             stream.close()
         assert event.queue == "jobs"
+    # SPUBLISH: on the queue's master (and its replica), not broadcast to every node
+    assert _command_calls(redis_cluster, "spublish") >= 1
+    assert _command_calls(redis_cluster, "publish") == 0
 
 
 @pytest.mark.parametrize("url, reason", [

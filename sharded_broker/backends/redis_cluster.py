@@ -30,10 +30,13 @@ import redis.exceptions
 from redis._parsers.commands import AsyncCommandsParser, CommandsParser
 from redis.crc import key_slot
 
+from ..backend import EventSubscription
 from ..errors import BackendUnavailable, ConfigurationError
+from ..models import Event
 from ..urls import check_redis_url, cluster_parts
 from .redis import (
-    _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisBackend, Request, WaitSignals, checked_options,
+    _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisBackend, RedisOperations, Request, WaitSignals,
+    checked_options,
     kept_connection, translated, translated_errors,
 )
 from .redis_asyncio import AsyncRedisBackend, AsyncRedisSubscription
@@ -215,6 +218,7 @@ class RedisClusterBackend(RedisBackend):
     The URL names one or more nodes, ``redis+cluster://[user:password@]host:port[,host:port...]``."""
 
     default_partitions = 16
+    shard_channels = True
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
@@ -298,6 +302,18 @@ class RedisClusterBackend(RedisBackend):
         if not loaded:
             raise redis.exceptions.ResponseError(f"Library '{_LIBRARY.name}' already exists")
 
+    def subscribe(self, queue: str) -> EventSubscription:
+        channel = self._ops.events_channel(queue)
+        with translated_errors(self._safe_url):
+            pubsub = self._client.pubsub()
+            pubsub.ssubscribe(channel)
+            subscription = _ClusterSubscription(self, queue, pubsub)
+            # Wait for the server's confirmation: events published from now on are received.
+            if not subscription.confirmed(MAX_BLOCK + 5.0):
+                pubsub.close()
+                raise BackendUnavailable(f"redis at {self._safe_url} did not confirm the events subscription")
+        return subscription
+
     def _return_idle_connections(self) -> None:
         """Give the kept FCALL connections back to their nodes' pools (redis-py's own
         commands take other connections of them meanwhile: no need before each)."""
@@ -313,6 +329,63 @@ class RedisClusterBackend(RedisBackend):
         self._return_idle_connections()
         self._signals.close()
         self._client.close()
+
+
+class _ClusterSubscription(EventSubscription):
+    """Shard-channel subscriptions (SSUBSCRIBE), one connection per node holding a channel
+    of the queue; redis-py's ClusterPubSub moves one whose slot migrates. Its own
+    ``get_sharded_message`` waits its timeout on each node in turn: here the nodes'
+    sockets are polled together instead."""
+
+    def __init__(self, backend: RedisClusterBackend, queue: str, pubsub: Any) -> None:
+        self._backend = backend
+        self._queue = queue
+        self._pubsub = pubsub
+
+    def _messages(self, timeout: float) -> list[dict[str, Any]]:
+        """The messages ready now, or the first to come within ``timeout``."""
+        client = self._backend._client
+        deadline = time.monotonic() + timeout
+        while True:
+            found = []
+            by_fd = {}
+            for name, node_pubsub in list(self._pubsub.node_pubsub_mapping.items()):
+                node = client.get_node(node_name=name)
+                while node is not None:
+                    message = self._pubsub.get_sharded_message(timeout=0, target_node=node)
+                    if message is None:
+                        break
+                    found.append(message)
+                conn = node_pubsub.connection
+                if conn is not None and conn._sock is not None:
+                    by_fd[conn._sock.fileno()] = name
+            remaining = deadline - time.monotonic()
+            if found or remaining <= 0 or not by_fd:
+                return found
+            poll = select.poll()
+            for fd in by_fd:
+                poll.register(fd, select.POLLIN)
+            poll.poll(remaining * 1000)
+
+    def confirmed(self, timeout: float) -> bool:
+        """Whether the server confirmed every shard-channel subscription within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        wanted = len(self._pubsub.shard_channels)
+        seen = 0
+        while seen < wanted and time.monotonic() < deadline:
+            seen += sum(m["type"] == "ssubscribe" for m in self._messages(deadline - time.monotonic()))
+        return seen >= wanted
+
+    def get(self, timeout: float) -> list[Event]:
+        events: list[Event] = []
+        with translated_errors(self._backend._safe_url):
+            for message in self._messages(timeout):
+                if message["type"] == "smessage":
+                    events.extend(RedisOperations.parse_events(self._queue, message["data"]))
+        return events
+
+    def close(self) -> None:
+        self._pubsub.close()
 
 
 class _AsyncSignalWaits:
@@ -397,6 +470,7 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
     """:class:`RedisClusterBackend` on ``redis.asyncio``'s cluster client."""
 
     default_partitions = 16
+    shard_channels = True
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
@@ -451,14 +525,30 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
         with translated_errors(self._safe_url):
             await self._client.initialize()
             pubsub = self._client.pubsub()
-            await pubsub.subscribe(channel)
-            confirmation = await pubsub.get_message(timeout=MAX_BLOCK + 5.0)
-            if confirmation is None or confirmation["type"] != "subscribe":
+            await pubsub.ssubscribe(channel)
+            confirmation = await pubsub.get_sharded_message(timeout=MAX_BLOCK + 5.0)
+            if confirmation is None or confirmation["type"] != "ssubscribe":
                 await pubsub.aclose()
-                raise redis.exceptions.ConnectionError("the events subscription was not confirmed")
-        return AsyncRedisSubscription(self._safe_url, queue, pubsub)
+                raise BackendUnavailable(f"redis at {self._safe_url} did not confirm the events subscription")
+        return AsyncClusterSubscription(self._safe_url, queue, pubsub)
 
     async def close(self) -> None:
         await self._signals.close()
         await self._client.aclose()
+
+
+class AsyncClusterSubscription(AsyncRedisSubscription):
+    """Shard-channel subscriptions on asyncio (redis-py's ClusterPubSub): each node is
+    asked in turn, its share of the timeout each."""
+
+    async def get(self, timeout: float) -> list[Event]:
+        events: list[Event] = []
+        nodes = max(1, len(self._pubsub.node_pubsub_mapping))
+        with translated_errors(self._safe_url):
+            message = await self._pubsub.get_sharded_message(timeout=timeout / nodes)
+            while message is not None:
+                if message["type"] == "smessage":
+                    events.extend(RedisOperations.parse_events(self._queue, message["data"]))
+                message = await self._pubsub.get_sharded_message(timeout=0)
+        return events
 
