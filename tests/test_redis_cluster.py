@@ -281,3 +281,22 @@ def test_cluster_support_forms_a_one_master_cluster_with_a_replica() -> None:
         with sharded_broker.connect(cluster.url) as broker:
             broker.enqueue("jobs", b"x")
             assert [lease.payload for lease in broker.lease("jobs")] == [b"x"]
+
+
+def test_a_wait_in_flight_follows_its_list_to_a_new_master(redis_cluster_url: str, redis_cluster: RedisCluster) -> None:
+    slot = RedisCluster.key_slot("{jobs}")
+    source = redis_cluster.node_of_slot(slot)
+    target = next(node for node in redis_cluster.primaries() if node is not source)
+    with sharded_broker.connect(redis_cluster_url) as consumer, sharded_broker.connect(redis_cluster_url) as producer:
+        consumer.wait_for_work(["jobs"], 0.1)  # its BLPOP now blocks on the source master
+        try:
+            redis_cluster.move_slot(slot, target)
+            # the source answers the blocked BLPOP with MOVED; the next wait re-routes it
+            consumer.wait_for_work(["jobs"], 1.0)
+            threading.Timer(0.3, lambda: producer.enqueue("jobs", b"x")).start()
+            started = time.monotonic()
+            consumer.wait_for_work(["jobs"], 5.0)
+            assert time.monotonic() - started < 2.0, "the wait did not see the enqueue on the new master"
+            assert [lease.payload for lease in consumer.lease("jobs")] == [b"x"]
+        finally:
+            redis_cluster.move_slot(slot, source)

@@ -56,6 +56,12 @@ _REDIRECTIONS = (
 _TRANSPORT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
+def _unreachable(exc: Exception) -> redis.exceptions.ConnectionError:
+    """redis-py's RedisClusterException (not a RedisError: the executors would not translate
+    it), raised when no node answers for the cluster's layout, as a connection error."""
+    return redis.exceptions.ConnectionError(f"no node of the cluster answered: {exc}")
+
+
 def _fcall_keys(args: Sequence[Any]) -> tuple[Any, ...] | None:
     """An FCALL's keys read from its arguments (None for another command)."""
     if len(args) >= 3 and str(args[0]).upper() in ("FCALL", "FCALL_RO"):
@@ -101,8 +107,7 @@ def cluster_client(module: Any, url: str, options: Mapping[str, Any], safe_url: 
     except redis.exceptions.RedisError as exc:
         raise translated(exc, safe_url) from None
     except redis.exceptions.RedisClusterException as exc:
-        # not a RedisError: what redis-py says when no node named answers as a cluster
-        raise BackendUnavailable(f"redis cluster at {safe_url} is unavailable: {exc}") from None
+        raise translated(_unreachable(exc), safe_url) from None
     return client
 
 
@@ -241,6 +246,12 @@ class RedisClusterBackend(RedisBackend):
         self._signals.forget()
 
     def _send(self, request: Request) -> Any:
+        try:
+            return self._send_to_cluster(request)
+        except redis.exceptions.RedisClusterException as exc:
+            raise _unreachable(exc) from None
+
+    def _send_to_cluster(self, request: Request) -> Any:
         if type(request) is FunctionCall:
             return self._fcall_on_slot(request)
         if type(request) is WaitSignals:
@@ -487,6 +498,12 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
         return cls(url, **options)
 
     async def _send(self, request: Request) -> Any:
+        try:
+            return await self._send_to_cluster(request)
+        except redis.exceptions.RedisClusterException as exc:
+            raise _unreachable(exc) from None
+
+    async def _send_to_cluster(self, request: Request) -> Any:
         if type(request) is FunctionCall:
             return await self._client.execute_command(
                 "FCALL", self._functions[request.function], len(request.keys), *request.keys, *request.args
