@@ -188,18 +188,21 @@ def test_an_idle_consumer_over_many_masters_makes_few_calls(redis_cluster_url: s
 def test_a_waiting_consumer_picks_a_new_message_up_at_once(redis_cluster_url: str, redis_cluster: RedisCluster) -> None:
     queues = _queues_on_every_master(redis_cluster, 16)
     with sharded_broker.connect(redis_cluster_url) as consumer, sharded_broker.connect(redis_cluster_url) as producer:
-        consumer.wait_for_work(queues, 0.2)  # an empty wait first: its BLPOPs stay in flight
         woke_after: list[float] = []
 
-        def wait() -> None:
+        def wait(ready: threading.Event) -> None:
+            consumer.wait_for_work(queues, 0.2)  # an empty wait first: its BLPOPs stay in flight
+            ready.set()
             started = time.monotonic()
             consumer.wait_for_work(queues, 5.0)
             woke_after.append(time.monotonic() - started)
 
         for queue in (queues[0], queues[-1]):
-            waiter = threading.Thread(target=wait)
+            ready = threading.Event()
+            waiter = threading.Thread(target=wait, args=(ready,))
             waiter.start()
-            time.sleep(0.3)
+            assert ready.wait(10)
+            time.sleep(0.2)
             enqueued_at = time.monotonic()
             producer.enqueue(queue, b"x")
             waiter.join(10)
@@ -300,3 +303,24 @@ def test_a_wait_in_flight_follows_its_list_to_a_new_master(redis_cluster_url: st
             assert [lease.payload for lease in consumer.lease("jobs")] == [b"x"]
         finally:
             redis_cluster.move_slot(slot, source)
+
+
+def test_threads_of_one_broker_wait_on_their_queues_at_once(redis_cluster_url: str) -> None:
+    # a Dramatiq worker's consumer threads share one broker, each waiting on its queue
+    with sharded_broker.connect(redis_cluster_url) as consumer, sharded_broker.connect(redis_cluster_url) as producer:
+        woke: dict[str, float] = {}
+
+        def wait(queue: str) -> None:
+            started = time.monotonic()
+            consumer.wait_for_work([queue], 5.0)
+            woke[queue] = time.monotonic() - started
+
+        waiters = [threading.Thread(target=wait, args=(queue,)) for queue in ("first", "second")]
+        for waiter in waiters:
+            waiter.start()
+        time.sleep(0.3)
+        producer.enqueue("first", b"1")
+        producer.enqueue("second", b"2")
+        for waiter in waiters:
+            waiter.join(10)
+        assert woke["first"] < 2.0 and woke["second"] < 2.0, woke

@@ -19,6 +19,7 @@ Its asyncio twin, AsyncRedisClusterBackend, is in redis_asyncio.py.
 
 from __future__ import annotations
 
+import os
 import select
 import threading
 import time
@@ -107,7 +108,13 @@ class _SignalWaits:
     in flight across waits (for SIGNAL_BLOCK seconds, then sent again). A token one of them
     took while nobody waited on its list is kept and answered at the next wait on it.
     A MOVED reply or a lost connection drops that BLPOP: the next wait sends it again to
-    the slot's master as the client knows it then. One thread waits at a time."""
+    the slot's master as the client knows it then (after RETRY_PAUSE for an error: an ASK
+    while its slot migrates makes it about ten calls a second until the migration ends).
+
+    Shared by the threads of a process: one of the waiting threads polls every BLPOP in
+    flight (the others sleep on a condition until it read something or left); a thread
+    that sends a new BLPOP meanwhile wakes the poller through a pipe to poll that one too.
+    """
 
     def __init__(self, client: redis.cluster.RedisCluster) -> None:
         self._client = client
@@ -116,49 +123,76 @@ class _SignalWaits:
         self._retry_at: dict[bytes, float] = {}
         # a list's connection whose BLPOP answered, for its next one
         self._idle: dict[bytes, Any] = {}
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._polling = False
+        self._wake_read, self._wake_write = _nonblocking_pipe()
 
     def wait(self, keys: Sequence[bytes], timeout: float) -> list[bytes]:
-        if not self._lock.acquire(timeout=timeout):
-            return []
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                answered = [key for key in keys if key in self._taken]
+                if answered:
+                    self._taken.difference_update(answered)
+                    return answered
+                sent = self._send_missing(keys)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                if self._polling:
+                    if sent:
+                        try:
+                            os.write(self._wake_write, b"x")
+                        except BlockingIOError:
+                            pass  # the pipe is full: the poller wakes anyway
+                    self._changed.wait(remaining)
+                elif not any(key in self._in_flight for key in keys):
+                    self._changed.wait(min(remaining, RETRY_PAUSE))
+                else:
+                    self._poll(remaining)
+
+    def _poll(self, timeout: float) -> None:
+        """Poll every BLPOP in flight (and the wake pipe) for up to ``timeout``, the lock
+        released meanwhile; read what answered. Only the poller reads or drops a BLPOP."""
+        by_fd = {conn._sock.fileno(): key for key, conn in self._in_flight.items() if conn._sock is not None}
+        poll = select.poll()
+        for fd in (*by_fd, self._wake_read):
+            poll.register(fd, select.POLLIN)
+        self._polling = True
+        self._changed.release()
         try:
-            return self._wait(keys, time.monotonic() + timeout)
+            ready = poll.poll(timeout * 1000)
         finally:
-            self._lock.release()
-
-    def _wait(self, keys: Sequence[bytes], deadline: float) -> list[bytes]:
-        while True:
-            answered = [key for key in keys if key in self._taken]
-            if answered:
-                self._taken.difference_update(answered)
-                return answered
-            self._send_missing(keys)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return []
-            if not any(key in self._in_flight for key in keys):
-                time.sleep(min(remaining, RETRY_PAUSE))
-                continue
-            by_fd = {conn._sock.fileno(): key for key, conn in self._in_flight.items() if conn._sock is not None}
-            poll = select.poll()
-            for fd in by_fd:
-                poll.register(fd, select.POLLIN)
-            for fd, _ in poll.poll(remaining * 1000):
+            self._changed.acquire()
+            self._polling = False
+        for fd, _ in ready:
+            if fd == self._wake_read:
+                try:
+                    os.read(self._wake_read, 4096)
+                except BlockingIOError:
+                    pass
+            else:
                 self._read(by_fd[fd])
+        self._changed.notify_all()
 
-    def _send_missing(self, keys: Sequence[bytes]) -> None:
+    def _send_missing(self, keys: Sequence[bytes]) -> bool:
+        """Send the BLPOPs of ``keys`` not in flight (nor pausing after an error); whether
+        one was sent. ConnectionError when none of ``keys`` has one in flight after it."""
         failures: list[Exception] = []
+        sent = False
         now = time.monotonic()
         for key in keys:
             if key not in self._in_flight and self._retry_at.get(key, 0.0) <= now:
                 try:
                     self._in_flight[key] = self._send(key)
+                    sent = True
                 except CONNECTION_ERRORS as exc:
                     self._retry_at[key] = now + RETRY_PAUSE
                     failures.append(exc)
         if failures and not any(key in self._in_flight for key in keys):
             self._client.nodes_manager.initialize()
             raise redis.exceptions.ConnectionError(str(failures[0]))
+        return sent
 
     def _send(self, key: bytes) -> Any:
         conn = self._idle.pop(key, None)
@@ -199,13 +233,25 @@ class _SignalWaits:
         self._taken = set()
         self._retry_at = {}
         self._idle = {}
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._polling = False
+        for fd in (self._wake_read, self._wake_write):
+            os.close(fd)  # this process's copies only
+        self._wake_read, self._wake_write = _nonblocking_pipe()
 
     def close(self) -> None:
-        for conn in [*self._in_flight.values(), *self._idle.values()]:
-            conn.disconnect()
-        self._in_flight = {}
-        self._idle = {}
+        with self._changed:
+            for conn in [*self._in_flight.values(), *self._idle.values()]:
+                conn.disconnect()
+            self._in_flight = {}
+            self._idle = {}
+
+
+def _nonblocking_pipe() -> tuple[int, int]:
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    return read, write
 
 
 class RedisClusterBackend(RedisBackend):
