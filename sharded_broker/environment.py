@@ -108,9 +108,18 @@ OPTION_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "key_metrics_window": _seconds,
     "events": _boolean,
     "prefix": _text,
+    "wait_replicas": _positive_integer,
+    "wait_timeout": _seconds,
+    "sentinel_password": _text,
 }
 # Options that only some URL schemes take; elsewhere the variable is refused by name.
-SCHEME_OPTIONS: dict[str, frozenset[str]] = {"prefix": frozenset({"redis", "rediss"})}
+REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+sentinel", "rediss+sentinel"})
+SCHEME_OPTIONS: dict[str, frozenset[str]] = {
+    "prefix": REDIS_SCHEMES,
+    "wait_replicas": REDIS_SCHEMES,
+    "wait_timeout": REDIS_SCHEMES,
+    "sentinel_password": frozenset({"redis+sentinel", "rediss+sentinel"}),
+}
 
 
 def variable_of(option: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 import sharded_broker
 from support.backends import BACKENDS, FakeClock
 from support.redis_server import RedisServer
+from support.redis_sentinel import SentinelGroup
 
 # celery.contrib.pytest's fixtures (celery_app, celery_worker, ...), registered after
 # pytest-celery's entry point: pytest-celery 1.x replaces celery_worker with a Docker
@@ -40,6 +41,24 @@ def redis_url(redis_server: RedisServer) -> str:
     client.flushall()
     client.close()
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def sentinel_group() -> Iterator[SentinelGroup]:
+    """One primary, one replica and three Sentinels for the session (a test may fail the
+    primary over: it waits until the group is settled again)."""
+    with SentinelGroup() as group:
+        yield group
+
+
+@pytest.fixture
+def sentinel_url(sentinel_group: SentinelGroup) -> str:
+    """The group's redis+sentinel:// URL, its primary flushed."""
+    import redis
+
+    with redis.Redis(port=sentinel_group.primary_port()) as primary:
+        primary.flushall()
+    return sentinel_group.url()
 
 
 _memory_names = itertools.count()
