@@ -205,5 +205,6 @@ def test_a_failover_under_load_loses_and_reorders_nothing(sentinel_group: Sentin
             worker.kill()
             worker.wait(10)
         producer_broker.close()
+    print(f"published {sum(published.values())}, refused {refused} times; {report.summary()}")
     assert report.runs > 0
     assert report.clean, report.summary()
