@@ -13,14 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 
 import sharded_broker
 import sharded_broker.aio
 from sharded_broker import BackendUnavailable, ConfigurationError, InvalidURL
 from support.campaign import engine_target
-from support.redis_sentinel import MASTER_NAME, SentinelGroup, SentinelProcess, monitor_lines
-from support.redis_server import RedisServer
+from support.redis_sentinel import SentinelGroup, SentinelProcess, monitor_lines
 from support.runs import check
 
 TESTS = Path(__file__).resolve().parent
@@ -208,3 +206,14 @@ def test_a_failover_under_load_loses_and_reorders_nothing(sentinel_group: Sentin
     print(f"published {sum(published.values())}, refused {refused} times; {report.summary()}")
     assert report.runs > 0
     assert report.clean, report.summary()
+
+
+def test_the_command_line_reads_a_sentinel_url(sentinel_url: str) -> None:
+    broker = sharded_broker.connect(sentinel_url)
+    broker.enqueue("sms", b"x", key="k")
+    broker.close()
+    script = Path(sys.executable).with_name("sharded-broker")
+    stats = subprocess.run([str(script), "--url", sentinel_url, "stats", "sms", "--json"], capture_output=True,
+                           text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["ready"] == 1

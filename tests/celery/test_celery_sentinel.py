@@ -37,4 +37,4 @@ def test_the_url_master_name_wins_and_sentinel_kwargs_are_checked(make_app, sent
     connection.release()
     with pytest.raises(ConfigurationError, match="sentinel_kwargs takes only 'password' and 'username'"):
         Connection(f"sharded+redis+sentinel://{sentinel_group.addresses}/0",
-                   transport_options={"master_name": MASTER_NAME, "sentinel_kwargs": {"ssl": True}}).transport
+                   transport_options={"master_name": MASTER_NAME, "sentinel_kwargs": {"ssl": True}}).connect()
