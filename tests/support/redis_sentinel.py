@@ -12,13 +12,19 @@ import os
 import shutil
 import signal
 import socket
+import json
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from pathlib import Path
+from typing import Callable
 
 import redis
 
 from .redis_server import RedisServer, free_port
+from .runs import Report, check
 
 MASTER_NAME = "sbprimary"
 # A Sentinel deems the primary down after this long without a valid reply; a failover
@@ -175,6 +181,30 @@ class SentinelGroup:
         self.wait_settled(timeout)
         return self.primary_port()
 
+    def kill_primary(self, timeout: float = 30.0) -> int:
+        """SIGKILL the primary, as a crash would; once the Sentinels have promoted the
+        replica, restart the killed server (its data gone: no persistence) as a replica of
+        the new primary, as an operator would, and wait until the group is settled again.
+        Returns the new primary's port."""
+        before = self.primary_port()
+        killed = self.server_on(before)
+        killed.kill()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.primary_port() != before:
+                    break
+            except (redis.RedisError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Sentinels promoted no replica within {timeout}s")
+            time.sleep(0.05)
+        after = self.primary_port()
+        killed.extra_args = ["--replicaof", "127.0.0.1", str(after)]
+        killed.start()
+        self.wait_settled(timeout)
+        return after
+
     def stop(self) -> None:
         for sentinel in self.sentinels:
             sentinel.stop()
@@ -187,3 +217,77 @@ class SentinelGroup:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def failover_under_load(url: str, tmp_path: Path, fail_over: Callable[[], object], *,
+                        consumers: int = 3, keys: int = 12) -> tuple[Report, int, int]:
+    """Run ``fail_over`` while ``consumers`` engine worker processes
+    (support/engine_worker.py) drain a queue that a producer fills over ``keys`` keys,
+    every side with ``wait_replicas=1``; then wait (up to a minute) until every message
+    acknowledged to the producer has run. The producer resends a refused enqueue with the
+    same dedup id until it is acknowledged, so a message counts as published only once
+    acknowledged. Returns the checker's report (support/runs.py), how many messages were
+    published and how many enqueues were refused on the way."""
+    import sharded_broker
+    from .campaign import engine_target
+
+    queue = "campaign"  # engine_target's queue, whose run log target.runs reads
+    target = engine_target(tmp_path)
+    options = {"socket_timeout": 2, "wait_replicas": 1, "wait_timeout": 0.5}
+    workers = []
+    for n in range(consumers):
+        config = {"url": url, "queue": queue, "events": str(tmp_path / "events.jsonl"), "vt": 3.0, "limit": 1,
+                  "options": options}
+        with open(tmp_path / f"engine-{n}.out", "wb") as output:
+            workers.append(subprocess.Popen(
+                [sys.executable, str(TESTS / "support" / "engine_worker.py"), json.dumps(config)],
+                cwd=TESTS, stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+            ))
+    producer_broker = sharded_broker.connect(url, max_deliveries=None, **options)
+    published = {f"k{i}": 0 for i in range(keys)}
+    refused = 0
+    stop = threading.Event()
+
+    def produce() -> None:
+        nonlocal refused
+        while not stop.is_set():
+            for key, seq in list(published.items()):
+                body = json.dumps({"k": key, "n": seq, "do": "ok", "s": 0.01}).encode()
+                while True:
+                    try:
+                        producer_broker.enqueue(queue, body, key=key, dedup_id=f"{key}:{seq}")
+                        break
+                    except sharded_broker.BackendUnavailable:
+                        refused += 1
+                        time.sleep(0.05)
+                published[key] = seq + 1
+            time.sleep(0.02)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        time.sleep(2.0)
+        before = sum(published.values())
+        fail_over()
+        time.sleep(1.0)
+        stop.set()
+        producer.join(30)
+        if sum(published.values()) <= before:
+            raise AssertionError("nothing was published after the failover")
+        deadline = time.monotonic() + 60
+        while True:
+            report = check(target.runs(tmp_path), published)
+            if not report.lost or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        producer.join(30)
+        for worker in workers:
+            worker.kill()
+            worker.wait(10)
+        producer_broker.close()
+    return report, sum(published.values()), refused
