@@ -183,8 +183,9 @@ def options(explicit: Mapping[str, Any], broker_url: str) -> dict[str, Any]:
             continue
         schemes = SCHEME_OPTIONS.get(name)
         if schemes is not None and _scheme_or_none(broker_url) not in schemes:
+            *others, last = [f"{s}://" for s in sorted(schemes, key=lambda s: (len(s), s))]
             raise ConfigurationError(
-                f"{variable} applies only to {' and '.join(f'{s}://' for s in sorted(schemes))} URLs, "
+                f"{variable} applies only to {', '.join(others)}{' and ' if others else ''}{last} URLs, "
                 f"not {redact_url(broker_url)!r}"
             )
         merged[name] = _checked(name, parse(variable, text), variable, text, merged)

@@ -174,11 +174,13 @@ def check_redis_url(url: str) -> None:
 def with_connection_parts(
     url: str, *, user: str | None, password: str | None, port: int | None, vhost: str | None
 ) -> str:
-    """A ``redis://`` / ``rediss://`` URL completed by parts given apart from it (Celery's
-    ``broker_user``, ``broker_password``, ``broker_port``, ``broker_vhost``) where the URL
-    leaves them out; other URLs unchanged."""
+    """A ``redis://`` / ``rediss://`` / Sentinel URL completed by parts given apart from it
+    (Celery's ``broker_user``, ``broker_password``, ``broker_port``, ``broker_vhost``) where
+    the URL leaves them out (a Sentinel URL takes no port: it names each Sentinel's); other
+    URLs unchanged."""
     parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
+    sentinel = parts.scheme in SENTINEL_SCHEMES
+    if parts.scheme not in ("redis", "rediss") and not sentinel:
         return url
     netloc = parts.netloc
     if "@" not in netloc and (user or password):
@@ -186,7 +188,7 @@ def with_connection_parts(
         if password:
             credentials += ":" + quote(password, safe="")
         netloc = f"{credentials}@{netloc}"
-    if port and parts.port is None and netloc:
+    if port and not sentinel and parts.port is None and netloc:
         netloc = f"{netloc}:{port}"
     path = parts.path
     database = str(vhost or "").strip("/")

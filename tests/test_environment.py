@@ -119,8 +119,16 @@ def test_variables_read_elsewhere_are_not_unknown(monkeypatch: pytest.MonkeyPatc
 def test_prefix_applies_only_to_redis_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHARDED_BROKER_PREFIX", "app1")
     assert environment.options({}, "redis://localhost:6379/0") == {"prefix": "app1"}
-    with pytest.raises(ConfigurationError, match=r"^SHARDED_BROKER_PREFIX applies only to redis:// and rediss:// URLs, not 'memory://'$"):
+    with pytest.raises(ConfigurationError, match=r"^SHARDED_BROKER_PREFIX applies only to redis://, rediss://, redis\+sentinel:// and rediss\+sentinel:// URLs, not 'memory://'$"):
         sharded_broker.connect("memory://")
+
+
+def test_the_sentinels_password_applies_only_to_sentinel_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHARDED_BROKER_SENTINEL_PASSWORD", "pw")
+    monkeypatch.setenv("SHARDED_BROKER_WAIT_REPLICAS", "1")
+    assert environment.options({}, "redis+sentinel://h/0?master=m") == {"sentinel_password": "pw", "wait_replicas": 1}
+    with pytest.raises(ConfigurationError, match=r"^SHARDED_BROKER_SENTINEL_PASSWORD applies only to redis\+sentinel://"):
+        environment.options({}, "redis://h/0")
 
 
 def test_a_malformed_url_variable_is_named_and_its_password_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
