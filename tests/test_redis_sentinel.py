@@ -154,3 +154,23 @@ def test_the_command_line_reads_a_sentinel_url(sentinel_url: str) -> None:
                            text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert stats.returncode == 0, stats.stderr
     assert json.loads(stats.stdout)["ready"] == 1
+
+
+def test_the_asyncio_broker_refuses_a_write_short_of_replicas(sentinel_url: str) -> None:
+    async def short() -> str:
+        broker = sharded_broker.aio.connect(sentinel_url, wait_replicas=2, wait_timeout=0.1)
+        unwaiting = sharded_broker.aio.connect(sentinel_url)
+        try:
+            with pytest.raises(BackendUnavailable, match="only 1 of the 2 replicas") as refused:
+                await broker.enqueue("q", b"x", key="k")
+            await unwaiting.enqueue("other", b"y")
+            leases = await unwaiting.lease("q", 1, visibility_timeout=5) + await unwaiting.lease("other", 1)
+            with pytest.raises(BackendUnavailable, match="only 1 of the 2 replicas"):
+                await broker.ack_many(leases)  # two queues: the pipelined path
+            assert (await broker.stats("q")).leased == 0  # applied all the same
+            return str(refused.value)
+        finally:
+            await broker.close()
+            await unwaiting.close()
+
+    assert "may not survive a failover" in asyncio.run(short())

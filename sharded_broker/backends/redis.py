@@ -345,9 +345,13 @@ class ReplicaWait(NamedTuple):
     timeout: float
 
     @property
+    def millis(self) -> int:
+        """WAIT's timeout: whole milliseconds, never 0 (which would mean "forever")."""
+        return max(1, round(self.timeout * 1000))
+
+    @property
     def command(self) -> bytes:
-        millis = b"%d" % max(1, round(self.timeout * 1000))
-        return b"".join((b"*3\r\n", _bulk(b"WAIT"), _bulk(b"%d" % self.replicas), _bulk(millis)))
+        return b"".join((b"*3\r\n", _bulk(b"WAIT"), _bulk(b"%d" % self.replicas), _bulk(b"%d" % self.millis)))
 
     @staticmethod
     def after(function: str) -> bool:
@@ -1242,7 +1246,7 @@ class RedisBackend(RedisExecutor, Backend):
         wait = pipelined_wait(self._replica_wait, request)
         if wait is None:
             return pipe.execute(raise_on_error=False)
-        pipe.wait(wait.replicas, round(wait.timeout * 1000))
+        pipe.wait(wait.replicas, wait.millis)
         *replies, acknowledged = pipe.execute(raise_on_error=False)
         try:
             wait.check(acknowledged, self._safe_url)

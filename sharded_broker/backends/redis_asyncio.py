@@ -24,8 +24,7 @@ from ..models import (
 )
 from .redis import (
     MAX_BLOCK, Command, FunctionCall, Pipeline, RedisExecutor, RedisOperations, ReplicasShort, ReplicaWait, Request,
-    Steps,
-    WaitSignals, blpop_timeout, pipelined_wait, sentinel_manager, signalled, translated_errors,
+    Steps, WaitSignals, blpop_timeout, pipelined_wait, sentinel_manager, signalled, translated_errors,
 )
 
 T = TypeVar("T")
@@ -78,7 +77,7 @@ class AsyncRedisBackend(RedisExecutor):
             wait = pipelined_wait(self._replica_wait, request)
             if wait is None:
                 return await pipe.execute(raise_on_error=False)
-            pipe.wait(wait.replicas, round(wait.timeout * 1000))
+            pipe.wait(wait.replicas, wait.millis)
             *replies, acknowledged = await pipe.execute(raise_on_error=False)
         try:
             wait.check(acknowledged, self._safe_url)
