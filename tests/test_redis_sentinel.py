@@ -174,3 +174,21 @@ def test_the_asyncio_broker_refuses_a_write_short_of_replicas(sentinel_url: str)
             await unwaiting.close()
 
     assert "may not survive a failover" in asyncio.run(short())
+
+
+def test_rediss_sentinel_speaks_tls_to_the_primary_and_ssl_options_need_it() -> None:
+    # No server needed: connections are made on first use. (A TLS primary behind Sentinels is
+    # not started by the suite; this checks the connections the backend would make.)
+    import redis.sentinel
+
+    from sharded_broker.backends.redis import RedisBackend
+
+    backend = RedisBackend.from_url("rediss+sentinel://127.0.0.1:1/0?master=m", ssl_cert_reqs="none")
+    try:
+        pool = backend._client.connection_pool
+        assert pool.connection_class is redis.sentinel.SentinelManagedSSLConnection
+        assert pool.connection_kwargs["ssl_cert_reqs"] == "none"
+    finally:
+        backend.close()
+    with pytest.raises(ConfigurationError, match="need a rediss:// or rediss\\+sentinel:// URL"):
+        RedisBackend.from_url("redis+sentinel://127.0.0.1:1/0?master=m", ssl_cert_reqs="none")

@@ -321,7 +321,7 @@ def checked_options(url: str, options: Mapping[str, Any]) -> None:
     if not url.startswith(("rediss://", "rediss+sentinel://")):
         ssl_options = sorted(name for name in options if name.startswith("ssl"))
         if ssl_options:
-            raise ConfigurationError(f"option(s) {', '.join(ssl_options)} need a rediss:// URL")
+            raise ConfigurationError(f"option(s) {', '.join(ssl_options)} need a rediss:// or rediss+sentinel:// URL")
 
 
 class ReplicasShort(BackendUnavailable):
