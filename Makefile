@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 help:
 	@echo "make demo         run the per-key FIFO demo on the embedded default (no server)"
-	@echo "make test         set everything up (virtualenv, redis-server), lint, type-check and run the suite"
+	@echo "make test         set everything up (virtualenv, redis-server and redis-sentinel), lint, type-check and run the suite"
 	@echo "make lint         ruff and mypy over sharded_broker/ and integrations/ (zero findings expected)"
 	@echo "make reliability  fault, bad-input and security tests, with the long soak runs and the"
 	@echo "                  fault campaign (SB_CAMPAIGN_SECONDS per target, default 180; SB_CAMPAIGN_SEED)"
@@ -25,6 +25,7 @@ venv: $(STAMP)
 
 redis-server:
 	@scripts/ensure-redis-server
+	@scripts/ensure-redis-sentinel
 
 # Debian's chromium and chromium-driver, for the dashboard's browser tests.
 chromium:

@@ -81,6 +81,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from queue import Empty
 from typing import Any, Callable, Iterator, Mapping, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from kombu.exceptions import DecodeError
 from kombu.serialization import loads as deserialize
@@ -980,7 +981,7 @@ class Transport(virtual.Transport):
 
     def __init__(self, client, **kwargs: Any) -> None:
         options = dict(client.transport_options or {})
-        self.engine_url = engine_url(client)
+        self.engine_url = _sentinel_transport_options(engine_url(client), options)
         try:
             sharded_broker.broker.backend_class(self.engine_url)  # unknown scheme: fail now
         except InvalidURL as exc:
@@ -1280,9 +1281,32 @@ def engine_url(client) -> str:
     )
 
 
+def _sentinel_transport_options(url: str, options: dict[str, Any]) -> str:
+    """A Sentinel engine URL completed from the transport options kombu's ``sentinel://``
+    transport takes: ``master_name`` (when the URL has no ``?master=``) and
+    ``sentinel_kwargs``' ``password``/``username`` (the Sentinels' own, as the backend's
+    ``sentinel_password``/``sentinel_username`` options, moved into ``options``)."""
+    if not url.startswith(("redis+sentinel://", "rediss+sentinel://")):
+        return url
+    master_name = options.pop("master_name", None)
+    sentinel_kwargs = options.pop("sentinel_kwargs", None) or {}
+    if not isinstance(sentinel_kwargs, Mapping) or set(sentinel_kwargs) - {"password", "username"}:
+        raise ConfigurationError(
+            f"transport option sentinel_kwargs takes only 'password' and 'username' (the Sentinels' own), "
+            f"not {sentinel_kwargs!r}"
+        )
+    for name, value in sentinel_kwargs.items():
+        options.setdefault(f"sentinel_{name}", value)
+    parts = urlsplit(url)
+    if master_name is None or "master" in dict(parse_qsl(parts.query)):
+        return url
+    query = "&".join(filter(None, (parts.query, urlencode({"master": master_name}))))
+    return urlunsplit(parts._replace(query=query))
+
+
 def _ssl_options(client, url: str) -> dict[str, Any]:
     """Celery's ``broker_use_ssl`` (redis-py ``ssl_*`` arguments) for a ``rediss://`` URL."""
-    if not url.startswith(("rediss://", "rediss+cluster://")) or not isinstance(client.ssl, Mapping):
+    if not url.startswith(("rediss://", "rediss+cluster://", "rediss+sentinel://")) or not isinstance(client.ssl, Mapping):
         return {}
     return dict(client.ssl)
 

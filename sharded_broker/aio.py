@@ -10,7 +10,7 @@ Every operation runs the steps of the Broker method of the same name
 (``sharded_broker/broker.py``): the same argument checks, errors, settings and waiting
 logic, awaited instead of blocking. How a backend is awaited:
 
-- ``redis://`` and ``rediss://``: natively, on ``redis.asyncio`` connections
+- ``redis://``, ``rediss://`` and the Sentinel URLs: natively, on ``redis.asyncio`` connections
   (``backends/redis_asyncio.py``, which runs the same Redis function calls as the blocking
   backend). ``lease(wait=...)`` and ``wait_for_work`` block on an asyncio connection of
   their own; events come from an asyncio pub/sub connection.
@@ -69,7 +69,7 @@ THREAD_WAIT_SLICE = 0.25
 def async_backend_class(url: str) -> Any:
     """The class serving ``url`` for an AsyncBroker: the asyncio Redis backend, or a
     blocking backend's class (run in threads)."""
-    if urls.scheme(url) in ("redis", "rediss"):
+    if urls.scheme(url) in ("redis", "rediss", *urls.SENTINEL_SCHEMES):
         from .backends.redis_asyncio import AsyncRedisBackend
 
         return AsyncRedisBackend

@@ -37,6 +37,8 @@ BACKENDS: dict[str, str] = {
     "rediss": "sharded_broker.backends.redis:RedisBackend",
     "redis+cluster": "sharded_broker.backends.redis_cluster:RedisClusterBackend",
     "rediss+cluster": "sharded_broker.backends.redis_cluster:RedisClusterBackend",
+    "redis+sentinel": "sharded_broker.backends.redis:RedisBackend",
+    "rediss+sentinel": "sharded_broker.backends.redis:RedisBackend",
 }
 
 MAX_LEASE_LIMIT = 10_000
@@ -126,6 +128,8 @@ def open_broker(
     backend_type = backend_for(url)
     if url.startswith(("redis://", "rediss://")):
         urls.check_redis_url(url)
+    elif urls.is_sentinel_url(url):
+        urls.sentinel_url(url)  # a malformed one refused as a URL problem
     try:
         backend = backend_type.from_url(url, **options)
     except InvalidURL as exc:

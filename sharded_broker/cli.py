@@ -1,7 +1,7 @@
 """The ``sharded-broker`` command line: look inside the queues and act on them.
 
 Every command takes the broker URL the app uses (``--url`` or ``SHARDED_BROKER_URL``;
-``redis://``, ``rediss://``, ``sqlite:///``, and Celery's ``sharded+redis://`` form);
+``redis://``, ``rediss://``, ``redis+sentinel://``, ``sqlite:///``, and Celery's ``sharded+redis://`` form);
 ``COMMAND --help`` needs none.
 
 Guarantees, for scripts:
@@ -265,7 +265,8 @@ def _stdout_console() -> Console:
     "--url",
     metavar="URL",
     help=(
-        f"Broker URL, as the app uses it (redis://..., sqlite:////absolute/path.db, sharded+redis://...). "
+        f"Broker URL, as the app uses it (redis://..., redis+sentinel://host:port,.../0?master=NAME, "
+        f"sqlite:////absolute/path.db, sharded+redis://...). "
         f"Default: ${URL_ENVVAR}. Options a command does not set come from $SHARDED_BROKER_<OPTION>."
     ),
 )

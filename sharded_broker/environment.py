@@ -108,10 +108,17 @@ OPTION_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "key_metrics_window": _seconds,
     "events": _boolean,
     "prefix": _text,
+    "wait_replicas": _positive_integer,
+    "wait_timeout": _seconds,
+    "sentinel_password": _text,
 }
 # Options that only some URL schemes take; elsewhere the variable is refused by name.
+REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"})
 SCHEME_OPTIONS: dict[str, frozenset[str]] = {
-    "prefix": frozenset({"redis", "rediss", "redis+cluster", "rediss+cluster"}),
+    "prefix": REDIS_SCHEMES,
+    "wait_replicas": REDIS_SCHEMES - {"redis+cluster", "rediss+cluster"},
+    "wait_timeout": REDIS_SCHEMES - {"redis+cluster", "rediss+cluster"},
+    "sentinel_password": frozenset({"redis+sentinel", "rediss+sentinel"}),
 }
 
 
@@ -176,9 +183,11 @@ def options(explicit: Mapping[str, Any], broker_url: str) -> dict[str, Any]:
             continue
         schemes = SCHEME_OPTIONS.get(name)
         if schemes is not None and _scheme_or_none(broker_url) not in schemes:
-            *others, last = [f"{scheme}://" for scheme in sorted(schemes)]
-            named = f"{', '.join(others)} and {last}" if others else last
-            raise ConfigurationError(f"{variable} applies only to {named} URLs, not {redact_url(broker_url)!r}")
+            *others, last = [f"{s}://" for s in sorted(schemes, key=lambda s: (len(s), s))]
+            raise ConfigurationError(
+                f"{variable} applies only to {', '.join(others)}{' and ' if others else ''}{last} URLs, "
+                f"not {redact_url(broker_url)!r}"
+            )
         merged[name] = _checked(name, parse(variable, text), variable, text, merged)
     return merged
 

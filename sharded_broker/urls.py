@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-from urllib.parse import quote, unquote, urlsplit, urlunsplit
+from typing import NamedTuple
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from .errors import InvalidURL
 
@@ -20,6 +21,10 @@ CELERY_URL_PREFIX = "sharded+"
 # Shorter pieces of a URL's user:password part are not masked in error reasons (they
 # would mask ordinary words); the whole part always is.
 MIN_MASKED_PIECE = 3
+# Redis Sentinel URLs: the Sentinels' addresses, the primary's name in ?master=, and
+# whether the primary is reached over TLS.
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+DEFAULT_SENTINEL_PORT = 26379
 
 
 def scheme(url: str) -> str:
@@ -204,10 +209,12 @@ def with_connection_parts(
     """A ``redis://`` / ``rediss://`` URL completed by parts given apart from it (Celery's
     ``broker_user``, ``broker_password``, ``broker_port``, ``broker_vhost``) where the URL
     leaves them out; a Redis Cluster URL by the credentials only (each node has its port,
-    and a cluster has database 0 only); other URLs unchanged."""
+    and a cluster has database 0 only), a Sentinel URL by all but the port (it names each
+    Sentinel's); other URLs unchanged."""
     parts = urlsplit(url)
     cluster = parts.scheme in CLUSTER_SCHEMES
-    if parts.scheme not in ("redis", "rediss") and not cluster:
+    sentinel = parts.scheme in SENTINEL_SCHEMES
+    if parts.scheme not in ("redis", "rediss") and not cluster and not sentinel:
         return url
     netloc = parts.netloc
     if "@" not in netloc and (user or password):
@@ -217,7 +224,7 @@ def with_connection_parts(
         netloc = f"{credentials}@{netloc}"
     if cluster:
         return urlunsplit(parts._replace(netloc=netloc))
-    if port and parts.port is None and netloc:
+    if port and not sentinel and parts.port is None and netloc:
         netloc = f"{netloc}:{port}"
     path = parts.path
     database = str(vhost or "").strip("/")
@@ -237,3 +244,53 @@ def redis_address(url: str) -> tuple[str, int, float | None] | None:
         return None
     timeout = parsed.get("socket_connect_timeout")
     return parsed.get("host") or "localhost", int(parsed.get("port") or 6379), float(timeout) if timeout else None
+
+
+def is_sentinel_url(url: str) -> bool:
+    """Whether ``url`` is a ``redis+sentinel://`` or ``rediss+sentinel://`` URL."""
+    return url.partition("://")[0] in SENTINEL_SCHEMES and "://" in url
+
+
+class SentinelURL(NamedTuple):
+    """A ``redis+sentinel://`` / ``rediss+sentinel://`` URL, read."""
+
+    sentinels: list[tuple[str, int]]
+    master: str
+    # The primary's connection options as a plain redis:// / rediss:// URL (user, password,
+    # database, query options), its host a placeholder: Sentinel names the host.
+    primary_url: str
+
+
+def sentinel_url(url: str) -> SentinelURL:
+    """Read ``redis+sentinel://[user:password@]host[:port][,host[:port]...]/DB?master=NAME``
+    (``rediss+sentinel://``: TLS to the primary; a Sentinel's port defaults to 26379);
+    InvalidURL naming what is wrong. The user and password are the primary's (the
+    Sentinels' own are options)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise InvalidURL(f"malformed Sentinel URL {redact_url(url)!r}: {exc}") from None
+    if parts.scheme not in SENTINEL_SCHEMES or "://" not in url:
+        raise InvalidURL(f"not a Sentinel URL: {redact_url(url)!r} (redis+sentinel://host:port,.../0?master=NAME)")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    sentinels = []
+    for address in hosts.split(","):
+        host, _, port_text = address.rpartition(":") if ":" in address else (address, "", "")
+        if not host or (port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536)):
+            raise InvalidURL(
+                f"Sentinel URL {redact_url(url)!r}: {address!r} is not a Sentinel address (host or host:port, "
+                "comma-separated)"
+            )
+        sentinels.append((host, int(port_text) if port_text else DEFAULT_SENTINEL_PORT))
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    masters = [value for name, value in query if name == "master"]
+    if len(masters) != 1 or not masters[0]:
+        raise InvalidURL(
+            f"Sentinel URL {redact_url(url)!r} must name the primary once, as ?master=NAME "
+            "(the name in the Sentinels' `sentinel monitor NAME ...`)"
+        )
+    rest = urlencode([(name, value) for name, value in query if name != "master"])
+    primary_scheme = "rediss" if SENTINEL_SCHEMES[parts.scheme] else "redis"
+    credentials = f"{userinfo}@" if userinfo else ""
+    primary = urlunsplit((primary_scheme, f"{credentials}sentinel-primary", parts.path, rest, ""))
+    return SentinelURL(sentinels, masters[0], primary)

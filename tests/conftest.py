@@ -11,6 +11,7 @@ import sharded_broker
 from support.backends import BACKENDS, FakeClock
 from support.redis_cluster import RedisCluster
 from support.redis_server import RedisServer
+from support.redis_sentinel import SentinelGroup
 
 # celery.contrib.pytest's fixtures (celery_app, celery_worker, ...), registered after
 # pytest-celery's entry point: pytest-celery 1.x replaces celery_worker with a Docker
@@ -57,6 +58,24 @@ def redis_cluster_url(redis_cluster: RedisCluster) -> str:
     redis_cluster.wait_ok()
     redis_cluster.flushall()
     return redis_cluster.url
+
+
+@pytest.fixture(scope="session")
+def sentinel_group() -> Iterator[SentinelGroup]:
+    """One primary, one replica and three Sentinels for the session (a test may fail the
+    primary over: it waits until the group is settled again)."""
+    with SentinelGroup() as group:
+        yield group
+
+
+@pytest.fixture
+def sentinel_url(sentinel_group: SentinelGroup) -> str:
+    """The group's redis+sentinel:// URL, its primary flushed."""
+    import redis
+
+    with redis.Redis(port=sentinel_group.primary_port()) as primary:
+        primary.flushall()
+    return sentinel_group.url()
 
 
 _memory_names = itertools.count()

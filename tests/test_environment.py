@@ -122,10 +122,18 @@ def test_prefix_applies_only_to_redis_urls(monkeypatch: pytest.MonkeyPatch) -> N
     assert environment.options({}, "redis+cluster://10.0.0.1:7000") == {"prefix": "app1"}
     with pytest.raises(
         ConfigurationError,
-        match=r"^SHARDED_BROKER_PREFIX applies only to redis://, redis\+cluster://, rediss:// and "
-        r"rediss\+cluster:// URLs, not 'memory://'$",
+        match=r"^SHARDED_BROKER_PREFIX applies only to redis://, rediss://, redis\+cluster://, "
+        r"redis\+sentinel://, rediss\+cluster:// and rediss\+sentinel:// URLs, not 'memory://'$",
     ):
         sharded_broker.connect("memory://")
+
+
+def test_the_sentinels_password_applies_only_to_sentinel_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHARDED_BROKER_SENTINEL_PASSWORD", "pw")
+    monkeypatch.setenv("SHARDED_BROKER_WAIT_REPLICAS", "1")
+    assert environment.options({}, "redis+sentinel://h/0?master=m") == {"sentinel_password": "pw", "wait_replicas": 1}
+    with pytest.raises(ConfigurationError, match=r"^SHARDED_BROKER_SENTINEL_PASSWORD applies only to redis\+sentinel://"):
+        environment.options({}, "redis://h/0")
 
 
 def test_a_malformed_url_variable_is_named_and_its_password_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:

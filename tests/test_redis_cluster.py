@@ -324,3 +324,8 @@ def test_threads_of_one_broker_wait_on_their_queues_at_once(redis_cluster_url: s
         for waiter in waiters:
             waiter.join(10)
         assert woke["first"] < 2.0 and woke["second"] < 2.0, woke
+
+
+def test_wait_replicas_is_refused_on_a_cluster_url_rather_than_ignored() -> None:
+    with pytest.raises(ConfigurationError, match=r"wait_replicas are not available on a Redis Cluster URL"):
+        sharded_broker.connect("redis+cluster://127.0.0.1:1", wait_replicas=1)

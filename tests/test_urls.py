@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from sharded_broker import InvalidURL
-from sharded_broker.urls import engine_url, scheme, scrub, with_connection_parts
+from sharded_broker.urls import (
+    engine_url, is_sentinel_url, redact_url, scheme, scrub, sentinel_url, with_connection_parts,
+)
 
 
 def test_parts_given_apart_fill_only_what_the_url_leaves_out() -> None:
@@ -51,3 +53,33 @@ def test_a_cluster_url_names_its_nodes_and_a_url_for_the_first() -> None:
         [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002)],
     )
     assert redact_url(url) == "rediss+cluster://u:***@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002/?socket_timeout=2"
+
+
+def test_a_sentinel_url_is_read_with_every_sentinel_and_the_master_name() -> None:
+    parsed = sentinel_url("rediss+sentinel://u:p%40w@10.0.0.1:26380,sentinel-b/3?master=main&socket_timeout=2")
+    assert parsed.sentinels == [("10.0.0.1", 26380), ("sentinel-b", 26379)]
+    assert parsed.master == "main"
+    assert parsed.primary_url.startswith("rediss://u:p%40w@")  # the primary's credentials, TLS
+    assert parsed.primary_url.endswith("/3?socket_timeout=2")  # ?master= is not a connection option
+    assert is_sentinel_url("redis+sentinel://h/0?master=m") and not is_sentinel_url("redis://h/0")
+
+
+@pytest.mark.parametrize("url, reason", [
+    ("redis+sentinel://h:1,h:2/0", r"\?master=NAME"),
+    ("redis+sentinel://h/0?master=", r"\?master=NAME"),
+    ("redis+sentinel://h/0?master=a&master=b", r"\?master=NAME"),
+    ("redis+sentinel://h:1,,h:2/0?master=m", "'' is not a Sentinel address"),
+    ("redis+sentinel://h:99999/0?master=m", "'h:99999' is not a Sentinel address"),
+])
+def test_a_malformed_sentinel_url_says_what_is_wrong(url: str, reason: str) -> None:
+    with pytest.raises(InvalidURL, match=reason):
+        sentinel_url(url)
+
+
+def test_a_sentinel_url_with_several_hosts_is_redacted_and_completed() -> None:
+    url = "redis+sentinel://u:s3cret@h1:26379,h2:26380/0?master=m"
+    assert redact_url(url) == "redis+sentinel://u:***@h1:26379,h2:26380/0?master=m"
+    assert scrub("NOAUTH for s3cret", url) == "NOAUTH for ***"
+    completed = with_connection_parts("redis+sentinel://h1:1,h2:2?master=m", user="u", password="p", port=6390,
+                                      vhost="2")
+    assert completed == "redis+sentinel://u:p@h1:1,h2:2/2?master=m"  # no port: each Sentinel has its own

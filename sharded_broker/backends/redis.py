@@ -1,4 +1,5 @@
-"""Redis backend: ``redis://`` and ``rediss://`` (TLS). Needs Redis 7.0 or newer.
+"""Redis backend: ``redis://``, ``rediss://`` (TLS), and a primary found through Redis
+Sentinel, ``redis+sentinel://`` / ``rediss+sentinel://``. Needs Redis 7.0 or newer.
 
 Every operation is one atomic Redis function, registered by ``lua/<operation>.lua``; all of
 them, with the shared helpers of ``lua/_common.lua``, form one Functions library that is
@@ -22,6 +23,13 @@ Guarantees, beyond the contract of :class:`~sharded_broker.backend.Backend`:
 * ``wait`` blocks on a per-queue signal list with BLPOP on a connection of its own; enqueue,
   ack, nack, replay, interval and pause changes push wake-up tokens. An idle consumer
   makes about two calls a second.
+* Through Sentinel, a call refused with READONLY (the primary was demoted) did not run:
+  redis-py's Sentinel connections then ask the Sentinels for the new primary and the
+  client's retry policy sends the call again, so producers and consumers follow a
+  failover by themselves (docs/redis.md, "Sentinel", says what a failover can lose).
+* ``wait_replicas=N`` follows every writing function call, in the same round trip, by
+  ``WAIT N`` (:class:`ReplicaWait`); fewer replicas acknowledging in ``wait_timeout``
+  raise BackendUnavailable. Functions that write nothing (``READ_ONLY_FUNCTIONS``) skip it.
 * Connection failures raise :class:`~sharded_broker.BackendUnavailable` naming the URL
   with its password redacted.
 * Metrics are counted inside the enqueue, lease, ack and nack functions with ``HINCRBY``:
@@ -60,13 +68,14 @@ from typing import Any, Callable, Generator, Iterator, Mapping, NamedTuple, Sequ
 import msgpack
 import redis
 import redis.exceptions
+import redis.sentinel
 
 from ..backend import (
     DEFAULT_METRICS_WINDOW, Backend, EventSubscription, KeySort, compact_json, events_option, headers_text, kept_minutes,
     key_metrics_window_option, metrics_window_option,
 )
 from ..errors import BackendError, BackendUnavailable, ConfigurationError, QueueFull
-from ..urls import redact_url
+from ..urls import is_sentinel_url, redact_url, sentinel_url
 from ..models import (
     COUNTERS, CancelResult, DeadLetter, Event, HeadMessage, HeldBatch, KeyFacts, KeyInfo, Lease, LeaseResult,
     Message, MessageInfo, MinuteMetrics, QueueSettings, QueueStats, RetryPosition, Schedule,
@@ -91,6 +100,10 @@ SCHEDULE_FUNCTIONS = (
     "schedule_put", "schedule_list", "schedule_due", "schedule_fire", "schedule_set_paused", "schedule_remove",
 )
 SCHEDULE_KEYS = ("schedules", "schedq")
+# The functions that write nothing: with wait_replicas, no WAIT follows them.
+READ_ONLY_FUNCTIONS = frozenset({
+    "stats", "dead_letters", "dead_order", "metrics", "keys", "why", "get", "schedule_list", "schedule_due",
+})
 T = TypeVar("T")
 # Redis Functions (FUNCTION LOAD, FCALL) came with Redis 7.0.
 MINIMUM_SERVER = (7, 0)
@@ -103,7 +116,13 @@ CHUNK = 1000
 # a missed token (taken by another waiter) costs at most this delay.
 MAX_BLOCK = 1.0
 
-_OWN_OPTIONS = frozenset({"prefix", "clock", "metrics_window", "key_metrics_window", "events"})
+_OWN_OPTIONS = frozenset({
+    "prefix", "clock", "metrics_window", "key_metrics_window", "events", "wait_replicas", "wait_timeout",
+})
+# Options of redis+sentinel:// URLs only: the Sentinels' own credentials.
+_SENTINEL_OPTIONS = frozenset({"sentinel_username", "sentinel_password"})
+# wait_replicas: how long a write waits for its replicas unless wait_timeout says.
+DEFAULT_WAIT_TIMEOUT = 1.0
 # Options that would break the backend (it needs bytes and its own connection pool).
 _REFUSED_OPTIONS = frozenset({"decode_responses", "connection_pool", "single_connection_client", "encoding"})
 # Errors that say "not now" rather than "wrong call": the server is unreachable, slow,
@@ -277,17 +296,21 @@ def _raise_refusal(queue: str, answer: Any) -> None:
 def checked_options(url: str, options: Mapping[str, Any]) -> None:
     """Refuse, naming them, options and URL query parameters the backend cannot use."""
     known = _redis_options()
-    unknown = sorted(set(options) - known - _OWN_OPTIONS)
+    sentinel = is_sentinel_url(url)
+    unknown = sorted(set(options) - known - _OWN_OPTIONS - (_SENTINEL_OPTIONS if sentinel else frozenset()))
     if unknown:
         refused = [name for name in unknown if name in _REFUSED_OPTIONS]
         if refused:
             raise ConfigurationError(f"option(s) {', '.join(refused)} cannot be used with the redis backend")
         raise ConfigurationError(
             f"unknown option(s) for {redact_url(url)}: {', '.join(unknown)}; "
-            "known: prefix, clock, metrics_window, key_metrics_window, events and redis-py connection options (socket_timeout, ssl_ca_certs, ...)"
+            "known: prefix, clock, metrics_window, key_metrics_window, events, wait_replicas, wait_timeout, "
+            f"{'sentinel_username, sentinel_password, ' if sentinel else ''}"
+            "and redis-py connection options (socket_timeout, ssl_ca_certs, ...)"
         )
+    replica_wait(options.get("wait_replicas"), options.get("wait_timeout"))
     try:
-        from_query = redis.connection.parse_url(url)
+        from_query = redis.connection.parse_url(sentinel_url(url).primary_url if sentinel else url)
     except ValueError as exc:
         raise ConfigurationError(f"malformed redis URL {redact_url(url)!r}: {exc}") from None
     unknown_query = sorted(set(from_query) - known - {"connection_class"})
@@ -295,17 +318,82 @@ def checked_options(url: str, options: Mapping[str, Any]) -> None:
         raise ConfigurationError(
             f"unknown query parameter(s) in {redact_url(url)}: {', '.join(unknown_query)}"
         )
-    if not url.startswith("rediss://"):
+    if not url.startswith(("rediss://", "rediss+sentinel://")):
         ssl_options = sorted(name for name in options if name.startswith("ssl"))
         if ssl_options:
-            raise ConfigurationError(f"option(s) {', '.join(ssl_options)} need a rediss:// URL")
+            raise ConfigurationError(f"option(s) {', '.join(ssl_options)} need a rediss:// or rediss+sentinel:// URL")
+
+
+class ReplicasShort(BackendUnavailable):
+    """A write answered, but fewer replicas than ``wait_replicas`` acknowledged it in time."""
+
+
+class ReplicaWait(NamedTuple):
+    """``wait_replicas``: the ``WAIT`` sent after every writing function call, on the same
+    connection and in the same round trip, and the check of its answer. Any executor
+    uses it: :meth:`after` says whether a call needs it, :attr:`command` is the packed
+    WAIT to send after the call, :meth:`check` reads WAIT's answer.
+
+    What it guarantees: when a write is answered, ``replicas`` replicas had received it
+    (WAIT counts replicas that acknowledged the replication offset of this connection's
+    writes), so a failover to one of them keeps it. What it does not: the replicas
+    acknowledge receipt, not a write to disk, and a write that WAIT found short of
+    replicas is applied on the primary all the same (the error says it may be lost, it
+    was not undone)."""
+
+    replicas: int
+    timeout: float
+
+    @property
+    def millis(self) -> int:
+        """WAIT's timeout: whole milliseconds, never 0 (which would mean "forever")."""
+        return max(1, round(self.timeout * 1000))
+
+    @property
+    def command(self) -> bytes:
+        return b"".join((b"*3\r\n", _bulk(b"WAIT"), _bulk(b"%d" % self.replicas), _bulk(b"%d" % self.millis)))
+
+    @staticmethod
+    def after(function: str) -> bool:
+        """Whether a call of ``function`` writes, so WAIT follows it."""
+        return function not in READ_ONLY_FUNCTIONS
+
+    def check(self, acknowledged: Any, safe_url: str) -> None:
+        """BackendUnavailable unless WAIT's answer counts ``replicas`` replicas."""
+        if isinstance(acknowledged, Exception):
+            raise BackendUnavailable(f"redis at {safe_url} refused WAIT after a write: {acknowledged}")
+        if int(acknowledged) < self.replicas:
+            raise ReplicasShort(
+                f"redis at {safe_url}: only {acknowledged} of the {self.replicas} replicas asked for (wait_replicas) "
+                f"acknowledged a write within {self.timeout:g}s; the write is applied on the primary but may not "
+                "survive a failover"
+            )
+
+
+def replica_wait(replicas: Any, timeout: Any) -> ReplicaWait | None:
+    """The ReplicaWait of the options ``wait_replicas`` and ``wait_timeout`` (seconds,
+    default DEFAULT_WAIT_TIMEOUT); None without wait_replicas. ConfigurationError for
+    bad values."""
+    if replicas is None:
+        if timeout is not None:
+            raise ConfigurationError("wait_timeout needs wait_replicas (the replicas each write waits for)")
+        return None
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ConfigurationError(f"wait_replicas must be a whole number of replicas, 1 or more, not {replicas!r}")
+    seconds = DEFAULT_WAIT_TIMEOUT if timeout is None else timeout
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 3600:
+        raise ConfigurationError(f"wait_timeout must be seconds, more than 0 and at most 3600, not {timeout!r}")
+    return ReplicaWait(replicas, float(seconds))
 
 
 def clients(client_module: Any, url: str, redis_options: Mapping[str, Any], safe_url: str) -> tuple[Any, Any]:
     """A client for ``url`` and one for blocking waits, of ``client_module`` (``redis`` or
     ``redis.asyncio``, which name their classes alike). Blocking waits get connections of
     their own, whose read timeout outlasts a block (socket_timeout may come from the
-    options or from the URL's query)."""
+    options or from the URL's query). A Sentinel URL gives two clients of the primary the
+    Sentinels name (:func:`sentinel_clients`)."""
+    if is_sentinel_url(url):
+        return sentinel_clients(client_module, url, redis_options, safe_url)
     try:
         client = client_module.Redis.from_url(url, **redis_options)
     except (ValueError, TypeError) as exc:
@@ -322,6 +410,64 @@ def clients(client_module: Any, url: str, redis_options: Mapping[str, Any], safe
     return client, blocking_client
 
 
+def sentinel_clients(
+    client_module: Any, url: str, redis_options: Mapping[str, Any], safe_url: str
+) -> tuple[Any, Any]:
+    """The two clients of :func:`clients` for a Sentinel URL: each on a pool of its own
+    (redis-py's SentinelConnectionPool), whose connections ask the Sentinels where the
+    primary is when they connect, and drop and reconnect on a READONLY reply (the primary
+    they reached was demoted), so that the client's retry policy sends the call again to
+    the new primary. The Sentinels are reached with the socket options and, if given, the
+    ``sentinel_username``/``sentinel_password`` options."""
+    options = dict(redis_options)
+    sentinel_credentials = {
+        name.removeprefix("sentinel_"): options.pop(name) for name in _SENTINEL_OPTIONS if name in options
+    }
+    parsed = sentinel_url(url)
+    connection_kwargs = {**options, **redis.connection.parse_url(parsed.primary_url)}
+    for placeholder in ("host", "port"):
+        connection_kwargs.pop(placeholder, None)
+    if connection_kwargs.pop("connection_class", None) is not None:  # rediss: SSLConnection
+        connection_kwargs["ssl"] = True
+    sentinel_kwargs = {name: value for name, value in connection_kwargs.items() if name.startswith("socket_")}
+    sentinel_kwargs.update(sentinel_credentials)
+    try:
+        manager = client_module.sentinel.Sentinel(parsed.sentinels, sentinel_kwargs=sentinel_kwargs, **connection_kwargs)
+        client = manager.master_for(parsed.master, redis_class=client_module.Redis)
+        blocking_timeout = connection_kwargs.get("socket_timeout")
+        blocking = {} if blocking_timeout is None else {"socket_timeout": max(float(blocking_timeout), MAX_BLOCK + 5.0)}
+        blocking_client = manager.master_for(parsed.master, redis_class=client_module.Redis, **blocking)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(f"bad redis URL or option for {safe_url}: {exc}") from None
+    return client, blocking_client
+
+
+def pipelined_wait(wait: ReplicaWait | None, request: Pipeline) -> ReplicaWait | None:
+    """``wait`` when the pipeline writes (a prelude command, or a writing function), else None."""
+    if wait is None or (request.prelude is None and not any(wait.after(call.function) for call in request.calls)):
+        return None
+    return wait
+
+
+def replied_after_wait(read: Callable[[], Any], wait: ReplicaWait, safe_url: str) -> Any:
+    """A function call's reply, read with ``read``, then its WAIT's answer, checked: a
+    call's error reply is raised only once WAIT's is read, leaving the connection clean
+    (a connection error raises at once: the connection is dropped anyway)."""
+    try:
+        reply = read()
+    except redis.exceptions.ResponseError as exc:
+        read()
+        raise exc
+    wait.check(read(), safe_url)
+    return reply
+
+
+def sentinel_manager(client: Any) -> Any:
+    """The redis-py Sentinel object behind a client of :func:`sentinel_clients` (None for
+    other clients): its connections to the Sentinels are closed with the backend."""
+    return getattr(client.connection_pool, "sentinel_manager", None)
+
+
 def blpop_timeout(timeout: float) -> float:
     """BLPOP's timeout for a wait of ``timeout`` seconds: 0 means "forever" to BLPOP, so
     never less than a millisecond."""
@@ -335,6 +481,11 @@ def signalled(reply: Any) -> list[bytes]:
 
 def translated(exc: redis.exceptions.RedisError, safe_url: str) -> BackendError:
     """The project's error for a redis-py error (the one place they are translated)."""
+    if isinstance(exc, redis.sentinel.MasterNotFoundError):
+        return BackendUnavailable(
+            f"redis at {safe_url} is unavailable: no Sentinel named a primary by the URL's ?master= name, or none "
+            f"was reachable ({exc}); check the name against the Sentinels' `sentinel monitor NAME ...` lines"
+        )
     if isinstance(exc, _TRANSPORT_ERRORS):
         return BackendUnavailable(f"redis at {safe_url} is unavailable: {exc}")
     return BackendError(f"redis at {safe_url} refused the operation: {exc}")
@@ -1033,9 +1184,13 @@ class RedisExecutor:
         metrics_window: float = DEFAULT_METRICS_WINDOW,
         key_metrics_window: float | None = None,
         events: bool = True,
+        wait_replicas: int | None = None,
+        wait_timeout: float | None = None,
         **redis_options: Any,
     ) -> None:
         self.url = self._safe_url = redact_url(url)
+        # wait_replicas: the WAIT after each writing call (None: no WAIT).
+        self._replica_wait = replica_wait(wait_replicas, wait_timeout)
         self._ops = RedisOperations(
             prefix=prefix, clock=clock, metrics_window=metrics_window, key_metrics_window=key_metrics_window,
             events=events, shard_channels=self.shard_channels,
@@ -1107,6 +1262,9 @@ class RedisBackend(RedisExecutor, Backend):
 
     def _send(self, request: Request) -> Any:
         if type(request) is FunctionCall:
+            wait = self._replica_wait
+            if wait is not None and wait.after(request.function):
+                return self._fcall(self._packed.pack(request), wait)
             return self._fcall(self._packed.pack(request))
         if type(request) is WaitSignals:
             return signalled(self._blocking_client.blpop(request.keys, timeout=blpop_timeout(request.timeout)))
@@ -1120,27 +1278,54 @@ class RedisBackend(RedisExecutor, Backend):
             getattr(pipe, request.prelude.method)(*request.prelude.args, **request.prelude.kwargs)
         for call in request.calls:
             pipe.fcall(self._functions[call.function], len(call.keys), *call.keys, *call.args)
-        return pipe.execute(raise_on_error=False)
+        wait = pipelined_wait(self._replica_wait, request)
+        if wait is None:
+            return pipe.execute(raise_on_error=False)
+        pipe.wait(wait.replicas, wait.millis)
+        *replies, acknowledged = pipe.execute(raise_on_error=False)
+        try:
+            wait.check(acknowledged, self._safe_url)
+        except ReplicasShort:
+            self._reconnect()
+            raise
+        return replies
 
-    def _fcall(self, command: bytes) -> Any:
+    def _fcall(self, command: bytes, wait: ReplicaWait | None = None) -> Any:
         """Send one packed FCALL and read its reply as redis-py's execute_command does: a
         pooled connection, the client's retry policy (each failed attempt disconnects), the
-        server's error reply raised as ResponseError. A connection that served a call
-        whole stays with this backend for its next FCALL (:meth:`_idle_connection`); one
-        that failed goes back to the pool, which checks it before lending it again."""
+        server's error reply raised as ResponseError. With ``wait``, its WAIT goes in the
+        same write and its answer is read and checked after the call's. A connection that
+        served a call whole stays with this backend for its next FCALL
+        (:meth:`_idle_connection`); one that failed goes back to the pool, which checks it
+        before lending it again."""
         conn = self._idle_connection()
 
         def attempt() -> Any:
-            conn.send_packed_command([command])
-            return conn.read_response()
+            if wait is None:
+                conn.send_packed_command([command])
+                return conn.read_response()
+            conn.send_packed_command([command, wait.command])
+            return replied_after_wait(conn.read_response, wait, self._safe_url)
 
         try:
             reply = conn.retry.call_with_retry(attempt, lambda error: conn.disconnect())
+        except ReplicasShort:
+            self._client.connection_pool.release(conn)
+            self._reconnect()
+            raise
         except BaseException:
             self._client.connection_pool.release(conn)
             raise
         self._idle.append(conn)
         return reply
+
+    def _reconnect(self) -> None:
+        """Drop the idle connections, so that each reconnects on its next use: after a
+        write short of replicas the server may be a primary that Sentinel just replaced
+        (it keeps taking writes until Sentinel demotes it, and has no replica left), and a
+        reconnecting Sentinel connection asks the Sentinels where the primary is now."""
+        self._return_idle_connections()
+        self._client.connection_pool.disconnect(inuse_connections=False)
 
     def _idle_connection(self) -> Any:
         """A connection for one FCALL (:func:`kept_connection`). Kept connections stay
@@ -1299,6 +1484,9 @@ class RedisBackend(RedisExecutor, Backend):
         self._blocking_client.close()
         self._client.connection_pool.disconnect()
         self._blocking_client.connection_pool.disconnect()
+        manager = sentinel_manager(self._client)
+        if manager is not None:
+            manager.close()
 
 
 def _schedule(queue: str, name: bytes, raw: bytes) -> Schedule:

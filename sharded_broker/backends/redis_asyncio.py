@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import redis.asyncio
 import redis.asyncio.cluster
+import redis.asyncio.sentinel
 import redis.exceptions
 from redis._parsers.commands import AsyncCommandsParser
 from redis.crc import key_slot
@@ -30,8 +31,8 @@ from ..models import (
     QueueSettings, QueueStats, RetryPosition, Schedule,
 )
 from .redis import (
-    _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisExecutor, RedisOperations, Request, Steps, WaitSignals,
-    blpop_timeout, signalled, translated_errors,
+    _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisExecutor, RedisOperations, ReplicasShort, ReplicaWait,
+    Request, Steps, WaitSignals, blpop_timeout, pipelined_wait, sentinel_manager, signalled, translated_errors,
 )
 from .redis_cluster import (
     CONNECTION_ERRORS, RETRY_PAUSE, SIGNAL_BLOCK, fcall_keys, unreachable, checked_cluster_options, cluster_client,
@@ -70,6 +71,9 @@ class AsyncRedisBackend(RedisExecutor):
 
     async def _send(self, request: Request) -> Any:
         if type(request) is FunctionCall:
+            wait = self._replica_wait
+            if wait is not None and wait.after(request.function):
+                return await self._fcall(self._packed.pack(request), wait)
             return await self._fcall(self._packed.pack(request))
         if type(request) is WaitSignals:
             return signalled(await self._blocking_client.blpop(request.keys, timeout=blpop_timeout(request.timeout)))
@@ -81,22 +85,48 @@ class AsyncRedisBackend(RedisExecutor):
                 getattr(pipe, request.prelude.method)(*request.prelude.args, **request.prelude.kwargs)
             for call in request.calls:
                 pipe.fcall(self._functions[call.function], len(call.keys), *call.keys, *call.args)
-            return await pipe.execute(raise_on_error=False)
+            wait = pipelined_wait(self._replica_wait, request)
+            if wait is None:
+                return await pipe.execute(raise_on_error=False)
+            pipe.wait(wait.replicas, wait.millis)
+            *replies, acknowledged = await pipe.execute(raise_on_error=False)
+        try:
+            wait.check(acknowledged, self._safe_url)
+        except ReplicasShort:
+            await self._client.connection_pool.disconnect(inuse_connections=False)  # as RedisBackend._reconnect
+            raise
+        return replies
 
-    async def _fcall(self, command: bytes) -> Any:
+    async def _fcall(self, command: bytes, wait: ReplicaWait | None = None) -> Any:
         """One packed FCALL, sent and read as RedisBackend._fcall does (a pooled connection,
-        the client's retry policy, error replies raised)."""
+        the client's retry policy, error replies raised; with ``wait``, its WAIT in the same
+        write, read and checked as redis.replied_after_wait does)."""
         pool = self._client.connection_pool
         conn = await pool.get_connection()
 
         async def attempt() -> Any:
-            await conn.send_packed_command([command])
-            return await conn.read_response()
+            if wait is None:
+                await conn.send_packed_command([command])
+                return await conn.read_response()
+            await conn.send_packed_command([command, wait.command])
+            try:
+                reply = await conn.read_response()
+            except redis.exceptions.ResponseError:
+                await conn.read_response()
+                raise
+            wait.check(await conn.read_response(), self._safe_url)
+            return reply
 
+        short_of_replicas = False
         try:
             return await conn.retry.call_with_retry(attempt, lambda error: conn.disconnect())
+        except ReplicasShort:
+            short_of_replicas = True
+            raise
         finally:
             await pool.release(conn)
+            if short_of_replicas:
+                await pool.disconnect(inuse_connections=False)  # as RedisBackend._reconnect
 
     # -- the contract, awaitable ----------------------------------------------------------
 
@@ -230,6 +260,9 @@ class AsyncRedisBackend(RedisExecutor):
         await self._blocking_client.aclose()
         await self._client.connection_pool.disconnect()
         await self._blocking_client.connection_pool.disconnect()
+        manager = sentinel_manager(self._client)
+        if manager is not None:
+            await manager.aclose()
 
 
 class AsyncRedisSubscription:

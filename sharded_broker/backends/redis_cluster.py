@@ -80,7 +80,15 @@ class _LocalFcallKeys(CommandsParser):
 
 def checked_cluster_options(url: str, options: Mapping[str, Any]) -> None:
     """The checks of a one-server URL and its options (:func:`~.redis.checked_options`), on
-    the URL of the cluster's first node."""
+    the URL of the cluster's first node. ``wait_replicas`` is refused: this executor sends
+    no WAIT after its calls yet, and an option that silently guaranteed nothing would be
+    worse than none."""
+    refused = sorted({"wait_replicas", "wait_timeout"} & set(options))
+    if refused:
+        raise ConfigurationError(
+            f"option(s) {', '.join(refused)} are not available on a Redis Cluster URL yet "
+            "(redis:// and the Sentinel URLs take them)"
+        )
     node_url = cluster_parts(url)[0]
     check_redis_url(node_url)
     checked_options(node_url, options)
