@@ -103,17 +103,60 @@ class RedisCluster:
         try:
             for node in self.nodes:
                 node.start()
-            subprocess.run(
-                [redis_cli_binary(), "--cluster", "create", *self.addresses,
-                 "--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"],
-                check=True, capture_output=True, timeout=timeout,
-            )
+            if self.masters >= 3:
+                subprocess.run(
+                    [redis_cli_binary(), "--cluster", "create", *self.addresses,
+                     "--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"],
+                    check=True, capture_output=True, timeout=timeout,
+                )
+            else:
+                self._form_by_hand(timeout)
             self.wait_ok(timeout)
             self.wait_replicas_synced(timeout)
         except BaseException:
             self.close()
             raise
         return self
+
+    def _form_by_hand(self, timeout: float) -> None:
+        """What ``redis-cli --cluster create`` does, for the 1 or 2 masters it refuses
+        (it wants at least 3): the slots split evenly over the masters, every node met,
+        each replica attached to its master."""
+        masters, replicas = self.nodes[:self.masters], self.nodes[self.masters:]
+        ids = []
+        for index, node in enumerate(masters):
+            client = self.client(node)
+            try:
+                first, last = 16384 * index // self.masters, 16384 * (index + 1) // self.masters - 1
+                client.execute_command("CLUSTER ADDSLOTSRANGE", first, last)
+                ids.append(client.execute_command("CLUSTER MYID"))
+            finally:
+                client.close()
+        for node in self.nodes[1:]:
+            client = self.client(node)
+            try:
+                client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port,
+                                       self._bus_port(self.nodes[0]))
+            finally:
+                client.close()
+        deadline = time.monotonic() + timeout
+        for index, replica in enumerate(replicas):
+            client = self.client(replica)
+            try:
+                while True:  # REPLICATE needs the master known to this node: the MEET gossip
+                    try:
+                        client.execute_command("CLUSTER REPLICATE", ids[index % self.masters])
+                        break
+                    except redis.ResponseError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05)
+            finally:
+                client.close()
+
+    @staticmethod
+    def _bus_port(node: RedisServer) -> int:
+        return int(node.extra_args[node.extra_args.index("--cluster-port") + 1])
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Until every live node reports ``cluster_state:ok`` and agrees all 16384 slots are
