@@ -73,6 +73,10 @@ def async_backend_class(url: str) -> Any:
         from .backends.redis_asyncio import AsyncRedisBackend
 
         return AsyncRedisBackend
+    if urls.scheme(url) in ("redis+cluster", "rediss+cluster"):
+        from .backends.redis_cluster import AsyncRedisClusterBackend
+
+        return AsyncRedisClusterBackend
     return backend_class(url)
 
 

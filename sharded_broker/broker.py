@@ -35,6 +35,8 @@ BACKENDS: dict[str, str] = {
     "sqlite": "sharded_broker.backends.sqlite:SQLiteBackend",
     "redis": "sharded_broker.backends.redis:RedisBackend",
     "rediss": "sharded_broker.backends.redis:RedisBackend",
+    "redis+cluster": "sharded_broker.backends.redis_cluster:RedisClusterBackend",
+    "rediss+cluster": "sharded_broker.backends.redis_cluster:RedisClusterBackend",
 }
 
 MAX_LEASE_LIMIT = 10_000

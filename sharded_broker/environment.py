@@ -110,7 +110,9 @@ OPTION_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "prefix": _text,
 }
 # Options that only some URL schemes take; elsewhere the variable is refused by name.
-SCHEME_OPTIONS: dict[str, frozenset[str]] = {"prefix": frozenset({"redis", "rediss"})}
+SCHEME_OPTIONS: dict[str, frozenset[str]] = {
+    "prefix": frozenset({"redis", "rediss", "redis+cluster", "rediss+cluster"}),
+}
 
 
 def variable_of(option: str) -> str:

@@ -89,6 +89,8 @@ def backend_url(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> st
         return f"sqlite:///{tmp_path}/q.db"
     if name == "redis":
         return request.getfixturevalue("redis_url")
+    if name == "redis-cluster":
+        return request.getfixturevalue("redis_cluster_url")
     raise ValueError(f"no such backend {name!r}")
 
 

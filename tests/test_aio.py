@@ -204,6 +204,11 @@ def test_async_with_closes_the_backend(backend_name: str, aconnect) -> None:
         # The connection the enqueue used went back to its pool and was closed.
         connections = broker.backend._client.connection_pool._available_connections
         assert connections and not any(connection.is_connected for connection in connections)
+    elif backend_name == "redis-cluster":
+        # Every node's connections were closed with the cluster client.
+        nodes = broker.backend._client.nodes_manager.nodes_cache.values()
+        connections = [connection for node in nodes for connection in node._connections]
+        assert connections and not any(connection.is_connected for connection in connections)
     else:
         with pytest.raises(RuntimeError, match="shutdown"):
             broker._threads._calls.submit(print)

@@ -1010,9 +1010,13 @@ class RedisExecutor:
             events=events,
         )
         self.prefix = prefix
-        self._client, self._blocking_client = clients(self.client_module, url, redis_options, self._safe_url)
+        self._client, self._blocking_client = self._clients(url, redis_options)
         self._functions = _LIBRARY.functions
-        self._packed = PackedCalls(self._functions, self._client.connection_pool.get_encoder())
+        self._packed = PackedCalls(self._functions, self._client.get_encoder())
+
+    def _clients(self, url: str, redis_options: Mapping[str, Any]) -> tuple[Any, Any]:
+        """The client for requests and the one for blocking waits (a cluster executor's differ)."""
+        return clients(self.client_module, url, redis_options, self._safe_url)
 
     @classmethod
     def from_url(cls: type[Executor], url: str, **options: Any) -> Executor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 
-BACKENDS = ("memory", "sqlite", "redis")
+BACKENDS = ("memory", "sqlite", "redis", "redis-cluster")
 
 # The clock starts at a realistic epoch time so backends that store seconds or
 # milliseconds since the epoch see ordinary values.
