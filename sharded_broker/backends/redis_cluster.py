@@ -287,7 +287,15 @@ class RedisClusterBackend(RedisBackend):
         in motion (or the connection lost), sent again by redis-py's execute_command."""
         node = self._client.nodes_manager.get_node_from_slot(key_slot(call.keys[0]))
         pool = self._client.get_redis_connection(node).connection_pool
-        conn = pool.get_connection()
+        try:
+            conn = pool.get_connection()
+        except _TRANSPORT:
+            # The slot's master as last known is unreachable (killed, its replica promoted
+            # since): the slot map must be read again, else every call goes to the dead node.
+            self._client.nodes_manager.initialize()
+            return self._client.execute_command(
+                "FCALL", self._functions[call.function], len(call.keys), *call.keys, *call.args
+            )
         try:
             conn.send_packed_command([self._packed.pack(call)])
             reply = conn.read_response()
