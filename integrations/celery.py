@@ -81,7 +81,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from queue import Empty
 from typing import Any, Callable, Iterator, Mapping, cast
-from urllib.parse import quote, urlsplit, urlunsplit
 
 from kombu.exceptions import DecodeError
 from kombu.serialization import loads as deserialize
@@ -93,7 +92,7 @@ from kombu.utils.uuid import uuid
 import sharded_broker
 from sharded_broker import environment
 from sharded_broker import validation as check
-from sharded_broker.urls import relative_path_warning
+from sharded_broker.urls import relative_path_warning, with_connection_parts
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidArgument, InvalidArgumentType, InvalidURL
 from sharded_broker.broker import MAX_LEASE_LIMIT
 from sharded_broker.group_commit import AckGroup
@@ -1276,27 +1275,14 @@ def engine_url(client) -> str:
             f"broker URL must be sharded+<engine URL>, e.g. sharded+redis://localhost:6379/0, "
             f"sharded+sqlite:///q.db or sharded+memory://; got engine URL {url!r}"
         )
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        return url
-    netloc = parts.netloc
-    if "@" not in netloc and (client.userid or client.password):
-        credentials = quote(client.userid or "", safe="")
-        if client.password:
-            credentials += ":" + quote(client.password, safe="")
-        netloc = f"{credentials}@{netloc}"
-    if client.port and parts.port is None and netloc:
-        netloc = f"{netloc}:{client.port}"
-    path = parts.path
-    vhost = str(client.virtual_host or "").strip("/")
-    if path in ("", "/") and vhost:
-        path = "/" + vhost
-    return urlunsplit(parts._replace(netloc=netloc, path=path))
+    return with_connection_parts(
+        url, user=client.userid, password=client.password, port=client.port, vhost=client.virtual_host
+    )
 
 
 def _ssl_options(client, url: str) -> dict[str, Any]:
     """Celery's ``broker_use_ssl`` (redis-py ``ssl_*`` arguments) for a ``rediss://`` URL."""
-    if not url.startswith("rediss://") or not isinstance(client.ssl, Mapping):
+    if not url.startswith(("rediss://", "rediss+cluster://")) or not isinstance(client.ssl, Mapping):
         return {}
     return dict(client.ssl)
 

@@ -263,7 +263,7 @@ class ShardedBroker(dramatiq.Broker):
     """A Dramatiq broker with per-key FIFO sharding, over any engine URL.
 
     Parameters:
-      url: ``redis://...``, ``rediss://...``, ``sqlite:///path.db`` or ``memory://``
+      url: ``redis://...``, ``rediss://...``, ``redis+cluster://host:port[,host:port...]``, ``sqlite:///path.db`` or ``memory://``
         (in-process only: workers in other processes cannot see it). None (the default):
         ``SHARDED_BROKER_URL``; a ConfigurationError when that is unset too.
       visibility_timeout: seconds a delivered message stays leased without a heartbeat.

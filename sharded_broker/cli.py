@@ -136,6 +136,12 @@ class Session:
                 _require_queue_database(path, urls.relative_path_hint(self.url))
             elif scheme == "rediss":
                 _refuse_plain_text_port(self.url, self.safe_url)
+            elif scheme == "rediss+cluster":
+                try:
+                    # the first node stands for the cluster: its nodes share a setup
+                    _refuse_plain_text_port(urls.cluster_parts(self.url)[0], self.safe_url)
+                except InvalidURL:
+                    pass  # connect() below names the problem
             elif scheme == "memory":
                 self.stderr.print(
                     "note: a memory:// store lives inside one process; this command's store is its own, "

@@ -13,6 +13,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from .errors import InvalidURL
 
+# A Redis Cluster URL's scheme -> that of a URL for one of its nodes.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # Celery names the transport sharded+redis://; the engine wants the plain redis:// URL.
 CELERY_URL_PREFIX = "sharded+"
 # Shorter pieces of a URL's user:password part are not masked in error reasons (they
@@ -166,14 +168,46 @@ def check_redis_url(url: str) -> None:
         raise InvalidURL(f"malformed redis URL {redact_url(url)!r}: {reason}") from None
 
 
+def cluster_parts(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """For a ``redis+cluster://`` URL: the one-server URL of its first node (same scheme
+    without ``+cluster``, credentials and query; redis-py reads its options from it) and
+    every ``(host, port)`` it names. InvalidURL naming what is wrong."""
+    safe = redact_url(url)
+    parts = urlsplit(url)
+    plain_scheme = CLUSTER_SCHEMES.get(parts.scheme)
+    if plain_scheme is None:
+        raise InvalidURL(f"not a Redis Cluster URL: {safe!r} (expected redis+cluster:// or rediss+cluster://)")
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    nodes = []
+    for address in hosts.split(","):
+        name, sep, number = address.strip().rpartition(":")
+        if not sep or not name or not number.isdigit() or not 0 < int(number) < 65536:
+            raise InvalidURL(
+                f"bad node address {address!r} in {safe!r}: each node is host:port, "
+                "e.g. redis+cluster://10.0.0.1:7000,10.0.0.2:7000"
+            )
+        nodes.append((name.strip("[]"), int(number)))
+    if parts.path not in ("", "/", "/0"):
+        raise InvalidURL(f"a Redis Cluster has only database 0: {safe!r} names {parts.path[1:]!r}")
+    if parts.fragment:
+        raise InvalidURL(f"a Redis Cluster URL takes no fragment: {safe!r}")
+    host, port = nodes[0]
+    host_part = f"[{host}]" if ":" in host else host
+    netloc = f"{credentials}@{host_part}:{port}" if credentials else f"{host_part}:{port}"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{plain_scheme}://{netloc}/0{query}", nodes
+
+
 def with_connection_parts(
     url: str, *, user: str | None, password: str | None, port: int | None, vhost: str | None
 ) -> str:
     """A ``redis://`` / ``rediss://`` URL completed by parts given apart from it (Celery's
     ``broker_user``, ``broker_password``, ``broker_port``, ``broker_vhost``) where the URL
-    leaves them out; other URLs unchanged."""
+    leaves them out; a Redis Cluster URL by the credentials only (each node has its port,
+    and a cluster has database 0 only); other URLs unchanged."""
     parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
+    cluster = parts.scheme in CLUSTER_SCHEMES
+    if parts.scheme not in ("redis", "rediss") and not cluster:
         return url
     netloc = parts.netloc
     if "@" not in netloc and (user or password):
@@ -181,6 +215,8 @@ def with_connection_parts(
         if password:
             credentials += ":" + quote(password, safe="")
         netloc = f"{credentials}@{netloc}"
+    if cluster:
+        return urlunsplit(parts._replace(netloc=netloc))
     if port and parts.port is None and netloc:
         netloc = f"{netloc}:{port}"
     path = parts.path

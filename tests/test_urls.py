@@ -32,3 +32,22 @@ def test_a_password_is_masked_in_both_spellings() -> None:
 def test_a_url_without_a_scheme_is_refused(url: object) -> None:
     with pytest.raises(InvalidURL):
         scheme(url)  # type: ignore[arg-type]
+
+
+def test_a_cluster_url_takes_credentials_given_apart_but_no_port_or_database() -> None:
+    parts = {"user": "u", "password": "p/w", "port": 6390, "vhost": "3"}
+    given = "redis+cluster://h1:7000,h2:7001"
+    assert with_connection_parts(given, **parts) == "redis+cluster://u:p%2Fw@h1:7000,h2:7001"
+    with_credentials = "rediss+cluster://a:b@h1:7000/?ssl_cert_reqs=none"
+    assert with_connection_parts(with_credentials, **parts) == with_credentials
+
+
+def test_a_cluster_url_names_its_nodes_and_a_url_for_the_first() -> None:
+    from sharded_broker.urls import cluster_parts, redact_url
+
+    url = "rediss+cluster://u:s%23cret@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002/?socket_timeout=2"
+    assert cluster_parts(url) == (
+        "rediss://u:s%23cret@10.0.0.1:7000/0?socket_timeout=2",
+        [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002)],
+    )
+    assert redact_url(url) == "rediss+cluster://u:***@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002/?socket_timeout=2"

@@ -22,7 +22,6 @@ import select
 import threading
 import time
 from typing import Any, Mapping, Sequence
-from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio.cluster
@@ -31,15 +30,14 @@ import redis.exceptions
 from redis._parsers.commands import AsyncCommandsParser, CommandsParser
 from redis.crc import key_slot
 
-from ..errors import BackendUnavailable, ConfigurationError, InvalidURL
-from ..urls import check_redis_url, redact_url
+from ..errors import BackendUnavailable, ConfigurationError
+from ..urls import check_redis_url, cluster_parts
 from .redis import (
     _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisBackend, Request, WaitSignals, checked_options,
-    translated, translated_errors,
+    kept_connection, translated, translated_errors,
 )
 from .redis_asyncio import AsyncRedisBackend, AsyncRedisSubscription
 
-SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # A signal list's BLPOP stays in flight this long (then it is sent again): an idle consumer
 # over P partitions makes P / SIGNAL_BLOCK calls a second for its waits.
 SIGNAL_BLOCK = 25
@@ -77,36 +75,6 @@ class _AsyncLocalFcallKeys(AsyncCommandsParser):
     async def get_keys(self, *args: Any) -> Any:
         keys = _fcall_keys(args)
         return keys if keys is not None else await super().get_keys(*args)
-
-
-def cluster_parts(url: str) -> tuple[str, list[tuple[str, int]]]:
-    """For a ``redis+cluster://`` URL: the one-server URL of its first node (same scheme
-    without ``+cluster``, credentials and query; redis-py reads its options from it) and
-    every ``(host, port)`` it names. InvalidURL naming what is wrong."""
-    safe = redact_url(url)
-    parts = urlsplit(url)
-    plain_scheme = SCHEMES.get(parts.scheme)
-    if plain_scheme is None:
-        raise InvalidURL(f"not a Redis Cluster URL: {safe!r} (expected redis+cluster:// or rediss+cluster://)")
-    credentials, _, hosts = parts.netloc.rpartition("@")
-    nodes = []
-    for address in hosts.split(","):
-        name, sep, number = address.strip().rpartition(":")
-        if not sep or not name or not number.isdigit() or not 0 < int(number) < 65536:
-            raise InvalidURL(
-                f"bad node address {address!r} in {safe!r}: each node is host:port, "
-                "e.g. redis+cluster://10.0.0.1:7000,10.0.0.2:7000"
-            )
-        nodes.append((name.strip("[]"), int(number)))
-    if parts.path not in ("", "/", "/0"):
-        raise InvalidURL(f"a Redis Cluster has only database 0: {safe!r} names {parts.path[1:]!r}")
-    if parts.fragment:
-        raise InvalidURL(f"a Redis Cluster URL takes no fragment: {safe!r}")
-    host, port = nodes[0]
-    host_part = f"[{host}]" if ":" in host else host
-    netloc = f"{credentials}@{host_part}:{port}" if credentials else f"{host_part}:{port}"
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{plain_scheme}://{netloc}/0{query}", nodes
 
 
 def checked_cluster_options(url: str, options: Mapping[str, Any]) -> None:
@@ -251,6 +219,8 @@ class RedisClusterBackend(RedisBackend):
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
         self._signals = _SignalWaits(self._client)
+        # FCALL connections kept between calls (kept_connection), per node's pool
+        self._kept: dict[Any, list[Any]] = {}
 
     def _clients(self, url: str, redis_options: Mapping[str, Any]) -> tuple[Any, Any]:
         client = cluster_client(redis.cluster, url, redis_options, self._safe_url)
@@ -263,6 +233,7 @@ class RedisClusterBackend(RedisBackend):
         return cls(url, **options)
 
     def _after_fork_in_child(self) -> None:
+        self._kept = {}
         self._signals.forget()
 
     def _send(self, request: Request) -> Any:
@@ -283,12 +254,16 @@ class RedisClusterBackend(RedisBackend):
         return pipe.execute(raise_on_error=False)
 
     def _fcall_on_slot(self, call: FunctionCall) -> Any:
-        """The packed FCALL on a pooled connection to its slot's master; refused by a cluster
-        in motion (or the connection lost), sent again by redis-py's execute_command."""
+        """The packed FCALL on a connection to its slot's master (one kept from an earlier
+        call to that node, as RedisBackend keeps its own); refused by a cluster in motion
+        (or the connection lost), sent again by redis-py's execute_command."""
         node = self._client.nodes_manager.get_node_from_slot(key_slot(call.keys[0]))
-        pool = self._client.get_redis_connection(node).connection_pool
+        pool = (node.redis_connection or self._client.get_redis_connection(node)).connection_pool
+        kept = self._kept.get(pool)
+        if kept is None:
+            kept = self._kept.setdefault(pool, [])
         try:
-            conn = pool.get_connection()
+            conn = kept_connection(pool, kept)
         except _TRANSPORT:
             # The slot's master as last known is unreachable (killed, its replica promoted
             # since): the slot map must be read again, else every call goes to the dead node.
@@ -314,7 +289,7 @@ class RedisClusterBackend(RedisBackend):
         except BaseException:
             pool.release(conn)
             raise
-        pool.release(conn)
+        kept.append(conn)
         return reply
 
     def _load_everywhere(self, source: str) -> None:
@@ -332,9 +307,18 @@ class RedisClusterBackend(RedisBackend):
             raise redis.exceptions.ResponseError(f"Library '{_LIBRARY.name}' already exists")
 
     def _return_idle_connections(self) -> None:
-        """No kept connections: each FCALL borrows its node's pool."""
+        """Give the kept FCALL connections back to their nodes' pools (redis-py's own
+        commands take other connections of them meanwhile: no need before each)."""
+        for pool, kept in list(self._kept.items()):
+            while kept:
+                try:
+                    conn = kept.pop()
+                except IndexError:  # another thread took the last one
+                    break
+                pool.release(conn)
 
     def close(self) -> None:
+        self._return_idle_connections()
         self._signals.close()
         self._client.close()
 

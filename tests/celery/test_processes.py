@@ -181,6 +181,31 @@ def test_two_prefork_workers_keep_per_key_order_through_a_sigkill(processes, red
     assert len({pid for *_, pid in read_log(log)}) > 4  # both workers' children ran tasks
 
 
+def test_a_prefork_worker_over_a_redis_cluster_keeps_per_key_order(processes, redis_cluster_url):
+    # This source tree's package (a worktree's may be newer than the installed one); the
+    # sharded+ alias still comes from the installed .pth hook.
+    processes.env.update(
+        SB_BROKER_URL=f"sharded+{redis_cluster_url}", SB_TASK_SECONDS="0.01", PYTHONPATH=str(HERE.parents[1])
+    )
+    log = Path(processes.env["SB_LOG"])
+    keys, per_key = [f"acct-{i}" for i in range(12)], 5
+    processes.worker("cluster", "-P", "prefork", "-c", "3")
+    processes.run(*python(
+        "import sys, worker_app",
+        "assert 'sharded_broker' not in sys.modules",
+        f"for seq in range({per_key}):",
+        f"    for key in {keys!r}:",
+        "        worker_app.record.delay(key, seq)",
+    ))
+    wait_for(lambda: len([row for row in read_log(log) if row[1] != "beat"]) >= len(keys) * per_key, 60,
+             "every task")
+    done: dict[str, list[int]] = {}
+    for _, key, seq, _ in read_log(log):
+        done.setdefault(key, []).append(int(seq))
+    done.pop("beat", None)
+    assert done == {key: list(range(per_key)) for key in keys}
+
+
 def test_url_alone_drives_worker_inspect_beat_and_purge_on_sqlite(processes, tmp_path):
     processes.env.update(SB_BROKER_URL=f"sharded+sqlite:///{tmp_path / 'queue.db'}")
     log = Path(processes.env["SB_LOG"])

@@ -1,5 +1,5 @@
 """The `dramatiq` command line as real subprocesses (several processes and threads each)
-against a throwaway redis-server and a SQLite file: per-key order, retries, and a worker
+against a throwaway redis-server, a throwaway Redis Cluster and a SQLite file: per-key order, retries, and a worker
 process killed with SIGKILL in the middle of its tasks."""
 
 from __future__ import annotations
@@ -63,9 +63,12 @@ class Cli:
         return {int(pid) for pid in children.split()}
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def cli_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    url = f"sqlite:///{tmp_path}/cli.db" if request.param == "sqlite" else request.getfixturevalue("redis_url")
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/cli.db"
+    else:
+        url = request.getfixturevalue("redis_cluster_url" if request.param == "redis-cluster" else "redis_url")
     (tmp_path / "marks").mkdir()
     (tmp_path / "events.log").touch()
     return {

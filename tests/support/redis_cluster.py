@@ -35,6 +35,8 @@ class RedisCluster:
             raise ValueError("a cluster needs at least one master")
         self.masters = masters
         self.replicas_per_master = replicas_per_master
+        count = masters * (1 + replicas_per_master)
+        self.bus_ports = [free_port() for _ in range(count)]
         self.nodes = [
             RedisServer([
                 "--cluster-enabled", "yes",
@@ -42,12 +44,12 @@ class RedisCluster:
                 # the node's cluster config lives in its own dir (RedisServer's --dir)
                 "--cluster-config-file", "nodes.conf",
                 # the bus port is port+10000 by default: past 65535 for a high free port
-                "--cluster-port", str(free_port()),
+                "--cluster-port", str(bus_port),
                 # a replica of a failed master takes over at once, however stale
                 "--cluster-replica-validity-factor", "0",
                 *extra_args,
             ])
-            for _ in range(masters * (1 + replicas_per_master))
+            for bus_port in self.bus_ports
         ]
 
     # -- addresses ---------------------------------------------------------------------
@@ -110,7 +112,7 @@ class RedisCluster:
                     check=True, capture_output=True, timeout=timeout,
                 )
             else:
-                self._form_by_hand(timeout)
+                self._create_small(timeout)  # redis-cli wants 3 masters at least
             self.wait_ok(timeout)
             self.wait_replicas_synced(timeout)
         except BaseException:
@@ -118,34 +120,33 @@ class RedisCluster:
             raise
         return self
 
-    def _form_by_hand(self, timeout: float) -> None:
-        """What ``redis-cli --cluster create`` does, for the 1 or 2 masters it refuses
-        (it wants at least 3): the slots split evenly over the masters, every node met,
-        each replica attached to its master."""
+    def _create_small(self, timeout: float) -> None:
+        """A cluster of 1 or 2 masters by hand: each master gets an equal share of the
+        slots, every node meets the first, each replica follows its master."""
         masters, replicas = self.nodes[:self.masters], self.nodes[self.masters:]
-        ids = []
-        for index, node in enumerate(masters):
-            client = self.client(node)
+        share = 16384 // self.masters
+        for index, master in enumerate(masters):
+            client = self.client(master)
             try:
-                first, last = 16384 * index // self.masters, 16384 * (index + 1) // self.masters - 1
-                client.execute_command("CLUSTER ADDSLOTSRANGE", first, last)
-                ids.append(client.execute_command("CLUSTER MYID"))
+                end = 16383 if index == self.masters - 1 else (index + 1) * share - 1
+                client.execute_command("CLUSTER ADDSLOTSRANGE", index * share, end)
             finally:
                 client.close()
         for node in self.nodes[1:]:
             client = self.client(node)
             try:
-                client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port,
-                                       self._bus_port(self.nodes[0]))
+                client.execute_command("CLUSTER MEET", "127.0.0.1", self.nodes[0].port, self.bus_ports[0])
             finally:
                 client.close()
         deadline = time.monotonic() + timeout
         for index, replica in enumerate(replicas):
-            client = self.client(replica)
+            master = masters[index % self.masters]
+            client, master_client = self.client(replica), self.client(master)
             try:
-                while True:  # REPLICATE needs the master known to this node: the MEET gossip
+                master_id = master_client.execute_command("CLUSTER MYID")
+                while True:  # until the replica has heard of its master through the meet
                     try:
-                        client.execute_command("CLUSTER REPLICATE", ids[index % self.masters])
+                        client.execute_command("CLUSTER REPLICATE", master_id)
                         break
                     except redis.ResponseError:
                         if time.monotonic() > deadline:
@@ -153,10 +154,7 @@ class RedisCluster:
                         time.sleep(0.05)
             finally:
                 client.close()
-
-    @staticmethod
-    def _bus_port(node: RedisServer) -> int:
-        return int(node.extra_args[node.extra_args.index("--cluster-port") + 1])
+                master_client.close()
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Until every live node reports ``cluster_state:ok`` and agrees all 16384 slots are
