@@ -222,26 +222,46 @@ def scale_out_goals(results: Results) -> list[Goal]:
     return rows
 
 
+def _server_cpu(row: dict[str, Any], kind: str) -> list[float]:
+    """A scale-out row's server CPU µs per message, per master (both phases for the engine)."""
+    return row["server_cpu_us_per_message"]["total"] if kind == "engine" else row["server_cpu_us_per_task"]
+
+
 def scale_out_why(results: Results) -> list[str]:
-    """Why a missed scale-out goal was missed, from the per-master server time."""
+    """Why each missed scale-out goal was missed, from the per-master server time: the
+    queue not spread over the masters (one master did most of the work), or spread but
+    sharing too few cores with its clients; and what a 1-master cluster costs more than a
+    plain server."""
     scale = results.sections.get("scale_out", {})
     nproc = results.machine.get("nproc")
     lines = []
     for kind, what, label in SCALE_OUT_RATES:
-        three, one = scale.get(f"cluster-3/{kind}"), scale.get(f"cluster-1/{kind}")
-        if not three or not one or _ratio(three[what], one[what]) is None or three[what] >= 2.5 * one[what]:
-            continue
-        cpu_key = "server_cpu_us_per_message" if kind == "engine" else "server_cpu_us_per_task"
-        per_master = three[cpu_key]["total"] if kind == "engine" else three[cpu_key]
-        single = one[cpu_key]["total"] if kind == "engine" else one[cpu_key]
-        lines.append(
-            f"- {label}: 3 masters ran {three[what]:,.0f}/s vs {one[what]:,.0f}/s on 1 "
-            f"({three[what] / one[what]:.2f}x, goal 2.5x). Per master, the server spent "
-            f"{', '.join(f'{us:.1f}' for us in per_master)} µs per message (1 master: {single[0]:.1f}): "
-            f"each master did {max(per_master) / single[0]:.0%} of the one master's work at most, so with a core "
-            f"per master one queue could go {_ratio(three['capacity_per_s'], one['capacity_per_s']) or 0:.2f}x "
-            f"faster. This machine has {nproc} cores for {three['processes']} masters, {three['processes']} "
-            f"consumers and the producers: they take turns on the cores, and the rate cannot scale past them.")
+        three, one, plain = (scale.get(f"{t}/{kind}") for t in ("cluster-3", "cluster-1", "plain"))
+        if three and one and one[what] and three[what] < 2.5 * one[what]:
+            per_master, single = _server_cpu(three, kind), _server_cpu(one, kind)[0]
+            share = max(per_master) / sum(per_master) if sum(per_master) else 0.0
+            spent = ", ".join(f"{us:.1f}" for us in per_master)
+            head = (f"- {label}, 3 masters vs 1: {three[what]:,.0f}/s vs {one[what]:,.0f}/s "
+                    f"({three[what] / one[what]:.2f}x, goal 2.5x); server CPU per message per master {spent} µs "
+                    f"(1 master: {single:.1f} µs). ")
+            if share > 0.6:
+                lines.append(head + f"The queue was not spread: one master did {share:.0%} of the server work, "
+                             "so its keys' partitions were (nearly) all on it; a queue spread over P partitions on "
+                             "3 masters gives each about a third.")
+            else:
+                lines.append(head + f"The busiest master did {max(per_master) / single:.0%} of the one master's "
+                             f"work per message, so with a core per master the queue could go "
+                             f"{_ratio(three['capacity_per_s'], one['capacity_per_s']) or 0:.2f}x faster (capacity). "
+                             f"This machine has {nproc} cores for {three['processes']} masters, "
+                             f"{three['processes']} consumer processes and the producers: they take turns on the "
+                             "cores, and the rate cannot scale past them.")
+        if one and plain and plain[what] and one[what] < 0.9 * plain[what]:
+            cluster_us, plain_us = _server_cpu(one, kind)[0], _server_cpu(plain, kind)[0]
+            lines.append(
+                f"- {label}, 1-master cluster vs plain server: {one[what]:,.0f}/s vs {plain[what]:,.0f}/s "
+                f"({one[what] / plain[what]:.2f}x, goal 0.9x); server CPU {cluster_us:.1f} vs {plain_us:.1f} µs "
+                f"per message ({cluster_us / plain_us:.2f}x: cluster mode's slot checks and bus on the server), "
+                "the rest is the client's (redis-py's cluster client and the per-partition calls).")
     return lines
 
 
