@@ -74,7 +74,7 @@ def async_backend_class(url: str) -> Any:
 
         return AsyncRedisBackend
     if urls.scheme(url) in ("redis+cluster", "rediss+cluster"):
-        from .backends.redis_cluster import AsyncRedisClusterBackend
+        from .backends.redis_asyncio import AsyncRedisClusterBackend
 
         return AsyncRedisClusterBackend
     return backend_class(url)

@@ -176,10 +176,9 @@ def options(explicit: Mapping[str, Any], broker_url: str) -> dict[str, Any]:
             continue
         schemes = SCHEME_OPTIONS.get(name)
         if schemes is not None and _scheme_or_none(broker_url) not in schemes:
-            raise ConfigurationError(
-                f"{variable} applies only to {' and '.join(f'{s}://' for s in sorted(schemes))} URLs, "
-                f"not {redact_url(broker_url)!r}"
-            )
+            *others, last = [f"{scheme}://" for scheme in sorted(schemes)]
+            named = f"{', '.join(others)} and {last}" if others else last
+            raise ConfigurationError(f"{variable} applies only to {named} URLs, not {redact_url(broker_url)!r}")
         merged[name] = _checked(name, parse(variable, text), variable, text, merged)
     return merged
 

@@ -119,7 +119,12 @@ def test_variables_read_elsewhere_are_not_unknown(monkeypatch: pytest.MonkeyPatc
 def test_prefix_applies_only_to_redis_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHARDED_BROKER_PREFIX", "app1")
     assert environment.options({}, "redis://localhost:6379/0") == {"prefix": "app1"}
-    with pytest.raises(ConfigurationError, match=r"^SHARDED_BROKER_PREFIX applies only to redis:// and rediss:// URLs, not 'memory://'$"):
+    assert environment.options({}, "redis+cluster://10.0.0.1:7000") == {"prefix": "app1"}
+    with pytest.raises(
+        ConfigurationError,
+        match=r"^SHARDED_BROKER_PREFIX applies only to redis://, redis\+cluster://, rediss:// and "
+        r"rediss\+cluster:// URLs, not 'memory://'$",
+    ):
         sharded_broker.connect("memory://")
 
 

@@ -252,7 +252,8 @@ REDIS_KEY_SPANS = 3
 
 
 def is_redis(broker: Broker) -> bool:
-    return type(broker.backend).__name__ == "RedisBackend"
+    """On one Redis server or a Redis Cluster (the same functions)."""
+    return type(broker.backend).__name__ in ("RedisBackend", "RedisClusterBackend")
 
 
 def test_expired_minutes_are_deleted_a_few_at_a_time(connect, clock: FakeClock) -> None:

@@ -188,18 +188,21 @@ def test_an_idle_consumer_over_many_masters_makes_few_calls(redis_cluster_url: s
 def test_a_waiting_consumer_picks_a_new_message_up_at_once(redis_cluster_url: str, redis_cluster: RedisCluster) -> None:
     queues = _queues_on_every_master(redis_cluster, 16)
     with sharded_broker.connect(redis_cluster_url) as consumer, sharded_broker.connect(redis_cluster_url) as producer:
-        consumer.wait_for_work(queues, 0.2)  # an empty wait first: its BLPOPs stay in flight
         woke_after: list[float] = []
 
-        def wait() -> None:
+        def wait(ready: threading.Event) -> None:
+            consumer.wait_for_work(queues, 0.2)  # an empty wait first: its BLPOPs stay in flight
+            ready.set()
             started = time.monotonic()
             consumer.wait_for_work(queues, 5.0)
             woke_after.append(time.monotonic() - started)
 
         for queue in (queues[0], queues[-1]):
-            waiter = threading.Thread(target=wait)
+            ready = threading.Event()
+            waiter = threading.Thread(target=wait, args=(ready,))
             waiter.start()
-            time.sleep(0.3)
+            assert ready.wait(10)
+            time.sleep(0.2)
             enqueued_at = time.monotonic()
             producer.enqueue(queue, b"x")
             waiter.join(10)
@@ -218,7 +221,21 @@ def test_lease_with_wait_returns_when_a_message_comes(redis_cluster_url: str) ->
         assert time.monotonic() - started < 2.0
 
 
-def test_events_of_a_queue_reach_a_subscriber(redis_cluster_url: str) -> None:
+def _command_calls(cluster: RedisCluster, command: str) -> int:
+    total = 0
+    for node in cluster.alive_nodes():
+        client = cluster.client(node)
+        try:
+            total += int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+        finally:
+            client.close()
+    return total
+
+
+def test_events_of_a_queue_reach_a_subscriber_on_its_shard_channel(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    _reset_stats(redis_cluster)
     with sharded_broker.connect(redis_cluster_url) as broker:
         stream = broker.events("jobs", timeout=2.0)
         try:
@@ -227,6 +244,9 @@ def test_events_of_a_queue_reach_a_subscriber(redis_cluster_url: str) -> None:
         finally:
             stream.close()
         assert event.queue == "jobs"
+    # SPUBLISH: on the queue's master (and its replica), not broadcast to every node
+    assert _command_calls(redis_cluster, "spublish") >= 1
+    assert _command_calls(redis_cluster, "publish") == 0
 
 
 @pytest.mark.parametrize("url, reason", [
@@ -264,3 +284,43 @@ def test_cluster_support_forms_a_one_master_cluster_with_a_replica() -> None:
         with sharded_broker.connect(cluster.url) as broker:
             broker.enqueue("jobs", b"x")
             assert [lease.payload for lease in broker.lease("jobs")] == [b"x"]
+
+
+def test_a_wait_in_flight_follows_its_list_to_a_new_master(redis_cluster_url: str, redis_cluster: RedisCluster) -> None:
+    slot = RedisCluster.key_slot("{jobs}")
+    source = redis_cluster.node_of_slot(slot)
+    target = next(node for node in redis_cluster.primaries() if node is not source)
+    with sharded_broker.connect(redis_cluster_url) as consumer, sharded_broker.connect(redis_cluster_url) as producer:
+        consumer.wait_for_work(["jobs"], 0.1)  # its BLPOP now blocks on the source master
+        try:
+            redis_cluster.move_slot(slot, target)
+            # the source answers the blocked BLPOP with MOVED; the next wait re-routes it
+            consumer.wait_for_work(["jobs"], 1.0)
+            threading.Timer(0.3, lambda: producer.enqueue("jobs", b"x")).start()
+            started = time.monotonic()
+            consumer.wait_for_work(["jobs"], 5.0)
+            assert time.monotonic() - started < 2.0, "the wait did not see the enqueue on the new master"
+            assert [lease.payload for lease in consumer.lease("jobs")] == [b"x"]
+        finally:
+            redis_cluster.move_slot(slot, source)
+
+
+def test_threads_of_one_broker_wait_on_their_queues_at_once(redis_cluster_url: str) -> None:
+    # a Dramatiq worker's consumer threads share one broker, each waiting on its queue
+    with sharded_broker.connect(redis_cluster_url) as consumer, sharded_broker.connect(redis_cluster_url) as producer:
+        woke: dict[str, float] = {}
+
+        def wait(queue: str) -> None:
+            started = time.monotonic()
+            consumer.wait_for_work([queue], 5.0)
+            woke[queue] = time.monotonic() - started
+
+        waiters = [threading.Thread(target=wait, args=(queue,)) for queue in ("first", "second")]
+        for waiter in waiters:
+            waiter.start()
+        time.sleep(0.3)
+        producer.enqueue("first", b"1")
+        producer.enqueue("second", b"2")
+        for waiter in waiters:
+            waiter.join(10)
+        assert woke["first"] < 2.0 and woke["second"] < 2.0, woke

@@ -370,7 +370,9 @@ class RedisOperations:
 
     ``prefix`` (default ``"sb"``) starts every key name; ``clock`` replaces the server's
     clock (tests only); ``metrics_window``, ``key_metrics_window`` and ``events`` are the
-    backend's options of those names.
+    backend's options of those names. ``shard_channels``: events go out with SPUBLISH on
+    the queue's shard channel (a Redis Cluster), not PUBLISH, which a cluster broadcasts
+    to every node.
     """
 
     def __init__(
@@ -381,6 +383,7 @@ class RedisOperations:
         metrics_window: float = DEFAULT_METRICS_WINDOW,
         key_metrics_window: float | None = None,
         events: bool = True,
+        shard_channels: bool = False,
     ) -> None:
         try:
             queue_name(prefix)  # a prefix obeys the rules of a queue name: no braces, no spaces
@@ -394,6 +397,7 @@ class RedisOperations:
         self._kept_minutes = kept_minutes(window)
         self._key_kept_minutes = kept_minutes(key_metrics_window_option(key_metrics_window, window))
         self.events = events_option(events)
+        self.shard_channels = shard_channels
         self._library = _LIBRARY
         self._queue_keys: dict[str, list[bytes]] = {}
         self._options: dict[QueueSettings, bytes] = {}
@@ -454,7 +458,8 @@ class RedisOperations:
                 ),
                 "kept": self._kept_minutes,
                 "key_kept": self._key_kept_minutes,
-                "publish": self.events,
+                # "shard": SPUBLISH (see shard_channels); else PUBLISH when on
+                "publish": ("shard" if self.shard_channels else True) if self.events else False,
             })
             self._options[settings] = packed
         return packed
@@ -1016,6 +1021,8 @@ class RedisExecutor:
     stays with redis-py only)."""
 
     client_module: Any
+    # Events on shard channels (SSUBSCRIBE, SPUBLISH), as a cluster executor wants them.
+    shard_channels = False
 
     def __init__(
         self,
@@ -1031,7 +1038,7 @@ class RedisExecutor:
         self.url = self._safe_url = redact_url(url)
         self._ops = RedisOperations(
             prefix=prefix, clock=clock, metrics_window=metrics_window, key_metrics_window=key_metrics_window,
-            events=events,
+            events=events, shard_channels=self.shard_channels,
         )
         self.prefix = prefix
         self._client, self._blocking_client = self._clients(url, redis_options)

@@ -6,14 +6,22 @@ same functions, keys, arguments and reply parsing), awaiting each request on a
 asyncio connection of its own, and events come from an asyncio pub/sub connection, so no
 call blocks the event loop. Each method is the coroutine of the :class:`~..backend.Backend`
 method of the same name, with the same arguments and answers.
+
+:class:`AsyncRedisClusterBackend` is the asyncio twin of
+:class:`~.redis_cluster.RedisClusterBackend` (``redis+cluster://``), here because this
+module alone reaches redis.asyncio for the engine (aio.py).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence, TypeVar
+import asyncio
+from typing import Any, Mapping, Sequence, TypeVar
 
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.exceptions
+from redis._parsers.commands import AsyncCommandsParser
+from redis.crc import key_slot
 
 from ..backend import KeySort
 from ..errors import BackendUnavailable
@@ -22,8 +30,11 @@ from ..models import (
     QueueSettings, QueueStats, RetryPosition, Schedule,
 )
 from .redis import (
-    MAX_BLOCK, Command, FunctionCall, Pipeline, RedisExecutor, RedisOperations, Request, Steps, WaitSignals,
+    _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisExecutor, RedisOperations, Request, Steps, WaitSignals,
     blpop_timeout, signalled, translated_errors,
+)
+from .redis_cluster import (
+    CONNECTION_ERRORS, RETRY_PAUSE, SIGNAL_BLOCK, fcall_keys, unreachable, checked_cluster_options, cluster_client,
 )
 
 T = TypeVar("T")
@@ -242,3 +253,186 @@ class AsyncRedisSubscription:
 
     async def close(self) -> None:
         await self._pubsub.aclose()
+
+
+# -- on a Redis Cluster (redis_cluster.py has the blocking executor and what both share) --
+
+
+class _AsyncLocalFcallKeys(AsyncCommandsParser):
+    """:class:`_LocalFcallKeys` for redis.asyncio's cluster."""
+
+    async def get_keys(self, *args: Any) -> Any:
+        keys = fcall_keys(args)
+        return keys if keys is not None else await super().get_keys(*args)
+
+
+class _AsyncSignalWaits:
+    """:class:`_SignalWaits` on asyncio: each BLPOP in flight is a task reading its own
+    connection, kept across waits."""
+
+    def __init__(self, client: redis.asyncio.cluster.RedisCluster) -> None:
+        self._client = client
+        self._in_flight: dict[bytes, asyncio.Task[Any]] = {}
+        self._connections: dict[bytes, Any] = {}
+        self._taken: set[bytes] = set()
+        self._retry_at: dict[bytes, float] = {}
+
+    async def wait(self, keys: Sequence[bytes], timeout: float) -> list[bytes]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            for key in [key for key, task in self._in_flight.items() if task.done()]:
+                await self._collect(key)
+            answered = [key for key in keys if key in self._taken]
+            if answered:
+                self._taken.difference_update(answered)
+                return answered
+            await self._send_missing(keys)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                return []
+            tasks = [self._in_flight[key] for key in keys if key in self._in_flight]
+            if not tasks:
+                await asyncio.sleep(min(remaining, RETRY_PAUSE))
+                continue
+            await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _send_missing(self, keys: Sequence[bytes]) -> None:
+        failures: list[Exception] = []
+        now = asyncio.get_running_loop().time()
+        for key in keys:
+            if key in self._in_flight or self._retry_at.get(key, 0.0) > now:
+                continue
+            node = self._client.nodes_manager.get_node_from_slot(key_slot(key))
+            kwargs = dict(node.connection_kwargs)
+            if kwargs.get("socket_timeout") is not None:
+                kwargs["socket_timeout"] = max(float(kwargs["socket_timeout"]), SIGNAL_BLOCK + 5.0)
+            conn = node.connection_class(**kwargs)
+            try:
+                await conn.send_command("BLPOP", key, SIGNAL_BLOCK)
+            except CONNECTION_ERRORS as exc:
+                self._retry_at[key] = now + RETRY_PAUSE
+                failures.append(exc)
+                await conn.disconnect()
+                continue
+            self._connections[key] = conn
+            self._in_flight[key] = asyncio.ensure_future(conn.read_response())
+        if failures and not any(key in self._in_flight for key in keys):
+            await self._client.nodes_manager.initialize()
+            raise redis.exceptions.ConnectionError(str(failures[0]))
+
+    async def _collect(self, key: bytes) -> None:
+        task = self._in_flight.pop(key)
+        conn = self._connections.pop(key)
+        # the BLPOP answered (or failed): its connection is closed, the next wait sends anew
+        await conn.disconnect()
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, redis.exceptions.MovedError):
+            await self._client.nodes_manager.move_slot(exc)
+        elif exc is not None:
+            self._retry_at[key] = asyncio.get_running_loop().time() + RETRY_PAUSE
+        elif task.result() is not None:
+            self._taken.add(key)
+
+    async def close(self) -> None:
+        for task in self._in_flight.values():
+            task.cancel()
+        for conn in self._connections.values():
+            await conn.disconnect()
+        self._in_flight = {}
+        self._connections = {}
+
+
+class AsyncRedisClusterBackend(AsyncRedisBackend):
+    """:class:`RedisClusterBackend` on ``redis.asyncio``'s cluster client."""
+
+    default_partitions = 16
+    shard_channels = True
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
+        self._signals = _AsyncSignalWaits(self._client)
+
+    def _clients(self, url: str, redis_options: Mapping[str, Any]) -> tuple[Any, Any]:
+        client = cluster_client(redis.asyncio.cluster, url, redis_options, self._safe_url)
+        client.commands_parser.__class__ = _AsyncLocalFcallKeys
+        return client, client
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> "AsyncRedisClusterBackend":
+        checked_cluster_options(url, options)
+        return cls(url, **options)
+
+    async def _send(self, request: Request) -> Any:
+        try:
+            return await self._send_to_cluster(request)
+        except redis.exceptions.RedisClusterException as exc:
+            raise unreachable(exc) from None
+
+    async def _send_to_cluster(self, request: Request) -> Any:
+        if type(request) is FunctionCall:
+            return await self._client.execute_command(
+                "FCALL", self._functions[request.function], len(request.keys), *request.keys, *request.args
+            )
+        if type(request) is WaitSignals:
+            await self._client.initialize()  # the slots' masters, known after a first command
+            return await self._signals.wait(request.keys, request.timeout)
+        if type(request) is Command:
+            if request.method == "function_load":
+                return await self._load_everywhere(*request.args)
+            return await getattr(self._client, request.method)(*request.args, **request.kwargs)
+        assert type(request) is Pipeline
+        pipe = self._client.pipeline()
+        if request.prelude is not None:
+            getattr(pipe, request.prelude.method)(*request.prelude.args, **request.prelude.kwargs)
+        for call in request.calls:
+            pipe.fcall(self._functions[call.function], len(call.keys), *call.keys, *call.args)
+        return await pipe.execute(raise_on_error=False)
+
+    async def _load_everywhere(self, source: str) -> None:
+        """As :meth:`RedisClusterBackend._load_everywhere`."""
+        await self._client.initialize()
+        loaded = False
+        for node in self._client.get_primaries():
+            try:
+                await self._client.execute_command("FUNCTION LOAD", source, target_nodes=node)
+                loaded = True
+            except redis.exceptions.ResponseError as exc:
+                if "already exists" not in str(exc):
+                    raise
+        if not loaded:
+            raise redis.exceptions.ResponseError(f"Library '{_LIBRARY.name}' already exists")
+
+    async def subscribe(self, queue: str) -> AsyncRedisSubscription:
+        channel = self._ops.events_channel(queue)
+        with translated_errors(self._safe_url):
+            await self._client.initialize()
+            pubsub = self._client.pubsub()
+            await pubsub.ssubscribe(channel)
+            confirmation = await pubsub.get_sharded_message(timeout=MAX_BLOCK + 5.0)
+            if confirmation is None or confirmation["type"] != "ssubscribe":
+                await pubsub.aclose()
+                raise BackendUnavailable(f"redis at {self._safe_url} did not confirm the events subscription")
+        return AsyncClusterSubscription(self._safe_url, queue, pubsub)
+
+    async def close(self) -> None:
+        await self._signals.close()
+        await self._client.aclose()
+
+
+class AsyncClusterSubscription(AsyncRedisSubscription):
+    """Shard-channel subscriptions on asyncio (redis-py's ClusterPubSub): each node is
+    asked in turn, its share of the timeout each."""
+
+    async def get(self, timeout: float) -> list[Event]:
+        events: list[Event] = []
+        nodes = max(1, len(self._pubsub.node_pubsub_mapping))
+        with translated_errors(self._safe_url):
+            message = await self._pubsub.get_sharded_message(timeout=timeout / nodes)
+            while message is not None:
+                if message["type"] == "smessage":
+                    events.extend(RedisOperations.parse_events(self._queue, message["data"]))
+                message = await self._pubsub.get_sharded_message(timeout=0)
+        return events
+

@@ -13,30 +13,33 @@ runs; only how a request reaches the servers differs:
   connection of its own to the list's master, across waits (:class:`_SignalWaits`): a
   cluster refuses a BLPOP over keys of several slots, and re-sending BLPOPs at every wait
   would cost calls per second per partition even when idle.
+
+Its asyncio twin, AsyncRedisClusterBackend, is in redis_asyncio.py.
 """
 
 from __future__ import annotations
 
-import asyncio
+import os
 import select
 import threading
 import time
 from typing import Any, Mapping, Sequence
 
 import redis
-import redis.asyncio.cluster
 import redis.cluster
 import redis.exceptions
-from redis._parsers.commands import AsyncCommandsParser, CommandsParser
+from redis._parsers.commands import CommandsParser
 from redis.crc import key_slot
 
+from ..backend import EventSubscription
 from ..errors import BackendUnavailable, ConfigurationError
+from ..models import Event
 from ..urls import check_redis_url, cluster_parts
 from .redis import (
-    _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisBackend, Request, WaitSignals, checked_options,
+    _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisBackend, RedisOperations, Request, WaitSignals,
+    checked_options,
     kept_connection, translated, translated_errors,
 )
-from .redis_asyncio import AsyncRedisBackend, AsyncRedisSubscription
 
 # A signal list's BLPOP stays in flight this long (then it is sent again): an idle consumer
 # over P partitions makes P / SIGNAL_BLOCK calls a second for its waits.
@@ -50,10 +53,16 @@ _REDIRECTIONS = (
     redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
 )
-_TRANSPORT = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
-def _fcall_keys(args: Sequence[Any]) -> tuple[Any, ...] | None:
+def unreachable(exc: Exception) -> redis.exceptions.ConnectionError:
+    """redis-py's RedisClusterException (not a RedisError: the executors would not translate
+    it), raised when no node answers for the cluster's layout, as a connection error."""
+    return redis.exceptions.ConnectionError(f"no node of the cluster answered: {exc}")
+
+
+def fcall_keys(args: Sequence[Any]) -> tuple[Any, ...] | None:
     """An FCALL's keys read from its arguments (None for another command)."""
     if len(args) >= 3 and str(args[0]).upper() in ("FCALL", "FCALL_RO"):
         return tuple(args[3:3 + int(args[2])])
@@ -65,16 +74,8 @@ class _LocalFcallKeys(CommandsParser):
     asks the server (COMMAND GETKEYS, a round trip) for every command with movable keys."""
 
     def get_keys(self, redis_conn: Any, *args: Any) -> Any:
-        keys = _fcall_keys(args)
+        keys = fcall_keys(args)
         return list(keys) if keys is not None else super().get_keys(redis_conn, *args)
-
-
-class _AsyncLocalFcallKeys(AsyncCommandsParser):
-    """:class:`_LocalFcallKeys` for redis.asyncio's cluster."""
-
-    async def get_keys(self, *args: Any) -> Any:
-        keys = _fcall_keys(args)
-        return keys if keys is not None else await super().get_keys(*args)
 
 
 def checked_cluster_options(url: str, options: Mapping[str, Any]) -> None:
@@ -98,8 +99,7 @@ def cluster_client(module: Any, url: str, options: Mapping[str, Any], safe_url: 
     except redis.exceptions.RedisError as exc:
         raise translated(exc, safe_url) from None
     except redis.exceptions.RedisClusterException as exc:
-        # not a RedisError: what redis-py says when no node named answers as a cluster
-        raise BackendUnavailable(f"redis cluster at {safe_url} is unavailable: {exc}") from None
+        raise translated(unreachable(exc), safe_url) from None
     return client
 
 
@@ -108,7 +108,13 @@ class _SignalWaits:
     in flight across waits (for SIGNAL_BLOCK seconds, then sent again). A token one of them
     took while nobody waited on its list is kept and answered at the next wait on it.
     A MOVED reply or a lost connection drops that BLPOP: the next wait sends it again to
-    the slot's master as the client knows it then. One thread waits at a time."""
+    the slot's master as the client knows it then (after RETRY_PAUSE for an error: an ASK
+    while its slot migrates makes it about ten calls a second until the migration ends).
+
+    Shared by the threads of a process: one of the waiting threads polls every BLPOP in
+    flight (the others sleep on a condition until it read something or left); a thread
+    that sends a new BLPOP meanwhile wakes the poller through a pipe to poll that one too.
+    """
 
     def __init__(self, client: redis.cluster.RedisCluster) -> None:
         self._client = client
@@ -117,49 +123,76 @@ class _SignalWaits:
         self._retry_at: dict[bytes, float] = {}
         # a list's connection whose BLPOP answered, for its next one
         self._idle: dict[bytes, Any] = {}
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._polling = False
+        self._wake_read, self._wake_write = _nonblocking_pipe()
 
     def wait(self, keys: Sequence[bytes], timeout: float) -> list[bytes]:
-        if not self._lock.acquire(timeout=timeout):
-            return []
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                answered = [key for key in keys if key in self._taken]
+                if answered:
+                    self._taken.difference_update(answered)
+                    return answered
+                sent = self._send_missing(keys)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                if self._polling:
+                    if sent:
+                        try:
+                            os.write(self._wake_write, b"x")
+                        except BlockingIOError:
+                            pass  # the pipe is full: the poller wakes anyway
+                    self._changed.wait(remaining)
+                elif not any(key in self._in_flight for key in keys):
+                    self._changed.wait(min(remaining, RETRY_PAUSE))
+                else:
+                    self._poll(remaining)
+
+    def _poll(self, timeout: float) -> None:
+        """Poll every BLPOP in flight (and the wake pipe) for up to ``timeout``, the lock
+        released meanwhile; read what answered. Only the poller reads or drops a BLPOP."""
+        by_fd = {conn._sock.fileno(): key for key, conn in self._in_flight.items() if conn._sock is not None}
+        poll = select.poll()
+        for fd in (*by_fd, self._wake_read):
+            poll.register(fd, select.POLLIN)
+        self._polling = True
+        self._changed.release()
         try:
-            return self._wait(keys, time.monotonic() + timeout)
+            ready = poll.poll(timeout * 1000)
         finally:
-            self._lock.release()
-
-    def _wait(self, keys: Sequence[bytes], deadline: float) -> list[bytes]:
-        while True:
-            answered = [key for key in keys if key in self._taken]
-            if answered:
-                self._taken.difference_update(answered)
-                return answered
-            self._send_missing(keys)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return []
-            if not any(key in self._in_flight for key in keys):
-                time.sleep(min(remaining, RETRY_PAUSE))
-                continue
-            by_fd = {conn._sock.fileno(): key for key, conn in self._in_flight.items() if conn._sock is not None}
-            poll = select.poll()
-            for fd in by_fd:
-                poll.register(fd, select.POLLIN)
-            for fd, _ in poll.poll(remaining * 1000):
+            self._changed.acquire()
+            self._polling = False
+        for fd, _ in ready:
+            if fd == self._wake_read:
+                try:
+                    os.read(self._wake_read, 4096)
+                except BlockingIOError:
+                    pass
+            else:
                 self._read(by_fd[fd])
+        self._changed.notify_all()
 
-    def _send_missing(self, keys: Sequence[bytes]) -> None:
+    def _send_missing(self, keys: Sequence[bytes]) -> bool:
+        """Send the BLPOPs of ``keys`` not in flight (nor pausing after an error); whether
+        one was sent. ConnectionError when none of ``keys`` has one in flight after it."""
         failures: list[Exception] = []
+        sent = False
         now = time.monotonic()
         for key in keys:
             if key not in self._in_flight and self._retry_at.get(key, 0.0) <= now:
                 try:
                     self._in_flight[key] = self._send(key)
-                except _TRANSPORT as exc:
+                    sent = True
+                except CONNECTION_ERRORS as exc:
                     self._retry_at[key] = now + RETRY_PAUSE
                     failures.append(exc)
         if failures and not any(key in self._in_flight for key in keys):
             self._client.nodes_manager.initialize()
             raise redis.exceptions.ConnectionError(str(failures[0]))
+        return sent
 
     def _send(self, key: bytes) -> Any:
         conn = self._idle.pop(key, None)
@@ -167,7 +200,7 @@ class _SignalWaits:
             try:
                 conn.send_command("BLPOP", key, SIGNAL_BLOCK)
                 return conn
-            except _TRANSPORT:
+            except CONNECTION_ERRORS:
                 conn.disconnect()
         node = self._client.nodes_manager.get_node_from_slot(key_slot(key))
         pool = self._client.get_redis_connection(node).connection_pool
@@ -200,13 +233,25 @@ class _SignalWaits:
         self._taken = set()
         self._retry_at = {}
         self._idle = {}
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._polling = False
+        for fd in (self._wake_read, self._wake_write):
+            os.close(fd)  # this process's copies only
+        self._wake_read, self._wake_write = _nonblocking_pipe()
 
     def close(self) -> None:
-        for conn in [*self._in_flight.values(), *self._idle.values()]:
-            conn.disconnect()
-        self._in_flight = {}
-        self._idle = {}
+        with self._changed:
+            for conn in [*self._in_flight.values(), *self._idle.values()]:
+                conn.disconnect()
+            self._in_flight = {}
+            self._idle = {}
+
+
+def _nonblocking_pipe() -> tuple[int, int]:
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    return read, write
 
 
 class RedisClusterBackend(RedisBackend):
@@ -215,6 +260,7 @@ class RedisClusterBackend(RedisBackend):
     The URL names one or more nodes, ``redis+cluster://[user:password@]host:port[,host:port...]``."""
 
     default_partitions = 16
+    shard_channels = True
 
     def __init__(self, url: str, **options: Any) -> None:
         super().__init__(url, **options)
@@ -237,6 +283,12 @@ class RedisClusterBackend(RedisBackend):
         self._signals.forget()
 
     def _send(self, request: Request) -> Any:
+        try:
+            return self._send_to_cluster(request)
+        except redis.exceptions.RedisClusterException as exc:
+            raise unreachable(exc) from None
+
+    def _send_to_cluster(self, request: Request) -> Any:
         if type(request) is FunctionCall:
             return self._fcall_on_slot(request)
         if type(request) is WaitSignals:
@@ -279,7 +331,7 @@ class RedisClusterBackend(RedisBackend):
             return self._client.execute_command(
                 "FCALL", self._functions[call.function], len(call.keys), *call.keys, *call.args
             )
-        except _TRANSPORT:
+        except CONNECTION_ERRORS:
             conn.disconnect()
             pool.release(conn)
             self._client.nodes_manager.initialize()
@@ -306,6 +358,18 @@ class RedisClusterBackend(RedisBackend):
         if not loaded:
             raise redis.exceptions.ResponseError(f"Library '{_LIBRARY.name}' already exists")
 
+    def subscribe(self, queue: str) -> EventSubscription:
+        channel = self._ops.events_channel(queue)
+        with translated_errors(self._safe_url):
+            pubsub = self._client.pubsub()
+            pubsub.ssubscribe(channel)
+            subscription = _ClusterSubscription(self, queue, pubsub)
+            # Wait for the server's confirmation: events published from now on are received.
+            if not subscription.confirmed(MAX_BLOCK + 5.0):
+                pubsub.close()
+                raise BackendUnavailable(f"redis at {self._safe_url} did not confirm the events subscription")
+        return subscription
+
     def _return_idle_connections(self) -> None:
         """Give the kept FCALL connections back to their nodes' pools (redis-py's own
         commands take other connections of them meanwhile: no need before each)."""
@@ -323,150 +387,58 @@ class RedisClusterBackend(RedisBackend):
         self._client.close()
 
 
-class _AsyncSignalWaits:
-    """:class:`_SignalWaits` on asyncio: each BLPOP in flight is a task reading its own
-    connection, kept across waits."""
+class _ClusterSubscription(EventSubscription):
+    """Shard-channel subscriptions (SSUBSCRIBE), one connection per node holding a channel
+    of the queue; redis-py's ClusterPubSub moves one whose slot migrates. Its own
+    ``get_sharded_message`` waits its timeout on each node in turn: here the nodes'
+    sockets are polled together instead."""
 
-    def __init__(self, client: redis.asyncio.cluster.RedisCluster) -> None:
-        self._client = client
-        self._in_flight: dict[bytes, asyncio.Task[Any]] = {}
-        self._connections: dict[bytes, Any] = {}
-        self._taken: set[bytes] = set()
-        self._retry_at: dict[bytes, float] = {}
+    def __init__(self, backend: RedisClusterBackend, queue: str, pubsub: Any) -> None:
+        self._backend = backend
+        self._queue = queue
+        self._pubsub = pubsub
 
-    async def wait(self, keys: Sequence[bytes], timeout: float) -> list[bytes]:
-        deadline = asyncio.get_running_loop().time() + timeout
+    def _messages(self, timeout: float) -> list[dict[str, Any]]:
+        """The messages ready now, or the first to come within ``timeout``."""
+        client = self._backend._client
+        deadline = time.monotonic() + timeout
         while True:
-            for key in [key for key, task in self._in_flight.items() if task.done()]:
-                await self._collect(key)
-            answered = [key for key in keys if key in self._taken]
-            if answered:
-                self._taken.difference_update(answered)
-                return answered
-            await self._send_missing(keys)
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                return []
-            tasks = [self._in_flight[key] for key in keys if key in self._in_flight]
-            if not tasks:
-                await asyncio.sleep(min(remaining, RETRY_PAUSE))
-                continue
-            await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            found = []
+            by_fd = {}
+            for name, node_pubsub in list(self._pubsub.node_pubsub_mapping.items()):
+                node = client.get_node(node_name=name)
+                while node is not None:
+                    message = self._pubsub.get_sharded_message(timeout=0, target_node=node)
+                    if message is None:
+                        break
+                    found.append(message)
+                conn = node_pubsub.connection
+                if conn is not None and conn._sock is not None:
+                    by_fd[conn._sock.fileno()] = name
+            remaining = deadline - time.monotonic()
+            if found or remaining <= 0 or not by_fd:
+                return found
+            poll = select.poll()
+            for fd in by_fd:
+                poll.register(fd, select.POLLIN)
+            poll.poll(remaining * 1000)
 
-    async def _send_missing(self, keys: Sequence[bytes]) -> None:
-        failures: list[Exception] = []
-        now = asyncio.get_running_loop().time()
-        for key in keys:
-            if key in self._in_flight or self._retry_at.get(key, 0.0) > now:
-                continue
-            node = self._client.nodes_manager.get_node_from_slot(key_slot(key))
-            kwargs = dict(node.connection_kwargs)
-            if kwargs.get("socket_timeout") is not None:
-                kwargs["socket_timeout"] = max(float(kwargs["socket_timeout"]), SIGNAL_BLOCK + 5.0)
-            conn = node.connection_class(**kwargs)
-            try:
-                await conn.send_command("BLPOP", key, SIGNAL_BLOCK)
-            except _TRANSPORT as exc:
-                self._retry_at[key] = now + RETRY_PAUSE
-                failures.append(exc)
-                await conn.disconnect()
-                continue
-            self._connections[key] = conn
-            self._in_flight[key] = asyncio.ensure_future(conn.read_response())
-        if failures and not any(key in self._in_flight for key in keys):
-            await self._client.nodes_manager.initialize()
-            raise redis.exceptions.ConnectionError(str(failures[0]))
+    def confirmed(self, timeout: float) -> bool:
+        """Whether the server confirmed every shard-channel subscription within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        wanted = len(self._pubsub.shard_channels)
+        seen = 0
+        while seen < wanted and time.monotonic() < deadline:
+            seen += sum(m["type"] == "ssubscribe" for m in self._messages(deadline - time.monotonic()))
+        return seen >= wanted
 
-    async def _collect(self, key: bytes) -> None:
-        task = self._in_flight.pop(key)
-        conn = self._connections.pop(key)
-        # the BLPOP answered (or failed): its connection is closed, the next wait sends anew
-        await conn.disconnect()
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if isinstance(exc, redis.exceptions.MovedError):
-            await self._client.nodes_manager.move_slot(exc)
-        elif exc is not None:
-            self._retry_at[key] = asyncio.get_running_loop().time() + RETRY_PAUSE
-        elif task.result() is not None:
-            self._taken.add(key)
+    def get(self, timeout: float) -> list[Event]:
+        events: list[Event] = []
+        with translated_errors(self._backend._safe_url):
+            for message in self._messages(timeout):
+                if message["type"] == "smessage":
+                    events.extend(RedisOperations.parse_events(self._queue, message["data"]))
+        return events
 
-    async def close(self) -> None:
-        for task in self._in_flight.values():
-            task.cancel()
-        for conn in self._connections.values():
-            await conn.disconnect()
-        self._in_flight = {}
-        self._connections = {}
-
-
-class AsyncRedisClusterBackend(AsyncRedisBackend):
-    """:class:`RedisClusterBackend` on ``redis.asyncio``'s cluster client."""
-
-    default_partitions = 16
-
-    def __init__(self, url: str, **options: Any) -> None:
-        super().__init__(url, **options)
-        self._signals = _AsyncSignalWaits(self._client)
-
-    def _clients(self, url: str, redis_options: Mapping[str, Any]) -> tuple[Any, Any]:
-        client = cluster_client(redis.asyncio.cluster, url, redis_options, self._safe_url)
-        client.commands_parser.__class__ = _AsyncLocalFcallKeys
-        return client, client
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> "AsyncRedisClusterBackend":
-        checked_cluster_options(url, options)
-        return cls(url, **options)
-
-    async def _send(self, request: Request) -> Any:
-        if type(request) is FunctionCall:
-            return await self._client.execute_command(
-                "FCALL", self._functions[request.function], len(request.keys), *request.keys, *request.args
-            )
-        if type(request) is WaitSignals:
-            await self._client.initialize()  # the slots' masters, known after a first command
-            return await self._signals.wait(request.keys, request.timeout)
-        if type(request) is Command:
-            if request.method == "function_load":
-                return await self._load_everywhere(*request.args)
-            return await getattr(self._client, request.method)(*request.args, **request.kwargs)
-        assert type(request) is Pipeline
-        pipe = self._client.pipeline()
-        if request.prelude is not None:
-            getattr(pipe, request.prelude.method)(*request.prelude.args, **request.prelude.kwargs)
-        for call in request.calls:
-            pipe.fcall(self._functions[call.function], len(call.keys), *call.keys, *call.args)
-        return await pipe.execute(raise_on_error=False)
-
-    async def _load_everywhere(self, source: str) -> None:
-        """As :meth:`RedisClusterBackend._load_everywhere`."""
-        await self._client.initialize()
-        loaded = False
-        for node in self._client.get_primaries():
-            try:
-                await self._client.execute_command("FUNCTION LOAD", source, target_nodes=node)
-                loaded = True
-            except redis.exceptions.ResponseError as exc:
-                if "already exists" not in str(exc):
-                    raise
-        if not loaded:
-            raise redis.exceptions.ResponseError(f"Library '{_LIBRARY.name}' already exists")
-
-    async def subscribe(self, queue: str) -> AsyncRedisSubscription:
-        channel = self._ops.events_channel(queue)
-        with translated_errors(self._safe_url):
-            await self._client.initialize()
-            pubsub = self._client.pubsub()
-            await pubsub.subscribe(channel)
-            confirmation = await pubsub.get_message(timeout=MAX_BLOCK + 5.0)
-            if confirmation is None or confirmation["type"] != "subscribe":
-                await pubsub.aclose()
-                raise redis.exceptions.ConnectionError("the events subscription was not confirmed")
-        return AsyncRedisSubscription(self._safe_url, queue, pubsub)
-
-    async def close(self) -> None:
-        await self._signals.close()
-        await self._client.aclose()
-
+    def close(self) -> None:
+        self._pubsub.close()

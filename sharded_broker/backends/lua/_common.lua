@@ -138,7 +138,7 @@ end
 
 -- The call's options: a MessagePack map by name, packed by RedisBackend._options_arg
 -- (max_deliveries absent when unlimited; interval and dedup_window in microseconds; kept
--- and key_kept in minutes; publish: events on), decoded once per distinct text.
+-- and key_kept in minutes; publish: events on, true for PUBLISH, 'shard' for SPUBLISH), decoded once per distinct text.
 local PARSED = {}
 local PARSED_COUNT = 0
 
@@ -658,7 +658,9 @@ local function flush_observed(now)
     end
   end
   if #OBSERVE.events > 0 then
-    redis.call('PUBLISH', K[EVENTS], table.concat(OBSERVE.events, '\n'))
+    -- 'shard' (a cluster): the queue's shard channel, kept on its slot's master and
+    -- replicas, where PUBLISH would be broadcast over the cluster bus to every node
+    redis.call(OBSERVE.opts.publish == 'shard' and 'SPUBLISH' or 'PUBLISH', K[EVENTS], table.concat(OBSERVE.events, '\n'))
   end
 end
 
