@@ -44,6 +44,9 @@ class Sizes:
     seed_threads: int
     sharq_jobs: int
     sharq_keys: int
+    cluster_keys: int  # the scale-out section: one queue over 1 and 3 cluster masters
+    cluster_messages: int  # engine full cycle, per topology
+    cluster_tasks: int  # Dramatiq keyed drain, per topology
 
 
 TINY = Sizes(
@@ -67,6 +70,9 @@ TINY = Sizes(
     seed_threads=4,
     sharq_jobs=100,
     sharq_keys=10,
+    cluster_keys=60,
+    cluster_messages=600,
+    cluster_tasks=200,
 )
 
 QUICK = Sizes(
@@ -90,6 +96,9 @@ QUICK = Sizes(
     seed_threads=10,
     sharq_jobs=5_000,
     sharq_keys=100,
+    cluster_keys=1_000,
+    cluster_messages=30_000,
+    cluster_tasks=3_000,
 )
 
 FULL = Sizes(
@@ -113,6 +122,9 @@ FULL = Sizes(
     seed_threads=50,
     sharq_jobs=20_000,
     sharq_keys=1_000,
+    cluster_keys=1_000,
+    cluster_messages=200_000,
+    cluster_tasks=20_000,
 )
 
 MODES = {sizes.name: sizes for sizes in (TINY, QUICK, FULL)}

@@ -201,6 +201,70 @@ def _backlog_ratio(results: Results, backend: str, what: str) -> float | None:
     return min(ratios) if ratios else None
 
 
+SCALE_OUT = (("cluster-3", "cluster-1", 2.5), ("cluster-1", "plain", 0.9))  # issue 13: (topology, base, goal)
+SCALE_OUT_RATES = (("engine", "round_trip_per_s", "engine full cycle"), ("dramatiq", "drain_per_s", "Dramatiq keyed drain"))
+
+
+def scale_out_goals(results: Results) -> list[Goal]:
+    """Issue 13's goals: a queue on 3 cluster masters >= 2.5x on 1 (goal 1), a 1-master
+    cluster >= 0.9x a plain server (goal 2), measured in msgs/s and, independent of the
+    machine's cores, in capacity (1e6 / the busiest master's CPU µs per message)."""
+    scale = results.sections.get("scale_out", {})
+    rows = []
+    for number, (mine, base, target) in enumerate(SCALE_OUT, start=1):
+        for kind, what, label in SCALE_OUT_RATES:
+            a, b = scale.get(f"{mine}/{kind}"), scale.get(f"{base}/{kind}")
+            for measure, name in ((what, "msgs/s"), ("capacity_per_s", "server capacity")):
+                ratio = _ratio(a[measure], b[measure]) if a and b else None
+                shown = None if ratio is None else f"{ratio:.2f}x ({a[measure]:,.0f} vs {b[measure]:,.0f}/s)"
+                rows.append(_check(number, f"{label}, {name}, {mine} / {base}", ratio, target, at_most=False,
+                                   shown=shown))
+    return rows
+
+
+def _server_cpu(row: dict[str, Any], kind: str) -> list[float]:
+    """A scale-out row's server CPU µs per message, per master (both phases for the engine)."""
+    return row["server_cpu_us_per_message"]["total"] if kind == "engine" else row["server_cpu_us_per_task"]
+
+
+def scale_out_why(results: Results) -> list[str]:
+    """Why each missed scale-out goal was missed, from the per-master server time: the
+    queue not spread over the masters (one master did most of the work), or spread but
+    sharing too few cores with its clients; and what a 1-master cluster costs more than a
+    plain server."""
+    scale = results.sections.get("scale_out", {})
+    nproc = results.machine.get("nproc")
+    lines = []
+    for kind, what, label in SCALE_OUT_RATES:
+        three, one, plain = (scale.get(f"{t}/{kind}") for t in ("cluster-3", "cluster-1", "plain"))
+        if three and one and one[what] and three[what] < 2.5 * one[what]:
+            per_master, single = _server_cpu(three, kind), _server_cpu(one, kind)[0]
+            share = max(per_master) / sum(per_master) if sum(per_master) else 0.0
+            spent = ", ".join(f"{us:.1f}" for us in per_master)
+            head = (f"- {label}, 3 masters vs 1: {three[what]:,.0f}/s vs {one[what]:,.0f}/s "
+                    f"({three[what] / one[what]:.2f}x, goal 2.5x); server CPU per message per master {spent} µs "
+                    f"(1 master: {single:.1f} µs). ")
+            if share > 0.6:
+                lines.append(head + f"The queue was not spread: one master did {share:.0%} of the server work, "
+                             "so its keys' partitions were (nearly) all on it; a queue spread over P partitions on "
+                             "3 masters gives each about a third.")
+            else:
+                lines.append(head + f"The busiest master did {max(per_master) / single:.0%} of the one master's "
+                             f"work per message, so with a core per master the queue could go "
+                             f"{_ratio(three['capacity_per_s'], one['capacity_per_s']) or 0:.2f}x faster (capacity). "
+                             f"This machine has {nproc} cores for {three['processes']} masters, "
+                             f"{three['processes']} consumer processes and the producers: they take turns on the "
+                             "cores, and the rate cannot scale past them.")
+        if one and plain and plain[what] and one[what] < 0.9 * plain[what]:
+            cluster_us, plain_us = _server_cpu(one, kind)[0], _server_cpu(plain, kind)[0]
+            lines.append(
+                f"- {label}, 1-master cluster vs plain server: {one[what]:,.0f}/s vs {plain[what]:,.0f}/s "
+                f"({one[what] / plain[what]:.2f}x, goal 0.9x); server CPU {cluster_us:.1f} vs {plain_us:.1f} µs "
+                f"per message ({cluster_us / plain_us:.2f}x: cluster mode's slot checks and bus on the server), "
+                "the rest is the client's (redis-py's cluster client and the per-partition calls).")
+    return lines
+
+
 def goals(results: Results) -> list[str]:
     """One line per goal of issue 11 and per flatness check: met or missed, with the figures."""
     verdicts = [f"goal {g.number}: {g.what}: {g.measured} (target {g.target}; {g.verdict})" for g in goal_rows(results)]
@@ -321,6 +385,35 @@ def table(results: Results) -> str:
             rows.append(["SharQ enqueue", seed["enqueue_per_s"], twin["enqueue_per_s"], sharq["enqueue_ratio"]])
             rows.append(["SharQ dequeue+finish", seed["dequeue_finish_per_s"], twin["dequeue_finish_per_s"], sharq["dequeue_finish_ratio"]])
         out += _table(["workload", "seed/s", "sharded-broker/s", "ratio"], rows)
+    scale = s.get("scale_out")
+    if scale:
+        out += ["", "### Scale-out: one queue over Redis Cluster masters (issue 13; one producer and one "
+                "consumer process per master, 1,000 keys)", "",
+                "Server CPU: each master's main thread (INFO cpu used_cpu_user + used_cpu_sys) per message, "
+                "before/after each phase. Capacity: 1e6 / the busiest master's µs per message, what the "
+                "queue could do with a core per master, whatever the clients' cores.", ""]
+        rows = []
+        for name, row in scale.items():
+            topology, _, kind = name.rpartition("/")
+            if kind == "engine":
+                cpu = row["server_cpu_us_per_message"]["total"]
+                rows.append([topology, "engine full cycle", row["processes"], row["messages"], row["enqueue_per_s"],
+                             row["drain_per_s"], row["round_trip_per_s"], ", ".join(f"{us:.1f}" for us in cpu),
+                             row["capacity_per_s"]])
+            else:
+                cpu = row["server_cpu_us_per_task"]
+                rows.append([topology, f"Dramatiq drain ({row['worker_threads']} threads)", row["processes"],
+                             row["tasks"], None, row["drain_per_s"], None, ", ".join(f"{us:.1f}" for us in cpu),
+                             row["capacity_per_s"]])
+        out += _table(["topology", "workload", "processes", "messages", "enqueue/s", "drain/s", "round trip/s",
+                       "server CPU µs/msg per master", "capacity/s"], rows)
+        scale_goals = scale_out_goals(results)
+        out += ["", "#### Goals of issue 13 (this run)", ""]
+        out += _table(["goal", "what", "measured", "target", "verdict"],
+                      [[g.number, g.what, g.measured, g.target, g.verdict] for g in scale_goals])
+        why = scale_out_why(results)
+        if why:
+            out += ["", "Why a scale-out goal was missed:", ""] + why
     goal_table = goal_rows(results)
     if goal_table:
         out += ["", "### Goals of issue 11 (this run)", ""]
@@ -340,6 +433,13 @@ PUBLISHED = {
     "quick": ("benchmarks-latest.json", "benchmarks-keys.png", "make bench"),
     "full": ("benchmarks-full-latest.json", "benchmarks-full-keys.png", "make bench-full"),
 }
+# The scale-out chart of each mode: written next to the keys chart, published under this name.
+SCALE_OUT_CHARTS = {"quick": "benchmarks-cluster.png", "full": "benchmarks-full-cluster.png"}
+
+
+def scale_out_chart_path(keys_chart: Path) -> Path:
+    """Where a run's scale-out chart lies, next to its keys chart."""
+    return keys_chart.with_name(keys_chart.name.replace("-keys.png", "-cluster.png"))
 
 
 def markers(mode: str) -> tuple[str, str]:
@@ -366,6 +466,8 @@ def markdown(results: Results, command: str, chart_name: str) -> str:
         "",
         f"![engine throughput vs number of shard keys]({chart_name})",
     ]
+    if results.sections.get("scale_out") and results.mode in SCALE_OUT_CHARTS:
+        lines += ["", f"![one queue over 1 and 3 Redis Cluster masters]({SCALE_OUT_CHARTS[results.mode]})"]
     for title, text in profiles_of_misses(results):
         lines += ["", f"#### Profile: {title}", "", "```", text, "```"]
     return "\n".join(lines)
@@ -441,6 +543,10 @@ def publish(results: Results, json_path: Path, png_path: Path | None, docs: Path
     if png_path is not None:
         shutil.copyfile(png_path, docs / chart_name)
         written.append(docs / chart_name)
+        scale_chart = scale_out_chart_path(png_path)
+        if scale_chart.exists() and results.sections.get("scale_out"):
+            shutil.copyfile(scale_chart, docs / SCALE_OUT_CHARTS[results.mode])
+            written.append(docs / SCALE_OUT_CHARTS[results.mode])
     start_marker, end_marker = markers(results.mode)
     replace_between(docs / "benchmarks.md", start_marker, end_marker, "\n" + markdown(results, command, chart_name) + "\n")
     readme = docs.parent / "README.md"
@@ -501,6 +607,43 @@ def chart(results: Results, path: Path) -> bool:
         f"sharded-broker engine throughput vs keys ({results.mode} mode, {machine.get('nproc')} cores, "
         f"{machine.get('date', '')[:10]})"
     )
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def scale_out_chart(results: Results, path: Path) -> bool:
+    """PNG of the scale-out section: msgs/s per topology (left) and the capacity from the
+    busiest master's server time (right), for the engine cycle and the Dramatiq drain.
+    False when the run has no scale-out figures."""
+    scale = results.sections.get("scale_out")
+    if not scale:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    topologies = [t for t in ("plain", "cluster-1", "cluster-3") if any(n.startswith(f"{t}/") for n in scale)]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    width = 0.38
+    for axis, title, measure in ((axes[0], "measured on this machine", None),
+                                 (axes[1], "capacity: 1e6 / busiest master's server µs per message", "capacity_per_s")):
+        for offset, (kind, what, label) in enumerate(SCALE_OUT_RATES):
+            values = [(scale.get(f"{t}/{kind}") or {}).get(measure or what) or 0 for t in topologies]
+            positions = [i + (offset - 0.5) * width for i in range(len(topologies))]
+            bars = axis.bar(positions, values, width, label=label)
+            axis.bar_label(bars, fmt="{:,.0f}", fontsize=7)
+        axis.set_xticks(range(len(topologies)), topologies)
+        axis.set_ylabel("messages / s")
+        axis.set_title(title, fontsize=10)
+        axis.grid(True, axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    machine = results.machine
+    figure.suptitle(f"one queue, 1,000 keys, over Redis Cluster masters ({results.mode} mode, "
+                    f"{machine.get('nproc')} cores, {machine.get('date', '')[:10]})")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

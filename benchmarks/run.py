@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from . import adapters, baseline, engine_bench, report, seeds, server_cost
+from . import adapters, baseline, cluster_scaling, engine_bench, report, seeds, server_cost
 from .common import MODES, ROOT, RedisServer, Results, Sizes, redis_client
 from .profiling import summary
 
@@ -199,6 +199,8 @@ def run(
         bench = Run(sizes, server.url, strict=strict, log=log, profile=profile_misses)
         bench.engine_sections()
         bench.adapter_sections()
+        # Its own servers and clusters, one topology at a time (the shared server idles).
+        bench.section("scale_out", lambda: cluster_scaling.scale_out(sizes, log))
         if with_seeds:
             bench.seed_sections()
         else:
@@ -209,6 +211,7 @@ def run(
     json_path = out_dir / f"{sizes.name}-latest.json"
     report.write_json(results, json_path)
     png_path = out_dir / f"{sizes.name}-keys.png"
+    report.scale_out_chart(results, report.scale_out_chart_path(png_path))
     return results, json_path, png_path if report.chart(results, png_path) else None
 
 
@@ -230,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         results = report.load_json(args.from_json)
         json_path = args.from_json
         png_path: Path | None = args.out / f"{results.mode}-keys.png"
+        report.scale_out_chart(results, report.scale_out_chart_path(png_path))
         if not report.chart(results, png_path):
             png_path = None
     else:

@@ -79,6 +79,23 @@ def test_every_section_is_measured_with_positive_rates(tiny_run) -> None:
     assert results.skipped == {"seeds": "left out (--skip-seeds)"}
 
 
+def test_scale_out_runs_every_topology_with_each_masters_server_time(tiny_run) -> None:
+    results, _, png_path = tiny_run
+    scale = results.sections["scale_out"]
+    assert set(scale) == {f"{t}/{kind}" for t in ("plain", "cluster-1", "cluster-3") for kind in ("engine", "dramatiq")}
+    for topology, masters in (("plain", 1), ("cluster-1", 1), ("cluster-3", 3)):
+        engine, drain = scale[f"{topology}/engine"], scale[f"{topology}/dramatiq"]
+        assert engine["messages"] == TINY.cluster_messages and engine["processes"] == masters
+        assert engine["round_trip_per_s"] > 0 and drain["drain_per_s"] > 0 and drain["tasks"] == TINY.cluster_tasks
+        cpu = engine["server_cpu_us_per_message"]
+        assert len(cpu["total"]) == masters and sum(cpu["total"]) > 0 and len(drain["server_cpu_us_per_task"]) == masters
+        assert engine["capacity_per_s"] == pytest.approx(1e6 / max(cpu["total"]), rel=1e-3)
+    assert report.scale_out_chart_path(png_path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    goals = report.scale_out_goals(results)
+    assert [g.number for g in goals] == [1, 1, 1, 1, 2, 2, 2, 2] and all(g.met is not None for g in goals)
+    assert "Scale-out: one queue over Redis Cluster masters" in report.table(results)
+
+
 def test_json_holds_the_raw_figures_and_round_trips(tiny_run) -> None:
     results, json_path, _ = tiny_run
     raw = json.loads(json_path.read_text())
@@ -126,12 +143,13 @@ def test_publish_copies_the_files_and_replaces_only_its_block(tiny_run, tmp_path
     readme = tmp_path / "README.md"
     readme.write_text(f"# project\n{report.README_MARKERS[0]}\nold table\n{report.README_MARKERS[1]}\nthe rest\n")
     written = report.publish(results, json_path, png_path, docs)
-    assert sorted(p.name for p in written) == ["README.md", "benchmarks-keys.png", "benchmarks-latest.json",
-                                               "benchmarks.md"]
+    assert sorted(p.name for p in written) == ["README.md", "benchmarks-cluster.png", "benchmarks-keys.png",
+                                               "benchmarks-latest.json", "benchmarks.md"]
     text = page.read_text()
     assert "old figures" not in text and "Engine vs the raw Redis limit" in text
     assert text.startswith("# prose\n") and "more prose" in text and "kept" in text
     assert "![engine throughput vs number of shard keys](benchmarks-keys.png)" in text
+    assert "![one queue over 1 and 3 Redis Cluster masters](benchmarks-cluster.png)" in text
     assert json.loads((docs / "benchmarks-latest.json").read_text())["mode"] == "tiny"
     # The README's block: this run's adapters against their plain brokers, nothing else touched.
     text = readme.read_text()

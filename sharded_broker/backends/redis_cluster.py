@@ -322,7 +322,15 @@ class RedisClusterBackend(RedisBackend):
         kept = self._kept.get(pool)
         if kept is None:
             kept = self._kept.setdefault(pool, [])
-        conn = kept_connection(pool, kept)
+        try:
+            conn = kept_connection(pool, kept)
+        except _TRANSPORT:
+            # The slot's master as last known is unreachable (killed, its replica promoted
+            # since): the slot map must be read again, else every call goes to the dead node.
+            self._client.nodes_manager.initialize()
+            return self._client.execute_command(
+                "FCALL", self._functions[call.function], len(call.keys), *call.keys, *call.args
+            )
         try:
             conn.send_packed_command([self._packed.pack(call)])
             reply = conn.read_response()
