@@ -324,7 +324,7 @@ class RedisClusterBackend(RedisBackend):
             kept = self._kept.setdefault(pool, [])
         try:
             conn = kept_connection(pool, kept)
-        except _TRANSPORT:
+        except CONNECTION_ERRORS:
             # The slot's master as last known is unreachable (killed, its replica promoted
             # since): the slot map must be read again, else every call goes to the dead node.
             self._client.nodes_manager.initialize()

@@ -76,7 +76,7 @@ def test_master_killed_under_load_keeps_every_key_in_order(
     try:
         sharded_broker.connect(cluster.url, **options).close()
     except sharded_broker.ConfigurationError as exc:
-        pytest.skip(f"wait_replicas is not in this build (it comes with Sentinel support): {exc}")
+        pytest.skip(f"the cluster executor refuses wait_replicas until it sends WAIT after its calls: {exc}")
     promoted: list[object] = []
 
     def kill() -> None:
