@@ -116,8 +116,8 @@ OPTION_PARSERS: dict[str, Callable[[str, str], Any]] = {
 REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"})
 SCHEME_OPTIONS: dict[str, frozenset[str]] = {
     "prefix": REDIS_SCHEMES,
-    "wait_replicas": REDIS_SCHEMES - {"redis+cluster", "rediss+cluster"},
-    "wait_timeout": REDIS_SCHEMES - {"redis+cluster", "rediss+cluster"},
+    "wait_replicas": REDIS_SCHEMES,
+    "wait_timeout": REDIS_SCHEMES,
     "sentinel_password": frozenset({"redis+sentinel", "rediss+sentinel"}),
 }
 

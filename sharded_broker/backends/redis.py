@@ -452,11 +452,17 @@ def pipelined_wait(wait: ReplicaWait | None, request: Pipeline) -> ReplicaWait |
 def replied_after_wait(read: Callable[[], Any], wait: ReplicaWait, safe_url: str) -> Any:
     """A function call's reply, read with ``read``, then its WAIT's answer, checked: a
     call's error reply is raised only once WAIT's is read, leaving the connection clean
-    (a connection error raises at once: the connection is dropped anyway)."""
+    (a connection error raises at once: the connection is dropped anyway). WAIT's own
+    error after a refused call is dropped: a node that refused a call for a cluster's
+    redirection may be a replica by now, which refuses WAIT too, and the call's refusal
+    is what says where to send it."""
     try:
         reply = read()
     except redis.exceptions.ResponseError as exc:
-        read()
+        try:
+            read()
+        except redis.exceptions.ResponseError:
+            pass
         raise exc
     wait.check(read(), safe_url)
     return reply

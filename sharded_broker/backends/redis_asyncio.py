@@ -35,10 +35,27 @@ from .redis import (
     Request, Steps, WaitSignals, blpop_timeout, pipelined_wait, sentinel_manager, signalled, translated_errors,
 )
 from .redis_cluster import (
-    CONNECTION_ERRORS, RETRY_PAUSE, SIGNAL_BLOCK, fcall_keys, unreachable, checked_cluster_options, cluster_client,
+    ASKING, CALL_ATTEMPTS, CONNECTION_ERRORS, RETRY_PAUSE, SIGNAL_BLOCK, checked_cluster_options, cluster_client,
+    exhausted, fcall_keys, prelude_command, retry_pause, unreachable,
 )
 
 T = TypeVar("T")
+
+
+async def replied_after_wait(conn: Any, wait: ReplicaWait, safe_url: str) -> Any:
+    """:func:`~.redis.replied_after_wait` on an asyncio connection: the call's reply, then
+    its WAIT's answer, checked; the call's error raised once WAIT's answer is read (WAIT's
+    own error after a refused call dropped)."""
+    try:
+        reply = await conn.read_response()
+    except redis.exceptions.ResponseError as exc:
+        try:
+            await conn.read_response()
+        except redis.exceptions.ResponseError:
+            pass
+        raise exc
+    wait.check(await conn.read_response(), safe_url)
+    return reply
 
 
 class AsyncRedisBackend(RedisExecutor):
@@ -109,13 +126,7 @@ class AsyncRedisBackend(RedisExecutor):
                 await conn.send_packed_command([command])
                 return await conn.read_response()
             await conn.send_packed_command([command, wait.command])
-            try:
-                reply = await conn.read_response()
-            except redis.exceptions.ResponseError:
-                await conn.read_response()
-                raise
-            wait.check(await conn.read_response(), self._safe_url)
-            return reply
+            return await replied_after_wait(conn, wait, self._safe_url)
 
         short_of_replicas = False
         try:
@@ -405,6 +416,9 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
 
     async def _send_to_cluster(self, request: Request) -> Any:
         if type(request) is FunctionCall:
+            wait = self._replica_wait
+            if wait is not None and wait.after(request.function):
+                return await self._call_on_master(key_slot(request.keys[0]), self._packed.pack(request), wait)
             return await self._client.execute_command(
                 "FCALL", self._functions[request.function], len(request.keys), *request.keys, *request.args
             )
@@ -416,12 +430,88 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
                 return await self._load_everywhere(*request.args)
             return await getattr(self._client, request.method)(*request.args, **request.kwargs)
         assert type(request) is Pipeline
+        wait = pipelined_wait(self._replica_wait, request)
+        if wait is not None:
+            return await self._pipeline_waited(request, wait)
         pipe = self._client.pipeline()
         if request.prelude is not None:
             getattr(pipe, request.prelude.method)(*request.prelude.args, **request.prelude.kwargs)
         for call in request.calls:
             pipe.fcall(self._functions[call.function], len(call.keys), *call.keys, *call.args)
         return await pipe.execute(raise_on_error=False)
+
+    async def _pipeline_waited(self, request: Pipeline, wait: ReplicaWait) -> list[Any]:
+        """As :meth:`RedisClusterBackend._pipeline_waited`."""
+        replies: list[Any] = []
+        if request.prelude is not None:
+            slot, command = prelude_command(self._client, request.prelude)
+            try:
+                replies.append(await self._call_on_master(slot, command, wait))
+            except redis.exceptions.ResponseError as exc:
+                replies.append(exc)
+        for call in request.calls:
+            try:
+                replies.append(await self._call_on_master(
+                    key_slot(call.keys[0]), self._packed.pack(call), wait if wait.after(call.function) else None
+                ))
+            except redis.exceptions.ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    async def _call_on_master(self, slot: int, command: bytes | tuple[Any, ...], wait: ReplicaWait | None) -> Any:
+        """As :meth:`RedisClusterBackend._call_on_master`, on a connection of the node's
+        own (redis.asyncio's ClusterNode lends them), given back after each attempt."""
+        await self._client.initialize()  # the slots' masters, known after a first command
+        nodes = self._client.nodes_manager
+        asked: Any = None  # the node an ASK named, for the next attempt only
+        last: Exception | None = None
+        for attempt in range(CALL_ATTEMPTS):
+            node = asked or nodes.get_node_from_slot(slot)
+            conn = node.acquire_connection()
+            try:
+                try:
+                    await node.disconnect_if_needed(conn)  # one marked by redis-py after a failover
+                    await conn.connect()
+                except CONNECTION_ERRORS:
+                    # Not sent. The node is down: a failover gives its slots to a replica.
+                    await conn.disconnect()
+                    await nodes.initialize()
+                    if asked is None and nodes.get_node_from_slot(slot).name == node.name:
+                        raise
+                    asked = None
+                    continue
+                packed = [command] if type(command) is bytes else conn.pack_command(*command)
+                writes = [*packed, wait.command] if wait is not None else packed
+                try:
+                    if asked is not None:
+                        await conn.send_packed_command([ASKING, *writes])
+                        await conn.read_response()  # ASKING's OK
+                    else:
+                        await conn.send_packed_command(writes)
+                    if wait is None:
+                        return await conn.read_response()
+                    return await replied_after_wait(conn, wait, self._safe_url)
+                except redis.exceptions.MovedError as exc:  # before AskError: a subclass of it
+                    await nodes.move_slot(exc)
+                    asked, last = None, exc
+                except redis.exceptions.AskError as exc:
+                    asked = self._client.get_node(host=exc.host, port=exc.port)
+                    if asked is None:  # a node the client has not heard of yet
+                        await nodes.initialize()
+                        asked = self._client.get_node(host=exc.host, port=exc.port)
+                    last = exc
+                except (redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError) as exc:
+                    await asyncio.sleep(retry_pause(attempt))
+                    if isinstance(exc, redis.exceptions.ClusterDownError):
+                        await nodes.initialize()
+                    asked, last = None, exc
+                except CONNECTION_ERRORS:
+                    await conn.disconnect()
+                    await nodes.initialize()  # for the next call: the node may be gone for good
+                    raise
+            finally:
+                node.release(conn)
+        raise exhausted(slot, last)
 
     async def _load_everywhere(self, source: str) -> None:
         """As :meth:`RedisClusterBackend._load_everywhere`."""

@@ -7,8 +7,17 @@ runs; only how a request reaches the servers differs:
   on the master of that slot, packed once as on one server; a MOVED, ASK, TRYAGAIN or
   CLUSTERDOWN refusal (the script did not run) sends it again through redis-py's
   ``RedisCluster.execute_command``, which follows redirections and retries with backoff;
+- with ``wait_replicas``, a writing call is followed by its ``WAIT`` on the same
+  connection, in the same write (:class:`~.redis.ReplicaWait`): WAIT counts the replicas
+  that have this connection's writes, so both go to the slot's master on one connection,
+  and a refusal is followed here (:meth:`RedisClusterBackend._call_on_master`), not by
+  redis-py, which would send the call again on a connection of its choosing. A call whose
+  connection broke after it was sent may have run: it is not sent again (the caller gets
+  BackendUnavailable, the slot map reread for its next call);
 - the library is loaded on every primary when a node lacks it (a new or flushed master);
 - a :class:`~.redis.Pipeline` is redis-py's cluster pipeline: one round trip per node;
+  with ``wait_replicas``, its calls go one after the other, each followed by its WAIT
+  (docs/redis-cluster.md, "wait_replicas", says why and what it costs);
 - a :class:`~.redis.WaitSignals` keeps one BLPOP in flight per signal list, each on a
   connection of its own to the list's master, across waits (:class:`_SignalWaits`): a
   cluster refuses a BLPOP over keys of several slots, and re-sending BLPOPs at every wait
@@ -36,9 +45,8 @@ from ..errors import BackendUnavailable, ConfigurationError
 from ..models import Event
 from ..urls import check_redis_url, cluster_parts
 from .redis import (
-    _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisBackend, RedisOperations, Request, WaitSignals,
-    checked_options,
-    kept_connection, translated, translated_errors,
+    _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisBackend, RedisOperations, ReplicaWait, Request,
+    WaitSignals, checked_options, kept_connection, pipelined_wait, replied_after_wait, translated, translated_errors,
 )
 
 # A signal list's BLPOP stays in flight this long (then it is sent again): an idle consumer
@@ -54,6 +62,32 @@ _REDIRECTIONS = (
     redis.exceptions.ClusterDownError,
 )
 CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# A call followed by its WAIT (wait_replicas) is sent at most this many times while the
+# cluster refuses it (redirections, TRYAGAIN, CLUSTERDOWN), as redis-py's
+# RedisClusterRequestTTL bounds its own retries; TRYAGAIN and CLUSTERDOWN pause first,
+# RETRY_PAUSE doubling up to MAX_RETRY_PAUSE (a failover settles in a second or two).
+CALL_ATTEMPTS = 16
+MAX_RETRY_PAUSE = 0.5
+ASKING = b"*1\r\n$6\r\nASKING\r\n"
+
+
+def retry_pause(attempt: int) -> float:
+    """The pause before attempt ``attempt`` + 1 of a call refused with TRYAGAIN or CLUSTERDOWN."""
+    return min(MAX_RETRY_PAUSE, RETRY_PAUSE * 2 ** attempt)
+
+
+def exhausted(slot: int, last: Exception | None) -> redis.exceptions.ConnectionError:
+    """The error of a call the cluster refused CALL_ATTEMPTS times (it never ran)."""
+    return redis.exceptions.ConnectionError(
+        f"the cluster refused a call to slot {slot} {CALL_ATTEMPTS} times (it did not run); last: {last}"
+    )
+
+
+def prelude_command(client: Any, prelude: Command) -> tuple[int, tuple[Any, ...]]:
+    """A pipeline's prelude (a plain command whose first argument is its key, as the
+    queue registry's SADD) as the slot of its key and the arguments of the command."""
+    assert not prelude.kwargs, "a prelude is a plain command with positional arguments"
+    return client.keyslot(prelude.args[0]), (prelude.method.upper(), *prelude.args)
 
 
 def unreachable(exc: Exception) -> redis.exceptions.ConnectionError:
@@ -80,15 +114,7 @@ class _LocalFcallKeys(CommandsParser):
 
 def checked_cluster_options(url: str, options: Mapping[str, Any]) -> None:
     """The checks of a one-server URL and its options (:func:`~.redis.checked_options`), on
-    the URL of the cluster's first node. ``wait_replicas`` is refused: this executor sends
-    no WAIT after its calls yet, and an option that silently guaranteed nothing would be
-    worse than none."""
-    refused = sorted({"wait_replicas", "wait_timeout"} & set(options))
-    if refused:
-        raise ConfigurationError(
-            f"option(s) {', '.join(refused)} are not available on a Redis Cluster URL yet "
-            "(redis:// and the Sentinel URLs take them)"
-        )
+    the URL of the cluster's first node."""
     node_url = cluster_parts(url)[0]
     check_redis_url(node_url)
     checked_options(node_url, options)
@@ -298,6 +324,9 @@ class RedisClusterBackend(RedisBackend):
 
     def _send_to_cluster(self, request: Request) -> Any:
         if type(request) is FunctionCall:
+            wait = self._replica_wait
+            if wait is not None and wait.after(request.function):
+                return self._call_on_master(key_slot(request.keys[0]), self._packed.pack(request), wait)
             return self._fcall_on_slot(request)
         if type(request) is WaitSignals:
             return self._signals.wait(request.keys, request.timeout)
@@ -306,12 +335,113 @@ class RedisClusterBackend(RedisBackend):
                 return self._load_everywhere(*request.args)
             return getattr(self._client, request.method)(*request.args, **request.kwargs)
         assert type(request) is Pipeline
+        wait = pipelined_wait(self._replica_wait, request)
+        if wait is not None:
+            return self._pipeline_waited(request, wait)
         pipe = self._client.pipeline()
         if request.prelude is not None:
             getattr(pipe, request.prelude.method)(*request.prelude.args, **request.prelude.kwargs)
         for call in request.calls:
             pipe.fcall(self._functions[call.function], len(call.keys), *call.keys, *call.args)
         return pipe.execute(raise_on_error=False)
+
+    def _pipeline_waited(self, request: Pipeline, wait: ReplicaWait) -> list[Any]:
+        """A pipeline with wait_replicas: its prelude and calls one after the other, each
+        on its slot's master followed by its WAIT (a read-only call by none), each
+        refused one's error in its place as a pipeline's; ReplicasShort and a lost
+        connection are raised (the calls before it ran, those after it were not sent)."""
+        replies: list[Any] = []
+        if request.prelude is not None:
+            slot, command = prelude_command(self._client, request.prelude)
+            try:
+                replies.append(self._call_on_master(slot, command, wait))
+            except redis.exceptions.ResponseError as exc:
+                replies.append(exc)
+        for call in request.calls:
+            try:
+                replies.append(self._call_on_master(
+                    key_slot(call.keys[0]), self._packed.pack(call), wait if wait.after(call.function) else None
+                ))
+            except redis.exceptions.ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    def _call_on_master(self, slot: int, command: bytes | tuple[Any, ...], wait: ReplicaWait | None) -> Any:
+        """``command`` (packed, or a command's arguments to pack) on a connection to the
+        master of ``slot``, followed on it by ``wait``'s WAIT in the same write (none
+        when None); the command's reply, once WAIT's answer is read and checked
+        (:func:`~.redis.replied_after_wait`: ReplicasShort when too few replicas had it).
+
+        A refusal by a cluster in motion (the command did not run) is followed on a
+        connection of this backend's choosing, so that WAIT always follows the command
+        on the connection that ran it: MOVED updates the slot map and goes to the new
+        master; ASK sends ``ASKING`` and the command to the node it names, for that
+        attempt only; TRYAGAIN and CLUSTERDOWN pause (:func:`retry_pause`, the slot map
+        reread after CLUSTERDOWN) and try again; at most CALL_ATTEMPTS sends in all. A
+        node that cannot be connected to (nothing sent) has the slot map reread, and the
+        command goes to the slot's new master if the map names another, else raises the
+        connection error. A connection that breaks after the command was sent raises at
+        once: the command may have run, and is never sent twice."""
+        nodes = self._client.nodes_manager
+        asked: Any = None  # the node an ASK named, for the next attempt only
+        last: Exception | None = None
+        for attempt in range(CALL_ATTEMPTS):
+            node = asked or nodes.get_node_from_slot(slot)
+            pool = (node.redis_connection or self._client.get_redis_connection(node)).connection_pool
+            kept = self._kept.get(pool)
+            if kept is None:
+                kept = self._kept.setdefault(pool, [])
+            try:
+                conn = kept_connection(pool, kept)
+            except CONNECTION_ERRORS:
+                # Not sent. The node is down: a failover gives its slots to a replica.
+                nodes.initialize()
+                if asked is None and nodes.get_node_from_slot(slot).name == node.name:
+                    raise
+                asked = None
+                continue
+            packed = [command] if type(command) is bytes else conn.pack_command(*command)
+            writes = [*packed, wait.command] if wait is not None else packed
+            try:
+                if asked is not None:
+                    conn.send_packed_command([ASKING, *writes])
+                    conn.read_response()  # ASKING's OK
+                else:
+                    conn.send_packed_command(writes)
+                reply = conn.read_response() if wait is None else replied_after_wait(
+                    conn.read_response, wait, self._safe_url
+                )
+            except redis.exceptions.MovedError as exc:  # before AskError: a subclass of it
+                kept.append(conn)
+                nodes.move_slot(exc)
+                asked, last = None, exc
+                continue
+            except redis.exceptions.AskError as exc:
+                kept.append(conn)
+                asked = self._client.get_node(host=exc.host, port=exc.port)
+                if asked is None:  # a node the client has not heard of yet
+                    nodes.initialize()
+                    asked = self._client.get_node(host=exc.host, port=exc.port)
+                last = exc
+                continue
+            except (redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError) as exc:
+                kept.append(conn)
+                time.sleep(retry_pause(attempt))
+                if isinstance(exc, redis.exceptions.ClusterDownError):
+                    nodes.initialize()
+                asked, last = None, exc
+                continue
+            except CONNECTION_ERRORS:
+                conn.disconnect()
+                pool.release(conn)
+                nodes.initialize()  # for the next call: the node may be gone for good
+                raise
+            except BaseException:
+                pool.release(conn)
+                raise
+            kept.append(conn)
+            return reply
+        raise exhausted(slot, last)
 
     def _fcall_on_slot(self, call: FunctionCall) -> Any:
         """The packed FCALL on a connection to its slot's master (one kept from an earlier
