@@ -12,6 +12,7 @@ import redis
 import redis.cluster
 
 import sharded_broker
+from sharded_broker.backends.redis import ReplicasShort
 from sharded_broker.errors import BackendUnavailable, ConfigurationError, InvalidURL
 
 from support.redis_cluster import RedisCluster
@@ -326,6 +327,176 @@ def test_threads_of_one_broker_wait_on_their_queues_at_once(redis_cluster_url: s
         assert woke["first"] < 2.0 and woke["second"] < 2.0, woke
 
 
-def test_wait_replicas_is_refused_on_a_cluster_url_rather_than_ignored() -> None:
-    with pytest.raises(ConfigurationError, match=r"wait_replicas are not available on a Redis Cluster URL"):
-        sharded_broker.connect("redis+cluster://127.0.0.1:1", wait_replicas=1)
+# -- wait_replicas on a cluster -------------------------------------------------------------
+
+def _waits_per_master(cluster: RedisCluster) -> dict[int, int]:
+    """WAIT calls served by each live master since the last CONFIG RESETSTAT."""
+    calls = {}
+    for node in cluster.primaries():
+        client = cluster.client(node)
+        try:
+            calls[node.port] = int(client.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+        finally:
+            client.close()
+    return calls
+
+
+def test_writes_with_wait_replicas_are_answered_after_a_wait_on_their_master(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    master = redis_cluster.node_of_slot(RedisCluster.key_slot("{jobs}"))
+    with sharded_broker.connect(redis_cluster_url, wait_replicas=1) as broker:
+        broker.enqueue("jobs", b"warm-up")  # the registry's SADD and the enqueue, each waited
+        _reset_stats(redis_cluster)
+        broker.enqueue("jobs", b"a", key="k")
+        [lease] = broker.lease("jobs", limit=1)
+        assert broker.ack(lease)
+        waits = _waits_per_master(redis_cluster)
+        assert waits[master.port] == 3, waits  # enqueue, lease, ack: each followed by its WAIT
+        assert sum(waits.values()) == 3, waits  # on the master that ran them, nowhere else
+        _reset_stats(redis_cluster)
+        broker.stats("jobs")  # a read-only function: no WAIT
+        assert sum(_waits_per_master(redis_cluster).values()) == 0
+
+
+def test_waited_pipelines_wait_on_every_master_that_ran_a_write(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    queues = _queues_on_every_master(redis_cluster, 6)
+    with sharded_broker.connect(redis_cluster_url, wait_replicas=1) as broker:
+        for queue in queues:
+            broker.enqueue(queue, queue.encode())
+        leases = [lease for queue in queues for lease in broker.lease(queue)]
+        _reset_stats(redis_cluster)
+        assert broker.ack_many(leases) == [True] * len(queues)  # one call per queue, over 3 masters
+        waits = _waits_per_master(redis_cluster)
+        assert len(waits) == 3 and all(calls == 2 for calls in waits.values()), waits
+        assert all(broker.stats(queue).leased == 0 for queue in queues)
+
+
+def test_more_replicas_than_a_master_has_make_writes_unavailable_but_applied(redis_cluster_url: str) -> None:
+    with sharded_broker.connect(redis_cluster_url) as plain:
+        plain.enqueue("other", b"w")  # the library loaded on every master
+    with sharded_broker.connect(redis_cluster_url, wait_replicas=2, wait_timeout=0.2) as broker:
+        started = time.monotonic()
+        # this broker's first enqueue of a queue: a pipeline (the registry's SADD, the enqueue)
+        with pytest.raises(ReplicasShort, match=r"only 1 of the 2 replicas .* within 0\.2s"):
+            broker.enqueue("jobs", b"x")
+        assert time.monotonic() - started < 2.0
+        assert broker.stats("jobs").ready == 1  # applied on the master all the same, as documented
+        assert "jobs" in broker.queues()
+        with pytest.raises(BackendUnavailable, match=r"only 1 of the 2 replicas"):
+            broker.enqueue("jobs", b"y")  # one call
+        assert broker.stats("jobs").ready == 2
+
+
+def test_async_writes_with_wait_replicas_wait_and_come_up_short_as_the_sync_ones(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    import sharded_broker.aio
+
+    async def scenario() -> None:
+        async with sharded_broker.aio.connect(redis_cluster_url, wait_replicas=1) as broker:
+            await broker.enqueue("jobs", b"warm-up")
+            _reset_stats(redis_cluster)
+            await broker.enqueue("jobs", b"a")
+            leases = await broker.lease("jobs", limit=10)
+            assert [await broker.ack(lease) for lease in leases] == [True, True]
+            assert sum(_waits_per_master(redis_cluster).values()) == 4  # enqueue, lease, two acks
+        async with sharded_broker.aio.connect(redis_cluster_url, wait_replicas=2, wait_timeout=0.2) as broker:
+            with pytest.raises(ReplicasShort):
+                await broker.enqueue("jobs", b"b")
+
+    asyncio.run(scenario())
+
+
+def test_a_waited_call_follows_a_moved_slot_and_waits_on_its_new_master(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    slot = RedisCluster.key_slot("{jobs}")
+    source = redis_cluster.node_of_slot(slot)
+    target = next(node for node in redis_cluster.primaries() if node is not source)
+    with sharded_broker.connect(redis_cluster_url, wait_replicas=1) as broker:
+        broker.enqueue("jobs", b"1", key="k")
+        redis_cluster.move_slot(slot, target)
+        try:
+            _reset_stats(redis_cluster)
+            # MOVED by the source (the WAIT sent with the refused call runs there, waiting for
+            # nothing new), then sent again to the target, its WAIT with it
+            broker.enqueue("jobs", b"2", key="k")
+            waits = _waits_per_master(redis_cluster)
+            assert (waits[source.port], waits[target.port]) == (1, 1), waits
+            assert [lease.payload for lease in broker.lease("jobs", limit=10, per_key=10)] == [b"1", b"2"]
+        finally:
+            redis_cluster.move_slot(slot, source)
+
+
+def test_a_waited_call_follows_a_slot_migrating_under_it(redis_cluster_url: str, redis_cluster: RedisCluster) -> None:
+    slot = RedisCluster.key_slot("{jobs}")
+    source = redis_cluster.node_of_slot(slot)
+    target = next(node for node in redis_cluster.primaries() if node is not source)
+    with sharded_broker.connect(redis_cluster_url, wait_replicas=1) as broker:
+        broker.enqueue("jobs", b"1", key="k")
+        src, dst = redis_cluster.client(source), redis_cluster.client(target)
+        source_id, target_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
+
+        def finish_migration() -> None:
+            for client in (dst, src):
+                client.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
+
+        try:
+            # a migration halfway: every key of the slot on the target, the slot still the source's
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
+            keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, 1000)
+            src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "REPLACE", "KEYS", *keys)
+            _reset_stats(redis_cluster)
+            finishing = threading.Timer(0.5, finish_migration)
+            finishing.start()
+            # ASK by the source; on the target (ASKING) TRYAGAIN, as a queue's call names keys
+            # that do not exist yet; until the migration ends and the source says MOVED
+            broker.enqueue("jobs", b"2", key="k")
+            finishing.join()
+            assert _command_calls(redis_cluster, "asking") >= 1
+            assert _waits_per_master(redis_cluster)[target.port] >= 1
+            assert [lease.payload for lease in broker.lease("jobs", limit=10, per_key=10)] == [b"1", b"2"]
+        finally:
+            src.close()
+            dst.close()
+            redis_cluster.move_slot(slot, source)
+
+
+# A script that keeps its server busy for a second (TIME read in a loop).
+BUSY_SECOND = """
+local t = redis.call('TIME')
+local started = t[1] * 1000000 + t[2]
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - started > 1000000
+return 1
+"""
+
+
+def test_a_waited_call_whose_reply_is_lost_is_not_sent_again(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    master = redis_cluster.node_of_slot(RedisCluster.key_slot("{jobs}"))
+    with sharded_broker.connect(redis_cluster_url, wait_replicas=1, socket_timeout=0.3) as broker:
+        broker.enqueue("jobs", b"warm-up")
+        admin = redis_cluster.client(master)
+        admin.config_resetstat()
+        busy = threading.Thread(target=admin.eval, args=(BUSY_SECOND, 0))
+        try:
+            busy.start()
+            time.sleep(0.1)
+            # sent, but its reply does not come within the socket timeout: it may run (here,
+            # it will, once the server is free), so it is not sent a second time (the
+            # executor without wait_replicas sends it again through redis-py: two FCALLs)
+            with pytest.raises(BackendUnavailable):
+                broker.enqueue("jobs", b"once")
+            busy.join()
+            time.sleep(0.5)  # anything sent meanwhile has run
+            fcalls = admin.info("commandstats").get("cmdstat_fcall", {}).get("calls", 0)
+        finally:
+            busy.join()
+            admin.close()
+        assert fcalls == 1
+        assert broker.stats("jobs").ready == 2

@@ -443,19 +443,20 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
     async def _pipeline_waited(self, request: Pipeline, wait: ReplicaWait) -> list[Any]:
         """As :meth:`RedisClusterBackend._pipeline_waited`."""
         replies: list[Any] = []
+        short: ReplicasShort | None = None
+        steps: list[tuple[int, bytes | tuple[Any, ...], bool]] = []
         if request.prelude is not None:
-            slot, command = prelude_command(self._client, request.prelude)
+            steps.append((*prelude_command(self._client, request.prelude), True))
+        steps += [(key_slot(call.keys[0]), self._packed.pack(call), wait.after(call.function)) for call in request.calls]
+        for slot, command, writes in steps:
             try:
-                replies.append(await self._call_on_master(slot, command, wait))
+                replies.append(await self._call_on_master(slot, command, wait if writes and short is None else None))
             except redis.exceptions.ResponseError as exc:
                 replies.append(exc)
-        for call in request.calls:
-            try:
-                replies.append(await self._call_on_master(
-                    key_slot(call.keys[0]), self._packed.pack(call), wait if wait.after(call.function) else None
-                ))
-            except redis.exceptions.ResponseError as exc:
-                replies.append(exc)
+            except ReplicasShort as exc:
+                short = exc
+        if short is not None:
+            raise short
         return replies
 
     async def _call_on_master(self, slot: int, command: bytes | tuple[Any, ...], wait: ReplicaWait | None) -> Any:

@@ -45,7 +45,7 @@ from ..errors import BackendUnavailable, ConfigurationError
 from ..models import Event
 from ..urls import check_redis_url, cluster_parts
 from .redis import (
-    _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisBackend, RedisOperations, ReplicaWait, Request,
+    _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisBackend, RedisOperations, ReplicasShort, ReplicaWait, Request,
     WaitSignals, checked_options, kept_connection, pipelined_wait, replied_after_wait, translated, translated_errors,
 )
 
@@ -348,22 +348,25 @@ class RedisClusterBackend(RedisBackend):
     def _pipeline_waited(self, request: Pipeline, wait: ReplicaWait) -> list[Any]:
         """A pipeline with wait_replicas: its prelude and calls one after the other, each
         on its slot's master followed by its WAIT (a read-only call by none), each
-        refused one's error in its place as a pipeline's; ReplicasShort and a lost
-        connection are raised (the calls before it ran, those after it were not sent)."""
+        refused one's error in its place as a pipeline's. As on one server, every call
+        is sent though one came up short of replicas (those after it without WAIT: the
+        pipeline's answer is ReplicasShort anyway); a lost connection is raised at once
+        (the calls before it ran, those after it were not sent)."""
         replies: list[Any] = []
+        short: ReplicasShort | None = None
+        steps: list[tuple[int, bytes | tuple[Any, ...], bool]] = []
         if request.prelude is not None:
-            slot, command = prelude_command(self._client, request.prelude)
+            steps.append((*prelude_command(self._client, request.prelude), True))
+        steps += [(key_slot(call.keys[0]), self._packed.pack(call), wait.after(call.function)) for call in request.calls]
+        for slot, command, writes in steps:
             try:
-                replies.append(self._call_on_master(slot, command, wait))
+                replies.append(self._call_on_master(slot, command, wait if writes and short is None else None))
             except redis.exceptions.ResponseError as exc:
                 replies.append(exc)
-        for call in request.calls:
-            try:
-                replies.append(self._call_on_master(
-                    key_slot(call.keys[0]), self._packed.pack(call), wait if wait.after(call.function) else None
-                ))
-            except redis.exceptions.ResponseError as exc:
-                replies.append(exc)
+            except ReplicasShort as exc:
+                short = exc
+        if short is not None:
+            raise short
         return replies
 
     def _call_on_master(self, slot: int, command: bytes | tuple[Any, ...], wait: ReplicaWait | None) -> Any:
