@@ -70,3 +70,17 @@ def test_a_message_started_but_never_acked_is_incomplete() -> None:
     events.append({"e": "start", "id": "late", "k": "a", "n": 1, "a": 1, "pid": 2, "t": 991.0})
     report = check_failover(events, acked("a", 989, 990), FAULT_AT)
     assert report.incomplete == ["a#1"] and not report.within_asynchronous_replication
+
+
+def test_an_ack_resent_after_a_transport_failure_that_finds_it_done_completed_it() -> None:
+    events = log(("a", 0, 990.0))
+    events += [
+        {"e": "start", "id": "m1", "k": "a", "n": 1, "a": 1, "pid": 1, "t": 999.9},
+        {"e": "unavailable", "pid": 1, "error": "Error while reading from socket"},
+        {"e": "ack", "id": "m1", "ok": False, "pid": 1, "done": 999.95},
+    ]
+    report = check_failover(events, acked("a", 989, 990), FAULT_AT)
+    assert report.clean and report.runs == 2
+    # the same False answer without a resend (no transport failure) is no completion
+    events[-2] = {"e": "up", "pid": 1}
+    assert check_failover(events, acked("a", 989, 990), FAULT_AT).incomplete == ["a#1"]

@@ -128,6 +128,16 @@ def test_prefix_applies_only_to_redis_urls(monkeypatch: pytest.MonkeyPatch) -> N
         sharded_broker.connect("memory://")
 
 
+def test_wait_replicas_applies_to_every_redis_url_cluster_ones_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHARDED_BROKER_WAIT_REPLICAS", "1")
+    monkeypatch.setenv("SHARDED_BROKER_WAIT_TIMEOUT", "0.5")
+    expected = {"wait_replicas": 1, "wait_timeout": 0.5}
+    for url in ("redis://h/0", "rediss+cluster://10.0.0.1:7000", "redis+cluster://10.0.0.1:7000,10.0.0.2:7000"):
+        assert environment.options({}, url) == expected
+    with pytest.raises(ConfigurationError, match=r"^SHARDED_BROKER_WAIT_REPLICAS applies only to redis://"):
+        environment.options({}, "sqlite:///q.db")
+
+
 def test_the_sentinels_password_applies_only_to_sentinel_urls(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHARDED_BROKER_SENTINEL_PASSWORD", "pw")
     monkeypatch.setenv("SHARDED_BROKER_WAIT_REPLICAS", "1")

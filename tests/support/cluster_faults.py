@@ -23,7 +23,10 @@ means exactly two things, and the checker tells them apart from real faults:
 
 Everything else is an **order violation**: a key's runs must go n, n (a redelivery of the
 running message), or n+1, or skip only numbers that were lost. A message acknowledged by
-the producer and started but never completed is **incomplete**.
+the producer and started but never completed is **incomplete**. An ack that a worker sent
+again after a transport failure and that answered False, for a message never started again,
+completed it all the same: its earlier try took effect (its reply was lost, or it came up
+short of replicas) and the resent one found it done.
 """
 
 from __future__ import annotations
@@ -154,13 +157,24 @@ def check_failover(
     completed: set[tuple[str, int]] = set()
     acked_done_at: dict[tuple[str, int], float] = {}  # when a worker's ack of it returned true
     by_id: dict[str, tuple[str, int]] = {}
+    starts_per_id: dict[str, int] = defaultdict(int)
+    running: dict[int, str] = {}  # each worker's message, from its start to its ack
+    retried: set[tuple[int, str]] = set()  # (worker, message) whose ack met a transport failure
     for event in events:
         if event["e"] == "start":
             started_numbers[event["k"]].add(event["n"])
             by_id[event["id"]] = (event["k"], event["n"])
-        elif event["e"] == "ack" and event["ok"] and event["id"] in by_id:
-            completed.add(by_id[event["id"]])
-            acked_done_at.setdefault(by_id[event["id"]], event["done"])
+            starts_per_id[event["id"]] += 1
+            running[event["pid"]] = event["id"]
+        elif event["e"] == "unavailable" and event["pid"] in running:
+            retried.add((event["pid"], running[event["pid"]]))
+        elif event["e"] == "ack" and event["id"] in by_id:
+            running.pop(event["pid"], None)
+            if event["ok"]:
+                completed.add(by_id[event["id"]])
+                acked_done_at.setdefault(by_id[event["id"]], event["done"])
+            elif (event["pid"], event["id"]) in retried and starts_per_id[event["id"]] == 1:
+                completed.add(by_id[event["id"]])  # see the module docstring: the earlier try took effect
 
     def in_window(when: float | None) -> bool:
         return fault_at is not None and when is not None and fault_at - replication_window <= when <= fault_at
