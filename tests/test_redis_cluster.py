@@ -368,10 +368,32 @@ def test_waited_pipelines_wait_on_every_master_that_ran_a_write(
             broker.enqueue(queue, queue.encode())
         leases = [lease for queue in queues for lease in broker.lease(queue)]
         _reset_stats(redis_cluster)
-        assert broker.ack_many(leases) == [True] * len(queues)  # one call per queue, over 3 masters
+        assert broker.ack_many(leases) == [True] * len(queues)  # one call per queue, two per master
         waits = _waits_per_master(redis_cluster)
-        assert len(waits) == 3 and all(calls == 2 for calls in waits.values()), waits
+        assert len(waits) == 3 and all(calls == 1 for calls in waits.values()), waits  # one per master's share
         assert all(broker.stats(queue).leased == 0 for queue in queues)
+
+
+def test_a_waited_pipeline_sends_a_call_refused_by_a_moved_slot_again_to_its_new_master(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    queues = _queues_on_every_master(redis_cluster, 3)
+    slot = RedisCluster.key_slot(f"{{{queues[0]}}}")
+    source = redis_cluster.node_of_slot(slot)
+    target = next(node for node in redis_cluster.primaries() if node is not source)
+    with sharded_broker.connect(redis_cluster_url, wait_replicas=1) as broker:
+        for queue in queues:
+            broker.enqueue(queue, queue.encode())
+        leases = [lease for queue in queues for lease in broker.lease(queue)]
+        redis_cluster.move_slot(slot, target)
+        try:
+            _reset_stats(redis_cluster)
+            # the source refuses its share (MOVED): that call goes alone to the target, WAIT with it
+            assert broker.ack_many(leases) == [True] * len(queues)
+            assert _waits_per_master(redis_cluster)[target.port] == 2  # its own share's, and the moved call's
+            assert all(broker.stats(queue).leased == 0 for queue in queues)
+        finally:
+            redis_cluster.move_slot(slot, source)
 
 
 def test_more_replicas_than_a_master_has_make_writes_unavailable_but_applied(redis_cluster_url: str) -> None:
@@ -403,9 +425,20 @@ def test_async_writes_with_wait_replicas_wait_and_come_up_short_as_the_sync_ones
             leases = await broker.lease("jobs", limit=10)
             assert [await broker.ack(lease) for lease in leases] == [True, True]
             assert sum(_waits_per_master(redis_cluster).values()) == 4  # enqueue, lease, two acks
+            queues = _queues_on_every_master(redis_cluster, 6)
+            for queue in queues:
+                await broker.enqueue(queue, queue.encode())
+            leases = [lease for queue in queues for lease in await broker.lease(queue)]
+            _reset_stats(redis_cluster)
+            assert await broker.ack_many(leases) == [True] * len(queues)
+            waits = _waits_per_master(redis_cluster)
+            assert len(waits) == 3 and all(calls == 1 for calls in waits.values()), waits
         async with sharded_broker.aio.connect(redis_cluster_url, wait_replicas=2, wait_timeout=0.2) as broker:
             with pytest.raises(ReplicasShort):
-                await broker.enqueue("jobs", b"b")
+                await broker.enqueue("jobs", b"b")  # a pipeline: this broker's first enqueue of it
+            with pytest.raises(ReplicasShort):
+                await broker.enqueue("jobs", b"c")
+            assert (await broker.stats("jobs")).ready == 2
 
     asyncio.run(scenario())
 

@@ -35,8 +35,9 @@ from .redis import (
     Request, Steps, WaitSignals, blpop_timeout, pipelined_wait, sentinel_manager, signalled, translated_errors,
 )
 from .redis_cluster import (
-    ASKING, CALL_ATTEMPTS, CONNECTION_ERRORS, RETRY_PAUSE, SIGNAL_BLOCK, checked_cluster_options, cluster_client,
-    exhausted, fcall_keys, prelude_command, retry_pause, unreachable,
+    ASKING, CALL_ATTEMPTS, CONNECTION_ERRORS, RETRY_PAUSE, SIGNAL_BLOCK, by_master, checked_cluster_options,
+    cluster_client, exhausted, fcall_keys, packed, refused, retry_pause, share_short, share_writes, unreachable,
+    waited_steps,
 )
 
 T = TypeVar("T")
@@ -442,19 +443,68 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
 
     async def _pipeline_waited(self, request: Pipeline, wait: ReplicaWait) -> list[Any]:
         """As :meth:`RedisClusterBackend._pipeline_waited`."""
-        replies: list[Any] = []
-        short: ReplicasShort | None = None
-        steps: list[tuple[int, bytes | tuple[Any, ...], bool]] = []
-        if request.prelude is not None:
-            steps.append((*prelude_command(self._client, request.prelude), True))
-        steps += [(key_slot(call.keys[0]), self._packed.pack(call), wait.after(call.function)) for call in request.calls]
-        for slot, command, writes in steps:
+        await self._client.initialize()  # the slots' masters, known after a first command
+        nodes = self._client.nodes_manager
+        steps = waited_steps(self._client, self._packed, request, wait)
+        replies: list[Any] = [None] * len(steps)
+        one_by_one: list[int] = []
+        in_flight = []
+        lost: Exception | None = None
+        for node, indexes in by_master(nodes, steps):
+            conn = node.acquire_connection()
+            waited = any(steps[index].writes for index in indexes)
             try:
-                replies.append(await self._call_on_master(slot, command, wait if writes and short is None else None))
+                await node.disconnect_if_needed(conn)
+                await conn.connect()
+            except CONNECTION_ERRORS:
+                await conn.disconnect()
+                node.release(conn)
+                one_by_one += indexes  # not sent: each follows its slot's master as the map says next
+                continue
+            try:
+                await conn.send_packed_command(share_writes(conn, steps, indexes, wait if waited else None))
+            except CONNECTION_ERRORS as exc:
+                await conn.disconnect()
+                node.release(conn)
+                lost = lost or exc
+                continue
+            in_flight.append((node, conn, indexes, waited))
+        short: BackendUnavailable | None = None
+        for node, conn, indexes, waited in in_flight:
+            try:
+                for index in indexes:
+                    try:
+                        replies[index] = await conn.read_response()
+                    except redis.exceptions.ResponseError as exc:
+                        replies[index] = exc
+                if waited:
+                    try:
+                        acknowledged = await conn.read_response()
+                    except redis.exceptions.ResponseError as exc:
+                        acknowledged = exc
+                    short = short or share_short(steps, replies, indexes, acknowledged, wait, self._safe_url)
+            except CONNECTION_ERRORS as exc:
+                await conn.disconnect()
+                lost = lost or exc
+            finally:
+                node.release(conn)
+        if lost is not None:
+            await nodes.initialize()  # for the next call: the node may be gone for good
+            raise lost
+        if one_by_one:  # a master that could not be connected to: a failover may have moved its slots
+            await nodes.initialize()
+        moved: list[Any] = []
+        one_by_one += refused(replies, moved.append)
+        for moved_error in moved:
+            await nodes.move_slot(moved_error)
+        for index in sorted(one_by_one):
+            step = steps[index]
+            try:
+                replies[index] = await self._call_on_master(step.slot, step.command, wait if step.writes else None)
             except redis.exceptions.ResponseError as exc:
-                replies.append(exc)
+                replies[index] = exc
             except ReplicasShort as exc:
-                short = exc
+                short = short or exc
         if short is not None:
             raise short
         return replies
@@ -481,8 +531,7 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
                         raise
                     asked = None
                     continue
-                packed = [command] if type(command) is bytes else conn.pack_command(*command)
-                writes = [*packed, wait.command] if wait is not None else packed
+                writes = [*packed(conn, command), wait.command] if wait is not None else packed(conn, command)
                 try:
                     if asked is not None:
                         await conn.send_packed_command([ASKING, *writes])

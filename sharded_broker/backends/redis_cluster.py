@@ -16,8 +16,9 @@ runs; only how a request reaches the servers differs:
   BackendUnavailable, the slot map reread for its next call);
 - the library is loaded on every primary when a node lacks it (a new or flushed master);
 - a :class:`~.redis.Pipeline` is redis-py's cluster pipeline: one round trip per node;
-  with ``wait_replicas``, its calls go one after the other, each followed by its WAIT
-  (docs/redis-cluster.md, "wait_replicas", says why and what it costs);
+  with ``wait_replicas``, each master's share of it goes in one write on one connection
+  followed by one WAIT, every master written to before any is read (so still about one
+  round trip in all), a refused call then sent alone;
 - a :class:`~.redis.WaitSignals` keeps one BLPOP in flight per signal list, each on a
   connection of its own to the list's master, across waits (:class:`_SignalWaits`): a
   cluster refuses a BLPOP over keys of several slots, and re-sending BLPOPs at every wait
@@ -32,7 +33,7 @@ import os
 import select
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import redis
 import redis.cluster
@@ -45,8 +46,9 @@ from ..errors import BackendUnavailable, ConfigurationError
 from ..models import Event
 from ..urls import check_redis_url, cluster_parts
 from .redis import (
-    _LIBRARY, MAX_BLOCK, Command, FunctionCall, Pipeline, RedisBackend, RedisOperations, ReplicasShort, ReplicaWait, Request,
-    WaitSignals, checked_options, kept_connection, pipelined_wait, replied_after_wait, translated, translated_errors,
+    _LIBRARY, MAX_BLOCK, Command, FunctionCall, PackedCalls, Pipeline, RedisBackend, RedisOperations, ReplicasShort,
+    ReplicaWait, Request, WaitSignals, checked_options, kept_connection, pipelined_wait, replied_after_wait,
+    translated, translated_errors,
 )
 
 # A signal list's BLPOP stays in flight this long (then it is sent again): an idle consumer
@@ -83,11 +85,76 @@ def exhausted(slot: int, last: Exception | None) -> redis.exceptions.ConnectionE
     )
 
 
-def prelude_command(client: Any, prelude: Command) -> tuple[int, tuple[Any, ...]]:
-    """A pipeline's prelude (a plain command whose first argument is its key, as the
-    queue registry's SADD) as the slot of its key and the arguments of the command."""
-    assert not prelude.kwargs, "a prelude is a plain command with positional arguments"
-    return client.keyslot(prelude.args[0]), (prelude.method.upper(), *prelude.args)
+class WaitedStep(NamedTuple):
+    """One command of a pipeline with wait_replicas: its slot, the command (packed, or
+    its arguments to pack), and whether it writes (so WAIT must follow it)."""
+
+    slot: int
+    command: bytes | tuple[Any, ...]
+    writes: bool
+
+
+def waited_steps(client: Any, packer: PackedCalls, request: Pipeline, wait: ReplicaWait) -> list[WaitedStep]:
+    """A pipeline's prelude (a plain command whose first argument is its key, as the queue
+    registry's SADD) and calls, as steps."""
+    steps = []
+    if request.prelude is not None:
+        prelude = request.prelude
+        assert not prelude.kwargs, "a prelude is a plain command with positional arguments"
+        steps.append(WaitedStep(client.keyslot(prelude.args[0]), (prelude.method.upper(), *prelude.args), True))
+    for call in request.calls:
+        steps.append(WaitedStep(key_slot(call.keys[0]), packer.pack(call), wait.after(call.function)))
+    return steps
+
+
+def by_master(nodes: Any, steps: Sequence[WaitedStep]) -> list[tuple[Any, list[int]]]:
+    """The steps' indexes grouped by the master of their slot as the slot map says."""
+    groups: dict[str, tuple[Any, list[int]]] = {}
+    for index, step in enumerate(steps):
+        node = nodes.get_node_from_slot(step.slot)
+        groups.setdefault(node.name, (node, []))[1].append(index)
+    return list(groups.values())
+
+
+def packed(conn: Any, command: bytes | tuple[Any, ...]) -> list[bytes]:
+    """A command packed (an FCALL is already), for ``conn``'s send_packed_command."""
+    return [command] if type(command) is bytes else conn.pack_command(*command)
+
+
+def share_writes(conn: Any, steps: Sequence[WaitedStep], indexes: Sequence[int], wait: ReplicaWait | None) -> list[bytes]:
+    """One master's share of a waited pipeline, then its WAIT (unless ``wait`` is None)."""
+    writes = [chunk for index in indexes for chunk in packed(conn, steps[index].command)]
+    if wait is not None:
+        writes.append(wait.command)
+    return writes
+
+
+def share_short(
+    steps: Sequence[WaitedStep], replies: Sequence[Any], indexes: Sequence[int], acknowledged: Any,
+    wait: ReplicaWait, safe_url: str,
+) -> BackendUnavailable | None:
+    """The error of one master's WAIT answer after its share of a waited pipeline (None
+    when enough replicas acknowledged, or when no write of the share ran: every one was
+    refused, and WAIT's answer, even its refusal by a node demoted since, says nothing)."""
+    if not any(steps[index].writes and not isinstance(replies[index], _REDIRECTIONS) for index in indexes):
+        return None
+    try:
+        wait.check(acknowledged, safe_url)
+    except BackendUnavailable as exc:
+        return exc
+    return None
+
+
+def refused(replies: list[Any], move_slot: Callable[[Any], Any]) -> list[int]:
+    """The indexes of the replies that are a cluster's refusals (the calls did not run),
+    each MOVED given to ``move_slot`` (the slot map updated, for their second send)."""
+    found = []
+    for index, reply in enumerate(replies):
+        if isinstance(reply, _REDIRECTIONS):
+            if isinstance(reply, redis.exceptions.MovedError):
+                move_slot(reply)
+            found.append(index)
+    return found
 
 
 def unreachable(exc: Exception) -> redis.exceptions.ConnectionError:
@@ -346,25 +413,72 @@ class RedisClusterBackend(RedisBackend):
         return pipe.execute(raise_on_error=False)
 
     def _pipeline_waited(self, request: Pipeline, wait: ReplicaWait) -> list[Any]:
-        """A pipeline with wait_replicas: its prelude and calls one after the other, each
-        on its slot's master followed by its WAIT (a read-only call by none), each
-        refused one's error in its place as a pipeline's. As on one server, every call
-        is sent though one came up short of replicas (those after it without WAIT: the
-        pipeline's answer is ReplicasShort anyway); a lost connection is raised at once
-        (the calls before it ran, those after it were not sent)."""
-        replies: list[Any] = []
-        short: ReplicasShort | None = None
-        steps: list[tuple[int, bytes | tuple[Any, ...], bool]] = []
-        if request.prelude is not None:
-            steps.append((*prelude_command(self._client, request.prelude), True))
-        steps += [(key_slot(call.keys[0]), self._packed.pack(call), wait.after(call.function)) for call in request.calls]
-        for slot, command, writes in steps:
+        """A pipeline with wait_replicas: per master, its share of the prelude and calls in
+        one write on one connection, followed by one WAIT (none for a share of read-only
+        calls), every master's write sent before any reply is read; each call's reply or
+        error in its place, as a pipeline's. A call refused by a cluster in motion (it did
+        not run) and the share of a master that could not be connected to (not sent) then
+        go one by one (:meth:`_call_on_master`). As on one server, every call is sent
+        though a master came up short of replicas, then ReplicasShort is raised; a
+        connection lost after its write was sent is raised once the others are read (its
+        calls may have run; the refused ones are not sent again)."""
+        nodes = self._client.nodes_manager
+        steps = waited_steps(self._client, self._packed, request, wait)
+        replies: list[Any] = [None] * len(steps)
+        one_by_one: list[int] = []
+        in_flight = []
+        lost: Exception | None = None
+        for node, indexes in by_master(nodes, steps):
+            pool = (node.redis_connection or self._client.get_redis_connection(node)).connection_pool
+            kept = self._kept.setdefault(pool, [])
             try:
-                replies.append(self._call_on_master(slot, command, wait if writes and short is None else None))
+                conn = kept_connection(pool, kept)
+            except CONNECTION_ERRORS:
+                one_by_one += indexes  # not sent: each follows its slot's master as the map says next
+                continue
+            waited = any(steps[index].writes for index in indexes)
+            try:
+                conn.send_packed_command(share_writes(conn, steps, indexes, wait if waited else None))
+            except CONNECTION_ERRORS as exc:
+                conn.disconnect()
+                pool.release(conn)
+                lost = lost or exc
+                continue
+            in_flight.append((pool, kept, conn, indexes, waited))
+        short: BackendUnavailable | None = None
+        for pool, kept, conn, indexes, waited in in_flight:
+            try:
+                for index in indexes:
+                    try:
+                        replies[index] = conn.read_response()
+                    except redis.exceptions.ResponseError as exc:
+                        replies[index] = exc
+                if waited:
+                    try:
+                        acknowledged = conn.read_response()
+                    except redis.exceptions.ResponseError as exc:
+                        acknowledged = exc
+                    short = short or share_short(steps, replies, indexes, acknowledged, wait, self._safe_url)
+            except CONNECTION_ERRORS as exc:
+                conn.disconnect()
+                pool.release(conn)
+                lost = lost or exc
+                continue
+            kept.append(conn)
+        if lost is not None:
+            nodes.initialize()  # for the next call: the node may be gone for good
+            raise lost
+        if one_by_one:  # a master that could not be connected to: a failover may have moved its slots
+            nodes.initialize()
+        one_by_one += refused(replies, nodes.move_slot)
+        for index in sorted(one_by_one):
+            step = steps[index]
+            try:
+                replies[index] = self._call_on_master(step.slot, step.command, wait if step.writes else None)
             except redis.exceptions.ResponseError as exc:
-                replies.append(exc)
+                replies[index] = exc
             except ReplicasShort as exc:
-                short = exc
+                short = short or exc
         if short is not None:
             raise short
         return replies
@@ -403,8 +517,7 @@ class RedisClusterBackend(RedisBackend):
                     raise
                 asked = None
                 continue
-            packed = [command] if type(command) is bytes else conn.pack_command(*command)
-            writes = [*packed, wait.command] if wait is not None else packed
+            writes = [*packed(conn, command), wait.command] if wait is not None else packed(conn, command)
             try:
                 if asked is not None:
                     conn.send_packed_command([ASKING, *writes])
