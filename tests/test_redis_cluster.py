@@ -464,6 +464,31 @@ def test_a_waited_call_follows_a_moved_slot_and_waits_on_its_new_master(
             redis_cluster.move_slot(slot, source)
 
 
+def test_an_async_waited_call_follows_a_moved_slot_and_waits_on_its_new_master(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    import sharded_broker.aio
+
+    slot = RedisCluster.key_slot("{jobs}")
+    source = redis_cluster.node_of_slot(slot)
+    target = next(node for node in redis_cluster.primaries() if node is not source)
+
+    async def scenario() -> list[bytes]:
+        async with sharded_broker.aio.connect(redis_cluster_url, wait_replicas=1) as broker:
+            await broker.enqueue("jobs", b"1", key="k")
+            redis_cluster.move_slot(slot, target)
+            _reset_stats(redis_cluster)
+            await broker.enqueue("jobs", b"2", key="k")
+            waits = _waits_per_master(redis_cluster)
+            assert (waits[source.port], waits[target.port]) == (1, 1), waits
+            return [lease.payload for lease in await broker.lease("jobs", limit=10, per_key=10)]
+
+    try:
+        assert asyncio.run(scenario()) == [b"1", b"2"]
+    finally:
+        redis_cluster.move_slot(slot, source)
+
+
 def test_a_waited_call_follows_a_slot_migrating_under_it(redis_cluster_url: str, redis_cluster: RedisCluster) -> None:
     slot = RedisCluster.key_slot("{jobs}")
     source = redis_cluster.node_of_slot(slot)
@@ -533,3 +558,33 @@ def test_a_waited_call_whose_reply_is_lost_is_not_sent_again(
             admin.close()
         assert fcalls == 1
         assert broker.stats("jobs").ready == 2
+
+
+def test_an_async_waited_call_whose_reply_is_lost_is_not_sent_again(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    import sharded_broker.aio
+
+    master = redis_cluster.node_of_slot(RedisCluster.key_slot("{jobs}"))
+    admin = redis_cluster.client(master)
+    busy = threading.Thread(target=admin.eval, args=(BUSY_SECOND, 0))
+
+    async def scenario() -> int:
+        async with sharded_broker.aio.connect(redis_cluster_url, wait_replicas=1, socket_timeout=0.3) as broker:
+            await broker.enqueue("jobs", b"warm-up")
+            admin.config_resetstat()
+            busy.start()
+            await asyncio.sleep(0.1)
+            with pytest.raises(BackendUnavailable):
+                await broker.enqueue("jobs", b"once")
+            busy.join()
+            await asyncio.sleep(0.5)
+            return (await broker.stats("jobs")).ready
+
+    try:
+        assert asyncio.run(scenario()) == 2
+        assert admin.info("commandstats")["cmdstat_fcall"]["calls"] == 2  # the enqueue once, and stats
+    finally:
+        if busy.is_alive():
+            busy.join()
+        admin.close()
