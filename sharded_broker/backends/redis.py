@@ -537,7 +537,7 @@ MAX_PARTITIONS = 1024
 # (WaitSignals names the list): an idle consumer over P partitions makes P lease calls per
 # QUIET_PERIOD, and a partition that fills while its consumers are busy elsewhere is
 # leased from within QUIET_PERIOD.
-QUIET_PERIOD = 2.0
+QUIET_PERIOD = 3.0
 
 
 def partitions_option(value: Any) -> int | None:
@@ -1447,6 +1447,26 @@ class RedisOperations:
 
     # A schedule lives in the partition of its key (the messages it fires go there), or of
     # its name when it has no key; reads and changes by name alone ask every partition.
+    # The partitions holding some are listed in a set beside the partition count
+    # (<prefix>:{<queue>}:scheduled), so that the consumers' look for due schedules, every
+    # second, asks only those: none for a queue without schedules.
+
+    def _scheduled_key(self, queue: str) -> str:
+        return f"{self.prefix}:{{{queue}}}:scheduled"
+
+    def _scheduled_partitions(self, queue: str, count: int) -> Steps[list[str]]:
+        """The partitions that may hold a schedule (all of a one-partition queue)."""
+        if count == 1:
+            return [queue]
+        members = yield Command("smembers", (self._scheduled_key(queue),))
+        return [f"{queue}#{int(p)}" for p in sorted(int(m) for m in members) if int(p) < count]
+
+    def _forget_unscheduled(self, queue: str, parts: Sequence[str]) -> Steps[None]:
+        """Drop from the set the partitions of ``parts`` left without a schedule."""
+        listed = yield from self._pipelined("schedule_list", [(self._schedule_keys(part), [self._clock_arg()]) for part in parts])
+        empty = [part.rpartition("#")[2] for part, flat in zip(parts, listed) if not flat]
+        if empty:
+            yield Command("srem", (self._scheduled_key(queue), *empty))
 
     def _schedule_home(self, queue: str, name: str, key: str | None) -> Steps[tuple[str, int, str]]:
         """The partition name of a schedule, the queue's partition count, and the ending of
@@ -1477,9 +1497,14 @@ class RedisOperations:
             old_home = next((part for part, flat in zip(others, listed) if name in flat[::2]), None)
             if old_home is not None:
                 packed = yield from self._run_schedule("schedule_put", old_home, [self._clock_arg(), name, packed])
-                stored = yield from self._run_schedule("schedule_put", home, [self._clock_arg(), name, packed])
+            [_, stored] = yield from self._pipelined(
+                "schedule_put", [(self._schedule_keys(home), [self._clock_arg(), name, packed])],
+                prelude=Command("sadd", (self._scheduled_key(queue), home.rpartition("#")[2])),
+            )
+            if old_home is not None:
                 yield from self._run_schedule("schedule_remove", old_home, [self._clock_arg(), name])
-                return _schedule(queue, name, stored)
+                yield from self._forget_unscheduled(queue, [old_home])
+            return _schedule(queue, name, stored)
         stored = yield from self._run_schedule("schedule_put", home, [self._clock_arg(), name, packed])
         return _schedule(queue, name, stored)
 
@@ -1494,7 +1519,15 @@ class RedisOperations:
         return sorted(found, key=lambda schedule: schedule.name)
 
     def due_schedules(self, queue: str, limit: int) -> Steps[tuple[float, list[Schedule]]]:
-        answers = yield from self._every_schedule_partition("schedule_due", queue, [self._clock_arg(), limit])
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        parts = yield from self._scheduled_partitions(queue, count)
+        if not parts:
+            return (yield from self.now()), []
+        args = [self._clock_arg(), limit]
+        if len(parts) == 1:
+            answers = [(yield from self._run_schedule("schedule_due", parts[0], args))]
+        else:
+            answers = yield from self._pipelined("schedule_due", [(self._schedule_keys(part), args) for part in parts])
         due: list[Schedule] = []
         for _, *flat in answers:
             due.extend(_schedule(queue, flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
@@ -1533,7 +1566,15 @@ class RedisOperations:
         ])))
 
     def remove_schedule(self, queue: str, name: str) -> Steps[bool]:
-        return any((yield from self._every_schedule_partition("schedule_remove", queue, [self._clock_arg(), _text(name)])))
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        removed = yield from self._on_every_partition(
+            "schedule_remove", queue, count, [self._clock_arg(), _text(name)], keys=self._schedule_keys
+        )
+        if count > 1 and any(removed):
+            yield from self._forget_unscheduled(
+                queue, [part for part, gone in zip(self.partitions(queue, count), removed) if gone]
+            )
+        return any(removed)
 
     # -- events: the subscription itself is the executor's ------------------------------
 
