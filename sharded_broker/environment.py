@@ -111,11 +111,13 @@ OPTION_PARSERS: dict[str, Callable[[str, str], Any]] = {
     "wait_replicas": _positive_integer,
     "wait_timeout": _seconds,
     "sentinel_password": _text,
+    "partitions": _positive_integer,
 }
 # Options that only some URL schemes take; elsewhere the variable is refused by name.
 REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"})
 SCHEME_OPTIONS: dict[str, frozenset[str]] = {
     "prefix": REDIS_SCHEMES,
+    "partitions": REDIS_SCHEMES,
     "wait_replicas": REDIS_SCHEMES,
     "wait_timeout": REDIS_SCHEMES,
     "sentinel_password": frozenset({"redis+sentinel", "rediss+sentinel"}),

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 import sharded_broker
-from support.backends import BACKENDS, FakeClock
+from support.backends import BACKENDS, FakeClock, partition_options
 from support.redis_cluster import RedisCluster
 from support.redis_server import RedisServer
 from support.redis_sentinel import SentinelGroup
@@ -119,12 +119,15 @@ def broker_url(backend_name: str, request: pytest.FixtureRequest, tmp_path: Path
 
 
 @pytest.fixture
-def connect(broker_url: str, clock: FakeClock) -> Iterator[Callable[..., sharded_broker.Broker]]:
+def connect(
+    broker_url: str, clock: FakeClock, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., sharded_broker.Broker]]:
     """``connect(**options)``: another broker on this test's store and fake clock."""
     opened: list[sharded_broker.Broker] = []
+    defaults = partition_options(broker_url, request)
 
     def open_broker(**options) -> sharded_broker.Broker:
-        broker = sharded_broker.connect(broker_url, clock=clock, **options)
+        broker = sharded_broker.connect(broker_url, clock=clock, **{**defaults, **options})
         opened.append(broker)
         return broker
 
@@ -140,12 +143,16 @@ def broker(connect: Callable[..., sharded_broker.Broker]) -> sharded_broker.Brok
 
 
 @pytest.fixture
-def aconnect(broker_url: str, clock: FakeClock) -> Callable[..., "sharded_broker.aio.AsyncBroker"]:
+def aconnect(
+    broker_url: str, clock: FakeClock, request: pytest.FixtureRequest
+) -> Callable[..., "sharded_broker.aio.AsyncBroker"]:
     """``aconnect(**options)``: an AsyncBroker on this test's store and fake clock (closed by
     the test)."""
     import sharded_broker.aio
 
+    defaults = partition_options(broker_url, request)
+
     def open_broker(**options: Any) -> sharded_broker.aio.AsyncBroker:
-        return sharded_broker.aio.connect(broker_url, clock=clock, **options)
+        return sharded_broker.aio.connect(broker_url, clock=clock, **{**defaults, **options})
 
     return open_broker

@@ -18,7 +18,7 @@ import pytest
 
 import sharded_broker.aio
 import test_conformance as conformance
-from support.backends import FakeClock
+from support.backends import FakeClock, partition_options
 
 # Tests that reach past the Broker API into the (synchronous) backend are left out.
 TESTS = [
@@ -99,12 +99,15 @@ def event_loop_thread() -> Iterator[asyncio.AbstractEventLoop]:
 
 @pytest.fixture
 def connect(
-    broker_url: str, clock: FakeClock, event_loop_thread: asyncio.AbstractEventLoop
+    broker_url: str, clock: FakeClock, event_loop_thread: asyncio.AbstractEventLoop, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., BlockingFacade]]:
     opened: list[BlockingFacade] = []
+    defaults = partition_options(broker_url, request)
 
     def open_broker(**options: Any) -> BlockingFacade:
-        facade = BlockingFacade(sharded_broker.aio.connect(broker_url, clock=clock, **options), event_loop_thread)
+        facade = BlockingFacade(
+            sharded_broker.aio.connect(broker_url, clock=clock, **{**defaults, **options}), event_loop_thread
+        )
         opened.append(facade)
         return facade
 

@@ -156,6 +156,7 @@ def test_priorities_inside_a_key(broker: Broker, clock: FakeClock) -> None:
     assert drain(broker) == [b"w", b"y", b"v", b"x", b"z"]
 
 
+@pytest.mark.one_partition
 def test_priorities_in_the_unkeyed_lane(broker: Broker, clock: FakeClock) -> None:
     for payload, priority in [(b"x", 2), (b"y", 1), (b"z", 2)]:
         broker.enqueue(Q, payload, priority=priority)
@@ -198,6 +199,7 @@ def test_nack_returns_to_the_head(broker: Broker, clock: FakeClock) -> None:
     assert drain(broker) == [b"a2"]
 
 
+@pytest.mark.one_partition
 def test_nack_with_delay_holds_its_key(broker: Broker, clock: FakeClock) -> None:
     enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("b", b"b1")])
     [first] = broker.lease(Q)
@@ -283,6 +285,7 @@ def test_extend_pushes_the_deadline(broker: Broker, clock: FakeClock) -> None:
 # -- 5. fairness ----------------------------------------------------------------------------
 
 
+@pytest.mark.one_partition
 def test_hot_key_cannot_starve_a_cold_key(broker: Broker, clock: FakeClock) -> None:
     # Key names sort the hot key first, so a backend breaking ties by name would fail too.
     broker.enqueue_many(Q, [Message(f"hot{i}".encode(), key="a-hot") for i in range(10_000)])
@@ -298,6 +301,7 @@ def test_hot_key_cannot_starve_a_cold_key(broker: Broker, clock: FakeClock) -> N
     assert broker.stats(Q).ready == 9_999
 
 
+@pytest.mark.one_partition
 def test_ready_keys_are_served_round_robin(broker: Broker, clock: FakeClock) -> None:
     enqueue_each(broker, clock, [(key, f"{key}{i}".encode()) for key in ("a", "b", "c") for i in range(3)])
     delivered = []
@@ -309,6 +313,7 @@ def test_ready_keys_are_served_round_robin(broker: Broker, clock: FakeClock) -> 
     assert delivered == [b"a0", b"b0", b"c0", b"a1", b"b1", b"c1", b"a2", b"b2", b"c2"]
 
 
+@pytest.mark.one_partition
 def test_one_lease_call_serves_each_ready_key_once(broker: Broker, clock: FakeClock) -> None:
     enqueue_each(broker, clock, [("c", b"c0"), ("a", b"a0"), ("a", b"a1"), ("b", b"b0"), (None, b"u0")])
     assert payloads(broker.lease(Q, 10)) == [b"c0", b"a0", b"b0", b"u0"]
@@ -336,6 +341,7 @@ def fill(broker: Broker, clock: FakeClock, keys: str, each: int) -> None:
         clock.advance(0.001)
 
 
+@pytest.mark.one_partition
 def test_weighted_keys_are_served_in_proportion(broker: Broker, clock: FakeClock) -> None:
     fill(broker, clock, "abc", 40)
     weights = {"a": 3, "b": 1, "c": 2}
@@ -361,6 +367,7 @@ def test_weighted_keys_are_served_in_proportion(broker: Broker, clock: FakeClock
     assert broker.lease(Q, 10)[0].payload == b"a30"
 
 
+@pytest.mark.one_partition
 def test_weight_one_or_none_is_plain_round_robin(connect, clock: FakeClock) -> None:
     admin = connect()
     admin.set_weight(Q, "a", 4)
@@ -389,6 +396,7 @@ def test_weight_is_read_back_in_key_info_keys_and_why(broker: Broker, clock: Fak
     assert broker.why(Q, "idle").weight == 7
 
 
+@pytest.mark.one_partition
 def test_a_weight_never_breaks_key_concurrency(connect, clock: FakeClock) -> None:
     broker = connect(key_concurrency=3)
     fill(broker, clock, "ab", 10)
@@ -402,6 +410,7 @@ def test_a_weight_never_breaks_key_concurrency(connect, clock: FakeClock) -> Non
     assert payloads(single.lease("other", 10)) == [b"a0", b"b0"]
 
 
+@pytest.mark.one_partition
 def test_a_weight_never_breaks_an_interval(broker: Broker, clock: FakeClock) -> None:
     broker.set_weight(Q, "a", 3)
     broker.set_interval(Q, "a", 10)
@@ -412,6 +421,7 @@ def test_a_weight_never_breaks_an_interval(broker: Broker, clock: FakeClock) -> 
     assert served_keys(broker, clock, 4) == "babb"
 
 
+@pytest.mark.one_partition
 def test_a_weight_never_breaks_a_retry_holding_its_key(broker: Broker, clock: FakeClock) -> None:
     broker.set_weight(Q, "a", 3)
     fill(broker, clock, "ab", 10)
@@ -428,6 +438,7 @@ def test_a_weight_never_breaks_a_retry_holding_its_key(broker: Broker, clock: Fa
     assert served_keys(broker, clock, 3) == "aab"
 
 
+@pytest.mark.one_partition
 def test_a_weight_never_breaks_a_pause(broker: Broker, clock: FakeClock) -> None:
     broker.set_weight(Q, "a", 3)
     fill(broker, clock, "ab", 10)
@@ -438,6 +449,7 @@ def test_a_weight_never_breaks_a_pause(broker: Broker, clock: FakeClock) -> None
     assert served_keys(broker, clock, 5) == "baaab"
 
 
+@pytest.mark.one_partition
 def test_a_weighted_key_that_empties_starts_a_new_round(broker: Broker, clock: FakeClock) -> None:
     broker.set_weight(Q, "a", 3)
     fill(broker, clock, "a", 1)
@@ -551,6 +563,7 @@ def test_dedup_window(connect, clock: FakeClock) -> None:
     assert drain(broker) == [b"later"]
 
 
+@pytest.mark.one_partition
 def test_dedup_inside_one_batch(broker: Broker) -> None:
     ids = broker.enqueue_many(Q, [Message(b"1", dedup_id="d"), Message(b"2", dedup_id="d"), Message(b"3")])
     assert ids[0] == ids[1] != ids[2]
@@ -639,6 +652,7 @@ def test_reject_dead_letters_at_once(broker: Broker, clock: FakeClock) -> None:
     assert drain(broker) == [b"good"]
 
 
+@pytest.mark.one_partition
 def test_dead_letters_listing_is_oldest_death_first_with_paging(broker: Broker, clock: FakeClock) -> None:
     enqueue_each(broker, clock, [(f"k{i}", f"m{i}".encode()) for i in range(5)])
     for lease in broker.lease(Q, 10):
@@ -701,6 +715,7 @@ def test_purge_dead_letters(broker: Broker, clock: FakeClock) -> None:
     assert drain(broker) == [b"a3"]
 
 
+@pytest.mark.one_partition
 def test_purge_waiting_messages_leaves_leases(broker: Broker, clock: FakeClock) -> None:
     enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("b", b"b1"), (None, b"u1")])
     broker.enqueue(Q, b"d1", key="c", delay=10)
@@ -795,6 +810,7 @@ def test_purge_of_more_than_a_chunk_of_dead_letters(broker: Broker, clock: FakeC
 # -- pause / resume --------------------------------------------------------------------------
 
 
+@pytest.mark.one_partition
 def test_pause_and_resume_a_key(broker: Broker, clock: FakeClock) -> None:
     enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("b", b"b1")])
     [held] = broker.lease(Q)
@@ -805,6 +821,7 @@ def test_pause_and_resume_a_key(broker: Broker, clock: FakeClock) -> None:
     assert drain(broker) == [b"a2"]
 
 
+@pytest.mark.one_partition
 def test_pause_and_resume_a_queue(broker: Broker, clock: FakeClock) -> None:
     enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), (None, b"u1")])
     [held] = broker.lease(Q)
@@ -831,6 +848,7 @@ def test_pause_is_shared_by_connections(connect, clock: FakeClock) -> None:
 # -- 11. ordered batches per key ----------------------------------------------------------------
 
 
+@pytest.mark.one_partition
 def test_batch_holds_the_key_until_every_message_settles(broker: Broker, clock: FakeClock) -> None:
     enqueue_each(broker, clock, [("a", f"a{i}".encode()) for i in range(1, 6)] + [("b", b"b1")])
     leases = broker.lease(Q, 10, per_key=3)
@@ -883,6 +901,7 @@ def test_batch_is_cut_by_limit_and_by_delay(broker: Broker, clock: FakeClock) ->
 # -- release and extend_many ---------------------------------------------------------------------
 
 
+@pytest.mark.one_partition
 def test_release_keeps_position_and_attempts(connect, clock: FakeClock) -> None:
     # retry_position="tail" and max_deliveries=2: a release ignores both.
     broker = connect(max_deliveries=2, retry_position="tail")
@@ -970,6 +989,7 @@ def test_stale_release_is_refused_and_changes_nothing(broker: Broker, clock: Fak
     assert drain(broker) == [b"a2"]
 
 
+@pytest.mark.one_partition
 def test_extend_many_with_a_stale_lease_among_fresh_ones(broker: Broker, clock: FakeClock) -> None:
     enqueue_each(broker, clock, [("a", b"a1"), ("b", b"b1"), ("c", b"c1")])
     broker.enqueue("other", b"o1", key="a")
@@ -1007,6 +1027,7 @@ def test_extend_many_defaults_to_each_queues_visibility_timeout(connect, clock: 
 # -- stats, queues, bindings -------------------------------------------------------------------
 
 
+@pytest.mark.one_partition
 def test_stats_fields(broker: Broker, clock: FakeClock) -> None:
     empty = broker.stats("nothing-here")
     assert (empty.queue, empty.ready, empty.leased, empty.delayed, empty.dead, empty.keys) == ("nothing-here", 0, 0, 0, 0, 0)
@@ -1085,6 +1106,7 @@ def test_wait_does_not_miss_work_that_arrived_after_the_last_lease(connect) -> N
 # -- more combinations -----------------------------------------------------------------------
 
 
+@pytest.mark.one_partition
 def test_messages_outlive_the_connection(connect, clock: FakeClock) -> None:
     first = connect(max_deliveries=2)
     enqueue_each(first, clock, [("a", b"a1"), ("a", b"a2"), (None, b"u1")])
@@ -1096,6 +1118,7 @@ def test_messages_outlive_the_connection(connect, clock: FakeClock) -> None:
     assert drain(second, limit=10) == [b"u1", b"a2"]  # a is ready again only from the ack
 
 
+@pytest.mark.one_partition
 def test_unkeyed_retries(broker: Broker, clock: FakeClock) -> None:
     enqueue_each(broker, clock, [(None, b"u1"), (None, b"u2")])
     u1, u2 = broker.lease(Q, 10, visibility_timeout=10)
@@ -1147,6 +1170,7 @@ def test_why_an_unknown_key_is_empty(broker: Broker) -> None:
     assert (why.reason, why.until, why.backlog, why.head, why.holds) == ("empty", None, 0, None, ())
 
 
+@pytest.mark.one_partition
 def test_why_a_ready_key_waits_for_a_consumer(broker: Broker, clock: FakeClock) -> None:
     mid = broker.enqueue(Q, b"1", key="a")
     clock.advance(5)
@@ -1260,6 +1284,7 @@ def test_why_the_later_of_interval_and_retry_is_the_reason(broker: Broker, clock
     assert (broker.why(Q, "a").reason, broker.why(Q, "a").until) == ("interval", pytest.approx(CLOCK_START + 60))
 
 
+@pytest.mark.one_partition
 def test_why_only_delayed_messages(broker: Broker, clock: FakeClock) -> None:
     broker.enqueue(Q, b"other", key="b", delay=5)
     broker.enqueue(Q, b"later", key="a", delay=40)
@@ -1375,6 +1400,7 @@ def assert_consistent(broker: Broker, expected: dict[str, int], backlogs: dict[s
             assert found is not None and found.state == "waiting" and found.key == info.key
 
 
+@pytest.mark.one_partition
 def test_cancel_the_head_moves_its_key_on_keeping_its_place(broker: Broker, clock: FakeClock) -> None:
     ids = enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("a", b"a3"), ("b", b"b1")])
     result = broker.cancel(Q, ids[0])
@@ -1420,6 +1446,7 @@ def test_cancel_the_only_message_of_a_key_forgets_the_key(broker: Broker, clock:
     assert drain(broker) == [b"b1"]
 
 
+@pytest.mark.one_partition
 def test_cancel_an_unkeyed_message(broker: Broker, clock: FakeClock) -> None:
     ids = enqueue_each(broker, clock, [(None, b"u1"), (None, b"u2"), ("a", b"a1")])
     assert broker.cancel(Q, ids[0]).cancelled
@@ -1460,6 +1487,7 @@ def test_cancel_in_an_unknown_queue_or_of_an_unknown_id(broker: Broker) -> None:
     assert stats_counts(broker)["ready"] == 1
 
 
+@pytest.mark.one_partition
 def test_cancel_a_retry_that_holds_its_key_frees_the_key_now(broker: Broker, clock: FakeClock) -> None:
     enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("b", b"b1")])
     [first] = broker.lease(Q)
@@ -1474,6 +1502,7 @@ def test_cancel_a_retry_that_holds_its_key_frees_the_key_now(broker: Broker, clo
     assert payloads(broker.lease(Q, 10)) == [b"a2"]
 
 
+@pytest.mark.one_partition
 def test_cancel_the_head_of_a_key_in_flight_or_paused_waits_for_it(connect, clock: FakeClock) -> None:
     broker = connect(visibility_timeout=10)
     ids = enqueue_each(broker, clock, [("a", b"a1"), ("a", b"a2"), ("a", b"a3"), ("b", b"b1"), ("b", b"b2")])
@@ -1613,6 +1642,7 @@ def test_cancel_and_get_by_ref_from_another_broker(connect, clock: FakeClock) ->
     assert stats_counts(other) == {"ready": 0, "leased": 0, "delayed": 0, "dead": 0, "keys": 0}
 
 
+@pytest.mark.one_partition
 def test_a_ref_names_the_newest_message_enqueued_with_it(broker: Broker, clock: FakeClock) -> None:
     first = broker.enqueue(Q, b"1", key="a", ref="r")
     second = broker.enqueue(Q, b"2", key="b", ref="r")

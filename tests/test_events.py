@@ -21,6 +21,7 @@ def collect(stream, count: int) -> list[Event]:
     return events
 
 
+@pytest.mark.one_partition
 def test_every_lifecycle_step_is_published_in_order(connect, clock: FakeClock) -> None:
     broker = connect(events=True, max_deliveries=2)
     with broker.events(Q, timeout=5) as stream:

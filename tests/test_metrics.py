@@ -134,6 +134,7 @@ def test_backlog_counts_ready_delayed_and_leased_until_settled(broker: Broker, c
     assert broker.key_info(Q, "k").backlog == 0
 
 
+@pytest.mark.one_partition
 def test_keys_sorted_by_lag_of_their_head(broker: Broker, clock: FakeClock) -> None:
     broker.enqueue(Q, b"a", key="young")
     clock.advance(5)
@@ -239,11 +240,12 @@ def stored_metric_entries(broker: Broker) -> int:
         )
     from sharded_broker.backends.redis import QUEUE_KEYS
 
-    keys = backend._keys(Q)
     hashes = ["metrics", *(f"kmetrics{n}" for n in range(REDIS_KEY_SPANS))]
+    count = backend._drive(backend._ops.partition_count(Q))
     # Each hash also holds the field that keeps it in hashtable encoding.
     return sum(
-        len([f for f in backend._client.hkeys(keys[QUEUE_KEYS.index(name)]) if f != b"#encoding"]) for name in hashes
+        len([f for f in backend._client.hkeys(backend._keys(part)[QUEUE_KEYS.index(name)]) if f != b"#encoding"])
+        for part in backend._ops.partitions(Q, count) for name in hashes
     )
 
 
@@ -256,6 +258,7 @@ def is_redis(broker: Broker) -> bool:
     return type(broker.backend).__name__ in ("RedisBackend", "RedisClusterBackend")
 
 
+@pytest.mark.one_partition  # counts one queue structure's entries
 def test_expired_minutes_are_deleted_a_few_at_a_time(connect, clock: FakeClock) -> None:
     broker = connect(metrics_window=60)
     broker.enqueue_many(Q, [Message(b"x", key=f"k{i}") for i in range(50)])

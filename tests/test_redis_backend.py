@@ -113,9 +113,10 @@ def test_every_key_written_belongs_to_its_queue_hash_tag(broker: sharded_broker.
     leases = broker.lease(Q, limit=2)
     broker.nack(leases[0], dead=True)
     broker.bind("fanout", Q)
-    allowed_queue_keys = {f"sb:{{{Q}}}:{name}" for name in QUEUE_KEYS}
+    allowed_queue_keys = {f"sb:{{{Q}}}:{name}" for name in (*QUEUE_KEYS, "partitions")}
     keys = {key.decode() for key in admin.scan_iter()}
     assert keys - allowed_queue_keys == {"sb:queues", "sb:bindings:{fanout}"}
+    assert admin.get(f"sb:{{{Q}}}:partitions") == b"1"  # one server's default
     assert len(keys & allowed_queue_keys) >= 10
 
 
@@ -232,7 +233,9 @@ def test_batch_operations_cost_one_round_trip(
     broker.enqueue(Q, b"warm-up")  # connects and loads the script
     sends.count = 0
     broker.enqueue("fresh", b"1")
-    assert sends.count == 1  # a queue's first enqueue registers it in the same round trip
+    # A queue's first enqueue reads (or stores) its partition count, then enqueues and
+    # registers the queue in one round trip.
+    assert sends.count == 2
     warm_up = broker.lease(Q)
     broker.extend_many(warm_up)  # loads each script once
     broker.release_many(warm_up)

@@ -328,6 +328,8 @@ def test_threads_of_one_broker_wait_on_their_queues_at_once(redis_cluster_url: s
 
 
 # -- wait_replicas on a cluster -------------------------------------------------------------
+# These tests count the WAITs of each master for calls to queues whose slot they know
+# ({queue}): their brokers keep each queue in one partition (partitions=1).
 
 def _waits_per_master(cluster: RedisCluster) -> dict[int, int]:
     """WAIT calls served by each live master since the last CONFIG RESETSTAT."""
@@ -345,7 +347,7 @@ def test_writes_with_wait_replicas_are_answered_after_a_wait_on_their_master(
     redis_cluster_url: str, redis_cluster: RedisCluster
 ) -> None:
     master = redis_cluster.node_of_slot(RedisCluster.key_slot("{jobs}"))
-    with sharded_broker.connect(redis_cluster_url, wait_replicas=1) as broker:
+    with sharded_broker.connect(redis_cluster_url, partitions=1, wait_replicas=1) as broker:
         broker.enqueue("jobs", b"warm-up")  # the registry's SADD and the enqueue, each waited
         _reset_stats(redis_cluster)
         broker.enqueue("jobs", b"a", key="k")
@@ -363,7 +365,7 @@ def test_waited_pipelines_wait_on_every_master_that_ran_a_write(
     redis_cluster_url: str, redis_cluster: RedisCluster
 ) -> None:
     queues = _queues_on_every_master(redis_cluster, 6)
-    with sharded_broker.connect(redis_cluster_url, wait_replicas=1) as broker:
+    with sharded_broker.connect(redis_cluster_url, partitions=1, wait_replicas=1) as broker:
         for queue in queues:
             broker.enqueue(queue, queue.encode())
         leases = [lease for queue in queues for lease in broker.lease(queue)]
@@ -381,7 +383,7 @@ def test_a_waited_pipeline_sends_a_call_refused_by_a_moved_slot_again_to_its_new
     slot = RedisCluster.key_slot(f"{{{queues[0]}}}")
     source = redis_cluster.node_of_slot(slot)
     target = next(node for node in redis_cluster.primaries() if node is not source)
-    with sharded_broker.connect(redis_cluster_url, wait_replicas=1) as broker:
+    with sharded_broker.connect(redis_cluster_url, partitions=1, wait_replicas=1) as broker:
         for queue in queues:
             broker.enqueue(queue, queue.encode())
         leases = [lease for queue in queues for lease in broker.lease(queue)]
@@ -399,7 +401,7 @@ def test_a_waited_pipeline_sends_a_call_refused_by_a_moved_slot_again_to_its_new
 def test_more_replicas_than_a_master_has_make_writes_unavailable_but_applied(redis_cluster_url: str) -> None:
     with sharded_broker.connect(redis_cluster_url) as plain:
         plain.enqueue("other", b"w")  # the library loaded on every master
-    with sharded_broker.connect(redis_cluster_url, wait_replicas=2, wait_timeout=0.2) as broker:
+    with sharded_broker.connect(redis_cluster_url, partitions=1, wait_replicas=2, wait_timeout=0.2) as broker:
         started = time.monotonic()
         # this broker's first enqueue of a queue: a pipeline (the registry's SADD, the enqueue)
         with pytest.raises(ReplicasShort, match=r"only 1 of the 2 replicas .* within 0\.2s"):
@@ -418,7 +420,7 @@ def test_async_writes_with_wait_replicas_wait_and_come_up_short_as_the_sync_ones
     import sharded_broker.aio
 
     async def scenario() -> None:
-        async with sharded_broker.aio.connect(redis_cluster_url, wait_replicas=1) as broker:
+        async with sharded_broker.aio.connect(redis_cluster_url, partitions=1, wait_replicas=1) as broker:
             await broker.enqueue("jobs", b"warm-up")
             _reset_stats(redis_cluster)
             await broker.enqueue("jobs", b"a")
@@ -433,7 +435,7 @@ def test_async_writes_with_wait_replicas_wait_and_come_up_short_as_the_sync_ones
             assert await broker.ack_many(leases) == [True] * len(queues)
             waits = _waits_per_master(redis_cluster)
             assert len(waits) == 3 and all(calls == 1 for calls in waits.values()), waits
-        async with sharded_broker.aio.connect(redis_cluster_url, wait_replicas=2, wait_timeout=0.2) as broker:
+        async with sharded_broker.aio.connect(redis_cluster_url, partitions=1, wait_replicas=2, wait_timeout=0.2) as broker:
             with pytest.raises(ReplicasShort):
                 await broker.enqueue("jobs", b"b")  # a pipeline: this broker's first enqueue of it
             with pytest.raises(ReplicasShort):
@@ -449,7 +451,7 @@ def test_a_waited_call_follows_a_moved_slot_and_waits_on_its_new_master(
     slot = RedisCluster.key_slot("{jobs}")
     source = redis_cluster.node_of_slot(slot)
     target = next(node for node in redis_cluster.primaries() if node is not source)
-    with sharded_broker.connect(redis_cluster_url, wait_replicas=1) as broker:
+    with sharded_broker.connect(redis_cluster_url, partitions=1, wait_replicas=1) as broker:
         broker.enqueue("jobs", b"1", key="k")
         redis_cluster.move_slot(slot, target)
         try:
@@ -474,7 +476,7 @@ def test_an_async_waited_call_follows_a_moved_slot_and_waits_on_its_new_master(
     target = next(node for node in redis_cluster.primaries() if node is not source)
 
     async def scenario() -> list[bytes]:
-        async with sharded_broker.aio.connect(redis_cluster_url, wait_replicas=1) as broker:
+        async with sharded_broker.aio.connect(redis_cluster_url, partitions=1, wait_replicas=1) as broker:
             await broker.enqueue("jobs", b"1", key="k")
             redis_cluster.move_slot(slot, target)
             _reset_stats(redis_cluster)
@@ -493,7 +495,7 @@ def test_a_waited_call_follows_a_slot_migrating_under_it(redis_cluster_url: str,
     slot = RedisCluster.key_slot("{jobs}")
     source = redis_cluster.node_of_slot(slot)
     target = next(node for node in redis_cluster.primaries() if node is not source)
-    with sharded_broker.connect(redis_cluster_url, wait_replicas=1) as broker:
+    with sharded_broker.connect(redis_cluster_url, partitions=1, wait_replicas=1) as broker:
         broker.enqueue("jobs", b"1", key="k")
         src, dst = redis_cluster.client(source), redis_cluster.client(target)
         source_id, target_id = src.execute_command("CLUSTER MYID"), dst.execute_command("CLUSTER MYID")
@@ -537,7 +539,7 @@ def test_a_waited_call_whose_reply_is_lost_is_not_sent_again(
     redis_cluster_url: str, redis_cluster: RedisCluster
 ) -> None:
     master = redis_cluster.node_of_slot(RedisCluster.key_slot("{jobs}"))
-    with sharded_broker.connect(redis_cluster_url, wait_replicas=1, socket_timeout=0.3) as broker:
+    with sharded_broker.connect(redis_cluster_url, partitions=1, wait_replicas=1, socket_timeout=0.3) as broker:
         broker.enqueue("jobs", b"warm-up")
         admin = redis_cluster.client(master)
         admin.config_resetstat()
@@ -570,7 +572,7 @@ def test_an_async_waited_call_whose_reply_is_lost_is_not_sent_again(
     busy = threading.Thread(target=admin.eval, args=(BUSY_SECOND, 0))
 
     async def scenario() -> int:
-        async with sharded_broker.aio.connect(redis_cluster_url, wait_replicas=1, socket_timeout=0.3) as broker:
+        async with sharded_broker.aio.connect(redis_cluster_url, partitions=1, wait_replicas=1, socket_timeout=0.3) as broker:
             await broker.enqueue("jobs", b"warm-up")
             admin.config_resetstat()
             busy.start()

@@ -48,6 +48,16 @@ Guarantees, beyond the contract of :class:`~sharded_broker.backend.Backend`:
   call on the channel ``<prefix>:{<queue>}:events``, carrying every event of the call;
   Redis pub/sub is fire-and-forget, so a subscriber sees only what happens while it is
   connected, and publishing to a channel nobody listens to costs next to nothing.
+* A queue may be stored as P partitions (option ``partitions``; a Redis Cluster's default
+  is 16, one server's 1): partition p is a queue of its own under the hash tag
+  ``{<queue>#<p>}``, a key always in partition ``crc32(key) % P``, so every guarantee
+  above holds per key. P is stored with the queue (``<prefix>:{<queue>}:partitions``)
+  when it is first used and every client follows it. Message ids name their partition
+  (``...-<p>``), so settling a lease goes straight to it; reading a whole queue (stats,
+  metrics, keys, dead letters, purge) asks every partition in one pipelined round trip.
+  See "Partitions" in docs/redis-cluster.md for fairness across partitions and what
+  is per partition (``max_pending``, dedup ids shared by several keys, ``enqueue_many``'s
+  atomicity).
 """
 
 from __future__ import annotations
@@ -57,9 +67,12 @@ import inspect
 import json
 import itertools
 import os
+import random
 import secrets
 import threading
+import time
 import weakref
+import zlib
 from contextlib import contextmanager
 from importlib import resources
 from types import MappingProxyType
@@ -118,6 +131,7 @@ MAX_BLOCK = 1.0
 
 _OWN_OPTIONS = frozenset({
     "prefix", "clock", "metrics_window", "key_metrics_window", "events", "wait_replicas", "wait_timeout",
+    "partitions",
 })
 # Options of redis+sentinel:// URLs only: the Sentinels' own credentials.
 _SENTINEL_OPTIONS = frozenset({"sentinel_username", "sentinel_password"})
@@ -304,11 +318,12 @@ def checked_options(url: str, options: Mapping[str, Any]) -> None:
             raise ConfigurationError(f"option(s) {', '.join(refused)} cannot be used with the redis backend")
         raise ConfigurationError(
             f"unknown option(s) for {redact_url(url)}: {', '.join(unknown)}; "
-            "known: prefix, clock, metrics_window, key_metrics_window, events, wait_replicas, wait_timeout, "
+            "known: prefix, clock, metrics_window, key_metrics_window, events, partitions, wait_replicas, wait_timeout, "
             f"{'sentinel_username, sentinel_password, ' if sentinel else ''}"
             "and redis-py connection options (socket_timeout, ssl_ca_certs, ...)"
         )
     replica_wait(options.get("wait_replicas"), options.get("wait_timeout"))
+    partitions_option(options.get("partitions"))
     try:
         from_query = redis.connection.parse_url(sentinel_url(url).primary_url if sentinel else url)
     except ValueError as exc:
@@ -520,6 +535,100 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# -- partitions ----------------------------------------------------------------------------
+
+MAX_PARTITIONS = 1024
+# A partition whose lease call found nothing is not asked again by that consumer for this
+# long (less when it said something comes due sooner), unless a wake-up token came from it
+# (WaitSignals names the list): an idle consumer over P partitions makes P lease calls per
+# QUIET_PERIOD, and a partition that fills while its consumers are busy elsewhere is
+# leased from within QUIET_PERIOD.
+QUIET_PERIOD = 3.0
+
+
+def partitions_option(value: Any) -> int | None:
+    """The ``partitions`` option, checked (None: the executor's default)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PARTITIONS:
+        raise ConfigurationError(f"partitions must be a whole number from 1 to {MAX_PARTITIONS}, not {value!r}")
+    return value
+
+
+def partition_of(value: str, count: int) -> int:
+    """The partition of a shard key (or a dedup id, or a schedule's name) in a queue of
+    ``count`` partitions: CRC-32 of its UTF-8 text, the same in every process and version."""
+    return zlib.crc32(_text(value)) % count
+
+
+def partition_name(queue: str, partition: int, count: int) -> str:
+    """The name whose hash tag holds partition ``partition`` of ``queue``: ``queue#p``, or
+    the queue's own name when it has one partition. '#' is not allowed in queue names, so
+    no queue's keys are those of another's partition."""
+    return queue if count == 1 else f"{queue}#{partition}"
+
+
+def home_of_id(queue: str, message_id: str) -> str:
+    """The partition name of a message by its id, which ends in ``-<p>`` in a queue of
+    several partitions (ids of one-partition queues have no '-'). An id that is not one of
+    ours names a partition that holds nothing: the message is then not found."""
+    _, dash, partition = message_id.rpartition("-")
+    return f"{queue}#{partition}" if dash and partition.isascii() and partition.isdigit() else queue
+
+
+def _id_counter(message_id: str) -> int:
+    """The counter part of one of our ids (random prefix of 16 hex digits, counter in hex,
+    then ``-<p>``): of two ids of one client, the later has the larger. 0 for another id."""
+    try:
+        return int(message_id.partition("-")[0][16:], 16)
+    except ValueError:
+        return 0
+
+
+class _Rotation:
+    """One consumer's turn over the partitions of one queue in lease calls.
+
+    Each call asks the partitions a wake-up token came from first, then the others from
+    the one after the last that answered with messages, skipping those quiet (found empty
+    less than QUIET_PERIOD ago, or less than the time they said something comes due), and
+    stops at the first that answers with messages. So a non-empty partition is asked at
+    least once in every ``count`` lease calls of a consumer that get messages, and one that
+    fills while marked quiet within QUIET_PERIOD: none starves. Shared by the threads of a
+    process without a lock: a race can only ask a partition once more or once less.
+    """
+
+    def __init__(self, count: int, skip_quiet: bool, start: int) -> None:
+        self.count = count
+        self.skip_quiet = skip_quiet
+        self.cursor = start % count
+        self.quiet_until = [0.0] * count
+        self.hinted: set[int] = set()
+
+    def order(self, now: float) -> tuple[list[int], float | None]:
+        """The partitions to ask now, in order, and the seconds until the first skipped
+        one stops being quiet (None when none was skipped)."""
+        hinted = list(self.hinted)
+        self.hinted.difference_update(hinted)
+        turn, skipped = list(hinted), None
+        for offset in range(self.count):
+            partition = (self.cursor + offset) % self.count
+            if partition in hinted:
+                continue
+            quiet_for = self.quiet_until[partition] - now
+            if self.skip_quiet and quiet_for > 0:
+                skipped = quiet_for if skipped is None else min(skipped, quiet_for)
+            else:
+                turn.append(partition)
+        return turn, skipped
+
+    def answered(self, partition: int, found: bool, retry_in: float | None, now: float) -> None:
+        if found:
+            self.cursor = (partition + 1) % self.count
+            self.quiet_until[partition] = 0.0
+        else:
+            self.quiet_until[partition] = now + min(QUIET_PERIOD, QUIET_PERIOD if retry_in is None else retry_in)
+
+
 class RedisOperations:
     """Every operation of the Redis backend as steps (see "requests" above): the keys,
     arguments and reply of each function, and the client-side logic around them (chunked
@@ -529,7 +638,9 @@ class RedisOperations:
     clock (tests only); ``metrics_window``, ``key_metrics_window`` and ``events`` are the
     backend's options of those names. ``shard_channels``: events go out with SPUBLISH on
     the queue's shard channel (a Redis Cluster), not PUBLISH, which a cluster broadcasts
-    to every node.
+    to every node. ``partitions``: the partitions of a queue first used by this client
+    (None: ``default_partitions``); given, a queue stored with another count is refused
+    unless it is empty, then stored anew (see :meth:`_settle_partitions`).
     """
 
     def __init__(
@@ -541,6 +652,8 @@ class RedisOperations:
         key_metrics_window: float | None = None,
         events: bool = True,
         shard_channels: bool = False,
+        partitions: int | None = None,
+        default_partitions: int = 1,
     ) -> None:
         try:
             queue_name(prefix)  # a prefix obeys the rules of a queue name: no braces, no spaces
@@ -565,6 +678,15 @@ class RedisOperations:
         _PER_PROCESS.add(self)
         self._registered: set[str] = set()
         self._registered_lock = threading.Lock()
+        self._wanted_partitions = partitions_option(partitions)
+        self._default_partitions = partitions_option(default_partitions) or 1
+        # Each queue's partition count as stored, read once (_settle_partitions).
+        self._partition_counts: dict[str, int] = {}
+        self._rotations: dict[str, _Rotation] = {}
+        # A signal list's (queue, partition), for the hints of wait_any's replies.
+        self._signal_owners: dict[bytes, tuple[str, int]] = {}
+        # The partition of the next enqueue_many of unkeyed messages without a dedup id.
+        self._spread = itertools.count(0 if clock is not None else random.randrange(MAX_PARTITIONS))
 
     # -- plumbing -----------------------------------------------------------------------
 
@@ -622,7 +744,101 @@ class RedisOperations:
         return packed
 
     def _run(self, function: str, queue: str, args: Sequence[Any]) -> Steps[Any]:
+        """One call of ``function`` on ``queue`` (a queue's or a partition's name)."""
         return self._library.call(function, self.queue_keys(queue), args)
+
+    # -- partitions (see partition_name) ------------------------------------------------
+
+    def _partitions_key(self, queue: str) -> str:
+        return f"{self.prefix}:{{{queue}}}:partitions"
+
+    def partition_count(self, queue: str) -> Steps[int]:
+        """How many partitions ``queue`` is stored as (read from the server once)."""
+        return self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+
+    def _settle_partitions(self, queue: str) -> Steps[int]:
+        """The partition count of ``queue``: the stored one, or, for a queue never used, the
+        one this client asks for (``partitions``, else the default), stored with SET NX so
+        that of clients starting together the first one's count holds. A queue that holds
+        data from before partitions were stored keeps its one partition. An explicit
+        ``partitions`` different from the stored count is refused unless the queue is
+        empty (nothing waiting, delayed, leased or dead, and no schedule), then stored."""
+        key = self._partitions_key(queue)
+        wanted = self._wanted_partitions
+        count = wanted or self._default_partitions
+        stored = None
+        if count > 1:
+            stored = yield Command("get", (key,))
+            legacy = [*(self.queue_keys(queue)[QUEUE_KEYS.index(name)] for name in ("msgs", "dead", "state")),
+                      *self._schedule_keys(queue)[len(QUEUE_KEYS):]]
+            if stored is None and (yield Command("exists", tuple(legacy))):
+                if wanted is not None:
+                    raise self._refused_partitions(queue, 1, wanted)
+                count = 1
+        if stored is None:
+            # SET NX GET: the count stored before, if another client was first.
+            stored = yield Command("set", (key, count), {"nx": True, "get": True})
+            if stored is None:
+                self._partition_counts[queue] = count
+                return count
+        count = int(stored)
+        if wanted is not None and wanted != count:
+            if not (yield from self._empty(queue, count)):
+                raise self._refused_partitions(queue, count, wanted)
+            yield Command("set", (key, wanted))
+            self._rotations.pop(queue, None)
+            count = wanted
+        self._partition_counts[queue] = count
+        return count
+
+    @staticmethod
+    def _refused_partitions(queue: str, count: int, wanted: int) -> ConfigurationError:
+        return ConfigurationError(
+            f"queue {queue!r} is stored as {count} partition(s) and is not empty: partitions={wanted} needs it empty "
+            f"(drain or purge it, its dead letters and schedules too), or connect without partitions= to use its {count}"
+        )
+
+    def _empty(self, queue: str, count: int) -> Steps[bool]:
+        """Whether no partition of ``queue`` holds a message (in any state) or a schedule."""
+        stats = yield from self._on_every_partition("stats", queue, count, [self._clock_arg()])
+        if any(sum(int(n) for n in answer[:4]) for answer in stats):
+            return False
+        schedules = yield from self._on_every_partition(
+            "schedule_list", queue, count, [self._clock_arg()], keys=self._schedule_keys
+        )
+        return not any(schedules)
+
+    def partitions(self, queue: str, count: int) -> list[str]:
+        """The names of every partition of ``queue``, in order."""
+        return [partition_name(queue, p, count) for p in range(count)]
+
+    def _on_every_partition(
+        self, function: str, queue: str, count: int, args: Sequence[Any],
+        keys: Callable[[str], list[bytes]] | None = None,
+    ) -> Steps[list[Any]]:
+        """The answers of one call of ``function`` on every partition of ``queue``, in
+        partition order, in one round trip (``keys``: a partition's keys, default its queue keys)."""
+        keys_of = keys or self.queue_keys
+        if count == 1:
+            return [(yield from self._library.call(function, keys_of(queue), args))]
+        return (yield from self._pipelined(function, [(keys_of(part), list(args)) for part in self.partitions(queue, count)]))
+
+    def _key_home(self, queue: str, key: str) -> Steps[str]:
+        """The partition name of shard key ``key`` in ``queue``."""
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        return queue if count == 1 else f"{queue}#{partition_of(key, count)}"
+
+    def _id_home(self, queue: str, message_id: str) -> Steps[str]:
+        """The partition name of message ``message_id`` in ``queue`` (home_of_id)."""
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        return queue if count == 1 else home_of_id(queue, message_id)
+
+    def _per_partition_settings(self, settings: QueueSettings, count: int) -> QueueSettings:
+        """``settings`` for one of ``count`` partitions: ``max_pending`` is shared out
+        (rounded up), since no call sees the other partitions' messages."""
+        if count == 1 or settings.max_pending is None:
+            return settings
+        return settings.replace(max_pending=-(-settings.max_pending // count))
 
     # -- the contract -------------------------------------------------------------------
 
@@ -633,6 +849,51 @@ class RedisOperations:
         return seconds + micros / 1_000_000
 
     def enqueue_many(self, queue: str, messages: Sequence[Message], settings: QueueSettings) -> Steps[list[str]]:
+        """One enqueue call per partition the messages go to, all in one round trip (each
+        atomic: over several partitions, a refusal by one leaves the others' messages
+        enqueued). A keyed message goes to its key's partition, an unkeyed one with a dedup
+        id to that id's, the other unkeyed messages of one call to one partition, the next
+        call's to the next."""
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        if count == 1:
+            parts: list[tuple[str, Sequence[Message], list[int] | None, str]] = [(queue, messages, None, "")]
+        else:
+            settings = self._per_partition_settings(settings, count)
+            spread = next(self._spread) % count
+            by_partition: dict[int, list[int]] = {}
+            for index, m in enumerate(messages):
+                named = m.key if m.key is not None else m.dedup_id
+                by_partition.setdefault(spread if named is None else partition_of(named, count), []).append(index)
+            parts = [
+                (f"{queue}#{p}", [messages[i] for i in indexes], indexes, f"-{p}")
+                for p, indexes in by_partition.items()
+            ]
+        options = self._options_arg(settings)
+        calls = [(self.queue_keys(part), self._enqueue_args(batch, options, suffix)) for part, batch, _, suffix in parts]
+        if queue in self._registered and len(calls) == 1:
+            answers = [(yield from self._library.call("enqueue", *calls[0]))]
+        elif queue in self._registered:
+            answers = yield from self._pipelined("enqueue", calls)
+        else:
+            # The registry lives outside the queue's hash tag, so a function may not
+            # touch it; it is written once per process per queue, in the same round trip.
+            [_, *answers] = yield from self._pipelined(
+                "enqueue", calls, prelude=Command("sadd", (self._registry_key(), queue))
+            )
+            with self._registered_lock:
+                self._registered.add(queue)
+        for answer in answers:
+            _raise_refusal(queue, answer)
+        if count == 1:
+            return [_str(i) for i in answers[0]]
+        ids: list[str] = [""] * len(messages)
+        for (_, _, indexes, _), answer in zip(parts, answers):
+            for index, mid in zip(indexes or (), answer):
+                ids[index] = _str(mid)
+        return ids
+
+    def _enqueue_args(self, messages: Sequence[Message], options: bytes, id_suffix: str) -> list[Any]:
+        """The enqueue function's arguments for ``messages``, with new ids ending in ``id_suffix``."""
         prefix, counter = self._id_prefix, self._id_counter
         fields: list[Any] = []
         envelopes: list[bytes] = []
@@ -642,33 +903,51 @@ class RedisOperations:
             dedup_id = None if m.dedup_id is None else _text(m.dedup_id)
             headers = headers_text(m.headers)
             fields += (
-                f"{prefix}{next(counter):x}", key, m.priority, round(m.delay * 1_000_000) if m.delay else 0,
+                f"{prefix}{next(counter):x}{id_suffix}", key, m.priority, round(m.delay * 1_000_000) if m.delay else 0,
                 dedup_id, m.at_head,
             )
             # The record's first six values (a fixarray's values: its one-byte header cut).
             envelopes.append(_pack((key, m.priority, headers, dedup_id, m.at_head, m.payload))[1:])
         if any(ref is not None for ref in refs):
             fields += refs  # only then: messages without a ref send nothing more
-        args: list[Any] = [self._clock_arg(), self._options_arg(settings), _pack(fields), *envelopes]
-        keys = self.queue_keys(queue)
-        if queue in self._registered:
-            ids = yield from self._library.call("enqueue", keys, args)
-        else:
-            # The registry lives outside the queue's hash tag, so a function may not
-            # touch it; it is written once per process per queue, in the same round trip.
-            [_, ids] = yield from self._pipelined(
-                "enqueue", [(keys, args)], prelude=Command("sadd", (self._registry_key(), queue))
-            )
-            with self._registered_lock:
-                self._registered.add(queue)
-        _raise_refusal(queue, ids)
-        return [_str(i) for i in ids]
+        return [self._clock_arg(), options, _pack(fields), *envelopes]
 
     def lease(
         self, queue: str, limit: int, per_key: int, visibility_timeout: float, settings: QueueSettings
     ) -> Steps[LeaseResult]:
+        """On a queue of several partitions, one lease call per partition in the order of
+        the consumer's :class:`_Rotation`, each for what the ones before left of ``limit``,
+        until ``limit`` messages are leased or every partition of the turn was asked."""
         args = [self._clock_arg(), self._options_arg(settings), limit, per_key, _us(visibility_timeout)]
-        answer = yield from self._run("lease", queue, args)
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        if count == 1:
+            return self._leases(queue, (yield from self._run("lease", queue, args)))
+        rotation = self._rotations.get(queue)
+        if rotation is None:
+            # Processes start at different partitions, so consumers started together
+            # spread. With a test clock, time is the test's: every partition is asked
+            # every call, from the first, so that a test's order is the same every run.
+            testing = self._clock is not None
+            rotation = self._rotations.setdefault(
+                queue, _Rotation(count, skip_quiet=not testing, start=0 if testing else random.randrange(count))
+            )
+        now = time.monotonic()
+        turn, retry_in = rotation.order(now)
+        leases: list[Lease] = []
+        for partition in turn:
+            args[2] = limit - len(leases)
+            result = self._leases(queue, (yield from self._run("lease", f"{queue}#{partition}", args)))
+            rotation.answered(partition, bool(result.leases), result.retry_in, now)
+            leases += result.leases
+            if result.retry_in is not None:
+                retry_in = result.retry_in if retry_in is None else min(retry_in, result.retry_in)
+            if len(leases) >= limit:
+                break
+        return LeaseResult(leases, retry_in)
+
+    @staticmethod
+    def _leases(queue: str, answer: list[Any]) -> LeaseResult:
+        """A lease function's answer read: retry_in, then five values per lease."""
         retry_in = answer[0] / 1e6 if answer[0] != b"" else None
         leases = []
         for i in range(1, len(answer), 5):
@@ -720,12 +999,13 @@ class RedisOperations:
         head_args: Callable[[str], list[Any]],
         lease_args: Callable[[int], Sequence[Any]],
     ) -> Steps[list[Any]]:
-        """One call of a per-lease function for each queue the leases belong to, all in one
-        round trip; the answers, one per lease, in the order of ``leases``.
-        ``lease_args(i)``: the function's arguments for ``leases[i]``."""
+        """One call of a per-lease function for each queue partition the leases belong to
+        (named by their ids: :func:`home_of_id`), all in one round trip; the answers, one
+        per lease, in the order of ``leases``. ``lease_args(i)``: the function's arguments
+        for ``leases[i]``."""
         by_queue: dict[str, list[int]] = {}
         for index, lease in enumerate(leases):
-            by_queue.setdefault(lease.queue, []).append(index)
+            by_queue.setdefault(home_of_id(lease.queue, lease.id), []).append(index)
         calls = []
         for queue, indexes in by_queue.items():
             args = head_args(queue)
@@ -767,7 +1047,7 @@ class RedisOperations:
             self._clock_arg(), self._options_arg(settings), *self._lease_args(lease), _us(delay),
             "1" if dead else "0", "" if reason is None else _text(reason),
         ]
-        return bool((yield from self._run("nack", lease.queue, args)))
+        return bool((yield from self._run("nack", home_of_id(lease.queue, lease.id), args)))
 
     def extend_many(self, leases: Sequence[Lease], visibility_timeouts: Sequence[float]) -> Steps[list[float | None]]:
         answers = yield from self._per_queue(
@@ -777,21 +1057,29 @@ class RedisOperations:
         return [answer / 1e6 if answer != b"" else None for answer in answers]
 
     def set_interval(self, queue: str, key: str, seconds: float | None) -> Steps[None]:
-        yield from self._run("set_interval", queue, [self._clock_arg(), _text(key), "" if seconds is None else _us(seconds)])
+        home = yield from self._key_home(queue, key)
+        yield from self._run("set_interval", home, [self._clock_arg(), _text(key), "" if seconds is None else _us(seconds)])
 
     def set_weight(self, queue: str, key: str, weight: int | None) -> Steps[None]:
-        yield from self._run("set_weight", queue, [self._clock_arg(), _text(key), "" if weight is None else str(weight)])
+        home = yield from self._key_home(queue, key)
+        yield from self._run("set_weight", home, [self._clock_arg(), _text(key), "" if weight is None else str(weight)])
 
     def set_paused(self, queue: str, key: str | None, paused: bool) -> Steps[None]:
-        yield from self._run(
-            "set_paused", queue, [self._clock_arg(), b"" if key is None else _text(key), "1" if paused else "0"]
-        )
+        flag = "1" if paused else "0"
+        if key is not None:
+            home = yield from self._key_home(queue, key)
+            yield from self._run("set_paused", home, [self._clock_arg(), _text(key), flag])
+            return
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        yield from self._on_every_partition("set_paused", queue, count, [self._clock_arg(), b"", flag])
 
     def stats(self, queue: str) -> Steps[QueueStats]:
-        ready, leased, delayed, dead, keys, oldest_age, paused = yield from self._run("stats", queue, [self._clock_arg()])
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        answers = yield from self._on_every_partition("stats", queue, count, [self._clock_arg()])
+        ready, leased, delayed, dead, keys = (sum(int(answer[i]) for answer in answers) for i in range(5))
         return QueueStats(
-            queue=queue, ready=int(ready), leased=int(leased), delayed=int(delayed), dead=int(dead),
-            keys=int(keys), oldest_age=oldest_age / 1e6, paused=bool(paused),
+            queue=queue, ready=ready, leased=leased, delayed=delayed, dead=dead, keys=keys,
+            oldest_age=max(answer[5] for answer in answers) / 1e6, paused=any(answer[6] for answer in answers),
         )
 
     def queues(self) -> Steps[list[str]]:
@@ -799,20 +1087,45 @@ class RedisOperations:
         return sorted(_str(name) for name in names)
 
     def dead_letters(self, queue: str, limit: int, offset: int) -> Steps[list[DeadLetter]]:
-        rows = yield from self._run("dead_letters", queue, [self._clock_arg(), offset, limit])
+        """Oldest death first: over several partitions, the first ``offset + limit`` of
+        each, merged by time of death."""
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        pages = yield from self._on_every_partition(
+            "dead_letters", queue, count, [self._clock_arg(), offset if count == 1 else 0, limit if count == 1 else offset + limit]
+        )
         letters = []
-        for mid, key, payload, priority, attempts, headers, enqueued_at, dedup_id, reason, died_at, ref in rows:
-            letters.append(
-                DeadLetter(
-                    queue=queue, id=_str(mid), key=_str(key) if key else None, payload=payload, priority=int(priority),
-                    attempts=int(attempts), headers=json.loads(headers), reason=_str(reason),
-                    enqueued_at=enqueued_at / 1e6, died_at=died_at / 1e6, dedup_id=_str(dedup_id) if dedup_id else None,
-                    ref=_str(ref) if ref else None,
+        for rows in pages:
+            for mid, key, payload, priority, attempts, headers, enqueued_at, dedup_id, reason, died_at, ref in rows:
+                letters.append(
+                    DeadLetter(
+                        queue=queue, id=_str(mid), key=_str(key) if key else None, payload=payload,
+                        priority=int(priority), attempts=int(attempts), headers=json.loads(headers),
+                        reason=_str(reason), enqueued_at=enqueued_at / 1e6, died_at=died_at / 1e6,
+                        dedup_id=_str(dedup_id) if dedup_id else None, ref=_str(ref) if ref else None,
+                    )
                 )
-            )
-        return letters
+        if count == 1:
+            return letters
+        letters.sort(key=lambda letter: letter.died_at)  # stable: a partition's own order holds
+        return letters[offset : offset + limit]
 
     def replay(self, queue: str, ids: Sequence[str] | None, position: RetryPosition) -> Steps[int]:
+        """Each partition's dead letters replayed as in one queue (:meth:`_replay_partition`)."""
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        if count == 1:
+            return (yield from self._replay_partition(queue, ids, position))
+        if ids is None:
+            by_home: dict[str, list[str] | None] = dict.fromkeys(self.partitions(queue, count))
+        else:
+            by_home = {}
+            for mid in ids:
+                by_home.setdefault(home_of_id(queue, mid), []).append(mid)  # type: ignore[union-attr]
+        moved = 0
+        for home, home_ids in by_home.items():
+            moved += yield from self._replay_partition(home, home_ids, position)
+        return moved
+
+    def _replay_partition(self, queue: str, ids: Sequence[str] | None, position: RetryPosition) -> Steps[int]:
         """Up to ``CHUNK`` dead letters are replayed in one atomic script call. More are
         replayed in chunks of ``CHUNK``, so Redis serves other clients between them: the
         client first reads where each goes (priority, then seq: the order of a replay done
@@ -865,23 +1178,35 @@ class RedisOperations:
         """Deletes in chunks of at most ``CHUNK`` messages, one script call each, so Redis
         serves other clients between chunks; each chunk is atomic and leaves the queue
         consistent. It deletes at most as many messages as were there when it started:
-        messages enqueued meanwhile may be among them (in place of as many older ones)."""
-        deleted, budget = 0, None
-        while True:
-            chunk_deleted, left = yield from self._run(
-                "purge", queue, [self._clock_arg(), "1" if dead else "0", "" if budget is None else budget, CHUNK]
-            )
-            deleted += int(chunk_deleted)
-            budget = int(left)
-            if budget <= 0 or not chunk_deleted:
-                return deleted
+        messages enqueued meanwhile may be among them (in place of as many older ones).
+        A queue of several partitions is purged one partition after the other."""
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        deleted = 0
+        for part in self.partitions(queue, count):
+            budget = None
+            while True:
+                chunk_deleted, left = yield from self._run(
+                    "purge", part, [self._clock_arg(), "1" if dead else "0", "" if budget is None else budget, CHUNK]
+                )
+                deleted += int(chunk_deleted)
+                budget = int(left)
+                if budget <= 0 or not chunk_deleted:
+                    break
+        return deleted
 
     def cancel(
         self, queue: str, message_id: str | None, settings: QueueSettings, ref: str | None = None
     ) -> Steps[CancelResult]:
-        """One call of lua/cancel.lua."""
+        """One call of lua/cancel.lua, on the message's partition (by ref over several:
+        the partition where :meth:`get` finds it)."""
+        home = yield from self._home_of(queue, message_id, ref)
+        if home is None:
+            return CancelResult(queue, message_id, False, None, ref=ref)
+        count = self._partition_counts[queue]
         state, key, found, found_ref = yield from self._run(
-            "cancel", queue, [self._clock_arg(), self._options_arg(settings), *self._id_or_ref_args(message_id, ref)]
+            "cancel", home,
+            [self._clock_arg(), self._options_arg(self._per_partition_settings(settings, count)),
+             *self._id_or_ref_args(message_id, ref)],
         )
         if not state:
             return CancelResult(queue, message_id, False, None, ref=ref)
@@ -891,16 +1216,36 @@ class RedisOperations:
             _str(found_ref) if found_ref else None,
         )
 
+    def _home_of(self, queue: str, message_id: str | None, ref: str | None) -> Steps[str | None]:
+        """The partition name holding a message named by id or ref (None: found nowhere)."""
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        if count == 1:
+            return queue
+        if message_id is not None:
+            return home_of_id(queue, message_id)
+        info = yield from self.get(queue, None, ref)
+        return None if info is None else home_of_id(queue, info.id)
+
     @staticmethod
     def _id_or_ref_args(message_id: str | None, ref: str | None) -> tuple[bytes, bytes]:
         """How cancel and get name a message: id, ref ('' for the one not given)."""
         return (b"" if message_id is None else _text(message_id), b"" if ref is None else _text(ref))
 
     def get(self, queue: str, message_id: str | None, ref: str | None = None) -> Steps[MessageInfo | None]:
-        """One call of lua/get.lua."""
-        row = yield from self._run("get", queue, [self._clock_arg(), *self._id_or_ref_args(message_id, ref)])
-        if not row:
+        """One call of lua/get.lua (by ref over several partitions: one on each, the
+        newest message found answering)."""
+        args = [self._clock_arg(), *self._id_or_ref_args(message_id, ref)]
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        if message_id is not None or count == 1:
+            home = queue if count == 1 else home_of_id(queue, message_id or "")
+            rows = [(yield from self._run("get", home, args))]
+        else:
+            rows = yield from self._on_every_partition("get", queue, count, args)
+        found_rows = [row for row in rows if row]
+        if not found_rows:
             return None
+        # A ref names the newest message given it (per partition: each keeps its own).
+        row = max(found_rows, key=lambda found_row: (int(found_row[4]), _id_counter(_str(found_row[12]))))
         (state, key, priority, attempts, enqueued_at, size, dedup_id, not_before, deadline, leased_at, reason,
          died_at, found, found_ref) = row
         return describe(
@@ -923,32 +1268,77 @@ class RedisOperations:
         return sorted(_str(name) for name in names)
 
     def metrics(self, queue: str, minutes: int, key: str | None) -> Steps[list[MinuteMetrics]]:
+        """A key's from its partition; the queue's summed over its partitions, minute by minute."""
         key_arg = b"" if key is None else b"+" + _text(key)
         kept = self._kept_minutes if key is None else self._key_kept_minutes
-        answer = yield from self._run("metrics", queue, [self._clock_arg(), kept, minutes, key_arg])
-        first, values = float(answer[0]), [int(v) for v in answer[1:]]
+        args = [self._clock_arg(), kept, minutes, key_arg]
+        if key is not None:
+            answers = [(yield from self._run("metrics", (yield from self._key_home(queue, key)), args))]
+        else:
+            count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+            answers = yield from self._on_every_partition("metrics", queue, count, args)
         width = len(COUNTERS)
-        return [
-            MinuteMetrics(first + 60 * i, *values[i * width : (i + 1) * width]) for i in range(len(values) // width)
-        ]
+        by_minute: dict[float, list[int]] = {}
+        for answer in answers:
+            first, values = float(answer[0]), [int(v) for v in answer[1:]]
+            for i in range(len(values) // width):
+                counts = values[i * width : (i + 1) * width]
+                summed = by_minute.setdefault(first + 60 * i, [0] * width)
+                for c in range(width):
+                    summed[c] += counts[c]
+        minutes_seen = sorted(by_minute)
+        if len(answers) > 1:
+            # The partitions' servers may be in different minutes: the last ``minutes`` of them.
+            minutes_seen = minutes_seen[len(minutes_seen) - minutes:] if minutes else []
+        return [MinuteMetrics(at, *by_minute[at]) for at in minutes_seen]
 
     def keys(self, queue: str, limit: int, sort: KeySort) -> Steps[list[KeyInfo]]:
+        """Over several partitions: each one's ``limit`` largest backlogs merged, or every
+        key's head time read from each, then the ``limit`` longest waits read in full."""
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
         if sort == "backlog":
-            rows = yield from self._run("keys", queue, [self._clock_arg(), "backlog", limit])
+            pages = yield from self._on_every_partition("keys", queue, count, [self._clock_arg(), "backlog", limit])
             now = yield from self.now()
+            views = [self._key_view(queue, row, now) for rows in pages for row in rows]
+            return sorted(views, key=lambda view: (-view.backlog, view.key))[:limit]
+        heads = yield from self._on_every_partition("keys", queue, count, [self._clock_arg(), "lag"])
+        now = yield from self.now()
+        lags = sorted(
+            ((-(max(0.0, now - t / 1e6) if t != b"" else 0.0), _str(key)) for rows in heads for key, t in rows)
+        )[:limit]
+        if not lags:
+            return []
+        infos = yield from self._key_rows(queue, "keys", "info", [key for _, key in lags])
+        return [self._key_view(queue, row, now) for _, row in infos]
+
+    def _key_rows(
+        self, queue: str, function: str, mode: str, keys: Sequence[str], skip: int = 0
+    ) -> Steps[list[tuple[list[Any], Any]]]:
+        """Per key, in the order of ``keys``: the first ``skip`` values of the answer of
+        ``function`` called with ``mode`` and the keys of its partition, and the key's row
+        of that answer; one call on each partition holding some, in one round trip."""
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        by_partition: dict[int, list[int]] = {}
+        for index, key in enumerate(keys):
+            by_partition.setdefault(0 if count == 1 else partition_of(key, count), []).append(index)
+        calls = [
+            (self.queue_keys(partition_name(queue, p, count)), [self._clock_arg(), mode, *(_text(keys[i]) for i in indexes)])
+            for p, indexes in by_partition.items()
+        ]
+        if len(calls) == 1:
+            answers = [(yield from self._library.call(function, *calls[0]))]
         else:
-            heads = yield from self._run("keys", queue, [self._clock_arg(), "lag"])
-            now = yield from self.now()
-            lags = sorted(
-                ((-(max(0.0, now - t / 1e6) if t != b"" else 0.0), _str(key)) for key, t in heads)
-            )[:limit]
-            if not lags:
-                return []
-            rows = yield from self._run("keys", queue, [self._clock_arg(), "info", *(_text(key) for _, key in lags)])
-        return [self._key_view(queue, row, now) for row in rows]
+            answers = yield from self._pipelined(function, calls)
+        rows: list[tuple[list[Any], Any]] = [([], None)] * len(keys)
+        for indexes, answer in zip(by_partition.values(), answers):
+            head = list(answer[:skip])
+            for index, row in zip(indexes, answer[skip:]):
+                rows[index] = (head, row)
+        return rows
 
     def key_info(self, queue: str, key: str) -> Steps[KeyInfo]:
-        [row] = yield from self._run("keys", queue, [self._clock_arg(), "info", _text(key)])
+        home = yield from self._key_home(queue, key)
+        [row] = yield from self._run("keys", home, [self._clock_arg(), "info", _text(key)])
         return self._key_view(queue, row, (yield from self.now()))
 
     @staticmethod
@@ -971,12 +1361,12 @@ class RedisOperations:
         )
 
     def key_facts(self, queue: str, keys: Sequence[str]) -> Steps[list[KeyFacts]]:
-        """One call of the ``why`` function for all ``keys`` (lua/why.lua)."""
-        now_us, queue_paused, *rows = yield from self._run(
-            "why", queue, [self._clock_arg(), "facts", *(_text(key) for key in keys)]
-        )
+        """One call of the ``why`` function for all ``keys`` (lua/why.lua) of each partition."""
+        rows = yield from self._key_rows(queue, "why", "facts", keys, skip=2)
         facts = []
-        for key, paused, backlog, slots, ready_at, last_delivery, interval, head_row, next_delayed, holds, weight in rows:
+        for (now_us, queue_paused), (
+            key, paused, backlog, slots, ready_at, last_delivery, interval, head_row, next_delayed, holds, weight,
+        ) in rows:
             head = None
             if head_row:
                 mid, priority, attempts, enqueued_at, not_before, size = head_row
@@ -1010,19 +1400,47 @@ class RedisOperations:
         return facts
 
     def head_times(self, queue: str, keys: Sequence[str]) -> Steps[tuple[float, list[float | None]]]:
-        now_us, *times = yield from self._run("why", queue, [self._clock_arg(), "heads", *(_text(key) for key in keys)])
-        return now_us / 1e6, [None if t == b"" else int(t) / 1e6 for t in times]
+        if not keys:
+            return (yield from self.now()), []
+        rows = yield from self._key_rows(queue, "why", "heads", keys, skip=1)
+        now_us = min(head[0] for head, _ in rows)
+        return now_us / 1e6, [None if t == b"" else int(t) / 1e6 for _, t in rows]
 
     def backlog_keys(self, queue: str, offset: int, count: int) -> Steps[list[str]]:
-        backlog_key = self.queue_keys(queue)[QUEUE_KEYS.index("backlog")]
-        keys = yield Command("zrange", (backlog_key, offset, offset + count - 1))
-        return [_str(key) for key in keys]
+        """Over several partitions: each one's first ``offset + count`` merged (a
+        partition holds about 1/P of the keys, so a page reads about every key at most)."""
+        partitions = yield from self.partition_count(queue)
+        index = QUEUE_KEYS.index("backlog")
+        if partitions == 1:
+            keys = yield Command("zrange", (self.queue_keys(queue)[index], offset, offset + count - 1))
+            return [_str(key) for key in keys]
+        ranked: list[tuple[float, bytes]] = []
+        for part in self.partitions(queue, partitions):
+            page = yield Command("zrange", (self.queue_keys(part)[index], 0, offset + count - 1), {"withscores": True})
+            ranked.extend((score, key) for key, score in page)
+        ranked.sort()
+        return [_str(key) for _, key in ranked[offset : offset + count]]
 
     def wait_any(self, queues: Sequence[str], timeout: float) -> Steps[None]:
+        """One wait on the signal lists of every partition of ``queues``; the partitions a
+        token came from are asked first by this consumer's next lease call (_Rotation)."""
         if timeout <= 0 or not queues:
             return
-        signal_keys = [self.queue_keys(queue)[QUEUE_KEYS.index("signal")] for queue in queues]
-        yield WaitSignals(signal_keys, min(timeout, MAX_BLOCK))
+        signal = QUEUE_KEYS.index("signal")
+        signal_keys = []
+        for queue in queues:
+            count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+            for p, part in enumerate(self.partitions(queue, count)):
+                key = self.queue_keys(part)[signal]
+                signal_keys.append(key)
+                if count > 1:
+                    self._signal_owners[key] = (queue, p)
+        taken = yield WaitSignals(signal_keys, min(timeout, MAX_BLOCK))
+        for key in taken or ():
+            owner = self._signal_owners.get(key)
+            rotation = None if owner is None else self._rotations.get(owner[0])
+            if rotation is not None:
+                rotation.hinted.add(owner[1])  # type: ignore[index]
 
     # -- schedules (lua/_schedules.lua and schedule_*.lua) ---------------------------------
 
@@ -1033,6 +1451,38 @@ class RedisOperations:
     def _run_schedule(self, function: str, queue: str, args: Sequence[Any]) -> Steps[Any]:
         return self._library.call(function, self._schedule_keys(queue), args)
 
+    # A schedule lives in the partition of its key (the messages it fires go there), or of
+    # its name when it has no key; reads and changes by name alone ask every partition.
+    # The partitions holding some are listed in a set beside the partition count
+    # (<prefix>:{<queue>}:scheduled), so that the consumers' look for due schedules, every
+    # second, asks only those: none for a queue without schedules.
+
+    def _scheduled_key(self, queue: str) -> str:
+        return f"{self.prefix}:{{{queue}}}:scheduled"
+
+    def _scheduled_partitions(self, queue: str, count: int) -> Steps[list[str]]:
+        """The partitions that may hold a schedule (all of a one-partition queue)."""
+        if count == 1:
+            return [queue]
+        members = yield Command("smembers", (self._scheduled_key(queue),))
+        return [f"{queue}#{int(p)}" for p in sorted(int(m) for m in members) if int(p) < count]
+
+    def _forget_unscheduled(self, queue: str, parts: Sequence[str]) -> Steps[None]:
+        """Drop from the set the partitions of ``parts`` left without a schedule."""
+        listed = yield from self._pipelined("schedule_list", [(self._schedule_keys(part), [self._clock_arg()]) for part in parts])
+        empty = [part.rpartition("#")[2] for part, flat in zip(parts, listed) if not flat]
+        if empty:
+            yield Command("srem", (self._scheduled_key(queue), *empty))
+
+    def _schedule_home(self, queue: str, name: str, key: str | None) -> Steps[tuple[str, int, str]]:
+        """The partition name of a schedule, the queue's partition count, and the ending of
+        the ids of the messages it fires."""
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        if count == 1:
+            return queue, 1, ""
+        partition = partition_of(name if key is None else key, count)
+        return f"{queue}#{partition}", count, f"-{partition}"
+
     def put_schedule(self, queue: str, schedule: Schedule) -> Steps[Schedule]:
         packed = _pack({
             "pl": schedule.payload, "k": None if schedule.key is None else _text(schedule.key), "p": schedule.priority,
@@ -1040,36 +1490,76 @@ class RedisOperations:
             "ev": None if schedule.every is None else round(schedule.every * 1_000_000),
             "cr": schedule.cron, "nd": round(schedule.next_due * 1_000_000),
         })
-        stored = yield from self._run_schedule("schedule_put", queue, [self._clock_arg(), _text(schedule.name), packed])
-        return _schedule(queue, _text(schedule.name), stored)
+        home, count, _ = yield from self._schedule_home(queue, schedule.name, schedule.key)
+        name = _text(schedule.name)
+        if count > 1:
+            # Put again with another key, it moves partition: it is replaced where it is
+            # (keeping what a replaced schedule keeps), copied as stored to its new
+            # partition, then removed from the old one.
+            others = [part for part in self.partitions(queue, count) if part != home]
+            listed = yield from self._pipelined(
+                "schedule_list", [(self._schedule_keys(part), [self._clock_arg()]) for part in others]
+            )
+            old_home = next((part for part, flat in zip(others, listed) if name in flat[::2]), None)
+            if old_home is not None:
+                packed = yield from self._run_schedule("schedule_put", old_home, [self._clock_arg(), name, packed])
+            [_, stored] = yield from self._pipelined(
+                "schedule_put", [(self._schedule_keys(home), [self._clock_arg(), name, packed])],
+                prelude=Command("sadd", (self._scheduled_key(queue), home.rpartition("#")[2])),
+            )
+            if old_home is not None:
+                yield from self._run_schedule("schedule_remove", old_home, [self._clock_arg(), name])
+                yield from self._forget_unscheduled(queue, [old_home])
+            return _schedule(queue, name, stored)
+        stored = yield from self._run_schedule("schedule_put", home, [self._clock_arg(), name, packed])
+        return _schedule(queue, name, stored)
+
+    def _every_schedule_partition(self, function: str, queue: str, args: Sequence[Any]) -> Steps[list[Any]]:
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        return (yield from self._on_every_partition(function, queue, count, args, keys=self._schedule_keys))
 
     def schedules(self, queue: str) -> Steps[list[Schedule]]:
-        flat = yield from self._run_schedule("schedule_list", queue, [self._clock_arg()])
-        found = [_schedule(queue, flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        found: list[Schedule] = []
+        for flat in (yield from self._every_schedule_partition("schedule_list", queue, [self._clock_arg()])):
+            found.extend(_schedule(queue, flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
         return sorted(found, key=lambda schedule: schedule.name)
 
     def due_schedules(self, queue: str, limit: int) -> Steps[tuple[float, list[Schedule]]]:
-        now_us, *flat = yield from self._run_schedule("schedule_due", queue, [self._clock_arg(), limit])
-        return now_us / 1e6, [_schedule(queue, flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        parts = yield from self._scheduled_partitions(queue, count)
+        if not parts:
+            return (yield from self.now()), []
+        args = [self._clock_arg(), limit]
+        if len(parts) == 1:
+            answers = [(yield from self._run_schedule("schedule_due", parts[0], args))]
+        else:
+            answers = yield from self._pipelined("schedule_due", [(self._schedule_keys(part), args) for part in parts])
+        due: list[Schedule] = []
+        for _, *flat in answers:
+            due.extend(_schedule(queue, flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
+        if len(answers) > 1:
+            due = sorted(due, key=lambda schedule: (schedule.next_due, schedule.name))[:limit]
+        return min(answer[0] for answer in answers) / 1e6, due
 
     def fire_schedule(
         self, queue: str, name: str, expected_due: float, next_due: float, message: Message, settings: QueueSettings
     ) -> Steps[str | None]:
+        home, count, id_suffix = yield from self._schedule_home(queue, name, message.key)
         key = None if message.key is None else _text(message.key)
         headers = headers_text(message.headers)
         envelope = _pack((key, message.priority, headers, None, False, message.payload))[1:]
-        mid = f"{self._id_prefix}{next(self._id_counter):x}"
+        mid = f"{self._id_prefix}{next(self._id_counter):x}{id_suffix}"
         args = [
-            self._clock_arg(), self._options_arg(settings), _text(name), _us(expected_due), _us(next_due), mid,
-            b"" if key is None else key, message.priority, envelope,
+            self._clock_arg(), self._options_arg(self._per_partition_settings(settings, count)), _text(name),
+            _us(expected_due), _us(next_due), mid, b"" if key is None else key, message.priority, envelope,
         ]
         if queue in self._registered:
-            answer = yield from self._run_schedule("schedule_fire", queue, args)
+            answer = yield from self._run_schedule("schedule_fire", home, args)
         else:
             # queues() lists it once it holds a message: the registry is outside the
             # queue's hash tag (see enqueue_many), written in the same round trip.
             [_, answer] = yield from self._pipelined(
-                "schedule_fire", [(self._schedule_keys(queue), args)], prelude=Command("sadd", (self._registry_key(), queue))
+                "schedule_fire", [(self._schedule_keys(home), args)], prelude=Command("sadd", (self._registry_key(), queue))
             )
             with self._registered_lock:
                 self._registered.add(queue)
@@ -1077,20 +1567,30 @@ class RedisOperations:
         return None if answer is None else _str(answer)
 
     def set_schedule_paused(self, queue: str, name: str, paused: bool, next_due: float | None) -> Steps[bool]:
-        return bool((yield from self._run_schedule("schedule_set_paused", queue, [
+        return any((yield from self._every_schedule_partition("schedule_set_paused", queue, [
             self._clock_arg(), _text(name), "1" if paused else "0", "" if next_due is None else _us(next_due),
         ])))
 
     def remove_schedule(self, queue: str, name: str) -> Steps[bool]:
-        return bool((yield from self._run_schedule("schedule_remove", queue, [self._clock_arg(), _text(name)])))
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        removed = yield from self._on_every_partition(
+            "schedule_remove", queue, count, [self._clock_arg(), _text(name)], keys=self._schedule_keys
+        )
+        if count > 1 and any(removed):
+            yield from self._forget_unscheduled(
+                queue, [part for part, gone in zip(self.partitions(queue, count), removed) if gone]
+            )
+        return any(removed)
 
     # -- events: the subscription itself is the executor's ------------------------------
 
-    def events_channel(self, queue: str) -> bytes:
-        """The pub/sub channel of ``queue``'s events (ConfigurationError when they are off)."""
+    def events_channels(self, queue: str) -> Steps[list[bytes]]:
+        """The pub/sub channels of ``queue``'s events, one per partition (ConfigurationError
+        when they are off)."""
         if not self.events:
             raise ConfigurationError("events are off for this broker; connect with events=True to subscribe")
-        return self.queue_keys(queue)[QUEUE_KEYS.index("events")]
+        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        return [self.queue_keys(part)[QUEUE_KEYS.index("events")] for part in self.partitions(queue, count)]
 
     @staticmethod
     def parse_events(queue: str, data: bytes) -> list[Event]:
@@ -1180,6 +1680,9 @@ class RedisExecutor:
     client_module: Any
     # Events on shard channels (SSUBSCRIBE, SPUBLISH), as a cluster executor wants them.
     shard_channels = False
+    # The partitions of a queue first used without the partitions option: one server runs
+    # every partition on one core, so more would only cost calls; a cluster spreads them.
+    default_partitions = 1
 
     def __init__(
         self,
@@ -1192,6 +1695,7 @@ class RedisExecutor:
         events: bool = True,
         wait_replicas: int | None = None,
         wait_timeout: float | None = None,
+        partitions: int | None = None,
         **redis_options: Any,
     ) -> None:
         self.url = self._safe_url = redact_url(url)
@@ -1199,7 +1703,8 @@ class RedisExecutor:
         self._replica_wait = replica_wait(wait_replicas, wait_timeout)
         self._ops = RedisOperations(
             prefix=prefix, clock=clock, metrics_window=metrics_window, key_metrics_window=key_metrics_window,
-            events=events, shard_channels=self.shard_channels,
+            events=events, shard_channels=self.shard_channels, partitions=partitions,
+            default_partitions=self.default_partitions,
         )
         self.prefix = prefix
         self._client, self._blocking_client = self._clients(url, redis_options)
@@ -1464,15 +1969,17 @@ class RedisBackend(RedisExecutor, Backend):
         return self._drive(self._ops.remove_schedule(queue, name))
 
     def subscribe(self, queue: str) -> EventSubscription:
-        channel = self._ops.events_channel(queue)
+        channels = self._drive(self._ops.events_channels(queue))
         with translated_errors(self._safe_url):
             pubsub = self._blocking_client.pubsub()
-            pubsub.subscribe(channel)
-            # Wait for the server's confirmation: events published from now on are received.
-            confirmation = pubsub.get_message(timeout=MAX_BLOCK + 5.0)
-            if confirmation is None or confirmation["type"] != "subscribe":
-                pubsub.close()
-                raise BackendUnavailable(f"redis at {self._safe_url} did not confirm the events subscription")
+            pubsub.subscribe(*channels)
+            # Wait for the server's confirmations: events published from now on are received.
+            deadline = time.monotonic() + MAX_BLOCK + 5.0
+            for _ in channels:
+                confirmation = pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                if confirmation is None or confirmation["type"] != "subscribe":
+                    pubsub.close()
+                    raise BackendUnavailable(f"redis at {self._safe_url} did not confirm the events subscription")
         return _RedisSubscription(self, queue, pubsub)
 
     # A BLPOP timeout ends at the server's next cron tick (hz 10 by default).

@@ -15,6 +15,7 @@ module alone reaches redis.asyncio for the engine (aio.py).
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Mapping, Sequence, TypeVar
 
 import redis.asyncio
@@ -256,15 +257,17 @@ class AsyncRedisBackend(RedisExecutor):
         await self._drive(self._ops.wait_any(queues, timeout))
 
     async def subscribe(self, queue: str) -> "AsyncRedisSubscription":
-        channel = self._ops.events_channel(queue)
+        channels = await self._drive(self._ops.events_channels(queue))
         with translated_errors(self._safe_url):
             pubsub = self._blocking_client.pubsub()
-            await pubsub.subscribe(channel)
-            # Wait for the server's confirmation: events published from now on are received.
-            confirmation = await pubsub.get_message(timeout=MAX_BLOCK + 5.0)
-            if confirmation is None or confirmation["type"] != "subscribe":
-                await pubsub.aclose()
-                raise BackendUnavailable(f"redis at {self._safe_url} did not confirm the events subscription")
+            await pubsub.subscribe(*channels)
+            # Wait for the server's confirmations: events published from now on are received.
+            deadline = time.monotonic() + MAX_BLOCK + 5.0
+            for _ in channels:
+                confirmation = await pubsub.get_message(timeout=max(0.0, deadline - time.monotonic()))
+                if confirmation is None or confirmation["type"] != "subscribe":
+                    await pubsub.aclose()
+                    raise BackendUnavailable(f"redis at {self._safe_url} did not confirm the events subscription")
         return AsyncRedisSubscription(self._safe_url, queue, pubsub)
 
     async def close(self) -> None:
@@ -578,13 +581,17 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
             raise redis.exceptions.ResponseError(f"Library '{_LIBRARY.name}' already exists")
 
     async def subscribe(self, queue: str) -> AsyncRedisSubscription:
-        channel = self._ops.events_channel(queue)
+        channels = await self._drive(self._ops.events_channels(queue))
         with translated_errors(self._safe_url):
             await self._client.initialize()
             pubsub = self._client.pubsub()
-            await pubsub.ssubscribe(channel)
-            confirmation = await pubsub.get_sharded_message(timeout=MAX_BLOCK + 5.0)
-            if confirmation is None or confirmation["type"] != "ssubscribe":
+            await pubsub.ssubscribe(*channels)
+            deadline = time.monotonic() + MAX_BLOCK + 5.0
+            confirmed = 0
+            while confirmed < len(channels) and time.monotonic() < deadline:
+                confirmation = await pubsub.get_sharded_message(timeout=0.05)
+                confirmed += confirmation is not None and confirmation["type"] == "ssubscribe"
+            if confirmed < len(channels):
                 await pubsub.aclose()
                 raise BackendUnavailable(f"redis at {self._safe_url} did not confirm the events subscription")
         return AsyncClusterSubscription(self._safe_url, queue, pubsub)

@@ -613,10 +613,10 @@ class RedisClusterBackend(RedisBackend):
             raise redis.exceptions.ResponseError(f"Library '{_LIBRARY.name}' already exists")
 
     def subscribe(self, queue: str) -> EventSubscription:
-        channel = self._ops.events_channel(queue)
+        channels = self._drive(self._ops.events_channels(queue))
         with translated_errors(self._safe_url):
             pubsub = self._client.pubsub()
-            pubsub.ssubscribe(channel)
+            pubsub.ssubscribe(*channels)
             subscription = _ClusterSubscription(self, queue, pubsub)
             # Wait for the server's confirmation: events published from now on are received.
             if not subscription.confirmed(MAX_BLOCK + 5.0):

@@ -7,6 +7,9 @@ Every backend is opened by URL through ``sharded_broker.connect(url, clock=...)`
 from __future__ import annotations
 
 import threading
+from typing import Any
+
+import pytest
 
 BACKENDS = ("memory", "sqlite", "redis", "redis-cluster")
 
@@ -34,3 +37,11 @@ class FakeClock:
             self._now += seconds
             return self._now
 
+
+def partition_options(broker_url: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """``partitions=1`` for a test marked ``one_partition`` on a Redis Cluster (whose queues
+    default to 16 partitions): its expectations order messages of different keys (or the
+    unkeyed lane) against each other, an order that holds within one partition."""
+    if request.node.get_closest_marker("one_partition") and "+cluster://" in broker_url:
+        return {"partitions": 1}
+    return {}
