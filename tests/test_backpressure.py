@@ -16,7 +16,7 @@ import pytest
 
 from sharded_broker import Broker, ConfigurationError, Message, QueueFull, ShardedBrokerError
 from sharded_broker.models import DROPPED_REASON
-from support.backends import FakeClock
+from support.backends import FakeClock, partition_options
 
 Q = "q"
 
@@ -99,6 +99,7 @@ def test_delayed_messages_count_as_waiting(connect, clock: FakeClock) -> None:
     assert drain(broker) == [b"y"]
 
 
+@pytest.mark.one_partition
 def test_enqueue_many_is_all_or_nothing(connect, clock: FakeClock) -> None:
     broker = connect(max_pending_per_key=2)
     broker.enqueue(Q, b"a1", key="a")
@@ -220,6 +221,7 @@ def test_stats_keys_and_why_agree_after_drops(connect, clock: FakeClock) -> None
 # -- max_pending (the whole queue) ---------------------------------------------------------------
 
 
+@pytest.mark.one_partition
 def test_max_pending_counts_every_waiting_message_of_the_queue(connect, clock: FakeClock) -> None:
     broker = connect(max_pending=3, on_full="drop_oldest")  # on_full is for per-key limits only
     broker.enqueue(Q, b"u")
@@ -236,6 +238,7 @@ def test_max_pending_counts_every_waiting_message_of_the_queue(connect, clock: F
     assert broker.ack(leased)
 
 
+@pytest.mark.one_partition
 def test_both_limits_at_once(connect) -> None:
     broker = connect(max_pending=3, max_pending_per_key=1, on_full="replace")
     broker.enqueue(Q, b"a1", key="a")
@@ -327,13 +330,18 @@ def test_redis_reads_the_limits_only_when_they_are_set(redis_url: str) -> None:
         client.close()
 
 
-def test_the_asyncio_api_raises_queue_full_too(broker_url: str, clock: FakeClock) -> None:
+@pytest.mark.one_partition
+def test_the_asyncio_api_raises_queue_full_too(broker_url: str, clock: FakeClock, request: pytest.FixtureRequest) -> None:
     import asyncio
 
     import sharded_broker.aio
 
+    options = partition_options(broker_url, request)
+
     async def scenario() -> None:
-        async with sharded_broker.aio.connect(broker_url, clock=clock, max_pending_per_key=1, on_full="reject") as broker:
+        async with sharded_broker.aio.connect(
+            broker_url, clock=clock, max_pending_per_key=1, on_full="reject", **options
+        ) as broker:
             await broker.enqueue(Q, b"1", key="a")
             with pytest.raises(QueueFull) as refused:
                 await broker.enqueue_many(Q, [Message(b"b", key="b"), Message(b"2", key="a")])

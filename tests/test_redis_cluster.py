@@ -142,7 +142,7 @@ def test_queues_are_spread_over_every_master_and_one_ack_reaches_them_all(
 
 
 def test_the_library_is_loaded_again_on_a_flushed_master(redis_cluster_url: str, redis_cluster: RedisCluster) -> None:
-    with sharded_broker.connect(redis_cluster_url) as broker:
+    with sharded_broker.connect(redis_cluster_url, partitions=1) as broker:
         broker.enqueue("jobs", b"before")
         master = redis_cluster.node_of_slot(RedisCluster.key_slot("{jobs}"))
         client = redis_cluster.client(master)
