@@ -58,12 +58,27 @@ def topology(masters: int) -> Iterator[tuple[str, list[tuple[str, int]]]]:
 
 
 class MasterClock:
-    """Each master's main-thread CPU seconds (INFO cpu) at the start of a phase."""
+    """Each master's main-thread CPU seconds (INFO cpu) at the start of a phase, and the
+    function calls (FCALL) all masters served."""
 
     def __init__(self, masters: list[tuple[str, int]]) -> None:
         self.clients = [redis.Redis(host=host, port=port) for host, port in masters]
         self.names = [f"{host}:{port}" for host, port in masters]
         self.start = self.read()
+        self.calls_start = self.function_calls()
+
+    def function_calls(self) -> int:
+        return sum(
+            int(client.info("commandstats").get("cmdstat_fcall", {}).get("calls", 0)) for client in self.clients
+        )
+
+    def calls_per_message(self, count: int) -> float:
+        """Function calls served by all masters since the start (or the last call), per message:
+        a queue's partitions split batches into more calls, each with a fixed cost."""
+        now = self.function_calls()
+        per_message = round((now - self.calls_start) / count, 3)
+        self.calls_start = now
+        return per_message
 
     def read(self) -> list[float]:
         seconds = []
@@ -169,19 +184,23 @@ def engine_cycle(url: str, masters: list[tuple[str, int]], sizes: Sizes) -> dict
         ])
         stack.callback(producers.kill)
         clock.us_per_message(1)  # the connecting is not the phase's
+        clock.calls_per_message(1)
         producers.tell("go")
         enqueue = _phase(producers.results(timeout=120), count, "enqueue")
         enqueue_cpu = clock.us_per_message(count)
+        enqueue_calls = clock.calls_per_message(count)
         consumers = Processes([
             {"role": "consume", "url": url, "lease_batch": sizes.lease_batch} for _ in range(processes)
         ])
         stack.callback(consumers.kill)
         clock.us_per_message(1)
+        clock.calls_per_message(1)
         consumers.tell("go")
         wait_drained(url, timeout=120)
         consumers.tell("stop")
         drain = _phase(consumers.results(timeout=60), count, "lease+ack")
         drain_cpu = clock.us_per_message(count)
+        drain_calls = clock.calls_per_message(count)
     clock.close()
     total_cpu = [round(e + d, 2) for e, d in zip(enqueue_cpu, drain_cpu)]
     return {
@@ -193,6 +212,7 @@ def engine_cycle(url: str, masters: list[tuple[str, int]], sizes: Sizes) -> dict
         "round_trip_per_s": rate(count, enqueue[2] + drain[2]),
         "server_cpu_us_per_message": {"enqueue": enqueue_cpu, "lease_ack": drain_cpu, "total": total_cpu},
         "server_cpu_us_per_message_all_masters": round(sum(total_cpu), 2),
+        "function_calls_per_message": {"enqueue": enqueue_calls, "lease_ack": drain_calls},
         "capacity_per_s": _capacity(total_cpu),
     }
 
@@ -217,6 +237,7 @@ def dramatiq_drain(url: str, masters: list[tuple[str, int]], sizes: Sizes) -> di
     ])
     try:
         clock.us_per_message(1)
+        clock.calls_per_message(1)
         workers.tell("go")
         wait_drained(url, timeout=60 + count / 50)
         workers.tell("stop")
@@ -224,6 +245,7 @@ def dramatiq_drain(url: str, masters: list[tuple[str, int]], sizes: Sizes) -> di
     finally:
         workers.kill()
     cpu = clock.us_per_message(count)
+    calls = clock.calls_per_message(count)
     clock.close()
     return {
         "tasks": count,
@@ -233,6 +255,7 @@ def dramatiq_drain(url: str, masters: list[tuple[str, int]], sizes: Sizes) -> di
         "drain_per_s": rate(count, seconds),
         "server_cpu_us_per_task": cpu,
         "server_cpu_us_per_task_all_masters": round(sum(cpu), 2),
+        "function_calls_per_task": calls,
         "capacity_per_s": _capacity(cpu),
     }
 

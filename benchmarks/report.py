@@ -227,6 +227,14 @@ def _server_cpu(row: dict[str, Any], kind: str) -> list[float]:
     return row["server_cpu_us_per_message"]["total"] if kind == "engine" else row["server_cpu_us_per_task"]
 
 
+def _function_calls(row: dict[str, Any], kind: str) -> float | None:
+    """A scale-out row's function calls (FCALL, all masters) per message, both phases."""
+    calls = row.get("function_calls_per_message" if kind == "engine" else "function_calls_per_task")
+    if isinstance(calls, dict):
+        return calls["enqueue"] + calls["lease_ack"]
+    return calls
+
+
 def scale_out_why(results: Results) -> list[str]:
     """Why each missed scale-out goal was missed, from the per-master server time: the
     queue not spread over the masters (one master did most of the work), or spread but
@@ -249,9 +257,18 @@ def scale_out_why(results: Results) -> list[str]:
                              "so its keys' partitions were (nearly) all on it; a queue spread over P partitions on "
                              "3 masters gives each about a third.")
             else:
+                calls3, calls1 = _function_calls(three, kind), _function_calls(one, kind)
+                more_calls = (
+                    f" All masters together spent {sum(per_master) / single:.2f}x the one master's CPU per message, "
+                    f"in {calls3:.3f} function calls per message against {calls1:.3f}: each of the "
+                    f"{three['processes']} consumers' lease calls and acks split over the partitions of its turn, "
+                    "and every call has a fixed cost."
+                    if calls3 and calls1 else ""
+                )
                 lines.append(head + f"The busiest master did {max(per_master) / single:.0%} of the one master's "
                              f"work per message, so with a core per master the queue could go "
-                             f"{_ratio(three['capacity_per_s'], one['capacity_per_s']) or 0:.2f}x faster (capacity). "
+                             f"{_ratio(three['capacity_per_s'], one['capacity_per_s']) or 0:.2f}x faster (capacity)."
+                             f"{more_calls} "
                              f"This machine has {nproc} cores for {three['processes']} masters, "
                              f"{three['processes']} consumer processes and the producers: they take turns on the "
                              "cores, and the rate cannot scale past them.")
@@ -260,8 +277,10 @@ def scale_out_why(results: Results) -> list[str]:
             lines.append(
                 f"- {label}, 1-master cluster vs plain server: {one[what]:,.0f}/s vs {plain[what]:,.0f}/s "
                 f"({one[what] / plain[what]:.2f}x, goal 0.9x); server CPU {cluster_us:.1f} vs {plain_us:.1f} µs "
-                f"per message ({cluster_us / plain_us:.2f}x: cluster mode's slot checks and bus on the server), "
-                "the rest is the client's (redis-py's cluster client and the per-partition calls).")
+                f"per message ({cluster_us / plain_us:.2f}x: cluster mode's slot checks and bus on the server, and "
+                f"{_function_calls(one, kind) or 0:.3f} function calls per message against "
+                f"{_function_calls(plain, kind) or 0:.3f}: one queue in 16 partitions on one master splits every "
+                "batch), the rest is the client's (redis-py's cluster client and the per-partition calls).")
     return lines
 
 
@@ -397,16 +416,19 @@ def table(results: Results) -> str:
             topology, _, kind = name.rpartition("/")
             if kind == "engine":
                 cpu = row["server_cpu_us_per_message"]["total"]
+                calls = row.get("function_calls_per_message")
                 rows.append([topology, "engine full cycle", row["processes"], row["messages"], row["enqueue_per_s"],
                              row["drain_per_s"], row["round_trip_per_s"], ", ".join(f"{us:.1f}" for us in cpu),
+                             None if calls is None else f"{calls['enqueue'] + calls['lease_ack']:.3f}",
                              row["capacity_per_s"]])
             else:
                 cpu = row["server_cpu_us_per_task"]
+                calls = row.get("function_calls_per_task")
                 rows.append([topology, f"Dramatiq drain ({row['worker_threads']} threads)", row["processes"],
                              row["tasks"], None, row["drain_per_s"], None, ", ".join(f"{us:.1f}" for us in cpu),
-                             row["capacity_per_s"]])
+                             None if calls is None else f"{calls:.3f}", row["capacity_per_s"]])
         out += _table(["topology", "workload", "processes", "messages", "enqueue/s", "drain/s", "round trip/s",
-                       "server CPU µs/msg per master", "capacity/s"], rows)
+                       "server CPU µs/msg per master", "function calls/msg", "capacity/s"], rows)
         scale_goals = scale_out_goals(results)
         out += ["", "#### Goals of issue 13 (this run)", ""]
         out += _table(["goal", "what", "measured", "target", "verdict"],

@@ -590,11 +590,11 @@ class _Rotation:
 
     Each call asks the partitions a wake-up token came from first, then the others from
     the one after the last that answered with messages, skipping those quiet (found empty
-    less than QUIET_PERIOD ago, or less than the time they said something comes due), and
-    stops at the first that answers with messages. So a non-empty partition is asked at
-    least once in every ``count`` lease calls of a consumer that get messages, and one that
-    fills while marked quiet within QUIET_PERIOD: none starves. Shared by the threads of a
-    process without a lock: a race can only ask a partition once more or once less.
+    less than QUIET_PERIOD ago, or less than the time they said something comes due),
+    until the call's ``limit`` is filled. So a non-empty partition is asked at least once
+    in every ``count`` lease calls of a consumer, and one that fills while marked quiet
+    within QUIET_PERIOD: none starves. Shared by the threads of a process without a lock:
+    a race can only ask a partition once more or once less.
     """
 
     def __init__(self, count: int, skip_quiet: bool, start: int) -> None:
@@ -827,11 +827,6 @@ class RedisOperations:
         """The partition name of shard key ``key`` in ``queue``."""
         count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
         return queue if count == 1 else f"{queue}#{partition_of(key, count)}"
-
-    def _id_home(self, queue: str, message_id: str) -> Steps[str]:
-        """The partition name of message ``message_id`` in ``queue`` (home_of_id)."""
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
-        return queue if count == 1 else home_of_id(queue, message_id)
 
     def _per_partition_settings(self, settings: QueueSettings, count: int) -> QueueSettings:
         """``settings`` for one of ``count`` partitions: ``max_pending`` is shared out
