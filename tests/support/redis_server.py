@@ -40,6 +40,7 @@ class RedisServer:
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="sharded-broker-redis-")
         self.process: subprocess.Popen[bytes] | None = None
+        self.killed_at: float | None = None  # time.time() of the last SIGKILL, for fault checkers
 
     @property
     def url(self) -> str:
@@ -80,6 +81,7 @@ class RedisServer:
     def kill(self) -> None:
         """SIGKILL, as a crash would."""
         if self.process and self.process.poll() is None:
+            self.killed_at = time.time()
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(10)
 
