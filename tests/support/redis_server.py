@@ -56,6 +56,10 @@ class RedisServer:
             "--appendonly", "no",
             "--daemonize", "no",
             "--loglevel", "warning",
+            # A replica's first full sync starts at once, not after the default 5 s that a
+            # diskless master waits for more replicas: every cluster or Sentinel group with
+            # replicas started 4-5 s sooner.
+            "--repl-diskless-sync-delay", "0",
             *self.extra_args,
         ]
         self.process = subprocess.Popen(
