@@ -65,6 +65,8 @@ def run_under_fault(cluster: RedisCluster, tmp_path: Path, fault: Callable[[], f
             # The slowest a message can come back: a lease the fault stranded, after vt.
             wait_until(lambda: drained(broker, QUEUE), 60 + vt, "the queue drained", step=0.2)
         workers.stop(30)
+        crashed = [p.returncode for p in workers.processes if p.returncode != 0]
+        assert not crashed, f"a worker crashed (exit codes {crashed}): its traceback is in the captured stderr"
         events = workers.read()
     return check_failover(events, producer.acked, died_at, REPLICATION_WINDOW), producer
 
