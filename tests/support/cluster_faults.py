@@ -26,13 +26,13 @@ Everything else is an **order violation**: a key's runs must go n, n (a redelive
 running message), or n+1, or skip only numbers that were lost.
 
 A message that started, whose every ack was refused and which was never delivered again,
-is **unconfirmed** when its last run's work ended at most ``replication_window`` before the
-fault: its ack was in flight to the master that died, which applied it (and its replica got
-it) but never answered, so the client's retry found the lease settled and answered false
-(the product's documented answer to a retried ack whose first try took effect:
-test_network_faults.py); or, without WAIT, the promoted replica never got the message at
-all, and the run on the dead master was its only one. Either way the message ran and is
-settled. Any other message acknowledged by the producer and started but never completed
+is **unconfirmed** when its last run started at most ``replication_window`` before the
+fault, on the master that died: its ack was in flight to that master, which applied it (and
+its replica got it) but never answered, so the client's retry found the lease settled and
+answered false (the product's documented answer to a retried ack whose first try took
+effect: test_network_faults.py); or, without WAIT, the promoted replica never got the
+message at all, and the run on the dead master was its only one. Either way the message
+ran and is settled. Any other message acknowledged by the producer and started but never completed
 is **incomplete**.
 """
 
@@ -120,7 +120,7 @@ class FailoverReport:
     rewound: list[str] = field(default_factory=list)  # key: back from #n to #m after the fault
     order_violations: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)
-    unconfirmed: list[str] = field(default_factory=list)  # ran; its ack in flight to the master that died
+    unconfirmed: list[str] = field(default_factory=list)  # ran on the master that died; its ack refused
     redelivered: int = 0  # runs of the message that was running (stale lease, visibility timeout)
 
     @property
@@ -181,19 +181,21 @@ def check_failover(
     starts: dict[tuple[str, int], int] = defaultdict(int)
     completed: set[tuple[str, int]] = set()
     acked_done_at: dict[tuple[str, int], float] = {}  # when a worker's ack of it returned true
-    refused_done_at: dict[tuple[str, int], list[float]] = defaultdict(list)  # work end of each refused ack
+    last_start: dict[tuple[str, int], float] = {}
+    refusals: dict[tuple[str, int], int] = defaultdict(int)
     by_id: dict[str, tuple[str, int]] = {}
     for event in events:
         if event["e"] == "start":
             started_numbers[event["k"]].add(event["n"])
             by_id[event["id"]] = (event["k"], event["n"])
             starts[by_id[event["id"]]] += 1
+            last_start[by_id[event["id"]]] = event["t"]
         elif event["e"] == "ack" and event["id"] in by_id:
             if event["ok"]:
                 completed.add(by_id[event["id"]])
                 acked_done_at.setdefault(by_id[event["id"]], event["done"])
             else:
-                refused_done_at[by_id[event["id"]]].append(event["done"])
+                refusals[by_id[event["id"]]] += 1
 
     def in_window(when: float | None) -> bool:
         return fault_at is not None and when is not None and fault_at - replication_window <= when <= fault_at
@@ -203,9 +205,8 @@ def check_failover(
         if n in started_numbers[key]:
             if (key, n) in completed:
                 continue
-            refused = refused_done_at[key, n]
-            # every run answered (none cut short by its worker's death), the last one at the fault
-            if len(refused) == starts[key, n] and in_window(max(refused)):
+            # every run answered (none cut short by its worker's death), the last one begun at the fault
+            if refusals[key, n] == starts[key, n] and in_window(last_start[key, n]):
                 report.unconfirmed.append(f"{key}#{n}")
             else:
                 report.incomplete.append(f"{key}#{n}")
