@@ -72,15 +72,24 @@ def test_a_message_started_but_never_acked_is_incomplete() -> None:
     assert report.incomplete == ["a#1"] and not report.within_asynchronous_replication
 
 
-def test_an_ack_resent_after_a_transport_failure_that_finds_it_done_completed_it() -> None:
-    events = log(("a", 0, 990.0))
-    events += [
-        {"e": "start", "id": "m1", "k": "a", "n": 1, "a": 1, "pid": 1, "t": 999.9},
-        {"e": "unavailable", "pid": 1, "error": "Error while reading from socket"},
-        {"e": "ack", "id": "m1", "ok": False, "pid": 1, "done": 999.95},
-    ]
-    report = check_failover(events, acked("a", 989, 990), FAULT_AT)
-    assert report.clean and report.runs == 2
-    # the same False answer without a resend (no transport failure) is no completion
-    events[-2] = {"e": "up", "pid": 1}
-    assert check_failover(events, acked("a", 989, 990), FAULT_AT).incomplete == ["a#1"]
+def refused_run(key: str, number: int, when: float) -> list[dict[str, Any]]:
+    """One run whose ack was refused (its work ended 10 ms after it started)."""
+    return [{"e": "start", "id": "refused", "k": key, "n": number, "a": 1, "pid": 2, "t": when},
+            {"e": "ack", "id": "refused", "ok": False, "pid": 2, "done": when + 0.01}]
+
+
+def test_a_run_whose_ack_was_in_flight_to_the_master_that_died_is_unconfirmed_not_incomplete() -> None:
+    # The dead master applied the ack but never answered; the retry found it settled.
+    events = log(("a", 0, 990.0)) + refused_run("a", 1, 999.9) + log(("a", 2, 1003.0))
+    report = check_failover(events, acked("a", 989, 999.8, 1001), FAULT_AT)
+    assert report.unconfirmed == ["a#1"] and not report.incomplete
+    assert report.clean and report.runs == 3
+
+
+def test_a_refused_ack_far_from_the_fault_or_with_no_master_dead_is_incomplete() -> None:
+    events = log(("a", 0, 990.0)) + refused_run("a", 1, 995.0) + log(("a", 2, 1003.0))
+    report = check_failover(events, acked("a", 989, 994, 1001), FAULT_AT)
+    assert report.incomplete == ["a#1"] and not report.within_asynchronous_replication
+    events = log(("a", 0, 990.0)) + refused_run("a", 1, 999.9) + log(("a", 2, 1003.0))
+    report = check_failover(events, acked("a", 989, 999.8, 1001), None)
+    assert report.incomplete == ["a#1"] and not report.clean

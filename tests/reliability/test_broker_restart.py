@@ -21,36 +21,42 @@ AOF = ["--appendonly", "yes", "--appendfsync", "always"]
 
 
 class Producer(threading.Thread):
-    """Enqueues ``per_key`` numbered messages for each key, in order, retrying each
-    enqueue with backoff (same dedup_id) until the broker acknowledges it."""
+    """Enqueues numbered messages, one round of ``keys`` after another, until :meth:`stop`
+    (it ends the round under way: every key gets ``rounds`` messages), retrying each
+    enqueue with backoff (same dedup_id) until the broker acknowledges it. It runs until
+    stopped, not for a fixed count, so that every crash hits it while it sends, however
+    slowly the consumers started."""
 
-    def __init__(self, url: str, keys: list[str], per_key: int) -> None:
+    def __init__(self, url: str, keys: list[str]) -> None:
         super().__init__(name="producer", daemon=True)
         self.broker = sharded_broker.connect(url)
-        self.keys, self.per_key = keys, per_key
+        self.keys = keys
         self.ids: dict[tuple[str, int], str] = {}
         self.failures = 0
-        self.produced = threading.Event()
+        self.rounds = 0
+        self._stopping = threading.Event()
 
     def run(self) -> None:
-        for number in range(self.per_key):
+        while not self._stopping.is_set():
             for key in self.keys:
                 backoff = 0.02
                 while True:
                     try:
-                        self.ids[key, number] = self.broker.enqueue(
-                            Q, body(key, number), key=key, dedup_id=f"{key}/{number}"
+                        self.ids[key, self.rounds] = self.broker.enqueue(
+                            Q, body(key, self.rounds), key=key, dedup_id=f"{key}/{self.rounds}"
                         )
                         break
                     except BackendUnavailable:
                         self.failures += 1
                         time.sleep(backoff)
                         backoff = min(backoff * 2, 0.5)
-            if number == 2:
-                self.produced.set()
-            time.sleep(0.01)
-        self.produced.set()
+                time.sleep(0.01)  # below the consumers' pace: no backlog to drain at the end
+            self.rounds += 1
         self.broker.close()
+
+    def stop(self) -> None:
+        """Stop after the round under way."""
+        self._stopping.set()
 
 
 def retried(call):
@@ -63,11 +69,10 @@ def retried(call):
 
 def test_redis_sigkill_and_restart_mid_run_loses_nothing_acknowledged_and_keeps_order(tmp_path: Path) -> None:
     keys = [f"k{i}" for i in range(10)]
-    per_key = 30
     server = RedisServer(AOF)
     with server:
         url = server.url + "?socket_timeout=3&socket_connect_timeout=1"
-        producer = Producer(url, keys, per_key)
+        producer = Producer(url, keys)
         with Workers(tmp_path / "events.jsonl", url=url, queue=Q, vt=2.0, work=0.005) as workers:
             workers.start(2)
             producer.start()
@@ -77,6 +82,10 @@ def test_redis_sigkill_and_restart_mid_run_loses_nothing_acknowledged_and_keeps_
                 server.kill()
                 time.sleep(0.3)
                 server.start()
+            after_restarts = producer.rounds
+            wait_until(lambda: producer.rounds >= after_restarts + 3, timeout=30,
+                       what="the producer to carry on after the restarts")
+            producer.stop()
             producer.join(60)
             assert not producer.is_alive(), "the producer did not finish after the restarts"
             with sharded_broker.connect(url) as broker:
@@ -89,10 +98,10 @@ def test_redis_sigkill_and_restart_mid_run_loses_nothing_acknowledged_and_keeps_
             assert len(workers.alive()) == 2, "a consumer died instead of reconnecting"
     assert stats.dead == 0
     # Every enqueue acknowledged to the producer was stored once (retries did not duplicate).
-    assert len(set(producer.ids.values())) == len(keys) * per_key
+    assert len(set(producer.ids.values())) == len(keys) * producer.rounds
     started = {e["id"] for e in events if e["e"] == "start"}
     assert set(producer.ids.values()) <= started
-    assert_in_order_and_complete(events, {key: per_key for key in keys})
+    assert_in_order_and_complete(events, {key: producer.rounds for key in keys})
     # The faults really hit both sides, and both carried on by themselves.
     assert any(e["e"] == "unavailable" for e in events)
     assert producer.failures > 0

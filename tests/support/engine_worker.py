@@ -22,7 +22,8 @@ messages and on exit.
 
 Config keys: ``url``, ``queue``, ``events``, ``vt`` (visibility timeout), ``limit``
 (lease batch), ``work`` (seconds per message), ``idle_exit`` (exit after this many
-seconds without work; default never), ``clock_skew`` (seconds added to this process's
+seconds without work; default never), ``stop_file`` (exit at the first lease that finds
+nothing once this file exists: the test says the queue is drained), ``clock_skew`` (seconds added to this process's
 ``time.time``: a host with a wrong clock), ``options`` (connect options), ``rss_every``.
 """
 
@@ -68,6 +69,7 @@ def main(config: dict) -> None:
     queue, vt, work = config["queue"], float(config.get("vt", 2.0)), float(config.get("work", 0.0))
     limit = int(config.get("limit", 1))
     idle_exit = config.get("idle_exit")
+    stop_file = config.get("stop_file")
     rss_every = int(config.get("rss_every", 0))
     done = 0
     idle_since = time.monotonic()
@@ -75,6 +77,8 @@ def main(config: dict) -> None:
     while True:
         leases = retrying(lambda: broker.lease(queue, limit, visibility_timeout=vt, wait=0.2))
         if not leases:
+            if stop_file is not None and os.path.exists(stop_file):
+                break
             if idle_exit is not None and time.monotonic() - idle_since > float(idle_exit):
                 break
             continue

@@ -233,6 +233,7 @@ def failover_under_load(url: str, tmp_path: Path, fail_over: Callable[[], object
     published and how many enqueues were refused on the way."""
     import sharded_broker
     from .campaign import engine_target
+    from .workload import wait_until
 
     queue = "campaign"  # engine_target's queue, whose run log target.runs reads
     target = engine_target(tmp_path)
@@ -269,10 +270,16 @@ def failover_under_load(url: str, tmp_path: Path, fail_over: Callable[[], object
     producer = threading.Thread(target=produce)
     producer.start()
     try:
-        time.sleep(2.0)
+        # The fault hits a loaded group: every consumer has run messages (however slowly
+        # they started), three rounds of keys at least.
+        wait_until(lambda: (lambda done: len({run.pid for run in done}) == consumers and len(done) >= 3 * keys)(
+            [run for run in target.runs(tmp_path) if run.end is not None]), 60, "every consumer running")
         before = sum(published.values())
         fail_over()
-        time.sleep(1.0)
+        # Three rounds published through the group as the failover left it, then stop.
+        after = sum(published.values())
+        wait_until(lambda: sum(published.values()) >= after + 3 * keys or not producer.is_alive(), 30,
+                   "rounds published after the failover")
         stop.set()
         producer.join(30)
         if sum(published.values()) <= before:
@@ -282,7 +289,7 @@ def failover_under_load(url: str, tmp_path: Path, fail_over: Callable[[], object
             report = check(target.runs(tmp_path), published)
             if not report.lost or time.monotonic() > deadline:
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
     finally:
         stop.set()
         producer.join(30)

@@ -51,6 +51,13 @@ class Workers:
             process.kill()
             process.wait(10)
 
+    def stop(self, timeout: float) -> None:
+        """Tell every worker to exit at its next lease that finds nothing (``stop_file``),
+        and wait for them: once the queue is drained and nothing more is sent, they stop
+        at once instead of after ``idle_exit``, and each one's last events are written."""
+        Path(self.config["stop_file"]).touch()
+        self.wait(timeout)
+
     def wait(self, timeout: float) -> None:
         """Wait for every worker to exit on its own (``idle_exit``)."""
         deadline = time.monotonic() + timeout
