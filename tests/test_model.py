@@ -273,11 +273,16 @@ class SameAsModel(RuleBasedStateMachine):
     def fire_schedules(self) -> None:
         # What is due, earliest first and ties by name, on every backend: the fired
         # messages take their seqs in this order.
+        # A due schedule whose key (or queue) is at a backpressure limit does not fire
+        # (it fires at a later look): the fired ones are a subsequence of the due ones.
         payloads = [due.payload for due in self.model.backend.due_schedules(Q, 100)[1]]
         model = self.model.fire_due_schedules(Q)
         other = self.other.fire_due_schedules(Q)
-        assert len(other) == len(model) == len(payloads)
-        self._compare_ids(model, other, payloads)
+        assert len(other) == len(model) <= len(payloads)
+        fired = [self.model.backend._store.queues[Q].messages[mid].payload for mid in model]
+        remaining = iter(payloads)
+        assert all(payload in remaining for payload in fired), (fired, payloads)
+        self._compare_ids(model, other, fired)
 
     @rule(name=SCHEDULE_NAMES, action=st.sampled_from(["pause", "resume", "remove"]))
     def change_schedule(self, name, action) -> None:
@@ -408,7 +413,7 @@ MODEL_SETTINGS = settings(
 )
 
 
-@pytest.mark.parametrize("backend_name", ["sqlite", "redis"])
+@pytest.mark.parametrize("backend_name", ["sqlite", "redis", "redis-cluster"])
 def test_backend_behaves_like_the_memory_model(backend_name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     stores = itertools.count()
 
@@ -423,6 +428,16 @@ def test_backend_behaves_like_the_memory_model(backend_name: str, request: pytes
             if fresh:
                 client.flushall()
             return sharded_broker.connect(url, clock=clock, **options)
+    elif backend_name == "redis-cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+
+        def open_other(clock: FakeClock, options: dict, fresh: bool) -> Broker:
+            if fresh:
+                cluster.flushall()
+            # The model orders every key of a queue against the others, as one partition
+            # does (tests/test_partitions.py pins what partitions change): the cluster
+            # executor, its routing and pipelines, on queues of one partition.
+            return sharded_broker.connect(cluster.url, clock=clock, partitions=1, **options)
     else:
         path = tmp_path / "model.db"
 
@@ -433,4 +448,7 @@ def test_backend_behaves_like_the_memory_model(backend_name: str, request: pytes
             return sharded_broker.connect(f"sqlite:///{path}", clock=clock, **options)
 
     machine = type(f"SameAsModel_{backend_name}", (SameAsModel,), {"open_other": staticmethod(open_other)})
-    run_state_machine_as_test(machine, settings=MODEL_SETTINGS)
+    # On the cluster a fresh store is a FLUSHALL of six nodes: fewer examples keep the
+    # suite's time (the operations' semantics are the one server's, run in full above).
+    examples = MODEL_SETTINGS.max_examples // 4 if backend_name == "redis-cluster" else MODEL_SETTINGS.max_examples
+    run_state_machine_as_test(machine, settings=settings(MODEL_SETTINGS, max_examples=examples))
