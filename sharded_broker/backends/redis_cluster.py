@@ -61,7 +61,7 @@ SIGNAL_BLOCK = 25
 RETRY_PAUSE = 0.1
 # Refusals of a call by a cluster in motion: the script did not run, so sending it again
 # (through redis-py, which follows the redirection) cannot apply it twice.
-_REDIRECTIONS = (
+REDIRECTIONS = (
     redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
 )
@@ -143,7 +143,7 @@ def share_short(
     """The error of one master's WAIT answer after its share of a waited pipeline (None
     when enough replicas acknowledged, or when no write of the share ran: every one was
     refused, and WAIT's answer, even its refusal by a node demoted since, says nothing)."""
-    if not any(steps[index].writes and not isinstance(replies[index], _REDIRECTIONS) for index in indexes):
+    if not any(steps[index].writes and not isinstance(replies[index], REDIRECTIONS) for index in indexes):
         return None
     try:
         wait.check(acknowledged, safe_url)
@@ -157,7 +157,7 @@ def refused(replies: list[Any], move_slot: Callable[[Any], Any]) -> list[int]:
     each MOVED given to ``move_slot`` (the slot map updated, for their second send)."""
     found = []
     for index, reply in enumerate(replies):
-        if isinstance(reply, _REDIRECTIONS):
+        if isinstance(reply, REDIRECTIONS):
             if isinstance(reply, redis.exceptions.MovedError):
                 move_slot(reply)
             found.append(index)
@@ -171,7 +171,11 @@ def step_alone(functions: Mapping[str, str], request: Pipeline, index: int) -> t
         if index == 0:
             return (request.prelude.method.upper(), *request.prelude.args)
         index -= 1
-    call = request.calls[index]
+    return fcall_alone(functions, request.calls[index])
+
+
+def fcall_alone(functions: Mapping[str, str], call: FunctionCall) -> tuple[Any, ...]:
+    """A call as FCALL's arguments, for redis-py's ``execute_command``."""
     return ("FCALL", functions[call.function], len(call.keys), *call.keys, *call.args)
 
 
@@ -618,24 +622,18 @@ class RedisClusterBackend(RedisBackend):
             # The slot's master as last known is unreachable (killed, its replica promoted
             # since): the slot map must be read again, else every call goes to the dead node.
             self._client.nodes_manager.initialize()
-            return self._client.execute_command(
-                "FCALL", self._functions[call.function], len(call.keys), *call.keys, *call.args
-            )
+            return self._client.execute_command(*fcall_alone(self._functions, call))
         try:
             conn.send_packed_command([self._packed.pack(call)])
             reply = conn.read_response()
-        except _REDIRECTIONS:
+        except REDIRECTIONS:
             pool.release(conn)
-            return self._client.execute_command(
-                "FCALL", self._functions[call.function], len(call.keys), *call.keys, *call.args
-            )
+            return self._client.execute_command(*fcall_alone(self._functions, call))
         except CONNECTION_ERRORS:
             conn.disconnect()
             pool.release(conn)
             self._client.nodes_manager.initialize()
-            return self._client.execute_command(
-                "FCALL", self._functions[call.function], len(call.keys), *call.keys, *call.args
-            )
+            return self._client.execute_command(*fcall_alone(self._functions, call))
         except BaseException:
             pool.release(conn)
             raise
