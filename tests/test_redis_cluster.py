@@ -670,3 +670,53 @@ def _fcalls_per_master(cluster: RedisCluster, counted: str = "calls") -> dict[in
         finally:
             client.close()
     return calls
+
+
+def test_a_call_on_a_remembered_route_follows_its_slot_moved_and_then_goes_straight_there(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    slot = RedisCluster.key_slot("{jobs}")
+    source = redis_cluster.node_of_slot(slot)
+    target = next(node for node in redis_cluster.primaries() if node is not source)
+    with sharded_broker.connect(redis_cluster_url, partitions=1) as broker:
+        broker.enqueue("jobs", b"1", key="k")  # the route of {jobs} remembered: the source
+        redis_cluster.move_slot(slot, target)
+        try:
+            _reset_stats(redis_cluster)
+            broker.enqueue("jobs", b"2", key="k")  # refused by the source (MOVED, not run), sent to the target
+            broker.enqueue("jobs", b"3", key="k")  # the route learned again: the target at once
+            refusals = _fcalls_per_master(redis_cluster, "rejected_calls")
+            runs = _fcalls_per_master(redis_cluster)
+            assert (refusals[source.port], runs[source.port], runs[target.port]) == (1, 0, 2)
+            leases = broker.lease("jobs", limit=10, per_key=10)
+            assert [lease.payload for lease in leases] == [b"1", b"2", b"3"]
+        finally:
+            redis_cluster.move_slot(slot, source)
+
+
+def test_an_async_call_refused_by_a_moved_slot_is_sent_once_more_straight_to_its_new_master(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    import sharded_broker.aio
+
+    slot = RedisCluster.key_slot("{jobs}")
+    source = redis_cluster.node_of_slot(slot)
+    target = next(node for node in redis_cluster.primaries() if node is not source)
+
+    async def scenario() -> list[bytes]:
+        async with sharded_broker.aio.connect(redis_cluster_url, partitions=1) as broker:
+            await broker.enqueue("jobs", b"1", key="k")
+            redis_cluster.move_slot(slot, target)
+            _reset_stats(redis_cluster)
+            await broker.enqueue("jobs", b"2", key="k")  # refused by the source (MOVED), then the target
+            await broker.enqueue("jobs", b"3", key="k")  # the slot map updated: the target at once
+            refusals = _fcalls_per_master(redis_cluster, "rejected_calls")
+            runs = _fcalls_per_master(redis_cluster)
+            assert (refusals[source.port], runs[source.port], runs[target.port]) == (1, 0, 2)
+            leases = await broker.lease("jobs", limit=10, per_key=10)
+            return [lease.payload for lease in leases]
+
+    try:
+        assert asyncio.run(scenario()) == [b"1", b"2", b"3"]
+    finally:
+        redis_cluster.move_slot(slot, source)

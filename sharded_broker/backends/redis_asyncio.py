@@ -446,8 +446,10 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
             await node.disconnect_if_needed(conn)  # one marked by redis-py after a failover
             await conn.send_packed_command([self._packed.pack(call)])
             reply = await conn.read_response()
-        except REDIRECTIONS:
+        except REDIRECTIONS as exc:
             node.release(conn)
+            if isinstance(exc, redis.exceptions.MovedError):
+                await self._client.nodes_manager.move_slot(exc)  # else redis-py would send it to the old master again
             return await self._client.execute_command(*fcall_alone(self._functions, call))
         except CONNECTION_ERRORS:
             await conn.disconnect()

@@ -73,6 +73,9 @@ CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutE
 CALL_ATTEMPTS = 16
 MAX_RETRY_PAUSE = 0.5
 ASKING = b"*1\r\n$6\r\nASKING\r\n"
+# Routes remembered by the one-call path (a queue's partitions' first keys): more are
+# forgotten all at once, so that a process touching many queues keeps a bounded table.
+MAX_ROUTES = 4096
 
 
 def retry_pause(attempt: int) -> float:
@@ -394,6 +397,9 @@ class RedisClusterBackend(RedisBackend):
         self._signals = _SignalWaits(self._client)
         # FCALL connections kept between calls (kept_connection), per node's pool
         self._kept: dict[Any, list[Any]] = {}
+        # A call's route, by its first key: the pool of its slot's master as the slot map
+        # said, and that pool's kept connections (:meth:`_fcall_on_slot`).
+        self._routes: dict[bytes, tuple[Any, list[Any]]] = {}
 
     def _clients(self, url: str, redis_options: Mapping[str, Any]) -> tuple[Any, Any]:
         client = cluster_client(redis.cluster, url, redis_options, self._safe_url)
@@ -407,6 +413,7 @@ class RedisClusterBackend(RedisBackend):
 
     def _after_fork_in_child(self) -> None:
         self._kept = {}
+        self._routes = {}
         self._signals.forget()
 
     def _send(self, request: Request) -> Any:
@@ -610,28 +617,39 @@ class RedisClusterBackend(RedisBackend):
     def _fcall_on_slot(self, call: FunctionCall) -> Any:
         """The packed FCALL on a connection to its slot's master (one kept from an earlier
         call to that node, as RedisBackend keeps its own); refused by a cluster in motion
-        (or the connection lost), sent again by redis-py's execute_command."""
-        node = self._client.nodes_manager.get_node_from_slot(key_slot(call.keys[0]))
-        pool = (node.redis_connection or self._client.get_redis_connection(node)).connection_pool
-        kept = self._kept.get(pool)
-        if kept is None:
-            kept = self._kept.setdefault(pool, [])
+        (or the connection lost), sent again by redis-py's execute_command.
+
+        The route (the master's pool) is remembered per first key: the slot map's lookup
+        and lock took about 2 µs of every call. A remembered route may be stale (a slot
+        moved, a master failed over): the old master then refuses the call, which did not
+        run, or cannot be reached; either way the routes are forgotten and the call goes
+        through redis-py as before, so a stale route costs one refused send, never a
+        second run."""
+        route = self._routes.get(call.keys[0])
+        if route is None:
+            route = self._route(call.keys[0])
+        pool, kept = route
         try:
             conn = kept_connection(pool, kept)
         except CONNECTION_ERRORS:
             # The slot's master as last known is unreachable (killed, its replica promoted
             # since): the slot map must be read again, else every call goes to the dead node.
+            self._routes.clear()
             self._client.nodes_manager.initialize()
             return self._client.execute_command(*fcall_alone(self._functions, call))
         try:
             conn.send_packed_command([self._packed.pack(call)])
             reply = conn.read_response()
-        except REDIRECTIONS:
+        except REDIRECTIONS as exc:
             pool.release(conn)
+            self._routes.clear()
+            if isinstance(exc, redis.exceptions.MovedError):
+                self._client.nodes_manager.move_slot(exc)  # else redis-py would send it to the old master again
             return self._client.execute_command(*fcall_alone(self._functions, call))
         except CONNECTION_ERRORS:
             conn.disconnect()
             pool.release(conn)
+            self._routes.clear()
             self._client.nodes_manager.initialize()
             return self._client.execute_command(*fcall_alone(self._functions, call))
         except BaseException:
@@ -639,6 +657,19 @@ class RedisClusterBackend(RedisBackend):
             raise
         kept.append(conn)
         return reply
+
+    def _route(self, key: bytes) -> tuple[Any, list[Any]]:
+        """The pool of ``key``'s slot's master as the slot map says now, and its kept
+        connections; remembered for the key's next calls (at most MAX_ROUTES keys)."""
+        node = self._client.nodes_manager.get_node_from_slot(key_slot(key))
+        pool = (node.redis_connection or self._client.get_redis_connection(node)).connection_pool
+        kept = self._kept.get(pool)
+        if kept is None:
+            kept = self._kept.setdefault(pool, [])
+        if len(self._routes) >= MAX_ROUTES:
+            self._routes.clear()
+        route = self._routes[key] = (pool, kept)
+        return route
 
     def _load_everywhere(self, source: str) -> None:
         """FUNCTION LOAD on every primary (one that has the library already is fine);
