@@ -720,3 +720,55 @@ def test_an_async_call_refused_by_a_moved_slot_is_sent_once_more_straight_to_its
         assert asyncio.run(scenario()) == [b"1", b"2", b"3"]
     finally:
         redis_cluster.move_slot(slot, source)
+
+
+def _empty_leases_picking_up(broker: sharded_broker.Broker, queue: str, count: int) -> int:
+    """Lease calls (one message each, waiting) that came back empty while ``count``
+    messages were ready, after the consumer saw the queue empty."""
+    empty = leased = 0
+    while leased < count and empty < 20:
+        leases = broker.lease(queue, 1, wait=0.5)
+        if not leases:
+            empty += 1
+            continue
+        broker.ack(leases[0])
+        leased += 1
+    return empty
+
+
+def test_a_consumer_that_saw_a_partitioned_queue_empty_picks_every_partition_up_at_once(
+    redis_cluster_url: str,
+) -> None:
+    with sharded_broker.connect(redis_cluster_url, partitions=16) as broker:
+        broker.enqueue("spread", b"first", key="w")
+        for lease in broker.lease("spread", limit=10):  # every other partition answers empty: quiet
+            broker.ack(lease)
+        broker.enqueue_many("spread", [sharded_broker.Message(b"x", key=f"k{i}") for i in range(64)])
+        # each wait answers one partition's token (as one server's BLPOP): the lease call
+        # after it asks that partition; the tokens taken with it wait for the next waits
+        assert _empty_leases_picking_up(broker, "spread", 64) == 0
+        assert broker.stats("spread").ready == 0
+
+
+def test_an_async_consumer_that_saw_a_partitioned_queue_empty_picks_every_partition_up_at_once(
+    redis_cluster_url: str,
+) -> None:
+    import sharded_broker.aio
+
+    async def scenario() -> int:
+        async with sharded_broker.aio.connect(redis_cluster_url, partitions=16) as broker:
+            await broker.enqueue("spread", b"first", key="w")
+            for lease in await broker.lease("spread", limit=10):
+                await broker.ack(lease)
+            await broker.enqueue_many("spread", [sharded_broker.Message(b"x", key=f"k{i}") for i in range(64)])
+            empty = leased = 0
+            while leased < 64 and empty < 20:
+                leases = await broker.lease("spread", 1, wait=0.5)
+                if not leases:
+                    empty += 1
+                    continue
+                await broker.ack(leases[0])
+                leased += 1
+            return empty
+
+    assert asyncio.run(scenario()) == 0

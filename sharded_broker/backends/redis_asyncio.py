@@ -330,10 +330,13 @@ class _AsyncSignalWaits:
         while True:
             for key in [key for key, task in self._in_flight.items() if task.done()]:
                 await self._collect(key)
-            answered = [key for key in keys if key in self._taken]
-            if answered:
-                self._taken.difference_update(answered)
-                return answered
+            # One token per wait, as one server's BLPOP takes: a lease call asks the
+            # partitions hinted by a wait and stops once its limit is filled, so the hints
+            # of tokens taken together would be lost and their partitions left quiet.
+            answered = next((key for key in keys if key in self._taken), None)
+            if answered is not None:
+                self._taken.discard(answered)
+                return [answered]
             await self._send_missing(keys)
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:

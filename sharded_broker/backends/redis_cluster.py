@@ -236,7 +236,8 @@ def cluster_client(module: Any, url: str, options: Mapping[str, Any], safe_url: 
 class _SignalWaits:
     """BLPOPs on signal lists, each on a connection of its own to the list's master, kept
     in flight across waits (for SIGNAL_BLOCK seconds, then sent again). A token one of them
-    took while nobody waited on its list is kept and answered at the next wait on it.
+    took while nobody waited on its list is kept and answered at the next wait on it; a
+    wait answers one token, as one server's BLPOP does, the others kept for the next waits.
     A MOVED reply or a lost connection drops that BLPOP: the next wait sends it again to
     the slot's master as the client knows it then (after RETRY_PAUSE for an error: an ASK
     while its slot migrates makes it about ten calls a second until the migration ends).
@@ -261,10 +262,13 @@ class _SignalWaits:
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                answered = [key for key in keys if key in self._taken]
-                if answered:
-                    self._taken.difference_update(answered)
-                    return answered
+                # One token per wait, as one server's BLPOP takes: a lease call asks the
+                # partitions hinted by a wait and stops once its limit is filled, so the hints
+                # of tokens taken together would be lost and their partitions left quiet.
+                answered = next((key for key in keys if key in self._taken), None)
+                if answered is not None:
+                    self._taken.discard(answered)
+                    return [answered]
                 sent = self._send_missing(keys)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
