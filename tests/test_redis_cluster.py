@@ -590,3 +590,185 @@ def test_an_async_waited_call_whose_reply_is_lost_is_not_sent_again(
         if busy.is_alive():
             busy.join()
         admin.close()
+
+
+def _moved_partition(cluster: RedisCluster, queue: str, partitions: int, keys: list[str]) -> tuple[int, object, object]:
+    """The slot of a partition of ``queue`` holding one of ``keys``, its master, and another master."""
+    from sharded_broker.backends.redis import partition_name, partition_of
+
+    partition = partition_of(keys[0], partitions)
+    slot = RedisCluster.key_slot(f"{{{partition_name(queue, partition, partitions)}}}")
+    source = cluster.node_of_slot(slot)
+    target = next(node for node in cluster.primaries() if node is not source)
+    return slot, source, target
+
+
+def test_a_pipeline_sends_the_calls_a_moved_slot_refused_again_to_its_new_master(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    keys = [f"k{i}" for i in range(40)]
+    slot, source, target = _moved_partition(redis_cluster, "moving", 8, keys)
+    with sharded_broker.connect(redis_cluster_url, partitions=8) as broker:
+        # the first batch goes to the masters as the client knows them; the slot then moves
+        broker.enqueue_many("moving", [sharded_broker.Message(b"1", key=key) for key in keys])
+        redis_cluster.move_slot(slot, target)  # type: ignore[arg-type]
+        try:
+            _reset_stats(redis_cluster)
+            # the old master refuses its share of the pipeline (MOVED, nothing ran): sent again
+            ids = broker.enqueue_many("moving", [sharded_broker.Message(b"2", key=key) for key in keys])
+            assert len(set(ids)) == len(keys)
+            assert _fcalls_per_master(redis_cluster, "rejected_calls")[source.port] == 1  # type: ignore[attr-defined]
+            leases = broker.lease("moving", limit=100, per_key=2)
+            by_key: dict[str, list[bytes]] = {}
+            for lease in leases:
+                by_key.setdefault(lease.key or "", []).append(lease.payload)
+            assert by_key == {key: [b"1", b"2"] for key in keys}
+            assert broker.ack_many(leases) == [True] * len(leases)
+            assert broker.stats("moving").ready == 0
+        finally:
+            redis_cluster.move_slot(slot, source)  # type: ignore[arg-type]
+
+
+def test_an_async_pipeline_sends_the_calls_a_moved_slot_refused_again_to_its_new_master(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    import sharded_broker.aio
+
+    keys = [f"k{i}" for i in range(40)]
+    slot, source, target = _moved_partition(redis_cluster, "amoving", 8, keys)
+
+    async def scenario() -> None:
+        async with sharded_broker.aio.connect(redis_cluster_url, partitions=8) as broker:
+            await broker.enqueue_many("amoving", [sharded_broker.Message(b"1", key=key) for key in keys])
+            redis_cluster.move_slot(slot, target)  # type: ignore[arg-type]
+            ids = await broker.enqueue_many("amoving", [sharded_broker.Message(b"2", key=key) for key in keys])
+            assert len(set(ids)) == len(keys)
+            # a lone call to the moved slot: refused (MOVED), sent again to the new master
+            await broker.enqueue("amoving", b"3", key=keys[0])
+            leases = await broker.lease("amoving", limit=100, per_key=3)
+            by_key: dict[str, list[bytes]] = {}
+            for lease in leases:
+                by_key.setdefault(lease.key or "", []).append(lease.payload)
+            assert by_key == {key: [b"1", b"2", b"3"] if key == keys[0] else [b"1", b"2"] for key in keys}
+            assert await broker.ack_many(leases) == [True] * len(leases)
+            assert (await broker.stats("amoving")).ready == 0
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        redis_cluster.move_slot(slot, source)  # type: ignore[arg-type]
+
+
+def _fcalls_per_master(cluster: RedisCluster, counted: str = "calls") -> dict[int, int]:
+    """FCALLs served (or ``rejected_calls``: refused, as with MOVED) by each live master
+    since the last CONFIG RESETSTAT."""
+    calls = {}
+    for node in cluster.primaries():
+        client = cluster.client(node)
+        try:
+            calls[node.port] = int(client.info("commandstats").get("cmdstat_fcall", {}).get(counted, 0))
+        finally:
+            client.close()
+    return calls
+
+
+def test_a_call_on_a_remembered_route_follows_its_slot_moved_and_then_goes_straight_there(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    slot = RedisCluster.key_slot("{jobs}")
+    source = redis_cluster.node_of_slot(slot)
+    target = next(node for node in redis_cluster.primaries() if node is not source)
+    with sharded_broker.connect(redis_cluster_url, partitions=1) as broker:
+        broker.enqueue("jobs", b"1", key="k")  # the route of {jobs} remembered: the source
+        redis_cluster.move_slot(slot, target)
+        try:
+            _reset_stats(redis_cluster)
+            broker.enqueue("jobs", b"2", key="k")  # refused by the source (MOVED, not run), sent to the target
+            broker.enqueue("jobs", b"3", key="k")  # the route learned again: the target at once
+            refusals = _fcalls_per_master(redis_cluster, "rejected_calls")
+            runs = _fcalls_per_master(redis_cluster)
+            assert (refusals[source.port], runs[source.port], runs[target.port]) == (1, 0, 2)
+            leases = broker.lease("jobs", limit=10, per_key=10)
+            assert [lease.payload for lease in leases] == [b"1", b"2", b"3"]
+        finally:
+            redis_cluster.move_slot(slot, source)
+
+
+def test_an_async_call_refused_by_a_moved_slot_is_sent_once_more_straight_to_its_new_master(
+    redis_cluster_url: str, redis_cluster: RedisCluster
+) -> None:
+    import sharded_broker.aio
+
+    slot = RedisCluster.key_slot("{jobs}")
+    source = redis_cluster.node_of_slot(slot)
+    target = next(node for node in redis_cluster.primaries() if node is not source)
+
+    async def scenario() -> list[bytes]:
+        async with sharded_broker.aio.connect(redis_cluster_url, partitions=1) as broker:
+            await broker.enqueue("jobs", b"1", key="k")
+            redis_cluster.move_slot(slot, target)
+            _reset_stats(redis_cluster)
+            await broker.enqueue("jobs", b"2", key="k")  # refused by the source (MOVED), then the target
+            await broker.enqueue("jobs", b"3", key="k")  # the slot map updated: the target at once
+            refusals = _fcalls_per_master(redis_cluster, "rejected_calls")
+            runs = _fcalls_per_master(redis_cluster)
+            assert (refusals[source.port], runs[source.port], runs[target.port]) == (1, 0, 2)
+            leases = await broker.lease("jobs", limit=10, per_key=10)
+            return [lease.payload for lease in leases]
+
+    try:
+        assert asyncio.run(scenario()) == [b"1", b"2", b"3"]
+    finally:
+        redis_cluster.move_slot(slot, source)
+
+
+def _empty_leases_picking_up(broker: sharded_broker.Broker, queue: str, count: int) -> int:
+    """Lease calls (one message each, waiting) that came back empty while ``count``
+    messages were ready, after the consumer saw the queue empty."""
+    empty = leased = 0
+    while leased < count and empty < 20:
+        leases = broker.lease(queue, 1, wait=0.5)
+        if not leases:
+            empty += 1
+            continue
+        broker.ack(leases[0])
+        leased += 1
+    return empty
+
+
+def test_a_consumer_that_saw_a_partitioned_queue_empty_picks_every_partition_up_at_once(
+    redis_cluster_url: str,
+) -> None:
+    with sharded_broker.connect(redis_cluster_url, partitions=16) as broker:
+        broker.enqueue("spread", b"first", key="w")
+        for lease in broker.lease("spread", limit=10):  # every other partition answers empty: quiet
+            broker.ack(lease)
+        broker.enqueue_many("spread", [sharded_broker.Message(b"x", key=f"k{i}") for i in range(64)])
+        # each wait answers one partition's token (as one server's BLPOP): the lease call
+        # after it asks that partition; the tokens taken with it wait for the next waits
+        assert _empty_leases_picking_up(broker, "spread", 64) == 0
+        assert broker.stats("spread").ready == 0
+
+
+def test_an_async_consumer_that_saw_a_partitioned_queue_empty_picks_every_partition_up_at_once(
+    redis_cluster_url: str,
+) -> None:
+    import sharded_broker.aio
+
+    async def scenario() -> int:
+        async with sharded_broker.aio.connect(redis_cluster_url, partitions=16) as broker:
+            await broker.enqueue("spread", b"first", key="w")
+            for lease in await broker.lease("spread", limit=10):
+                await broker.ack(lease)
+            await broker.enqueue_many("spread", [sharded_broker.Message(b"x", key=f"k{i}") for i in range(64)])
+            empty = leased = 0
+            while leased < 64 and empty < 20:
+                leases = await broker.lease("spread", 1, wait=0.5)
+                if not leases:
+                    empty += 1
+                    continue
+                await broker.ack(leases[0])
+                leased += 1
+            return empty
+
+    assert asyncio.run(scenario()) == 0

@@ -36,9 +36,9 @@ from .redis import (
     Request, Steps, WaitSignals, blpop_timeout, pipelined_wait, sentinel_manager, signalled, translated_errors,
 )
 from .redis_cluster import (
-    ASKING, CALL_ATTEMPTS, CONNECTION_ERRORS, RETRY_PAUSE, SIGNAL_BLOCK, by_master, checked_cluster_options,
-    cluster_client, exhausted, fcall_keys, packed, refused, retry_pause, share_short, share_writes, unreachable,
-    waited_steps,
+    ASKING, CALL_ATTEMPTS, CONNECTION_ERRORS, REDIRECTIONS, RETRY_PAUSE, SIGNAL_BLOCK, UNREAD, by_master,
+    checked_cluster_options, cluster_client, exhausted, fcall_alone, fcall_keys, packed, refused, retry_pause,
+    share_short, share_writes, step_alone, unreachable, waited_steps,
 )
 
 T = TypeVar("T")
@@ -330,10 +330,13 @@ class _AsyncSignalWaits:
         while True:
             for key in [key for key, task in self._in_flight.items() if task.done()]:
                 await self._collect(key)
-            answered = [key for key in keys if key in self._taken]
-            if answered:
-                self._taken.difference_update(answered)
-                return answered
+            # One token per wait, as one server's BLPOP takes: a lease call asks the
+            # partitions hinted by a wait and stops once its limit is filled, so the hints
+            # of tokens taken together would be lost and their partitions left quiet.
+            answered = next((key for key in keys if key in self._taken), None)
+            if answered is not None:
+                self._taken.discard(answered)
+                return [answered]
             await self._send_missing(keys)
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
@@ -423,9 +426,7 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
             wait = self._replica_wait
             if wait is not None and wait.after(request.function):
                 return await self._call_on_master(key_slot(request.keys[0]), self._packed.pack(request), wait)
-            return await self._client.execute_command(
-                "FCALL", self._functions[request.function], len(request.keys), *request.keys, *request.args
-            )
+            return await self._fcall_on_slot(request)
         if type(request) is WaitSignals:
             await self._client.initialize()  # the slots' masters, known after a first command
             return await self._signals.wait(request.keys, request.timeout)
@@ -434,28 +435,51 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
                 return await self._load_everywhere(*request.args)
             return await getattr(self._client, request.method)(*request.args, **request.kwargs)
         assert type(request) is Pipeline
-        wait = pipelined_wait(self._replica_wait, request)
-        if wait is not None:
-            return await self._pipeline_waited(request, wait)
-        pipe = self._client.pipeline()
-        if request.prelude is not None:
-            getattr(pipe, request.prelude.method)(*request.prelude.args, **request.prelude.kwargs)
-        for call in request.calls:
-            pipe.fcall(self._functions[call.function], len(call.keys), *call.keys, *call.args)
-        return await pipe.execute(raise_on_error=False)
+        return await self._pipeline_on_masters(request, pipelined_wait(self._replica_wait, request))
 
-    async def _pipeline_waited(self, request: Pipeline, wait: ReplicaWait) -> list[Any]:
-        """As :meth:`RedisClusterBackend._pipeline_waited`."""
+    async def _fcall_on_slot(self, call: FunctionCall) -> Any:
+        """As :meth:`RedisClusterBackend._fcall_on_slot`: the packed FCALL on a connection
+        the slot's master lends (redis.asyncio's ClusterNode keeps its free ones at hand);
+        refused by a cluster in motion (or the connection lost), sent again by redis-py's
+        execute_command, which routes, packs and parses each command anew."""
+        await self._client.initialize()  # the slots' masters, known after a first command
+        node = self._client.nodes_manager.get_node_from_slot(key_slot(call.keys[0]))
+        conn = node.acquire_connection()
+        try:
+            await node.disconnect_if_needed(conn)  # one marked by redis-py after a failover
+            await conn.send_packed_command([self._packed.pack(call)])
+            reply = await conn.read_response()
+        except REDIRECTIONS as exc:
+            node.release(conn)
+            if isinstance(exc, redis.exceptions.MovedError):
+                await self._client.nodes_manager.move_slot(exc)  # else redis-py would send it to the old master again
+            return await self._client.execute_command(*fcall_alone(self._functions, call))
+        except CONNECTION_ERRORS:
+            await conn.disconnect()
+            node.release(conn)
+            # The slot's master as last known may be gone (its replica promoted since).
+            await self._client.nodes_manager.initialize()
+            return await self._client.execute_command(*fcall_alone(self._functions, call))
+        except BaseException:
+            # A server's error reply was read whole; a cancelled send or read disconnected
+            # the connection (redis.asyncio does on any exception there).
+            node.release(conn)
+            raise
+        node.release(conn)
+        return reply
+
+    async def _pipeline_on_masters(self, request: Pipeline, wait: ReplicaWait | None) -> list[Any]:
+        """As :meth:`RedisClusterBackend._pipeline_on_masters`."""
         await self._client.initialize()  # the slots' masters, known after a first command
         nodes = self._client.nodes_manager
         steps = waited_steps(self._client, self._packed, request, wait)
-        replies: list[Any] = [None] * len(steps)
+        replies: list[Any] = [UNREAD] * len(steps)
         one_by_one: list[int] = []
         in_flight = []
         lost: Exception | None = None
         for node, indexes in by_master(nodes, steps):
             conn = node.acquire_connection()
-            waited = any(steps[index].writes for index in indexes)
+            waited = wait is not None and any(steps[index].writes for index in indexes)
             try:
                 await node.disconnect_if_needed(conn)
                 await conn.connect()
@@ -470,6 +494,8 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
                 await conn.disconnect()
                 node.release(conn)
                 lost = lost or exc
+                if wait is None:
+                    one_by_one += indexes
                 continue
             in_flight.append((node, conn, indexes, waited))
         short: BackendUnavailable | None = None
@@ -481,6 +507,7 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
                     except redis.exceptions.ResponseError as exc:
                         replies[index] = exc
                 if waited:
+                    assert wait is not None
                     try:
                         acknowledged = await conn.read_response()
                     except redis.exceptions.ResponseError as exc:
@@ -489,8 +516,12 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
             except CONNECTION_ERRORS as exc:
                 await conn.disconnect()
                 lost = lost or exc
+                if wait is None:
+                    one_by_one += [index for index in indexes if replies[index] is UNREAD]
             finally:
                 node.release(conn)
+        if wait is None:
+            return await self._pipeline_rest(request, replies, one_by_one, lost is not None)
         if lost is not None:
             await nodes.initialize()  # for the next call: the node may be gone for good
             raise lost
@@ -510,6 +541,24 @@ class AsyncRedisClusterBackend(AsyncRedisBackend):
                 short = short or exc
         if short is not None:
             raise short
+        return replies
+
+    async def _pipeline_rest(
+        self, request: Pipeline, replies: list[Any], unanswered: list[int], lost: bool
+    ) -> list[Any]:
+        """As :meth:`RedisClusterBackend._pipeline_rest`."""
+        nodes = self._client.nodes_manager
+        if unanswered or lost:
+            await nodes.initialize()  # a node unreachable: a failover may have moved its slots
+        moved: list[Any] = []
+        resend = sorted(unanswered + refused(replies, moved.append))
+        for moved_error in moved:
+            await nodes.move_slot(moved_error)
+        for index in resend:
+            try:
+                replies[index] = await self._client.execute_command(*step_alone(self._functions, request, index))
+            except redis.exceptions.RedisError as exc:  # in its place, as redis-py's pipeline has it
+                replies[index] = exc
         return replies
 
     async def _call_on_master(self, slot: int, command: bytes | tuple[Any, ...], wait: ReplicaWait | None) -> Any:

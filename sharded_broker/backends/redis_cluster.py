@@ -15,10 +15,12 @@ runs; only how a request reaches the servers differs:
   connection broke after it was sent may have run: it is not sent again (the caller gets
   BackendUnavailable, the slot map reread for its next call);
 - the library is loaded on every primary when a node lacks it (a new or flushed master);
-- a :class:`~.redis.Pipeline` is redis-py's cluster pipeline: one round trip per node;
-  with ``wait_replicas``, each master's share of it goes in one write on one connection
-  followed by one WAIT, every master written to before any is read (so still about one
-  round trip in all), a refused call then sent alone;
+- a :class:`~.redis.Pipeline` goes as redis-py's cluster pipeline would, cheaper: each
+  master's share of it packed in one write on a kept connection, every master written to
+  before any is read (about one round trip in all), a refused call (or one whose
+  connection was lost before its reply was read) then sent alone through redis-py's
+  ``execute_command``; with ``wait_replicas``, each share is followed by one WAIT and a
+  refused call is followed here (:meth:`RedisClusterBackend._call_on_master`);
 - a :class:`~.redis.WaitSignals` keeps one BLPOP in flight per signal list, each on a
   connection of its own to the list's master, across waits (:class:`_SignalWaits`): a
   cluster refuses a BLPOP over keys of several slots, and re-sending BLPOPs at every wait
@@ -59,7 +61,7 @@ SIGNAL_BLOCK = 25
 RETRY_PAUSE = 0.1
 # Refusals of a call by a cluster in motion: the script did not run, so sending it again
 # (through redis-py, which follows the redirection) cannot apply it twice.
-_REDIRECTIONS = (
+REDIRECTIONS = (
     redis.exceptions.MovedError, redis.exceptions.AskError, redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
 )
@@ -71,6 +73,9 @@ CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutE
 CALL_ATTEMPTS = 16
 MAX_RETRY_PAUSE = 0.5
 ASKING = b"*1\r\n$6\r\nASKING\r\n"
+# Routes remembered by the one-call path (a queue's partitions' first keys): more are
+# forgotten all at once, so that a process touching many queues keeps a bounded table.
+MAX_ROUTES = 4096
 
 
 def retry_pause(attempt: int) -> float:
@@ -86,24 +91,29 @@ def exhausted(slot: int, last: Exception | None) -> redis.exceptions.ConnectionE
 
 
 class WaitedStep(NamedTuple):
-    """One command of a pipeline with wait_replicas: its slot, the command (packed, or
-    its arguments to pack), and whether it writes (so WAIT must follow it)."""
+    """One command of a pipeline: its slot, the command (packed, or its arguments to
+    pack), and whether it writes under wait_replicas (so WAIT must follow it)."""
 
     slot: int
     command: bytes | tuple[Any, ...]
     writes: bool
 
 
-def waited_steps(client: Any, packer: PackedCalls, request: Pipeline, wait: ReplicaWait) -> list[WaitedStep]:
+def waited_steps(client: Any, packer: PackedCalls, request: Pipeline, wait: ReplicaWait | None) -> list[WaitedStep]:
     """A pipeline's prelude (a plain command whose first argument is its key, as the queue
-    registry's SADD) and calls, as steps."""
+    registry's SADD) and calls, as steps (none writing under wait_replicas when ``wait``
+    is None)."""
     steps = []
     if request.prelude is not None:
         prelude = request.prelude
         assert not prelude.kwargs, "a prelude is a plain command with positional arguments"
-        steps.append(WaitedStep(client.keyslot(prelude.args[0]), (prelude.method.upper(), *prelude.args), True))
+        steps.append(WaitedStep(
+            client.keyslot(prelude.args[0]), (prelude.method.upper(), *prelude.args), wait is not None
+        ))
     for call in request.calls:
-        steps.append(WaitedStep(key_slot(call.keys[0]), packer.pack(call), wait.after(call.function)))
+        steps.append(WaitedStep(
+            key_slot(call.keys[0]), packer.pack(call), wait is not None and wait.after(call.function)
+        ))
     return steps
 
 
@@ -136,7 +146,7 @@ def share_short(
     """The error of one master's WAIT answer after its share of a waited pipeline (None
     when enough replicas acknowledged, or when no write of the share ran: every one was
     refused, and WAIT's answer, even its refusal by a node demoted since, says nothing)."""
-    if not any(steps[index].writes and not isinstance(replies[index], _REDIRECTIONS) for index in indexes):
+    if not any(steps[index].writes and not isinstance(replies[index], REDIRECTIONS) for index in indexes):
         return None
     try:
         wait.check(acknowledged, safe_url)
@@ -150,11 +160,30 @@ def refused(replies: list[Any], move_slot: Callable[[Any], Any]) -> list[int]:
     each MOVED given to ``move_slot`` (the slot map updated, for their second send)."""
     found = []
     for index, reply in enumerate(replies):
-        if isinstance(reply, _REDIRECTIONS):
+        if isinstance(reply, REDIRECTIONS):
             if isinstance(reply, redis.exceptions.MovedError):
                 move_slot(reply)
             found.append(index)
     return found
+
+
+def step_alone(functions: Mapping[str, str], request: Pipeline, index: int) -> tuple[Any, ...]:
+    """Step ``index`` of a pipeline (:func:`waited_steps`) as a command's arguments, for
+    redis-py's ``execute_command``, which follows redirections and retries."""
+    if request.prelude is not None:
+        if index == 0:
+            return (request.prelude.method.upper(), *request.prelude.args)
+        index -= 1
+    return fcall_alone(functions, request.calls[index])
+
+
+def fcall_alone(functions: Mapping[str, str], call: FunctionCall) -> tuple[Any, ...]:
+    """A call as FCALL's arguments, for redis-py's ``execute_command``."""
+    return ("FCALL", functions[call.function], len(call.keys), *call.keys, *call.args)
+
+
+# A pipeline's reply not read yet (None is a reply: a function's nil).
+UNREAD: Any = object()
 
 
 def unreachable(exc: Exception) -> redis.exceptions.ConnectionError:
@@ -207,7 +236,8 @@ def cluster_client(module: Any, url: str, options: Mapping[str, Any], safe_url: 
 class _SignalWaits:
     """BLPOPs on signal lists, each on a connection of its own to the list's master, kept
     in flight across waits (for SIGNAL_BLOCK seconds, then sent again). A token one of them
-    took while nobody waited on its list is kept and answered at the next wait on it.
+    took while nobody waited on its list is kept and answered at the next wait on it; a
+    wait answers one token, as one server's BLPOP does, the others kept for the next waits.
     A MOVED reply or a lost connection drops that BLPOP: the next wait sends it again to
     the slot's master as the client knows it then (after RETRY_PAUSE for an error: an ASK
     while its slot migrates makes it about ten calls a second until the migration ends).
@@ -232,10 +262,13 @@ class _SignalWaits:
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                answered = [key for key in keys if key in self._taken]
-                if answered:
-                    self._taken.difference_update(answered)
-                    return answered
+                # One token per wait, as one server's BLPOP takes: a lease call asks the
+                # partitions hinted by a wait and stops once its limit is filled, so the hints
+                # of tokens taken together would be lost and their partitions left quiet.
+                answered = next((key for key in keys if key in self._taken), None)
+                if answered is not None:
+                    self._taken.discard(answered)
+                    return [answered]
                 sent = self._send_missing(keys)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -368,6 +401,9 @@ class RedisClusterBackend(RedisBackend):
         self._signals = _SignalWaits(self._client)
         # FCALL connections kept between calls (kept_connection), per node's pool
         self._kept: dict[Any, list[Any]] = {}
+        # A call's route, by its first key: the pool of its slot's master as the slot map
+        # said, and that pool's kept connections (:meth:`_fcall_on_slot`).
+        self._routes: dict[bytes, tuple[Any, list[Any]]] = {}
 
     def _clients(self, url: str, redis_options: Mapping[str, Any]) -> tuple[Any, Any]:
         client = cluster_client(redis.cluster, url, redis_options, self._safe_url)
@@ -381,6 +417,7 @@ class RedisClusterBackend(RedisBackend):
 
     def _after_fork_in_child(self) -> None:
         self._kept = {}
+        self._routes = {}
         self._signals.forget()
 
     def _send(self, request: Request) -> Any:
@@ -402,47 +439,50 @@ class RedisClusterBackend(RedisBackend):
                 return self._load_everywhere(*request.args)
             return getattr(self._client, request.method)(*request.args, **request.kwargs)
         assert type(request) is Pipeline
-        wait = pipelined_wait(self._replica_wait, request)
-        if wait is not None:
-            return self._pipeline_waited(request, wait)
-        pipe = self._client.pipeline()
-        if request.prelude is not None:
-            getattr(pipe, request.prelude.method)(*request.prelude.args, **request.prelude.kwargs)
-        for call in request.calls:
-            pipe.fcall(self._functions[call.function], len(call.keys), *call.keys, *call.args)
-        return pipe.execute(raise_on_error=False)
+        return self._pipeline_on_masters(request, pipelined_wait(self._replica_wait, request))
 
-    def _pipeline_waited(self, request: Pipeline, wait: ReplicaWait) -> list[Any]:
-        """A pipeline with wait_replicas: per master, its share of the prelude and calls in
-        one write on one connection, followed by one WAIT (none for a share of read-only
-        calls), every master's write sent before any reply is read; each call's reply or
-        error in its place, as a pipeline's. A call refused by a cluster in motion (it did
-        not run) and the share of a master that could not be connected to (not sent) then
-        go one by one (:meth:`_call_on_master`). As on one server, every call is sent
-        though a master came up short of replicas, then ReplicasShort is raised; a
-        connection lost after its write was sent is raised once the others are read (its
-        calls may have run; the refused ones are not sent again)."""
+    def _pipeline_on_masters(self, request: Pipeline, wait: ReplicaWait | None) -> list[Any]:
+        """A pipeline: per master, its share of the prelude and calls packed in one write on
+        one connection (kept between calls, as an FCALL's), every master's write sent
+        before any reply is read; each call's reply or error in its place, as a pipeline's.
+
+        Without wait_replicas (``wait`` None) it is redis-py's cluster pipeline, cheaper: a
+        call refused by a cluster in motion (it did not run), a share that could not be
+        connected to (not sent), and the calls of a connection lost before their replies
+        were read are then sent one by one through redis-py's ``execute_command`` (which
+        follows redirections and retries), the slot map reread after a connection error.
+
+        With wait_replicas, each share that writes is followed by one WAIT on its
+        connection (none for a share of read-only calls); a refused call and an
+        unconnected share then go one by one (:meth:`_call_on_master`). As on one server,
+        every call is sent though a master came up short of replicas, then ReplicasShort
+        is raised; a connection lost after its write was sent is raised once the others
+        are read (its calls may have run; the refused ones are not sent again)."""
         nodes = self._client.nodes_manager
         steps = waited_steps(self._client, self._packed, request, wait)
-        replies: list[Any] = [None] * len(steps)
+        replies: list[Any] = [UNREAD] * len(steps)
         one_by_one: list[int] = []
         in_flight = []
         lost: Exception | None = None
         for node, indexes in by_master(nodes, steps):
             pool = (node.redis_connection or self._client.get_redis_connection(node)).connection_pool
-            kept = self._kept.setdefault(pool, [])
+            kept = self._kept.get(pool)
+            if kept is None:
+                kept = self._kept.setdefault(pool, [])
             try:
                 conn = kept_connection(pool, kept)
             except CONNECTION_ERRORS:
                 one_by_one += indexes  # not sent: each follows its slot's master as the map says next
                 continue
-            waited = any(steps[index].writes for index in indexes)
+            waited = wait is not None and any(steps[index].writes for index in indexes)
             try:
                 conn.send_packed_command(share_writes(conn, steps, indexes, wait if waited else None))
             except CONNECTION_ERRORS as exc:
                 conn.disconnect()
                 pool.release(conn)
                 lost = lost or exc
+                if wait is None:
+                    one_by_one += indexes
                 continue
             in_flight.append((pool, kept, conn, indexes, waited))
         short: BackendUnavailable | None = None
@@ -454,6 +494,7 @@ class RedisClusterBackend(RedisBackend):
                     except redis.exceptions.ResponseError as exc:
                         replies[index] = exc
                 if waited:
+                    assert wait is not None
                     try:
                         acknowledged = conn.read_response()
                     except redis.exceptions.ResponseError as exc:
@@ -463,8 +504,12 @@ class RedisClusterBackend(RedisBackend):
                 conn.disconnect()
                 pool.release(conn)
                 lost = lost or exc
+                if wait is None:
+                    one_by_one += [index for index in indexes if replies[index] is UNREAD]
                 continue
             kept.append(conn)
+        if wait is None:
+            return self._pipeline_rest(request, replies, one_by_one, lost is not None)
         if lost is not None:
             nodes.initialize()  # for the next call: the node may be gone for good
             raise lost
@@ -481,6 +526,20 @@ class RedisClusterBackend(RedisBackend):
                 short = short or exc
         if short is not None:
             raise short
+        return replies
+
+    def _pipeline_rest(self, request: Pipeline, replies: list[Any], unanswered: list[int], lost: bool) -> list[Any]:
+        """A pipeline without wait_replicas, its ``unanswered`` steps (not sent, or their
+        connection lost) and its refused ones sent one by one through redis-py, as its
+        cluster pipeline does; ``replies`` completed."""
+        nodes = self._client.nodes_manager
+        if unanswered or lost:
+            nodes.initialize()  # a node unreachable: a failover may have moved its slots
+        for index in sorted(unanswered + refused(replies, nodes.move_slot)):
+            try:
+                replies[index] = self._client.execute_command(*step_alone(self._functions, request, index))
+            except redis.exceptions.RedisError as exc:  # in its place, as redis-py's pipeline has it
+                replies[index] = exc
         return replies
 
     def _call_on_master(self, slot: int, command: bytes | tuple[Any, ...], wait: ReplicaWait | None) -> Any:
@@ -562,41 +621,59 @@ class RedisClusterBackend(RedisBackend):
     def _fcall_on_slot(self, call: FunctionCall) -> Any:
         """The packed FCALL on a connection to its slot's master (one kept from an earlier
         call to that node, as RedisBackend keeps its own); refused by a cluster in motion
-        (or the connection lost), sent again by redis-py's execute_command."""
-        node = self._client.nodes_manager.get_node_from_slot(key_slot(call.keys[0]))
-        pool = (node.redis_connection or self._client.get_redis_connection(node)).connection_pool
-        kept = self._kept.get(pool)
-        if kept is None:
-            kept = self._kept.setdefault(pool, [])
+        (or the connection lost), sent again by redis-py's execute_command.
+
+        The route (the master's pool) is remembered per first key: the slot map's lookup
+        and lock took about 2 µs of every call. A remembered route may be stale (a slot
+        moved, a master failed over): the old master then refuses the call, which did not
+        run, or cannot be reached; either way the routes are forgotten and the call goes
+        through redis-py as before, so a stale route costs one refused send, never a
+        second run."""
+        route = self._routes.get(call.keys[0])
+        if route is None:
+            route = self._route(call.keys[0])
+        pool, kept = route
         try:
             conn = kept_connection(pool, kept)
         except CONNECTION_ERRORS:
             # The slot's master as last known is unreachable (killed, its replica promoted
             # since): the slot map must be read again, else every call goes to the dead node.
+            self._routes.clear()
             self._client.nodes_manager.initialize()
-            return self._client.execute_command(
-                "FCALL", self._functions[call.function], len(call.keys), *call.keys, *call.args
-            )
+            return self._client.execute_command(*fcall_alone(self._functions, call))
         try:
             conn.send_packed_command([self._packed.pack(call)])
             reply = conn.read_response()
-        except _REDIRECTIONS:
+        except REDIRECTIONS as exc:
             pool.release(conn)
-            return self._client.execute_command(
-                "FCALL", self._functions[call.function], len(call.keys), *call.keys, *call.args
-            )
+            self._routes.clear()
+            if isinstance(exc, redis.exceptions.MovedError):
+                self._client.nodes_manager.move_slot(exc)  # else redis-py would send it to the old master again
+            return self._client.execute_command(*fcall_alone(self._functions, call))
         except CONNECTION_ERRORS:
             conn.disconnect()
             pool.release(conn)
+            self._routes.clear()
             self._client.nodes_manager.initialize()
-            return self._client.execute_command(
-                "FCALL", self._functions[call.function], len(call.keys), *call.keys, *call.args
-            )
+            return self._client.execute_command(*fcall_alone(self._functions, call))
         except BaseException:
             pool.release(conn)
             raise
         kept.append(conn)
         return reply
+
+    def _route(self, key: bytes) -> tuple[Any, list[Any]]:
+        """The pool of ``key``'s slot's master as the slot map says now, and its kept
+        connections; remembered for the key's next calls (at most MAX_ROUTES keys)."""
+        node = self._client.nodes_manager.get_node_from_slot(key_slot(key))
+        pool = (node.redis_connection or self._client.get_redis_connection(node)).connection_pool
+        kept = self._kept.get(pool)
+        if kept is None:
+            kept = self._kept.setdefault(pool, [])
+        if len(self._routes) >= MAX_ROUTES:
+            self._routes.clear()
+        route = self._routes[key] = (pool, kept)
+        return route
 
     def _load_everywhere(self, source: str) -> None:
         """FUNCTION LOAD on every primary (one that has the library already is fine);
