@@ -607,8 +607,9 @@ class _Rotation:
     def order(self, now: float) -> tuple[list[int], float | None]:
         """The partitions to ask now, in order, and the seconds until the first skipped
         one stops being quiet (None when none was skipped)."""
+        # A hint stays until its partition is asked (answered): a call whose limit fills
+        # before it keeps it for the next.
         hinted = list(self.hinted)
-        self.hinted.difference_update(hinted)
         turn, skipped = list(hinted), None
         for offset in range(self.count):
             partition = (self.cursor + offset) % self.count
@@ -622,6 +623,7 @@ class _Rotation:
         return turn, skipped
 
     def answered(self, partition: int, found: bool, retry_in: float | None, now: float) -> None:
+        self.hinted.discard(partition)
         if found:
             self.cursor = (partition + 1) % self.count
             self.quiet_until[partition] = 0.0

@@ -44,6 +44,17 @@ from .redis_cluster import (
 T = TypeVar("T")
 
 
+def raise_if_cancelled() -> None:
+    """CancelledError if the running task was cancelled and the error never reached it.
+    Python 3.11's ``asyncio.wait_for``, which redis.asyncio sends under (``socket_timeout``,
+    5 s on a cluster's nodes), returns the send's result when the send finished just as
+    the cancel came, dropping the cancel (fixed in 3.12): a cancelled lease then went on
+    waiting and leasing. ``Task.cancelling()`` still counts it (3.11 and later)."""
+    cancelling = getattr(asyncio.current_task(), "cancelling", None)
+    if cancelling is not None and cancelling():
+        raise asyncio.CancelledError
+
+
 async def replied_after_wait(conn: Any, wait: ReplicaWait, safe_url: str) -> Any:
     """:func:`~.redis.replied_after_wait` on an asyncio connection: the call's reply, then
     its WAIT's answer, checked; the call's error raised once WAIT's answer is read (WAIT's
@@ -82,8 +93,10 @@ class AsyncRedisBackend(RedisExecutor):
                     try:
                         reply = await self._send(request)
                     except redis.exceptions.RedisError as exc:
+                        raise_if_cancelled()
                         request = steps.throw(exc)
                     else:
+                        raise_if_cancelled()
                         request = steps.send(reply)
             except StopIteration as done:
                 return done.value
@@ -338,6 +351,7 @@ class _AsyncSignalWaits:
                 self._taken.discard(answered)
                 return [answered]
             await self._send_missing(keys)
+            raise_if_cancelled()  # each of its sends may have dropped a cancel
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 return []
@@ -365,6 +379,9 @@ class _AsyncSignalWaits:
                 failures.append(exc)
                 await conn.disconnect()
                 continue
+            if key in self._in_flight:  # another task's wait sent one meanwhile: that one stands
+                await conn.disconnect()
+                continue
             self._connections[key] = conn
             self._in_flight[key] = asyncio.ensure_future(conn.read_response())
         if failures and not any(key in self._in_flight for key in keys):
@@ -372,8 +389,12 @@ class _AsyncSignalWaits:
             raise redis.exceptions.ConnectionError(str(failures[0]))
 
     async def _collect(self, key: bytes) -> None:
-        task = self._in_flight.pop(key)
-        conn = self._connections.pop(key)
+        """Read a finished BLPOP. Several tasks of one loop wait at once: the first to come
+        collects it (the pops come before any await), the others find it gone."""
+        task = self._in_flight.pop(key, None)
+        conn = self._connections.pop(key, None)
+        if task is None or conn is None:  # collected by another task, or closed
+            return
         # the BLPOP answered (or failed): its connection is closed, the next wait sends anew
         await conn.disconnect()
         if task.cancelled():
@@ -387,12 +408,13 @@ class _AsyncSignalWaits:
             self._taken.add(key)
 
     async def close(self) -> None:
-        for task in self._in_flight.values():
+        # Taken before the first await: a wait cancelled meanwhile may collect its BLPOP.
+        tasks, connections = list(self._in_flight.values()), list(self._connections.values())
+        self._in_flight, self._connections = {}, {}
+        for task in tasks:
             task.cancel()
-        for conn in self._connections.values():
+        for conn in connections:
             await conn.disconnect()
-        self._in_flight = {}
-        self._connections = {}
 
 
 class AsyncRedisClusterBackend(AsyncRedisBackend):
