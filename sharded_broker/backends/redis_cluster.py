@@ -465,10 +465,7 @@ class RedisClusterBackend(RedisBackend):
         in_flight = []
         lost: Exception | None = None
         for node, indexes in by_master(nodes, steps):
-            pool = (node.redis_connection or self._client.get_redis_connection(node)).connection_pool
-            kept = self._kept.get(pool)
-            if kept is None:
-                kept = self._kept.setdefault(pool, [])
+            pool, kept = self._pool_of(node)
             try:
                 conn = kept_connection(pool, kept)
             except CONNECTION_ERRORS:
@@ -563,10 +560,7 @@ class RedisClusterBackend(RedisBackend):
         last: Exception | None = None
         for attempt in range(CALL_ATTEMPTS):
             node = asked or nodes.get_node_from_slot(slot)
-            pool = (node.redis_connection or self._client.get_redis_connection(node)).connection_pool
-            kept = self._kept.get(pool)
-            if kept is None:
-                kept = self._kept.setdefault(pool, [])
+            pool, kept = self._pool_of(node)
             try:
                 conn = kept_connection(pool, kept)
             except CONNECTION_ERRORS:
@@ -665,15 +659,19 @@ class RedisClusterBackend(RedisBackend):
     def _route(self, key: bytes) -> tuple[Any, list[Any]]:
         """The pool of ``key``'s slot's master as the slot map says now, and its kept
         connections; remembered for the key's next calls (at most MAX_ROUTES keys)."""
-        node = self._client.nodes_manager.get_node_from_slot(key_slot(key))
+        route = self._pool_of(self._client.nodes_manager.get_node_from_slot(key_slot(key)))
+        if len(self._routes) >= MAX_ROUTES:
+            self._routes.clear()
+        self._routes[key] = route
+        return route
+
+    def _pool_of(self, node: Any) -> tuple[Any, list[Any]]:
+        """``node``'s connection pool and the FCALL connections kept from it."""
         pool = (node.redis_connection or self._client.get_redis_connection(node)).connection_pool
         kept = self._kept.get(pool)
         if kept is None:
             kept = self._kept.setdefault(pool, [])
-        if len(self._routes) >= MAX_ROUTES:
-            self._routes.clear()
-        route = self._routes[key] = (pool, kept)
-        return route
+        return pool, kept
 
     def _load_everywhere(self, source: str) -> None:
         """FUNCTION LOAD on every primary (one that has the library already is fine);
