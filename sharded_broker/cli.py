@@ -265,7 +265,7 @@ def _stdout_console() -> Console:
     "--url",
     metavar="URL",
     help=(
-        f"Broker URL, as the app uses it (redis://..., redis+sentinel://host:port,.../0?master=NAME, "
+        f"Broker URL, as the app uses it (redis://..., redis+cluster://host:port,..., redis+sentinel://host:port,.../0?master=NAME, "
         f"sqlite:////absolute/path.db, sharded+redis://...). "
         f"Default: ${URL_ENVVAR}. Options a command does not set come from $SHARDED_BROKER_<OPTION>."
     ),

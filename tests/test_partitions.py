@@ -9,9 +9,13 @@ span every partition, and the consumers' turn over the partitions.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 import zlib
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -290,3 +294,23 @@ def test_partitions_from_the_environment(redis_url: str, monkeypatch: pytest.Mon
         assert home_of_id(Q, mid) == f"{Q}#{partition_of('k', 3)}"
     with pytest.raises(ConfigurationError, match="SHARDED_BROKER_PARTITIONS applies only to"):
         sharded_broker.connect(f"sqlite:///{tmp_path}/q.db")
+
+
+def test_the_command_line_reads_a_partitioned_queue_on_a_cluster(redis_cluster_url: str) -> None:
+    with sharded_broker.connect(redis_cluster_url) as broker:
+        broker.enqueue_many(Q, [Message(b"x", key=f"k{i}") for i in range(40)])
+        [lease] = broker.lease(Q)
+        broker.nack(lease, dead=True, reason="cli")
+    script = Path(sys.executable).with_name("sharded-broker")
+
+    def cli(*args: str) -> Any:
+        done = subprocess.run([str(script), "--url", redis_cluster_url, *args, "--json"], capture_output=True,
+                              text=True, stdin=subprocess.DEVNULL, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    stats = cli("stats", Q)  # summed over the 16 partitions
+    assert (stats["ready"], stats["dead"], stats["keys"]) == (39, 1, 39)
+    assert len(cli("keys", Q, "--limit", "100")) == 39
+    [dead] = cli("dead", Q)
+    assert dead["reason"] == "cli"
