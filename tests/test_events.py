@@ -53,6 +53,7 @@ def test_acks_are_published_and_other_queues_are_not(connect) -> None:
     assert [(e.type, e.id) for e in events] == [("enqueued", mid), ("delivered", mid), ("acked", mid)]
 
 
+@pytest.mark.one_partition  # events of different partitions come in no defined order
 def test_a_subscriber_in_another_thread_receives_events(connect) -> None:
     broker = connect(events=True)
     stream = broker.events(Q, timeout=10)
