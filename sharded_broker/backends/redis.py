@@ -755,7 +755,9 @@ class RedisOperations:
         return f"{self.prefix}:{{{queue}}}:partitions"
 
     def partition_count(self, queue: str) -> Steps[int]:
-        """How many partitions ``queue`` is stored as (read from the server once)."""
+        """How many partitions ``queue`` is stored as (read from the server once).
+        enqueue_many and lease read the cache inline: a generator per call is a
+        microsecond of every one."""
         return self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
 
     def _settle_partitions(self, queue: str) -> Steps[int]:
@@ -821,14 +823,19 @@ class RedisOperations:
         """The answers of one call of ``function`` on every partition of ``queue``, in
         partition order, in one round trip (``keys``: a partition's keys, default its queue keys)."""
         keys_of = keys or self.queue_keys
-        if count == 1:
-            return [(yield from self._library.call(function, keys_of(queue), args))]
-        return (yield from self._pipelined(function, [(keys_of(part), list(args)) for part in self.partitions(queue, count)]))
+        return (yield from self._calls(function, [(keys_of(part), list(args)) for part in self.partitions(queue, count)]))
+
+    def _calls(self, function: str, calls: list[tuple[list[bytes], list[Any]]]) -> Steps[list[Any]]:
+        """The answers of several calls of ``function``: one alone as a plain call, more in
+        one pipelined round trip."""
+        if len(calls) == 1:
+            return [(yield from self._library.call(function, *calls[0]))]
+        return (yield from self._pipelined(function, calls))
 
     def _key_home(self, queue: str, key: str) -> Steps[str]:
         """The partition name of shard key ``key`` in ``queue``."""
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
-        return queue if count == 1 else f"{queue}#{partition_of(key, count)}"
+        count = yield from self.partition_count(queue)
+        return partition_name(queue, partition_of(key, count), count)
 
     def _per_partition_settings(self, settings: QueueSettings, count: int) -> QueueSettings:
         """``settings`` for one of ``count`` partitions: ``max_pending`` is shared out
@@ -1067,11 +1074,11 @@ class RedisOperations:
             home = yield from self._key_home(queue, key)
             yield from self._run("set_paused", home, [self._clock_arg(), _text(key), flag])
             return
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         yield from self._on_every_partition("set_paused", queue, count, [self._clock_arg(), b"", flag])
 
     def stats(self, queue: str) -> Steps[QueueStats]:
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         answers = yield from self._on_every_partition("stats", queue, count, [self._clock_arg()])
         ready, leased, delayed, dead, keys = (sum(int(answer[i]) for answer in answers) for i in range(5))
         return QueueStats(
@@ -1086,7 +1093,7 @@ class RedisOperations:
     def dead_letters(self, queue: str, limit: int, offset: int) -> Steps[list[DeadLetter]]:
         """Oldest death first: over several partitions, the first ``offset + limit`` of
         each, merged by time of death."""
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         pages = yield from self._on_every_partition(
             "dead_letters", queue, count, [self._clock_arg(), offset if count == 1 else 0, limit if count == 1 else offset + limit]
         )
@@ -1108,7 +1115,7 @@ class RedisOperations:
 
     def replay(self, queue: str, ids: Sequence[str] | None, position: RetryPosition) -> Steps[int]:
         """Each partition's dead letters replayed as in one queue (:meth:`_replay_partition`)."""
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         if count == 1:
             return (yield from self._replay_partition(queue, ids, position))
         if ids is None:
@@ -1177,7 +1184,7 @@ class RedisOperations:
         consistent. It deletes at most as many messages as were there when it started:
         messages enqueued meanwhile may be among them (in place of as many older ones).
         A queue of several partitions is purged one partition after the other."""
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         deleted = 0
         for part in self.partitions(queue, count):
             budget = None
@@ -1215,7 +1222,7 @@ class RedisOperations:
 
     def _home_of(self, queue: str, message_id: str | None, ref: str | None) -> Steps[str | None]:
         """The partition name holding a message named by id or ref (None: found nowhere)."""
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         if count == 1:
             return queue
         if message_id is not None:
@@ -1232,7 +1239,7 @@ class RedisOperations:
         """One call of lua/get.lua (by ref over several partitions: one on each, the
         newest message found answering)."""
         args = [self._clock_arg(), *self._id_or_ref_args(message_id, ref)]
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         if message_id is not None or count == 1:
             home = queue if count == 1 else home_of_id(queue, message_id or "")
             rows = [(yield from self._run("get", home, args))]
@@ -1272,7 +1279,7 @@ class RedisOperations:
         if key is not None:
             answers = [(yield from self._run("metrics", (yield from self._key_home(queue, key)), args))]
         else:
-            count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+            count = yield from self.partition_count(queue)
             answers = yield from self._on_every_partition("metrics", queue, count, args)
         width = len(COUNTERS)
         by_minute: dict[float, list[int]] = {}
@@ -1292,7 +1299,7 @@ class RedisOperations:
     def keys(self, queue: str, limit: int, sort: KeySort) -> Steps[list[KeyInfo]]:
         """Over several partitions: each one's ``limit`` largest backlogs merged, or every
         key's head time read from each, then the ``limit`` longest waits read in full."""
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         if sort == "backlog":
             pages = yield from self._on_every_partition("keys", queue, count, [self._clock_arg(), "backlog", limit])
             now = yield from self.now()
@@ -1314,7 +1321,7 @@ class RedisOperations:
         """Per key, in the order of ``keys``: the first ``skip`` values of the answer of
         ``function`` called with ``mode`` and the keys of its partition, and the key's row
         of that answer; one call on each partition holding some, in one round trip."""
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         by_partition: dict[int, list[int]] = {}
         for index, key in enumerate(keys):
             by_partition.setdefault(0 if count == 1 else partition_of(key, count), []).append(index)
@@ -1322,10 +1329,7 @@ class RedisOperations:
             (self.queue_keys(partition_name(queue, p, count)), [self._clock_arg(), mode, *(_text(keys[i]) for i in indexes)])
             for p, indexes in by_partition.items()
         ]
-        if len(calls) == 1:
-            answers = [(yield from self._library.call(function, *calls[0]))]
-        else:
-            answers = yield from self._pipelined(function, calls)
+        answers = yield from self._calls(function, calls)
         rows: list[tuple[list[Any], Any]] = [([], None)] * len(keys)
         for indexes, answer in zip(by_partition.values(), answers):
             head = list(answer[:skip])
@@ -1426,7 +1430,7 @@ class RedisOperations:
         signal = QUEUE_KEYS.index("signal")
         signal_keys = []
         for queue in queues:
-            count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+            count = yield from self.partition_count(queue)
             for p, part in enumerate(self.partitions(queue, count)):
                 key = self.queue_keys(part)[signal]
                 signal_keys.append(key)
@@ -1462,7 +1466,7 @@ class RedisOperations:
         if count == 1:
             return [queue]
         members = yield Command("smembers", (self._scheduled_key(queue),))
-        return [f"{queue}#{int(p)}" for p in sorted(int(m) for m in members) if int(p) < count]
+        return [f"{queue}#{p}" for p in sorted(int(m) for m in members) if p < count]
 
     def _forget_unscheduled(self, queue: str, parts: Sequence[str]) -> Steps[None]:
         """Drop from the set the partitions of ``parts`` left without a schedule."""
@@ -1474,7 +1478,7 @@ class RedisOperations:
     def _schedule_home(self, queue: str, name: str, key: str | None) -> Steps[tuple[str, int, str]]:
         """The partition name of a schedule, the queue's partition count, and the ending of
         the ids of the messages it fires."""
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         if count == 1:
             return queue, 1, ""
         partition = partition_of(name if key is None else key, count)
@@ -1512,7 +1516,7 @@ class RedisOperations:
         return _schedule(queue, name, stored)
 
     def _every_schedule_partition(self, function: str, queue: str, args: Sequence[Any]) -> Steps[list[Any]]:
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         return (yield from self._on_every_partition(function, queue, count, args, keys=self._schedule_keys))
 
     def schedules(self, queue: str) -> Steps[list[Schedule]]:
@@ -1522,15 +1526,12 @@ class RedisOperations:
         return sorted(found, key=lambda schedule: schedule.name)
 
     def due_schedules(self, queue: str, limit: int) -> Steps[tuple[float, list[Schedule]]]:
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         parts = yield from self._scheduled_partitions(queue, count)
         if not parts:
             return (yield from self.now()), []
         args = [self._clock_arg(), limit]
-        if len(parts) == 1:
-            answers = [(yield from self._run_schedule("schedule_due", parts[0], args))]
-        else:
-            answers = yield from self._pipelined("schedule_due", [(self._schedule_keys(part), args) for part in parts])
+        answers = yield from self._calls("schedule_due", [(self._schedule_keys(part), args) for part in parts])
         due: list[Schedule] = []
         for _, *flat in answers:
             due.extend(_schedule(queue, flat[i], flat[i + 1]) for i in range(0, len(flat), 2))
@@ -1569,7 +1570,7 @@ class RedisOperations:
         ])))
 
     def remove_schedule(self, queue: str, name: str) -> Steps[bool]:
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         removed = yield from self._on_every_partition(
             "schedule_remove", queue, count, [self._clock_arg(), _text(name)], keys=self._schedule_keys
         )
@@ -1586,7 +1587,7 @@ class RedisOperations:
         when they are off)."""
         if not self.events:
             raise ConfigurationError("events are off for this broker; connect with events=True to subscribe")
-        count = self._partition_counts.get(queue) or (yield from self._settle_partitions(queue))
+        count = yield from self.partition_count(queue)
         return [self.queue_keys(part)[QUEUE_KEYS.index("events")] for part in self.partitions(queue, count)]
 
     @staticmethod
